@@ -21,13 +21,15 @@ use crate::Rational;
 /// [`Error::LengthMismatch`].
 pub fn normalized_ratio(a: &Policy, b: &Policy) -> Result<Policy> {
     a.check_same_space(b)?;
-    let diff: Vec<f64> = a
-        .log_probs()
-        .iter()
-        .zip(b.log_probs())
-        .map(|(x, y)| x - y)
-        .collect();
-    Policy::from_logits(&diff)
+    let (la, lb) = (a.log_probs(), b.log_probs());
+    // One pass writes `log a − log b` block by block and accumulates its log-sum-exp; a second
+    // subtracts it (no intermediate vector).
+    Policy::from_logit_blocks(la.len(), |start, out| {
+        let end = start + out.len();
+        for ((o, x), y) in out.iter_mut().zip(&la[start..end]).zip(&lb[start..end]) {
+            *o = x - y;
+        }
+    })
 }
 
 /// The DID `q_{π/π_ref}` (Theorem 3.2): [`normalized_ratio`]`(π, π_ref)`.
@@ -154,6 +156,34 @@ mod tests {
 
     fn r(n: i64, d: i64) -> Rational {
         Rational::new(n.into(), d.into())
+    }
+
+    /// The fused float DID against `log a − log b − lse(log a − log b)` with libm.
+    #[test]
+    fn float_did_matches_straightforward() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for n in [1, 3, 2048, 10_007] {
+            let mut draw = || -> Policy {
+                let f: Vec<f64> = (0..n).map(|_| 30.0 * (rng.gen::<f64>() - 0.5)).collect();
+                Policy::from_logits(&f).unwrap()
+            };
+            let (pi, pi_ref) = (draw(), draw());
+            let d: Vec<f64> = pi
+                .log_probs()
+                .iter()
+                .zip(pi_ref.log_probs())
+                .map(|(a, b)| a - b)
+                .collect();
+            let m = d.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z = m + d.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            let q = did(&pi, &pi_ref).unwrap();
+            for (got, x) in q.log_probs().iter().zip(&d) {
+                assert!((got - (x - z)).abs() <= 1e-13, "n = {n}");
+            }
+        }
+        let e = did(&Policy::uniform(2).unwrap(), &Policy::uniform(3).unwrap());
+        assert_eq!(e, Err(Error::LengthMismatch { left: 2, right: 3 }));
     }
 
     #[test]

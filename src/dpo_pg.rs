@@ -14,8 +14,11 @@
 //!
 //! Caveat (Corollary H.5.1): the corollary's descent argument uses the batch-*mean* gradients.
 //! The batch DPO loss `(1/B) Σ_i ℓ(βΔ_i)` weights each pair's gradient by its own `−ℓ'(βΔ_i)`,
-//! so for `B > 1` the projected `g` need not be a descent direction of that loss (a
-//! counterexample is in `proofs/tests/cor_h5_1.rs`); for `B = 1` it always is.
+//! so for `B > 1` the projected `g` need not be a descent direction of that loss; for `B = 1` it
+//! always is. Counterexample (`proofs/tests/cor_h5_1.rs`, test
+//! `cor_h5_1_batch_of_two_counterexample`): softmax logits `θ = log π`, `π = (1, 4, 8)/13`,
+//! `π_ref` uniform, `β = 1`, batch `(1 ≻ 0), (2 ≻ 1)`: `⟨∇L_B, g⟩ = −7/1608 < 0`, so the step
+//! `θ − ηg` raises the batch DPO loss; with equal per-pair weights the slope is `+25/536`.
 
 use std::ops::{Add, Div, Mul, Sub};
 

@@ -4,71 +4,65 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::logspace::fast_exp;
+use crate::logspace::{fast_exp, lane_sum, lane_sum2, ln_1p_unit, multiversion};
 use crate::policy::Policy;
+
+multiversion! {
+    /// `Σ_y e^{l_y} l_y` over log-probabilities, eight fixed lanes (bit-identical at every
+    /// [`Level`](crate::logspace::Level)).
+    fn neg_entropy_sum / neg_entropy_sum_at(lp: &[f64]) -> f64 {
+        lane_sum(lp, |l| fast_exp(l) * l)
+    }
+}
 
 /// Shannon entropy in nats: `H(π) = −Σ_y π(y) log π(y)`.
 pub fn entropy(pi: &Policy) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let lp = pi.log_probs();
-    let chunks = lp.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            lanes[i] -= fast_exp(c[i]) * c[i];
-        }
+    -neg_entropy_sum(pi.log_probs())
+}
+
+multiversion! {
+    /// `Σ_y e^{a_y} (a_y − b_y)`, eight fixed lanes. Panics unless the lengths agree.
+    fn kl_sum / kl_sum_at(a: &[f64], b: &[f64]) -> f64 {
+        lane_sum2(a, b, |x, y| fast_exp(x) * (x - y))
     }
-    let mut h: f64 = lanes.iter().sum();
-    for &l in rest {
-        h -= fast_exp(l) * l;
-    }
-    h
 }
 
 /// Kullback–Leibler divergence `KL(p ‖ q) = Σ_y p(y) (log p(y) − log q(y))`.
 pub fn kl(p: &Policy, q: &Policy) -> Result<f64> {
     p.check_same_space(q)?;
-    let mut lanes = [0.0f64; 8];
-    let (a, b) = (p.log_probs(), q.log_probs());
-    let n8 = a.len() / 8 * 8;
-    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
-        for i in 0..8 {
-            lanes[i] += fast_exp(ca[i]) * (ca[i] - cb[i]);
-        }
+    Ok(kl_sum(p.log_probs(), q.log_probs()).max(0.0))
+}
+
+/// One outcome's share of `2·JS`: `p (log p − log m) + q (log q − log m)` with `a = log p`,
+/// `b = log q`. With `hi = max(a, b)`, `δ = min(a, b) − hi ≤ 0`, `t = e^δ`:
+/// `log m = hi + log(1 + t) − log 2`, `e^{min} = e^{hi} t`, so the share is
+/// `e^{hi} ((1 + t) L + t δ)` with `L = log 2 − log(1 + t)`: two exponentials and one `log1p`.
+#[inline(always)]
+fn js_term(a: f64, b: f64) -> f64 {
+    let hi = if a >= b { a } else { b };
+    let lo = if a >= b { b } else { a };
+    let d = lo - hi;
+    let t = fast_exp(d);
+    let l = std::f64::consts::LN_2 - ln_1p_unit(t);
+    fast_exp(hi) * ((1.0 + t) * l + t * d)
+}
+
+multiversion! {
+    /// `Σ_y js_term(a_y, b_y)`, eight fixed lanes. Panics unless the lengths agree.
+    fn js_sum / js_sum_at(a: &[f64], b: &[f64]) -> f64 {
+        lane_sum2(a, b, js_term)
     }
-    let mut s: f64 = lanes.iter().sum();
-    for i in n8..a.len() {
-        s += fast_exp(a[i]) * (a[i] - b[i]);
-    }
-    Ok(s.max(0.0))
 }
 
 /// Jensen–Shannon divergence in nats, `JS(p, q) = ½ KL(p ‖ m) + ½ KL(q ‖ m)`, `m = (p + q)/2`.
 ///
 /// Per outcome, with `a = log p(y)`, `b = log q(y)`, `hi = max(a, b)`, `t = e^{−|a − b|}`:
-/// `log m(y) = hi + log(1 + t) − log 2`, so each term needs one exponential and one logarithm.
+/// `log m(y) = hi + log(1 + t) − log 2`, so each term needs one exponential and one logarithm
+/// (and `e^{hi}`; `e^{min(a,b)} = e^{hi} t`).
 /// Bounded by `log 2`.
 pub fn js(p: &Policy, q: &Policy) -> Result<f64> {
     p.check_same_space(q)?;
-    let (a, b) = (p.log_probs(), q.log_probs());
-    let mut lanes = [0.0f64; 8];
-    let term = |x: f64, y: f64| -> f64 {
-        let (hi, lo) = if x >= y { (x, y) } else { (y, x) };
-        let t = fast_exp(lo - hi);
-        let log_m = hi + (1.0 + t).ln() - std::f64::consts::LN_2;
-        let (ex, ey) = (fast_exp(x), fast_exp(y));
-        ex * (x - log_m) + ey * (y - log_m)
-    };
-    let n8 = a.len() / 8 * 8;
-    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
-        for i in 0..8 {
-            lanes[i] += term(ca[i], cb[i]);
-        }
-    }
-    let mut s: f64 = lanes.iter().sum();
-    for i in n8..a.len() {
-        s += term(a[i], b[i]);
-    }
+    let s = js_sum(p.log_probs(), q.log_probs());
     Ok((0.5 * s).clamp(0.0, std::f64::consts::LN_2))
 }
 
@@ -148,5 +142,80 @@ mod tests {
         assert!((js(&p, &q).unwrap() - want).abs() < 1e-12);
         assert_eq!(kl(&p, &p).unwrap(), 0.0);
         assert!(js(&p, &Policy::uniform(3).unwrap()).is_err());
+    }
+
+    fn random_policy(n: usize, seed: u64, scale: f64) -> Policy {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let f: Vec<f64> = (0..n).map(|_| scale * (rng.gen::<f64>() - 0.5)).collect();
+        Policy::from_logits(&f).unwrap()
+    }
+
+    /// The vectorized sums against the straightforward formulas with libm `exp` and `ln`.
+    #[test]
+    fn match_straightforward_formulas() {
+        for (n, scale, seed) in [
+            (1, 1.0, 1),
+            (13, 4.0, 2),
+            (1000, 10.0, 3),
+            (20_011, 30.0, 4),
+            (5000, 2000.0, 5), // most probabilities underflow
+        ] {
+            let p = random_policy(n, seed, scale);
+            let q = random_policy(n, seed + 100, scale);
+            let (a, b) = (p.log_probs(), q.log_probs());
+            let h: f64 = -a.iter().map(|l| l.exp() * l).sum::<f64>();
+            assert!((entropy(&p) - h).abs() <= 1e-13 * h.max(1.0), "n={n}");
+            let k: f64 = a.iter().zip(b).map(|(x, y)| x.exp() * (x - y)).sum();
+            assert!(
+                (kl(&p, &q).unwrap() - k.max(0.0)).abs() <= 1e-12 * k.max(1.0),
+                "n={n}"
+            );
+            let j: f64 = 0.5
+                * a.iter()
+                    .zip(b)
+                    .map(|(&x, &y)| {
+                        let m = ((x.exp() + y.exp()) / 2.0).ln();
+                        let lm = if m.is_finite() {
+                            m
+                        } else {
+                            x.max(y) + (-(x - y).abs()).exp().ln_1p() - std::f64::consts::LN_2
+                        };
+                        x.exp() * (x - lm) + y.exp() * (y - lm)
+                    })
+                    .sum::<f64>();
+            assert!(
+                (js(&p, &q).unwrap() - j).abs() <= 1e-13,
+                "n={n}: {} vs {j}",
+                js(&p, &q).unwrap()
+            );
+            assert_eq!(js(&p, &p).unwrap(), 0.0);
+            assert!(js(&p, &q).unwrap() <= std::f64::consts::LN_2);
+        }
+    }
+
+    /// Every SIMD level gives the same bits.
+    #[test]
+    fn simd_levels_are_bit_identical() {
+        use crate::logspace::Level;
+        for n in [1, 8, 999, 4097] {
+            let p = random_policy(n, 9, 50.0);
+            let q = random_policy(n, 10, 50.0);
+            let (a, b) = (p.log_probs(), q.log_probs());
+            let base = (
+                neg_entropy_sum_at(Level::Baseline, a),
+                kl_sum_at(Level::Baseline, a, b),
+                js_sum_at(Level::Baseline, a, b),
+            );
+            for l in Level::available() {
+                assert_eq!(
+                    neg_entropy_sum_at(l, a).to_bits(),
+                    base.0.to_bits(),
+                    "{l:?}"
+                );
+                assert_eq!(kl_sum_at(l, a, b).to_bits(), base.1.to_bits(), "{l:?}");
+                assert_eq!(js_sum_at(l, a, b).to_bits(), base.2.to_bits(), "{l:?}");
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use num_traits::{One, Signed, Zero};
 use rand::Rng;
 
 use crate::error::{same_len, Error, Result};
-use crate::logspace::{fast_exp, ln_rational, log_sum_exp};
+use crate::logspace::{block_stats, exp_into, ln_rational, log_sum_exp, zeroed, LseAcc, BLOCK};
 use crate::prec::MASS_TOLERANCE;
 use crate::Rational;
 
@@ -85,8 +85,46 @@ impl Policy {
     /// # Errors
     /// [`Error::Empty`], [`Error::NotFinite`].
     pub fn from_logits(f: &[f64]) -> Result<Self> {
-        check_finite(f, "logit")?;
-        Ok(Self::normalized(f.to_vec()))
+        Self::from_logit_blocks(f.len(), |start, out| {
+            out.copy_from_slice(&f[start..start + out.len()])
+        })
+    }
+
+    /// `softmax` of the logits that `fill(start, out)` writes block by block into
+    /// `out = logits[start .. start + out.len()]`: one pass that writes each block, checks it
+    /// finite and takes its max and shifted exp-sum while it is in cache (the log-sum-exp of
+    /// [`log_sum_exp`], blocked the same way), then one pass that subtracts `lse`.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for `n = 0`, [`Error::NotFinite`] (`what = "logit"`) at the first
+    /// non-finite logit.
+    pub(crate) fn from_logit_blocks(
+        n: usize,
+        mut fill: impl FnMut(usize, &mut [f64]),
+    ) -> Result<Self> {
+        if n == 0 {
+            return Err(Error::Empty);
+        }
+        let mut log_p = zeroed(n);
+        let mut acc = LseAcc::new();
+        for (j, block) in log_p.chunks_mut(BLOCK).enumerate() {
+            fill(j * BLOCK, block);
+            let [bm, bs, finite] = block_stats(block);
+            if finite != 0.0 {
+                check_finite(block, "logit").map_err(|e| match e {
+                    Error::NotFinite { index, what, value } => Error::NotFinite {
+                        index: j * BLOCK + index,
+                        what,
+                        value,
+                    },
+                    e => e,
+                })?;
+            }
+            acc.push(bm, bs);
+        }
+        let z = acc.value();
+        log_p.iter_mut().for_each(|x| *x -= z);
+        Ok(Self { log_p })
     }
 
     /// The uniform policy `π(y) = 1/N`.
@@ -132,7 +170,9 @@ impl Policy {
     /// `π(y)` for every `y` (may underflow to 0 for logits far below the maximum; the
     /// log-probabilities never do).
     pub fn probs(&self) -> Vec<f64> {
-        self.log_p.iter().map(|&l| fast_exp(l)).collect()
+        let mut p = zeroed(self.len());
+        exp_into(&self.log_p, &mut p);
+        p
     }
 
     /// Fails with [`Error::LengthMismatch`] unless both policies live on the same space.
@@ -327,6 +367,36 @@ mod tests {
         assert!(p.log_probs().iter().all(|l| l.is_finite()));
         assert_eq!(p.log_prob(0).unwrap(), 0.0);
         assert_eq!(p.log_prob(1).unwrap(), -2e4);
+    }
+
+    #[test]
+    fn blocked_softmax_matches_straightforward() {
+        use crate::logspace::BLOCK;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for n in [1, 5, BLOCK, 3 * BLOCK + 7] {
+            let f: Vec<f64> = (0..n).map(|_| 40.0 * (rng.gen::<f64>() - 0.5)).collect();
+            let m = f.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z = m + f.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            let p = Policy::from_logits(&f).unwrap();
+            for (got, x) in p.log_probs().iter().zip(&f) {
+                assert!((got - (x - z)).abs() <= 1e-13, "n = {n}");
+            }
+            let probs = p.probs();
+            for (got, l) in probs.iter().zip(p.log_probs()) {
+                assert!((got - l.exp()).abs() <= 4.0 * f64::EPSILON * l.exp());
+            }
+            // The first non-finite logit is reported, whichever block it is in.
+            if n > BLOCK {
+                let mut g = f.clone();
+                g[2 * BLOCK + 3] = f64::NEG_INFINITY;
+                g[n - 1] = f64::NAN;
+                assert!(matches!(
+                    Policy::from_logits(&g),
+                    Err(Error::NotFinite { index, what: "logit", .. }) if index == 2 * BLOCK + 3
+                ));
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,332 @@
+//! `entropy` — Section 4: the entropy of the DID and log-likelihood displacement (LLD).
+//!
+//! 1. `H(q_{π*/π_ref})`, `H(π_ref)`, `H(π*)` over a log grid of τ in [0.1, 10]
+//!    (`entropy_vs_tau.csv`).
+//! 2. DPO and DPO-PG trained on sampled pairs (`y_w ~ π_ref`, `y_l ~ π_l` of Eq. 1) on a
+//!    reinforcing (`--tau`) and a smoothing (`--tau-smooth`) instance, tracking (`lld.csv`):
+//!    `log π` at π_ref's top-1 outcome, the mean `log π` over π_ref's top 1 % (`⌈N/100⌉`
+//!    outcomes), `E_{y~π_ref}[log π(y)] = −H(π_ref) − KL(π_ref ‖ π)`, the entropy of the learned
+//!    DID `H(q_{π/π_ref})` and `JS(π, π*)`.
+//!
+//! The paper's claim is about the peaks: they rise when reinforcing and fall when smoothing. The
+//! mean over `y ~ π_ref` falls at convergence in *both* cases: by Gibbs' inequality `π_ref`
+//! maximizes `E_{y~π_ref}[log π(y)]`, so any `π ≠ π_ref` has a lower one (by `KL(π_ref ‖ π)`).
+
+use indicatif::ProgressBar;
+use serde_json::{json, Map, Value};
+
+use crate::did::did;
+use crate::entropy::{entropy, js, kl};
+use crate::policy::Policy;
+
+use super::instance::{sub_seed, Instance};
+use super::objective::Objective;
+use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
+use super::plot::{Figure, Panel, Series};
+use super::train::{train, Mode, PromptTask};
+use super::{fmt, log_grid, SynthConfig, SynthError};
+
+/// What is tracked during training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tracked {
+    /// `log π(y_top)`, `y_top = argmax π_ref`.
+    pub logp_top1: f64,
+    /// Mean of `log π(y)` over π_ref's top `⌈N/100⌉` outcomes.
+    pub logp_top1pct: f64,
+    /// `E_{y~π_ref}[log π(y)]`.
+    pub mean_logp_ref: f64,
+    /// `H(q_{π/π_ref})`.
+    pub did_entropy: f64,
+    /// `JS(π, π*)`.
+    pub js_star: f64,
+}
+
+/// The indices of π_ref's top `k` outcomes (ties broken by index).
+pub fn top_k(pi_ref: &Policy, k: usize) -> Vec<usize> {
+    let lp = pi_ref.log_probs();
+    let mut idx: Vec<usize> = (0..lp.len()).collect();
+    idx.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
+    idx.truncate(k.max(1));
+    idx
+}
+
+/// Measure [`Tracked`] for `π` on `inst`.
+///
+/// # Errors
+/// Library errors.
+pub fn track(pi: &Policy, inst: &Instance, top: &[usize]) -> Result<Tracked, SynthError> {
+    let lp = pi.log_probs();
+    Ok(Tracked {
+        logp_top1: lp[top[0]],
+        logp_top1pct: top.iter().map(|&y| lp[y]).sum::<f64>() / top.len() as f64,
+        mean_logp_ref: -entropy(&inst.pi_ref) - kl(&inst.pi_ref, pi)?,
+        did_entropy: entropy(&did(pi, &inst.pi_ref)?),
+        js_star: js(pi, &inst.pi_star)?,
+    })
+}
+
+/// Run the experiment.
+///
+/// # Errors
+/// Library errors.
+pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
+    // 1. Entropies over τ.
+    let mut ent = Table::new("entropy_vs_tau", &["tau", "h_ref", "h_did", "h_star"]);
+    let (mut s_ref, mut s_did, mut s_star) = (Vec::new(), Vec::new(), Vec::new());
+    for tau in log_grid(0.1, 10.0, cfg.grid_tau) {
+        let inst = Instance::tempered(cfg.n, tau, cfg.beta, cfg.scale, cfg.seed)?;
+        let h_ref = entropy(&inst.pi_ref);
+        let h_did = entropy(&did(&inst.pi_star, &inst.pi_ref)?);
+        let h_star = entropy(&inst.pi_star);
+        ent.push(vec![tau.into(), h_ref.into(), h_did.into(), h_star.into()]);
+        s_ref.push((tau, h_ref));
+        s_did.push((tau, h_did));
+        s_star.push((tau, h_star));
+    }
+    let entropy_panel = Panel {
+        title: format!("Entropies over τ (N = {}, scale {})", cfg.n, cfg.scale),
+        x_label: "τ (f* = f_ref/τ)".into(),
+        y_label: "entropy [nats]".into(),
+        log_x: true,
+        log_y: false,
+        series: vec![
+            Series::line("H(π_ref)", 7, s_ref),
+            Series::line("H(DID) = H(q_{π*/π_ref})", 3, s_did),
+            Series::line("H(π*)", 0, s_star),
+        ],
+    };
+
+    // 2. LLD during training.
+    let mut lld = Table::new(
+        "lld",
+        &[
+            "case",
+            "objective",
+            "step",
+            "logp_top1",
+            "logp_top1pct",
+            "mean_logp_ref",
+            "did_entropy",
+            "js_star",
+        ],
+    );
+    let top_count = cfg.n.div_ceil(100);
+    let mut peak_panel = Panel {
+        title: "Log-likelihood at π_ref's top-1 outcome".into(),
+        x_label: "RMSprop step".into(),
+        y_label: "log π(y_top) − start".into(),
+        log_x: false,
+        log_y: false,
+        series: Vec::new(),
+    };
+    let mut mean_panel = Panel {
+        title: "Mean log-likelihood of chosen responses".into(),
+        x_label: "RMSprop step".into(),
+        y_label: "E_{y~π_ref}[log π(y)] − start".into(),
+        log_x: false,
+        log_y: false,
+        series: Vec::new(),
+    };
+    let mut records = Vec::new();
+    let mut finals = Map::new();
+    let mut by_case = Map::new();
+    // Index 0: DPO, 1: DPO-PG.
+    let mut peak = [Map::new(), Map::new()];
+    let mut top_pct = [Map::new(), Map::new()];
+    let mut mean = [Map::new(), Map::new()];
+    let mut predicted = Map::new();
+    let mut exact_did = Map::new();
+    let mut k = 0;
+    let reference = Instance::tempered(cfg.n, cfg.tau, cfg.beta, cfg.scale, cfg.seed)?;
+    let top = top_k(&reference.pi_ref, top_count);
+    for (case, tau) in [("reinforcing", cfg.tau), ("smoothing", cfg.tau_smooth)] {
+        let inst = Instance::tempered(cfg.n, tau, cfg.beta, cfg.scale, cfg.seed)?;
+        records.push(inst.record(case));
+        exact_did.insert(
+            case.into(),
+            json!(entropy(&did(&inst.pi_star, &inst.pi_ref)?)),
+        );
+        let at_star = track(&inst.pi_star, &inst, &top)?;
+        let at_ref = track(&inst.pi_ref, &inst, &top)?;
+        predicted.insert(
+            case.into(),
+            json!({
+                "peak_logp_change": at_star.logp_top1 - at_ref.logp_top1,
+                "top1pct_logp_change": at_star.logp_top1pct - at_ref.logp_top1pct,
+                "mean_logp_change": at_star.mean_logp_ref - at_ref.mean_logp_ref,
+            }),
+        );
+        let mut case_did = Map::new();
+        for obj in [Objective::Dpo, Objective::DpoPg] {
+            let task = PromptTask {
+                rule: obj.rule(cfg.beta, cfg.beta_mismatch, &inst.pi_ref)?,
+                chosen: inst.pi_ref.clone(),
+                rejected: inst.pi_l.clone(),
+            };
+            let seed = sub_seed(cfg.seed, &format!("entropy {case} {obj}"));
+            let mut curve: Vec<(usize, Tracked)> = Vec::new();
+            let mut err = None;
+            let trained = train(
+                Mode::Sampled,
+                &[task],
+                vec![inst.pi_ref.log_probs().to_vec()],
+                &cfg.train,
+                seed,
+                |step, logits| match Policy::from_logits(&logits[0])
+                    .map_err(SynthError::from)
+                    .and_then(|p| track(&p, &inst, &top))
+                {
+                    Ok(t) => curve.push((step, t)),
+                    Err(e) => err = Some(e),
+                },
+            )?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+            pb.inc(1);
+            let start = curve[0].1;
+            let end = curve.last().expect("observed").1;
+            for (step, t) in &curve {
+                lld.push(vec![
+                    Cell::from(case),
+                    Cell::from(obj.name()),
+                    (*step).into(),
+                    t.logp_top1.into(),
+                    t.logp_top1pct.into(),
+                    t.mean_logp_ref.into(),
+                    t.did_entropy.into(),
+                    t.js_star.into(),
+                ]);
+            }
+            let label = format!("{case}, {obj}");
+            peak_panel.series.push(Series::line(
+                label.clone(),
+                k,
+                curve
+                    .iter()
+                    .map(|(s, t)| (*s as f64, t.logp_top1 - start.logp_top1))
+                    .collect(),
+            ));
+            mean_panel.series.push(Series::line(
+                label,
+                k,
+                curve
+                    .iter()
+                    .map(|(s, t)| (*s as f64, t.mean_logp_ref - start.mean_logp_ref))
+                    .collect(),
+            ));
+            k += 1;
+            case_did.insert(obj.name().into(), json!(end.did_entropy));
+            let oi = usize::from(obj == Objective::DpoPg);
+            peak[oi].insert(case.into(), json!(end.logp_top1 - start.logp_top1));
+            top_pct[oi].insert(case.into(), json!(end.logp_top1pct - start.logp_top1pct));
+            mean[oi].insert(case.into(), json!(end.mean_logp_ref - start.mean_logp_ref));
+            finals.insert(
+                format!("sampled {case} {obj}"),
+                json!({"logits": trained.logits[0], "steps": trained.steps, "final_js_star": end.js_star}),
+            );
+        }
+        by_case.insert(case.into(), Value::Object(case_did));
+    }
+    let h_ref = entropy(&reference.pi_ref);
+    let g = |m: &Map<String, Value>, k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+    let did_dpo = by_case["reinforcing"]["dpo"].as_f64().unwrap_or(f64::NAN);
+    let did_pg = by_case["reinforcing"]["dpo-pg"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let (pr, ps) = (g(&peak[0], "reinforcing"), g(&peak[0], "smoothing"));
+    let (mr, ms) = (g(&mean[0], "reinforcing"), g(&mean[0], "smoothing"));
+    let (hr, hs) = (g(&exact_did, "reinforcing"), g(&exact_did, "smoothing"));
+    let checks =
+        vec![
+        Check::new(
+            "Claim 4.1 on the two instances: H(DID) < H(π_ref) when reinforcing, > when smoothing",
+            format!(
+                "H(π_ref) = {}; H(DID) = {} (τ = {}), {} (τ = {})",
+                fmt(h_ref),
+                fmt(hr),
+                cfg.tau,
+                fmt(hs),
+                cfg.tau_smooth
+            ),
+            Verdict::of(hr < h_ref && hs > h_ref),
+            "exact; over τ it fails for 1/2 < τ < 1 (see claim-map)",
+        ),
+        Check::new(
+            "Reinforcing: DPO raises log π at π_ref's peak",
+            format!(
+                "top-1 change {}, top-1 % change {}",
+                fmt(pr),
+                fmt(g(&top_pct[0], "reinforcing"))
+            ),
+            Verdict::of(pr > 0.0),
+            "sampled DPO, end minus start",
+        ),
+        Check::new(
+            "Smoothing: DPO lowers log π at π_ref's peak (LLD at the peaks)",
+            format!(
+                "top-1 change {}, top-1 % change {}",
+                fmt(ps),
+                fmt(g(&top_pct[0], "smoothing"))
+            ),
+            Verdict::of(ps < 0.0),
+            "sampled DPO, end minus start",
+        ),
+        Check::new(
+            "LLD (E_{y~π_ref}[log π(y)] falls) goes with smoothing",
+            format!("mean change: smoothing {}, reinforcing {}", fmt(ms), fmt(mr)),
+            if ms < 0.0 && mr >= 0.0 {
+                Verdict::Held
+            } else if ms < 0.0 {
+                Verdict::Partly
+            } else {
+                Verdict::Failed
+            },
+            "the mean falls in both cases, as it must: by Gibbs' inequality π_ref maximizes \
+             E_{y~π_ref}[log π(y)], so every π ≠ π_ref lowers it (by KL(π_ref ‖ π)); the \
+             paper's direction shows only at the peaks",
+        ),
+        Check::new(
+            "Entropy of the DID learned by DPO-PG beside DPO's (reinforcing instance)",
+            format!(
+                "DPO {}, DPO-PG {}, exact H(q_{{π*/π_ref}}) {}, H(π_ref) {}",
+                fmt(did_dpo),
+                fmt(did_pg),
+                fmt(hr),
+                fmt(h_ref)
+            ),
+            Verdict::Reported,
+            "Appendix H makes no prediction about it",
+        ),
+    ];
+    let summary = json!({
+        "peak_logp_change": peak[0],
+        "top1pct_logp_change": top_pct[0],
+        "mean_logp_change": mean[0],
+        "dpo-pg": {
+            "peak_logp_change": peak[1],
+            "top1pct_logp_change": top_pct[1],
+            "mean_logp_change": mean[1],
+        },
+        "did_entropy": { "dpo": did_dpo, "dpo-pg": did_pg },
+        "did_entropy_by_case": by_case,
+        "exact_did_entropy": exact_did,
+        "reference_entropy": h_ref,
+        "predicted_at_convergence": predicted,
+        "top_count": top_count,
+    });
+    Ok(ExperimentOutput {
+        name: "entropy",
+        title: "Section 4: entropy of the DID and log-likelihood displacement".into(),
+        tables: vec![ent, lld],
+        figures: vec![Figure::Lines {
+            name: "entropy".into(),
+            panels: vec![entropy_panel, peak_panel, mean_panel],
+        }],
+        instance: json!({ "instances": records, "top_outcomes": top }),
+        final_logits: Value::Object(finals),
+        summary,
+        checks,
+        settings: cfg.to_json(),
+    })
+}

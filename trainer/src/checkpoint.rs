@@ -1,0 +1,309 @@
+//! Hugging Face checkpoint directories: loading (single or sharded safetensors) and saving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// Name of the single-file weights.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Name of the sharded-weights index.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Files copied unchanged by [`save_pretrained`] when present in the source directory.
+pub const SIDE_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
+
+/// Parses a dtype name as used on the command line and in `torch_dtype`.
+///
+/// # Errors
+/// Unknown names.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        "f64" | "float64" => Ok(DType::F64),
+        _ => Err(Error::InvalidArgument(format!(
+            "unknown dtype `{s}`; expected f32, bf16, f16 or f64"
+        ))),
+    }
+}
+
+/// The transformers spelling of a dtype (`torch_dtype`).
+pub fn torch_dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// The tensors of a checkpoint directory.
+#[derive(Debug, Clone)]
+pub struct CheckpointTensors {
+    /// Tensors by name (CPU, file dtype).
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The file holding each tensor.
+    pub origin: BTreeMap<String, PathBuf>,
+    /// `model.safetensors`, or the index of a sharded checkpoint.
+    pub source: PathBuf,
+}
+
+/// Reads every tensor of a checkpoint directory: `model.safetensors`, or all shards listed in
+/// `model.safetensors.index.json`.
+///
+/// # Errors
+/// No weights file, an unreadable/malformed file, an index naming a tensor its shard lacks.
+pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
+    let single = dir.join(WEIGHTS_FILE);
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    let mut tensors = BTreeMap::new();
+    let mut origin = BTreeMap::new();
+    let read_file = |path: &Path,
+                     tensors: &mut BTreeMap<String, Tensor>,
+                     origin: &mut BTreeMap<String, PathBuf>|
+     -> Result<()> {
+        if !path.exists() {
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: "file not found".into(),
+            });
+        }
+        // SAFETY: the file is only read; modifying a checkpoint while it loads is unsupported.
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+                Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("not a valid safetensors file: {e}"),
+                }
+            })?;
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
+                Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{name}`: {e}"),
+                }
+            })?;
+            tensors.insert(name.to_string(), t);
+            origin.insert(name.to_string(), path.to_path_buf());
+        }
+        Ok(())
+    };
+    if single.exists() {
+        read_file(&single, &mut tensors, &mut origin)?;
+        return Ok(CheckpointTensors {
+            tensors,
+            origin,
+            source: single,
+        });
+    }
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: index.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::Checkpoint {
+                path: index.clone(),
+                message: "missing object `weight_map`".into(),
+            })?;
+        let mut files: Vec<String> = Vec::new();
+        let mut want: HashMap<String, String> = HashMap::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| Error::Checkpoint {
+                path: index.clone(),
+                message: format!("weight_map[`{name}`] is not a file name"),
+            })?;
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(Error::Checkpoint { path: index.clone(), message: format!("weight_map[`{name}`]: shard `{file}` must be a plain file name in the directory") });
+            }
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+            want.insert(name.clone(), file.to_string());
+        }
+        files.sort();
+        for f in &files {
+            read_file(&dir.join(f), &mut tensors, &mut origin)?;
+        }
+        let mut names: Vec<_> = want.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let shard = dir.join(&want[&name]);
+            if origin.get(&name) != Some(&shard) {
+                return Err(Error::MissingTensor { name, file: shard });
+            }
+        }
+        return Ok(CheckpointTensors {
+            tensors,
+            origin,
+            source: index,
+        });
+    }
+    Err(Error::Checkpoint {
+        path: dir.to_path_buf(),
+        message: format!("no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in the directory"),
+    })
+}
+
+/// Loads a checkpoint directory as a trainable [`Model`] in `dtype` on `device`.
+///
+/// # Errors
+/// config.json errors; [`Error::MissingTensor`] (naming the tensor and the file where it was
+/// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it).
+pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let CheckpointTensors {
+        tensors,
+        origin,
+        source,
+    } = read_tensors(dir)?;
+    for (name, shape) in config.tensor_shapes() {
+        match tensors.get(&name) {
+            None => return Err(Error::MissingTensor { name, file: source }),
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(Error::ShapeMismatch {
+                    file: origin[&name].clone(),
+                    name,
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Model::from_tensors(config, tensors, &source, dtype, device)
+}
+
+/// Writes `path` atomically: `write` fills a temporary sibling file, which is then renamed.
+///
+/// # Errors
+/// I/O errors, and whatever `write` returns.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Some writers create 0600 files; outputs are ordinary files (0644 before the umask).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// The tensors to save for `model`, by Hugging Face name, cast to `dtype`: every variable,
+/// the extra tensors of the input checkpoint, and `lm_head.weight` (a copy of the embedding)
+/// when the embeddings are tied and the input checkpoint had one.
+///
+/// # Errors
+/// Tensor errors.
+pub fn state_dict(model: &Model, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, var) in model.named_vars() {
+        out.insert(
+            name,
+            var.as_tensor()
+                .detach()
+                .to_dtype(dtype)?
+                .to_device(&Device::Cpu)?,
+        );
+    }
+    for (name, t) in model.extra_tensors() {
+        let t = if name == "lm_head.weight" && model.config().tie_word_embeddings {
+            out["model.embed_tokens.weight"].clone()
+        } else {
+            t.clone()
+        };
+        out.insert(name.clone(), t);
+    }
+    Ok(out)
+}
+
+/// Saves the weights as one safetensors file (metadata `format: pt`, as transformers expects),
+/// atomically.
+///
+/// # Errors
+/// I/O and tensor errors.
+pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> {
+    let tensors = state_dict(model, dtype)?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    write_atomic(path, |tmp| {
+        safetensors::tensor::serialize_to_file(
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(meta),
+            tmp,
+        )
+        .map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    })
+}
+
+/// Saves `model` as a Hugging Face directory `out`: model.safetensors in `dtype`, config.json
+/// (from `src`, `torch_dtype` updated, else generated) and the tokenizer/generation files of
+/// `src` copied unchanged.
+///
+/// # Errors
+/// I/O and tensor errors.
+pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DType) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut cfg = match src.map(|s| s.join("config.json")).filter(|p| p.exists()) {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            serde_json::from_str::<Value>(&text).map_err(|e| Error::Config {
+                path: p.clone(),
+                message: e.to_string(),
+            })?
+        }
+        None => model.config().to_hf_json(),
+    };
+    if let Some(o) = cfg.as_object_mut() {
+        o.insert("torch_dtype".into(), torch_dtype_name(dtype).into());
+    }
+    let cfg_path = out.join("config.json");
+    write_atomic(&cfg_path, |tmp| {
+        std::fs::write(
+            tmp,
+            serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| Error::io(tmp, e))
+    })?;
+    if let Some(src) = src {
+        if src != out {
+            for f in SIDE_FILES {
+                let p = src.join(f);
+                if p.exists() {
+                    std::fs::copy(&p, out.join(f)).map_err(|e| Error::io(&p, e))?;
+                }
+            }
+        }
+    }
+    let stale = out.join(WEIGHTS_INDEX_FILE);
+    if stale.exists() {
+        std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+    }
+    save_safetensors(model, &out.join(WEIGHTS_FILE), dtype)
+}

@@ -1,0 +1,588 @@
+//! `config.json` parsing for the supported decoder-only architectures.
+//!
+//! `model_type` chooses the architecture: `llama` (Llama 2 and 3), `mistral`, `qwen2`. The
+//! fields read are those of transformers' `LlamaConfig`, `MistralConfig` and `Qwen2Config`;
+//! unknown fields are ignored, contradictory or unsupported ones are errors.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The `model_type` values this crate implements.
+pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// The decoder architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2 / Llama 3 (`LlamaForCausalLM`).
+    Llama,
+    /// Mistral (`MistralForCausalLM`): Llama with an optional sliding attention window.
+    Mistral,
+    /// Qwen2 (`Qwen2ForCausalLM`): Llama with biases on the q, k, v projections.
+    Qwen2,
+}
+
+impl Architecture {
+    /// The `model_type` string of config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The transformers class name written in `architectures`.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// RoPE frequency scaling (`rope_scaling` / `rope_parameters`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    /// interpolation in between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_max_position_embeddings: f64,
+    },
+    /// Linear position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+}
+
+/// A parsed, validated model configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture chosen by `model_type`.
+    pub arch: Architecture,
+    /// `vocab_size`.
+    pub vocab_size: usize,
+    /// `hidden_size`.
+    pub hidden_size: usize,
+    /// `intermediate_size` (the MLP width).
+    pub intermediate_size: usize,
+    /// `num_hidden_layers`.
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads`.
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads` (defaults to `num_attention_heads`; fewer means grouped-query
+    /// attention).
+    pub num_key_value_heads: usize,
+    /// `head_dim` (defaults to `hidden_size / num_attention_heads`).
+    pub head_dim: usize,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// `rope_theta` (default 10000).
+    pub rope_theta: f64,
+    /// `rope_scaling`, when present and not `default`.
+    pub rope_scaling: Option<RopeScaling>,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: usize,
+    /// `tie_word_embeddings`: the LM head reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Bias on q, k, v (Qwen2 always; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Mistral's `sliding_window`: a query attends to at most this many positions (itself
+    /// included).
+    pub sliding_window: Option<usize>,
+    /// `bos_token_id`, when given.
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id` (one or several), when given.
+    pub eos_token_ids: Vec<u32>,
+    /// `initializer_range` (used only by random initialization).
+    pub initializer_range: f64,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<Value>,
+    use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    initializer_range: Option<f64>,
+}
+
+fn cfg_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Config {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn token_ids(v: &Option<Value>, field: &str, path: &Path) -> Result<Vec<u32>> {
+    let as_id = |x: &Value| -> Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                cfg_err(
+                    path,
+                    format!("`{field}` must be a token id or a list of ids"),
+                )
+            })
+    };
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(xs)) => xs.iter().map(as_id).collect(),
+        Some(x) => Ok(vec![as_id(x)?]),
+    }
+}
+
+fn parse_rope_scaling(v: &Value, path: &Path) -> Result<Option<RopeScaling>> {
+    let Some(obj) = v.as_object() else {
+        return match v {
+            Value::Null => Ok(None),
+            _ => Err(cfg_err(path, "`rope_scaling` must be an object")),
+        };
+    };
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| -> Result<f64> {
+        obj.get(key).and_then(Value::as_f64).ok_or_else(|| {
+            cfg_err(
+                path,
+                format!("rope scaling `{kind}` needs a number `{key}`"),
+            )
+        })
+    };
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let s = RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            };
+            if let RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } = &s
+            {
+                if !(*factor > 0.0
+                    && *original_max_position_embeddings > 0.0
+                    && high_freq_factor > low_freq_factor
+                    && *low_freq_factor > 0.0)
+                {
+                    return Err(cfg_err(path, "llama3 rope scaling needs factor > 0, original_max_position_embeddings > 0 and high_freq_factor > low_freq_factor > 0"));
+                }
+            }
+            Ok(Some(s))
+        }
+        "linear" => {
+            let factor = num("factor")?;
+            if factor <= 0.0 {
+                return Err(cfg_err(path, "linear rope scaling needs factor > 0"));
+            }
+            Ok(Some(RopeScaling::Linear { factor }))
+        }
+        other => Err(cfg_err(
+            path,
+            format!("unsupported rope scaling type `{other}`; supported: default, llama3, linear"),
+        )),
+    }
+}
+
+impl ModelConfig {
+    /// Parses config.json text. `path` is only used in error messages.
+    ///
+    /// # Errors
+    /// Invalid JSON, a missing or zero dimension, heads that do not divide, an unsupported
+    /// `model_type`, activation or RoPE scaling.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| cfg_err(path, format!("invalid JSON: {e}")))?;
+        let model_type = raw
+            .model_type
+            .clone()
+            .ok_or_else(|| cfg_err(path, "missing `model_type`"))?;
+        let arch = match model_type.as_str() {
+            "llama" => Architecture::Llama,
+            "mistral" => Architecture::Mistral,
+            "qwen2" => Architecture::Qwen2,
+            _ => {
+                return Err(Error::UnsupportedModelType {
+                    path: path.to_path_buf(),
+                    found: model_type,
+                    supported: SUPPORTED_MODEL_TYPES.to_vec(),
+                })
+            }
+        };
+        let need = |v: Option<usize>, name: &str| -> Result<usize> {
+            match v {
+                Some(0) => Err(cfg_err(path, format!("`{name}` must be positive"))),
+                Some(n) => Ok(n),
+                None => Err(cfg_err(path, format!("missing `{name}`"))),
+            }
+        };
+        // Bounds far above any real model; they keep arithmetic and allocations sane on
+        // hostile input.
+        const MAX_DIM: usize = 1 << 24;
+        const MAX_LAYERS: usize = 1 << 12;
+        let need = |v: Option<usize>, name: &str| -> Result<usize> {
+            let n = need(v, name)?;
+            let max = if name == "num_hidden_layers" {
+                MAX_LAYERS
+            } else {
+                MAX_DIM
+            };
+            if n > max {
+                return Err(cfg_err(
+                    path,
+                    format!("`{name}` = {n} exceeds the supported maximum {max}"),
+                ));
+            }
+            Ok(n)
+        };
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = need(
+            raw.num_key_value_heads.or(Some(num_attention_heads)),
+            "num_key_value_heads",
+        )?;
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg_err(
+                path,
+                format!("num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => need(Some(d), "head_dim")?,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(cfg_err(path, format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}) and no head_dim is given")));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(cfg_err(
+                path,
+                format!("head_dim ({head_dim}) must be even for RoPE"),
+            ));
+        }
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(cfg_err(
+                    path,
+                    format!("unsupported hidden_act `{act}`; supported: silu"),
+                ));
+            }
+        }
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            return Err(cfg_err(
+                path,
+                "`rms_norm_eps` must be a finite non-negative number",
+            ));
+        }
+        // transformers >= 5 moves rope settings into `rope_parameters`.
+        let rope_params = raw.rope_parameters.as_ref().and_then(Value::as_object);
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
+            .unwrap_or(10000.0);
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(cfg_err(path, "`rope_theta` must be a positive number"));
+        }
+        let rope_scaling = match (&raw.rope_scaling, &raw.rope_parameters) {
+            (Some(v), _) if !v.is_null() => parse_rope_scaling(v, path)?,
+            (_, Some(v)) => parse_rope_scaling(v, path)?,
+            _ => None,
+        };
+        let sliding_window = match arch {
+            Architecture::Mistral => match &raw.sliding_window {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
+                    cfg_err(path, "`sliding_window` must be a positive integer or null")
+                })? as usize),
+            },
+            Architecture::Qwen2 => {
+                if raw.use_sliding_window == Some(true) {
+                    return Err(cfg_err(
+                        path,
+                        "qwen2 with use_sliding_window=true is not supported",
+                    ));
+                }
+                None
+            }
+            Architecture::Llama => None,
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Llama => (attention_bias, attention_bias),
+            Architecture::Mistral => (false, false),
+        };
+        let mlp_bias = arch == Architecture::Llama && raw.mlp_bias.unwrap_or(false);
+        let bos = token_ids(&raw.bos_token_id, "bos_token_id", path)?;
+        let eos_token_ids = token_ids(&raw.eos_token_id, "eos_token_id", path)?;
+        Ok(ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            sliding_window,
+            bos_token_id: bos.first().copied(),
+            eos_token_ids,
+            initializer_range: raw.initializer_range.unwrap_or(0.02),
+        })
+    }
+
+    /// Reads and parses `path` (a config.json file).
+    ///
+    /// # Errors
+    /// See [`ModelConfig::from_json_str`]; also I/O errors.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// The number of query heads sharing one key/value head.
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// The name and shape of every tensor this config implies, sorted by name.
+    ///
+    /// With tied embeddings there is no `lm_head.weight`.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let i = self.intermediate_size;
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            for (name, rows, bias) in [
+                ("q_proj", q, self.qkv_bias),
+                ("k_proj", kv, self.qkv_bias),
+                ("v_proj", kv, self.qkv_bias),
+            ] {
+                out.push((format!("{p}.self_attn.{name}.weight"), vec![rows, h]));
+                if bias {
+                    out.push((format!("{p}.self_attn.{name}.bias"), vec![rows]));
+                }
+            }
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+            if self.o_bias {
+                out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+            }
+            for (name, shape) in [
+                ("gate_proj", [i, h]),
+                ("up_proj", [i, h]),
+                ("down_proj", [h, i]),
+            ] {
+                out.push((format!("{p}.mlp.{name}.weight"), shape.to_vec()));
+                if self.mlp_bias {
+                    out.push((format!("{p}.mlp.{name}.bias"), vec![shape[0]]));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Total number of parameters (tied embeddings counted once; saturating on overflow).
+    pub fn num_parameters(&self) -> usize {
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().fold(1usize, |a, &d| a.saturating_mul(d)))
+            .fold(0usize, usize::saturating_add)
+    }
+
+    /// RoPE inverse frequencies `θ^(−2k/d)` for `k = 0 .. d/2`, with the configured scaling.
+    ///
+    /// # Formula
+    /// `inv_freq_k = rope_theta^(−2k/head_dim)`; Llama 3 scaling with wavelength
+    /// `λ = 2π / inv_freq_k`: kept when `λ < L/high`, divided by `factor` when `λ > L/low`,
+    /// otherwise `(1−s)·f/factor + s·f` with `s = (L/λ − low)/(high − low)`, where `L` is
+    /// `original_max_position_embeddings`.
+    pub fn rope_inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2)
+            .map(|k| 1.0 / self.rope_theta.powf((2 * k) as f64 / d as f64))
+            .collect();
+        match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let s = (original_max_position_embeddings / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - s) * f / factor + s * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// A Hugging Face style config.json for this configuration.
+    pub fn to_hf_json(&self) -> Value {
+        let mut v = serde_json::json!({
+            "architectures": [self.arch.hf_class()],
+            "model_type": self.arch.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": null,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "use_cache": true,
+            "torch_dtype": "float32",
+            "transformers_version": "4.46.0",
+        });
+        let o = v.as_object_mut().expect("object literal");
+        if let Some(b) = self.bos_token_id {
+            o.insert("bos_token_id".into(), b.into());
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [e] => {
+                o.insert("eos_token_id".into(), (*e).into());
+            }
+            es => {
+                o.insert("eos_token_id".into(), es.to_vec().into());
+            }
+        }
+        match self.arch {
+            Architecture::Llama => {
+                o.insert("attention_bias".into(), self.qkv_bias.into());
+                o.insert("mlp_bias".into(), self.mlp_bias.into());
+            }
+            Architecture::Mistral => {
+                o.insert(
+                    "sliding_window".into(),
+                    self.sliding_window.map(Value::from).unwrap_or(Value::Null),
+                );
+            }
+            Architecture::Qwen2 => {
+                o.insert("use_sliding_window".into(), false.into());
+            }
+        }
+        if let Some(s) = &self.rope_scaling {
+            let j = match s {
+                RopeScaling::Linear { factor } => {
+                    serde_json::json!({"rope_type": "linear", "factor": factor})
+                }
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                }),
+            };
+            o.insert("rope_scaling".into(), j);
+        }
+        v
+    }
+}
+
+/// Parses config.json text (the fuzzing entry point); `<input>` names the source in errors.
+///
+/// # Errors
+/// See [`ModelConfig::from_json_str`].
+pub fn parse_config(text: &str) -> Result<ModelConfig> {
+    ModelConfig::from_json_str(text, &PathBuf::from("<input>"))
+}

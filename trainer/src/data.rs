@@ -1,0 +1,383 @@
+//! JSONL datasets in TRL's formats, parsed with file:line:field error reporting.
+//!
+//! Preference data: `{"prompt", "chosen", "rejected"}`, either all strings (standard) or all
+//! lists of `{"role", "content"}` messages (conversational). SFT data: `{"prompt",
+//! "completion"}` (strings or message lists) or `{"messages": [...]}`. Prompt files (for
+//! sampling): `{"prompt": ...}` or `{"messages": [...]}`. Blank lines are skipped; other keys
+//! are ignored.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{DataError, Error, Result};
+use crate::template::{Message, KNOWN_ROLES};
+
+/// A prompt or completion: a plain string or a list of chat messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Text {
+    /// Standard format.
+    Plain(String),
+    /// Conversational format.
+    Chat(Vec<Message>),
+}
+
+impl Text {
+    /// Whether this is conversational.
+    pub fn is_chat(&self) -> bool {
+        matches!(self, Text::Chat(_))
+    }
+}
+
+/// A preference pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreferenceExample {
+    /// The prompt.
+    pub prompt: Text,
+    /// The preferred completion.
+    pub chosen: Text,
+    /// The dispreferred completion.
+    pub rejected: Text,
+}
+
+/// An SFT example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SftExample {
+    /// `prompt` + `completion` (loss on the completion).
+    PromptCompletion {
+        /// The prompt.
+        prompt: Text,
+        /// The completion.
+        completion: Text,
+    },
+    /// A whole conversation (`messages`).
+    Messages(Vec<Message>),
+}
+
+/// A prompt to sample from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptExample {
+    /// The prompt (`prompt` string or message list, or `messages`).
+    pub prompt: Text,
+}
+
+/// A parsed record with its 1-based line number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located<T> {
+    /// Line number in the file.
+    pub line: usize,
+    /// The record.
+    pub value: T,
+}
+
+/// The result of reading a JSONL file.
+#[derive(Debug, Clone)]
+pub struct Loaded<T> {
+    /// Valid records, in file order.
+    pub examples: Vec<Located<T>>,
+    /// Invalid records (only with `skip_invalid`; otherwise the first one is returned as an
+    /// error).
+    pub errors: Vec<DataError>,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    line: usize,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: Option<&str>, message: impl Into<String>) -> DataError {
+        DataError {
+            file: self.file.to_path_buf(),
+            line: self.line,
+            field: field.map(str::to_string),
+            message: message.into(),
+        }
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_object(text: &str, cx: &Ctx) -> std::result::Result<Map<String, Value>, DataError> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| cx.err(None, format!("invalid JSON: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(cx.err(
+            None,
+            format!("expected a JSON object, found {}", type_name(&other)),
+        )),
+    }
+}
+
+fn parse_messages(
+    v: &Value,
+    field: &str,
+    cx: &Ctx,
+) -> std::result::Result<Vec<Message>, DataError> {
+    let Value::Array(items) = v else {
+        return Err(cx.err(
+            Some(field),
+            format!("expected a list of messages, found {}", type_name(v)),
+        ));
+    };
+    if items.is_empty() {
+        return Err(cx.err(Some(field), "empty list of messages"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let f = format!("{field}[{i}]");
+            let Value::Object(o) = m else {
+                return Err(cx.err(
+                    Some(&f),
+                    format!("expected a message object, found {}", type_name(m)),
+                ));
+            };
+            let role = match o.get("role") {
+                None => return Err(cx.err(Some(&format!("{f}.role")), "missing")),
+                Some(Value::String(r)) => r.clone(),
+                Some(other) => {
+                    return Err(cx.err(
+                        Some(&format!("{f}.role")),
+                        format!("expected a string, found {}", type_name(other)),
+                    ))
+                }
+            };
+            if !KNOWN_ROLES.contains(&role.as_str()) {
+                return Err(cx.err(
+                    Some(&format!("{f}.role")),
+                    format!(
+                        "unknown role `{role}`; expected one of {}",
+                        KNOWN_ROLES.join(", ")
+                    ),
+                ));
+            }
+            let content = match o.get("content") {
+                None => return Err(cx.err(Some(&format!("{f}.content")), "missing")),
+                Some(Value::String(c)) => c.clone(),
+                Some(other) => {
+                    return Err(cx.err(
+                        Some(&format!("{f}.content")),
+                        format!("expected a string, found {}", type_name(other)),
+                    ))
+                }
+            };
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+/// Reads field `name` as a [`Text`]; `chat` forces the kind (`Some(true)`: messages).
+fn text_field(
+    o: &Map<String, Value>,
+    name: &str,
+    chat: Option<bool>,
+    cx: &Ctx,
+) -> std::result::Result<Text, DataError> {
+    let v = o.get(name).ok_or_else(|| cx.err(Some(name), "missing"))?;
+    match (v, chat) {
+        (Value::String(s), None | Some(false)) => {
+            if s.is_empty() {
+                Err(cx.err(Some(name), "is empty"))
+            } else {
+                Ok(Text::Plain(s.clone()))
+            }
+        }
+        (Value::Array(_), None | Some(true)) => Ok(Text::Chat(parse_messages(v, name, cx)?)),
+        (other, Some(true)) => Err(cx.err(
+            Some(name),
+            format!(
+                "expected a list of messages (the prompt is conversational), found {}",
+                type_name(other)
+            ),
+        )),
+        (other, Some(false)) => Err(cx.err(
+            Some(name),
+            format!(
+                "expected a string (the prompt is a string), found {}",
+                type_name(other)
+            ),
+        )),
+        (other, None) => Err(cx.err(
+            Some(name),
+            format!(
+                "expected a string or a list of messages, found {}",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+/// Parses one line of preference data. `file` and `line` locate errors.
+///
+/// # Errors
+/// A [`DataError`] naming the field: invalid JSON, not an object, a missing or empty field, a
+/// wrong type, mixed formats, an unknown role.
+pub fn parse_preference_line(
+    text: &str,
+    file: &Path,
+    line: usize,
+) -> std::result::Result<PreferenceExample, DataError> {
+    let cx = Ctx { file, line };
+    let o = parse_object(text, &cx)?;
+    let prompt = text_field(&o, "prompt", None, &cx)?;
+    let chat = Some(prompt.is_chat());
+    let chosen = text_field(&o, "chosen", chat, &cx)?;
+    let rejected = text_field(&o, "rejected", chat, &cx)?;
+    Ok(PreferenceExample {
+        prompt,
+        chosen,
+        rejected,
+    })
+}
+
+/// Parses one line of SFT data (`prompt`/`completion` or `messages`).
+///
+/// # Errors
+/// See [`parse_preference_line`].
+pub fn parse_sft_line(
+    text: &str,
+    file: &Path,
+    line: usize,
+) -> std::result::Result<SftExample, DataError> {
+    let cx = Ctx { file, line };
+    let o = parse_object(text, &cx)?;
+    if o.contains_key("messages") && !o.contains_key("prompt") {
+        return Ok(SftExample::Messages(parse_messages(
+            &o["messages"],
+            "messages",
+            &cx,
+        )?));
+    }
+    if !o.contains_key("prompt") {
+        return Err(cx.err(
+            Some("prompt"),
+            "missing (SFT data needs `prompt` and `completion`, or `messages`)",
+        ));
+    }
+    let prompt = text_field(&o, "prompt", None, &cx)?;
+    let completion = text_field(&o, "completion", Some(prompt.is_chat()), &cx)?;
+    Ok(SftExample::PromptCompletion { prompt, completion })
+}
+
+/// Parses one line of a prompt file (`prompt` string or messages, or `messages`).
+///
+/// # Errors
+/// See [`parse_preference_line`].
+pub fn parse_prompt_line(
+    text: &str,
+    file: &Path,
+    line: usize,
+) -> std::result::Result<PromptExample, DataError> {
+    let cx = Ctx { file, line };
+    let o = parse_object(text, &cx)?;
+    if o.contains_key("messages") && !o.contains_key("prompt") {
+        return Ok(PromptExample {
+            prompt: Text::Chat(parse_messages(&o["messages"], "messages", &cx)?),
+        });
+    }
+    Ok(PromptExample {
+        prompt: text_field(&o, "prompt", None, &cx)?,
+    })
+}
+
+/// Parses a preference line with a placeholder location: the fuzzing entry point.
+///
+/// # Errors
+/// See [`parse_preference_line`].
+pub fn parse_preference_str(text: &str) -> std::result::Result<PreferenceExample, DataError> {
+    parse_preference_line(text, Path::new("<input>"), 1)
+}
+
+/// Reads a JSONL file with `parse` applied to each non-blank line.
+///
+/// With `skip_invalid`, invalid records are collected in [`Loaded::errors`]; without it the
+/// first invalid record is the error.
+///
+/// # Errors
+/// I/O errors; the first data error unless `skip_invalid`.
+pub fn read_jsonl<T>(
+    path: &Path,
+    skip_invalid: bool,
+    parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
+) -> Result<Loaded<T>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut examples = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line_no = i + 1;
+        let text = match line {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let err = DataError {
+                    file: path.to_path_buf(),
+                    line: line_no,
+                    field: None,
+                    message: "not valid UTF-8".into(),
+                };
+                if skip_invalid {
+                    errors.push(err);
+                    continue;
+                }
+                return Err(err.into());
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        // A UTF-8 byte-order mark (some editors write one) is not part of the first record.
+        let text = if line_no == 1 {
+            text.trim_start_matches('\u{feff}')
+        } else {
+            text.as_str()
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        match parse(text, path, line_no) {
+            Ok(v) => examples.push(Located {
+                line: line_no,
+                value: v,
+            }),
+            Err(e) if skip_invalid => errors.push(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Loaded { examples, errors })
+}
+
+/// Writes data errors as JSONL (`file`, `line`, `field`, `message`), atomically.
+///
+/// # Errors
+/// I/O errors.
+pub fn write_error_report(path: &Path, errors: &[DataError]) -> Result<()> {
+    crate::checkpoint::write_atomic(path, |tmp| {
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?);
+        for e in errors {
+            let v = serde_json::json!({
+                "file": e.file.display().to_string(), "line": e.line, "field": e.field, "message": e.message,
+                "error": e.to_string(),
+            });
+            writeln!(f, "{v}").map_err(|e| Error::io(tmp, e))?;
+        }
+        f.flush().map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// The default report path for `data`: `<data>.errors.jsonl`.
+pub fn default_report_path(data: &Path) -> PathBuf {
+    let mut s = data.as_os_str().to_owned();
+    s.push(".errors.jsonl");
+    PathBuf::from(s)
+}

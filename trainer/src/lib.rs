@@ -1,0 +1,61 @@
+#![warn(missing_docs)]
+//! difinfo-trainer: Hugging Face checkpoints, TRL-exact tokenization and differentiable
+//! log-probabilities on candle — the foundation of the paper's real-data pipeline
+//! (MATH.md, Appendix J.2).
+//!
+//! Layers, bottom up:
+//! - [`config`]: config.json → [`config::ModelConfig`] (Llama, Mistral, Qwen2);
+//! - [`model`]: the decoder with trainable variables and a differentiable forward;
+//! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
+//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL parsing, TRL tokenization;
+//! - [`batch`]: right-padded batches and completion masks;
+//! - [`logps`]: summed completion log-probs of a preference dataset;
+//! - [`generate`]: KV-cache sampling;
+//! - [`init`]: random checkpoints with a trained BPE tokenizer.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod fuzzing;
+pub mod generate;
+pub mod init;
+pub mod logps;
+pub mod model;
+pub mod template;
+pub mod tokenize;
+
+pub use error::{DataError, Error, Result};
+
+/// Chooses the compute device: `cpu`, `cuda` or `cuda:N`.
+///
+/// # Errors
+/// Unknown names; CUDA requested in a build without the `cuda` feature or without a GPU.
+pub fn parse_device(s: &str) -> Result<candle_core::Device> {
+    match s {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        _ => {
+            let ord = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "unknown device `{s}`; expected cpu, cuda or cuda:N"
+                        ))
+                    })?,
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown device `{s}`; expected cpu, cuda or cuda:N"
+                    )))
+                }
+            };
+            if !cfg!(feature = "cuda") {
+                return Err(Error::InvalidArgument("this binary was built without the `cuda` feature; rebuild with `--features cuda`".into()));
+            }
+            Ok(candle_core::Device::new_cuda(ord)?)
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! `difinfo-train`: command-line front end of difinfo-trainer.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use clap::{Parser, Subcommand};
+use rand::SeedableRng;
+use serde_json::json;
+
+use difinfo_trainer::batch::{Batch, Sequence};
+use difinfo_trainer::checkpoint::{load_model, parse_dtype, write_atomic};
+use difinfo_trainer::config::Architecture;
+use difinfo_trainer::data::{default_report_path, write_error_report, Text};
+use difinfo_trainer::generate::{generate, SamplingParams};
+use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
+use difinfo_trainer::logps::preference_logps;
+use difinfo_trainer::tokenize::{
+    load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizeStats,
+    TokenizerBundle, TruncationMode,
+};
+use difinfo_trainer::{parse_device, Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "difinfo-train",
+    version,
+    about = "Hugging Face checkpoints, TRL-exact tokenization and log-probs on candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A length limit: a positive integer, or `none`.
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<usize>);
+
+/// Parses a [`Limit`].
+fn parse_limit(s: &str) -> std::result::Result<Limit, String> {
+    if s == "none" {
+        return Ok(Limit(None));
+    }
+    match s.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("expected a positive integer or `none`, got `{s}`")),
+        Ok(n) => Ok(Limit(Some(n))),
+    }
+}
+
+#[derive(clap::Args)]
+struct TokenizeArgs {
+    /// Longest prompt + completion in tokens (`none`: no limit); completions are cut to fit,
+    /// examples whose prompt alone fills it are dropped.
+    #[arg(long, default_value = "1024", value_parser = parse_limit)]
+    max_length: Limit,
+    /// Longest prompt in tokens (`none`: no limit).
+    #[arg(long, default_value = "none", value_parser = parse_limit)]
+    max_prompt_length: Limit,
+    /// Which end of an over-long prompt to keep.
+    #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
+    truncation_mode: TruncationMode,
+    /// Where a completion starts: the common token prefix of prompt and prompt+completion, or
+    /// the prompt's token count (TRL's literal slice).
+    #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
+    completion_boundary: CompletionBoundary,
+}
+
+impl TokenizeArgs {
+    fn options(&self) -> TokenizeOptions {
+        TokenizeOptions {
+            max_length: self.max_length.0,
+            max_prompt_length: self.max_prompt_length.0,
+            truncation_mode: self.truncation_mode,
+            boundary: self.completion_boundary,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// Parameter dtype: f32, bf16, f16 or f64 (bf16 on CPU computes matmuls through f32: slow).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a random-weight checkpoint (Llama by default) with a BPE tokenizer trained on a corpus.
+    Init {
+        /// Model size: tiny (~1M parameters) or small (~20M).
+        #[arg(long, value_enum, default_value_t = ModelSize::Tiny)]
+        size: ModelSize,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokenizer training corpus (text, one sequence per line) [default: built-in corpus].
+        #[arg(long)]
+        tokenizer_corpus: Option<PathBuf>,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Architecture (model_type) of the random model.
+        #[arg(long, value_enum, default_value_t = Architecture::Llama)]
+        arch: Architecture,
+    },
+    /// Write chosen/rejected completion log-probs of a preference dataset as JSONL.
+    Logps {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Preference data (JSONL: prompt, chosen, rejected; strings or message lists).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output JSONL (one object per kept example).
+        #[arg(long)]
+        out: PathBuf,
+        /// Preference pairs per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[command(flatten)]
+        tok: TokenizeArgs,
+        /// Skip invalid records (counted, and listed in the error report) instead of failing.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Error report for --skip-invalid [default: <data>.errors.jsonl].
+        #[arg(long)]
+        error_report: Option<PathBuf>,
+    },
+    /// Sample completions of prompts, with their summed log-probs under the model.
+    Sample {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompts (JSONL: `prompt` string or messages, or `messages`).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Samples per prompt.
+        #[arg(long, default_value_t = 4)]
+        n: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Nucleus (top-p) mass in (0, 1]; 1 disables it.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Most new tokens per sample.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Longest prompt in tokens, keeping its end (`none`: no limit).
+        #[arg(long, default_value = "none", value_parser = parse_limit)]
+        max_prompt_length: Limit,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output JSONL (one object per sample).
+        #[arg(long)]
+        out: PathBuf,
+        /// Skip invalid records instead of failing.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Error report for --skip-invalid [default: <prompts>.errors.jsonl].
+        #[arg(long)]
+        error_report: Option<PathBuf>,
+    },
+    /// Measure forward (and forward+backward) throughput in tokens/s.
+    BenchForward {
+        /// Checkpoint directory; without it a random model of --size is built in memory.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Model size when --model is absent.
+        #[arg(long, value_enum, default_value_t = ModelSize::Small)]
+        size: ModelSize,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Timed iterations.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Untimed warm-up iterations.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Parameter dtype.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
+    eprintln!(
+        "{}: {} records, {} kept, {} dropped (prompt fills max_length), {} prompts truncated, {} with completions truncated, {} invalid",
+        file.display(),
+        stats.total,
+        stats.kept,
+        stats.dropped_prompt_too_long,
+        stats.truncated_prompts,
+        stats.truncated_completions,
+        stats.invalid
+    );
+    if let (Some(r), true) = (report, stats.invalid > 0) {
+        eprintln!("invalid records listed in {}", r.display());
+    }
+    if stats.prefix_mismatches > 0 {
+        eprintln!(
+            "warning: in {} example(s) (first at {}:{}) the prompt's tokens are not a prefix of the prompt+completion tokens; \
+             the completion starts at their common prefix (see --completion-boundary)",
+            stats.prefix_mismatches,
+            file.display(),
+            stats.first_mismatch_line.unwrap_or(0)
+        );
+    }
+}
+
+fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
+    write_atomic(path, |tmp| {
+        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = std::io::BufWriter::new(f);
+        for r in rows {
+            writeln!(w, "{r}").map_err(|e| Error::io(tmp, e))?;
+        }
+        w.flush().map_err(|e| Error::io(tmp, e))
+    })
+}
+
+fn text_json(t: &Text) -> serde_json::Value {
+    match t {
+        Text::Plain(s) => json!(s),
+        Text::Chat(m) => json!(m),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init {
+            size,
+            out,
+            tokenizer_corpus,
+            seed,
+            arch,
+        } => {
+            let corpus = match &tokenizer_corpus {
+                Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                None => BUILTIN_CORPUS.to_string(),
+            };
+            let cfg = init_checkpoint(&out, arch_config(size, arch), &corpus, seed)?;
+            eprintln!(
+                "wrote {} ({} parameters, vocab {}, {} layers, hidden {})",
+                out.display(),
+                cfg.num_parameters(),
+                cfg.vocab_size,
+                cfg.num_hidden_layers,
+                cfg.hidden_size
+            );
+        }
+        Command::Logps {
+            model,
+            data,
+            out,
+            batch_size,
+            tok,
+            skip_invalid,
+            error_report,
+        } => {
+            if batch_size == 0 {
+                return Err(Error::InvalidArgument(
+                    "--batch-size must be positive".into(),
+                ));
+            }
+            let device = parse_device(&model.device)?;
+            let dtype = parse_dtype(&model.dtype)?;
+            let bundle = TokenizerBundle::load(&model.model)?;
+            let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
+            let report = error_report.unwrap_or_else(|| default_report_path(&data));
+            if skip_invalid && !ds.errors.is_empty() {
+                write_error_report(&report, &ds.errors)?;
+            }
+            report_stats(&data, &ds.stats, Some(&report));
+            let m = load_model(&model.model, dtype, &device)?;
+            let pairs: Vec<_> = ds.examples.iter().map(|e| e.value.clone()).collect();
+            let pb = progress(pairs.len() as u64, "logps");
+            let lps = preference_logps(&m, &pairs, batch_size, bundle.pad_id(), |done| {
+                pb.set_position(done as u64)
+            })?;
+            pb.finish_and_clear();
+            write_jsonl(
+                &out,
+                ds.examples.iter().zip(&lps).map(|(e, lp)| {
+                    json!({
+                        "line": e.line,
+                        "prompt_ids": e.value.prompt_ids,
+                        "chosen_ids": e.value.chosen_ids,
+                        "rejected_ids": e.value.rejected_ids,
+                        "chosen_logps": lp.chosen,
+                        "rejected_logps": lp.rejected,
+                    })
+                }),
+            )?;
+            eprintln!("wrote {} rows to {}", lps.len(), out.display());
+        }
+        Command::Sample {
+            model,
+            prompts,
+            n,
+            temperature,
+            top_p,
+            max_new_tokens,
+            max_prompt_length,
+            seed,
+            out,
+            skip_invalid,
+            error_report,
+        } => {
+            let device = parse_device(&model.device)?;
+            let dtype = parse_dtype(&model.dtype)?;
+            let bundle = TokenizerBundle::load(&model.model)?;
+            let ds = load_prompts(&bundle, &prompts, max_prompt_length.0, skip_invalid)?;
+            let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
+            if skip_invalid && !ds.errors.is_empty() {
+                write_error_report(&report, &ds.errors)?;
+            }
+            report_stats(&prompts, &ds.stats, Some(&report));
+            let m = load_model(&model.model, dtype, &device)?;
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                max_new_tokens,
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let pb = progress(ds.examples.len() as u64, "sample");
+            let mut rows = Vec::new();
+            for ex in &ds.examples {
+                let (p, ids) = &ex.value;
+                let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)?;
+                for (k, s) in samples.into_iter().enumerate() {
+                    rows.push(json!({
+                        "line": ex.line,
+                        "sample": k,
+                        "prompt": text_json(&p.prompt),
+                        "prompt_ids": ids,
+                        "completion": bundle.decode(&s.completion_ids, true)?,
+                        "completion_ids": s.completion_ids,
+                        "logp": s.logp,
+                        "finished": s.finished,
+                    }));
+                }
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let count = rows.len();
+            write_jsonl(&out, rows)?;
+            eprintln!("wrote {count} samples to {}", out.display());
+        }
+        Command::BenchForward {
+            model,
+            size,
+            batch,
+            seq,
+            iters,
+            warmup,
+            dtype,
+            device,
+        } => {
+            let device = parse_device(&device)?;
+            let dtype = parse_dtype(&dtype)?;
+            if batch == 0 || seq < 2 || iters == 0 {
+                return Err(Error::InvalidArgument(
+                    "need --batch ≥ 1, --seq ≥ 2, --iters ≥ 1".into(),
+                ));
+            }
+            let m = match &model {
+                Some(dir) => load_model(dir, dtype, &device)?,
+                None => {
+                    let cfg = size_config(size);
+                    let t = difinfo_trainer::init::random_tensors(&cfg, 0)?;
+                    difinfo_trainer::model::Model::from_tensors(
+                        cfg,
+                        t,
+                        Path::new("<random>"),
+                        dtype,
+                        &device,
+                    )?
+                }
+            };
+            let vocab = m.config().vocab_size as u32;
+            let seqs: Vec<Sequence> = (0..batch)
+                .map(|b| Sequence {
+                    ids: (0..seq)
+                        .map(|t| ((b * 7919 + t * 104_729) as u32) % vocab)
+                        .collect(),
+                    completion_start: 0,
+                })
+                .collect();
+            let bt = Batch::from_sequences(&seqs, 0, &device)?;
+            let fwd = || -> Result<Tensor> {
+                m.sequence_logps(&bt.input_ids, Some(&bt.attention_mask), &bt.loss_mask)
+            };
+            let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+                for _ in 0..warmup {
+                    f()?;
+                }
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    f()?;
+                }
+                Ok(t0.elapsed().as_secs_f64() / iters as f64)
+            };
+            let t_fwd = time(&|| {
+                let lp = fwd()?;
+                lp.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok(())
+            })?;
+            let t_bwd = time(&|| {
+                let lp = fwd()?;
+                let g = lp.sum_all()?.backward()?;
+                std::hint::black_box(g);
+                Ok(())
+            })?;
+            let tokens = (batch * seq) as f64;
+            println!("| model | params | dtype | device | batch × seq | forward tok/s | fwd+bwd tok/s | forward s/iter | fwd+bwd s/iter |");
+            println!("|---|---:|---|---|---|---:|---:|---:|---:|");
+            println!(
+                "| {} | {:.2}M | {:?} | {} | {} × {} | {:.0} | {:.0} | {:.3} | {:.3} |",
+                model
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| format!("random {size:?}").to_lowercase()),
+                m.num_parameters() as f64 / 1e6,
+                dtype,
+                if device.is_cpu() { "cpu" } else { "cuda" },
+                batch,
+                seq,
+                tokens / t_fwd,
+                tokens / t_bwd,
+                t_fwd,
+                t_bwd
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

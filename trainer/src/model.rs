@@ -1,0 +1,564 @@
+//! The decoder (Llama / Mistral / Qwen2) as a differentiable training model.
+//!
+//! Every parameter is a [`candle_core::Var`] held in a [`candle_nn::VarMap`] under its Hugging
+//! Face name. The forward pass is built only from ops that record a backward pass: matmul,
+//! an additive mask and [`candle_nn::ops::softmax`] for attention, a hand-written RMSNorm and a
+//! hand-written rotate-half RoPE from cos/sin tables. candle's fused `softmax_last_dim`,
+//! `rms_norm`, `RmsNorm::forward` and `rope` are never used: they record no gradient.
+//!
+//! Low-precision models (bf16/f16) compute RMSNorm, the attention softmax and the final
+//! log-softmax in f32, as transformers does; f32 and f64 models compute everything in their own
+//! dtype (f64 is what the finite-difference tests use).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Additive mask value for a forbidden attention entry (finite so that a fully masked row
+/// stays finite instead of becoming NaN).
+pub const MASK_VALUE: f64 = -1e9;
+
+/// A linear layer `y = x Wᵀ + b` with `W` of shape `[out, in]`.
+#[derive(Debug, Clone)]
+struct Lin {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Lin {
+    /// `x`: `[N, in]` → `[N, out]`, computed in `x`'s dtype (parameters are cast to it; a
+    /// no-op when the dtypes already agree).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let y = x.matmul(&self.w.to_dtype(dt)?.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(&b.to_dtype(dt)?)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln1: Tensor,
+    ln2: Tensor,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    gate: Lin,
+    up: Lin,
+    down: Lin,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The dtype used for normalization, softmax and log-softmax: f32 for half types.
+pub fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+/// RMSNorm, differentiable.
+///
+/// # Formula
+/// `y = w ⊙ x / sqrt(mean(x²) + ε)`, the mean over the last dimension, computed in the
+/// accumulation dtype and cast back before the multiplication by `w` (as transformers does).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xa = x.to_dtype(accumulation_dtype(dtype))?;
+    let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xa.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)?)
+}
+
+/// Rotate-half RoPE, differentiable.
+///
+/// # Formula
+/// `rope(x) = x ⊙ cos + rotate_half(x) ⊙ sin`, `rotate_half([x₁, x₂]) = [−x₂, x₁]` (halves of
+/// the head dimension); `cos`, `sin` are `[L, head_dim]` tables with the frequencies repeated
+/// twice, broadcast over batch and heads of `x: [B, H, L, head_dim]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// An additive causal mask `[1, 1, l, t]` for `l` queries at absolute positions
+/// `offset .. offset + l` over `t = offset + l` keys; with a window `w`, a query at `i` sees
+/// key `j` iff `j ≤ i` and `i − j < w`.
+pub fn causal_mask(
+    l: usize,
+    offset: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = offset + l;
+    let mut m = vec![0f32; l * t];
+    for i in 0..l {
+        let qi = offset + i;
+        for j in 0..t {
+            let allowed = j <= qi && window.is_none_or(|w| qi - j < w);
+            if !allowed {
+                m[i * t + j] = MASK_VALUE as f32;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, 1, l, t), device)?.to_dtype(dtype)?)
+}
+
+/// A decoder-only transformer with trainable parameters.
+#[derive(Clone)]
+pub struct Model {
+    config: ModelConfig,
+    varmap: VarMap,
+    dtype: DType,
+    compute_dtype: DType,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    extra: BTreeMap<String, Tensor>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Builds a model from named tensors (Hugging Face names), converting each to `dtype` and
+    /// `device` and making it a trainable variable.
+    ///
+    /// Tensors the config does not use are kept unchanged (not trainable) and written back by
+    /// [`crate::checkpoint::save_model`], so a saved checkpoint has the input's tensor names.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and `source`.
+    pub fn from_tensors(
+        config: ModelConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        source: &std::path::Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
+            return Err(Error::InvalidArgument(format!(
+                "unsupported model dtype {dtype:?}; use f32, bf16, f16 or f64"
+            )));
+        }
+        let varmap = VarMap::new();
+        let mut vars: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, shape) in config.tensor_shapes() {
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                file: source.to_path_buf(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    file: source.to_path_buf(),
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                });
+            }
+            let var = Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)?;
+            vars.insert(name.clone(), var.as_tensor().clone());
+            varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::InvalidArgument("poisoned VarMap lock".into()))?
+                .insert(name, var);
+        }
+        if config.tie_word_embeddings {
+            if let Some(t) = tensors.get("lm_head.weight") {
+                let want = [config.vocab_size, config.hidden_size];
+                if t.dims() != want {
+                    return Err(Error::ShapeMismatch {
+                        name: "lm_head.weight".into(),
+                        file: source.to_path_buf(),
+                        expected: want.to_vec(),
+                        found: t.dims().to_vec(),
+                    });
+                }
+            }
+        }
+        let get = |n: &str| -> Tensor { vars[n].clone() };
+        let opt = |n: &str| -> Option<Tensor> { vars.get(n).cloned() };
+        let lin = |p: &str| Lin {
+            w: get(&format!("{p}.weight")),
+            b: opt(&format!("{p}.bias")),
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Block {
+                    ln1: get(&format!("{p}.input_layernorm.weight")),
+                    ln2: get(&format!("{p}.post_attention_layernorm.weight")),
+                    q: lin(&format!("{p}.self_attn.q_proj")),
+                    k: lin(&format!("{p}.self_attn.k_proj")),
+                    v: lin(&format!("{p}.self_attn.v_proj")),
+                    o: lin(&format!("{p}.self_attn.o_proj")),
+                    gate: lin(&format!("{p}.mlp.gate_proj")),
+                    up: lin(&format!("{p}.mlp.up_proj")),
+                    down: lin(&format!("{p}.mlp.down_proj")),
+                }
+            })
+            .collect();
+        let embed = get("model.embed_tokens.weight");
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")
+        };
+        Ok(Model {
+            norm: get("model.norm.weight"),
+            embed,
+            lm_head,
+            layers,
+            varmap,
+            dtype,
+            compute_dtype: dtype,
+            device: device.clone(),
+            config,
+            extra: tensors,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The dtype of the forward pass (by default the parameter dtype).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// Sets the dtype of the forward pass, e.g. bf16 compute over f32 parameters (mixed
+    /// precision: each parameter is cast where it is used, and the cast's backward returns
+    /// gradients in the parameter dtype).
+    ///
+    /// # Errors
+    /// A dtype other than f32, f64, bf16, f16.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
+            return Err(Error::InvalidArgument(format!(
+                "unsupported compute dtype {dtype:?}"
+            )));
+        }
+        self.compute_dtype = dtype;
+        Ok(())
+    }
+
+    /// The device holding the parameters.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The variable store (Hugging Face names → trainable variables).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// All trainable variables, sorted by name (deterministic order for optimizers,
+    /// checkpoints and gradient norms).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("VarMap lock poisoned");
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Checkpoint tensors that the model does not use, kept to be written back unchanged.
+    pub fn extra_tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.extra
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// RoPE `cos`, `sin` tables `[l, head_dim]` for positions `offset .. offset + l`, in the
+    /// compute dtype.
+    ///
+    /// As in transformers, the inverse frequencies and the angles `position · inv_freq` are
+    /// float32 numbers (at position 4096 an f32 angle is off by up to ~2e-4 rad from the
+    /// exact one; matching transformers' rounding keeps long-context log-probs identical).
+    fn rope_tables(&self, offset: usize, l: usize) -> Result<(Tensor, Tensor)> {
+        let inv: Vec<f32> = self.config.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let d = self.config.head_dim;
+        let mut cos = Vec::with_capacity(l * d);
+        let mut sin = Vec::with_capacity(l * d);
+        for p in offset..offset + l {
+            for _half in 0..2 {
+                for &f in &inv {
+                    let a = f64::from(p as f32 * f);
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let mk = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (l, d), &self.device)?.to_dtype(self.compute_dtype)?)
+        };
+        Ok((mk(cos)?, mk(sin)?))
+    }
+
+    /// Runs the decoder on `ids: [B, l]` (u32) at positions `offset ..`, with an additive mask
+    /// broadcastable to `[B, 1, l, t]`, returning the final-norm hidden states `[B, l, H]`.
+    fn decode(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let cd = self.compute_dtype;
+        let acc = accumulation_dtype(cd);
+        let (cos, sin) = self.rope_tables(offset, l)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.is_empty() {
+                c.layers = vec![None; cfg.num_hidden_layers];
+            }
+            if c.len != offset {
+                return Err(Error::InvalidArgument(format!(
+                    "KV cache holds {} positions, decode called at offset {offset}",
+                    c.len
+                )));
+            }
+        }
+        let mut x = self
+            .embed
+            .to_dtype(cd)?
+            .index_select(&ids.flatten_all()?, 0)?; // [B*l, H]
+        for (li, blk) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &blk.ln1, cfg.rms_norm_eps)?;
+            let q = blk
+                .q
+                .forward(&h)?
+                .reshape((b, l, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = blk
+                .k
+                .forward(&h)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = blk
+                .v
+                .forward(&h)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let mut k = apply_rope(&k, &cos, &sin)?;
+            let mut v = v;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &c.layers[li] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                c.layers[li] = Some((k.clone(), v.clone()));
+            }
+            let t = k.dim(2)?;
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let expand = |z: &Tensor| -> Result<Tensor> {
+                    Ok(z.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, t, hd))?
+                        .reshape((b, nh, t, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc)?; // [B, nh, l, t]
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?;
+            let att = p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?;
+            x = (x + blk.o.forward(&att)?)?;
+            let h = rms_norm(&x, &blk.ln2, cfg.rms_norm_eps)?;
+            let m = (blk.gate.forward(&h)?.silu()? * blk.up.forward(&h)?)?;
+            x = (x + blk.down.forward(&m)?)?;
+        }
+        if let Some(c) = cache {
+            c.len += l;
+        }
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        Ok(x.reshape((b, l, cfg.hidden_size))?)
+    }
+
+    fn training_mask(&self, b: usize, l: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let acc = accumulation_dtype(self.compute_dtype);
+        let causal = causal_mask(l, 0, self.config.sliding_window, acc, &self.device)?;
+        Ok(match attention_mask {
+            None => causal,
+            Some(am) => {
+                if am.dims() != [b, l] {
+                    return Err(Error::InvalidArgument(format!(
+                        "attention mask has shape {:?}, ids have [{b}, {l}]",
+                        am.dims()
+                    )));
+                }
+                // 0 where attended, MASK_VALUE where padding: (1 − m)·MASK_VALUE.
+                let keys =
+                    ((am.to_dtype(acc)?.affine(-1.0, 1.0)?) * MASK_VALUE)?.reshape((b, 1, 1, l))?;
+                causal.broadcast_add(&keys)?
+            }
+        })
+    }
+
+    /// Logits `[B, L, V]` (accumulation dtype) for `ids: [B, L]` with an optional `[B, L]` 0/1
+    /// attention mask (padding keys masked out; a causal mask is always applied).
+    ///
+    /// # Errors
+    /// Shape mismatches between `ids` and the mask; tensor errors.
+    pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let mask = self.training_mask(b, l, attention_mask)?;
+        let h = self.decode(ids, 0, Some(&mask), None)?;
+        self.head(&h)
+    }
+
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, l, hs) = h.dims3()?;
+        let cd = self.compute_dtype;
+        let logits = h
+            .reshape((b * l, hs))?
+            .matmul(&self.lm_head.to_dtype(cd)?.t()?)?;
+        Ok(logits
+            .to_dtype(accumulation_dtype(cd))?
+            .reshape((b, l, self.config.vocab_size))?)
+    }
+
+    /// Per-token log-probabilities of the next token: entry `[b, t]` is
+    /// `log π(ids[b, t+1] | ids[b, ..=t])`, shape `[B, L−1]`, differentiable.
+    ///
+    /// # Formula
+    /// `log π(y_{t+1} | y_{≤t}) = z_{t, y_{t+1}} − log Σ_v exp z_{t, v}` with `z` the logits.
+    ///
+    /// # Errors
+    /// `L < 2`; see [`Model::logits`].
+    pub fn token_logps(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        if l < 2 {
+            return Err(Error::InvalidArgument(
+                "token_logps needs sequences of length ≥ 2".into(),
+            ));
+        }
+        let mask = self.training_mask(b, l, attention_mask)?;
+        let h = self
+            .decode(ids, 0, Some(&mask), None)?
+            .narrow(1, 0, l - 1)?
+            .contiguous()?;
+        let logits = self.head(&h)?; // [B, L−1, V]
+        let targets = ids.narrow(1, 1, l - 1)?.contiguous()?.unsqueeze(2)?;
+        let picked = logits.gather(&targets, 2)?.squeeze(2)?;
+        // log-sum-exp with a detached max: exact for any shift, so the gradient is unaffected.
+        let m = logits.max_keepdim(D::Minus1)?.detach();
+        let lse = (logits
+            .broadcast_sub(&m)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + m)?
+            .squeeze(2)?;
+        Ok((picked - lse)?)
+    }
+
+    /// Summed completion log-probabilities `[B]`: `Σ_t loss_mask[b, t] · token_logps[b, t]`.
+    ///
+    /// `loss_mask: [B, L−1]` selects the target positions (see [`crate::batch::Batch`]).
+    ///
+    /// # Errors
+    /// See [`Model::token_logps`].
+    pub fn sequence_logps(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let lp = self.token_logps(ids, attention_mask)?;
+        Ok((lp * loss_mask.to_dtype(accumulation_dtype(self.compute_dtype))?)?.sum(1)?)
+    }
+
+    /// Incremental decoding: runs `ids: [B, l]` at positions `cache.len() ..`, extends the
+    /// cache and returns the logits `[B, l, V]` (accumulation dtype).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward_with_cache(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, l) = ids.dims2()?;
+        let offset = cache.len();
+        let needs_mask = l > 1 || self.config.sliding_window.is_some_and(|w| offset + 1 > w);
+        let mask = if needs_mask {
+            Some(causal_mask(
+                l,
+                offset,
+                self.config.sliding_window,
+                accumulation_dtype(self.compute_dtype),
+                &self.device,
+            )?)
+        } else {
+            None
+        };
+        let h = self.decode(ids, offset, mask.as_ref(), Some(cache))?;
+        self.head(&h)
+    }
+}
