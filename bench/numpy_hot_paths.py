@@ -77,7 +77,7 @@ def main():
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
     )
     print("median of 5 runs, single thread, float64")
-    print("(elements/s from wall time; in brackets from thread CPU time)")
+    print("(elements/s from wall time; last column from thread CPU time)")
     print(f"{'path':<16} {'N':>6} {'median wall':>12} {'elements/s':>14} {'(CPU time)':>16}")
     rng = np.random.default_rng(1)
     for n in sizes:

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::fit::{ols, ols_through_origin, LinearFit};
 use crate::logspace::sigmoid;
 use crate::policy::{ExactPolicy, Policy};
+use crate::prec::MARGIN_TIE_ULPS;
 use crate::Rational;
 
 /// A positive rational exponent `β = num/den`.
@@ -102,7 +103,8 @@ pub struct OrderingReport {
     pub pairs: Vec<PairMargins>,
     /// Theorem 3.5 (1): on every pair, `Δ1` saturates iff `Δ2` does.
     pub ordering_holds: bool,
-    /// `sign Δ1 = sign Δ2` on every pair.
+    /// `sign Δ1 = sign Δ2` on every pair, a margin within [`MARGIN_TIE_ULPS`] ulp of the
+    /// log-probabilities' magnitude counting as 0 (so exact ties are not split by rounding).
     pub signs_agree: bool,
 }
 
@@ -136,11 +138,19 @@ pub fn log_margin_ordering(
         ));
     }
     let mut out = Vec::with_capacity(pairs.len());
+    let mut signs_agree = true;
     for &(y_w, y_l) in pairs {
         let m_star = log_margin(pi_star, y_w, y_l)?;
         let m_ref = log_margin(pi_ref, y_w, y_l)?;
         let m_l = log_margin(pi_l, y_w, y_l)?;
         let (delta1, delta2) = (m_star - m_ref, m_ref - m_l);
+        // The rounding of each Δ is bounded by a few ulp of the log-probabilities it combines.
+        let scale = [pi_star, pi_ref, pi_l]
+            .iter()
+            .flat_map(|p| [p.log_probs()[y_w].abs(), p.log_probs()[y_l].abs()])
+            .fold(1.0, f64::max);
+        let tie = MARGIN_TIE_ULPS * f64::EPSILON * scale;
+        signs_agree &= sign_with_ties(delta1, tie) == sign_with_ties(delta2, tie);
         out.push(PairMargins {
             y_w,
             y_l,
@@ -151,12 +161,22 @@ pub fn log_margin_ordering(
         });
     }
     let ordering_holds = out.iter().all(|p| p.saturated1 == p.saturated2);
-    let signs_agree = out.iter().all(|p| p.delta1.signum() == p.delta2.signum());
     Ok(OrderingReport {
         pairs: out,
         ordering_holds,
         signs_agree,
     })
+}
+
+/// The sign of a float margin, with `|Δ| ≤ tie` counted as an exact tie.
+fn sign_with_ties(delta: f64, tie: f64) -> Ordering {
+    if delta.abs() <= tie {
+        Ordering::Equal
+    } else if delta > 0.0 {
+        Ordering::Greater
+    } else {
+        Ordering::Less
+    }
 }
 
 /// Fit of the common exponent `Δ2 ≈ β Δ1` through the origin over the pairs of a report.
@@ -203,4 +223,24 @@ pub fn pair_power_law_exact(
         (pi_star.prob(y_w)? / pi_ref.prob(y_w)?) / (pi_star.prob(y_l)? / pi_ref.prob(y_l)?);
     let ratio2 = (pi_ref.prob(y_w)? / pi_l.prob(y_w)?) / (pi_ref.prob(y_l)? / pi_l.prob(y_l)?);
     Ok(Pow::pow(&ratio2, beta.den) == Pow::pow(&ratio1, beta.num))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shifted logits give the same policy: every margin difference is an exact tie, which
+    /// rounding must not split into opposite signs.
+    #[test]
+    fn exact_ties_agree() {
+        let f = [0.1, 0.2, 0.3, -1.7];
+        let shift = |c: f64| Policy::from_logits(&f.map(|x| x + c)).unwrap();
+        let (s, r, l) = (shift(0.7), shift(0.0), shift(-3.3));
+        let pairs = [(0, 1), (1, 2), (2, 3), (3, 0)];
+        let report = log_margin_ordering(&s, &r, &l, &pairs, 1.0, 0.01).unwrap();
+        assert!(report.signs_agree);
+        let other = Policy::from_logits(&[0.3, 0.1, 0.2, 0.0]).unwrap();
+        let report = log_margin_ordering(&s, &r, &other, &pairs, 1.0, 0.01).unwrap();
+        assert!(!report.signs_agree, "Δ1 = 0 against Δ2 ≠ 0 is a disagreement");
+    }
 }

@@ -204,7 +204,10 @@ mod tests {
         for (i, &c) in counts.iter().enumerate() {
             let p = log_softmax_at(&logits, i).exp();
             let se = (p * (1.0 - p) / n as f64).sqrt();
-            assert!((c as f64 / n as f64 - p).abs() < 4.0 * se, "token {i}: {c} draws, p = {p}");
+            assert!(
+                (c as f64 / n as f64 - p).abs() < 4.0 * se,
+                "token {i}: {c} draws, p = {p}"
+            );
         }
         // top-p = 0.8 keeps tokens 1 and 3 (mass 0.61 + 0.22 ≥ 0.8) only.
         for _ in 0..1000 {

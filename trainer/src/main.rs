@@ -129,7 +129,7 @@ enum Command {
         /// Skip invalid records (counted, and listed in the error report) instead of failing.
         #[arg(long)]
         skip_invalid: bool,
-        /// Error report for --skip-invalid [default: <data>.errors.jsonl].
+        /// Error report for --skip-invalid [default: DATA.errors.jsonl].
         #[arg(long)]
         error_report: Option<PathBuf>,
     },
@@ -164,7 +164,7 @@ enum Command {
         /// Skip invalid records instead of failing.
         #[arg(long)]
         skip_invalid: bool,
-        /// Error report for --skip-invalid [default: <prompts>.errors.jsonl].
+        /// Error report for --skip-invalid [default: PROMPTS.errors.jsonl].
         #[arg(long)]
         error_report: Option<PathBuf>,
     },

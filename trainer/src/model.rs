@@ -168,7 +168,7 @@ impl Model {
     /// `device` and making it a trainable variable.
     ///
     /// Tensors the config does not use are kept unchanged (not trainable) and written back by
-    /// [`crate::checkpoint::save_model`], so a saved checkpoint has the input's tensor names.
+    /// [`crate::checkpoint::save_pretrained`], so a saved checkpoint has the input's tensor names.
     ///
     /// # Errors
     /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and `source`.
@@ -329,7 +329,12 @@ impl Model {
     /// float32 numbers (at position 4096 an f32 angle is off by up to ~2e-4 rad from the
     /// exact one; matching transformers' rounding keeps long-context log-probs identical).
     fn rope_tables(&self, offset: usize, l: usize) -> Result<(Tensor, Tensor)> {
-        let inv: Vec<f32> = self.config.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let inv: Vec<f32> = self
+            .config
+            .rope_inv_freq()
+            .iter()
+            .map(|&f| f as f32)
+            .collect();
         let d = self.config.head_dim;
         let mut cos = Vec::with_capacity(l * d);
         let mut sin = Vec::with_capacity(l * d);

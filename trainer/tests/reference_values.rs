@@ -46,8 +46,14 @@ fn closed_form_model(cfg: ModelConfig) -> Model {
     let mut t = BTreeMap::new();
     for (k, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
         let n: usize = shape.iter().product();
-        let base = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
-        let v: Vec<f64> = (0..n).map(|i| base + 0.5 * (1.7 * i as f64 + 0.37 * k as f64).sin()).collect();
+        let base = if name.ends_with("norm.weight") {
+            1.0
+        } else {
+            0.0
+        };
+        let v: Vec<f64> = (0..n)
+            .map(|i| base + 0.5 * (1.7 * i as f64 + 0.37 * k as f64).sin())
+            .collect();
         t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
     }
     Model::from_tensors(cfg, t, Path::new("<closed form>"), DType::F64, &Device::Cpu).unwrap()
@@ -56,15 +62,33 @@ fn closed_form_model(cfg: ModelConfig) -> Model {
 fn check(config: &str, expected: &[(&[u32], &[f64])]) {
     let m = closed_form_model(parse_config(config).unwrap());
     for (ids, want) in expected {
-        let t = Tensor::new(*ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let got: Vec<f64> = m.token_logps(&t, None).unwrap().i(0).unwrap().to_vec1().unwrap();
+        let t = Tensor::new(*ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got: Vec<f64> = m
+            .token_logps(&t, None)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
-            assert!((g - w).abs() < TOL, "{ids:?} position {i}: {g} vs numpy {w}");
+            assert!(
+                (g - w).abs() < TOL,
+                "{ids:?} position {i}: {g} vs numpy {w}"
+            );
         }
     }
     // The same numbers through a padded batch with completion masks.
-    let seqs: Vec<Sequence> = expected.iter().map(|(ids, _)| Sequence { ids: ids.to_vec(), completion_start: 1 }).collect();
+    let seqs: Vec<Sequence> = expected
+        .iter()
+        .map(|(ids, _)| Sequence {
+            ids: ids.to_vec(),
+            completion_start: 1,
+        })
+        .collect();
     let sums = sequence_logps(&m, &seqs, 0).unwrap();
     for (s, (_, want)) in sums.iter().zip(expected) {
         let w: f64 = want.iter().sum();
@@ -79,7 +103,15 @@ fn llama_gqa_llama3_rope_matches_numpy_reference() {
         &[
             (
                 &[1, 5, 9, 2, 14, 3, 3, 7],
-                &[-3.3057023914787793, -2.490288683155102, -2.5592355148644694, -2.3934381403422686, -3.2276159039760133, -3.4356682110930628, -2.35902680228247],
+                &[
+                    -3.3057023914787793,
+                    -2.490288683155102,
+                    -2.5592355148644694,
+                    -2.3934381403422686,
+                    -3.2276159039760133,
+                    -3.4356682110930628,
+                    -2.35902680228247,
+                ],
             ),
             (&[0, 15, 4], &[-2.8521156924458366, -2.946994279280632]),
         ],
@@ -93,7 +125,15 @@ fn qwen2_bias_tied_matches_numpy_reference() {
         &[
             (
                 &[1, 5, 9, 2, 14, 3, 3, 7],
-                &[-3.0586522795364988, -2.730458587135797, -2.163770939017554, -2.614373855963338, -2.7893301304693203, -2.5944763488781937, -2.8548131822963465],
+                &[
+                    -3.0586522795364988,
+                    -2.730458587135797,
+                    -2.163770939017554,
+                    -2.614373855963338,
+                    -2.7893301304693203,
+                    -2.5944763488781937,
+                    -2.8548131822963465,
+                ],
             ),
             (&[0, 15, 4], &[-2.3178235152149536, -3.0036805672109397]),
         ],
