@@ -11,7 +11,9 @@
 //! - [`batch`]: right-padded batches and completion masks;
 //! - [`logps`]: summed completion log-probs of a preference dataset;
 //! - [`generate`]: KV-cache sampling;
-//! - [`init`]: random checkpoints with a trained BPE tokenizer.
+//! - [`init`]: random checkpoints with a trained BPE tokenizer;
+//! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
+//!   and exact resume, and the `sft`, `dpo`, `plot`, `bench` commands.
 
 pub mod batch;
 pub mod checkpoint;
@@ -25,6 +27,7 @@ pub mod logps;
 pub mod model;
 pub mod template;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{DataError, Error, Result};
 

@@ -195,6 +195,14 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Supervised fine-tuning (TRL SFTTrainer options): NLL of completions or of whole sequences.
+    Sft(difinfo_trainer::train::cli::SftArgs),
+    /// Preference optimization (TRL DPOTrainer options): DPO (sigmoid, hinge, ipo), reference-free, DPO-PG.
+    Dpo(difinfo_trainer::train::cli::DpoArgs),
+    /// Draw a run's metrics.jsonl (loss, rewards, log-probs, grad norm, learning rate) into a PNG.
+    Plot(difinfo_trainer::train::plot::PlotArgs),
+    /// Tokens/s and peak memory of full training steps (DPO, DPO-PG), as a table.
+    Bench(difinfo_trainer::train::bench::BenchArgs),
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -254,8 +262,14 @@ fn text_json(t: &Text) -> serde_json::Value {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
     match cli.command {
+        Command::Sft(a) => difinfo_trainer::train::cli::run_sft(&a, sub).map_err(train_error)?,
+        Command::Dpo(a) => difinfo_trainer::train::cli::run_dpo(&a, sub).map_err(train_error)?,
+        Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
+        Command::Bench(a) => {
+            difinfo_trainer::train::bench::run_bench(&a).map_err(train_error)?;
+        }
         Command::Init {
             size,
             out,
@@ -464,9 +478,22 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The training commands' errors, as the binary's.
+fn train_error(e: difinfo_trainer::train::cli::CliError) -> Error {
+    Error::InvalidArgument(e.to_string())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
+    match run(cli, &sub) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

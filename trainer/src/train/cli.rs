@@ -1,0 +1,1064 @@
+//! `difinfo-train sft` and `difinfo-train dpo`: TRL-style options (TRL's config field names with
+//! dashes), a TOML config file under them (the command line wins), TRL-exact tokenization of
+//! the data, the training loop with a progress bar, and a summary.
+//!
+//! Option resolution, lowest to highest: the command's defaults (TRL's `DPOConfig` /
+//! `SFTConfig`), the `--config` file (or, with `--resume`, the run's saved
+//! `train_config.toml`), the options given on the command line. The resolved options are saved
+//! in the run directory as `train_config.toml` / `.json`; the model, data and tokenization
+//! settings as `run_args.json`, so `--resume RUN_DIR` needs nothing else.
+//!
+//! Objective selection (TRL has one trainer per objective; this is TRL's `DPOConfig` plus one
+//! flag): `dpo` trains DPO with `--loss-type sigmoid|hinge|ipo`; `--reference-free` (TRL's
+//! field) uses the reward `β log π` (the DID estimator of Appendix K); `--projected-gradient`
+//! trains DPO-PG (Appendix H). In a TOML file the same choice is `objective = "dpo" |
+//! "ref-free" | "dpo-pg"`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{load_model, parse_dtype};
+use crate::data::{default_report_path, write_error_report};
+use crate::tokenize::{
+    load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizeStats,
+    TokenizerBundle, TruncationMode,
+};
+use crate::train::adapter::TrainModel;
+use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
+use crate::train::config::{merge_onto, write_file, CONFIG_TOML};
+use crate::train::{
+    Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig, TrainError, Trainer,
+};
+
+/// What the training commands can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// From the training core (config, checkpoints, non-finite values, I/O).
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// From the model, tokenizer and data layer.
+    #[error(transparent)]
+    Trainer(#[from] crate::Error),
+    /// A bad combination of command-line options.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result of the training commands.
+pub type CliResult<T> = std::result::Result<T, CliError>;
+
+fn usage<T>(m: impl Into<String>) -> CliResult<T> {
+    Err(CliError::Usage(m.into()))
+}
+
+/// Model, data and run options of `sft` and `dpo` (not training hyper-parameters).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Hugging Face checkpoint directory to train (config.json, safetensors, tokenizer files)
+    /// [default: with --resume, the run's]
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Training data, JSONL in TRL's standard or conversational format [default: with
+    /// --resume, the run's]
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub data: Option<PathBuf>,
+    /// TOML file of training options named as TRL's config fields (`beta = 0.1`,
+    /// `learning_rate = 1e-6`, ...); options given on the command line win [default: none;
+    /// with --resume, the run's train_config.toml]
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Continue a run from RUN_DIR's latest checkpoint or from a checkpoint-N directory; the
+    /// run's saved options, model and data are reused, options given here override them
+    /// (e.g. a larger --max-steps) [default: none, a fresh run]
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Parameter dtype: f32 or bf16 (optimizer state is f32 either way; bf16 on CPU is slow)
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Mixed precision (HF's bf16): f32 parameters and optimizer state, forward and backward
+    /// computed in bf16 (the paper's setting on GPUs; slow on CPU)
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub bf16: bool,
+    /// Which end of an over-long prompt to keep
+    #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
+    pub truncation_mode: TruncationMode,
+    /// Where a completion starts: the common token prefix of prompt and prompt + completion,
+    /// or the prompt's token count (TRL's literal slice)
+    #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
+    pub completion_boundary: CompletionBoundary,
+    /// Skip invalid records (counted, and listed in the error report) instead of failing
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub skip_invalid: bool,
+    /// Error report for --skip-invalid [default: <data>.errors.jsonl]
+    #[arg(long, value_name = "FILE")]
+    pub error_report: Option<PathBuf>,
+}
+
+/// Optimization options common to `sft` and `dpo` (HF `TrainingArguments` fields).
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct HyperArgs {
+    /// Optimizer: sgd, rmsprop (the paper's) or adamw (HF's adamw_torch)
+    #[arg(long, default_value = "adamw", value_parser = ["sgd", "rmsprop", "adamw", "adamw_torch"])]
+    pub optim: String,
+    /// Weight decay (decoupled for adamw, L2 for sgd and rmsprop, as in PyTorch)
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// AdamW β₁
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW β₂
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW ε
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// Learning-rate schedule (HF semantics: `constant` ignores the warm-up; the paper's
+    /// "constant with linear warm-up" is constant_with_warmup)
+    #[arg(long, default_value = "linear", value_parser = ["constant", "constant_with_warmup", "linear", "cosine"])]
+    pub lr_scheduler_type: String,
+    /// Linear warm-up steps (0: use --warmup-ratio)
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Warm-up as a fraction of the total steps, when --warmup-steps is 0
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    /// Clip the global gradient norm to this (the projected gradient's for DPO-PG); 0
+    /// disables
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Examples (pairs for dpo) per micro-batch
+    #[arg(long, default_value_t = 8)]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step (effective batch = this × batch size)
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Epochs (when --max-steps ≤ 0)
+    #[arg(long, default_value_t = 3.0)]
+    pub num_train_epochs: f64,
+    /// Total optimizer steps; overrides --num-train-epochs when positive
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub max_steps: i64,
+    /// Append metrics (metrics.jsonl, metrics.csv) every N steps, and at the last
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: usize,
+    /// Checkpoint every N steps (0: never); also at each epoch end and at the last step
+    #[arg(long, default_value_t = 500)]
+    pub save_steps: usize,
+    /// Seed of the data order
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Longest prompt + completion in tokens (0: no limit); completions are cut to fit,
+    /// examples whose prompt alone fills it are dropped
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// Delete the checkpoints of an earlier run in --output-dir instead of refusing to start
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub overwrite_output_dir: bool,
+}
+
+/// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options).
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    #[serde(skip)]
+    #[allow(missing_docs)]
+    pub run: RunArgs,
+    /// Run directory: checkpoints, metrics, resolved config
+    #[arg(long, default_value = "runs/dpo")]
+    pub output_dir: PathBuf,
+    /// Loss on the margin d = β h: sigmoid (DPO), hinge (SLiC), ipo (TRL's length-normalized IPO)
+    #[arg(long, default_value = "sigmoid", value_parser = ["sigmoid", "hinge", "ipo"])]
+    pub loss_type: String,
+    /// β
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// Reward β log π without a reference (TRL's reference_free; the DID estimator)
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub reference_free: bool,
+    /// DPO-PG (Appendix H): step along the chosen NLL's gradient projected off the rejected
+    /// NLL's (the loss is still logged); the summary reports how often the projection was active
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    #[serde(skip)]
+    pub projected_gradient: bool,
+    /// Peak learning rate (TRL's DPOConfig default)
+    #[arg(long, default_value_t = 1e-6)]
+    pub learning_rate: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub hyper: HyperArgs,
+    /// Longest prompt in tokens (0: no limit)
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_length: usize,
+    /// TRL's field: reference log-probs are always computed once before training and cached
+    /// on disk, so false behaves as true (with a warning)
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub precompute_ref_log_probs: bool,
+    /// Directory of the reference log-prob cache [default: the output dir]
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ref_cache_dir: Option<PathBuf>,
+    /// Pairs per forward pass of the reference pass [default: --per-device-train-batch-size]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ref_batch_size: Option<usize>,
+}
+
+/// `difinfo-train sft`: supervised fine-tuning (TRL's `SFTTrainer` options).
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct SftArgs {
+    #[command(flatten)]
+    #[serde(skip)]
+    #[allow(missing_docs)]
+    pub run: RunArgs,
+    /// Run directory: checkpoints, metrics, resolved config
+    #[arg(long, default_value = "runs/sft")]
+    pub output_dir: PathBuf,
+    /// Peak learning rate (TRL's SFTConfig default)
+    #[arg(long, default_value_t = 2e-5)]
+    pub learning_rate: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub hyper: HyperArgs,
+    /// Longest prompt in tokens (0: no limit)
+    #[arg(long, default_value_t = 0)]
+    pub max_prompt_length: usize,
+    /// Loss on completion tokens only (TRL); `false` trains on the whole sequence, prompt and
+    /// template tokens included (the paper's SFT, Appendix J.2)
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub completion_only_loss: bool,
+}
+
+/// The defaults of `dpo` (TRL's `DPOConfig`).
+pub fn dpo_defaults() -> TrainConfig {
+    TrainConfig {
+        objective: Objective::Dpo,
+        output_dir: PathBuf::from("runs/dpo"),
+        ..TrainConfig::default()
+    }
+}
+
+/// The defaults of `sft` (TRL's `SFTConfig`).
+pub fn sft_defaults() -> TrainConfig {
+    TrainConfig {
+        objective: Objective::Sft,
+        output_dir: PathBuf::from("runs/sft"),
+        learning_rate: 2e-5,
+        max_prompt_length: 0,
+        ..TrainConfig::default()
+    }
+}
+
+/// What a run needs besides its [`TrainConfig`], saved as `run_args.json` for `--resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `sft` or `dpo`.
+    pub command: String,
+    /// The model trained (its initial checkpoint; also the reference).
+    pub model: PathBuf,
+    /// The data file.
+    pub data: PathBuf,
+    /// Parameter dtype.
+    pub dtype: String,
+    /// Device.
+    pub device: String,
+    /// bf16 compute over f32 parameters.
+    #[serde(default)]
+    pub bf16: bool,
+    /// Prompt truncation.
+    pub truncation_mode: TruncationMode,
+    /// Completion boundary.
+    pub completion_boundary: CompletionBoundary,
+    /// Whether invalid records were skipped.
+    pub skip_invalid: bool,
+    /// Where skipped records are listed [default: `<data>.errors.jsonl`].
+    #[serde(default)]
+    pub error_report: Option<PathBuf>,
+}
+
+/// File name of the [`RunRecord`].
+pub const RUN_RECORD: &str = "run_args.json";
+/// File name of the end-of-run summary.
+pub const SUMMARY_FILE: &str = "train_summary.json";
+
+/// The options given on the command line (not defaulted), as a TOML table keyed by
+/// `TrainConfig` field names.
+fn command_line_table<C: Serialize>(args: &C, m: &ArgMatches) -> CliResult<toml::Table> {
+    let all = toml::Table::try_from(args).map_err(|e| CliError::Usage(format!("options: {e}")))?;
+    Ok(all
+        .into_iter()
+        .filter(|(k, _)| m.value_source(k) == Some(ValueSource::CommandLine))
+        .collect())
+}
+
+fn from_command_line(m: &ArgMatches, id: &str) -> bool {
+    m.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+/// `(run dir, checkpoint)` of a `--resume` argument: a checkpoint directory (it has a
+/// trainer state) or a run directory (its latest checkpoint).
+pub fn locate_resume(p: &Path) -> CliResult<(PathBuf, PathBuf)> {
+    if p.join(STATE_FILE).exists() {
+        let run = p
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        return Ok((run, p.to_path_buf()));
+    }
+    match latest_checkpoint(p)? {
+        Some(c) => Ok((p.to_path_buf(), c)),
+        None => usage(format!(
+            "--resume {}: no checkpoint-N directory there",
+            p.display()
+        )),
+    }
+}
+
+/// A resolved training command.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The options.
+    pub config: TrainConfig,
+    /// Model, data, tokenization.
+    pub record: RunRecord,
+    /// The checkpoint to resume from.
+    pub resume: Option<PathBuf>,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+fn resolve_common(
+    command: &str,
+    base: &TrainConfig,
+    run: &RunArgs,
+    m: &ArgMatches,
+    mut table: toml::Table,
+) -> CliResult<Resolved> {
+    let (resume, saved) = match &run.resume {
+        Some(p) => {
+            let (dir, ckpt) = locate_resume(p)?;
+            let rec_path = dir.join(RUN_RECORD);
+            let rec: Option<RunRecord> = match std::fs::read_to_string(&rec_path) {
+                Ok(t) => {
+                    Some(serde_json::from_str(&t).map_err(|e| TrainError::format(&rec_path, e))?)
+                }
+                Err(_) => None,
+            };
+            if !from_command_line(m, "output_dir") {
+                table.insert(
+                    "output_dir".into(),
+                    toml::Value::String(dir.display().to_string()),
+                );
+            }
+            (Some((dir, ckpt)), rec)
+        }
+        None => (None, None),
+    };
+    if let Some(rec) = &saved {
+        if rec.command != command {
+            return usage(format!(
+                "--resume: that run was made by `{}`, not `{command}`",
+                rec.command
+            ));
+        }
+    }
+    let config_file = match (&run.config, &resume) {
+        (Some(f), _) => Some(f.clone()),
+        (None, Some((dir, _))) => Some(dir.join(CONFIG_TOML)).filter(|p| p.exists()),
+        (None, None) => None,
+    };
+    let config = merge_onto(base, config_file.as_deref(), &table)?;
+    let pick =
+        |given: &Option<PathBuf>, saved: Option<&PathBuf>, what: &str| -> CliResult<PathBuf> {
+            match (given, saved) {
+                (Some(p), _) => Ok(p.clone()),
+                (None, Some(p)) => Ok(p.clone()),
+                (None, None) => usage(format!(
+                    "--{what} is required (or --resume a run that recorded it)"
+                )),
+            }
+        };
+    let model = pick(&run.model, saved.as_ref().map(|r| &r.model), "model")?;
+    let data = pick(&run.data, saved.as_ref().map(|r| &r.data), "data")?;
+    let keep = |id: &str| saved.is_some() && !from_command_line(m, id);
+    let record = RunRecord {
+        command: command.to_string(),
+        model,
+        data,
+        dtype: if keep("dtype") {
+            saved.as_ref().map(|r| r.dtype.clone()).unwrap_or_default()
+        } else {
+            run.dtype.clone()
+        },
+        device: if keep("device") {
+            saved.as_ref().map(|r| r.device.clone()).unwrap_or_default()
+        } else {
+            run.device.clone()
+        },
+        bf16: if keep("bf16") {
+            saved.as_ref().is_some_and(|r| r.bf16)
+        } else {
+            run.bf16
+        },
+        truncation_mode: if keep("truncation_mode") {
+            saved
+                .as_ref()
+                .map_or(run.truncation_mode, |r| r.truncation_mode)
+        } else {
+            run.truncation_mode
+        },
+        completion_boundary: if keep("completion_boundary") {
+            saved
+                .as_ref()
+                .map_or(run.completion_boundary, |r| r.completion_boundary)
+        } else {
+            run.completion_boundary
+        },
+        skip_invalid: run.skip_invalid
+            || (keep("skip_invalid") && saved.as_ref().is_some_and(|r| r.skip_invalid)),
+        error_report: run
+            .error_report
+            .clone()
+            .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
+    };
+    Ok(Resolved {
+        config,
+        record,
+        resume: resume.map(|(_, c)| c),
+        config_file,
+    })
+}
+
+/// Resolves `dpo`'s options (`m`: the subcommand's matches).
+///
+/// # Errors
+/// Bad options or config file, an `sft` objective.
+pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<Resolved> {
+    let mut table = command_line_table(args, m)?;
+    if from_command_line(m, "projected_gradient") {
+        let o = if args.projected_gradient {
+            "dpo-pg"
+        } else {
+            "dpo"
+        };
+        table.insert("objective".into(), toml::Value::String(o.into()));
+    }
+    let r = resolve_common("dpo", &dpo_defaults(), &args.run, m, table)?;
+    if r.config.objective == Objective::Sft {
+        return usage("objective `sft` in the config file: use `difinfo-train sft`");
+    }
+    Ok(r)
+}
+
+/// Resolves `sft`'s options (`m`: the subcommand's matches).
+///
+/// # Errors
+/// Bad options or config file, a preference objective.
+pub fn resolve_sft(args: &SftArgs, m: &ArgMatches) -> CliResult<Resolved> {
+    let table = command_line_table(args, m)?;
+    let r = resolve_common("sft", &sft_defaults(), &args.run, m, table)?;
+    if r.config.objective != Objective::Sft {
+        return usage(format!(
+            "objective `{:?}` in the config file: use `difinfo-train dpo`",
+            r.config.objective
+        ));
+    }
+    Ok(r)
+}
+
+fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
+    TokenizeOptions {
+        max_length: (c.max_length > 0).then_some(c.max_length),
+        max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
+        truncation_mode: r.truncation_mode,
+        boundary: r.completion_boundary,
+    }
+}
+
+/// Prints tokenization counts (and the prefix-mismatch warning) to stderr.
+pub fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
+    eprintln!(
+        "{}: {} records, {} kept, {} dropped (prompt fills max_length), {} prompts truncated, {} with completions truncated, {} invalid",
+        file.display(),
+        stats.total,
+        stats.kept,
+        stats.dropped_prompt_too_long,
+        stats.truncated_prompts,
+        stats.truncated_completions,
+        stats.invalid
+    );
+    if let (Some(r), true) = (report, stats.invalid > 0) {
+        eprintln!("invalid records listed in {}", r.display());
+    }
+    if stats.prefix_mismatches > 0 {
+        eprintln!(
+            "warning: in {} example(s) (first at {}:{}) the prompt's tokens are not a prefix of the prompt+completion tokens; \
+             the completion starts at their common prefix (see --completion-boundary)",
+            stats.prefix_mismatches,
+            file.display(),
+            stats.first_mismatch_line.unwrap_or(0)
+        );
+    }
+}
+
+fn seq(s: crate::batch::Sequence) -> Sequence {
+    Sequence {
+        ids: s.ids,
+        completion_start: s.completion_start,
+    }
+}
+
+/// Tokenizes the run's data TRL-style into a training [`Dataset`].
+///
+/// # Errors
+/// Data errors (file:line:field) unless skipped; no example left.
+pub fn load_dataset(
+    c: &TrainConfig,
+    r: &RunRecord,
+    bundle: &TokenizerBundle,
+) -> CliResult<Dataset> {
+    let opts = tokenize_options(c, r);
+    let report = r_report(r);
+    let examples = if c.objective.is_preference() {
+        let ds = load_preferences(bundle, &r.data, &opts, r.skip_invalid)?;
+        if r.skip_invalid && !ds.errors.is_empty() {
+            write_error_report(&report, &ds.errors)?;
+        }
+        report_stats(&r.data, &ds.stats, Some(&report));
+        Examples::Preference(
+            ds.examples
+                .iter()
+                .map(|e| PreferencePair {
+                    chosen: seq(e.value.chosen_sequence()),
+                    rejected: seq(e.value.rejected_sequence()),
+                })
+                .collect(),
+        )
+    } else {
+        let ds = load_sft(bundle, &r.data, &opts, r.skip_invalid)?;
+        if r.skip_invalid && !ds.errors.is_empty() {
+            write_error_report(&report, &ds.errors)?;
+        }
+        report_stats(&r.data, &ds.stats, Some(&report));
+        Examples::Sft(
+            ds.examples
+                .iter()
+                .map(|e| seq(e.value.sequence()))
+                .collect(),
+        )
+    };
+    let d = Dataset {
+        examples,
+        pad_id: bundle.pad_id(),
+        settings: format!("{opts:?} bf16={}", r.bf16),
+    };
+    if d.is_empty() {
+        return usage(format!(
+            "{}: no training example left after tokenization",
+            r.data.display()
+        ));
+    }
+    Ok(d)
+}
+
+fn r_report(r: &RunRecord) -> PathBuf {
+    r.error_report
+        .clone()
+        .unwrap_or_else(|| default_report_path(&r.data))
+}
+
+fn progress(len: u64, pos: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_position(pos);
+    pb
+}
+
+/// One logged record as a line (`step 10: loss 0.6931 grad_norm …`).
+pub fn format_record(rec: &[(String, f64)]) -> String {
+    let mut s = String::new();
+    for (k, v) in rec {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        if k == "step" {
+            s.push_str(&format!("step {v}:"));
+        } else if k == "learning_rate" {
+            s.push_str(&format!("{k} {v:.3e}"));
+        } else if k == "tokens_per_second" {
+            s.push_str(&format!("{k} {v:.0}"));
+        } else {
+            s.push_str(&format!("{k} {v:.4}"));
+        }
+    }
+    s
+}
+
+/// What a finished run reports (also written as `train_summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// `sft`, `dpo`, `ref-free`, `dpo-pg`.
+    pub objective: Objective,
+    /// Optimizer steps taken in total (including before a resume).
+    pub global_step: usize,
+    /// Steps taken by this process.
+    pub steps_this_run: usize,
+    /// Wall-clock seconds of this process's training loop.
+    pub seconds: f64,
+    /// The last logged record.
+    pub final_metrics: serde_json::Map<String, serde_json::Value>,
+    /// DPO-PG: steps whose projection was active, over all steps of the run.
+    pub projection_active_steps: Option<usize>,
+    /// DPO-PG: their fraction.
+    pub projection_active_fraction: Option<f64>,
+    /// The last checkpoint (a Hugging Face directory).
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+impl RunSummary {
+    /// The one-line summary printed at the end.
+    pub fn line(&self) -> String {
+        let obj = match self.objective {
+            Objective::Sft => "sft",
+            Objective::Dpo => "dpo",
+            Objective::RefFree => "ref-free",
+            Objective::DpoPg => "dpo-pg",
+        };
+        let mut s = format!("{obj}: done, {} steps", self.global_step);
+        let f = |k: &str| {
+            self.final_metrics
+                .get(k)
+                .and_then(serde_json::Value::as_f64)
+        };
+        if let Some(e) = f("epoch") {
+            s.push_str(&format!(" ({e:.2} epochs)"));
+        }
+        s.push_str(&format!(" in {:.1} s", self.seconds));
+        for k in [
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            if let Some(v) = f(k) {
+                s.push_str(&format!(", {k} {v:.4}"));
+            }
+        }
+        if let Some(v) = f("tokens_per_second") {
+            s.push_str(&format!(", {v:.0} tokens/s"));
+        }
+        if let (Some(n), Some(fr)) = (
+            self.projection_active_steps,
+            self.projection_active_fraction,
+        ) {
+            s.push_str(&format!(
+                "; projection active in {n}/{} steps ({:.1}%)",
+                self.global_step,
+                100.0 * fr
+            ));
+        }
+        if let Some(c) = &self.last_checkpoint {
+            s.push_str(&format!("; model: {}", c.display()));
+        }
+        s
+    }
+}
+
+/// Runs a resolved `sft` / `dpo` command to the end.
+///
+/// # Errors
+/// Data, model, configuration errors; a non-finite loss or gradient (the message names the
+/// step and batch; the last good checkpoint is kept).
+pub fn train(r: &Resolved) -> CliResult<RunSummary> {
+    let c = &r.config;
+    for w in c.warnings() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(f) = &r.config_file {
+        eprintln!("options from {} (command-line options win)", f.display());
+    }
+    let device = crate::parse_device(&r.record.device)?;
+    let dtype = parse_dtype(&r.record.dtype)?;
+    let bundle = TokenizerBundle::load(&r.record.model)?;
+    let data = load_dataset(c, &r.record, &bundle)?;
+    let mut m = load_model(&r.record.model, dtype, &device)?;
+    if r.record.bf16 {
+        m.set_compute_dtype(candle_core::DType::BF16)?;
+    }
+    let model = TrainModel {
+        model: m,
+        source: r.record.model.clone(),
+        save_dtype: dtype,
+    };
+    let mut trainer = match &r.resume {
+        Some(ck) => {
+            eprintln!("resuming from {}", ck.display());
+            Trainer::resume(&model, c.clone(), data, ck)?
+        }
+        None => Trainer::new(&model, c.clone(), data)?,
+    };
+    let out = c.output_dir.clone();
+    let rec_json = serde_json::to_string_pretty(&r.record)
+        .map_err(|e| TrainError::format(out.join(RUN_RECORD), e))?;
+    write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
+    eprintln!(
+        "{}: {} examples, {} parameters, {:?}, from step {} to {} → {}",
+        r.record.command,
+        trainer_len(&trainer),
+        model.model.num_parameters(),
+        trainer.objective(),
+        trainer.global_step(),
+        trainer.total_steps(),
+        out.display()
+    );
+    let pb = progress(trainer.total_steps() as u64, trainer.global_step() as u64);
+    let start_step = trainer.global_step();
+    let t0 = Instant::now();
+    let result = loop {
+        match trainer.train_step() {
+            Ok(None) => break Ok(()),
+            Ok(Some(rep)) => {
+                pb.set_position(rep.step as u64);
+                if let Some(rec) = &rep.logged {
+                    let line = format_record(rec);
+                    if pb.is_hidden() {
+                        eprintln!("{line}");
+                    } else {
+                        pb.println(line);
+                    }
+                }
+                pb.set_message(format!("loss {:.4}", rep.loss));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    pb.finish_and_clear();
+    result?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let final_metrics = trainer.metrics().read()?.pop().unwrap_or_default();
+    let st = trainer.state();
+    let pg = trainer.objective() == Objective::DpoPg;
+    let summary = RunSummary {
+        objective: trainer.objective(),
+        global_step: st.global_step,
+        steps_this_run: st.global_step - start_step,
+        seconds,
+        final_metrics,
+        projection_active_steps: pg.then_some(st.projection_active_total),
+        projection_active_fraction: pg
+            .then(|| st.projection_active_total as f64 / st.global_step.max(1) as f64),
+        last_checkpoint: trainer.last_checkpoint().map(Path::to_path_buf),
+    };
+    let js = serde_json::to_string_pretty(&summary)
+        .map_err(|e| TrainError::format(out.join(SUMMARY_FILE), e))?;
+    write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
+    Ok(summary)
+}
+
+fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {
+    t.state().permutation.len()
+}
+
+/// `difinfo-train dpo`.
+///
+/// # Errors
+/// See [`train`].
+pub fn run_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<()> {
+    let r = resolve_dpo(args, m)?;
+    let s = train(&r)?;
+    println!("{}", s.line());
+    Ok(())
+}
+
+/// `difinfo-train sft`.
+///
+/// # Errors
+/// See [`train`].
+pub fn run_sft(args: &SftArgs, m: &ArgMatches) -> CliResult<()> {
+    let r = resolve_sft(args, m)?;
+    let s = train(&r)?;
+    println!("{}", s.line());
+    Ok(())
+}
+
+/// A [`TruncationMode`]'s command-line name.
+pub fn value_name<T: ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{FromArgMatches, Parser, Subcommand};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Cmd,
+    }
+
+    #[derive(Subcommand)]
+    enum Cmd {
+        Dpo(DpoArgs),
+        Sft(SftArgs),
+    }
+
+    fn parse(args: &[&str]) -> (Cmd, ArgMatches) {
+        let m = <Cli as clap::CommandFactory>::command()
+            .try_get_matches_from(std::iter::once("x").chain(args.iter().copied()))
+            .unwrap();
+        let cli = Cli::from_arg_matches(&m).unwrap();
+        let sub = m.subcommand().unwrap().1.clone();
+        (cli.command, sub)
+    }
+
+    fn resolve(args: &[&str]) -> CliResult<Resolved> {
+        match parse(args) {
+            (Cmd::Dpo(a), m) => resolve_dpo(&a, &m),
+            (Cmd::Sft(a), m) => resolve_sft(&a, &m),
+        }
+    }
+
+    #[test]
+    fn clap_defaults_are_the_commands_defaults() {
+        let r = resolve(&["dpo", "--model", "m", "--data", "d"]).unwrap();
+        assert_eq!(r.config, dpo_defaults());
+        let r = resolve(&["sft", "--model", "m", "--data", "d"]).unwrap();
+        assert_eq!(r.config, sft_defaults());
+        assert_eq!(r.record.dtype, "f32");
+    }
+
+    #[test]
+    fn command_line_beats_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "beta = 0.5\nlearning_rate = 1e-4\noptim = \"rmsprop\"\nloss_type = \"ipo\"\nmax_steps = 9\n",
+        )
+        .unwrap();
+        let fs = f.to_str().unwrap();
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            fs,
+            "--beta",
+            "0.25",
+            "--max-steps",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(r.config.beta, 0.25);
+        assert_eq!(r.config.max_steps, 3);
+        assert_eq!(r.config.learning_rate, 1e-4);
+        assert_eq!(r.config.optim, crate::train::OptimizerKind::Rmsprop);
+        assert_eq!(r.config.loss_type, difinfo::loss::LossShape::Ipo);
+        assert_eq!(r.config.logging_steps, 10);
+        // A file value equal to the default is still overridden only by the command line.
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            fs,
+            "--learning-rate",
+            "1e-6",
+        ])
+        .unwrap();
+        assert_eq!(r.config.learning_rate, 1e-6);
+        // sft's own defaults sit under the file.
+        std::fs::write(&f, "num_train_epochs = 1.0\n").unwrap();
+        let r = resolve(&[
+            "sft",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            fs,
+            "--completion-only-loss",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(r.config.learning_rate, 2e-5);
+        assert_eq!(r.config.num_train_epochs, 1.0);
+        assert!(!r.config.completion_only_loss);
+    }
+
+    #[test]
+    fn objective_flags() {
+        let r = resolve(&["dpo", "--model", "m", "--data", "d", "--projected-gradient"]).unwrap();
+        assert_eq!(r.config.effective_objective(), Objective::DpoPg);
+        let r = resolve(&["dpo", "--model", "m", "--data", "d", "--reference-free"]).unwrap();
+        assert_eq!(r.config.effective_objective(), Objective::RefFree);
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--reference-free",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(r.config.effective_objective(), Objective::Dpo);
+        let e = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--reference-free",
+            "--projected-gradient",
+        ]);
+        assert!(e.is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "objective = \"sft\"\n").unwrap();
+        let e = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            f.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("difinfo-train sft"), "{e}");
+        std::fs::write(&f, "objective = \"dpo-pg\"\n").unwrap();
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            f.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(r.config.objective, Objective::DpoPg);
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            f.to_str().unwrap(),
+            "--projected-gradient",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(r.config.objective, Objective::Dpo);
+        std::fs::write(&f, "betta = 1.0\n").unwrap();
+        let e = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            f.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("betta"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_paper_configs_resolve() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+        let r = resolve(&[
+            "sft",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            &format!("{dir}/paper_sft.toml"),
+        ])
+        .unwrap();
+        assert!(!r.config.completion_only_loss);
+        assert_eq!(
+            r.config.per_device_train_batch_size * r.config.gradient_accumulation_steps,
+            256
+        );
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            &format!("{dir}/paper_dpo.toml"),
+        ])
+        .unwrap();
+        assert_eq!(r.config.optim, crate::train::OptimizerKind::Rmsprop);
+        assert_eq!(
+            r.config.per_device_train_batch_size * r.config.gradient_accumulation_steps,
+            64
+        );
+        assert_eq!(r.config.warmup_steps, 150);
+    }
+
+    #[test]
+    fn model_and_data_are_required_without_resume() {
+        let e = resolve(&["dpo", "--data", "d"]).unwrap_err();
+        assert!(e.to_string().contains("--model"), "{e}");
+    }
+
+    #[test]
+    fn every_option_shows_its_default_in_help() {
+        for sub in ["dpo", "sft"] {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .unwrap()
+                .render_help()
+                .to_string();
+            let mut blocks: Vec<String> = Vec::new();
+            for line in help.lines() {
+                let t = line.trim_start();
+                if t.starts_with("--")
+                    || (t.starts_with('-') && t.len() > 1 && !t.starts_with("- "))
+                {
+                    blocks.push(t.to_string());
+                } else if let Some(b) = blocks.last_mut() {
+                    b.push(' ');
+                    b.push_str(t);
+                }
+            }
+            assert!(blocks.len() > 25, "{help}");
+            for b in blocks {
+                if b.starts_with("-h") {
+                    continue;
+                }
+                assert!(b.contains("[default:"), "{sub}: no default shown for: {b}");
+            }
+        }
+    }
+}

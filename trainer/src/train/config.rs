@@ -1,0 +1,383 @@
+//! The run's options, named after TRL's `DPOConfig` / `SFTConfig` and HF's
+//! `TrainingArguments` fields, loadable from TOML, with command-line overrides merged on top
+//! (the command line wins), and saved resolved into the run directory.
+//!
+//! The binary's clap struct merges by serializing itself with every unset option skipped
+//! (`#[serde(skip_serializing_if = "Option::is_none")]`) and field names equal to these:
+//! see [`merge`].
+
+use std::path::{Path, PathBuf};
+
+use difinfo::loss::LossShape;
+use serde::{Deserialize, Serialize};
+
+use crate::train::error::{Result, TrainError};
+use crate::train::objective::Objective;
+use crate::train::optim::{OptimizerConfig, OptimizerKind};
+use crate::train::schedule::SchedulerType;
+
+/// All options of a training run. Defaults are TRL's `DPOConfig` (over HF's
+/// `TrainingArguments`) unless stated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// What to optimize: `sft`, `dpo`, `ref-free`, `dpo-pg` (not a TRL field: TRL has one
+    /// trainer class per objective). Default `dpo`.
+    pub objective: Objective,
+    /// Run directory: checkpoints, metrics, resolved config. Default `runs/difinfo`.
+    pub output_dir: PathBuf,
+    /// `sigmoid`, `hinge` or `ipo`. Default `sigmoid`.
+    pub loss_type: LossShape,
+    /// β. Default 0.1.
+    pub beta: f64,
+    /// TRL's `reference_free`: with `objective = dpo`, the reward is `β log π`. Default false.
+    pub reference_free: bool,
+    /// Peak learning rate. Default 1e-6 (TRL's `DPOConfig`).
+    pub learning_rate: f64,
+    /// `sgd`, `rmsprop` or `adamw` (HF's `adamw_torch`). Default `adamw`.
+    pub optim: OptimizerKind,
+    /// Default 0.
+    pub weight_decay: f64,
+    /// Default 0.9.
+    pub adam_beta1: f64,
+    /// Default 0.999.
+    pub adam_beta2: f64,
+    /// Default 1e-8.
+    pub adam_epsilon: f64,
+    /// `constant`, `constant_with_warmup`, `linear`, `cosine`. Default `linear` (HF).
+    pub lr_scheduler_type: SchedulerType,
+    /// Warm-up steps; when 0, `⌈warmup_ratio · total steps⌉`. Default 0.
+    pub warmup_steps: usize,
+    /// Default 0.
+    pub warmup_ratio: f64,
+    /// Global gradient-norm clipping (of the projected gradient for DPO-PG); ≤ 0 disables.
+    /// Default 1.0.
+    pub max_grad_norm: f64,
+    /// Micro-batch size (pairs for preference objectives). Default 8.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub gradient_accumulation_steps: usize,
+    /// Epochs, used when `max_steps ≤ 0`. Default 3.
+    pub num_train_epochs: f64,
+    /// Total optimizer steps when positive (overrides epochs). Default -1.
+    pub max_steps: i64,
+    /// Log every N steps (and at the last). Default 10 (TRL).
+    pub logging_steps: usize,
+    /// Checkpoint every N steps (0: never; the end of each epoch and of training always).
+    /// Default 500.
+    pub save_steps: usize,
+    /// Seed of the data order and of the trainer's RNG. Default 42.
+    pub seed: u64,
+    /// Maximum tokens of prompt + completion (applied by tokenization; 0 = no limit, TRL's
+    /// `None`). Default 1024.
+    pub max_length: usize,
+    /// Maximum prompt tokens (applied by tokenization; 0 = no limit). Default 512.
+    pub max_prompt_length: usize,
+    /// TRL's field. The trainer always computes the reference log-probs once before training
+    /// and caches them on disk (it never holds a reference model), so `false` is accepted and
+    /// behaves as `true` (with a warning). Default true.
+    pub precompute_ref_log_probs: bool,
+    /// Directory of the reference log-prob cache. Default: `output_dir`.
+    pub ref_cache_dir: Option<PathBuf>,
+    /// SFT: loss on completion tokens only (TRL's `completion_only_loss`); false trains on the
+    /// whole sequence (the paper's SFT). Default true.
+    pub completion_only_loss: bool,
+    /// Micro-batch size of the reference log-prob pass. Default: `per_device_train_batch_size`.
+    pub ref_batch_size: Option<usize>,
+    /// HF's field: a fresh run in an `output_dir` that holds checkpoints deletes them when
+    /// true and is an error when false (so a later resume cannot pick up a stale one).
+    /// Default false.
+    pub overwrite_output_dir: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            objective: Objective::Dpo,
+            output_dir: PathBuf::from("runs/difinfo"),
+            loss_type: LossShape::Sigmoid,
+            beta: 0.1,
+            reference_free: false,
+            learning_rate: 1e-6,
+            optim: OptimizerKind::Adamw,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            lr_scheduler_type: SchedulerType::Linear,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            logging_steps: 10,
+            save_steps: 500,
+            seed: 42,
+            max_length: 1024,
+            max_prompt_length: 512,
+            precompute_ref_log_probs: true,
+            ref_cache_dir: None,
+            completion_only_loss: true,
+            ref_batch_size: None,
+            overwrite_output_dir: false,
+        }
+    }
+}
+
+/// Name of the resolved config files written into the run directory.
+pub const CONFIG_TOML: &str = "train_config.toml";
+/// JSON twin of [`CONFIG_TOML`].
+pub const CONFIG_JSON: &str = "train_config.json";
+
+impl TrainConfig {
+    /// Parses a TOML file (unknown keys are errors, so typos are caught).
+    ///
+    /// # Errors
+    /// I/O and parse errors naming the file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| TrainError::format(path, e))
+    }
+
+    /// The objective after applying `reference_free` (`dpo` + `reference_free` = `ref-free`).
+    pub fn effective_objective(&self) -> Objective {
+        if self.reference_free && self.objective == Objective::Dpo {
+            Objective::RefFree
+        } else {
+            self.objective
+        }
+    }
+
+    /// The optimizer hyper-parameters (RMSprop keeps PyTorch's α = 0.99, ε = 1e-8).
+    pub fn optimizer(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optim,
+            weight_decay: self.weight_decay,
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            ..OptimizerConfig::default()
+        }
+    }
+
+    /// Checks ranges and combinations.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return bad(format!(
+                "beta must be finite and positive, got {}",
+                self.beta
+            ));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad(format!(
+                "learning_rate must be finite and ≥ 0, got {}",
+                self.learning_rate
+            ));
+        }
+        if self.per_device_train_batch_size == 0 {
+            return bad("per_device_train_batch_size must be ≥ 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps must be ≥ 1".into());
+        }
+        if self.logging_steps == 0 {
+            return bad("logging_steps must be ≥ 1".into());
+        }
+        if self.max_steps <= 0
+            && !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0)
+        {
+            return bad("set max_steps > 0 or num_train_epochs > 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad(format!(
+                "warmup_ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            ));
+        }
+        if self.reference_free
+            && self.objective != Objective::Dpo
+            && self.objective != Objective::RefFree
+        {
+            return bad(format!(
+                "reference_free applies to objective dpo, not {:?}",
+                self.objective
+            ));
+        }
+        Ok(())
+    }
+
+    /// Non-fatal surprises worth printing (HF semantics that differ from what one may expect).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.lr_scheduler_type == SchedulerType::Constant
+            && (self.warmup_steps > 0 || self.warmup_ratio > 0.0)
+        {
+            w.push(
+                "lr_scheduler_type `constant` ignores the warm-up (as in transformers); use `constant_with_warmup`"
+                    .to_string(),
+            );
+        }
+        if !self.precompute_ref_log_probs && self.effective_objective().needs_reference() {
+            w.push("reference log-probs are always precomputed and cached (precompute_ref_log_probs = false has no effect)".to_string());
+        }
+        if self.objective == Objective::Sft && self.loss_type != LossShape::Sigmoid {
+            w.push("loss_type is ignored by sft".to_string());
+        }
+        w
+    }
+
+    /// Writes `train_config.toml` and `train_config.json` into `dir`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let toml_text = toml::to_string_pretty(self)
+            .map_err(|e| TrainError::format(dir.join(CONFIG_TOML), e))?;
+        let json_text = serde_json::to_string_pretty(self)
+            .map_err(|e| TrainError::format(dir.join(CONFIG_JSON), e))?;
+        write_file(&dir.join(CONFIG_TOML), toml_text.as_bytes())?;
+        write_file(&dir.join(CONFIG_JSON), json_text.as_bytes())
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+///
+/// # Errors
+/// I/O errors naming the path.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// The resolved configuration: defaults, overridden by the TOML file's keys, overridden by
+/// the command line's set options.
+///
+/// `cli` is any serializable struct (the binary's clap arguments) whose field names are
+/// [`TrainConfig`]'s and which skips unset options when serialized; fields that are not
+/// training options (`model`, `data`, `config`, ...) must be `#[serde(skip)]`.
+///
+/// # Errors
+/// An unknown key or a wrongly typed value, naming it; an invalid result.
+pub fn merge<C: Serialize>(file: Option<&Path>, cli: &C) -> Result<TrainConfig> {
+    merge_onto(&TrainConfig::default(), file, cli)
+}
+
+/// [`merge`] over the defaults `base` instead of [`TrainConfig::default`] (a command whose
+/// defaults differ, e.g. `sft`'s learning rate): `base`, overridden by the file's keys,
+/// overridden by the command line's.
+///
+/// # Errors
+/// See [`merge`].
+pub fn merge_onto<C: Serialize>(
+    base: &TrainConfig,
+    file: Option<&Path>,
+    cli: &C,
+) -> Result<TrainConfig> {
+    let mut table = toml::Table::try_from(base)
+        .map_err(|e| TrainError::Config(format!("default options: {e}")))?;
+    let file_table = match file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| TrainError::io(p, e))?;
+            text.parse::<toml::Table>()
+                .map_err(|e| TrainError::format(p, e))?
+        }
+        None => toml::Table::new(),
+    };
+    for (k, v) in file_table {
+        table.insert(k, v);
+    }
+    let over = toml::Table::try_from(cli)
+        .map_err(|e| TrainError::Config(format!("command-line options: {e}")))?;
+    for (k, v) in over {
+        table.insert(k, v);
+    }
+    let cfg: TrainConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct Cli {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        beta: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        optim: Option<OptimizerKind>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_steps: Option<i64>,
+        #[serde(skip)]
+        #[allow(dead_code)]
+        model: PathBuf,
+    }
+
+    #[test]
+    fn command_line_wins_over_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "beta = 0.5\nlearning_rate = 1e-4\noptim = \"rmsprop\"\nloss_type = \"ipo\"\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            beta: Some(0.25),
+            max_steps: Some(7),
+            ..Default::default()
+        };
+        let c = merge(Some(&f), &cli).unwrap();
+        assert_eq!(c.beta, 0.25);
+        assert_eq!(c.learning_rate, 1e-4);
+        assert_eq!(c.optim, OptimizerKind::Rmsprop);
+        assert_eq!(c.loss_type, LossShape::Ipo);
+        assert_eq!(c.max_steps, 7);
+        assert_eq!(c.seed, 42);
+        let none = merge(None, &Cli::default()).unwrap();
+        assert_eq!(none, TrainConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "betta = 0.5\n").unwrap();
+        let e = merge(Some(&f), &Cli::default()).unwrap_err().to_string();
+        assert!(e.contains("betta"), "{e}");
+        std::fs::write(&f, "optim = \"adam8bit\"\n").unwrap();
+        assert!(merge(Some(&f), &Cli::default()).is_err());
+        std::fs::write(&f, "beta = -1.0\n").unwrap();
+        assert!(merge(Some(&f), &Cli::default())
+            .unwrap_err()
+            .to_string()
+            .contains("beta"));
+    }
+
+    #[test]
+    fn saved_config_reloads_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            objective: Objective::DpoPg,
+            max_length: 0,
+            ref_batch_size: Some(3),
+            ..Default::default()
+        };
+        c.save(dir.path()).unwrap();
+        let back = TrainConfig::from_toml_file(&dir.path().join(CONFIG_TOML)).unwrap();
+        assert_eq!(back, c);
+        let json: TrainConfig =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_JSON)).unwrap())
+                .unwrap();
+        assert_eq!(json, c);
+    }
+}

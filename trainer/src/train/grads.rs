@@ -1,0 +1,205 @@
+//! Gradients as a list aligned with the model's variables sorted by name: collection from a
+//! `GradStore`, accumulation, the global norm, clipping, and the DPO-PG projection
+//! (Appendix H), all reduced in that fixed order so that runs are bit-identical.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::train::error::{Result, TrainError};
+use crate::train::policy::scalar_f64;
+
+/// One gradient per variable, in the variables' (sorted-name) order, held in f32 (f64 for f64
+/// variables).
+#[derive(Debug, Clone)]
+pub struct Grads(pub Vec<Tensor>);
+
+/// The dtype gradients are accumulated in for a variable of dtype `d`.
+pub fn grad_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+impl Grads {
+    /// `scale · ∇` for each variable from a backward pass. A variable without a gradient gets
+    /// zeros; the names of such variables are returned (a model whose variables all take part
+    /// in the loss returns none: see the notes on candle's ops without backward).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn from_store(
+        store: &GradStore,
+        vars: &[(String, Var)],
+        scale: f64,
+    ) -> Result<(Self, Vec<String>)> {
+        let mut out = Vec::with_capacity(vars.len());
+        let mut missing = Vec::new();
+        for (name, var) in vars {
+            let dt = grad_dtype(var.dtype());
+            match store.get(var.as_tensor()) {
+                Some(g) => {
+                    let g = g.to_dtype(dt)?;
+                    out.push(if scale == 1.0 {
+                        g
+                    } else {
+                        g.affine(scale, 0.0)?
+                    });
+                }
+                None => {
+                    missing.push(name.clone());
+                    out.push(Tensor::zeros(var.shape(), dt, var.device())?);
+                }
+            }
+        }
+        Ok((Grads(out), missing))
+    }
+
+    /// `self + other`, elementwise per variable.
+    ///
+    /// # Errors
+    /// Different lengths or shapes.
+    pub fn add(&self, other: &Grads) -> Result<Grads> {
+        check_len(self, other)?;
+        Ok(Grads(
+            self.0
+                .iter()
+                .zip(&other.0)
+                .map(|(a, b)| a + b)
+                .collect::<candle_core::Result<_>>()?,
+        ))
+    }
+
+    /// `Σ_v Σ_i a_vi · b_vi`, each variable's sum in the tensor dtype, the sum over variables in
+    /// f64 in name order.
+    ///
+    /// # Errors
+    /// Different lengths or shapes.
+    pub fn dot(&self, other: &Grads) -> Result<f64> {
+        check_len(self, other)?;
+        let mut s = 0.0;
+        for (a, b) in self.0.iter().zip(&other.0) {
+            s += scalar_f64(&(a * b)?.sum_all()?)?;
+        }
+        Ok(s)
+    }
+
+    /// The global L2 norm `sqrt(Σ_v ‖g_v‖²)` (PyTorch's `clip_grad_norm_` total norm).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut s = 0.0;
+        for g in &self.0 {
+            s += scalar_f64(&g.sqr()?.sum_all()?)?;
+        }
+        Ok(s.sqrt())
+    }
+
+    /// `c · g` for every variable.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn scale(&self, c: f64) -> Result<Grads> {
+        Ok(Grads(
+            self.0
+                .iter()
+                .map(|g| g.affine(c, 0.0))
+                .collect::<candle_core::Result<_>>()?,
+        ))
+    }
+
+    /// PyTorch's `clip_grad_norm_(max_norm)` given the pre-clip norm: multiplies by
+    /// `min(1, max_norm / (norm + 1e-6))`; `max_norm ≤ 0` disables clipping (HF semantics).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn clip(self, max_norm: f64, norm: f64) -> Result<Grads> {
+        if max_norm <= 0.0 {
+            return Ok(self);
+        }
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            self.scale(coef)
+        } else {
+            Ok(self)
+        }
+    }
+
+    /// Number of variables.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there is no variable.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn check_len(a: &Grads, b: &Grads) -> Result<()> {
+    if a.0.len() != b.0.len() {
+        return Err(TrainError::InvalidArgument(format!(
+            "gradient lists of {} and {} variables",
+            a.0.len(),
+            b.0.len()
+        )));
+    }
+    Ok(())
+}
+
+/// What the DPO-PG projection did at one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProjectionStats {
+    /// Whether `⟨g_w, g_l⟩ > 0` and `‖g_l‖ > 0`, i.e. whether `g ≠ g_w`.
+    pub active: bool,
+    /// `⟨g_w, g_l⟩` over all parameters.
+    pub dot: f64,
+    /// `‖g_l‖²` over all parameters.
+    pub norm_l_sq: f64,
+}
+
+/// The DPO-PG projection over **all** parameters at once (Appendix H; the same rule as
+/// `difinfo::dpo_pg::project` on the concatenation of every variable's gradient in name order).
+///
+/// # Formula
+/// ```text
+/// g = g_w − (⟨g_w, g_l⟩ / ‖g_l‖²) g_l    if ⟨g_w, g_l⟩ > 0 and ‖g_l‖ > 0   (active)
+/// g = g_w                                   otherwise
+/// ```
+/// `g_w = ∇L_w`, `L_w = −(1/B) Σ_i log π(y_w,i)` (chosen NLL), `g_l` likewise for the rejected.
+/// Then `⟨g, g_w⟩ ≥ 0` (Theorem H.4) and `⟨g, g_l⟩ ≤ 0` (Theorem H.5).
+///
+/// # Errors
+/// Different variable lists.
+pub fn project(g_w: &Grads, g_l: &Grads) -> Result<(Grads, ProjectionStats)> {
+    let dot = g_w.dot(g_l)?;
+    let norm_l_sq = g_l.dot(g_l)?;
+    if dot > 0.0 && norm_l_sq > 0.0 {
+        let k = dot / norm_l_sq;
+        let g = g_w
+            .0
+            .iter()
+            .zip(&g_l.0)
+            .map(|(w, l)| w - l.affine(k, 0.0)?)
+            .collect::<candle_core::Result<_>>()?;
+        Ok((
+            Grads(g),
+            ProjectionStats {
+                active: true,
+                dot,
+                norm_l_sq,
+            },
+        ))
+    } else {
+        Ok((
+            g_w.clone(),
+            ProjectionStats {
+                active: false,
+                dot,
+                norm_l_sq,
+            },
+        ))
+    }
+}

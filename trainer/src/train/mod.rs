@@ -1,0 +1,39 @@
+//! The training core of `difinfo-train`: SFT, DPO (`sigmoid`, `hinge`, `ipo`), reference-free
+//! DPO and DPO-PG (MATH.md, Appendix H) over any [`PolicyModel`], with owned optimizers
+//! (SGD, RMSprop, AdamW; f32 state that checkpoints), Hugging Face learning-rate schedules,
+//! global gradient clipping, gradient accumulation, TRL's metric names, atomic checkpoints and
+//! exact resume.
+//!
+//! The only contact with the model is the [`PolicyModel`] trait and [`TokenBatch`] (the
+//! trainer's `batch::Batch` fields); [`adapter::TrainModel`] implements it for
+//! [`crate::model::Model`]. The commands `sft`, `dpo`, `plot` and `bench` are in [`cli`],
+//! [`plot`] and [`bench`].
+
+pub mod adapter;
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod grads;
+pub mod metrics;
+pub mod objective;
+pub mod optim;
+pub mod plot;
+pub mod policy;
+pub mod refcache;
+pub mod rng;
+pub mod schedule;
+pub mod toy;
+pub mod trainer;
+
+pub use adapter::TrainModel;
+pub use config::{merge, TrainConfig};
+pub use data::{Dataset, Examples, PreferencePair};
+pub use error::{Result, TrainError};
+pub use objective::Objective;
+pub use optim::{Optimizer, OptimizerConfig, OptimizerKind};
+pub use policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
+pub use schedule::{LrSchedule, SchedulerType};
+pub use trainer::{StepReport, TrainSummary, Trainer};

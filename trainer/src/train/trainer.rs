@@ -1,0 +1,721 @@
+//! The training loop, generic over a [`PolicyModel`].
+//!
+//! One optimizer step takes up to `gradient_accumulation_steps` micro-batches of the current
+//! epoch's data order (the last step of an epoch may take fewer), sums their gradients each
+//! scaled by `1 / (micro-batches in the step)` (transformers' division of the loss by the
+//! accumulation steps; SFT instead divides the summed token NLL by the step's token count, as
+//! transformers does with `num_items_in_batch`), then: the DPO-PG projection (dpo-pg only),
+//! the pre-clip global norm (`grad_norm`), clipping to `max_grad_norm`, the optimizer step
+//! with `lr(s)`, logging, checkpointing.
+//!
+//! Everything is reduced in a fixed order (variables by name, examples by the epoch's
+//! permutation), and the state saved in a checkpoint is complete, so a run of `2k` steps and
+//! a run of `k` steps resumed for `k` more log identical metrics (except the timing-based
+//! `tokens_per_second`) and end with bit-identical weights.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use difinfo::loss::LossShape;
+
+use crate::train::checkpoint::{
+    checkpoint_dir, latest_checkpoint, load_state, save_checkpoint, TrainerState, OPTIMIZER_FILE,
+    STATE_FORMAT,
+};
+use crate::train::config::TrainConfig;
+use crate::train::data::{Dataset, Examples};
+use crate::train::error::{Result, TrainError};
+use crate::train::grads::{project, Grads, ProjectionStats};
+use crate::train::metrics::{LogAccumulator, MetricsLog};
+use crate::train::objective::{
+    nll_mean, preference_logps, preference_loss, sft_loss, Objective, PreferenceLoss,
+};
+use crate::train::optim::Optimizer;
+use crate::train::policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
+use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
+use crate::train::rng::{epoch_permutation, SplitMix64};
+use crate::train::schedule::{warmup_steps, LrSchedule};
+
+/// What one optimizer step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// The step number (1-based, as logged).
+    pub step: usize,
+    /// The step's loss (before the update).
+    pub loss: f64,
+    /// Pre-clip global gradient norm.
+    pub grad_norm: f64,
+    /// The learning rate the step used.
+    pub learning_rate: f64,
+    /// The micro-batches' dataset indices.
+    pub examples: Vec<Vec<usize>>,
+    /// DPO-PG: what the projection did.
+    pub projection: Option<ProjectionStats>,
+    /// Per-micro-batch preference metrics (preference objectives).
+    pub preference: Vec<crate::train::objective::PreferenceMetrics>,
+    /// The record appended to the metrics files, on a logging step.
+    pub logged: Option<Vec<(String, f64)>>,
+    /// The checkpoint written after the step, if any.
+    pub checkpoint: Option<PathBuf>,
+    /// Non-padding tokens of every forward pass of the step.
+    pub tokens: usize,
+    /// Wall-clock seconds of the step (forward, backward, optimizer; not logging or saving).
+    pub seconds: f64,
+}
+
+/// The end of [`Trainer::train`].
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Optimizer steps taken in total.
+    pub global_step: usize,
+    /// The last logged record.
+    pub last_record: Option<Vec<(String, f64)>>,
+    /// DPO-PG: fraction of all steps whose projection was active.
+    pub projection_active_fraction: Option<f64>,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// A training run.
+pub struct Trainer<'m, M: PolicyModel + ?Sized> {
+    model: &'m M,
+    vars: Vec<(String, Var)>,
+    config: TrainConfig,
+    objective: Objective,
+    data: Dataset,
+    reference: Option<RefLogps>,
+    optimizer: Optimizer,
+    schedule: LrSchedule,
+    state: TrainerState,
+    log: MetricsLog,
+    micro_per_epoch: usize,
+    last_checkpoint: Option<PathBuf>,
+    device: Device,
+}
+
+/// `(micro-batches per epoch, optimizer steps per epoch, total steps)`.
+fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
+    let micro = n.div_ceil(config.per_device_train_batch_size);
+    let steps_per_epoch = micro.div_ceil(config.gradient_accumulation_steps).max(1);
+    let total = if config.max_steps > 0 {
+        config.max_steps as usize
+    } else {
+        (config.num_train_epochs * steps_per_epoch as f64).ceil() as usize
+    };
+    (micro, steps_per_epoch, total)
+}
+
+fn check_data(objective: Objective, data: &Dataset, config: &TrainConfig) -> Result<()> {
+    if data.is_empty() {
+        return Err(TrainError::InvalidArgument("the dataset is empty".into()));
+    }
+    data.validate(objective == Objective::Sft && !config.completion_only_loss)?;
+    match (&data.examples, objective.is_preference()) {
+        (Examples::Preference(_), true) | (Examples::Sft(_), false) => Ok(()),
+        _ => Err(TrainError::Config(format!(
+            "objective {objective:?} does not train on this kind of data"
+        ))),
+    }
+}
+
+impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
+    /// A fresh run: validates the config, creates `output_dir` and writes the resolved config
+    /// there, clears old metrics, and computes (or reloads from the cache) the reference
+    /// log-probs with the model as it is now (the reference is the initial policy).
+    ///
+    /// # Errors
+    /// Invalid config or data, I/O, non-finite reference log-probs.
+    pub fn new(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
+        config.validate()?;
+        let objective = config.effective_objective();
+        check_data(objective, &data, &config)?;
+        let out = config.output_dir.clone();
+        std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        while let Some(old) = latest_checkpoint(&out)? {
+            if !config.overwrite_output_dir {
+                return Err(TrainError::Config(format!(
+                    "{} holds checkpoints ({}): resume from it, or set overwrite_output_dir",
+                    out.display(),
+                    old.display()
+                )));
+            }
+            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
+        config.save(&out)?;
+        let vars = model.named_vars();
+        let optimizer = Optimizer::new(config.optimizer(), &vars)?;
+        let (reference, key) = if objective.needs_reference() {
+            let pairs = data.pairs().unwrap_or_default();
+            let bs = config
+                .ref_batch_size
+                .unwrap_or(config.per_device_train_batch_size);
+            let key = cache_key(
+                fingerprint_vars(&vars)?,
+                pairs,
+                &data.settings,
+                data.pad_id,
+                bs,
+            );
+            let dir = config.ref_cache_dir.clone().unwrap_or_else(|| out.clone());
+            let (r, _hit) =
+                RefLogps::load_or_compute(model, pairs, Some(&dir), &key, bs, data.pad_id)?;
+            (Some(r), Some(key))
+        } else {
+            (None, None)
+        };
+        let n = data.len();
+        let (micro, _, total) = plan(&config, n);
+        let state = TrainerState {
+            format: STATE_FORMAT.to_string(),
+            global_step: 0,
+            total_steps: total,
+            epoch: 0,
+            batch_in_epoch: 0,
+            epoch_float: 0.0,
+            permutation: epoch_permutation(config.seed, 0, n),
+            rng: SplitMix64::new(config.seed),
+            log: LogAccumulator::default(),
+            last_grad_norm: 0.0,
+            projection_active_total: 0,
+            ref_cache_key: key,
+        };
+        let log = MetricsLog::new(&out);
+        log.reset()?;
+        Ok(Self::assemble(
+            model, vars, config, objective, data, reference, optimizer, state, log, micro, None,
+        ))
+    }
+
+    /// Continues the run of checkpoint `dir`: weights, optimizer state, data order, RNG,
+    /// pending metric sums; the reference log-probs come from the cache file recorded in the
+    /// state; metrics logged after the checkpoint are removed. A changed `max_steps` /
+    /// `num_train_epochs` is honored (the schedule uses the new total).
+    ///
+    /// # Errors
+    /// A checkpoint that does not match the model, data or seed; a missing reference cache.
+    pub fn resume(model: &'m M, config: TrainConfig, data: Dataset, dir: &Path) -> Result<Self> {
+        config.validate()?;
+        let objective = config.effective_objective();
+        check_data(objective, &data, &config)?;
+        let out = config.output_dir.clone();
+        std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        let mut state = load_state(dir)?;
+        let n = data.len();
+        let (micro, _, total) = plan(&config, n);
+        if state.permutation != epoch_permutation(config.seed, state.epoch, n) {
+            return Err(TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: "the data order differs from the checkpoint's: data size or seed changed"
+                    .into(),
+            });
+        }
+        if state.batch_in_epoch >= micro {
+            return Err(TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: "batch position beyond the epoch: the batch size changed".into(),
+            });
+        }
+        state.total_steps = total;
+        let vars = model.named_vars();
+        model.load_weights(dir)?;
+        let optimizer = Optimizer::load(config.optimizer(), &vars, &dir.join(OPTIMIZER_FILE))?;
+        let reference = match (objective.needs_reference(), &state.ref_cache_key) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: "no reference cache key in the state".into(),
+                })
+            }
+            (true, Some(key)) => {
+                let cdir = config.ref_cache_dir.clone().unwrap_or_else(|| out.clone());
+                Some(RefLogps::load(&cache_path(&cdir, key), key, n)?)
+            }
+        };
+        config.save(&out)?;
+        let log = MetricsLog::new(&out);
+        log.truncate_after(state.global_step)?;
+        Ok(Self::assemble(
+            model,
+            vars,
+            config,
+            objective,
+            data,
+            reference,
+            optimizer,
+            state,
+            log,
+            micro,
+            Some(dir.to_path_buf()),
+        ))
+    }
+
+    /// [`Trainer::resume`] from the latest checkpoint of `config.output_dir`.
+    ///
+    /// # Errors
+    /// No checkpoint there; see [`Trainer::resume`].
+    pub fn resume_latest(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
+        let dir = latest_checkpoint(&config.output_dir)?.ok_or_else(|| {
+            TrainError::Config(format!("no checkpoint in {}", config.output_dir.display()))
+        })?;
+        Self::resume(model, config, data, &dir)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        model: &'m M,
+        vars: Vec<(String, Var)>,
+        config: TrainConfig,
+        objective: Objective,
+        data: Dataset,
+        reference: Option<RefLogps>,
+        optimizer: Optimizer,
+        state: TrainerState,
+        log: MetricsLog,
+        micro_per_epoch: usize,
+        last_checkpoint: Option<PathBuf>,
+    ) -> Self {
+        let total = state.total_steps;
+        let schedule = LrSchedule {
+            kind: config.lr_scheduler_type,
+            learning_rate: config.learning_rate,
+            warmup_steps: warmup_steps(config.warmup_steps, config.warmup_ratio, total),
+            total_steps: total,
+        };
+        let device = model.device();
+        Self {
+            model,
+            vars,
+            config,
+            objective,
+            data,
+            reference,
+            optimizer,
+            schedule,
+            state,
+            log,
+            micro_per_epoch,
+            last_checkpoint,
+            device,
+        }
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The objective (after `reference_free`).
+    pub fn objective(&self) -> Objective {
+        self.objective
+    }
+
+    /// The state that a checkpoint would save now.
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    /// The reference log-probs, for objectives that use them.
+    pub fn reference(&self) -> Option<&RefLogps> {
+        self.reference.as_ref()
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> &LrSchedule {
+        &self.schedule
+    }
+
+    /// The metrics files.
+    pub fn metrics(&self) -> &MetricsLog {
+        &self.log
+    }
+
+    /// The trainer's RNG (saved in checkpoints), for models that need randomness.
+    pub fn rng_mut(&mut self) -> &mut SplitMix64 {
+        &mut self.state.rng
+    }
+
+    /// The last checkpoint written or resumed from.
+    pub fn last_checkpoint(&self) -> Option<&Path> {
+        self.last_checkpoint.as_deref()
+    }
+
+    /// Optimizer steps taken.
+    pub fn global_step(&self) -> usize {
+        self.state.global_step
+    }
+
+    /// Total optimizer steps of the run (for a progress bar).
+    pub fn total_steps(&self) -> usize {
+        self.state.total_steps
+    }
+
+    /// Whether every step has been taken.
+    pub fn is_done(&self) -> bool {
+        self.state.global_step >= self.state.total_steps
+    }
+
+    /// The dataset indices of the micro-batches the next step will use.
+    pub fn upcoming_examples(&self) -> Vec<Vec<usize>> {
+        self.microbatches()
+            .into_iter()
+            .map(|(_, idx)| idx)
+            .collect()
+    }
+
+    fn microbatches(&self) -> Vec<(usize, Vec<usize>)> {
+        let bs = self.config.per_device_train_batch_size;
+        let n = self.data.len();
+        let start = self.state.batch_in_epoch;
+        let end = (start + self.config.gradient_accumulation_steps).min(self.micro_per_epoch);
+        (start..end)
+            .map(|j| {
+                (
+                    j,
+                    self.state.permutation[j * bs..((j + 1) * bs).min(n)].to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    fn non_finite(&self, what: String, mb: usize, examples: Vec<usize>) -> TrainError {
+        TrainError::NonFinite {
+            what,
+            step: self.state.global_step + 1,
+            batch: mb,
+            epoch: self.state.epoch,
+            examples,
+            last_checkpoint: self.last_checkpoint.clone(),
+        }
+    }
+
+    fn grads(&self, loss: &Tensor) -> Result<Grads> {
+        let store = loss.backward()?;
+        let (g, missing) = Grads::from_store(&store, &self.vars, 1.0)?;
+        if !missing.is_empty() {
+            return Err(TrainError::InvalidArgument(format!(
+                "variables without a gradient: {missing:?} (an op without backward in the model's forward?)"
+            )));
+        }
+        Ok(g)
+    }
+
+    fn batch(&self, seqs: &[&Sequence]) -> Result<TokenBatch> {
+        TokenBatch::from_sequences(seqs, self.data.pad_id, &self.device)
+    }
+
+    fn preference_loss(
+        &self,
+        idx: &[usize],
+        chosen: &SeqLogps,
+        rejected: &SeqLogps,
+        detach: bool,
+    ) -> Result<PreferenceLoss> {
+        let shape = self.config.loss_type;
+        let mut pc = preference_logps(shape, chosen)?;
+        let mut pr = preference_logps(shape, rejected)?;
+        if detach {
+            pc = pc.detach();
+            pr = pr.detach();
+        }
+        let refs = match (self.objective, &self.reference) {
+            (Objective::RefFree, _) | (_, None) => None,
+            (_, Some(r)) => {
+                Some(r.select(idx, shape == LossShape::Ipo, pc.dtype(), &self.device)?)
+            }
+        };
+        preference_loss(
+            shape,
+            self.config.beta,
+            &pc,
+            &pr,
+            refs.as_ref().map(|r| &r.0),
+            refs.as_ref().map(|r| &r.1),
+        )
+    }
+
+    fn check_pref(
+        &self,
+        m: &crate::train::objective::PreferenceMetrics,
+        mb: usize,
+        idx: &[usize],
+    ) -> Result<()> {
+        for (name, v) in [
+            ("loss", m.loss),
+            ("logps/chosen", m.logps_chosen),
+            ("logps/rejected", m.logps_rejected),
+        ] {
+            if !v.is_finite() {
+                return Err(self.non_finite(format!("{name} ({v})"), mb, idx.to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step (`None` when the run is complete).
+    ///
+    /// # Errors
+    /// [`TrainError::NonFinite`] (no update is made), tensor and I/O errors.
+    pub fn train_step(&mut self) -> Result<Option<StepReport>> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let mbs = self.microbatches();
+        let k = mbs.len() as f64;
+        let mut step_loss = 0.0;
+        let mut tokens = 0usize;
+        let mut pref_metrics = Vec::new();
+        let mut projection = None;
+        let grads = match (self.objective, &self.data.examples) {
+            (Objective::Sft, Examples::Sft(seqs)) => {
+                let whole = !self.config.completion_only_loss;
+                let pick = |i: usize| -> Sequence {
+                    let s = &seqs[i];
+                    if whole {
+                        Sequence {
+                            ids: s.ids.clone(),
+                            completion_start: 0,
+                        }
+                    } else {
+                        s.clone()
+                    }
+                };
+                let chosen: Vec<Vec<Sequence>> = mbs
+                    .iter()
+                    .map(|(_, idx)| idx.iter().map(|&i| pick(i)).collect())
+                    .collect();
+                let normalizer: usize = chosen
+                    .iter()
+                    .flatten()
+                    .map(Sequence::num_completion_tokens)
+                    .sum();
+                let mut acc: Option<Grads> = None;
+                for ((mb, idx), seqs) in mbs.iter().zip(&chosen) {
+                    let refs: Vec<&Sequence> = seqs.iter().collect();
+                    let batch = self.batch(&refs)?;
+                    tokens += batch.num_tokens();
+                    let s = self.model.sequence_logps(&batch)?;
+                    let loss = sft_loss(&s, normalizer.max(1) as f64)?;
+                    let v = crate::train::policy::scalar_f64(&loss)?;
+                    if !v.is_finite() {
+                        return Err(self.non_finite(format!("loss ({v})"), *mb, idx.clone()));
+                    }
+                    step_loss += v;
+                    let g = self.grads(&loss)?;
+                    acc = Some(match acc {
+                        None => g,
+                        Some(a) => a.add(&g)?,
+                    });
+                    self.state.log.add_microbatch(&[]);
+                }
+                acc.expect("at least one micro-batch")
+            }
+            (Objective::Dpo | Objective::RefFree, Examples::Preference(pairs)) => {
+                let mut acc: Option<Grads> = None;
+                for (mb, idx) in &mbs {
+                    let seqs: Vec<&Sequence> = idx
+                        .iter()
+                        .map(|&i| &pairs[i].chosen)
+                        .chain(idx.iter().map(|&i| &pairs[i].rejected))
+                        .collect();
+                    let batch = self.batch(&seqs)?;
+                    tokens += batch.num_tokens();
+                    let out = self.model.sequence_logps(&batch)?;
+                    let b = idx.len();
+                    let half = |o: usize| -> candle_core::Result<SeqLogps> {
+                        Ok(SeqLogps {
+                            sum: out.sum.narrow(0, o, b)?,
+                            count: out.count.narrow(0, o, b)?,
+                        })
+                    };
+                    let pl = self.preference_loss(idx, &half(0)?, &half(b)?, false)?;
+                    let m = pl.metrics()?;
+                    self.check_pref(&m, *mb, idx)?;
+                    step_loss += m.loss / k;
+                    let g = self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?;
+                    acc = Some(match acc {
+                        None => g,
+                        Some(a) => a.add(&g)?,
+                    });
+                    self.state.log.add_microbatch(&pref_record(&m));
+                    pref_metrics.push(m);
+                }
+                acc.expect("at least one micro-batch")
+            }
+            (Objective::DpoPg, Examples::Preference(pairs)) => {
+                let mut acc: Option<(Grads, Grads)> = None;
+                for (mb, idx) in &mbs {
+                    let cs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
+                    let rs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
+                    let (cb, rb) = (self.batch(&cs)?, self.batch(&rs)?);
+                    tokens += cb.num_tokens() + rb.num_tokens();
+                    let sc = self.model.sequence_logps(&cb)?;
+                    let sr = self.model.sequence_logps(&rb)?;
+                    let pl = self.preference_loss(idx, &sc, &sr, true)?;
+                    let m = pl.metrics()?;
+                    self.check_pref(&m, *mb, idx)?;
+                    step_loss += m.loss / k;
+                    let gw = self.grads(&nll_mean(&sc.sum, 1.0 / k)?)?;
+                    let gl = self.grads(&nll_mean(&sr.sum, 1.0 / k)?)?;
+                    acc = Some(match acc {
+                        None => (gw, gl),
+                        Some((aw, al)) => (aw.add(&gw)?, al.add(&gl)?),
+                    });
+                    self.state.log.add_microbatch(&pref_record(&m));
+                    pref_metrics.push(m);
+                }
+                let (gw, gl) = acc.expect("at least one micro-batch");
+                let (g, stats) = project(&gw, &gl)?;
+                projection = Some(stats);
+                g
+            }
+            _ => return Err(TrainError::Config("objective and data kind differ".into())),
+        };
+        let norm = grads.global_norm()?;
+        if !norm.is_finite() {
+            let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
+            return Err(self.non_finite(format!("gradient norm ({norm})"), mbs[0].0, all));
+        }
+        let grads = grads.clip(self.config.max_grad_norm, norm)?;
+        let lr = self.schedule.lr(self.state.global_step);
+        self.optimizer.step(&self.vars, &grads, lr)?;
+
+        // Advance the position.
+        let st = &mut self.state;
+        st.global_step += 1;
+        st.batch_in_epoch = mbs.last().map_or(st.batch_in_epoch, |(j, _)| j + 1);
+        let epoch_end = st.batch_in_epoch >= self.micro_per_epoch;
+        if epoch_end {
+            st.epoch += 1;
+            st.batch_in_epoch = 0;
+            st.permutation = epoch_permutation(self.config.seed, st.epoch, self.data.len());
+        }
+        st.epoch_float = st.epoch as f64 + st.batch_in_epoch as f64 / self.micro_per_epoch as f64;
+        st.last_grad_norm = norm;
+        st.log.steps += 1;
+        st.log.loss_sum += step_loss;
+        st.log.tokens += tokens;
+        let seconds = t0.elapsed().as_secs_f64();
+        st.log.seconds += seconds;
+        if let Some(p) = &projection {
+            if p.active {
+                st.log.projection_active += 1;
+                st.projection_active_total += 1;
+            }
+        }
+        let step = st.global_step;
+        let last = step >= st.total_steps;
+        let logged = if step % self.config.logging_steps == 0 || last {
+            let next_lr = self.schedule.lr(step);
+            let rec = st.log.take_record(
+                step,
+                st.epoch_float,
+                norm,
+                next_lr,
+                self.objective == Objective::DpoPg,
+            );
+            self.log.append(&rec)?;
+            Some(rec)
+        } else {
+            None
+        };
+        let save =
+            (self.config.save_steps > 0 && step % self.config.save_steps == 0) || epoch_end || last;
+        let checkpoint = if save {
+            // Never write non-finite weights over a good checkpoint (a finite gradient can
+            // still overflow in the update).
+            let w = Grads(
+                self.vars
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().detach())
+                    .collect(),
+            )
+            .global_norm()?;
+            if !w.is_finite() {
+                let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
+                return Err(TrainError::NonFinite {
+                    what: format!("weights after the update (norm {w})"),
+                    step,
+                    batch: mbs[0].0,
+                    epoch: self.state.epoch,
+                    examples: all,
+                    last_checkpoint: self.last_checkpoint.clone(),
+                });
+            }
+            let dir = save_checkpoint(
+                &self.config.output_dir,
+                self.model,
+                &self.optimizer,
+                &self.state,
+                &self.config,
+            )?;
+            self.last_checkpoint = Some(dir.clone());
+            Some(dir)
+        } else {
+            None
+        };
+        Ok(Some(StepReport {
+            step,
+            loss: step_loss,
+            grad_norm: norm,
+            learning_rate: lr,
+            examples: mbs.into_iter().map(|(_, i)| i).collect(),
+            projection,
+            preference: pref_metrics,
+            logged,
+            checkpoint,
+            tokens,
+            seconds,
+        }))
+    }
+
+    /// Steps until `step` optimizer steps have been taken in total (or the run ends).
+    ///
+    /// # Errors
+    /// See [`Trainer::train_step`].
+    pub fn train_until(&mut self, step: usize) -> Result<Option<Vec<(String, f64)>>> {
+        let mut last = None;
+        while self.state.global_step < step.min(self.state.total_steps) {
+            if let Some(r) = self.train_step()? {
+                if r.logged.is_some() {
+                    last = r.logged;
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// Runs every remaining step.
+    ///
+    /// # Errors
+    /// See [`Trainer::train_step`].
+    pub fn train(&mut self) -> Result<TrainSummary> {
+        let last_record = self.train_until(self.state.total_steps)?;
+        Ok(TrainSummary {
+            global_step: self.state.global_step,
+            last_record,
+            projection_active_fraction: (self.objective == Objective::DpoPg).then(|| {
+                self.state.projection_active_total as f64 / self.state.global_step.max(1) as f64
+            }),
+            last_checkpoint: self.last_checkpoint.clone(),
+        })
+    }
+
+    /// The checkpoint directory a save at the current step would use.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        checkpoint_dir(&self.config.output_dir, self.state.global_step)
+    }
+}
+
+fn pref_record(m: &crate::train::objective::PreferenceMetrics) -> [(&'static str, f64); 6] {
+    [
+        ("rewards/chosen", m.rewards_chosen),
+        ("rewards/rejected", m.rewards_rejected),
+        ("rewards/accuracies", m.rewards_accuracies),
+        ("rewards/margins", m.rewards_margins),
+        ("logps/chosen", m.logps_chosen),
+        ("logps/rejected", m.logps_rejected),
+    ]
+}
