@@ -241,6 +241,9 @@ mod tests {
         assert!(report.signs_agree);
         let other = Policy::from_logits(&[0.3, 0.1, 0.2, 0.0]).unwrap();
         let report = log_margin_ordering(&s, &r, &other, &pairs, 1.0, 0.01).unwrap();
-        assert!(!report.signs_agree, "Δ1 = 0 against Δ2 ≠ 0 is a disagreement");
+        assert!(
+            !report.signs_agree,
+            "Δ1 = 0 against Δ2 ≠ 0 is a disagreement"
+        );
     }
 }

@@ -12,10 +12,13 @@ use plotters::style::FontStyle;
 use super::output::{temp_path, write_atomic};
 use super::SynthError;
 
-const FONT: &str = "sans-serif";
+/// The family name under which [`register_font`] registers the bundled DejaVu Sans.
+pub const FONT: &str = "sans-serif";
 static REGISTER: Once = Once::new();
 
-fn register_font() {
+/// Registers the bundled DejaVu Sans (`assets/DejaVuSans.ttf`) with plotters as [`FONT`], once per
+/// process, so bitmap plots render text without fontconfig. Every plot of the workspace calls it.
+pub fn register_font() {
     REGISTER.call_once(|| {
         // The bytes are a valid TrueType font shipped in the repository.
         let _ = plotters::style::register_font(

@@ -18,9 +18,10 @@ use difinfo_trainer::generate::{generate, SamplingParams};
 use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::logps::preference_logps;
 use difinfo_trainer::tokenize::{
-    load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizeStats,
-    TokenizerBundle, TruncationMode,
+    load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizerBundle,
+    TruncationMode,
 };
+use difinfo_trainer::train::cli::report_stats;
 use difinfo_trainer::{parse_device, Error, Result};
 
 #[derive(Parser)]
@@ -217,31 +218,6 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     }
     pb.set_message(what.to_string());
     pb
-}
-
-fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
-    eprintln!(
-        "{}: {} records, {} kept, {} dropped (prompt fills max_length), {} prompts truncated, {} with completions truncated, {} invalid",
-        file.display(),
-        stats.total,
-        stats.kept,
-        stats.dropped_prompt_too_long,
-        stats.truncated_prompts,
-        stats.truncated_completions,
-        stats.invalid
-    );
-    if let (Some(r), true) = (report, stats.invalid > 0) {
-        eprintln!("invalid records listed in {}", r.display());
-    }
-    if stats.prefix_mismatches > 0 {
-        eprintln!(
-            "warning: in {} example(s) (first at {}:{}) the prompt's tokens are not a prefix of the prompt+completion tokens; \
-             the completion starts at their common prefix (see --completion-boundary)",
-            stats.prefix_mismatches,
-            file.display(),
-            stats.first_mismatch_line.unwrap_or(0)
-        );
-    }
 }
 
 fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {

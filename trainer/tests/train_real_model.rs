@@ -3,10 +3,13 @@
 
 use std::path::Path;
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::micro_config;
 use difinfo_trainer::checkpoint::load_model;
-use difinfo_trainer::config::{Architecture, ModelConfig};
-use difinfo_trainer::init::{init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
+use difinfo_trainer::config::Architecture;
+use difinfo_trainer::init::{init_checkpoint, BUILTIN_CORPUS};
 use difinfo_trainer::tokenize::{load_preferences, TokenizeOptions, TokenizerBundle};
 use difinfo_trainer::train::checkpoint::latest_checkpoint;
 use difinfo_trainer::train::TrainModel;
@@ -14,25 +17,6 @@ use difinfo_trainer::train::{
     Dataset, Examples, Objective, OptimizerKind, PolicyModel, PreferencePair, SchedulerType,
     Sequence, TrainConfig, Trainer,
 };
-
-fn micro_config(arch: Architecture) -> ModelConfig {
-    let mut c = size_config(ModelSize::Tiny);
-    c.arch = arch;
-    c.vocab_size = 320;
-    c.hidden_size = 32;
-    c.intermediate_size = 48;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 8;
-    c.max_position_embeddings = 256;
-    c.initializer_range = 0.2;
-    if arch == Architecture::Qwen2 {
-        c.qkv_bias = true;
-        c.tie_word_embeddings = true;
-    }
-    c
-}
 
 /// A checkpoint in `dir`, the model loaded from it, and the example pairs tokenized.
 fn setup(dir: &Path, arch: Architecture, n: usize) -> (TrainModel, Dataset) {

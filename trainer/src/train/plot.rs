@@ -4,28 +4,14 @@
 //! left out). Text uses the DejaVu Sans font shipped in the repository.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 
 use clap::Args;
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 use crate::train::cli::{CliError, CliResult};
 use crate::train::metrics::MetricsLog;
 
-const FONT: &str = "sans-serif";
-static REGISTER: Once = Once::new();
-
-fn register_font() {
-    REGISTER.call_once(|| {
-        // A valid TrueType font shipped in the repository.
-        let _ = plotters::style::register_font(
-            FONT,
-            FontStyle::Normal,
-            include_bytes!("../../../assets/DejaVuSans.ttf"),
-        );
-    });
-}
+use difinfo::synthetic::plot::{register_font, FONT};
 
 /// `difinfo-train plot`.
 #[derive(Args, Debug, Clone)]
