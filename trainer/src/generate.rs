@@ -41,6 +41,24 @@ pub struct Sample {
     pub logp: f64,
     /// Whether a stop token ended the sample (otherwise the token budget did).
     pub finished: bool,
+    /// `Σ log π_T(token | prefix)` under the distribution sampled from, `π_T = softmax(logits/T)`
+    /// (top-p truncation not applied; 0 for greedy decoding). Equals `logp` at `T = 1`.
+    pub logp_sampled: f64,
+    /// `Σ_t H(π_T(· | prefix_t))` over the generated positions: the exact next-token entropies
+    /// (nats) of the sampling distribution, summed (0 for greedy decoding).
+    pub token_entropy: f64,
+}
+
+/// `(log π_T(i), H(π_T))` of `π_T = softmax(logits / T)` in f64; `(0, 0)` for `T = 0` (greedy:
+/// a point mass).
+pub fn tempered_logp_entropy(logits: &[f32], temperature: f64, i: usize) -> (f64, f64) {
+    if temperature == 0.0 {
+        return (0.0, 0.0);
+    }
+    let z: Vec<f64> = logits.iter().map(|&x| x as f64 / temperature).collect();
+    let lse = difinfo::logspace::log_sum_exp(&z);
+    let entropy = -z.iter().map(|&x| (x - lse).exp() * (x - lse)).sum::<f64>();
+    (z[i] - lse, entropy)
 }
 
 /// `log softmax(logits)[i]` in f64.
@@ -152,7 +170,9 @@ pub fn generate(
         Sample {
             completion_ids: Vec::new(),
             logp: 0.0,
-            finished: false
+            finished: false,
+            logp_sampled: 0.0,
+            token_entropy: 0.0,
         };
         n
     ];
@@ -166,6 +186,9 @@ pub fn generate(
             }
             let tok = sample_token(row, params.temperature, params.top_p, rng);
             s.logp += log_softmax_at(row, tok as usize);
+            let (lt, h) = tempered_logp_entropy(row, params.temperature, tok as usize);
+            s.logp_sampled += lt;
+            s.token_entropy += h;
             s.completion_ids.push(tok);
             if stop_ids.contains(&tok) {
                 s.finished = true;

@@ -19,6 +19,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod diag;
 pub mod error;
 pub mod fuzzing;
 pub mod generate;

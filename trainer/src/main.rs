@@ -204,6 +204,34 @@ enum Command {
     Plot(difinfo_trainer::train::plot::PlotArgs),
     /// Tokens/s and peak memory of full training steps (DPO, DPO-PG), as a table.
     Bench(difinfo_trainer::train::bench::BenchArgs),
+    /// Monte Carlo sequence entropy per prompt (Appendix K): pure ancestral sampling over the
+    /// whole vocabulary, stopping at EOS or after --max-new-tokens; with standard errors and the
+    /// mean exact next-token entropy.
+    Entropy {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompts (JSONL: `prompt` string or messages, or `messages`).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Samples per prompt (K ≥ 2).
+        #[arg(long, default_value_t = 32)]
+        samples: usize,
+        /// Most new tokens per sample (L).
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature T > 0: the entropy estimated is that of softmax(logits / T).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Longest prompt in tokens, keeping its end (`none`: no limit).
+        #[arg(long, default_value = "none", value_parser = parse_limit)]
+        max_prompt_length: Limit,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output JSON (per prompt: prompt, entropy, stderr, samples, token_entropy; and overall).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -245,6 +273,73 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
         Command::Bench(a) => {
             difinfo_trainer::train::bench::run_bench(&a).map_err(train_error)?;
+        }
+        Command::Entropy {
+            model,
+            prompts,
+            samples,
+            max_new_tokens,
+            temperature,
+            max_prompt_length,
+            seed,
+            out,
+        } => {
+            use difinfo_trainer::diag::entropy::{overall, prompt_entropy};
+            let device = parse_device(&model.device)?;
+            let dtype = parse_dtype(&model.dtype)?;
+            let bundle = TokenizerBundle::load(&model.model)?;
+            let ds = load_prompts(&bundle, &prompts, max_prompt_length.0, false)?;
+            report_stats(&prompts, &ds.stats, None);
+            let m = load_model(&model.model, dtype, &device)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let pb = progress(ds.examples.len() as u64, "entropy");
+            let mut rows = Vec::new();
+            let mut ests = Vec::new();
+            println!("| line | entropy (nats) | stderr | samples | token entropy | mean length |");
+            println!("|---:|---:|---:|---:|---:|---:|");
+            for ex in &ds.examples {
+                let (p, ids) = &ex.value;
+                let e = prompt_entropy(
+                    &m,
+                    ids,
+                    samples,
+                    temperature,
+                    max_new_tokens,
+                    bundle.stop_ids(),
+                    &mut rng,
+                )?;
+                println!(
+                    "| {} | {:.4} | {:.4} | {} | {:.4} | {:.1} |",
+                    ex.line, e.entropy, e.stderr, e.samples, e.token_entropy, e.mean_length
+                );
+                let mut row =
+                    serde_json::to_value(&e).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                row["prompt"] = text_json(&p.prompt);
+                row["line"] = json!(ex.line);
+                rows.push(row);
+                ests.push(e);
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let (mean, se) = overall(&ests);
+            println!(
+                "overall: {mean:.4} ± {se:.4} nats over {} prompt(s)",
+                ests.len()
+            );
+            let doc = json!({
+                "model": model.model,
+                "temperature": temperature,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+                "overall": { "entropy": mean, "stderr": se, "prompts": ests.len() },
+                "prompts": rows,
+            });
+            write_atomic(&out, |tmp| {
+                let text = serde_json::to_string_pretty(&doc)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
+            })?;
+            eprintln!("wrote {}", out.display());
         }
         Command::Init {
             size,

@@ -1,0 +1,6 @@
+//! Differential-information diagnostics on real models (Section 4, Appendix K).
+//!
+//! - [`entropy`]: Monte Carlo sequence entropy per prompt (Appendix K) with its standard error,
+//!   and the exact mean next-token entropy along the samples.
+
+pub mod entropy;

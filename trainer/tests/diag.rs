@@ -1,0 +1,93 @@
+//! Diagnostics on a model small enough to enumerate: the Monte Carlo sequence entropy of
+//! `difinfo-train entropy` (Appendix K) against the exact entropy.
+
+mod common;
+
+use candle_core::{DType, IndexOp, Tensor};
+use difinfo_trainer::config::Architecture;
+use difinfo_trainer::diag::entropy::prompt_entropy;
+use difinfo_trainer::model::{KvCache, Model};
+use rand::SeedableRng;
+
+/// Next-token log-probabilities after each row of `ids` (`[B, L]`), in f64.
+fn next_logps(m: &Model, ids: Vec<u32>, rows: usize) -> Vec<Vec<f64>> {
+    let l = ids.len() / rows;
+    let t = Tensor::from_vec(ids, (rows, l), m.device()).unwrap();
+    let logits = m.forward_with_cache(&t, &mut KvCache::new()).unwrap();
+    let last: Vec<Vec<f32>> = logits
+        .i((.., l - 1, ..))
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    last.iter()
+        .map(|row| {
+            let z: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            let lse = difinfo::logspace::log_sum_exp(&z);
+            z.iter().map(|x| x - lse).collect()
+        })
+        .collect()
+}
+
+fn entropy_of(lp: &[f64]) -> f64 {
+    -lp.iter().map(|l| l.exp() * l).sum::<f64>()
+}
+
+/// The exact entropy of completions of at most 2 tokens, stopping at `stop`, by the chain rule
+/// over every first token: `H = H(y1) + Σ_{t ≠ stop} π(t) H(y2 | t)`.
+fn exact_two_token_entropy(m: &Model, prompt: &[u32], stop: u32) -> f64 {
+    let first = &next_logps(m, prompt.to_vec(), 1)[0];
+    let v = first.len();
+    let mut ids = Vec::with_capacity(v * (prompt.len() + 1));
+    for t in 0..v as u32 {
+        ids.extend_from_slice(prompt);
+        ids.push(t);
+    }
+    let second = next_logps(m, ids, v);
+    let mut h = entropy_of(first);
+    for t in 0..v {
+        if t as u32 != stop {
+            h += first[t].exp() * entropy_of(&second[t]);
+        }
+    }
+    h
+}
+
+#[test]
+fn app_k_monte_carlo_entropy_matches_enumeration_and_stderr_shrinks() {
+    let mut cfg = common::micro_config(Architecture::Llama);
+    cfg.initializer_range = 0.6; // a peaked, far-from-uniform model
+    let (_dir, m) = common::model(cfg, DType::F32, 7);
+    let prompt = [1u32, 17, 42, 99];
+    let stop = 2u32;
+    let exact = exact_two_token_entropy(&m, &prompt, stop);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let small = prompt_entropy(&m, &prompt, 400, 1.0, 2, &[stop], &mut rng).unwrap();
+    let large = prompt_entropy(&m, &prompt, 1600, 1.0, 2, &[stop], &mut rng).unwrap();
+    for e in [&small, &large] {
+        let z = (e.entropy - exact).abs() / e.stderr;
+        assert!(
+            z < 4.0,
+            "MC {} ± {} vs exact {exact}: {z:.2} standard errors",
+            e.entropy,
+            e.stderr
+        );
+    }
+    // Four times the samples: half the standard error (1/√K), up to the noise of s itself.
+    let ratio = small.stderr / large.stderr;
+    assert!(
+        (1.6..2.5).contains(&ratio),
+        "stderr ratio {ratio} for 4× the samples"
+    );
+    assert!(exact > 0.0 && small.token_entropy > 0.0);
+    eprintln!("exact {exact}, K=400 {} ± {}, K=1600 {} ± {}", small.entropy, small.stderr, large.entropy, large.stderr);
+}
+
+#[test]
+fn app_k_entropy_refuses_degenerate_settings() {
+    let (_dir, m) = common::model(common::micro_config(Architecture::Llama), DType::F32, 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    assert!(prompt_entropy(&m, &[1, 2], 1, 1.0, 2, &[], &mut rng).is_err());
+    assert!(prompt_entropy(&m, &[1, 2], 8, 0.0, 2, &[], &mut rng).is_err());
+}
