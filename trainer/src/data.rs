@@ -381,3 +381,59 @@ pub fn default_report_path(data: &Path) -> PathBuf {
     s.push(".errors.jsonl");
     PathBuf::from(s)
 }
+
+/// One prompt's candidate completions for `resample-rejected`: `{"prompt", "chosen",
+/// "candidates": [...]}`, the candidates drawn from `π_ref` (strings, or message lists when the
+/// prompt is conversational).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CandidateSet {
+    /// The prompt.
+    pub prompt: Text,
+    /// The chosen completion, kept as it is.
+    pub chosen: Text,
+    /// At least one candidate rejected completion.
+    pub candidates: Vec<Text>,
+}
+
+/// Parses one line of candidate data.
+///
+/// # Errors
+/// A [`DataError`] naming the field (`candidates[i]` for a bad candidate), as
+/// [`parse_preference_line`].
+pub fn parse_candidates_line(
+    text: &str,
+    file: &Path,
+    line: usize,
+) -> std::result::Result<CandidateSet, DataError> {
+    let cx = Ctx { file, line };
+    let o = parse_object(text, &cx)?;
+    let prompt = text_field(&o, "prompt", None, &cx)?;
+    let chat = prompt.is_chat();
+    let chosen = text_field(&o, "chosen", Some(chat), &cx)?;
+    let Some(list) = o.get("candidates") else {
+        return Err(cx.err(Some("candidates"), "missing"));
+    };
+    let Value::Array(items) = list else {
+        return Err(cx.err(
+            Some("candidates"),
+            format!("expected a list of completions, found {}", type_name(list)),
+        ));
+    };
+    if items.is_empty() {
+        return Err(cx.err(Some("candidates"), "is empty"));
+    }
+    let candidates = items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut one = Map::new();
+            one.insert(format!("candidates[{i}]"), v.clone());
+            text_field(&one, &format!("candidates[{i}]"), Some(chat), &cx)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(CandidateSet {
+        prompt,
+        chosen,
+        candidates,
+    })
+}

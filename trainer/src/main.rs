@@ -232,6 +232,32 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Pick each prompt's rejected response from candidates drawn from π_ref by
+    /// sampling-importance-resampling toward Eq. 1's π_l ∝ π_ref^{1+β} π*^{−β}, with weights
+    /// (π_ref(y)/π*(y))^β; writes TRL preference lines (prompt, chosen, rejected, ess).
+    ResampleRejected {
+        /// The reference policy π_ref (checkpoint directory).
+        #[arg(long)]
+        reference: PathBuf,
+        /// The stronger model that approximates π* (checkpoint directory).
+        #[arg(long)]
+        target: PathBuf,
+        /// Candidates (JSONL: `prompt`, `chosen`, `candidates`: a list of completions drawn from π_ref).
+        #[arg(long)]
+        candidates: PathBuf,
+        /// β of Eq. 1 (the DPO β the data is meant for).
+        #[arg(long)]
+        beta: f64,
+        /// Warn when a prompt's effective sample size is below this.
+        #[arg(long, default_value_t = 2.0)]
+        min_ess: f64,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output JSONL (TRL standard preference format plus `ess` and `weight`).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -273,6 +299,75 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
         Command::Bench(a) => {
             difinfo_trainer::train::bench::run_bench(&a).map_err(train_error)?;
+        }
+        Command::ResampleRejected {
+            reference,
+            target,
+            candidates,
+            beta,
+            min_ess,
+            seed,
+            out,
+        } => {
+            use difinfo_trainer::diag::resample::{resample, score_candidates};
+            let loaded = difinfo_trainer::data::read_jsonl(
+                &candidates,
+                false,
+                difinfo_trainer::data::parse_candidates_line,
+            )?;
+            let device = parse_device("cpu")?;
+            let (tok_ref, tok_tgt) = (
+                TokenizerBundle::load(&reference)?,
+                TokenizerBundle::load(&target)?,
+            );
+            let m_ref = load_model(&reference, DType::F32, &device)?;
+            let m_tgt = load_model(&target, DType::F32, &device)?;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let pb = progress(loaded.examples.len() as u64, "resample");
+            let mut rows = Vec::new();
+            let mut low = 0usize;
+            println!("| line | candidates | picked | weight | ESS |");
+            println!("|---:|---:|---:|---:|---:|");
+            for ex in &loaded.examples {
+                let set = &ex.value;
+                let at = |e: Error| {
+                    Error::InvalidArgument(format!("{}:{}: {e}", candidates.display(), ex.line))
+                };
+                let lr = score_candidates(&m_ref, &tok_ref, set).map_err(at)?;
+                let lt = score_candidates(&m_tgt, &tok_tgt, set).map_err(at)?;
+                let r = resample(&lr, &lt, beta, &mut rng).map_err(at)?;
+                println!(
+                    "| {} | {} | {} | {:.4} | {:.2} |",
+                    ex.line,
+                    set.candidates.len(),
+                    r.index,
+                    r.weight,
+                    r.ess
+                );
+                if r.ess < min_ess {
+                    low += 1;
+                }
+                rows.push(json!({
+                    "prompt": text_json(&set.prompt),
+                    "chosen": text_json(&set.chosen),
+                    "rejected": text_json(&set.candidates[r.index]),
+                    "ess": r.ess,
+                    "weight": r.weight,
+                    "candidates": set.candidates.len(),
+                }));
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            if low > 0 {
+                eprintln!(
+                    "warning: {low} of {} prompt(s) have an effective sample size below {min_ess}: \
+                     their rejected response rests on few candidates (draw more, or lower --beta)",
+                    rows.len()
+                );
+            }
+            let count = rows.len();
+            write_jsonl(&out, rows)?;
+            eprintln!("wrote {count} preference pairs to {}", out.display());
         }
         Command::Entropy {
             model,

@@ -2,5 +2,7 @@
 //!
 //! - [`entropy`]: Monte Carlo sequence entropy per prompt (Appendix K) with its standard error,
 //!   and the exact mean next-token entropy along the samples.
+//! - [`resample`]: sampling-importance-resampling of rejected responses from Eq. 1.
 
 pub mod entropy;
+pub mod resample;

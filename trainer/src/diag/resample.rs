@@ -1,0 +1,122 @@
+//! The ideal rejected distribution of Eq. 1 made practical: sampling-importance-resampling.
+//!
+//! Candidates `y_1..y_M ~ π_ref(· | x)`; to draw `y_l ~ π_l ∝ π_ref^{1+β} π*^{−β}` (Theorem L.1)
+//! weight each by the ratio of target to proposal,
+//!
+//! ```text
+//! w_i ∝ π_l(y_i) / π_ref(y_i) ∝ (π_ref(y_i) / π*(y_i))^β,   log w_i = β (log π_ref(y_i) − log π*(y_i))
+//! ```
+//!
+//! normalized in log space, and pick one candidate with probability `w_i`. The effective sample
+//! size `ESS = (Σ w)² / Σ w² = 1 / Σ w_i²` (normalized weights) says how many candidates the draw
+//! really rests on; `π*` is approximated by a stronger model.
+
+use rand::Rng;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// Normalized SIR log-weights `log w_i = β (log π_ref(y_i) − log π*(y_i)) − lse(…)`.
+///
+/// # Errors
+/// No candidates, a length mismatch, a non-finite log-probability, `β ≤ 0`.
+pub fn sir_log_weights(ref_logps: &[f64], target_logps: &[f64], beta: f64) -> Result<Vec<f64>> {
+    if !(beta > 0.0 && beta.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "--beta must be finite and > 0, got {beta}"
+        )));
+    }
+    if ref_logps.len() != target_logps.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} reference log-probs against {} target log-probs",
+            ref_logps.len(),
+            target_logps.len()
+        )));
+    }
+    let raw: Vec<f64> = ref_logps
+        .iter()
+        .zip(target_logps)
+        .map(|(r, t)| beta * (r - t))
+        .collect();
+    let w = difinfo::Policy::from_logits(&raw)
+        .map_err(|e| Error::InvalidArgument(format!("importance weights: {e}")))?;
+    Ok(w.log_probs().to_vec())
+}
+
+/// `ESS = 1 / Σ w_i²` of normalized log-weights (between 1 and the number of candidates).
+pub fn effective_sample_size(log_w: &[f64]) -> f64 {
+    1.0 / log_w.iter().map(|l| (2.0 * l).exp()).sum::<f64>()
+}
+
+/// One SIR draw.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Resampled {
+    /// Index of the chosen candidate.
+    pub index: usize,
+    /// Its normalized weight.
+    pub weight: f64,
+    /// Effective sample size of the weights.
+    pub ess: f64,
+}
+
+/// Picks one candidate with probability `w_i` (the library's categorical sampler).
+///
+/// # Errors
+/// As [`sir_log_weights`].
+pub fn resample(
+    ref_logps: &[f64],
+    target_logps: &[f64],
+    beta: f64,
+    rng: &mut impl Rng,
+) -> Result<Resampled> {
+    let log_w = sir_log_weights(ref_logps, target_logps, beta)?;
+    let policy = difinfo::Policy::from_log_probs(&log_w)
+        .map_err(|e| Error::InvalidArgument(format!("importance weights: {e}")))?;
+    let index = policy.sampler().sample(rng);
+    Ok(Resampled {
+        index,
+        weight: log_w[index].exp(),
+        ess: effective_sample_size(&log_w),
+    })
+}
+
+/// `log π(y_i | x)` of every candidate of `set` under `model`, tokenized with `tok` as TRL
+/// tokenizes a completion (EOS appended, common-prefix boundary, no truncation).
+///
+/// # Errors
+/// Template or tokenizer failures (naming the candidate), tensor errors.
+pub fn score_candidates(
+    model: &crate::model::Model,
+    tok: &crate::tokenize::TokenizerBundle,
+    set: &crate::data::CandidateSet,
+) -> Result<Vec<f64>> {
+    use crate::data::PreferenceExample;
+    use crate::tokenize::{tokenize_preference, Outcome, TokenizeOptions, TokenizeStats};
+    let opts = TokenizeOptions::default();
+    let mut stats = TokenizeStats::default();
+    let mut seqs = Vec::with_capacity(set.candidates.len());
+    for (i, c) in set.candidates.iter().enumerate() {
+        let ex = PreferenceExample {
+            prompt: set.prompt.clone(),
+            chosen: c.clone(),
+            rejected: set.chosen.clone(),
+        };
+        match tokenize_preference(tok, &ex, &opts, 0, &mut stats) {
+            Ok(Outcome::Kept(pair)) => seqs.push(pair.chosen_sequence()),
+            Ok(Outcome::Dropped) => unreachable!("no max_length: nothing is dropped"),
+            Err(e) => {
+                // The candidate sits in the `chosen` slot of the scoring pair.
+                let field = if e.field == "chosen" {
+                    format!("candidates[{i}]")
+                } else {
+                    e.field.to_string()
+                };
+                return Err(Error::InvalidArgument(format!(
+                    "field `{field}`: {}",
+                    e.message
+                )));
+            }
+        }
+    }
+    crate::logps::sequence_logps(model, &seqs, tok.pad_id())
+}
