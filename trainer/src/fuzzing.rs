@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-/// JSONL example parsers: the bytes as one line of preference, SFT and prompt data.
+/// JSONL example parsers: the bytes as one line of preference, SFT, prompt and
+/// `resample-rejected` candidate data.
 pub fn jsonl_example(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -13,6 +14,7 @@ pub fn jsonl_example(data: &[u8]) {
     let _ = crate::data::parse_preference_line(text, p, 1);
     let _ = crate::data::parse_sft_line(text, p, 1);
     let _ = crate::data::parse_prompt_line(text, p, 1);
+    let _ = crate::data::parse_candidates_line(text, p, 1);
 }
 
 /// config.json parsing; a parsed config also derives its tensor list, parameter count and

@@ -51,6 +51,11 @@ fn corpus_seeds_exercise_success_paths() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let std_line = std::fs::read_to_string(dir.join("jsonl_example/standard")).unwrap();
     assert!(difinfo_trainer::data::parse_preference_str(&std_line).is_ok());
+    for f in ["candidates_plain", "candidates_chat"] {
+        let text = std::fs::read_to_string(dir.join("jsonl_example").join(f)).unwrap();
+        let set = difinfo_trainer::data::parse_candidates_line(&text, std::path::Path::new(f), 1);
+        assert!(set.is_ok_and(|s| s.candidates.len() >= 2), "{f}");
+    }
     for f in ["llama3", "qwen2", "mistral"] {
         let text = std::fs::read_to_string(dir.join("config_json").join(f)).unwrap();
         assert!(difinfo_trainer::config::parse_config(&text).is_ok(), "{f}");
