@@ -232,6 +232,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// One-page log-likelihood displacement report of a finished preference run: report.md and
+    /// report.png in RUN_DIR (from metrics.jsonl, and entropy.json if present).
+    Report {
+        /// Run directory (holds metrics.jsonl).
+        #[arg(value_name = "RUN_DIR")]
+        run_dir: PathBuf,
+    },
     /// Pick each prompt's rejected response from candidates drawn from π_ref by
     /// sampling-importance-resampling toward Eq. 1's π_l ∝ π_ref^{1+β} π*^{−β}, with weights
     /// (π_ref(y)/π*(y))^β; writes TRL preference lines (prompt, chosen, rejected, ess).
@@ -299,6 +306,18 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
         Command::Bench(a) => {
             difinfo_trainer::train::bench::run_bench(&a).map_err(train_error)?;
+        }
+        Command::Report { run_dir } => {
+            let md = difinfo_trainer::diag::report::report(&run_dir).map_err(train_error)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(&md).map_err(|e| Error::io(&md, e))?
+            );
+            eprintln!(
+                "wrote {} and {}",
+                md.display(),
+                run_dir.join("report.png").display()
+            );
         }
         Command::ResampleRejected {
             reference,

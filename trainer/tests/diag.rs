@@ -172,3 +172,32 @@ fn resample_rejected_candidate_lines_name_their_field() {
         assert!(e.contains("c.jsonl:7") && e.contains(field), "{e}");
     }
 }
+
+#[test]
+fn report_tells_whether_displacement_happened() {
+    use difinfo_trainer::diag::report::report;
+    let write = |rows: &[(f64, f64, f64)]| {
+        let dir = common::TempDir::new();
+        let text: String = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (loss, c, r))| {
+                format!(
+                    "{{\"step\":{},\"loss\":{loss},\"logps/chosen\":{c},\"logps/rejected\":{r}}}\n",
+                    i + 1
+                )
+            })
+            .collect();
+        std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+        dir
+    };
+    let displaced = write(&[(0.69, -80.0, -70.0), (0.3, -90.0, -110.0)]);
+    let md = std::fs::read_to_string(report(displaced.path()).unwrap()).unwrap();
+    assert!(md.contains("displacement: yes"), "{md}");
+    assert!(displaced.join("report.png").exists());
+    let kept = write(&[(0.69, -80.0, -70.0), (0.3, -79.0, -110.0)]);
+    let md = std::fs::read_to_string(report(kept.path()).unwrap()).unwrap();
+    assert!(md.contains("displacement: no"), "{md}");
+    let empty = common::TempDir::new();
+    assert!(report(empty.path()).is_err());
+}
