@@ -232,6 +232,34 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Appendix K.1: per prompt, samples from the DID estimator π̂, the OLS fit of
+    /// log π̂(y) = β log(π(y)/π_ref(y)) + c, and the fraction of prompts with β ≥ 0.
+    BetaAccuracy {
+        /// The DID estimator π̂ (checkpoint directory; its tokenizer is used for all three).
+        #[arg(long)]
+        estimator: PathBuf,
+        /// The policy π.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The reference π_ref.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Prompts (JSONL: `prompt` string or messages, or `messages`).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Samples per prompt (the paper uses 4).
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        /// Most new tokens per sample.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Random seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output JSON (per prompt: x, y and the fit or "undetermined"; and the β-accuracy).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// One-page log-likelihood displacement report of a finished preference run: report.md and
     /// report.png in RUN_DIR (from metrics.jsonl, and entropy.json if present).
     Report {
@@ -306,6 +334,84 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
         Command::Bench(a) => {
             difinfo_trainer::train::bench::run_bench(&a).map_err(train_error)?;
+        }
+        Command::BetaAccuracy {
+            estimator,
+            policy,
+            reference,
+            prompts,
+            samples,
+            max_new_tokens,
+            seed,
+            out,
+        } => {
+            use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
+            use difinfo_trainer::diag::beta_accuracy::prompt_fit;
+            let device = parse_device("cpu")?;
+            let bundle = TokenizerBundle::load(&estimator)?;
+            let ds = load_prompts(&bundle, &prompts, None, false)?;
+            report_stats(&prompts, &ds.stats, None);
+            let (m_hat, m_pi, m_ref) = (
+                load_model(&estimator, DType::F32, &device)?,
+                load_model(&policy, DType::F32, &device)?,
+                load_model(&reference, DType::F32, &device)?,
+            );
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                max_new_tokens,
+            };
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let pb = progress(ds.examples.len() as u64, "beta-accuracy");
+            let (mut rows, mut fits) = (Vec::new(), Vec::new());
+            println!("| line | β̂ | c | R² |\n|---:|---:|---:|---:|");
+            for ex in &ds.examples {
+                let (p, ids) = &ex.value;
+                let f = prompt_fit(
+                    &m_hat,
+                    &m_pi,
+                    &m_ref,
+                    ids,
+                    samples,
+                    &params,
+                    bundle.stop_ids(),
+                    bundle.pad_id(),
+                    &mut rng,
+                )?;
+                match &f.fit {
+                    BetaFit::Determined(l) => {
+                        println!(
+                            "| {} | {:.4} | {:.4} | {:.4} |",
+                            ex.line, l.slope, l.intercept, l.r_squared
+                        )
+                    }
+                    BetaFit::Undetermined => println!("| {} | undetermined | | |", ex.line),
+                }
+                let mut row =
+                    serde_json::to_value(&f).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                row["prompt"] = text_json(&p.prompt);
+                row["line"] = json!(ex.line);
+                rows.push(row);
+                fits.push(f.fit);
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let acc = beta_accuracy(&fits).ok();
+            match &acc {
+                Some(a) => println!(
+                    "β-accuracy: {:.4} over {} determined prompt(s) ({} undetermined)",
+                    a.accuracy, a.determined, a.undetermined
+                ),
+                None => println!("β-accuracy: undetermined (no prompt's samples determine β)"),
+            }
+            let doc =
+                json!({ "beta_accuracy": acc, "samples": samples, "seed": seed, "prompts": rows });
+            write_atomic(&out, |tmp| {
+                let text = serde_json::to_string_pretty(&doc)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
+            })?;
+            eprintln!("wrote {}", out.display());
         }
         Command::Report { run_dir } => {
             let md = difinfo_trainer::diag::report::report(&run_dir).map_err(train_error)?;

@@ -201,3 +201,42 @@ fn report_tells_whether_displacement_happened() {
     let empty = common::TempDir::new();
     assert!(report(empty.path()).is_err());
 }
+
+/// Appendix K.1 on real models: with π = π_ref every x = log π − log π_ref is 0, so no prompt's
+/// fit is determined (reported as such, not as a number, and the β-accuracy is undetermined);
+/// with π ≠ π_ref the fits exist.
+#[test]
+fn app_k1_beta_fits_are_undetermined_when_pi_equals_reference() {
+    use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
+    use difinfo_trainer::diag::beta_accuracy::prompt_fit;
+    use difinfo_trainer::generate::SamplingParams;
+    let cfg = common::micro_config(Architecture::Llama);
+    let (_a, m_ref) = common::model(cfg.clone(), DType::F32, 3);
+    let (_b, m_pi) = common::model(cfg, DType::F32, 4);
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: 3,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let prompt = [1u32, 50, 60];
+    let same = prompt_fit(
+        &m_ref,
+        &m_ref,
+        &m_ref,
+        &prompt,
+        4,
+        &params,
+        &[],
+        0,
+        &mut rng,
+    )
+    .unwrap();
+    assert!(same.x.iter().all(|&x| x == 0.0));
+    assert_eq!(same.fit, BetaFit::Undetermined);
+    assert!(beta_accuracy(&[same.fit]).is_err());
+    let other = prompt_fit(&m_pi, &m_pi, &m_ref, &prompt, 4, &params, &[], 0, &mut rng).unwrap();
+    assert!(matches!(other.fit, BetaFit::Determined(_)), "{other:?}");
+    let acc = beta_accuracy(&[other.fit, BetaFit::Undetermined]).unwrap();
+    assert_eq!((acc.determined, acc.undetermined), (1, 1));
+}
