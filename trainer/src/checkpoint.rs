@@ -213,6 +213,34 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Writes `rows` as JSON Lines (one value per line) to `path` atomically ([`write_atomic`]).
+///
+/// # Errors
+/// I/O errors.
+pub fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
+    use std::io::Write;
+    write_atomic(path, |tmp| {
+        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = std::io::BufWriter::new(f);
+        for r in rows {
+            writeln!(w, "{r}").map_err(|e| Error::io(tmp, e))?;
+        }
+        w.flush().map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Writes `value` as pretty-printed JSON to `path` atomically ([`write_atomic`]).
+///
+/// # Errors
+/// I/O errors; a value that does not serialize.
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
+    })
+}
+
 /// The tensors to save for `model`, by Hugging Face name, cast to `dtype`: every variable,
 /// the extra tensors of the input checkpoint, and `lm_head.weight` (a copy of the embedding)
 /// when the embeddings are tied and the input checkpoint had one.

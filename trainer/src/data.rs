@@ -62,6 +62,16 @@ pub struct PromptExample {
     pub prompt: Text,
 }
 
+impl Text {
+    /// The JSON form it was read from: a string, or a list of `{role, content}` messages.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Text::Plain(s) => serde_json::Value::String(s.clone()),
+            Text::Chat(m) => serde_json::to_value(m).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
 /// A parsed record with its 1-based line number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Located<T> {

@@ -1,6 +1,6 @@
 //! `difinfo-train`: command-line front end of difinfo-trainer.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -11,9 +11,9 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use difinfo_trainer::batch::{Batch, Sequence};
-use difinfo_trainer::checkpoint::{load_model, parse_dtype, write_atomic};
+use difinfo_trainer::checkpoint::{load_model, parse_dtype, write_json, write_jsonl};
 use difinfo_trainer::config::Architecture;
-use difinfo_trainer::data::{default_report_path, write_error_report, Text};
+use difinfo_trainer::data::{default_report_path, write_error_report};
 use difinfo_trainer::generate::{generate, SamplingParams};
 use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::logps::preference_logps;
@@ -232,6 +232,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Appendix K end to end: pairs y_w ~ π, y_l ~ π_ref; a fresh π̂ (from π_ref) trained on
+    /// them with the reference-free reward log π̂; the entropies H(π̂) (the DID entropy
+    /// estimate), H(π_ref), H(π) and π̂'s β-accuracy. Artifacts stay in --output-dir.
+    DidEntropy(difinfo_trainer::diag::did_entropy::DidEntropyArgs),
     /// Appendix K.1: per prompt, samples from the DID estimator π̂, the OLS fit of
     /// log π̂(y) = β log(π(y)/π_ref(y)) + c, and the fraction of prompts with β ≥ 0.
     BetaAccuracy {
@@ -309,24 +313,6 @@ fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
-fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
-    write_atomic(path, |tmp| {
-        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        for r in rows {
-            writeln!(w, "{r}").map_err(|e| Error::io(tmp, e))?;
-        }
-        w.flush().map_err(|e| Error::io(tmp, e))
-    })
-}
-
-fn text_json(t: &Text) -> serde_json::Value {
-    match t {
-        Text::Plain(s) => json!(s),
-        Text::Chat(m) => json!(m),
-    }
-}
-
 fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
     match cli.command {
         Command::Sft(a) => difinfo_trainer::train::cli::run_sft(&a, sub).map_err(train_error)?,
@@ -389,7 +375,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 }
                 let mut row =
                     serde_json::to_value(&f).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                row["prompt"] = text_json(&p.prompt);
+                row["prompt"] = p.prompt.to_json();
                 row["line"] = json!(ex.line);
                 rows.push(row);
                 fits.push(f.fit);
@@ -406,13 +392,10 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             }
             let doc =
                 json!({ "beta_accuracy": acc, "samples": samples, "seed": seed, "prompts": rows });
-            write_atomic(&out, |tmp| {
-                let text = serde_json::to_string_pretty(&doc)
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
-            })?;
+            write_json(&out, &doc)?;
             eprintln!("wrote {}", out.display());
         }
+        Command::DidEntropy(a) => did_entropy(&a)?,
         Command::Report { run_dir } => {
             let md = difinfo_trainer::diag::report::report(&run_dir).map_err(train_error)?;
             print!(
@@ -473,9 +456,9 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     low += 1;
                 }
                 rows.push(json!({
-                    "prompt": text_json(&set.prompt),
-                    "chosen": text_json(&set.chosen),
-                    "rejected": text_json(&set.candidates[r.index]),
+                    "prompt": set.prompt.to_json(),
+                    "chosen": set.chosen.to_json(),
+                    "rejected": set.candidates[r.index].to_json(),
                     "ess": r.ess,
                     "weight": r.weight,
                     "candidates": set.candidates.len(),
@@ -534,7 +517,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 );
                 let mut row =
                     serde_json::to_value(&e).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                row["prompt"] = text_json(&p.prompt);
+                row["prompt"] = p.prompt.to_json();
                 row["line"] = json!(ex.line);
                 rows.push(row);
                 ests.push(e);
@@ -554,11 +537,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 "overall": { "entropy": mean, "stderr": se, "prompts": ests.len() },
                 "prompts": rows,
             });
-            write_atomic(&out, |tmp| {
-                let text = serde_json::to_string_pretty(&doc)
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
-            })?;
+            write_json(&out, &doc)?;
             eprintln!("wrote {}", out.display());
         }
         Command::Init {
@@ -665,7 +644,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     rows.push(json!({
                         "line": ex.line,
                         "sample": k,
-                        "prompt": text_json(&p.prompt),
+                        "prompt": p.prompt.to_json(),
                         "prompt_ids": ids,
                         "completion": bundle.decode(&s.completion_ids, true)?,
                         "completion_ids": s.completion_ids,
@@ -766,6 +745,68 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `did-entropy`: the pipeline with progress bars, then its table.
+fn did_entropy(a: &difinfo_trainer::diag::did_entropy::DidEntropyArgs) -> Result<()> {
+    use difinfo::beta_accuracy::BetaFit;
+    use difinfo_trainer::diag::did_entropy::{run, Stage, REPORT_FILE};
+    let mut bar: Option<(Stage, indicatif::ProgressBar)> = None;
+    let r = run(a, &mut |stage, done, total| {
+        if bar.as_ref().map(|b| b.0) != Some(stage) {
+            if let Some((_, b)) = bar.take() {
+                b.finish_and_clear();
+            }
+            let what = match stage {
+                Stage::Pairs => "pairs",
+                Stage::Evaluate => "entropies",
+            };
+            bar = Some((stage, progress(total as u64, what)));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(done as u64);
+        }
+    })
+    .map_err(train_error)?;
+    if let Some((_, b)) = bar {
+        b.finish_and_clear();
+    }
+    println!("{}", r.train.line());
+    println!("| line | H(π̂) DID | ± | H(π_ref) | ± | H(π) | ± | β̂ |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for p in &r.prompts {
+        let beta = match p.beta.fit {
+            BetaFit::Determined(l) => format!("{:.4}", l.slope),
+            BetaFit::Undetermined => "undetermined".into(),
+        };
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {beta} |",
+            p.line,
+            p.did_entropy.entropy,
+            p.did_entropy.stderr,
+            p.reference_entropy.entropy,
+            p.reference_entropy.stderr,
+            p.policy_entropy.entropy,
+            p.policy_entropy.stderr
+        );
+    }
+    let (d, rf, pi) = (r.did_entropy, r.reference_entropy, r.policy_entropy);
+    println!(
+        "DID entropy H(π̂): {:.4} ± {:.4} nats; H(π_ref): {:.4} ± {:.4}; H(π): {:.4} ± {:.4} ({} prompt(s), {} samples each)",
+        d.entropy, d.stderr, rf.entropy, rf.stderr, pi.entropy, pi.stderr, r.prompts.len(), r.samples
+    );
+    match &r.beta_accuracy {
+        Some(b) => println!(
+            "β-accuracy of π̂: {:.4} over {} determined prompt(s) ({} undetermined)",
+            b.accuracy, b.determined, b.undetermined
+        ),
+        None => println!(
+            "β-accuracy of π̂: undetermined (no prompt's {} samples determine β)",
+            r.beta_samples
+        ),
+    }
+    eprintln!("wrote {}", a.output_dir.join(REPORT_FILE).display());
     Ok(())
 }
 

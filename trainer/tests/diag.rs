@@ -240,3 +240,159 @@ fn app_k1_beta_fits_are_undetermined_when_pi_equals_reference() {
     let acc = beta_accuracy(&[other.fit, BetaFit::Undetermined]).unwrap();
     assert_eq!((acc.determined, acc.undetermined), (1, 1));
 }
+
+/// Appendix K end to end with π = π_ref: the DID `q_{π/π_ref}` is uniform, so the estimator π̂
+/// (trained from a peaked π_ref on pairs y_w, y_l ~ π_ref) must flatten to an almost uniform
+/// distribution over the sampled support, while every β fit is undetermined (x ≡ 0) and
+/// reported as such; every artifact is in the run directory.
+#[test]
+fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
+    use difinfo::beta_accuracy::BetaFit;
+    use difinfo_trainer::diag::did_entropy::{
+        run, DidEntropyArgs, EstimatorArgs, PairDecoding, Stage, PAIRS_FILE, REPORT_FILE,
+        SAMPLES_FILE,
+    };
+    let mut cfg = common::micro_config(Architecture::Llama);
+    cfg.initializer_range = 0.6; // a peaked reference: far from the uniform DID
+    let (model_dir, _) = common::checkpoint(cfg, 7);
+    let tmp = common::TempDir::new();
+    let prompts = common::write_lines(&tmp, "prompts.jsonl", &[r#"{"prompt": "The cat"}"#]);
+    let out = tmp.join("run");
+    let args = DidEntropyArgs {
+        policy: model_dir.path().to_path_buf(),
+        reference: model_dir.path().to_path_buf(),
+        prompts,
+        eval_prompts: None,
+        output_dir: out.clone(),
+        decoding: PairDecoding::Sample,
+        pairs_per_prompt: 4096,
+        temperature: 1.0,
+        max_new_tokens: 1,
+        max_prompt_length: 0,
+        samples: 16,
+        beta_samples: 4,
+        seed: 3,
+        device: "cpu".into(),
+        config: None,
+        overwrite_output_dir: false,
+        estimator: EstimatorArgs {
+            learning_rate: Some(3e-3),
+            warmup_steps: Some(0),
+            num_train_epochs: Some(8.0),
+            per_device_train_batch_size: Some(256),
+            gradient_accumulation_steps: Some(1),
+            ..Default::default()
+        },
+    };
+    let mut stages = Vec::new();
+    let r = run(&args, &mut |s, done, total| stages.push((s, done, total))).unwrap();
+    assert_eq!(stages, [(Stage::Pairs, 1, 1), (Stage::Evaluate, 1, 1)]);
+    for f in [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert!(r.estimator.join("model.safetensors").is_file());
+    assert_eq!(r.pairs, 4096);
+    // K.1: x = log π − log π_ref is exactly 0, so no fit exists.
+    assert!(r.prompts.iter().all(|p| p.beta.x.iter().all(|&x| x == 0.0)));
+    assert!(r
+        .prompts
+        .iter()
+        .all(|p| p.beta.fit == BetaFit::Undetermined));
+    assert!(r.beta_accuracy.is_none());
+
+    // The sampled support: completion tokens seen at least 64 times among the 8192 drawn.
+    let first = std::fs::read_to_string(out.join(PAIRS_FILE)).unwrap();
+    let mut counts = std::collections::BTreeMap::<u32, usize>::new();
+    let mut prompt_ids = Vec::new();
+    for line in first.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        prompt_ids = serde_json::from_value::<Vec<u32>>(v["prompt_ids"].clone()).unwrap();
+        for k in ["chosen_ids", "rejected_ids"] {
+            let ids: Vec<u32> = serde_json::from_value(v[k].clone()).unwrap();
+            *counts.entry(ids[0]).or_default() += 1;
+        }
+    }
+    let support: Vec<usize> = counts
+        .iter()
+        .filter(|(_, &c)| c >= 64)
+        .map(|(&t, _)| t as usize)
+        .collect();
+    assert!(support.len() >= 4, "support {counts:?}");
+    let restricted_entropy = |lp: &[f64]| {
+        let l: Vec<f64> = support.iter().map(|&t| lp[t]).collect();
+        let lse = difinfo::logspace::log_sum_exp(&l);
+        let h: f64 = -l.iter().map(|x| (x - lse).exp() * (x - lse)).sum::<f64>();
+        h / (support.len() as f64).ln()
+    };
+    let m_ref = difinfo_trainer::checkpoint::load_model(
+        model_dir.path(),
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let m_hat = difinfo_trainer::checkpoint::load_model(
+        &r.estimator,
+        DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let h_ref = restricted_entropy(&next_logps(&m_ref, prompt_ids.clone(), 1)[0]);
+    let h_hat = restricted_entropy(&next_logps(&m_hat, prompt_ids, 1)[0]);
+    eprintln!(
+        "support {} tokens; normalized entropy on it: π_ref {h_ref:.4}, π̂ {h_hat:.4}; H(π̂) {} H(π_ref) {}",
+        support.len(),
+        r.did_entropy.entropy,
+        r.reference_entropy.entropy
+    );
+    assert!(h_ref < 0.9, "the reference should be peaked: {h_ref}");
+    assert!(
+        h_hat > 0.98,
+        "π̂ should be almost uniform on the support: {h_hat}"
+    );
+    assert!(r.did_entropy.entropy > r.reference_entropy.entropy);
+}
+
+/// `did-entropy` refuses, before any sampling, a β or objective that would not estimate the DID
+/// and an output directory holding an earlier run.
+#[test]
+fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
+    use difinfo_trainer::diag::did_entropy::{run, DidEntropyArgs, EstimatorArgs, PairDecoding};
+    let tmp = common::TempDir::new();
+    let cfg = common::write_lines(&tmp, "k.toml", &["beta = 0.5"]);
+    let mut args = DidEntropyArgs {
+        policy: tmp.join("no-such-policy"),
+        reference: tmp.join("no-such-reference"),
+        prompts: tmp.join("no-such-prompts.jsonl"),
+        eval_prompts: None,
+        output_dir: tmp.join("run"),
+        decoding: PairDecoding::Greedy,
+        pairs_per_prompt: 1,
+        temperature: 1.0,
+        max_new_tokens: 4,
+        max_prompt_length: 0,
+        samples: 8,
+        beta_samples: 4,
+        seed: 0,
+        device: "cpu".into(),
+        config: Some(cfg),
+        overwrite_output_dir: false,
+        estimator: EstimatorArgs::default(),
+    };
+    let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("β = 0.5") && e.contains("ref-free"), "{e}");
+    args.config = None;
+    args.samples = 1;
+    let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("--samples"), "{e}");
+    args.samples = 8;
+    std::fs::create_dir_all(tmp.join("run")).unwrap();
+    std::fs::write(tmp.join("run/pairs.jsonl"), "").unwrap();
+    let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("pairs.jsonl") && e.contains("--overwrite-output-dir"),
+        "{e}"
+    );
+    args.overwrite_output_dir = true;
+    let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(e.contains("no-such-reference"), "{e}");
+}

@@ -21,6 +21,8 @@ use crate::model::Model;
 /// One prompt's samples and fit.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PromptFit {
+    /// The completions `y_i ~ π̂` (token ids after the prompt).
+    pub completion_ids: Vec<Vec<u32>>,
     /// `x_i = log π(y_i) − log π_ref(y_i)`.
     pub x: Vec<f64>,
     /// `log π̂(y_i)`.
@@ -64,5 +66,10 @@ pub fn prompt_fit(
     let lr = sequence_logps(reference, &seqs, pad_id)?;
     let x: Vec<f64> = lp.iter().zip(&lr).map(|(a, b)| a - b).collect();
     let fit = fit_beta(&x, &y).map_err(|e| Error::InvalidArgument(format!("β fit: {e}")))?;
-    Ok(PromptFit { x, y, fit })
+    Ok(PromptFit {
+        completion_ids: drawn.into_iter().map(|s| s.completion_ids).collect(),
+        x,
+        y,
+        fit,
+    })
 }

@@ -17,7 +17,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::generate::{generate, SamplingParams};
+use crate::generate::{generate, Sample, SamplingParams};
 use crate::model::Model;
 
 /// The estimate for one prompt.
@@ -52,6 +52,31 @@ pub fn prompt_entropy(
     stop_ids: &[u32],
     rng: &mut impl Rng,
 ) -> Result<PromptEntropy> {
+    prompt_entropy_with_samples(
+        model,
+        prompt_ids,
+        k,
+        temperature,
+        max_new_tokens,
+        stop_ids,
+        rng,
+    )
+    .map(|(e, _)| e)
+}
+
+/// [`prompt_entropy`], also returning the `k` samples it drew (to keep them as artifacts).
+///
+/// # Errors
+/// See [`prompt_entropy`].
+pub fn prompt_entropy_with_samples(
+    model: &Model,
+    prompt_ids: &[u32],
+    k: usize,
+    temperature: f64,
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    rng: &mut impl Rng,
+) -> Result<(PromptEntropy, Vec<Sample>)> {
     if k < 2 {
         return Err(Error::InvalidArgument(format!(
             "--samples must be ≥ 2, got {k}"
@@ -73,7 +98,7 @@ pub fn prompt_entropy(
         .map_err(|e| Error::InvalidArgument(format!("entropy estimate: {e}")))?;
     let tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
     let h_tokens: f64 = samples.iter().map(|s| s.token_entropy).sum();
-    Ok(PromptEntropy {
+    let e = PromptEntropy {
         entropy: est.mean,
         stderr: est.stderr,
         samples: k,
@@ -84,7 +109,8 @@ pub fn prompt_entropy(
         },
         mean_length: tokens as f64 / k as f64,
         finished_fraction: samples.iter().filter(|s| s.finished).count() as f64 / k as f64,
-    })
+    };
+    Ok((e, samples))
 }
 
 /// The mean of per-prompt estimates and its standard error `√(Σ se²) / P` (independent prompts).

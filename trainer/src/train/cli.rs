@@ -686,6 +686,17 @@ impl RunSummary {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
+    let bundle = TokenizerBundle::load(&r.record.model)?;
+    let data = load_dataset(&r.config, &r.record, &bundle)?;
+    train_on(r, data)
+}
+
+/// [`train`] on a dataset already tokenized (e.g. sampled token ids, as `did-entropy` trains
+/// its estimator on); `r.record.data` is only recorded.
+///
+/// # Errors
+/// See [`train`].
+pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     let c = &r.config;
     for w in c.warnings() {
         eprintln!("warning: {w}");
@@ -695,8 +706,6 @@ pub fn train(r: &Resolved) -> CliResult<RunSummary> {
     }
     let device = crate::parse_device(&r.record.device)?;
     let dtype = parse_dtype(&r.record.dtype)?;
-    let bundle = TokenizerBundle::load(&r.record.model)?;
-    let data = load_dataset(c, &r.record, &bundle)?;
     let mut m = load_model(&r.record.model, dtype, &device)?;
     if r.record.bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;

@@ -1,0 +1,603 @@
+//! The DID entropy of a policy update, end to end (Appendix K).
+//!
+//! The entropy of the differential information distribution `q_{π/π_ref}(y) = π(y)/π_ref(y) / Z`
+//! needs the partition function `Z = Σ_y π(y)/π_ref(y)`, whose Monte Carlo estimate has a high
+//! variance. Appendix K estimates it without `Z`:
+//!
+//! 1. **Pairs.** For each training prompt `x`: `y_w ~ π(·|x)` and `y_l ~ π_ref(·|x)` (sampled, or
+//!    greedy as in the paper's Table 2), the preference pair `(x, y_w ≻ y_l)`. An unordered pair
+//!    `{a, b}` then has `P(a ≻ b) = π(a)π_ref(b) / (π(a)π_ref(b) + π(b)π_ref(a))
+//!    = σ(log q(a) − log q(b))` with `q = q_{π/π_ref}` (Appendix F.2).
+//! 2. **Estimator.** A fresh `π̂`, initialized from `π_ref`, trained on the pairs with the
+//!    reference-free reward `r = log π̂` (DPO's sigmoid loss with `β = 1`, TRL's
+//!    `reference_free`): by Theorem 2.1 its optimum is `π̂ = q_{π/π_ref}`. The paper's settings
+//!    are the defaults: RMSprop without weight decay, learning rate `1e-6`, linear warm-up of
+//!    150 steps then constant, effective batch 64, one epoch.
+//! 3. **Entropies.** On evaluation prompts, the Monte Carlo sequence entropies
+//!    ([`crate::diag::entropy`]) `H(π̂)` — the DID entropy estimate — `H(π_ref)` and `H(π)`, and the
+//!    β-accuracy of `π̂` ([`crate::diag::beta_accuracy`], Appendix K.1), which says whether `π̂`
+//!    has the form `log π̂ = β log(π/π_ref) + c` with `β ≥ 0` it should have at convergence.
+//!
+//! Every artifact stays in the run directory: `pairs.jsonl` (TRL's preference format plus the
+//! token ids trained on), `estimator/` (the training run of `π̂`: metrics, `checkpoint-N`
+//! Hugging Face directories), `samples.jsonl` (the completions each entropy and β fit used) and
+//! `did_entropy.json` (per-prompt and overall results).
+//!
+//! With `π = π_ref` the DID is uniform: `π̂` flattens toward the uniform distribution over the
+//! sampled support, and every `x = log π(y) − log π_ref(y)` is 0, so no prompt's β fit is
+//! determined (reported as undetermined, not as a number).
+
+use std::path::{Path, PathBuf};
+
+use clap::{ArgAction, Args, ValueEnum};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use difinfo::beta_accuracy::{beta_accuracy, BetaAccuracy, BetaFit};
+
+use crate::checkpoint::{load_model, write_json, write_jsonl};
+use crate::diag::beta_accuracy::{prompt_fit, PromptFit};
+use crate::diag::entropy::{overall, prompt_entropy_with_samples, PromptEntropy};
+use crate::generate::{generate, Sample, SamplingParams};
+use crate::model::Model;
+use crate::tokenize::{load_prompts, CompletionBoundary, TokenizerBundle, TruncationMode};
+use crate::train::cli::{
+    report_stats, train_on, CliError, CliResult, Resolved, RunRecord, RunSummary,
+};
+use crate::train::config::merge_onto;
+use crate::train::optim::OptimizerKind;
+use crate::train::schedule::SchedulerType;
+use crate::train::{Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig};
+
+/// How the pair completions are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PairDecoding {
+    /// Ancestral sampling at `--temperature` (no top-k / top-p).
+    Sample,
+    /// Greedy (argmax) decoding, one pair per prompt (the paper's Table 2).
+    Greedy,
+}
+
+/// Options of the estimator's training, named as TRL's config fields; unset ones keep
+/// Appendix K's values ([`estimator_defaults`]) or the `--config` file's.
+#[derive(Args, Debug, Clone, Default, Serialize)]
+pub struct EstimatorArgs {
+    /// Peak learning rate of π̂ [default: 1e-6, Appendix K]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    /// Optimizer of π̂: sgd, rmsprop, adamw [default: rmsprop, Appendix K]
+    #[arg(long, value_parser = ["sgd", "rmsprop", "adamw", "adamw_torch"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optim: Option<String>,
+    /// Learning-rate schedule of π̂ [default: constant_with_warmup]
+    #[arg(long, value_parser = ["constant", "constant_with_warmup", "linear", "cosine"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_scheduler_type: Option<String>,
+    /// Linear warm-up steps of π̂ [default: 150, Appendix K]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<usize>,
+    /// Epochs over the pairs [default: 1]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_train_epochs: Option<f64>,
+    /// Optimizer steps; overrides --num-train-epochs when positive [default: -1]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<i64>,
+    /// Pairs per micro-batch [default: 8]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_device_train_batch_size: Option<usize>,
+    /// Micro-batches per step [default: 8, an effective batch of 64 as in Appendix K]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Global gradient-norm clipping (0 disables) [default: 1.0]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// Log the estimator's metrics every N steps [default: 10]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logging_steps: Option<usize>,
+}
+
+/// `difinfo-train did-entropy`: Appendix K's DID entropy pipeline.
+#[derive(Args, Debug, Clone)]
+pub struct DidEntropyArgs {
+    /// The policy π after the update (checkpoint directory).
+    #[arg(long, value_name = "DIR")]
+    pub policy: PathBuf,
+    /// The reference π_ref before it (checkpoint directory; π̂ starts from it and its tokenizer
+    /// is used for all three models).
+    #[arg(long, value_name = "DIR")]
+    pub reference: PathBuf,
+    /// Training prompts for the pairs (JSONL: `prompt` string or messages, or `messages`).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: PathBuf,
+    /// Unseen prompts on which the entropies and β fits are measured [default: --prompts]
+    #[arg(long, value_name = "FILE")]
+    pub eval_prompts: Option<PathBuf>,
+    /// Run directory for every artifact.
+    #[arg(long, default_value = "runs/did-entropy")]
+    pub output_dir: PathBuf,
+    /// Pair completions: sampled, or greedy (the paper's Table 2; one pair per prompt).
+    #[arg(long, value_enum, default_value_t = PairDecoding::Sample)]
+    pub decoding: PairDecoding,
+    /// Pairs per training prompt (sampled decoding).
+    #[arg(long, default_value_t = 1)]
+    pub pairs_per_prompt: usize,
+    /// Temperature of the sampled pair completions.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Most new tokens per completion (pairs, entropy samples and β samples).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Longest prompt in tokens, keeping its end (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_prompt_length: usize,
+    /// Monte Carlo samples per evaluation prompt and model for the entropies (K ≥ 2).
+    #[arg(long, default_value_t = 32)]
+    pub samples: usize,
+    /// Samples per evaluation prompt for π̂'s β fit (Appendix K.1 uses 4).
+    #[arg(long, default_value_t = 4)]
+    pub beta_samples: usize,
+    /// Seed of the pairs, the estimator's data order and the evaluation samples.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// TOML file of the estimator's training options (TRL field names; the command line wins).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Replace the artifacts of an earlier run in --output-dir instead of refusing to start.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub overwrite_output_dir: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub estimator: EstimatorArgs,
+}
+
+/// Appendix K's training of `π̂`: reference-free DPO (`r = log π̂`, `β = 1`), RMSprop without
+/// weight decay, learning rate `1e-6` after a 150-step linear warm-up, effective batch 64
+/// (8 × 8), one epoch, checkpoints at the end.
+pub fn estimator_defaults(output_dir: &Path) -> TrainConfig {
+    TrainConfig {
+        objective: Objective::RefFree,
+        reference_free: true,
+        beta: 1.0,
+        output_dir: output_dir.to_path_buf(),
+        learning_rate: 1e-6,
+        optim: OptimizerKind::Rmsprop,
+        weight_decay: 0.0,
+        lr_scheduler_type: SchedulerType::ConstantWithWarmup,
+        warmup_steps: 150,
+        num_train_epochs: 1.0,
+        per_device_train_batch_size: 8,
+        gradient_accumulation_steps: 8,
+        max_length: 0,
+        max_prompt_length: 0,
+        save_steps: 0,
+        ..TrainConfig::default()
+    }
+}
+
+/// One sampled pair `(y_w ~ π, y_l ~ π_ref)` of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledPair {
+    /// `y_w ~ π`.
+    pub chosen: Sample,
+    /// `y_l ~ π_ref`.
+    pub rejected: Sample,
+}
+
+/// Step 1: `n` pairs `y_w ~ π(·|x)`, `y_l ~ π_ref(·|x)` of one prompt (`n = 1` for greedy
+/// decoding). `rng_w` and `rng_l` are separate streams so that either side's samples do not
+/// depend on the other's.
+///
+/// # Errors
+/// Greedy decoding with `n ≠ 1`; generation errors.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_pairs(
+    policy: &Model,
+    reference: &Model,
+    prompt_ids: &[u32],
+    n: usize,
+    decoding: PairDecoding,
+    temperature: f64,
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    rng_w: &mut StdRng,
+    rng_l: &mut StdRng,
+) -> crate::Result<Vec<SampledPair>> {
+    if decoding == PairDecoding::Greedy && n != 1 {
+        return Err(crate::Error::InvalidArgument(format!(
+            "--decoding greedy gives one pair per prompt, not --pairs-per-prompt {n}"
+        )));
+    }
+    let params = SamplingParams {
+        temperature: match decoding {
+            PairDecoding::Greedy => 0.0,
+            PairDecoding::Sample => temperature,
+        },
+        top_p: 1.0,
+        max_new_tokens,
+    };
+    let w = generate(policy, prompt_ids, n, &params, stop_ids, rng_w)?;
+    let l = generate(reference, prompt_ids, n, &params, stop_ids, rng_l)?;
+    Ok(w.into_iter()
+        .zip(l)
+        .map(|(chosen, rejected)| SampledPair { chosen, rejected })
+        .collect())
+}
+
+/// A Monte Carlo entropy summed over prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OverallEntropy {
+    /// Mean of the per-prompt estimates (nats).
+    pub entropy: f64,
+    /// Its standard error.
+    pub stderr: f64,
+}
+
+impl OverallEntropy {
+    fn of(per_prompt: &[PromptEntropy]) -> Self {
+        let (entropy, stderr) = overall(per_prompt);
+        Self { entropy, stderr }
+    }
+}
+
+/// One evaluation prompt's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptDid {
+    /// 1-based line in the evaluation prompts file.
+    pub line: usize,
+    /// The prompt as read.
+    pub prompt: serde_json::Value,
+    /// `H(π̂)`: the DID entropy estimate.
+    pub did_entropy: PromptEntropy,
+    /// `H(π_ref)`.
+    pub reference_entropy: PromptEntropy,
+    /// `H(π)`.
+    pub policy_entropy: PromptEntropy,
+    /// π̂'s β fit (Appendix K.1).
+    pub beta: PromptFit,
+}
+
+/// The whole result, written as `did_entropy.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DidEntropyReport {
+    /// π.
+    pub policy: PathBuf,
+    /// π_ref.
+    pub reference: PathBuf,
+    /// The trained estimator π̂ (a Hugging Face checkpoint directory).
+    pub estimator: PathBuf,
+    /// Pairs trained on.
+    pub pairs: usize,
+    /// Pair decoding.
+    pub decoding: PairDecoding,
+    /// The estimator's training summary.
+    pub train: RunSummary,
+    /// Mean `H(π̂)` over evaluation prompts: the DID entropy estimate.
+    pub did_entropy: OverallEntropy,
+    /// Mean `H(π_ref)`.
+    pub reference_entropy: OverallEntropy,
+    /// Mean `H(π)`.
+    pub policy_entropy: OverallEntropy,
+    /// π̂'s β-accuracy; `None` when no prompt's fit is determined.
+    pub beta_accuracy: Option<BetaAccuracy>,
+    /// Monte Carlo samples per prompt and model.
+    pub samples: usize,
+    /// β-fit samples per prompt.
+    pub beta_samples: usize,
+    /// Most new tokens per completion.
+    pub max_new_tokens: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Per evaluation prompt.
+    pub prompts: Vec<PromptDid>,
+}
+
+/// Progress of the sampling stages (the estimator's training reports its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Sampling pairs: prompts done of total.
+    Pairs,
+    /// Entropies and β fits: prompts done of total.
+    Evaluate,
+}
+
+/// File names in the run directory.
+pub const PAIRS_FILE: &str = "pairs.jsonl";
+/// See [`PAIRS_FILE`].
+pub const SAMPLES_FILE: &str = "samples.jsonl";
+/// See [`PAIRS_FILE`].
+pub const REPORT_FILE: &str = "did_entropy.json";
+/// The estimator's training run, under the run directory.
+pub const ESTIMATOR_DIR: &str = "estimator";
+
+/// An independent random stream for one purpose of the run.
+fn stream(seed: u64, purpose: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn usage<T>(m: impl Into<String>) -> CliResult<T> {
+    Err(CliError::Usage(m.into()))
+}
+
+fn sample_row(
+    line: usize,
+    model: &str,
+    purpose: &str,
+    ids: &[u32],
+    logp: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "line": line, "model": model, "purpose": purpose, "completion_ids": ids, "logp": logp,
+    })
+}
+
+/// Runs the pipeline; `progress(stage, done, total)` is called after each prompt.
+///
+/// # Errors
+/// Bad options (a β or objective other than the reference-free `β = 1` in `--config`, greedy
+/// decoding with several pairs per prompt, fewer than 2 samples), an earlier run's artifacts in
+/// the output directory without `--overwrite-output-dir`, models with different vocabularies,
+/// data, model and training errors.
+pub fn run(
+    args: &DidEntropyArgs,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> CliResult<DidEntropyReport> {
+    let out = &args.output_dir;
+    if args.samples < 2 {
+        return usage(format!("--samples must be ≥ 2, got {}", args.samples));
+    }
+    if args.pairs_per_prompt == 0 {
+        return usage("--pairs-per-prompt must be ≥ 1");
+    }
+    let earlier = [PAIRS_FILE, REPORT_FILE, ESTIMATOR_DIR]
+        .iter()
+        .map(|f| out.join(f))
+        .find(|p| p.exists());
+    if let Some(p) = earlier {
+        if !args.overwrite_output_dir {
+            return usage(format!(
+                "{} exists (an earlier did-entropy run): choose another --output-dir or pass --overwrite-output-dir",
+                p.display()
+            ));
+        }
+        let est = out.join(ESTIMATOR_DIR);
+        if est.exists() {
+            std::fs::remove_dir_all(&est).map_err(|e| crate::Error::io(&est, e))?;
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let est_dir = out.join(ESTIMATOR_DIR);
+    let mut config = merge_onto(
+        &estimator_defaults(&est_dir),
+        args.config.as_deref(),
+        &args.estimator,
+    )?;
+    if config.objective != Objective::RefFree || config.beta != 1.0 {
+        return usage(format!(
+            "did-entropy trains π̂ with the reference-free reward r = log π̂ (objective ref-free, β = 1); \
+             the options ask for objective {:?} with β = {}",
+            config.objective, config.beta
+        ));
+    }
+    config.output_dir = est_dir.clone();
+    config.seed = args.seed;
+    config.overwrite_output_dir = args.overwrite_output_dir;
+
+    let device = crate::parse_device(&args.device)?;
+    let bundle = TokenizerBundle::load(&args.reference)?;
+    let limit = (args.max_prompt_length > 0).then_some(args.max_prompt_length);
+    let train_prompts = load_prompts(&bundle, &args.prompts, limit, false)?;
+    report_stats(&args.prompts, &train_prompts.stats, None);
+    let eval_prompts = match &args.eval_prompts {
+        Some(f) => {
+            let d = load_prompts(&bundle, f, limit, false)?;
+            report_stats(f, &d.stats, None);
+            d
+        }
+        None => train_prompts.clone(),
+    };
+
+    // Step 1: pairs.
+    let pairs = {
+        let m_pi = load_model(&args.policy, candle_core::DType::F32, &device)?;
+        let m_ref = load_model(&args.reference, candle_core::DType::F32, &device)?;
+        if m_pi.config().vocab_size != m_ref.config().vocab_size {
+            return usage(format!(
+                "--policy and --reference must share one tokenizer (vocabularies of {} and {})",
+                m_pi.config().vocab_size,
+                m_ref.config().vocab_size
+            ));
+        }
+        let (mut rw, mut rl) = (stream(args.seed, 1), stream(args.seed, 2));
+        let n = train_prompts.examples.len();
+        let mut pairs = Vec::new();
+        for (i, ex) in train_prompts.examples.iter().enumerate() {
+            let (p, ids) = &ex.value;
+            let at = |e: crate::Error| {
+                CliError::Usage(format!("{}:{}: {e}", args.prompts.display(), ex.line))
+            };
+            let drawn = sample_pairs(
+                &m_pi,
+                &m_ref,
+                ids,
+                args.pairs_per_prompt,
+                args.decoding,
+                args.temperature,
+                args.max_new_tokens,
+                bundle.stop_ids(),
+                &mut rw,
+                &mut rl,
+            )
+            .map_err(at)?;
+            for d in drawn {
+                pairs.push((ex.line, p.prompt.to_json(), ids.clone(), d));
+            }
+            progress(Stage::Pairs, i + 1, n);
+        }
+        pairs
+    };
+    let mut rows = Vec::with_capacity(pairs.len());
+    for (line, prompt, ids, d) in &pairs {
+        rows.push(serde_json::json!({
+            "line": line,
+            "prompt": prompt,
+            "chosen": bundle.decode(&d.chosen.completion_ids, true)?,
+            "rejected": bundle.decode(&d.rejected.completion_ids, true)?,
+            "prompt_ids": ids,
+            "chosen_ids": d.chosen.completion_ids,
+            "rejected_ids": d.rejected.completion_ids,
+            "chosen_logp_policy": d.chosen.logp,
+            "rejected_logp_reference": d.rejected.logp,
+        }));
+    }
+    let pairs_path = out.join(PAIRS_FILE);
+    write_jsonl(&pairs_path, rows)?;
+
+    // Step 2: the estimator π̂ from π_ref, on the sampled token ids.
+    let seq = |ids: &[u32], c: &[u32]| Sequence {
+        ids: [ids, c].concat(),
+        completion_start: ids.len(),
+    };
+    let data = Dataset {
+        examples: Examples::Preference(
+            pairs
+                .iter()
+                .map(|(_, _, ids, d)| PreferencePair {
+                    chosen: seq(ids, &d.chosen.completion_ids),
+                    rejected: seq(ids, &d.rejected.completion_ids),
+                })
+                .collect(),
+        ),
+        pad_id: bundle.pad_id(),
+        settings: format!("did-entropy pairs of {}", pairs_path.display()),
+    };
+    let resolved = Resolved {
+        config,
+        record: RunRecord {
+            command: "dpo".into(),
+            model: args.reference.clone(),
+            data: pairs_path.clone(),
+            dtype: "f32".into(),
+            device: args.device.clone(),
+            bf16: false,
+            truncation_mode: TruncationMode::KeepStart,
+            completion_boundary: CompletionBoundary::CommonPrefix,
+            skip_invalid: false,
+            error_report: None,
+        },
+        resume: None,
+        config_file: args.config.clone(),
+    };
+    let summary = train_on(&resolved, data)?;
+    let Some(estimator) = summary.last_checkpoint.clone() else {
+        return usage(format!(
+            "the estimator's run in {} saved no checkpoint",
+            est_dir.display()
+        ));
+    };
+
+    // Step 3: entropies and β fits on the evaluation prompts.
+    let m_hat = load_model(&estimator, candle_core::DType::F32, &device)?;
+    let m_ref = load_model(&args.reference, candle_core::DType::F32, &device)?;
+    let m_pi = load_model(&args.policy, candle_core::DType::F32, &device)?;
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: args.max_new_tokens,
+    };
+    let mut rngs = [3, 4, 5, 6].map(|k| stream(args.seed, k));
+    let n = eval_prompts.examples.len();
+    let eval_file = args.eval_prompts.as_ref().unwrap_or(&args.prompts);
+    let (mut per_prompt, mut sample_rows) = (Vec::with_capacity(n), Vec::new());
+    for (i, ex) in eval_prompts.examples.iter().enumerate() {
+        let (p, ids) = &ex.value;
+        let at =
+            |e: crate::Error| CliError::Usage(format!("{}:{}: {e}", eval_file.display(), ex.line));
+        let [r_hat, r_ref, r_pi, r_beta] = &mut rngs;
+        let mut entropy = |name: &str, m: &Model, rng: &mut StdRng| -> CliResult<PromptEntropy> {
+            let (e, drawn) = prompt_entropy_with_samples(
+                m,
+                ids,
+                args.samples,
+                1.0,
+                args.max_new_tokens,
+                bundle.stop_ids(),
+                rng,
+            )
+            .map_err(at)?;
+            for s in &drawn {
+                sample_rows.push(sample_row(
+                    ex.line,
+                    name,
+                    "entropy",
+                    &s.completion_ids,
+                    s.logp,
+                ));
+            }
+            Ok(e)
+        };
+        let did_entropy = entropy("estimator", &m_hat, r_hat)?;
+        let reference_entropy = entropy("reference", &m_ref, r_ref)?;
+        let policy_entropy = entropy("policy", &m_pi, r_pi)?;
+        let beta = prompt_fit(
+            &m_hat,
+            &m_pi,
+            &m_ref,
+            ids,
+            args.beta_samples,
+            &params,
+            bundle.stop_ids(),
+            bundle.pad_id(),
+            r_beta,
+        )
+        .map_err(at)?;
+        for (c, y) in beta.completion_ids.iter().zip(&beta.y) {
+            sample_rows.push(sample_row(ex.line, "estimator", "beta", c, *y));
+        }
+        per_prompt.push(PromptDid {
+            line: ex.line,
+            prompt: p.prompt.to_json(),
+            did_entropy,
+            reference_entropy,
+            policy_entropy,
+            beta,
+        });
+        progress(Stage::Evaluate, i + 1, n);
+    }
+    write_jsonl(&out.join(SAMPLES_FILE), sample_rows)?;
+    let pick = |f: fn(&PromptDid) -> &PromptEntropy| -> Vec<PromptEntropy> {
+        per_prompt.iter().map(|p| f(p).clone()).collect()
+    };
+    let fits: Vec<BetaFit> = per_prompt.iter().map(|p| p.beta.fit).collect();
+    let report = DidEntropyReport {
+        policy: args.policy.clone(),
+        reference: args.reference.clone(),
+        estimator,
+        pairs: pairs.len(),
+        decoding: args.decoding,
+        train: summary,
+        did_entropy: OverallEntropy::of(&pick(|p| &p.did_entropy)),
+        reference_entropy: OverallEntropy::of(&pick(|p| &p.reference_entropy)),
+        policy_entropy: OverallEntropy::of(&pick(|p| &p.policy_entropy)),
+        beta_accuracy: beta_accuracy(&fits).ok(),
+        samples: args.samples,
+        beta_samples: args.beta_samples,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+        prompts: per_prompt,
+    };
+    write_json(&out.join(REPORT_FILE), &report)?;
+    Ok(report)
+}
