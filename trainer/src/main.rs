@@ -1,6 +1,5 @@
 //! `difinfo-train`: command-line front end of difinfo-trainer.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -300,17 +299,7 @@ enum Command {
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
-    ) {
-        pb.set_style(style);
-    }
-    pb.set_message(what.to_string());
-    pb
+    difinfo_trainer::train::cli::progress_bar(len, 0, what)
 }
 
 fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
@@ -502,7 +491,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             println!("|---:|---:|---:|---:|---:|---:|");
             for ex in &ds.examples {
                 let (p, ids) = &ex.value;
-                let e = prompt_entropy(
+                let (e, _) = prompt_entropy(
                     &m,
                     ids,
                     samples,

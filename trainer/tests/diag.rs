@@ -63,8 +63,12 @@ fn app_k_monte_carlo_entropy_matches_enumeration_and_stderr_shrinks() {
     let stop = 2u32;
     let exact = exact_two_token_entropy(&m, &prompt, stop);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let small = prompt_entropy(&m, &prompt, 400, 1.0, 2, &[stop], &mut rng).unwrap();
-    let large = prompt_entropy(&m, &prompt, 1600, 1.0, 2, &[stop], &mut rng).unwrap();
+    let small = prompt_entropy(&m, &prompt, 400, 1.0, 2, &[stop], &mut rng)
+        .unwrap()
+        .0;
+    let large = prompt_entropy(&m, &prompt, 1600, 1.0, 2, &[stop], &mut rng)
+        .unwrap()
+        .0;
     for e in [&small, &large] {
         let z = (e.entropy - exact).abs() / e.stderr;
         assert!(

@@ -38,7 +38,7 @@ use difinfo::beta_accuracy::{beta_accuracy, BetaAccuracy, BetaFit};
 
 use crate::checkpoint::{load_model, write_json, write_jsonl};
 use crate::diag::beta_accuracy::{prompt_fit, PromptFit};
-use crate::diag::entropy::{overall, prompt_entropy_with_samples, PromptEntropy};
+use crate::diag::entropy::{overall, prompt_entropy, PromptEntropy};
 use crate::generate::{generate, Sample, SamplingParams};
 use crate::model::Model;
 use crate::tokenize::{load_prompts, CompletionBoundary, TokenizerBundle, TruncationMode};
@@ -527,7 +527,7 @@ pub fn run(
             |e: crate::Error| CliError::Usage(format!("{}:{}: {e}", eval_file.display(), ex.line));
         let [r_hat, r_ref, r_pi, r_beta] = &mut rngs;
         let mut entropy = |name: &str, m: &Model, rng: &mut StdRng| -> CliResult<PromptEntropy> {
-            let (e, drawn) = prompt_entropy_with_samples(
+            let (e, drawn) = prompt_entropy(
                 m,
                 ids,
                 args.samples,

@@ -38,37 +38,13 @@ pub struct PromptEntropy {
     pub finished_fraction: f64,
 }
 
-/// Samples `k` completions of `prompt_ids` from `π_T` and estimates the sequence entropy.
+/// Samples `k` completions of `prompt_ids` from `π_T` and estimates the sequence entropy;
+/// returns the estimate and the samples it rests on (to keep them as artifacts).
 ///
 /// # Errors
 /// `k < 2` (no standard error), `temperature ≤ 0` (a point mass has no Monte Carlo estimate),
 /// generation errors.
 pub fn prompt_entropy(
-    model: &Model,
-    prompt_ids: &[u32],
-    k: usize,
-    temperature: f64,
-    max_new_tokens: usize,
-    stop_ids: &[u32],
-    rng: &mut impl Rng,
-) -> Result<PromptEntropy> {
-    prompt_entropy_with_samples(
-        model,
-        prompt_ids,
-        k,
-        temperature,
-        max_new_tokens,
-        stop_ids,
-        rng,
-    )
-    .map(|(e, _)| e)
-}
-
-/// [`prompt_entropy`], also returning the `k` samples it drew (to keep them as artifacts).
-///
-/// # Errors
-/// See [`prompt_entropy`].
-pub fn prompt_entropy_with_samples(
     model: &Model,
     prompt_ids: &[u32],
     k: usize,

@@ -575,7 +575,9 @@ fn r_report(r: &RunRecord) -> PathBuf {
         .unwrap_or_else(|| default_report_path(&r.data))
 }
 
-fn progress(len: u64, pos: u64) -> indicatif::ProgressBar {
+/// A progress bar with ETA on stderr when it is a terminal (hidden otherwise), labelled `what`,
+/// starting at `pos` of `len`.
+pub fn progress_bar(len: u64, pos: u64, what: &str) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
@@ -585,6 +587,7 @@ fn progress(len: u64, pos: u64) -> indicatif::ProgressBar {
     ) {
         pb.set_style(style);
     }
+    pb.set_message(what.to_string());
     pb.set_position(pos);
     pb
 }
@@ -736,7 +739,11 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
         trainer.total_steps(),
         out.display()
     );
-    let pb = progress(trainer.total_steps() as u64, trainer.global_step() as u64);
+    let pb = progress_bar(
+        trainer.total_steps() as u64,
+        trainer.global_step() as u64,
+        r.record.command.as_str(),
+    );
     let start_step = trainer.global_step();
     let t0 = Instant::now();
     let result = loop {
