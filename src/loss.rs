@@ -67,6 +67,23 @@ impl LossShape {
     }
 }
 
+/// The label-smoothed sigmoid loss (conservative DPO, TRL's `label_smoothing = ε`): the DPO loss
+/// when each preference label is flipped with probability `ε`,
+///
+/// ```text
+/// ℓ_ε(d) = (1 − ε) (−log σ(d)) + ε (−log σ(−d)),     0 ≤ ε ≤ 1/2
+/// ```
+///
+/// `ε = 0` is [`LossShape::Sigmoid`]. For `ε > 0` its minimizer over `d` is
+/// `d* = log((1 − ε)/ε)`: a finite margin, where DPO's loss keeps falling as `d → ∞`.
+pub fn label_smoothed_sigmoid(d: f64, eps: f64) -> f64 {
+    if eps == 0.0 {
+        softplus(-d)
+    } else {
+        (1.0 - eps) * softplus(-d) + eps * softplus(d)
+    }
+}
+
 /// The value and the gradient with respect to the logits of a population loss.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PopulationLoss {
@@ -172,6 +189,25 @@ pub fn check_positive_rational(name: &'static str, beta: &Rational) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ℓ_ε` is DPO's loss at ε = 0, symmetric at ε = 1/2, and minimal at `log((1 − ε)/ε)`.
+    #[test]
+    fn label_smoothed_sigmoid_limits_and_minimizer() {
+        for d in [-3.0, -0.5, 0.0, 0.7, 4.0] {
+            assert_eq!(
+                label_smoothed_sigmoid(d, 0.0),
+                LossShape::Sigmoid.value(d, 0.1)
+            );
+            let half = label_smoothed_sigmoid(d, 0.5);
+            assert!((half - label_smoothed_sigmoid(-d, 0.5)).abs() < 1e-15);
+        }
+        let eps: f64 = 0.1;
+        let d_star = ((1.0 - eps) / eps).ln();
+        let at = label_smoothed_sigmoid(d_star, eps);
+        for step in [-1e-3, 1e-3, -0.5, 0.5] {
+            assert!(label_smoothed_sigmoid(d_star + step, eps) > at);
+        }
+    }
 
     /// The analytic gradient equals central finite differences.
     #[test]

@@ -903,3 +903,107 @@ proptest! {
         prop_assert!((got - want).abs() < 1e-10 * (1.0 + want.abs()), "{objective:?} {shape:?}: {got} vs {want}");
     }
 }
+
+/// TRL's `rpo_alpha`: the logged loss is the DPO loss plus α times the mean NLL per chosen
+/// completion token (logged as `nll_loss`), here at the first step where π = π_ref.
+#[test]
+fn rpo_adds_the_mean_chosen_nll_to_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(DType::F64);
+    let p = pairs(8, 3);
+    let chosen: Vec<&Sequence> = p.iter().map(|x| &x.chosen).collect();
+    let b = TokenBatch::from_sequences(&chosen, 0, &Device::Cpu).unwrap();
+    let s = m.sequence_logps(&b).unwrap();
+    let total = |t: &Tensor| t.sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let nll = -total(&s.sum) / total(&s.count);
+    let alpha = 0.5;
+    let mut t = Trainer::new(
+        &m,
+        TrainConfig {
+            rpo_alpha: Some(alpha),
+            per_device_train_batch_size: 8,
+            max_steps: 1,
+            ..config(dir.path(), Objective::Dpo)
+        },
+        dataset(p),
+    )
+    .unwrap();
+    t.train().unwrap();
+    let rec = &t.metrics().read().unwrap()[0];
+    let logged_nll = rec["nll_loss"].as_f64().unwrap();
+    assert!((logged_nll - nll).abs() < 1e-12, "{logged_nll} vs {nll}");
+    let want = std::f64::consts::LN_2 + alpha * nll;
+    let loss = rec["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
+}
+
+/// HF's `save_total_limit`: only the newest checkpoints remain, and the run resumes from them.
+#[test]
+fn save_total_limit_keeps_the_newest_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(DType::F32);
+    let cfg = TrainConfig {
+        save_steps: 1,
+        save_total_limit: Some(2),
+        max_steps: 5,
+        ..config(dir.path(), Objective::Dpo)
+    };
+    Trainer::new(&m, cfg, dataset(pairs(8, 4)))
+        .unwrap()
+        .train()
+        .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["checkpoint-4", "checkpoint-5"]);
+    assert_eq!(
+        latest_checkpoint(dir.path()).unwrap().unwrap(),
+        dir.path().join("checkpoint-5")
+    );
+}
+
+/// Options TRL would silently ignore are refused: label smoothing of a non-sigmoid loss, RPO
+/// on DPO-PG, a zero checkpoint limit.
+#[test]
+fn inapplicable_options_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = config(dir.path(), Objective::Dpo);
+    for (c, what) in [
+        (
+            TrainConfig {
+                label_smoothing: 0.1,
+                loss_type: LossShape::Hinge,
+                ..base.clone()
+            },
+            "label_smoothing",
+        ),
+        (
+            TrainConfig {
+                label_smoothing: 0.6,
+                ..base.clone()
+            },
+            "label_smoothing",
+        ),
+        (
+            TrainConfig {
+                rpo_alpha: Some(1.0),
+                objective: Objective::DpoPg,
+                ..base.clone()
+            },
+            "rpo_alpha",
+        ),
+        (
+            TrainConfig {
+                save_total_limit: Some(0),
+                ..base.clone()
+            },
+            "save_total_limit",
+        ),
+    ] {
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+}

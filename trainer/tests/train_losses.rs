@@ -46,8 +46,9 @@ fn t(v: &[f64], dt: DType) -> Tensor {
         .unwrap()
 }
 
-/// The library's batch loss: `(1/B) Σ ℓ(β h_i)`, `h` from sums or (IPO) per-token means.
-fn library_loss(shape: LossShape, beta: f64, data: &Batch, with_ref: bool) -> f64 {
+/// The library's batch loss: `(1/B) Σ ℓ(β h_i)`, `h` from sums or (IPO) per-token means;
+/// label-smoothed (`eps > 0`, sigmoid) by `difinfo::loss::label_smoothed_sigmoid`.
+fn library_loss(shape: LossShape, beta: f64, eps: f64, data: &Batch, with_ref: bool) -> f64 {
     let (c, r, rc, rr, nc, nr) = data;
     let b = c.len();
     let mut s = 0.0;
@@ -61,12 +62,23 @@ fn library_loss(shape: LossShape, beta: f64, data: &Batch, with_ref: bool) -> f6
         if with_ref {
             h -= rc[i] / wc - rr[i] / wr;
         }
-        s += shape.value(beta * h, beta);
+        s += if shape == LossShape::Sigmoid {
+            difinfo::loss::label_smoothed_sigmoid(beta * h, eps)
+        } else {
+            shape.value(beta * h, beta)
+        };
     }
     s / b as f64
 }
 
-fn tensor_loss(shape: LossShape, beta: f64, data: &Batch, with_ref: bool, dt: DType) -> f64 {
+fn tensor_loss(
+    shape: LossShape,
+    beta: f64,
+    eps: f64,
+    data: &Batch,
+    with_ref: bool,
+    dt: DType,
+) -> f64 {
     let (c, r, rc, rr, nc, nr) = data;
     let sc = SeqLogps {
         sum: t(c, dt),
@@ -86,21 +98,23 @@ fn tensor_loss(shape: LossShape, beta: f64, data: &Batch, with_ref: bool, dt: DT
     };
     let (trc, trr) = (t(&norm(rc, nc), dt), t(&norm(rr, nr), dt));
     let out = if with_ref {
-        preference_loss(shape, beta, &pc, &pr, Some(&trc), Some(&trr)).unwrap()
+        preference_loss(shape, beta, eps, &pc, &pr, Some(&trc), Some(&trr)).unwrap()
     } else {
-        preference_loss(shape, beta, &pc, &pr, None, None).unwrap()
+        preference_loss(shape, beta, eps, &pc, &pr, None, None).unwrap()
     };
     out.metrics().unwrap().loss
 }
 
 proptest! {
-    /// DPO and reference-free losses (sigmoid, hinge, IPO) equal `LossShape::value` in f64.
+    /// DPO and reference-free losses (sigmoid, label-smoothed sigmoid, hinge, IPO) equal the
+    /// library's `LossShape::value` / `label_smoothed_sigmoid` in f64.
     #[test]
-    fn tensor_loss_equals_library_loss(shape in shape(), beta in 0.01f64..2.0, data in batch(), with_ref in any::<bool>()) {
-        let want = library_loss(shape, beta, &data, with_ref);
-        let got = tensor_loss(shape, beta, &data, with_ref, DType::F64);
-        prop_assert!((got - want).abs() <= TOL_F64 * (1.0 + want.abs()), "{shape:?} β={beta}: {got} vs {want}");
-        let got32 = tensor_loss(shape, beta, &data, with_ref, DType::F32);
+    fn tensor_loss_equals_library_loss(shape in shape(), beta in 0.01f64..2.0, smooth in prop_oneof![Just(0.0), 0.0f64..=0.5], data in batch(), with_ref in any::<bool>()) {
+        let eps = if shape == LossShape::Sigmoid { smooth } else { 0.0 };
+        let want = library_loss(shape, beta, eps, &data, with_ref);
+        let got = tensor_loss(shape, beta, eps, &data, with_ref, DType::F64);
+        prop_assert!((got - want).abs() <= TOL_F64 * (1.0 + want.abs()), "{shape:?} β={beta} ε={eps}: {got} vs {want}");
+        let got32 = tensor_loss(shape, beta, eps, &data, with_ref, DType::F32);
         prop_assert!((got32 - want).abs() <= TOL_F32_REL * (1.0 + want.abs()) * (1.0 + (LOGP_MIN * beta).abs()),
             "f32 {shape:?} β={beta}: {got32} vs {want}");
     }
@@ -117,7 +131,7 @@ proptest! {
         let w = |i: usize, n: &[f64]| if shape == LossShape::Ipo { n[i] } else { 1.0 };
         let trc: Vec<f64> = (0..c.len()).map(|i| rc[i] / w(i, nc)).collect();
         let trr: Vec<f64> = (0..c.len()).map(|i| rr[i] / w(i, nr)).collect();
-        let out = preference_loss(shape, beta, &pc, &pr, Some(&t(&trc, DType::F64)), Some(&t(&trr, DType::F64))).unwrap();
+        let out = preference_loss(shape, beta, 0.0, &pc, &pr, Some(&t(&trc, DType::F64)), Some(&t(&trr, DType::F64))).unwrap();
         let g = out.loss.backward().unwrap();
         let got = g.get(var.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
         let b = c.len() as f64;
@@ -171,7 +185,7 @@ fn zero_margin_values() {
         (LossShape::Hinge, 1.0),
         (LossShape::Ipo, 25.0),
     ] {
-        let out = preference_loss(shape, 0.1, &z, &z, Some(&z), Some(&z)).unwrap();
+        let out = preference_loss(shape, 0.1, 0.0, &z, &z, Some(&z), Some(&z)).unwrap();
         let m = out.metrics().unwrap();
         assert!((m.loss - want).abs() < 1e-12, "{shape:?}: {}", m.loss);
         assert_eq!(m.rewards_margins, 0.0);

@@ -105,17 +105,28 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     Ok(s)
 }
 
-/// The checkpoint of `output_dir` with the highest step that has a trainer state, if any.
+/// HF's `save_total_limit`: deletes all but the `keep` newest `checkpoint-<step>` directories
+/// of `output_dir` (by step; only complete ones, with a trainer state, are counted or deleted).
 ///
 /// # Errors
-/// I/O errors reading the directory.
-pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+/// I/O errors.
+pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+    let mut all = checkpoints(output_dir)?;
+    all.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    for (_, dir) in all.into_iter().skip(keep.max(1)) {
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    }
+    Ok(())
+}
+
+/// The complete checkpoints of `output_dir` (those with a trainer state), with their steps.
+fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let rd = match std::fs::read_dir(output_dir) {
         Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(TrainError::io(output_dir, e)),
     };
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut out = Vec::new();
     for e in rd {
         let e = e.map_err(|e| TrainError::io(output_dir, e))?;
         let name = e.file_name().to_string_lossy().to_string();
@@ -123,10 +134,21 @@ pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
             .strip_prefix("checkpoint-")
             .and_then(|s| s.parse::<usize>().ok())
         {
-            if e.path().join(STATE_FILE).exists() && best.as_ref().is_none_or(|(b, _)| step > *b) {
-                best = Some((step, e.path()));
+            if e.path().join(STATE_FILE).exists() {
+                out.push((step, e.path()));
             }
         }
     }
-    Ok(best.map(|(_, p)| p))
+    Ok(out)
+}
+
+/// The checkpoint of `output_dir` with the highest step that has a trainer state, if any.
+///
+/// # Errors
+/// I/O errors reading the directory.
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(checkpoints(output_dir)?
+        .into_iter()
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p))
 }

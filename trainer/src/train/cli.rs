@@ -152,6 +152,10 @@ pub struct HyperArgs {
     /// Checkpoint every N steps (0: never); also at each epoch end and at the last step
     #[arg(long, default_value_t = 500)]
     pub save_steps: usize,
+    /// Keep only the newest N checkpoints of the run (HF's save_total_limit) [default: all]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_total_limit: Option<usize>,
     /// Seed of the data order
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -183,6 +187,14 @@ pub struct DpoArgs {
     /// Reward β log π without a reference (TRL's reference_free; the DID estimator)
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub reference_free: bool,
+    /// Conservative DPO: labels flipped with probability ε ∈ [0, 0.5] (sigmoid loss only)
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// RPO: add α times the mean NLL per chosen completion token to the loss (logged as
+    /// nll_loss) [default: none]
+    #[arg(long, value_name = "ALPHA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpo_alpha: Option<f64>,
     /// DPO-PG (Appendix H): step along the chosen NLL's gradient projected off the rejected
     /// NLL's (the loss is still logged); the summary reports how often the projection was active
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]

@@ -32,6 +32,13 @@ pub struct TrainConfig {
     pub beta: f64,
     /// TRL's `reference_free`: with `objective = dpo`, the reward is `β log π`. Default false.
     pub reference_free: bool,
+    /// TRL's `label_smoothing` ε (conservative DPO, `sigmoid` only): the loss
+    /// `(1 − ε)(−log σ(d)) + ε(−log σ(−d))` (`difinfo::loss::label_smoothed_sigmoid`), for
+    /// labels flipped with probability ε ∈ [0, 1/2]. Default 0.
+    pub label_smoothing: f64,
+    /// TRL's `rpo_alpha` α (RPO): adds `α · nll_loss`, the mean NLL per chosen completion
+    /// token of the batch, to the DPO loss (logged as `nll_loss`). Default none.
+    pub rpo_alpha: Option<f64>,
     /// Peak learning rate. Default 1e-6 (TRL's `DPOConfig`).
     pub learning_rate: f64,
     /// `sgd`, `rmsprop` or `adamw` (HF's `adamw_torch`). Default `adamw`.
@@ -66,6 +73,9 @@ pub struct TrainConfig {
     /// Checkpoint every N steps (0: never; the end of each epoch and of training always).
     /// Default 500.
     pub save_steps: usize,
+    /// HF's `save_total_limit`: keep only the newest N `checkpoint-*` directories of the run,
+    /// deleting older ones after each save. Default none (keep all).
+    pub save_total_limit: Option<usize>,
     /// Seed of the data order and of the trainer's RNG. Default 42.
     pub seed: u64,
     /// Maximum tokens of prompt + completion (applied by tokenization; 0 = no limit, TRL's
@@ -98,6 +108,8 @@ impl Default for TrainConfig {
             loss_type: LossShape::Sigmoid,
             beta: 0.1,
             reference_free: false,
+            label_smoothing: 0.0,
+            rpo_alpha: None,
             learning_rate: 1e-6,
             optim: OptimizerKind::Adamw,
             weight_decay: 0.0,
@@ -114,6 +126,7 @@ impl Default for TrainConfig {
             max_steps: -1,
             logging_steps: 10,
             save_steps: 500,
+            save_total_limit: None,
             seed: 42,
             max_length: 1024,
             max_prompt_length: 512,
@@ -193,6 +206,35 @@ impl TrainConfig {
             && !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0)
         {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
+        }
+        if !(0.0..=0.5).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label_smoothing must be in [0, 0.5], got {}",
+                self.label_smoothing
+            ));
+        }
+        if self.label_smoothing > 0.0
+            && (self.loss_type != LossShape::Sigmoid
+                || !matches!(self.objective, Objective::Dpo | Objective::RefFree))
+        {
+            return bad(format!(
+                "label_smoothing applies to the sigmoid loss of dpo and ref-free, not loss_type {:?} of {:?}",
+                self.loss_type, self.objective
+            ));
+        }
+        if let Some(a) = self.rpo_alpha {
+            if !(a.is_finite() && a >= 0.0) {
+                return bad(format!("rpo_alpha must be finite and ≥ 0, got {a}"));
+            }
+            if !matches!(self.objective, Objective::Dpo | Objective::RefFree) {
+                return bad(format!(
+                    "rpo_alpha applies to dpo and ref-free, not {:?}",
+                    self.objective
+                ));
+            }
+        }
+        if self.save_total_limit == Some(0) {
+            return bad("save_total_limit must be ≥ 1 (or unset to keep every checkpoint)".into());
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return bad(format!(

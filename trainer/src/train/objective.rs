@@ -11,6 +11,8 @@
 //! sigmoid  ℓ = −log σ(d) = softplus(−d)
 //! hinge    ℓ = max(0, 1 − d)
 //! ipo      ℓ = (h − 1/(2β))²,  with log π the mean per-token log-prob (TRL's IPO)
+//! label smoothing ε (sigmoid):  ℓ = (1 − ε) softplus(−d) + ε softplus(d)
+//! rpo_alpha α:  loss += α · (mean NLL per chosen completion token)
 //! loss = (1/B) Σ_i ℓ_i
 //! rewards/chosen = β (log π(y_w) − log π_ref(y_w))  (detached; β log π(y_w) reference-free)
 //! ```
@@ -71,12 +73,23 @@ pub fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
     x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
-/// `ℓ(d)` elementwise for the margin `d = β h` (`beta` is used by IPO).
+/// `ℓ(d)` elementwise for the margin `d = β h` (`beta` is used by IPO); with label smoothing
+/// `ε > 0` (sigmoid only) `ℓ_ε(d) = (1 − ε) softplus(−d) + ε softplus(d)`
+/// (`difinfo::loss::label_smoothed_sigmoid`).
 ///
 /// # Errors
 /// Tensor errors.
-pub fn loss_shape_value(shape: LossShape, d: &Tensor, beta: f64) -> candle_core::Result<Tensor> {
+pub fn loss_shape_value(
+    shape: LossShape,
+    d: &Tensor,
+    beta: f64,
+    label_smoothing: f64,
+) -> candle_core::Result<Tensor> {
     match shape {
+        LossShape::Sigmoid if label_smoothing > 0.0 => {
+            softplus(&d.neg()?)?.affine(1.0 - label_smoothing, 0.0)?
+                + softplus(d)?.affine(label_smoothing, 0.0)?
+        }
         LossShape::Sigmoid => softplus(&d.neg()?),
         LossShape::Hinge => d.affine(-1.0, 1.0)?.relu(),
         LossShape::Ipo => d.affine(1.0 / beta, -0.5 / beta)?.sqr(),
@@ -112,16 +125,19 @@ pub struct PreferenceLoss {
     pub rejected_logps: Tensor,
 }
 
-/// TRL's `dpo_loss`: `ref_*` are `None` for the reference-free reward.
+/// TRL's `dpo_loss`: `ref_*` are `None` for the reference-free reward; `label_smoothing` is
+/// TRL's ε (0 for plain DPO).
 ///
 /// All inputs are `[B]` log-probs of the same dtype, already normalized for IPO (see
 /// [`preference_logps`]).
 ///
 /// # Errors
 /// Shape or dtype mismatches.
+#[allow(clippy::too_many_arguments)]
 pub fn preference_loss(
     shape: LossShape,
     beta: f64,
+    label_smoothing: f64,
     chosen: &Tensor,
     rejected: &Tensor,
     ref_chosen: Option<&Tensor>,
@@ -137,7 +153,7 @@ pub fn preference_loss(
     };
     let h = (&chosen_ratio - &rejected_ratio)?;
     let d = h.affine(beta, 0.0)?;
-    let losses = loss_shape_value(shape, &d, beta)?;
+    let losses = loss_shape_value(shape, &d, beta, label_smoothing)?;
     let loss = losses.mean(D::Minus1)?;
     Ok(PreferenceLoss {
         loss,
@@ -200,6 +216,20 @@ impl PreferenceLoss {
 /// Tensor errors.
 pub fn sft_loss(s: &SeqLogps, normalizer: f64) -> candle_core::Result<Tensor> {
     s.sum.sum_all()?.affine(-1.0 / normalizer, 0.0)
+}
+
+/// RPO's `nll_loss`: the mean negative log-likelihood per completion token of the chosen
+/// responses, `−Σ_b sum_b / Σ_b count_b` (TRL's cross-entropy over the chosen half, ignoring
+/// prompt and padding tokens).
+///
+/// # Errors
+/// Tensor errors.
+pub fn chosen_nll(chosen: &SeqLogps) -> candle_core::Result<Tensor> {
+    chosen
+        .sum
+        .sum_all()?
+        .neg()?
+        .div(&chosen.count.sum_all()?.clamp(1.0, f64::MAX)?)
 }
 
 /// The two DPO-PG losses: `L_w = −(1/B) Σ log π(y_w,i)`, `L_l = −(1/B) Σ log π(y_l,i)`

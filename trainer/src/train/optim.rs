@@ -56,7 +56,8 @@ pub struct OptimizerConfig {
     /// Which optimizer.
     pub kind: OptimizerKind,
     /// Weight decay: decoupled for AdamW, added to the gradient (L2) for SGD and RMSprop, as
-    /// PyTorch does. HF default 0.
+    /// PyTorch does; applied only to the parameters [`decays`] selects, as HF's `Trainer`
+    /// does. HF default 0.
     pub weight_decay: f64,
     /// AdamW `β₁` (0.9).
     pub adam_beta1: f64,
@@ -84,11 +85,30 @@ impl Default for OptimizerConfig {
     }
 }
 
+/// Whether weight decay applies to the parameter `name`, as in transformers' `Trainer`
+/// (`get_decay_parameter_names`): not to biases nor to normalization weights, i.e. not when
+/// the name contains `bias`, `layernorm` or `rmsnorm`, or has a `norm` or `*_norm` component
+/// (`model.norm.weight`, `…input_layernorm.weight`, `…q_norm.weight`).
+pub fn decays(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    if ["bias", "layernorm", "rmsnorm"]
+        .iter()
+        .any(|p| lower.contains(p))
+    {
+        return false;
+    }
+    !lower
+        .split('.')
+        .any(|part| part == "norm" || part.ends_with("_norm"))
+}
+
 /// An optimizer over a fixed, name-sorted list of variables.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     config: OptimizerConfig,
     names: Vec<String>,
+    /// Whether weight decay applies to each variable ([`decays`]).
+    decay: Vec<bool>,
     /// First moment (AdamW `exp_avg`).
     m: Vec<Option<Tensor>>,
     /// Second moment (AdamW `exp_avg_sq`, RMSprop `square_avg`).
@@ -121,6 +141,7 @@ impl Optimizer {
         Ok(Self {
             config,
             names: vars.iter().map(|(n, _)| n.clone()).collect(),
+            decay: vars.iter().map(|(n, _)| decays(n)).collect(),
             m,
             v,
             step: 0,
@@ -165,21 +186,22 @@ impl Optimizer {
         let c = self.config;
         let t = self.step as i32;
         for (i, ((_, var), g)) in vars.iter().zip(&grads.0).enumerate() {
+            let wd = if self.decay[i] { c.weight_decay } else { 0.0 };
             let dt = grad_dtype(var.dtype());
             let p = var.as_tensor().detach().to_dtype(dt)?;
             let g = g.to_dtype(dt)?;
             let new_p = match c.kind {
                 OptimizerKind::Sgd => {
-                    let g = if c.weight_decay != 0.0 {
-                        (&g + p.affine(c.weight_decay, 0.0)?)?
+                    let g = if wd != 0.0 {
+                        (&g + p.affine(wd, 0.0)?)?
                     } else {
                         g
                     };
                     (&p - g.affine(lr, 0.0)?)?
                 }
                 OptimizerKind::Rmsprop => {
-                    let g = if c.weight_decay != 0.0 {
-                        (&g + p.affine(c.weight_decay, 0.0)?)?
+                    let g = if wd != 0.0 {
+                        (&g + p.affine(wd, 0.0)?)?
                     } else {
                         g
                     };
@@ -192,8 +214,8 @@ impl Optimizer {
                     (&p - upd)?
                 }
                 OptimizerKind::Adamw => {
-                    let p = if c.weight_decay != 0.0 {
-                        p.affine(1.0 - lr * c.weight_decay, 0.0)?
+                    let p = if wd != 0.0 {
+                        p.affine(1.0 - lr * wd, 0.0)?
                     } else {
                         p
                     };
@@ -328,6 +350,28 @@ fn check_sorted(vars: &[(String, Var)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// HF's `get_decay_parameter_names`: biases and normalization weights are not decayed.
+    #[test]
+    fn weight_decay_skips_biases_and_norms_as_hf() {
+        for n in [
+            "model.norm.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.3.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.self_attn.q_norm.weight",
+        ] {
+            assert!(!decays(n), "{n}");
+        }
+        for n in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ] {
+            assert!(decays(n), "{n}");
+        }
+    }
     use candle_core::{DType, Device};
 
     fn var(vals: &[f32]) -> Vec<(String, Var)> {

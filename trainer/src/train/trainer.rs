@@ -20,8 +20,8 @@ use candle_core::{Device, Tensor, Var};
 use difinfo::loss::LossShape;
 
 use crate::train::checkpoint::{
-    checkpoint_dir, latest_checkpoint, load_state, save_checkpoint, TrainerState, OPTIMIZER_FILE,
-    STATE_FORMAT,
+    checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, save_checkpoint,
+    TrainerState, OPTIMIZER_FILE, STATE_FORMAT,
 };
 use crate::train::config::TrainConfig;
 use crate::train::data::{Dataset, Examples};
@@ -29,7 +29,7 @@ use crate::train::error::{Result, TrainError};
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::metrics::{LogAccumulator, MetricsLog};
 use crate::train::objective::{
-    nll_mean, preference_logps, preference_loss, sft_loss, Objective, PreferenceLoss,
+    chosen_nll, nll_mean, preference_logps, preference_loss, sft_loss, Objective, PreferenceLoss,
 };
 use crate::train::optim::Optimizer;
 use crate::train::policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
@@ -428,6 +428,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         preference_loss(
             shape,
             self.config.beta,
+            self.config.label_smoothing,
             &pc,
             &pr,
             refs.as_ref().map(|r| &r.0),
@@ -530,16 +531,26 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                             count: out.count.narrow(0, o, b)?,
                         })
                     };
-                    let pl = self.preference_loss(idx, &half(0)?, &half(b)?, false)?;
-                    let m = pl.metrics()?;
+                    let chosen = half(0)?;
+                    let pl = self.preference_loss(idx, &chosen, &half(b)?, false)?;
+                    let mut m = pl.metrics()?;
+                    let mut loss = pl.loss.clone();
+                    let mut record = pref_record(&m).to_vec();
+                    if let Some(alpha) = self.config.rpo_alpha {
+                        let nll = chosen_nll(&chosen)?;
+                        let v = crate::train::policy::scalar_f64(&nll)?;
+                        loss = (loss + nll.affine(alpha, 0.0)?)?;
+                        m.loss += alpha * v;
+                        record.push(("nll_loss", v));
+                    }
                     self.check_pref(&m, *mb, idx)?;
                     step_loss += m.loss / k;
-                    let g = self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?;
+                    let g = self.grads(&loss.affine(1.0 / k, 0.0)?)?;
                     acc = Some(match acc {
                         None => g,
                         Some(a) => a.add(&g)?,
                     });
-                    self.state.log.add_microbatch(&pref_record(&m));
+                    self.state.log.add_microbatch(&record);
                     pref_metrics.push(m);
                 }
                 acc.expect("at least one micro-batch")
@@ -651,6 +662,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 &self.state,
                 &self.config,
             )?;
+            if let Some(limit) = self.config.save_total_limit {
+                prune_checkpoints(&self.config.output_dir, limit)?;
+            }
             self.last_checkpoint = Some(dir.clone());
             Some(dir)
         } else {
