@@ -242,6 +242,9 @@ pub fn parse_preference_line(
 ) -> std::result::Result<PreferenceExample, DataError> {
     let cx = Ctx { file, line };
     let o = parse_object(text, &cx)?;
+    if !o.contains_key("prompt") && o.contains_key("chosen") && o.contains_key("rejected") {
+        return implicit_prompt(&o, &cx);
+    }
     let prompt = text_field(&o, "prompt", None, &cx)?;
     let chat = Some(prompt.is_chat());
     let chosen = text_field(&o, "chosen", chat, &cx)?;
@@ -250,6 +253,68 @@ pub fn parse_preference_line(
         prompt,
         chosen,
         rejected,
+    })
+}
+
+/// TRL's implicit prompt (`maybe_extract_prompt`): a record with `chosen` and `rejected` but no
+/// `prompt` has the longest common prefix of the two as its prompt — characters of two strings
+/// (a space just before the point where they differ goes to the completions), or messages of
+/// two conversations — and the rest as the completions. When one is a prefix of the other, the
+/// prompt stops one element short of the shorter, as TRL's loop does.
+fn implicit_prompt(
+    o: &Map<String, Value>,
+    cx: &Ctx,
+) -> std::result::Result<PreferenceExample, DataError> {
+    /// TRL's split index over two sequences (`space`: whether the element before it is a space).
+    fn split<T: PartialEq>(c: &[T], r: &[T], space: impl Fn(&T) -> bool) -> usize {
+        let n = c.len().min(r.len());
+        match (0..n).find(|&i| c[i] != r[i]) {
+            Some(i) if i > 0 && space(&c[i - 1]) => i - 1,
+            Some(i) => i,
+            None => n.saturating_sub(1),
+        }
+    }
+    let chosen = text_field(o, "chosen", None, cx)?;
+    let rejected = text_field(o, "rejected", Some(chosen.is_chat()), cx)?;
+    let none = || {
+        cx.err(
+            Some("prompt"),
+            "missing, and `chosen` and `rejected` share no prefix to take as the implicit prompt",
+        )
+    };
+    Ok(match (chosen, rejected) {
+        (Text::Plain(c), Text::Plain(r)) => {
+            let (cc, rc): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
+            let i = split(&cc, &rc, |ch| *ch == ' ');
+            if i == 0 {
+                return Err(none());
+            }
+            let text = |v: &[char]| v.iter().collect::<String>();
+            // i < min(|c|, |r|): both completions keep at least one character.
+            PreferenceExample {
+                prompt: Text::Plain(text(&cc[..i])),
+                chosen: Text::Plain(text(&cc[i..])),
+                rejected: Text::Plain(text(&rc[i..])),
+            }
+        }
+        (Text::Chat(c), Text::Chat(r)) => {
+            let i = split(&c, &r, |_| false);
+            if i == 0 {
+                return Err(none());
+            }
+            // i < min(|c|, |r|): both completions keep at least one message.
+            PreferenceExample {
+                prompt: Text::Chat(c[..i].to_vec()),
+                chosen: Text::Chat(c[i..].to_vec()),
+                rejected: Text::Chat(r[i..].to_vec()),
+            }
+        }
+        _ => {
+            return Err(cx.err(
+                Some("rejected"),
+                "must be of the same kind as `chosen` (both strings or both message lists)",
+            ))
+        }
     })
 }
 

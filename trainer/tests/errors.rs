@@ -45,6 +45,14 @@ fn data_errors_name_file_line_and_field() {
             "FILE:1: field `chosen`: empty list of messages",
         ),
         (
+            vec![r#"{"chosen": "abc", "rejected": "xyz"}"#],
+            "FILE:1: field `prompt`: missing, and `chosen` and `rejected` share no prefix",
+        ),
+        (
+            vec![r#"{"chosen": [{"role": "user", "content": "hi"}], "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}"#],
+            "FILE:1: field `prompt`: missing, and `chosen` and `rejected` share no prefix",
+        ),
+        (
             vec![r#"{"prompt": [{"role": "user", "content": ["part"]}], "chosen": [], "rejected": []}"#],
             "FILE:1: field `prompt[0].content`: expected a string, found a list",
         ),
@@ -53,6 +61,33 @@ fn data_errors_name_file_line_and_field() {
         let got = first_error(&lines);
         assert!(got.starts_with(want), "got `{got}`, want prefix `{want}`");
     }
+}
+
+/// TRL's `maybe_extract_prompt`: without `prompt`, the common prefix of `chosen` and
+/// `rejected` is the prompt (a space before the difference goes to the completions).
+#[test]
+fn implicit_prompt_is_extracted_as_trl_does() {
+    use difinfo_trainer::data::Text;
+    let p =
+        parse_preference_str(r#"{"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}"#).unwrap();
+    assert_eq!(p.prompt, Text::Plain("Q: hi A:".into()));
+    assert_eq!(p.chosen, Text::Plain(" yes".into()));
+    assert_eq!(p.rejected, Text::Plain(" no".into()));
+    let p = parse_preference_str(
+        r#"{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}"#,
+    )
+    .unwrap();
+    let Text::Chat(prompt) = &p.prompt else {
+        panic!("{p:?}")
+    };
+    assert_eq!(prompt.len(), 1);
+    assert_eq!(prompt[0].content, "hi");
+    let (Text::Chat(c), Text::Chat(r)) = (&p.chosen, &p.rejected) else {
+        panic!("{p:?}")
+    };
+    assert_eq!((c[0].content.as_str(), r[0].content.as_str()), ("a", "b"));
+    assert_eq!((c.len(), r.len()), (1, 1));
 }
 
 #[test]
