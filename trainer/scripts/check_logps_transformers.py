@@ -14,7 +14,7 @@ Not part of CI (PyTorch is not a dependency). Install: pip install torch transfo
 Usage:
   difinfo-train init --size tiny --out /tmp/tiny [--arch llama|mistral|qwen2]
   difinfo-train logps --model /tmp/tiny --data data/example_prefs.jsonl --out /tmp/lp.jsonl
-  python bench/transformers_logps.py --model /tmp/tiny --logps /tmp/lp.jsonl
+  python trainer/scripts/check_logps_transformers.py --model /tmp/tiny --logps /tmp/lp.jsonl
 """
 
 import argparse
@@ -35,7 +35,7 @@ def main():
 
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, torch_dtype=torch.float32, attn_implementation="eager"
+        args.model, dtype=torch.float32, attn_implementation="eager"
     )
     model.eval()
 
