@@ -14,7 +14,8 @@
 //! label smoothing ε (sigmoid):  ℓ = (1 − ε) softplus(−d) + ε softplus(d)
 //! rpo_alpha α:  loss += α · (mean NLL per chosen completion token)
 //! loss = (1/B) Σ_i ℓ_i
-//! rewards/chosen = β (log π(y_w) − log π_ref(y_w))  (detached; β log π(y_w) reference-free)
+//! rewards/chosen = β (log π(y_w) − log π_ref(y_w))  (detached; β log π(y_w) reference-free;
+//!                  summed log-probs for every loss type, IPO included, as TRL 1.x logs them)
 //! ```
 
 use candle_core::{Tensor, D};
@@ -163,6 +164,35 @@ pub fn preference_loss(
         chosen_logps: chosen.detach(),
         rejected_logps: rejected.detach(),
     })
+}
+
+impl PreferenceLoss {
+    /// Replaces the logged rewards and log-probs by those of the **summed** completion
+    /// log-probs, as TRL 1.x logs them for every loss type (IPO's loss uses per-token means,
+    /// its metrics do not): `rewards/* = β (Σ log π − Σ log π_ref)`, `logps/* = Σ log π`.
+    ///
+    /// # Errors
+    /// Shape or dtype mismatches.
+    pub fn with_summed_metrics(
+        mut self,
+        beta: f64,
+        chosen: &Tensor,
+        rejected: &Tensor,
+        ref_chosen: Option<&Tensor>,
+        ref_rejected: Option<&Tensor>,
+    ) -> Result<Self> {
+        let ratio = |p: &Tensor, r: Option<&Tensor>| -> candle_core::Result<Tensor> {
+            match r {
+                Some(r) => (p - r)?.affine(beta, 0.0),
+                None => p.affine(beta, 0.0),
+            }
+        };
+        self.chosen_rewards = ratio(chosen, ref_chosen)?.detach();
+        self.rejected_rewards = ratio(rejected, ref_rejected)?.detach();
+        self.chosen_logps = chosen.detach();
+        self.rejected_logps = rejected.detach();
+        Ok(self)
+    }
 }
 
 /// Host-side means of a preference loss, TRL's metrics of one micro-batch.

@@ -425,7 +425,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 Some(r.select(idx, shape == LossShape::Ipo, pc.dtype(), &self.device)?)
             }
         };
-        preference_loss(
+        let pl = preference_loss(
             shape,
             self.config.beta,
             self.config.label_smoothing,
@@ -433,6 +433,21 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             &pr,
             refs.as_ref().map(|r| &r.0),
             refs.as_ref().map(|r| &r.1),
+        )?;
+        if shape != LossShape::Ipo {
+            return Ok(pl);
+        }
+        // IPO's loss uses per-token means; TRL logs rewards and log-probs of the sums.
+        let sums = match (self.objective, &self.reference) {
+            (Objective::RefFree, _) | (_, None) => None,
+            (_, Some(r)) => Some(r.select(idx, false, pc.dtype(), &self.device)?),
+        };
+        pl.with_summed_metrics(
+            self.config.beta,
+            &chosen.sum,
+            &rejected.sum,
+            sums.as_ref().map(|r| &r.0),
+            sums.as_ref().map(|r| &r.1),
         )
     }
 
@@ -619,12 +634,12 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let step = st.global_step;
         let last = step >= st.total_steps;
         let logged = if step % self.config.logging_steps == 0 || last {
-            let next_lr = self.schedule.lr(step);
+            // The rate this step used, as transformers 5 logs it (4.x logged the next step's).
             let rec = st.log.take_record(
                 step,
                 st.epoch_float,
                 norm,
-                next_lr,
+                lr,
                 self.objective == Objective::DpoPg,
             );
             self.log.append(&rec)?;
