@@ -204,6 +204,30 @@ fn report_tells_whether_displacement_happened() {
     assert!(md.contains("displacement: no"), "{md}");
     let empty = common::TempDir::new();
     assert!(report(empty.path()).is_err());
+    // A did-entropy result in a subdirectory is quoted, with Claim 4.1's side and K.1's warning.
+    std::fs::create_dir_all(displaced.join("did")).unwrap();
+    let did = r#"{"did_entropy": {"entropy": 105.0, "stderr": 0.5},
+        "reference_entropy": {"entropy": 80.0, "stderr": 1.5},
+        "policy_entropy": {"entropy": 95.0, "stderr": 1.0},
+        "beta_accuracy": {"accuracy": 0.3, "determined": 10, "undetermined": 0}}"#;
+    std::fs::write(displaced.join("did/did_entropy.json"), did).unwrap();
+    let md = std::fs::read_to_string(report(displaced.path()).unwrap()).unwrap();
+    assert!(
+        md.contains("## DID entropy (`did/did_entropy.json`"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| H(π̂): the DID entropy estimate | 105.0000 | 0.5000 |"),
+        "{md}"
+    );
+    assert!(md.contains("high-entropy DID"), "{md}");
+    assert!(
+        md.contains("0.3000 over 10 prompt(s)") && md.contains("unreliable"),
+        "{md}"
+    );
+    std::fs::write(displaced.join("did/did_entropy.json"), "{}").unwrap();
+    let e = report(displaced.path()).unwrap_err().to_string();
+    assert!(e.contains("not a did-entropy result"), "{e}");
 }
 
 /// Appendix K.1 on real models: with π = π_ref every x = log π − log π_ref is 0, so no prompt's

@@ -4,8 +4,11 @@
 //! From `RUN_DIR/metrics.jsonl` (TRL's names): `loss`, `logps/chosen`, `logps/rejected`,
 //! `rewards/margins`, `rewards/accuracies` at the first and the last logged step, and whether
 //! *log-likelihood displacement* happened — `logps/chosen` fell while `loss` fell. With a
-//! DID-entropy JSON in the run directory (`entropy.json`, as written by `difinfo-train entropy`)
-//! its overall estimate is quoted. Writes `report.png` (the training curves) and `report.md`.
+//! model-entropy JSON in the run directory (`entropy.json`, as written by `difinfo-train
+//! entropy`) its overall estimate is quoted; with a `did_entropy.json` (written by `difinfo-train
+//! did-entropy`) in the run directory or one of its subdirectories, the DID entropy section:
+//! `H(π̂)`, `H(π_ref)`, `H(π)`, which side of `H(π_ref)` the DID entropy lies on (Claim 4.1), and
+//! the β-accuracy with a warning when it is below one half (Appendix K.1). Writes `report.png` (the training curves) and `report.md`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -95,9 +98,90 @@ pub fn report(run_dir: &Path) -> CliResult<PathBuf> {
             );
         }
     }
+    if let Some(did) = find_did_entropy(run_dir) {
+        did_entropy_section(&mut md, run_dir, &did)?;
+    }
     let path = run_dir.join("report.md");
     write_atomic(&path, |tmp| {
         std::fs::write(tmp, &md).map_err(|e| crate::Error::io(tmp, e))
     })?;
     Ok(path)
+}
+
+/// `RUN_DIR/did_entropy.json`, or one in a subdirectory (e.g. `did-entropy --output-dir
+/// RUN_DIR/did`), the first in name order.
+fn find_did_entropy(run_dir: &Path) -> Option<PathBuf> {
+    use crate::diag::did_entropy::REPORT_FILE;
+    let top = run_dir.join(REPORT_FILE);
+    if top.is_file() {
+        return Some(top);
+    }
+    let mut subs: Vec<PathBuf> = std::fs::read_dir(run_dir)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join(REPORT_FILE)))
+        .filter(|p| p.is_file())
+        .collect();
+    subs.sort();
+    subs.into_iter().next()
+}
+
+/// The DID entropy paragraph from a `did-entropy` result.
+fn did_entropy_section(md: &mut String, run_dir: &Path, path: &Path) -> CliResult<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    let get = |k: &str| -> Option<(f64, f64)> {
+        Some((v[k]["entropy"].as_f64()?, v[k]["stderr"].as_f64()?))
+    };
+    let (Some(d), Some(r), Some(p)) = (
+        get("did_entropy"),
+        get("reference_entropy"),
+        get("policy_entropy"),
+    ) else {
+        return Err(CliError::Usage(format!(
+            "{}: not a did-entropy result (no did_entropy / reference_entropy / policy_entropy)",
+            path.display()
+        )));
+    };
+    let shown = path.strip_prefix(run_dir).unwrap_or(path).display();
+    let _ = writeln!(
+        md,
+        "
+## DID entropy (`{shown}`, Appendix K)
+
+| | entropy (nats) | stderr |\n|---|---:|---:|\n\
+         | H(π̂): the DID entropy estimate | {:.4} | {:.4} |\n| H(π_ref) | {:.4} | {:.4} |\n| H(π) | {:.4} | {:.4} |\n",
+        d.0, d.1, r.0, r.1, p.0, p.1
+    );
+    let side = if d.0 > r.0 {
+        "higher than the reference's: a high-entropy DID, which Claim 4.1 ties to policy smoothing"
+    } else {
+        "not higher than the reference's: a low-entropy DID, which Claim 4.1 ties to policy sharpening"
+    };
+    let _ = writeln!(md, "The DID entropy is {side}.");
+    let acc = &v["beta_accuracy"];
+    match (acc["accuracy"].as_f64(), acc["determined"].as_u64()) {
+        (Some(a), Some(n)) => {
+            let _ = write!(
+                md,
+                "\nβ-accuracy of π̂ (Appendix K.1): {a:.4} over {n} prompt(s)."
+            );
+            if a < 0.5 {
+                let _ = write!(
+                    md,
+                    " Below one half: π̂ is far from the form log π̂ = β log(π/π_ref) + c of a \
+                     converged estimator, so this DID entropy estimate is unreliable (train π̂ longer \
+                     or on more pairs)."
+                );
+            }
+            let _ = writeln!(md);
+        }
+        _ => {
+            let _ = writeln!(
+                md,
+                "\nβ-accuracy of π̂: undetermined (no prompt's samples determine β; e.g. π = π_ref)."
+            );
+        }
+    }
+    Ok(())
 }
