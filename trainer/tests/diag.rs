@@ -424,3 +424,59 @@ fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
     let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
     assert!(e.contains("no-such-reference"), "{e}");
 }
+
+/// Greedy pairs (the paper's Table 2): one pair per prompt, each side the argmax decode of its
+/// model, whatever the random streams; several greedy pairs per prompt are refused.
+#[test]
+fn app_k_greedy_pairs_are_the_argmax_decodes() {
+    use difinfo_trainer::diag::did_entropy::{sample_pairs, PairDecoding};
+    use difinfo_trainer::generate::{generate, SamplingParams};
+    let cfg = common::micro_config(Architecture::Llama);
+    let (_a, m_ref) = common::model(cfg.clone(), DType::F32, 3);
+    let (_b, m_pi) = common::model(cfg, DType::F32, 4);
+    let prompt = [1u32, 50, 60];
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_new_tokens: 5,
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(0);
+    let want_w = generate(&m_pi, &prompt, 1, &greedy, &[], &mut r).unwrap();
+    let want_l = generate(&m_ref, &prompt, 1, &greedy, &[], &mut r).unwrap();
+    let (mut rw, mut rl) = (
+        rand::rngs::StdRng::seed_from_u64(7),
+        rand::rngs::StdRng::seed_from_u64(8),
+    );
+    let pairs = sample_pairs(
+        &m_pi,
+        &m_ref,
+        &prompt,
+        1,
+        PairDecoding::Greedy,
+        1.0,
+        5,
+        &[],
+        &mut rw,
+        &mut rl,
+    )
+    .unwrap();
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(pairs[0].chosen.completion_ids, want_w[0].completion_ids);
+    assert_eq!(pairs[0].rejected.completion_ids, want_l[0].completion_ids);
+    assert_ne!(want_w[0].completion_ids, want_l[0].completion_ids);
+    let e = sample_pairs(
+        &m_pi,
+        &m_ref,
+        &prompt,
+        2,
+        PairDecoding::Greedy,
+        1.0,
+        5,
+        &[],
+        &mut rw,
+        &mut rl,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("one pair per prompt"), "{e}");
+}
