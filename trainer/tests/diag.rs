@@ -230,6 +230,14 @@ fn report_tells_whether_displacement_happened() {
     assert!(e.contains("not a did-entropy result"), "{e}");
 }
 
+/// Two different micro models `(directories, π_ref, π)`.
+fn reference_and_policy() -> ((common::TempDir, common::TempDir), Model, Model) {
+    let cfg = common::micro_config(Architecture::Llama);
+    let (a, m_ref) = common::model(cfg.clone(), DType::F32, 3);
+    let (b, m_pi) = common::model(cfg, DType::F32, 4);
+    ((a, b), m_ref, m_pi)
+}
+
 /// Appendix K.1 on real models: with π = π_ref every x = log π − log π_ref is 0, so no prompt's
 /// fit is determined (reported as such, not as a number, and the β-accuracy is undetermined);
 /// with π ≠ π_ref the fits exist.
@@ -238,9 +246,7 @@ fn app_k1_beta_fits_are_undetermined_when_pi_equals_reference() {
     use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
     use difinfo_trainer::diag::beta_accuracy::prompt_fit;
     use difinfo_trainer::generate::SamplingParams;
-    let cfg = common::micro_config(Architecture::Llama);
-    let (_a, m_ref) = common::model(cfg.clone(), DType::F32, 3);
-    let (_b, m_pi) = common::model(cfg, DType::F32, 4);
+    let (_dirs, m_ref, m_pi) = reference_and_policy();
     let params = SamplingParams {
         temperature: 1.0,
         top_p: 1.0,
@@ -431,9 +437,7 @@ fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
 fn app_k_greedy_pairs_are_the_argmax_decodes() {
     use difinfo_trainer::diag::did_entropy::{sample_pairs, PairDecoding};
     use difinfo_trainer::generate::{generate, SamplingParams};
-    let cfg = common::micro_config(Architecture::Llama);
-    let (_a, m_ref) = common::model(cfg.clone(), DType::F32, 3);
-    let (_b, m_pi) = common::model(cfg, DType::F32, 4);
+    let (_dirs, m_ref, m_pi) = reference_and_policy();
     let prompt = [1u32, 50, 60];
     let greedy = SamplingParams {
         temperature: 0.0,
