@@ -711,3 +711,157 @@ impl CustomOp3 for SiluMulBwd {
 pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, SiluMul)
 }
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+// ---------------------------------------------------------------------------------------------
+
+/// The constants of one AdamW update (see [`adamw_step`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// Learning rate `η`.
+    pub lr: f64,
+    /// Decoupled weight decay `λ`.
+    pub weight_decay: f64,
+    /// `β₁`.
+    pub beta1: f64,
+    /// `β₂`.
+    pub beta2: f64,
+    /// `ε`.
+    pub eps: f64,
+    /// Bias correction `1 − β₁ᵗ`.
+    pub bc1: f64,
+    /// Bias correction `1 − β₂ᵗ`.
+    pub bc2: f64,
+}
+
+impl AdamWStep {
+    /// One element: returns `(θ', m', v')`, with the operations and roundings of the
+    /// op-by-op candle path in `train::optim` (each `affine` is `x·a + b` in `T`).
+    #[inline]
+    fn update<T: Real>(&self, c: &AdamWConsts<T>, p: T, g: T, m: T, v: T) -> (T, T, T) {
+        let z = T::zero();
+        let p = if self.weight_decay != 0.0 {
+            p * c.decay + z
+        } else {
+            p
+        };
+        let m = (m * c.b1 + z) + (g * c.one_m_b1 + z);
+        let v = (v * c.b2 + z) + ((g * g) * c.one_m_b2 + z);
+        let denom = (v.sqrt() * c.inv_sqrt_bc2 + z) * T::one() + c.eps;
+        let upd = (m / denom) * c.step + z;
+        (p - upd, m, v)
+    }
+}
+
+struct AdamWConsts<T> {
+    decay: T,
+    b1: T,
+    one_m_b1: T,
+    b2: T,
+    one_m_b2: T,
+    inv_sqrt_bc2: T,
+    eps: T,
+    step: T,
+}
+
+impl<T: Real> AdamWConsts<T> {
+    fn of(s: &AdamWStep) -> Self {
+        AdamWConsts {
+            decay: T::from_f64(1.0 - s.lr * s.weight_decay),
+            b1: T::from_f64(s.beta1),
+            one_m_b1: T::from_f64(1.0 - s.beta1),
+            b2: T::from_f64(s.beta2),
+            one_m_b2: T::from_f64(1.0 - s.beta2),
+            inv_sqrt_bc2: T::from_f64(1.0 / s.bc2.sqrt()),
+            eps: T::from_f64(s.eps),
+            step: T::from_f64(s.lr / s.bc1),
+        }
+    }
+}
+
+fn adamw_vecs<T: Real>(s: &AdamWStep, p: &[T], g: &[T], m: &[T], v: &[T]) -> [Vec<T>; 3] {
+    let c = AdamWConsts::<T>::of(s);
+    let n = p.len();
+    let (mut np, mut nm, mut nv) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
+    let chunk = MIN_ELEMS_PER_TASK;
+    np.par_chunks_mut(chunk)
+        .zip(nm.par_chunks_mut(chunk))
+        .zip(nv.par_chunks_mut(chunk))
+        .enumerate()
+        .for_each(|(k, ((op, om), ov))| {
+            let o = k * chunk;
+            for i in 0..op.len() {
+                let j = o + i;
+                (op[i], om[i], ov[i]) = s.update(&c, p[j], g[j], m[j], v[j]);
+            }
+        });
+    [np, nm, nv]
+}
+
+/// One fused AdamW update on CPU tensors: returns `(θ', m', v')` for parameters `p`,
+/// gradient `g` and moments `m`, `v`, or `None` when the fused kernel does not apply (another
+/// device, a dtype other than f32/f64, mixed dtypes or sizes, a non-contiguous input); the
+/// caller then runs the op-by-op update.
+///
+/// # Formula
+/// `θ ← θ(1 − ηλ)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
+/// `θ ← θ − (η/(1−β₁ᵗ)) · m / (√v/√(1−β₂ᵗ) + ε)`, element by element with the same
+/// operations and roundings as the op-by-op path (bit-identical results), in one pass.
+///
+/// # Errors
+/// Tensor errors building the outputs.
+pub fn adamw_step(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: &AdamWStep,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let ts = [p, g, m, v];
+    let dt = p.dtype();
+    if !enabled(p)
+        || ts
+            .iter()
+            .any(|t| !t.device().is_cpu() || t.dtype() != dt || t.shape() != p.shape())
+    {
+        return Ok(None);
+    }
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut cpu = Vec::with_capacity(4);
+    for (st, l) in &guards {
+        match &**st {
+            candle_core::Storage::Cpu(c) => match l.contiguous_offsets() {
+                Some(r) => cpu.push((c, r)),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        }
+    }
+    fn sl<'a, T: WithDType>(x: &(&'a CpuStorage, (usize, usize))) -> Result<&'a [T]> {
+        Ok(&x.0.as_slice::<T>()?[x.1 .0..x.1 .1])
+    }
+    let out: [CpuStorage; 3] = match dt {
+        DType::F32 => {
+            adamw_vecs::<f32>(step, sl(&cpu[0])?, sl(&cpu[1])?, sl(&cpu[2])?, sl(&cpu[3])?)
+                .map(CpuStorage::F32)
+        }
+        DType::F64 => {
+            adamw_vecs::<f64>(step, sl(&cpu[0])?, sl(&cpu[1])?, sl(&cpu[2])?, sl(&cpu[3])?)
+                .map(CpuStorage::F64)
+        }
+        _ => return Ok(None),
+    };
+    drop(cpu);
+    drop(guards);
+    let [a, b, c] = out;
+    let mk = |s: CpuStorage| -> Result<Tensor> {
+        let t = match s {
+            CpuStorage::F32(v) => Tensor::from_vec(v, p.shape(), p.device())?,
+            CpuStorage::F64(v) => Tensor::from_vec(v, p.shape(), p.device())?,
+            _ => bail!("adamw_step: unexpected dtype"),
+        };
+        Ok(t)
+    };
+    Ok(Some((mk(a)?, mk(b)?, mk(c)?)))
+}

@@ -796,8 +796,23 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
+/// Runs candle's element-wise CPU ops on the calling thread unless `CANDLE_NUM_THREADS` says
+/// otherwise. candle splits element-wise ops over a spin-barrier pool of its own, beside the
+/// rayon pool that runs matmuls and the fused kernels: on a machine with few cores (or shared
+/// with other work) its barrier threads and rayon's workers take turns on the same cores and
+/// the main thread spins at the barrier (a fifth of a bench step's cycles on 2 cores, with
+/// `CANDLE_NUM_THREADS=1` 25–50 % more tokens/s under load). Matmuls keep all threads
+/// (`RAYON_NUM_THREADS`).
+fn tune_candle_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Before any other thread exists and before candle reads the variable.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() -> ExitCode {
     tune_malloc();
+    tune_candle_threads();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,
