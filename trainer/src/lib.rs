@@ -6,6 +6,7 @@
 //! Layers, bottom up:
 //! - [`config`]: config.json → [`config::ModelConfig`] (Llama, Mistral, Qwen2);
 //! - [`model`]: the decoder with trainable variables and a differentiable forward;
+//! - [`fused`]: fused CPU kernels with hand-written backward passes used by [`model`];
 //! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
 //! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL parsing, TRL tokenization;
 //! - [`batch`]: right-padded batches and completion masks;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod data;
 pub mod diag;
 pub mod error;
+pub mod fused;
 pub mod fuzzing;
 pub mod generate;
 pub mod init;

@@ -5,6 +5,9 @@
 //! an additive mask and [`candle_nn::ops::softmax`] for attention, a hand-written RMSNorm and a
 //! hand-written rotate-half RoPE from cos/sin tables. candle's fused `softmax_last_dim`,
 //! `rms_norm`, `RmsNorm::forward` and `rope` are never used: they record no gradient.
+//! On f32/f64 CPU tensors, RMSNorm, `silu(gate) ⊙ up`, the scaled masked attention softmax and
+//! the final log-softmax-and-pick run as the fused kernels of [`crate::fused`], which carry
+//! hand-written backward passes ([`Model::set_fused_kernels`] turns them off).
 //!
 //! Low-precision models (bf16/f16) compute RMSNorm, the attention softmax and the final
 //! log-softmax in f32, as transformers does; f32 and f64 models compute everything in their own
@@ -138,6 +141,11 @@ pub fn causal_mask(
     Ok(Tensor::from_vec(m, (1, 1, l, t), device)?.to_dtype(dtype)?)
 }
 
+/// Whether an additive mask has the `[B or 1, 1, l, t]` shape the fused softmax takes.
+fn fusable_mask(m: &Tensor, b: usize, l: usize, t: usize) -> bool {
+    matches!(m.dims(), &[mb, 1, ml, mt] if (mb == 1 || mb == b) && ml == l && mt == t)
+}
+
 /// A decoder-only transformer with trainable parameters.
 #[derive(Clone)]
 pub struct Model {
@@ -151,6 +159,7 @@ pub struct Model {
     norm: Tensor,
     lm_head: Tensor,
     extra: BTreeMap<String, Tensor>,
+    fused: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -259,6 +268,7 @@ impl Model {
             device: device.clone(),
             config,
             extra: tensors,
+            fused: true,
         })
     }
 
@@ -291,6 +301,33 @@ impl Model {
         }
         self.compute_dtype = dtype;
         Ok(())
+    }
+
+    /// Whether the forward uses the fused CPU kernels of [`crate::fused`] (RMSNorm,
+    /// `silu(gate) ⊙ up`, the masked attention softmax, the final log-softmax and pick) where
+    /// they apply: f32/f64 compute on the CPU. On by default; off, every op is a plain candle
+    /// op (the reference the fused kernels are tested against).
+    pub fn fused_kernels(&self) -> bool {
+        self.fused
+    }
+
+    /// Turns the fused CPU kernels on or off (see [`Model::fused_kernels`]).
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    fn use_fused(&self, t: &Tensor) -> bool {
+        self.fused && crate::fused::enabled(t)
+    }
+
+    /// RMSNorm with this model's ε, fused where `use_fused` allows.
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.use_fused(x) {
+            Ok(crate::fused::rms_norm(x, &w.to_dtype(x.dtype())?, eps)?)
+        } else {
+            rms_norm(x, w, eps)
+        }
     }
 
     /// The device holding the parameters.
@@ -389,7 +426,7 @@ impl Model {
             .to_dtype(cd)?
             .index_select(&ids.flatten_all()?, 0)?; // [B*l, H]
         for (li, blk) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &blk.ln1, cfg.rms_norm_eps)?;
+            let h = self.norm(&x, &blk.ln1)?;
             let q = blk
                 .q
                 .forward(&h)?
@@ -430,22 +467,36 @@ impl Model {
             } else {
                 (k, v)
             };
-            let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(acc)?; // [B, nh, l, t]
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
+            let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
+            let p = match mask {
+                // Fused scale + mask + softmax (f32/f64 CPU): no gradient for the mask.
+                Some(m) if acc == cd && self.use_fused(&raw) && fusable_mask(m, b, l, t) => {
+                    crate::fused::masked_softmax(&raw, &m.to_dtype(cd)?, scale)?
+                }
+                _ => {
+                    let scores = (raw * scale)?.to_dtype(acc)?;
+                    let scores = match mask {
+                        Some(m) => scores.broadcast_add(m)?,
+                        None => scores,
+                    };
+                    candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?
+                }
             };
-            let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?;
             let att = p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?;
             x = (x + blk.o.forward(&att)?)?;
-            let h = rms_norm(&x, &blk.ln2, cfg.rms_norm_eps)?;
-            let m = (blk.gate.forward(&h)?.silu()? * blk.up.forward(&h)?)?;
+            let h = self.norm(&x, &blk.ln2)?;
+            let (gate, up) = (blk.gate.forward(&h)?, blk.up.forward(&h)?);
+            let m = if self.use_fused(&gate) {
+                crate::fused::silu_mul(&gate, &up)?
+            } else {
+                (gate.silu()? * up)?
+            };
             x = (x + blk.down.forward(&m)?)?;
         }
         if let Some(c) = cache {
             c.len += l;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let x = self.norm(&x, &self.norm)?;
         Ok(x.reshape((b, l, cfg.hidden_size))?)
     }
 
@@ -513,6 +564,14 @@ impl Model {
             .narrow(1, 0, l - 1)?
             .contiguous()?;
         let logits = self.head(&h)?; // [B, L−1, V]
+        if self.use_fused(&logits) {
+            // Fused log-softmax + pick (f32/f64 CPU): the [B, L−1, V] log-softmax is never
+            // materialized, and its backward is one pass.
+            let v = logits.dim(2)?;
+            let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
+            let lp = crate::fused::token_logps(&logits.reshape((b * (l - 1), v))?, &targets)?;
+            return Ok(lp.reshape((b, l - 1))?);
+        }
         let targets = ids.narrow(1, 1, l - 1)?.contiguous()?.unsqueeze(2)?;
         let picked = logits.gather(&targets, 2)?.squeeze(2)?;
         // log-sum-exp with a detached max: exact for any shift, so the gradient is unaffected.

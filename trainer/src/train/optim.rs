@@ -214,6 +214,30 @@ impl Optimizer {
                     (&p - upd)?
                 }
                 OptimizerKind::Adamw => {
+                    let bc1 = 1.0 - c.adam_beta1.powi(t);
+                    let bc2 = 1.0 - c.adam_beta2.powi(t);
+                    let fused = crate::fused::adamw_step(
+                        &p,
+                        &g,
+                        self.m[i].as_ref().expect("adamw state"),
+                        self.v[i].as_ref().expect("adamw state"),
+                        &crate::fused::AdamWStep {
+                            lr,
+                            weight_decay: wd,
+                            beta1: c.adam_beta1,
+                            beta2: c.adam_beta2,
+                            eps: c.adam_epsilon,
+                            bc1,
+                            bc2,
+                        },
+                    )?;
+                    if let Some((new_p, m, v)) = fused {
+                        // One pass, bit-identical to the op-by-op update below.
+                        self.m[i] = Some(m);
+                        self.v[i] = Some(v);
+                        var.set(&new_p.to_dtype(var.dtype())?)?;
+                        continue;
+                    }
                     let p = if wd != 0.0 {
                         p.affine(1.0 - lr * wd, 0.0)?
                     } else {

@@ -1,0 +1,354 @@
+//! The fused CPU kernels of `difinfo_trainer::fused` against the unfused candle ops they
+//! replace: values and gradients of every input, in f64 (tight) and f32 (rounding-level), on
+//! sizes that span several rayon tasks; and the model's log-probs and gradients with and
+//! without them.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use difinfo_trainer::batch::{Batch, Sequence};
+use difinfo_trainer::config::Architecture;
+use difinfo_trainer::fused;
+use difinfo_trainer::model::MASK_VALUE;
+
+fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    // SplitMix64 → uniform(−2, 2): deterministic without a RNG dependency.
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-12,
+        _ => 2e-5,
+    }
+}
+
+/// Checks `fused(inputs)` against `reference(inputs)`: values, and the gradients of
+/// `Σ out ⊙ r` (a random cotangent) with respect to every input.
+fn check(
+    name: &str,
+    inputs: &[Tensor],
+    dtype: DType,
+    fused_f: impl Fn(&[Tensor]) -> Tensor,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let a = fused_f(&ts);
+    let b = reference(&ts);
+    let scale = 1.0
+        + b.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+    let d = max_abs_diff(&a, &b);
+    assert!(
+        d <= tol(dtype) * scale,
+        "{name} {dtype:?}: values differ by {d:e}"
+    );
+    let r = rand(a.dims(), 99, dtype);
+    let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (x, y) = (
+            ga.get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no fused gradient for input {i}")),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        let scale = 1.0
+            + y.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+        let d = max_abs_diff(x, y);
+        assert!(
+            d <= tol(dtype) * scale,
+            "{name} {dtype:?}: gradient of input {i} differs by {d:e}"
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[3, 50, 24], 1, dtype);
+        let w = rand(&[24], 2, dtype);
+        check(
+            "rms_norm",
+            &[x, w],
+            dtype,
+            |t| fused::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| {
+                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                t[0].broadcast_div(&(ms + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&t[1])
+                    .unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn silu_mul_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let a = (rand(&[70, 300], 3, dtype) * 4.0).unwrap();
+        let b = rand(&[70, 300], 4, dtype);
+        check(
+            "silu_mul",
+            &[a, b],
+            dtype,
+            |t| fused::silu_mul(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+}
+
+fn causal_and_padding_mask(b: usize, l: usize, pad: &[usize], dtype: DType) -> Tensor {
+    let mut m = vec![0f64; b * l * l];
+    for bi in 0..b {
+        for i in 0..l {
+            for j in 0..l {
+                if j > i || j >= l - pad[bi] {
+                    m[(bi * l + i) * l + j] = MASK_VALUE;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, l, l), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+#[test]
+fn masked_softmax_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (b, h, l) = (3, 4, 37);
+        let s = (rand(&[b, h, l, l], 5, dtype) * 3.0).unwrap();
+        for mask in [
+            causal_and_padding_mask(b, l, &[0, 5, 36], dtype),
+            causal_and_padding_mask(1, l, &[0], dtype),
+        ] {
+            let scale = 0.35;
+            check(
+                "masked_softmax",
+                &[s.clone()],
+                dtype,
+                |t| fused::masked_softmax(&t[0], &mask, scale).unwrap(),
+                |t| {
+                    let x = (&t[0] * scale).unwrap().broadcast_add(&mask).unwrap();
+                    candle_nn::ops::softmax(&x, D::Minus1).unwrap()
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn token_logps_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (n, v) = (45, 1000);
+        let z = (rand(&[n, v], 6, dtype) * 5.0).unwrap();
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
+        let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+        check(
+            "token_logps",
+            &[z],
+            dtype,
+            |x| fused::token_logps(&x[0], &t).unwrap(),
+            |x| {
+                let lsm = candle_nn::ops::log_softmax(&x[0], D::Minus1).unwrap();
+                lsm.gather(&t.unsqueeze(1).unwrap(), 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+            },
+        );
+    }
+}
+
+#[test]
+fn token_logps_rejects_out_of_vocabulary_targets() {
+    let z = rand(&[2, 10], 7, DType::F32);
+    let t = Tensor::from_vec(vec![3u32, 10], 2, &Device::Cpu).unwrap();
+    assert!(fused::token_logps(&z, &t).is_err());
+}
+
+#[test]
+fn fused_ops_are_off_for_half_types() {
+    let x = rand(&[2, 4], 8, DType::F32);
+    assert!(fused::enabled(&x));
+    assert!(!fused::enabled(&x.to_dtype(DType::BF16).unwrap()));
+}
+
+/// The whole model: per-token log-probs and every variable's gradient agree with the fused
+/// kernels on and off (padding, GQA, a sliding window, biases and tied embeddings included).
+#[test]
+fn model_with_fused_kernels_matches_unfused() {
+    let seqs = vec![
+        Sequence {
+            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
+            completion_start: 3,
+        },
+        Sequence {
+            ids: vec![0, 5, 6, 200, 31],
+            completion_start: 2,
+        },
+    ];
+    for arch in [
+        Architecture::Llama,
+        Architecture::Mistral,
+        Architecture::Qwen2,
+    ] {
+        for dtype in [DType::F64, DType::F32] {
+            let (_d, mut m) = common::model(common::micro_config(arch), dtype, 21);
+            let b = Batch::from_sequences(&seqs, 2, m.device()).unwrap();
+            assert!(m.fused_kernels());
+            let run = |m: &difinfo_trainer::model::Model| {
+                let lp = m
+                    .token_logps(&b.input_ids, Some(&b.attention_mask))
+                    .unwrap();
+                let w = rand(lp.dims(), 5, dtype);
+                let grads = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let g: Vec<(String, Tensor)> = m
+                    .named_vars()
+                    .into_iter()
+                    .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+                    .collect();
+                (lp, g)
+            };
+            let (lp_f, g_f) = run(&m);
+            m.set_fused_kernels(false);
+            let (lp_u, g_u) = run(&m);
+            let d = max_abs_diff(&lp_f, &lp_u);
+            assert!(
+                d <= tol(dtype) * 10.0,
+                "{arch:?} {dtype:?}: log-probs differ by {d:e}"
+            );
+            for ((name, a), (_, b)) in g_f.iter().zip(&g_u) {
+                let scale = 1.0
+                    + b.abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                let d = max_abs_diff(a, b);
+                assert!(
+                    d <= tol(dtype) * 10.0 * scale,
+                    "{arch:?} {dtype:?}: gradient of {name} differs by {d:e}"
+                );
+            }
+        }
+    }
+}
+
+/// The fused AdamW update is bit-identical to the op-by-op candle update of `train::optim`
+/// (same operations, same roundings), with and without weight decay, over several steps.
+#[test]
+fn adamw_step_is_bit_identical_to_op_by_op() {
+    for dtype in [DType::F32, DType::F64] {
+        for wd in [0.0, 0.01] {
+            let n = 40_000; // several rayon tasks
+            let mut p = rand(&[n], 11, dtype);
+            let mut m = p.zeros_like().unwrap();
+            let mut v = p.zeros_like().unwrap();
+            let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+            let (b1, b2, eps, lr) = (0.9, 0.999, 1e-8, 3e-3);
+            for t in 1..=3 {
+                let g = rand(&[n], 20 + t as u64, dtype);
+                let bc1 = 1.0 - f64::powi(b1, t);
+                let bc2 = 1.0 - f64::powi(b2, t);
+                let step = fused::AdamWStep {
+                    lr,
+                    weight_decay: wd,
+                    beta1: b1,
+                    beta2: b2,
+                    eps,
+                    bc1,
+                    bc2,
+                };
+                let (np, nm, nv) = fused::adamw_step(&p, &g, &m, &v, &step).unwrap().unwrap();
+                (p, m, v) = (np, nm, nv);
+                // The op-by-op path of `Optimizer::step`.
+                let pp = if wd != 0.0 {
+                    p2.affine(1.0 - lr * wd, 0.0).unwrap()
+                } else {
+                    p2.clone()
+                };
+                m2 = (m2.affine(b1, 0.0).unwrap() + g.affine(1.0 - b1, 0.0).unwrap()).unwrap();
+                v2 = (v2.affine(b2, 0.0).unwrap()
+                    + g.sqr().unwrap().affine(1.0 - b2, 0.0).unwrap())
+                .unwrap();
+                let denom =
+                    (v2.sqrt().unwrap().affine(1.0 / bc2.sqrt(), 0.0).unwrap() + eps).unwrap();
+                let upd = (&m2 / denom).unwrap().affine(lr / bc1, 0.0).unwrap();
+                p2 = (&pp - upd).unwrap();
+            }
+            for (a, b) in [(&p, &p2), (&m, &m2), (&v, &v2)] {
+                assert_eq!(max_abs_diff(a, b), 0.0, "{dtype:?} wd {wd}");
+            }
+        }
+    }
+    // Not applicable: a bf16 tensor falls back.
+    let x = rand(&[4], 1, DType::BF16);
+    let step = fused::AdamWStep {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        bc1: 0.1,
+        bc2: 0.001,
+    };
+    assert!(fused::adamw_step(&x, &x, &x, &x, &step).unwrap().is_none());
+}
