@@ -20,6 +20,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows handled by one rayon task at least (keeps tasks large enough to amortize scheduling).
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
@@ -38,9 +39,36 @@ trait Real: WithDType + std::ops::Neg<Output = Self> {
     const NEG_INF: Self;
 }
 
+/// `e^x` in f32 without a libm call, branch-free so that loops over slices vectorize: Cody–Waite
+/// range reduction `x = n ln 2 + r`, Cephes' degree-6 polynomial for `e^r` (relative error
+/// ≲ 2·10⁻⁷, about 2 ulp), `2^n` from the exponent bits; 0 below −87.3 (where f32 leaves the
+/// normal range), inputs clamped at 88 above.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let xc = x.min(88.0);
+    let n = (xc * LOG2E + SHIFTER) - SHIFTER;
+    let r = xc - n * C1 - n * C2;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let er = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits((((n.max(-127.0) as i32) + 127) as u32) << 23);
+    let y = er * scale;
+    if x < -87.33 {
+        0.0
+    } else {
+        y
+    }
+}
+
 impl Real for f32 {
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
     fn ln(self) -> Self {
         f32::ln(self)
@@ -92,6 +120,42 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
         .for_each(|(c, chunk)| f(c * rows, chunk));
 }
 
+/// A vector of `n_rows · row_len` elements built in parallel without zero-filling it first:
+/// `f(first_row, rows)` receives consecutive whole rows, uninitialized, and must write every
+/// element (through [`write_all`]).
+fn build_rows<T: Send>(
+    n_rows: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let n = n_rows * row_len;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let rows = rows_per_task(row_len);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut((rows * row_len).max(1))
+        .enumerate()
+        .for_each(|(c, chunk)| f(c * rows, chunk));
+    // SAFETY: `f` wrote every element (each write goes through `write_all`, which checks that
+    // it covered its whole slice); a panic in `f` propagates before this line.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Writes `src` into every element of `dst` and returns it as initialized.
+///
+/// # Panics
+/// If `src` does not have exactly `dst.len()` items.
+fn write_all<T>(dst: &mut [MaybeUninit<T>], src: impl IntoIterator<Item = T>) -> &mut [T] {
+    let mut k = 0;
+    for (d, x) in dst.iter_mut().zip(src) {
+        d.write(x);
+        k += 1;
+    }
+    assert_eq!(k, dst.len(), "write_all: short source");
+    // SAFETY: all `dst.len()` elements were just written; MaybeUninit<T> has T's layout.
+    unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
 // ---------------------------------------------------------------------------------------------
 // log-softmax + gather of the target token
 // ---------------------------------------------------------------------------------------------
@@ -99,34 +163,98 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
 /// Log-sum-exp of a row with a max shift: `ln Σ exp(z − m) + m`.
 #[inline]
 fn row_lse<T: Real>(z: &[T]) -> T {
-    let m = z.iter().fold(T::NEG_INF, |a, &b| a.fmax(b));
-    let mut s = T::zero();
-    for &v in z {
+    let m = row_max(z);
+    row_sum_exp(z, m).ln() + m
+}
+
+/// `Σ exp(z − m)` with 8 lane accumulators (vectorizes).
+#[inline]
+fn row_sum_exp<T: Real>(z: &[T], m: T) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = z.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += (v - m).exp();
+        }
+    }
+    let mut s = lane_sum(acc);
+    for &v in chunks.remainder() {
         s += (v - m).exp();
     }
-    s.ln() + m
+    s
+}
+
+/// The maximum of a row with 8 lane accumulators (vectorizes).
+#[inline]
+fn row_max<T: Real>(z: &[T]) -> T {
+    let mut acc = [T::NEG_INF; 8];
+    let mut chunks = z.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.fmax(v);
+        }
+    }
+    let mut m = acc.iter().fold(T::NEG_INF, |a, &b| a.fmax(b));
+    for &v in chunks.remainder() {
+        m = m.fmax(v);
+    }
+    m
+}
+
+/// `Σ z` with 8 lane accumulators (vectorizes).
+#[inline]
+fn row_sum<T: Real>(z: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = z.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut s = lane_sum(acc);
+    for &v in chunks.remainder() {
+        s += v;
+    }
+    s
+}
+
+#[inline]
+fn lane_sum<T: Real>(a: [T; 8]) -> T {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     data::<u32>(s, l)
 }
 
-struct TokenLogps;
+struct TokenLogps {
+    /// Each row's log-sum-exp from the forward pass (exact in f64), taken by the backward pass.
+    lse: std::sync::Mutex<Option<Vec<f64>>>,
+}
 
 impl TokenLogps {
-    fn fwd<T: Real>(z: &[T], t: &[u32], v: usize) -> Result<Vec<T>> {
+    fn fwd<T: Real>(&self, z: &[T], t: &[u32], v: usize) -> Result<Vec<T>> {
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
             bail!("token_logps: target {bad} outside the vocabulary of {v}");
         }
         let mut out = vec![T::zero(); t.len()];
+        let mut lse = vec![0f64; t.len()];
         let rows = rows_per_task(v);
-        out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
-            for (i, o) in o.iter_mut().enumerate() {
-                let r = c * rows + i;
-                let row = &z[r * v..(r + 1) * v];
-                *o = row[t[r] as usize] - row_lse(row);
-            }
-        });
+        out.par_chunks_mut(rows)
+            .zip(lse.par_chunks_mut(rows))
+            .enumerate()
+            .for_each(|(c, (o, ls))| {
+                for (i, (o, ls)) in o.iter_mut().zip(ls).enumerate() {
+                    let r = c * rows + i;
+                    let row = &z[r * v..(r + 1) * v];
+                    let l = row_lse(row);
+                    *o = row[t[r] as usize] - l;
+                    *ls = l.to_f64();
+                }
+            });
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(lse);
+        }
         Ok(out)
     }
 }
@@ -152,8 +280,8 @@ impl CustomOp2 for TokenLogps {
         }
         let t = targets_of(s2, l2)?;
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Self::fwd(data::<f32>(s1, l1)?, t, v)?),
-            DType::F64 => CpuStorage::F64(Self::fwd(data::<f64>(s1, l1)?, t, v)?),
+            DType::F32 => CpuStorage::F32(self.fwd(data::<f32>(s1, l1)?, t, v)?),
+            DType::F64 => CpuStorage::F64(self.fwd(data::<f64>(s1, l1)?, t, v)?),
             dt => bail!("token_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
         Ok((out, Shape::from(n)))
@@ -166,30 +294,33 @@ impl CustomOp2 for TokenLogps {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &TokenLogpsBwd)?;
+        let lse = self.lse.lock().ok().and_then(|mut s| s.take());
+        let g = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &TokenLogpsBwd { lse })?;
         Ok((Some(g), None))
     }
 }
 
 /// `∂/∂z[n, v] = g[n] · (1[v = t_n] − softmax(z[n])_v)`.
-struct TokenLogpsBwd;
+/// The forward pass's log-sum-exps when kept (recomputed otherwise, e.g. a second backward).
+struct TokenLogpsBwd {
+    lse: Option<Vec<f64>>,
+}
 
 impl TokenLogpsBwd {
-    fn bwd<T: Real>(z: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
-        let mut out = vec![T::zero(); z.len()];
-        par_rows(&mut out, v, |r0, o| {
+    fn bwd<T: Real>(&self, z: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
+        build_rows(g.len(), v, |r0, o| {
             for (i, orow) in o.chunks_mut(v).enumerate() {
                 let r = r0 + i;
                 let row = &z[r * v..(r + 1) * v];
-                let lse = row_lse(row);
+                let lse = match &self.lse {
+                    Some(l) => T::from_f64(l[r]),
+                    None => row_lse(row),
+                };
                 let gr = g[r];
-                for (o, &x) in orow.iter_mut().zip(row) {
-                    *o = -(gr * (x - lse).exp());
-                }
+                let orow = write_all(orow, row.iter().map(|&x| -(gr * (x - lse).exp())));
                 orow[t[r] as usize] += gr;
             }
-        });
-        out
+        })
     }
 }
 
@@ -211,10 +342,10 @@ impl CustomOp3 for TokenLogpsBwd {
         let t = targets_of(s2, l2)?;
         let out = match s1.dtype() {
             DType::F32 => {
-                CpuStorage::F32(Self::bwd(data::<f32>(s1, l1)?, t, data::<f32>(s3, l3)?, v))
+                CpuStorage::F32(self.bwd(data::<f32>(s1, l1)?, t, data::<f32>(s3, l3)?, v))
             }
             DType::F64 => {
-                CpuStorage::F64(Self::bwd(data::<f64>(s1, l1)?, t, data::<f64>(s3, l3)?, v))
+                CpuStorage::F64(self.bwd(data::<f64>(s1, l1)?, t, data::<f64>(s3, l3)?, v))
             }
             dt => bail!("token_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
@@ -228,9 +359,12 @@ impl CustomOp3 for TokenLogpsBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]), a target outside the vocabulary.
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op2(&targets.contiguous()?, TokenLogps)
+    logits.contiguous()?.apply_op2(
+        &targets.contiguous()?,
+        TokenLogps {
+            lse: std::sync::Mutex::new(None),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,28 +415,22 @@ impl MaskedSoftmax {
     fn fwd<T: Real>(&self, s: &[T], m: &[T], geo: Geo) -> Vec<T> {
         let t = geo.t;
         let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); s.len()];
-        par_rows(&mut out, t, |r0, o| {
+        build_rows(s.len() / t.max(1), t, |r0, o| {
             for (i, orow) in o.chunks_mut(t).enumerate() {
                 let r = r0 + i;
                 let srow = &s[r * t..(r + 1) * t];
                 let mrow = &m[geo.mask_row(r)..geo.mask_row(r) + t];
-                let mut mx = T::NEG_INF;
-                for ((o, &x), &mk) in orow.iter_mut().zip(srow).zip(mrow) {
-                    *o = x * scale + mk;
-                    mx = mx.fmax(*o);
-                }
-                let mut sum = T::zero();
+                let orow = write_all(orow, srow.iter().zip(mrow).map(|(&x, &mk)| x * scale + mk));
+                let mx = row_max(orow);
                 for o in orow.iter_mut() {
                     *o = (*o - mx).exp();
-                    sum += *o;
                 }
+                let sum = row_sum(orow);
                 for o in orow.iter_mut() {
                     *o /= sum;
                 }
             }
-        });
-        out
+        })
     }
 }
 
@@ -351,8 +479,7 @@ struct SoftmaxBwd {
 impl SoftmaxBwd {
     fn bwd<T: Real>(&self, p: &[T], g: &[T], t: usize) -> Vec<T> {
         let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); p.len()];
-        par_rows(&mut out, t, |r0, o| {
+        build_rows(p.len() / t.max(1), t, |r0, o| {
             for (i, orow) in o.chunks_mut(t).enumerate() {
                 let r = r0 + i;
                 let prow = &p[r * t..(r + 1) * t];
@@ -361,12 +488,14 @@ impl SoftmaxBwd {
                 for (&a, &b) in prow.iter().zip(grow) {
                     dot += a * b;
                 }
-                for ((o, &a), &b) in orow.iter_mut().zip(prow).zip(grow) {
-                    *o = scale * (a * (b - dot));
-                }
+                write_all(
+                    orow,
+                    prow.iter()
+                        .zip(grow)
+                        .map(|(&a, &b)| scale * (a * (b - dot))),
+                );
             }
-        });
-        out
+        })
     }
 }
 
@@ -426,18 +555,14 @@ impl RmsNorm {
     fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let h = w.len();
         let eps = T::from_f64(self.eps);
-        let mut out = vec![T::zero(); x.len()];
-        par_rows(&mut out, h, |r0, o| {
-            for (i, orow) in o.chunks_mut(h).enumerate() {
+        build_rows(x.len() / h.max(1), h, |r0, o| {
+            for (i, orow) in o.chunks_mut(h.max(1)).enumerate() {
                 let r = r0 + i;
                 let xrow = &x[r * h..(r + 1) * h];
                 let d = Self::denom(xrow, eps);
-                for ((o, &xv), &wv) in orow.iter_mut().zip(xrow).zip(w) {
-                    *o = (xv / d) * wv;
-                }
+                write_all(orow, xrow.iter().zip(w).map(|(&xv, &wv)| (xv / d) * wv));
             }
-        });
-        out
+        })
     }
 }
 
@@ -594,14 +719,16 @@ struct SiluMul;
 
 impl SiluMul {
     fn fwd<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); a.len()];
-        par_rows(&mut out, 1, |r0, o| {
+        build_rows(a.len(), 1, |r0, o| {
             let n = o.len();
-            for ((o, &x), &y) in o.iter_mut().zip(&a[r0..r0 + n]).zip(&b[r0..r0 + n]) {
-                *o = x / (T::one() + (-x).exp()) * y;
-            }
-        });
-        out
+            let (a, b) = (&a[r0..r0 + n], &b[r0..r0 + n]);
+            write_all(
+                o,
+                a.iter()
+                    .zip(b)
+                    .map(|(&x, &y)| x / (T::one() + (-x).exp()) * y),
+            );
+        })
     }
 }
 
@@ -652,8 +779,8 @@ struct SiluMulBwd;
 impl SiluMulBwd {
     fn bwd<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
         let n = a.len();
-        let mut out = vec![T::zero(); 2 * n];
-        let (ga, gb) = out.split_at_mut(n);
+        let mut out: Vec<T> = Vec::with_capacity(2 * n);
+        let (ga, gb) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
         let chunk = MIN_ELEMS_PER_TASK;
         ga.par_chunks_mut(chunk)
             .zip(gb.par_chunks_mut(chunk))
@@ -664,10 +791,13 @@ impl SiluMulBwd {
                     let (x, y, gv) = (a[o + i], b[o + i], g[o + i]);
                     let sig = T::one() / (T::one() + (-x).exp());
                     let silu = x * sig;
-                    ga[i] = gv * y * (sig * (T::one() + x * (T::one() - sig)));
-                    gb[i] = gv * silu;
+                    ga[i].write(gv * y * (sig * (T::one() + x * (T::one() - sig))));
+                    gb[i].write(gv * silu);
                 }
             });
+        // SAFETY: the loop above wrote each of the 2n elements (ga and gb have equal lengths,
+        // chunked alike); a panic propagates before this line.
+        unsafe { out.set_len(2 * n) };
         out
     }
 }
@@ -864,4 +994,348 @@ pub fn adamw_step(
         Ok(t)
     };
     Ok(Some((mk(a)?, mk(b)?, mk(c)?)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// head split (+ RoPE, + grouped-query repetition)
+// ---------------------------------------------------------------------------------------------
+
+/// `[B·l, h_in·d]` → `[B, h_out, l, d]`, output head `o` reading input head `o / (h_out/h_in)`,
+/// with rotate-half RoPE applied when `rope` is set.
+#[derive(Clone, Copy)]
+struct Heads {
+    b: usize,
+    l: usize,
+    h_in: usize,
+    h_out: usize,
+    d: usize,
+    rope: bool,
+}
+
+impl Heads {
+    fn check(&self, x: &Shape, cos: &Shape, sin: &Shape) -> Result<()> {
+        let ok = x.dims() == [self.b * self.l, self.h_in * self.d]
+            && cos.dims() == [self.l, self.d]
+            && sin.dims() == [self.l, self.d]
+            && self.h_in > 0
+            && self.h_out % self.h_in == 0
+            && self.d % 2 == 0;
+        if !ok {
+            bail!(
+                "split_heads: input {x:?}, tables {cos:?} {sin:?} for {} heads of {} ({} out)",
+                self.h_in,
+                self.d,
+                self.h_out
+            );
+        }
+        Ok(())
+    }
+
+    fn fwd<T: Real>(&self, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let Heads {
+            l,
+            h_in,
+            h_out,
+            d,
+            rope,
+            ..
+        } = *self;
+        let rep = h_out / h_in;
+        let half = d / 2;
+        let mut out = vec![T::zero(); self.b * h_out * l * d];
+        par_rows(&mut out, d, |r0, o| {
+            for (k, orow) in o.chunks_mut(d).enumerate() {
+                let r = r0 + k; // (bi, ho, i)
+                let i = r % l;
+                let ho = (r / l) % h_out;
+                let bi = r / (l * h_out);
+                let src = &x[(bi * l + i) * h_in * d + (ho / rep) * d..][..d];
+                if rope {
+                    let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                    for j in 0..d {
+                        let rot = if j < half {
+                            -src[j + half]
+                        } else {
+                            src[j - half]
+                        };
+                        orow[j] = src[j] * c[j] + rot * s[j];
+                    }
+                } else {
+                    orow.copy_from_slice(src);
+                }
+            }
+        });
+        out
+    }
+
+    fn bwd<T: Real>(&self, g: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let Heads {
+            l,
+            h_in,
+            h_out,
+            d,
+            rope,
+            ..
+        } = *self;
+        let rep = h_out / h_in;
+        let half = d / 2;
+        let w = h_in * d;
+        let mut out = vec![T::zero(); self.b * l * w];
+        par_rows(&mut out, w, |r0, o| {
+            for (k, orow) in o.chunks_mut(w).enumerate() {
+                let r = r0 + k; // (bi, i)
+                let (bi, i) = (r / l, r % l);
+                let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                for hk in 0..h_in {
+                    let acc = &mut orow[hk * d..(hk + 1) * d];
+                    for ho in hk * rep..(hk + 1) * rep {
+                        let gr = &g[((bi * h_out + ho) * l + i) * d..][..d];
+                        if rope {
+                            for j in 0..d {
+                                let t = if j < half {
+                                    gr[j + half] * s[j + half]
+                                } else {
+                                    -(gr[j - half] * s[j - half])
+                                };
+                                acc[j] += gr[j] * c[j] + t;
+                            }
+                        } else {
+                            for j in 0..d {
+                                acc[j] += gr[j];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+struct HeadsFwd(Heads);
+struct HeadsBwd(Heads);
+
+macro_rules! heads_cpu_fwd {
+    ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident, $s3:ident, $l3:ident, $f:ident) => {{
+        match ($s1.dtype(), $s2.dtype(), $s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32($self.0.$f(
+                data::<f32>($s1, $l1)?,
+                data::<f32>($s2, $l2)?,
+                data::<f32>($s3, $l3)?,
+            )),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64($self.0.$f(
+                data::<f64>($s1, $l1)?,
+                data::<f64>($s2, $l2)?,
+                data::<f64>($s3, $l3)?,
+            )),
+            (a, b, c) => bail!("split_heads: dtypes {a:?}, {b:?}, {c:?} (f32 or f64, equal)"),
+        }
+    }};
+}
+
+impl CustomOp3 for HeadsFwd {
+    fn name(&self) -> &'static str {
+        "fused-split-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.check(l1.shape(), l2.shape(), l3.shape())?;
+        let out = heads_cpu_fwd!(self, s1, l1, s2, l2, s3, l3, fwd);
+        let h = self.0;
+        Ok((out, Shape::from((h.b, h.h_out, h.l, h.d))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &HeadsBwd(self.0))?;
+        Ok((Some(g), None, None))
+    }
+}
+
+impl CustomOp3 for HeadsBwd {
+    fn name(&self) -> &'static str {
+        "fused-split-heads-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = self.0;
+        if l1.shape().dims() != [h.b, h.h_out, h.l, h.d] {
+            bail!("split_heads backward: gradient {:?}", l1.shape());
+        }
+        let out = heads_cpu_fwd!(self, s1, l1, s2, l2, s3, l3, bwd);
+        Ok((out, Shape::from((h.b * h.l, h.h_in * h.d))))
+    }
+}
+
+/// Splits the heads of a projection, `x: [B·l, h_in·d]` → `[B, h_out, l, d]` (contiguous),
+/// output head `o` a copy of input head `o / (h_out / h_in)` (grouped-query attention's
+/// key/value repetition), with rotate-half RoPE (`cos`, `sin`: `[l, d]` tables, see
+/// [`crate::model::apply_rope`]) when `rope` is set; differentiable in `x` (the backward sums
+/// the repeated heads). Replaces reshape → transpose → copy → RoPE (7 ops) → repeat.
+///
+/// # Errors
+/// Shapes (`h_out` a multiple of `h_in`, even `d`), dtypes (f32/f64 CPU only, see [`enabled`]).
+#[allow(clippy::too_many_arguments)]
+pub fn split_heads(
+    x: &Tensor,
+    b: usize,
+    l: usize,
+    h_in: usize,
+    h_out: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    rope: bool,
+) -> Result<Tensor> {
+    let d = cos.dim(1)?;
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        HeadsFwd(Heads {
+            b,
+            l,
+            h_in,
+            h_out,
+            d,
+            rope,
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention core: softmax(scale · q kᵀ + mask) v, heads merged
+// ---------------------------------------------------------------------------------------------
+
+/// The attention core as one graph node (see [`attention`]); the mask is a constant.
+struct Attention {
+    mask: Tensor,
+    scale: f64,
+    /// The probabilities of the forward pass, taken by the backward pass.
+    probs: std::sync::Mutex<Option<Tensor>>,
+}
+
+/// A detached CPU tensor holding a copy of a contiguous storage slice.
+fn tensor_of(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    let dev = candle_core::Device::Cpu;
+    match s.dtype() {
+        DType::F32 => Tensor::from_slice(data::<f32>(s, l)?, l.shape(), &dev),
+        DType::F64 => Tensor::from_slice(data::<f64>(s, l)?, l.shape(), &dev),
+        dt => bail!("attention: fused CPU kernel needs f32 or f64, got {dt:?}"),
+    }
+}
+
+impl Attention {
+    /// `p = softmax(scale · q kᵀ + mask)` on detached tensors, `[B, H, l, t]`.
+    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        let raw = q.matmul(&k.t()?)?;
+        raw.apply_op2_no_bwd(&self.mask, &MaskedSoftmax { scale: self.scale })
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
+        let (b, h, l, d) = q.dims4()?;
+        let p = self.probs(&q, &k)?;
+        let o = p
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * l, h * d))?;
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = Some(p);
+        }
+        let (st, _) = o.storage_and_layout();
+        let out = match &*st {
+            candle_core::Storage::Cpu(c) => c.clone(),
+            _ => bail!("attention: expected a CPU result"),
+        };
+        Ok((out, Shape::from((b * l, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (b, h, l, d) = q.dims4()?;
+        let go = grad
+            .detach()
+            .reshape((b, l, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, H, l, d]
+        let kept = self.probs.lock().ok().and_then(|mut s| s.take());
+        let p = match kept {
+            Some(p) => p,
+            None => self.probs(&q, &k)?, // [B, H, l, t]
+        };
+        let gv = p.t()?.matmul(&go)?;
+        let gp = go.matmul(&v.t()?)?;
+        let gs = p.apply_op2_no_bwd(&gp, &SoftmaxBwd { scale: self.scale })?;
+        let gq = gs.matmul(&k)?;
+        let gk = gs.t()?.matmul(&q)?;
+        Ok((Some(gq), Some(gk), Some(gv)))
+    }
+}
+
+/// The attention core `softmax(scale · q kᵀ + mask) v` with heads merged, as one graph node:
+/// `q: [B, H, l, d]`, `k`, `v: [B, H, t, d]`, `mask: [B or 1, 1, l, t]` (a constant) →
+/// `[B·l, H·d]`, differentiable in `q`, `k`, `v`. The `[B, H, l, t]` probabilities are kept
+/// for one backward pass (a second one recomputes them), and the autograd graph gets one node
+/// instead of six (no zero buffers and accumulations of the score size).
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, l, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    Geo::of(&Shape::from((b, h, l, t)), mask.shape())?;
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            mask: mask.detach().contiguous()?,
+            scale,
+            probs: std::sync::Mutex::new(None),
+        },
+    )
 }

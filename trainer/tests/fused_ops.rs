@@ -352,3 +352,77 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
     };
     assert!(fused::adamw_step(&x, &x, &x, &x, &step).unwrap().is_none());
 }
+
+#[test]
+fn split_heads_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (b, l, h_in, h_out, d) = (2, 19, 2, 6, 8);
+        let x = rand(&[b * l, h_in * d], 31, dtype);
+        let cos = rand(&[l, d], 32, dtype);
+        let sin = rand(&[l, d], 33, dtype);
+        for rope in [true, false] {
+            check(
+                "split_heads",
+                &[x.clone()],
+                dtype,
+                |t| fused::split_heads(&t[0], b, l, h_in, h_out, &cos, &sin, rope).unwrap(),
+                |t| {
+                    let z = t[0]
+                        .reshape((b, l, h_in, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap();
+                    let z = if rope {
+                        difinfo_trainer::model::apply_rope(&z, &cos, &sin).unwrap()
+                    } else {
+                        z
+                    };
+                    z.unsqueeze(2)
+                        .unwrap()
+                        .broadcast_as((b, h_in, h_out / h_in, l, d))
+                        .unwrap()
+                        .reshape((b, h_out, l, d))
+                        .unwrap()
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (b, h, l, d) = (3, 4, 21, 8);
+        let q = rand(&[b, h, l, d], 41, dtype);
+        let k = rand(&[b, h, l, d], 42, dtype);
+        let v = rand(&[b, h, l, d], 43, dtype);
+        for mask in [
+            causal_and_padding_mask(b, l, &[0, 4, 20], dtype),
+            causal_and_padding_mask(1, l, &[0], dtype),
+        ] {
+            let scale = 0.3;
+            check(
+                "attention",
+                &[q.clone(), k.clone(), v.clone()],
+                dtype,
+                |t| fused::attention(&t[0], &t[1], &t[2], &mask, scale).unwrap(),
+                |t| {
+                    let s = (t[0].matmul(&t[1].t().unwrap()).unwrap() * scale)
+                        .unwrap()
+                        .broadcast_add(&mask)
+                        .unwrap();
+                    candle_nn::ops::softmax(&s, D::Minus1)
+                        .unwrap()
+                        .matmul(&t[2])
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b * l, h * d))
+                        .unwrap()
+                },
+            );
+        }
+    }
+}
