@@ -1339,3 +1339,233 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
         },
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// linear layer
+// ---------------------------------------------------------------------------------------------
+
+/// `dst = lhs · rhs` (`m × k` by `k × n`, row-major `dst`) through the `gemm` crate, written into
+/// `n·m` uninitialized elements; `*_cs`/`*_rs` are column/row strides in elements.
+///
+/// # Safety
+/// `dst` must be valid for `m·n` writes, `lhs` and `rhs` for reads at every index their
+/// strides reach, and none may overlap `dst`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    lhs: *const T,
+    lhs_cs: usize,
+    lhs_rs: usize,
+    rhs: *const T,
+    rhs_cs: usize,
+    rhs_rs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m * n {
+            dst.add(i).write(T::zero());
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::zero(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// `y = x wᵀ` for `x: [N, in]`, `w: [out, in]`.
+struct Linear;
+
+impl Linear {
+    fn fwd<T: Real>(x: &[T], w: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
+        let mut y: Vec<T> = Vec::with_capacity(n * d_out);
+        // SAFETY: y has capacity n·d_out; x is n×d_in and w d_out×d_in, read through wᵀ's
+        // strides (column j of wᵀ is row j of w); gemm writes every element of y.
+        unsafe {
+            gemm_into(
+                n,
+                d_out,
+                d_in,
+                y.as_mut_ptr(),
+                x.as_ptr(),
+                1,
+                d_in,
+                w.as_ptr(),
+                d_in,
+                1,
+            );
+            y.set_len(n * d_out);
+        }
+        y
+    }
+
+    fn dims(x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
+        let (n, d_in) = x.dims2()?;
+        let (d_out, w_in) = w.dims2()?;
+        if w_in != d_in {
+            bail!("linear: input {x:?} for weight {w:?}");
+        }
+        Ok((n, d_in, d_out))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = Self::dims(l1.shape(), l2.shape())?;
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(Self::fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(Self::fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (a, b) => bail!("linear: dtypes {a:?} and {b:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((n, d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, d_in, d_out) = Self::dims(x.shape(), w.shape())?;
+        let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearBwd)?;
+        let gx = both.narrow(0, 0, n * d_in)?.reshape((n, d_in))?;
+        let gw = both
+            .narrow(0, n * d_in, d_out * d_in)?
+            .reshape((d_out, d_in))?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// Gradients of `y = x wᵀ` from `g = ∂/∂y`, concatenated flat: `∂/∂x = g w` (`[N, in]`), then
+/// `∂/∂w = gᵀ x` (`[out, in]`).
+struct LinearBwd;
+
+impl LinearBwd {
+    fn bwd<T: Real>(x: &[T], w: &[T], g: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
+        let len = n * d_in + d_out * d_in;
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        // SAFETY: out has capacity for both blocks, each written whole by gemm: g is n×d_out
+        // (read as is, then as gᵀ through swapped strides), w d_out×d_in, x n×d_in.
+        unsafe {
+            let p = out.as_mut_ptr();
+            gemm_into(n, d_in, d_out, p, g.as_ptr(), 1, d_out, w.as_ptr(), 1, d_in);
+            gemm_into(
+                d_out,
+                d_in,
+                n,
+                p.add(n * d_in),
+                g.as_ptr(),
+                d_out,
+                1,
+                x.as_ptr(),
+                1,
+                d_in,
+            );
+            out.set_len(len);
+        }
+        out
+    }
+}
+
+impl CustomOp3 for LinearBwd {
+    fn name(&self) -> &'static str {
+        "fused-linear-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = Linear::dims(l1.shape(), l2.shape())?;
+        if l3.shape().dims() != [n, d_out] {
+            bail!("linear backward: gradient {:?}", l3.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(Self::bwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            DType::F64 => CpuStorage::F64(Self::bwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            dt => bail!("linear: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(n * d_in + d_out * d_in)))
+    }
+}
+
+/// A linear map `y = x wᵀ` (`x: [N, in]`, `w: [out, in]` → `[N, out]`) through the `gemm`
+/// crate, differentiable in `x` and `w`: the weight's gradient comes out in `w`'s own layout
+/// (candle's `x.matmul(&w.t())` adds a transpose node whose backward is a strided
+/// accumulation), and no output is zero-filled before the product is written.
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}

@@ -43,6 +43,19 @@ impl Lin {
             None => y,
         })
     }
+
+    /// [`Lin::forward`], through the fused [`crate::fused::linear`] when `fused` is set and
+    /// `x` is 2-D in the weight's dtype.
+    fn apply(&self, fused: bool, x: &Tensor) -> Result<Tensor> {
+        if fused && x.rank() == 2 && self.w.dtype() == x.dtype() {
+            let y = crate::fused::linear(x, &self.w)?;
+            return Ok(match &self.b {
+                Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+                None => y,
+            });
+        }
+        self.forward(x)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -426,11 +439,16 @@ impl Model {
             .embed
             .to_dtype(cd)?
             .index_select(&ids.flatten_all()?, 0)?; // [B*l, H]
+        let fz = self.use_fused(&x);
         for (li, blk) in self.layers.iter().enumerate() {
             let h = self.norm(&x, &blk.ln1)?;
             let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
                 // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.
-                let (qp, kp, vp) = (blk.q.forward(&h)?, blk.k.forward(&h)?, blk.v.forward(&h)?);
+                let (qp, kp, vp) = (
+                    blk.q.apply(fz, &h)?,
+                    blk.k.apply(fz, &h)?,
+                    blk.v.apply(fz, &h)?,
+                );
                 let split = |z: &Tensor, heads: usize, rope: bool| {
                     crate::fused::split_heads(z, b, l, heads, nh, &cos, &sin, rope)
                 };
@@ -442,19 +460,19 @@ impl Model {
             } else {
                 let q = blk
                     .q
-                    .forward(&h)?
+                    .apply(fz, &h)?
                     .reshape((b, l, nh, hd))?
                     .transpose(1, 2)?
                     .contiguous()?;
                 let k = blk
                     .k
-                    .forward(&h)?
+                    .apply(fz, &h)?
                     .reshape((b, l, nkv, hd))?
                     .transpose(1, 2)?
                     .contiguous()?;
                 let v = blk
                     .v
-                    .forward(&h)?
+                    .apply(fz, &h)?
                     .reshape((b, l, nkv, hd))?
                     .transpose(1, 2)?
                     .contiguous()?;
@@ -500,15 +518,15 @@ impl Model {
                     p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?
                 }
             };
-            x = (x + blk.o.forward(&att)?)?;
+            x = (x + blk.o.apply(fz, &att)?)?;
             let h = self.norm(&x, &blk.ln2)?;
-            let (gate, up) = (blk.gate.forward(&h)?, blk.up.forward(&h)?);
+            let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
             let m = if self.use_fused(&gate) {
                 crate::fused::silu_mul(&gate, &up)?
             } else {
                 (gate.silu()? * up)?
             };
-            x = (x + blk.down.forward(&m)?)?;
+            x = (x + blk.down.apply(fz, &m)?)?;
         }
         if let Some(c) = cache {
             c.len += l;
@@ -585,9 +603,10 @@ impl Model {
             // materialized and its backward is one pass; the logits stay 2-D (a reshape of
             // them would cost a zero buffer and an accumulation of their size in backward).
             let hs = h.dim(2)?;
-            let logits = h
-                .reshape((b * (l - 1), hs))?
-                .matmul(&self.lm_head.to_dtype(h.dtype())?.t()?)?;
+            let logits = crate::fused::linear(
+                &h.reshape((b * (l - 1), hs))?,
+                &self.lm_head.to_dtype(h.dtype())?,
+            )?;
             let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
             let lp = crate::fused::token_logps(&logits, &targets)?;
             return Ok(lp.reshape((b, l - 1))?);

@@ -426,3 +426,18 @@ fn attention_matches_unfused() {
         }
     }
 }
+
+#[test]
+fn linear_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[37, 24], 51, dtype);
+        let w = rand(&[40, 24], 52, dtype);
+        check(
+            "linear",
+            &[x, w],
+            dtype,
+            |t| fused::linear(&t[0], &t[1]).unwrap(),
+            |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+        );
+    }
+}
