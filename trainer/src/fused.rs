@@ -1229,6 +1229,104 @@ pub fn split_heads(
 // attention core: softmax(scale · q kᵀ + mask) v, heads merged
 // ---------------------------------------------------------------------------------------------
 
+/// A raw pointer that rayon tasks writing disjoint parts of one buffer can share.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used for writes to disjoint elements, each by one task.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Batched products `dst_i = lhs_i · rhs_i` (`m × k` by `k × n`), one single-threaded gemm
+/// per batch entry, the entries spread over rayon's pool. Entry `(r, c)` of operand `i` lies at
+/// `off(i) + r·rs + c·cs` (elements); `dst_i` has column stride 1.
+///
+/// # Safety
+/// Every index reached must lie in its buffer, and the `dst_i` must be disjoint.
+#[allow(clippy::too_many_arguments)]
+unsafe fn bmm<T: Real>(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    dst: SyncPtr<T>,
+    dst_off: impl Fn(usize) -> usize + Sync,
+    dst_rs: usize,
+    lhs: &[T],
+    lhs_off: impl Fn(usize) -> usize + Sync,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    rhs_off: impl Fn(usize) -> usize + Sync,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    (0..batch).into_par_iter().for_each(|i| {
+        gemm_raw(
+            (m, n, k),
+            dst.get().add(dst_off(i)),
+            dst_rs,
+            lhs.as_ptr().add(lhs_off(i)),
+            (lhs_cs, lhs_rs),
+            rhs.as_ptr().add(rhs_off(i)),
+            (rhs_cs, rhs_rs),
+            gemm::Parallelism::None,
+        )
+    });
+}
+
+/// Attention sizes: batch, heads, queries, keys, head dimension.
+#[derive(Clone, Copy)]
+struct AttDims {
+    b: usize,
+    h: usize,
+    l: usize,
+    t: usize,
+    d: usize,
+}
+
+impl AttDims {
+    /// Offset of head `i = (batch, head)` in the merged `[B·l, H·d]` layout (row stride `H·d`).
+    fn merged(&self, i: usize) -> usize {
+        (i / self.h) * self.l * self.h * self.d + (i % self.h) * self.d
+    }
+}
+
+/// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`.
+fn att_probs<T: Real>(q: &[T], k: &[T], mask: &[T], z: AttDims, geo: Geo, scale: f64) -> Vec<T> {
+    let AttDims { b, h, l, t, d } = z;
+    let n = b * h * l * t;
+    let mut s: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: s has room for b·h blocks of l×t; q blocks are l×d, k blocks t×d read as kᵀ.
+    unsafe {
+        bmm(
+            b * h,
+            (l, t, d),
+            SyncPtr(s.as_mut_ptr()),
+            |i| i * l * t,
+            t,
+            q,
+            |i| i * l * d,
+            (d, 1),
+            k,
+            |i| i * t * d,
+            (1, d),
+        );
+        s.set_len(n);
+    }
+    MaskedSoftmax { scale }.fwd(&s, mask, geo)
+}
+
+/// The contiguous CPU data of a tensor, under its read guard.
+fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(c) => f(data::<T>(c, l)?),
+        _ => bail!("fused attention: expected a CPU tensor"),
+    }
+}
+
 /// The attention core as one graph node (see [`attention`]); the mask is a constant.
 struct Attention {
     mask: Tensor,
@@ -1237,22 +1335,46 @@ struct Attention {
     probs: std::sync::Mutex<Option<Tensor>>,
 }
 
-/// A detached CPU tensor holding a copy of a contiguous storage slice.
-fn tensor_of(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let dev = candle_core::Device::Cpu;
-    match s.dtype() {
-        DType::F32 => Tensor::from_slice(data::<f32>(s, l)?, l.shape(), &dev),
-        DType::F64 => Tensor::from_slice(data::<f64>(s, l)?, l.shape(), &dev),
-        dt => bail!("attention: fused CPU kernel needs f32 or f64, got {dt:?}"),
+impl Attention {
+    fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let AttDims { b, h, l, t, d } = z;
+        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+        let p = with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?;
+        let n = b * l * h * d;
+        let mut o: Vec<T> = Vec::with_capacity(n);
+        // SAFETY: each head writes its l×d block of the merged [B·l, H·d] output (disjoint,
+        // together all of it); p blocks are l×t, v blocks t×d.
+        unsafe {
+            bmm(
+                b * h,
+                (l, d, t),
+                SyncPtr(o.as_mut_ptr()),
+                |i| z.merged(i),
+                h * d,
+                &p,
+                |i| i * l * t,
+                (t, 1),
+                v,
+                |i| i * t * d,
+                (d, 1),
+            );
+            o.set_len(n);
+        }
+        let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = Some(p);
+        }
+        Ok(o)
     }
 }
 
-impl Attention {
-    /// `p = softmax(scale · q kᵀ + mask)` on detached tensors, `[B, H, l, t]`.
-    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        let raw = q.matmul(&k.t()?)?;
-        raw.apply_op2_no_bwd(&self.mask, &MaskedSoftmax { scale: self.scale })
+fn att_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<AttDims> {
+    let (b, h, l, d) = q.dims4()?;
+    let (kb, kh, t, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        bail!("attention: q {q:?}, k {k:?}, v {v:?}");
     }
+    Ok(AttDims { b, h, l, t, d })
 }
 
 impl CustomOp3 for Attention {
@@ -1269,23 +1391,23 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
-        let (b, h, l, d) = q.dims4()?;
-        let p = self.probs(&q, &k)?;
-        let o = p
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * l, h * d))?;
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(p);
-        }
-        let (st, _) = o.storage_and_layout();
-        let out = match &*st {
-            candle_core::Storage::Cpu(c) => c.clone(),
-            _ => bail!("attention: expected a CPU result"),
+        let z = att_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let out = match (s1.dtype(), self.mask.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(self.fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                z,
+            )?),
+            (DType::F64, DType::F64) => CpuStorage::F64(self.fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                z,
+            )?),
+            (a, b) => bail!("attention: dtypes {a:?} and mask {b:?} (f32 or f64, equal)"),
         };
-        Ok((out, Shape::from((b * l, h * d))))
+        Ok((out, Shape::from((z.b * z.l, z.h * z.d))))
     }
 
     fn bwd(
@@ -1296,24 +1418,156 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let (b, h, l, d) = q.dims4()?;
-        let go = grad
-            .detach()
-            .reshape((b, l, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?; // [B, H, l, d]
+        let z = att_dims(q.shape(), k.shape(), v.shape())?;
         let kept = self.probs.lock().ok().and_then(|mut s| s.take());
-        let p = match kept {
-            Some(p) => p,
-            None => self.probs(&q, &k)?, // [B, H, l, t]
+        let op = AttentionBwd {
+            mask: self.mask.clone(),
+            scale: self.scale,
+            probs: kept,
+            grad: grad.contiguous()?,
         };
-        let gv = p.t()?.matmul(&go)?;
-        let gp = go.matmul(&v.t()?)?;
-        let gs = p.apply_op2_no_bwd(&gp, &SoftmaxBwd { scale: self.scale })?;
-        let gq = gs.matmul(&k)?;
-        let gk = gs.t()?.matmul(&q)?;
+        let all = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (z.b * z.h * z.l * z.d, z.b * z.h * z.t * z.d);
+        let gq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let gk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let gv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
         Ok((Some(gq), Some(gk), Some(gv)))
+    }
+}
+
+/// Gradients of the attention core, flat `[∂q | ∂k | ∂v]`, from the output gradient (merged
+/// layout) and the forward pass's probabilities (recomputed when absent).
+struct AttentionBwd {
+    mask: Tensor,
+    scale: f64,
+    probs: Option<Tensor>,
+    grad: Tensor,
+}
+
+impl AttentionBwd {
+    fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let AttDims { b, h, l, t, d } = z;
+        let bh = b * h;
+        let p: Vec<T> = match &self.probs {
+            Some(p) => with_slice::<T, _>(p, |s| Ok(s.to_vec()))?,
+            None => {
+                let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+                with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?
+            }
+        };
+        let (nq, nk) = (bh * l * d, bh * t * d);
+        let mut out: Vec<T> = Vec::with_capacity(nq + 2 * nk);
+        let base = out.as_mut_ptr();
+        with_slice::<T, _>(&self.grad, |go| {
+            let mut gp: Vec<T> = Vec::with_capacity(bh * l * t);
+            // SAFETY: all destinations are disjoint blocks of buffers with the room reserved
+            // above; the operands are read within their [B, H, ·, ·] or merged layouts.
+            unsafe {
+                // ∂v = pᵀ · ∂o
+                bmm(
+                    bh,
+                    (t, d, l),
+                    SyncPtr(base.add(nq + nk)),
+                    |i| i * t * d,
+                    d,
+                    &p,
+                    |i| i * l * t,
+                    (1, t),
+                    go,
+                    |i| z.merged(i),
+                    (h * d, 1),
+                );
+                // ∂p = ∂o · vᵀ
+                bmm(
+                    bh,
+                    (l, t, d),
+                    SyncPtr(gp.as_mut_ptr()),
+                    |i| i * l * t,
+                    t,
+                    go,
+                    |i| z.merged(i),
+                    (h * d, 1),
+                    v,
+                    |i| i * t * d,
+                    (1, d),
+                );
+                gp.set_len(bh * l * t);
+            }
+            let gs = SoftmaxBwd { scale: self.scale }.bwd(&p, &gp, t);
+            drop(gp);
+            unsafe {
+                // ∂q = ∂s · k
+                bmm(
+                    bh,
+                    (l, d, t),
+                    SyncPtr(base),
+                    |i| i * l * d,
+                    d,
+                    &gs,
+                    |i| i * l * t,
+                    (t, 1),
+                    k,
+                    |i| i * t * d,
+                    (d, 1),
+                );
+                // ∂k = ∂sᵀ · q
+                bmm(
+                    bh,
+                    (t, d, l),
+                    SyncPtr(base.add(nq)),
+                    |i| i * t * d,
+                    d,
+                    &gs,
+                    |i| i * l * t,
+                    (1, t),
+                    q,
+                    |i| i * l * d,
+                    (d, 1),
+                );
+            }
+            Ok(())
+        })?;
+        // SAFETY: the four products wrote ∂v, ∂q and ∂k whole (nq + 2·nk elements).
+        unsafe { out.set_len(nq + 2 * nk) };
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = att_dims(l1.shape(), l2.shape(), l3.shape())?;
+        if self.grad.dims() != [z.b * z.l, z.h * z.d] {
+            bail!("attention backward: gradient {:?}", self.grad.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.bwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                z,
+            )?),
+            DType::F64 => CpuStorage::F64(self.bwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                z,
+            )?),
+            dt => bail!("attention: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        let n = z.b * z.h * (z.l + 2 * z.t) * z.d;
+        Ok((out, Shape::from(n)))
     }
 }
 
@@ -1363,28 +1617,57 @@ unsafe fn gemm_into<T: Real>(
     rhs_cs: usize,
     rhs_rs: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for i in 0..m * n {
-            dst.add(i).write(T::zero());
-        }
-        return;
-    }
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
+    gemm_raw(
+        (m, n, k),
+        dst,
+        n,
+        lhs,
+        (lhs_cs, lhs_rs),
+        rhs,
+        (rhs_cs, rhs_rs),
+        par,
+    );
+}
+
+/// [`gemm_into`] with a row stride for `dst` and an explicit parallelism.
+///
+/// # Safety
+/// As [`gemm_into`], `dst` rows `dst_rs` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: *const T,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const T,
+    (rhs_cs, rhs_rs): (usize, usize),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                dst.add(i * dst_rs + j).write(T::zero());
+            }
+        }
+        return;
+    }
     gemm::gemm(
         m,
         n,
         k,
         dst,
         1,
-        n as isize,
+        dst_rs as isize,
         false,
         lhs,
         lhs_cs as isize,
