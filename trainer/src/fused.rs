@@ -1852,3 +1852,124 @@ impl CustomOp3 for LinearBwd {
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
+
+// ---------------------------------------------------------------------------------------------
+// linear layer added to a residual stream
+// ---------------------------------------------------------------------------------------------
+
+/// `y = r + x wᵀ` (see [`linear_add`]).
+struct LinearAdd;
+
+impl LinearAdd {
+    fn fwd<T: Real>(x: &[T], w: &[T], r: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
+        let mut y = r.to_vec();
+        if d_in == 0 || n == 0 || d_out == 0 {
+            return y;
+        }
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: y is n×d_out (initialized: read and accumulated into), x n×d_in, w d_out×d_in
+        // read as wᵀ.
+        unsafe {
+            gemm::gemm(
+                n,
+                d_out,
+                d_in,
+                y.as_mut_ptr(),
+                1,
+                d_out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                d_in as isize,
+                w.as_ptr(),
+                d_in as isize,
+                1,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        y
+    }
+}
+
+impl CustomOp3 for LinearAdd {
+    fn name(&self) -> &'static str {
+        "fused-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = Linear::dims(l1.shape(), l2.shape())?;
+        if l3.shape().dims() != [n, d_out] {
+            bail!(
+                "linear_add: residual {:?} for output [{n}, {d_out}]",
+                l3.shape()
+            );
+        }
+        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(Self::fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(Self::fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (a, b, c) => bail!("linear_add: dtypes {a:?}, {b:?}, {c:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((n, d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, d_in, d_out) = Linear::dims(x.shape(), w.shape())?;
+        let g = grad.contiguous()?;
+        let both = x.apply_op3_no_bwd(w, &g, &LinearBwd)?;
+        let gx = both.narrow(0, 0, n * d_in)?.reshape((n, d_in))?;
+        let gw = both
+            .narrow(0, n * d_in, d_out * d_in)?
+            .reshape((d_out, d_in))?;
+        Ok((Some(gx), Some(gw), Some(g)))
+    }
+}
+
+/// `y = r + x wᵀ` for `x: [N, in]`, `w: [out, in]` and a residual `r: [N, out]`: the linear
+/// layer of [`linear`] accumulated by the gemm straight into a copy of the residual, one graph
+/// node instead of two (no separate add, with its zero buffers and accumulations in backward).
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &r.contiguous()?, LinearAdd)
+}

@@ -44,6 +44,15 @@ impl Lin {
         })
     }
 
+    /// `r + self(x)`, one fused node ([`crate::fused::linear_add`]) under the conditions of
+    /// [`Lin::apply`] when there is no bias.
+    fn apply_add(&self, fused: bool, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        if fused && self.b.is_none() && x.rank() == 2 && self.w.dtype() == x.dtype() {
+            return Ok(crate::fused::linear_add(x, &self.w, r)?);
+        }
+        Ok((r + self.apply(fused, x)?)?)
+    }
+
     /// [`Lin::forward`], through the fused [`crate::fused::linear`] when `fused` is set and
     /// `x` is 2-D in the weight's dtype.
     fn apply(&self, fused: bool, x: &Tensor) -> Result<Tensor> {
@@ -518,7 +527,7 @@ impl Model {
                     p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?
                 }
             };
-            x = (x + blk.o.apply(fz, &att)?)?;
+            x = blk.o.apply_add(fz, &att, &x)?;
             let h = self.norm(&x, &blk.ln2)?;
             let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
             let m = if self.use_fused(&gate) {
@@ -526,7 +535,7 @@ impl Model {
             } else {
                 (gate.silu()? * up)?
             };
-            x = (x + blk.down.apply(fz, &m)?)?;
+            x = blk.down.apply_add(fz, &m, &x)?;
         }
         if let Some(c) = cache {
             c.len += l;

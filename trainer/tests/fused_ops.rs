@@ -441,3 +441,19 @@ fn linear_matches_unfused() {
         );
     }
 }
+
+#[test]
+fn linear_add_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[37, 24], 61, dtype);
+        let w = rand(&[40, 24], 62, dtype);
+        let r = rand(&[37, 40], 63, dtype);
+        check(
+            "linear_add",
+            &[x, w, r],
+            dtype,
+            |t| fused::linear_add(&t[0], &t[1], &t[2]).unwrap(),
+            |t| (&t[2] + t[0].matmul(&t[1].t().unwrap()).unwrap()).unwrap(),
+        );
+    }
+}
