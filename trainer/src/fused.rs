@@ -1973,3 +1973,263 @@ pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &r.contiguous()?, LinearAdd)
 }
+
+// ---------------------------------------------------------------------------------------------
+// gated MLP input: silu(x w_gateᵀ) ⊙ (x w_upᵀ)
+// ---------------------------------------------------------------------------------------------
+
+/// `dst += lhs · rhs` (as [`gemm_into`], `dst` row-major `m × n` and initialized).
+///
+/// # Safety
+/// As [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_acc<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    lhs: *const T,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const T,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        true,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// The gated MLP input as one node (see [`gate_up`]); keeps the two projections for backward.
+struct GateUp {
+    kept: std::sync::Mutex<Option<(Tensor, Tensor)>>,
+}
+
+fn gate_up_dims(x: &Shape, wg: &Shape, wu: &Shape) -> Result<(usize, usize, usize)> {
+    let (n, h) = x.dims2()?;
+    let (i, gh) = wg.dims2()?;
+    if gh != h || wu.dims() != [i, h] {
+        bail!("gate_up: input {x:?}, weights {wg:?} and {wu:?}");
+    }
+    Ok((n, h, i))
+}
+
+/// `(x w_gateᵀ, x w_upᵀ)`.
+fn gate_up_proj<T: Real>(x: &[T], wg: &[T], wu: &[T], n: usize, h: usize, i: usize) -> [Vec<T>; 2] {
+    [wg, wu].map(|w| Linear::fwd(x, w, n, h, i))
+}
+
+impl GateUp {
+    fn fwd<T: Real>(
+        &self,
+        x: &[T],
+        wg: &[T],
+        wu: &[T],
+        n: usize,
+        h: usize,
+        i: usize,
+    ) -> Result<Vec<T>> {
+        let [a, b] = gate_up_proj(x, wg, wu, n, h, i);
+        let m = SiluMul::fwd(&a, &b);
+        let dev = candle_core::Device::Cpu;
+        let kept = (
+            Tensor::from_vec(a, (n, i), &dev)?,
+            Tensor::from_vec(b, (n, i), &dev)?,
+        );
+        if let Ok(mut slot) = self.kept.lock() {
+            *slot = Some(kept);
+        }
+        Ok(m)
+    }
+}
+
+impl CustomOp3 for GateUp {
+    fn name(&self) -> &'static str {
+        "fused-gate-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, i) = gate_up_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(self.fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(self.fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            (a, b, c) => bail!("gate_up: dtypes {a:?}, {b:?}, {c:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((n, i))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wg: &Tensor,
+        wu: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h, i) = gate_up_dims(x.shape(), wg.shape(), wu.shape())?;
+        let op = GateUpBwd {
+            kept: self.kept.lock().ok().and_then(|mut s| s.take()),
+            grad: grad.contiguous()?,
+        };
+        let all = x.apply_op3_no_bwd(wg, wu, &op)?;
+        let gx = all.narrow(0, 0, n * h)?.reshape((n, h))?;
+        let gwg = all.narrow(0, n * h, i * h)?.reshape((i, h))?;
+        let gwu = all.narrow(0, n * h + i * h, i * h)?.reshape((i, h))?;
+        Ok((Some(gx), Some(gwg), Some(gwu)))
+    }
+}
+
+/// Gradients of [`gate_up`], flat `[∂x | ∂w_gate | ∂w_up]`.
+struct GateUpBwd {
+    kept: Option<(Tensor, Tensor)>,
+    grad: Tensor,
+}
+
+impl GateUpBwd {
+    fn bwd<T: Real>(
+        &self,
+        x: &[T],
+        wg: &[T],
+        wu: &[T],
+        n: usize,
+        h: usize,
+        i: usize,
+    ) -> Result<Vec<T>> {
+        let [a, b] = match &self.kept {
+            Some((a, b)) => [
+                with_slice::<T, _>(a, |s| Ok(s.to_vec()))?,
+                with_slice::<T, _>(b, |s| Ok(s.to_vec()))?,
+            ],
+            None => gate_up_proj(x, wg, wu, n, h, i),
+        };
+        let gab = with_slice::<T, _>(&self.grad, |g| Ok(SiluMulBwd::bwd(&a, &b, g)))?;
+        let (ga, gb) = gab.split_at(n * i);
+        let len = n * h + 2 * i * h;
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        // SAFETY: out has room for the three blocks; the first is written by gemm_into and then
+        // accumulated into, the other two written whole; ga, gb are n×i, wg, wu i×h, x n×h.
+        unsafe {
+            let p = out.as_mut_ptr();
+            gemm_into(n, h, i, p, ga.as_ptr(), 1, i, wg.as_ptr(), 1, h);
+            gemm_acc((n, h, i), p, gb.as_ptr(), (1, i), wu.as_ptr(), (1, h));
+            gemm_into(i, h, n, p.add(n * h), ga.as_ptr(), i, 1, x.as_ptr(), 1, h);
+            gemm_into(
+                i,
+                h,
+                n,
+                p.add(n * h + i * h),
+                gb.as_ptr(),
+                i,
+                1,
+                x.as_ptr(),
+                1,
+                h,
+            );
+            out.set_len(len);
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for GateUpBwd {
+    fn name(&self) -> &'static str {
+        "fused-gate-up-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, i) = gate_up_dims(l1.shape(), l2.shape(), l3.shape())?;
+        if self.grad.dims() != [n, i] {
+            bail!("gate_up backward: gradient {:?}", self.grad.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.bwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            DType::F64 => CpuStorage::F64(self.bwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            dt => bail!("gate_up: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(n * h + 2 * i * h)))
+    }
+}
+
+/// The gated MLP input `silu(x w_gateᵀ) ⊙ (x w_upᵀ)` (`x: [N, H]`, weights `[I, H]` →
+/// `[N, I]`) as one graph node, differentiable in `x` and both weights: the two projections are
+/// kept for its backward pass (recomputed for a second one), whose `∂x` accumulates both
+/// products in one buffer.
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w_gate.contiguous()?,
+        &w_up.contiguous()?,
+        GateUp {
+            kept: std::sync::Mutex::new(None),
+        },
+    )
+}

@@ -529,11 +529,21 @@ impl Model {
             };
             x = blk.o.apply_add(fz, &att, &x)?;
             let h = self.norm(&x, &blk.ln2)?;
-            let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
-            let m = if self.use_fused(&gate) {
-                crate::fused::silu_mul(&gate, &up)?
+            let whole = fz
+                && blk.gate.b.is_none()
+                && blk.up.b.is_none()
+                && h.rank() == 2
+                && blk.gate.w.dtype() == h.dtype();
+            let m = if whole {
+                // Both projections, silu and the product as one node.
+                crate::fused::gate_up(&h, &blk.gate.w, &blk.up.w)?
             } else {
-                (gate.silu()? * up)?
+                let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
+                if self.use_fused(&gate) {
+                    crate::fused::silu_mul(&gate, &up)?
+                } else {
+                    (gate.silu()? * up)?
+                }
             };
             x = blk.down.apply_add(fz, &m, &x)?;
         }

@@ -457,3 +457,23 @@ fn linear_add_matches_unfused() {
         );
     }
 }
+
+#[test]
+fn gate_up_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[37, 24], 71, dtype);
+        let wg = rand(&[40, 24], 72, dtype);
+        let wu = rand(&[40, 24], 73, dtype);
+        check(
+            "gate_up",
+            &[x, wg, wu],
+            dtype,
+            |t| fused::gate_up(&t[0], &t[1], &t[2]).unwrap(),
+            |t| {
+                let g = t[0].matmul(&t[1].t().unwrap()).unwrap();
+                let u = t[0].matmul(&t[2].t().unwrap()).unwrap();
+                (g.silu().unwrap() * u).unwrap()
+            },
+        );
+    }
+}
