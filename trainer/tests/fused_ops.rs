@@ -177,7 +177,7 @@ fn masked_softmax_matches_unfused() {
             let scale = 0.35;
             check(
                 "masked_softmax",
-                &[s.clone()],
+                std::slice::from_ref(&s),
                 dtype,
                 |t| fused::masked_softmax(&t[0], &mask, scale).unwrap(),
                 |t| {
@@ -363,7 +363,7 @@ fn split_heads_matches_unfused() {
         for rope in [true, false] {
             check(
                 "split_heads",
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 dtype,
                 |t| fused::split_heads(&t[0], b, l, h_in, h_out, &cos, &sin, rope).unwrap(),
                 |t| {
