@@ -20,6 +20,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows handled by one rayon task at least (keeps tasks large enough to amortize scheduling).
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
@@ -38,9 +39,36 @@ trait Real: WithDType + std::ops::Neg<Output = Self> {
     const NEG_INF: Self;
 }
 
+/// `e^x` in f32 without a libm call, branch-free so that loops over slices vectorize: Cody–Waite
+/// range reduction `x = n ln 2 + r`, Cephes' degree-6 polynomial for `e^r` (relative error
+/// ≲ 2·10⁻⁷, about 2 ulp), `2^n` from the exponent bits; 0 below −87.3 (where f32 leaves the
+/// normal range), inputs clamped at 88 above.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let xc = x.min(88.0);
+    let n = (xc * LOG2E + SHIFTER) - SHIFTER;
+    let r = xc - n * C1 - n * C2;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let er = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits((((n.max(-127.0) as i32) + 127) as u32) << 23);
+    let y = er * scale;
+    if x < -87.33 {
+        0.0
+    } else {
+        y
+    }
+}
+
 impl Real for f32 {
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
     fn ln(self) -> Self {
         f32::ln(self)
@@ -92,6 +120,42 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
         .for_each(|(c, chunk)| f(c * rows, chunk));
 }
 
+/// A vector of `n_rows · row_len` elements built in parallel without zero-filling it first:
+/// `f(first_row, rows)` receives consecutive whole rows, uninitialized, and must write every
+/// element (through [`write_all`]).
+fn build_rows<T: Send>(
+    n_rows: usize,
+    row_len: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let n = n_rows * row_len;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let rows = rows_per_task(row_len);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut((rows * row_len).max(1))
+        .enumerate()
+        .for_each(|(c, chunk)| f(c * rows, chunk));
+    // SAFETY: `f` wrote every element (each write goes through `write_all`, which checks that
+    // it covered its whole slice); a panic in `f` propagates before this line.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Writes `src` into every element of `dst` and returns it as initialized.
+///
+/// # Panics
+/// If `src` does not have exactly `dst.len()` items.
+fn write_all<T>(dst: &mut [MaybeUninit<T>], src: impl IntoIterator<Item = T>) -> &mut [T] {
+    let mut k = 0;
+    for (d, x) in dst.iter_mut().zip(src) {
+        d.write(x);
+        k += 1;
+    }
+    assert_eq!(k, dst.len(), "write_all: short source");
+    // SAFETY: all `dst.len()` elements were just written; MaybeUninit<T> has T's layout.
+    unsafe { &mut *(dst as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
 // ---------------------------------------------------------------------------------------------
 // log-softmax + gather of the target token
 // ---------------------------------------------------------------------------------------------
@@ -99,34 +163,98 @@ fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) 
 /// Log-sum-exp of a row with a max shift: `ln Σ exp(z − m) + m`.
 #[inline]
 fn row_lse<T: Real>(z: &[T]) -> T {
-    let m = z.iter().fold(T::NEG_INF, |a, &b| a.fmax(b));
-    let mut s = T::zero();
-    for &v in z {
+    let m = row_max(z);
+    row_sum_exp(z, m).ln() + m
+}
+
+/// `Σ exp(z − m)` with 8 lane accumulators (vectorizes).
+#[inline]
+fn row_sum_exp<T: Real>(z: &[T], m: T) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = z.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += (v - m).exp();
+        }
+    }
+    let mut s = lane_sum(acc);
+    for &v in chunks.remainder() {
         s += (v - m).exp();
     }
-    s.ln() + m
+    s
+}
+
+/// The maximum of a row with 8 lane accumulators (vectorizes).
+#[inline]
+fn row_max<T: Real>(z: &[T]) -> T {
+    let mut acc = [T::NEG_INF; 8];
+    let mut chunks = z.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.fmax(v);
+        }
+    }
+    let mut m = acc.iter().fold(T::NEG_INF, |a, &b| a.fmax(b));
+    for &v in chunks.remainder() {
+        m = m.fmax(v);
+    }
+    m
+}
+
+/// `Σ z` with 8 lane accumulators (vectorizes).
+#[inline]
+fn row_sum<T: Real>(z: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut chunks = z.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut s = lane_sum(acc);
+    for &v in chunks.remainder() {
+        s += v;
+    }
+    s
+}
+
+#[inline]
+fn lane_sum<T: Real>(a: [T; 8]) -> T {
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
 }
 
 fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     data::<u32>(s, l)
 }
 
-struct TokenLogps;
+struct TokenLogps {
+    /// Each row's log-sum-exp from the forward pass (exact in f64), taken by the backward pass.
+    lse: std::sync::Mutex<Option<Vec<f64>>>,
+}
 
 impl TokenLogps {
-    fn fwd<T: Real>(z: &[T], t: &[u32], v: usize) -> Result<Vec<T>> {
+    fn fwd<T: Real>(&self, z: &[T], t: &[u32], v: usize) -> Result<Vec<T>> {
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
             bail!("token_logps: target {bad} outside the vocabulary of {v}");
         }
         let mut out = vec![T::zero(); t.len()];
+        let mut lse = vec![0f64; t.len()];
         let rows = rows_per_task(v);
-        out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
-            for (i, o) in o.iter_mut().enumerate() {
-                let r = c * rows + i;
-                let row = &z[r * v..(r + 1) * v];
-                *o = row[t[r] as usize] - row_lse(row);
-            }
-        });
+        out.par_chunks_mut(rows)
+            .zip(lse.par_chunks_mut(rows))
+            .enumerate()
+            .for_each(|(c, (o, ls))| {
+                for (i, (o, ls)) in o.iter_mut().zip(ls).enumerate() {
+                    let r = c * rows + i;
+                    let row = &z[r * v..(r + 1) * v];
+                    let l = row_lse(row);
+                    *o = row[t[r] as usize] - l;
+                    *ls = l.to_f64();
+                }
+            });
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(lse);
+        }
         Ok(out)
     }
 }
@@ -152,8 +280,8 @@ impl CustomOp2 for TokenLogps {
         }
         let t = targets_of(s2, l2)?;
         let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Self::fwd(data::<f32>(s1, l1)?, t, v)?),
-            DType::F64 => CpuStorage::F64(Self::fwd(data::<f64>(s1, l1)?, t, v)?),
+            DType::F32 => CpuStorage::F32(self.fwd(data::<f32>(s1, l1)?, t, v)?),
+            DType::F64 => CpuStorage::F64(self.fwd(data::<f64>(s1, l1)?, t, v)?),
             dt => bail!("token_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
         Ok((out, Shape::from(n)))
@@ -166,30 +294,33 @@ impl CustomOp2 for TokenLogps {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &TokenLogpsBwd)?;
+        let lse = self.lse.lock().ok().and_then(|mut s| s.take());
+        let g = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &TokenLogpsBwd { lse })?;
         Ok((Some(g), None))
     }
 }
 
 /// `∂/∂z[n, v] = g[n] · (1[v = t_n] − softmax(z[n])_v)`.
-struct TokenLogpsBwd;
+/// The forward pass's log-sum-exps when kept (recomputed otherwise, e.g. a second backward).
+struct TokenLogpsBwd {
+    lse: Option<Vec<f64>>,
+}
 
 impl TokenLogpsBwd {
-    fn bwd<T: Real>(z: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
-        let mut out = vec![T::zero(); z.len()];
-        par_rows(&mut out, v, |r0, o| {
+    fn bwd<T: Real>(&self, z: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
+        build_rows(g.len(), v, |r0, o| {
             for (i, orow) in o.chunks_mut(v).enumerate() {
                 let r = r0 + i;
                 let row = &z[r * v..(r + 1) * v];
-                let lse = row_lse(row);
+                let lse = match &self.lse {
+                    Some(l) => T::from_f64(l[r]),
+                    None => row_lse(row),
+                };
                 let gr = g[r];
-                for (o, &x) in orow.iter_mut().zip(row) {
-                    *o = -(gr * (x - lse).exp());
-                }
+                let orow = write_all(orow, row.iter().map(|&x| -(gr * (x - lse).exp())));
                 orow[t[r] as usize] += gr;
             }
-        });
-        out
+        })
     }
 }
 
@@ -211,10 +342,10 @@ impl CustomOp3 for TokenLogpsBwd {
         let t = targets_of(s2, l2)?;
         let out = match s1.dtype() {
             DType::F32 => {
-                CpuStorage::F32(Self::bwd(data::<f32>(s1, l1)?, t, data::<f32>(s3, l3)?, v))
+                CpuStorage::F32(self.bwd(data::<f32>(s1, l1)?, t, data::<f32>(s3, l3)?, v))
             }
             DType::F64 => {
-                CpuStorage::F64(Self::bwd(data::<f64>(s1, l1)?, t, data::<f64>(s3, l3)?, v))
+                CpuStorage::F64(self.bwd(data::<f64>(s1, l1)?, t, data::<f64>(s3, l3)?, v))
             }
             dt => bail!("token_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
@@ -228,9 +359,12 @@ impl CustomOp3 for TokenLogpsBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]), a target outside the vocabulary.
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op2(&targets.contiguous()?, TokenLogps)
+    logits.contiguous()?.apply_op2(
+        &targets.contiguous()?,
+        TokenLogps {
+            lse: std::sync::Mutex::new(None),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,28 +415,22 @@ impl MaskedSoftmax {
     fn fwd<T: Real>(&self, s: &[T], m: &[T], geo: Geo) -> Vec<T> {
         let t = geo.t;
         let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); s.len()];
-        par_rows(&mut out, t, |r0, o| {
+        build_rows(s.len() / t.max(1), t, |r0, o| {
             for (i, orow) in o.chunks_mut(t).enumerate() {
                 let r = r0 + i;
                 let srow = &s[r * t..(r + 1) * t];
                 let mrow = &m[geo.mask_row(r)..geo.mask_row(r) + t];
-                let mut mx = T::NEG_INF;
-                for ((o, &x), &mk) in orow.iter_mut().zip(srow).zip(mrow) {
-                    *o = x * scale + mk;
-                    mx = mx.fmax(*o);
-                }
-                let mut sum = T::zero();
+                let orow = write_all(orow, srow.iter().zip(mrow).map(|(&x, &mk)| x * scale + mk));
+                let mx = row_max(orow);
                 for o in orow.iter_mut() {
                     *o = (*o - mx).exp();
-                    sum += *o;
                 }
+                let sum = row_sum(orow);
                 for o in orow.iter_mut() {
                     *o /= sum;
                 }
             }
-        });
-        out
+        })
     }
 }
 
@@ -351,8 +479,7 @@ struct SoftmaxBwd {
 impl SoftmaxBwd {
     fn bwd<T: Real>(&self, p: &[T], g: &[T], t: usize) -> Vec<T> {
         let scale = T::from_f64(self.scale);
-        let mut out = vec![T::zero(); p.len()];
-        par_rows(&mut out, t, |r0, o| {
+        build_rows(p.len() / t.max(1), t, |r0, o| {
             for (i, orow) in o.chunks_mut(t).enumerate() {
                 let r = r0 + i;
                 let prow = &p[r * t..(r + 1) * t];
@@ -361,12 +488,14 @@ impl SoftmaxBwd {
                 for (&a, &b) in prow.iter().zip(grow) {
                     dot += a * b;
                 }
-                for ((o, &a), &b) in orow.iter_mut().zip(prow).zip(grow) {
-                    *o = scale * (a * (b - dot));
-                }
+                write_all(
+                    orow,
+                    prow.iter()
+                        .zip(grow)
+                        .map(|(&a, &b)| scale * (a * (b - dot))),
+                );
             }
-        });
-        out
+        })
     }
 }
 
@@ -426,18 +555,14 @@ impl RmsNorm {
     fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let h = w.len();
         let eps = T::from_f64(self.eps);
-        let mut out = vec![T::zero(); x.len()];
-        par_rows(&mut out, h, |r0, o| {
-            for (i, orow) in o.chunks_mut(h).enumerate() {
+        build_rows(x.len() / h.max(1), h, |r0, o| {
+            for (i, orow) in o.chunks_mut(h.max(1)).enumerate() {
                 let r = r0 + i;
                 let xrow = &x[r * h..(r + 1) * h];
                 let d = Self::denom(xrow, eps);
-                for ((o, &xv), &wv) in orow.iter_mut().zip(xrow).zip(w) {
-                    *o = (xv / d) * wv;
-                }
+                write_all(orow, xrow.iter().zip(w).map(|(&xv, &wv)| (xv / d) * wv));
             }
-        });
-        out
+        })
     }
 }
 
@@ -594,14 +719,16 @@ struct SiluMul;
 
 impl SiluMul {
     fn fwd<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); a.len()];
-        par_rows(&mut out, 1, |r0, o| {
+        build_rows(a.len(), 1, |r0, o| {
             let n = o.len();
-            for ((o, &x), &y) in o.iter_mut().zip(&a[r0..r0 + n]).zip(&b[r0..r0 + n]) {
-                *o = x / (T::one() + (-x).exp()) * y;
-            }
-        });
-        out
+            let (a, b) = (&a[r0..r0 + n], &b[r0..r0 + n]);
+            write_all(
+                o,
+                a.iter()
+                    .zip(b)
+                    .map(|(&x, &y)| x / (T::one() + (-x).exp()) * y),
+            );
+        })
     }
 }
 
@@ -652,8 +779,8 @@ struct SiluMulBwd;
 impl SiluMulBwd {
     fn bwd<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
         let n = a.len();
-        let mut out = vec![T::zero(); 2 * n];
-        let (ga, gb) = out.split_at_mut(n);
+        let mut out: Vec<T> = Vec::with_capacity(2 * n);
+        let (ga, gb) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
         let chunk = MIN_ELEMS_PER_TASK;
         ga.par_chunks_mut(chunk)
             .zip(gb.par_chunks_mut(chunk))
@@ -664,10 +791,13 @@ impl SiluMulBwd {
                     let (x, y, gv) = (a[o + i], b[o + i], g[o + i]);
                     let sig = T::one() / (T::one() + (-x).exp());
                     let silu = x * sig;
-                    ga[i] = gv * y * (sig * (T::one() + x * (T::one() - sig)));
-                    gb[i] = gv * silu;
+                    ga[i].write(gv * y * (sig * (T::one() + x * (T::one() - sig))));
+                    gb[i].write(gv * silu);
                 }
             });
+        // SAFETY: the loop above wrote each of the 2n elements (ga and gb have equal lengths,
+        // chunked alike); a panic propagates before this line.
+        unsafe { out.set_len(2 * n) };
         out
     }
 }
@@ -864,4 +994,1242 @@ pub fn adamw_step(
         Ok(t)
     };
     Ok(Some((mk(a)?, mk(b)?, mk(c)?)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// head split (+ RoPE, + grouped-query repetition)
+// ---------------------------------------------------------------------------------------------
+
+/// `[B·l, h_in·d]` → `[B, h_out, l, d]`, output head `o` reading input head `o / (h_out/h_in)`,
+/// with rotate-half RoPE applied when `rope` is set.
+#[derive(Clone, Copy)]
+struct Heads {
+    b: usize,
+    l: usize,
+    h_in: usize,
+    h_out: usize,
+    d: usize,
+    rope: bool,
+}
+
+impl Heads {
+    fn check(&self, x: &Shape, cos: &Shape, sin: &Shape) -> Result<()> {
+        let ok = x.dims() == [self.b * self.l, self.h_in * self.d]
+            && cos.dims() == [self.l, self.d]
+            && sin.dims() == [self.l, self.d]
+            && self.h_in > 0
+            && self.h_out % self.h_in == 0
+            && self.d % 2 == 0;
+        if !ok {
+            bail!(
+                "split_heads: input {x:?}, tables {cos:?} {sin:?} for {} heads of {} ({} out)",
+                self.h_in,
+                self.d,
+                self.h_out
+            );
+        }
+        Ok(())
+    }
+
+    fn fwd<T: Real>(&self, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let Heads {
+            l,
+            h_in,
+            h_out,
+            d,
+            rope,
+            ..
+        } = *self;
+        let rep = h_out / h_in;
+        let half = d / 2;
+        let mut out = vec![T::zero(); self.b * h_out * l * d];
+        par_rows(&mut out, d, |r0, o| {
+            for (k, orow) in o.chunks_mut(d).enumerate() {
+                let r = r0 + k; // (bi, ho, i)
+                let i = r % l;
+                let ho = (r / l) % h_out;
+                let bi = r / (l * h_out);
+                let src = &x[(bi * l + i) * h_in * d + (ho / rep) * d..][..d];
+                if rope {
+                    let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                    for j in 0..d {
+                        let rot = if j < half {
+                            -src[j + half]
+                        } else {
+                            src[j - half]
+                        };
+                        orow[j] = src[j] * c[j] + rot * s[j];
+                    }
+                } else {
+                    orow.copy_from_slice(src);
+                }
+            }
+        });
+        out
+    }
+
+    fn bwd<T: Real>(&self, g: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let Heads {
+            l,
+            h_in,
+            h_out,
+            d,
+            rope,
+            ..
+        } = *self;
+        let rep = h_out / h_in;
+        let half = d / 2;
+        let w = h_in * d;
+        let mut out = vec![T::zero(); self.b * l * w];
+        par_rows(&mut out, w, |r0, o| {
+            for (k, orow) in o.chunks_mut(w).enumerate() {
+                let r = r0 + k; // (bi, i)
+                let (bi, i) = (r / l, r % l);
+                let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                for hk in 0..h_in {
+                    let acc = &mut orow[hk * d..(hk + 1) * d];
+                    for ho in hk * rep..(hk + 1) * rep {
+                        let gr = &g[((bi * h_out + ho) * l + i) * d..][..d];
+                        if rope {
+                            for j in 0..d {
+                                let t = if j < half {
+                                    gr[j + half] * s[j + half]
+                                } else {
+                                    -(gr[j - half] * s[j - half])
+                                };
+                                acc[j] += gr[j] * c[j] + t;
+                            }
+                        } else {
+                            for j in 0..d {
+                                acc[j] += gr[j];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+struct HeadsFwd(Heads);
+struct HeadsBwd(Heads);
+
+macro_rules! heads_cpu_fwd {
+    ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident, $s3:ident, $l3:ident, $f:ident) => {{
+        match ($s1.dtype(), $s2.dtype(), $s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32($self.0.$f(
+                data::<f32>($s1, $l1)?,
+                data::<f32>($s2, $l2)?,
+                data::<f32>($s3, $l3)?,
+            )),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64($self.0.$f(
+                data::<f64>($s1, $l1)?,
+                data::<f64>($s2, $l2)?,
+                data::<f64>($s3, $l3)?,
+            )),
+            (a, b, c) => bail!("split_heads: dtypes {a:?}, {b:?}, {c:?} (f32 or f64, equal)"),
+        }
+    }};
+}
+
+impl CustomOp3 for HeadsFwd {
+    fn name(&self) -> &'static str {
+        "fused-split-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.check(l1.shape(), l2.shape(), l3.shape())?;
+        let out = heads_cpu_fwd!(self, s1, l1, s2, l2, s3, l3, fwd);
+        let h = self.0;
+        Ok((out, Shape::from((h.b, h.h_out, h.l, h.d))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &HeadsBwd(self.0))?;
+        Ok((Some(g), None, None))
+    }
+}
+
+impl CustomOp3 for HeadsBwd {
+    fn name(&self) -> &'static str {
+        "fused-split-heads-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = self.0;
+        if l1.shape().dims() != [h.b, h.h_out, h.l, h.d] {
+            bail!("split_heads backward: gradient {:?}", l1.shape());
+        }
+        let out = heads_cpu_fwd!(self, s1, l1, s2, l2, s3, l3, bwd);
+        Ok((out, Shape::from((h.b * h.l, h.h_in * h.d))))
+    }
+}
+
+/// Splits the heads of a projection, `x: [B·l, h_in·d]` → `[B, h_out, l, d]` (contiguous),
+/// output head `o` a copy of input head `o / (h_out / h_in)` (grouped-query attention's
+/// key/value repetition), with rotate-half RoPE (`cos`, `sin`: `[l, d]` tables, see
+/// [`crate::model::apply_rope`]) when `rope` is set; differentiable in `x` (the backward sums
+/// the repeated heads). Replaces reshape → transpose → copy → RoPE (7 ops) → repeat.
+///
+/// # Errors
+/// Shapes (`h_out` a multiple of `h_in`, even `d`), dtypes (f32/f64 CPU only, see [`enabled`]).
+#[allow(clippy::too_many_arguments)]
+pub fn split_heads(
+    x: &Tensor,
+    b: usize,
+    l: usize,
+    h_in: usize,
+    h_out: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    rope: bool,
+) -> Result<Tensor> {
+    let d = cos.dim(1)?;
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        HeadsFwd(Heads {
+            b,
+            l,
+            h_in,
+            h_out,
+            d,
+            rope,
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention core: softmax(scale · q kᵀ + mask) v, heads merged
+// ---------------------------------------------------------------------------------------------
+
+/// A raw pointer that rayon tasks writing disjoint parts of one buffer can share.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used for writes to disjoint elements, each by one task.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Batched products `dst_i = lhs_i · rhs_i` (`m × k` by `k × n`), one single-threaded gemm
+/// per batch entry, the entries spread over rayon's pool. Entry `(r, c)` of operand `i` lies at
+/// `off(i) + r·rs + c·cs` (elements); `dst_i` has column stride 1.
+///
+/// # Safety
+/// Every index reached must lie in its buffer, and the `dst_i` must be disjoint.
+#[allow(clippy::too_many_arguments)]
+unsafe fn bmm<T: Real>(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    dst: SyncPtr<T>,
+    dst_off: impl Fn(usize) -> usize + Sync,
+    dst_rs: usize,
+    lhs: &[T],
+    lhs_off: impl Fn(usize) -> usize + Sync,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    rhs_off: impl Fn(usize) -> usize + Sync,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    (0..batch).into_par_iter().for_each(|i| {
+        gemm_raw(
+            (m, n, k),
+            dst.get().add(dst_off(i)),
+            dst_rs,
+            lhs.as_ptr().add(lhs_off(i)),
+            (lhs_cs, lhs_rs),
+            rhs.as_ptr().add(rhs_off(i)),
+            (rhs_cs, rhs_rs),
+            gemm::Parallelism::None,
+        )
+    });
+}
+
+/// Attention sizes: batch, heads, queries, keys, head dimension.
+#[derive(Clone, Copy)]
+struct AttDims {
+    b: usize,
+    h: usize,
+    l: usize,
+    t: usize,
+    d: usize,
+}
+
+impl AttDims {
+    /// Offset of head `i = (batch, head)` in the merged `[B·l, H·d]` layout (row stride `H·d`).
+    fn merged(&self, i: usize) -> usize {
+        (i / self.h) * self.l * self.h * self.d + (i % self.h) * self.d
+    }
+}
+
+/// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`.
+fn att_probs<T: Real>(q: &[T], k: &[T], mask: &[T], z: AttDims, geo: Geo, scale: f64) -> Vec<T> {
+    let AttDims { b, h, l, t, d } = z;
+    let n = b * h * l * t;
+    let mut s: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: s has room for b·h blocks of l×t; q blocks are l×d, k blocks t×d read as kᵀ.
+    unsafe {
+        bmm(
+            b * h,
+            (l, t, d),
+            SyncPtr(s.as_mut_ptr()),
+            |i| i * l * t,
+            t,
+            q,
+            |i| i * l * d,
+            (d, 1),
+            k,
+            |i| i * t * d,
+            (1, d),
+        );
+        s.set_len(n);
+    }
+    MaskedSoftmax { scale }.fwd(&s, mask, geo)
+}
+
+/// The contiguous CPU data of a tensor, under its read guard.
+fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        candle_core::Storage::Cpu(c) => f(data::<T>(c, l)?),
+        _ => bail!("fused attention: expected a CPU tensor"),
+    }
+}
+
+/// The attention core as one graph node (see [`attention`]); the mask is a constant.
+struct Attention {
+    mask: Tensor,
+    scale: f64,
+    /// The probabilities of the forward pass, taken by the backward pass.
+    probs: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl Attention {
+    fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let AttDims { b, h, l, t, d } = z;
+        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+        let p = with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?;
+        let n = b * l * h * d;
+        let mut o: Vec<T> = Vec::with_capacity(n);
+        // SAFETY: each head writes its l×d block of the merged [B·l, H·d] output (disjoint,
+        // together all of it); p blocks are l×t, v blocks t×d.
+        unsafe {
+            bmm(
+                b * h,
+                (l, d, t),
+                SyncPtr(o.as_mut_ptr()),
+                |i| z.merged(i),
+                h * d,
+                &p,
+                |i| i * l * t,
+                (t, 1),
+                v,
+                |i| i * t * d,
+                (d, 1),
+            );
+            o.set_len(n);
+        }
+        let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = Some(p);
+        }
+        Ok(o)
+    }
+}
+
+fn att_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<AttDims> {
+    let (b, h, l, d) = q.dims4()?;
+    let (kb, kh, t, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        bail!("attention: q {q:?}, k {k:?}, v {v:?}");
+    }
+    Ok(AttDims { b, h, l, t, d })
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = att_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let out = match (s1.dtype(), self.mask.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(self.fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                z,
+            )?),
+            (DType::F64, DType::F64) => CpuStorage::F64(self.fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                z,
+            )?),
+            (a, b) => bail!("attention: dtypes {a:?} and mask {b:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((z.b * z.l, z.h * z.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let z = att_dims(q.shape(), k.shape(), v.shape())?;
+        let kept = self.probs.lock().ok().and_then(|mut s| s.take());
+        let op = AttentionBwd {
+            mask: self.mask.clone(),
+            scale: self.scale,
+            probs: kept,
+            grad: grad.contiguous()?,
+        };
+        let all = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (z.b * z.h * z.l * z.d, z.b * z.h * z.t * z.d);
+        let gq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let gk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let gv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(gq), Some(gk), Some(gv)))
+    }
+}
+
+/// Gradients of the attention core, flat `[∂q | ∂k | ∂v]`, from the output gradient (merged
+/// layout) and the forward pass's probabilities (recomputed when absent).
+struct AttentionBwd {
+    mask: Tensor,
+    scale: f64,
+    probs: Option<Tensor>,
+    grad: Tensor,
+}
+
+impl AttentionBwd {
+    fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let AttDims { b, h, l, t, d } = z;
+        let bh = b * h;
+        let p: Vec<T> = match &self.probs {
+            Some(p) => with_slice::<T, _>(p, |s| Ok(s.to_vec()))?,
+            None => {
+                let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+                with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?
+            }
+        };
+        let (nq, nk) = (bh * l * d, bh * t * d);
+        let mut out: Vec<T> = Vec::with_capacity(nq + 2 * nk);
+        let base = out.as_mut_ptr();
+        with_slice::<T, _>(&self.grad, |go| {
+            let mut gp: Vec<T> = Vec::with_capacity(bh * l * t);
+            // SAFETY: all destinations are disjoint blocks of buffers with the room reserved
+            // above; the operands are read within their [B, H, ·, ·] or merged layouts.
+            unsafe {
+                // ∂v = pᵀ · ∂o
+                bmm(
+                    bh,
+                    (t, d, l),
+                    SyncPtr(base.add(nq + nk)),
+                    |i| i * t * d,
+                    d,
+                    &p,
+                    |i| i * l * t,
+                    (1, t),
+                    go,
+                    |i| z.merged(i),
+                    (h * d, 1),
+                );
+                // ∂p = ∂o · vᵀ
+                bmm(
+                    bh,
+                    (l, t, d),
+                    SyncPtr(gp.as_mut_ptr()),
+                    |i| i * l * t,
+                    t,
+                    go,
+                    |i| z.merged(i),
+                    (h * d, 1),
+                    v,
+                    |i| i * t * d,
+                    (1, d),
+                );
+                gp.set_len(bh * l * t);
+            }
+            let gs = SoftmaxBwd { scale: self.scale }.bwd(&p, &gp, t);
+            drop(gp);
+            unsafe {
+                // ∂q = ∂s · k
+                bmm(
+                    bh,
+                    (l, d, t),
+                    SyncPtr(base),
+                    |i| i * l * d,
+                    d,
+                    &gs,
+                    |i| i * l * t,
+                    (t, 1),
+                    k,
+                    |i| i * t * d,
+                    (d, 1),
+                );
+                // ∂k = ∂sᵀ · q
+                bmm(
+                    bh,
+                    (t, d, l),
+                    SyncPtr(base.add(nq)),
+                    |i| i * t * d,
+                    d,
+                    &gs,
+                    |i| i * l * t,
+                    (1, t),
+                    q,
+                    |i| i * l * d,
+                    (d, 1),
+                );
+            }
+            Ok(())
+        })?;
+        // SAFETY: the four products wrote ∂v, ∂q and ∂k whole (nq + 2·nk elements).
+        unsafe { out.set_len(nq + 2 * nk) };
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let z = att_dims(l1.shape(), l2.shape(), l3.shape())?;
+        if self.grad.dims() != [z.b * z.l, z.h * z.d] {
+            bail!("attention backward: gradient {:?}", self.grad.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.bwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                z,
+            )?),
+            DType::F64 => CpuStorage::F64(self.bwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                z,
+            )?),
+            dt => bail!("attention: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        let n = z.b * z.h * (z.l + 2 * z.t) * z.d;
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// The attention core `softmax(scale · q kᵀ + mask) v` with heads merged, as one graph node:
+/// `q: [B, H, l, d]`, `k`, `v: [B, H, t, d]`, `mask: [B or 1, 1, l, t]` (a constant) →
+/// `[B·l, H·d]`, differentiable in `q`, `k`, `v`. The `[B, H, l, t]` probabilities are kept
+/// for one backward pass (a second one recomputes them), and the autograd graph gets one node
+/// instead of six (no zero buffers and accumulations of the score size).
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, l, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    Geo::of(&Shape::from((b, h, l, t)), mask.shape())?;
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            mask: mask.detach().contiguous()?,
+            scale,
+            probs: std::sync::Mutex::new(None),
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear layer
+// ---------------------------------------------------------------------------------------------
+
+/// `dst = lhs · rhs` (`m × k` by `k × n`, row-major `dst`) through the `gemm` crate, written into
+/// `n·m` uninitialized elements; `*_cs`/`*_rs` are column/row strides in elements.
+///
+/// # Safety
+/// `dst` must be valid for `m·n` writes, `lhs` and `rhs` for reads at every index their
+/// strides reach, and none may overlap `dst`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    lhs: *const T,
+    lhs_cs: usize,
+    lhs_rs: usize,
+    rhs: *const T,
+    rhs_cs: usize,
+    rhs_rs: usize,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_raw(
+        (m, n, k),
+        dst,
+        n,
+        lhs,
+        (lhs_cs, lhs_rs),
+        rhs,
+        (rhs_cs, rhs_rs),
+        par,
+    );
+}
+
+/// [`gemm_into`] with a row stride for `dst` and an explicit parallelism.
+///
+/// # Safety
+/// As [`gemm_into`], `dst` rows `dst_rs` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: *const T,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const T,
+    (rhs_cs, rhs_rs): (usize, usize),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                dst.add(i * dst_rs + j).write(T::zero());
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::zero(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// `y = x wᵀ` for `x: [N, in]`, `w: [out, in]`.
+struct Linear;
+
+impl Linear {
+    fn fwd<T: Real>(x: &[T], w: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
+        let mut y: Vec<T> = Vec::with_capacity(n * d_out);
+        // SAFETY: y has capacity n·d_out; x is n×d_in and w d_out×d_in, read through wᵀ's
+        // strides (column j of wᵀ is row j of w); gemm writes every element of y.
+        unsafe {
+            gemm_into(
+                n,
+                d_out,
+                d_in,
+                y.as_mut_ptr(),
+                x.as_ptr(),
+                1,
+                d_in,
+                w.as_ptr(),
+                d_in,
+                1,
+            );
+            y.set_len(n * d_out);
+        }
+        y
+    }
+
+    fn dims(x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
+        let (n, d_in) = x.dims2()?;
+        let (d_out, w_in) = w.dims2()?;
+        if w_in != d_in {
+            bail!("linear: input {x:?} for weight {w:?}");
+        }
+        Ok((n, d_in, d_out))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = Self::dims(l1.shape(), l2.shape())?;
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(Self::fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(Self::fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (a, b) => bail!("linear: dtypes {a:?} and {b:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((n, d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, d_in, d_out) = Self::dims(x.shape(), w.shape())?;
+        let both = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearBwd)?;
+        let gx = both.narrow(0, 0, n * d_in)?.reshape((n, d_in))?;
+        let gw = both
+            .narrow(0, n * d_in, d_out * d_in)?
+            .reshape((d_out, d_in))?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// Gradients of `y = x wᵀ` from `g = ∂/∂y`, concatenated flat: `∂/∂x = g w` (`[N, in]`), then
+/// `∂/∂w = gᵀ x` (`[out, in]`).
+struct LinearBwd;
+
+impl LinearBwd {
+    fn bwd<T: Real>(x: &[T], w: &[T], g: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
+        let len = n * d_in + d_out * d_in;
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        // SAFETY: out has capacity for both blocks, each written whole by gemm: g is n×d_out
+        // (read as is, then as gᵀ through swapped strides), w d_out×d_in, x n×d_in.
+        unsafe {
+            let p = out.as_mut_ptr();
+            gemm_into(n, d_in, d_out, p, g.as_ptr(), 1, d_out, w.as_ptr(), 1, d_in);
+            gemm_into(
+                d_out,
+                d_in,
+                n,
+                p.add(n * d_in),
+                g.as_ptr(),
+                d_out,
+                1,
+                x.as_ptr(),
+                1,
+                d_in,
+            );
+            out.set_len(len);
+        }
+        out
+    }
+}
+
+impl CustomOp3 for LinearBwd {
+    fn name(&self) -> &'static str {
+        "fused-linear-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = Linear::dims(l1.shape(), l2.shape())?;
+        if l3.shape().dims() != [n, d_out] {
+            bail!("linear backward: gradient {:?}", l3.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(Self::bwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            DType::F64 => CpuStorage::F64(Self::bwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            dt => bail!("linear: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(n * d_in + d_out * d_in)))
+    }
+}
+
+/// A linear map `y = x wᵀ` (`x: [N, in]`, `w: [out, in]` → `[N, out]`) through the `gemm`
+/// crate, differentiable in `x` and `w`: the weight's gradient comes out in `w`'s own layout
+/// (candle's `x.matmul(&w.t())` adds a transpose node whose backward is a strided
+/// accumulation), and no output is zero-filled before the product is written.
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear layer added to a residual stream
+// ---------------------------------------------------------------------------------------------
+
+/// `y = r + x wᵀ` (see [`linear_add`]).
+struct LinearAdd;
+
+impl LinearAdd {
+    fn fwd<T: Real>(x: &[T], w: &[T], r: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
+        let mut y = r.to_vec();
+        if d_in == 0 || n == 0 || d_out == 0 {
+            return y;
+        }
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: y is n×d_out (initialized: read and accumulated into), x n×d_in, w d_out×d_in
+        // read as wᵀ.
+        unsafe {
+            gemm::gemm(
+                n,
+                d_out,
+                d_in,
+                y.as_mut_ptr(),
+                1,
+                d_out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                d_in as isize,
+                w.as_ptr(),
+                d_in as isize,
+                1,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        y
+    }
+}
+
+impl CustomOp3 for LinearAdd {
+    fn name(&self) -> &'static str {
+        "fused-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = Linear::dims(l1.shape(), l2.shape())?;
+        if l3.shape().dims() != [n, d_out] {
+            bail!(
+                "linear_add: residual {:?} for output [{n}, {d_out}]",
+                l3.shape()
+            );
+        }
+        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(Self::fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(Self::fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                d_in,
+                d_out,
+            )),
+            (a, b, c) => bail!("linear_add: dtypes {a:?}, {b:?}, {c:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((n, d_out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, d_in, d_out) = Linear::dims(x.shape(), w.shape())?;
+        let g = grad.contiguous()?;
+        let both = x.apply_op3_no_bwd(w, &g, &LinearBwd)?;
+        let gx = both.narrow(0, 0, n * d_in)?.reshape((n, d_in))?;
+        let gw = both
+            .narrow(0, n * d_in, d_out * d_in)?
+            .reshape((d_out, d_in))?;
+        Ok((Some(gx), Some(gw), Some(g)))
+    }
+}
+
+/// `y = r + x wᵀ` for `x: [N, in]`, `w: [out, in]` and a residual `r: [N, out]`: the linear
+/// layer of [`linear`] accumulated by the gemm straight into a copy of the residual, one graph
+/// node instead of two (no separate add, with its zero buffers and accumulations in backward).
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &r.contiguous()?, LinearAdd)
+}
+
+// ---------------------------------------------------------------------------------------------
+// gated MLP input: silu(x w_gateᵀ) ⊙ (x w_upᵀ)
+// ---------------------------------------------------------------------------------------------
+
+/// `dst += lhs · rhs` (as [`gemm_into`], `dst` row-major `m × n` and initialized).
+///
+/// # Safety
+/// As [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_acc<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    lhs: *const T,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const T,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        true,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// The gated MLP input as one node (see [`gate_up`]); keeps the two projections for backward.
+struct GateUp {
+    kept: std::sync::Mutex<Option<(Tensor, Tensor)>>,
+}
+
+fn gate_up_dims(x: &Shape, wg: &Shape, wu: &Shape) -> Result<(usize, usize, usize)> {
+    let (n, h) = x.dims2()?;
+    let (i, gh) = wg.dims2()?;
+    if gh != h || wu.dims() != [i, h] {
+        bail!("gate_up: input {x:?}, weights {wg:?} and {wu:?}");
+    }
+    Ok((n, h, i))
+}
+
+/// `(x w_gateᵀ, x w_upᵀ)`.
+fn gate_up_proj<T: Real>(x: &[T], wg: &[T], wu: &[T], n: usize, h: usize, i: usize) -> [Vec<T>; 2] {
+    [wg, wu].map(|w| Linear::fwd(x, w, n, h, i))
+}
+
+impl GateUp {
+    fn fwd<T: Real>(
+        &self,
+        x: &[T],
+        wg: &[T],
+        wu: &[T],
+        n: usize,
+        h: usize,
+        i: usize,
+    ) -> Result<Vec<T>> {
+        let [a, b] = gate_up_proj(x, wg, wu, n, h, i);
+        let m = SiluMul::fwd(&a, &b);
+        let dev = candle_core::Device::Cpu;
+        let kept = (
+            Tensor::from_vec(a, (n, i), &dev)?,
+            Tensor::from_vec(b, (n, i), &dev)?,
+        );
+        if let Ok(mut slot) = self.kept.lock() {
+            *slot = Some(kept);
+        }
+        Ok(m)
+    }
+}
+
+impl CustomOp3 for GateUp {
+    fn name(&self) -> &'static str {
+        "fused-gate-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, i) = gate_up_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(self.fwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(self.fwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            (a, b, c) => bail!("gate_up: dtypes {a:?}, {b:?}, {c:?} (f32 or f64, equal)"),
+        };
+        Ok((out, Shape::from((n, i))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wg: &Tensor,
+        wu: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h, i) = gate_up_dims(x.shape(), wg.shape(), wu.shape())?;
+        let op = GateUpBwd {
+            kept: self.kept.lock().ok().and_then(|mut s| s.take()),
+            grad: grad.contiguous()?,
+        };
+        let all = x.apply_op3_no_bwd(wg, wu, &op)?;
+        let gx = all.narrow(0, 0, n * h)?.reshape((n, h))?;
+        let gwg = all.narrow(0, n * h, i * h)?.reshape((i, h))?;
+        let gwu = all.narrow(0, n * h + i * h, i * h)?.reshape((i, h))?;
+        Ok((Some(gx), Some(gwg), Some(gwu)))
+    }
+}
+
+/// Gradients of [`gate_up`], flat `[∂x | ∂w_gate | ∂w_up]`.
+struct GateUpBwd {
+    kept: Option<(Tensor, Tensor)>,
+    grad: Tensor,
+}
+
+impl GateUpBwd {
+    fn bwd<T: Real>(
+        &self,
+        x: &[T],
+        wg: &[T],
+        wu: &[T],
+        n: usize,
+        h: usize,
+        i: usize,
+    ) -> Result<Vec<T>> {
+        let [a, b] = match &self.kept {
+            Some((a, b)) => [
+                with_slice::<T, _>(a, |s| Ok(s.to_vec()))?,
+                with_slice::<T, _>(b, |s| Ok(s.to_vec()))?,
+            ],
+            None => gate_up_proj(x, wg, wu, n, h, i),
+        };
+        let gab = with_slice::<T, _>(&self.grad, |g| Ok(SiluMulBwd::bwd(&a, &b, g)))?;
+        let (ga, gb) = gab.split_at(n * i);
+        let len = n * h + 2 * i * h;
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        // SAFETY: out has room for the three blocks; the first is written by gemm_into and then
+        // accumulated into, the other two written whole; ga, gb are n×i, wg, wu i×h, x n×h.
+        unsafe {
+            let p = out.as_mut_ptr();
+            gemm_into(n, h, i, p, ga.as_ptr(), 1, i, wg.as_ptr(), 1, h);
+            gemm_acc((n, h, i), p, gb.as_ptr(), (1, i), wu.as_ptr(), (1, h));
+            gemm_into(i, h, n, p.add(n * h), ga.as_ptr(), i, 1, x.as_ptr(), 1, h);
+            gemm_into(
+                i,
+                h,
+                n,
+                p.add(n * h + i * h),
+                gb.as_ptr(),
+                i,
+                1,
+                x.as_ptr(),
+                1,
+                h,
+            );
+            out.set_len(len);
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for GateUpBwd {
+    fn name(&self) -> &'static str {
+        "fused-gate-up-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, i) = gate_up_dims(l1.shape(), l2.shape(), l3.shape())?;
+        if self.grad.dims() != [n, i] {
+            bail!("gate_up backward: gradient {:?}", self.grad.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.bwd(
+                data::<f32>(s1, l1)?,
+                data::<f32>(s2, l2)?,
+                data::<f32>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            DType::F64 => CpuStorage::F64(self.bwd(
+                data::<f64>(s1, l1)?,
+                data::<f64>(s2, l2)?,
+                data::<f64>(s3, l3)?,
+                n,
+                h,
+                i,
+            )?),
+            dt => bail!("gate_up: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(n * h + 2 * i * h)))
+    }
+}
+
+/// The gated MLP input `silu(x w_gateᵀ) ⊙ (x w_upᵀ)` (`x: [N, H]`, weights `[I, H]` →
+/// `[N, I]`) as one graph node, differentiable in `x` and both weights: the two projections are
+/// kept for its backward pass (recomputed for a second one), whose `∂x` accumulates both
+/// products in one buffer.
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
+pub fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w_gate.contiguous()?,
+        &w_up.contiguous()?,
+        GateUp {
+            kept: std::sync::Mutex::new(None),
+        },
+    )
 }

@@ -5,9 +5,9 @@
 //! an additive mask and [`candle_nn::ops::softmax`] for attention, a hand-written RMSNorm and a
 //! hand-written rotate-half RoPE from cos/sin tables. candle's fused `softmax_last_dim`,
 //! `rms_norm`, `RmsNorm::forward` and `rope` are never used: they record no gradient.
-//! On f32/f64 CPU tensors, RMSNorm, `silu(gate) ⊙ up`, the scaled masked attention softmax and
-//! the final log-softmax-and-pick run as the fused kernels of [`crate::fused`], which carry
-//! hand-written backward passes ([`Model::set_fused_kernels`] turns them off).
+//! On f32/f64 CPU tensors, RMSNorm, `silu(gate) ⊙ up`, the head split with RoPE, the attention
+//! core and the final log-softmax-and-pick run as the fused kernels of [`crate::fused`], which
+//! carry hand-written backward passes ([`Model::set_fused_kernels`] turns them off).
 //!
 //! Low-precision models (bf16/f16) compute RMSNorm, the attention softmax and the final
 //! log-softmax in f32, as transformers does; f32 and f64 models compute everything in their own
@@ -42,6 +42,28 @@ impl Lin {
             Some(b) => y.broadcast_add(&b.to_dtype(dt)?)?,
             None => y,
         })
+    }
+
+    /// `r + self(x)`, one fused node ([`crate::fused::linear_add`]) under the conditions of
+    /// [`Lin::apply`] when there is no bias.
+    fn apply_add(&self, fused: bool, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        if fused && self.b.is_none() && x.rank() == 2 && self.w.dtype() == x.dtype() {
+            return Ok(crate::fused::linear_add(x, &self.w, r)?);
+        }
+        Ok((r + self.apply(fused, x)?)?)
+    }
+
+    /// [`Lin::forward`], through the fused [`crate::fused::linear`] when `fused` is set and
+    /// `x` is 2-D in the weight's dtype.
+    fn apply(&self, fused: bool, x: &Tensor) -> Result<Tensor> {
+        if fused && x.rank() == 2 && self.w.dtype() == x.dtype() {
+            let y = crate::fused::linear(x, &self.w)?;
+            return Ok(match &self.b {
+                Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
+                None => y,
+            });
+        }
+        self.forward(x)
     }
 }
 
@@ -304,9 +326,10 @@ impl Model {
     }
 
     /// Whether the forward uses the fused CPU kernels of [`crate::fused`] (RMSNorm,
-    /// `silu(gate) ⊙ up`, the masked attention softmax, the final log-softmax and pick) where
-    /// they apply: f32/f64 compute on the CPU. On by default; off, every op is a plain candle
-    /// op (the reference the fused kernels are tested against).
+    /// `silu(gate) ⊙ up`, head split + RoPE, the attention core, the final log-softmax and
+    /// pick) where they apply: f32/f64 compute on the CPU, and for the head split and attention
+    /// no KV cache. On by default; off, every op is a plain candle op (the reference the fused
+    /// kernels are tested against).
     pub fn fused_kernels(&self) -> bool {
         self.fused
     }
@@ -425,73 +448,104 @@ impl Model {
             .embed
             .to_dtype(cd)?
             .index_select(&ids.flatten_all()?, 0)?; // [B*l, H]
+        let fz = self.use_fused(&x);
         for (li, blk) in self.layers.iter().enumerate() {
             let h = self.norm(&x, &blk.ln1)?;
-            let q = blk
-                .q
-                .forward(&h)?
-                .reshape((b, l, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = blk
-                .k
-                .forward(&h)?
-                .reshape((b, l, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = blk
-                .v
-                .forward(&h)?
-                .reshape((b, l, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let mut k = apply_rope(&k, &cos, &sin)?;
-            let mut v = v;
-            if let Some(c) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &c.layers[li] {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                c.layers[li] = Some((k.clone(), v.clone()));
-            }
-            let t = k.dim(2)?;
-            let (k, v) = if nkv != nh {
-                let rep = nh / nkv;
-                let expand = |z: &Tensor| -> Result<Tensor> {
-                    Ok(z.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, t, hd))?
-                        .reshape((b, nh, t, hd))?)
+            let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
+                // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.
+                let (qp, kp, vp) = (
+                    blk.q.apply(fz, &h)?,
+                    blk.k.apply(fz, &h)?,
+                    blk.v.apply(fz, &h)?,
+                );
+                let split = |z: &Tensor, heads: usize, rope: bool| {
+                    crate::fused::split_heads(z, b, l, heads, nh, &cos, &sin, rope)
                 };
-                (expand(&k)?, expand(&v)?)
+                (
+                    split(&qp, nh, true)?,
+                    split(&kp, nkv, true)?,
+                    split(&vp, nkv, false)?,
+                )
             } else {
-                (k, v)
+                let q = blk
+                    .q
+                    .apply(fz, &h)?
+                    .reshape((b, l, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let k = blk
+                    .k
+                    .apply(fz, &h)?
+                    .reshape((b, l, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let v = blk
+                    .v
+                    .apply(fz, &h)?
+                    .reshape((b, l, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let q = apply_rope(&q, &cos, &sin)?;
+                let mut k = apply_rope(&k, &cos, &sin)?;
+                let mut v = v;
+                if let Some(c) = cache.as_deref_mut() {
+                    if let Some((pk, pv)) = &c.layers[li] {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    c.layers[li] = Some((k.clone(), v.clone()));
+                }
+                let t = k.dim(2)?;
+                let (k, v) = if nkv != nh {
+                    let rep = nh / nkv;
+                    let expand = |z: &Tensor| -> Result<Tensor> {
+                        Ok(z.unsqueeze(2)?
+                            .broadcast_as((b, nkv, rep, t, hd))?
+                            .reshape((b, nh, t, hd))?)
+                    };
+                    (expand(&k)?, expand(&v)?)
+                } else {
+                    (k, v)
+                };
+                (q, k, v)
             };
-            let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
-            let p = match mask {
-                // Fused scale + mask + softmax (f32/f64 CPU): no gradient for the mask.
-                Some(m) if acc == cd && self.use_fused(&raw) && fusable_mask(m, b, l, t) => {
-                    crate::fused::masked_softmax(&raw, &m.to_dtype(cd)?, scale)?
+            let t = k.dim(2)?;
+            let att = match mask {
+                // Fused scale + mask + softmax + PV + head merge (f32/f64 CPU): one graph node,
+                // no gradient for the mask.
+                Some(m) if acc == cd && self.use_fused(&q) && fusable_mask(m, b, l, t) => {
+                    crate::fused::attention(&q, &k, &v, &m.to_dtype(cd)?, scale)?
                 }
                 _ => {
+                    let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
                     let scores = (raw * scale)?.to_dtype(acc)?;
                     let scores = match mask {
                         Some(m) => scores.broadcast_add(m)?,
                         None => scores,
                     };
-                    candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?
+                    let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?;
+                    p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?
                 }
             };
-            let att = p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?;
-            x = (x + blk.o.forward(&att)?)?;
+            x = blk.o.apply_add(fz, &att, &x)?;
             let h = self.norm(&x, &blk.ln2)?;
-            let (gate, up) = (blk.gate.forward(&h)?, blk.up.forward(&h)?);
-            let m = if self.use_fused(&gate) {
-                crate::fused::silu_mul(&gate, &up)?
+            let whole = fz
+                && blk.gate.b.is_none()
+                && blk.up.b.is_none()
+                && h.rank() == 2
+                && blk.gate.w.dtype() == h.dtype();
+            let m = if whole {
+                // Both projections, silu and the product as one node.
+                crate::fused::gate_up(&h, &blk.gate.w, &blk.up.w)?
             } else {
-                (gate.silu()? * up)?
+                let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
+                if self.use_fused(&gate) {
+                    crate::fused::silu_mul(&gate, &up)?
+                } else {
+                    (gate.silu()? * up)?
+                }
             };
-            x = (x + blk.down.forward(&m)?)?;
+            x = blk.down.apply_add(fz, &m, &x)?;
         }
         if let Some(c) = cache {
             c.len += l;
@@ -563,15 +617,20 @@ impl Model {
             .decode(ids, 0, Some(&mask), None)?
             .narrow(1, 0, l - 1)?
             .contiguous()?;
-        let logits = self.head(&h)?; // [B, L−1, V]
-        if self.use_fused(&logits) {
-            // Fused log-softmax + pick (f32/f64 CPU): the [B, L−1, V] log-softmax is never
-            // materialized, and its backward is one pass.
-            let v = logits.dim(2)?;
+        if self.use_fused(&h) {
+            // Fused log-softmax + pick (f32/f64 CPU): the [B(L−1), V] log-softmax is never
+            // materialized and its backward is one pass; the logits stay 2-D (a reshape of
+            // them would cost a zero buffer and an accumulation of their size in backward).
+            let hs = h.dim(2)?;
+            let logits = crate::fused::linear(
+                &h.reshape((b * (l - 1), hs))?,
+                &self.lm_head.to_dtype(h.dtype())?,
+            )?;
             let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
-            let lp = crate::fused::token_logps(&logits.reshape((b * (l - 1), v))?, &targets)?;
+            let lp = crate::fused::token_logps(&logits, &targets)?;
             return Ok(lp.reshape((b, l - 1))?);
         }
+        let logits = self.head(&h)?; // [B, L−1, V]
         let targets = ids.narrow(1, 1, l - 1)?.contiguous()?.unsqueeze(2)?;
         let picked = logits.gather(&targets, 2)?.squeeze(2)?;
         // log-sum-exp with a detached max: exact for any shift, so the gradient is unaffected.

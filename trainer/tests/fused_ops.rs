@@ -177,7 +177,7 @@ fn masked_softmax_matches_unfused() {
             let scale = 0.35;
             check(
                 "masked_softmax",
-                &[s.clone()],
+                std::slice::from_ref(&s),
                 dtype,
                 |t| fused::masked_softmax(&t[0], &mask, scale).unwrap(),
                 |t| {
@@ -351,4 +351,129 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
         bc2: 0.001,
     };
     assert!(fused::adamw_step(&x, &x, &x, &x, &step).unwrap().is_none());
+}
+
+#[test]
+fn split_heads_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (b, l, h_in, h_out, d) = (2, 19, 2, 6, 8);
+        let x = rand(&[b * l, h_in * d], 31, dtype);
+        let cos = rand(&[l, d], 32, dtype);
+        let sin = rand(&[l, d], 33, dtype);
+        for rope in [true, false] {
+            check(
+                "split_heads",
+                std::slice::from_ref(&x),
+                dtype,
+                |t| fused::split_heads(&t[0], b, l, h_in, h_out, &cos, &sin, rope).unwrap(),
+                |t| {
+                    let z = t[0]
+                        .reshape((b, l, h_in, d))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap();
+                    let z = if rope {
+                        difinfo_trainer::model::apply_rope(&z, &cos, &sin).unwrap()
+                    } else {
+                        z
+                    };
+                    z.unsqueeze(2)
+                        .unwrap()
+                        .broadcast_as((b, h_in, h_out / h_in, l, d))
+                        .unwrap()
+                        .reshape((b, h_out, l, d))
+                        .unwrap()
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (b, h, l, d) = (3, 4, 21, 8);
+        let q = rand(&[b, h, l, d], 41, dtype);
+        let k = rand(&[b, h, l, d], 42, dtype);
+        let v = rand(&[b, h, l, d], 43, dtype);
+        for mask in [
+            causal_and_padding_mask(b, l, &[0, 4, 20], dtype),
+            causal_and_padding_mask(1, l, &[0], dtype),
+        ] {
+            let scale = 0.3;
+            check(
+                "attention",
+                &[q.clone(), k.clone(), v.clone()],
+                dtype,
+                |t| fused::attention(&t[0], &t[1], &t[2], &mask, scale).unwrap(),
+                |t| {
+                    let s = (t[0].matmul(&t[1].t().unwrap()).unwrap() * scale)
+                        .unwrap()
+                        .broadcast_add(&mask)
+                        .unwrap();
+                    candle_nn::ops::softmax(&s, D::Minus1)
+                        .unwrap()
+                        .matmul(&t[2])
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b * l, h * d))
+                        .unwrap()
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[37, 24], 51, dtype);
+        let w = rand(&[40, 24], 52, dtype);
+        check(
+            "linear",
+            &[x, w],
+            dtype,
+            |t| fused::linear(&t[0], &t[1]).unwrap(),
+            |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn linear_add_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[37, 24], 61, dtype);
+        let w = rand(&[40, 24], 62, dtype);
+        let r = rand(&[37, 40], 63, dtype);
+        check(
+            "linear_add",
+            &[x, w, r],
+            dtype,
+            |t| fused::linear_add(&t[0], &t[1], &t[2]).unwrap(),
+            |t| (&t[2] + t[0].matmul(&t[1].t().unwrap()).unwrap()).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn gate_up_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let x = rand(&[37, 24], 71, dtype);
+        let wg = rand(&[40, 24], 72, dtype);
+        let wu = rand(&[40, 24], 73, dtype);
+        check(
+            "gate_up",
+            &[x, wg, wu],
+            dtype,
+            |t| fused::gate_up(&t[0], &t[1], &t[2]).unwrap(),
+            |t| {
+                let g = t[0].matmul(&t[1].t().unwrap()).unwrap();
+                let u = t[0].matmul(&t[2].t().unwrap()).unwrap();
+                (g.silu().unwrap() * u).unwrap()
+            },
+        );
+    }
 }
