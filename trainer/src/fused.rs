@@ -2140,14 +2140,16 @@ impl GateUpBwd {
         h: usize,
         i: usize,
     ) -> Result<Vec<T>> {
-        let [a, b] = match &self.kept {
-            Some((a, b)) => [
-                with_slice::<T, _>(a, |s| Ok(s.to_vec()))?,
-                with_slice::<T, _>(b, |s| Ok(s.to_vec()))?,
-            ],
-            None => gate_up_proj(x, wg, wu, n, h, i),
-        };
-        let gab = with_slice::<T, _>(&self.grad, |g| Ok(SiluMulBwd::bwd(&a, &b, g)))?;
+        // The kept projections are read in place (no copy); recomputed when absent.
+        let gab = with_slice::<T, _>(&self.grad, |g| match &self.kept {
+            Some((a, b)) => {
+                with_slice::<T, _>(a, |a| with_slice::<T, _>(b, |b| Ok(SiluMulBwd::bwd(a, b, g))))
+            }
+            None => {
+                let [a, b] = gate_up_proj(x, wg, wu, n, h, i);
+                Ok(SiluMulBwd::bwd(&a, &b, g))
+            }
+        })?;
         let (ga, gb) = gab.split_at(n * i);
         let len = n * h + 2 * i * h;
         let mut out: Vec<T> = Vec::with_capacity(len);
