@@ -913,19 +913,35 @@ impl<T: Real> AdamWConsts<T> {
 fn adamw_vecs<T: Real>(s: &AdamWStep, p: &[T], g: &[T], m: &[T], v: &[T]) -> [Vec<T>; 3] {
     let c = AdamWConsts::<T>::of(s);
     let n = p.len();
-    let (mut np, mut nm, mut nv) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
+    // Written without zero-filling first: a memset of three parameter-sized buffers per step.
+    let (mut np, mut nm, mut nv): (Vec<T>, Vec<T>, Vec<T>) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let chunk = MIN_ELEMS_PER_TASK;
-    np.par_chunks_mut(chunk)
-        .zip(nm.par_chunks_mut(chunk))
-        .zip(nv.par_chunks_mut(chunk))
+    np.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk)
+        .zip(nm.spare_capacity_mut()[..n].par_chunks_mut(chunk))
+        .zip(nv.spare_capacity_mut()[..n].par_chunks_mut(chunk))
         .enumerate()
         .for_each(|(k, ((op, om), ov))| {
             let o = k * chunk;
             for i in 0..op.len() {
                 let j = o + i;
-                (op[i], om[i], ov[i]) = s.update(&c, p[j], g[j], m[j], v[j]);
+                let (a, b, d) = s.update(&c, p[j], g[j], m[j], v[j]);
+                op[i].write(a);
+                om[i].write(b);
+                ov[i].write(d);
             }
         });
+    // SAFETY: the loop wrote all n elements of each vector (equal lengths, chunked alike); a
+    // panic propagates before these lines.
+    unsafe {
+        np.set_len(n);
+        nm.set_len(n);
+        nv.set_len(n);
+    }
     [np, nm, nv]
 }
 
