@@ -2158,9 +2158,9 @@ impl GateUpBwd {
     ) -> Result<Vec<T>> {
         // The kept projections are read in place (no copy); recomputed when absent.
         let gab = with_slice::<T, _>(&self.grad, |g| match &self.kept {
-            Some((a, b)) => {
-                with_slice::<T, _>(a, |a| with_slice::<T, _>(b, |b| Ok(SiluMulBwd::bwd(a, b, g))))
-            }
+            Some((a, b)) => with_slice::<T, _>(a, |a| {
+                with_slice::<T, _>(b, |b| Ok(SiluMulBwd::bwd(a, b, g)))
+            }),
             None => {
                 let [a, b] = gate_up_proj(x, wg, wu, n, h, i);
                 Ok(SiluMulBwd::bwd(&a, &b, g))
@@ -2297,7 +2297,18 @@ fn head_logits<T: Real>(h: &[T], w: &[T], n: usize, hd: usize, v: usize) -> Vec<
     // SAFETY: z has capacity n·v; h is n×hd and w v×hd, read through wᵀ's strides; gemm
     // writes every element of z.
     unsafe {
-        gemm_into(n, v, hd, z.as_mut_ptr(), h.as_ptr(), 1, hd, w.as_ptr(), hd, 1);
+        gemm_into(
+            n,
+            v,
+            hd,
+            z.as_mut_ptr(),
+            h.as_ptr(),
+            1,
+            hd,
+            w.as_ptr(),
+            hd,
+            1,
+        );
         z.set_len(n * v);
     }
     z
@@ -2473,7 +2484,18 @@ impl LmHeadBwd {
         unsafe {
             let p = out.as_mut_ptr();
             gemm_into(n, hd, v, p, dz.as_ptr(), 1, v, w.as_ptr(), 1, hd);
-            gemm_into(v, hd, n, p.add(n * hd), dz.as_ptr(), v, 1, h.as_ptr(), 1, hd);
+            gemm_into(
+                v,
+                hd,
+                n,
+                p.add(n * hd),
+                dz.as_ptr(),
+                v,
+                1,
+                h.as_ptr(),
+                1,
+                hd,
+            );
             out.set_len(len);
         }
         recycle_buf(dz);

@@ -246,7 +246,10 @@ fn lm_head_logps_matches_unfused() {
                 g1.get(var.as_tensor()).unwrap(),
                 g2.get(var.as_tensor()).unwrap(),
             );
-            assert!(max_abs_diff(a, b) <= tol(dtype), "{dtype:?}: second backward");
+            assert!(
+                max_abs_diff(a, b) <= tol(dtype),
+                "{dtype:?}: second backward"
+            );
         }
     }
 }
