@@ -913,19 +913,35 @@ impl<T: Real> AdamWConsts<T> {
 fn adamw_vecs<T: Real>(s: &AdamWStep, p: &[T], g: &[T], m: &[T], v: &[T]) -> [Vec<T>; 3] {
     let c = AdamWConsts::<T>::of(s);
     let n = p.len();
-    let (mut np, mut nm, mut nv) = (vec![T::zero(); n], vec![T::zero(); n], vec![T::zero(); n]);
+    // Written without zero-filling first: a memset of three parameter-sized buffers per step.
+    let (mut np, mut nm, mut nv): (Vec<T>, Vec<T>, Vec<T>) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let chunk = MIN_ELEMS_PER_TASK;
-    np.par_chunks_mut(chunk)
-        .zip(nm.par_chunks_mut(chunk))
-        .zip(nv.par_chunks_mut(chunk))
+    np.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk)
+        .zip(nm.spare_capacity_mut()[..n].par_chunks_mut(chunk))
+        .zip(nv.spare_capacity_mut()[..n].par_chunks_mut(chunk))
         .enumerate()
         .for_each(|(k, ((op, om), ov))| {
             let o = k * chunk;
             for i in 0..op.len() {
                 let j = o + i;
-                (op[i], om[i], ov[i]) = s.update(&c, p[j], g[j], m[j], v[j]);
+                let (a, b, d) = s.update(&c, p[j], g[j], m[j], v[j]);
+                op[i].write(a);
+                om[i].write(b);
+                ov[i].write(d);
             }
         });
+    // SAFETY: the loop wrote all n elements of each vector (equal lengths, chunked alike); a
+    // panic propagates before these lines.
+    unsafe {
+        np.set_len(n);
+        nm.set_len(n);
+        nv.set_len(n);
+    }
     [np, nm, nv]
 }
 
@@ -2140,14 +2156,16 @@ impl GateUpBwd {
         h: usize,
         i: usize,
     ) -> Result<Vec<T>> {
-        let [a, b] = match &self.kept {
-            Some((a, b)) => [
-                with_slice::<T, _>(a, |s| Ok(s.to_vec()))?,
-                with_slice::<T, _>(b, |s| Ok(s.to_vec()))?,
-            ],
-            None => gate_up_proj(x, wg, wu, n, h, i),
-        };
-        let gab = with_slice::<T, _>(&self.grad, |g| Ok(SiluMulBwd::bwd(&a, &b, g)))?;
+        // The kept projections are read in place (no copy); recomputed when absent.
+        let gab = with_slice::<T, _>(&self.grad, |g| match &self.kept {
+            Some((a, b)) => with_slice::<T, _>(a, |a| {
+                with_slice::<T, _>(b, |b| Ok(SiluMulBwd::bwd(a, b, g)))
+            }),
+            None => {
+                let [a, b] = gate_up_proj(x, wg, wu, n, h, i);
+                Ok(SiluMulBwd::bwd(&a, &b, g))
+            }
+        })?;
         let (ga, gb) = gab.split_at(n * i);
         let len = n * h + 2 * i * h;
         let mut out: Vec<T> = Vec::with_capacity(len);
@@ -2229,6 +2247,339 @@ pub fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
         &w_gate.contiguous()?,
         &w_up.contiguous()?,
         GateUp {
+            kept: std::sync::Mutex::new(None),
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// LM head: projection to the vocabulary, log-softmax and pick of the target, one node
+// ---------------------------------------------------------------------------------------------
+
+/// Logits buffers (`[N, V]`, tens of MB) kept between steps: above glibc's mmap ceiling each
+/// fresh one would be mapped, faulted in page by page and unmapped again every step.
+static LOGITS_POOL: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Buffers the pool keeps at most (chosen and rejected may run as two forward passes).
+const LOGITS_POOL_MAX: usize = 2;
+
+/// An empty vector with room for `len` elements, from the pool when one fits.
+fn pooled_buf<T: Real>(len: usize) -> Vec<T> {
+    if let Ok(mut pool) = LOGITS_POOL.lock() {
+        let fits = pool.iter().position(|b| {
+            b.downcast_ref::<Vec<T>>()
+                .is_some_and(|v| v.capacity() >= len)
+        });
+        if let Some(i) = fits {
+            if let Ok(v) = pool.swap_remove(i).downcast::<Vec<T>>() {
+                let mut v = *v;
+                v.clear();
+                return v;
+            }
+        }
+    }
+    Vec::with_capacity(len)
+}
+
+/// Returns `v` to the pool (dropped when the pool is full).
+fn recycle_buf<T: Real>(v: Vec<T>) {
+    if let Ok(mut pool) = LOGITS_POOL.lock() {
+        if pool.len() < LOGITS_POOL_MAX {
+            pool.push(Box::new(v));
+        }
+    }
+}
+
+/// The logits `z = h wᵀ` (`h: [N, H]`, `w: [V, H]`) in a pooled buffer.
+fn head_logits<T: Real>(h: &[T], w: &[T], n: usize, hd: usize, v: usize) -> Vec<T> {
+    let mut z: Vec<T> = pooled_buf(n * v);
+    // SAFETY: z has capacity n·v; h is n×hd and w v×hd, read through wᵀ's strides; gemm
+    // writes every element of z.
+    unsafe {
+        gemm_into(
+            n,
+            v,
+            hd,
+            z.as_mut_ptr(),
+            h.as_ptr(),
+            1,
+            hd,
+            w.as_ptr(),
+            hd,
+            1,
+        );
+        z.set_len(n * v);
+    }
+    z
+}
+
+/// What the forward pass of [`LmHead`] keeps for its backward pass: the logits and each
+/// row's log-sum-exp.
+enum HeadKept {
+    F32(Vec<f32>, Vec<f64>),
+    F64(Vec<f64>, Vec<f64>),
+}
+
+impl HeadKept {
+    fn recycle(self) {
+        match self {
+            HeadKept::F32(z, _) => recycle_buf(z),
+            HeadKept::F64(z, _) => recycle_buf(z),
+        }
+    }
+}
+
+/// `out[n] = (h wᵀ)[n, t_n] − log Σ_v exp (h wᵀ)[n, v]` (see [`lm_head_logps`]).
+struct LmHead {
+    kept: std::sync::Mutex<Option<HeadKept>>,
+}
+
+impl Drop for LmHead {
+    fn drop(&mut self) {
+        if let Some(k) = self.kept.get_mut().ok().and_then(Option::take) {
+            k.recycle();
+        }
+    }
+}
+
+fn head_dims(h: &Shape, w: &Shape, t: &Shape) -> Result<(usize, usize, usize)> {
+    let (n, hd) = h.dims2()?;
+    let (v, w_hd) = w.dims2()?;
+    if w_hd != hd || t.dims() != [n] {
+        bail!("lm_head_logps: hidden {h:?}, weight {w:?}, targets {t:?}");
+    }
+    Ok((n, hd, v))
+}
+
+impl LmHead {
+    /// Log-probs of the targets, the logits and the rows' log-sum-exps.
+    fn fwd<T: Real>(
+        h: &[T],
+        w: &[T],
+        t: &[u32],
+        (n, hd, v): (usize, usize, usize),
+    ) -> Result<(Vec<T>, Vec<T>, Vec<f64>)> {
+        if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
+            bail!("lm_head_logps: target {bad} outside the vocabulary of {v}");
+        }
+        let z = head_logits(h, w, n, hd, v);
+        let mut out = vec![T::zero(); n];
+        let mut lse = vec![0f64; n];
+        let rows = rows_per_task(v);
+        out.par_chunks_mut(rows)
+            .zip(lse.par_chunks_mut(rows))
+            .enumerate()
+            .for_each(|(c, (o, ls))| {
+                for (i, (o, ls)) in o.iter_mut().zip(ls).enumerate() {
+                    let r = c * rows + i;
+                    let row = &z[r * v..(r + 1) * v];
+                    let l = row_lse(row);
+                    *o = row[t[r] as usize] - l;
+                    *ls = l.to_f64();
+                }
+            });
+        Ok((out, z, lse))
+    }
+}
+
+impl CustomOp3 for LmHead {
+    fn name(&self) -> &'static str {
+        "fused-lm-head-logps"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = head_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let t = targets_of(s3, l3)?;
+        let (out, kept) = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => {
+                let (o, z, l) = Self::fwd(data::<f32>(s1, l1)?, data::<f32>(s2, l2)?, t, dims)?;
+                (CpuStorage::F32(o), HeadKept::F32(z, l))
+            }
+            (DType::F64, DType::F64) => {
+                let (o, z, l) = Self::fwd(data::<f64>(s1, l1)?, data::<f64>(s2, l2)?, t, dims)?;
+                (CpuStorage::F64(o), HeadKept::F64(z, l))
+            }
+            (a, b) => bail!("lm_head_logps: dtypes {a:?} and {b:?} (f32 or f64, equal)"),
+        };
+        if let Ok(mut slot) = self.kept.lock() {
+            if let Some(old) = slot.replace(kept) {
+                old.recycle();
+            }
+        }
+        Ok((out, Shape::from(dims.0)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, hd, v) = head_dims(h.shape(), w.shape(), targets.shape())?;
+        let kept = self.kept.lock().ok().and_then(|mut s| s.take());
+        let both = h.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &LmHeadBwd {
+                kept: std::sync::Mutex::new(kept),
+                targets: targets.to_vec1::<u32>()?,
+            },
+        )?;
+        let gh = both.narrow(0, 0, n * hd)?.reshape((n, hd))?;
+        let gw = both.narrow(0, n * hd, v * hd)?.reshape((v, hd))?;
+        Ok((Some(gh), Some(gw), None))
+    }
+}
+
+/// Gradients of [`LmHead`] from `g = ∂/∂out`, concatenated flat: `∂/∂h = dz w` (`[N, H]`),
+/// then `∂/∂w = dzᵀ h` (`[V, H]`), with `dz[n, v] = g[n] · (1[v = t_n] − softmax(z[n])_v)`
+/// written over the kept logits (recomputed when absent, e.g. a second backward).
+struct LmHeadBwd {
+    kept: std::sync::Mutex<Option<HeadKept>>,
+    targets: Vec<u32>,
+}
+
+impl LmHeadBwd {
+    fn bwd<T: Real>(
+        h: &[T],
+        w: &[T],
+        g: &[T],
+        t: &[u32],
+        kept: Option<(Vec<T>, Vec<f64>)>,
+        (n, hd, v): (usize, usize, usize),
+    ) -> Vec<T> {
+        let (mut dz, lse) = match kept {
+            Some((z, l)) => (z, Some(l)),
+            None => (head_logits(h, w, n, hd, v), None),
+        };
+        par_rows(&mut dz, v, |r0, rows| {
+            for (i, row) in rows.chunks_mut(v).enumerate() {
+                let r = r0 + i;
+                let l = match &lse {
+                    Some(l) => T::from_f64(l[r]),
+                    None => row_lse(row),
+                };
+                let gr = g[r];
+                for x in row.iter_mut() {
+                    *x = -(gr * (*x - l).exp());
+                }
+                row[t[r] as usize] += gr;
+            }
+        });
+        let len = n * hd + v * hd;
+        let mut out: Vec<T> = Vec::with_capacity(len);
+        // SAFETY: out has room for both blocks, each written whole by gemm: dz is n×v (read as
+        // is, then as dzᵀ through swapped strides), w v×hd, h n×hd.
+        unsafe {
+            let p = out.as_mut_ptr();
+            gemm_into(n, hd, v, p, dz.as_ptr(), 1, v, w.as_ptr(), 1, hd);
+            gemm_into(
+                v,
+                hd,
+                n,
+                p.add(n * hd),
+                dz.as_ptr(),
+                v,
+                1,
+                h.as_ptr(),
+                1,
+                hd,
+            );
+            out.set_len(len);
+        }
+        recycle_buf(dz);
+        out
+    }
+}
+
+impl CustomOp3 for LmHeadBwd {
+    fn name(&self) -> &'static str {
+        "fused-lm-head-logps-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = head_dims(l1.shape(), l2.shape(), l3.shape())?;
+        let (n, hd, v) = dims;
+        let kept = self.kept.lock().ok().and_then(|mut s| s.take());
+        let out = match (s1.dtype(), kept) {
+            (DType::F32, kept) => {
+                let kept = match kept {
+                    Some(HeadKept::F32(z, l)) => Some((z, l)),
+                    other => {
+                        if let Some(k) = other {
+                            k.recycle();
+                        }
+                        None
+                    }
+                };
+                CpuStorage::F32(Self::bwd(
+                    data::<f32>(s1, l1)?,
+                    data::<f32>(s2, l2)?,
+                    data::<f32>(s3, l3)?,
+                    &self.targets,
+                    kept,
+                    dims,
+                ))
+            }
+            (DType::F64, kept) => {
+                let kept = match kept {
+                    Some(HeadKept::F64(z, l)) => Some((z, l)),
+                    other => {
+                        if let Some(k) = other {
+                            k.recycle();
+                        }
+                        None
+                    }
+                };
+                CpuStorage::F64(Self::bwd(
+                    data::<f64>(s1, l1)?,
+                    data::<f64>(s2, l2)?,
+                    data::<f64>(s3, l3)?,
+                    &self.targets,
+                    kept,
+                    dims,
+                ))
+            }
+            (dt, _) => bail!("lm_head_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(n * hd + v * hd)))
+    }
+}
+
+/// Log-probabilities of the target tokens under the LM head: `out[n] = z[n, t_n] −
+/// log Σ_v exp z[n, v]` with `z = h wᵀ` (`h: [N, H]`, `w: [V, H]`, targets `t: [N]` u32),
+/// one graph node differentiable in `h` and `w` (a tied embedding matrix as `w` gets this
+/// gradient summed with its other uses). The `[N, V]` logits live in a buffer reused across
+/// calls, never as a tensor: the backward pass turns them into `∂z` in place and returns
+/// `∂h = ∂z w` and `∂w = ∂zᵀ h` without the zero buffers and accumulations candle's backward
+/// would spend on a logits tensor and its gradient.
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]), a target outside the vocabulary.
+pub fn lm_head_logps(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    h.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &targets.contiguous()?,
+        LmHead {
             kept: std::sync::Mutex::new(None),
         },
     )

@@ -618,16 +618,16 @@ impl Model {
             .narrow(1, 0, l - 1)?
             .contiguous()?;
         if self.use_fused(&h) {
-            // Fused log-softmax + pick (f32/f64 CPU): the [B(L−1), V] log-softmax is never
-            // materialized and its backward is one pass; the logits stay 2-D (a reshape of
-            // them would cost a zero buffer and an accumulation of their size in backward).
+            // Fused LM head + log-softmax + pick (f32/f64 CPU): one node; the [B(L−1), V]
+            // logits live in a reused buffer, not a tensor, so backward spends no zero buffer
+            // or accumulation of their size (see `fused::lm_head_logps`).
             let hs = h.dim(2)?;
-            let logits = crate::fused::linear(
+            let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
+            let lp = crate::fused::lm_head_logps(
                 &h.reshape((b * (l - 1), hs))?,
                 &self.lm_head.to_dtype(h.dtype())?,
+                &targets,
             )?;
-            let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
-            let lp = crate::fused::token_logps(&logits, &targets)?;
             return Ok(lp.reshape((b, l - 1))?);
         }
         let logits = self.head(&h)?; // [B, L−1, V]

@@ -212,6 +212,56 @@ fn token_logps_matches_unfused() {
     }
 }
 
+/// The LM head with log-softmax and pick as one node against the candle ops it replaces, for
+/// `h` and `w`; a second backward through the same graph recomputes the logits.
+#[test]
+fn lm_head_logps_matches_unfused() {
+    for dtype in [DType::F64, DType::F32] {
+        let (n, hd, v) = (45, 24, 1000);
+        let h = rand(&[n, hd], 81, dtype);
+        let w = rand(&[v, hd], 82, dtype);
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
+        let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+        check(
+            "lm_head_logps",
+            &[h.clone(), w.clone()],
+            dtype,
+            |x| fused::lm_head_logps(&x[0], &x[1], &t).unwrap(),
+            |x| {
+                let z = x[0].matmul(&x[1].t().unwrap()).unwrap();
+                let lsm = candle_nn::ops::log_softmax(&z, D::Minus1).unwrap();
+                lsm.gather(&t.unsqueeze(1).unwrap(), 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+            },
+        );
+        let (hv, wv) = (Var::from_tensor(&h).unwrap(), Var::from_tensor(&w).unwrap());
+        let lp = fused::lm_head_logps(hv.as_tensor(), wv.as_tensor(), &t).unwrap();
+        let loss = lp.sum_all().unwrap();
+        let g1 = loss.backward().unwrap();
+        let g2 = loss.backward().unwrap();
+        for var in [&hv, &wv] {
+            let (a, b) = (
+                g1.get(var.as_tensor()).unwrap(),
+                g2.get(var.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_abs_diff(a, b) <= tol(dtype),
+                "{dtype:?}: second backward"
+            );
+        }
+    }
+}
+
+#[test]
+fn lm_head_logps_rejects_out_of_vocabulary_targets() {
+    let h = rand(&[2, 4], 83, DType::F32);
+    let w = rand(&[10, 4], 84, DType::F32);
+    let t = Tensor::from_vec(vec![3u32, 10], 2, &Device::Cpu).unwrap();
+    assert!(fused::lm_head_logps(&h, &w, &t).is_err());
+}
+
 #[test]
 fn token_logps_rejects_out_of_vocabulary_targets() {
     let z = rand(&[2, 10], 7, DType::F32);
