@@ -22,6 +22,28 @@ use candle_core::{
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// `CpuStorage::F32(body)` or `CpuStorage::F64(body)`, with `$t` naming the float type of
+/// `$dt` inside `body`: one kernel call written once for both precisions; any other dtype is an
+/// error naming the op.
+macro_rules! per_float {
+    ($dt:expr, $op:literal, $t:ident => $body:expr) => {
+        match $dt {
+            DType::F32 => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            DType::F64 => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            dt => bail!(
+                concat!($op, ": fused CPU kernel needs f32 or f64, got {:?}"),
+                dt
+            ),
+        }
+    };
+}
+
 /// Rows handled by one rayon task at least (keeps tasks large enough to amortize scheduling).
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
 
@@ -279,11 +301,8 @@ impl CustomOp2 for TokenLogps {
             );
         }
         let t = targets_of(s2, l2)?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.fwd(data::<f32>(s1, l1)?, t, v)?),
-            DType::F64 => CpuStorage::F64(self.fwd(data::<f64>(s1, l1)?, t, v)?),
-            dt => bail!("token_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+        let out = per_float!(s1.dtype(), "token_logps", Fl =>
+            self.fwd(data::<Fl>(s1, l1)?, t, v)?);
         Ok((out, Shape::from(n)))
     }
 
@@ -340,15 +359,8 @@ impl CustomOp3 for TokenLogpsBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
         let t = targets_of(s2, l2)?;
-        let out = match s1.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(self.bwd(data::<f32>(s1, l1)?, t, data::<f32>(s3, l3)?, v))
-            }
-            DType::F64 => {
-                CpuStorage::F64(self.bwd(data::<f64>(s1, l1)?, t, data::<f64>(s3, l3)?, v))
-            }
-            dt => bail!("token_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+        let out = per_float!(s1.dtype(), "token_logps", Fl =>
+            self.bwd(data::<Fl>(s1, l1)?, t, data::<Fl>(s3, l3)?, v));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -512,11 +524,8 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let t = l1.shape().dims().last().copied().unwrap_or(1);
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.bwd(data::<f32>(s1, l1)?, data::<f32>(s2, l2)?, t)),
-            DType::F64 => CpuStorage::F64(self.bwd(data::<f64>(s1, l1)?, data::<f64>(s2, l2)?, t)),
-            dt => bail!("masked_softmax: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+        let out = per_float!(s1.dtype(), "masked_softmax", Fl =>
+            self.bwd(data::<Fl>(s1, l1)?, data::<Fl>(s2, l2)?, t));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -685,19 +694,11 @@ impl CustomOp3 for RmsNormBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let h = l2.shape().elem_count();
         let n = l1.shape().elem_count() / h.max(1);
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.bwd(
-                data::<f32>(s1, l1)?,
-                data::<f32>(s2, l2)?,
-                data::<f32>(s3, l3)?,
-            )),
-            DType::F64 => CpuStorage::F64(self.bwd(
-                data::<f64>(s1, l1)?,
-                data::<f64>(s2, l2)?,
-                data::<f64>(s3, l3)?,
-            )),
-            dt => bail!("rms_norm: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+        let out = per_float!(s1.dtype(), "rms_norm", Fl => self.bwd(
+            data::<Fl>(s1, l1)?,
+            data::<Fl>(s2, l2)?,
+            data::<Fl>(s3, l3)?,
+        ));
         Ok((out, Shape::from((n + 1, h))))
     }
 }
@@ -817,19 +818,11 @@ impl CustomOp3 for SiluMulBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Self::bwd(
-                data::<f32>(s1, l1)?,
-                data::<f32>(s2, l2)?,
-                data::<f32>(s3, l3)?,
-            )),
-            DType::F64 => CpuStorage::F64(Self::bwd(
-                data::<f64>(s1, l1)?,
-                data::<f64>(s2, l2)?,
-                data::<f64>(s3, l3)?,
-            )),
-            dt => bail!("silu_mul: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+        let out = per_float!(s1.dtype(), "silu_mul", Fl => Self::bwd(
+            data::<Fl>(s1, l1)?,
+            data::<Fl>(s2, l2)?,
+            data::<Fl>(s3, l3)?,
+        ));
         Ok((out, Shape::from((2, n))))
     }
 }
@@ -1567,21 +1560,12 @@ impl CustomOp3 for AttentionBwd {
         if self.grad.dims() != [z.b * z.l, z.h * z.d] {
             bail!("attention backward: gradient {:?}", self.grad.shape());
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.bwd(
-                data::<f32>(s1, l1)?,
-                data::<f32>(s2, l2)?,
-                data::<f32>(s3, l3)?,
+        let out = per_float!(s1.dtype(), "attention", Fl => self.bwd(
+                data::<Fl>(s1, l1)?,
+                data::<Fl>(s2, l2)?,
+                data::<Fl>(s3, l3)?,
                 z,
-            )?),
-            DType::F64 => CpuStorage::F64(self.bwd(
-                data::<f64>(s1, l1)?,
-                data::<f64>(s2, l2)?,
-                data::<f64>(s3, l3)?,
-                z,
-            )?),
-            dt => bail!("attention: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+            )?);
         let n = z.b * z.h * (z.l + 2 * z.t) * z.d;
         Ok((out, Shape::from(n)))
     }
@@ -1835,25 +1819,14 @@ impl CustomOp3 for LinearBwd {
         if l3.shape().dims() != [n, d_out] {
             bail!("linear backward: gradient {:?}", l3.shape());
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(Self::bwd(
-                data::<f32>(s1, l1)?,
-                data::<f32>(s2, l2)?,
-                data::<f32>(s3, l3)?,
-                n,
-                d_in,
-                d_out,
-            )),
-            DType::F64 => CpuStorage::F64(Self::bwd(
-                data::<f64>(s1, l1)?,
-                data::<f64>(s2, l2)?,
-                data::<f64>(s3, l3)?,
-                n,
-                d_in,
-                d_out,
-            )),
-            dt => bail!("linear: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+        let out = per_float!(s1.dtype(), "linear", Fl => Self::bwd(
+            data::<Fl>(s1, l1)?,
+            data::<Fl>(s2, l2)?,
+            data::<Fl>(s3, l3)?,
+            n,
+            d_in,
+            d_out,
+        ));
         Ok((out, Shape::from(n * d_in + d_out * d_in)))
     }
 }
@@ -2212,25 +2185,14 @@ impl CustomOp3 for GateUpBwd {
         if self.grad.dims() != [n, i] {
             bail!("gate_up backward: gradient {:?}", self.grad.shape());
         }
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(self.bwd(
-                data::<f32>(s1, l1)?,
-                data::<f32>(s2, l2)?,
-                data::<f32>(s3, l3)?,
+        let out = per_float!(s1.dtype(), "gate_up", Fl => self.bwd(
+                data::<Fl>(s1, l1)?,
+                data::<Fl>(s2, l2)?,
+                data::<Fl>(s3, l3)?,
                 n,
                 h,
                 i,
-            )?),
-            DType::F64 => CpuStorage::F64(self.bwd(
-                data::<f64>(s1, l1)?,
-                data::<f64>(s2, l2)?,
-                data::<f64>(s3, l3)?,
-                n,
-                h,
-                i,
-            )?),
-            dt => bail!("gate_up: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+            )?);
         Ok((out, Shape::from(n * h + 2 * i * h)))
     }
 }
