@@ -12,13 +12,15 @@ use serde_json::json;
 use difinfo_trainer::batch::{Batch, Sequence};
 use difinfo_trainer::checkpoint::{load_model, parse_dtype, write_json, write_jsonl};
 use difinfo_trainer::config::Architecture;
+use difinfo_trainer::data::PromptExample;
 use difinfo_trainer::data::{default_report_path, write_error_report};
 use difinfo_trainer::generate::{generate, SamplingParams};
 use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::logps::preference_logps;
+use difinfo_trainer::model::Model;
 use difinfo_trainer::tokenize::{
-    load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizerBundle,
-    TruncationMode,
+    load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizedDataset,
+    TokenizerBundle, TruncationMode,
 };
 use difinfo_trainer::train::cli::report_stats;
 use difinfo_trainer::{parse_device, Error, Result};
@@ -298,6 +300,30 @@ enum Command {
     },
 }
 
+/// A tokenized prompt file: each prompt with its token ids.
+type PromptSet = TokenizedDataset<(PromptExample, Vec<u32>)>;
+
+/// The tokenizer, the tokenized prompt file (its counts printed; with `skip_invalid`, invalid
+/// records listed in `report`) and the model, as `sample` and `entropy` read them.
+fn model_and_prompts(
+    model: &ModelArgs,
+    prompts: &Path,
+    max_prompt_length: Option<usize>,
+    skip_invalid: bool,
+    report: Option<&Path>,
+) -> Result<(TokenizerBundle, PromptSet, Model)> {
+    let device = parse_device(&model.device)?;
+    let dtype = parse_dtype(&model.dtype)?;
+    let bundle = TokenizerBundle::load(&model.model)?;
+    let ds = load_prompts(&bundle, prompts, max_prompt_length, skip_invalid)?;
+    if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
+        write_error_report(r, &ds.errors)?;
+    }
+    report_stats(prompts, &ds.stats, report);
+    let m = load_model(&model.model, dtype, &device)?;
+    Ok((bundle, ds, m))
+}
+
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     difinfo_trainer::train::cli::progress_bar(len, 0, what)
 }
@@ -477,12 +503,8 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::entropy::{overall, prompt_entropy};
-            let device = parse_device(&model.device)?;
-            let dtype = parse_dtype(&model.dtype)?;
-            let bundle = TokenizerBundle::load(&model.model)?;
-            let ds = load_prompts(&bundle, &prompts, max_prompt_length.0, false)?;
-            report_stats(&prompts, &ds.stats, None);
-            let m = load_model(&model.model, dtype, &device)?;
+            let (bundle, ds, m) =
+                model_and_prompts(&model, &prompts, max_prompt_length.0, false, None)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let pb = progress(ds.examples.len() as u64, "entropy");
             let mut rows = Vec::new();
@@ -608,16 +630,14 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             skip_invalid,
             error_report,
         } => {
-            let device = parse_device(&model.device)?;
-            let dtype = parse_dtype(&model.dtype)?;
-            let bundle = TokenizerBundle::load(&model.model)?;
-            let ds = load_prompts(&bundle, &prompts, max_prompt_length.0, skip_invalid)?;
             let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
-            if skip_invalid && !ds.errors.is_empty() {
-                write_error_report(&report, &ds.errors)?;
-            }
-            report_stats(&prompts, &ds.stats, Some(&report));
-            let m = load_model(&model.model, dtype, &device)?;
+            let (bundle, ds, m) = model_and_prompts(
+                &model,
+                &prompts,
+                max_prompt_length.0,
+                skip_invalid,
+                Some(&report),
+            )?;
             let params = SamplingParams {
                 temperature,
                 top_p,

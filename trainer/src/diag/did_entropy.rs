@@ -43,7 +43,7 @@ use crate::generate::{generate, Sample, SamplingParams};
 use crate::model::Model;
 use crate::tokenize::{load_prompts, CompletionBoundary, TokenizerBundle, TruncationMode};
 use crate::train::cli::{
-    report_stats, train_on, CliError, CliResult, Resolved, RunRecord, RunSummary,
+    report_stats, train_on, usage, CliError, CliResult, Resolved, RunRecord, RunSummary,
 };
 use crate::train::config::merge_onto;
 use crate::train::optim::OptimizerKind;
@@ -327,10 +327,6 @@ fn stream(seed: u64, purpose: u64) -> StdRng {
     StdRng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-fn usage<T>(m: impl Into<String>) -> CliResult<T> {
-    Err(CliError::Usage(m.into()))
-}
-
 fn sample_row(
     line: usize,
     model: &str,
@@ -400,14 +396,15 @@ pub fn run(
     let limit = (args.max_prompt_length > 0).then_some(args.max_prompt_length);
     let train_prompts = load_prompts(&bundle, &args.prompts, limit, false)?;
     report_stats(&args.prompts, &train_prompts.stats, None);
-    let eval_prompts = match &args.eval_prompts {
+    let eval_own = match &args.eval_prompts {
         Some(f) => {
             let d = load_prompts(&bundle, f, limit, false)?;
             report_stats(f, &d.stats, None);
-            d
+            Some(d)
         }
-        None => train_prompts.clone(),
+        None => None,
     };
+    let eval_prompts = eval_own.as_ref().unwrap_or(&train_prompts);
 
     // Step 1: pairs.
     let pairs = {

@@ -52,7 +52,8 @@ pub enum CliError {
 /// Result of the training commands.
 pub type CliResult<T> = std::result::Result<T, CliError>;
 
-fn usage<T>(m: impl Into<String>) -> CliResult<T> {
+/// A [`CliError::Usage`] with message `m`.
+pub(crate) fn usage<T>(m: impl Into<String>) -> CliResult<T> {
     Err(CliError::Usage(m.into()))
 }
 

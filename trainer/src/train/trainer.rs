@@ -419,29 +419,28 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             pc = pc.detach();
             pr = pr.detach();
         }
-        let refs = match (self.objective, &self.reference) {
-            (Objective::RefFree, _) | (_, None) => None,
-            (_, Some(r)) => {
-                Some(r.select(idx, shape == LossShape::Ipo, pc.dtype(), &self.device)?)
+        // The batch's reference log-probs (per-token means when `normalize`), none reference-free.
+        let refs = |normalize: bool| -> Result<Option<(Tensor, Tensor)>> {
+            match (self.objective, &self.reference) {
+                (Objective::RefFree, _) | (_, None) => Ok(None),
+                (_, Some(r)) => Ok(Some(r.select(idx, normalize, pc.dtype(), &self.device)?)),
             }
         };
+        let refs_loss = refs(shape == LossShape::Ipo)?;
         let pl = preference_loss(
             shape,
             self.config.beta,
             self.config.label_smoothing,
             &pc,
             &pr,
-            refs.as_ref().map(|r| &r.0),
-            refs.as_ref().map(|r| &r.1),
+            refs_loss.as_ref().map(|r| &r.0),
+            refs_loss.as_ref().map(|r| &r.1),
         )?;
         if shape != LossShape::Ipo {
             return Ok(pl);
         }
         // IPO's loss uses per-token means; TRL logs rewards and log-probs of the sums.
-        let sums = match (self.objective, &self.reference) {
-            (Objective::RefFree, _) | (_, None) => None,
-            (_, Some(r)) => Some(r.select(idx, false, pc.dtype(), &self.device)?),
-        };
+        let sums = refs(false)?;
         pl.with_summed_metrics(
             self.config.beta,
             &chosen.sum,
