@@ -182,6 +182,9 @@ pub struct Model {
     lm_head: Tensor,
     extra: BTreeMap<String, Tensor>,
     fused: bool,
+    /// Where whole-layer nodes leave their weights' gradients; `None`: layers are graphs of
+    /// the separate kernels (see [`Model::set_grad_sink`]).
+    grad_sink: Option<crate::fused::GradSink>,
 }
 
 impl std::fmt::Debug for Model {
@@ -291,6 +294,7 @@ impl Model {
             config,
             extra: tensors,
             fused: true,
+            grad_sink: None,
         })
     }
 
@@ -337,6 +341,46 @@ impl Model {
     /// Turns the fused CPU kernels on or off (see [`Model::fused_kernels`]).
     pub fn set_fused_kernels(&mut self, on: bool) {
         self.fused = on;
+    }
+
+    /// Runs each decoder layer of a training forward pass (no KV cache, f32/f64 CPU, fused
+    /// kernels on, no biases) as one graph node ([`crate::fused::decoder_layer`]) whose
+    /// backward pass leaves the layer weights' gradients in `sink` instead of the
+    /// `GradStore` that `backward()` returns: whoever calls `backward()` on such a graph must
+    /// add them with [`crate::fused::GradSink::drain_into`] (the trainer does). `None` (the
+    /// default) turns this off, so a plain `backward()` holds every gradient.
+    pub fn set_grad_sink(&mut self, sink: Option<crate::fused::GradSink>) {
+        self.grad_sink = sink;
+    }
+
+    /// The sink set by [`Model::set_grad_sink`].
+    pub fn grad_sink(&self) -> Option<&crate::fused::GradSink> {
+        self.grad_sink.as_ref()
+    }
+
+    /// The layer's weights for [`crate::fused::decoder_layer`], when it has no biases and
+    /// every weight is in dtype `dt`.
+    fn layer_weights(blk: &Block, dt: DType) -> Option<crate::fused::LayerWeights> {
+        let lins = [
+            &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
+        ];
+        if lins.iter().any(|l| l.b.is_some() || l.w.dtype() != dt)
+            || blk.ln1.dtype() != dt
+            || blk.ln2.dtype() != dt
+        {
+            return None;
+        }
+        Some(crate::fused::LayerWeights {
+            ln1: blk.ln1.clone(),
+            q: blk.q.w.clone(),
+            k: blk.k.w.clone(),
+            v: blk.v.w.clone(),
+            o: blk.o.w.clone(),
+            ln2: blk.ln2.clone(),
+            gate: blk.gate.w.clone(),
+            up: blk.up.w.clone(),
+            down: blk.down.w.clone(),
+        })
     }
 
     fn use_fused(&self, t: &Tensor) -> bool {
@@ -450,6 +494,22 @@ impl Model {
             .index_select(&ids.flatten_all()?, 0)?; // [B*l, H]
         let fz = self.use_fused(&x);
         for (li, blk) in self.layers.iter().enumerate() {
+            if let (Some(sink), true, Some(m)) = (&self.grad_sink, cache.is_none(), mask) {
+                let ws = Self::layer_weights(blk, cd);
+                if let Some(ws) = ws.filter(|_| fz && acc == cd && fusable_mask(m, b, l, l)) {
+                    let z = crate::fused::LayerDims {
+                        b,
+                        l,
+                        heads: nh,
+                        kv_heads: nkv,
+                        head_dim: hd,
+                        eps: cfg.rms_norm_eps,
+                    };
+                    let m = m.to_dtype(cd)?;
+                    x = crate::fused::decoder_layer(&x, &ws, z, &cos, &sin, &m, scale, sink)?;
+                    continue;
+                }
+            }
             let h = self.norm(&x, &blk.ln1)?;
             let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
                 // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.

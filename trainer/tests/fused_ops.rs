@@ -277,7 +277,10 @@ fn fused_ops_are_off_for_half_types() {
 }
 
 /// The whole model: per-token log-probs and every variable's gradient agree with the fused
-/// kernels on and off (padding, GQA, a sliding window, biases and tied embeddings included).
+/// kernels on and off (padding, GQA, a sliding window, biases and tied embeddings included),
+/// and with the layers run as whole-layer nodes whose weight gradients come through a
+/// [`fused::GradSink`] (Llama and Mistral; Qwen2's biased projections keep the separate
+/// kernels). A second backward pass through the same graph gives the same gradients.
 #[test]
 fn model_with_fused_kernels_matches_unfused() {
     let seqs = vec![
@@ -290,6 +293,7 @@ fn model_with_fused_kernels_matches_unfused() {
             completion_start: 2,
         },
     ];
+    let q0 = "model.layers.0.self_attn.q_proj.weight";
     for arch in [
         Architecture::Llama,
         Architecture::Mistral,
@@ -299,44 +303,76 @@ fn model_with_fused_kernels_matches_unfused() {
             let (_d, mut m) = common::model(common::micro_config(arch), dtype, 21);
             let b = Batch::from_sequences(&seqs, 2, m.device()).unwrap();
             assert!(m.fused_kernels());
-            let run = |m: &difinfo_trainer::model::Model| {
+            // Log-probs, every variable's gradient, and whether the store of candle's own
+            // backward lacked the first query projection's (taken by a layer node).
+            let run = |m: &difinfo_trainer::model::Model, passes: usize| {
                 let lp = m
                     .token_logps(&b.input_ids, Some(&b.attention_mask))
                     .unwrap();
                 let w = rand(lp.dims(), 5, dtype);
-                let grads = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                let g: Vec<(String, Tensor)> = m
-                    .named_vars()
-                    .into_iter()
-                    .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
-                    .collect();
-                (lp, g)
+                let loss = (&lp * &w).unwrap().sum_all().unwrap();
+                let mut out = Vec::new();
+                for _ in 0..passes {
+                    if let Some(s) = m.grad_sink() {
+                        s.clear();
+                    }
+                    let mut grads = loss.backward().unwrap();
+                    let vars = m.named_vars();
+                    let q = &vars.iter().find(|(n, _)| n == q0).unwrap().1;
+                    let taken = grads.get(q.as_tensor()).is_none();
+                    if let Some(s) = m.grad_sink() {
+                        s.drain_into(&mut grads).unwrap();
+                    }
+                    let g: Vec<(String, Tensor)> = vars
+                        .into_iter()
+                        .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+                        .collect();
+                    out.push((g, taken));
+                }
+                (lp, out)
             };
-            let (lp_f, g_f) = run(&m);
+            m.set_grad_sink(Some(fused::GradSink::default()));
+            let (lp_l, passes_l) = run(&m, 2);
+            m.set_grad_sink(None);
+            let (lp_f, passes_f) = run(&m, 1);
             m.set_fused_kernels(false);
-            let (lp_u, g_u) = run(&m);
-            let d = max_abs_diff(&lp_f, &lp_u);
-            assert!(
-                d <= tol(dtype) * 10.0,
-                "{arch:?} {dtype:?}: log-probs differ by {d:e}"
+            let (lp_u, passes_u) = run(&m, 1);
+            let g_u = &passes_u[0].0;
+            assert_eq!(
+                passes_l[0].1,
+                arch != Architecture::Qwen2,
+                "{arch:?}: layer nodes used"
             );
-            for ((name, a), (_, b)) in g_f.iter().zip(&g_u) {
-                let scale = 1.0
-                    + b.abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap();
-                let d = max_abs_diff(a, b);
+            assert!(!passes_f[0].1 && !passes_u[0].1);
+            let runs = [
+                ("whole-layer nodes", &lp_l, &passes_l[0].0),
+                ("whole-layer nodes, second backward", &lp_l, &passes_l[1].0),
+                ("separate kernels", &lp_f, &passes_f[0].0),
+            ];
+            for (what, lp, g) in runs {
+                let d = max_abs_diff(lp, &lp_u);
                 assert!(
-                    d <= tol(dtype) * 10.0 * scale,
-                    "{arch:?} {dtype:?}: gradient of {name} differs by {d:e}"
+                    d <= tol(dtype) * 10.0,
+                    "{arch:?} {dtype:?} {what}: log-probs differ by {d:e}"
                 );
+                for ((name, a), (_, b)) in g.iter().zip(g_u) {
+                    let scale = 1.0
+                        + b.abs()
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .max(0)
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap();
+                    let d = max_abs_diff(a, b);
+                    assert!(
+                        d <= tol(dtype) * 10.0 * scale,
+                        "{arch:?} {dtype:?} {what}: gradient of {name} differs by {d:e}"
+                    );
+                }
             }
         }
     }

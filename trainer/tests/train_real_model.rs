@@ -48,14 +48,7 @@ fn setup(dir: &Path, arch: Architecture, n: usize) -> (TrainModel, Dataset) {
         pad_id: tok.pad_id(),
         settings: format!("{opts:?}"),
     };
-    (
-        TrainModel {
-            model,
-            source: dir.to_path_buf(),
-            save_dtype: DType::F32,
-        },
-        ds,
-    )
+    (TrainModel::new(model, dir.to_path_buf(), DType::F32), ds)
 }
 
 fn weights(m: &impl PolicyModel) -> Vec<Vec<f32>> {
@@ -131,11 +124,7 @@ fn dpo_and_dpo_pg_train_a_tiny_llama_and_qwen2() {
             let ckpt = latest_checkpoint(run.path()).unwrap().unwrap();
             assert!(ckpt.join("config.json").exists() && ckpt.join("tokenizer.json").exists());
             let back = load_model(&ckpt, DType::F32, &Device::Cpu).unwrap();
-            let back = TrainModel {
-                model: back,
-                source: ckpt.clone(),
-                save_dtype: DType::F32,
-            };
+            let back = TrainModel::new(back, ckpt.clone(), DType::F32);
             assert_eq!(weights(&back), weights(&m));
         }
     }

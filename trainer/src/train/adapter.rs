@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use crate::model::Model;
 use crate::train::{PolicyModel, SeqLogps, TokenBatch, TrainError};
-use candle_core::{DType, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 
 /// A model being trained, with what its checkpoints need: the source checkpoint directory
 /// (config, tokenizer files, untrained tensors) and the dtype to save in.
@@ -15,6 +16,19 @@ pub struct TrainModel {
     pub source: PathBuf,
     /// The dtype of saved weights.
     pub save_dtype: DType,
+}
+
+impl TrainModel {
+    /// A model to train, its layers run as whole-layer graph nodes
+    /// ([`Model::set_grad_sink`]; [`PolicyModel::backward`] collects their gradients).
+    pub fn new(mut model: Model, source: PathBuf, save_dtype: DType) -> Self {
+        model.set_grad_sink(Some(crate::fused::GradSink::default()));
+        Self {
+            model,
+            source,
+            save_dtype,
+        }
+    }
 }
 
 fn model_err(e: crate::Error) -> candle_core::Error {
@@ -32,6 +46,18 @@ impl PolicyModel for TrainModel {
 
     fn named_vars(&self) -> Vec<(String, Var)> {
         self.model.named_vars()
+    }
+
+    fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        match self.model.grad_sink() {
+            Some(sink) => {
+                sink.clear();
+                let mut store = loss.backward()?;
+                sink.drain_into(&mut store)?;
+                Ok(store)
+            }
+            None => loss.backward(),
+        }
     }
 
     fn device(&self) -> candle_core::Device {

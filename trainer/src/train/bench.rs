@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use clap::Args;
 
 use crate::checkpoint::{load_model, parse_dtype};
@@ -70,6 +71,9 @@ impl PolicyModel for NoSave<'_> {
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
         self.0.named_vars()
+    }
+    fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        self.0.backward(loss)
     }
     fn device(&self) -> Device {
         self.0.device()
@@ -226,11 +230,7 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
         model.set_compute_dtype(candle_core::DType::BF16)?;
     }
     let params = model.num_parameters();
-    let tm = TrainModel {
-        model,
-        source: PathBuf::from("<bench>"),
-        save_dtype: dtype,
-    };
+    let tm = TrainModel::new(model, PathBuf::from("<bench>"), dtype);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     println!("| model | params | objective | optim | dtype | device | threads | batch × seq | tokens/step | s/step | tokens/s | peak RSS (MiB) |");
     println!("|---|---:|---|---|---|---|---:|---|---:|---:|---:|---:|");

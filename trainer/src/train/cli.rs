@@ -726,11 +726,7 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     if r.record.bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;
     }
-    let model = TrainModel {
-        model: m,
-        source: r.record.model.clone(),
-        save_dtype: dtype,
-    };
+    let model = TrainModel::new(m, r.record.model.clone(), dtype);
     let mut trainer = match &r.resume {
         Some(ck) => {
             eprintln!("resuming from {}", ck.display());

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::train::error::{Result, TrainError};
@@ -138,6 +139,14 @@ pub trait PolicyModel {
 
     /// Trainable variables sorted by name.
     fn named_vars(&self) -> Vec<(String, Var)>;
+
+    /// The gradients of `loss` (a scalar built by this model's forward passes) with respect to
+    /// everything it depends on. The default is candle's `loss.backward()`; a model whose
+    /// graph nodes hand some gradients over outside candle's store adds them here (see
+    /// [`crate::model::Model::set_grad_sink`]).
+    fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        loss.backward()
+    }
 
     /// The device the batches are built on (that of the first variable by default).
     fn device(&self) -> Device {

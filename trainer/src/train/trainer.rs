@@ -391,7 +391,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     }
 
     fn grads(&self, loss: &Tensor) -> Result<Grads> {
-        let store = loss.backward()?;
+        let store = self.model.backward(loss)?;
         let (g, missing) = Grads::from_store(&store, &self.vars, 1.0)?;
         if !missing.is_empty() {
             return Err(TrainError::InvalidArgument(format!(

@@ -22,6 +22,9 @@ use candle_core::{
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+mod layer;
+pub use layer::{decoder_layer, GradSink, LayerDims, LayerWeights};
+
 /// `CpuStorage::F32(body)` or `CpuStorage::F64(body)`, with `$t` naming the float type of
 /// `$dt` inside `body`: one kernel call written once for both precisions; any other dtype is an
 /// error naming the op.
@@ -631,7 +634,9 @@ struct RmsNormBwd {
 }
 
 impl RmsNormBwd {
-    fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T]) -> Vec<T> {
+    /// `resid`, when given (`[N, H]`), is added to `∂/∂x` (the residual stream's gradient
+    /// joining the norm's, see [`layer`]).
+    fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T], resid: Option<&[T]>) -> Vec<T> {
         let h = w.len();
         let n = x.len() / h.max(1);
         let eps = T::from_f64(self.eps);
@@ -664,6 +669,11 @@ impl RmsNormBwd {
                     {
                         *o = gv * wv / d - xv * c2;
                         *p += gv * (xv / d);
+                    }
+                    if let Some(rs) = resid {
+                        for (o, &rv) in orow.iter_mut().zip(&rs[r * h..(r + 1) * h]) {
+                            *o += rv;
+                        }
                     }
                 }
                 pw
@@ -698,6 +708,7 @@ impl CustomOp3 for RmsNormBwd {
             data::<Fl>(s1, l1)?,
             data::<Fl>(s2, l2)?,
             data::<Fl>(s3, l3)?,
+            None,
         ));
         Ok((out, Shape::from((n + 1, h))))
     }
