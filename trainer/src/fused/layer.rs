@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 
 use super::{
     data, gate_up_proj, gemm_acc, gemm_into, AttDims, Attention, AttentionBwd, Heads, Linear,
-    LinearAdd, Real, RmsNorm, RmsNormBwd, SiluMul, SiluMulBwd,
+    LinearAdd, Reads, Real, RmsNorm, RmsNormBwd, SiluMul, SiluMulBwd,
 };
 
 /// Weight gradients computed by [`decoder_layer`] nodes during a backward pass, waiting to be
@@ -126,23 +126,6 @@ pub struct LayerDims {
     pub head_dim: usize,
     /// RMSNorm's ε.
     pub eps: f64,
-}
-
-/// Read guards on CPU tensors' storages, lending their data as slices.
-struct Reads<'a>(Vec<(candle_core::StorageRef<'a>, &'a Layout)>);
-
-impl<'a> Reads<'a> {
-    fn of(ts: &[&'a Tensor]) -> Self {
-        Self(ts.iter().map(|t| t.storage_and_layout()).collect())
-    }
-
-    fn get<T: WithDType>(&self, i: usize) -> Result<&[T]> {
-        let (st, l) = &self.0[i];
-        match &**st {
-            candle_core::Storage::Cpu(c) => data::<T>(c, l),
-            _ => bail!("decoder layer: expected CPU tensors"),
-        }
-    }
 }
 
 /// What the forward pass keeps for the backward pass (each a flat CPU tensor of the layer's

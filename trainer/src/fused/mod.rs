@@ -132,6 +132,24 @@ fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// Read guards on CPU tensors' storages, lending their data as slices.
+struct Reads<'a>(Vec<(candle_core::StorageRef<'a>, &'a Layout)>);
+
+impl<'a> Reads<'a> {
+    fn of(ts: &[&'a Tensor]) -> Self {
+        Self(ts.iter().map(|t| t.storage_and_layout()).collect())
+    }
+
+    /// The contiguous data of the `i`-th tensor.
+    fn get<T: WithDType>(&self, i: usize) -> Result<&[T]> {
+        let (st, l) = &self.0[i];
+        match &**st {
+            candle_core::Storage::Cpu(c) => data::<T>(c, l),
+            _ => bail!("fused op: expected a CPU tensor"),
+        }
+    }
+}
+
 /// Rows per rayon task for rows of `row_len` elements.
 fn rows_per_task(row_len: usize) -> usize {
     MIN_ELEMS_PER_TASK.div_ceil(row_len.max(1)).max(1)
@@ -847,6 +865,116 @@ pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// whole-gradient reductions and maps (global norm, clipping, the DPO-PG projection)
+// ---------------------------------------------------------------------------------------------
+
+/// Elements per task of the reductions below: a fixed chunking, so the f64 partial sums are
+/// added in the same order on any number of threads (deterministic results).
+const REDUCE_CHUNK: usize = 1 << 16;
+
+/// The flat data of contiguous f32/f64 CPU tensors of one dtype and size, or `None`.
+fn same_flat<'a>(ts: &[&'a Tensor]) -> Option<(DType, Reads<'a>)> {
+    let t0 = ts.first()?;
+    let dt = t0.dtype();
+    let ok = ts.iter().all(|t| {
+        enabled(t) && t.dtype() == dt && t.elem_count() == t0.elem_count() && t.is_contiguous()
+    });
+    ok.then(|| (dt, Reads::of(ts)))
+}
+
+fn dot_slices<T: Real>(a: &[T], b: &[T]) -> f64 {
+    let partials: Vec<f64> = a
+        .par_chunks(REDUCE_CHUNK)
+        .zip(b.par_chunks(REDUCE_CHUNK))
+        .map(|(x, y)| {
+            let mut s = 0.0f64;
+            for (&u, &v) in x.iter().zip(y) {
+                s += u.to_f64() * v.to_f64();
+            }
+            s
+        })
+        .collect();
+    partials.into_iter().sum()
+}
+
+/// `Σ_i a_i b_i` over two contiguous f32/f64 CPU tensors of equal dtype and size, accumulated
+/// in f64 in parallel (fixed chunks, so the result does not depend on the thread count);
+/// `None` when that does not apply (the caller uses candle's ops). With `a = b` it is the
+/// squared norm behind the global gradient norm `‖g‖ = sqrt(Σ_tensors Σ g²)`.
+///
+/// # Errors
+/// Storage access errors.
+pub fn dot(a: &Tensor, b: &Tensor) -> Result<Option<f64>> {
+    let Some((dt, r)) = same_flat(&[a, b]) else {
+        return Ok(None);
+    };
+    Ok(Some(match dt {
+        DType::F32 => dot_slices(r.get::<f32>(0)?, r.get::<f32>(1)?),
+        _ => dot_slices(r.get::<f64>(0)?, r.get::<f64>(1)?),
+    }))
+}
+
+fn axpy_slices<T: Real>(x: &[T], y: &[T], c: T) -> Vec<T> {
+    build_rows(x.len(), 1, |r0, o| {
+        let n = o.len();
+        let (x, y) = (&x[r0..r0 + n], &y[r0..r0 + n]);
+        write_all(o, x.iter().zip(y).map(|(&u, &v)| u - v * c));
+    })
+}
+
+/// `x − c·y` (`c·y` rounded first, as candle's `x − y.affine(c, 0)`), element by element in
+/// parallel, for contiguous f32/f64 CPU tensors of one dtype and shape: the DPO-PG projection
+/// `g_w − (⟨g_w, g_l⟩ / ‖g_l‖²) g_l`. `None` when that does not apply.
+///
+/// # Errors
+/// Storage access and tensor construction errors.
+pub fn sub_scaled(x: &Tensor, y: &Tensor, c: f64) -> Result<Option<Tensor>> {
+    if x.shape() != y.shape() {
+        return Ok(None);
+    }
+    let Some((dt, r)) = same_flat(&[x, y]) else {
+        return Ok(None);
+    };
+    let dev = candle_core::Device::Cpu;
+    Ok(Some(match dt {
+        DType::F32 => Tensor::from_vec(
+            axpy_slices(r.get::<f32>(0)?, r.get::<f32>(1)?, c as f32),
+            x.shape(),
+            &dev,
+        )?,
+        _ => Tensor::from_vec(
+            axpy_slices(r.get::<f64>(0)?, r.get::<f64>(1)?, c),
+            x.shape(),
+            &dev,
+        )?,
+    }))
+}
+
+fn scale_slice<T: Real>(x: &[T], c: T) -> Vec<T> {
+    build_rows(x.len(), 1, |r0, o| {
+        let n = o.len();
+        write_all(o, x[r0..r0 + n].iter().map(|&u| u * c + T::zero()));
+    })
+}
+
+/// `c·x` element by element in parallel (the same roundings as candle's `affine(c, 0)`) for a
+/// contiguous f32/f64 CPU tensor; `None` when that does not apply. Gradient clipping scales
+/// every gradient by `max_norm / (‖g‖ + 1e-6)`.
+///
+/// # Errors
+/// Storage access and tensor construction errors.
+pub fn scale(x: &Tensor, c: f64) -> Result<Option<Tensor>> {
+    let Some((dt, r)) = same_flat(&[x]) else {
+        return Ok(None);
+    };
+    let dev = candle_core::Device::Cpu;
+    Ok(Some(match dt {
+        DType::F32 => Tensor::from_vec(scale_slice(r.get::<f32>(0)?, c as f32), x.shape(), &dev)?,
+        _ => Tensor::from_vec(scale_slice(r.get::<f64>(0)?, c), x.shape(), &dev)?,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
 // AdamW
 // ---------------------------------------------------------------------------------------------
 
@@ -1468,11 +1596,18 @@ impl AttentionBwd {
     fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
         let AttDims { b, h, l, t, d } = z;
         let bh = b * h;
-        let p: Vec<T> = match &self.probs {
-            Some(p) => with_slice::<T, _>(p, |s| Ok(s.to_vec()))?,
+        // The kept probabilities are read in place (no copy); recomputed when absent.
+        let (kept, recomputed);
+        let p: &[T] = match &self.probs {
+            Some(p) => {
+                kept = Reads::of(&[p]);
+                kept.get::<T>(0)?
+            }
             None => {
                 let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
-                with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?
+                recomputed =
+                    with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?;
+                &recomputed
             }
         };
         let (nq, nk) = (bh * l * d, bh * t * d);
@@ -1490,7 +1625,7 @@ impl AttentionBwd {
                     SyncPtr(base.add(nq + nk)),
                     |i| i * t * d,
                     d,
-                    &p,
+                    p,
                     |i| i * l * t,
                     (1, t),
                     go,
@@ -1513,7 +1648,7 @@ impl AttentionBwd {
                 );
                 gp.set_len(bh * l * t);
             }
-            let gs = SoftmaxBwd { scale: self.scale }.bwd(&p, &gp, t);
+            let gs = SoftmaxBwd { scale: self.scale }.bwd(p, &gp, t);
             drop(gp);
             unsafe {
                 // ∂q = ∂s · k

@@ -71,8 +71,9 @@ impl Grads {
         ))
     }
 
-    /// `Σ_v Σ_i a_vi · b_vi`, each variable's sum in the tensor dtype, the sum over variables in
-    /// f64 in name order.
+    /// `Σ_v Σ_i a_vi · b_vi`, the sum over variables in f64 in name order; each variable's
+    /// sum in f64 in fixed chunks on f32/f64 CPU tensors ([`crate::fused::dot`]), in the tensor
+    /// dtype by candle's ops elsewhere.
     ///
     /// # Errors
     /// Different lengths or shapes.
@@ -80,9 +81,27 @@ impl Grads {
         check_len(self, other)?;
         let mut s = 0.0;
         for (a, b) in self.0.iter().zip(&other.0) {
-            s += scalar_f64(&(a * b)?.sum_all()?)?;
+            s += match crate::fused::dot(a, b)? {
+                Some(d) => d,
+                None => scalar_f64(&(a * b)?.sum_all()?)?,
+            };
         }
         Ok(s)
+    }
+
+    /// `sqrt(Σ_v ‖g_v‖²)` with each `‖g_v‖²` summed in the tensors' own dtype (candle's
+    /// ops): infinite when a square or a sum overflows it (f32 values of magnitude ≳ 1e19),
+    /// not only when a value is infinite or NaN. The trainer's check before writing weights:
+    /// weights that large overflow in any forward pass.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn global_norm_in_dtype(&self) -> Result<f64> {
+        let mut s = 0.0;
+        for g in &self.0 {
+            s += scalar_f64(&g.sqr()?.sum_all()?)?;
+        }
+        Ok(s.sqrt())
     }
 
     /// The global L2 norm `sqrt(Σ_v ‖g_v‖²)` (PyTorch's `clip_grad_norm_` total norm).
@@ -92,7 +111,10 @@ impl Grads {
     pub fn global_norm(&self) -> Result<f64> {
         let mut s = 0.0;
         for g in &self.0 {
-            s += scalar_f64(&g.sqr()?.sum_all()?)?;
+            s += match crate::fused::dot(g, g)? {
+                Some(d) => d,
+                None => scalar_f64(&g.sqr()?.sum_all()?)?,
+            };
         }
         Ok(s.sqrt())
     }
@@ -105,7 +127,10 @@ impl Grads {
         Ok(Grads(
             self.0
                 .iter()
-                .map(|g| g.affine(c, 0.0))
+                .map(|g| match crate::fused::scale(g, c)? {
+                    Some(t) => Ok(t),
+                    None => g.affine(c, 0.0),
+                })
                 .collect::<candle_core::Result<_>>()?,
         ))
     }
@@ -182,7 +207,10 @@ pub fn project(g_w: &Grads, g_l: &Grads) -> Result<(Grads, ProjectionStats)> {
             .0
             .iter()
             .zip(&g_l.0)
-            .map(|(w, l)| w - l.affine(k, 0.0)?)
+            .map(|(w, l)| match crate::fused::sub_scaled(w, l, k)? {
+                Some(t) => Ok(t),
+                None => w - l.affine(k, 0.0)?,
+            })
             .collect::<candle_core::Result<_>>()?;
         Ok((
             Grads(g),

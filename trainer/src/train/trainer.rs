@@ -650,14 +650,15 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             (self.config.save_steps > 0 && step % self.config.save_steps == 0) || epoch_end || last;
         let checkpoint = if save {
             // Never write non-finite weights over a good checkpoint (a finite gradient can
-            // still overflow in the update).
+            // still overflow in the update), nor weights whose squared norm overflows their
+            // dtype (they overflow in any forward pass).
             let w = Grads(
                 self.vars
                     .iter()
                     .map(|(_, v)| v.as_tensor().detach())
                     .collect(),
             )
-            .global_norm()?;
+            .global_norm_in_dtype()?;
             if !w.is_finite() {
                 let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
                 return Err(TrainError::NonFinite {
