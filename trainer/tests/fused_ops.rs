@@ -479,37 +479,82 @@ fn split_heads_matches_unfused() {
 
 #[test]
 fn attention_matches_unfused() {
-    for dtype in [DType::F64, DType::F32] {
-        let (b, h, l, d) = (3, 4, 21, 8);
-        let q = rand(&[b, h, l, d], 41, dtype);
-        let k = rand(&[b, h, l, d], 42, dtype);
-        let v = rand(&[b, h, l, d], 43, dtype);
-        for mask in [
-            causal_and_padding_mask(b, l, &[0, 4, 20], dtype),
-            causal_and_padding_mask(1, l, &[0], dtype),
-        ] {
-            let scale = 0.3;
-            check(
-                "attention",
-                &[q.clone(), k.clone(), v.clone()],
-                dtype,
-                |t| fused::attention(&t[0], &t[1], &t[2], &mask, scale).unwrap(),
-                |t| {
-                    let s = (t[0].matmul(&t[1].t().unwrap()).unwrap() * scale)
-                        .unwrap()
-                        .broadcast_add(&mask)
-                        .unwrap();
-                    candle_nn::ops::softmax(&s, D::Minus1)
-                        .unwrap()
-                        .matmul(&t[2])
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .reshape((b * l, h * d))
-                        .unwrap()
-                },
-            );
+    // l = 150 spans three query blocks of the blocked kernel (64, 64, 22 rows), each with
+    // its own key span; the last batch entry of the padded mask masks every key of every
+    // row (softmax uniform over all keys), the windowed one masks early keys too.
+    for (b, h, l, d) in [(3, 4, 21, 8), (3, 2, 150, 8)] {
+        for dtype in [DType::F64, DType::F32] {
+            let q = rand(&[b, h, l, d], 41, dtype);
+            let k = rand(&[b, h, l, d], 42, dtype);
+            let v = rand(&[b, h, l, d], 43, dtype);
+            let windowed = {
+                let mut m = vec![0f64; l * l];
+                for i in 0..l {
+                    for j in 0..l {
+                        if j > i || i - j >= 70 {
+                            m[i * l + j] = MASK_VALUE;
+                        }
+                    }
+                }
+                Tensor::from_vec(m, (1, 1, l, l), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            for mask in [
+                causal_and_padding_mask(b, l, &[0, 4, l], dtype),
+                causal_and_padding_mask(1, l, &[0], dtype),
+                windowed,
+                Tensor::zeros((1, 1, l, l), dtype, &Device::Cpu).unwrap(),
+            ] {
+                let scale = 0.3;
+                check(
+                    "attention",
+                    &[q.clone(), k.clone(), v.clone()],
+                    dtype,
+                    |t| fused::attention(&t[0], &t[1], &t[2], &mask, scale).unwrap(),
+                    |t| {
+                        let s = (t[0].matmul(&t[1].t().unwrap()).unwrap() * scale)
+                            .unwrap()
+                            .broadcast_add(&mask)
+                            .unwrap();
+                        candle_nn::ops::softmax(&s, D::Minus1)
+                            .unwrap()
+                            .matmul(&t[2])
+                            .unwrap()
+                            .transpose(1, 2)
+                            .unwrap()
+                            .reshape((b * l, h * d))
+                            .unwrap()
+                    },
+                );
+            }
         }
+    }
+}
+
+/// A second backward pass through the attention node recomputes the probabilities (the
+/// first took the kept ones) and gives the same gradients.
+#[test]
+fn attention_second_backward_recomputes() {
+    let (b, h, l, d) = (2, 2, 130, 8);
+    let dtype = DType::F64;
+    let vars: Vec<candle_core::Var> = (0..3)
+        .map(|i| candle_core::Var::from_tensor(&rand(&[b, h, l, d], 50 + i, dtype)).unwrap())
+        .collect();
+    let mask = causal_and_padding_mask(b, l, &[0, 70], dtype);
+    let out = fused::attention(&vars[0], &vars[1], &vars[2], &mask, 0.25).unwrap();
+    let loss = (&out * &rand(out.dims(), 9, dtype))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let (g1, g2) = (loss.backward().unwrap(), loss.backward().unwrap());
+    for v in &vars {
+        let d = max_abs_diff(
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d <= 1e-13, "second backward differs by {d:e}");
     }
 }
 

@@ -1390,39 +1390,13 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Batched products `dst_i = lhs_i · rhs_i` (`m × k` by `k × n`), one single-threaded gemm
-/// per batch entry, the entries spread over rayon's pool. Entry `(r, c)` of operand `i` lies at
-/// `off(i) + r·rs + c·cs` (elements); `dst_i` has column stride 1.
-///
-/// # Safety
-/// Every index reached must lie in its buffer, and the `dst_i` must be disjoint.
-#[allow(clippy::too_many_arguments)]
-unsafe fn bmm<T: Real>(
-    batch: usize,
-    (m, n, k): (usize, usize, usize),
-    dst: SyncPtr<T>,
-    dst_off: impl Fn(usize) -> usize + Sync,
-    dst_rs: usize,
-    lhs: &[T],
-    lhs_off: impl Fn(usize) -> usize + Sync,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[T],
-    rhs_off: impl Fn(usize) -> usize + Sync,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    (0..batch).into_par_iter().for_each(|i| {
-        gemm_raw(
-            (m, n, k),
-            dst.get().add(dst_off(i)),
-            dst_rs,
-            lhs.as_ptr().add(lhs_off(i)),
-            (lhs_cs, lhs_rs),
-            rhs.as_ptr().add(rhs_off(i)),
-            (rhs_cs, rhs_rs),
-            gemm::Parallelism::None,
-        )
-    });
-}
+/// Query rows per block of the blocked attention: a block computes scores only for the keys
+/// its rows attend (a causal mask halves the work).
+const ATT_BLOCK: usize = 64;
+
+/// Mask entries at or below this count as masked: their probability underflows to exactly 0
+/// (for scores far below 10⁸ in magnitude), so blocks skip them.
+const MASKED_AT: f64 = -1e8;
 
 /// Attention sizes: batch, heads, queries, keys, head dimension.
 #[derive(Clone, Copy)]
@@ -1439,31 +1413,147 @@ impl AttDims {
     fn merged(&self, i: usize) -> usize {
         (i / self.h) * self.l * self.h * self.d + (i % self.h) * self.d
     }
+
+    fn blocks(&self) -> usize {
+        self.l.div_ceil(ATT_BLOCK)
+    }
+
+    /// Query rows `[r0, r1)` of block `blk`.
+    fn block_rows(&self, blk: usize) -> (usize, usize) {
+        (blk * ATT_BLOCK, ((blk + 1) * ATT_BLOCK).min(self.l))
+    }
 }
 
-/// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`.
-fn att_probs<T: Real>(q: &[T], k: &[T], mask: &[T], z: AttDims, geo: Geo, scale: f64) -> Vec<T> {
-    let AttDims { b, h, l, t, d } = z;
-    let n = b * h * l * t;
-    let mut s: Vec<T> = Vec::with_capacity(n);
-    // SAFETY: s has room for b·h blocks of l×t; q blocks are l×d, k blocks t×d read as kᵀ.
-    unsafe {
-        bmm(
-            b * h,
-            (l, t, d),
-            SyncPtr(s.as_mut_ptr()),
-            |i| i * l * t,
-            t,
-            q,
-            |i| i * l * d,
-            (d, 1),
-            k,
-            |i| i * t * d,
-            (1, d),
-        );
-        s.set_len(n);
+/// Keys each query block attends, per mask batch entry: `1 +` the last key any row of the
+/// block leaves unmasked, or all `t` keys when a row of the block masks every key (softmax
+/// over an all-masked row is uniform over all keys, as in the unblocked computation).
+/// Indexed `mask_batch · blocks + block`.
+fn key_spans<T: Real>(mask: &[T], z: AttDims, geo: Geo) -> Vec<usize> {
+    let masked = T::from_f64(MASKED_AT);
+    let mb = if geo.per_batch_mask { z.b } else { 1 };
+    let mut spans = Vec::with_capacity(mb * z.blocks());
+    for bi in 0..mb {
+        for blk in 0..z.blocks() {
+            let (r0, r1) = z.block_rows(blk);
+            let span = (r0..r1)
+                .map(|r| {
+                    let row = &mask[(bi * z.l + r) * z.t..][..z.t];
+                    match row.iter().rposition(|&v| v > masked) {
+                        Some(j) => j + 1,
+                        None => z.t,
+                    }
+                })
+                .max()
+                .unwrap_or(z.t);
+            spans.push(span.max(1));
+        }
     }
-    MaskedSoftmax { scale }.fwd(&s, mask, geo)
+    spans
+}
+
+/// Writes `p = softmax(scale · q kᵀ + mask)` for head `i`, query block `blk`, into `p_head`
+/// (the head's `l × t` probabilities, row-major): keys beyond the block's span get exactly 0.
+///
+/// # Safety
+/// `q`, `k` must hold head `i`'s `l × d` and `t × d` blocks, `p_head` must be valid for the
+/// head's `l·t` writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn probs_block<T: Real>(
+    p_head: *mut T,
+    q: &[T],
+    k: &[T],
+    mask: &[T],
+    z: AttDims,
+    geo: Geo,
+    scale: T,
+    (i, blk, span): (usize, usize, usize),
+) {
+    let AttDims { l, t, d, .. } = z;
+    let (r0, r1) = z.block_rows(blk);
+    gemm_raw(
+        (r1 - r0, span, d),
+        p_head.add(r0 * t),
+        t,
+        q.as_ptr().add((i * l + r0) * d),
+        (1, d),
+        k.as_ptr().add(i * t * d),
+        (d, 1),
+        gemm::Parallelism::None,
+        false,
+    );
+    for r in r0..r1 {
+        let row = std::slice::from_raw_parts_mut(p_head.add(r * t), t);
+        let m0 = geo.mask_row(i * l + r);
+        let mrow = &mask[m0..m0 + span];
+        let (live, dead) = row.split_at_mut(span);
+        for (x, &mk) in live.iter_mut().zip(mrow) {
+            *x = *x * scale + mk;
+        }
+        let mx = row_max(live);
+        for x in live.iter_mut() {
+            *x = (*x - mx).exp();
+        }
+        let sum = row_sum(live);
+        for x in live.iter_mut() {
+            *x /= sum;
+        }
+        dead.fill(T::zero());
+    }
+}
+
+/// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`, block by block (heads over rayon's
+/// pool); also `o = p v` in the merged `[B·l, H·d]` layout when `v` is given.
+fn att_forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: Option<&[T]>,
+    mask: &[T],
+    z: AttDims,
+    geo: Geo,
+    scale: f64,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let AttDims { b, h, l, t, d } = z;
+    let spans = key_spans(mask, z, geo);
+    let nb = z.blocks();
+    let mut p: Vec<T> = Vec::with_capacity(b * h * l * t);
+    let mut o: Vec<T> = Vec::with_capacity(if v.is_some() { b * l * h * d } else { 0 });
+    let (pp, op) = (SyncPtr(p.as_mut_ptr()), SyncPtr(o.as_mut_ptr()));
+    let scale = T::from_f64(scale);
+    (0..b * h).into_par_iter().for_each(|i| {
+        let mb = if geo.per_batch_mask { i / h } else { 0 };
+        for blk in 0..nb {
+            let span = spans[mb * nb + blk];
+            // SAFETY: head i writes only its own l×t block of p (every element: the product
+            // and softmax over the span, zeros after it) and its own l×d block of the merged
+            // o (rows of h·d, head offset); q, k, v are [B, H, ·, d] blocks.
+            unsafe {
+                let ph = pp.get().add(i * l * t);
+                probs_block(ph, q, k, mask, z, geo, scale, (i, blk, span));
+                if let Some(v) = v {
+                    let (r0, r1) = z.block_rows(blk);
+                    gemm_raw(
+                        (r1 - r0, d, span),
+                        op.get().add(z.merged(i) + r0 * h * d),
+                        h * d,
+                        ph.add(r0 * t),
+                        (1, t),
+                        v.as_ptr().add(i * t * d),
+                        (1, d),
+                        gemm::Parallelism::None,
+                        false,
+                    );
+                }
+            }
+        }
+    });
+    // SAFETY: every head wrote its blocks of p (and of o when v was given) whole.
+    unsafe {
+        p.set_len(b * h * l * t);
+        if v.is_some() {
+            o.set_len(b * l * h * d);
+        }
+    }
+    (p, v.map(|_| o))
 }
 
 /// The contiguous CPU data of a tensor, under its read guard.
@@ -1485,34 +1575,16 @@ struct Attention {
 
 impl Attention {
     fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
-        let AttDims { b, h, l, t, d } = z;
+        let AttDims { b, h, l, t, .. } = z;
         let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
-        let p = with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?;
-        let n = b * l * h * d;
-        let mut o: Vec<T> = Vec::with_capacity(n);
-        // SAFETY: each head writes its l×d block of the merged [B·l, H·d] output (disjoint,
-        // together all of it); p blocks are l×t, v blocks t×d.
-        unsafe {
-            bmm(
-                b * h,
-                (l, d, t),
-                SyncPtr(o.as_mut_ptr()),
-                |i| z.merged(i),
-                h * d,
-                &p,
-                |i| i * l * t,
-                (t, 1),
-                v,
-                |i| i * t * d,
-                (d, 1),
-            );
-            o.set_len(n);
-        }
+        let (p, o) = with_slice::<T, _>(&self.mask, |m| {
+            Ok(att_forward(q, k, Some(v), m, z, geo, self.scale))
+        })?;
         let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
         if let Ok(mut slot) = self.probs.lock() {
             *slot = Some(p);
         }
-        Ok(o)
+        o.ok_or_else(|| candle_core::Error::Msg("attention: no output".into()))
     }
 }
 
@@ -1596,95 +1668,113 @@ impl AttentionBwd {
     fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
         let AttDims { b, h, l, t, d } = z;
         let bh = b * h;
-        // The kept probabilities are read in place (no copy); recomputed when absent.
-        let (kept, recomputed);
-        let p: &[T] = match &self.probs {
-            Some(p) => {
-                kept = Reads::of(&[p]);
-                kept.get::<T>(0)?
-            }
-            None => {
-                let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
-                recomputed =
-                    with_slice::<T, _>(&self.mask, |m| Ok(att_probs(q, k, m, z, geo, self.scale)))?;
-                &recomputed
-            }
-        };
-        let (nq, nk) = (bh * l * d, bh * t * d);
-        let mut out: Vec<T> = Vec::with_capacity(nq + 2 * nk);
-        let base = out.as_mut_ptr();
-        with_slice::<T, _>(&self.grad, |go| {
-            let mut gp: Vec<T> = Vec::with_capacity(bh * l * t);
-            // SAFETY: all destinations are disjoint blocks of buffers with the room reserved
-            // above; the operands are read within their [B, H, ·, ·] or merged layouts.
-            unsafe {
-                // ∂v = pᵀ · ∂o
-                bmm(
-                    bh,
-                    (t, d, l),
-                    SyncPtr(base.add(nq + nk)),
-                    |i| i * t * d,
-                    d,
-                    p,
-                    |i| i * l * t,
-                    (1, t),
-                    go,
-                    |i| z.merged(i),
-                    (h * d, 1),
-                );
-                // ∂p = ∂o · vᵀ
-                bmm(
-                    bh,
-                    (l, t, d),
-                    SyncPtr(gp.as_mut_ptr()),
-                    |i| i * l * t,
-                    t,
-                    go,
-                    |i| z.merged(i),
-                    (h * d, 1),
-                    v,
-                    |i| i * t * d,
-                    (1, d),
-                );
-                gp.set_len(bh * l * t);
-            }
-            let gs = SoftmaxBwd { scale: self.scale }.bwd(p, &gp, t);
-            drop(gp);
-            unsafe {
-                // ∂q = ∂s · k
-                bmm(
-                    bh,
-                    (l, d, t),
-                    SyncPtr(base),
-                    |i| i * l * d,
-                    d,
-                    &gs,
-                    |i| i * l * t,
-                    (t, 1),
-                    k,
-                    |i| i * t * d,
-                    (d, 1),
-                );
-                // ∂k = ∂sᵀ · q
-                bmm(
-                    bh,
-                    (t, d, l),
-                    SyncPtr(base.add(nq)),
-                    |i| i * t * d,
-                    d,
-                    &gs,
-                    |i| i * l * t,
-                    (1, t),
-                    q,
-                    |i| i * l * d,
-                    (d, 1),
-                );
-            }
-            Ok(())
-        })?;
-        // SAFETY: the four products wrote ∂v, ∂q and ∂k whole (nq + 2·nk elements).
-        unsafe { out.set_len(nq + 2 * nk) };
-        Ok(out)
+        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+        with_slice::<T, _>(&self.mask, |mask| {
+            // The kept probabilities are read in place (no copy); recomputed when absent.
+            let (kept, recomputed);
+            let p: &[T] = match &self.probs {
+                Some(p) => {
+                    kept = Reads::of(&[p]);
+                    kept.get::<T>(0)?
+                }
+                None => {
+                    recomputed = att_forward(q, k, None, mask, z, geo, self.scale).0;
+                    &recomputed
+                }
+            };
+            let spans = key_spans(mask, z, geo);
+            let nb = z.blocks();
+            let (nq, nk) = (bh * l * d, bh * t * d);
+            // ∂k and ∂v accumulate over query blocks: zeroed first.
+            let mut out: Vec<T> = vec![T::zero(); nq + 2 * nk];
+            let base = SyncPtr(out.as_mut_ptr());
+            let scale = T::from_f64(self.scale);
+            with_slice::<T, _>(&self.grad, |go| {
+                (0..bh).into_par_iter().for_each(|i| {
+                    let mb = if geo.per_batch_mask { i / h } else { 0 };
+                    let mut gs: Vec<T> = Vec::with_capacity(ATT_BLOCK * t);
+                    for blk in 0..nb {
+                        let span = spans[mb * nb + blk];
+                        let (r0, r1) = z.block_rows(blk);
+                        let rows = r1 - r0;
+                        let pb = &p[(i * l + r0) * t..];
+                        let gob = z.merged(i) + r0 * h * d;
+                        // SAFETY: head i writes only its own blocks of ∂q (rows r0..r1),
+                        // ∂k and ∂v (rows 0..span, accumulated); gs has room for rows×span;
+                        // the operands are read within their [B, H, ·, ·] or merged layouts.
+                        unsafe {
+                            // ∂p = ∂o · vᵀ over the block's span
+                            gemm_raw(
+                                (rows, span, d),
+                                gs.as_mut_ptr(),
+                                span,
+                                go.as_ptr().add(gob),
+                                (1, h * d),
+                                v.as_ptr().add(i * t * d),
+                                (d, 1),
+                                gemm::Parallelism::None,
+                                false,
+                            );
+                            gs.set_len(rows * span);
+                        }
+                        // ∂s = scale · p ⊙ (∂p − Σ_k ∂p_k p_k), in place
+                        for (r, grow) in gs.chunks_mut(span).enumerate() {
+                            let prow = &pb[r * t..r * t + span];
+                            let mut dot = T::zero();
+                            for (&a, &g) in prow.iter().zip(grow.iter()) {
+                                dot += a * g;
+                            }
+                            for (g, &a) in grow.iter_mut().zip(prow) {
+                                *g = scale * (a * (*g - dot));
+                            }
+                        }
+                        // SAFETY: as above.
+                        unsafe {
+                            let o = base.get();
+                            // ∂v[..span] += pᵀ · ∂o
+                            gemm_raw(
+                                (span, d, rows),
+                                o.add(nq + nk + i * t * d),
+                                d,
+                                pb.as_ptr(),
+                                (t, 1),
+                                go.as_ptr().add(gob),
+                                (1, h * d),
+                                gemm::Parallelism::None,
+                                true,
+                            );
+                            // ∂q = ∂s · k
+                            gemm_raw(
+                                (rows, d, span),
+                                o.add((i * l + r0) * d),
+                                d,
+                                gs.as_ptr(),
+                                (1, span),
+                                k.as_ptr().add(i * t * d),
+                                (1, d),
+                                gemm::Parallelism::None,
+                                false,
+                            );
+                            // ∂k[..span] += ∂sᵀ · q
+                            gemm_raw(
+                                (span, d, rows),
+                                o.add(nq + i * t * d),
+                                d,
+                                gs.as_ptr(),
+                                (span, 1),
+                                q.as_ptr().add((i * l + r0) * d),
+                                (1, d),
+                                gemm::Parallelism::None,
+                                true,
+                            );
+                        }
+                        gs.clear();
+                    }
+                });
+                Ok(())
+            })?;
+            Ok(out)
+        })
     }
 }
 
@@ -1778,10 +1868,12 @@ unsafe fn gemm_into<T: Real>(
         rhs,
         (rhs_cs, rhs_rs),
         par,
+        false,
     );
 }
 
-/// [`gemm_into`] with a row stride for `dst` and an explicit parallelism.
+/// [`gemm_into`] with a row stride for `dst` and an explicit parallelism; with `acc` the
+/// product is added to `dst` (initialized) instead of overwriting it.
 ///
 /// # Safety
 /// As [`gemm_into`], `dst` rows `dst_rs` apart.
@@ -1795,8 +1887,9 @@ unsafe fn gemm_raw<T: Real>(
     rhs: *const T,
     (rhs_cs, rhs_rs): (usize, usize),
     par: gemm::Parallelism,
+    acc: bool,
 ) {
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || (acc && k == 0) {
         return;
     }
     if k == 0 {
@@ -1814,14 +1907,14 @@ unsafe fn gemm_raw<T: Real>(
         dst,
         1,
         dst_rs as isize,
-        false,
+        acc,
         lhs,
         lhs_cs as isize,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        T::zero(),
+        if acc { T::one() } else { T::zero() },
         T::one(),
         false,
         false,
