@@ -184,6 +184,30 @@ fn build_rows<T: Send>(
     v
 }
 
+/// `n` zeros, written over rayon's pool (a serial memset of an activation-sized buffer
+/// leaves the other cores idle).
+fn par_zeros<T: WithDType>(n: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(MIN_ELEMS_PER_TASK)
+        .for_each(|c| {
+            for x in c {
+                x.write(T::zero());
+            }
+        });
+    // SAFETY: every element was just written.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A copy of `x`, written over rayon's pool.
+fn par_copy<T: WithDType>(x: &[T]) -> Vec<T> {
+    build_rows(x.len(), 1, |r0, o| {
+        let n = o.len();
+        write_all(o, x[r0..r0 + n].iter().copied());
+    })
+}
+
 /// Writes `src` into every element of `dst` and returns it as initialized.
 ///
 /// # Panics
@@ -659,7 +683,7 @@ impl RmsNormBwd {
         let n = x.len() / h.max(1);
         let eps = T::from_f64(self.eps);
         let hf = T::from_f64(h as f64);
-        let mut out = vec![T::zero(); x.len() + h];
+        let mut out = par_zeros(x.len() + h);
         let rows = rows_per_task(h);
         let (gx, gw) = out.split_at_mut(n * h);
         // Per-task partial sums of ∂/∂w, added in task order (deterministic).
@@ -1190,7 +1214,7 @@ impl Heads {
         } = *self;
         let rep = h_out / h_in;
         let half = d / 2;
-        let mut out = vec![T::zero(); self.b * h_out * l * d];
+        let mut out = par_zeros(self.b * h_out * l * d);
         par_rows(&mut out, d, |r0, o| {
             for (k, orow) in o.chunks_mut(d).enumerate() {
                 let r = r0 + k; // (bi, ho, i)
@@ -1228,7 +1252,7 @@ impl Heads {
         let rep = h_out / h_in;
         let half = d / 2;
         let w = h_in * d;
-        let mut out = vec![T::zero(); self.b * l * w];
+        let mut out = par_zeros(self.b * l * w);
         par_rows(&mut out, w, |r0, o| {
             for (k, orow) in o.chunks_mut(w).enumerate() {
                 let r = r0 + k; // (bi, i)
@@ -1686,7 +1710,7 @@ impl AttentionBwd {
             let nb = z.blocks();
             let (nq, nk) = (bh * l * d, bh * t * d);
             // ∂k and ∂v accumulate over query blocks: zeroed first.
-            let mut out: Vec<T> = vec![T::zero(); nq + 2 * nk];
+            let mut out: Vec<T> = par_zeros(nq + 2 * nk);
             let base = SyncPtr(out.as_mut_ptr());
             let scale = T::from_f64(self.scale);
             with_slice::<T, _>(&self.grad, |go| {
@@ -2090,7 +2114,7 @@ struct LinearAdd;
 
 impl LinearAdd {
     fn fwd<T: Real>(x: &[T], w: &[T], r: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
-        let mut y = r.to_vec();
+        let mut y = par_copy(r);
         if d_in == 0 || n == 0 || d_out == 0 {
             return y;
         }
