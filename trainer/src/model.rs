@@ -488,10 +488,18 @@ impl Model {
                 )));
             }
         }
-        let mut x = self
-            .embed
-            .to_dtype(cd)?
-            .index_select(&ids.flatten_all()?, 0)?; // [B*l, H]
+        let sink = self.grad_sink.as_ref().filter(|_| cache.is_none());
+        let mut x = match sink {
+            // The table itself (no conversion), so its gradient reaches the variable.
+            Some(sink) if self.embed.dtype() == cd && self.use_fused(&self.embed) => {
+                let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                crate::fused::embedding(&self.embed, &ids, sink)?
+            }
+            _ => self
+                .embed
+                .to_dtype(cd)?
+                .index_select(&ids.flatten_all()?, 0)?, // [B*l, H]
+        };
         let fz = self.use_fused(&x);
         for (li, blk) in self.layers.iter().enumerate() {
             if let (Some(sink), true, Some(m)) = (&self.grad_sink, cache.is_none(), mask) {
@@ -683,10 +691,16 @@ impl Model {
             // or accumulation of their size (see `fused::lm_head_logps`).
             let hs = h.dim(2)?;
             let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
-            let lp = crate::fused::lm_head_logps(
+            // With a sink, the head's own variable (no conversion) takes its gradient there.
+            let sink = self
+                .grad_sink
+                .as_ref()
+                .filter(|_| self.lm_head.dtype() == h.dtype());
+            let lp = crate::fused::lm_head_logps_into(
                 &h.reshape((b * (l - 1), hs))?,
                 &self.lm_head.to_dtype(h.dtype())?,
                 &targets,
+                sink,
             )?;
             return Ok(lp.reshape((b, l - 1))?);
         }

@@ -46,7 +46,7 @@ impl GradSink {
         }
     }
 
-    fn push(&self, var: &Tensor, grad: Tensor) -> Result<()> {
+    pub(super) fn push(&self, var: &Tensor, grad: Tensor) -> Result<()> {
         match self.0.lock() {
             Ok(mut v) => {
                 v.push((var.clone(), grad));
@@ -518,4 +518,78 @@ pub fn decoder_layer(
         );
     }
     x.contiguous()?.apply_op1(layer)
+}
+
+/// The embedding lookup as a node whose backward leaves the table's gradient in a sink.
+struct Embedding {
+    ids: Vec<u32>,
+    sink: GradSink,
+}
+
+impl Embedding {
+    fn fwd<T: Real>(&self, e: &[T], hs: usize) -> Vec<T> {
+        super::build_rows(self.ids.len(), hs, |r0, o| {
+            for (k, orow) in o.chunks_mut(hs).enumerate() {
+                let id = self.ids[r0 + k] as usize;
+                super::write_all(orow, e[id * hs..(id + 1) * hs].iter().copied());
+            }
+        })
+    }
+
+    /// `∂E[v] = Σ_{rows r with ids[r] = v} g[r]`, rows added in order.
+    fn bwd<T: Real>(&self, g: &[T], v: usize, hs: usize) -> Vec<T> {
+        let mut de: Vec<T> = super::par_zeros(v * hs);
+        for (r, &id) in self.ids.iter().enumerate() {
+            let id = id as usize;
+            for (d, &x) in de[id * hs..(id + 1) * hs]
+                .iter_mut()
+                .zip(&g[r * hs..(r + 1) * hs])
+            {
+                *d += x;
+            }
+        }
+        de
+    }
+}
+
+impl CustomOp1 for Embedding {
+    fn name(&self) -> &'static str {
+        "fused-embedding"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (v, hs) = l.shape().dims2()?;
+        if let Some(&bad) = self.ids.iter().find(|&&i| i as usize >= v) {
+            bail!("embedding: token id {bad} outside the vocabulary of {v}");
+        }
+        let out = per_float!(s.dtype(), "embedding", Fl => self.fwd(data::<Fl>(s, l)?, hs));
+        Ok((out, Shape::from((self.ids.len(), hs))))
+    }
+
+    fn bwd(&self, e: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (v, hs) = e.dims2()?;
+        let g = grad.contiguous()?;
+        let r = Reads::of(&[&g]);
+        let de = match g.dtype() {
+            DType::F32 => flat(self.bwd(r.get::<f32>(0)?, v, hs))?,
+            DType::F64 => flat(self.bwd(r.get::<f64>(0)?, v, hs))?,
+            dt => bail!("embedding: fused CPU kernel needs f32 or f64, got {dt:?}"),
+        };
+        self.sink.push(e, de.reshape((v, hs))?)?;
+        Ok(None)
+    }
+}
+
+/// The rows `table[ids[r]]` (`table: [V, H]` f32/f64 CPU → `[len(ids), H]`) as one node whose
+/// backward pass leaves `∂table` (the rows' gradients added at their ids) in `sink` rather
+/// than candle's store (no zero buffer and accumulation of the table's size there). `table`
+/// must be the variable itself.
+///
+/// # Errors
+/// An id outside the table; dtypes.
+pub fn embedding(table: &Tensor, ids: &[u32], sink: &GradSink) -> Result<Tensor> {
+    table.contiguous()?.apply_op1(Embedding {
+        ids: ids.to_vec(),
+        sink: sink.clone(),
+    })
 }

@@ -22,9 +22,6 @@ use candle_core::{
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-mod layer;
-pub use layer::{decoder_layer, GradSink, LayerDims, LayerWeights};
-
 /// `CpuStorage::F32(body)` or `CpuStorage::F64(body)`, with `$t` naming the float type of
 /// `$dt` inside `body`: one kernel call written once for both precisions; any other dtype is an
 /// error naming the op.
@@ -46,6 +43,10 @@ macro_rules! per_float {
         }
     };
 }
+
+// After `per_float!`, which the layer module uses.
+mod layer;
+pub use layer::{decoder_layer, embedding, GradSink, LayerDims, LayerWeights};
 
 /// Rows handled by one rayon task at least (keeps tasks large enough to amortize scheduling).
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
@@ -2558,6 +2559,8 @@ impl HeadKept {
 /// `out[n] = (h wᵀ)[n, t_n] − log Σ_v exp (h wᵀ)[n, v]` (see [`lm_head_logps`]).
 struct LmHead {
     kept: std::sync::Mutex<Option<HeadKept>>,
+    /// Where `∂w` goes instead of candle's store (see [`GradSink`]), if anywhere.
+    sink: Option<GradSink>,
 }
 
 impl Drop for LmHead {
@@ -2663,7 +2666,13 @@ impl CustomOp3 for LmHead {
         )?;
         let gh = both.narrow(0, 0, n * hd)?.reshape((n, hd))?;
         let gw = both.narrow(0, n * hd, v * hd)?.reshape((v, hd))?;
-        Ok((Some(gh), Some(gw), None))
+        match &self.sink {
+            Some(sink) => {
+                sink.push(w, gw)?;
+                Ok((Some(gh), None, None))
+            }
+            None => Ok((Some(gh), Some(gw), None)),
+        }
     }
 }
 
@@ -2801,11 +2810,27 @@ impl CustomOp3 for LmHeadBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]), a target outside the vocabulary.
 pub fn lm_head_logps(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    lm_head_logps_into(h, w, targets, None)
+}
+
+/// [`lm_head_logps`] whose backward pass leaves `∂w` in `sink` (when given) instead of
+/// candle's store: no zero buffer and accumulation of `w`'s size there. `w` must then be the
+/// variable itself (not a converted copy), so that the gradient reaches it.
+///
+/// # Errors
+/// As [`lm_head_logps`].
+pub fn lm_head_logps_into(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    sink: Option<&GradSink>,
+) -> Result<Tensor> {
     h.contiguous()?.apply_op3(
         &w.contiguous()?,
         &targets.contiguous()?,
         LmHead {
             kept: std::sync::Mutex::new(None),
+            sink: sink.cloned(),
         },
     )
 }
