@@ -81,6 +81,12 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention (default: sdpa, transformers' default)")
+    p.add_argument(
+        "--logits-to-keep",
+        action="store_true",
+        help="compute logits for the completion positions only (transformers' logits_to_keep, as "
+        "TRL's DPOConfig(use_logits_to_keep=True); TRL's default computes all positions)",
+    )
     args = p.parse_args()
 
     import torch
@@ -106,9 +112,16 @@ def main():
 
     def seq_logps(ids, mask_rows):
         am = torch.ones(ids.shape, dtype=torch.long)
-        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        return (lp * mask_rows).sum(-1)
+        if args.logits_to_keep:
+            # The last k positions P−1 .. L−1; their first k−1 predict the completion ids[P:].
+            k = L - P + 1
+            logits = model(input_ids=ids, attention_mask=am, logits_to_keep=k).logits[:, :-1]
+            tgt, rows = ids[:, L - k + 1 :], mask_rows[:, L - k :]
+        else:
+            logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
+            tgt, rows = ids[:, 1:], mask_rows
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        return (lp * rows).sum(-1)
 
     with torch.no_grad():
         ref = [
@@ -155,7 +168,8 @@ def main():
                 tokens += 2 * B * L
         peak = vm_kib("VmHWM") if reset else None
         print(
-            f"| {name} (PyTorch {torch.__version__}, transformers {transformers.__version__}, {args.attn}) "
+            f"| {name} (PyTorch {torch.__version__}, transformers {transformers.__version__}, {args.attn}"
+            f"{', logits_to_keep' if args.logits_to_keep else ''}) "
             f"| {nparams / 1e6:.2f}M | {objective} | adamw | F32 | cpu | {args.threads} | {B} × {L} "
             f"| {tokens // args.steps} | {secs / args.steps:.3f} | {tokens / secs:.0f} "
             f"| {'n/a' if peak is None else f'{peak / 1024:.0f}'} |"

@@ -674,11 +674,46 @@ impl Model {
     /// # Errors
     /// `L < 2`; see [`Model::logits`].
     pub fn token_logps(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.token_logps_at(ids, attention_mask, None)
+    }
+
+    /// [`Model::token_logps`] at the positions `loss_mask: [B, L−1]` selects (non-zero), 0
+    /// elsewhere: the fused LM head then runs on the selected positions only (in DPO, the
+    /// completion tokens: the prompt's logits are never formed), which changes no selected
+    /// value and no gradient (an unselected position's log-prob is multiplied by 0 anyway).
+    ///
+    /// # Errors
+    /// As [`Model::token_logps`]; a mask of another shape.
+    pub fn token_logps_masked(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let lp = self.token_logps_at(ids, attention_mask, Some(loss_mask))?;
+        Ok((lp * loss_mask.to_dtype(accumulation_dtype(self.compute_dtype))?)?)
+    }
+
+    fn token_logps_at(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         if l < 2 {
             return Err(Error::InvalidArgument(
                 "token_logps needs sequences of length ≥ 2".into(),
             ));
+        }
+        if let Some(r) = rows {
+            if r.dims() != [b, l - 1] {
+                return Err(Error::InvalidArgument(format!(
+                    "loss mask has shape {:?}, log-probs have [{b}, {}]",
+                    r.dims(),
+                    l - 1
+                )));
+            }
         }
         let mask = self.training_mask(b, l, attention_mask)?;
         let h = self
@@ -690,18 +725,47 @@ impl Model {
             // logits live in a reused buffer, not a tensor, so backward spends no zero buffer
             // or accumulation of their size (see `fused::lm_head_logps`).
             let hs = h.dim(2)?;
+            let h = h.reshape((b * (l - 1), hs))?;
             let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
+            // The selected positions only, when a mask selects fewer than all.
+            let sel: Option<Vec<u32>> = match rows {
+                Some(r) => {
+                    let v = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                    let idx: Vec<u32> = (0..v.len() as u32)
+                        .filter(|&i| v[i as usize] != 0.0)
+                        .collect();
+                    (idx.len() < v.len()).then_some(idx)
+                }
+                None => None,
+            };
+            let sel = match sel {
+                Some(idx) => {
+                    let n = idx.len();
+                    Some(Tensor::from_vec(idx, n, &self.device)?)
+                }
+                None => None,
+            };
+            let (h, targets) = match &sel {
+                Some(idx) => (h.index_select(idx, 0)?, targets.index_select(idx, 0)?),
+                None => (h, targets),
+            };
             // With a sink, the head's own variable (no conversion) takes its gradient there.
             let sink = self
                 .grad_sink
                 .as_ref()
                 .filter(|_| self.lm_head.dtype() == h.dtype());
             let lp = crate::fused::lm_head_logps_into(
-                &h.reshape((b * (l - 1), hs))?,
+                &h,
                 &self.lm_head.to_dtype(h.dtype())?,
                 &targets,
                 sink,
             )?;
+            let lp = match &sel {
+                Some(idx) => {
+                    Tensor::zeros(b * (l - 1), lp.dtype(), &self.device)?.index_add(idx, &lp, 0)?
+                }
+                None => lp,
+            };
             return Ok(lp.reshape((b, l - 1))?);
         }
         let logits = self.head(&h)?; // [B, L−1, V]
@@ -731,8 +795,9 @@ impl Model {
         attention_mask: Option<&Tensor>,
         loss_mask: &Tensor,
     ) -> Result<Tensor> {
-        let lp = self.token_logps(ids, attention_mask)?;
-        Ok((lp * loss_mask.to_dtype(accumulation_dtype(self.compute_dtype))?)?.sum(1)?)
+        Ok(self
+            .token_logps_masked(ids, attention_mask, loss_mask)?
+            .sum(1)?)
     }
 
     /// Incremental decoding: runs `ids: [B, l]` at positions `cache.len() ..`, extends the

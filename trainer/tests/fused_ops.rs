@@ -378,6 +378,74 @@ fn model_with_fused_kernels_matches_unfused() {
     }
 }
 
+/// The LM head on the loss mask's positions only (`token_logps_masked`): the selected
+/// log-probs and every gradient equal those of all positions times the mask, with the
+/// layers as whole-layer nodes and without.
+#[test]
+fn masked_token_logps_match_all_positions_times_mask() {
+    let seqs = vec![
+        Sequence {
+            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
+            completion_start: 3,
+        },
+        Sequence {
+            ids: vec![0, 5, 6, 200, 31],
+            completion_start: 2,
+        },
+    ];
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        for dtype in [DType::F64, DType::F32] {
+            for sink in [false, true] {
+                let (_d, mut m) = common::model(common::micro_config(arch), dtype, 23);
+                if sink {
+                    m.set_grad_sink(Some(fused::GradSink::default()));
+                }
+                let b = Batch::from_sequences(&seqs, 2, m.device()).unwrap();
+                let mask = b.loss_mask.to_dtype(dtype).unwrap();
+                let w = rand(mask.dims(), 6, dtype);
+                let run = |masked: bool| {
+                    let lp = if masked {
+                        m.token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
+                            .unwrap()
+                    } else {
+                        (m.token_logps(&b.input_ids, Some(&b.attention_mask))
+                            .unwrap()
+                            * &mask)
+                            .unwrap()
+                    };
+                    let loss = (&lp * &w).unwrap().sum_all().unwrap();
+                    if let Some(s) = m.grad_sink() {
+                        s.clear();
+                    }
+                    let mut g = loss.backward().unwrap();
+                    if let Some(s) = m.grad_sink() {
+                        s.drain_into(&mut g).unwrap();
+                    }
+                    let grads: Vec<Tensor> = m
+                        .named_vars()
+                        .iter()
+                        .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+                        .collect();
+                    (lp, grads)
+                };
+                let ((lp_m, g_m), (lp_a, g_a)) = (run(true), run(false));
+                let d = max_abs_diff(&lp_m, &lp_a);
+                assert!(
+                    d <= tol(dtype),
+                    "{arch:?} {dtype:?} sink {sink}: log-probs differ by {d:e}"
+                );
+                for (a, b) in g_m.iter().zip(&g_a) {
+                    let d = max_abs_diff(a, b);
+                    assert!(
+                        d <= tol(dtype) * 10.0,
+                        "{arch:?} {dtype:?} sink {sink}: gradient differs by {d:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The fused AdamW update is bit-identical to the op-by-op candle update of `train::optim`
 /// (same operations, same roundings), with and without weight decay, over several steps.
 #[test]

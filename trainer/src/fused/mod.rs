@@ -908,24 +908,33 @@ fn same_flat<'a>(ts: &[&'a Tensor]) -> Option<(DType, Reads<'a>)> {
 }
 
 fn dot_slices<T: Real>(a: &[T], b: &[T]) -> f64 {
+    /// Elements summed in the tensors' dtype (16 lanes) before joining the f64 total.
+    const BLOCK: usize = 1024;
     let partials: Vec<f64> = a
         .par_chunks(REDUCE_CHUNK)
         .zip(b.par_chunks(REDUCE_CHUNK))
         .map(|(x, y)| {
-            // 8 independent accumulators: the adds do not wait on each other (vectorizes).
-            let mut acc = [0.0f64; 8];
-            let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-            let (xr, yr) = (xc.remainder(), yc.remainder());
-            for (a, b) in xc.zip(yc) {
-                for ((s, &u), &v) in acc.iter_mut().zip(a).zip(b) {
-                    *s += u.to_f64() * v.to_f64();
+            let mut total = 0.0f64;
+            for (xb, yb) in x.chunks(BLOCK).zip(y.chunks(BLOCK)) {
+                // 16 independent lanes over fixed-size views: unrolls and vectorizes.
+                let mut acc = [T::zero(); 16];
+                let (xc, yc) = (xb.chunks_exact(16), yb.chunks_exact(16));
+                let (xr, yr) = (xc.remainder(), yc.remainder());
+                for (p, q) in xc.zip(yc) {
+                    let (p, q): (&[T; 16], &[T; 16]) = match (p.try_into(), q.try_into()) {
+                        (Ok(p), Ok(q)) => (p, q),
+                        _ => unreachable!("chunks_exact(16) yields 16 elements"),
+                    };
+                    for j in 0..16 {
+                        acc[j] += p[j] * q[j];
+                    }
+                }
+                total += acc.iter().fold(0.0f64, |s, &v| s + v.to_f64());
+                for (&u, &v) in xr.iter().zip(yr) {
+                    total += (u * v).to_f64();
                 }
             }
-            let mut s = lane_sum(acc);
-            for (&u, &v) in xr.iter().zip(yr) {
-                s += u.to_f64() * v.to_f64();
-            }
-            s
+            total
         })
         .collect();
     partials.into_iter().sum()

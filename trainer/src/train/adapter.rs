@@ -39,7 +39,7 @@ impl PolicyModel for TrainModel {
     fn sequence_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
         let lp = self
             .model
-            .token_logps(&b.input_ids, Some(&b.attention_mask))
+            .token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
             .map_err(model_err)?;
         SeqLogps::from_token_logps(&lp, &b.loss_mask)
     }
