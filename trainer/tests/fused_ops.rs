@@ -276,6 +276,34 @@ fn fused_ops_are_off_for_half_types() {
     assert!(!fused::enabled(&x.to_dtype(DType::BF16).unwrap()));
 }
 
+/// Every variable's gradient of `loss` by name (`m.named_vars()` order), with the model's
+/// gradient sink (if any) cleared before and drained into candle's store after the backward
+/// pass; and whether that store lacked `probe`'s gradient before the drain (a whole-layer
+/// node took it).
+fn model_grads(
+    m: &difinfo_trainer::model::Model,
+    loss: &Tensor,
+    probe: &str,
+) -> (Vec<(String, Tensor)>, bool) {
+    if let Some(s) = m.grad_sink() {
+        s.clear();
+    }
+    let mut grads = loss.backward().unwrap();
+    let vars = m.named_vars();
+    let taken = vars
+        .iter()
+        .find(|(n, _)| n == probe)
+        .is_some_and(|(_, v)| grads.get(v.as_tensor()).is_none());
+    if let Some(s) = m.grad_sink() {
+        s.drain_into(&mut grads).unwrap();
+    }
+    let g = vars
+        .into_iter()
+        .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    (g, taken)
+}
+
 /// The whole model: per-token log-probs and every variable's gradient agree with the fused
 /// kernels on and off (padding, GQA, a sliding window, biases and tied embeddings included),
 /// and with the layers run as whole-layer nodes whose weight gradients come through a
@@ -311,24 +339,7 @@ fn model_with_fused_kernels_matches_unfused() {
                     .unwrap();
                 let w = rand(lp.dims(), 5, dtype);
                 let loss = (&lp * &w).unwrap().sum_all().unwrap();
-                let mut out = Vec::new();
-                for _ in 0..passes {
-                    if let Some(s) = m.grad_sink() {
-                        s.clear();
-                    }
-                    let mut grads = loss.backward().unwrap();
-                    let vars = m.named_vars();
-                    let q = &vars.iter().find(|(n, _)| n == q0).unwrap().1;
-                    let taken = grads.get(q.as_tensor()).is_none();
-                    if let Some(s) = m.grad_sink() {
-                        s.drain_into(&mut grads).unwrap();
-                    }
-                    let g: Vec<(String, Tensor)> = vars
-                        .into_iter()
-                        .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
-                        .collect();
-                    out.push((g, taken));
-                }
+                let out: Vec<_> = (0..passes).map(|_| model_grads(m, &loss, q0)).collect();
                 (lp, out)
             };
             m.set_grad_sink(Some(fused::GradSink::default()));
@@ -414,17 +425,10 @@ fn masked_token_logps_match_all_positions_times_mask() {
                             .unwrap()
                     };
                     let loss = (&lp * &w).unwrap().sum_all().unwrap();
-                    if let Some(s) = m.grad_sink() {
-                        s.clear();
-                    }
-                    let mut g = loss.backward().unwrap();
-                    if let Some(s) = m.grad_sink() {
-                        s.drain_into(&mut g).unwrap();
-                    }
-                    let grads: Vec<Tensor> = m
-                        .named_vars()
-                        .iter()
-                        .map(|(_, v)| g.get(v.as_tensor()).unwrap().clone())
+                    let grads: Vec<Tensor> = model_grads(&m, &loss, "lm_head.weight")
+                        .0
+                        .into_iter()
+                        .map(|(_, g)| g)
                         .collect();
                     (lp, grads)
                 };

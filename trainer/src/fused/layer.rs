@@ -19,7 +19,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::{
-    data, gate_up_proj, gemm_acc, gemm_into, AttDims, Attention, AttentionBwd, Heads, Linear,
+    data, gate_up_proj, gemm_acc, gemm_vec, AttDims, Attention, AttentionBwd, Heads, Linear,
     LinearAdd, Reads, Real, RmsNorm, RmsNormBwd, SiluMul, SiluMulBwd,
 };
 
@@ -334,6 +334,17 @@ impl Layer {
         Ok(dx)
     }
 
+    /// [`Layer::bwd`] on `r = [x, ∂/∂x3]`; a second backward pass through the same graph
+    /// (nothing kept) recomputes the forward first.
+    fn bwd_with<T: Real>(&self, r: &Reads, kept: Option<Kept>) -> Result<Tensor> {
+        let xs = r.get::<T>(0)?;
+        let kept = match kept {
+            Some(k) => k,
+            None => self.fwd(xs)?.1,
+        };
+        flat(self.bwd(xs, r.get::<T>(1)?, &kept)?)
+    }
+
     fn check(&self, x: &Shape) -> Result<()> {
         let z = self.z;
         let hs = self.hidden();
@@ -350,46 +361,12 @@ impl Layer {
 
 /// `∂/∂x = g w` for `y = x wᵀ` (`g: [n, out]`, `w: [out, in]` → `[n, in]`).
 fn input_grad<T: Real>(g: &[T], w: &[T], n: usize, d_out: usize, d_in: usize) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(n * d_in);
-    // SAFETY: out has room for n·d_in, written whole; g is n×d_out, w d_out×d_in.
-    unsafe {
-        gemm_into(
-            n,
-            d_in,
-            d_out,
-            out.as_mut_ptr(),
-            g.as_ptr(),
-            1,
-            d_out,
-            w.as_ptr(),
-            1,
-            d_in,
-        );
-        out.set_len(n * d_in);
-    }
-    out
+    gemm_vec((n, d_in, d_out), g, (1, d_out), w, (1, d_in))
 }
 
-/// `∂/∂w = gᵀ x` for `y = x wᵀ` (`g: [n, out]`, `x: [n, in]` → `[out, in]`).
+/// `∂/∂w = gᵀ x` for `y = x wᵀ` (`g: [n, out]` read as `gᵀ`, `x: [n, in]` → `[out, in]`).
 fn weight_grad<T: Real>(g: &[T], x: &[T], n: usize, d_out: usize, d_in: usize) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(d_out * d_in);
-    // SAFETY: out has room for d_out·d_in, written whole; g is n×d_out read as gᵀ, x n×d_in.
-    unsafe {
-        gemm_into(
-            d_out,
-            d_in,
-            n,
-            out.as_mut_ptr(),
-            g.as_ptr(),
-            d_out,
-            1,
-            x.as_ptr(),
-            1,
-            d_in,
-        );
-        out.set_len(d_out * d_in);
-    }
-    out
+    gemm_vec((d_out, d_in, n), g, (d_out, 1), x, (1, d_in))
 }
 
 /// RMSNorm's gradients `(∂/∂x + resid, ∂/∂w)` from `g = ∂/∂y`.
@@ -427,24 +404,9 @@ impl CustomOp1 for Layer {
         let g = grad.contiguous()?;
         let kept = self.kept.lock().ok().and_then(|mut k| k.take());
         let r = Reads::of(&[x, &g]);
-        // A second backward pass through the same graph recomputes the forward.
         let dx = match x.dtype() {
-            DType::F32 => {
-                let xs = r.get::<f32>(0)?;
-                let kept = match kept {
-                    Some(k) => k,
-                    None => self.fwd(xs)?.1,
-                };
-                flat(self.bwd(xs, r.get::<f32>(1)?, &kept)?)?
-            }
-            DType::F64 => {
-                let xs = r.get::<f64>(0)?;
-                let kept = match kept {
-                    Some(k) => k,
-                    None => self.fwd(xs)?.1,
-                };
-                flat(self.bwd(xs, r.get::<f64>(1)?, &kept)?)?
-            }
+            DType::F32 => self.bwd_with::<f32>(&r, kept)?,
+            DType::F64 => self.bwd_with::<f64>(&r, kept)?,
             dt => bail!("decoder layer: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
         Ok(Some(dx.reshape(x.shape())?))

@@ -1966,30 +1966,57 @@ unsafe fn gemm_raw<T: Real>(
     );
 }
 
+/// `lhs · rhs` (`m × k` by `k × n`, operands read through their `(column, row)` strides) as a
+/// new row-major `m × n` vector, written whole by the parallel gemm (no zero-fill first).
+///
+/// # Panics
+/// If an operand is too short for the strides and sizes given.
+fn gemm_vec<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[T],
+    (rhs_cs, rhs_rs): (usize, usize),
+) -> Vec<T> {
+    let reach = |cs: usize, rs: usize, r: usize, c: usize| {
+        if r == 0 || c == 0 {
+            0
+        } else {
+            (r - 1) * rs + (c - 1) * cs + 1
+        }
+    };
+    assert!(
+        lhs.len() >= reach(lhs_cs, lhs_rs, m, k) && rhs.len() >= reach(rhs_cs, rhs_rs, k, n),
+        "gemm_vec: operands too short"
+    );
+    let mut out: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: out has room for m·n elements, all written by the gemm; every operand index the
+    // strides reach lies within the slices (checked above).
+    unsafe {
+        gemm_into(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
 /// `y = x wᵀ` for `x: [N, in]`, `w: [out, in]`.
 struct Linear;
 
 impl Linear {
     fn fwd<T: Real>(x: &[T], w: &[T], n: usize, d_in: usize, d_out: usize) -> Vec<T> {
-        let mut y: Vec<T> = Vec::with_capacity(n * d_out);
-        // SAFETY: y has capacity n·d_out; x is n×d_in and w d_out×d_in, read through wᵀ's
-        // strides (column j of wᵀ is row j of w); gemm writes every element of y.
-        unsafe {
-            gemm_into(
-                n,
-                d_out,
-                d_in,
-                y.as_mut_ptr(),
-                x.as_ptr(),
-                1,
-                d_in,
-                w.as_ptr(),
-                d_in,
-                1,
-            );
-            y.set_len(n * d_out);
-        }
-        y
+        // wᵀ read through swapped strides: column j of wᵀ is row j of w.
+        gemm_vec((n, d_out, d_in), x, (1, d_in), w, (d_in, 1))
     }
 
     fn dims(x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
