@@ -265,17 +265,7 @@ impl Layer {
         grads.push((6, weight_grad(ga, k(6)?, n, i, hs)));
         grads.push((7, weight_grad(gu, k(6)?, n, i, hs)));
         let mut dh2 = input_grad(ga, s(6)?, n, i, hs);
-        // SAFETY: dh2 is n×hs (initialized), gu n×i, w_up i×hs.
-        unsafe {
-            gemm_acc(
-                (n, hs, i),
-                dh2.as_mut_ptr(),
-                gu.as_ptr(),
-                (1, i),
-                s(7)?.as_ptr(),
-                (1, hs),
-            )
-        };
+        add_input_grad(&mut dh2, gu, s(7)?, n, i, hs);
         drop(gab);
         // h2 = norm₂(x2); the residual adds ∂/∂x3
         let (dx2, dln2) = norm_grad(z.eps, k(5)?, s(5)?, &dh2, g3);
@@ -304,25 +294,8 @@ impl Layer {
         grads.push((2, weight_grad(&dkp, h1, n, dkv, hs)));
         grads.push((3, weight_grad(&dvp, h1, n, dkv, hs)));
         let mut dh1 = input_grad(&dqp, s(1)?, n, dq, hs);
-        // SAFETY: dh1 is n×hs (initialized); dkp, dvp n×dkv; w_k, w_v dkv×hs.
-        unsafe {
-            gemm_acc(
-                (n, hs, dkv),
-                dh1.as_mut_ptr(),
-                dkp.as_ptr(),
-                (1, dkv),
-                s(2)?.as_ptr(),
-                (1, hs),
-            );
-            gemm_acc(
-                (n, hs, dkv),
-                dh1.as_mut_ptr(),
-                dvp.as_ptr(),
-                (1, dkv),
-                s(3)?.as_ptr(),
-                (1, hs),
-            );
-        }
+        add_input_grad(&mut dh1, &dkp, s(2)?, n, dkv, hs);
+        add_input_grad(&mut dh1, &dvp, s(3)?, n, dkv, hs);
         // h1 = norm₁(x); the residual adds ∂/∂x2
         let (dx, dln1) = norm_grad(z.eps, x, s(0)?, &dh1, &dx2);
         grads.push((0, dln1));
@@ -362,6 +335,25 @@ impl Layer {
 /// `∂/∂x = g w` for `y = x wᵀ` (`g: [n, out]`, `w: [out, in]` → `[n, in]`).
 fn input_grad<T: Real>(g: &[T], w: &[T], n: usize, d_out: usize, d_in: usize) -> Vec<T> {
     gemm_vec((n, d_in, d_out), g, (1, d_out), w, (1, d_in))
+}
+
+/// `dst += g w`: a further use's `∂/∂x` (`g: [n, out]`, `w: [out, in]`, `dst: [n, in]`).
+///
+/// # Panics
+/// If a slice is shorter than its size.
+fn add_input_grad<T: Real>(dst: &mut [T], g: &[T], w: &[T], n: usize, d_out: usize, d_in: usize) {
+    assert!(dst.len() >= n * d_in && g.len() >= n * d_out && w.len() >= d_out * d_in);
+    // SAFETY: dst is n×d_in (initialized), g n×d_out, w d_out×d_in (checked above).
+    unsafe {
+        gemm_acc(
+            (n, d_in, d_out),
+            dst.as_mut_ptr(),
+            g.as_ptr(),
+            (1, d_out),
+            w.as_ptr(),
+            (1, d_in),
+        )
+    }
 }
 
 /// `∂/∂w = gᵀ x` for `y = x wᵀ` (`g: [n, out]` read as `gᵀ`, `x: [n, in]` → `[out, in]`).
