@@ -1,19 +1,24 @@
-//! Fused CPU kernels with hand-written backward passes, for the hot element-wise parts of the
-//! training forward: RMSNorm, `silu(gate) ⊙ up`, the masked attention softmax and the
-//! log-softmax-and-pick of the target tokens.
+//! Fused CPU kernels with hand-written backward passes for the training forward: RMSNorm,
+//! `silu(gate) ⊙ up` and the gated MLP input, head split with RoPE and grouped-query
+//! repetition, the attention core (in query blocks that skip masked keys), linear layers on the
+//! `gemm` crate (with a residual folded in), the LM head with log-softmax and pick of the
+//! targets, the embedding lookup, AdamW in one pass, and the whole-gradient reductions (global
+//! norm, clipping, the DPO-PG projection). [`decoder_layer`] runs a whole decoder layer as one
+//! node.
 //!
-//! Each op is a candle [`CustomOp2`] whose `bwd` returns the exact gradient (computed by a
-//! second, no-backward custom op), so unlike candle's own fused ops (`softmax_last_dim`,
-//! `rms_norm`, `rope`) they record a backward pass. They run on contiguous f32/f64 CPU tensors,
-//! spread rows over rayon's pool, and replace chains of 4–8 candle ops, each of which
-//! allocates and writes a full tensor in the forward and two more (a zero gradient buffer and
-//! an accumulation) in the backward. [`enabled`] tells when they apply; otherwise the callers
-//! in [`crate::model`] use the unfused, differentiable candle ops (other devices, half types).
+//! Each op is a candle custom op whose `bwd` returns the exact gradient (computed by a
+//! second, no-backward custom op or directly), so unlike candle's own fused ops
+//! (`softmax_last_dim`, `rms_norm`, `rope`) they record a backward pass. They run on
+//! contiguous f32/f64 CPU tensors, spread rows over rayon's pool, and replace chains of 4–8
+//! candle ops, each of which allocates and writes a full tensor in the forward and two more (a
+//! zero gradient buffer and an accumulation) in the backward. [`enabled`] tells when they
+//! apply; otherwise the callers in [`crate::model`] use the unfused, differentiable candle ops
+//! (other devices, half types).
 //!
 //! The arithmetic follows the unfused path op by op (same formulas, same order of the
 //! element-wise operations); only the summation order of reductions may differ, so results
 //! agree to rounding. `tests/fused_ops.rs` checks values and gradients against the unfused
-//! path in f64.
+//! path in f64 and f32.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
