@@ -501,20 +501,25 @@ impl Model {
                 .index_select(&ids.flatten_all()?, 0)?, // [B*l, H]
         };
         let fz = self.use_fused(&x);
+        // Whole-layer nodes: sizes and mask, the same for every layer.
+        let layer_node = match (sink, mask) {
+            (Some(sink), Some(m)) if fz && acc == cd && fusable_mask(m, b, l, l) => {
+                let z = crate::fused::LayerDims {
+                    b,
+                    l,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    eps: cfg.rms_norm_eps,
+                };
+                Some((sink, z, m.to_dtype(cd)?))
+            }
+            _ => None,
+        };
         for (li, blk) in self.layers.iter().enumerate() {
-            if let (Some(sink), true, Some(m)) = (&self.grad_sink, cache.is_none(), mask) {
-                let ws = Self::layer_weights(blk, cd);
-                if let Some(ws) = ws.filter(|_| fz && acc == cd && fusable_mask(m, b, l, l)) {
-                    let z = crate::fused::LayerDims {
-                        b,
-                        l,
-                        heads: nh,
-                        kv_heads: nkv,
-                        head_dim: hd,
-                        eps: cfg.rms_norm_eps,
-                    };
-                    let m = m.to_dtype(cd)?;
-                    x = crate::fused::decoder_layer(&x, &ws, z, &cos, &sin, &m, scale, sink)?;
+            if let Some((sink, z, m)) = &layer_node {
+                if let Some(ws) = Self::layer_weights(blk, cd) {
+                    x = crate::fused::decoder_layer(&x, &ws, *z, &cos, &sin, m, scale, sink)?;
                     continue;
                 }
             }
@@ -728,20 +733,16 @@ impl Model {
             let h = h.reshape((b * (l - 1), hs))?;
             let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
             // The selected positions only, when a mask selects fewer than all.
-            let sel: Option<Vec<u32>> = match rows {
+            let sel = match rows {
                 Some(r) => {
                     let v = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                     let idx: Vec<u32> = (0..v.len() as u32)
                         .filter(|&i| v[i as usize] != 0.0)
                         .collect();
-                    (idx.len() < v.len()).then_some(idx)
-                }
-                None => None,
-            };
-            let sel = match sel {
-                Some(idx) => {
                     let n = idx.len();
-                    Some(Tensor::from_vec(idx, n, &self.device)?)
+                    (n < v.len())
+                        .then(|| Tensor::from_vec(idx, n, &self.device))
+                        .transpose()?
                 }
                 None => None,
             };

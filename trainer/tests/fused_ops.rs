@@ -31,9 +31,9 @@ fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
         .unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+/// `max_i |t_i|` (exact: in f64).
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
         .unwrap()
         .abs()
         .unwrap()
@@ -43,6 +43,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
 fn tol(dtype: DType) -> f64 {
@@ -68,17 +73,7 @@ fn check(
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let a = fused_f(&ts);
     let b = reference(&ts);
-    let scale = 1.0
-        + b.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+    let scale = 1.0 + max_abs(&b);
     let d = max_abs_diff(&a, &b);
     assert!(
         d <= tol(dtype) * scale,
@@ -93,17 +88,7 @@ fn check(
                 .unwrap_or_else(|| panic!("{name}: no fused gradient for input {i}")),
             gb.get(v.as_tensor()).unwrap(),
         );
-        let scale = 1.0
-            + y.abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+        let scale = 1.0 + max_abs(y);
         let d = max_abs_diff(x, y);
         assert!(
             d <= tol(dtype) * scale,
@@ -367,17 +352,7 @@ fn model_with_fused_kernels_matches_unfused() {
                     "{arch:?} {dtype:?} {what}: log-probs differ by {d:e}"
                 );
                 for ((name, a), (_, b)) in g.iter().zip(g_u) {
-                    let scale = 1.0
-                        + b.abs()
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .max(0)
-                            .unwrap()
-                            .to_dtype(DType::F64)
-                            .unwrap()
-                            .to_scalar::<f64>()
-                            .unwrap();
+                    let scale = 1.0 + max_abs(b);
                     let d = max_abs_diff(a, b);
                     assert!(
                         d <= tol(dtype) * 10.0 * scale,

@@ -183,6 +183,12 @@ impl Layer {
         }
     }
 
+    /// The nine weights (in [`LayerWeights::all`]'s order), then the RoPE tables at 9, 10.
+    fn reads(&self) -> Reads<'_> {
+        let [ln1, wq, wk, wv, wo, ln2, wg, wu, wd] = self.w.all();
+        Reads::of(&[ln1, wq, wk, wv, wo, ln2, wg, wu, wd, &self.cos, &self.sin])
+    }
+
     fn att_dims(&self) -> AttDims {
         let z = self.z;
         AttDims {
@@ -201,8 +207,7 @@ impl Layer {
         let z = self.z;
         let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
         let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
-        let [ln1, wq, wk, wv, wo, ln2, wg, wu, wd] = self.w.all();
-        let r = Reads::of(&[ln1, wq, wk, wv, wo, ln2, wg, wu, wd, &self.cos, &self.sin]);
+        let r = self.reads();
         let s = |j| r.get::<T>(j);
         let (cos, sin) = (s(9)?, s(10)?);
         let norm = RmsNorm { eps: z.eps };
@@ -244,8 +249,7 @@ impl Layer {
         let z = self.z;
         let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
         let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
-        let [ln1, wq, wk, wv, wo, ln2, wg, wu, wd] = self.w.all();
-        let r = Reads::of(&[ln1, wq, wk, wv, wo, ln2, wg, wu, wd, &self.cos, &self.sin]);
+        let r = self.reads();
         let s = |j| r.get::<T>(j);
         let (cos, sin) = (s(9)?, s(10)?);
         let kr = Reads::of(&[

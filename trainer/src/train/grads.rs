@@ -109,14 +109,7 @@ impl Grads {
     /// # Errors
     /// Tensor errors.
     pub fn global_norm(&self) -> Result<f64> {
-        let mut s = 0.0;
-        for g in &self.0 {
-            s += match crate::fused::dot(g, g)? {
-                Some(d) => d,
-                None => scalar_f64(&g.sqr()?.sum_all()?)?,
-            };
-        }
-        Ok(s.sqrt())
+        Ok(self.dot(self)?.sqrt())
     }
 
     /// `c · g` for every variable.
