@@ -5,7 +5,7 @@
 //! model itself (temperature 1, no top-p): the `log π(y)` that Monte Carlo entropy estimates
 //! (Appendix K) need, whatever distribution drew `y`.
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 use rand::Rng;
 
 use crate::error::{Error, Result};
@@ -163,9 +163,7 @@ pub fn generate(
     let mut cache = KvCache::new();
     let p = prompt_ids.len();
     let input = Tensor::from_vec(prompt_ids.repeat(n), (n, p), dev)?;
-    let mut logits = model
-        .forward_with_cache(&input, &mut cache)?
-        .i((.., p - 1, ..))?;
+    let mut logits = model.forward_last_with_cache(&input, &mut cache)?;
     let mut samples = vec![
         Sample {
             completion_ids: Vec::new(),
@@ -199,9 +197,7 @@ pub fn generate(
             break;
         }
         let input = Tensor::from_vec(next, (n, 1), dev)?;
-        logits = model
-            .forward_with_cache(&input, &mut cache)?
-            .i((.., 0, ..))?;
+        logits = model.forward_last_with_cache(&input, &mut cache)?;
     }
     Ok(samples)
 }

@@ -44,6 +44,11 @@ pub enum ModelSize {
     Tiny,
     /// About 20M parameters: for throughput measurements.
     Small,
+    /// SmolLM2-135M's configuration (Llama, 30 layers, hidden 576, intermediate 1536, 9 heads
+    /// over 3 key/value heads, vocabulary 49,152, tied embeddings, RoPE θ 100,000): 134.5M
+    /// parameters, for memory and speed measurements at a real model's size.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
 }
 
 /// The configuration of a named size for `arch`: Qwen2 gets q/k/v biases and tied
@@ -63,7 +68,29 @@ pub fn size_config(size: ModelSize) -> ModelConfig {
     let (vocab, hidden, inter, layers, heads, kv) = match size {
         ModelSize::Tiny => (1024, 128, 352, 4, 4, 2),
         ModelSize::Small => (8192, 384, 1152, 8, 6, 2),
+        ModelSize::Smollm2_135m => {
+            // HuggingFaceTB/SmolLM2-135M's config.json.
+            return ModelConfig {
+                rope_theta: 100_000.0,
+                max_position_embeddings: 8192,
+                tie_word_embeddings: true,
+                initializer_range: 0.041_666_666_666_666_664,
+                ..llama_config(49_152, 576, 1536, 30, 9, 3)
+            };
+        }
     };
+    llama_config(vocab, hidden, inter, layers, heads, kv)
+}
+
+/// A Llama configuration of these sizes with the defaults of [`size_config`].
+fn llama_config(
+    vocab: usize,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+) -> ModelConfig {
     ModelConfig {
         arch: Architecture::Llama,
         vocab_size: vocab,

@@ -97,7 +97,8 @@ struct ModelArgs {
 enum Command {
     /// Create a random-weight checkpoint (Llama by default) with a BPE tokenizer trained on a corpus.
     Init {
-        /// Model size: tiny (~1M parameters) or small (~20M).
+        /// Model size: tiny (~1M parameters), small (~20M) or smollm2-135m (SmolLM2-135M's
+        /// configuration, 134.5M).
         #[arg(long, value_enum, default_value_t = ModelSize::Tiny)]
         size: ModelSize,
         /// Output directory.

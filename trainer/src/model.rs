@@ -14,6 +14,7 @@
 //! dtype (f64 is what the finite-difference tests use).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -25,11 +26,55 @@ use crate::error::{Error, Result};
 /// stays finite instead of becoming NaN).
 pub const MASK_VALUE: f64 = -1e9;
 
-/// A linear layer `y = x Wᵀ + b` with `W` of shape `[out, in]`.
+/// A linear layer `y = x Wᵀ + b` with `W` of shape `[out, in]`, and optionally a LoRA
+/// adapter `+ s · (drop(x) Aᵀ) Bᵀ` (see [`crate::lora`]).
 #[derive(Debug, Clone)]
 struct Lin {
     w: Tensor,
     b: Option<Tensor>,
+    lora: Option<LoraLin>,
+}
+
+/// A LoRA adapter on a [`Lin`].
+#[derive(Debug, Clone)]
+struct LoraLin {
+    /// `lora_A.weight`, `[r, in]`.
+    a: Tensor,
+    /// `lora_B.weight`, `[out, r]`.
+    b: Tensor,
+    /// `lora_alpha / r` (rsLoRA: `/ √r`).
+    scale: f64,
+    /// Dropout probability on the adapter's input.
+    p: f64,
+    /// This forward pass's dropout mask key (none: no dropout, e.g. evaluation).
+    key: Option<u64>,
+}
+
+impl LoraLin {
+    /// `s · (drop(x) Aᵀ) Bᵀ` for `x: [N, in]`, in `x`'s dtype.
+    fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let xd = match self.key {
+            Some(key) if self.p > 0.0 => {
+                let (n, d) = x.dims2()?;
+                (x * crate::lora::dropout_mask(key, n, d, self.p, dt, x.device())?)?
+            }
+            _ => x.clone(),
+        };
+        let u = xd.matmul(&self.a.to_dtype(dt)?.t()?)?;
+        Ok(u.matmul(&self.b.to_dtype(dt)?.t()?)?
+            .affine(self.scale, 0.0)?)
+    }
+
+    /// The adapter for [`crate::fused::decoder_layer`].
+    fn weights(&self) -> crate::fused::LoraWeights {
+        crate::fused::LoraWeights {
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+            dropout: self.key.filter(|_| self.p > 0.0).map(|k| (self.p, k)),
+        }
+    }
 }
 
 impl Lin {
@@ -38,17 +83,27 @@ impl Lin {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let y = x.matmul(&self.w.to_dtype(dt)?.t()?)?;
-        Ok(match &self.b {
+        let y = match &self.b {
             Some(b) => y.broadcast_add(&b.to_dtype(dt)?)?,
             None => y,
-        })
+        };
+        self.add_lora(x, y)
+    }
+
+    /// `y + adapter(x)` when there is an adapter.
+    fn add_lora(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        match &self.lora {
+            Some(ad) => Ok((y + ad.delta(x)?)?),
+            None => Ok(y),
+        }
     }
 
     /// `r + self(x)`, one fused node ([`crate::fused::linear_add`]) under the conditions of
     /// [`Lin::apply`] when there is no bias.
     fn apply_add(&self, fused: bool, x: &Tensor, r: &Tensor) -> Result<Tensor> {
         if fused && self.b.is_none() && x.rank() == 2 && self.w.dtype() == x.dtype() {
-            return Ok(crate::fused::linear_add(x, &self.w, r)?);
+            let y = crate::fused::linear_add(x, &self.w, r)?;
+            return self.add_lora(x, y);
         }
         Ok((r + self.apply(fused, x)?)?)
     }
@@ -58,10 +113,11 @@ impl Lin {
     fn apply(&self, fused: bool, x: &Tensor) -> Result<Tensor> {
         if fused && x.rank() == 2 && self.w.dtype() == x.dtype() {
             let y = crate::fused::linear(x, &self.w)?;
-            return Ok(match &self.b {
+            let y = match &self.b {
                 Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?)?,
                 None => y,
-            });
+            };
+            return self.add_lora(x, y);
         }
         self.forward(x)
     }
@@ -78,6 +134,57 @@ struct Block {
     gate: Lin,
     up: Lin,
     down: Lin,
+}
+
+impl Block {
+    /// The seven projections in [`crate::lora::PROJECTIONS`]' order.
+    fn lins(&self) -> [&Lin; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    fn lins_mut(&mut self) -> [&mut Lin; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
+    /// The layer with every tensor detached (a forward pass through it records no graph).
+    fn detached(&self) -> Block {
+        let mut blk = self.clone();
+        blk.ln1 = blk.ln1.detach();
+        blk.ln2 = blk.ln2.detach();
+        for lin in blk.lins_mut() {
+            lin.w = lin.w.detach();
+            lin.b = lin.b.as_ref().map(Tensor::detach);
+            if let Some(ad) = &mut lin.lora {
+                ad.a = ad.a.detach();
+                ad.b = ad.b.detach();
+            }
+        }
+        blk
+    }
+
+    /// Every tensor of the layer: norms, weights, biases, adapters.
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut v = vec![self.ln1.clone(), self.ln2.clone()];
+        for l in self.lins() {
+            v.push(l.w.clone());
+            v.extend(l.b.clone());
+            if let Some(ad) = &l.lora {
+                v.push(ad.a.clone());
+                v.push(ad.b.clone());
+            }
+        }
+        v
+    }
 }
 
 /// Per-layer key/value cache for incremental decoding.
@@ -168,6 +275,199 @@ fn fusable_mask(m: &Tensor, b: usize, l: usize, t: usize) -> bool {
     matches!(m.dims(), &[mb, 1, ml, mt] if (mb == 1 || mb == b) && ml == l && mt == t)
 }
 
+/// What one decoder layer's forward pass needs besides its weights, owned (a checkpointed
+/// layer runs it again in the backward pass).
+#[derive(Clone)]
+struct LayerCtx {
+    b: usize,
+    l: usize,
+    /// Query heads, key/value heads, head dimension.
+    heads: (usize, usize, usize),
+    eps: f64,
+    scale: f64,
+    cd: DType,
+    acc: DType,
+    fused: bool,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    /// `Some(window)` when the mask is causal (with right padding and `window` at most).
+    causal: Option<Option<usize>>,
+}
+
+impl LayerCtx {
+    fn use_fused(&self, t: &Tensor) -> bool {
+        self.fused && crate::fused::enabled(t)
+    }
+
+    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.use_fused(x) {
+            Ok(crate::fused::rms_norm(
+                x,
+                &w.to_dtype(x.dtype())?,
+                self.eps,
+            )?)
+        } else {
+            rms_norm(x, w, self.eps)
+        }
+    }
+
+    /// One decoder layer on `x: [B·l, H]` (the separate fused kernels where they apply, plain
+    /// candle ops elsewhere), appending to the layer's KV-cache slot when given.
+    fn block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, l) = (self.b, self.l);
+        let (nh, nkv, hd) = self.heads;
+        let (cd, acc, scale) = (self.cd, self.acc, self.scale);
+        let (cos, sin) = (&self.cos, &self.sin);
+        let fz = self.use_fused(x);
+        let h = self.norm(x, &blk.ln1)?;
+        let mut unexpanded = None;
+        let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
+            // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.
+            let (qp, kp, vp) = (
+                blk.q.apply(fz, &h)?,
+                blk.k.apply(fz, &h)?,
+                blk.v.apply(fz, &h)?,
+            );
+            let split = |z: &Tensor, heads: usize, rope: bool| {
+                crate::fused::split_heads(z, b, l, heads, nh, cos, sin, rope)
+            };
+            (
+                split(&qp, nh, true)?,
+                split(&kp, nkv, true)?,
+                split(&vp, nkv, false)?,
+            )
+        } else {
+            let q = blk
+                .q
+                .apply(fz, &h)?
+                .reshape((b, l, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = blk
+                .k
+                .apply(fz, &h)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = blk
+                .v
+                .apply(fz, &h)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = apply_rope(&q, cos, sin)?;
+            let mut k = apply_rope(&k, cos, sin)?;
+            let mut v = v;
+            if let Some(slot) = cache {
+                if let Some((pk, pv)) = slot.as_ref() {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
+            }
+            let t = k.dim(2)?;
+            unexpanded = Some((k.clone(), v.clone()));
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let expand = |z: &Tensor| -> Result<Tensor> {
+                    Ok(z.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, t, hd))?
+                        .reshape((b, nh, t, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            (q, k, v)
+        };
+        let t = k.dim(2)?;
+        let mask = self.mask.as_ref();
+        let att = match mask {
+            // Fused scale + mask + softmax + PV + head merge (f32/f64 CPU): one graph node,
+            // no gradient for the mask.
+            Some(m) if acc == cd && self.use_fused(&q) && fusable_mask(m, b, l, t) => {
+                crate::fused::attention(&q, &k, &v, &m.to_dtype(cd)?, scale)?
+            }
+            _ => match self.flash(&q, unexpanded.as_ref())? {
+                Some(o) => o,
+                None => {
+                    let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
+                    let scores = (raw * scale)?.to_dtype(acc)?;
+                    let scores = match mask {
+                        Some(m) => scores.broadcast_add(m)?,
+                        None => scores,
+                    };
+                    let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?;
+                    p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?
+                }
+            },
+        };
+        let x = blk.o.apply_add(fz, &att, x)?;
+        let h = self.norm(&x, &blk.ln2)?;
+        let whole = fz
+            && blk.gate.b.is_none()
+            && blk.up.b.is_none()
+            && blk.gate.lora.is_none()
+            && blk.up.lora.is_none()
+            && h.rank() == 2
+            && blk.gate.w.dtype() == h.dtype();
+        let m = if whole {
+            // Both projections, silu and the product as one node.
+            crate::fused::gate_up(&h, &blk.gate.w, &blk.up.w)?
+        } else {
+            let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
+            if self.use_fused(&gate) {
+                crate::fused::silu_mul(&gate, &up)?
+            } else {
+                (gate.silu()? * up)?
+            }
+        };
+        blk.down.apply_add(fz, &m, &x)
+    }
+
+    /// Flash attention (`candle-flash-attn`, feature `flash-attn`): on a CUDA device, in
+    /// bf16/f16, for a causal mask (right padding, a sliding window), when nothing carries a
+    /// gradient (it has no backward pass). `q: [B, nh, l, d]`, `kv`: the keys and values
+    /// before grouped-query repetition, `[B, nkv, t, d]`. `None` when it does not apply.
+    #[cfg(feature = "flash-attn")]
+    fn flash(&self, q: &Tensor, kv: Option<&(Tensor, Tensor)>) -> Result<Option<Tensor>> {
+        let (Some((k, v)), Some(window)) = (kv, self.causal) else {
+            return Ok(None);
+        };
+        let applies = q.device().is_cuda()
+            && matches!(self.cd, DType::BF16 | DType::F16)
+            && !(q.track_op() || k.track_op() || v.track_op());
+        if !applies {
+            return Ok(None);
+        }
+        let (b, l) = (self.b, self.l);
+        let (nh, _, hd) = self.heads;
+        let tr = |z: &Tensor| z.transpose(1, 2).and_then(|z| z.contiguous());
+        let o = candle_flash_attn::flash_attn_windowed(
+            &tr(q)?,
+            &tr(k)?,
+            &tr(v)?,
+            self.scale as f32,
+            window.map(|w| w.saturating_sub(1)),
+            Some(0),
+        )?;
+        Ok(Some(o.reshape((b * l, nh * hd))?))
+    }
+
+    /// Without the `flash-attn` feature: never applies.
+    #[cfg(not(feature = "flash-attn"))]
+    fn flash(&self, _q: &Tensor, _kv: Option<&(Tensor, Tensor)>) -> Result<Option<Tensor>> {
+        let _ = self.causal;
+        Ok(None)
+    }
+}
+
 /// A decoder-only transformer with trainable parameters.
 #[derive(Clone)]
 pub struct Model {
@@ -185,6 +485,67 @@ pub struct Model {
     /// Where whole-layer nodes leave their weights' gradients; `None`: layers are graphs of
     /// the separate kernels (see [`Model::set_grad_sink`]).
     grad_sink: Option<crate::fused::GradSink>,
+    /// LoRA adapters (the base weights are then frozen).
+    lora: Option<LoraSet>,
+    /// Whether the adapters take part in the forward pass.
+    adapters_on: bool,
+    /// Gradient checkpointing of the decoder layers in training forward passes.
+    checkpointing: bool,
+    /// Logits per chunk of the LM head.
+    head_chunk: usize,
+    /// The LoRA dropout seed and the count of training forward passes since it was set.
+    dropout: Arc<Mutex<DropoutState>>,
+}
+
+/// LoRA adapters of a [`Model`]: their configuration and variables (PEFT names).
+#[derive(Debug, Clone)]
+struct LoraSet {
+    config: crate::lora::LoraConfig,
+    vars: Vec<(String, Var)>,
+}
+
+/// See [`Model::set_dropout_seed`].
+#[derive(Debug, Default)]
+struct DropoutState {
+    seed: Option<u64>,
+    passes: u64,
+}
+
+/// The model's tensors by role, in Hugging Face's names.
+fn bind_weights(
+    config: &ModelConfig,
+    vars: &BTreeMap<String, Tensor>,
+) -> (Tensor, Vec<Block>, Tensor, Tensor) {
+    let get = |n: &str| -> Tensor { vars[n].clone() };
+    let opt = |n: &str| -> Option<Tensor> { vars.get(n).cloned() };
+    let lin = |p: &str| Lin {
+        w: get(&format!("{p}.weight")),
+        b: opt(&format!("{p}.bias")),
+        lora: None,
+    };
+    let layers = (0..config.num_hidden_layers)
+        .map(|l| {
+            let p = format!("model.layers.{l}");
+            Block {
+                ln1: get(&format!("{p}.input_layernorm.weight")),
+                ln2: get(&format!("{p}.post_attention_layernorm.weight")),
+                q: lin(&format!("{p}.self_attn.q_proj")),
+                k: lin(&format!("{p}.self_attn.k_proj")),
+                v: lin(&format!("{p}.self_attn.v_proj")),
+                o: lin(&format!("{p}.self_attn.o_proj")),
+                gate: lin(&format!("{p}.mlp.gate_proj")),
+                up: lin(&format!("{p}.mlp.up_proj")),
+                down: lin(&format!("{p}.mlp.down_proj")),
+            }
+        })
+        .collect();
+    let embed = get("model.embed_tokens.weight");
+    let lm_head = if config.tie_word_embeddings {
+        embed.clone()
+    } else {
+        get("lm_head.weight")
+    };
+    (embed, layers, get("model.norm.weight"), lm_head)
 }
 
 impl std::fmt::Debug for Model {
@@ -254,36 +615,9 @@ impl Model {
                 }
             }
         }
-        let get = |n: &str| -> Tensor { vars[n].clone() };
-        let opt = |n: &str| -> Option<Tensor> { vars.get(n).cloned() };
-        let lin = |p: &str| Lin {
-            w: get(&format!("{p}.weight")),
-            b: opt(&format!("{p}.bias")),
-        };
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let p = format!("model.layers.{l}");
-                Block {
-                    ln1: get(&format!("{p}.input_layernorm.weight")),
-                    ln2: get(&format!("{p}.post_attention_layernorm.weight")),
-                    q: lin(&format!("{p}.self_attn.q_proj")),
-                    k: lin(&format!("{p}.self_attn.k_proj")),
-                    v: lin(&format!("{p}.self_attn.v_proj")),
-                    o: lin(&format!("{p}.self_attn.o_proj")),
-                    gate: lin(&format!("{p}.mlp.gate_proj")),
-                    up: lin(&format!("{p}.mlp.up_proj")),
-                    down: lin(&format!("{p}.mlp.down_proj")),
-                }
-            })
-            .collect();
-        let embed = get("model.embed_tokens.weight");
-        let lm_head = if config.tie_word_embeddings {
-            embed.clone()
-        } else {
-            get("lm_head.weight")
-        };
+        let (embed, layers, norm, lm_head) = bind_weights(&config, &vars);
         Ok(Model {
-            norm: get("model.norm.weight"),
+            norm,
             embed,
             lm_head,
             layers,
@@ -295,7 +629,221 @@ impl Model {
             extra: tensors,
             fused: true,
             grad_sink: None,
+            lora: None,
+            adapters_on: true,
+            checkpointing: false,
+            head_chunk: crate::fused::HEAD_CHUNK_ELEMS,
+            dropout: Arc::default(),
         })
+    }
+
+    /// (Re)binds the layers to the variables: as themselves, or detached (frozen: no gradient
+    /// reaches them), and re-attaches the adapters.
+    fn rebind(&mut self, frozen: bool) {
+        let vars: BTreeMap<String, Tensor> = self
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| {
+                let t = v.as_tensor();
+                (n, if frozen { t.detach() } else { t.clone() })
+            })
+            .collect();
+        let (embed, layers, norm, lm_head) = bind_weights(&self.config, &vars);
+        (self.embed, self.layers, self.norm, self.lm_head) = (embed, layers, norm, lm_head);
+        if let Some(set) = &self.lora {
+            let vars: BTreeMap<&str, &Var> =
+                set.vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+            let (scale, p) = (set.config.scale(), set.config.dropout());
+            for (li, blk) in self.layers.iter_mut().enumerate() {
+                for (j, lin) in blk.lins_mut().into_iter().enumerate() {
+                    let (na, nb) = crate::lora::tensor_names(li, j);
+                    if let (Some(a), Some(b)) = (vars.get(na.as_str()), vars.get(nb.as_str())) {
+                        lin.lora = Some(LoraLin {
+                            a: a.as_tensor().clone(),
+                            b: b.as_tensor().clone(),
+                            scale,
+                            p,
+                            key: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds LoRA adapters (see [`crate::lora`]) to the projections `cfg` targets in every
+    /// layer, initialized as PEFT does (deterministic in `seed`: `A` Kaiming-uniform, `B = 0`),
+    /// and freezes every other weight: from now on only the adapters carry gradients
+    /// ([`Model::lora_vars`]). Adapters are trained in f32 (f64 for an f64 model) whatever
+    /// the parameter dtype, and cast to the compute dtype in the forward pass.
+    ///
+    /// # Errors
+    /// A model that already has adapters; tensor errors.
+    pub fn add_lora(&mut self, cfg: crate::lora::LoraConfig, seed: u64) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::InvalidArgument(
+                "the model already has LoRA adapters".into(),
+            ));
+        }
+        let mut shapes = Vec::new();
+        for (li, blk) in self.layers.iter().enumerate() {
+            for (j, lin) in blk.lins().into_iter().enumerate() {
+                if cfg.targets(j) {
+                    let (d_out, d_in) = lin.w.dims2()?;
+                    shapes.push((li, j, d_in, d_out));
+                }
+            }
+        }
+        let dt = accumulation_dtype(self.dtype);
+        let vars = crate::lora::init_weights(&cfg, &shapes, seed)?
+            .into_iter()
+            .map(|(n, t)| {
+                Ok((
+                    n,
+                    Var::from_tensor(&t.to_device(&self.device)?.to_dtype(dt)?)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.lora = Some(LoraSet { config: cfg, vars });
+        self.rebind(true);
+        Ok(())
+    }
+
+    /// The LoRA configuration, when the model has adapters.
+    pub fn lora_config(&self) -> Option<&crate::lora::LoraConfig> {
+        self.lora.as_ref().map(|s| &s.config)
+    }
+
+    /// The adapters' variables by PEFT name, sorted (empty without adapters).
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        self.lora.as_ref().map_or_else(Vec::new, |s| s.vars.clone())
+    }
+
+    /// Sets the adapters' values from tensors named as PEFT names them (e.g. read by
+    /// [`crate::lora::read_weights`]), converting dtype and device.
+    ///
+    /// # Errors
+    /// No adapters; a missing, extra or mis-shaped tensor, naming it and `file`.
+    pub fn set_lora_weights(
+        &self,
+        tensors: &BTreeMap<String, Tensor>,
+        file: &std::path::Path,
+    ) -> Result<()> {
+        let set = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapters".into()))?;
+        if let Some(extra) = tensors
+            .keys()
+            .find(|k| !set.vars.iter().any(|(n, _)| n == *k))
+        {
+            return Err(Error::Checkpoint {
+                path: file.to_path_buf(),
+                message: format!(
+                    "tensor `{extra}` is not an adapter of this model and configuration"
+                ),
+            });
+        }
+        for (name, var) in &set.vars {
+            let t = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                file: file.to_path_buf(),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    file: file.to_path_buf(),
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            var.set(&t.to_device(&self.device)?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Folds the adapters into the base weights (`W ← W + s · B A`, PEFT's
+    /// `merge_and_unload`), removes them and unfreezes the model.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let Some(set) = self.lora.take() else {
+            return Ok(());
+        };
+        let scale = set.config.scale();
+        let base: BTreeMap<String, Var> = self.named_vars().into_iter().collect();
+        let vars: BTreeMap<&str, &Var> = set.vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        for li in 0..self.layers.len() {
+            for (j, (_, path)) in crate::lora::PROJECTIONS.iter().enumerate() {
+                let (na, nb) = crate::lora::tensor_names(li, j);
+                if let (Some(a), Some(b)) = (vars.get(na.as_str()), vars.get(nb.as_str())) {
+                    let wname = format!("model.layers.{li}.{path}.weight");
+                    let w = &base[&wname];
+                    let merged = crate::lora::merged_weight(
+                        w.as_tensor(),
+                        a.as_tensor(),
+                        b.as_tensor(),
+                        scale,
+                    )?;
+                    w.set(&merged)?;
+                }
+            }
+        }
+        self.rebind(false);
+        Ok(())
+    }
+
+    /// Turns the adapters on or off in the forward pass (off: the base model, e.g. as the
+    /// reference of a LoRA run).
+    pub fn set_adapters_enabled(&mut self, on: bool) {
+        self.adapters_on = on;
+    }
+
+    /// Gradient checkpointing (TRL's `gradient_checkpointing`): in forward passes that carry
+    /// gradients, each decoder layer keeps only its input, and its activations are recomputed
+    /// in the backward pass. The gradients are the same (bit for bit on the CPU). Needs a
+    /// gradient sink ([`Model::set_grad_sink`]), where the recomputed layers leave their
+    /// weights' gradients.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
+    /// The LM head's chunk size in logits (positions × vocabulary entries; default
+    /// [`crate::fused::HEAD_CHUNK_ELEMS`]): no `[tokens, vocabulary]` tensor larger than this
+    /// is formed on any path.
+    pub fn set_head_chunk_elems(&mut self, elems: usize) {
+        self.head_chunk = elems.max(1);
+    }
+
+    /// LoRA dropout for the training forward passes that follow (`Some(seed)`), or none
+    /// (`None`, the default: evaluation). Each forward pass after this call draws its masks
+    /// from `seed` and its index since the call, so equal seeds give equal masks.
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        if let Ok(mut d) = self.dropout.lock() {
+            *d = DropoutState { seed, passes: 0 };
+        }
+    }
+
+    /// The same model with every tensor detached: a forward pass through it records no graph
+    /// and keeps nothing for a backward pass (inference).
+    pub fn detached(&self) -> Model {
+        let mut m = self.clone();
+        let d = |t: &mut Tensor| *t = t.detach();
+        d(&mut m.embed);
+        d(&mut m.norm);
+        d(&mut m.lm_head);
+        for blk in &mut m.layers {
+            *blk = blk.detached();
+        }
+        m.grad_sink = None;
+        m.dropout = Arc::default();
+        m
     }
 
     /// The configuration.
@@ -359,12 +907,16 @@ impl Model {
     }
 
     /// The layer's weights for [`crate::fused::decoder_layer`], when it has no biases and
-    /// every weight is in dtype `dt`.
+    /// every weight (and adapter) is in dtype `dt`.
     fn layer_weights(blk: &Block, dt: DType) -> Option<crate::fused::LayerWeights> {
-        let lins = [
-            &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
-        ];
+        let lins = blk.lins();
+        let adapters_ok = lins.iter().all(|l| {
+            l.lora
+                .as_ref()
+                .is_none_or(|ad| ad.a.dtype() == dt && ad.b.dtype() == dt)
+        });
         if lins.iter().any(|l| l.b.is_some() || l.w.dtype() != dt)
+            || !adapters_ok
             || blk.ln1.dtype() != dt
             || blk.ln2.dtype() != dt
         {
@@ -380,6 +932,7 @@ impl Model {
             gate: blk.gate.w.clone(),
             up: blk.up.w.clone(),
             down: blk.down.w.clone(),
+            lora: lins.map(|l| l.lora.as_ref().map(LoraLin::weights)),
         })
     }
 
@@ -457,13 +1010,55 @@ impl Model {
         Ok((mk(cos)?, mk(sin)?))
     }
 
+    /// The layers of one forward pass: without their adapters when those are off, and with
+    /// dropout mask keys when `training` and LoRA dropout is on (a seed is set).
+    fn pass_layers(&self, training: bool) -> std::borrow::Cow<'_, [Block]> {
+        use std::borrow::Cow;
+        let Some(set) = &self.lora else {
+            return Cow::Borrowed(&self.layers);
+        };
+        if !self.adapters_on {
+            let mut layers = self.layers.clone();
+            for blk in &mut layers {
+                for lin in blk.lins_mut() {
+                    lin.lora = None;
+                }
+            }
+            return Cow::Owned(layers);
+        }
+        let draw = (training && set.config.dropout() > 0.0)
+            .then(|| {
+                let mut d = self.dropout.lock().ok()?;
+                let seed = d.seed?;
+                let pass = d.passes;
+                d.passes += 1;
+                Some((seed, pass))
+            })
+            .flatten();
+        let Some((seed, pass)) = draw else {
+            return Cow::Borrowed(&self.layers);
+        };
+        let mut layers = self.layers.clone();
+        for (li, blk) in layers.iter_mut().enumerate() {
+            for (j, lin) in blk.lins_mut().into_iter().enumerate() {
+                if let Some(ad) = &mut lin.lora {
+                    ad.key = Some(crate::lora::dropout_key(seed, pass, li, j));
+                }
+            }
+        }
+        Cow::Owned(layers)
+    }
+
     /// Runs the decoder on `ids: [B, l]` (u32) at positions `offset ..`, with an additive mask
-    /// broadcastable to `[B, 1, l, t]`, returning the final-norm hidden states `[B, l, H]`.
+    /// broadcastable to `[B, 1, l, t]` (`causal`: the mask is causal, right padding and the
+    /// window at most, so flash attention may replace it), returning the final-norm hidden
+    /// states `[B, l, H]`.
     fn decode(
         &self,
         ids: &Tensor,
         offset: usize,
         mask: Option<&Tensor>,
+        causal: bool,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
@@ -491,7 +1086,11 @@ impl Model {
         let sink = self.grad_sink.as_ref().filter(|_| cache.is_none());
         let mut x = match sink {
             // The table itself (no conversion), so its gradient reaches the variable.
-            Some(sink) if self.embed.dtype() == cd && self.use_fused(&self.embed) => {
+            Some(sink)
+                if self.embed.dtype() == cd
+                    && self.embed.track_op()
+                    && self.use_fused(&self.embed) =>
+            {
                 let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 crate::fused::embedding(&self.embed, &ids, sink)?
             }
@@ -499,6 +1098,28 @@ impl Model {
                 .embed
                 .to_dtype(cd)?
                 .index_select(&ids.flatten_all()?, 0)?, // [B*l, H]
+        };
+        let layers = self.pass_layers(cache.is_none());
+        // A training pass: its result carries gradients (no KV cache).
+        let training = cache.is_none()
+            && (x.track_op()
+                || layers
+                    .iter()
+                    .any(|blk| blk.tensors().iter().any(Tensor::track_op)));
+        let checkpoint = self.checkpointing && training;
+        let ctx = LayerCtx {
+            b,
+            l,
+            heads: (nh, nkv, hd),
+            eps: cfg.rms_norm_eps,
+            scale,
+            cd,
+            acc,
+            fused: self.fused,
+            cos: cos.clone(),
+            sin: sin.clone(),
+            mask: mask.cloned(),
+            causal: causal.then_some(cfg.sliding_window),
         };
         let fz = self.use_fused(&x);
         // Whole-layer nodes: sizes and mask, the same for every layer.
@@ -511,114 +1132,36 @@ impl Model {
                     kv_heads: nkv,
                     head_dim: hd,
                     eps: cfg.rms_norm_eps,
+                    recompute: checkpoint,
                 };
                 Some((sink, z, m.to_dtype(cd)?))
             }
             _ => None,
         };
-        for (li, blk) in self.layers.iter().enumerate() {
+        for (li, blk) in layers.iter().enumerate() {
             if let Some((sink, z, m)) = &layer_node {
                 if let Some(ws) = Self::layer_weights(blk, cd) {
                     x = crate::fused::decoder_layer(&x, &ws, *z, &cos, &sin, m, scale, sink)?;
                     continue;
                 }
             }
-            let h = self.norm(&x, &blk.ln1)?;
-            let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
-                // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.
-                let (qp, kp, vp) = (
-                    blk.q.apply(fz, &h)?,
-                    blk.k.apply(fz, &h)?,
-                    blk.v.apply(fz, &h)?,
-                );
-                let split = |z: &Tensor, heads: usize, rope: bool| {
-                    crate::fused::split_heads(z, b, l, heads, nh, &cos, &sin, rope)
-                };
-                (
-                    split(&qp, nh, true)?,
-                    split(&kp, nkv, true)?,
-                    split(&vp, nkv, false)?,
-                )
-            } else {
-                let q = blk
-                    .q
-                    .apply(fz, &h)?
-                    .reshape((b, l, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let k = blk
-                    .k
-                    .apply(fz, &h)?
-                    .reshape((b, l, nkv, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let v = blk
-                    .v
-                    .apply(fz, &h)?
-                    .reshape((b, l, nkv, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let q = apply_rope(&q, &cos, &sin)?;
-                let mut k = apply_rope(&k, &cos, &sin)?;
-                let mut v = v;
-                if let Some(c) = cache.as_deref_mut() {
-                    if let Some((pk, pv)) = &c.layers[li] {
-                        k = Tensor::cat(&[pk, &k], 2)?;
-                        v = Tensor::cat(&[pv, &v], 2)?;
-                    }
-                    c.layers[li] = Some((k.clone(), v.clone()));
-                }
-                let t = k.dim(2)?;
-                let (k, v) = if nkv != nh {
-                    let rep = nh / nkv;
-                    let expand = |z: &Tensor| -> Result<Tensor> {
-                        Ok(z.unsqueeze(2)?
-                            .broadcast_as((b, nkv, rep, t, hd))?
-                            .reshape((b, nh, t, hd))?)
-                    };
-                    (expand(&k)?, expand(&v)?)
-                } else {
-                    (k, v)
-                };
-                (q, k, v)
-            };
-            let t = k.dim(2)?;
-            let att = match mask {
-                // Fused scale + mask + softmax + PV + head merge (f32/f64 CPU): one graph node,
-                // no gradient for the mask.
-                Some(m) if acc == cd && self.use_fused(&q) && fusable_mask(m, b, l, t) => {
-                    crate::fused::attention(&q, &k, &v, &m.to_dtype(cd)?, scale)?
-                }
-                _ => {
-                    let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
-                    let scores = (raw * scale)?.to_dtype(acc)?;
-                    let scores = match mask {
-                        Some(m) => scores.broadcast_add(m)?,
-                        None => scores,
-                    };
-                    let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?;
-                    p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?
-                }
-            };
-            x = blk.o.apply_add(fz, &att, &x)?;
-            let h = self.norm(&x, &blk.ln2)?;
-            let whole = fz
-                && blk.gate.b.is_none()
-                && blk.up.b.is_none()
-                && h.rank() == 2
-                && blk.gate.w.dtype() == h.dtype();
-            let m = if whole {
-                // Both projections, silu and the product as one node.
-                crate::fused::gate_up(&h, &blk.gate.w, &blk.up.w)?
-            } else {
-                let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
-                if self.use_fused(&gate) {
-                    crate::fused::silu_mul(&gate, &up)?
-                } else {
-                    (gate.silu()? * up)?
-                }
-            };
-            x = blk.down.apply_add(fz, &m, &x)?;
+            if checkpoint {
+                let sink = self.grad_sink.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "gradient checkpointing needs a gradient sink (Model::set_grad_sink)"
+                            .into(),
+                    )
+                })?;
+                let (c, grad_blk, frozen) = (ctx.clone(), blk.clone(), blk.detached());
+                let f: crate::recompute::LayerFn = Arc::new(move |x, grad| {
+                    c.block(if grad { &grad_blk } else { &frozen }, x, None)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+                });
+                x = crate::recompute::checkpoint(&x, f, blk.tensors(), sink)?;
+                continue;
+            }
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            x = ctx.block(blk, &x, slot)?;
         }
         if let Some(c) = cache {
             c.len += l;
@@ -627,11 +1170,18 @@ impl Model {
         Ok(x.reshape((b, l, cfg.hidden_size))?)
     }
 
-    fn training_mask(&self, b: usize, l: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    /// The additive mask of a training-style forward pass, and whether it is causal with right
+    /// padding only (so flash attention computes the same for every real token).
+    fn training_mask(
+        &self,
+        b: usize,
+        l: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, bool)> {
         let acc = accumulation_dtype(self.compute_dtype);
         let causal = causal_mask(l, 0, self.config.sliding_window, acc, &self.device)?;
         Ok(match attention_mask {
-            None => causal,
+            None => (causal, true),
             Some(am) => {
                 if am.dims() != [b, l] {
                     return Err(Error::InvalidArgument(format!(
@@ -639,10 +1189,15 @@ impl Model {
                         am.dims()
                     )));
                 }
+                let right_padded = cfg!(feature = "flash-attn") && {
+                    let rows: Vec<Vec<f32>> = am.to_dtype(DType::F32)?.to_vec2()?;
+                    rows.iter()
+                        .all(|r| r.windows(2).all(|w| !(w[0] == 0.0 && w[1] != 0.0)))
+                };
                 // 0 where attended, MASK_VALUE where padding: (1 − m)·MASK_VALUE.
                 let keys =
                     ((am.to_dtype(acc)?.affine(-1.0, 1.0)?) * MASK_VALUE)?.reshape((b, 1, 1, l))?;
-                causal.broadcast_add(&keys)?
+                (causal.broadcast_add(&keys)?, right_padded)
             }
         })
     }
@@ -650,12 +1205,16 @@ impl Model {
     /// Logits `[B, L, V]` (accumulation dtype) for `ids: [B, L]` with an optional `[B, L]` 0/1
     /// attention mask (padding keys masked out; a causal mask is always applied).
     ///
+    /// This forms the whole `[B, L, V]` tensor: for inspecting small inputs (tests). The
+    /// commands and the trainer use [`Model::token_logps`] / [`Model::sequence_logps`] and
+    /// [`Model::forward_last_with_cache`], whose LM head runs in chunks.
+    ///
     /// # Errors
     /// Shape mismatches between `ids` and the mask; tensor errors.
     pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let mask = self.training_mask(b, l, attention_mask)?;
-        let h = self.decode(ids, 0, Some(&mask), None)?;
+        let (mask, causal) = self.training_mask(b, l, attention_mask)?;
+        let h = self.decode(ids, 0, Some(&mask), causal, None)?;
         self.head(&h)
     }
 
@@ -683,7 +1242,7 @@ impl Model {
     }
 
     /// [`Model::token_logps`] at the positions `loss_mask: [B, L−1]` selects (non-zero), 0
-    /// elsewhere: the fused LM head then runs on the selected positions only (in DPO, the
+    /// elsewhere: the LM head then runs on the selected positions only (in DPO, the
     /// completion tokens: the prompt's logits are never formed), which changes no selected
     /// value and no gradient (an unselected position's log-prob is multiplied by 0 anyway).
     ///
@@ -697,6 +1256,32 @@ impl Model {
     ) -> Result<Tensor> {
         let lp = self.token_logps_at(ids, attention_mask, Some(loss_mask))?;
         Ok((lp * loss_mask.to_dtype(accumulation_dtype(self.compute_dtype))?)?)
+    }
+
+    /// `log softmax(h Wᵀ)[t]` for hidden states `h: [N, H]` (compute dtype) and targets
+    /// `t: [N]`, in the accumulation dtype: the fused CPU kernel where it applies, else the
+    /// plain-candle [`crate::lm_head::token_logps`]; both form at most `head_chunk` logits at
+    /// a time. With a sink, the head's own variable (no conversion) takes its gradient there.
+    fn head_logps(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let sink = self
+            .grad_sink
+            .as_ref()
+            .filter(|_| self.lm_head.track_op() && self.lm_head.dtype() == h.dtype());
+        if self.use_fused(h) {
+            let w = match sink {
+                Some(_) => self.lm_head.clone(),
+                None => self.lm_head.to_dtype(h.dtype())?,
+            };
+            return Ok(crate::fused::lm_head_logps_chunked(
+                h,
+                &w,
+                targets,
+                sink,
+                self.head_chunk,
+            )?);
+        }
+        let sink = self.grad_sink.as_ref().filter(|_| self.lm_head.track_op());
+        crate::lm_head::token_logps(h, &self.lm_head, targets, self.head_chunk, sink)
     }
 
     fn token_logps_at(
@@ -720,68 +1305,40 @@ impl Model {
                 )));
             }
         }
-        let mask = self.training_mask(b, l, attention_mask)?;
+        let (mask, causal) = self.training_mask(b, l, attention_mask)?;
         let h = self
-            .decode(ids, 0, Some(&mask), None)?
+            .decode(ids, 0, Some(&mask), causal, None)?
             .narrow(1, 0, l - 1)?
             .contiguous()?;
-        if self.use_fused(&h) {
-            // Fused LM head + log-softmax + pick (f32/f64 CPU): one node; the [B(L−1), V]
-            // logits live in a reused buffer, not a tensor, so backward spends no zero buffer
-            // or accumulation of their size (see `fused::lm_head_logps`).
-            let hs = h.dim(2)?;
-            let h = h.reshape((b * (l - 1), hs))?;
-            let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
-            // The selected positions only, when a mask selects fewer than all.
-            let sel = match rows {
-                Some(r) => {
-                    let v = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                    let idx: Vec<u32> = (0..v.len() as u32)
-                        .filter(|&i| v[i as usize] != 0.0)
-                        .collect();
-                    let n = idx.len();
-                    (n < v.len())
-                        .then(|| Tensor::from_vec(idx, n, &self.device))
-                        .transpose()?
-                }
-                None => None,
-            };
-            let (h, targets) = match &sel {
-                Some(idx) => (h.index_select(idx, 0)?, targets.index_select(idx, 0)?),
-                None => (h, targets),
-            };
-            // With a sink, the head's own variable (no conversion) takes its gradient there.
-            let sink = self
-                .grad_sink
-                .as_ref()
-                .filter(|_| self.lm_head.dtype() == h.dtype());
-            let lp = crate::fused::lm_head_logps_into(
-                &h,
-                &self.lm_head.to_dtype(h.dtype())?,
-                &targets,
-                sink,
-            )?;
-            let lp = match &sel {
-                Some(idx) => {
-                    Tensor::zeros(b * (l - 1), lp.dtype(), &self.device)?.index_add(idx, &lp, 0)?
-                }
-                None => lp,
-            };
-            return Ok(lp.reshape((b, l - 1))?);
-        }
-        let logits = self.head(&h)?; // [B, L−1, V]
-        let targets = ids.narrow(1, 1, l - 1)?.contiguous()?.unsqueeze(2)?;
-        let picked = logits.gather(&targets, 2)?.squeeze(2)?;
-        // log-sum-exp with a detached max: exact for any shift, so the gradient is unaffected.
-        let m = logits.max_keepdim(D::Minus1)?.detach();
-        let lse = (logits
-            .broadcast_sub(&m)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            + m)?
-            .squeeze(2)?;
-        Ok((picked - lse)?)
+        let hs = h.dim(2)?;
+        let h = h.reshape((b * (l - 1), hs))?;
+        let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
+        // The selected positions only, when a mask selects fewer than all.
+        let sel = match rows {
+            Some(r) => {
+                let v = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let idx: Vec<u32> = (0..v.len() as u32)
+                    .filter(|&i| v[i as usize] != 0.0)
+                    .collect();
+                let n = idx.len();
+                (n < v.len())
+                    .then(|| Tensor::from_vec(idx, n, &self.device))
+                    .transpose()?
+            }
+            None => None,
+        };
+        let (h, targets) = match &sel {
+            Some(idx) => (h.index_select(idx, 0)?, targets.index_select(idx, 0)?),
+            None => (h, targets),
+        };
+        let lp = self.head_logps(&h, &targets)?;
+        let lp = match &sel {
+            Some(idx) => {
+                Tensor::zeros(b * (l - 1), lp.dtype(), &self.device)?.index_add(idx, &lp, 0)?
+            }
+            None => lp,
+        };
+        Ok(lp.reshape((b, l - 1))?)
     }
 
     /// Summed completion log-probabilities `[B]`: `Σ_t loss_mask[b, t] · token_logps[b, t]`.
@@ -801,27 +1358,52 @@ impl Model {
             .sum(1)?)
     }
 
+    /// The causal mask of `l` new positions over the cache (none for one position without a
+    /// window in reach).
+    fn cache_mask(&self, l: usize, offset: usize) -> Result<Option<Tensor>> {
+        let needs_mask = l > 1 || self.config.sliding_window.is_some_and(|w| offset + 1 > w);
+        if !needs_mask {
+            return Ok(None);
+        }
+        Ok(Some(causal_mask(
+            l,
+            offset,
+            self.config.sliding_window,
+            accumulation_dtype(self.compute_dtype),
+            &self.device,
+        )?))
+    }
+
     /// Incremental decoding: runs `ids: [B, l]` at positions `cache.len() ..`, extends the
-    /// cache and returns the logits `[B, l, V]` (accumulation dtype).
+    /// cache and returns the logits `[B, l, V]` (accumulation dtype). No gradient: the model
+    /// runs detached. For sampling, [`Model::forward_last_with_cache`] forms only the last
+    /// position's logits.
     ///
     /// # Errors
     /// Tensor errors.
     pub fn forward_with_cache(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, l) = ids.dims2()?;
         let offset = cache.len();
-        let needs_mask = l > 1 || self.config.sliding_window.is_some_and(|w| offset + 1 > w);
-        let mask = if needs_mask {
-            Some(causal_mask(
-                l,
-                offset,
-                self.config.sliding_window,
-                accumulation_dtype(self.compute_dtype),
-                &self.device,
-            )?)
-        } else {
-            None
-        };
-        let h = self.decode(ids, offset, mask.as_ref(), Some(cache))?;
-        self.head(&h)
+        let mask = self.cache_mask(l, offset)?;
+        let m = self.detached();
+        let h = m.decode(ids, offset, mask.as_ref(), true, Some(cache))?;
+        m.head(&h)
+    }
+
+    /// [`Model::forward_with_cache`] returning only the last position's logits `[B, V]`
+    /// (accumulation dtype): what sampling needs, without a `[B, l, V]` tensor for a prompt.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn forward_last_with_cache(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, l) = ids.dims2()?;
+        let offset = cache.len();
+        let mask = self.cache_mask(l, offset)?;
+        let m = self.detached();
+        let h = m
+            .decode(ids, offset, mask.as_ref(), true, Some(cache))?
+            .narrow(1, l - 1, 1)?
+            .contiguous()?;
+        Ok(m.head(&h)?.squeeze(1)?)
     }
 }

@@ -46,7 +46,11 @@ impl GradSink {
         }
     }
 
-    pub(super) fn push(&self, var: &Tensor, grad: Tensor) -> Result<()> {
+    /// Adds a pending gradient `grad` of `var`.
+    ///
+    /// # Errors
+    /// A poisoned lock.
+    pub fn push(&self, var: &Tensor, grad: Tensor) -> Result<()> {
         match self.0.lock() {
             Ok(mut v) => {
                 v.push((var.clone(), grad));
@@ -99,6 +103,23 @@ pub struct LayerWeights {
     pub up: Tensor,
     /// `mlp.down_proj.weight`, `[H, I]`.
     pub down: Tensor,
+    /// LoRA adapters on the seven projections, in the order q, k, v, o, gate, up, down.
+    pub lora: [Option<LoraWeights>; 7],
+}
+
+/// A LoRA adapter on one projection `y = x wᵀ`: `y += scale · (drop(x) aᵀ) bᵀ` with `a: [r, in]`,
+/// `b: [out, r]` (PEFT's `lora_A`, `lora_B`), where `drop` multiplies by the mask of
+/// [`crate::lora::dropout_scale`] for `dropout = Some((p, key))`.
+#[derive(Clone, Debug)]
+pub struct LoraWeights {
+    /// `lora_A.weight`, `[r, in]`.
+    pub a: Tensor,
+    /// `lora_B.weight`, `[out, r]`.
+    pub b: Tensor,
+    /// `lora_alpha / r` (or `/ √r` for rsLoRA).
+    pub scale: f64,
+    /// Dropout probability and mask key, when this forward pass drops.
+    pub dropout: Option<(f64, u64)>,
 }
 
 impl LayerWeights {
@@ -107,6 +128,83 @@ impl LayerWeights {
             &self.ln1, &self.q, &self.k, &self.v, &self.o, &self.ln2, &self.gate, &self.up,
             &self.down,
         ]
+    }
+
+    /// Every tensor that can carry a gradient: the nine weights, then the adapters' `a`, `b`.
+    fn params(&self) -> Vec<&Tensor> {
+        let mut v: Vec<&Tensor> = self.all().to_vec();
+        for ad in self.lora.iter().flatten() {
+            v.push(&ad.a);
+            v.push(&ad.b);
+        }
+        v
+    }
+}
+
+/// One adapter's data: `a`, `b`, the scale and the input mask (if dropping).
+struct LoraSlices<'a, T> {
+    a: &'a [T],
+    b: &'a [T],
+    r: usize,
+    scale: T,
+    mask: Option<Vec<T>>,
+}
+
+impl<T: Real> LoraSlices<'_, T> {
+    /// `drop(x)` (`x` itself without dropout).
+    fn dropped<'x>(&self, x: &'x [T]) -> std::borrow::Cow<'x, [T]> {
+        match &self.mask {
+            Some(m) => std::borrow::Cow::Owned(x.iter().zip(m).map(|(&a, &b)| a * b).collect()),
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+
+    /// `y += scale · (drop(x) aᵀ) bᵀ` for `x: [n, d_in]`, `y: [n, d_out]`.
+    fn fwd(&self, x: &[T], y: &mut [T], n: usize, d_in: usize, d_out: usize) {
+        let xd = self.dropped(x);
+        let mut u = gemm_vec((n, self.r, d_in), &xd, (1, d_in), self.a, (d_in, 1));
+        for e in u.iter_mut() {
+            *e *= self.scale;
+        }
+        add_input_grad(y, &u, self.b, n, self.r, d_out);
+    }
+
+    /// From `g = ∂/∂y`: `dx += drop((scale · g b) a)`; returns `(∂a, ∂b)` with
+    /// `∂b = scale · gᵀ u`, `∂a = (scale · g b)ᵀ drop(x)`, `u = drop(x) aᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd(
+        &self,
+        x: &[T],
+        g: &[T],
+        dx: &mut [T],
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        let r = self.r;
+        let xd = self.dropped(x);
+        let mut u = gemm_vec((n, r, d_in), &xd, (1, d_in), self.a, (d_in, 1));
+        for e in u.iter_mut() {
+            *e *= self.scale;
+        }
+        let db = weight_grad(g, &u, n, d_out, r);
+        drop(u);
+        let mut du = input_grad(g, self.b, n, d_out, r);
+        for e in du.iter_mut() {
+            *e *= self.scale;
+        }
+        let da = weight_grad(&du, &xd, n, r, d_in);
+        match &self.mask {
+            Some(m) => {
+                let mut dxd = input_grad(&du, self.a, n, r, d_in);
+                for ((d, &e), &k) in dx.iter_mut().zip(&dxd).zip(m) {
+                    *d += e * k;
+                }
+                dxd.clear();
+            }
+            None => add_input_grad(dx, &du, self.a, n, r, d_in),
+        }
+        (da, db)
     }
 }
 
@@ -126,6 +224,9 @@ pub struct LayerDims {
     pub head_dim: usize,
     /// RMSNorm's ε.
     pub eps: f64,
+    /// Gradient checkpointing: keep nothing in the forward pass, recompute the layer's
+    /// activations in the backward pass (same arithmetic: gradients are bit-identical).
+    pub recompute: bool,
 }
 
 /// What the forward pass keeps for the backward pass (each a flat CPU tensor of the layer's
@@ -162,6 +263,16 @@ fn flat<T: WithDType>(v: Vec<T>) -> Result<Tensor> {
     Tensor::from_vec(v, n, &candle_core::Device::Cpu)
 }
 
+/// Indices of the projections in [`LayerWeights::lora`] (and, plus one, in
+/// [`LayerWeights::all`]).
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
 impl Layer {
     fn hidden(&self) -> usize {
         self.w.ln1.elem_count()
@@ -183,10 +294,52 @@ impl Layer {
         }
     }
 
-    /// The nine weights (in [`LayerWeights::all`]'s order), then the RoPE tables at 9, 10.
+    /// The nine weights (in [`LayerWeights::all`]'s order), then the RoPE tables at 9, 10,
+    /// then each present adapter's `a`, `b` (in projection order).
     fn reads(&self) -> Reads<'_> {
         let [ln1, wq, wk, wv, wo, ln2, wg, wu, wd] = self.w.all();
-        Reads::of(&[ln1, wq, wk, wv, wo, ln2, wg, wu, wd, &self.cos, &self.sin])
+        let mut ts = vec![ln1, wq, wk, wv, wo, ln2, wg, wu, wd, &self.cos, &self.sin];
+        for ad in self.w.lora.iter().flatten() {
+            ts.push(&ad.a);
+            ts.push(&ad.b);
+        }
+        Reads::of(&ts)
+    }
+
+    /// The adapters' data from [`Layer::reads`], masks built for `n` rows.
+    fn adapters<'r, T: Real>(
+        &self,
+        r: &'r Reads,
+        n: usize,
+    ) -> Result<[Option<LoraSlices<'r, T>>; 7]> {
+        let mut out: [Option<LoraSlices<'r, T>>; 7] = Default::default();
+        let mut j = 11;
+        for (slot, ad) in out.iter_mut().zip(&self.w.lora) {
+            if let Some(ad) = ad {
+                let (r_, d_in) = ad.a.dims2()?;
+                let mask = ad.dropout.map(|(p, key)| {
+                    let keep = T::from_f64(crate::lora::dropout_scale(p));
+                    (0..n * d_in)
+                        .map(|i| {
+                            if crate::lora::dropout_keeps(key, i as u64, p) {
+                                keep
+                            } else {
+                                T::zero()
+                            }
+                        })
+                        .collect()
+                });
+                *slot = Some(LoraSlices {
+                    a: r.get::<T>(j)?,
+                    b: r.get::<T>(j + 1)?,
+                    r: r_,
+                    scale: T::from_f64(ad.scale),
+                    mask,
+                });
+                j += 2;
+            }
+        }
+        Ok(out)
     }
 
     fn att_dims(&self) -> AttDims {
@@ -201,33 +354,62 @@ impl Layer {
     }
 
     /// `x3 = x2 + (silu(h2 w_gateᵀ) ⊙ h2 w_upᵀ) w_downᵀ`, `h2 = norm₂(x2)`,
-    /// `x2 = x + attention(split(norm₁(x) w_{q,k,v}ᵀ)) w_oᵀ`; returns `x3` and what backward
-    /// needs.
-    fn fwd<T: Real>(&self, x: &[T]) -> Result<(Vec<T>, Kept)> {
+    /// `x2 = x + attention(split(norm₁(x) w_{q,k,v}ᵀ)) w_oᵀ` (each projection plus its adapter,
+    /// if any); returns `x3` and, with `keep`, what backward needs.
+    fn fwd<T: Real>(&self, x: &[T], keep: bool) -> Result<(Vec<T>, Option<Kept>)> {
         let z = self.z;
         let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
         let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
         let r = self.reads();
         let s = |j| r.get::<T>(j);
+        let ads = self.adapters::<T>(&r, n)?;
         let (cos, sin) = (s(9)?, s(10)?);
         let norm = RmsNorm { eps: z.eps };
+        let proj = |xin: &[T], j: usize, d_in: usize, d_out: usize| -> Result<Vec<T>> {
+            let mut y = Linear::fwd(xin, s(j + 1)?, n, d_in, d_out);
+            if let Some(ad) = &ads[j] {
+                ad.fwd(xin, &mut y, n, d_in, d_out);
+            }
+            Ok(y)
+        };
         let h1 = norm.fwd(x, s(0)?);
         let q = self
             .heads(z.heads, true)
-            .fwd(&Linear::fwd(&h1, s(1)?, n, hs, dq), cos, sin);
+            .fwd(&proj(&h1, Q, hs, dq)?, cos, sin);
         let k = self
             .heads(z.kv_heads, true)
-            .fwd(&Linear::fwd(&h1, s(2)?, n, hs, dkv), cos, sin);
+            .fwd(&proj(&h1, K, hs, dkv)?, cos, sin);
         let v = self
             .heads(z.kv_heads, false)
-            .fwd(&Linear::fwd(&h1, s(3)?, n, hs, dkv), cos, sin);
-        let att = self.att.fwd(&q, &k, &v, self.att_dims())?;
-        let probs = self.att.probs.lock().ok().and_then(|mut p| p.take());
-        let x2 = LinearAdd::fwd(&att, s(4)?, x, n, dq, hs);
+            .fwd(&proj(&h1, V, hs, dkv)?, cos, sin);
+        let att_op = Attention {
+            mask: self.att.mask.clone(),
+            scale: self.att.scale,
+            probs: Mutex::new(None),
+            keep,
+        };
+        let att = att_op.fwd(&q, &k, &v, self.att_dims())?;
+        let probs = att_op.probs.lock().ok().and_then(|mut p| p.take());
+        let mut x2 = LinearAdd::fwd(&att, s(4)?, x, n, dq, hs);
+        if let Some(ad) = &ads[O] {
+            ad.fwd(&att, &mut x2, n, dq, hs);
+        }
         let h2 = norm.fwd(&x2, s(5)?);
-        let [a, up] = gate_up_proj(&h2, s(6)?, s(7)?, n, hs, i);
+        let [mut a, mut up] = gate_up_proj(&h2, s(6)?, s(7)?, n, hs, i);
+        if let Some(ad) = &ads[GATE] {
+            ad.fwd(&h2, &mut a, n, hs, i);
+        }
+        if let Some(ad) = &ads[UP] {
+            ad.fwd(&h2, &mut up, n, hs, i);
+        }
         let m = SiluMul::fwd(&a, &up);
-        let x3 = LinearAdd::fwd(&m, s(8)?, &x2, n, i, hs);
+        let mut x3 = LinearAdd::fwd(&m, s(8)?, &x2, n, i, hs);
+        if let Some(ad) = &ads[DOWN] {
+            ad.fwd(&m, &mut x3, n, i, hs);
+        }
+        if !keep {
+            return Ok((x3, None));
+        }
         let kept = Kept {
             h1: flat(h1)?,
             q: flat(q)?,
@@ -241,43 +423,76 @@ impl Layer {
             up: flat(up)?,
             m: flat(m)?,
         };
-        Ok((x3, kept))
+        Ok((x3, Some(kept)))
     }
 
-    /// `∂/∂x` from `g = ∂/∂x3`; the weights' gradients go to the sink.
+    /// `∂/∂x` from `g = ∂/∂x3`; the gradients of the weights and adapters that carry one go to
+    /// the sink.
     fn bwd<T: Real>(&self, x: &[T], g3: &[T], kept: &Kept) -> Result<Vec<T>> {
         let z = self.z;
         let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
         let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
         let r = self.reads();
         let s = |j| r.get::<T>(j);
+        let ads = self.adapters::<T>(&r, n)?;
         let (cos, sin) = (s(9)?, s(10)?);
         let kr = Reads::of(&[
             &kept.h1, &kept.q, &kept.k, &kept.v, &kept.att, &kept.x2, &kept.h2, &kept.a, &kept.up,
             &kept.m,
         ]);
         let k = |j| kr.get::<T>(j);
+        let ws = self.w.all();
+        // A frozen weight (no gradient wanted) gets none computed.
+        let need: Vec<bool> = ws.iter().map(|w| w.track_op()).collect();
         let mut grads: Vec<(usize, Vec<T>)> = Vec::with_capacity(9);
+        let mut lora_grads: Vec<(usize, Vec<T>, Vec<T>)> = Vec::new();
 
-        // x3 = x2 + m w_downᵀ
-        grads.push((8, weight_grad(g3, k(9)?, n, hs, i)));
-        let dm = input_grad(g3, s(8)?, n, hs, i);
-        // m = silu(a) ⊙ up, (a, up) = h2 (w_gate, w_up)ᵀ
+        // x3 = x2 + m w_downᵀ (+ adapter)
+        if need[8] {
+            grads.push((8, weight_grad(g3, k(9)?, n, hs, i)));
+        }
+        let mut dm = input_grad(g3, s(8)?, n, hs, i);
+        if let Some(ad) = &ads[DOWN] {
+            let (da, db) = ad.bwd(k(9)?, g3, &mut dm, n, i, hs);
+            lora_grads.push((DOWN, da, db));
+        }
+        // m = silu(a) ⊙ up, (a, up) = h2 (w_gate, w_up)ᵀ (+ adapters)
         let gab = SiluMulBwd::bwd(k(7)?, k(8)?, &dm);
         drop(dm);
         let (ga, gu) = gab.split_at(n * i);
-        grads.push((6, weight_grad(ga, k(6)?, n, i, hs)));
-        grads.push((7, weight_grad(gu, k(6)?, n, i, hs)));
+        let h2 = k(6)?;
+        for (j, gj) in [(6, ga), (7, gu)] {
+            if need[j] {
+                grads.push((j, weight_grad(gj, h2, n, i, hs)));
+            }
+        }
         let mut dh2 = input_grad(ga, s(6)?, n, i, hs);
         add_input_grad(&mut dh2, gu, s(7)?, n, i, hs);
+        if let Some(ad) = &ads[GATE] {
+            let (da, db) = ad.bwd(h2, ga, &mut dh2, n, hs, i);
+            lora_grads.push((GATE, da, db));
+        }
+        if let Some(ad) = &ads[UP] {
+            let (da, db) = ad.bwd(h2, gu, &mut dh2, n, hs, i);
+            lora_grads.push((UP, da, db));
+        }
         drop(gab);
         // h2 = norm₂(x2); the residual adds ∂/∂x3
         let (dx2, dln2) = norm_grad(z.eps, k(5)?, s(5)?, &dh2, g3);
         drop(dh2);
-        grads.push((5, dln2));
-        // x2 = x + att w_oᵀ
-        grads.push((4, weight_grad(&dx2, k(4)?, n, hs, dq)));
-        let datt = input_grad(&dx2, s(4)?, n, hs, dq);
+        if need[5] {
+            grads.push((5, dln2));
+        }
+        // x2 = x + att w_oᵀ (+ adapter)
+        let att = k(4)?;
+        if need[4] {
+            grads.push((4, weight_grad(&dx2, att, n, hs, dq)));
+        }
+        let mut datt = input_grad(&dx2, s(4)?, n, hs, dq);
+        if let Some(ad) = &ads[O] {
+            let (da, db) = ad.bwd(att, &dx2, &mut datt, n, dq, hs);
+            lora_grads.push((O, da, db));
+        }
         // attention core
         let ab = AttentionBwd {
             mask: self.att.mask.clone(),
@@ -294,30 +509,52 @@ impl Layer {
         let dvp = self.heads(z.kv_heads, false).bwd(gv, cos, sin);
         drop(dqkv);
         let h1 = k(0)?;
-        grads.push((1, weight_grad(&dqp, h1, n, dq, hs)));
-        grads.push((2, weight_grad(&dkp, h1, n, dkv, hs)));
-        grads.push((3, weight_grad(&dvp, h1, n, dkv, hs)));
+        for (j, dp, d_out) in [(1, &dqp, dq), (2, &dkp, dkv), (3, &dvp, dkv)] {
+            if need[j] {
+                grads.push((j, weight_grad(dp, h1, n, d_out, hs)));
+            }
+        }
         let mut dh1 = input_grad(&dqp, s(1)?, n, dq, hs);
         add_input_grad(&mut dh1, &dkp, s(2)?, n, dkv, hs);
         add_input_grad(&mut dh1, &dvp, s(3)?, n, dkv, hs);
+        for (j, dp, d_out) in [(Q, &dqp, dq), (K, &dkp, dkv), (V, &dvp, dkv)] {
+            if let Some(ad) = &ads[j] {
+                let (da, db) = ad.bwd(h1, dp, &mut dh1, n, hs, d_out);
+                lora_grads.push((j, da, db));
+            }
+        }
         // h1 = norm₁(x); the residual adds ∂/∂x2
         let (dx, dln1) = norm_grad(z.eps, x, s(0)?, &dh1, &dx2);
-        grads.push((0, dln1));
-        let ws = self.w.all();
+        if need[0] {
+            grads.push((0, dln1));
+        }
         for (j, gw) in grads {
             let t = Tensor::from_vec(gw, ws[j].shape(), &candle_core::Device::Cpu)?;
             self.sink.push(ws[j], t)?;
         }
+        for (j, da, db) in lora_grads {
+            if let Some(ad) = &self.w.lora[j] {
+                for (p, g) in [(&ad.a, da), (&ad.b, db)] {
+                    if p.track_op() {
+                        let t = Tensor::from_vec(g, p.shape(), &candle_core::Device::Cpu)?;
+                        self.sink.push(p, t)?;
+                    }
+                }
+            }
+        }
         Ok(dx)
     }
 
-    /// [`Layer::bwd`] on `r = [x, ∂/∂x3]`; a second backward pass through the same graph
-    /// (nothing kept) recomputes the forward first.
+    /// [`Layer::bwd`] on `r = [x, ∂/∂x3]`; without kept activations (gradient checkpointing,
+    /// or a second backward pass through the same graph) the forward pass is recomputed first.
     fn bwd_with<T: Real>(&self, r: &Reads, kept: Option<Kept>) -> Result<Tensor> {
         let xs = r.get::<T>(0)?;
         let kept = match kept {
             Some(k) => k,
-            None => self.fwd(xs)?.1,
+            None => self
+                .fwd(xs, true)?
+                .1
+                .ok_or_else(|| candle_core::Error::Msg("decoder layer: nothing kept".into()))?,
         };
         flat(self.bwd(xs, r.get::<T>(1)?, &kept)?)
     }
@@ -379,19 +616,20 @@ impl CustomOp1 for Layer {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.check(l.shape())?;
+        let keep = !self.z.recompute;
         let (out, kept) = match s.dtype() {
             DType::F32 => {
-                let (y, k) = self.fwd(data::<f32>(s, l)?)?;
+                let (y, k) = self.fwd(data::<f32>(s, l)?, keep)?;
                 (CpuStorage::F32(y), k)
             }
             DType::F64 => {
-                let (y, k) = self.fwd(data::<f64>(s, l)?)?;
+                let (y, k) = self.fwd(data::<f64>(s, l)?, keep)?;
                 (CpuStorage::F64(y), k)
             }
             dt => bail!("decoder layer: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
         if let Ok(mut slot) = self.kept.lock() {
-            *slot = Some(kept);
+            *slot = kept;
         }
         Ok((out, l.shape().clone()))
     }
@@ -412,9 +650,12 @@ impl CustomOp1 for Layer {
 /// A Llama/Mistral decoder layer (no biases) as one graph node, differentiable in `x` only:
 /// `x: [B·l, H]` → `x + attn(norm₁ x) w_oᵀ` followed by `· + mlp(norm₂ ·)`, where attention is
 /// `softmax(scale · q kᵀ + mask) v` over RoPE'd, grouped-query heads (`cos`, `sin`: `[l, d]`;
-/// `mask: [B or 1, 1, l, l]`, a constant) and the MLP is `(silu(h w_gateᵀ) ⊙ h w_upᵀ) w_downᵀ`.
-/// The weights' gradients are left in `sink` by the backward pass (see [`GradSink`]); the
-/// intermediate activations are kept for one backward pass (a second recomputes them).
+/// `mask: [B or 1, 1, l, l]`, a constant) and the MLP is `(silu(h w_gateᵀ) ⊙ h w_upᵀ) w_downᵀ`;
+/// each projection plus its LoRA adapter when `w.lora` has one. The gradients of the weights
+/// and adapters that carry one (variables; a detached, frozen weight gets none computed) are
+/// left in `sink` by the backward pass (see [`GradSink`]); the intermediate activations are
+/// kept for one backward pass (a second recomputes them), or with `z.recompute` not kept at
+/// all and recomputed in the backward pass (gradient checkpointing).
 ///
 /// # Errors
 /// Shapes; dtypes (f32/f64 CPU, all equal).
@@ -430,7 +671,7 @@ pub fn decoder_layer(
     sink: &GradSink,
 ) -> Result<Tensor> {
     let dt = x.dtype();
-    if w.all().iter().any(|t| t.dtype() != dt) || cos.dtype() != dt || mask.dtype() != dt {
+    if w.params().iter().any(|t| t.dtype() != dt) || cos.dtype() != dt || mask.dtype() != dt {
         bail!("decoder layer: weights, tables and mask must have the input's dtype {dt:?}");
     }
     if z.kv_heads == 0 || z.heads % z.kv_heads != 0 || z.head_dim % 2 != 0 {
@@ -441,25 +682,38 @@ pub fn decoder_layer(
             z.head_dim
         );
     }
+    let c = |t: &Tensor| t.contiguous();
+    let mut lora: [Option<LoraWeights>; 7] = Default::default();
+    for (dst, src) in lora.iter_mut().zip(&w.lora) {
+        if let Some(ad) = src {
+            *dst = Some(LoraWeights {
+                a: c(&ad.a)?,
+                b: c(&ad.b)?,
+                ..ad.clone()
+            });
+        }
+    }
     let layer = Layer {
         w: LayerWeights {
-            ln1: w.ln1.contiguous()?,
-            q: w.q.contiguous()?,
-            k: w.k.contiguous()?,
-            v: w.v.contiguous()?,
-            o: w.o.contiguous()?,
-            ln2: w.ln2.contiguous()?,
-            gate: w.gate.contiguous()?,
-            up: w.up.contiguous()?,
-            down: w.down.contiguous()?,
+            ln1: c(&w.ln1)?,
+            q: c(&w.q)?,
+            k: c(&w.k)?,
+            v: c(&w.v)?,
+            o: c(&w.o)?,
+            ln2: c(&w.ln2)?,
+            gate: c(&w.gate)?,
+            up: c(&w.up)?,
+            down: c(&w.down)?,
+            lora,
         },
         z,
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
+        cos: c(cos)?,
+        sin: c(sin)?,
         att: Attention {
             mask: mask.detach().contiguous()?,
             scale,
             probs: Mutex::new(None),
+            keep: false,
         },
         sink: sink.clone(),
         kept: Mutex::new(None),
@@ -475,7 +729,15 @@ pub fn decoder_layer(
             sin.shape()
         );
     }
-    x.contiguous()?.apply_op1(layer)
+    let x = x.contiguous()?;
+    // A layer whose input carries no gradient (a frozen embedding) but whose adapters or
+    // weights do must still be a graph node: its input becomes a leaf that does.
+    let x = if !x.track_op() && w.params().iter().any(|t| t.track_op()) {
+        candle_core::Var::from_tensor(&x)?.as_tensor().clone()
+    } else {
+        x
+    };
+    x.apply_op1(layer)
 }
 
 /// The embedding lookup as a node whose backward leaves the table's gradient in a sink.

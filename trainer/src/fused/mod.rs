@@ -51,7 +51,7 @@ macro_rules! per_float {
 
 // After `per_float!`, which the layer module uses.
 mod layer;
-pub use layer::{decoder_layer, embedding, GradSink, LayerDims, LayerWeights};
+pub use layer::{decoder_layer, embedding, GradSink, LayerDims, LayerWeights, LoraWeights};
 
 /// Rows handled by one rayon task at least (keeps tasks large enough to amortize scheduling).
 const MIN_ELEMS_PER_TASK: usize = 1 << 14;
@@ -1550,7 +1550,11 @@ unsafe fn probs_block<T: Real>(
 }
 
 /// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`, block by block (heads over rayon's
-/// pool); also `o = p v` in the merged `[B·l, H·d]` layout when `v` is given.
+/// pool); also `o = p v` in the merged `[B·l, H·d]` layout when `v` is given. With `keep`
+/// false (a forward pass no backward pass will read, `v` given) the probabilities go to one
+/// head-sized scratch buffer per task instead and the returned `p` is empty: no `[B, H, l, t]`
+/// buffer is allocated.
+#[allow(clippy::too_many_arguments)]
 fn att_forward<T: Real>(
     q: &[T],
     k: &[T],
@@ -1559,44 +1563,58 @@ fn att_forward<T: Real>(
     z: AttDims,
     geo: Geo,
     scale: f64,
+    keep: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
     let AttDims { b, h, l, t, d } = z;
+    let keep = keep || v.is_none();
     let spans = key_spans(mask, z, geo);
     let nb = z.blocks();
-    let mut p: Vec<T> = Vec::with_capacity(b * h * l * t);
+    let mut p: Vec<T> = Vec::with_capacity(if keep { b * h * l * t } else { 0 });
     let mut o: Vec<T> = Vec::with_capacity(if v.is_some() { b * l * h * d } else { 0 });
     let (pp, op) = (SyncPtr(p.as_mut_ptr()), SyncPtr(o.as_mut_ptr()));
     let scale = T::from_f64(scale);
-    (0..b * h).into_par_iter().for_each(|i| {
-        let mb = if geo.per_batch_mask { i / h } else { 0 };
-        for blk in 0..nb {
-            let span = spans[mb * nb + blk];
-            // SAFETY: head i writes only its own l×t block of p (every element: the product
-            // and softmax over the span, zeros after it) and its own l×d block of the merged
-            // o (rows of h·d, head offset); q, k, v are [B, H, ·, d] blocks.
-            unsafe {
-                let ph = pp.get().add(i * l * t);
-                probs_block(ph, q, k, mask, z, geo, scale, (i, blk, span));
-                if let Some(v) = v {
-                    let (r0, r1) = z.block_rows(blk);
-                    gemm_raw(
-                        (r1 - r0, d, span),
-                        op.get().add(z.merged(i) + r0 * h * d),
-                        h * d,
-                        ph.add(r0 * t),
-                        (1, t),
-                        v.as_ptr().add(i * t * d),
-                        (1, d),
-                        gemm::Parallelism::None,
-                        false,
-                    );
+    (0..b * h)
+        .into_par_iter()
+        .for_each_init(Vec::<T>::new, |scratch, i| {
+            let mb = if geo.per_batch_mask { i / h } else { 0 };
+            if !keep && scratch.capacity() < l * t {
+                *scratch = Vec::with_capacity(l * t);
+            }
+            for blk in 0..nb {
+                let span = spans[mb * nb + blk];
+                // SAFETY: head i writes only its own l×t block of p (every element: the product
+                // and softmax over the span, zeros after it) or, without `keep`, the task's own
+                // scratch of l·t elements; and its own l×d block of the merged o (rows of h·d,
+                // head offset); q, k, v are [B, H, ·, d] blocks.
+                unsafe {
+                    let ph = if keep {
+                        pp.get().add(i * l * t)
+                    } else {
+                        scratch.as_mut_ptr()
+                    };
+                    probs_block(ph, q, k, mask, z, geo, scale, (i, blk, span));
+                    if let Some(v) = v {
+                        let (r0, r1) = z.block_rows(blk);
+                        gemm_raw(
+                            (r1 - r0, d, span),
+                            op.get().add(z.merged(i) + r0 * h * d),
+                            h * d,
+                            ph.add(r0 * t),
+                            (1, t),
+                            v.as_ptr().add(i * t * d),
+                            (1, d),
+                            gemm::Parallelism::None,
+                            false,
+                        );
+                    }
                 }
             }
-        }
-    });
-    // SAFETY: every head wrote its blocks of p (and of o when v was given) whole.
+        });
+    // SAFETY: every head wrote its blocks of p (when kept; and of o when v was given) whole.
     unsafe {
-        p.set_len(b * h * l * t);
+        if keep {
+            p.set_len(b * h * l * t);
+        }
         if v.is_some() {
             o.set_len(b * l * h * d);
         }
@@ -1619,6 +1637,8 @@ struct Attention {
     scale: f64,
     /// The probabilities of the forward pass, taken by the backward pass.
     probs: std::sync::Mutex<Option<Tensor>>,
+    /// Whether the forward pass keeps the probabilities (false: no backward pass will run).
+    keep: bool,
 }
 
 impl Attention {
@@ -1626,11 +1646,13 @@ impl Attention {
         let AttDims { b, h, l, t, .. } = z;
         let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
         let (p, o) = with_slice::<T, _>(&self.mask, |m| {
-            Ok(att_forward(q, k, Some(v), m, z, geo, self.scale))
+            Ok(att_forward(q, k, Some(v), m, z, geo, self.scale, self.keep))
         })?;
-        let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(p);
+        if self.keep {
+            let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
+            if let Ok(mut slot) = self.probs.lock() {
+                *slot = Some(p);
+            }
         }
         o.ok_or_else(|| candle_core::Error::Msg("attention: no output".into()))
     }
@@ -1726,7 +1748,7 @@ impl AttentionBwd {
                     kept.get::<T>(0)?
                 }
                 None => {
-                    recomputed = att_forward(q, k, None, mask, z, geo, self.scale).0;
+                    recomputed = att_forward(q, k, None, mask, z, geo, self.scale, true).0;
                     &recomputed
                 }
             };
@@ -1858,8 +1880,9 @@ impl CustomOp3 for AttentionBwd {
 /// The attention core `softmax(scale · q kᵀ + mask) v` with heads merged, as one graph node:
 /// `q: [B, H, l, d]`, `k`, `v: [B, H, t, d]`, `mask: [B or 1, 1, l, t]` (a constant) →
 /// `[B·l, H·d]`, differentiable in `q`, `k`, `v`. The `[B, H, l, t]` probabilities are kept
-/// for one backward pass (a second one recomputes them), and the autograd graph gets one node
-/// instead of six (no zero buffers and accumulations of the score size).
+/// for one backward pass (a second one recomputes them) when an input carries a gradient, and
+/// never formed whole otherwise (inference: one head's block at a time); the autograd graph
+/// gets one node instead of six (no zero buffers and accumulations of the score size).
 ///
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
@@ -1867,6 +1890,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     let (b, h, l, _) = q.dims4()?;
     let t = k.dim(2)?;
     Geo::of(&Shape::from((b, h, l, t)), mask.shape())?;
+    // Without a gradient to carry, nothing is kept (no [B, H, l, t] buffer).
+    let keep = q.track_op() || k.track_op() || v.track_op();
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -1874,6 +1899,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             mask: mask.detach().contiguous()?,
             scale,
             probs: std::sync::Mutex::new(None),
+            keep,
         },
     )
 }
@@ -2590,18 +2616,27 @@ fn head_logits<T: Real>(h: &[T], w: &[T], n: usize, hd: usize, v: usize) -> Vec<
     z
 }
 
-/// What the forward pass of [`LmHead`] keeps for its backward pass: the logits and each
-/// row's log-sum-exp.
+/// Elements of one chunk of LM-head logits (`[rows, V]`) by default: 2²⁴, 64 MiB in f32.
+pub const HEAD_CHUNK_ELEMS: usize = 1 << 24;
+
+/// Rows per chunk of `v`-wide logits under a budget of `elems` elements (at least one).
+pub fn head_chunk_rows(elems: usize, v: usize) -> usize {
+    (elems / v.max(1)).max(1)
+}
+
+/// What the forward pass of [`LmHead`] keeps for its backward pass: each row's log-sum-exp,
+/// and the logits themselves when they fit in one chunk.
 enum HeadKept {
-    F32(Vec<f32>, Vec<f64>),
-    F64(Vec<f64>, Vec<f64>),
+    F32(Option<Vec<f32>>, Vec<f64>),
+    F64(Option<Vec<f64>>, Vec<f64>),
 }
 
 impl HeadKept {
     fn recycle(self) {
         match self {
-            HeadKept::F32(z, _) => recycle_buf(z),
-            HeadKept::F64(z, _) => recycle_buf(z),
+            HeadKept::F32(Some(z), _) => recycle_buf(z),
+            HeadKept::F64(Some(z), _) => recycle_buf(z),
+            _ => {}
         }
     }
 }
@@ -2611,6 +2646,10 @@ struct LmHead {
     kept: std::sync::Mutex<Option<HeadKept>>,
     /// Where `∂w` goes instead of candle's store (see [`GradSink`]), if anywhere.
     sink: Option<GradSink>,
+    /// Rows per chunk of logits.
+    rows: usize,
+    /// Whether a backward pass can follow (an input carries a gradient).
+    keep: bool,
 }
 
 impl Drop for LmHead {
@@ -2631,33 +2670,47 @@ fn head_dims(h: &Shape, w: &Shape, t: &Shape) -> Result<(usize, usize, usize)> {
 }
 
 impl LmHead {
-    /// Log-probs of the targets, the logits and the rows' log-sum-exps.
+    /// Log-probs of the targets, the rows' log-sum-exps, and the logits when they are one
+    /// chunk and `keep` is set. Chunks of `rows` rows reuse one pooled buffer.
+    #[allow(clippy::type_complexity)]
     fn fwd<T: Real>(
         h: &[T],
         w: &[T],
         t: &[u32],
         (n, hd, v): (usize, usize, usize),
-    ) -> Result<(Vec<T>, Vec<T>, Vec<f64>)> {
+        rows: usize,
+        keep: bool,
+    ) -> Result<(Vec<T>, Option<Vec<T>>, Vec<f64>)> {
         if let Some(&bad) = t.iter().find(|&&x| x as usize >= v) {
             bail!("lm_head_logps: target {bad} outside the vocabulary of {v}");
         }
-        let z = head_logits(h, w, n, hd, v);
         let mut out = vec![T::zero(); n];
         let mut lse = vec![0f64; n];
-        let rows = rows_per_task(v);
-        out.par_chunks_mut(rows)
-            .zip(lse.par_chunks_mut(rows))
-            .enumerate()
-            .for_each(|(c, (o, ls))| {
-                for (i, (o, ls)) in o.iter_mut().zip(ls).enumerate() {
-                    let r = c * rows + i;
-                    let row = &z[r * v..(r + 1) * v];
-                    let l = row_lse(row);
-                    *o = row[t[r] as usize] - l;
-                    *ls = l.to_f64();
-                }
-            });
-        Ok((out, z, lse))
+        let mut whole = None;
+        for r0 in (0..n).step_by(rows.max(1)) {
+            let rn = rows.min(n - r0);
+            let z = head_logits(&h[r0 * hd..(r0 + rn) * hd], w, rn, hd, v);
+            let per = rows_per_task(v);
+            out[r0..r0 + rn]
+                .par_chunks_mut(per)
+                .zip(lse[r0..r0 + rn].par_chunks_mut(per))
+                .enumerate()
+                .for_each(|(c, (o, ls))| {
+                    for (i, (o, ls)) in o.iter_mut().zip(ls).enumerate() {
+                        let r = c * per + i;
+                        let row = &z[r * v..(r + 1) * v];
+                        let l = row_lse(row);
+                        *o = row[t[r0 + r] as usize] - l;
+                        *ls = l.to_f64();
+                    }
+                });
+            if keep && rn == n {
+                whole = Some(z);
+            } else {
+                recycle_buf(z);
+            }
+        }
+        Ok((out, whole, lse))
     }
 }
 
@@ -2677,21 +2730,28 @@ impl CustomOp3 for LmHead {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = head_dims(l1.shape(), l2.shape(), l3.shape())?;
         let t = targets_of(s3, l3)?;
+        let (rows, keep) = (self.rows, self.keep);
         let (out, kept) = match (s1.dtype(), s2.dtype()) {
             (DType::F32, DType::F32) => {
-                let (o, z, l) = Self::fwd(data::<f32>(s1, l1)?, data::<f32>(s2, l2)?, t, dims)?;
+                let (h, w) = (data::<f32>(s1, l1)?, data::<f32>(s2, l2)?);
+                let (o, z, l) = Self::fwd(h, w, t, dims, rows, keep)?;
                 (CpuStorage::F32(o), HeadKept::F32(z, l))
             }
             (DType::F64, DType::F64) => {
-                let (o, z, l) = Self::fwd(data::<f64>(s1, l1)?, data::<f64>(s2, l2)?, t, dims)?;
+                let (h, w) = (data::<f64>(s1, l1)?, data::<f64>(s2, l2)?);
+                let (o, z, l) = Self::fwd(h, w, t, dims, rows, keep)?;
                 (CpuStorage::F64(o), HeadKept::F64(z, l))
             }
             (a, b) => bail!("lm_head_logps: dtypes {a:?} and {b:?} (f32 or f64, equal)"),
         };
-        if let Ok(mut slot) = self.kept.lock() {
-            if let Some(old) = slot.replace(kept) {
-                old.recycle();
+        if keep {
+            if let Ok(mut slot) = self.kept.lock() {
+                if let Some(old) = slot.replace(kept) {
+                    old.recycle();
+                }
             }
+        } else {
+            kept.recycle();
         }
         Ok((out, Shape::from(dims.0)))
     }
@@ -2706,15 +2766,22 @@ impl CustomOp3 for LmHead {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, hd, v) = head_dims(h.shape(), w.shape(), targets.shape())?;
         let kept = self.kept.lock().ok().and_then(|mut s| s.take());
+        // A weight that carries no gradient (frozen) gets none computed.
+        let need_w = w.track_op();
         let both = h.apply_op3_no_bwd(
             w,
             &grad.contiguous()?,
             &LmHeadBwd {
                 kept: std::sync::Mutex::new(kept),
                 targets: targets.to_vec1::<u32>()?,
+                rows: self.rows,
+                need_w,
             },
         )?;
         let gh = both.narrow(0, 0, n * hd)?.reshape((n, hd))?;
+        if !need_w {
+            return Ok((Some(gh), None, None));
+        }
         let gw = both.narrow(0, n * hd, v * hd)?.reshape((v, hd))?;
         match &self.sink {
             Some(sink) => {
@@ -2727,62 +2794,101 @@ impl CustomOp3 for LmHead {
 }
 
 /// Gradients of [`LmHead`] from `g = ∂/∂out`, concatenated flat: `∂/∂h = dz w` (`[N, H]`),
-/// then `∂/∂w = dzᵀ h` (`[V, H]`), with `dz[n, v] = g[n] · (1[v = t_n] − softmax(z[n])_v)`
-/// written over the kept logits (recomputed when absent, e.g. a second backward).
+/// then (with `need_w`) `∂/∂w = dzᵀ h` (`[V, H]`), with `dz[n, v] = g[n] · (1[v = t_n] −
+/// softmax(z[n])_v)` written over the logits, chunk by chunk of `rows` rows: the kept ones
+/// when the forward pass kept them, recomputed otherwise; `∂w` sums the chunks' products.
 struct LmHeadBwd {
     kept: std::sync::Mutex<Option<HeadKept>>,
     targets: Vec<u32>,
+    rows: usize,
+    need_w: bool,
 }
 
 impl LmHeadBwd {
+    #[allow(clippy::too_many_arguments)]
     fn bwd<T: Real>(
         h: &[T],
         w: &[T],
         g: &[T],
         t: &[u32],
-        kept: Option<(Vec<T>, Vec<f64>)>,
+        kept: Option<(Option<Vec<T>>, Vec<f64>)>,
         (n, hd, v): (usize, usize, usize),
+        rows: usize,
+        need_w: bool,
     ) -> Vec<T> {
-        let (mut dz, lse) = match kept {
+        let (mut whole, lse) = match kept {
             Some((z, l)) => (z, Some(l)),
-            None => (head_logits(h, w, n, hd, v), None),
+            None => (None, None),
         };
-        par_rows(&mut dz, v, |r0, rows| {
-            for (i, row) in rows.chunks_mut(v).enumerate() {
-                let r = r0 + i;
-                let l = match &lse {
-                    Some(l) => T::from_f64(l[r]),
-                    None => row_lse(row),
-                };
-                let gr = g[r];
-                for x in row.iter_mut() {
-                    *x = -(gr * (*x - l).exp());
-                }
-                row[t[r] as usize] += gr;
-            }
-        });
-        let len = n * hd + v * hd;
+        let len = n * hd + if need_w { v * hd } else { 0 };
         let mut out: Vec<T> = Vec::with_capacity(len);
-        // SAFETY: out has room for both blocks, each written whole by gemm: dz is n×v (read as
-        // is, then as dzᵀ through swapped strides), w v×hd, h n×hd.
-        unsafe {
-            let p = out.as_mut_ptr();
-            gemm_into(n, hd, v, p, dz.as_ptr(), 1, v, w.as_ptr(), 1, hd);
-            gemm_into(
-                v,
-                hd,
-                n,
-                p.add(n * hd),
-                dz.as_ptr(),
-                v,
-                1,
-                h.as_ptr(),
-                1,
-                hd,
-            );
-            out.set_len(len);
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let rows = rows.max(1);
+        for r0 in (0..n).step_by(rows) {
+            let rn = rows.min(n - r0);
+            let hc = &h[r0 * hd..(r0 + rn) * hd];
+            let mut dz = match whole.take() {
+                Some(z) if rn == n => z,
+                _ => head_logits(hc, w, rn, hd, v),
+            };
+            par_rows(&mut dz, v, |c0, chunk| {
+                for (i, row) in chunk.chunks_mut(v).enumerate() {
+                    let r = r0 + c0 + i;
+                    let l = match &lse {
+                        Some(l) => T::from_f64(l[r]),
+                        None => row_lse(row),
+                    };
+                    let gr = g[r];
+                    for x in row.iter_mut() {
+                        *x = -(gr * (*x - l).exp());
+                    }
+                    row[t[r] as usize] += gr;
+                }
+            });
+            // SAFETY: out has room for both blocks; chunk rows r0..r0+rn of ∂h are written
+            // whole by the first gemm; ∂w (after the n·hd block) is written whole by the first
+            // chunk and accumulated into by the others: dz is rn×v (read as is, then as dzᵀ
+            // through swapped strides), w v×hd, hc rn×hd.
+            unsafe {
+                let p = out.as_mut_ptr();
+                gemm_into(
+                    rn,
+                    hd,
+                    v,
+                    p.add(r0 * hd),
+                    dz.as_ptr(),
+                    1,
+                    v,
+                    w.as_ptr(),
+                    1,
+                    hd,
+                );
+                if need_w {
+                    gemm_raw(
+                        (v, hd, rn),
+                        p.add(n * hd),
+                        hd,
+                        dz.as_ptr(),
+                        (v, 1),
+                        hc.as_ptr(),
+                        (1, hd),
+                        par,
+                        r0 > 0,
+                    );
+                }
+            }
+            recycle_buf(dz);
         }
-        recycle_buf(dz);
+        if need_w && n == 0 {
+            out.resize(len, T::zero());
+        }
+        // SAFETY: every element was written above (∂h row by row, ∂w by the chunks' gemms).
+        unsafe { out.set_len(len) };
         out
     }
 }
@@ -2804,6 +2910,7 @@ impl CustomOp3 for LmHeadBwd {
         let dims = head_dims(l1.shape(), l2.shape(), l3.shape())?;
         let (n, hd, v) = dims;
         let kept = self.kept.lock().ok().and_then(|mut s| s.take());
+        let (rows, need_w) = (self.rows, self.need_w);
         let out = match (s1.dtype(), kept) {
             (DType::F32, kept) => {
                 let kept = match kept {
@@ -2822,6 +2929,8 @@ impl CustomOp3 for LmHeadBwd {
                     &self.targets,
                     kept,
                     dims,
+                    rows,
+                    need_w,
                 ))
             }
             (DType::F64, kept) => {
@@ -2841,21 +2950,26 @@ impl CustomOp3 for LmHeadBwd {
                     &self.targets,
                     kept,
                     dims,
+                    rows,
+                    need_w,
                 ))
             }
             (dt, _) => bail!("lm_head_logps: fused CPU kernel needs f32 or f64, got {dt:?}"),
         };
-        Ok((out, Shape::from(n * hd + v * hd)))
+        let len = n * hd + if need_w { v * hd } else { 0 };
+        Ok((out, Shape::from(len)))
     }
 }
 
 /// Log-probabilities of the target tokens under the LM head: `out[n] = z[n, t_n] −
 /// log Σ_v exp z[n, v]` with `z = h wᵀ` (`h: [N, H]`, `w: [V, H]`, targets `t: [N]` u32),
 /// one graph node differentiable in `h` and `w` (a tied embedding matrix as `w` gets this
-/// gradient summed with its other uses). The `[N, V]` logits live in a buffer reused across
-/// calls, never as a tensor: the backward pass turns them into `∂z` in place and returns
-/// `∂h = ∂z w` and `∂w = ∂zᵀ h` without the zero buffers and accumulations candle's backward
-/// would spend on a logits tensor and its gradient.
+/// gradient summed with its other uses). The logits are formed [`HEAD_CHUNK_ELEMS`] at a time
+/// (chunks of rows) in a buffer reused across calls, never as a tensor: the backward pass
+/// turns them into `∂z` chunk by chunk (recomputing them when there was more than one chunk)
+/// and returns `∂h = ∂z w` and `∂w = ∂zᵀ h` without the zero buffers and accumulations
+/// candle's backward would spend on a logits tensor and its gradient. A `w` that carries no
+/// gradient (a frozen head) gets none computed.
 ///
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]), a target outside the vocabulary.
@@ -2875,12 +2989,29 @@ pub fn lm_head_logps_into(
     targets: &Tensor,
     sink: Option<&GradSink>,
 ) -> Result<Tensor> {
+    lm_head_logps_chunked(h, w, targets, sink, HEAD_CHUNK_ELEMS)
+}
+
+/// [`lm_head_logps_into`] with chunks of at most `chunk_elems` logits (at least one row).
+///
+/// # Errors
+/// As [`lm_head_logps`].
+pub fn lm_head_logps_chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    sink: Option<&GradSink>,
+    chunk_elems: usize,
+) -> Result<Tensor> {
+    let v = w.dim(0)?;
     h.contiguous()?.apply_op3(
         &w.contiguous()?,
         &targets.contiguous()?,
         LmHead {
             kept: std::sync::Mutex::new(None),
             sink: sink.cloned(),
+            rows: head_chunk_rows(chunk_elems, v),
+            keep: h.track_op() || w.track_op(),
         },
     )
 }

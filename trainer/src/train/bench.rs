@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// Checkpoint directory [default: a random Llama of --size, built in memory]
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Model size when --model is absent: tiny (~1M parameters) or small (~20M)
+    /// Model size when --model is absent: tiny (~1M parameters), small (~20M) or smollm2-135m
+    /// (SmolLM2-135M's configuration, 134.5M)
     #[arg(long, value_enum, default_value_t = ModelSize::Small)]
     pub size: ModelSize,
     /// Preference pairs per step
