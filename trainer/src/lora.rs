@@ -393,6 +393,44 @@ pub fn save_peft_dir(
     })
 }
 
+/// Folds the PEFT adapter in `adapter` into its base model and writes a full Hugging Face
+/// checkpoint to `out` in `dtype` (PEFT's `merge_and_unload` + `save_pretrained`): every
+/// adapted weight becomes `W + s · B A`, computed in f32 (f64 for an f64 save); the base's
+/// other tensors, config and tokenizer files are kept. `base` overrides the adapter's
+/// `base_model_name_or_path`. Returns the base model's directory.
+///
+/// # Errors
+/// An adapter directory that is not PEFT LoRA or does not fit the base model (naming the
+/// file and tensor); I/O errors.
+pub fn merge_adapter(
+    adapter: &Path,
+    base: Option<&Path>,
+    out: &Path,
+    dtype: DType,
+) -> Result<PathBuf> {
+    let (cfg, named) = LoraConfig::from_peft_dir(adapter)?;
+    let base = match (base, named) {
+        (Some(b), _) => b.to_path_buf(),
+        (None, Some(b)) => b,
+        (None, None) => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no base_model_name_or_path; pass the base model",
+                adapter.join(CONFIG_FILE).display()
+            )))
+        }
+    };
+    let work = crate::model::accumulation_dtype(dtype);
+    let mut model = crate::checkpoint::load_model(&base, work, &Device::Cpu)?;
+    model.add_lora(cfg, 0)?;
+    model.set_lora_weights(
+        &read_weights(adapter, &Device::Cpu)?,
+        &adapter.join(WEIGHTS_FILE),
+    )?;
+    model.merge_lora()?;
+    crate::checkpoint::save_pretrained(&model, Some(&base), out, dtype)?;
+    Ok(base)
+}
+
 /// SplitMix64's output function.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -273,6 +273,23 @@ enum Command {
         #[arg(value_name = "RUN_DIR")]
         run_dir: PathBuf,
     },
+    /// Fold a PEFT LoRA adapter (a `--use-peft` run's checkpoint, or any PEFT LoRA adapter of
+    /// a Llama/Mistral/Qwen2 model) into its base model: a full Hugging Face checkpoint, as
+    /// PEFT's merge_and_unload + save_pretrained.
+    Merge {
+        /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Base model directory [default: the adapter's base_model_name_or_path].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output directory (config.json, model.safetensors, tokenizer files).
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the saved weights: f32, bf16, f16 or f64.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Pick each prompt's rejected response from candidates drawn from π_ref by
     /// sampling-importance-resampling toward Eq. 1's π_l ∝ π_ref^{1+β} π*^{−β}, with weights
     /// (π_ref(y)/π*(y))^β; writes TRL preference lines (prompt, chosen, rejected, ess).
@@ -571,6 +588,22 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 cfg.vocab_size,
                 cfg.num_hidden_layers,
                 cfg.hidden_size
+            );
+        }
+        Command::Merge {
+            adapter,
+            model,
+            out,
+            dtype,
+        } => {
+            let dtype = parse_dtype(&dtype)?;
+            let base =
+                difinfo_trainer::lora::merge_adapter(&adapter, model.as_deref(), &out, dtype)?;
+            eprintln!(
+                "merged {} into {} → {}",
+                adapter.display(),
+                base.display(),
+                out.display()
             );
         }
         Command::Logps {

@@ -86,7 +86,7 @@ fn set_elem(var: &Var, idx: usize, value: f64) {
     let shape = var.dims().to_vec();
     let mut data: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     data[idx] = value;
-    var.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
+    var.set(&Tensor::from_vec(data, shape, var.device()).unwrap())
         .unwrap();
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use difinfo_trainer::batch::{Batch, Sequence};
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::generate::{argmax, generate, log_softmax_at, SamplingParams};
@@ -74,7 +74,7 @@ fn padded_batch_logps_equal_per_example_qwen2() {
 fn sequence_logp_is_sum_of_masked_token_logps() {
     let (_d, m) = common::model(common::micro_config(Architecture::Llama), DType::F64, 2);
     let s = &seqs()[0];
-    let ids = Tensor::new(s.ids.as_slice(), &Device::Cpu)
+    let ids = Tensor::new(s.ids.as_slice(), m.device())
         .unwrap()
         .unsqueeze(0)
         .unwrap();
@@ -100,7 +100,7 @@ fn sequence_logp_is_sum_of_masked_token_logps() {
 fn cache_matches_full(arch: Architecture, dtype: DType, tol: f64) {
     let (_d, m) = common::model(common::micro_config(arch), dtype, 3);
     let ids: Vec<u32> = vec![0, 44, 120, 7, 7, 301, 19, 88, 250, 3, 61, 2, 140];
-    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+    let t = Tensor::new(ids.as_slice(), m.device())
         .unwrap()
         .unsqueeze(0)
         .unwrap();
@@ -176,7 +176,7 @@ fn temperature_to_zero_equals_greedy() {
     // Reference greedy decoding without the cache: argmax of the full forward each step.
     let mut ids = prompt.to_vec();
     for _ in 0..12 {
-        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        let t = Tensor::new(ids.as_slice(), m.device())
             .unwrap()
             .unsqueeze(0)
             .unwrap();
@@ -237,8 +237,8 @@ fn sampling_is_seeded_and_stops_at_stop_tokens() {
 fn bf16_logps_track_f32() {
     let cfg = common::micro_config(Architecture::Llama);
     let (dir, m32) = common::model(cfg, DType::F32, 6);
-    let m16 =
-        difinfo_trainer::checkpoint::load_model(dir.path(), DType::BF16, &Device::Cpu).unwrap();
+    let m16 = difinfo_trainer::checkpoint::load_model(dir.path(), DType::BF16, &common::device())
+        .unwrap();
     assert_eq!(m16.dtype(), DType::BF16);
     let s = seqs();
     let a = sequence_logps(&m32, &s, 2).unwrap();
@@ -261,7 +261,7 @@ fn batch_masks_follow_completion_start() {
             completion_start: 0,
         },
     ];
-    let b = Batch::from_sequences(&s, 9, &Device::Cpu).unwrap();
+    let b = Batch::from_sequences(&s, 9, &common::device()).unwrap();
     assert_eq!(
         b.input_ids.to_vec2::<u32>().unwrap(),
         vec![vec![1, 2, 3, 4], vec![1, 2, 9, 9]]

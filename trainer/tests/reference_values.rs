@@ -22,7 +22,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+mod common;
+
+use candle_core::{DType, IndexOp, Tensor};
 use difinfo_trainer::batch::Sequence;
 use difinfo_trainer::config::{parse_config, ModelConfig};
 use difinfo_trainer::logps::sequence_logps;
@@ -54,15 +56,22 @@ fn closed_form_model(cfg: ModelConfig) -> Model {
         let v: Vec<f64> = (0..n)
             .map(|i| base + 0.5 * (1.7 * i as f64 + 0.37 * k as f64).sin())
             .collect();
-        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+        t.insert(name, Tensor::from_vec(v, shape, &common::device()).unwrap());
     }
-    Model::from_tensors(cfg, t, Path::new("<closed form>"), DType::F64, &Device::Cpu).unwrap()
+    Model::from_tensors(
+        cfg,
+        t,
+        Path::new("<closed form>"),
+        DType::F64,
+        &common::device(),
+    )
+    .unwrap()
 }
 
 fn check(config: &str, expected: &[(&[u32], &[f64])]) {
     let m = closed_form_model(parse_config(config).unwrap());
     for (ids, want) in expected {
-        let t = Tensor::new(*ids, &Device::Cpu)
+        let t = Tensor::new(*ids, &common::device())
             .unwrap()
             .unsqueeze(0)
             .unwrap();

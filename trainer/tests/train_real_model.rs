@@ -5,7 +5,7 @@ use std::path::Path;
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::micro_config;
 use difinfo_trainer::checkpoint::load_model;
 use difinfo_trainer::config::Architecture;
@@ -21,7 +21,7 @@ use difinfo_trainer::train::{
 /// A checkpoint in `dir`, the model loaded from it, and the example pairs tokenized.
 fn setup(dir: &Path, arch: Architecture, n: usize) -> (TrainModel, Dataset) {
     init_checkpoint(dir, micro_config(arch), BUILTIN_CORPUS, 3).unwrap();
-    let model = load_model(dir, DType::F32, &Device::Cpu).unwrap();
+    let model = load_model(dir, DType::F32, &common::device()).unwrap();
     let tok = TokenizerBundle::load(dir).unwrap();
     let opts = TokenizeOptions {
         max_length: Some(64),
@@ -68,8 +68,8 @@ fn adapter_log_probs_equal_the_trainers() {
         .map(|p| &p.chosen)
         .chain(pairs.iter().map(|p| &p.rejected))
         .collect();
-    let b =
-        difinfo_trainer::train::TokenBatch::from_sequences(&seqs, ds.pad_id, &Device::Cpu).unwrap();
+    let b = difinfo_trainer::train::TokenBatch::from_sequences(&seqs, ds.pad_id, &common::device())
+        .unwrap();
     let got = m.sequence_logps(&b).unwrap().sum.to_vec1::<f32>().unwrap();
     let theirs: Vec<difinfo_trainer::batch::Sequence> = seqs
         .iter()
@@ -123,7 +123,7 @@ fn dpo_and_dpo_pg_train_a_tiny_llama_and_qwen2() {
             // The final checkpoint is a Hugging Face directory that loads back.
             let ckpt = latest_checkpoint(run.path()).unwrap().unwrap();
             assert!(ckpt.join("config.json").exists() && ckpt.join("tokenizer.json").exists());
-            let back = load_model(&ckpt, DType::F32, &Device::Cpu).unwrap();
+            let back = load_model(&ckpt, DType::F32, &common::device()).unwrap();
             let back = TrainModel::new(back, ckpt.clone(), DType::F32);
             assert_eq!(weights(&back), weights(&m));
         }

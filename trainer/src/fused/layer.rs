@@ -162,11 +162,23 @@ impl<T: Real> LoraSlices<'_, T> {
     /// `y += scale · (drop(x) aᵀ) bᵀ` for `x: [n, d_in]`, `y: [n, d_out]`.
     fn fwd(&self, x: &[T], y: &mut [T], n: usize, d_in: usize, d_out: usize) {
         let xd = self.dropped(x);
-        let mut u = gemm_vec((n, self.r, d_in), &xd, (1, d_in), self.a, (d_in, 1));
+        let r = self.r;
+        let mut u = gemm_vec((n, r, d_in), &xd, (1, d_in), self.a, (d_in, 1));
         for e in u.iter_mut() {
             *e *= self.scale;
         }
-        add_input_grad(y, &u, self.b, n, self.r, d_out);
+        assert!(y.len() >= n * d_out && self.b.len() >= d_out * r);
+        // SAFETY: y is n×d_out (initialized), u n×r, b d_out×r read as bᵀ (checked above).
+        unsafe {
+            gemm_acc(
+                (n, d_out, r),
+                y.as_mut_ptr(),
+                u.as_ptr(),
+                (1, r),
+                self.b.as_ptr(),
+                (r, 1),
+            )
+        }
     }
 
     /// From `g = ∂/∂y`: `dx += drop((scale · g b) a)`; returns `(∂a, ∂b)` with

@@ -35,17 +35,45 @@ fn model_err(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// The summed completion log-probs of a batch under `model`.
+fn seq_logps(model: &Model, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    let lp = model
+        .token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
+        .map_err(model_err)?;
+    SeqLogps::from_token_logps(&lp, &b.loss_mask)
+}
+
 impl PolicyModel for TrainModel {
     fn sequence_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
-        let lp = self
-            .model
-            .token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
-            .map_err(model_err)?;
-        SeqLogps::from_token_logps(&lp, &b.loss_mask)
+        seq_logps(&self.model, b)
     }
 
+    /// The adapters' variables (PEFT names) for a LoRA model, else every weight.
     fn named_vars(&self) -> Vec<(String, Var)> {
+        match self.model.lora_config() {
+            Some(_) => self.model.lora_vars(),
+            None => self.model.named_vars(),
+        }
+    }
+
+    fn sequence_logps_no_grad(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+        seq_logps(&self.model.detached(), b)
+    }
+
+    /// The base model: adapters off (TRL with PEFT), no gradient.
+    fn reference_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+        let mut m = self.model.detached();
+        m.set_adapters_enabled(false);
+        seq_logps(&m, b)
+    }
+
+    /// The base weights (the reference does not depend on the adapters).
+    fn reference_vars(&self) -> Vec<(String, Var)> {
         self.model.named_vars()
+    }
+
+    fn set_dropout_seed(&self, seed: Option<u64>) {
+        self.model.set_dropout_seed(seed);
     }
 
     fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
@@ -64,17 +92,49 @@ impl PolicyModel for TrainModel {
         self.model.device().clone()
     }
 
-    /// A Hugging Face checkpoint directory (loads back in transformers).
+    /// A Hugging Face checkpoint directory (loads back in transformers); for a LoRA model a
+    /// PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`, naming the
+    /// base model) with the tokenizer files, as TRL's checkpoints with PEFT are.
     fn save_weights(&self, dir: &Path) -> crate::train::Result<()> {
+        let err = |e: crate::Error| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(cfg) = self.model.lora_config() {
+            let base = std::fs::canonicalize(&self.source).unwrap_or_else(|_| self.source.clone());
+            let tensors: Vec<(String, Tensor)> = self
+                .model
+                .lora_vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect();
+            crate::lora::save_peft_dir(dir, cfg, &base, &tensors).map_err(err)?;
+            for f in crate::checkpoint::SIDE_FILES {
+                let p = self.source.join(f);
+                if p.exists() && self.source != dir {
+                    std::fs::copy(&p, dir.join(f)).map_err(|e| TrainError::io(&p, e))?;
+                }
+            }
+            return Ok(());
+        }
         crate::checkpoint::save_pretrained(&self.model, Some(&self.source), dir, self.save_dtype)
-            .map_err(|e| TrainError::Checkpoint {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
-            })
+            .map_err(err)
     }
 
-    /// Reads the checkpoint's tensors (single or sharded) into the variables by name.
+    /// Reads the checkpoint's tensors (single or sharded) into the variables by name; for a
+    /// LoRA model the adapter of a PEFT directory.
     fn load_weights(&self, dir: &Path) -> crate::train::Result<()> {
+        if self.model.lora_config().is_some() {
+            let err = |e: crate::Error| TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            };
+            let t = crate::lora::read_weights(dir, self.model.device()).map_err(err)?;
+            return self
+                .model
+                .set_lora_weights(&t, &dir.join(crate::lora::WEIGHTS_FILE))
+                .map_err(err);
+        }
         let tensors = crate::checkpoint::read_tensors(dir)
             .map_err(|e| TrainError::Checkpoint {
                 path: dir.to_path_buf(),

@@ -61,6 +61,9 @@ pub struct BenchArgs {
     /// Mixed precision: bf16 compute over the parameters
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub bf16: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub scale: crate::train::cli::ScaleArgs,
 }
 
 /// The model under a bench: checkpoints are not written (not part of a step).
@@ -72,6 +75,15 @@ impl PolicyModel for NoSave<'_> {
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
         self.0.named_vars()
+    }
+    fn reference_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+        self.0.reference_logps(b)
+    }
+    fn reference_vars(&self) -> Vec<(String, Var)> {
+        self.0.reference_vars()
+    }
+    fn set_dropout_seed(&self, seed: Option<u64>) {
+        self.0.set_dropout_seed(seed);
     }
     fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
         self.0.backward(loss)
@@ -114,6 +126,129 @@ pub struct BenchRow {
     pub tokens_per_second: f64,
     /// Peak RSS during the steps, MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Model FLOPs per second over the timed steps (see [`model_flops`]).
+    pub flops_per_second: f64,
+    /// Model-FLOPs utilization: `flops_per_second` over the machine's peak, when known.
+    pub mfu: Option<f64>,
+}
+
+/// Model FLOPs of one training step over `sequences` sequences of `len` tokens with `scored`
+/// completion tokens each (PaLM's accounting, Appendix B of Chowdhery et al. 2022): per token
+/// `2 N` in the forward pass for the `N` weights of the decoder layers' projections, `2 V H`
+/// per scored token for the LM head (the only positions it runs on), `4 L len d` for the
+/// attention products (`d = heads · head_dim`, no causal discount); the backward pass costs
+/// twice the forward pass, or once for frozen weights (LoRA: no weight gradients; the
+/// attention products still cost twice). Recomputation (gradient checkpointing) is not
+/// counted: these are the FLOPs the model needs, not the FLOPs the hardware ran.
+pub fn model_flops(
+    cfg: &crate::config::ModelConfig,
+    sequences: usize,
+    len: usize,
+    scored: usize,
+    frozen_weights: bool,
+) -> f64 {
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let dq = (cfg.num_attention_heads * cfg.head_dim) as f64;
+    let dkv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+    let layers = cfg.num_hidden_layers as f64;
+    let body = layers * (2.0 * h * dq + 2.0 * h * dkv + 3.0 * h * i);
+    let head = cfg.vocab_size as f64 * h;
+    let (len_f, scored_f) = (len as f64, scored as f64);
+    let weights = 2.0 * body * len_f + 2.0 * head * scored_f;
+    let attention = 4.0 * layers * len_f * len_f * dq;
+    let w_factor = if frozen_weights { 2.0 } else { 3.0 };
+    sequences as f64 * (w_factor * weights + 3.0 * attention)
+}
+
+/// The machine's peak FLOP/s for the bench's arithmetic and how it was found:
+/// `DIFINFO_PEAK_TFLOPS` when set; on a CUDA device the dense bf16 tensor-core peak of the
+/// GPU named by `nvidia-smi` ([`gpu_bf16_peak_tflops`]); on the CPU
+/// `threads × 2 FMA units × SIMD lanes × 2 FLOPs × clock` ([`cpu_peak`]).
+pub fn peak_flops(device: &Device) -> Option<(f64, String)> {
+    if let Some(t) = std::env::var("DIFINFO_PEAK_TFLOPS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        return Some((t * 1e12, format!("DIFINFO_PEAK_TFLOPS={t}")));
+    }
+    if device.is_cuda() {
+        let out = std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader"])
+            .output()
+            .ok()?;
+        let name = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()?
+            .trim()
+            .to_string();
+        let t = gpu_bf16_peak_tflops(&name)?;
+        return Some((t * 1e12, format!("{name}: {t} TFLOP/s dense bf16")));
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let max_khz = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok());
+    let threads = rayon::current_num_threads();
+    cpu_peak(&cpuinfo, max_khz, threads)
+}
+
+/// The CPU's peak f32 FLOP/s from `/proc/cpuinfo`: `threads × 2 × lanes × 2 × GHz`, where
+/// `lanes` is 16 with `avx512f` in the flags, 8 with `avx2` and `fma`, 4 otherwise; two FMA
+/// units per core (every Intel core since Haswell and AMD's since Zen 2; cpuinfo does not
+/// say, and some Xeon Bronze/Silver have one 512-bit unit: set `DIFINFO_PEAK_TFLOPS` there);
+/// the clock is cpufreq's `cpuinfo_max_freq` (kHz) when given, else cpuinfo's `cpu MHz`.
+pub fn cpu_peak(cpuinfo: &str, max_khz: Option<f64>, threads: usize) -> Option<(f64, String)> {
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))?
+        .split_whitespace()
+        .collect();
+    let has = |f: &str| flags.contains(&f);
+    let (lanes, isa) = if has("avx512f") {
+        (16.0, "AVX-512")
+    } else if has("avx2") && has("fma") {
+        (8.0, "AVX2+FMA")
+    } else {
+        (4.0, "SSE")
+    };
+    let ghz = match max_khz {
+        Some(k) => k / 1e6,
+        None => {
+            cpuinfo
+                .lines()
+                .find(|l| l.starts_with("cpu MHz"))?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse::<f64>()
+                .ok()?
+                / 1e3
+        }
+    };
+    let peak = threads as f64 * 2.0 * lanes * 2.0 * ghz * 1e9;
+    Some((
+        peak,
+        format!("{threads} threads × 2 FMA units × {lanes} f32 lanes ({isa}) × 2 × {ghz:.2} GHz"),
+    ))
+}
+
+/// Dense bf16 tensor-core peak (TFLOP/s, no sparsity) of a GPU by `nvidia-smi`'s name, from
+/// NVIDIA's data sheets; `None` for GPUs not in the table (set `DIFINFO_PEAK_TFLOPS`).
+pub fn gpu_bf16_peak_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let table: [(&str, f64); 10] = [
+        ("B200", 2250.0),
+        ("GH200", 989.4),
+        ("H200", 989.4),
+        ("H100 PCIE", 756.0),
+        ("H100 NVL", 835.0),
+        ("H100", 989.4),
+        ("A100", 312.0),
+        ("L40S", 362.1),
+        ("L4", 121.0),
+        ("A10G", 70.0),
+    ];
+    table.iter().find(|(k, _)| n.contains(k)).map(|&(_, t)| t)
 }
 
 fn pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
@@ -191,7 +326,17 @@ pub fn bench_objective(
     };
     drop(t);
     let _ = std::fs::remove_dir_all(&out);
+    let flops = model_flops(
+        model.model.config(),
+        2 * a.batch,
+        a.seq,
+        a.seq - a.seq / 2,
+        model.model.lora_config().is_some(),
+    ) * a.steps as f64;
+    let flops_per_second = flops / secs.max(1e-12);
     Ok(BenchRow {
+        flops_per_second,
+        mfu: peak_flops(model.model.device()).map(|(p, _)| flops_per_second / p),
         objective: match objective {
             Objective::DpoPg => "dpo-pg".into(),
             Objective::RefFree => "ref-free".into(),
@@ -230,17 +375,29 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
     if a.bf16 {
         model.set_compute_dtype(candle_core::DType::BF16)?;
     }
+    a.scale.apply_to(&mut model, 42)?;
     let params = model.num_parameters();
     let tm = TrainModel::new(model, PathBuf::from("<bench>"), dtype);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    println!("| model | params | objective | optim | dtype | device | threads | batch × seq | tokens/step | s/step | tokens/s | peak RSS (MiB) |");
-    println!("|---|---:|---|---|---|---|---:|---|---:|---:|---:|---:|");
+    let peak = peak_flops(&device);
+    let memory = match (a.scale.use_peft, a.scale.gradient_checkpointing) {
+        (false, false) => "full".to_string(),
+        (false, true) => "full + ckpt".to_string(),
+        (true, c) => format!(
+            "LoRA r{} {}{}",
+            a.scale.lora_r,
+            a.scale.lora_target_modules.join("+"),
+            if c { " + ckpt" } else { "" }
+        ),
+    };
+    println!("| model | params | objective | training | optim | dtype | device | threads | batch × seq | tokens/step | s/step | tokens/s | TFLOP/s | MFU | peak RSS (MiB) |");
+    println!("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for o in &a.objective {
         let obj: Objective = o.parse().map_err(CliError::Usage)?;
         let r = bench_objective(&tm, a, obj)?;
         println!(
-            "| {name} | {:.2}M | {} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {} |",
+            "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",
             params as f64 / 1e6,
             r.objective,
             a.optim,
@@ -251,13 +408,19 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
             r.tokens_per_step,
             r.seconds_per_step,
             r.tokens_per_second,
+            r.flops_per_second / 1e12,
+            r.mfu.map_or("n/a".to_string(), |m| format!("{:.1} %", 100.0 * m)),
             r.peak_rss_mib.map_or("n/a".to_string(), |m| format!("{m:.0}"))
         );
         rows.push(r);
     }
+    match &peak {
+        Some((p, how)) => println!("\npeak: {:.3} TFLOP/s ({how})", p / 1e12),
+        None => println!("\npeak: unknown (set DIFINFO_PEAK_TFLOPS for MFU)"),
+    }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         println!(
-            "\nload average (1, 5, 15 min): {}",
+            "load average (1, 5, 15 min): {}",
             l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );
     }

@@ -167,6 +167,79 @@ pub struct HyperArgs {
     /// Delete the checkpoints of an earlier run in --output-dir instead of refusing to start
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub overwrite_output_dir: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub scale: ScaleArgs,
+}
+
+/// Memory options of the training commands and `bench`: HF's `gradient_checkpointing` and
+/// TRL's `ModelConfig` PEFT fields (LoRA with PEFT's semantics).
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct ScaleArgs {
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping
+    /// them (same gradients; less memory, about a third more compute)
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub gradient_checkpointing: bool,
+    /// Train LoRA adapters (PEFT) on the frozen model; the reference is the base model and
+    /// checkpoints hold adapter_config.json + adapter_model.safetensors (merge with
+    /// `difinfo-train merge`)
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub use_peft: bool,
+    /// LoRA rank r
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// LoRA alpha (scale alpha / r)
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' inputs
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Adapted projections, comma-separated: q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj, or all-linear
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    pub lora_target_modules: Vec<String>,
+    /// Rank-stabilized LoRA: scale alpha / √r
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub use_rslora: bool,
+}
+
+impl ScaleArgs {
+    /// Applies the options to a model about to train: LoRA adapters (seeded by `seed`, as
+    /// TRL seeds before PEFT's initialization) and gradient checkpointing.
+    ///
+    /// # Errors
+    /// Invalid LoRA options.
+    pub fn apply_to(&self, model: &mut crate::model::Model, seed: u64) -> CliResult<()> {
+        let cfg = TrainConfig {
+            gradient_checkpointing: self.gradient_checkpointing,
+            use_peft: self.use_peft,
+            lora_r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            lora_target_modules: self.lora_target_modules.clone(),
+            use_rslora: self.use_rslora,
+            ..TrainConfig::default()
+        };
+        apply_scale_options(&cfg, model, seed)
+    }
+}
+
+/// Applies `c`'s `use_peft` / `lora_*` (adapters seeded by `seed`) and
+/// `gradient_checkpointing` to a model about to train.
+///
+/// # Errors
+/// Invalid LoRA options; tensor errors.
+pub fn apply_scale_options(
+    c: &TrainConfig,
+    model: &mut crate::model::Model,
+    seed: u64,
+) -> CliResult<()> {
+    if let Some(lora) = c.lora()? {
+        model.add_lora(lora, seed)?;
+    }
+    model.set_gradient_checkpointing(c.gradient_checkpointing);
+    Ok(())
 }
 
 /// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options).
@@ -726,6 +799,7 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     if r.record.bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;
     }
+    apply_scale_options(c, &mut m, c.seed)?;
     let model = TrainModel::new(m, r.record.model.clone(), dtype);
     let mut trainer = match &r.resume {
         Some(ck) => {
@@ -738,8 +812,12 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     let rec_json = serde_json::to_string_pretty(&r.record)
         .map_err(|e| TrainError::format(out.join(RUN_RECORD), e))?;
     write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
+    let trainable: usize = crate::train::PolicyModel::named_vars(&model)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
     eprintln!(
-        "{}: {} examples, {} parameters, {:?}, from step {} to {} → {}",
+        "{}: {} examples, {} parameters ({trainable} trainable), {:?}, from step {} to {} → {}",
         r.record.command,
         trainer_len(&trainer),
         model.model.num_parameters(),

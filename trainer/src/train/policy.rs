@@ -140,6 +140,35 @@ pub trait PolicyModel {
     /// Trainable variables sorted by name.
     fn named_vars(&self) -> Vec<(String, Var)>;
 
+    /// [`PolicyModel::sequence_logps`] without a gradient (nothing kept for a backward pass);
+    /// by default the same values, detached.
+    fn sequence_logps_no_grad(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps> {
+        let s = self.sequence_logps(batch)?;
+        Ok(SeqLogps {
+            sum: s.sum.detach(),
+            count: s.count.detach(),
+        })
+    }
+
+    /// The reference model's log-probs of a batch, without a gradient: the model as it is
+    /// before training (by default [`PolicyModel::sequence_logps_no_grad`]; a LoRA model
+    /// with its adapters off, i.e. the base model, as TRL does with PEFT).
+    fn reference_logps(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps> {
+        self.sequence_logps_no_grad(batch)
+    }
+
+    /// The variables that determine [`PolicyModel::reference_logps`] (fingerprinted in the
+    /// reference cache's key); by default [`PolicyModel::named_vars`].
+    fn reference_vars(&self) -> Vec<(String, Var)> {
+        self.named_vars()
+    }
+
+    /// Seeds the random parts of the training forward passes that follow (LoRA dropout);
+    /// `None`: evaluation (no dropout). The trainer sets a seed derived from its seed, the
+    /// step and the micro-batch before each micro-batch, so a resumed run draws what the
+    /// uninterrupted run drew. The default does nothing.
+    fn set_dropout_seed(&self, _seed: Option<u64>) {}
+
     /// The gradients of `loss` (a scalar built by this model's forward passes) with respect to
     /// everything it depends on. The default is candle's `loss.backward()`; a model whose
     /// graph nodes hand some gradients over outside candle's store adds them here (see

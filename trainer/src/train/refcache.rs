@@ -145,7 +145,7 @@ impl RefLogps {
                 .chain(chunk.iter().map(|p| &p.rejected))
                 .collect();
             let batch = TokenBatch::from_sequences(&seqs, pad_id, &device)?;
-            let s = model.sequence_logps(&batch)?;
+            let s = model.reference_logps(&batch)?;
             let sums = s.sum.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let counts = s.count.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let b = chunk.len();

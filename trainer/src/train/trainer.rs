@@ -151,7 +151,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 .ref_batch_size
                 .unwrap_or(config.per_device_train_batch_size);
             let key = cache_key(
-                fingerprint_vars(&vars)?,
+                fingerprint_vars(&model.reference_vars())?,
                 pairs,
                 &data.settings,
                 data.pad_id,
@@ -468,6 +468,13 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         Ok(())
     }
 
+    /// The dropout seed of micro-batch `mb` (its index in the epoch) of the current step: a
+    /// function of the run's seed and the position alone, so a resumed run draws the same.
+    fn dropout_seed(&self, mb: usize) -> u64 {
+        let step = self.state.global_step as u64;
+        SplitMix64::for_stream(self.config.seed, 0x4452_4f50 ^ (step << 20) ^ mb as u64).next_u64()
+    }
+
     /// One optimizer step (`None` when the run is complete).
     ///
     /// # Errors
@@ -511,6 +518,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                     let refs: Vec<&Sequence> = seqs.iter().collect();
                     let batch = self.batch(&refs)?;
                     tokens += batch.num_tokens();
+                    self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
                     let s = self.model.sequence_logps(&batch)?;
                     let loss = sft_loss(&s, normalizer.max(1) as f64)?;
                     let v = crate::train::policy::scalar_f64(&loss)?;
@@ -537,6 +545,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                         .collect();
                     let batch = self.batch(&seqs)?;
                     tokens += batch.num_tokens();
+                    self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
                     let out = self.model.sequence_logps(&batch)?;
                     let b = idx.len();
                     let half = |o: usize| -> candle_core::Result<SeqLogps> {
@@ -576,6 +585,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                     let rs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
                     let (cb, rb) = (self.batch(&cs)?, self.batch(&rs)?);
                     tokens += cb.num_tokens() + rb.num_tokens();
+                    self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
                     let sc = self.model.sequence_logps(&cb)?;
                     let sr = self.model.sequence_logps(&rb)?;
                     let pl = self.preference_loss(idx, &sc, &sr, true)?;
@@ -598,6 +608,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             }
             _ => return Err(TrainError::Config("objective and data kind differ".into())),
         };
+        self.model.set_dropout_seed(None);
         let norm = grads.global_norm()?;
         if !norm.is_finite() {
             let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();

@@ -57,10 +57,21 @@ pub fn checkpoint(cfg: ModelConfig, seed: u64) -> (TempDir, ModelConfig) {
     (dir, cfg)
 }
 
-/// A checkpoint and its model loaded in `dtype` on the CPU.
+/// The device the tests run models on: `DIFINFO_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`; a
+/// `cuda` value needs a build with `--features cuda`), the CPU by default.
+/// `trainer/scripts/gpu_check.sh` runs the suite with `DIFINFO_TEST_DEVICE=cuda`.
+pub fn device() -> Device {
+    match std::env::var("DIFINFO_TEST_DEVICE") {
+        Ok(d) if !d.is_empty() => difinfo_trainer::parse_device(&d)
+            .unwrap_or_else(|e| panic!("DIFINFO_TEST_DEVICE={d}: {e}")),
+        _ => Device::Cpu,
+    }
+}
+
+/// A checkpoint and its model loaded in `dtype` on the test device ([`device`]).
 pub fn model(cfg: ModelConfig, dtype: DType, seed: u64) -> (TempDir, Model) {
     let (dir, _) = checkpoint(cfg, seed);
-    let m = load_model(dir.path(), dtype, &Device::Cpu).expect("load model");
+    let m = load_model(dir.path(), dtype, &device()).expect("load model");
     (dir, m)
 }
 
