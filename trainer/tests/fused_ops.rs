@@ -429,6 +429,7 @@ fn masked_token_logps_match_all_positions_times_mask() {
 /// (same operations, same roundings), with and without weight decay, over several steps.
 #[test]
 fn adamw_step_is_bit_identical_to_op_by_op() {
+    // Out of place and in place.
     for dtype in [DType::F32, DType::F64] {
         for wd in [0.0, 0.01] {
             let n = 40_000; // several rayon tasks
@@ -436,6 +437,8 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
             let mut m = p.zeros_like().unwrap();
             let mut v = p.zeros_like().unwrap();
             let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+            // The in-place step's own copies (it writes into their storage).
+            let (p3, m3, v3) = (p.copy().unwrap(), m.copy().unwrap(), v.copy().unwrap());
             let (b1, b2, eps, lr) = (0.9, 0.999, 1e-8, 3e-3);
             for t in 1..=3 {
                 let g = rand(&[n], 20 + t as u64, dtype);
@@ -452,6 +455,7 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
                 };
                 let (np, nm, nv) = fused::adamw_step(&p, &g, &m, &v, &step).unwrap().unwrap();
                 (p, m, v) = (np, nm, nv);
+                assert!(fused::adamw_step_in_place(&p3, &g, &m3, &v3, &step).unwrap());
                 // The op-by-op path of `Optimizer::step`.
                 let pp = if wd != 0.0 {
                     p2.affine(1.0 - lr * wd, 0.0).unwrap()
@@ -467,7 +471,14 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
                 let upd = (&m2 / denom).unwrap().affine(lr / bc1, 0.0).unwrap();
                 p2 = (&pp - upd).unwrap();
             }
-            for (a, b) in [(&p, &p2), (&m, &m2), (&v, &v2)] {
+            for (a, b) in [
+                (&p, &p2),
+                (&m, &m2),
+                (&v, &v2),
+                (&p3, &p2),
+                (&m3, &m2),
+                (&v3, &v2),
+            ] {
                 assert_eq!(max_abs_diff(a, b), 0.0, "{dtype:?} wd {wd}");
             }
         }
@@ -484,6 +495,7 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
         bc2: 0.001,
     };
     assert!(fused::adamw_step(&x, &x, &x, &x, &step).unwrap().is_none());
+    assert!(!fused::adamw_step_in_place(&x, &x, &x, &x, &step).unwrap());
 }
 
 #[test]

@@ -60,6 +60,14 @@ impl GradSink {
         }
     }
 
+    /// The pending gradient of `var` (the first, if several), if any.
+    fn pending(&self, var: &Tensor) -> Option<Tensor> {
+        let v = self.0.lock().ok()?;
+        v.iter()
+            .find(|(x, _)| x.id() == var.id())
+            .map(|(_, g)| g.clone())
+    }
+
     /// Adds the pending gradients to `store` (summing with any gradient already there, as
     /// candle does for a variable used twice) and empties the sink.
     ///
@@ -70,12 +78,76 @@ impl GradSink {
             Ok(mut v) => std::mem::take(&mut *v),
             Err(_) => bail!("decoder layer: gradient sink poisoned"),
         };
+        // Gradients of one variable from several nodes (a tied embedding's lookup and LM
+        // head) are summed into the first: the sink's tensors are the nodes' own, so the sum
+        // can be written in place (no third table-sized buffer).
+        let mut merged: Vec<(Tensor, Tensor)> = Vec::with_capacity(pending.len());
         for (var, g) in pending {
+            match merged.iter_mut().find(|(v, _)| v.id() == var.id()) {
+                Some((_, acc)) => {
+                    if !add_in_place(acc, &g)? {
+                        *acc = (&*acc + &g)?;
+                    }
+                }
+                None => merged.push((var, g)),
+            }
+        }
+        for (var, g) in merged {
             let sum = match store.get(&var) {
                 Some(old) => (old + &g)?,
                 None => g,
             };
             store.insert(&var, sum);
+        }
+        Ok(())
+    }
+}
+
+/// `dst += src` in place (contiguous f32/f64 CPU tensors of one shape, distinct storage); false
+/// (nothing done) otherwise.
+fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<bool> {
+    let ok = |t: &Tensor| {
+        super::enabled(t) && t.dtype() == dst.dtype() && t.layout().contiguous_offsets().is_some()
+    };
+    if !(ok(dst) && ok(src) && dst.shape() == src.shape()) {
+        return Ok(false);
+    }
+    // candle refuses (before writing anything) when the two share storage.
+    Ok(dst.inplace_op2(src, &AddAssign).is_ok())
+}
+
+/// `dst += src` (see [`add_in_place`]).
+struct AddAssign;
+
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "fused-add-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        fn add<T: Real>(d: &mut [T], s: &[T]) {
+            use rayon::prelude::*;
+            d.par_chunks_mut(super::MIN_ELEMS_PER_TASK)
+                .zip(s.par_chunks(super::MIN_ELEMS_PER_TASK))
+                .for_each(|(d, s)| {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d += s;
+                    }
+                });
+        }
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("add-assign: non-contiguous".into()))?;
+        match s1 {
+            CpuStorage::F32(d) => add(&mut d[a..b], data::<f32>(s2, l2)?),
+            CpuStorage::F64(d) => add(&mut d[a..b], data::<f64>(s2, l2)?),
+            s => bail!("add-assign: needs f32 or f64, got {:?}", s.dtype()),
         }
         Ok(())
     }
@@ -801,6 +873,17 @@ impl CustomOp1 for Embedding {
     fn bwd(&self, e: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (v, hs) = e.dims2()?;
         let g = grad.contiguous()?;
+        // A tied table whose LM-head gradient is already pending: the rows are added into it
+        // in place (no second table-sized buffer).
+        if let Some(acc) = self.sink.pending(e) {
+            let fits = super::enabled(&acc)
+                && acc.dtype() == g.dtype()
+                && acc.dims() == [v, hs]
+                && acc.layout().contiguous_offsets().is_some();
+            if fits && acc.inplace_op2(&g, &ScatterRows { ids: &self.ids }).is_ok() {
+                return Ok(None);
+            }
+        }
         let r = Reads::of(&[&g]);
         let de = match g.dtype() {
             DType::F32 => flat(self.bwd(r.get::<f32>(0)?, v, hs))?,
@@ -809,6 +892,54 @@ impl CustomOp1 for Embedding {
         };
         self.sink.push(e, de.reshape((v, hs))?)?;
         Ok(None)
+    }
+}
+
+/// `acc[ids[r]] += g[r]` for every row `r` in order, in place (see [`Embedding`]'s backward).
+struct ScatterRows<'a> {
+    ids: &'a [u32],
+}
+
+impl candle_core::InplaceOp2 for ScatterRows<'_> {
+    fn name(&self) -> &'static str {
+        "fused-embedding-scatter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        fn scatter<T: Real>(acc: &mut [T], g: &[T], ids: &[u32], hs: usize) {
+            for (r, &id) in ids.iter().enumerate() {
+                let id = id as usize;
+                for (d, &x) in acc[id * hs..(id + 1) * hs]
+                    .iter_mut()
+                    .zip(&g[r * hs..(r + 1) * hs])
+                {
+                    *d += x;
+                }
+            }
+        }
+        let (a, b) = l1
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("embedding: non-contiguous gradient".into()))?;
+        let hs = l1.dims().get(1).copied().unwrap_or(1);
+        if l2.dims() != [self.ids.len(), hs] {
+            bail!(
+                "embedding: gradient rows {:?} for {} ids",
+                l2.dims(),
+                self.ids.len()
+            );
+        }
+        match s1 {
+            CpuStorage::F32(d) => scatter(&mut d[a..b], data::<f32>(s2, l2)?, self.ids, hs),
+            CpuStorage::F64(d) => scatter(&mut d[a..b], data::<f64>(s2, l2)?, self.ids, hs),
+            s => bail!("embedding: needs f32 or f64, got {:?}", s.dtype()),
+        }
+        Ok(())
     }
 }
 

@@ -1192,6 +1192,162 @@ pub fn adamw_step(
     Ok(Some((mk(a)?, mk(b)?, mk(c)?)))
 }
 
+/// `m ← β₁m + (1−β₁)g` (`second`: `v ← β₂v + (1−β₂)g²`) in place, with [`AdamWStep::update`]'s
+/// operations.
+struct AdamWMoment {
+    step: AdamWStep,
+    second: bool,
+}
+
+/// `θ ← θ(1 − ηλ) − (η/(1−β₁ᵗ)) · m / (√v/√(1−β₂ᵗ) + ε)` in place from the updated moments, with
+/// [`AdamWStep::update`]'s operations.
+struct AdamWParam(AdamWStep);
+
+/// The element range of a contiguous layout.
+fn offsets(l: &Layout) -> Result<std::ops::Range<usize>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("adamw: non-contiguous state".into()))?;
+    Ok(a..b)
+}
+
+impl AdamWMoment {
+    fn run<T: Real>(&self, m: &mut [T], g: &[T]) {
+        let c = AdamWConsts::<T>::of(&self.step);
+        let z = T::zero();
+        let (b, one_m_b) = if self.second {
+            (c.b2, c.one_m_b2)
+        } else {
+            (c.b1, c.one_m_b1)
+        };
+        let second = self.second;
+        m.par_chunks_mut(MIN_ELEMS_PER_TASK)
+            .zip(g.par_chunks(MIN_ELEMS_PER_TASK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let gg = if second { g * g } else { g };
+                    *m = (*m * b + z) + (gg * one_m_b + z);
+                }
+            });
+    }
+}
+
+impl candle_core::InplaceOp2 for AdamWMoment {
+    fn name(&self) -> &'static str {
+        "fused-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let r = offsets(l1)?;
+        match s1 {
+            CpuStorage::F32(m) => self.run(&mut m[r], data::<f32>(s2, l2)?),
+            CpuStorage::F64(m) => self.run(&mut m[r], data::<f64>(s2, l2)?),
+            s => bail!(
+                "adamw: fused CPU kernel needs f32 or f64, got {:?}",
+                s.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+impl AdamWParam {
+    fn run<T: Real>(&self, p: &mut [T], m: &[T], v: &[T]) {
+        let s = &self.0;
+        let c = AdamWConsts::<T>::of(s);
+        let z = T::zero();
+        let decay = s.weight_decay != 0.0;
+        p.par_chunks_mut(MIN_ELEMS_PER_TASK)
+            .zip(m.par_chunks(MIN_ELEMS_PER_TASK))
+            .zip(v.par_chunks(MIN_ELEMS_PER_TASK))
+            .for_each(|((p, m), v)| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let q = if decay { *p * c.decay + z } else { *p };
+                    let denom = (v.sqrt() * c.inv_sqrt_bc2 + z) * T::one() + c.eps;
+                    *p = q - ((m / denom) * c.step + z);
+                }
+            });
+    }
+}
+
+impl candle_core::InplaceOp3 for AdamWParam {
+    fn name(&self) -> &'static str {
+        "fused-adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let r = offsets(l1)?;
+        match s1 {
+            CpuStorage::F32(p) => self.run(&mut p[r], data::<f32>(s2, l2)?, data::<f32>(s3, l3)?),
+            CpuStorage::F64(p) => self.run(&mut p[r], data::<f64>(s2, l2)?, data::<f64>(s3, l3)?),
+            s => bail!(
+                "adamw: fused CPU kernel needs f32 or f64, got {:?}",
+                s.dtype()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// [`adamw_step`] in place: `m`, `v` and then `θ` (the variable's own storage) are overwritten
+/// with their updated values, element by element with the same operations (bit-identical
+/// results), in three parallel passes and without any new parameter-sized buffer (the
+/// out-of-place step holds three more copies of the largest parameter). Returns false, and
+/// changes nothing, when the fused kernel does not apply (as [`adamw_step`]).
+///
+/// # Errors
+/// Tensor errors.
+pub fn adamw_step_in_place(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    step: &AdamWStep,
+) -> Result<bool> {
+    let ts = [p, g, m, v];
+    let dt = p.dtype();
+    let applies = enabled(p)
+        && ts.iter().all(|t| {
+            t.device().is_cpu()
+                && t.dtype() == dt
+                && t.shape() == p.shape()
+                && t.layout().contiguous_offsets().is_some()
+        });
+    if !applies {
+        return Ok(false);
+    }
+    m.inplace_op2(
+        g,
+        &AdamWMoment {
+            step: *step,
+            second: false,
+        },
+    )?;
+    v.inplace_op2(
+        g,
+        &AdamWMoment {
+            step: *step,
+            second: true,
+        },
+    )?;
+    p.inplace_op3(m, v, &AdamWParam(*step))?;
+    Ok(true)
+}
+
 // ---------------------------------------------------------------------------------------------
 // head split (+ RoPE, + grouped-query repetition)
 // ---------------------------------------------------------------------------------------------
@@ -2616,8 +2772,11 @@ fn head_logits<T: Real>(h: &[T], w: &[T], n: usize, hd: usize, v: usize) -> Vec<
     z
 }
 
-/// Elements of one chunk of LM-head logits (`[rows, V]`) by default: 2²⁴, 64 MiB in f32.
-pub const HEAD_CHUNK_ELEMS: usize = 1 << 24;
+/// Elements of one chunk of LM-head logits (`[rows, V]`) by default: 2²², 16 MiB in f32 (85
+/// rows of a 49,152-token vocabulary, 32 of Llama 3's 128,256: enough rows for the products to
+/// run at full speed, and below glibc's largest mmap threshold, so the pooled buffers come from
+/// the heap).
+pub const HEAD_CHUNK_ELEMS: usize = 1 << 22;
 
 /// Rows per chunk of `v`-wide logits under a budget of `elems` elements (at least one).
 pub fn head_chunk_rows(elems: usize, v: usize) -> usize {

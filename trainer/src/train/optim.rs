@@ -216,21 +216,28 @@ impl Optimizer {
                 OptimizerKind::Adamw => {
                     let bc1 = 1.0 - c.adam_beta1.powi(t);
                     let bc2 = 1.0 - c.adam_beta2.powi(t);
-                    let fused = crate::fused::adamw_step(
-                        &p,
-                        &g,
+                    let step = crate::fused::AdamWStep {
+                        lr,
+                        weight_decay: wd,
+                        beta1: c.adam_beta1,
+                        beta2: c.adam_beta2,
+                        eps: c.adam_epsilon,
+                        bc1,
+                        bc2,
+                    };
+                    let (m, v) = (
                         self.m[i].as_ref().expect("adamw state"),
                         self.v[i].as_ref().expect("adamw state"),
-                        &crate::fused::AdamWStep {
-                            lr,
-                            weight_decay: wd,
-                            beta1: c.adam_beta1,
-                            beta2: c.adam_beta2,
-                            eps: c.adam_epsilon,
-                            bc1,
-                            bc2,
-                        },
-                    )?;
+                    );
+                    // In place when the variable is in the state's dtype (no parameter-sized
+                    // buffer per update: the largest parameter's three copies were the step's
+                    // memory peak).
+                    if var.dtype() == dt
+                        && crate::fused::adamw_step_in_place(var.as_tensor(), &g, m, v, &step)?
+                    {
+                        continue;
+                    }
+                    let fused = crate::fused::adamw_step(&p, &g, m, v, &step)?;
                     if let Some((new_p, m, v)) = fused {
                         // One pass, bit-identical to the op-by-op update below.
                         self.m[i] = Some(m);
