@@ -667,3 +667,19 @@ fn gate_up_matches_unfused() {
         );
     }
 }
+
+/// Gradient clipping's in-place scaling gives candle's `affine(c, 0)` bit for bit, and so does
+/// the out-of-place kernel.
+#[test]
+fn scale_in_place_is_bit_identical_to_affine() {
+    for dtype in [DType::F32, DType::F64] {
+        let x = rand(&[30_001], 4, dtype);
+        let want = x.affine(0.37, 0.0).unwrap();
+        let out = fused::scale(&x, 0.37).unwrap().unwrap();
+        let y = x.copy().unwrap();
+        assert!(fused::scale_in_place(&y, 0.37).unwrap());
+        assert_eq!(max_abs_diff(&out, &want), 0.0, "{dtype:?}");
+        assert_eq!(max_abs_diff(&y, &want), 0.0, "{dtype:?} in place");
+    }
+    assert!(!fused::scale_in_place(&rand(&[4], 1, DType::BF16), 2.0).unwrap());
+}

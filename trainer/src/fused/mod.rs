@@ -1022,6 +1022,47 @@ pub fn scale(x: &Tensor, c: f64) -> Result<Option<Tensor>> {
     }))
 }
 
+/// `x ← c·x` (see [`scale_in_place`]).
+struct ScaleAssign(f64);
+
+impl candle_core::InplaceOp1 for ScaleAssign {
+    fn name(&self) -> &'static str {
+        "fused-scale-assign"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        fn run<T: Real>(x: &mut [T], c: T) {
+            x.par_chunks_mut(MIN_ELEMS_PER_TASK).for_each(|x| {
+                for u in x.iter_mut() {
+                    *u = *u * c + T::zero();
+                }
+            });
+        }
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("scale: non-contiguous".into()))?;
+        match s {
+            CpuStorage::F32(x) => run(&mut x[a..b], self.0 as f32),
+            CpuStorage::F64(x) => run(&mut x[a..b], self.0),
+            s => bail!("scale: needs f32 or f64, got {:?}", s.dtype()),
+        }
+        Ok(())
+    }
+}
+
+/// [`scale`] in place (the tensor's own storage is overwritten; same roundings): no second
+/// copy of the gradients when clipping them. False, and nothing done, when it does not apply.
+///
+/// # Errors
+/// Tensor errors.
+pub fn scale_in_place(x: &Tensor, c: f64) -> Result<bool> {
+    if !enabled(x) || x.layout().contiguous_offsets().is_none() {
+        return Ok(false);
+    }
+    x.inplace_op1(&ScaleAssign(c))?;
+    Ok(true)
+}
+
 // ---------------------------------------------------------------------------------------------
 // AdamW
 // ---------------------------------------------------------------------------------------------

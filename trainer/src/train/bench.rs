@@ -308,22 +308,12 @@ pub fn bench_objective(
     };
     let m = NoSave(model);
     let mut t = Trainer::new(&m, cfg, data)?;
-    eprintln!(
-        "TRACE after ref: rss {:?} hwm {:?}",
-        proc_status_kib("VmRSS"),
-        proc_status_kib("VmHWM")
-    );
     let peak_reset = reset_peak_rss();
     let (mut tokens, mut secs) = (0usize, 0.0f64);
     for i in 0..steps {
         let r = t
             .train_step()?
             .ok_or_else(|| CliError::Usage("the bench run ended early".into()))?;
-        eprintln!(
-            "TRACE step {i}: rss {:?} hwm {:?}",
-            proc_status_kib("VmRSS"),
-            proc_status_kib("VmHWM")
-        );
         if i >= a.warmup {
             tokens += r.tokens;
             secs += r.seconds;

@@ -138,11 +138,25 @@ impl Grads {
             return Ok(self);
         }
         let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            self.scale(coef)
-        } else {
-            Ok(self)
+        if coef >= 1.0 {
+            return Ok(self);
         }
+        // The gradients are this value's own: scaled in place where the kernel applies, else
+        // one at a time (never a second copy of all of them).
+        let mut out = Vec::with_capacity(self.0.len());
+        for g in self.0 {
+            if crate::fused::scale_in_place(&g, coef)? {
+                out.push(g);
+            } else {
+                let s = match crate::fused::scale(&g, coef)? {
+                    Some(t) => t,
+                    None => g.affine(coef, 0.0)?,
+                };
+                drop(g);
+                out.push(s);
+            }
+        }
+        Ok(Grads(out))
     }
 
     /// Number of variables.
