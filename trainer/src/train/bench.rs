@@ -426,3 +426,42 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_peak_reads_cpuinfo() {
+        let info = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma avx512f\ncpu MHz\t\t: 2600.000\n";
+        let (p, how) = cpu_peak(info, None, 2).unwrap();
+        assert!((p - 2.0 * 2.0 * 16.0 * 2.0 * 2.6e9).abs() < 1.0, "{p} {how}");
+        let (p, _) = cpu_peak(&info.replace(" avx512f", ""), Some(3.0e6), 4).unwrap();
+        assert!((p - 4.0 * 2.0 * 8.0 * 2.0 * 3.0e9).abs() < 1.0);
+        assert!(cpu_peak("flags\t: sse\n", None, 1).is_none());
+    }
+
+    #[test]
+    fn gpu_peaks_by_name() {
+        assert_eq!(gpu_bf16_peak_tflops("NVIDIA H200"), Some(989.4));
+        assert_eq!(gpu_bf16_peak_tflops("NVIDIA H100 PCIe"), Some(756.0));
+        assert_eq!(gpu_bf16_peak_tflops("NVIDIA H100 80GB HBM3"), Some(989.4));
+        assert_eq!(gpu_bf16_peak_tflops("NVIDIA A100-SXM4-80GB"), Some(312.0));
+        assert_eq!(gpu_bf16_peak_tflops("NVIDIA L40S"), Some(362.1));
+        assert_eq!(gpu_bf16_peak_tflops("Tesla V100"), None);
+    }
+
+    #[test]
+    fn model_flops_follow_palm() {
+        let cfg = crate::init::size_config(ModelSize::Smollm2_135m);
+        // One sequence, one token scored: 6 N + 6 V H + 12 L d · len² / len … per token.
+        let (h, i, l) = (576.0, 1536.0, 30.0);
+        let n = l * (2.0 * h * 576.0 + 2.0 * h * 192.0 + 3.0 * h * i);
+        let f = model_flops(&cfg, 1, 8, 1, false);
+        let want = 3.0 * (2.0 * n * 8.0 + 2.0 * 49_152.0 * h) + 3.0 * 4.0 * l * 64.0 * 576.0;
+        assert!((f - want).abs() < 1.0, "{f} vs {want}");
+        // Frozen weights (LoRA): the weights' backward is one product, not two.
+        let g = model_flops(&cfg, 1, 8, 1, true);
+        assert!((f - g - (2.0 * n * 8.0 + 2.0 * 49_152.0 * h)).abs() < 1.0);
+    }
+}
