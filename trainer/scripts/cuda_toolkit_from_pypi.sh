@@ -20,10 +20,15 @@ stub=false
 [[ "${2:-}" == "--stub-libcuda" ]] && stub=true
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# CUDA_RELEASE picks another 13.x release (13.0 for a driver of the 580 series: the driver must
+# accept the PTX that this nvcc writes).
+rel="${CUDA_RELEASE:-13.2}"
+nvcc_pin="nvidia-cuda-nvcc==$rel.*"
+[[ "$rel" == "13.2" ]] && nvcc_pin="nvidia-cuda-nvcc==13.2.86"
 pip download --no-deps -d "$work/wheels" \
-  "nvidia-cuda-nvcc==13.2.86" "nvidia-nvvm==13.2.*" "nvidia-cuda-crt==13.2.*" \
-  "nvidia-cuda-runtime==13.2.*" "nvidia-cuda-cccl==13.2.*" "nvidia-cublas==13.*" \
-  "nvidia-cuda-nvrtc==13.2.*" "nvidia-curand==10.*"
+  "$nvcc_pin" "nvidia-nvvm==$rel.*" "nvidia-cuda-crt==$rel.*" \
+  "nvidia-cuda-runtime==$rel.*" "nvidia-cuda-cccl==$rel.*" "nvidia-cublas==13.*" \
+  "nvidia-cuda-nvrtc==$rel.*" "nvidia-curand==10.*"
 for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/x"; done
 src="$work/x/nvidia/cu13"
 mkdir -p "$root"/{bin,include,lib64,nvvm}

@@ -481,7 +481,7 @@ fn pairs(dir: &Path, n: usize) -> Dataset {
         max_prompt_length: Some(32),
         ..Default::default()
     };
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");
+    let file = common::data_file("example_prefs.jsonl");
     let data = load_preferences(&tok, &file, &opts, false).unwrap();
     let conv = |s: Sequence| difinfo_trainer::train::Sequence {
         ids: s.ids,

@@ -28,7 +28,7 @@ fn setup(dir: &Path, arch: Architecture, n: usize) -> (TrainModel, Dataset) {
         max_prompt_length: Some(32),
         ..Default::default()
     };
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");
+    let file = common::data_file("example_prefs.jsonl");
     let data = load_preferences(&tok, &file, &opts, false).unwrap();
     let conv = |s: difinfo_trainer::batch::Sequence| Sequence {
         ids: s.ids,

@@ -68,6 +68,16 @@ pub fn device() -> Device {
     }
 }
 
+/// A file of the repository's `data/` directory: under `DIFINFO_DATA_DIR` when set (test
+/// binaries run away from their source tree, as `trainer/scripts/gpu_check.sh` does), else
+/// next to this crate.
+pub fn data_file(name: &str) -> PathBuf {
+    match std::env::var_os("DIFINFO_DATA_DIR") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../data").join(name),
+    }
+}
+
 /// A checkpoint and its model loaded in `dtype` on the test device ([`device`]).
 pub fn model(cfg: ModelConfig, dtype: DType, seed: u64) -> (TempDir, Model) {
     let (dir, _) = checkpoint(cfg, seed);
