@@ -448,7 +448,7 @@ pub fn run_experiment(
 pub fn work_units(e: Experiment, cfg: &SynthConfig) -> u64 {
     let u = match e {
         Experiment::DidFit => 2 * 2 * cfg.did_fit_betas.len(),
-        Experiment::RewardForms => 2 * objective::Objective::ALL.len(),
+        Experiment::RewardForms => 2 * objective::Preset::ALL.len(),
         Experiment::Rejected => 2 * 4,
         Experiment::Entropy => 4,
         Experiment::ClaimMap => cfg.grid_scale + cfg.grid_n.len(),

@@ -49,6 +49,7 @@ use crate::train::config::merge_onto;
 use crate::train::optim::OptimizerKind;
 use crate::train::schedule::SchedulerType;
 use crate::train::{Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig};
+use difinfo::objective::{FDivergence, LossType, Rule};
 
 /// How the pair completions are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -168,9 +169,7 @@ pub struct DidEntropyArgs {
 /// (8 × 8), one epoch, checkpoints at the end.
 pub fn estimator_defaults(output_dir: &Path) -> TrainConfig {
     TrainConfig {
-        objective: Objective::RefFree,
-        reference_free: true,
-        beta: 1.0,
+        objective: estimator_objective(),
         output_dir: output_dir.to_path_buf(),
         learning_rate: 1e-6,
         optim: OptimizerKind::Rmsprop,
@@ -185,6 +184,14 @@ pub fn estimator_defaults(output_dir: &Path) -> TrainConfig {
         save_steps: 0,
         ..TrainConfig::default()
     }
+}
+
+/// The estimator's objective: DPO's sigmoid loss with the reference-free reward `r = log π̂`
+/// (`β = 1`), whose optimum is the DID `q_{π/π_ref}` (Theorem 2.1).
+pub fn estimator_objective() -> Objective {
+    Objective::dpo(1.0)
+        .and_then(|o| o.reference_free())
+        .expect("β = 1 is valid")
 }
 
 /// One sampled pair `(y_w ~ π, y_l ~ π_ref)` of a prompt.
@@ -380,11 +387,19 @@ pub fn run(
         args.config.as_deref(),
         &args.estimator,
     )?;
-    if config.objective != Objective::RefFree || config.beta != 1.0 {
+    let o = &config.objective;
+    if o.rule() != Rule::Preference
+        || !o.is_reference_free()
+        || o.beta() != 1.0
+        || o.terms() != [(LossType::Sigmoid, 1.0)]
+        || o.label_smoothing() != 0.0
+        || o.f_divergence() != FDivergence::ReverseKl
+    {
         return usage(format!(
-            "did-entropy trains π̂ with the reference-free reward r = log π̂ (objective ref-free, β = 1); \
-             the options ask for objective {:?} with β = {}",
-            config.objective, config.beta
+            "did-entropy trains π̂ with DPO's sigmoid loss and the reference-free reward r = log π̂ \
+             (reference_free = true, β = 1); the options ask for {} with β = {}",
+            o.label(),
+            o.beta()
         ));
     }
     config.output_dir = est_dir.clone();
@@ -485,6 +500,7 @@ pub fn run(
         record: RunRecord {
             command: "dpo".into(),
             model: args.reference.clone(),
+            ref_model: None,
             data: pairs_path.clone(),
             dtype: "f32".into(),
             device: args.device.clone(),

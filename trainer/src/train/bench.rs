@@ -147,6 +147,7 @@ fn pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
 pub fn bench_objective(
     model: &TrainModel,
     a: &BenchArgs,
+    name: &str,
     objective: Objective,
 ) -> CliResult<BenchRow> {
     let steps = a.warmup + a.steps;
@@ -191,11 +192,7 @@ pub fn bench_objective(
     drop(t);
     let _ = std::fs::remove_dir_all(&out);
     Ok(BenchRow {
-        objective: match objective {
-            Objective::DpoPg => "dpo-pg".into(),
-            Objective::RefFree => "ref-free".into(),
-            _ => "dpo".into(),
-        },
+        objective: name.to_string(),
         tokens_per_step: tokens / a.steps.max(1),
         seconds_per_step: secs / a.steps.max(1) as f64,
         tokens_per_second: tokens as f64 / secs.max(1e-12),
@@ -236,8 +233,13 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
     println!("|---|---:|---|---|---|---|---:|---|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for o in &a.objective {
-        let obj: Objective = o.parse().map_err(CliError::Usage)?;
-        let r = bench_objective(&tm, a, obj)?;
+        let obj = match o.as_str() {
+            "dpo-pg" => Objective::dpo_pg(0.1),
+            "ref-free" => Objective::default().reference_free(),
+            _ => Ok(Objective::default()),
+        }
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = bench_objective(&tm, a, o, obj)?;
         println!(
             "| {name} | {:.2}M | {} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {} |",
             params as f64 / 1e6,

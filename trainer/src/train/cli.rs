@@ -8,11 +8,14 @@
 //! in the run directory as `train_config.toml` / `.json`; the model, data and tokenization
 //! settings as `run_args.json`, so `--resume RUN_DIR` needs nothing else.
 //!
-//! Objective selection (TRL has one trainer per objective; this is TRL's `DPOConfig` plus one
-//! flag): `dpo` trains DPO with `--loss-type sigmoid|hinge|ipo`; `--reference-free` (TRL's
-//! field) uses the reward `β log π` (the DID estimator of Appendix K); `--projected-gradient`
-//! trains DPO-PG (Appendix H). In a TOML file the same choice is `objective = "dpo" |
-//! "ref-free" | "dpo-pg"`.
+//! Objective selection: the options are the fields of the library's one objective type
+//! ([`difinfo::objective::ObjectiveSpec`]), spelled as TRL's `DPOConfig`, each once:
+//! `--loss-type a,b` (any of TRL 1.x's fifteen loss types) with `--loss-weights`, `--beta`,
+//! `--label-smoothing`, `--f-divergence-type`, `--f-alpha-divergence-coef`, `--discopop-tau`,
+//! TRL 0.x's `--reference-free` (the reward `β log π`, the DID estimator of Appendix K) and
+//! `--rpo-alpha`, and `--objective dpo|dpo-pg` (DPO-PG, Appendix H; not a TRL option). A TOML
+//! file uses the same names with underscores. `--ref-model DIR` is TRL's `ref_model`: the
+//! reference whose log-probs are cached (default: the policy's starting weights).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -34,6 +37,7 @@ use crate::train::config::{merge_onto, write_file, CONFIG_TOML};
 use crate::train::{
     Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig, TrainError, Trainer,
 };
+use difinfo::objective::Rule;
 
 /// What the training commands can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +173,25 @@ pub struct HyperArgs {
     pub overwrite_output_dir: bool,
 }
 
+/// TRL's loss type names (`DPOConfig.loss_type`).
+const LOSS_TYPES: [&str; 15] = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+];
+
 /// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options).
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct DpoArgs {
@@ -179,28 +202,56 @@ pub struct DpoArgs {
     /// Run directory: checkpoints, metrics, resolved config
     #[arg(long, default_value = "runs/dpo")]
     pub output_dir: PathBuf,
-    /// Loss on the margin d = β h: sigmoid (DPO), hinge (SLiC), ipo (TRL's length-normalized IPO)
-    #[arg(long, default_value = "sigmoid", value_parser = ["sigmoid", "hinge", "ipo"])]
-    pub loss_type: String,
+    /// The reference model, TRL's ref_model: a Hugging Face checkpoint directory with the
+    /// policy's vocabulary whose log-probs are computed once and cached [default: the policy's
+    /// starting weights]
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip)]
+    pub ref_model: Option<PathBuf>,
+    /// dpo: the preference loss; dpo-pg: DPO-PG (Appendix H), a step along the chosen NLL's
+    /// gradient projected off the rejected NLL's (the loss is still logged; the summary reports
+    /// how often the projection was active)
+    #[arg(long, default_value = "dpo", value_parser = ["dpo", "dpo-pg"])]
+    pub objective: String,
+    /// TRL's loss types, comma-separated (combined with --loss-weights): sigmoid (DPO), hinge
+    /// (SLiC), ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
+    /// apo_zero, apo_down, discopop, sft, sigmoid_norm
+    #[arg(long, default_value = "sigmoid", value_delimiter = ',', value_parser = LOSS_TYPES)]
+    pub loss_type: Vec<String>,
+    /// Weights of the loss types, comma-separated (TRL's loss_weights) [default: 1 each]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "W,...",
+        allow_negative_numbers = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
     /// β
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    /// Reward β log π without a reference (TRL's reference_free; the DID estimator)
+    /// Reward β log π without a reference (TRL 0.x's reference_free; the DID estimator)
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub reference_free: bool,
-    /// Conservative DPO: labels flipped with probability ε ∈ [0, 0.5] (sigmoid loss only)
+    /// Label smoothing ε ∈ [0, 0.5]: conservative DPO (sigmoid), robust (ε < 0.5), exo_pair
+    /// (ε > 0), aot, aot_unpaired
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    /// RPO: add α times the mean NLL per chosen completion token to the loss (logged as
-    /// nll_loss) [default: none]
+    /// RPO: add α times the mean NLL per chosen completion token to the loss, i.e. the sft loss
+    /// type with weight α (logged as nll_loss) [default: none]
     #[arg(long, value_name = "ALPHA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpo_alpha: Option<f64>,
-    /// DPO-PG (Appendix H): step along the chosen NLL's gradient projected off the rejected
-    /// NLL's (the loss is still logged); the summary reports how often the projection was active
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    #[serde(skip)]
-    pub projected_gradient: bool,
+    /// The f-divergence of the scores (f-DPO): reverse_kl (DPO), forward_kl, js_divergence,
+    /// alpha_divergence
+    #[arg(long, default_value = "reverse_kl", value_parser = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])]
+    pub f_divergence_type: String,
+    /// α of alpha_divergence
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub f_alpha_divergence_coef: f64,
+    /// DiscoPOP's τ
+    #[arg(long, default_value_t = 0.05)]
+    pub discopop_tau: f64,
     /// Peak learning rate (TRL's DPOConfig default)
     #[arg(long, default_value_t = 1e-6)]
     pub learning_rate: f64,
@@ -254,7 +305,7 @@ pub struct SftArgs {
 /// The defaults of `dpo` (TRL's `DPOConfig`).
 pub fn dpo_defaults() -> TrainConfig {
     TrainConfig {
-        objective: Objective::Dpo,
+        objective: Objective::default(),
         output_dir: PathBuf::from("runs/dpo"),
         ..TrainConfig::default()
     }
@@ -263,7 +314,7 @@ pub fn dpo_defaults() -> TrainConfig {
 /// The defaults of `sft` (TRL's `SFTConfig`).
 pub fn sft_defaults() -> TrainConfig {
     TrainConfig {
-        objective: Objective::Sft,
+        objective: Objective::sft(),
         output_dir: PathBuf::from("runs/sft"),
         learning_rate: 2e-5,
         max_prompt_length: 0,
@@ -276,8 +327,11 @@ pub fn sft_defaults() -> TrainConfig {
 pub struct RunRecord {
     /// `sft` or `dpo`.
     pub command: String,
-    /// The model trained (its initial checkpoint; also the reference).
+    /// The model trained (its initial checkpoint; the reference unless `ref_model`).
     pub model: PathBuf,
+    /// TRL's `ref_model`: the reference checkpoint, when not the initial policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_model: Option<PathBuf>,
     /// The data file.
     pub data: PathBuf,
     /// Parameter dtype.
@@ -352,6 +406,7 @@ fn resolve_common(
     command: &str,
     base: &TrainConfig,
     run: &RunArgs,
+    ref_model: Option<PathBuf>,
     m: &ArgMatches,
     mut table: toml::Table,
 ) -> CliResult<Resolved> {
@@ -405,6 +460,7 @@ fn resolve_common(
     let record = RunRecord {
         command: command.to_string(),
         model,
+        ref_model: ref_model.or_else(|| saved.as_ref().and_then(|r| r.ref_model.clone())),
         data,
         dtype: if keep("dtype") {
             saved.as_ref().map(|r| r.dtype.clone()).unwrap_or_default()
@@ -455,17 +511,16 @@ fn resolve_common(
 /// # Errors
 /// Bad options or config file, an `sft` objective.
 pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<Resolved> {
-    let mut table = command_line_table(args, m)?;
-    if from_command_line(m, "projected_gradient") {
-        let o = if args.projected_gradient {
-            "dpo-pg"
-        } else {
-            "dpo"
-        };
-        table.insert("objective".into(), toml::Value::String(o.into()));
-    }
-    let r = resolve_common("dpo", &dpo_defaults(), &args.run, m, table)?;
-    if r.config.objective == Objective::Sft {
+    let table = command_line_table(args, m)?;
+    let r = resolve_common(
+        "dpo",
+        &dpo_defaults(),
+        &args.run,
+        args.ref_model.clone(),
+        m,
+        table,
+    )?;
+    if r.config.objective.rule() == Rule::Sft {
         return usage("objective `sft` in the config file: use `difinfo-train sft`");
     }
     Ok(r)
@@ -477,11 +532,11 @@ pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<Resolved> {
 /// Bad options or config file, a preference objective.
 pub fn resolve_sft(args: &SftArgs, m: &ArgMatches) -> CliResult<Resolved> {
     let table = command_line_table(args, m)?;
-    let r = resolve_common("sft", &sft_defaults(), &args.run, m, table)?;
-    if r.config.objective != Objective::Sft {
+    let r = resolve_common("sft", &sft_defaults(), &args.run, None, m, table)?;
+    if r.config.objective.rule() != Rule::Sft {
         return usage(format!(
-            "objective `{:?}` in the config file: use `difinfo-train dpo`",
-            r.config.objective
+            "objective `{}` in the config file: use `difinfo-train dpo`",
+            r.config.objective.rule()
         ));
     }
     Ok(r)
@@ -628,7 +683,7 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
 /// What a finished run reports (also written as `train_summary.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
-    /// `sft`, `dpo`, `ref-free`, `dpo-pg`.
+    /// The objective (its fields, as in the config).
     pub objective: Objective,
     /// Optimizer steps taken in total (including before a resume).
     pub global_step: usize,
@@ -649,13 +704,11 @@ pub struct RunSummary {
 impl RunSummary {
     /// The one-line summary printed at the end.
     pub fn line(&self) -> String {
-        let obj = match self.objective {
-            Objective::Sft => "sft",
-            Objective::Dpo => "dpo",
-            Objective::RefFree => "ref-free",
-            Objective::DpoPg => "dpo-pg",
-        };
-        let mut s = format!("{obj}: done, {} steps", self.global_step);
+        let mut s = format!(
+            "{}: done, {} steps",
+            self.objective.label(),
+            self.global_step
+        );
         let f = |k: &str| {
             self.final_metrics
                 .get(k)
@@ -732,18 +785,33 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
             eprintln!("resuming from {}", ck.display());
             Trainer::resume(&model, c.clone(), data, ck)?
         }
-        None => Trainer::new(&model, c.clone(), data)?,
+        None => match (&r.record.ref_model, c.objective.needs_reference()) {
+            (Some(dir), true) => {
+                let reference = load_reference(dir, &model, dtype, &device, r.record.bf16)?;
+                eprintln!("reference model: {}", dir.display());
+                Trainer::with_reference(&model, &reference, c.clone(), data)?
+            }
+            (Some(dir), false) => {
+                eprintln!(
+                    "warning: --ref-model {} is not used: the objective reads no reference",
+                    dir.display()
+                );
+                Trainer::new(&model, c.clone(), data)?
+            }
+            (None, _) => Trainer::new(&model, c.clone(), data)?,
+        },
     };
     let out = c.output_dir.clone();
     let rec_json = serde_json::to_string_pretty(&r.record)
         .map_err(|e| TrainError::format(out.join(RUN_RECORD), e))?;
     write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
     eprintln!(
-        "{}: {} examples, {} parameters, {:?}, from step {} to {} → {}",
+        "{}: {} examples, {} parameters, {} (β = {}), from step {} to {} → {}",
         r.record.command,
         trainer_len(&trainer),
         model.model.num_parameters(),
-        trainer.objective(),
+        trainer.objective().label(),
+        trainer.objective().beta(),
         trainer.global_step(),
         trainer.total_steps(),
         out.display()
@@ -778,9 +846,9 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     let seconds = t0.elapsed().as_secs_f64();
     let final_metrics = trainer.metrics().read()?.pop().unwrap_or_default();
     let st = trainer.state();
-    let pg = trainer.objective() == Objective::DpoPg;
+    let pg = trainer.objective().rule() == Rule::ProjectedGradient;
     let summary = RunSummary {
-        objective: trainer.objective(),
+        objective: trainer.objective().clone(),
         global_step: st.global_step,
         steps_this_run: st.global_step - start_step,
         seconds,
@@ -794,6 +862,29 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
         .map_err(|e| TrainError::format(out.join(SUMMARY_FILE), e))?;
     write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
     Ok(summary)
+}
+
+/// TRL's `ref_model`: the checkpoint in `dir`, loaded like the policy; its vocabulary must be
+/// the policy's (the log-probs of the same token ids are compared).
+fn load_reference(
+    dir: &Path,
+    policy: &TrainModel,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+    bf16: bool,
+) -> CliResult<TrainModel> {
+    let mut m = load_model(dir, dtype, device)?;
+    let (v_ref, v_pol) = (m.config().vocab_size, policy.model.config().vocab_size);
+    if v_ref != v_pol {
+        return usage(format!(
+            "--ref-model {}: vocabulary of {v_ref} tokens, the policy's has {v_pol}",
+            dir.display()
+        ));
+    }
+    if bf16 {
+        m.set_compute_dtype(candle_core::DType::BF16)?;
+    }
+    Ok(TrainModel::new(m, dir.to_path_buf(), dtype))
 }
 
 fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {

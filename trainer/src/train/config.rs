@@ -5,40 +5,34 @@
 //! The binary's clap struct merges by serializing itself with every unset option skipped
 //! (`#[serde(skip_serializing_if = "Option::is_none")]`) and field names equal to these:
 //! see [`merge`].
+//!
+//! The objective's fields (`objective`, `loss_type`, `loss_weights`, `beta`,
+//! `reference_free`, `label_smoothing`, `rpo_alpha`, `f_divergence_type`,
+//! `f_alpha_divergence_coef`, `discopop_tau`) sit at the top level, as in TRL's `DPOConfig`, and
+//! deserialize into the library's validated [`Objective`] (flattened); an unknown key is an
+//! error naming it.
 
 use std::path::{Path, PathBuf};
 
-use difinfo::loss::LossShape;
+use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
 use crate::train::error::{Result, TrainError};
-use crate::train::objective::Objective;
 use crate::train::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::schedule::SchedulerType;
 
 /// All options of a training run. Defaults are TRL's `DPOConfig` (over HF's
 /// `TrainingArguments`) unless stated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct TrainConfig {
-    /// What to optimize: `sft`, `dpo`, `ref-free`, `dpo-pg` (not a TRL field: TRL has one
-    /// trainer class per objective). Default `dpo`.
+    /// What to optimize: the rule (`objective = "sft" | "dpo" | "dpo-pg"`; not a TRL field:
+    /// TRL has one trainer class per rule) and TRL's loss fields, validated by the library
+    /// (fields and defaults: [`ObjectiveSpec`]). Default DPO, `sigmoid`, β = 0.1.
+    #[serde(flatten)]
     pub objective: Objective,
     /// Run directory: checkpoints, metrics, resolved config. Default `runs/difinfo`.
     pub output_dir: PathBuf,
-    /// `sigmoid`, `hinge` or `ipo`. Default `sigmoid`.
-    pub loss_type: LossShape,
-    /// β. Default 0.1.
-    pub beta: f64,
-    /// TRL's `reference_free`: with `objective = dpo`, the reward is `β log π`. Default false.
-    pub reference_free: bool,
-    /// TRL's `label_smoothing` ε (conservative DPO, `sigmoid` only): the loss
-    /// `(1 − ε)(−log σ(d)) + ε(−log σ(−d))` (`difinfo::loss::label_smoothed_sigmoid`), for
-    /// labels flipped with probability ε ∈ [0, 1/2]. Default 0.
-    pub label_smoothing: f64,
-    /// TRL's `rpo_alpha` α (RPO): adds `α · nll_loss`, the mean NLL per chosen completion
-    /// token of the batch, to the DPO loss (logged as `nll_loss`). Default none.
-    pub rpo_alpha: Option<f64>,
     /// Peak learning rate. Default 1e-6 (TRL's `DPOConfig`).
     pub learning_rate: f64,
     /// `sgd`, `rmsprop` or `adamw` (HF's `adamw_torch`). Default `adamw`.
@@ -103,13 +97,8 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            objective: Objective::Dpo,
+            objective: Objective::default(),
             output_dir: PathBuf::from("runs/difinfo"),
-            loss_type: LossShape::Sigmoid,
-            beta: 0.1,
-            reference_free: false,
-            label_smoothing: 0.0,
-            rpo_alpha: None,
             learning_rate: 1e-6,
             optim: OptimizerKind::Adamw,
             weight_decay: 0.0,
@@ -151,16 +140,15 @@ impl TrainConfig {
     /// I/O and parse errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        toml::from_str(&text).map_err(|e| TrainError::format(path, e))
-    }
-
-    /// The objective after applying `reference_free` (`dpo` + `reference_free` = `ref-free`).
-    pub fn effective_objective(&self) -> Objective {
-        if self.reference_free && self.objective == Objective::Dpo {
-            Objective::RefFree
-        } else {
-            self.objective
-        }
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| TrainError::format(path, e))?;
+        let cfg: TrainConfig = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::format(path, e))?;
+        check_keys(&table, &cfg)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
     }
 
     /// The optimizer hyper-parameters (RMSprop keeps PyTorch's α = 0.99, ε = 1e-8).
@@ -181,12 +169,6 @@ impl TrainConfig {
     /// [`TrainError::Config`] naming the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
-        if !(self.beta.is_finite() && self.beta > 0.0) {
-            return bad(format!(
-                "beta must be finite and positive, got {}",
-                self.beta
-            ));
-        }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad(format!(
                 "learning_rate must be finite and ≥ 0, got {}",
@@ -207,32 +189,6 @@ impl TrainConfig {
         {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
         }
-        if !(0.0..=0.5).contains(&self.label_smoothing) {
-            return bad(format!(
-                "label_smoothing must be in [0, 0.5], got {}",
-                self.label_smoothing
-            ));
-        }
-        if self.label_smoothing > 0.0
-            && (self.loss_type != LossShape::Sigmoid
-                || !matches!(self.objective, Objective::Dpo | Objective::RefFree))
-        {
-            return bad(format!(
-                "label_smoothing applies to the sigmoid loss of dpo and ref-free, not loss_type {:?} of {:?}",
-                self.loss_type, self.objective
-            ));
-        }
-        if let Some(a) = self.rpo_alpha {
-            if !(a.is_finite() && a >= 0.0) {
-                return bad(format!("rpo_alpha must be finite and ≥ 0, got {a}"));
-            }
-            if !matches!(self.objective, Objective::Dpo | Objective::RefFree) {
-                return bad(format!(
-                    "rpo_alpha applies to dpo and ref-free, not {:?}",
-                    self.objective
-                ));
-            }
-        }
         if self.save_total_limit == Some(0) {
             return bad("save_total_limit must be ≥ 1 (or unset to keep every checkpoint)".into());
         }
@@ -240,15 +196,6 @@ impl TrainConfig {
             return bad(format!(
                 "warmup_ratio must be in [0, 1], got {}",
                 self.warmup_ratio
-            ));
-        }
-        if self.reference_free
-            && self.objective != Objective::Dpo
-            && self.objective != Objective::RefFree
-        {
-            return bad(format!(
-                "reference_free applies to objective dpo, not {:?}",
-                self.objective
             ));
         }
         Ok(())
@@ -265,10 +212,12 @@ impl TrainConfig {
                     .to_string(),
             );
         }
-        if !self.precompute_ref_log_probs && self.effective_objective().needs_reference() {
+        if !self.precompute_ref_log_probs && self.objective.needs_reference() {
             w.push("reference log-probs are always precomputed and cached (precompute_ref_log_probs = false has no effect)".to_string());
         }
-        if self.objective == Objective::Sft && self.loss_type != LossShape::Sigmoid {
+        if self.objective.rule() == Rule::Sft
+            && self.objective.terms() != [(LossType::Sigmoid, 1.0)]
+        {
             w.push("loss_type is ignored by sft".to_string());
         }
         w
@@ -340,11 +289,27 @@ pub fn merge_onto<C: Serialize>(
     for (k, v) in over {
         table.insert(k, v);
     }
-    let cfg: TrainConfig = toml::Value::Table(table)
+    let cfg: TrainConfig = toml::Value::Table(table.clone())
         .try_into()
         .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
+    check_keys(&table, &cfg).map_err(TrainError::Config)?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Every key of `table` must be an option: a field of [`TrainConfig`] (those set in `cfg`, or
+/// present in the defaults) or of the objective ([`ObjectiveSpec::field_names`]). Serde cannot
+/// deny unknown fields next to the flattened objective, so this does.
+fn check_keys(table: &toml::Table, cfg: &TrainConfig) -> std::result::Result<(), String> {
+    let mut known: Vec<String> = ObjectiveSpec::field_names();
+    for t in [TrainConfig::default(), cfg.clone()] {
+        let tt = toml::Table::try_from(&t).map_err(|e| e.to_string())?;
+        known.extend(tt.keys().cloned());
+    }
+    match table.keys().find(|k| !known.contains(k)) {
+        Some(k) => Err(format!("unknown option `{k}`")),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -379,10 +344,10 @@ mod tests {
             ..Default::default()
         };
         let c = merge(Some(&f), &cli).unwrap();
-        assert_eq!(c.beta, 0.25);
+        assert_eq!(c.objective.beta(), 0.25);
         assert_eq!(c.learning_rate, 1e-4);
         assert_eq!(c.optim, OptimizerKind::Rmsprop);
-        assert_eq!(c.loss_type, LossShape::Ipo);
+        assert_eq!(c.objective.terms(), &[(LossType::Ipo, 1.0)]);
         assert_eq!(c.max_steps, 7);
         assert_eq!(c.seed, 42);
         let none = merge(None, &Cli::default()).unwrap();
@@ -409,7 +374,7 @@ mod tests {
     fn saved_config_reloads_identically() {
         let dir = tempfile::tempdir().unwrap();
         let c = TrainConfig {
-            objective: Objective::DpoPg,
+            objective: Objective::dpo_pg(0.3).unwrap(),
             max_length: 0,
             ref_batch_size: Some(3),
             ..Default::default()

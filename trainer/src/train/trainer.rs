@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use difinfo::loss::LossShape;
+use difinfo::objective::{Objective, Rule};
 
 use crate::train::checkpoint::{
     checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, save_checkpoint,
@@ -29,7 +29,7 @@ use crate::train::error::{Result, TrainError};
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::metrics::{LogAccumulator, MetricsLog};
 use crate::train::objective::{
-    chosen_nll, nll_mean, preference_logps, preference_loss, sft_loss, Objective, PreferenceLoss,
+    nll_mean, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
 };
 use crate::train::optim::Optimizer;
 use crate::train::policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
@@ -53,7 +53,7 @@ pub struct StepReport {
     /// DPO-PG: what the projection did.
     pub projection: Option<ProjectionStats>,
     /// Per-micro-batch preference metrics (preference objectives).
-    pub preference: Vec<crate::train::objective::PreferenceMetrics>,
+    pub preference: Vec<PreferenceMetrics>,
     /// The record appended to the metrics files, on a logging step.
     pub logged: Option<Vec<(String, f64)>>,
     /// The checkpoint written after the step, if any.
@@ -106,15 +106,16 @@ fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
     (micro, steps_per_epoch, total)
 }
 
-fn check_data(objective: Objective, data: &Dataset, config: &TrainConfig) -> Result<()> {
+fn check_data(objective: &Objective, data: &Dataset, config: &TrainConfig) -> Result<()> {
     if data.is_empty() {
         return Err(TrainError::InvalidArgument("the dataset is empty".into()));
     }
-    data.validate(objective == Objective::Sft && !config.completion_only_loss)?;
+    data.validate(objective.rule() == Rule::Sft && !config.completion_only_loss)?;
     match (&data.examples, objective.is_preference()) {
         (Examples::Preference(_), true) | (Examples::Sft(_), false) => Ok(()),
         _ => Err(TrainError::Config(format!(
-            "objective {objective:?} does not train on this kind of data"
+            "objective {} does not train on this kind of data",
+            objective.rule()
         ))),
     }
 }
@@ -127,9 +128,33 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// # Errors
     /// Invalid config or data, I/O, non-finite reference log-probs.
     pub fn new(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
+        Self::start(model, model, config, data)
+    }
+
+    /// A fresh run whose reference log-probs come from `reference` (TRL's `ref_model`), a
+    /// model over the same vocabulary; see [`Trainer::new`]. The cache key hashes
+    /// `reference`'s weights, so another reference never reuses a cache.
+    ///
+    /// # Errors
+    /// See [`Trainer::new`].
+    pub fn with_reference<R: PolicyModel + ?Sized>(
+        model: &'m M,
+        reference: &R,
+        config: TrainConfig,
+        data: Dataset,
+    ) -> Result<Self> {
+        Self::start(model, reference, config, data)
+    }
+
+    fn start<R: PolicyModel + ?Sized>(
+        model: &'m M,
+        ref_model: &R,
+        config: TrainConfig,
+        data: Dataset,
+    ) -> Result<Self> {
         config.validate()?;
-        let objective = config.effective_objective();
-        check_data(objective, &data, &config)?;
+        let objective = config.objective.clone();
+        check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
         while let Some(old) = latest_checkpoint(&out)? {
@@ -151,7 +176,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 .ref_batch_size
                 .unwrap_or(config.per_device_train_batch_size);
             let key = cache_key(
-                fingerprint_vars(&vars)?,
+                fingerprint_vars(&ref_model.named_vars())?,
                 pairs,
                 &data.settings,
                 data.pad_id,
@@ -159,7 +184,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             );
             let dir = config.ref_cache_dir.clone().unwrap_or_else(|| out.clone());
             let (r, _hit) =
-                RefLogps::load_or_compute(model, pairs, Some(&dir), &key, bs, data.pad_id)?;
+                RefLogps::load_or_compute(ref_model, pairs, Some(&dir), &key, bs, data.pad_id)?;
             (Some(r), Some(key))
         } else {
             (None, None)
@@ -196,8 +221,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// A checkpoint that does not match the model, data or seed; a missing reference cache.
     pub fn resume(model: &'m M, config: TrainConfig, data: Dataset, dir: &Path) -> Result<Self> {
         config.validate()?;
-        let objective = config.effective_objective();
-        check_data(objective, &data, &config)?;
+        let objective = config.objective.clone();
+        check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
         let mut state = load_state(dir)?;
@@ -306,9 +331,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         &self.config
     }
 
-    /// The objective (after `reference_free`).
-    pub fn objective(&self) -> Objective {
-        self.objective
+    /// The objective.
+    pub fn objective(&self) -> &Objective {
+        &self.objective
     }
 
     /// The state that a checkpoint would save now.
@@ -405,57 +430,28 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         TokenBatch::from_sequences(seqs, self.data.pad_id, &self.device)
     }
 
+    /// The objective's loss on the pairs `idx` (the reference log-probs from the cache).
     fn preference_loss(
         &self,
         idx: &[usize],
         chosen: &SeqLogps,
         rejected: &SeqLogps,
-        detach: bool,
     ) -> Result<PreferenceLoss> {
-        let shape = self.config.loss_type;
-        let mut pc = preference_logps(shape, chosen)?;
-        let mut pr = preference_logps(shape, rejected)?;
-        if detach {
-            pc = pc.detach();
-            pr = pr.detach();
-        }
-        // The batch's reference log-probs (per-token means when `normalize`), none reference-free.
-        let refs = |normalize: bool| -> Result<Option<(Tensor, Tensor)>> {
-            match (self.objective, &self.reference) {
-                (Objective::RefFree, _) | (_, None) => Ok(None),
-                (_, Some(r)) => Ok(Some(r.select(idx, normalize, pc.dtype(), &self.device)?)),
+        let refs = match &self.reference {
+            Some(r) if self.objective.needs_reference() => {
+                Some(r.select(idx, chosen.sum.dtype(), &self.device)?)
             }
+            _ => None,
         };
-        let refs_loss = refs(shape == LossShape::Ipo)?;
-        let pl = preference_loss(
-            shape,
-            self.config.beta,
-            self.config.label_smoothing,
-            &pc,
-            &pr,
-            refs_loss.as_ref().map(|r| &r.0),
-            refs_loss.as_ref().map(|r| &r.1),
-        )?;
-        if shape != LossShape::Ipo {
-            return Ok(pl);
-        }
-        // IPO's loss uses per-token means; TRL logs rewards and log-probs of the sums.
-        let sums = refs(false)?;
-        pl.with_summed_metrics(
-            self.config.beta,
-            &chosen.sum,
-            &rejected.sum,
-            sums.as_ref().map(|r| &r.0),
-            sums.as_ref().map(|r| &r.1),
+        preference_loss(
+            &self.objective,
+            chosen,
+            rejected,
+            refs.as_ref().map(|(c, r)| (c, r)),
         )
     }
 
-    fn check_pref(
-        &self,
-        m: &crate::train::objective::PreferenceMetrics,
-        mb: usize,
-        idx: &[usize],
-    ) -> Result<()> {
+    fn check_pref(&self, m: &PreferenceMetrics, mb: usize, idx: &[usize]) -> Result<()> {
         for (name, v) in [
             ("loss", m.loss),
             ("logps/chosen", m.logps_chosen),
@@ -483,8 +479,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let mut tokens = 0usize;
         let mut pref_metrics = Vec::new();
         let mut projection = None;
-        let grads = match (self.objective, &self.data.examples) {
-            (Objective::Sft, Examples::Sft(seqs)) => {
+        let grads = match (self.objective.rule(), &self.data.examples) {
+            (Rule::Sft, Examples::Sft(seqs)) => {
                 let whole = !self.config.completion_only_loss;
                 let pick = |i: usize| -> Sequence {
                     let s = &seqs[i];
@@ -527,7 +523,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 }
                 acc.expect("at least one micro-batch")
             }
-            (Objective::Dpo | Objective::RefFree, Examples::Preference(pairs)) => {
+            (Rule::Preference, Examples::Preference(pairs)) => {
                 let mut acc: Option<Grads> = None;
                 for (mb, idx) in &mbs {
                     let seqs: Vec<&Sequence> = idx
@@ -545,31 +541,21 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                             count: out.count.narrow(0, o, b)?,
                         })
                     };
-                    let chosen = half(0)?;
-                    let pl = self.preference_loss(idx, &chosen, &half(b)?, false)?;
-                    let mut m = pl.metrics()?;
-                    let mut loss = pl.loss.clone();
-                    let mut record = pref_record(&m).to_vec();
-                    if let Some(alpha) = self.config.rpo_alpha {
-                        let nll = chosen_nll(&chosen)?;
-                        let v = crate::train::policy::scalar_f64(&nll)?;
-                        loss = (loss + nll.affine(alpha, 0.0)?)?;
-                        m.loss += alpha * v;
-                        record.push(("nll_loss", v));
-                    }
+                    let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
+                    let m = pl.metrics()?;
                     self.check_pref(&m, *mb, idx)?;
                     step_loss += m.loss / k;
-                    let g = self.grads(&loss.affine(1.0 / k, 0.0)?)?;
+                    let g = self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?;
                     acc = Some(match acc {
                         None => g,
                         Some(a) => a.add(&g)?,
                     });
-                    self.state.log.add_microbatch(&record);
+                    self.state.log.add_microbatch(&m.record());
                     pref_metrics.push(m);
                 }
                 acc.expect("at least one micro-batch")
             }
-            (Objective::DpoPg, Examples::Preference(pairs)) => {
+            (Rule::ProjectedGradient, Examples::Preference(pairs)) => {
                 let mut acc: Option<(Grads, Grads)> = None;
                 for (mb, idx) in &mbs {
                     let cs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
@@ -578,7 +564,11 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                     tokens += cb.num_tokens() + rb.num_tokens();
                     let sc = self.model.sequence_logps(&cb)?;
                     let sr = self.model.sequence_logps(&rb)?;
-                    let pl = self.preference_loss(idx, &sc, &sr, true)?;
+                    let detached = |s: &SeqLogps| SeqLogps {
+                        sum: s.sum.detach(),
+                        count: s.count.clone(),
+                    };
+                    let pl = self.preference_loss(idx, &detached(&sc), &detached(&sr))?;
                     let m = pl.metrics()?;
                     self.check_pref(&m, *mb, idx)?;
                     step_loss += m.loss / k;
@@ -588,7 +578,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                         None => (gw, gl),
                         Some((aw, al)) => (aw.add(&gw)?, al.add(&gl)?),
                     });
-                    self.state.log.add_microbatch(&pref_record(&m));
+                    self.state.log.add_microbatch(&m.record());
                     pref_metrics.push(m);
                 }
                 let (gw, gl) = acc.expect("at least one micro-batch");
@@ -639,7 +629,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 st.epoch_float,
                 norm,
                 lr,
-                self.objective == Objective::DpoPg,
+                self.objective.rule() == Rule::ProjectedGradient,
             );
             self.log.append(&rec)?;
             Some(rec)
@@ -725,9 +715,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         Ok(TrainSummary {
             global_step: self.state.global_step,
             last_record,
-            projection_active_fraction: (self.objective == Objective::DpoPg).then(|| {
-                self.state.projection_active_total as f64 / self.state.global_step.max(1) as f64
-            }),
+            projection_active_fraction: (self.objective.rule() == Rule::ProjectedGradient).then(
+                || self.state.projection_active_total as f64 / self.state.global_step.max(1) as f64,
+            ),
             last_checkpoint: self.last_checkpoint.clone(),
         })
     }
@@ -736,15 +726,4 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     pub fn checkpoint_path(&self) -> PathBuf {
         checkpoint_dir(&self.config.output_dir, self.state.global_step)
     }
-}
-
-fn pref_record(m: &crate::train::objective::PreferenceMetrics) -> [(&'static str, f64); 6] {
-    [
-        ("rewards/chosen", m.rewards_chosen),
-        ("rewards/rejected", m.rewards_rejected),
-        ("rewards/accuracies", m.rewards_accuracies),
-        ("rewards/margins", m.rewards_margins),
-        ("logps/chosen", m.logps_chosen),
-        ("logps/rejected", m.logps_rejected),
-    ]
 }
