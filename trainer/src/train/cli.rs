@@ -986,11 +986,14 @@ mod tests {
             "3",
         ])
         .unwrap();
-        assert_eq!(r.config.beta, 0.25);
+        assert_eq!(r.config.objective.beta(), 0.25);
         assert_eq!(r.config.max_steps, 3);
         assert_eq!(r.config.learning_rate, 1e-4);
         assert_eq!(r.config.optim, crate::train::OptimizerKind::Rmsprop);
-        assert_eq!(r.config.loss_type, difinfo::loss::LossShape::Ipo);
+        assert_eq!(
+            r.config.objective.terms(),
+            &[(difinfo::objective::LossType::Ipo, 1.0)]
+        );
         assert_eq!(r.config.logging_steps, 10);
         // A file value equal to the default is still overridden only by the command line.
         let r = resolve(&[
@@ -1025,84 +1028,105 @@ mod tests {
         assert!(!r.config.completion_only_loss);
     }
 
+    /// Each objective field has one spelling: the option (`--objective`, `--reference-free`,
+    /// `--loss-type a,b`, ...) is the config key; the command line wins over the file.
     #[test]
-    fn objective_flags() {
-        let r = resolve(&["dpo", "--model", "m", "--data", "d", "--projected-gradient"]).unwrap();
-        assert_eq!(r.config.effective_objective(), Objective::DpoPg);
-        let r = resolve(&["dpo", "--model", "m", "--data", "d", "--reference-free"]).unwrap();
-        assert_eq!(r.config.effective_objective(), Objective::RefFree);
-        let r = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--reference-free",
-            "false",
+    fn objective_options() {
+        use difinfo::objective::{FDivergence, LossType};
+        let dpo = |extra: &[&str]| {
+            let mut a = vec!["dpo", "--model", "m", "--data", "d"];
+            a.extend_from_slice(extra);
+            resolve(&a)
+        };
+        let r = dpo(&["--objective", "dpo-pg"]).unwrap();
+        assert_eq!(r.config.objective.rule(), Rule::ProjectedGradient);
+        let r = dpo(&["--reference-free"]).unwrap();
+        assert!(r.config.objective.is_reference_free());
+        assert_eq!(r.config.objective.rule(), Rule::Preference);
+        let r = dpo(&["--reference-free", "false"]).unwrap();
+        assert!(!r.config.objective.is_reference_free());
+        // DPO-PG steps along the NLL projection: a reference-free reward would change nothing.
+        assert!(dpo(&["--reference-free", "--objective", "dpo-pg"]).is_err());
+        let r = dpo(&["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"]).unwrap();
+        assert_eq!(
+            r.config.objective.terms(),
+            &[(LossType::Sigmoid, 1.0), (LossType::Sft, 0.5)]
+        );
+        let r = dpo(&[
+            "--loss-type",
+            "discopop",
+            "--discopop-tau",
+            "0.1",
+            "--f-divergence-type",
+            "alpha_divergence",
+            "--f-alpha-divergence-coef",
+            "-0.5",
         ])
         .unwrap();
-        assert_eq!(r.config.effective_objective(), Objective::Dpo);
-        let e = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--reference-free",
-            "--projected-gradient",
-        ]);
-        assert!(e.is_err());
+        assert_eq!(r.config.objective.discopop_tau(), 0.1);
+        assert_eq!(
+            r.config.objective.f_divergence(),
+            FDivergence::AlphaDivergence
+        );
+        assert_eq!(r.config.objective.f_alpha_divergence_coef(), -0.5);
+        for bad in [
+            &["--loss-type", "ipo", "--loss-weights", "1,2"][..],
+            &["--loss-type", "exo_pair"],
+            &[
+                "--loss-type",
+                "bco_pair",
+                "--f-divergence-type",
+                "js_divergence",
+            ],
+        ] {
+            assert!(dpo(bad).is_err(), "{bad:?}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
+        let fs = f.to_str().unwrap();
         std::fs::write(&f, "objective = \"sft\"\n").unwrap();
-        let e = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--config",
-            f.to_str().unwrap(),
-        ])
-        .unwrap_err();
+        let e = dpo(&["--config", fs]).unwrap_err();
         assert!(e.to_string().contains("difinfo-train sft"), "{e}");
-        std::fs::write(&f, "objective = \"dpo-pg\"\n").unwrap();
-        let r = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
+        std::fs::write(
+            &f,
+            "objective = \"dpo-pg\"\nloss_type = [\"ipo\", \"hinge\"]\nloss_weights = [0.5, 2.0]\n",
+        )
+        .unwrap();
+        let r = dpo(&["--config", fs]).unwrap();
+        assert_eq!(r.config.objective.rule(), Rule::ProjectedGradient);
+        assert_eq!(
+            r.config.objective.terms(),
+            &[(LossType::Ipo, 0.5), (LossType::Hinge, 2.0)]
+        );
+        let r = dpo(&[
             "--config",
-            f.to_str().unwrap(),
+            fs,
+            "--objective",
+            "dpo",
+            "--loss-type",
+            "robust",
+        ]);
+        // The file's two weights no longer match the command line's one loss type.
+        assert!(r.unwrap_err().to_string().contains("loss_weights"));
+        let r = dpo(&[
+            "--config",
+            fs,
+            "--objective",
+            "dpo",
+            "--loss-weights",
+            "1,1",
         ])
         .unwrap();
-        assert_eq!(r.config.objective, Objective::DpoPg);
-        let r = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--config",
-            f.to_str().unwrap(),
-            "--projected-gradient",
-            "false",
-        ])
-        .unwrap();
-        assert_eq!(r.config.objective, Objective::Dpo);
+        assert_eq!(r.config.objective.rule(), Rule::Preference);
         std::fs::write(&f, "betta = 1.0\n").unwrap();
-        let e = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--config",
-            f.to_str().unwrap(),
-        ])
-        .unwrap_err();
+        let e = dpo(&["--config", fs]).unwrap_err();
         assert!(e.to_string().contains("betta"), "{e}");
+        // TRL 0.x's rpo_alpha is the sft term: it round-trips as loss_type + loss_weights.
+        let r = dpo(&["--rpo-alpha", "0.5"]).unwrap();
+        assert_eq!(r.config.objective.sft_weight(), Some(0.5));
+        r.config.save(dir.path()).unwrap();
+        let back = TrainConfig::from_toml_file(&dir.path().join(CONFIG_TOML)).unwrap();
+        assert_eq!(back, r.config);
     }
 
     #[test]
