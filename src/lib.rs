@@ -15,6 +15,7 @@
 //! | rewards: log-ratio, reference-free, f-divergence scores | [`reward`] |
 //! | every TRL loss type, written once over any number type | [`loss`] |
 //! | the exact population loss (and the sampled-batch loss) with its gradient | [`population`] |
+//! | closed-form population optima of the loss types (IPO, two-outcome margins) | [`fixed_points`] |
 //! | power law and log-margin ordering (Theorem 3.5, Appendix G) | [`power_law`] |
 //! | the ideal rejected distribution (Eq. 1, Theorem L.1) | [`rejected`] |
 //! | entropy, KL, JS and the Monte Carlo entropy (Section 4, Appendix K) | [`entropy`] |
@@ -41,6 +42,7 @@ pub mod dpo_pg;
 pub mod entropy;
 pub mod error;
 pub mod fit;
+pub mod fixed_points;
 pub mod logspace;
 pub mod loss;
 pub mod objective;

@@ -1,7 +1,8 @@
 //! Every preference loss of TRL 1.x's `DPOTrainer`, written **once**, generic over the number
 //! type ([`Real`]): `f64` and dual numbers here (the exact population loss and its gradient,
 //! [`crate::population`]), `[B]` candle tensors in the trainer. A reader finds each `ℓ` in
-//! exactly one place: [`per_sequence`].
+//! exactly one place: [`per_sequence`] (the algebraic ones, [`ipo`], [`hinge`], [`sppo_hard`],
+//! in functions of their own that also run over exact rationals).
 //!
 //! # Formulas
 //! With the scores `s = f(u)` and log-ratios `u` of [`crate::reward`] (`w`: chosen, `l`:
@@ -50,7 +51,7 @@ use crate::logspace::Softplus;
 use crate::objective::{LossType, Objective};
 use crate::policy::ExactPolicy;
 use crate::reward::{reward, Side};
-use crate::scalar::Real;
+use crate::scalar::{Arith, Real};
 use crate::Rational;
 
 /// Conservative DPO's `ℓ_ε(z) = (1−ε)(−log σ(z)) + ε(−log σ(−z))` (`−log σ(z)` at ε = 0):
@@ -70,15 +71,44 @@ pub fn smoothed_sigmoid<S: Real>(z: &S, eps: f64) -> Result<S, S::Error> {
 }
 
 /// `max(x, 1)`, TRL's `clamp(min=1)` of a token count.
-fn at_least_one<S: Real>(x: &S) -> Result<S, S::Error> {
+fn at_least_one<S: Arith>(x: &S) -> Result<S, S::Error> {
     x.affine(1.0, -1.0)?.relu()?.affine(1.0, 1.0)
 }
 
 /// `Δ̄ = s_w/|y_w| − s_l/|y_l|` (lengths clamped at 1).
-fn mean_delta<S: Real>(c: &Side<S>, r: &Side<S>) -> Result<S, S::Error> {
+fn mean_delta<S: Arith>(c: &Side<S>, r: &Side<S>) -> Result<S, S::Error> {
     c.score
         .div(&at_least_one(&c.len)?)?
         .sub(&r.score.div(&at_least_one(&r.len)?)?)
+}
+
+/// IPO (Azar et al. 2023, Eq. 17; TRL's length-normalized form): `(Δ̄ − 1/(2β))²`.
+/// Algebraic, so it also runs exactly over rationals (the proofs of its population optimum).
+///
+/// # Errors
+/// The number type's.
+pub fn ipo<S: Arith>(c: &Side<S>, r: &Side<S>, beta: f64) -> Result<S, S::Error> {
+    mean_delta(c, r)?.affine(1.0, -1.0 / (2.0 * beta))?.sqr()
+}
+
+/// SLiC's hinge `max(0, 1 − z)` of the margin `z = β Δ`.
+///
+/// # Errors
+/// The number type's.
+pub fn hinge<S: Arith>(z: &S) -> Result<S, S::Error> {
+    z.affine(-1.0, 1.0)?.relu()
+}
+
+/// SPPO with hard labels: `(u_w − 1/(2β))² + (u_l + 1/(2β))²`.
+///
+/// # Errors
+/// The number type's.
+pub fn sppo_hard<S: Arith>(c: &Side<S>, r: &Side<S>, beta: f64) -> Result<S, S::Error> {
+    let target = 1.0 / (2.0 * beta);
+    c.logratio
+        .affine(1.0, -target)?
+        .sqr()?
+        .add(&r.logratio.affine(1.0, target)?.sqr()?)
 }
 
 /// The mean NLL per token, `−Σ_i logps_i / tokens` (`tokens` may be a batch: it is summed).
@@ -105,12 +135,11 @@ pub fn per_sequence<S: Real>(
 ) -> Result<S, S::Error> {
     let beta = o.beta();
     let eps = o.label_smoothing();
-    let target = 1.0 / (2.0 * beta);
     let z = || c.score.sub(&r.score)?.affine(beta, 0.0);
     match t {
         LossType::Sigmoid => smoothed_sigmoid(&z()?, eps),
-        LossType::Hinge => z()?.affine(-1.0, 1.0)?.relu(),
-        LossType::Ipo => mean_delta(c, r)?.affine(1.0, -target)?.sqr(),
+        LossType::Hinge => hinge(&z()?),
+        LossType::Ipo => ipo(c, r, beta),
         LossType::ExoPair => {
             let z = z()?;
             let zn = z.neg()?;
@@ -137,11 +166,7 @@ pub fn per_sequence<S: Real>(
             let rl = r.logratio.affine(-beta, 0.0)?;
             cw.log_sigmoid()?.add(&rl.log_sigmoid()?)?.neg()
         }
-        LossType::SppoHard => c
-            .logratio
-            .affine(1.0, -target)?
-            .sqr()?
-            .add(&r.logratio.affine(1.0, target)?.sqr()?),
+        LossType::SppoHard => sppo_hard(c, r, beta),
         LossType::Aot => {
             let policy = c.logps.sub(&r.logps)?;
             let delta = match (&c.ref_logps, &r.ref_logps) {

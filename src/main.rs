@@ -59,7 +59,9 @@ enum Which {
     DidEntropy,
     /// Appendix K.1's β-accuracy as training proceeds (P prompts).
     BetaAccuracy,
-    /// All seven, in this order.
+    /// Where every TRL loss type's population optimum lies (JS to π*, DID^β, π_ref) over β × τ.
+    LossAtlas,
+    /// All eight, in this order.
     All,
 }
 
@@ -147,6 +149,18 @@ struct SynthArgs {
         default_value = "0.25,0.4,0.6,0.8,1.25,2,4"
     )]
     did_entropy_taus: Vec<f64>,
+    /// loss-atlas: classes N of the β × τ grid (the default instance uses --n) [default: 32;
+    /// --quick 16].
+    #[arg(long)]
+    atlas_n: Option<usize>,
+    /// loss-atlas: the grid's β values (comma separated) [default: 0.1,0.25,0.5,1,2; --quick
+    /// 0.25,1].
+    #[arg(long, value_delimiter = ',')]
+    atlas_betas: Option<Vec<f64>>,
+    /// loss-atlas: the grid's τ values (comma separated) [default: 0.25,0.4,0.6,1.5,3;
+    /// --quick 0.4,2].
+    #[arg(long, value_delimiter = ',')]
+    atlas_taus: Option<Vec<f64>>,
 }
 
 impl SynthArgs {
@@ -195,6 +209,15 @@ impl SynthArgs {
         if let Some(v) = self.mc_samples {
             c.mc_samples = v;
         }
+        if let Some(v) = self.atlas_n {
+            c.atlas_n = v;
+        }
+        if let Some(v) = &self.atlas_betas {
+            c.atlas_betas = v.clone();
+        }
+        if let Some(v) = &self.atlas_taus {
+            c.atlas_taus = v.clone();
+        }
         c
     }
 }
@@ -210,6 +233,7 @@ fn main() -> ExitCode {
         Which::ClaimMap => vec![Experiment::ClaimMap],
         Which::DidEntropy => vec![Experiment::DidEntropy],
         Which::BetaAccuracy => vec![Experiment::BetaAccuracy],
+        Which::LossAtlas => vec![Experiment::LossAtlas],
         Which::All => Experiment::ALL.to_vec(),
     };
     let cfg = args.config();

@@ -26,6 +26,7 @@
 //! | `claim-map` | H(q_{π*/π_ref}) − H(π_ref) over τ × logit scale (and N): where Claim 4.1 holds | [`claim_map`] |
 //! | `did-entropy` | Appendix K's DID-entropy estimator against the exact H(q) | [`did_entropy`] |
 //! | `beta-accuracy` | Appendix K.1 on `P` prompts, as training proceeds | [`beta_accuracy`] |
+//! | `loss-atlas` | every TRL loss type's population optimum: JS to π*, DID^β, π_ref over β × τ | [`loss_atlas`] |
 //!
 //! # Hyperparameters (Appendix J.1's numbers were lost; these are ours)
 //!
@@ -51,6 +52,7 @@
 //! | did-entropy τ values | 0.25, 0.4, 0.6, 0.8, 1.25, 2, 4 | same | `--did-entropy-taus` |
 //! | Monte Carlo samples of the entropy estimate | 20 000 | 4 000 | `--mc-samples` |
 //! | β-accuracy prompts `P` (τ = `--tau-smooth`), samples per fit | 64, 4 | 32, 4 | `--prompts`, `--beta-samples` |
+//! | loss-atlas grid: `N`, β values, τ values | 32; 0.1, 0.25, 0.5, 1, 2; 0.25, 0.4, 0.6, 1.5, 3 | 16; 0.25, 1; 0.4, 2 | `--atlas-n`, `--atlas-betas`, `--atlas-taus` |
 //! | seed | 0 | 0 | `--seed` |
 //!
 //! Why: `N = 128` keeps the `O(N²)` population loss cheap (16 384 pair terms) while π_ref's top
@@ -75,6 +77,7 @@ pub mod did_entropy;
 pub mod did_fit;
 pub mod entropy;
 pub mod instance;
+pub mod loss_atlas;
 pub mod objective;
 pub mod optim;
 pub mod output;
@@ -165,11 +168,13 @@ pub enum Experiment {
     DidEntropy,
     /// Appendix K.1.
     BetaAccuracy,
+    /// Every loss type's population optimum.
+    LossAtlas,
 }
 
 impl Experiment {
     /// All, in the order of `all` and of `summary.md`.
-    pub const ALL: [Experiment; 7] = [
+    pub const ALL: [Experiment; 8] = [
         Experiment::DidFit,
         Experiment::RewardForms,
         Experiment::Rejected,
@@ -177,6 +182,7 @@ impl Experiment {
         Experiment::ClaimMap,
         Experiment::DidEntropy,
         Experiment::BetaAccuracy,
+        Experiment::LossAtlas,
     ];
 
     /// The subcommand and folder name.
@@ -189,6 +195,7 @@ impl Experiment {
             Experiment::ClaimMap => "claim-map",
             Experiment::DidEntropy => "did-entropy",
             Experiment::BetaAccuracy => "beta-accuracy",
+            Experiment::LossAtlas => "loss-atlas",
         }
     }
 }
@@ -254,6 +261,12 @@ pub struct SynthConfig {
     pub prompts: usize,
     /// β-accuracy: samples per prompt for the fit (Appendix K.1: 4).
     pub beta_samples: usize,
+    /// loss-atlas: classes of the β × τ grid.
+    pub atlas_n: usize,
+    /// loss-atlas: the grid's β values.
+    pub atlas_betas: Vec<f64>,
+    /// loss-atlas: the grid's τ values.
+    pub atlas_taus: Vec<f64>,
     /// Whether these are the `--quick` settings (recorded in the outputs).
     pub quick: bool,
 }
@@ -285,6 +298,9 @@ impl Default for SynthConfig {
             mc_samples: 20_000,
             prompts: 64,
             beta_samples: 4,
+            atlas_n: 32,
+            atlas_betas: vec![0.1, 0.25, 0.5, 1.0, 2.0],
+            atlas_taus: vec![0.25, 0.4, 0.6, 1.5, 3.0],
             quick: false,
         }
     }
@@ -307,6 +323,9 @@ impl SynthConfig {
             grid_n: vec![16, 128, 1024],
             mc_samples: 4000,
             prompts: 32,
+            atlas_n: 16,
+            atlas_betas: vec![0.25, 1.0],
+            atlas_taus: vec![0.4, 2.0],
             quick: true,
             ..d
         }
@@ -394,6 +413,21 @@ impl SynthConfig {
                 "a line fit needs at least 2 samples",
             );
         }
+        if self.atlas_n < 2 {
+            return bad(
+                "--atlas-n",
+                self.atlas_n.to_string(),
+                "need at least 2 classes",
+            );
+        }
+        for (name, v) in [
+            ("--atlas-betas", &self.atlas_betas),
+            ("--atlas-taus", &self.atlas_taus),
+        ] {
+            if v.is_empty() || !v.iter().all(|&x| pos(x)) {
+                return bad(name, format!("{v:?}"), "need positive finite values");
+            }
+        }
         if self.did_fit_betas.is_empty() || !self.did_fit_betas.iter().all(|&b| pos(b)) {
             return bad(
                 "--did-fit-betas",
@@ -417,6 +451,7 @@ impl SynthConfig {
             "grid_tau": self.grid_tau, "grid_scale": self.grid_scale, "grid_n": self.grid_n,
             "did_entropy_taus": self.did_entropy_taus, "mc_samples": self.mc_samples,
             "prompts": self.prompts, "beta_samples": self.beta_samples, "quick": self.quick,
+            "atlas_n": self.atlas_n, "atlas_betas": self.atlas_betas, "atlas_taus": self.atlas_taus,
         })
     }
 }
@@ -441,6 +476,7 @@ pub fn run_experiment(
         Experiment::ClaimMap => claim_map::run(cfg, progress),
         Experiment::DidEntropy => did_entropy::run(cfg, progress),
         Experiment::BetaAccuracy => beta_accuracy::run(cfg, progress),
+        Experiment::LossAtlas => loss_atlas::run(cfg, progress),
     }
 }
 
@@ -454,6 +490,7 @@ pub fn work_units(e: Experiment, cfg: &SynthConfig) -> u64 {
         Experiment::ClaimMap => cfg.grid_scale + cfg.grid_n.len(),
         Experiment::DidEntropy => cfg.did_entropy_taus.len(),
         Experiment::BetaAccuracy => 1,
+        Experiment::LossAtlas => 18 + cfg.atlas_betas.len() * cfg.atlas_taus.len(),
     };
     u as u64
 }

@@ -396,7 +396,7 @@ pub fn run(
         || o.f_divergence() != FDivergence::ReverseKl
     {
         return usage(format!(
-            "did-entropy trains π̂ with DPO's sigmoid loss and the reference-free reward r = log π̂ \
+            "did-entropy trains π̂ with DPO's sigmoid loss and the ref-free reward r = log π̂ \
              (reference_free = true, β = 1); the options ask for {} with β = {}",
             o.label(),
             o.beta()
