@@ -60,6 +60,7 @@ use crate::Rational;
 ///
 /// # Errors
 /// The number type's.
+#[inline(always)]
 pub fn smoothed_sigmoid<S: Real>(z: &S, eps: f64) -> Result<S, S::Error> {
     let clean = z.neg()?.softplus()?;
     if eps == 0.0 {
@@ -127,6 +128,7 @@ pub fn nll<S: Real>(logps: &S, tokens: &S) -> Result<S, S::Error> {
 ///
 /// # Errors
 /// The number type's.
+#[inline(always)]
 pub fn per_sequence<S: Real>(
     t: LossType,
     o: &Objective,
@@ -135,7 +137,7 @@ pub fn per_sequence<S: Real>(
 ) -> Result<S, S::Error> {
     let beta = o.beta();
     let eps = o.label_smoothing();
-    let z = || c.score.sub(&r.score)?.affine(beta, 0.0);
+    let z = || c.score.sub(&r.score)?.scale(beta);
     match t {
         LossType::Sigmoid => smoothed_sigmoid(&z()?, eps),
         LossType::Hinge => hinge(&z()?),

@@ -29,6 +29,9 @@ use crate::policy::Policy;
 use crate::reward::{side, Side};
 use crate::scalar::{infallible, Dual};
 
+/// Rejected outcomes per cache block of the pairwise double sum.
+const PAIR_BLOCK: usize = 512;
+
 /// A value with its partial derivatives in `log π(y_w)` (0) and `log π(y_l)` (1).
 type D2 = Dual<f64, 2>;
 
@@ -247,22 +250,28 @@ pub fn population_loss(
     let mut value = 0.0;
     let mut g = vec![0.0; n];
     if !pairwise.is_empty() {
+        // Blocks of rejected outcomes stay in cache while every chosen outcome meets them.
         let mut g_rejected = vec![0.0; n];
-        for a in 0..n {
-            let (mut row_value, mut row_grad) = (0.0, 0.0);
-            let ca = &cs[a];
-            for b in 0..n {
-                let l = pair_value(o, &pairwise, ca, &rs[b]);
-                let vb = v[b];
-                row_value += vb * l.v;
-                row_grad += vb * l.d[0];
-                g_rejected[b] += w[a] * vb * l.d[1];
+        let (mut row_value, mut row_grad) = (vec![0.0; n], vec![0.0; n]);
+        for b0 in (0..n).step_by(PAIR_BLOCK) {
+            let block = b0..(b0 + PAIR_BLOCK).min(n);
+            for a in 0..n {
+                let (mut rv, mut rg) = (0.0, 0.0);
+                let (ca, wa) = (&cs[a], w[a]);
+                for b in block.clone() {
+                    let l = pair_value(o, &pairwise, ca, &rs[b]);
+                    let vb = v[b];
+                    rv += vb * l.v;
+                    rg += vb * l.d[0];
+                    g_rejected[b] += wa * vb * l.d[1];
+                }
+                row_value[a] += rv;
+                row_grad[a] += rg;
             }
-            value += w[a] * row_value;
-            g[a] += w[a] * row_grad;
         }
-        for (x, y) in g.iter_mut().zip(&g_rejected) {
-            *x += y;
+        for a in 0..n {
+            value += w[a] * row_value[a];
+            g[a] += w[a] * row_grad[a] + g_rejected[a];
         }
     }
     let coupled: Vec<(LossType, f64)> = o

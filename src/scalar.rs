@@ -4,7 +4,7 @@
 //! | trait | operations | implemented by |
 //! |---|---|---|
 //! | [`Arith`] | `+ − × ÷`, `a·x + b`, `max(x, 0)`, `|x|` | `f64`, `BigRational`, [`Dual`], the trainer's tensors |
-//! | [`Real`] | [`Arith`] and `exp`, `ln(1 + x)`, `σ(x)`, and the batch operations `sort`, `mean`, `sum` | `f64`, `Dual<f64>`, the trainer's tensors |
+//! | [`Real`] | [`Arith`] and `exp`, `ln(1 + x)`, `σ(x)`, and the batch operations `sort`, `mean`, `sum` | `f64`, `Dual<f64>`, [`Batch`], the trainer's tensors |
 //!
 //! A value is a *batch*: one number for `f64` and [`Dual`] (a batch of one: `sort`, `mean` and
 //! `sum` are the identity), `B` numbers for the trainer's `[B]` tensors (element-wise
@@ -61,6 +61,10 @@ pub trait Arith: Clone + Sized {
     fn neg(&self) -> Result<Self, Self::Error> {
         self.affine(-1.0, 0.0)
     }
+    /// `a · x`.
+    fn scale(&self, a: f64) -> Result<Self, Self::Error> {
+        self.affine(a, 0.0)
+    }
 }
 
 /// [`Arith`] with the transcendental functions of the losses and the batch reductions.
@@ -116,6 +120,10 @@ impl Arith for f64 {
     #[inline(always)]
     fn neg(&self) -> Result<Self, Infallible> {
         Ok(-self)
+    }
+    #[inline(always)]
+    fn scale(&self, a: f64) -> Result<Self, Infallible> {
+        Ok(a * self)
     }
 }
 
@@ -295,7 +303,21 @@ impl<T: DualBase, const K: usize> Arith for Dual<T, K> {
     fn affine(&self, a: f64, b: f64) -> Result<Self, Infallible> {
         Ok(Self {
             v: affine_(&self.v, a, b),
-            d: std::array::from_fn(|i| affine_(&self.d[i], a, 0.0)),
+            d: std::array::from_fn(|i| infallible(Arith::scale(&self.d[i], a))),
+        })
+    }
+    #[inline(always)]
+    fn neg(&self) -> Result<Self, Infallible> {
+        Ok(Self {
+            v: infallible(Arith::neg(&self.v)),
+            d: std::array::from_fn(|i| infallible(Arith::neg(&self.d[i]))),
+        })
+    }
+    #[inline(always)]
+    fn scale(&self, a: f64) -> Result<Self, Infallible> {
+        Ok(Self {
+            v: infallible(Arith::scale(&self.v, a)),
+            d: std::array::from_fn(|i| infallible(Arith::scale(&self.d[i], a))),
         })
     }
     #[inline(always)]
@@ -343,6 +365,82 @@ impl<const K: usize> Real for Dual<f64, K> {
     }
     fn sum(&self) -> Result<Self, Infallible> {
         Ok(self.clone())
+    }
+}
+
+/// A batch of `f64` values, element-wise (a batch of one broadcasts): the loss texts over a
+/// whole batch on the host, as the trainer runs them over `[B]` tensors (AOT sorts it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch(pub Vec<f64>);
+
+impl Batch {
+    fn zip(&self, y: &Self, f: impl Fn(f64, f64) -> f64) -> Result<Self, Infallible> {
+        let (a, b) = (&self.0, &y.0);
+        Ok(Batch(match (a.len(), b.len()) {
+            (1, _) => b.iter().map(|&v| f(a[0], v)).collect(),
+            (_, 1) => a.iter().map(|&u| f(u, b[0])).collect(),
+            _ => {
+                assert_eq!(a.len(), b.len(), "batches of different sizes");
+                a.iter().zip(b).map(|(&u, &v)| f(u, v)).collect()
+            }
+        }))
+    }
+
+    fn map(&self, f: impl Fn(f64) -> f64) -> Result<Self, Infallible> {
+        Ok(Batch(self.0.iter().map(|&x| f(x)).collect()))
+    }
+}
+
+impl Arith for Batch {
+    type Error = Infallible;
+    fn add(&self, y: &Self) -> Result<Self, Infallible> {
+        self.zip(y, |a, b| a + b)
+    }
+    fn sub(&self, y: &Self) -> Result<Self, Infallible> {
+        self.zip(y, |a, b| a - b)
+    }
+    fn mul(&self, y: &Self) -> Result<Self, Infallible> {
+        self.zip(y, |a, b| a * b)
+    }
+    fn div(&self, y: &Self) -> Result<Self, Infallible> {
+        self.zip(y, |a, b| a / b)
+    }
+    fn affine(&self, a: f64, b: f64) -> Result<Self, Infallible> {
+        self.map(|x| infallible(x.affine(a, b)))
+    }
+    fn relu(&self) -> Result<Self, Infallible> {
+        self.map(|x| infallible(Arith::relu(&x)))
+    }
+    fn abs(&self) -> Result<Self, Infallible> {
+        self.map(f64::abs)
+    }
+    fn min_const(&self, c: f64) -> Result<Self, Infallible> {
+        self.map(|x| infallible(x.min_const(c)))
+    }
+}
+
+impl Real for Batch {
+    fn exp(&self) -> Result<Self, Infallible> {
+        self.map(f64::exp)
+    }
+    fn ln_1p(&self) -> Result<Self, Infallible> {
+        self.map(f64::ln_1p)
+    }
+    fn sigmoid(&self) -> Result<Self, Infallible> {
+        self.map(crate::logspace::sigmoid)
+    }
+    fn sort(&self) -> Result<Self, Infallible> {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        Ok(Batch(v))
+    }
+    fn mean(&self) -> Result<Self, Infallible> {
+        Ok(Batch(vec![
+            self.0.iter().sum::<f64>() / self.0.len() as f64,
+        ]))
+    }
+    fn sum(&self) -> Result<Self, Infallible> {
+        Ok(Batch(vec![self.0.iter().sum()]))
     }
 }
 
