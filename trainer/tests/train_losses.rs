@@ -65,7 +65,10 @@
 //! the loss carries no state across steps and nothing extra is checkpointed.
 
 use candle_core::{DType, Device, Tensor, Var};
+use difinfo::loss::batch_loss;
 use difinfo::objective::{FDivergence, LossType, Objective, ObjectiveSpec};
+use difinfo::reward::side;
+use difinfo::scalar::{infallible, Batch};
 use difinfo_trainer::train::grads::{project, Grads};
 use difinfo_trainer::train::objective::preference_loss;
 use difinfo_trainer::train::SeqLogps;
@@ -157,6 +160,12 @@ fn every_loss_type_equals_trl_formula() {
             "{}: {got} vs TRL {want}",
             o.label()
         );
+        // The same text over the library's host batch of f64 (the population code's number).
+        let b = |v: &[f64]| Batch(v.to_vec());
+        let c = infallible(side(&o, b(&C), Some(b(&RC)), b(&NC)));
+        let r = infallible(side(&o, b(&R), Some(b(&RR)), b(&NR)));
+        let host = infallible(batch_loss(&o, &c, &r)).loss.0[0];
+        assert!((host - want).abs() <= TOL_F64, "{}: {host}", o.label());
     }
 }
 
@@ -377,5 +386,223 @@ proptest! {
         let gg = Grads(g.0.clone());
         prop_assert!(gg.dot(&split(&gw)).unwrap() >= -1e-12);
         prop_assert!(gg.dot(&split(&gl)).unwrap() <= 1e-12);
+    }
+}
+
+// ------------------------------------------------------- end to end, with TRL's `ref_model`
+
+mod cli {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use difinfo::loss::batch_loss;
+    use difinfo::objective::{LossType, Objective, ObjectiveSpec};
+    use difinfo::reward::side;
+    use difinfo::scalar::{infallible, Batch};
+
+    fn bin() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_difinfo-train"))
+    }
+
+    fn run(args: &[&str]) {
+        let o = bin().args(args).output().expect("run difinfo-train");
+        assert!(
+            o.status.success(),
+            "difinfo-train {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// `(summed log-probs, completion tokens)` of the chosen and of the rejected, per pair.
+    type Logps = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+    fn logps(model: &Path, data: &Path, out: &Path) -> Logps {
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        run(&[
+            "logps",
+            "--model",
+            &s(model),
+            "--data",
+            &s(data),
+            "--out",
+            &s(out),
+            "--dtype",
+            "f64",
+            "--batch-size",
+            "64",
+        ]);
+        let rows = jsonl(out);
+        let f = |k: &str| rows.iter().map(|r| r[k].as_f64().unwrap()).collect();
+        let n = |k: &str| {
+            rows.iter()
+                .map(|r| r[k].as_array().unwrap().len() as f64)
+                .collect()
+        };
+        (
+            f("chosen_logps"),
+            n("chosen_ids"),
+            f("rejected_logps"),
+            n("rejected_ids"),
+        )
+    }
+
+    /// `difinfo-train dpo --loss-type <each type> --ref-model R` on a tiny policy `P` and a
+    /// different tiny reference `R`: the loss of step 1 (before any update, the whole dataset
+    /// in one batch) equals the loss of TRL's formula — the library's text, pinned to TRL above —
+    /// on the two models' own log-probs (`difinfo-train logps` of each); so do the logged
+    /// rewards, which read the reference. The reference's log-probs are cached under a key of
+    /// its weights: another reference, another cache file.
+    #[test]
+    fn every_loss_type_with_a_separate_reference_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // The first 12 pairs of the example data (one batch; keeps 17 runs quick).
+        let all = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");
+        let data = d.join("prefs.jsonl");
+        let text = std::fs::read_to_string(all).unwrap();
+        let lines: Vec<&str> = text.lines().take(12).collect();
+        std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+        let (p, r) = (d.join("policy"), d.join("reference"));
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        for (m, seed) in [(&p, "1"), (&r, "2")] {
+            run(&["init", "--size", "tiny", "--out", &s(m), "--seed", seed]);
+        }
+        let (c, nc, rj, nr) = logps(&p, &data, &d.join("p.jsonl"));
+        let (rc, _, rr, _) = logps(&r, &data, &d.join("r.jsonl"));
+        assert!(
+            c.iter().zip(&rc).all(|(a, b)| (a - b).abs() > 1e-3),
+            "the two models must differ"
+        );
+        let beta = 0.5;
+        let cache = d.join("cache");
+        let mut cases: Vec<(String, Vec<&str>, ObjectiveSpec)> = LossType::ALL
+            .iter()
+            .map(|t| {
+                let eps = match t {
+                    LossType::ExoPair => 1e-3,
+                    LossType::Robust | LossType::Aot | LossType::AotUnpaired => 0.1,
+                    _ => 0.0,
+                };
+                (
+                    t.name().to_string(),
+                    vec![],
+                    ObjectiveSpec {
+                        beta,
+                        loss_type: vec![*t],
+                        label_smoothing: eps,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        cases.push((
+            "sigmoid,bco_pair,sft".into(),
+            vec!["--loss-weights", "0.8,0.2,1"],
+            ObjectiveSpec {
+                beta,
+                loss_type: vec![LossType::Sigmoid, LossType::BcoPair, LossType::Sft],
+                loss_weights: Some(vec![0.8, 0.2, 1.0]),
+                ..Default::default()
+            },
+        ));
+        cases.push((
+            "ipo".into(),
+            vec!["--f-divergence-type", "alpha_divergence"],
+            ObjectiveSpec {
+                beta,
+                loss_type: vec![LossType::Ipo],
+                f_divergence_type: difinfo::objective::FDivergence::AlphaDivergence,
+                ..Default::default()
+            },
+        ));
+        for (k, (types, extra, spec)) in cases.into_iter().enumerate() {
+            let out = d.join(format!("run-{k}"));
+            let eps = spec.label_smoothing.to_string();
+            let mut args = vec![
+                "dpo".to_string(),
+                "--model".into(),
+                s(&p),
+                "--ref-model".into(),
+                s(&r),
+                "--data".into(),
+                s(&data),
+                "--output-dir".into(),
+                s(&out),
+                "--ref-cache-dir".into(),
+                s(&cache),
+                "--dtype".into(),
+                "f64".into(),
+                "--loss-type".into(),
+                types.clone(),
+                "--beta".into(),
+                beta.to_string(),
+                "--label-smoothing".into(),
+                eps,
+                "--per-device-train-batch-size".into(),
+                "64".into(),
+                "--max-steps".into(),
+                "1".into(),
+                "--logging-steps".into(),
+                "1".into(),
+                "--save-steps".into(),
+                "0".into(),
+                "--max-prompt-length".into(),
+                "0".into(),
+            ];
+            args.extend(extra.iter().map(|x| x.to_string()));
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&a);
+            let rec = &jsonl(&out.join("metrics.jsonl"))[0];
+            let o = Objective::new(spec).unwrap();
+            let b = |v: &[f64]| Batch(v.to_vec());
+            let cs = infallible(side(&o, b(&c), Some(b(&rc)), b(&nc)));
+            let rs = infallible(side(&o, b(&rj), Some(b(&rr)), b(&nr)));
+            let want = infallible(batch_loss(&o, &cs, &rs));
+            let got = rec["loss"].as_f64().unwrap();
+            assert!(
+                (got - want.loss.0[0]).abs() < 1e-9 * (1.0 + got.abs()),
+                "{types} {extra:?}: step-1 loss {got} vs {}",
+                want.loss.0[0]
+            );
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let rw = rec["rewards/chosen"].as_f64().unwrap();
+            assert!((rw - mean(&want.chosen_rewards.0)).abs() < 1e-9, "{types}: {rw}");
+        }
+        // One cache file per reference: the runs above shared R's; the default reference (the
+        // policy's own starting weights) gets another.
+        let out = d.join("run-default-ref");
+        run(&[
+            "dpo",
+            "--model",
+            &s(&p),
+            "--data",
+            &s(&data),
+            "--output-dir",
+            &s(&out),
+            "--ref-cache-dir",
+            &s(&cache),
+            "--dtype",
+            "f64",
+            "--per-device-train-batch-size",
+            "64",
+            "--max-steps",
+            "1",
+            "--save-steps",
+            "0",
+            "--max-prompt-length",
+            "0",
+        ]);
+        let files = std::fs::read_dir(&cache).unwrap().count();
+        assert_eq!(files, 2, "one reference cache per reference model");
+        let rec = &jsonl(&out.join("metrics.jsonl"))[0];
+        assert!((rec["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-12);
     }
 }
