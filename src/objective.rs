@@ -703,22 +703,27 @@ impl Objective {
             .then_some(w)
     }
 
-    /// A short label: `sigmoid`, `ipo+sft`, `dpo-pg`, `sft` (with ` (reference-free)`).
+    /// A short label: `sft`, `dpo-pg`, `dpo` (the sigmoid loss), `ref-free` (its
+    /// reference-free reward), with the loss types in parentheses otherwise (`dpo (ipo)`,
+    /// `dpo (sigmoid+sft)`).
     pub fn label(&self) -> String {
-        let mut s = match self.rule {
+        match self.rule {
             Rule::Sft => "sft".to_string(),
             Rule::ProjectedGradient => "dpo-pg".to_string(),
-            Rule::Preference => self
-                .terms
-                .iter()
-                .map(|(t, _)| t.name())
-                .collect::<Vec<_>>()
-                .join("+"),
-        };
-        if self.reference_free && self.is_preference() {
-            s.push_str(" (reference-free)");
+            Rule::Preference => {
+                let base = if self.reference_free {
+                    "ref-free"
+                } else {
+                    "dpo"
+                };
+                if self.terms == [(LossType::Sigmoid, 1.0)] {
+                    base.to_string()
+                } else {
+                    let types: Vec<&str> = self.terms.iter().map(|(t, _)| t.name()).collect();
+                    format!("{base} ({})", types.join("+"))
+                }
+            }
         }
-        s
     }
 }
 

@@ -58,6 +58,25 @@ fn sides(o: &Objective, log_pi: &[f64], log_ref: Option<&[f64]>, var: usize) -> 
         .collect()
 }
 
+/// The sides of every outcome (chosen: dual input 0, rejected: 1) and the objective's terms,
+/// pairwise ones and coupled (AOT) ones apart.
+struct Prepared {
+    cs: Vec<Side<D2>>,
+    rs: Vec<Side<D2>>,
+    pairwise: Vec<(LossType, f64)>,
+    coupled: Vec<(LossType, f64)>,
+}
+
+fn prepare(o: &Objective, log_pi: &[f64], log_ref: Option<&[f64]>) -> Prepared {
+    let (pairwise, coupled) = o.terms().iter().partition(|(t, _)| t.is_pairwise());
+    Prepared {
+        cs: sides(o, log_pi, log_ref, 0),
+        rs: sides(o, log_pi, log_ref, 1),
+        pairwise,
+        coupled,
+    }
+}
+
 /// `Σ_k w_k ℓ_k(c, r)` over the pairwise loss types.
 #[inline(always)]
 fn pair_value(o: &Objective, terms: &[(LossType, f64)], c: &Side<D2>, r: &Side<D2>) -> D2 {
@@ -236,17 +255,15 @@ pub fn population_loss(
     let pi = Policy::from_logits(logits)?;
     let log_pi = pi.log_probs();
     let log_ref = reference.map(Policy::log_probs);
-    let cs = sides(o, log_pi, log_ref, 0);
-    let rs = sides(o, log_pi, log_ref, 1);
+    let Prepared {
+        cs,
+        rs,
+        pairwise,
+        coupled,
+    } = prepare(o, log_pi, log_ref);
     let w = chosen.probs();
     let v = rejected.probs();
     let n = logits.len();
-    let pairwise: Vec<(LossType, f64)> = o
-        .terms()
-        .iter()
-        .copied()
-        .filter(|(t, _)| t.is_pairwise())
-        .collect();
     let mut value = 0.0;
     let mut g = vec![0.0; n];
     if !pairwise.is_empty() {
@@ -274,12 +291,6 @@ pub fn population_loss(
             g[a] += w[a] * row_grad[a] + g_rejected[a];
         }
     }
-    let coupled: Vec<(LossType, f64)> = o
-        .terms()
-        .iter()
-        .copied()
-        .filter(|(t, _)| !t.is_pairwise())
-        .collect();
     for (t, wt) in coupled {
         if t == LossType::Aot {
             let pairs: Vec<(usize, usize, f64)> = (0..n)
@@ -358,15 +369,13 @@ pub fn sample_loss(
         }
     }
     let log_ref = reference.map(Policy::log_probs);
-    let cs = sides(o, log_pi, log_ref, 0);
-    let rs = sides(o, log_pi, log_ref, 1);
+    let Prepared {
+        cs,
+        rs,
+        pairwise,
+        coupled,
+    } = prepare(o, log_pi, log_ref);
     let m = 1.0 / pairs.len().max(1) as f64;
-    let pairwise: Vec<(LossType, f64)> = o
-        .terms()
-        .iter()
-        .copied()
-        .filter(|(t, _)| t.is_pairwise())
-        .collect();
     let mut value = 0.0;
     let mut g = vec![0.0; n];
     if !pairwise.is_empty() {
@@ -378,7 +387,7 @@ pub fn sample_loss(
         }
     }
     let weighted: Vec<(usize, usize, f64)> = pairs.iter().map(|&(a, b)| (a, b, m)).collect();
-    for &(t, wt) in o.terms().iter().filter(|(t, _)| !t.is_pairwise()) {
+    for (t, wt) in coupled {
         add_aot(
             t, wt, o, &weighted, &cs, &rs, log_pi, log_ref, &mut value, &mut g,
         );

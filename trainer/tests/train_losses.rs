@@ -101,6 +101,15 @@ fn spec(loss_type: &[LossType]) -> ObjectiveSpec {
     }
 }
 
+/// `loss_type` with β and label smoothing `eps`.
+fn smoothed(loss_type: &[LossType], eps: f64) -> Objective {
+    Objective::new(ObjectiveSpec {
+        label_smoothing: eps,
+        ..spec(loss_type)
+    })
+    .unwrap()
+}
+
 /// The trainer's loss of the pinned batch (policy log-probs `c`, `r`).
 fn trainer_loss(o: &Objective, c: &Tensor, r: &Tensor, dt: DType) -> Tensor {
     let chosen = SeqLogps {
@@ -149,11 +158,7 @@ fn pinned() -> Vec<(Vec<LossType>, f64, f64)> {
 #[test]
 fn every_loss_type_equals_trl_formula() {
     for (types, eps, want) in pinned() {
-        let o = Objective::new(ObjectiveSpec {
-            label_smoothing: eps,
-            ..spec(&types)
-        })
-        .unwrap();
+        let o = smoothed(&types, eps);
         let got = value(&o);
         assert!(
             (got - want).abs() <= TOL_F64,
@@ -281,13 +286,7 @@ fn zero_margin_values() {
 fn tensor_gradients_match_finite_differences() {
     let mut cases: Vec<Objective> = pinned()
         .into_iter()
-        .map(|(types, eps, _)| {
-            Objective::new(ObjectiveSpec {
-                label_smoothing: eps,
-                ..spec(&types)
-            })
-            .unwrap()
-        })
+        .map(|(types, eps, _)| smoothed(&types, eps))
         .collect();
     for f in [FDivergence::ForwardKl, FDivergence::AlphaDivergence] {
         cases.push(
@@ -339,11 +338,7 @@ fn tensor_gradients_match_finite_differences() {
 #[test]
 fn f32_values_agree_with_f64() {
     for (types, eps, want) in pinned() {
-        let o = Objective::new(ObjectiveSpec {
-            label_smoothing: eps,
-            ..spec(&types)
-        })
-        .unwrap();
+        let o = smoothed(&types, eps);
         let got = trainer_loss(&o, &t(&C, DType::F32), &t(&R, DType::F32), DType::F32)
             .to_dtype(DType::F64)
             .unwrap()
@@ -391,8 +386,12 @@ proptest! {
 
 // ------------------------------------------------------- end to end, with TRL's `ref_model`
 
+mod common;
+
 mod cli {
     use std::path::{Path, PathBuf};
+
+    use super::common::jsonl;
     use std::process::Command;
 
     use difinfo::loss::batch_loss;
@@ -411,14 +410,6 @@ mod cli {
             "difinfo-train {args:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-    }
-
-    fn jsonl(p: &Path) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
     }
 
     /// `(summed log-probs, completion tokens)` of the chosen and of the rejected, per pair.
@@ -574,7 +565,10 @@ mod cli {
             );
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
             let rw = rec["rewards/chosen"].as_f64().unwrap();
-            assert!((rw - mean(&want.chosen_rewards.0)).abs() < 1e-9, "{types}: {rw}");
+            assert!(
+                (rw - mean(&want.chosen_rewards.0)).abs() < 1e-9,
+                "{types}: {rw}"
+            );
         }
         // One cache file per reference: the runs above shared R's; the default reference (the
         // policy's own starting weights) gets another.

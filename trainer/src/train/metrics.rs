@@ -2,9 +2,12 @@
 //! object per line) and `metrics.csv` (a fixed column set, empty where not applicable).
 //!
 //! As in TRL / transformers: `loss` is the mean of the per-step losses since the last log,
-//! the `rewards/*` and `logps/*` are means over the micro-batches since the last log,
-//! `grad_norm` is the last step's norm before clipping, `learning_rate` the rate the next
-//! step will use.
+//! the `rewards/*` and `logps/*` (and `nll_loss`, the `sft` term of RPO-style objectives) are
+//! means over the micro-batches since the last log, `grad_norm` is the last step's norm before
+//! clipping, `learning_rate` the rate the step used, `num_tokens` TRL 1.x's running count of
+//! non-padding tokens trained on (every forward pass) since the start of the run. TRL's
+//! `entropy`, `logits/*` and `mean_token_accuracy` need the full logits, which the trainer's
+//! LM head never forms (it scores the completion tokens only): they are not logged.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,7 +23,7 @@ pub const METRICS_JSONL: &str = "metrics.jsonl";
 pub const METRICS_CSV: &str = "metrics.csv";
 
 /// Every column, in CSV order.
-pub const COLUMNS: [&str; 13] = [
+pub const COLUMNS: [&str; 15] = [
     "step",
     "epoch",
     "loss",
@@ -32,7 +35,9 @@ pub const COLUMNS: [&str; 13] = [
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "nll_loss",
     "projection/active_fraction",
+    "num_tokens",
     "tokens_per_second",
 ];
 
@@ -53,6 +58,9 @@ pub struct LogAccumulator {
     pub tokens: usize,
     /// Wall-clock seconds spent in steps.
     pub seconds: f64,
+    /// Tokens processed since the start of the run (not reset by a log; TRL's `num_tokens`).
+    #[serde(default)]
+    pub num_tokens: usize,
 }
 
 impl LogAccumulator {
@@ -89,6 +97,7 @@ impl LogAccumulator {
                 self.projection_active as f64 / self.steps.max(1) as f64,
             ));
         }
+        r.push(("num_tokens".into(), self.num_tokens as f64));
         r.push((
             "tokens_per_second".into(),
             if self.seconds > 0.0 {
@@ -98,7 +107,10 @@ impl LogAccumulator {
             },
         ));
         r.sort_by_key(|(k, _)| COLUMNS.iter().position(|c| c == k).unwrap_or(usize::MAX));
-        *self = Self::default();
+        *self = Self {
+            num_tokens: self.num_tokens,
+            ..Self::default()
+        };
         r
     }
 }
@@ -110,9 +122,9 @@ pub struct MetricsLog {
     csv: PathBuf,
 }
 
-/// `step` as an integer; every other value as a float (`null` if not finite).
+/// `step` and `num_tokens` as integers; every other value as a float (`null` if not finite).
 fn json_number(key: &str, v: f64) -> serde_json::Value {
-    if key == "step" {
+    if key == "step" || key == "num_tokens" {
         serde_json::Value::from(v as u64)
     } else {
         serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)

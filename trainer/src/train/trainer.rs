@@ -612,6 +612,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         st.log.steps += 1;
         st.log.loss_sum += step_loss;
         st.log.tokens += tokens;
+        st.log.num_tokens += tokens;
         let seconds = t0.elapsed().as_secs_f64();
         st.log.seconds += seconds;
         if let Some(p) = &projection {

@@ -75,3 +75,12 @@ pub fn write_lines(dir: &TempDir, name: &str, lines: &[&str]) -> PathBuf {
     std::fs::write(&p, lines.join("\n") + "\n").expect("write");
     p
 }
+
+/// The JSON objects of a JSONL file.
+pub fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
