@@ -94,6 +94,7 @@ struct ModelArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; `dpo` carries TRL's DPOConfig loss fields
 enum Command {
     /// Create a random-weight checkpoint (Llama by default) with a BPE tokenizer trained on a corpus.
     Init {
@@ -199,7 +200,8 @@ enum Command {
     },
     /// Supervised fine-tuning (TRL SFTTrainer options): NLL of completions or of whole sequences.
     Sft(difinfo_trainer::train::cli::SftArgs),
-    /// Preference optimization (TRL DPOTrainer options): DPO (sigmoid, hinge, ipo), reference-free, DPO-PG.
+    /// Preference optimization (TRL DPOTrainer options): every TRL loss type and combination,
+    /// reference-free, a separate reference model, DPO-PG.
     Dpo(difinfo_trainer::train::cli::DpoArgs),
     /// Draw a run's metrics.jsonl (loss, rewards, log-probs, grad norm, learning rate) into a PNG.
     Plot(difinfo_trainer::train::plot::PlotArgs),

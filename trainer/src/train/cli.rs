@@ -932,6 +932,7 @@ mod tests {
     }
 
     #[derive(Subcommand)]
+    #[allow(clippy::large_enum_variant)]
     enum Cmd {
         Dpo(DpoArgs),
         Sft(SftArgs),
@@ -1163,6 +1164,18 @@ mod tests {
             64
         );
         assert_eq!(r.config.warmup_steps, 150);
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            &format!("{dir}/mpo.toml"),
+        ])
+        .unwrap();
+        assert_eq!(r.config.objective.sft_weight(), Some(1.0));
+        assert_eq!(r.config.objective.terms().len(), 3);
     }
 
     #[test]
