@@ -89,15 +89,9 @@ pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
                     message: format!("not a valid safetensors file: {e}"),
                 }
             })?;
-        for (name, view) in st.tensors() {
-            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
-                Error::Checkpoint {
-                    path: path.to_path_buf(),
-                    message: format!("tensor `{name}`: {e}"),
-                }
-            })?;
-            tensors.insert(name.to_string(), t);
-            origin.insert(name.to_string(), path.to_path_buf());
+        for (name, t) in load_views(st.tensors(), path)? {
+            origin.insert(name.clone(), path.to_path_buf());
+            tensors.insert(name, t);
         }
         Ok(())
     };
@@ -161,6 +155,39 @@ pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
     })
 }
 
+/// The tensors of a safetensors file's views, on the CPU in the file's dtype (`path` names
+/// the file in errors).
+fn load_views(
+    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    path: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    views
+        .into_iter()
+        .map(|(name, view)| {
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
+                Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{name}`: {e}"),
+                }
+            })?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Every tensor of a safetensors file held in memory, as [`read_tensors`] reads each file of a
+/// checkpoint (`path` names it in errors).
+///
+/// # Errors
+/// A malformed header or tensor, naming the file.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    load_views(st.tensors(), path)
+}
+
 /// Loads a checkpoint directory as a trainable [`Model`] in `dtype` on `device`.
 ///
 /// # Errors
@@ -202,7 +229,11 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        // Name the destination the user gave, not the hidden temporary file.
+        return Err(match e {
+            Error::Io { path: p, source } if p == tmp => Error::io(path, source),
+            e => e,
+        });
     }
     // Some writers create 0600 files; outputs are ordinary files (0644 before the umask).
     #[cfg(unix)]

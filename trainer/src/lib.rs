@@ -13,6 +13,7 @@
 //! - [`logps`]: summed completion log-probs of a preference dataset;
 //! - [`generate`]: KV-cache sampling;
 //! - [`init`]: random checkpoints with a trained BPE tokenizer;
+//! - [`io`]: output paths checked before any work (never an input, always writable);
 //! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
 //!   and exact resume, and the `sft`, `dpo`, `plot`, `bench` commands.
 
@@ -26,6 +27,7 @@ pub mod fused;
 pub mod fuzzing;
 pub mod generate;
 pub mod init;
+pub mod io;
 pub mod logps;
 pub mod model;
 pub mod template;

@@ -16,13 +16,14 @@ use difinfo_trainer::data::PromptExample;
 use difinfo_trainer::data::{default_report_path, write_error_report};
 use difinfo_trainer::generate::{generate, SamplingParams};
 use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
+use difinfo_trainer::io::{check_outputs, inputs, Named};
 use difinfo_trainer::logps::preference_logps;
 use difinfo_trainer::model::Model;
 use difinfo_trainer::tokenize::{
     load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizedDataset,
     TokenizerBundle, TruncationMode,
 };
-use difinfo_trainer::train::cli::report_stats;
+use difinfo_trainer::train::cli::{load_bundle, report_stats, require_examples};
 use difinfo_trainer::{parse_device, Error, Result};
 
 #[derive(Parser)]
@@ -55,10 +56,10 @@ fn parse_limit(s: &str) -> std::result::Result<Limit, String> {
 struct TokenizeArgs {
     /// Longest prompt + completion in tokens (`none`: no limit); completions are cut to fit,
     /// examples whose prompt alone fills it are dropped.
-    #[arg(long, default_value = "1024", value_parser = parse_limit)]
+    #[arg(long, default_value = "1024", value_parser = parse_limit, allow_negative_numbers = true)]
     max_length: Limit,
     /// Longest prompt in tokens (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit)]
+    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
     max_prompt_length: Limit,
     /// Which end of an over-long prompt to keep.
     #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
@@ -112,6 +113,10 @@ enum Command {
         /// Architecture (model_type) of the random model.
         #[arg(long, value_enum, default_value_t = Architecture::Llama)]
         arch: Architecture,
+        /// Replace the checkpoint in a non-empty --out (its stale shards, optimizer and trainer
+        /// state are removed; other files stay) instead of refusing
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Write chosen/rejected completion log-probs of a preference dataset as JSONL.
     Logps {
@@ -155,7 +160,7 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Longest prompt in tokens, keeping its end (`none`: no limit).
-        #[arg(long, default_value = "none", value_parser = parse_limit)]
+        #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
         max_prompt_length: Limit,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
@@ -224,7 +229,7 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
         /// Longest prompt in tokens, keeping its end (`none`: no limit).
-        #[arg(long, default_value = "none", value_parser = parse_limit)]
+        #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
         max_prompt_length: Limit,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
@@ -314,18 +319,38 @@ fn model_and_prompts(
 ) -> Result<(TokenizerBundle, PromptSet, Model)> {
     let device = parse_device(&model.device)?;
     let dtype = parse_dtype(&model.dtype)?;
-    let bundle = TokenizerBundle::load(&model.model)?;
+    let bundle = load_bundle(&model.model)?;
     let ds = load_prompts(&bundle, prompts, max_prompt_length, skip_invalid)?;
     if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
         write_error_report(r, &ds.errors)?;
     }
     report_stats(prompts, &ds.stats, report);
+    require_examples(prompts, &ds.stats)?;
     let m = load_model(&model.model, dtype, &device)?;
     Ok((bundle, ds, m))
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     difinfo_trainer::train::cli::progress_bar(len, 0, what)
+}
+
+/// The outputs' checks before any work ([`check_outputs`]): each writable, none an input
+/// file (`files`) nor a file of an input checkpoint directory (`checkpoints`).
+fn check_paths(
+    outputs: &[Named<'_>],
+    files: &[Named<'_>],
+    checkpoints: &[Named<'_>],
+) -> Result<()> {
+    check_outputs(outputs, &inputs(files, checkpoints))
+}
+
+/// `--out`, and `--error-report` when `--skip-invalid` writes one.
+fn outputs_with_report<'a>(out: &'a Path, report: &'a Path, skip_invalid: bool) -> Vec<Named<'a>> {
+    let mut v = vec![("--out", out)];
+    if skip_invalid {
+        v.push(("--error-report", report));
+    }
+    v
 }
 
 fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
@@ -348,10 +373,20 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         } => {
             use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
             use difinfo_trainer::diag::beta_accuracy::prompt_fit;
+            check_paths(
+                &[("--out", &out)],
+                &[("--prompts", &prompts)],
+                &[
+                    ("--estimator", &estimator),
+                    ("--policy", &policy),
+                    ("--reference", &reference),
+                ],
+            )?;
             let device = parse_device("cpu")?;
-            let bundle = TokenizerBundle::load(&estimator)?;
+            let bundle = load_bundle(&estimator)?;
             let ds = load_prompts(&bundle, &prompts, None, false)?;
             report_stats(&prompts, &ds.stats, None);
+            require_examples(&prompts, &ds.stats)?;
             let (m_hat, m_pi, m_ref) = (
                 load_model(&estimator, DType::F32, &device)?,
                 load_model(&policy, DType::F32, &device)?,
@@ -433,16 +468,24 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::resample::{resample, score_candidates};
+            check_paths(
+                &[("--out", &out)],
+                &[("--candidates", &candidates)],
+                &[("--reference", &reference), ("--target", &target)],
+            )?;
             let loaded = difinfo_trainer::data::read_jsonl(
                 &candidates,
                 false,
                 difinfo_trainer::data::parse_candidates_line,
             )?;
+            if loaded.examples.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: no records (the file is empty)",
+                    candidates.display()
+                )));
+            }
             let device = parse_device("cpu")?;
-            let (tok_ref, tok_tgt) = (
-                TokenizerBundle::load(&reference)?,
-                TokenizerBundle::load(&target)?,
-            );
+            let (tok_ref, tok_tgt) = (load_bundle(&reference)?, load_bundle(&target)?);
             let m_ref = load_model(&reference, DType::F32, &device)?;
             let m_tgt = load_model(&target, DType::F32, &device)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -503,6 +546,11 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::entropy::{overall, prompt_entropy};
+            check_paths(
+                &[("--out", &out)],
+                &[("--prompts", &prompts)],
+                &[("--model", &model.model)],
+            )?;
             let (bundle, ds, m) =
                 model_and_prompts(&model, &prompts, max_prompt_length.0, false, None)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -557,11 +605,36 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             tokenizer_corpus,
             seed,
             arch,
+            overwrite,
         } => {
+            use difinfo_trainer::init::{prepare_output_dir, INIT_FILES};
+            difinfo_trainer::io::check_output_dir("--out", &out)?;
             let corpus = match &tokenizer_corpus {
-                Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                Some(p) => {
+                    if let Some(f) = INIT_FILES
+                        .iter()
+                        .find(|f| difinfo_trainer::io::same_file(&out.join(f), p))
+                    {
+                        return Err(Error::InvalidArgument(format!(
+                            "--tokenizer-corpus {} is {}, a file init writes: copy it elsewhere first",
+                            p.display(),
+                            out.join(f).display()
+                        )));
+                    }
+                    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                    if text.trim().is_empty() {
+                        return Err(Error::InvalidArgument(format!(
+                            "--tokenizer-corpus {}: no text to train the tokenizer on (the file is empty or blank)",
+                            p.display()
+                        )));
+                    }
+                    text
+                }
                 None => BUILTIN_CORPUS.to_string(),
             };
+            for p in prepare_output_dir(&out, overwrite)? {
+                eprintln!("removed stale {}", p.display());
+            }
             let cfg = init_checkpoint(&out, arch_config(size, arch), &corpus, seed)?;
             eprintln!(
                 "wrote {} ({} parameters, vocab {}, {} layers, hidden {})",
@@ -586,15 +659,21 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     "--batch-size must be positive".into(),
                 ));
             }
+            let report = error_report.unwrap_or_else(|| default_report_path(&data));
+            check_paths(
+                &outputs_with_report(&out, &report, skip_invalid),
+                &[("--data", &data)],
+                &[("--model", &model.model)],
+            )?;
             let device = parse_device(&model.device)?;
             let dtype = parse_dtype(&model.dtype)?;
-            let bundle = TokenizerBundle::load(&model.model)?;
+            let bundle = load_bundle(&model.model)?;
             let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
-            let report = error_report.unwrap_or_else(|| default_report_path(&data));
             if skip_invalid && !ds.errors.is_empty() {
                 write_error_report(&report, &ds.errors)?;
             }
             report_stats(&data, &ds.stats, Some(&report));
+            require_examples(&data, &ds.stats)?;
             let m = load_model(&model.model, dtype, &device)?;
             let pairs: Vec<_> = ds.examples.iter().map(|e| e.value.clone()).collect();
             let pb = progress(pairs.len() as u64, "logps");
@@ -631,6 +710,11 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             error_report,
         } => {
             let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
+            check_paths(
+                &outputs_with_report(&out, &report, skip_invalid),
+                &[("--prompts", &prompts)],
+                &[("--model", &model.model)],
+            )?;
             let (bundle, ds, m) = model_and_prompts(
                 &model,
                 &prompts,
@@ -863,7 +947,10 @@ fn tune_candle_threads() {
 fn main() -> ExitCode {
     tune_malloc();
     tune_candle_threads();
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = difinfo_trainer::train::cli::negative_numbers_as_values(
+        <Cli as clap::CommandFactory>::command(),
+    )
+    .get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

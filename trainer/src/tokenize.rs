@@ -31,6 +31,7 @@ pub struct TokenizerBundle {
     tokens: TemplateTokens,
     template: Option<ChatTemplate>,
     eos_ids: Vec<u32>,
+    warnings: Vec<String>,
 }
 
 fn special_token(v: Option<&Value>) -> Option<String> {
@@ -80,6 +81,7 @@ impl TokenizerBundle {
             tokens,
             template,
             eos_ids,
+            warnings: Vec::new(),
         })
     }
 
@@ -135,7 +137,33 @@ impl TokenizerBundle {
                 }
             }
         }
+        if b.tokens.eos_token.is_none() {
+            let why = if tc.exists() {
+                format!("{} names no eos_token", tc.display())
+            } else {
+                format!("{} is missing", tc.display())
+            };
+            let stop = if b.eos_ids.is_empty() {
+                "sampling stops only at the token limit".to_string()
+            } else {
+                format!(
+                    "sampling stops only at generation_config.json's eos_token_id {:?}",
+                    b.eos_ids
+                )
+            };
+            b.warnings.push(format!(
+                "{why}: no EOS token is known, so plain-text completions are tokenized without \
+                 an appended EOS (TRL appends the tokenizer's eos_token; the log-probs differ) \
+                 and {stop}"
+            ));
+        }
         Ok(b)
+    }
+
+    /// What loading found missing and what is done instead (a missing tokenizer_config.json
+    /// changes the EOS rule and so every log-prob): for the command to print.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The underlying tokenizer.

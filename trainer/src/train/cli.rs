@@ -31,6 +31,7 @@ use crate::tokenize::{
 use crate::train::adapter::TrainModel;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
 use crate::train::config::{merge_onto, write_file, CONFIG_TOML};
+use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
 use crate::train::{
     Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig, TrainError, Trainer,
 };
@@ -532,7 +533,7 @@ fn seq(s: crate::batch::Sequence) -> Sequence {
 /// Tokenizes the run's data TRL-style into a training [`Dataset`].
 ///
 /// # Errors
-/// Data errors (file:line:field) unless skipped; no example left.
+/// Data errors (file:line:field) unless skipped; no example left ([`require_examples`]).
 pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
@@ -546,6 +547,7 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        require_examples(&r.data, &ds.stats)?;
         Examples::Preference(
             ds.examples
                 .iter()
@@ -561,6 +563,7 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        require_examples(&r.data, &ds.stats)?;
         Examples::Sft(
             ds.examples
                 .iter()
@@ -568,18 +571,11 @@ pub fn load_dataset(
                 .collect(),
         )
     };
-    let d = Dataset {
+    Ok(Dataset {
         examples,
         pad_id: bundle.pad_id(),
         settings: format!("{opts:?} bf16={}", r.bf16),
-    };
-    if d.is_empty() {
-        return usage(format!(
-            "{}: no training example left after tokenization",
-            r.data.display()
-        ));
-    }
-    Ok(d)
+    })
 }
 
 fn r_report(r: &RunRecord) -> PathBuf {
@@ -702,7 +698,8 @@ impl RunSummary {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
-    let bundle = TokenizerBundle::load(&r.record.model)?;
+    check_run_paths(r)?;
+    let bundle = load_bundle(&r.record.model)?;
     let data = load_dataset(&r.config, &r.record, &bundle)?;
     train_on(r, data)
 }
@@ -794,6 +791,110 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
         .map_err(|e| TrainError::format(out.join(SUMMARY_FILE), e))?;
     write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
     Ok(summary)
+}
+
+/// What a run checks before any work: the output directory can be made and written; the
+/// error report (with `--skip-invalid`) is no input; a fresh run's files in the output
+/// directory are no input (a fresh run replaces them); a fresh run does not land on an earlier
+/// run ([`check_fresh_output_dir`]).
+///
+/// # Errors
+/// [`CliError`] naming the options and paths.
+fn check_run_paths(r: &Resolved) -> CliResult<()> {
+    use crate::io::{check_output_dir, check_outputs, inputs, same_file};
+    let out = &r.config.output_dir;
+    check_output_dir("--output-dir", out)?;
+    let mut files: Vec<(&str, &Path)> = vec![("--data", &r.record.data)];
+    if let Some(c) = &r.config_file {
+        files.push(("--config", c));
+    }
+    let ins = inputs(&files, &[("--model", &r.record.model)]);
+    let report = r_report(&r.record);
+    if r.record.skip_invalid {
+        check_outputs(&[("--error-report", &report)], &ins)?;
+    }
+    if r.resume.is_none() {
+        for f in RUN_FILES {
+            let o = out.join(f);
+            if let Some((opt, p)) = ins.iter().find(|(_, p)| same_file(&o, p)) {
+                return usage(format!(
+                    "{opt} {} is {}, a file the run writes in --output-dir: copy it elsewhere first",
+                    p.display(),
+                    o.display()
+                ));
+            }
+        }
+        check_fresh_output_dir(out, r.config.overwrite_output_dir)?;
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint directory's tokenizer files, printing what their absence changes
+/// ([`TokenizerBundle::warnings`]).
+///
+/// # Errors
+/// See [`TokenizerBundle::load`].
+pub fn load_bundle(dir: &Path) -> crate::Result<TokenizerBundle> {
+    let b = TokenizerBundle::load(dir)?;
+    for w in b.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(b)
+}
+
+/// A data file that left no example: an error naming the file and why (no records, all
+/// invalid, all dropped), the same for every command (TRL refuses an empty dataset).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when `stats.kept` is 0.
+pub fn require_examples(file: &Path, stats: &TokenizeStats) -> crate::Result<()> {
+    if stats.kept > 0 {
+        return Ok(());
+    }
+    let why = if stats.total == 0 {
+        "no records (the file is empty)".to_string()
+    } else if stats.invalid == stats.total {
+        format!(
+            "no records left: all {} are invalid (see the error report)",
+            stats.total
+        )
+    } else {
+        format!(
+            "no example left of {} records: {} dropped because the prompt alone fills --max-length, {} invalid",
+            stats.total, stats.dropped_prompt_too_long, stats.invalid
+        )
+    };
+    Err(crate::Error::InvalidArgument(format!(
+        "{}: {why}",
+        file.display()
+    )))
+}
+
+/// `cmd` with every numeric option (and every subcommand's) taking a value that starts with a
+/// hyphen, so `--beta -1` and `--adam-epsilon -1e-8` reach the range check ("beta must be …
+/// positive") instead of clap's "unexpected argument '-1'" (clap's own negative-number test
+/// misses exponents). A flag mistaken for the value (`--seed --model`) fails to parse as a
+/// number, and that message names the option too.
+pub fn negative_numbers_as_values(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f64>(),
+        TypeId::of::<f32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<usize>(),
+    ];
+    cmd.mut_args(|a| {
+        let t = a.get_value_parser().type_id();
+        if numeric.iter().any(|n| t == *n) {
+            a.allow_hyphen_values(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_numbers_as_values)
 }
 
 fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {
