@@ -229,7 +229,7 @@ impl TrainConfig {
             ("save_total_limit", self.save_total_limit),
         ] {
             if v == Some(0) {
-                return Err(RangeError::new(field, 0, "must be ≥ 1"));
+                return Err(RangeError::new(field, 0.0, "must be ≥ 1"));
             }
         }
         Ok(())

@@ -104,11 +104,17 @@ pub struct RangeError {
 }
 
 impl RangeError {
-    /// `field`'s value `value` fails `requirement`.
-    pub fn new(field: &'static str, value: impl std::fmt::Display, requirement: &str) -> Self {
+    /// `field`'s value `value` fails `requirement`. The value is written as a user would
+    /// type it (`1e-300`, not three hundred zeros).
+    pub fn new(field: &'static str, value: f64, requirement: &str) -> Self {
+        let value = if value != 0.0 && value.is_finite() && !(1e-4..1e16).contains(&value.abs()) {
+            format!("{value:e}")
+        } else {
+            value.to_string()
+        };
         Self {
             field,
-            value: value.to_string(),
+            value,
             requirement: requirement.to_string(),
         }
     }
