@@ -490,13 +490,10 @@ impl SynthConfig {
             if list.is_empty() || list.len() > MAX_LIST || !list.iter().all(|&v| in_range(v)) {
                 return bad(
                     name,
-                    format!(
-                        "{}",
-                        list.iter()
-                            .map(|&x| compact(x))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    ),
+                    list.iter()
+                        .map(|&x| compact(x))
+                        .collect::<Vec<_>>()
+                        .join(","),
                     format!("need 1 to {MAX_LIST} values, each in {span}"),
                 );
             }
