@@ -344,11 +344,16 @@ fn check_paths(
     check_outputs(outputs, &inputs(files, checkpoints))
 }
 
-/// `--out`, and `--error-report` when `--skip-invalid` writes one.
-fn outputs_with_report<'a>(out: &'a Path, report: &'a Path, skip_invalid: bool) -> Vec<Named<'a>> {
+/// `--out`, and `--error-report` when given with `--skip-invalid` (the default report,
+/// DATA.errors.jsonl, is no input and is written, if at all, right after reading the data).
+fn outputs_with_report<'a>(
+    out: &'a Path,
+    report: Option<&'a Path>,
+    skip_invalid: bool,
+) -> Vec<Named<'a>> {
     let mut v = vec![("--out", out)];
-    if skip_invalid {
-        v.push(("--error-report", report));
+    if let (Some(r), true) = (report, skip_invalid) {
+        v.push(("--error-report", r));
     }
     v
 }
@@ -659,12 +664,12 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     "--batch-size must be positive".into(),
                 ));
             }
-            let report = error_report.unwrap_or_else(|| default_report_path(&data));
             check_paths(
-                &outputs_with_report(&out, &report, skip_invalid),
+                &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
                 &[("--data", &data)],
                 &[("--model", &model.model)],
             )?;
+            let report = error_report.unwrap_or_else(|| default_report_path(&data));
             let device = parse_device(&model.device)?;
             let dtype = parse_dtype(&model.dtype)?;
             let bundle = load_bundle(&model.model)?;
@@ -709,12 +714,12 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             skip_invalid,
             error_report,
         } => {
-            let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
             check_paths(
-                &outputs_with_report(&out, &report, skip_invalid),
+                &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
                 &[("--prompts", &prompts)],
                 &[("--model", &model.model)],
             )?;
+            let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
             let (bundle, ds, m) = model_and_prompts(
                 &model,
                 &prompts,

@@ -809,9 +809,10 @@ fn check_run_paths(r: &Resolved) -> CliResult<()> {
         files.push(("--config", c));
     }
     let ins = inputs(&files, &[("--model", &r.record.model)]);
-    let report = r_report(&r.record);
-    if r.record.skip_invalid {
-        check_outputs(&[("--error-report", &report)], &ins)?;
+    // The default report (DATA.errors.jsonl) is no input and is written, if at all, right
+    // after the data is read; a report given by name is checked like any output.
+    if let (Some(report), true) = (&r.record.error_report, r.record.skip_invalid) {
+        check_outputs(&[("--error-report", report)], &ins)?;
     }
     if r.resume.is_none() {
         for f in RUN_FILES {
