@@ -36,6 +36,15 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
+/// [`fails`], and the message names each of `names`.
+fn refused(args: &[&str], names: &[&str]) -> String {
+    let e = fails(args);
+    for n in names {
+        assert!(e.contains(n), "`{n}` not named: {e}");
+    }
+    e
+}
+
 fn ok(args: &[&str]) -> String {
     let o = run(args);
     assert!(o.status.success(), "failed: {args:?}");
@@ -99,91 +108,104 @@ fn an_output_equal_to_an_input_is_refused_before_any_work() {
         spellings.push(s(&t.join("sym.jsonl")).to_string());
     }
     for out in &spellings {
-        let e = fails(&[
+        refused(
+            &[
+                "logps",
+                "--model",
+                s(&nope),
+                "--data",
+                s(&data),
+                "--out",
+                out,
+            ],
+            &["--out", "--data", "same file"],
+        );
+    }
+    refused(
+        &[
             "logps",
             "--model",
             s(&nope),
             "--data",
             s(&data),
             "--out",
-            out,
-        ]);
-        assert!(e.contains("--out") && e.contains("--data"), "{e}");
-        assert!(e.contains("same file"), "{e}");
-    }
-    let e = fails(&[
-        "logps",
-        "--model",
-        s(&nope),
-        "--data",
-        s(&data),
-        "--out",
-        s(&t.join("o.jsonl")),
-        "--skip-invalid",
-        "--error-report",
-        s(&data),
-    ]);
-    assert!(e.contains("--error-report") && e.contains("--data"), "{e}");
-    let e = fails(&[
-        "sample",
-        "--model",
-        s(&nope),
-        "--prompts",
-        s(&ps),
-        "--out",
-        s(&ps),
-    ]);
-    assert!(e.contains("--out") && e.contains("--prompts"), "{e}");
-    let e = fails(&[
-        "entropy",
-        "--model",
-        s(&nope),
-        "--prompts",
-        s(&ps),
-        "--out",
-        s(&ps),
-    ]);
-    assert!(e.contains("--out") && e.contains("--prompts"), "{e}");
-    let e = fails(&[
-        "dpo",
-        "--model",
-        s(&nope),
-        "--data",
-        s(&data),
-        "--output-dir",
-        s(&t.join("run")),
-        "--skip-invalid",
-        "--error-report",
-        s(&data),
-    ]);
-    assert!(e.contains("--error-report") && e.contains("--data"), "{e}");
+            s(&t.join("o.jsonl")),
+            "--skip-invalid",
+            "--error-report",
+            s(&data),
+        ],
+        &["--error-report", "--data"],
+    );
+    refused(
+        &[
+            "sample",
+            "--model",
+            s(&nope),
+            "--prompts",
+            s(&ps),
+            "--out",
+            s(&ps),
+        ],
+        &["--out", "--prompts"],
+    );
+    refused(
+        &[
+            "entropy",
+            "--model",
+            s(&nope),
+            "--prompts",
+            s(&ps),
+            "--out",
+            s(&ps),
+        ],
+        &["--out", "--prompts"],
+    );
+    refused(
+        &[
+            "dpo",
+            "--model",
+            s(&nope),
+            "--data",
+            s(&data),
+            "--output-dir",
+            s(&t.join("run")),
+            "--skip-invalid",
+            "--error-report",
+            s(&data),
+        ],
+        &["--error-report", "--data"],
+    );
     // Two outputs on one file.
-    let e = fails(&[
-        "logps",
-        "--model",
-        s(&nope),
-        "--data",
-        s(&data),
-        "--out",
-        s(&t.join("o.jsonl")),
-        "--skip-invalid",
-        "--error-report",
-        s(&t.join("sub/../o.jsonl")),
-    ]);
-    assert!(e.contains("--out") && e.contains("--error-report"), "{e}");
+    refused(
+        &[
+            "logps",
+            "--model",
+            s(&nope),
+            "--data",
+            s(&data),
+            "--out",
+            s(&t.join("o.jsonl")),
+            "--skip-invalid",
+            "--error-report",
+            s(&t.join("sub/../o.jsonl")),
+        ],
+        &["--out", "--error-report"],
+    );
     // A file of the model's checkpoint directory is an input too.
     let model = tiny_model(t);
     let cfg_before = std::fs::read(model.join("config.json")).unwrap();
-    let e = fails(&[
-        "logps",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--out",
-        s(&model.join("config.json")),
-    ]);
-    assert!(e.contains("--out") && e.contains("--model"), "{e}");
+    refused(
+        &[
+            "logps",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&model.join("config.json")),
+        ],
+        &["--out", "--model"],
+    );
     assert_eq!(
         std::fs::read(model.join("config.json")).unwrap(),
         cfg_before
@@ -192,13 +214,15 @@ fn an_output_equal_to_an_input_is_refused_before_any_work() {
     let run_dir = t.join("r");
     std::fs::create_dir(&run_dir).unwrap();
     std::fs::write(run_dir.join("metrics.jsonl"), "{\"step\":1,\"loss\":0.5}\n").unwrap();
-    let e = fails(&[
-        "plot",
-        s(&run_dir),
-        "--out",
-        s(&run_dir.join("metrics.jsonl")),
-    ]);
-    assert!(e.contains("--out") && e.contains("metrics.jsonl"), "{e}");
+    refused(
+        &[
+            "plot",
+            s(&run_dir),
+            "--out",
+            s(&run_dir.join("metrics.jsonl")),
+        ],
+        &["--out", "metrics.jsonl"],
+    );
     assert_eq!(std::fs::read(&data).unwrap(), before);
     assert_eq!(std::fs::read(&ps).unwrap(), ps_before);
 }
@@ -237,8 +261,7 @@ fn init_refuses_a_non_empty_directory_without_overwrite() {
     // A file where the directory should be is refused.
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
-    let e = fails(&["init", "--out", s(&file)]);
-    assert!(e.contains("not a directory"), "{e}");
+    refused(&["init", "--out", s(&file)], &["not a directory"]);
 }
 
 // ------------------------------------------------------------ class 4: a crashed run's directory
@@ -434,20 +457,22 @@ fn out_of_range_training_options_are_refused_naming_the_option() {
         assert!(e.contains(name) && e.contains("c.toml"), "{line}: {e}");
     }
     // did-entropy's estimator options go through the same check.
-    let e = fails(&[
-        "did-entropy",
-        "--policy",
-        s(&nope),
-        "--reference",
-        s(&nope),
-        "--prompts",
-        s(&prompts()),
-        "--output-dir",
-        s(&tmp.path().join("did")),
-        "--max-grad-norm",
-        "nan",
-    ]);
-    assert!(e.contains("--max-grad-norm"), "{e}");
+    refused(
+        &[
+            "did-entropy",
+            "--policy",
+            s(&nope),
+            "--reference",
+            s(&nope),
+            "--prompts",
+            s(&prompts()),
+            "--output-dir",
+            s(&tmp.path().join("did")),
+            "--max-grad-norm",
+            "nan",
+        ],
+        &["--max-grad-norm"],
+    );
 }
 
 // ------------------------------------------------------------ weak records
@@ -501,16 +526,18 @@ fn an_empty_data_file_is_an_error_in_logps_and_dpo() {
     for e in [&e1, &e2] {
         assert!(e.contains("empty.jsonl") && e.contains("no records"), "{e}");
     }
-    let e = fails(&[
-        "sample",
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&empty),
-        "--out",
-        s(&out),
-    ]);
-    assert!(e.contains("empty.jsonl") && e.contains("no records"), "{e}");
+    refused(
+        &[
+            "sample",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(&empty),
+            "--out",
+            s(&out),
+        ],
+        &["empty.jsonl", "no records"],
+    );
 }
 
 #[test]
@@ -563,16 +590,18 @@ fn an_unwritable_destination_is_refused_before_the_work_naming_the_real_path() {
     // Not the hidden temporary file the output is written through.
     assert!(!e.contains(".o.jsonl.tmp"), "{e}");
     // A directory where a file should go.
-    let e = fails(&[
-        "sample",
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts()),
-        "--out",
-        s(tmp.path()),
-    ]);
-    assert!(e.contains("--out") && e.contains("directory"), "{e}");
+    refused(
+        &[
+            "sample",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(&prompts()),
+            "--out",
+            s(tmp.path()),
+        ],
+        &["--out", "directory"],
+    );
     let e = fails(&[
         "entropy",
         "--model",
@@ -607,8 +636,7 @@ fn plot_errors_are_plain_sentences() {
     ] {
         assert!(!e.contains(raw), "{raw} in {e}");
     }
-    let e = fails(&["plot", s(&tmp.path().join("nope"))]);
-    assert!(e.contains("metrics.jsonl"), "{e}");
+    refused(&["plot", s(&tmp.path().join("nope"))], &["metrics.jsonl"]);
 }
 
 #[test]
