@@ -124,8 +124,8 @@ pub fn check_output_dir(option: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The files of a Hugging Face checkpoint directory that the loaders read (config, weights
-/// and their shards, tokenizer and generation files), as inputs of option `option`.
+/// The files of a Hugging Face checkpoint directory that the loaders read: config, weights
+/// and their shards, tokenizer and generation files.
 pub fn checkpoint_inputs(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = ["config.json", WEIGHTS_FILE, WEIGHTS_INDEX_FILE]
         .iter()
@@ -143,14 +143,42 @@ pub fn checkpoint_inputs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// A file a command reads, and how to name it in a message (`--data d.jsonl`, or
+/// `m/config.json of --model m`).
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The message's words for it.
+    pub what: String,
+    /// The file.
+    pub path: PathBuf,
+}
+
+/// The inputs of a command: each plain file under its option, and each file of each
+/// checkpoint directory ([`checkpoint_inputs`]) under the directory's option.
+pub fn inputs(files: &[Named<'_>], checkpoints: &[Named<'_>]) -> Vec<Input> {
+    let mut v: Vec<Input> = files
+        .iter()
+        .map(|&(o, p)| Input {
+            what: format!("{o} {}", p.display()),
+            path: p.to_path_buf(),
+        })
+        .collect();
+    for &(o, d) in checkpoints {
+        v.extend(checkpoint_inputs(d).into_iter().map(|p| Input {
+            what: format!("{} of {o} {}", p.display(), d.display()),
+            path: p,
+        }));
+    }
+    v
+}
+
 /// The checks every command runs before its work: each output's destination can be written
-/// ([`check_destination`]), no two outputs are one file, and no output is an input's file
-/// ([`same_file`]). `inputs` pairs an option with a file it reads (a checkpoint directory's
-/// files from [`checkpoint_inputs`], each under the directory's option).
+/// ([`check_destination`]), no two outputs are one file, and no output is an input
+/// ([`same_file`]).
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming both options and paths.
-pub fn check_outputs(outputs: &[Named<'_>], inputs: &[(&str, PathBuf)]) -> Result<()> {
+pub fn check_outputs(outputs: &[Named<'_>], inputs: &[Input]) -> Result<()> {
     for (i, &(oa, a)) in outputs.iter().enumerate() {
         for &(ob, b) in &outputs[..i] {
             if destination(a).is_some() && destination(a) == destination(b) {
@@ -161,32 +189,34 @@ pub fn check_outputs(outputs: &[Named<'_>], inputs: &[(&str, PathBuf)]) -> Resul
                 )));
             }
         }
-        for (oi, p) in inputs {
-            if same_file(a, p) {
-                let what = if Path::new(p) == a {
-                    format!("{oi} {}", p.display())
-                } else {
-                    format!("{oi}'s {}", p.display())
-                };
-                return Err(Error::InvalidArgument(format!(
-                    "{oa} {} is the same file as {what}: writing it would destroy the input; choose another {oa}",
-                    a.display()
-                )));
-            }
+        if let Some(input) = inputs.iter().find(|x| same_file(a, &x.path)) {
+            return Err(Error::InvalidArgument(format!(
+                "{oa} {} is the same file as {}: writing it would destroy the input; choose another {oa}",
+                a.display(),
+                input.what
+            )));
         }
         check_destination(oa, a)?;
     }
     Ok(())
 }
 
-/// `inputs` for [`check_outputs`]: each plain file under its option, each checkpoint
-/// directory's files ([`checkpoint_inputs`]) under its option.
-pub fn inputs<'a>(files: &[Named<'a>], checkpoints: &[Named<'a>]) -> Vec<(&'a str, PathBuf)> {
-    let mut v: Vec<(&str, PathBuf)> = files.iter().map(|&(o, p)| (o, p.to_path_buf())).collect();
-    for &(o, d) in checkpoints {
-        v.extend(checkpoint_inputs(d).into_iter().map(|p| (o, p)));
+/// Checks that none of the files a command writes under fixed names (`written`, e.g. a run's
+/// `metrics.jsonl` in its `--output-dir`) is one of its `inputs`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the input and the file that would replace it.
+pub fn check_written_files(written: &[PathBuf], inputs: &[Input]) -> Result<()> {
+    for w in written {
+        if let Some(input) = inputs.iter().find(|x| same_file(w, &x.path)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is {}, a file this command writes: copy it elsewhere first",
+                input.what,
+                w.display()
+            )));
+        }
     }
-    v
+    Ok(())
 }
 
 #[cfg(test)]

@@ -378,15 +378,7 @@ pub fn run(
         &[("--policy", &args.policy), ("--reference", &args.reference)],
     );
     let outputs = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE].map(|f| out.join(f));
-    for o in &outputs {
-        if let Some((opt, p)) = inputs.iter().find(|(_, p)| crate::io::same_file(o, p)) {
-            return usage(format!(
-                "{opt} {} is {}, a file did-entropy writes in --output-dir: copy it elsewhere first",
-                p.display(),
-                o.display()
-            ));
-        }
-    }
+    crate::io::check_written_files(&outputs, &inputs)?;
     let earlier = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE, ESTIMATOR_DIR]
         .iter()
         .map(|f| out.join(f))

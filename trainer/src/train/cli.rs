@@ -801,7 +801,7 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
 /// # Errors
 /// [`CliError`] naming the options and paths.
 fn check_run_paths(r: &Resolved) -> CliResult<()> {
-    use crate::io::{check_output_dir, check_outputs, inputs, same_file};
+    use crate::io::{check_output_dir, check_outputs, check_written_files, inputs};
     let out = &r.config.output_dir;
     check_output_dir("--output-dir", out)?;
     let mut files: Vec<(&str, &Path)> = vec![("--data", &r.record.data)];
@@ -815,16 +815,8 @@ fn check_run_paths(r: &Resolved) -> CliResult<()> {
         check_outputs(&[("--error-report", report)], &ins)?;
     }
     if r.resume.is_none() {
-        for f in RUN_FILES {
-            let o = out.join(f);
-            if let Some((opt, p)) = ins.iter().find(|(_, p)| same_file(&o, p)) {
-                return usage(format!(
-                    "{opt} {} is {}, a file the run writes in --output-dir: copy it elsewhere first",
-                    p.display(),
-                    o.display()
-                ));
-            }
-        }
+        let written: Vec<PathBuf> = RUN_FILES.iter().map(|f| out.join(f)).collect();
+        check_written_files(&written, &ins)?;
         check_fresh_output_dir(out, r.config.overwrite_output_dir)?;
     }
     Ok(())

@@ -192,7 +192,10 @@ pub fn run_plot(a: &PlotArgs) -> CliResult<()> {
             metrics.display()
         )));
     }
-    crate::io::check_outputs(&[("--out", &out)], &[("RUN_DIR", metrics)])?;
+    crate::io::check_outputs(
+        &[("--out", &out)],
+        &crate::io::inputs(&[("RUN_DIR's", &metrics)], &[]),
+    )?;
     let n = plot(&a.run_dir, &out)?;
     println!("wrote {} ({n} panels)", out.display());
     Ok(())
