@@ -211,12 +211,15 @@ fn check_data(objective: Objective, data: &Dataset, config: &TrainConfig) -> Res
 }
 
 impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
-    /// A fresh run: validates the config, creates `output_dir` and writes the resolved config
-    /// there, clears old metrics, and computes (or reloads from the cache) the reference
-    /// log-probs with the model as it is now (the reference is the initial policy).
+    /// A fresh run: validates the config, refuses an `output_dir` holding an earlier run
+    /// ([`check_fresh_output_dir`]; with `overwrite_output_dir` its files are removed, its
+    /// reference caches kept), creates `output_dir` and writes the resolved config there, and
+    /// computes (or reloads from the cache) the reference log-probs with the model as it is
+    /// now (the reference is the initial policy).
     ///
     /// # Errors
-    /// Invalid config or data, I/O, non-finite reference log-probs.
+    /// Invalid config or data, an earlier run in `output_dir`, I/O, non-finite reference
+    /// log-probs.
     pub fn new(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
         config.validate()?;
         let objective = config.effective_objective();
