@@ -473,6 +473,16 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::resample::{resample, score_candidates};
+            if !(beta.is_finite() && beta > 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--beta must be finite and > 0, got {beta}"
+                )));
+            }
+            if !(min_ess.is_finite() && min_ess >= 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--min-ess must be finite and ≥ 0, got {min_ess}"
+                )));
+            }
             check_paths(
                 &[("--out", &out)],
                 &[("--candidates", &candidates)],
