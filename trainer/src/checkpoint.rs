@@ -62,11 +62,15 @@ pub struct CheckpointTensors {
 }
 
 /// Reads every tensor of a checkpoint directory: `model.safetensors`, or all shards listed in
-/// `model.safetensors.index.json`.
+/// `model.safetensors.index.json`. A GGUF file is read through its cached conversion
+/// ([`crate::gguf::resolve_model`]).
 ///
 /// # Errors
 /// No weights file, an unreadable/malformed file, an index naming a tensor its shard lacks.
 pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
+    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = crate::gguf::resolve_model(dir)?;
+    let dir = resolved.as_path();
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     let mut tensors = BTreeMap::new();
@@ -161,12 +165,16 @@ pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
     })
 }
 
-/// Loads a checkpoint directory as a trainable [`Model`] in `dtype` on `device`.
+/// Loads a checkpoint directory (or a GGUF file, through its cached conversion:
+/// [`crate::gguf::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
 ///
 /// # Errors
 /// config.json errors; [`Error::MissingTensor`] (naming the tensor and the file where it was
 /// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it).
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = crate::gguf::resolve_model(dir)?;
+    let dir = resolved.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let CheckpointTensors {
         tensors,
@@ -297,6 +305,9 @@ pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> 
 /// # Errors
 /// I/O and tensor errors.
 pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DType) -> Result<()> {
+    // A GGUF source stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = src.map(crate::gguf::resolve_model).transpose()?;
+    let src = resolved.as_deref();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cfg = match src.map(|s| s.join("config.json")).filter(|p| p.exists()) {
         Some(p) => {

@@ -8,6 +8,8 @@
 //! - [`model`]: the decoder with trainable variables and a differentiable forward;
 //! - [`fused`]: fused CPU kernels with hand-written backward passes used by [`model`];
 //! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
+//! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories (also accepted
+//!   directly wherever a checkpoint directory is);
 //! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL parsing, TRL tokenization;
 //! - [`batch`]: right-padded batches and completion masks;
 //! - [`logps`]: summed completion log-probs of a preference dataset;
@@ -25,6 +27,7 @@ pub mod error;
 pub mod fused;
 pub mod fuzzing;
 pub mod generate;
+pub mod gguf;
 pub mod init;
 pub mod logps;
 pub mod model;

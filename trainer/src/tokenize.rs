@@ -84,11 +84,15 @@ impl TokenizerBundle {
     }
 
     /// Loads `tokenizer.json`, `tokenizer_config.json` (optional) and `chat_template.jinja`
-    /// (optional; preferred over the config's `chat_template`) from a checkpoint directory.
+    /// (optional; preferred over the config's `chat_template`) from a checkpoint directory, or
+    /// from the cached conversion of a GGUF file ([`crate::gguf::resolve_model`]).
     ///
     /// # Errors
     /// Missing or invalid tokenizer.json, invalid JSON, a template that does not compile.
     pub fn load(dir: &Path) -> Result<Self> {
+        // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+        let resolved = crate::gguf::resolve_model(dir)?;
+        let dir = resolved.as_path();
         let tj = dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
