@@ -584,13 +584,19 @@ fn hf_name(
     Some((format!("model.layers.{layer}.{hf}.{kind}"), heads))
 }
 
+/// A candle error's message without the backtrace some of its errors carry.
+fn candle_message(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().trim().to_string()
+}
+
 /// Reads the GGUF header of `reader`, mapping candle's errors to [`GgufError`].
 fn read_content<R: Read + Seek>(
     reader: &mut R,
     path: &Path,
 ) -> std::result::Result<Content, GgufError> {
     Content::read(reader).map_err(|e| {
-        let message = e.to_string();
+        let message = candle_message(&e);
         match message
             .strip_prefix("unknown dtype for tensor ")
             .and_then(|n| n.trim().parse::<u32>().ok())
@@ -710,6 +716,19 @@ pub fn import<R: Read + Seek>(
     let hidden = meta.size(&key("embedding_length"))?;
     let layers = meta.size(&key("block_count"))?;
     let inter = meta.size(&key("feed_forward_length"))?;
+    // Each layer has tensors of its own: a block count above the tensor count is a corrupt
+    // header (and would size the expected-tensor list by it).
+    if layers > content.tensor_infos.len() {
+        return Err(meta
+            .bad(
+                &key("block_count"),
+                format!(
+                    "{layers} layers but only {} tensors in the file",
+                    content.tensor_infos.len()
+                ),
+            )
+            .into());
+    }
     let heads = meta.size(&key("attention.head_count"))?;
     let kv_heads = meta
         .opt_size(&key("attention.head_count_kv"))?
@@ -798,7 +817,15 @@ pub fn import<R: Read + Seek>(
             initializer_range: 0.02,
         };
         // rope_freqs.weight (Llama 3.1+): the scaling is read after the tensors below.
-        if has("rope_freqs.weight") {
+        if let Some(info) = content.tensor_infos.get("rope_freqs.weight") {
+            if info.shape.dims() != [head_dim / 2] {
+                return Err(GgufError::Tensor {
+                    path: path.to_path_buf(),
+                    name: "rope_freqs.weight".into(),
+                    message: format!("shape {:?}, expected [{}]", info.shape.dims(), head_dim / 2),
+                }
+                .into());
+            }
             let factors = content
                 .tensor(reader, "rope_freqs.weight", &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
@@ -808,7 +835,7 @@ pub fn import<R: Read + Seek>(
                 .map_err(|e| GgufError::Tensor {
                     path: path.to_path_buf(),
                     name: "rope_freqs.weight".into(),
-                    message: e.to_string(),
+                    message: candle_message(&e),
                 })?;
             rope_scaling = Some(
                 llama3_scaling_from_factors(&factors, head_dim, rope_theta).ok_or_else(|| {
@@ -887,7 +914,7 @@ pub fn import<R: Read + Seek>(
             .tensor(reader, name, &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
             .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| terr(e.to_string()))?;
+            .map_err(|e| terr(candle_message(&e)))?;
         let t = match perm {
             Some(h) => unpermute_from_gguf(&t, h).map_err(|e| terr(e.to_string()))?,
             None => t,
