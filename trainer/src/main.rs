@@ -498,7 +498,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::resample::{resample, score_candidates};
-            let loaded = difinfo_trainer::data::read_jsonl(
+            let loaded = difinfo_trainer::data::read_records(
                 &candidates,
                 false,
                 difinfo_trainer::data::parse_candidates_line,

@@ -572,7 +572,7 @@ pub struct TokenizedDataset<T> {
 
 fn tokenize_all<E, T>(
     file: &Path,
-    loaded: Loaded<E>,
+    mut loaded: Loaded<E>,
     skip_invalid: bool,
     mut f: impl FnMut(&E, usize, &mut TokenizeStats) -> std::result::Result<Outcome<T>, FieldError>,
 ) -> Result<TokenizedDataset<T>> {
@@ -580,7 +580,7 @@ fn tokenize_all<E, T>(
         total: loaded.examples.len() + loaded.errors.len(),
         ..Default::default()
     };
-    let mut errors = loaded.errors;
+    let mut errors = std::mem::take(&mut loaded.errors);
     let mut examples = Vec::new();
     for ex in &loaded.examples {
         match f(&ex.value, ex.line, &mut stats) {
@@ -590,9 +590,10 @@ fn tokenize_all<E, T>(
             }),
             Ok(Outcome::Dropped) => {}
             Err(fe) => {
+                let (file, line) = loaded.locate(file, ex.line);
                 let de = DataError {
-                    file: file.to_path_buf(),
-                    line: ex.line,
+                    file,
+                    line,
                     field: Some(fe.field.to_string()),
                     message: fe.message,
                 };
@@ -604,7 +605,7 @@ fn tokenize_all<E, T>(
             }
         }
     }
-    errors.sort_by_key(|e| e.line);
+    errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     stats.kept = examples.len();
     stats.invalid = errors.len();
     Ok(TokenizedDataset {
@@ -614,7 +615,8 @@ fn tokenize_all<E, T>(
     })
 }
 
-/// Reads and tokenizes a preference JSONL file.
+/// Reads and tokenizes a preference dataset (JSONL, JSON array, Parquet or a directory of
+/// Parquet shards: [`crate::data::read_records`]).
 ///
 /// # Errors
 /// I/O errors; the first data error (file:line:field) unless `skip_invalid`.
@@ -624,13 +626,13 @@ pub fn load_preferences(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedPair>> {
-    let loaded = crate::data::read_jsonl(file, skip_invalid, crate::data::parse_preference_line)?;
+    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_preference_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
         tokenize_preference(tok, ex, opts, line, st)
     })
 }
 
-/// Reads and tokenizes an SFT JSONL file.
+/// Reads and tokenizes an SFT dataset (any format of [`crate::data::read_records`]).
 ///
 /// # Errors
 /// See [`load_preferences`].
@@ -640,13 +642,13 @@ pub fn load_sft(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedSft>> {
-    let loaded = crate::data::read_jsonl(file, skip_invalid, crate::data::parse_sft_line)?;
+    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_sft_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
         tokenize_sft(tok, ex, opts, line, st)
     })
 }
 
-/// Reads a prompt JSONL file and tokenizes each prompt (truncated to `max_prompt_length`,
+/// Reads a prompt dataset (any format of [`crate::data::read_records`]) and tokenizes each prompt (truncated to `max_prompt_length`,
 /// keeping its end).
 ///
 /// # Errors
@@ -657,7 +659,7 @@ pub fn load_prompts(
     max_prompt_length: Option<usize>,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<(PromptExample, Vec<u32>)>> {
-    let loaded = crate::data::read_jsonl(file, skip_invalid, crate::data::parse_prompt_line)?;
+    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_prompt_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, _line, st| {
         let mut ids = tok.prompt_ids(&ex.prompt).map_err(field_err("prompt"))?;
         if let Some(mp) = max_prompt_length {
