@@ -10,7 +10,8 @@
 //! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
 //! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories (also accepted
 //!   directly wherever a checkpoint directory is);
-//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL parsing, TRL tokenization;
+//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
+//!   tokenization; [`provenance`]: which tokenizer pipeline, and transformers 5's;
 //! - [`batch`]: right-padded batches and completion masks;
 //! - [`logps`]: summed completion log-probs of a preference dataset;
 //! - [`generate`]: KV-cache sampling;
@@ -31,6 +32,7 @@ pub mod gguf;
 pub mod init;
 pub mod logps;
 pub mod model;
+pub mod provenance;
 pub mod template;
 pub mod tokenize;
 pub mod train;

@@ -18,6 +18,7 @@ use difinfo_trainer::generate::{generate, SamplingParams};
 use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::logps::preference_logps;
 use difinfo_trainer::model::Model;
+use difinfo_trainer::provenance::TokenizerCompat;
 use difinfo_trainer::tokenize::{
     load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizedDataset,
     TokenizerBundle, TruncationMode,
@@ -67,6 +68,10 @@ struct TokenizeArgs {
     /// the prompt's token count (TRL's literal slice).
     #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
     completion_boundary: CompletionBoundary,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5).
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    tokenizer_compat: TokenizerCompat,
 }
 
 impl TokenizeArgs {
@@ -653,7 +658,8 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             }
             let device = parse_device(&model.device)?;
             let dtype = parse_dtype(&model.dtype)?;
-            let bundle = TokenizerBundle::load(&model.model)?;
+            let bundle = TokenizerBundle::load_with(&model.model, tok.tokenizer_compat)?;
+            difinfo_trainer::train::cli::report_provenance(&bundle);
             let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
             let report = error_report.unwrap_or_else(|| default_report_path(&data));
             if skip_invalid && !ds.errors.is_empty() {

@@ -31,6 +31,7 @@ pub struct TokenizerBundle {
     tokens: TemplateTokens,
     template: Option<ChatTemplate>,
     eos_ids: Vec<u32>,
+    provenance: crate::provenance::Provenance,
 }
 
 fn special_token(v: Option<&Value>) -> Option<String> {
@@ -75,11 +76,19 @@ impl TokenizerBundle {
             .and_then(|e| tokenizer.token_to_id(e))
             .into_iter()
             .collect();
+        let provenance = crate::provenance::Provenance {
+            class: tokenizer_config
+                .get("tokenizer_class")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            ..Default::default()
+        };
         Ok(TokenizerBundle {
             tokenizer,
             tokens,
             template,
             eos_ids,
+            provenance,
         })
     }
 
@@ -90,6 +99,16 @@ impl TokenizerBundle {
     /// # Errors
     /// Missing or invalid tokenizer.json, invalid JSON, a template that does not compile.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, crate::provenance::TokenizerCompat::default())
+    }
+
+    /// [`TokenizerBundle::load`] with the pipeline chosen by `compat`: tokenizer.json as saved,
+    /// or what transformers 5 builds for the checkpoint's `tokenizer_class`
+    /// ([`crate::provenance`]).
+    ///
+    /// # Errors
+    /// See [`TokenizerBundle::load`].
+    pub fn load_with(dir: &Path, compat: crate::provenance::TokenizerCompat) -> Result<Self> {
         // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
         let resolved = crate::gguf::resolve_model(dir)?;
         let dir = resolved.as_path();
@@ -119,6 +138,27 @@ impl TokenizerBundle {
             None
         };
         let mut b = Self::from_parts(tokenizer, &config, template)?;
+        // Provenance, and transformers 5's rebuild when asked for (crate::provenance).
+        let text = std::fs::read_to_string(&tj).map_err(|e| Error::io(&tj, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: tj.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        b.provenance = crate::provenance::Provenance::analyse(&json, &config, compat);
+        if compat == crate::provenance::TokenizerCompat::Transformers5 {
+            if let crate::provenance::Rebuild::Rebuilt(t) =
+                crate::provenance::transformers5(&json, &config)
+            {
+                let mut rebuilt: tokenizers::Tokenizer = t.to_string().parse().map_err(|e| {
+                    Error::Tokenizer(format!("{}: transformers 5 rebuild: {e}", tj.display()))
+                })?;
+                rebuilt
+                    .with_truncation(None)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+                rebuilt.with_padding(None);
+                b.tokenizer = rebuilt;
+            }
+        }
         // generation_config.json may list more stop tokens (e.g. Llama 3's <|eot_id|>).
         let gc = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gc) {
@@ -140,6 +180,11 @@ impl TokenizerBundle {
             }
         }
         Ok(b)
+    }
+
+    /// Which pipeline encodes, and how transformers 5 would differ.
+    pub fn provenance(&self) -> &crate::provenance::Provenance {
+        &self.provenance
     }
 
     /// The underlying tokenizer.

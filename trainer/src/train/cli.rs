@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{default_report_path, write_error_report};
+use crate::provenance::TokenizerCompat;
 use crate::tokenize::{
     load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizeStats,
     TokenizerBundle, TruncationMode,
@@ -101,6 +102,10 @@ pub struct RunArgs {
     /// Error report for --skip-invalid [default: <data>.errors.jsonl]
     #[arg(long, value_name = "FILE")]
     pub error_report: Option<PathBuf>,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5)
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// Optimization options common to `sft` and `dpo` (HF `TrainingArguments` fields).
@@ -296,6 +301,9 @@ pub struct RunRecord {
     /// Where skipped records are listed [default: `<data>.errors.jsonl`].
     #[serde(default)]
     pub error_report: Option<PathBuf>,
+    /// The tokenizer pipeline (runs recorded before the option: tokenizer.json).
+    #[serde(default)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// File name of the [`RunRecord`].
@@ -441,6 +449,13 @@ fn resolve_common(
             .error_report
             .clone()
             .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
+        tokenizer_compat: if keep("tokenizer_compat") {
+            saved
+                .as_ref()
+                .map_or(run.tokenizer_compat, |r| r.tokenizer_compat)
+        } else {
+            run.tokenizer_compat
+        },
     };
     Ok(Resolved {
         config,
@@ -493,6 +508,15 @@ fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
         max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
         truncation_mode: r.truncation_mode,
         boundary: r.completion_boundary,
+    }
+}
+
+/// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
+pub fn report_provenance(bundle: &TokenizerBundle) {
+    let p = bundle.provenance();
+    eprintln!("{}", p.describe());
+    if let Some(w) = p.warning() {
+        eprintln!("warning: {w}");
     }
 }
 
@@ -702,7 +726,8 @@ impl RunSummary {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
-    let bundle = TokenizerBundle::load(&r.record.model)?;
+    let bundle = TokenizerBundle::load_with(&r.record.model, r.record.tokenizer_compat)?;
+    report_provenance(&bundle);
     let data = load_dataset(&r.config, &r.record, &bundle)?;
     train_on(r, data)
 }
