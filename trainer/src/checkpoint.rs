@@ -284,16 +284,25 @@ pub fn state_dict(model: &Model, dtype: DType) -> Result<BTreeMap<String, Tensor
 /// I/O and tensor errors.
 pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> {
     let tensors = state_dict(model, dtype)?;
+    write_safetensors(path, tensors.iter().map(|(k, v)| (k.as_str(), v)))
+}
+
+/// Writes named tensors as one safetensors file (metadata `format: pt`, as transformers
+/// expects), atomically.
+///
+/// # Errors
+/// I/O and tensor errors.
+pub fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<()> {
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     write_atomic(path, |tmp| {
-        safetensors::tensor::serialize_to_file(
-            tensors.iter().map(|(k, v)| (k.as_str(), v)),
-            Some(meta),
-            tmp,
-        )
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        safetensors::tensor::serialize_to_file(tensors, Some(meta), tmp).map_err(|e| {
+            Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
         })
     })
 }

@@ -28,7 +28,7 @@ use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::checkpoint::{torch_dtype_name, write_atomic, write_json};
+use crate::checkpoint::{torch_dtype_name, write_json};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
@@ -1347,19 +1347,10 @@ pub fn write_checkpoint(imported: &Imported, out: &Path, dtype: DType) -> Result
         .iter()
         .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
-    let weights = out.join(crate::checkpoint::WEIGHTS_FILE);
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    write_atomic(&weights, |tmp| {
-        safetensors::tensor::serialize_to_file(
-            cast.iter().map(|(k, v)| (k.as_str(), v)),
-            Some(meta),
-            tmp,
-        )
-        .map_err(|e| Error::Checkpoint {
-            path: weights.clone(),
-            message: e.to_string(),
-        })
-    })
+    crate::checkpoint::write_safetensors(
+        &out.join(crate::checkpoint::WEIGHTS_FILE),
+        cast.iter().map(|(k, v)| (k.as_str(), v)),
+    )
 }
 
 /// `difinfo-train convert`: reads `gguf`, writes the Hugging Face directory `out` in `dtype`;
