@@ -62,11 +62,15 @@ pub struct CheckpointTensors {
 }
 
 /// Reads every tensor of a checkpoint directory: `model.safetensors`, or all shards listed in
-/// `model.safetensors.index.json`.
+/// `model.safetensors.index.json`. A GGUF file is read through its cached conversion
+/// ([`crate::gguf::resolve_model`]).
 ///
 /// # Errors
 /// No weights file, an unreadable/malformed file, an index naming a tensor its shard lacks.
 pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
+    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = crate::gguf::resolve_model(dir)?;
+    let dir = resolved.as_path();
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     let mut tensors = BTreeMap::new();
@@ -188,12 +192,16 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tenso
     load_views(st.tensors(), path)
 }
 
-/// Loads a checkpoint directory as a trainable [`Model`] in `dtype` on `device`.
+/// Loads a checkpoint directory (or a GGUF file, through its cached conversion:
+/// [`crate::gguf::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
 ///
 /// # Errors
 /// config.json errors; [`Error::MissingTensor`] (naming the tensor and the file where it was
 /// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it).
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = crate::gguf::resolve_model(dir)?;
+    let dir = resolved.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let CheckpointTensors {
         tensors,
@@ -307,16 +315,25 @@ pub fn state_dict(model: &Model, dtype: DType) -> Result<BTreeMap<String, Tensor
 /// I/O and tensor errors.
 pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> {
     let tensors = state_dict(model, dtype)?;
+    write_safetensors(path, tensors.iter().map(|(k, v)| (k.as_str(), v)))
+}
+
+/// Writes named tensors as one safetensors file (metadata `format: pt`, as transformers
+/// expects), atomically.
+///
+/// # Errors
+/// I/O and tensor errors.
+pub fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<()> {
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     write_atomic(path, |tmp| {
-        safetensors::tensor::serialize_to_file(
-            tensors.iter().map(|(k, v)| (k.as_str(), v)),
-            Some(meta),
-            tmp,
-        )
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        safetensors::tensor::serialize_to_file(tensors, Some(meta), tmp).map_err(|e| {
+            Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
         })
     })
 }
@@ -328,6 +345,9 @@ pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> 
 /// # Errors
 /// I/O and tensor errors.
 pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DType) -> Result<()> {
+    // A GGUF source stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = src.map(crate::gguf::resolve_model).transpose()?;
+    let src = resolved.as_deref();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cfg = match src.map(|s| s.join("config.json")).filter(|p| p.exists()) {
         Some(p) => {

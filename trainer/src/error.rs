@@ -103,6 +103,9 @@ pub enum Error {
     /// An option or argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A GGUF file could not be imported (see [`crate::gguf`]).
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// A tensor operation failed (shape bug, unsupported dtype on a device, ...).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

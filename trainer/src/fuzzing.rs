@@ -99,3 +99,11 @@ pub fn train_config_toml(data: &[u8]) {
         toml::Table::new(),
     );
 }
+
+/// GGUF import: the bytes as a GGUF file (header, metadata, tensor infos, tensor data),
+/// through the whole conversion (config, tensor mapping and dequantization, tokenizer
+/// rebuild).
+pub fn gguf_import(data: &[u8]) {
+    let mut cursor = std::io::Cursor::new(data);
+    let _ = crate::gguf::import(&mut cursor, Path::new("<fuzz>"), &mut |_, _| {});
+}

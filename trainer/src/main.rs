@@ -19,6 +19,7 @@ use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize
 use difinfo_trainer::io::{check_outputs, inputs, Named};
 use difinfo_trainer::logps::preference_logps;
 use difinfo_trainer::model::Model;
+use difinfo_trainer::provenance::TokenizerCompat;
 use difinfo_trainer::tokenize::{
     load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizedDataset,
     TokenizerBundle, TruncationMode,
@@ -68,6 +69,10 @@ struct TokenizeArgs {
     /// the prompt's token count (TRL's literal slice).
     #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
     completion_boundary: CompletionBoundary,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5).
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    tokenizer_compat: TokenizerCompat,
 }
 
 impl TokenizeArgs {
@@ -83,7 +88,8 @@ impl TokenizeArgs {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer files).
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer files), or a
+    /// GGUF file (converted once into a cache directory; see `convert`).
     #[arg(long)]
     model: PathBuf,
     /// Parameter dtype: f32, bf16, f16 or f64 (bf16 on CPU computes matmuls through f32: slow).
@@ -117,6 +123,20 @@ enum Command {
         /// state are removed; other files stay) instead of refusing
         #[arg(long)]
         overwrite: bool,
+    },
+    /// Convert a GGUF file (llama.cpp, Ollama; Llama-family or Qwen2, any quantization candle
+    /// dequantizes) into a Hugging Face checkpoint directory: config.json, model.safetensors,
+    /// tokenizer.json and tokenizer_config.json rebuilt from its metadata, generation_config.json.
+    Convert {
+        /// The GGUF file.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights: f32 (lossless for every GGUF quantization) or bf16.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
     },
     /// Write chosen/rejected completion log-probs of a preference dataset as JSONL.
     Logps {
@@ -358,8 +378,58 @@ fn outputs_with_report<'a>(
     v
 }
 
+/// Converts each GGUF file named by an argument of the command into its cache directory
+/// before the command runs, saying so: the loaders would convert it silently
+/// ([`difinfo_trainer::gguf::resolve_model`]), and a first conversion takes a while.
+fn convert_gguf_arguments(sub: &clap::ArgMatches) -> Result<()> {
+    use difinfo_trainer::gguf::{cache_root, is_gguf, resolve_model_in};
+    for id in sub.ids() {
+        let Ok(Some(values)) = sub.try_get_raw(id.as_str()) else {
+            continue;
+        };
+        for v in values {
+            let path = Path::new(v);
+            if !is_gguf(path) {
+                continue;
+            }
+            let dir = resolve_model_in(path, &cache_root()?, &mut |dir| {
+                eprintln!(
+                    "{}: GGUF file; converting it once into {} (f32)",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
+            eprintln!("{}: using its conversion {}", path.display(), dir.display());
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
+    if !matches!(cli.command, Command::Convert { .. }) {
+        convert_gguf_arguments(sub)?;
+    }
     match cli.command {
+        Command::Convert { gguf, out, dtype } => {
+            let dtype = parse_dtype(&dtype)?;
+            let t0 = Instant::now();
+            let mut pb: Option<indicatif::ProgressBar> = None;
+            let summary =
+                difinfo_trainer::gguf::convert(&gguf, &out, dtype, &mut |done, total| {
+                    pb.get_or_insert_with(|| progress(total as u64, "convert"))
+                        .set_position(done as u64)
+                })?;
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            eprintln!(
+                "{}: {summary}\nwrote {} ({:?}) in {:.1} s",
+                gguf.display(),
+                out.display(),
+                dtype,
+                t0.elapsed().as_secs_f64()
+            );
+        }
         Command::Sft(a) => difinfo_trainer::train::cli::run_sft(&a, sub).map_err(train_error)?,
         Command::Dpo(a) => difinfo_trainer::train::cli::run_dpo(&a, sub).map_err(train_error)?,
         Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
@@ -488,7 +558,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 &[("--candidates", &candidates)],
                 &[("--reference", &reference), ("--target", &target)],
             )?;
-            let loaded = difinfo_trainer::data::read_jsonl(
+            let loaded = difinfo_trainer::data::read_records(
                 &candidates,
                 false,
                 difinfo_trainer::data::parse_candidates_line,
@@ -682,7 +752,9 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             let report = error_report.unwrap_or_else(|| default_report_path(&data));
             let device = parse_device(&model.device)?;
             let dtype = parse_dtype(&model.dtype)?;
-            let bundle = load_bundle(&model.model)?;
+            let bundle =
+                difinfo_trainer::train::cli::load_bundle_with(&model.model, tok.tokenizer_compat)?;
+            difinfo_trainer::train::cli::report_provenance(&bundle);
             let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
             if skip_invalid && !ds.errors.is_empty() {
                 write_error_report(&report, &ds.errors)?;

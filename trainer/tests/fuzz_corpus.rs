@@ -145,6 +145,35 @@ fn resume_file_seeds_exercise_success_and_refusal_paths() {
 }
 
 #[test]
+fn gguf_import_corpus_replays() {
+    replay("gguf_import", difinfo_trainer::fuzzing::gguf_import);
+}
+
+#[test]
+fn gguf_seed_imports() {
+    // The valid seed goes through the whole conversion; the broken ones are errors.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf_import");
+    let import = |f: &str| {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        difinfo_trainer::gguf::import(
+            &mut std::io::Cursor::new(bytes),
+            std::path::Path::new(f),
+            &mut |_, _| {},
+        )
+    };
+    let ok = import("valid_q4_1").unwrap();
+    assert_eq!(ok.summary.tensor_types.get("Q4_1"), Some(&7));
+    for f in [
+        "bad_magic",
+        "truncated_header",
+        "truncated_data",
+        "unsupported_arch",
+    ] {
+        assert!(import(f).is_err(), "{f}");
+    }
+}
+
+#[test]
 fn corpus_seeds_exercise_success_paths() {
     // The seeds are not all errors: the well-formed ones parse and render.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");

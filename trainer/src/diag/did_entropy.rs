@@ -514,6 +514,8 @@ pub fn run(
             completion_boundary: CompletionBoundary::CommonPrefix,
             skip_invalid: false,
             error_report: None,
+            // Trained on sampled token ids: no text is tokenized.
+            tokenizer_compat: Default::default(),
         },
         resume: None,
         config_file: args.config.clone(),

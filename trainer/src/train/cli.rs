@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{default_report_path, write_error_report};
+use crate::provenance::TokenizerCompat;
 use crate::tokenize::{
     load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizeStats,
     TokenizerBundle, TruncationMode,
@@ -102,6 +103,10 @@ pub struct RunArgs {
     /// Error report for --skip-invalid [default: <data>.errors.jsonl]
     #[arg(long, value_name = "FILE")]
     pub error_report: Option<PathBuf>,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5)
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// Optimization options common to `sft` and `dpo` (HF `TrainingArguments` fields).
@@ -297,6 +302,9 @@ pub struct RunRecord {
     /// Where skipped records are listed [default: `<data>.errors.jsonl`].
     #[serde(default)]
     pub error_report: Option<PathBuf>,
+    /// The tokenizer pipeline (runs recorded before the option: tokenizer.json).
+    #[serde(default)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// File name of the [`RunRecord`].
@@ -442,6 +450,13 @@ fn resolve_common(
             .error_report
             .clone()
             .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
+        tokenizer_compat: if keep("tokenizer_compat") {
+            saved
+                .as_ref()
+                .map_or(run.tokenizer_compat, |r| r.tokenizer_compat)
+        } else {
+            run.tokenizer_compat
+        },
     };
     Ok(Resolved {
         config,
@@ -494,6 +509,15 @@ fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
         max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
         truncation_mode: r.truncation_mode,
         boundary: r.completion_boundary,
+    }
+}
+
+/// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
+pub fn report_provenance(bundle: &TokenizerBundle) {
+    let p = bundle.provenance();
+    eprintln!("{}", p.describe());
+    if let Some(w) = p.warning() {
+        eprintln!("warning: {w}");
     }
 }
 
@@ -699,7 +723,8 @@ impl RunSummary {
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
     check_run_paths(r)?;
-    let bundle = load_bundle(&r.record.model)?;
+    let bundle = load_bundle_with(&r.record.model, r.record.tokenizer_compat)?;
+    report_provenance(&bundle);
     let data = load_dataset(&r.config, &r.record, &bundle)?;
     train_on(r, data)
 }
@@ -828,7 +853,18 @@ fn check_run_paths(r: &Resolved) -> CliResult<()> {
 /// # Errors
 /// See [`TokenizerBundle::load`].
 pub fn load_bundle(dir: &Path) -> crate::Result<TokenizerBundle> {
-    let b = TokenizerBundle::load(dir)?;
+    load_bundle_with(dir, crate::provenance::TokenizerCompat::default())
+}
+
+/// [`load_bundle`] with the tokenizer pipeline chosen by `compat` (`--tokenizer-compat`).
+///
+/// # Errors
+/// See [`TokenizerBundle::load_with`].
+pub fn load_bundle_with(
+    dir: &Path,
+    compat: crate::provenance::TokenizerCompat,
+) -> crate::Result<TokenizerBundle> {
+    let b = TokenizerBundle::load_with(dir, compat)?;
     for w in b.warnings() {
         eprintln!("warning: {w}");
     }
