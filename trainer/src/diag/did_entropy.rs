@@ -357,6 +357,12 @@ pub fn run(
     if args.pairs_per_prompt == 0 {
         return usage("--pairs-per-prompt must be ≥ 1");
     }
+    if args.beta_samples == 0 || args.max_new_tokens == 0 {
+        return usage(format!(
+            "need --beta-samples ≥ 1 and --max-new-tokens ≥ 1, got {} and {}",
+            args.beta_samples, args.max_new_tokens
+        ));
+    }
     let earlier = [PAIRS_FILE, REPORT_FILE, ESTIMATOR_DIR]
         .iter()
         .map(|f| out.join(f))
