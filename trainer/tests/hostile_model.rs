@@ -263,6 +263,39 @@ fn non_finite_log_probs_are_refused_naming_the_example() {
     );
 }
 
+/// Training on such a model stops at the first non-finite loss, naming the micro-batch's
+/// examples by their lines in the data file (before: by dataset index only).
+#[test]
+fn training_names_the_lines_of_a_non_finite_batch() {
+    let dir = common::TempDir::new();
+    let m = tiny(&dir, "overflow");
+    edit_weights(&m, "model.norm.weight", |v| v.fill(3e38));
+    let data = common::write_lines(
+        &dir,
+        "sft.jsonl",
+        &["", r#"{"prompt": "The cat", "completion": " sat."}"#],
+    );
+    let run_dir = dir.join("run");
+    refused(
+        &[
+            "sft",
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--output-dir",
+            s(&run_dir),
+            "--max-steps",
+            "1",
+        ],
+        &[
+            "non-finite loss (NaN) at step 1, batch 0",
+            &format!("the examples are lines 2 of {}", s(&data)),
+        ],
+        &run_dir.join("checkpoint-1"),
+    );
+}
+
 /// Class 6: a 1 MB record with `--max-length none` (a 1 MB prompt for `sample`) is refused
 /// before anything of its size is allocated, naming the example and the memory asked for
 /// (before: `memory allocation of 604923061824 bytes failed`, abort).

@@ -529,7 +529,8 @@ fn seq(s: crate::batch::Sequence) -> Sequence {
     }
 }
 
-/// Tokenizes the run's data TRL-style into a training [`Dataset`].
+/// Tokenizes the run's data TRL-style into a training [`Dataset`]; also returns each
+/// example's line in the data file (by dataset index).
 ///
 /// # Errors
 /// Data errors (file:line:field) unless skipped; no example left.
@@ -537,7 +538,8 @@ pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
     bundle: &TokenizerBundle,
-) -> CliResult<Dataset> {
+) -> CliResult<(Dataset, Vec<usize>)> {
+    let lines: Vec<usize>;
     let opts = tokenize_options(c, r);
     let report = r_report(r);
     let examples = if c.objective.is_preference() {
@@ -546,6 +548,7 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Preference(
             ds.examples
                 .iter()
@@ -561,6 +564,7 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Sft(
             ds.examples
                 .iter()
@@ -579,7 +583,7 @@ pub fn load_dataset(
             r.data.display()
         ));
     }
-    Ok(d)
+    Ok((d, lines))
 }
 
 fn r_report(r: &RunRecord) -> PathBuf {
@@ -703,8 +707,23 @@ impl RunSummary {
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
     let bundle = TokenizerBundle::load(&r.record.model)?;
-    let data = load_dataset(&r.config, &r.record, &bundle)?;
-    train_on(r, data)
+    let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
+    train_on(r, data).map_err(|e| {
+        // A non-finite value's examples by their place in the data file, not only their index.
+        if let CliError::Train(t @ TrainError::NonFinite { examples, .. }) = &e {
+            let at: Vec<String> = examples
+                .iter()
+                .filter_map(|&i| lines.get(i))
+                .map(usize::to_string)
+                .collect();
+            return CliError::Usage(format!(
+                "{t}; the examples are lines {} of {}",
+                at.join(", "),
+                r.record.data.display()
+            ));
+        }
+        e
+    })
 }
 
 /// [`train`] on a dataset already tokenized (e.g. sampled token ids, as `did-entropy` trains
