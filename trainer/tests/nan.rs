@@ -14,30 +14,11 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use difinfo_trainer::batch::{Batch, Sequence};
+use common::{causal_and_padding_mask, rand};
+use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::fused;
-use difinfo_trainer::model::{Model, MASK_VALUE};
-
-fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    // SplitMix64 → uniform(−2, 2).
-    let n: usize = shape.iter().product();
-    let mut s = seed;
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
+use difinfo_trainer::model::Model;
 
 fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
@@ -122,8 +103,7 @@ fn check_nan(
     let r = rand(&out_dims, 77, dtype);
     let base = run(f, inputs, &r, sink);
     for &(i, e) in nan_at {
-        let moved: Vec<Tensor> = inputs.to_vec();
-        let mut moved = moved;
+        let mut moved = inputs.to_vec();
         moved[i] = edit(&inputs[i], e, |x| x + 0.5);
         let pert = run(f, &moved, &r, sink);
         let mut nan = inputs.to_vec();
@@ -222,23 +202,6 @@ fn split_heads_propagates_nan() {
             );
         }
     }
-}
-
-fn causal_and_padding_mask(b: usize, l: usize, pad: &[usize], dtype: DType) -> Tensor {
-    let mut m = vec![0f64; b * l * l];
-    for bi in 0..b {
-        for i in 0..l {
-            for j in 0..l {
-                if j > i || j >= l - pad[bi] {
-                    m[(bi * l + i) * l + j] = MASK_VALUE;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (b, 1, l, l), &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }
 
 #[test]
@@ -415,24 +378,22 @@ fn adamw_and_reductions_propagate_nan() {
     }
 }
 
-/// A model whose named tensor has NaN at flat `index` (no load check: built from tensors).
+/// A model whose tensor `name` has NaN at the flat `indices` (no load check: built from
+/// tensors).
 fn model_with_nan(
     cfg: &difinfo_trainer::config::ModelConfig,
     name: &str,
-    index: usize,
+    indices: &[usize],
     dtype: DType,
 ) -> Model {
     let mut t: BTreeMap<String, Tensor> = difinfo_trainer::init::random_tensors(cfg, 5).unwrap();
-    let old = t[name].clone();
-    t.insert(name.to_string(), edit(&old, index, |_| f64::NAN));
-    Model::from_tensors(
-        cfg.clone(),
-        t,
-        std::path::Path::new("<test>"),
-        dtype,
-        &Device::Cpu,
-    )
-    .unwrap()
+    let mut w = t[name].clone();
+    for &i in indices {
+        w = edit(&w, i, |_| f64::NAN);
+    }
+    t.insert(name.to_string(), w);
+    let src = std::path::Path::new("<test>");
+    Model::from_tensors(cfg.clone(), t, src, dtype, &Device::Cpu).unwrap()
 }
 
 /// The model: two NaN entries in one query projection (the case), or one NaN in the
@@ -440,41 +401,17 @@ fn model_with_nan(
 /// whole-layer nodes, separate fused kernels, and plain candle ops (f32, f64, bf16).
 #[test]
 fn nan_weight_makes_model_log_probs_nan_on_every_path() {
-    let seqs = vec![
-        Sequence {
-            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
-            completion_start: 3,
-        },
-        Sequence {
-            ids: vec![0, 5, 6, 200, 31],
-            completion_start: 2,
-        },
-    ];
+    let seqs = common::two_sequences();
     let q0 = "model.layers.0.self_attn.q_proj.weight";
     let cfg = common::micro_config(Architecture::Llama);
-    for (name, index) in [(q0, 5), ("model.norm.weight", 3)] {
+    // The checkpoint had two NaN entries in one q_proj weight.
+    for (name, indices) in [(q0, &[5, 301][..]), ("model.norm.weight", &[3][..])] {
         for dtype in [DType::F32, DType::F64, DType::BF16] {
             for path in ["whole-layer nodes", "separate kernels", "plain candle ops"] {
                 if dtype == DType::BF16 && path != "plain candle ops" {
                     continue;
                 }
-                let mut m = model_with_nan(&cfg, name, index, dtype);
-                if name == q0 {
-                    // The checkpoint had two NaN entries in one q_proj weight.
-                    let mut t = BTreeMap::new();
-                    for (n, v) in m.named_vars() {
-                        t.insert(n, v.as_tensor().clone());
-                    }
-                    t.insert(q0.into(), edit(&t[q0], 301, |_| f64::NAN));
-                    m = Model::from_tensors(
-                        cfg.clone(),
-                        t,
-                        std::path::Path::new("<test>"),
-                        dtype,
-                        &Device::Cpu,
-                    )
-                    .unwrap();
-                }
+                let mut m = model_with_nan(&cfg, name, indices, dtype);
                 match path {
                     "whole-layer nodes" => m.set_grad_sink(Some(fused::GradSink::default())),
                     "plain candle ops" => m.set_fused_kernels(false),
