@@ -210,6 +210,18 @@ fn scan<T: Copy + Send + Sync>(
     Some((i, value(v[i])))
 }
 
+/// The largest finite value of a float dtype (infinite for other dtypes: nothing overflows
+/// into them).
+fn max_finite(d: DType) -> f64 {
+    match d {
+        DType::F16 => f64::from(half::f16::MAX),
+        DType::BF16 => f64::from(half::bf16::MAX),
+        DType::F32 => f64::from(f32::MAX),
+        DType::F64 => f64::MAX,
+        _ => f64::INFINITY,
+    }
+}
+
 /// The multi-dimensional index of flat index `i` in `dims` (row-major).
 fn unflatten(mut i: usize, dims: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; dims.len()];
@@ -272,13 +284,13 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
             Some(t) => check_finite(&name, t, &origin[&name])?,
         }
     }
-    // The tensors a conversion to `dtype` could overflow (a narrower dtype), with their files.
+    // The tensors whose conversion to `dtype` can overflow (a narrower range).
     let narrowed: BTreeMap<String, Tensor> = config
         .tensor_shapes()
         .into_iter()
         .filter_map(|(name, _)| {
             let t = &tensors[&name];
-            (t.dtype() != dtype).then(|| (name, t.clone()))
+            (max_finite(dtype) < max_finite(t.dtype())).then(|| (name, t.clone()))
         })
         .collect();
     let model = Model::from_tensors(config, tensors, &source, dtype, device)?;
@@ -286,7 +298,14 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
         let Some(orig) = narrowed.get(&name) else {
             continue;
         };
-        if let Some((i, _)) = first_non_finite(var.as_tensor())? {
+        // Read on the host: the variable itself on the CPU, a CPU conversion otherwise (no
+        // copy of the device's weights back).
+        let converted = if device.is_cpu() {
+            var.as_tensor().clone()
+        } else {
+            orig.to_dtype(dtype)?
+        };
+        if let Some((i, _)) = first_non_finite(&converted)? {
             let was = orig
                 .flatten_all()?
                 .get(i)?

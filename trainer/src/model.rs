@@ -138,7 +138,7 @@ impl KvCache {
 
     /// Writes layer `li`'s new keys and values (`[B, kv_heads, l, d]`) at positions
     /// `len .. len + l` and returns all cached ones, `[B, kv_heads, len + l, d]` views of the
-    /// buffers. `limit`: the bytes a buffer may take (see [`memory_limit`]).
+    /// buffers. `limit`: the bytes the buffers may take in all (the model's memory ceiling).
     fn append(
         &mut self,
         li: usize,
@@ -156,12 +156,11 @@ impl KvCache {
             let bytes = (b * kvh * d) as u128 * new_cap as u128 * k.dtype().size_in_bytes() as u128;
             if let Some(limit) = limit.filter(|&lim| 2 * bytes * self.layers.len() as u128 > lim) {
                 return Err(Error::TooLarge {
-                    what: format!(
-                        "the key/value cache for {b} sequence(s) of {need} positions"
-                    ),
+                    what: format!("the key/value cache for {b} sequence(s) of {need} positions"),
                     bytes: 2 * bytes * self.layers.len() as u128,
                     detail: format!(
-                        "{} layers × keys and values × {b} × {kvh} heads × {new_cap} positions × {d} × {} bytes",
+                        "{} layers × keys and values × {b} sequence(s) × {kvh} heads × {new_cap} \
+                         positions × {d} × {} bytes",
                         self.layers.len(),
                         k.dtype().size_in_bytes()
                     ),
@@ -525,7 +524,9 @@ impl Model {
             1
         };
         let (b, l, t) = (b as u128, l as u128, t as u128);
-        let total = (layers * heads + 1) * b * l * t * bytes;
+        let total = [b, l, t, bytes]
+            .iter()
+            .fold(layers * heads + 1, |acc, &x| acc.saturating_mul(x));
         let detail = format!(
             "attention probabilities: {b} sequence(s) × {heads} heads × {l} × {t} positions × {bytes} bytes{}, \
              and the mask",
