@@ -1868,6 +1868,11 @@ impl CustomOp3 for AttentionBwd {
 /// for one backward pass (a second one recomputes them), and the autograd graph gets one node
 /// instead of six (no zero buffers and accumulations of the score size).
 ///
+/// NaN in a query, or in a key or value that a row attends, makes that row NaN (forward and
+/// backward). A NaN key the mask hides from a row reaches it only when it lies within the
+/// row's query block's key span (candle's additive-mask path spreads it to every row): masked
+/// keys carry no weight either way.
+///
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
