@@ -192,12 +192,109 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tenso
     load_views(st.tensors(), path)
 }
 
+/// The first NaN or infinite element of `t`: its flat index and value; `None` when every
+/// element is finite (always for integer tensors). One parallel pass over the data, in the
+/// tensor's own dtype (a CPU copy first for a tensor on another device).
+///
+/// # Errors
+/// Tensor errors.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f64)>> {
+    let t = t.to_device(&Device::Cpu)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidArgument("first_non_finite: non-contiguous tensor".into()))?;
+    Ok(match t.dtype() {
+        DType::F32 => scan(&cpu.as_slice::<f32>()?[a..b], |x| !x.is_finite(), f64::from),
+        DType::F64 => scan(&cpu.as_slice::<f64>()?[a..b], |x| !x.is_finite(), |x| x),
+        DType::BF16 => scan(
+            &cpu.as_slice::<half::bf16>()?[a..b],
+            |x| !x.is_finite(),
+            f64::from,
+        ),
+        DType::F16 => scan(
+            &cpu.as_slice::<half::f16>()?[a..b],
+            |x| !x.is_finite(),
+            f64::from,
+        ),
+        _ => None,
+    })
+}
+
+/// The first element of `v` that is `bad`, with its value as f64: chunks tested in parallel
+/// (an OR over each chunk, no early exit inside it, so the test vectorizes), then the first
+/// bad chunk searched.
+fn scan<T: Copy + Send + Sync>(
+    v: &[T],
+    bad: impl Fn(T) -> bool + Sync,
+    value: impl Fn(T) -> f64,
+) -> Option<(usize, f64)> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let k = v
+        .par_chunks(CHUNK)
+        .position_first(|c| c.iter().fold(false, |acc, &x| acc | bad(x)))?;
+    let i = k * CHUNK + v[k * CHUNK..].iter().position(|&x| bad(x))?;
+    Some((i, value(v[i])))
+}
+
+/// The largest finite value of a float dtype (infinite for other dtypes: nothing overflows
+/// into them).
+fn max_finite(d: DType) -> f64 {
+    match d {
+        DType::F16 => f64::from(half::f16::MAX),
+        DType::BF16 => f64::from(half::bf16::MAX),
+        DType::F32 => f64::from(f32::MAX),
+        DType::F64 => f64::MAX,
+        _ => f64::INFINITY,
+    }
+}
+
+/// The multi-dimensional index of flat index `i` in `dims` (row-major).
+fn unflatten(mut i: usize, dims: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; dims.len()];
+    for (k, &d) in dims.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    idx
+}
+
+/// Refuses a tensor holding a NaN or an infinity: [`Error::NonFiniteWeight`] naming it, the
+/// file and the first such element.
+///
+/// # Errors
+/// As said; tensor errors.
+pub fn check_finite(name: &str, t: &Tensor, file: &Path) -> Result<()> {
+    match first_non_finite(t)? {
+        None => Ok(()),
+        Some((i, value)) => Err(Error::NonFiniteWeight {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            index: unflatten(i, t.dims()),
+            value,
+            overflow: None,
+        }),
+    }
+}
+
 /// Loads a checkpoint directory (or a GGUF file, through its cached conversion:
 /// [`crate::gguf::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
 ///
+/// Every weight the model uses is checked to be finite, in the file and after the conversion
+/// to `dtype` (a finite f32 weight above 65504 overflows f16): a NaN or infinite weight gives
+/// NaN log-probs, so it is refused here, naming the tensor and the first bad element
+/// ([`Error::NonFiniteWeight`]). The check is one parallel pass over the weights.
+///
 /// # Errors
 /// config.json errors; [`Error::MissingTensor`] (naming the tensor and the file where it was
-/// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it).
+/// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it);
+/// [`Error::NonFiniteWeight`].
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
     let resolved = crate::gguf::resolve_model(dir)?;
@@ -219,10 +316,46 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
                     found: t.dims().to_vec(),
                 })
             }
-            Some(_) => {}
+            Some(t) => check_finite(&name, t, &origin[&name])?,
         }
     }
-    Model::from_tensors(config, tensors, &source, dtype, device)
+    // The tensors whose conversion to `dtype` can overflow (a narrower range).
+    let narrowed: BTreeMap<String, Tensor> = config
+        .tensor_shapes()
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let t = &tensors[&name];
+            (max_finite(dtype) < max_finite(t.dtype())).then(|| (name, t.clone()))
+        })
+        .collect();
+    let model = Model::from_tensors(config, tensors, &source, dtype, device)?;
+    for (name, var) in model.named_vars() {
+        let Some(orig) = narrowed.get(&name) else {
+            continue;
+        };
+        // Read on the host: the variable itself on the CPU, a CPU conversion otherwise (no
+        // copy of the device's weights back).
+        let converted = if device.is_cpu() {
+            var.as_tensor().clone()
+        } else {
+            orig.to_dtype(dtype)?
+        };
+        if let Some((i, _)) = first_non_finite(&converted)? {
+            let was = orig
+                .flatten_all()?
+                .get(i)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            return Err(Error::NonFiniteWeight {
+                index: unflatten(i, orig.dims()),
+                file: origin[&name].clone(),
+                name,
+                value: was,
+                overflow: Some(dtype),
+            });
+        }
+    }
+    Ok(model)
 }
 
 /// Writes `path` atomically: `write` fills a temporary sibling file, which is then renamed.

@@ -25,7 +25,7 @@ use difinfo_trainer::tokenize::{
     TokenizerBundle, TruncationMode,
 };
 use difinfo_trainer::train::cli::{load_bundle, report_stats, require_examples};
-use difinfo_trainer::{parse_device, Error, Result};
+use difinfo_trainer::{parse_device, DataError, Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -350,6 +350,56 @@ fn model_and_prompts(
     Ok((bundle, ds, m))
 }
 
+/// Refuses token ids beyond the model's vocabulary (a tokenizer from another checkpoint),
+/// naming the example (`file:line`, field), the tokenizer file, the id and the vocabulary size.
+fn check_vocab<'a>(
+    model_dir: &Path,
+    m: &Model,
+    file: &Path,
+    ids: impl IntoIterator<Item = (usize, &'a str, &'a [u32])>,
+) -> Result<()> {
+    for (line, field, ids) in ids {
+        if let Err(e) = m.check_token_ids(ids) {
+            return Err(DataError {
+                file: file.to_path_buf(),
+                line,
+                field: Some(field.into()),
+                message: format!("{}: {e}", model_dir.join("tokenizer.json").display()),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// [`check_vocab`] over a prompt file's prompts.
+fn check_prompt_vocab(model_dir: &Path, m: &Model, file: &Path, ds: &PromptSet) -> Result<()> {
+    let ids = ds
+        .examples
+        .iter()
+        .map(|e| (e.line, "prompt", &e.value.1[..]));
+    check_vocab(model_dir, m, file, ids)
+}
+
+/// A generation error for the prompt at `file:line`; a size error suggests
+/// `--max-prompt-length` and `--max-new-tokens`.
+fn at_prompt(file: &Path, line: usize, e: Error) -> Error {
+    let (field, message) = match &e {
+        Error::TooLarge { .. } => (
+            Some("prompt".into()),
+            format!("{e}; shorten the prompt (--max-prompt-length) or lower --max-new-tokens"),
+        ),
+        _ => (None, e.to_string()),
+    };
+    DataError {
+        file: file.to_path_buf(),
+        line,
+        field,
+        message,
+    }
+    .into()
+}
+
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     difinfo_trainer::train::cli::progress_bar(len, 0, what)
 }
@@ -448,6 +498,11 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         } => {
             use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
             use difinfo_trainer::diag::beta_accuracy::prompt_fit;
+            if samples == 0 || max_new_tokens == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "need --samples ≥ 1 and --max-new-tokens ≥ 1, got {samples} and {max_new_tokens}"
+                )));
+            }
             check_paths(
                 &[("--out", &out)],
                 &[("--prompts", &prompts)],
@@ -467,6 +522,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 load_model(&policy, DType::F32, &device)?,
                 load_model(&reference, DType::F32, &device)?,
             );
+            check_prompt_vocab(&estimator, &m_hat, &prompts, &ds)?;
             let params = SamplingParams {
                 temperature: 1.0,
                 top_p: 1.0,
@@ -488,7 +544,8 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     bundle.stop_ids(),
                     bundle.pad_id(),
                     &mut rng,
-                )?;
+                )
+                .map_err(|e| at_prompt(&prompts, ex.line, e))?;
                 match &f.fit {
                     BetaFit::Determined(l) => {
                         println!(
@@ -631,6 +688,11 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::entropy::{overall, prompt_entropy};
+            if samples < 2 || max_new_tokens == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "need --samples ≥ 2 (for a standard error) and --max-new-tokens ≥ 1, got {samples} and {max_new_tokens}"
+                )));
+            }
             check_paths(
                 &[("--out", &out)],
                 &[("--prompts", &prompts)],
@@ -638,6 +700,7 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             )?;
             let (bundle, ds, m) =
                 model_and_prompts(&model, &prompts, max_prompt_length.0, false, None)?;
+            check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let pb = progress(ds.examples.len() as u64, "entropy");
             let mut rows = Vec::new();
@@ -654,7 +717,8 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     max_new_tokens,
                     bundle.stop_ids(),
                     &mut rng,
-                )?;
+                )
+                .map_err(|e| at_prompt(&prompts, ex.line, e))?;
                 println!(
                     "| {} | {:.4} | {:.4} | {} | {:.4} | {:.1} |",
                     ex.line, e.entropy, e.stderr, e.samples, e.token_entropy, e.mean_length
@@ -762,11 +826,28 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             report_stats(&data, &ds.stats, Some(&report));
             require_examples(&data, &ds.stats)?;
             let m = load_model(&model.model, dtype, &device)?;
-            let pairs: Vec<_> = ds.examples.iter().map(|e| e.value.clone()).collect();
-            let pb = progress(pairs.len() as u64, "logps");
-            let lps = preference_logps(&m, &pairs, batch_size, bundle.pad_id(), |done| {
-                pb.set_position(done as u64)
-            })?;
+            check_vocab(
+                &model.model,
+                &m,
+                &data,
+                ds.examples.iter().flat_map(|e| {
+                    let p = &e.value;
+                    [
+                        (e.line, "prompt", &p.prompt_ids[..]),
+                        (e.line, "chosen", &p.chosen_ids[..]),
+                        (e.line, "rejected", &p.rejected_ids[..]),
+                    ]
+                }),
+            )?;
+            let pb = progress(ds.examples.len() as u64, "logps");
+            let lps = preference_logps(
+                &m,
+                &ds.examples,
+                &data,
+                batch_size,
+                bundle.pad_id(),
+                |done| pb.set_position(done as u64),
+            )?;
             pb.finish_and_clear();
             write_jsonl(
                 &out,
@@ -796,6 +877,17 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             skip_invalid,
             error_report,
         } => {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                max_new_tokens,
+            };
+            params.validate()?;
+            if n == 0 {
+                return Err(Error::InvalidArgument(
+                    "--n must be ≥ 1 (samples per prompt), got 0".into(),
+                ));
+            }
             check_paths(
                 &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
                 &[("--prompts", &prompts)],
@@ -809,17 +901,14 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 skip_invalid,
                 Some(&report),
             )?;
-            let params = SamplingParams {
-                temperature,
-                top_p,
-                max_new_tokens,
-            };
+            check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let pb = progress(ds.examples.len() as u64, "sample");
             let mut rows = Vec::new();
             for ex in &ds.examples {
                 let (p, ids) = &ex.value;
-                let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)?;
+                let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)
+                    .map_err(|e| at_prompt(&prompts, ex.line, e))?;
                 for (k, s) in samples.into_iter().enumerate() {
                     rows.push(json!({
                         "line": ex.line,

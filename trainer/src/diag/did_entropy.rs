@@ -357,6 +357,12 @@ pub fn run(
     if args.pairs_per_prompt == 0 {
         return usage("--pairs-per-prompt must be ≥ 1");
     }
+    if args.beta_samples == 0 || args.max_new_tokens == 0 {
+        return usage(format!(
+            "need --beta-samples ≥ 1 and --max-new-tokens ≥ 1, got {} and {}",
+            args.beta_samples, args.max_new_tokens
+        ));
+    }
     let est_dir = out.join(ESTIMATOR_DIR);
     let mut config = merge_onto(
         &estimator_defaults(&est_dir),

@@ -554,7 +554,8 @@ fn seq(s: crate::batch::Sequence) -> Sequence {
     }
 }
 
-/// Tokenizes the run's data TRL-style into a training [`Dataset`].
+/// Tokenizes the run's data TRL-style into a training [`Dataset`]; also returns each
+/// example's line in the data file (by dataset index).
 ///
 /// # Errors
 /// Data errors (file:line:field) unless skipped; no example left ([`require_examples`]).
@@ -562,7 +563,8 @@ pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
     bundle: &TokenizerBundle,
-) -> CliResult<Dataset> {
+) -> CliResult<(Dataset, Vec<usize>)> {
+    let lines: Vec<usize>;
     let opts = tokenize_options(c, r);
     let report = r_report(r);
     let examples = if c.objective.is_preference() {
@@ -572,6 +574,7 @@ pub fn load_dataset(
         }
         report_stats(&r.data, &ds.stats, Some(&report));
         require_examples(&r.data, &ds.stats)?;
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Preference(
             ds.examples
                 .iter()
@@ -588,6 +591,7 @@ pub fn load_dataset(
         }
         report_stats(&r.data, &ds.stats, Some(&report));
         require_examples(&r.data, &ds.stats)?;
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Sft(
             ds.examples
                 .iter()
@@ -595,11 +599,12 @@ pub fn load_dataset(
                 .collect(),
         )
     };
-    Ok(Dataset {
+    let d = Dataset {
         examples,
         pad_id: bundle.pad_id(),
         settings: format!("{opts:?} bf16={}", r.bf16),
-    })
+    };
+    Ok((d, lines))
 }
 
 fn r_report(r: &RunRecord) -> PathBuf {
@@ -725,8 +730,23 @@ pub fn train(r: &Resolved) -> CliResult<RunSummary> {
     check_run_paths(r)?;
     let bundle = load_bundle_with(&r.record.model, r.record.tokenizer_compat)?;
     report_provenance(&bundle);
-    let data = load_dataset(&r.config, &r.record, &bundle)?;
-    train_on(r, data)
+    let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
+    train_on(r, data).map_err(|e| {
+        // A non-finite value's examples by their place in the data file, not only their index.
+        if let CliError::Train(t @ TrainError::NonFinite { examples, .. }) = &e {
+            let at: Vec<String> = examples
+                .iter()
+                .filter_map(|&i| lines.get(i))
+                .map(usize::to_string)
+                .collect();
+            return CliError::Usage(format!(
+                "{t}; the examples are lines {} of {}",
+                at.join(", "),
+                r.record.data.display()
+            ));
+        }
+        e
+    })
 }
 
 /// [`train`] on a dataset already tokenized (e.g. sampled token ids, as `did-entropy` trains
