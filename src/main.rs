@@ -222,8 +222,32 @@ impl SynthArgs {
     }
 }
 
+/// `cmd` with its numeric flags (and its subcommands') taking values that start with a
+/// hyphen, so `--beta -1` reaches [`SynthConfig::validate`]'s message instead of clap's
+/// "unexpected argument '-1'" (difinfo-train's front end does the same for its options).
+fn hyphen_numbers(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f64>(),
+        TypeId::of::<usize>(),
+        TypeId::of::<u64>(),
+    ];
+    cmd.mut_args(|a| {
+        if numeric.iter().any(|n| a.get_value_parser().type_id() == *n) {
+            a.allow_hyphen_values(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(hyphen_numbers)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = hyphen_numbers(<Cli as clap::CommandFactory>::command()).get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let Command::Synth(args) = cli.command;
     let experiments: Vec<Experiment> = match args.experiment {
         Which::DidFit => vec![Experiment::DidFit],

@@ -795,8 +795,13 @@ fn reference_cache_is_reused_and_keyed() {
         r,
         difinfo_trainer::train::refcache::RefLogps::compute(&m, &p, 4, 0).unwrap()
     );
-    // Same everything: same key, file untouched.
-    let again = Trainer::new(&m, cfg.clone(), dataset(p.clone()))
+    // Same everything: same key, file untouched (a rerun over the earlier run keeps its
+    // reference cache).
+    let rerun = TrainConfig {
+        overwrite_output_dir: true,
+        ..cfg.clone()
+    };
+    let again = Trainer::new(&m, rerun, dataset(p.clone()))
         .unwrap()
         .state()
         .ref_cache_key

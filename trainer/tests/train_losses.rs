@@ -371,7 +371,7 @@ proptest! {
             Grads(sizes.iter().map(|&s| { let x = t(&v[off..off + s], DType::F64); off += s; x }).collect())
         };
         let (g, stats) = project(&split(&gw), &split(&gl)).unwrap();
-        let lib = difinfo::dpo_pg::project(&gw, &gl).unwrap();
+        let lib = difinfo::dpo_pg::project::<Vec<f64>>(&gw, &gl).unwrap();
         let flat: Vec<f64> = g.0.iter().flat_map(|x| x.to_vec1::<f64>().unwrap()).collect();
         prop_assert_eq!(stats.active, lib.active);
         prop_assert!((stats.dot - lib.dot).abs() <= 1e-12 * (1.0 + lib.dot.abs()));

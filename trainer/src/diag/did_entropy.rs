@@ -364,7 +364,35 @@ pub fn run(
     if args.pairs_per_prompt == 0 {
         return usage("--pairs-per-prompt must be ≥ 1");
     }
-    let earlier = [PAIRS_FILE, REPORT_FILE, ESTIMATOR_DIR]
+    if args.beta_samples == 0 || args.max_new_tokens == 0 {
+        return usage(format!(
+            "need --beta-samples ≥ 1 and --max-new-tokens ≥ 1, got {} and {}",
+            args.beta_samples, args.max_new_tokens
+        ));
+    }
+    let est_dir = out.join(ESTIMATOR_DIR);
+    let mut config = merge_onto(
+        &estimator_defaults(&est_dir),
+        args.config.as_deref(),
+        &args.estimator,
+    )?;
+    // Nothing is read or removed before the outputs are known to spare every input.
+    crate::io::check_output_dir("--output-dir", out)?;
+    let files: Vec<(&str, &Path)> = [
+        ("--prompts", Some(args.prompts.as_path())),
+        ("--eval-prompts", args.eval_prompts.as_deref()),
+        ("--config", args.config.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(o, p)| Some((o, p?)))
+    .collect();
+    let inputs = crate::io::inputs(
+        &files,
+        &[("--policy", &args.policy), ("--reference", &args.reference)],
+    );
+    let outputs = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE].map(|f| out.join(f));
+    crate::io::check_written_files(&outputs, &inputs)?;
+    let earlier = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE, ESTIMATOR_DIR]
         .iter()
         .map(|f| out.join(f))
         .find(|p| p.exists());
@@ -375,18 +403,17 @@ pub fn run(
                 p.display()
             ));
         }
-        let est = out.join(ESTIMATOR_DIR);
-        if est.exists() {
-            std::fs::remove_dir_all(&est).map_err(|e| crate::Error::io(&est, e))?;
+        // The earlier run's files go now, so none is taken for this run's if it stops early.
+        for o in &outputs {
+            if o.exists() {
+                std::fs::remove_file(o).map_err(|e| crate::Error::io(o, e))?;
+            }
+        }
+        if est_dir.exists() {
+            std::fs::remove_dir_all(&est_dir).map_err(|e| crate::Error::io(&est_dir, e))?;
         }
     }
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let est_dir = out.join(ESTIMATOR_DIR);
-    let mut config = merge_onto(
-        &estimator_defaults(&est_dir),
-        args.config.as_deref(),
-        &args.estimator,
-    )?;
     let o = &config.objective;
     if o.rule() != Rule::Preference
         || !o.is_reference_free()
@@ -509,6 +536,8 @@ pub fn run(
             completion_boundary: CompletionBoundary::CommonPrefix,
             skip_invalid: false,
             error_report: None,
+            // Trained on sampled token ids: no text is tokenized.
+            tokenizer_compat: Default::default(),
         },
         resume: None,
         config_file: args.config.clone(),

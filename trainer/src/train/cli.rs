@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{default_report_path, write_error_report};
+use crate::provenance::TokenizerCompat;
 use crate::tokenize::{
     load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizeStats,
     TokenizerBundle, TruncationMode,
@@ -34,6 +35,7 @@ use crate::tokenize::{
 use crate::train::adapter::TrainModel;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
 use crate::train::config::{merge_onto, write_file, CONFIG_TOML};
+use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
 use crate::train::{
     Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig, TrainError, Trainer,
 };
@@ -105,6 +107,10 @@ pub struct RunArgs {
     /// Error report for --skip-invalid [default: <data>.errors.jsonl]
     #[arg(long, value_name = "FILE")]
     pub error_report: Option<PathBuf>,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5)
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// Optimization options common to `sft` and `dpo` (HF `TrainingArguments` fields).
@@ -350,6 +356,9 @@ pub struct RunRecord {
     /// Where skipped records are listed [default: `<data>.errors.jsonl`].
     #[serde(default)]
     pub error_report: Option<PathBuf>,
+    /// The tokenizer pipeline (runs recorded before the option: tokenizer.json).
+    #[serde(default)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// File name of the [`RunRecord`].
@@ -497,6 +506,13 @@ fn resolve_common(
             .error_report
             .clone()
             .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
+        tokenizer_compat: if keep("tokenizer_compat") {
+            saved
+                .as_ref()
+                .map_or(run.tokenizer_compat, |r| r.tokenizer_compat)
+        } else {
+            run.tokenizer_compat
+        },
     };
     Ok(Resolved {
         config,
@@ -551,6 +567,15 @@ fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
     }
 }
 
+/// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
+pub fn report_provenance(bundle: &TokenizerBundle) {
+    let p = bundle.provenance();
+    eprintln!("{}", p.describe());
+    if let Some(w) = p.warning() {
+        eprintln!("warning: {w}");
+    }
+}
+
 /// Prints tokenization counts (and the prefix-mismatch warning) to stderr.
 pub fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
     eprintln!(
@@ -584,15 +609,17 @@ fn seq(s: crate::batch::Sequence) -> Sequence {
     }
 }
 
-/// Tokenizes the run's data TRL-style into a training [`Dataset`].
+/// Tokenizes the run's data TRL-style into a training [`Dataset`]; also returns each
+/// example's line in the data file (by dataset index).
 ///
 /// # Errors
-/// Data errors (file:line:field) unless skipped; no example left.
+/// Data errors (file:line:field) unless skipped; no example left ([`require_examples`]).
 pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
     bundle: &TokenizerBundle,
-) -> CliResult<Dataset> {
+) -> CliResult<(Dataset, Vec<usize>)> {
+    let lines: Vec<usize>;
     let opts = tokenize_options(c, r);
     let report = r_report(r);
     let examples = if c.objective.is_preference() {
@@ -601,6 +628,8 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        require_examples(&r.data, &ds.stats)?;
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Preference(
             ds.examples
                 .iter()
@@ -616,6 +645,8 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        require_examples(&r.data, &ds.stats)?;
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Sft(
             ds.examples
                 .iter()
@@ -628,13 +659,7 @@ pub fn load_dataset(
         pad_id: bundle.pad_id(),
         settings: format!("{opts:?} bf16={}", r.bf16),
     };
-    if d.is_empty() {
-        return usage(format!(
-            "{}: no training example left after tokenization",
-            r.data.display()
-        ));
-    }
-    Ok(d)
+    Ok((d, lines))
 }
 
 fn r_report(r: &RunRecord) -> PathBuf {
@@ -755,9 +780,26 @@ impl RunSummary {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
-    let bundle = TokenizerBundle::load(&r.record.model)?;
-    let data = load_dataset(&r.config, &r.record, &bundle)?;
-    train_on(r, data)
+    check_run_paths(r)?;
+    let bundle = load_bundle_with(&r.record.model, r.record.tokenizer_compat)?;
+    report_provenance(&bundle);
+    let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
+    train_on(r, data).map_err(|e| {
+        // A non-finite value's examples by their place in the data file, not only their index.
+        if let CliError::Train(t @ TrainError::NonFinite { examples, .. }) = &e {
+            let at: Vec<String> = examples
+                .iter()
+                .filter_map(|&i| lines.get(i))
+                .map(usize::to_string)
+                .collect();
+            return CliError::Usage(format!(
+                "{t}; the examples are lines {} of {}",
+                at.join(", "),
+                r.record.data.display()
+            ));
+        }
+        e
+    })
 }
 
 /// [`train`] on a dataset already tokenized (e.g. sampled token ids, as `did-entropy` trains
@@ -885,6 +927,118 @@ fn load_reference(
         m.set_compute_dtype(candle_core::DType::BF16)?;
     }
     Ok(TrainModel::new(m, dir.to_path_buf(), dtype))
+}
+
+/// What a run checks before any work: the output directory can be made and written; the
+/// error report (with `--skip-invalid`) is no input; a fresh run's files in the output
+/// directory are no input (a fresh run replaces them); a fresh run does not land on an earlier
+/// run ([`check_fresh_output_dir`]).
+///
+/// # Errors
+/// [`CliError`] naming the options and paths.
+fn check_run_paths(r: &Resolved) -> CliResult<()> {
+    use crate::io::{check_output_dir, check_outputs, check_written_files, inputs};
+    let out = &r.config.output_dir;
+    check_output_dir("--output-dir", out)?;
+    let mut files: Vec<(&str, &Path)> = vec![("--data", &r.record.data)];
+    if let Some(c) = &r.config_file {
+        files.push(("--config", c));
+    }
+    let mut dirs: Vec<(&str, &Path)> = vec![("--model", &r.record.model)];
+    if let Some(d) = &r.record.ref_model {
+        dirs.push(("--ref-model", d));
+    }
+    let ins = inputs(&files, &dirs);
+    // The default report (DATA.errors.jsonl) is no input and is written, if at all, right
+    // after the data is read; a report given by name is checked like any output.
+    if let (Some(report), true) = (&r.record.error_report, r.record.skip_invalid) {
+        check_outputs(&[("--error-report", report)], &ins)?;
+    }
+    if r.resume.is_none() {
+        let written: Vec<PathBuf> = RUN_FILES.iter().map(|f| out.join(f)).collect();
+        check_written_files(&written, &ins)?;
+        check_fresh_output_dir(out, r.config.overwrite_output_dir)?;
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint directory's tokenizer files, printing what their absence changes
+/// ([`TokenizerBundle::warnings`]).
+///
+/// # Errors
+/// See [`TokenizerBundle::load`].
+pub fn load_bundle(dir: &Path) -> crate::Result<TokenizerBundle> {
+    load_bundle_with(dir, crate::provenance::TokenizerCompat::default())
+}
+
+/// [`load_bundle`] with the tokenizer pipeline chosen by `compat` (`--tokenizer-compat`).
+///
+/// # Errors
+/// See [`TokenizerBundle::load_with`].
+pub fn load_bundle_with(
+    dir: &Path,
+    compat: crate::provenance::TokenizerCompat,
+) -> crate::Result<TokenizerBundle> {
+    let b = TokenizerBundle::load_with(dir, compat)?;
+    for w in b.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(b)
+}
+
+/// A data file that left no example: an error naming the file and why (no records, all
+/// invalid, all dropped), the same for every command (TRL refuses an empty dataset).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when `stats.kept` is 0.
+pub fn require_examples(file: &Path, stats: &TokenizeStats) -> crate::Result<()> {
+    if stats.kept > 0 {
+        return Ok(());
+    }
+    let why = if stats.total == 0 {
+        "no records (the file is empty)".to_string()
+    } else if stats.invalid == stats.total {
+        format!(
+            "no records left: all {} are invalid (see the error report)",
+            stats.total
+        )
+    } else {
+        format!(
+            "no example left of {} records: {} dropped because the prompt alone fills --max-length, {} invalid",
+            stats.total, stats.dropped_prompt_too_long, stats.invalid
+        )
+    };
+    Err(crate::Error::InvalidArgument(format!(
+        "{}: {why}",
+        file.display()
+    )))
+}
+
+/// `cmd` with every numeric option (and every subcommand's) taking a value that starts with a
+/// hyphen, so `--beta -1` and `--adam-epsilon -1e-8` reach the range check ("beta must be …
+/// positive") instead of clap's "unexpected argument '-1'" (clap's own negative-number test
+/// misses exponents). A flag mistaken for the value (`--seed --model`) fails to parse as a
+/// number, and that message names the option too.
+pub fn negative_numbers_as_values(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f64>(),
+        TypeId::of::<f32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<usize>(),
+    ];
+    cmd.mut_args(|a| {
+        let t = a.get_value_parser().type_id();
+        if numeric.iter().any(|n| t == *n) {
+            a.allow_hyphen_values(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_numbers_as_values)
 }
 
 fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {

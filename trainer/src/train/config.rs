@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
-use crate::train::error::{Result, TrainError};
+use crate::train::error::{RangeError, Result, TrainError};
 use crate::train::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::schedule::SchedulerType;
 
@@ -163,40 +163,77 @@ impl TrainConfig {
         }
     }
 
-    /// Checks ranges and combinations.
+    /// The ranges of the numeric optimization options, as PyTorch's optimizers and HF's
+    /// `TrainingArguments` / TRL enforce them: the optimizer's ([`OptimizerConfig::validate`]),
+    /// `0 ≤ learning_rate`, `warmup_ratio ∈ [0, 1]`, a number for `max_grad_norm` (≤ 0
+    /// disables clipping), `0 ≤ num_train_epochs`, and at least 1 for the batch sizes,
+    /// accumulation steps, logging interval and `save_total_limit`; every float finite.
+    ///
+    /// # Errors
+    /// The first option out of range.
+    pub fn check_ranges(&self) -> std::result::Result<(), RangeError> {
+        self.optimizer().validate()?;
+        let lr = self.learning_rate;
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(RangeError::new(
+                "learning_rate",
+                lr,
+                "must be finite and ≥ 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(RangeError::new(
+                "warmup_ratio",
+                self.warmup_ratio,
+                "must lie in [0, 1] (a fraction of the total steps)",
+            ));
+        }
+        if self.max_grad_norm.is_nan() {
+            return Err(RangeError::new(
+                "max_grad_norm",
+                self.max_grad_norm,
+                "must be a number (≤ 0 disables clipping)",
+            ));
+        }
+        let epochs = self.num_train_epochs;
+        if !(epochs.is_finite() && epochs >= 0.0) {
+            return Err(RangeError::new(
+                "num_train_epochs",
+                epochs,
+                "must be finite and ≥ 0",
+            ));
+        }
+        for (field, v) in [
+            (
+                "per_device_train_batch_size",
+                Some(self.per_device_train_batch_size),
+            ),
+            (
+                "gradient_accumulation_steps",
+                Some(self.gradient_accumulation_steps),
+            ),
+            ("logging_steps", Some(self.logging_steps)),
+            ("ref_batch_size", self.ref_batch_size),
+            ("save_total_limit", self.save_total_limit),
+        ] {
+            if v == Some(0) {
+                return Err(RangeError::new(field, 0.0, "must be ≥ 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks ranges ([`TrainConfig::check_ranges`]) and combinations.
     ///
     /// # Errors
     /// [`TrainError::Config`] naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.check_ranges()?;
         let bad = |m: String| Err(TrainError::Config(m));
-        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad(format!(
-                "learning_rate must be finite and ≥ 0, got {}",
-                self.learning_rate
-            ));
-        }
-        if self.per_device_train_batch_size == 0 {
-            return bad("per_device_train_batch_size must be ≥ 1".into());
-        }
-        if self.gradient_accumulation_steps == 0 {
-            return bad("gradient_accumulation_steps must be ≥ 1".into());
-        }
-        if self.logging_steps == 0 {
-            return bad("logging_steps must be ≥ 1".into());
-        }
         if self.max_steps <= 0
             && !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0)
         {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
-        }
-        if self.save_total_limit == Some(0) {
-            return bad("save_total_limit must be ≥ 1 (or unset to keep every checkpoint)".into());
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad(format!(
-                "warmup_ratio must be in [0, 1], got {}",
-                self.warmup_ratio
-            ));
         }
         Ok(())
     }
@@ -243,7 +280,8 @@ impl TrainConfig {
 /// I/O errors naming the path.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
+    // An error names the destination, not the temporary file.
+    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
@@ -271,7 +309,7 @@ pub fn merge_onto<C: Serialize>(
     file: Option<&Path>,
     cli: &C,
 ) -> Result<TrainConfig> {
-    let mut table = toml::Table::try_from(base)
+    let table = toml::Table::try_from(base)
         .map_err(|e| TrainError::Config(format!("default options: {e}")))?;
     let file_table = match file {
         Some(p) => {
@@ -281,18 +319,48 @@ pub fn merge_onto<C: Serialize>(
         }
         None => toml::Table::new(),
     };
-    for (k, v) in file_table {
-        table.insert(k, v);
-    }
     let over = toml::Table::try_from(cli)
         .map_err(|e| TrainError::Config(format!("command-line options: {e}")))?;
-    for (k, v) in over {
-        table.insert(k, v);
-    }
-    let cfg: TrainConfig = toml::Value::Table(table.clone())
+    merge_tables(table, file.zip(Some(file_table)), over)
+}
+
+/// The last step of [`merge_onto`]: `base` (a [`TrainConfig`] as a table), overridden by the
+/// keys of `file` (its path and table), overridden by `cli`'s, parsed and validated. An option
+/// out of range is named where it was given: `--adam-beta1 1.5: …` on the command line,
+/// `c.toml: adam_beta1 = 1.5: …` in a file.
+///
+/// # Errors
+/// See [`merge`].
+pub fn merge_tables(
+    mut base: toml::Table,
+    file: Option<(&Path, toml::Table)>,
+    cli: toml::Table,
+) -> Result<TrainConfig> {
+    let (path, file_table) = match file {
+        Some((p, t)) => (Some(p), t),
+        None => (None, toml::Table::new()),
+    };
+    let in_file: Vec<String> = file_table.keys().cloned().collect();
+    let on_cli: Vec<String> = cli.keys().cloned().collect();
+    base.extend(file_table);
+    base.extend(cli);
+    let cfg: TrainConfig = toml::Value::Table(base.clone())
         .try_into()
-        .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
-    check_keys(&table, &cfg).map_err(TrainError::Config)?;
+        .map_err(|e: toml::de::Error| match path {
+            Some(p) => TrainError::Config(format!("{}: {e}", p.display())),
+            None => TrainError::Config(e.to_string()),
+        })?;
+    check_keys(&base, &cfg).map_err(TrainError::Config)?;
+    if let Err(e) = cfg.check_ranges() {
+        let given = |keys: &[String]| keys.iter().any(|k| k == e.field);
+        return Err(TrainError::Config(if given(&on_cli) {
+            format!("{} {}: {}", e.flag(), e.value, e.requirement)
+        } else if let (true, Some(p)) = (given(&in_file), path) {
+            format!("{}: {e}", p.display())
+        } else {
+            e.to_string()
+        }));
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -368,6 +436,39 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("beta"));
+    }
+
+    #[test]
+    fn an_option_out_of_range_is_named_where_it_was_given() {
+        #[derive(Serialize, Default)]
+        struct Opt {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            adam_beta1: Option<f64>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "adam_beta1 = 1.5\n").unwrap();
+        let e = merge(Some(&f), &Opt::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml: adam_beta1 = 1.5: must lie in [0, 1)"),
+            "{e}"
+        );
+        let cli = Opt {
+            adam_beta1: Some(-0.5),
+        };
+        let e = merge(Some(&f), &cli).unwrap_err().to_string();
+        assert!(e.contains("--adam-beta1 -0.5: must lie in [0, 1)"), "{e}");
+        let e = TrainConfig {
+            adam_epsilon: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("adam_epsilon = 0: must be finite and > 0"),
+            "{e}"
+        );
     }
 
     #[test]

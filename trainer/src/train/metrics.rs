@@ -197,7 +197,7 @@ impl MetricsLog {
     }
 
     /// Keeps only the records with `step ≤ step` (a resumed run rewrites what followed its
-    /// checkpoint).
+    /// checkpoint); a last line cut short by a crash is dropped.
     ///
     /// # Errors
     /// I/O and parse errors.
@@ -206,7 +206,7 @@ impl MetricsLog {
             let text =
                 std::fs::read_to_string(&self.jsonl).map_err(|e| TrainError::io(&self.jsonl, e))?;
             let mut kept = String::new();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            for line in complete_lines(&text).filter(|l| !l.trim().is_empty()) {
                 let v: serde_json::Value =
                     serde_json::from_str(line).map_err(|e| TrainError::format(&self.jsonl, e))?;
                 if v["step"].as_u64().is_some_and(|s| s as usize <= step) {
@@ -220,7 +220,7 @@ impl MetricsLog {
             let text =
                 std::fs::read_to_string(&self.csv).map_err(|e| TrainError::io(&self.csv, e))?;
             let mut kept = String::new();
-            for (i, line) in text.lines().enumerate() {
+            for (i, line) in complete_lines(&text).enumerate() {
                 let s = line.split(',').next().and_then(|c| c.parse::<usize>().ok());
                 if i == 0 || s.is_some_and(|s| s <= step) {
                     kept.push_str(line);
@@ -256,6 +256,13 @@ impl MetricsLog {
     }
 }
 
+/// The lines of `text` that end in a newline: a last line without one is a record whose
+/// append a crash cut short (nothing else writes these files), dropped on resume.
+fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    let whole = text.rfind('\n').map_or("", |i| &text[..=i]);
+    whole.lines()
+}
+
 fn append_to(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -263,4 +270,35 @@ fn append_to(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(path)
         .map_err(|e| TrainError::io(path, e))?;
     f.write_all(bytes).map_err(|e| TrainError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_after_drops_a_record_cut_short_by_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(dir.path());
+        for step in 1..=3 {
+            log.append(&[("step".into(), step as f64), ("loss".into(), 0.5)])
+                .unwrap();
+        }
+        // A crash in the middle of the fourth append.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.jsonl_path())
+            .unwrap();
+        f.write_all(b"{\"step\":4,\"lo").unwrap();
+        log.truncate_after(2).unwrap();
+        let steps: Vec<u64> = log
+            .read()
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        let csv = std::fs::read_to_string(log.csv_path()).unwrap();
+        assert_eq!(csv.lines().count(), 3, "{csv}");
+    }
 }

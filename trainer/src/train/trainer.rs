@@ -94,6 +94,97 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     device: Device,
 }
 
+/// The files an earlier run leaves in its output directory besides checkpoints and reference
+/// caches: metrics, resolved config, the command's run record and summary.
+pub const RUN_FILES: [&str; 6] = [
+    crate::train::metrics::METRICS_JSONL,
+    crate::train::metrics::METRICS_CSV,
+    crate::train::config::CONFIG_TOML,
+    crate::train::config::CONFIG_JSON,
+    crate::train::cli::RUN_RECORD,
+    crate::train::cli::SUMMARY_FILE,
+];
+
+/// What in `output_dir` shows an earlier run there (names, sorted): [`RUN_FILES`], checkpoint
+/// directories (complete, or a `.checkpoint-N.tmp` a crash left mid-write) and reference
+/// log-prob caches. A run that crashed before its first checkpoint leaves its metrics and
+/// config, so checkpoints alone are not the test.
+///
+/// # Errors
+/// I/O errors reading the directory.
+pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
+    let rd = match std::fs::read_dir(output_dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(output_dir, e)),
+    };
+    let mut found = Vec::new();
+    for e in rd {
+        let name = e
+            .map_err(|e| TrainError::io(output_dir, e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let checkpoint = name.starts_with("checkpoint-")
+            || (name.starts_with(".checkpoint-") && name.ends_with(".tmp"));
+        let cache = name.starts_with("ref_logps-") && name.ends_with(".safetensors");
+        if RUN_FILES.contains(&name.as_str()) || checkpoint || cache {
+            found.push(name);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Refuses a fresh run in an `output_dir` that holds an [`earlier_run`] unless `overwrite`
+/// (HF's `overwrite_output_dir`); `--resume` does not come here.
+///
+/// # Errors
+/// [`TrainError::Config`] naming the files found and the ways out.
+pub fn check_fresh_output_dir(output_dir: &Path, overwrite: bool) -> Result<()> {
+    let found = earlier_run(output_dir)?;
+    if overwrite || found.is_empty() {
+        return Ok(());
+    }
+    let mut shown = found.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if found.len() > 5 {
+        shown.push_str(", …");
+    }
+    let resume = match latest_checkpoint(output_dir)? {
+        Some(c) => format!(
+            "continue it with --resume {} (from {}), ",
+            output_dir.display(),
+            c.display()
+        ),
+        None => "it has no checkpoint to resume from; ".into(),
+    };
+    Err(TrainError::Config(format!(
+        "{} holds an earlier run ({shown}): {resume}choose another --output-dir, or pass \
+         --overwrite-output-dir (overwrite_output_dir = true) to replace it",
+        output_dir.display()
+    )))
+}
+
+/// With `overwrite_output_dir`: removes what an earlier run left in `output_dir` that the new
+/// run would not replace itself (checkpoints, temporary checkpoint directories, metrics, the
+/// summary), so no stale file is mistaken for the new run's. Reference caches stay: they are
+/// keyed by model, data and settings, and reused only on a match.
+fn clear_earlier_run(output_dir: &Path) -> Result<()> {
+    for name in earlier_run(output_dir)? {
+        let p = output_dir.join(&name);
+        if name.starts_with("ref_logps-") {
+            continue;
+        }
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|e| TrainError::io(&p, e))?;
+    }
+    Ok(())
+}
+
 /// `(micro-batches per epoch, optimizer steps per epoch, total steps)`.
 fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
     let micro = n.div_ceil(config.per_device_train_batch_size);
@@ -121,12 +212,15 @@ fn check_data(objective: &Objective, data: &Dataset, config: &TrainConfig) -> Re
 }
 
 impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
-    /// A fresh run: validates the config, creates `output_dir` and writes the resolved config
-    /// there, clears old metrics, and computes (or reloads from the cache) the reference
-    /// log-probs with the model as it is now (the reference is the initial policy).
+    /// A fresh run: validates the config, refuses an `output_dir` holding an earlier run
+    /// ([`check_fresh_output_dir`]; with `overwrite_output_dir` its files are removed, its
+    /// reference caches kept), creates `output_dir` and writes the resolved config there, and
+    /// computes (or reloads from the cache) the reference log-probs with the model as it is
+    /// now (the reference is the initial policy).
     ///
     /// # Errors
-    /// Invalid config or data, I/O, non-finite reference log-probs.
+    /// Invalid config or data, an earlier run in `output_dir`, I/O, non-finite reference
+    /// log-probs.
     pub fn new(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
         Self::start(model, model, config, data)
     }
@@ -156,16 +250,10 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let objective = config.objective.clone();
         check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
+        check_fresh_output_dir(&out, config.overwrite_output_dir)?;
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
-        while let Some(old) = latest_checkpoint(&out)? {
-            if !config.overwrite_output_dir {
-                return Err(TrainError::Config(format!(
-                    "{} holds checkpoints ({}): resume from it, or set overwrite_output_dir",
-                    out.display(),
-                    old.display()
-                )));
-            }
-            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        if config.overwrite_output_dir {
+            clear_earlier_run(&out)?;
         }
         config.save(&out)?;
         let vars = model.named_vars();
@@ -204,6 +292,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             last_grad_norm: 0.0,
             projection_active_total: 0,
             ref_cache_key: key,
+            checksums: false,
         };
         let log = MetricsLog::new(&out);
         log.reset()?;
