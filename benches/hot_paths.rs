@@ -6,7 +6,7 @@
 //! | `entropy` | `entropy::entropy(π)` | `N` outcomes |
 //! | `js` | `entropy::js(p, q)` | `N` outcomes |
 //! | `log_softmax` | `Policy::from_logits(f)` (allocates the result) | `N` outcomes |
-//! | `population_loss` | `loss::population_loss` (sigmoid/DPO, log-ratio reward), value + gradient | `N²` pair terms |
+//! | `population_loss` | `population::population_loss` (sigmoid/DPO, log-ratio reward), value + gradient (dual numbers through the one loss text) | `N²` pair terms |
 //!
 //! at `N = 10^3, 10^5, 10^7` (population loss: `N = 10^3, 10^4`, see below). Criterion prints
 //! its own throughput (elements/s); at the end this harness prints a plain summary table with the
@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use difinfo::did::did;
 use difinfo::entropy::{entropy, js};
-use difinfo::loss::{population_loss, LossShape};
-use difinfo::reward::RewardForm;
+use difinfo::objective::Objective;
+use difinfo::population::population_loss;
 use difinfo::Policy;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -200,12 +200,12 @@ fn main() {
         let chosen = policy(n, 4);
         let rejected = policy(n, 5);
         let reference = policy(n, 6);
-        let reward = RewardForm::log_ratio(0.1, reference).unwrap();
+        let dpo = Objective::dpo(0.1).unwrap();
         let f = logits(n, 7);
         let mut g = c.benchmark_group("population_loss");
         configure(&mut g, n);
         rec.bench(&mut g, "population_loss", n, (n * n) as u64, || {
-            population_loss(&f, &chosen, &rejected, &reward, LossShape::Sigmoid, 0.1).unwrap()
+            population_loss(&f, &chosen, &rejected, Some(&reference), &dpo).unwrap()
         });
         g.finish();
     }

@@ -41,6 +41,9 @@ pub enum Error {
     /// A fit whose data cannot determine it (fewer than two distinct x values, …).
     #[error("undetermined fit: {0}")]
     Undetermined(String),
+    /// An invalid objective (β, ε, loss types, …).
+    #[error(transparent)]
+    Objective(#[from] crate::objective::ObjectiveError),
 }
 
 impl Error {

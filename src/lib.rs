@@ -10,8 +10,12 @@
 //! | log-sum-exp, sigmoid and friends (the log-space primitives) | [`logspace`] |
 //! | the DID `q_{π/π_ref}` and the Lemma D.1 event (Theorem 3.2) | [`did`] |
 //! | Bradley–Terry, Boltzmann, the data's preference distribution | [`preference`] |
-//! | reward forms (log-ratio, reference-free, custom) | [`reward`] |
-//! | loss shapes and the exact population loss with its gradient | [`loss`] |
+//! | the number types every formula is written over (`f64`, rationals, dual numbers) | [`scalar`] |
+//! | the one objective type: rule, TRL's loss types and weights, β, ε, f-divergence | [`objective`] |
+//! | rewards: log-ratio, reference-free, f-divergence scores | [`reward`] |
+//! | every TRL loss type, written once over any number type | [`loss`] |
+//! | the exact population loss (and the sampled-batch loss) with its gradient | [`population`] |
+//! | closed-form population optima of the loss types (IPO, two-outcome margins) | [`fixed_points`] |
 //! | power law and log-margin ordering (Theorem 3.5, Appendix G) | [`power_law`] |
 //! | the ideal rejected distribution (Eq. 1, Theorem L.1) | [`rejected`] |
 //! | entropy, KL, JS and the Monte Carlo entropy (Section 4, Appendix K) | [`entropy`] |
@@ -38,14 +42,18 @@ pub mod dpo_pg;
 pub mod entropy;
 pub mod error;
 pub mod fit;
+pub mod fixed_points;
 pub mod logspace;
 pub mod loss;
+pub mod objective;
 pub mod policy;
+pub mod population;
 pub mod power_law;
 pub mod prec;
 pub mod preference;
 pub mod rejected;
 pub mod reward;
+pub mod scalar;
 pub mod synthetic;
 
 pub use error::{Error, Result};

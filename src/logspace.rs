@@ -5,6 +5,7 @@
 use num_bigint::BigInt;
 use num_traits::{Signed, ToPrimitive, Zero};
 
+use crate::scalar::{infallible, Real};
 use crate::Rational;
 
 /// The instruction sets the hot loops are compiled for, picked once at run time.
@@ -413,18 +414,37 @@ pub fn sigmoid(t: f64) -> f64 {
     }
 }
 
-/// `softplus(t) = log(1 + e^t)`, stable for any `t`.
-pub fn softplus(t: f64) -> f64 {
-    if t > 0.0 {
-        t + (-t).exp().ln_1p()
-    } else {
-        t.exp().ln_1p()
+/// The softplus family, written once for every [`Real`] number type (`f64`, dual numbers, the
+/// trainer's tensors). A blanket implementation: no type can bring a text of its own.
+pub trait Softplus: Real {
+    /// `softplus(x) = log(1 + eˣ) = max(x, 0) + ln(1 + e^{−|x|})`, stable for any `x`
+    /// (the exponent is never positive). Its derivative is `σ(x)` (½ at 0 with the
+    /// subgradients of [`crate::scalar`]).
+    fn softplus(&self) -> Result<Self, Self::Error>;
+    /// `log σ(x) = −softplus(−x)`.
+    fn log_sigmoid(&self) -> Result<Self, Self::Error>;
+}
+
+impl<S: Real> Softplus for S {
+    #[inline(always)]
+    fn softplus(&self) -> Result<Self, Self::Error> {
+        self.relu()?.add(&self.abs()?.neg()?.exp()?.ln_1p()?)
+    }
+
+    #[inline(always)]
+    fn log_sigmoid(&self) -> Result<Self, Self::Error> {
+        self.neg()?.softplus()?.neg()
     }
 }
 
-/// `log σ(t) = −softplus(−t)`.
+/// [`Softplus::softplus`] of an `f64`.
+pub fn softplus(t: f64) -> f64 {
+    infallible(Softplus::softplus(&t))
+}
+
+/// [`Softplus::log_sigmoid`] of an `f64`.
 pub fn log_sigmoid(t: f64) -> f64 {
-    -softplus(-t)
+    infallible(Softplus::log_sigmoid(&t))
 }
 
 /// `exp(x)` for the hot loops: a branch-free polynomial evaluation that the compiler

@@ -1,148 +1,246 @@
-//! Loss shapes on a reward margin and the exact **population** loss over a finite space.
+//! Every preference loss of TRL 1.x's `DPOTrainer`, written **once**, generic over the number
+//! type ([`Real`]): `f64` and dual numbers here (the exact population loss and its gradient,
+//! [`crate::population`]), `[B]` candle tensors in the trainer. A reader finds each `ℓ` in
+//! exactly one place: [`per_sequence`] (the algebraic ones, [`ipo`], [`hinge`], [`sppo_hard`],
+//! in functions of their own that also run over exact rationals).
 //!
-//! With the reward margin `d = r(y_w) − r(y_l)` (β already inside the reward, as in TRL where
-//! `d = β · h` and `h` is the log-ratio margin):
-//!
-//! ```text
-//! sigmoid (DPO):  ℓ(d) = −log σ(d)
-//! hinge  (SLiC):  ℓ(d) = max(0, 1 − d)
-//! ipo:            ℓ(d) = (d/β − 1/(2β))²        (TRL: (h − 1/(2β))²)
-//! ```
-//!
-//! The population loss of data drawn as `y_w ~ p_w` (chosen), `y_l ~ p_l` (rejected):
+//! # Formulas
+//! With the scores `s = f(u)` and log-ratios `u` of [`crate::reward`] (`w`: chosen, `l`:
+//! rejected), `Δ = s_w − s_l`, `z = β Δ`, `Δ̄ = s_w/|y_w| − s_l/|y_l|` (per-token means, the
+//! lengths clamped at 1), ε the label smoothing, `c = 1/(2β)`:
 //!
 //! ```text
-//! L(f) = Σ_a Σ_b p_w(a) p_l(b) ℓ(r(a) − r(b)),     π = softmax(f)
+//! sigmoid       −log σ(z)                              (ε > 0: (1−ε)(−log σ(z)) + ε(−log σ(−z)))
+//! hinge         max(0, 1 − z)
+//! ipo           (Δ̄ − c)²
+//! exo_pair      σ(z)(log σ(z) − log(1−ε)) + σ(−z)(log σ(−z) − log ε)
+//! nca_pair      −log σ(β u_w) − ½ log σ(−β u_w) − ½ log σ(−β u_l)
+//! robust        ((1−ε)(−log σ(z)) − ε(−log σ(−z))) / (1 − 2ε)
+//! bco_pair      −log σ(β u_w) − log σ(−β u_l)
+//! sppo_hard     (u_w − c)² + (u_l + c)²
+//! aot           ℓ_ε(β δ_i),  δ = sort_i(log π(y_w) − log π(y_l)) − sort_i(log π_ref(y_w) − log π_ref(y_l))
+//! aot_unpaired  ℓ_ε(β δ_i),  δ = sort_i(u_w) − sort_i(u_l)
+//! apo_zero      1 − σ(β u_w) + σ(β u_l)
+//! apo_down      σ(β u_w) + 1 − σ(β (u_w − u_l))
+//! discopop      (1 − m)(−log σ(z)) + m e^{−z},  m = σ(z/τ)
+//! sft           −Σ_i log π(y_w,i) / Σ_i |y_w,i|       (mean NLL per chosen token; RPO's term)
+//! sigmoid_norm  −log σ(β Δ̄)
+//!
+//! ℓ_ε(z) = (1−ε)(−log σ(z)) + ε(−log σ(−z))      (conservative DPO)
+//! L = Σ_k w_k · mean_i ℓ_k(pair i)                 (TRL's loss_type with loss_weights)
 //! ```
 //!
-//! is the exact expectation that minibatch training estimates (Theorem 2.1, Theorem 3.4 (b)).
+//! as in TRL's `DPOTrainer._compute_loss` (TRL 1.16; `sigmoid` with ε > 0 is TRL 0.x's
+//! conservative DPO, which TRL 1.x dropped). `ipo` and `sigmoid_norm` normalize by length;
+//! `aot` reads the raw log-probabilities and `nca_pair`, `bco_pair`, `sppo_hard`,
+//! `aot_unpaired`, `apo_*` the log-ratios, not the f-divergence scores, as TRL does (an
+//! f-divergence other than `reverse_kl` is refused for them, as TRL refuses it). DiscoPOP's `m e^{−z}` is computed as
+//! `e^{−z + log σ(z/τ)}` (equal, and finite where TRL's product is `0 · ∞`).
+//! Sources: DPO (Rafailov et al. 2023), SLiC (Zhao et al. 2023), IPO (Azar et al. 2023, Eq. 17),
+//! EXO (Ji et al. 2024, Eq. 16), NCA (Chen et al. 2024), Robust DPO (Chowdhury et al. 2024),
+//! BCO (Jung et al. 2024), SPPO (Wu et al. 2024), AOT (Melnyk et al. 2024), APO (D'Oosterlinck
+//! et al. 2024, Eqs. 7–8), DiscoPOP (Chris Lu et al. 2024, Eq. 5).
+//!
+//! The population loss `Σ_a Σ_b p_w(a) p_l(b) ℓ(a, b)` (Theorem 2.1, Theorem 3.4 (b)) and its
+//! gradient are in [`crate::population`]: it evaluates these same texts over dual numbers.
 
 use num_traits::Zero;
-use serde::{Deserialize, Serialize};
 
-use crate::error::{same_len, Error, Result};
-use crate::logspace::{sigmoid, softplus};
-use crate::policy::{ExactPolicy, Policy};
-use crate::reward::RewardForm;
+use crate::error::Error;
+use crate::logspace::Softplus;
+use crate::objective::{LossType, Objective};
+use crate::policy::ExactPolicy;
+use crate::reward::{reward, Side};
+use crate::scalar::{Arith, Real};
 use crate::Rational;
 
-/// The shape `ℓ` of a preference loss, applied to the reward margin `d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LossShape {
-    /// `ℓ(d) = −log σ(d)` (DPO; TRL `loss_type="sigmoid"`).
-    Sigmoid,
-    /// `ℓ(d) = max(0, 1 − d)` (SLiC; TRL `loss_type="hinge"`).
-    Hinge,
-    /// `ℓ(d) = (d/β − 1/(2β))²` (IPO; TRL `loss_type="ipo"`).
-    Ipo,
-}
-
-impl LossShape {
-    /// `ℓ(d)`; `beta` is used by IPO only.
-    pub fn value(self, d: f64, beta: f64) -> f64 {
-        match self {
-            Self::Sigmoid => softplus(-d),
-            Self::Hinge => (1.0 - d).max(0.0),
-            Self::Ipo => {
-                let t = (d - 0.5) / beta;
-                t * t
-            }
-        }
-    }
-
-    /// `ℓ'(d)` (the hinge's subgradient at `d = 1` is 0).
-    pub fn derivative(self, d: f64, beta: f64) -> f64 {
-        match self {
-            Self::Sigmoid => -sigmoid(-d),
-            Self::Hinge => {
-                if d < 1.0 {
-                    -1.0
-                } else {
-                    0.0
-                }
-            }
-            Self::Ipo => 2.0 * (d - 0.5) / (beta * beta),
-        }
-    }
-}
-
-/// The label-smoothed sigmoid loss (conservative DPO, TRL's `label_smoothing = ε`): the DPO loss
-/// when each preference label is flipped with probability `ε`,
-///
-/// ```text
-/// ℓ_ε(d) = (1 − ε) (−log σ(d)) + ε (−log σ(−d)),     0 ≤ ε ≤ 1/2
-/// ```
-///
-/// `ε = 0` is [`LossShape::Sigmoid`]. For `ε > 0` its minimizer over `d` is
-/// `d* = log((1 − ε)/ε)`: a finite margin, where DPO's loss keeps falling as `d → ∞`.
-pub fn label_smoothed_sigmoid(d: f64, eps: f64) -> f64 {
-    if eps == 0.0 {
-        softplus(-d)
-    } else {
-        (1.0 - eps) * softplus(-d) + eps * softplus(d)
-    }
-}
-
-/// The value and the gradient with respect to the logits of a population loss.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PopulationLoss {
-    /// `L(f)`.
-    pub value: f64,
-    /// `∂L/∂f_k = G_k − π_k Σ_y G_y`, where `G_y = ∂L/∂log π(y)`.
-    pub grad_logits: Vec<f64>,
-}
-
-/// The exact population loss and its gradient with respect to the logits `f` (`π = softmax f`):
-///
-/// ```text
-/// L        = Σ_a Σ_b w_a v_b ℓ(d_ab),    d_ab = r(a) − r(b),   w = p_w (chosen), v = p_l (rejected)
-/// ∂L/∂r_k  = Σ_b w_k v_b ℓ'(d_kb) − Σ_a w_a v_k ℓ'(d_ak)
-/// G_k      = ∂L/∂r_k · ∂r_k/∂log π_k
-/// ∂L/∂f_j  = G_j − π_j Σ_k G_k
-/// ```
-///
-/// `O(N²)` time, `O(N)` memory, summed in a fixed order (bit-identical across runs). `beta` is
-/// passed to the loss shape (IPO). (Theorem 2.1, Theorem 3.4 (b).)
+/// Conservative DPO's `ℓ_ε(z) = (1−ε)(−log σ(z)) + ε(−log σ(−z))` (`−log σ(z)` at ε = 0):
+/// DPO's loss when each label is flipped with probability ε. For `ε > 0` its minimizer is the
+/// finite margin `z* = log((1−ε)/ε)`.
 ///
 /// # Errors
-/// [`Error::LengthMismatch`], [`Error::NotFinite`] for non-finite logits.
-pub fn population_loss(
-    logits: &[f64],
-    chosen: &Policy,
-    rejected: &Policy,
-    reward: &RewardForm,
-    shape: LossShape,
-    beta: f64,
-) -> Result<PopulationLoss> {
-    same_len(logits.len(), chosen.len())?;
-    chosen.check_same_space(rejected)?;
-    let pi = Policy::from_logits(logits)?;
-    let (r, dr) = reward.evaluate(pi.log_probs())?;
-    let w = chosen.probs();
-    let v = rejected.probs();
-    let n = logits.len();
-    let mut value = 0.0;
-    let mut dr_total = vec![0.0; n];
-    for a in 0..n {
-        let mut row_value = 0.0;
-        let mut row_grad = 0.0;
-        for b in 0..n {
-            let d = r[a] - r[b];
-            let vb = v[b];
-            row_value += vb * shape.value(d, beta);
-            let g = vb * shape.derivative(d, beta);
-            row_grad += g;
-            dr_total[b] -= w[a] * g;
-        }
-        value += w[a] * row_value;
-        dr_total[a] += w[a] * row_grad;
+/// The number type's.
+#[inline(always)]
+pub fn smoothed_sigmoid<S: Real>(z: &S, eps: f64) -> Result<S, S::Error> {
+    let clean = z.neg()?.softplus()?;
+    if eps == 0.0 {
+        return Ok(clean);
     }
-    let g: Vec<f64> = dr_total.iter().zip(&dr).map(|(x, d)| x * d).collect();
-    let g_sum: f64 = g.iter().sum();
-    let p = pi.probs();
-    let grad_logits = g.iter().zip(&p).map(|(gj, pj)| gj - pj * g_sum).collect();
-    Ok(PopulationLoss { value, grad_logits })
+    clean
+        .affine(1.0 - eps, 0.0)?
+        .add(&z.softplus()?.affine(eps, 0.0)?)
+}
+
+/// `max(x, 1)`, TRL's `clamp(min=1)` of a token count.
+fn at_least_one<S: Arith>(x: &S) -> Result<S, S::Error> {
+    x.affine(1.0, -1.0)?.relu()?.affine(1.0, 1.0)
+}
+
+/// `Δ̄ = s_w/|y_w| − s_l/|y_l|` (lengths clamped at 1).
+fn mean_delta<S: Arith>(c: &Side<S>, r: &Side<S>) -> Result<S, S::Error> {
+    c.score
+        .div(&at_least_one(&c.len)?)?
+        .sub(&r.score.div(&at_least_one(&r.len)?)?)
+}
+
+/// IPO (Azar et al. 2023, Eq. 17; TRL's length-normalized form): `(Δ̄ − 1/(2β))²`.
+/// Algebraic, so it also runs exactly over rationals (the proofs of its population optimum).
+///
+/// # Errors
+/// The number type's.
+pub fn ipo<S: Arith>(c: &Side<S>, r: &Side<S>, beta: f64) -> Result<S, S::Error> {
+    mean_delta(c, r)?.affine(1.0, -1.0 / (2.0 * beta))?.sqr()
+}
+
+/// SLiC's hinge `max(0, 1 − z)` of the margin `z = β Δ`.
+///
+/// # Errors
+/// The number type's.
+pub fn hinge<S: Arith>(z: &S) -> Result<S, S::Error> {
+    z.affine(-1.0, 1.0)?.relu()
+}
+
+/// SPPO with hard labels: `(u_w − 1/(2β))² + (u_l + 1/(2β))²`.
+///
+/// # Errors
+/// The number type's.
+pub fn sppo_hard<S: Arith>(c: &Side<S>, r: &Side<S>, beta: f64) -> Result<S, S::Error> {
+    let target = 1.0 / (2.0 * beta);
+    c.logratio
+        .affine(1.0, -target)?
+        .sqr()?
+        .add(&r.logratio.affine(1.0, target)?.sqr()?)
+}
+
+/// The mean NLL per token, `−Σ_i logps_i / tokens` (`tokens` may be a batch: it is summed).
+/// TRL's `sft` loss type (RPO's term) with the chosen completions' token counts; the SFT rule
+/// with the step's token count (transformers' `num_items_in_batch`).
+///
+/// # Errors
+/// The number type's.
+pub fn nll<S: Real>(logps: &S, tokens: &S) -> Result<S, S::Error> {
+    logps.sum()?.neg()?.div(&tokens.sum()?)
+}
+
+/// The per-pair losses `ℓ(pair i)` of loss type `t` over a batch of chosen sides `c` and
+/// rejected sides `r` (the formulas of the module docs). `sft` returns its batch value and
+/// `aot*` sort the batch (with one pair, the identity).
+///
+/// # Errors
+/// The number type's.
+#[inline(always)]
+pub fn per_sequence<S: Real>(
+    t: LossType,
+    o: &Objective,
+    c: &Side<S>,
+    r: &Side<S>,
+) -> Result<S, S::Error> {
+    let beta = o.beta();
+    let eps = o.label_smoothing();
+    let z = || c.score.sub(&r.score)?.scale(beta);
+    match t {
+        LossType::Sigmoid => smoothed_sigmoid(&z()?, eps),
+        LossType::Hinge => hinge(&z()?),
+        LossType::Ipo => ipo(c, r, beta),
+        LossType::ExoPair => {
+            let z = z()?;
+            let zn = z.neg()?;
+            let kl_w = z.log_sigmoid()?.affine(1.0, -(-eps).ln_1p())?;
+            let kl_l = zn.log_sigmoid()?.affine(1.0, -eps.ln())?;
+            z.sigmoid()?.mul(&kl_w)?.add(&zn.sigmoid()?.mul(&kl_l)?)
+        }
+        LossType::NcaPair => {
+            let cw = c.logratio.affine(beta, 0.0)?;
+            let rl = r.logratio.affine(beta, 0.0)?;
+            let a = cw.log_sigmoid()?;
+            let b = cw.neg()?.log_sigmoid()?;
+            let d = rl.neg()?.log_sigmoid()?;
+            a.add(&b.add(&d)?.affine(0.5, 0.0)?)?.neg()
+        }
+        LossType::Robust => {
+            let z = z()?;
+            let clean = z.log_sigmoid()?.affine(-(1.0 - eps), 0.0)?;
+            let flipped = z.neg()?.log_sigmoid()?.affine(-eps, 0.0)?;
+            clean.sub(&flipped)?.affine(1.0 / (1.0 - 2.0 * eps), 0.0)
+        }
+        LossType::BcoPair => {
+            let cw = c.logratio.affine(beta, 0.0)?;
+            let rl = r.logratio.affine(-beta, 0.0)?;
+            cw.log_sigmoid()?.add(&rl.log_sigmoid()?)?.neg()
+        }
+        LossType::SppoHard => sppo_hard(c, r, beta),
+        LossType::Aot => {
+            let policy = c.logps.sub(&r.logps)?;
+            let delta = match (&c.ref_logps, &r.ref_logps) {
+                (Some(rc), Some(rr)) => policy.sort()?.sub(&rc.sub(rr)?.sort()?)?,
+                _ => policy.sort()?,
+            };
+            smoothed_sigmoid(&delta.affine(beta, 0.0)?, eps)
+        }
+        LossType::AotUnpaired => {
+            let delta = c.logratio.sort()?.sub(&r.logratio.sort()?)?;
+            smoothed_sigmoid(&delta.affine(beta, 0.0)?, eps)
+        }
+        LossType::ApoZero => {
+            let w = c.logratio.affine(beta, 0.0)?.sigmoid()?.affine(-1.0, 1.0)?;
+            w.add(&r.logratio.affine(beta, 0.0)?.sigmoid()?)
+        }
+        LossType::ApoDown => {
+            let w = c.logratio.affine(beta, 0.0)?.sigmoid()?;
+            let margin = c.logratio.sub(&r.logratio)?.affine(beta, 0.0)?;
+            w.add(&margin.sigmoid()?.affine(-1.0, 1.0)?)
+        }
+        LossType::Discopop => {
+            let z = z()?;
+            let m = z.affine(1.0 / o.discopop_tau(), 0.0)?;
+            let logistic = z.neg()?.softplus()?.mul(&m.sigmoid()?.affine(-1.0, 1.0)?)?;
+            let exponential = m.log_sigmoid()?.sub(&z)?.exp()?;
+            logistic.add(&exponential)
+        }
+        LossType::Sft => nll(&c.logps, &c.len),
+        LossType::SigmoidNorm => mean_delta(c, r)?.affine(beta, 0.0)?.neg()?.softplus(),
+    }
+}
+
+/// The loss of a batch and TRL's logged quantities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchLoss<S> {
+    /// `L = Σ_k w_k · mean_i ℓ_k(pair i)`.
+    pub loss: S,
+    /// Each loss type's `mean_i ℓ_k` (unweighted), in the objective's order.
+    pub terms: Vec<(LossType, S)>,
+    /// `β u(y_w)`: TRL's `rewards/chosen`, per pair.
+    pub chosen_rewards: S,
+    /// `β u(y_l)`: TRL's `rewards/rejected`, per pair.
+    pub rejected_rewards: S,
+}
+
+/// The objective's loss on a batch of chosen sides `c` and rejected sides `r`.
+///
+/// # Errors
+/// The number type's.
+pub fn batch_loss<S: Real>(
+    o: &Objective,
+    c: &Side<S>,
+    r: &Side<S>,
+) -> Result<BatchLoss<S>, S::Error> {
+    let mut terms = Vec::with_capacity(o.terms().len());
+    let mut loss: Option<S> = None;
+    for &(t, w) in o.terms() {
+        let m = per_sequence(t, o, c, r)?.mean()?;
+        let wm = m.affine(w, 0.0)?;
+        loss = Some(match loss {
+            None => wm,
+            Some(l) => l.add(&wm)?,
+        });
+        terms.push((t, m));
+    }
+    Ok(BatchLoss {
+        loss: loss.expect("an objective has at least one loss type"),
+        terms,
+        chosen_rewards: reward(o, c)?,
+        rejected_rewards: reward(o, r)?,
+    })
 }
 
 /// The exact gradient of the **sigmoid** population loss with respect to free rewards `r`,
@@ -154,12 +252,17 @@ pub fn population_loss(
 /// ```
 ///
 /// Every term is rational, so the first-order condition of Theorem 2.1 (`∇ = 0` exactly at
-/// `model = q_{p_w/p_l}`) is checked with no tolerance.
+/// `model = q_{p_w/p_l}`) is checked with no tolerance. (This is `−log σ`'s derivative in the
+/// Boltzmann parametrization, where `σ` of a reward difference is a ratio of probabilities:
+/// the float texts above cannot run over rationals, `e^r` is not rational.)
+///
+/// # Errors
+/// [`Error::LengthMismatch`].
 pub fn sigmoid_reward_gradient_exact(
     chosen: &ExactPolicy,
     rejected: &ExactPolicy,
     model: &ExactPolicy,
-) -> Result<Vec<Rational>> {
+) -> crate::Result<Vec<Rational>> {
     chosen.check_same_space(rejected)?;
     chosen.check_same_space(model)?;
     let (w, v, m) = (chosen.probs(), rejected.probs(), model.probs());
@@ -178,7 +281,10 @@ pub fn sigmoid_reward_gradient_exact(
 }
 
 /// Check that a rational `β` is positive (helper for the exact statements).
-pub fn check_positive_rational(name: &'static str, beta: &Rational) -> Result<()> {
+///
+/// # Errors
+/// [`Error::InvalidParameter`].
+pub fn check_positive_rational(name: &'static str, beta: &Rational) -> crate::Result<()> {
     if *beta > Rational::zero() {
         Ok(())
     } else {
@@ -189,64 +295,45 @@ pub fn check_positive_rational(name: &'static str, beta: &Rational) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objective::ObjectiveSpec;
+    use crate::reward::side;
+    use crate::scalar::infallible;
 
     /// `ℓ_ε` is DPO's loss at ε = 0, symmetric at ε = 1/2, and minimal at `log((1 − ε)/ε)`.
     #[test]
-    fn label_smoothed_sigmoid_limits_and_minimizer() {
+    fn smoothed_sigmoid_limits_and_minimizer() {
+        let l = |d: f64, e: f64| infallible(smoothed_sigmoid(&d, e));
         for d in [-3.0, -0.5, 0.0, 0.7, 4.0] {
-            assert_eq!(
-                label_smoothed_sigmoid(d, 0.0),
-                LossShape::Sigmoid.value(d, 0.1)
-            );
-            let half = label_smoothed_sigmoid(d, 0.5);
-            assert!((half - label_smoothed_sigmoid(-d, 0.5)).abs() < 1e-15);
+            assert_eq!(l(d, 0.0), crate::logspace::softplus(-d));
+            assert!((l(d, 0.5) - l(-d, 0.5)).abs() < 1e-15);
         }
         let eps: f64 = 0.1;
         let d_star = ((1.0 - eps) / eps).ln();
-        let at = label_smoothed_sigmoid(d_star, eps);
+        let at = l(d_star, eps);
         for step in [-1e-3, 1e-3, -0.5, 0.5] {
-            assert!(label_smoothed_sigmoid(d_star + step, eps) > at);
+            assert!(l(d_star + step, eps) > at);
         }
     }
 
-    /// The analytic gradient equals central finite differences.
+    /// With one pair, the batch loss is the weighted sum of the per-type values.
     #[test]
-    fn gradient_matches_finite_differences() {
-        let chosen = Policy::from_logits(&[0.3, -1.0, 0.8, 0.1]).unwrap();
-        let rejected = Policy::from_logits(&[-0.2, 0.5, 0.0, 1.0]).unwrap();
-        let reference = Policy::from_logits(&[0.0, 0.2, -0.4, 0.3]).unwrap();
-        let f = [0.1, 0.4, -0.3, 0.2];
-        for (reward, shape) in [
-            (
-                RewardForm::log_ratio(0.7, reference.clone()).unwrap(),
-                LossShape::Sigmoid,
-            ),
-            (RewardForm::ref_free(1.0).unwrap(), LossShape::Sigmoid),
-            (
-                RewardForm::log_ratio(0.7, reference.clone()).unwrap(),
-                LossShape::Ipo,
-            ),
-        ] {
-            let got = population_loss(&f, &chosen, &rejected, &reward, shape, 0.7).unwrap();
-            for j in 0..f.len() {
-                let h = 1e-6;
-                let mut fp = f;
-                fp[j] += h;
-                let mut fm = f;
-                fm[j] -= h;
-                let lp = population_loss(&fp, &chosen, &rejected, &reward, shape, 0.7)
-                    .unwrap()
-                    .value;
-                let lm = population_loss(&fm, &chosen, &rejected, &reward, shape, 0.7)
-                    .unwrap()
-                    .value;
-                let fd = (lp - lm) / (2.0 * h);
-                assert!(
-                    (fd - got.grad_logits[j]).abs() < 1e-8,
-                    "{shape:?} j={j}: {fd} vs {}",
-                    got.grad_logits[j]
-                );
-            }
-        }
+    fn weighted_terms_add_up() {
+        let o = Objective::new(ObjectiveSpec {
+            loss_type: vec![LossType::Sigmoid, LossType::Ipo, LossType::Sft],
+            loss_weights: Some(vec![0.8, 0.2, 1.0]),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = infallible(side(&o, -4.0, Some(-5.0), 3.0));
+        let r = infallible(side(&o, -6.0, Some(-5.5), 2.0));
+        let b = infallible(batch_loss(&o, &c, &r));
+        let want: f64 = b
+            .terms
+            .iter()
+            .zip([0.8, 0.2, 1.0])
+            .map(|((_, v), w)| w * v)
+            .sum();
+        assert!((b.loss - want).abs() < 1e-15);
+        assert!((b.terms[2].1 - 4.0 / 3.0).abs() < 1e-15);
     }
 }

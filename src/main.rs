@@ -59,7 +59,9 @@ enum Which {
     DidEntropy,
     /// Appendix K.1's β-accuracy as training proceeds (P prompts).
     BetaAccuracy,
-    /// All seven, in this order.
+    /// Where every TRL loss type's population optimum lies (JS to π*, DID^β, π_ref) over β × τ.
+    LossAtlas,
+    /// All eight, in this order.
     All,
 }
 
@@ -147,6 +149,18 @@ struct SynthArgs {
         default_value = "0.25,0.4,0.6,0.8,1.25,2,4"
     )]
     did_entropy_taus: Vec<f64>,
+    /// loss-atlas: classes N of the β × τ grid (the default instance uses --n) [default: 32;
+    /// --quick 16].
+    #[arg(long)]
+    atlas_n: Option<usize>,
+    /// loss-atlas: the grid's β values (comma separated) [default: 0.1,0.25,0.5,1,2; --quick
+    /// 0.25,1].
+    #[arg(long, value_delimiter = ',')]
+    atlas_betas: Option<Vec<f64>>,
+    /// loss-atlas: the grid's τ values (comma separated) [default: 0.25,0.4,0.6,1.5,3;
+    /// --quick 0.4,2].
+    #[arg(long, value_delimiter = ',')]
+    atlas_taus: Option<Vec<f64>>,
 }
 
 impl SynthArgs {
@@ -195,12 +209,45 @@ impl SynthArgs {
         if let Some(v) = self.mc_samples {
             c.mc_samples = v;
         }
+        if let Some(v) = self.atlas_n {
+            c.atlas_n = v;
+        }
+        if let Some(v) = &self.atlas_betas {
+            c.atlas_betas = v.clone();
+        }
+        if let Some(v) = &self.atlas_taus {
+            c.atlas_taus = v.clone();
+        }
         c
     }
 }
 
+/// `cmd` with its numeric flags (and its subcommands') taking values that start with a
+/// hyphen, so `--beta -1` reaches [`SynthConfig::validate`]'s message instead of clap's
+/// "unexpected argument '-1'" (difinfo-train's front end does the same for its options).
+fn hyphen_numbers(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f64>(),
+        TypeId::of::<usize>(),
+        TypeId::of::<u64>(),
+    ];
+    cmd.mut_args(|a| {
+        if numeric.iter().any(|n| a.get_value_parser().type_id() == *n) {
+            a.allow_hyphen_values(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(hyphen_numbers)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = hyphen_numbers(<Cli as clap::CommandFactory>::command()).get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let Command::Synth(args) = cli.command;
     let experiments: Vec<Experiment> = match args.experiment {
         Which::DidFit => vec![Experiment::DidFit],
@@ -210,6 +257,7 @@ fn main() -> ExitCode {
         Which::ClaimMap => vec![Experiment::ClaimMap],
         Which::DidEntropy => vec![Experiment::DidEntropy],
         Which::BetaAccuracy => vec![Experiment::BetaAccuracy],
+        Which::LossAtlas => vec![Experiment::LossAtlas],
         Which::All => Experiment::ALL.to_vec(),
     };
     let cfg = args.config();

@@ -1,100 +1,135 @@
-//! Reward forms `r_π(y)` as functions of a policy's log-probabilities (Section 2, Theorem 3.4).
+//! Rewards and scores (Section 2, Theorem 3.4; TRL's f-DPO scores), written once over any
+//! [`Real`] number type.
 //!
-//! - log-ratio (DPO): `r(y) = β log(π(y) / π_ref(y))`
-//! - reference-free: `r(y) = β log π(y)` (β = 1 is the DID estimator of Appendix K)
-//! - custom: any closure `y, log π(y) ↦ (r(y), ∂r/∂log π(y))`
+//! For a completion `y` with log-probability `log π(y)` (summed over its tokens):
 //!
-//! Each form also returns `∂r(y)/∂log π(y)`, which the population loss needs for its gradient.
+//! ```text
+//! log-ratio        u(y) = log π(y) − log π_ref(y)          (u(y) = log π(y) reference-free)
+//! reward (metric)  r(y) = β u(y)                           (TRL's rewards/chosen, rewards/rejected)
+//! score            s(y) = f(u(y))                          (f from the f-divergence)
+//!   reverse_kl       f(u) = u                                     (DPO: β s is DPO's implicit reward)
+//!   forward_kl       f(u) = 1 − e^{−u}
+//!   js_divergence    f(u) = log 2 + log σ(u)
+//!   alpha_divergence f(u) = (e^{min((α−1) u, 80)} − 1) / (α − 1)  (f(u) = u when |α − 1| < 1e-6)
+//! ```
+//!
+//! `f(u)` is `f'(t)` at `t = e^u` for the f-divergence's generator (f-DPO, Wang et al. 2023:
+//! `f'(t) = 1 − 1/t`, `log(2t/(t+1))`, `(t^{α−1} − 1)/(α − 1)`), as in TRL 1.16; the clamp at 80
+//! is TRL's (it keeps `e^{(α−1)u}` finite in float32). With the log-ratio reward and `f = id`,
+//! the optimal reward of Theorem 3.4 is `β log(π/π_ref)`: DPO's.
 
-use std::fmt;
-use std::sync::Arc;
+use crate::logspace::Softplus;
+use crate::objective::{FDivergence, Objective};
+use crate::scalar::Real;
 
-use crate::error::{Error, Result};
-use crate::policy::Policy;
-
-/// A user reward: `(y, log π(y)) ↦ (r(y), ∂r(y)/∂log π(y))`.
-pub type RewardFn = Arc<dyn Fn(usize, f64) -> (f64, f64) + Send + Sync>;
-
-/// A reward form.
-#[derive(Clone)]
-pub enum RewardForm {
-    /// `r(y) = β log(π(y)/π_ref(y))`: DPO's implicit reward, the unique optimal form (Theorem 3.4).
-    LogRatio { beta: f64, reference: Policy },
-    /// `r(y) = β log π(y)`: reference-free (no `π_ref`).
-    RefFree { beta: f64 },
-    /// Any closure.
-    Custom(RewardFn),
+/// The quantities of one side of a pair (the chosen or the rejected completions of a batch)
+/// that the loss types read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Side<S> {
+    /// `log π(y)`, summed over the completion's tokens.
+    pub logps: S,
+    /// `log π_ref(y)` (`None` for the reference-free reward).
+    pub ref_logps: Option<S>,
+    /// `u(y) = log π(y) − log π_ref(y)` (`log π(y)` reference-free).
+    pub logratio: S,
+    /// `s(y) = f(u(y))`.
+    pub score: S,
+    /// The completion's token count `|y|` (1 for the synthetic outcomes).
+    pub len: S,
 }
 
-impl fmt::Debug for RewardForm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::LogRatio { beta, reference } => {
-                write!(f, "LogRatio {{ beta: {beta}, N: {} }}", reference.len())
-            }
-            Self::RefFree { beta } => write!(f, "RefFree {{ beta: {beta} }}"),
-            Self::Custom(_) => write!(f, "Custom(..)"),
-        }
+/// The f-divergence score `f(u)` (see the module docs).
+///
+/// # Errors
+/// The number type's.
+pub fn score<S: Real>(f: FDivergence, alpha: f64, u: &S) -> Result<S, S::Error> {
+    match f {
+        FDivergence::ReverseKl => Ok(u.clone()),
+        FDivergence::ForwardKl => u.neg()?.exp()?.affine(-1.0, 1.0),
+        FDivergence::JsDivergence => u.log_sigmoid()?.affine(1.0, std::f64::consts::LN_2),
+        FDivergence::AlphaDivergence if (alpha - 1.0).abs() < 1e-6 => Ok(u.clone()),
+        FDivergence::AlphaDivergence => u
+            .affine(alpha - 1.0, 0.0)?
+            .min_const(80.0)?
+            .exp()?
+            .affine(1.0 / (alpha - 1.0), -1.0 / (alpha - 1.0)),
     }
 }
 
-fn check_beta(beta: f64) -> Result<()> {
-    if beta.is_finite() && beta > 0.0 {
-        Ok(())
+/// One side's quantities from its log-probabilities: `ref_logps` is used unless the objective
+/// is reference-free; `len` is the completion token count.
+///
+/// # Errors
+/// The number type's.
+pub fn side<S: Real>(
+    o: &Objective,
+    logps: S,
+    ref_logps: Option<S>,
+    len: S,
+) -> Result<Side<S>, S::Error> {
+    let ref_logps = if o.is_reference_free() {
+        None
     } else {
-        Err(Error::invalid(
-            "beta",
-            beta,
-            "β must be finite and positive",
-        ))
-    }
+        ref_logps
+    };
+    let logratio = match &ref_logps {
+        Some(r) => logps.sub(r)?,
+        None => logps.clone(),
+    };
+    let score = score(o.f_divergence(), o.f_alpha_divergence_coef(), &logratio)?;
+    Ok(Side {
+        logps,
+        ref_logps,
+        logratio,
+        score,
+        len,
+    })
 }
 
-impl RewardForm {
-    /// DPO's `β log(π/π_ref)`. Errors unless `β > 0` is finite.
-    pub fn log_ratio(beta: f64, reference: Policy) -> Result<Self> {
-        check_beta(beta)?;
-        Ok(Self::LogRatio { beta, reference })
+/// The logged reward `β u(y)` (TRL's `rewards/chosen` and `rewards/rejected`: of the summed
+/// log-ratios, whatever the loss type and f-divergence).
+///
+/// # Errors
+/// The number type's.
+pub fn reward<S: Real>(o: &Objective, s: &Side<S>) -> Result<S, S::Error> {
+    s.logratio.affine(o.beta(), 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objective::ObjectiveSpec;
+    use crate::scalar::infallible;
+
+    /// The scores at `u = 0.3` from their definitions (TRL's `_compute_loss`).
+    #[test]
+    fn scores_pinned() {
+        let u: f64 = 0.3;
+        let s = |f, a| infallible(score(f, a, &u));
+        assert_eq!(s(FDivergence::ReverseKl, 0.5), 0.3);
+        // 1 − e^{−0.3} = 0.259181779318282...
+        assert!((s(FDivergence::ForwardKl, 0.5) - 0.259_181_779_318_282).abs() < 1e-15);
+        // ln 2 + log σ(0.3) = 0.693147180559945 − 0.554355244468528 = 0.138791936091418
+        assert!((s(FDivergence::JsDivergence, 0.5) - 0.138_791_936_091_418).abs() < 1e-15);
+        // α = 0.5: (e^{−0.15} − 1) / (−0.5) = 2 (1 − 0.860707976425058) = 0.278584047149884
+        assert!((s(FDivergence::AlphaDivergence, 0.5) - 0.278_584_047_149_884).abs() < 1e-15);
+        assert_eq!(s(FDivergence::AlphaDivergence, 1.0), 0.3);
+        // The clamp: (α − 1) u = 200 → (e^{80} − 1) / (α − 1).
+        let big = infallible(score(FDivergence::AlphaDivergence, 3.0, &100.0f64));
+        assert!((big / (80f64.exp() / 2.0) - 1.0).abs() < 1e-14);
     }
 
-    /// Reference-free `β log π`. Errors unless `β > 0` is finite.
-    pub fn ref_free(beta: f64) -> Result<Self> {
-        check_beta(beta)?;
-        Ok(Self::RefFree { beta })
-    }
-
-    /// `r(y)` and `∂r(y)/∂log π(y)` for every `y`, given `log π`.
-    ///
-    /// # Errors
-    /// [`Error::LengthMismatch`] when the log-ratio reference lives on another space.
-    pub fn evaluate(&self, log_pi: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
-        match self {
-            Self::LogRatio { beta, reference } => {
-                crate::error::same_len(log_pi.len(), reference.len())?;
-                let r = log_pi
-                    .iter()
-                    .zip(reference.log_probs())
-                    .map(|(l, lr)| beta * (l - lr))
-                    .collect();
-                Ok((r, vec![*beta; log_pi.len()]))
-            }
-            Self::RefFree { beta } => Ok((
-                log_pi.iter().map(|l| beta * l).collect(),
-                vec![*beta; log_pi.len()],
-            )),
-            Self::Custom(g) => Ok(log_pi.iter().enumerate().map(|(y, &l)| g(y, l)).unzip()),
-        }
-    }
-
-    /// The reward margin `r(y_w) − r(y_l)` of one pair, given `log π`.
-    pub fn margin(&self, log_pi: &[f64], y_w: usize, y_l: usize) -> Result<f64> {
-        let n = log_pi.len();
-        for y in [y_w, y_l] {
-            if y >= n {
-                return Err(Error::OutOfRange { index: y, len: n });
-            }
-        }
-        let (r, _) = self.evaluate(log_pi)?;
-        Ok(r[y_w] - r[y_l])
+    #[test]
+    fn reference_free_side_ignores_the_reference() {
+        let o = Objective::new(ObjectiveSpec {
+            reference_free: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let s = infallible(side(&o, -3.0, Some(-1.0), 1.0));
+        assert_eq!((s.logratio, s.ref_logps), (-3.0, None));
+        let d = infallible(side(&Objective::default(), -3.0, Some(-1.0), 1.0));
+        assert_eq!(d.logratio, -2.0);
+        assert_eq!(infallible(reward(&Objective::default(), &d)), -0.2);
     }
 }

@@ -70,6 +70,7 @@ snapshot!(snapshot_entropy, Experiment::Entropy);
 snapshot!(snapshot_claim_map, Experiment::ClaimMap);
 snapshot!(snapshot_did_entropy, Experiment::DidEntropy);
 snapshot!(snapshot_beta_accuracy, Experiment::BetaAccuracy);
+snapshot!(snapshot_loss_atlas, Experiment::LossAtlas);
 
 // ---------------------------------------------------------------- science
 
@@ -192,6 +193,29 @@ fn appendix_k1_beta_accuracy() {
     assert!(num(&s, "initial") < 0.5);
 }
 
+/// The loss atlas: every TRL loss type has a population optimum in `final_js`; the closed forms
+/// hold (sigmoid → π*, IPO → its linear system, sft → the chosen π_ref).
+#[test]
+fn loss_atlas_optima() {
+    let s = output(Experiment::LossAtlas).summary;
+    for t in difinfo::objective::LossType::ALL {
+        let v = num(&s, &format!("final_js/{}", t.name()));
+        assert!(v.is_finite() && v >= 0.0, "{t}: {v}");
+    }
+    assert!(num(&s, "final_js/sigmoid") < 1e-8);
+    assert!(num(&s, "final_js/sigmoid_norm") < 1e-8);
+    assert!(num(&s, "default/ipo/js_closed_form") < 1e-8);
+    assert!(num(&s, "default/ipo/js_star") > 1e-2);
+    assert!(num(&s, "default/sft/js_ref") < 1e-12);
+    // Convex losses reach one optimum from two starts.
+    for t in ["sigmoid", "ipo", "sppo_hard", "bco_pair", "nca_pair"] {
+        assert!(
+            num(&s, &format!("default/{t}/js_between_starts")) < 1e-8,
+            "{t}"
+        );
+    }
+}
+
 /// Every verdict of the quick run is as documented in the report.
 #[test]
 fn verdicts() {
@@ -223,6 +247,17 @@ fn verdicts() {
         (Experiment::ClaimMap, vec![Verdict::Partly, Verdict::Partly]),
         (Experiment::DidEntropy, vec![Verdict::Held]),
         (Experiment::BetaAccuracy, vec![Verdict::Held, Verdict::Held]),
+        (
+            Experiment::LossAtlas,
+            vec![
+                Verdict::Held,
+                Verdict::Held,
+                Verdict::Held,
+                Verdict::Reported,
+                Verdict::Reported,
+                Verdict::Reported,
+            ],
+        ),
     ];
     for (e, want) in expect {
         let got: Vec<Verdict> = output(e).checks.iter().map(|c| c.verdict).collect();
@@ -334,7 +369,7 @@ fn binary_writes_every_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let d = dir.path();
-    let per_exp: [(&str, &[&str]); 7] = [
+    let per_exp: [(&str, &[&str]); 8] = [
         ("did-fit", &["js.csv", "js.png", "js.svg"]),
         ("reward-forms", &["js.csv", "js.png", "js.svg"]),
         ("rejected", &["js.csv", "js.png", "js.svg"]),
@@ -355,6 +390,10 @@ fn binary_writes_every_file() {
         (
             "beta-accuracy",
             &["accuracy.csv", "accuracy.png", "accuracy.svg"],
+        ),
+        (
+            "loss-atlas",
+            &["default.csv", "grid.csv", "atlas.png", "atlas.svg"],
         ),
     ];
     for (e, fs) in per_exp {

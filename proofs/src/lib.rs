@@ -11,9 +11,9 @@ use num_bigint::BigInt;
 use num_traits::{One, Pow, Zero};
 use proptest::prelude::*;
 
-use difinfo::loss::{population_loss, LossShape};
+use difinfo::objective::Objective;
+use difinfo::population::population_loss;
 use difinfo::power_law::Exponent;
-use difinfo::reward::RewardForm;
 use difinfo::{ExactPolicy, Policy, Rational};
 
 /// Fewest outcomes of a generated exact policy.
@@ -255,12 +255,12 @@ pub fn minimize(
     f0: &[f64],
     chosen: &Policy,
     rejected: &Policy,
-    reward: &RewardForm,
-    shape: LossShape,
-    beta: f64,
+    reference: Option<&Policy>,
+    objective: &Objective,
     step: f64,
 ) -> Minimized {
-    let eval = |f: &[f64]| population_loss(f, chosen, rejected, reward, shape, beta).expect("loss");
+    let eval =
+        |f: &[f64]| population_loss(f, chosen, rejected, reference, objective).expect("loss");
     let mut x = f0.to_vec();
     let mut x_prev = x.clone();
     let mut cur = eval(&x);

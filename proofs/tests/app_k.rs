@@ -12,8 +12,7 @@
 
 use difinfo::did::did;
 use difinfo::entropy::{entropy, js, monte_carlo_entropy, sample_entropy};
-use difinfo::loss::LossShape;
-use difinfo::reward::RewardForm;
+use difinfo::objective::Objective;
 use difinfo::{Error, Policy};
 use difinfo_proofs::*;
 use proptest::prelude::*;
@@ -96,8 +95,7 @@ proptest! {
     ) {
         let pi = Policy::from_logits(&f).unwrap();
         let pi_ref = Policy::from_logits(&g).unwrap();
-        let reward = RewardForm::ref_free(1.0).unwrap();
-        let m = minimize(&g, &pi, &pi_ref, &reward, LossShape::Sigmoid, 1.0, 1.5);
+        let m = minimize(&g, &pi, &pi_ref, None, &Objective::dpo(1.0).unwrap().reference_free().unwrap(), 1.5);
         prop_assert!(m.grad_norm < GRAD_TOL, "{:?}", m);
         let pi_hat = Policy::from_logits(&m.logits).unwrap();
         let q = did(&pi, &pi_ref).unwrap();

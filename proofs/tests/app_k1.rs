@@ -5,8 +5,7 @@
 
 use difinfo::beta_accuracy::{beta_accuracy, fit_beta, BetaFit};
 use difinfo::did::did;
-use difinfo::loss::LossShape;
-use difinfo::reward::RewardForm;
+use difinfo::objective::Objective;
 use difinfo::{Error, Policy};
 use difinfo_proofs::*;
 use proptest::prelude::*;
@@ -92,7 +91,7 @@ proptest! {
     ) {
         let pi = Policy::from_logits(&f).unwrap();
         let pi_ref = Policy::from_logits(&g).unwrap();
-        let m = minimize(&g, &pi, &pi_ref, &RewardForm::ref_free(1.0).unwrap(), LossShape::Sigmoid, 1.0, 1.5);
+        let m = minimize(&g, &pi, &pi_ref, None, &Objective::dpo(1.0).unwrap().reference_free().unwrap(), 1.5);
         prop_assert!(m.grad_norm < GRAD_TOL);
         let pi_hat = Policy::from_logits(&m.logits).unwrap();
         let x: Vec<f64> = pi.log_probs().iter().zip(pi_ref.log_probs()).map(|(a, b)| a - b).collect();

@@ -10,8 +10,8 @@
 
 use difinfo::did::{normalized_ratio, normalized_ratio_exact};
 use difinfo::entropy::{js, kl};
-use difinfo::loss::{sigmoid_reward_gradient_exact, LossShape};
-use difinfo::reward::RewardForm;
+use difinfo::loss::sigmoid_reward_gradient_exact;
+use difinfo::objective::Objective;
 use difinfo::{Policy, Rational};
 use difinfo_proofs::*;
 use num_traits::Zero;
@@ -57,9 +57,9 @@ proptest! {
     ) {
         let chosen = Policy::from_logits(&fw).unwrap();
         let rejected = Policy::from_logits(&fl).unwrap();
-        let free = RewardForm::ref_free(1.0).unwrap();
+        let free = Objective::dpo(1.0).unwrap().reference_free().unwrap();
         let f0 = vec![0.0; fw.len()];
-        let m = minimize(&f0, &chosen, &rejected, &free, LossShape::Sigmoid, 1.0, 1.5);
+        let m = minimize(&f0, &chosen, &rejected, None, &free, 1.5);
         prop_assert!(m.grad_norm < GRAD_TOL, "{:?}", m);
         let p_r = Policy::from_logits(&m.logits).unwrap();
         let p_star = normalized_ratio(&chosen, &rejected).unwrap();

@@ -10,10 +10,10 @@
 //!     mismatched `β'`, and the IPO and hinge shapes.
 
 use difinfo::entropy::js;
-use difinfo::loss::{population_loss, LossShape};
+use difinfo::objective::{LossType, Objective};
+use difinfo::population::population_loss;
 use difinfo::preference::sampler_pair_probability_exact;
 use difinfo::rejected::{ideal_rejected, ideal_rejected_exact, ideal_rejected_exact_rational};
-use difinfo::reward::RewardForm;
 use difinfo::{ExactPolicy, Policy, Rational};
 use difinfo_proofs::*;
 use proptest::prelude::*;
@@ -150,13 +150,14 @@ impl Instance {
 
     /// Descend from `π_ref` (DPO's initialization) with step `1.5/(β'²)`: the logit Hessian of the
     /// sigmoid population loss with reward scale β' is bounded by `β'²/2`.
-    fn train(&self, reward: &RewardForm, scale: f64, shape: LossShape) -> (Policy, Minimized) {
+    fn train(&self, objective: &Objective) -> (Policy, Minimized) {
         let (pi_ref, _, pi_l) = self.policies();
-        let step = match shape {
-            LossShape::Ipo => 0.2,
+        let scale = objective.beta();
+        let step = match objective.terms()[0].0 {
+            LossType::Ipo => 0.2,
             _ => 1.5 / (scale * scale),
         };
-        let m = minimize(&self.f_ref, &pi_ref, &pi_l, reward, shape, self.beta, step);
+        let m = minimize(&self.f_ref, &pi_ref, &pi_l, Some(&pi_ref), objective, step);
         (Policy::from_logits(&m.logits).unwrap(), m)
     }
 }
@@ -166,9 +167,8 @@ proptest! {
 
     #[test]
     fn thm_3_4_b_log_ratio_reward_converges_to_target(inst in instance()) {
-        let (pi_ref, pi_star, _) = inst.policies();
-        let reward = RewardForm::log_ratio(inst.beta, pi_ref).unwrap();
-        let (pi, m) = inst.train(&reward, inst.beta, LossShape::Sigmoid);
+        let (_, pi_star, _) = inst.policies();
+        let (pi, m) = inst.train(&Objective::dpo(inst.beta).unwrap());
         prop_assert!(m.grad_norm < GRAD_TOL, "{:?}", m);
         prop_assert!(js(&pi, &pi_star).unwrap() < NEAR, "JS {}", js(&pi, &pi_star).unwrap());
     }
@@ -177,8 +177,7 @@ proptest! {
     #[test]
     fn thm_3_4_b_reference_free_reward_converges_to_did_not_target(inst in instance()) {
         let (pi_ref, pi_star, _) = inst.policies();
-        let reward = RewardForm::ref_free(inst.beta).unwrap();
-        let (pi, m) = inst.train(&reward, inst.beta, LossShape::Sigmoid);
+        let (pi, m) = inst.train(&Objective::dpo(inst.beta).unwrap().reference_free().unwrap());
         prop_assert!(m.grad_norm < GRAD_TOL, "{:?}", m);
         let q = difinfo::did::did(&pi_star, &pi_ref).unwrap();
         prop_assert!(js(&pi, &q).unwrap() < NEAR);
@@ -188,10 +187,9 @@ proptest! {
     /// A mismatched `β' = 2β` converges to `π ∝ π_ref (π*/π_ref)^{β/β'}`, not to `π*`.
     #[test]
     fn thm_3_4_b_mismatched_beta_converges_elsewhere(inst in instance()) {
-        let (pi_ref, pi_star, _) = inst.policies();
+        let (_, pi_star, _) = inst.policies();
         let beta2 = 2.0 * inst.beta;
-        let reward = RewardForm::log_ratio(beta2, pi_ref.clone()).unwrap();
-        let (pi, m) = inst.train(&reward, beta2, LossShape::Sigmoid);
+        let (pi, m) = inst.train(&Objective::dpo(beta2).unwrap());
         prop_assert!(m.grad_norm < GRAD_TOL, "{:?}", m);
         let predicted: Vec<f64> = inst.f_ref.iter().zip(&inst.f_star)
             .map(|(r, s)| r + (s - r) * inst.beta / beta2).collect();
@@ -205,10 +203,10 @@ proptest! {
     #[test]
     fn thm_3_4_b_ipo_shape_converges_elsewhere(inst in instance()) {
         let (pi_ref, pi_star, pi_l) = inst.policies();
-        let reward = RewardForm::log_ratio(inst.beta, pi_ref.clone()).unwrap();
-        let at_target = population_loss(&inst.f_star, &pi_ref, &pi_l, &reward, LossShape::Ipo, inst.beta).unwrap();
+        let ipo = Objective::loss(LossType::Ipo, inst.beta).unwrap();
+        let at_target = population_loss(&inst.f_star, &pi_ref, &pi_l, Some(&pi_ref), &ipo).unwrap();
         prop_assert!(norm(&at_target.grad_logits) > 1e-3);
-        let (pi, m) = inst.train(&reward, inst.beta, LossShape::Ipo);
+        let (pi, m) = inst.train(&ipo);
         prop_assert!(m.grad_norm < GRAD_TOL, "{:?}", m);
         prop_assert!(js(&pi, &pi_star).unwrap() > AWAY, "JS {}", js(&pi, &pi_star).unwrap());
     }
@@ -221,8 +219,8 @@ proptest! {
     #[test]
     fn thm_3_4_b_hinge_shape_is_not_minimized_at_target(inst in instance()) {
         let (pi_ref, _, pi_l) = inst.policies();
-        let reward = RewardForm::log_ratio(inst.beta, pi_ref.clone()).unwrap();
-        let eval = |f: &[f64]| population_loss(f, &pi_ref, &pi_l, &reward, LossShape::Hinge, inst.beta).unwrap();
+        let hinge = Objective::loss(LossType::Hinge, inst.beta).unwrap();
+        let eval = |f: &[f64]| population_loss(f, &pi_ref, &pi_l, Some(&pi_ref), &hinge).unwrap();
         let at = eval(&inst.f_star);
         let scale_dir: Vec<f64> = inst.f_star.iter().zip(&inst.f_ref).map(|(s, r)| s - r).collect();
         let sub_dir: Vec<f64> = at.grad_logits.iter().map(|g| -g).collect();
@@ -250,9 +248,9 @@ fn thm_3_4_b_hinge_minimizer_coincides_with_target_when_margin_is_one() {
         beta: 1.0,
     };
     let (pi_ref, _, pi_l) = inst.policies();
-    let reward = RewardForm::log_ratio(1.0, pi_ref.clone()).unwrap();
+    let hinge = Objective::loss(LossType::Hinge, 1.0).unwrap();
     let eval = |f: &[f64]| {
-        population_loss(f, &pi_ref, &pi_l, &reward, LossShape::Hinge, 1.0)
+        population_loss(f, &pi_ref, &pi_l, Some(&pi_ref), &hinge)
             .unwrap()
             .value
     };
@@ -274,9 +272,8 @@ fn thm_3_4_b_ill_conditioned_instance_converges() {
         f_star: vec![1.5, -1.3, 0.0, 1.1917971137087084, -1.206613903971145],
         beta: 2.0,
     };
-    let (pi_ref, pi_star, _) = inst.policies();
-    let reward = RewardForm::log_ratio(inst.beta, pi_ref).unwrap();
-    let (pi, m) = inst.train(&reward, inst.beta, LossShape::Sigmoid);
+    let (_, pi_star, _) = inst.policies();
+    let (pi, m) = inst.train(&Objective::dpo(inst.beta).unwrap());
     assert!(m.grad_norm < GRAD_TOL, "{m:?}");
     assert!(js(&pi, &pi_star).unwrap() < NEAR, "{m:?}");
 }

@@ -22,7 +22,7 @@ use crate::entropy::js;
 use crate::policy::Policy;
 
 use super::instance::{sub_seed, ContextualInstance};
-use super::objective::Objective;
+use super::objective::Preset;
 use super::output::{Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::thresholds::BETA_ACCURACY_NEAR_ONE;
@@ -62,7 +62,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         .iter()
         .map(|inst| {
             Ok(PromptTask {
-                rule: Objective::RefFree1.rule(cfg.beta, cfg.beta_mismatch, &inst.pi_ref)?,
+                objective: Preset::RefFree1.objective(cfg.beta, cfg.beta_mismatch)?,
+                reference: inst.pi_ref.clone(),
                 chosen: inst.pi_star.clone(),
                 rejected: inst.pi_ref.clone(),
             })

@@ -20,7 +20,7 @@ use crate::did::did;
 use crate::entropy::{entropy, js, sample_entropy};
 
 use super::instance::{sub_seed, Instance};
-use super::objective::Objective;
+use super::objective::Preset;
 use super::output::{Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::train::{Mode, PromptTask};
@@ -58,7 +58,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         records.push(inst.record(&format!("tau={tau}")));
         let q = did(&inst.pi_star, &inst.pi_ref)?;
         let task = PromptTask {
-            rule: Objective::RefFree1.rule(cfg.beta, cfg.beta_mismatch, &inst.pi_ref)?,
+            objective: Preset::RefFree1.objective(cfg.beta, cfg.beta_mismatch)?,
+            reference: inst.pi_ref.clone(),
             chosen: inst.pi_star.clone(),
             rejected: inst.pi_ref.clone(),
         };

@@ -17,7 +17,7 @@ use crate::policy::Policy;
 use crate::preference::preference_distribution;
 
 use super::instance::{sub_seed, Instance};
-use super::objective::Objective;
+use super::objective::Preset;
 use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::thresholds::{POPULATION_RECOVERED_JS, SAMPLED_RECOVERED_JS};
@@ -71,7 +71,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             )?);
             for (mi, mode) in Mode::ALL.into_iter().enumerate() {
                 let task = PromptTask {
-                    rule: Objective::RefFree1.rule(beta, cfg.beta_mismatch, &inst.pi_ref)?,
+                    objective: Preset::RefFree1.objective(beta, cfg.beta_mismatch)?,
+                    reference: inst.pi_ref.clone(),
                     chosen: inst.pi_ref.clone(),
                     rejected: inst.pi_l.clone(),
                 };

@@ -20,7 +20,7 @@ use crate::entropy::{entropy, js, kl};
 use crate::policy::Policy;
 
 use super::instance::{sub_seed, Instance};
-use super::objective::Objective;
+use super::objective::Preset;
 use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::train::{train, Mode, PromptTask};
@@ -157,9 +157,10 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             }),
         );
         let mut case_did = Map::new();
-        for obj in [Objective::Dpo, Objective::DpoPg] {
+        for obj in [Preset::Dpo, Preset::DpoPg] {
             let task = PromptTask {
-                rule: obj.rule(cfg.beta, cfg.beta_mismatch, &inst.pi_ref)?,
+                objective: obj.objective(cfg.beta, cfg.beta_mismatch)?,
+                reference: inst.pi_ref.clone(),
                 chosen: inst.pi_ref.clone(),
                 rejected: inst.pi_l.clone(),
             };
@@ -217,7 +218,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             ));
             k += 1;
             case_did.insert(obj.name().into(), json!(end.did_entropy));
-            let oi = usize::from(obj == Objective::DpoPg);
+            let oi = usize::from(obj == Preset::DpoPg);
             peak[oi].insert(case.into(), json!(end.logp_top1 - start.logp_top1));
             top_pct[oi].insert(case.into(), json!(end.logp_top1pct - start.logp_top1pct));
             mean[oi].insert(case.into(), json!(end.mean_logp_ref - start.mean_logp_ref));

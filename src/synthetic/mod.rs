@@ -26,6 +26,7 @@
 //! | `claim-map` | H(q_{π*/π_ref}) − H(π_ref) over τ × logit scale (and N): where Claim 4.1 holds | [`claim_map`] |
 //! | `did-entropy` | Appendix K's DID-entropy estimator against the exact H(q) | [`did_entropy`] |
 //! | `beta-accuracy` | Appendix K.1 on `P` prompts, as training proceeds | [`beta_accuracy`] |
+//! | `loss-atlas` | every TRL loss type's population optimum: JS to π*, DID^β, π_ref over β × τ | [`loss_atlas`] |
 //!
 //! # Hyperparameters (Appendix J.1's numbers were lost; these are ours)
 //!
@@ -51,6 +52,7 @@
 //! | did-entropy τ values | 0.25, 0.4, 0.6, 0.8, 1.25, 2, 4 | same | `--did-entropy-taus` |
 //! | Monte Carlo samples of the entropy estimate | 20 000 | 4 000 | `--mc-samples` |
 //! | β-accuracy prompts `P` (τ = `--tau-smooth`), samples per fit | 64, 4 | 32, 4 | `--prompts`, `--beta-samples` |
+//! | loss-atlas grid: `N`, β values, τ values | 32; 0.1, 0.25, 0.5, 1, 2; 0.25, 0.4, 0.6, 1.5, 3 | 16; 0.25, 1; 0.4, 2 | `--atlas-n`, `--atlas-betas`, `--atlas-taus` |
 //! | seed | 0 | 0 | `--seed` |
 //!
 //! Why: `N = 128` keeps the `O(N²)` population loss cheap (16 384 pair terms) while π_ref's top
@@ -75,6 +77,7 @@ pub mod did_entropy;
 pub mod did_fit;
 pub mod entropy;
 pub mod instance;
+pub mod loss_atlas;
 pub mod objective;
 pub mod optim;
 pub mod output;
@@ -107,6 +110,48 @@ pub mod thresholds {
     pub const SAMPLED_RECOVERED_JS: f64 = 3e-3;
     /// β-accuracy "near 1".
     pub const BETA_ACCURACY_NEAR_ONE: f64 = 0.9;
+}
+
+/// The ranges of the settings ([`SynthConfig::validate`]) and why. Sizes are bounded by the
+/// memory they allocate, counts that allocate nothing by what a typo would cost (a run that
+/// never ends), the positive parameters by where the instances stop meaning anything in f64.
+pub mod limits {
+    /// Most classes `N` (2²²): an experiment holds about 50 vectors of `N` f64 at once
+    /// (L-BFGS keeps 20 pairs of them besides the instance), 1.6 GiB at this `N`, and its
+    /// population loss costs `O(N²)` per iteration (days of L-BFGS beyond).
+    pub const MAX_N: usize = 1 << 22;
+    /// Most `P · N` of beta-accuracy (2²²): it trains all prompts' logits as one vector and
+    /// keeps about 20 of that length (parameters, gradients, RMSprop state, the instances).
+    pub const MAX_PROMPT_CLASSES: usize = 1 << 22;
+    /// Most prompts `P` (2¹⁶).
+    pub const MAX_PROMPTS: usize = 1 << 16;
+    /// Most Monte Carlo samples (2²⁷): one f64 each, 1 GiB.
+    pub const MAX_MC_SAMPLES: usize = 1 << 27;
+    /// Most β-fit samples per prompt (2²⁰): three vectors of them per prompt.
+    pub const MAX_BETA_SAMPLES: usize = 1 << 20;
+    /// Most points per claim-map grid axis (1024): up to 2²⁰ cells kept with their results.
+    pub const MAX_GRID: usize = 1024;
+    /// Most recorded points per curve (10⁵): each copies the logits when taken.
+    pub const MAX_RECORDS: usize = 100_000;
+    /// Most sampled optimizer steps (10⁹; no allocation grows with them: at ~1 µs a step
+    /// this is already a quarter of an hour per run, more is a typo).
+    pub const MAX_STEPS: usize = 1_000_000_000;
+    /// Most L-BFGS iterations (10⁷; as [`MAX_STEPS`], each costs `O(N²)`).
+    pub const MAX_POP_ITERS: usize = 10_000_000;
+    /// Most pairs per step and prompt (2²⁴; drawn one by one each step).
+    pub const MAX_BATCH: usize = 1 << 24;
+    /// Most values in `--did-fit-betas` / `--did-entropy-taus` (each is a training run or an
+    /// estimate).
+    pub const MAX_LIST: usize = 64;
+    /// The range of β, β', the contrast, the logit scale and the temperatures' distance
+    /// from 0: outside `[1e-6, 1e6]` an instance is one-hot or uniform to f64 precision, and a
+    /// tiny β overflows DPO's optimum `f_ref + (1/β)·…` (NaN logits at β = 1e-200).
+    pub const MIN_POSITIVE: f64 = 1e-6;
+    /// See [`MIN_POSITIVE`].
+    pub const MAX_POSITIVE: f64 = 1e6;
+    /// Most RMSprop learning rate (1e3): each step moves a logit by about `lr`, so beyond
+    /// this a single step pushes π to one-hot.
+    pub const MAX_LR: f64 = 1e3;
 }
 
 /// Errors of the experiments: the library's, file system, plotting, bad settings.
@@ -165,11 +210,13 @@ pub enum Experiment {
     DidEntropy,
     /// Appendix K.1.
     BetaAccuracy,
+    /// Every loss type's population optimum.
+    LossAtlas,
 }
 
 impl Experiment {
     /// All, in the order of `all` and of `summary.md`.
-    pub const ALL: [Experiment; 7] = [
+    pub const ALL: [Experiment; 8] = [
         Experiment::DidFit,
         Experiment::RewardForms,
         Experiment::Rejected,
@@ -177,6 +224,7 @@ impl Experiment {
         Experiment::ClaimMap,
         Experiment::DidEntropy,
         Experiment::BetaAccuracy,
+        Experiment::LossAtlas,
     ];
 
     /// The subcommand and folder name.
@@ -189,6 +237,7 @@ impl Experiment {
             Experiment::ClaimMap => "claim-map",
             Experiment::DidEntropy => "did-entropy",
             Experiment::BetaAccuracy => "beta-accuracy",
+            Experiment::LossAtlas => "loss-atlas",
         }
     }
 }
@@ -254,6 +303,12 @@ pub struct SynthConfig {
     pub prompts: usize,
     /// β-accuracy: samples per prompt for the fit (Appendix K.1: 4).
     pub beta_samples: usize,
+    /// loss-atlas: classes of the β × τ grid.
+    pub atlas_n: usize,
+    /// loss-atlas: the grid's β values.
+    pub atlas_betas: Vec<f64>,
+    /// loss-atlas: the grid's τ values.
+    pub atlas_taus: Vec<f64>,
     /// Whether these are the `--quick` settings (recorded in the outputs).
     pub quick: bool,
 }
@@ -285,6 +340,9 @@ impl Default for SynthConfig {
             mc_samples: 20_000,
             prompts: 64,
             beta_samples: 4,
+            atlas_n: 32,
+            atlas_betas: vec![0.1, 0.25, 0.5, 1.0, 2.0],
+            atlas_taus: vec![0.25, 0.4, 0.6, 1.5, 3.0],
             quick: false,
         }
     }
@@ -307,6 +365,9 @@ impl SynthConfig {
             grid_n: vec![16, 128, 1024],
             mc_samples: 4000,
             prompts: 32,
+            atlas_n: 16,
+            atlas_betas: vec![0.25, 1.0],
+            atlas_taus: vec![0.4, 2.0],
             quick: true,
             ..d
         }
@@ -317,89 +378,153 @@ impl SynthConfig {
     /// # Errors
     /// [`SynthError::Setting`] naming the flag.
     pub fn validate(&self) -> Result<(), SynthError> {
-        let bad = |name: &'static str, value: String, reason: &str| {
+        use limits::*;
+        let bad = |name: &'static str, value: String, reason: String| {
             Err(SynthError::Setting {
                 name,
                 value,
-                reason: reason.into(),
+                reason,
             })
         };
-        let pos = |x: f64| x.is_finite() && x > 0.0;
-        if self.n < 2 {
-            return bad("--n", self.n.to_string(), "need at least 2 classes");
+        let in_range = |x: f64| (MIN_POSITIVE..=MAX_POSITIVE).contains(&x);
+        let memory = "about 50 f64 vectors of N are held at once: 1.6 GiB at the bound";
+        let long = "more would run for days";
+        for (name, v, lo, hi, why) in [
+            ("--n", self.n, 2, MAX_N, memory),
+            (
+                "--prompts",
+                self.prompts,
+                1,
+                MAX_PROMPTS,
+                "the prompts of beta-accuracy",
+            ),
+            (
+                "--mc-samples",
+                self.mc_samples,
+                1,
+                MAX_MC_SAMPLES,
+                "one f64 kept per sample: 1 GiB at the bound",
+            ),
+            (
+                "--beta-samples",
+                self.beta_samples,
+                2,
+                MAX_BETA_SAMPLES,
+                "a line fit needs 2; three vectors of them per prompt",
+            ),
+            ("--grid-tau", self.grid_tau, 2, MAX_GRID, "a grid axis"),
+            (
+                "--atlas-n",
+                self.atlas_n,
+                2,
+                MAX_N,
+                "the loss atlas's classes; each cell solves an L-BFGS problem of N",
+            ),
+            ("--grid-scale", self.grid_scale, 2, MAX_GRID, "a grid axis"),
+            (
+                "--records",
+                self.train.records,
+                1,
+                MAX_RECORDS,
+                "each record copies the logits",
+            ),
+            ("--steps", self.train.steps, 1, MAX_STEPS, long),
+            ("--pop-iters", self.train.pop_iters, 1, MAX_POP_ITERS, long),
+            ("--batch", self.train.batch, 1, MAX_BATCH, long),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(
+                    name,
+                    v.to_string(),
+                    format!("must lie in [{lo}, {hi}] ({why})"),
+                );
+            }
         }
-        if !(pos(self.tau) && self.tau < 1.0) {
+        if self.prompts.saturating_mul(self.n) > MAX_PROMPT_CLASSES {
             return bad(
-                "--tau",
-                self.tau.to_string(),
-                "the reinforcing τ must lie in (0, 1)",
+                "--prompts",
+                self.prompts.to_string(),
+                format!(
+                    "--prompts × --n = {} × {} exceeds {MAX_PROMPT_CLASSES} logits",
+                    self.prompts, self.n
+                ),
             );
         }
-        if !(self.tau_smooth.is_finite() && self.tau_smooth > 1.0) {
+        let span = format!("[{MIN_POSITIVE:e}, {MAX_POSITIVE:e}]");
+        if !(self.tau >= MIN_POSITIVE && self.tau < 1.0) {
+            return bad(
+                "--tau",
+                compact(self.tau),
+                format!("the reinforcing τ must lie in (0, 1), at least {MIN_POSITIVE:e}"),
+            );
+        }
+        if !(self.tau_smooth > 1.0 && self.tau_smooth <= MAX_POSITIVE) {
             return bad(
                 "--tau-smooth",
-                self.tau_smooth.to_string(),
-                "the smoothing τ must be > 1",
+                compact(self.tau_smooth),
+                format!("the smoothing τ must be > 1, at most {MAX_POSITIVE:e}"),
             );
         }
         for (name, v) in [
             ("--beta", self.beta),
             ("--beta-mismatch", self.beta_mismatch),
             ("--scale", self.scale),
-            ("--lr", self.train.lr),
-            ("--clip", self.train.clip),
             ("--contrast", self.contrast),
         ] {
-            if !pos(v) {
-                return bad(name, v.to_string(), "must be finite and positive");
+            if !in_range(v) {
+                return bad(name, compact(v), format!("must lie in {span}"));
             }
         }
         if self.beta_mismatch == self.beta {
             return bad(
                 "--beta-mismatch",
-                self.beta_mismatch.to_string(),
-                "must differ from --beta",
+                compact(self.beta_mismatch),
+                "must differ from --beta".into(),
             );
         }
-        if !(0.0..1.0).contains(&self.train.alpha) || self.train.eps < 0.0 {
+        let lr = self.train.lr;
+        if !(lr > 0.0 && lr <= MAX_LR) {
+            return bad("--lr", compact(lr), format!("must lie in (0, {MAX_LR:e}]"));
+        }
+        let clip = self.train.clip;
+        if !(clip.is_finite() && clip > 0.0) {
+            return bad(
+                "--clip",
+                compact(clip),
+                "must be finite and positive".into(),
+            );
+        }
+        if !(0.0..1.0).contains(&self.train.alpha) {
             return bad(
                 "--rms-alpha",
-                self.train.alpha.to_string(),
-                "α must lie in [0, 1) and ε ≥ 0",
+                compact(self.train.alpha),
+                "RMSprop's α must lie in [0, 1)".into(),
             );
         }
-        for (name, v) in [
-            ("--steps", self.train.steps),
-            ("--batch", self.train.batch),
-            ("--pop-iters", self.train.pop_iters),
-            ("--records", self.train.records),
-            ("--prompts", self.prompts),
-            ("--mc-samples", self.mc_samples),
+        let eps = self.train.eps;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return bad(
+                "--rms-eps",
+                compact(eps),
+                "RMSprop's ε must be finite and ≥ 0".into(),
+            );
+        }
+        for (name, list) in [
+            ("--did-fit-betas", &self.did_fit_betas),
+            ("--did-entropy-taus", &self.did_entropy_taus),
+            ("--atlas-betas", &self.atlas_betas),
+            ("--atlas-taus", &self.atlas_taus),
         ] {
-            if v == 0 {
-                return bad(name, "0".into(), "must be at least 1");
+            if list.is_empty() || list.len() > MAX_LIST || !list.iter().all(|&v| in_range(v)) {
+                return bad(
+                    name,
+                    list.iter()
+                        .map(|&x| compact(x))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    format!("need 1 to {MAX_LIST} values, each in {span}"),
+                );
             }
-        }
-        if self.grid_tau < 2 || self.grid_scale < 2 {
-            return bad(
-                "--grid-tau/--grid-scale",
-                format!("{}/{}", self.grid_tau, self.grid_scale),
-                "grids need at least 2 points",
-            );
-        }
-        if self.beta_samples < 2 {
-            return bad(
-                "--beta-samples",
-                self.beta_samples.to_string(),
-                "a line fit needs at least 2 samples",
-            );
-        }
-        if self.did_fit_betas.is_empty() || !self.did_fit_betas.iter().all(|&b| pos(b)) {
-            return bad(
-                "--did-fit-betas",
-                format!("{:?}", self.did_fit_betas),
-                "need positive finite values",
-            );
         }
         Ok(())
     }
@@ -417,6 +542,7 @@ impl SynthConfig {
             "grid_tau": self.grid_tau, "grid_scale": self.grid_scale, "grid_n": self.grid_n,
             "did_entropy_taus": self.did_entropy_taus, "mc_samples": self.mc_samples,
             "prompts": self.prompts, "beta_samples": self.beta_samples, "quick": self.quick,
+            "atlas_n": self.atlas_n, "atlas_betas": self.atlas_betas, "atlas_taus": self.atlas_taus,
         })
     }
 }
@@ -441,6 +567,7 @@ pub fn run_experiment(
         Experiment::ClaimMap => claim_map::run(cfg, progress),
         Experiment::DidEntropy => did_entropy::run(cfg, progress),
         Experiment::BetaAccuracy => beta_accuracy::run(cfg, progress),
+        Experiment::LossAtlas => loss_atlas::run(cfg, progress),
     }
 }
 
@@ -448,12 +575,13 @@ pub fn run_experiment(
 pub fn work_units(e: Experiment, cfg: &SynthConfig) -> u64 {
     let u = match e {
         Experiment::DidFit => 2 * 2 * cfg.did_fit_betas.len(),
-        Experiment::RewardForms => 2 * objective::Objective::ALL.len(),
+        Experiment::RewardForms => 2 * objective::Preset::ALL.len(),
         Experiment::Rejected => 2 * 4,
         Experiment::Entropy => 4,
         Experiment::ClaimMap => cfg.grid_scale + cfg.grid_n.len(),
         Experiment::DidEntropy => cfg.did_entropy_taus.len(),
         Experiment::BetaAccuracy => 1,
+        Experiment::LossAtlas => 18 + cfg.atlas_betas.len() * cfg.atlas_taus.len(),
     };
     u as u64
 }
@@ -549,6 +677,16 @@ fn cell(v: &Value) -> String {
 /// `softmax(f)` of learned logits (always finite: the optimizers keep them so).
 pub(crate) fn policy(logits: &[f64]) -> Result<Policy, SynthError> {
     Ok(Policy::from_logits(logits)?)
+}
+
+/// A float as a user would type it: plain when moderate, in exponent form when tiny or huge
+/// (`1e-300`, not three hundred zeros).
+fn compact(x: f64) -> String {
+    if x != 0.0 && x.is_finite() && !(1e-4..1e16).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
 }
 
 /// Short float for the tables of `summary.md`.

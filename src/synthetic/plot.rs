@@ -94,6 +94,24 @@ pub struct Heat {
     pub mark_label: String,
 }
 
+/// A heat map over categories: `z[row][column]`, each cell colored on a sequential scale and
+/// labeled with its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CategoricalHeat {
+    /// Caption.
+    pub title: String,
+    /// One label per row (top to bottom).
+    pub row_labels: Vec<String>,
+    /// One label per column (`|` breaks a label into lines).
+    pub col_labels: Vec<String>,
+    /// Values, row-major.
+    pub z: Vec<Vec<f64>>,
+    /// Color-bar label.
+    pub z_label: String,
+    /// The value range of the color scale (values outside are clamped).
+    pub range: (f64, f64),
+}
+
 /// A figure, written as `<name>.png` and `<name>.svg`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Figure {
@@ -111,7 +129,23 @@ pub enum Figure {
         /// The map.
         heat: Heat,
     },
+    /// Categorical heat maps, stacked top to bottom.
+    Categorical {
+        /// File stem.
+        name: String,
+        /// The maps.
+        panels: Vec<CategoricalHeat>,
+    },
 }
+
+/// Categorical heat maps: row-label column, cell size, color-bar column, heights of the
+/// caption and of the column labels.
+const CAT_LABEL_W: u32 = 190;
+const CAT_CELL_W: u32 = 58;
+const CAT_CELL_H: u32 = 24;
+const CAT_BAR_W: u32 = 120;
+const CAT_TOP: u32 = 40;
+const CAT_BOTTOM: u32 = 48;
 
 const PANEL_W: u32 = 960;
 /// Width of the legend column right of each chart.
@@ -143,7 +177,9 @@ fn perr<E: std::fmt::Debug>(e: E) -> SynthError {
 impl Figure {
     fn name(&self) -> &str {
         match self {
-            Figure::Lines { name, .. } | Figure::Heat { name, .. } => name,
+            Figure::Lines { name, .. }
+            | Figure::Heat { name, .. }
+            | Figure::Categorical { name, .. } => name,
         }
     }
 
@@ -151,6 +187,15 @@ impl Figure {
         match self {
             Figure::Lines { panels, .. } => (PANEL_W * panels.len().max(1) as u32, PANEL_H),
             Figure::Heat { .. } => (900, 640),
+            Figure::Categorical { panels, .. } => {
+                let cols = panels.iter().map(|p| p.col_labels.len()).max().unwrap_or(1) as u32;
+                let w = CAT_LABEL_W + cols * CAT_CELL_W + CAT_BAR_W;
+                let h: u32 = panels
+                    .iter()
+                    .map(|p| CAT_TOP + CAT_BOTTOM + p.row_labels.len() as u32 * CAT_CELL_H)
+                    .sum();
+                (w.max(640), h.max(200))
+            }
         }
     }
 
@@ -164,6 +209,15 @@ impl Figure {
                 }
             }
             Figure::Heat { heat, .. } => draw_heat(&root, heat)?,
+            Figure::Categorical { panels, .. } => {
+                let mut rest = root.clone();
+                for p in panels {
+                    let h = CAT_TOP + CAT_BOTTOM + p.row_labels.len() as u32 * CAT_CELL_H;
+                    let (top, bottom) = rest.split_vertically(h);
+                    draw_categorical(&top, p)?;
+                    rest = bottom;
+                }
+            }
         }
         root.present().map_err(perr)
     }
@@ -356,6 +410,92 @@ fn edges(v: &[f64]) -> Vec<f64> {
     };
     e.push(v[n - 1] * r1);
     e
+}
+
+/// A sequential dark-blue → green → yellow scale (viridis-like) for `t ∈ [0, 1]`.
+fn sequential(t: f64) -> RGBColor {
+    const STOPS: [(f64, f64, f64); 5] = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let t = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
+    let i = (t.floor() as usize).min(STOPS.len() - 2);
+    let f = t - i as f64;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |x: f64, y: f64| (x + (y - x) * f) as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+fn draw_categorical<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    h: &CategoricalHeat,
+) -> Result<(), SynthError> {
+    let (lo, hi) = h.range;
+    let scale = |v: f64| (v - lo) / (hi - lo);
+    let text = |s: &str, x: i32, y: i32, size: u32, c: &RGBColor| {
+        area.draw(&Text::new(
+            s.to_string(),
+            (x, y),
+            (FONT, size).into_font().color(c),
+        ))
+        .map_err(perr)
+    };
+    text(&h.title, 12, 10, 18, &BLACK)?;
+    let (x0, y0) = (CAT_LABEL_W as i32, CAT_TOP as i32);
+    let (cw, ch) = (CAT_CELL_W as i32, CAT_CELL_H as i32);
+    for (r, label) in h.row_labels.iter().enumerate() {
+        text(label, 8, y0 + r as i32 * ch + 5, 13, &BLACK)?;
+    }
+    for (c, label) in h.col_labels.iter().enumerate() {
+        for (k, line) in label.split('|').enumerate() {
+            text(
+                line,
+                x0 + c as i32 * cw + 4,
+                y0 + h.row_labels.len() as i32 * ch + 4 + 15 * k as i32,
+                12,
+                &BLACK,
+            )?;
+        }
+    }
+    for (r, row) in h.z.iter().enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            let (x, y) = (x0 + c as i32 * cw, y0 + r as i32 * ch);
+            let t = scale(v);
+            area.draw(&Rectangle::new(
+                [(x, y), (x + cw - 1, y + ch - 1)],
+                sequential(t).filled(),
+            ))
+            .map_err(perr)?;
+            let ink = if t > 0.6 { BLACK } else { WHITE };
+            let s = if v.is_finite() {
+                format!("{v:.1}")
+            } else {
+                "—".into()
+            };
+            text(&s, x + 12, y + 5, 12, &ink)?;
+        }
+    }
+    // Color bar.
+    let bx = x0 + h.col_labels.len() as i32 * cw + 24;
+    let rows = h.row_labels.len() as i32 * ch;
+    let steps = 64;
+    for i in 0..steps {
+        let t0 = i as f64 / steps as f64;
+        let yb = y0 + rows - (t0 * rows as f64) as i32;
+        let yt = y0 + rows - ((t0 + 1.0 / steps as f64) * rows as f64) as i32;
+        area.draw(&Rectangle::new(
+            [(bx, yt), (bx + 18, yb)],
+            sequential(t0 + 0.5 / steps as f64).filled(),
+        ))
+        .map_err(perr)?;
+    }
+    text(&format!("{hi:.0}"), bx + 22, y0 - 4, 12, &BLACK)?;
+    text(&format!("{lo:.0}"), bx + 22, y0 + rows - 10, 12, &BLACK)?;
+    text(&h.z_label, bx - 10, y0 + rows + 8, 12, &BLACK)?;
+    Ok(())
 }
 
 fn draw_heat<DB: DrawingBackend>(

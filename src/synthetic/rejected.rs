@@ -17,7 +17,7 @@ use crate::policy::Policy;
 use crate::rejected::ideal_rejected;
 
 use super::instance::{sub_seed, Instance};
-use super::objective::Objective;
+use super::objective::Preset;
 use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::thresholds::{FAR_JS, POPULATION_RECOVERED_JS, SAMPLED_RECOVERED_JS};
@@ -77,7 +77,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                 records.push(inst.record(choice));
             }
             let task = PromptTask {
-                rule: Objective::Dpo.rule(cfg.beta, cfg.beta_mismatch, &inst.pi_ref)?,
+                objective: Preset::Dpo.objective(cfg.beta, cfg.beta_mismatch)?,
+                reference: inst.pi_ref.clone(),
                 chosen: inst.pi_ref.clone(),
                 rejected: inst.pi_l.clone(),
             };

@@ -1,5 +1,5 @@
 //! `reward-forms` — Theorem 3.4: with data `y_w ~ π_ref`, `y_l ~ π_l` (Eq. 1), only the
-//! log-ratio reward with the data's β recovers `π*`. Every objective of [`Objective::ALL`], both
+//! log-ratio reward with the data's β recovers `π*`. Every objective of [`Preset::ALL`], both
 //! modes, on the default instance (`--tau`, `--beta`). Writes `js.csv`
 //! (`mode, objective, step, js`) and `js.png`.
 //!
@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 use serde_json::{json, Map, Value};
 
 use super::instance::{sub_seed, Instance};
-use super::objective::Objective;
+use super::objective::Preset;
 use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::thresholds::{FAR_JS, POPULATION_RECOVERED_JS, SAMPLED_RECOVERED_JS};
@@ -41,9 +41,10 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             series: Vec::new(),
         };
         let mut per_obj = Map::new();
-        for (k, obj) in Objective::ALL.into_iter().enumerate() {
+        for (k, obj) in Preset::ALL.into_iter().enumerate() {
             let task = PromptTask {
-                rule: obj.rule(cfg.beta, cfg.beta_mismatch, &inst.pi_ref)?,
+                objective: obj.objective(cfg.beta, cfg.beta_mismatch)?,
+                reference: inst.pi_ref.clone(),
                 chosen: inst.pi_ref.clone(),
                 rejected: inst.pi_l.clone(),
             };
@@ -76,17 +77,17 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         final_js.insert(mode.name().into(), Value::Object(per_obj));
         panels.push(panel);
     }
-    let get = |m: Mode, o: Objective| final_js[m.name()][o.name()].as_f64().unwrap_or(f64::NAN);
-    let others: Vec<Objective> = Objective::ALL
+    let get = |m: Mode, o: Preset| final_js[m.name()][o.name()].as_f64().unwrap_or(f64::NAN);
+    let others: Vec<Preset> = Preset::ALL
         .into_iter()
-        .filter(|o| !matches!(o, Objective::Dpo | Objective::DpoPg))
+        .filter(|o| !matches!(o, Preset::Dpo | Preset::DpoPg))
         .collect();
-    let pop_dpo = get(Mode::Population, Objective::Dpo);
+    let pop_dpo = get(Mode::Population, Preset::Dpo);
     let pop_min_other = others
         .iter()
         .map(|&o| get(Mode::Population, o))
         .fold(f64::INFINITY, f64::min);
-    let s_dpo = get(Mode::Sampled, Objective::Dpo);
+    let s_dpo = get(Mode::Sampled, Preset::Dpo);
     let s_min_other = others
         .iter()
         .map(|&o| get(Mode::Sampled, o))
@@ -121,8 +122,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             "DPO-PG (Appendix H) on the same data",
             format!(
                 "population {}, sampled {}",
-                fmt(get(Mode::Population, Objective::DpoPg)),
-                fmt(get(Mode::Sampled, Objective::DpoPg))
+                fmt(get(Mode::Population, Preset::DpoPg)),
+                fmt(get(Mode::Sampled, Preset::DpoPg))
             ),
             Verdict::Reported,
             "DPO-PG has no reward form and Appendix H does not say where it converges. With \

@@ -10,27 +10,27 @@
 //!   learning rate (Appendix J.1). In `f64` (the paper's float32 is not needed for speed here),
 //!   one seeded `StdRng`, every reduction a sequential loop: bit-identical reruns.
 //!
-//! The batch gradient is the chain rule through the library's reward and loss shape:
+//! The batch loss and its gradient `G_y = ∂L/∂log π(y)` are the library's
+//! ([`sample_loss`]: the objective's loss texts over dual numbers, TRL's batch semantics, AOT
+//! sorting the batch), then the log-softmax:
 //!
 //! ```text
-//! G_y      = (1/B) Σ_i ℓ'(d_i) (∂r/∂log π(y_w,i) [y = y_w,i] − ∂r/∂log π(y_l,i) [y = y_l,i])
-//! ∂L/∂f_y  = G_y − π(y) Σ_k G_k                  (log-softmax)
+//! ∂L/∂f_y  = G_y − π(y) Σ_k G_k
 //! ```
 //!
-//! with `d_i = r(y_w,i) − r(y_l,i)` from [`RewardForm::evaluate`](crate::reward::RewardForm) and
-//! `ℓ'` from [`LossShape::derivative`](crate::loss::LossShape). DPO-PG uses the batch NLL
-//! gradients `g_w = π − (1/B) Σ_i e_{y_w,i}`, `g_l = π − (1/B) Σ_i e_{y_l,i}` and
-//! [`project`] (Appendix H); with `P` prompts the projection acts on the flat `P·N` vector.
+//! DPO-PG uses the batch NLL gradients `g_w = π − (1/B) Σ_i e_{y_w,i}`,
+//! `g_l = π − (1/B) Σ_i e_{y_l,i}` and [`project`] (Appendix H); with `P` prompts the projection
+//! acts on the flat `P·N` vector.
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::dpo_pg::project;
 use crate::error::Result;
-use crate::loss::population_loss;
+use crate::objective::{Objective, Rule};
 use crate::policy::Policy;
+use crate::population::{population_loss, sample_loss};
 
-use super::objective::Rule;
 use super::optim::{clip_grad_norm, lbfgs, RmsProp, Stop};
 
 /// Hyperparameters of one training run (see the module docs of [`crate::synthetic`] for the
@@ -104,16 +104,24 @@ impl Mode {
     }
 }
 
-/// One prompt's data: the rule (reward and loss, or DPO-PG) and the chosen/rejected
-/// distributions the pairs are drawn from.
+/// One prompt's data: the objective, the chosen/rejected distributions the pairs are drawn
+/// from, and the reference policy of the log-ratio reward.
 #[derive(Debug, Clone)]
 pub struct PromptTask {
     /// What to optimize.
-    pub rule: Rule,
+    pub objective: Objective,
     /// `y_w ~ chosen`.
     pub chosen: Policy,
     /// `y_l ~ rejected`.
     pub rejected: Policy,
+    /// `π_ref` (read by the log-ratio reward only).
+    pub reference: Policy,
+}
+
+impl PromptTask {
+    fn is_projected_gradient(&self) -> bool {
+        self.objective.rule() == Rule::ProjectedGradient
+    }
 }
 
 /// The end of a run.
@@ -145,9 +153,7 @@ pub fn train<O>(
 where
     O: FnMut(usize, &[Vec<f64>]),
 {
-    let pg = tasks
-        .iter()
-        .all(|t| matches!(t.rule, Rule::ProjectedGradient));
+    let pg = tasks.iter().all(PromptTask::is_projected_gradient);
     match (mode, pg) {
         (Mode::Population, false) => train_population_lbfgs(tasks, init, cfg, observe),
         (Mode::Population, true) => train_steps(tasks, init, cfg, None, observe),
@@ -181,15 +187,13 @@ where
         let mut value = 0.0;
         let mut grad = Vec::with_capacity(flat.len());
         for (task, f) in tasks.iter().zip(flat.chunks(n)) {
-            let Rule::Loss {
-                reward,
-                shape,
-                beta,
-            } = &task.rule
-            else {
-                unreachable!("population L-BFGS needs a loss")
-            };
-            let pl = population_loss(f, &task.chosen, &task.rejected, reward, *shape, *beta)?;
+            let pl = population_loss(
+                f,
+                &task.chosen,
+                &task.rejected,
+                Some(&task.reference),
+                &task.objective,
+            )?;
             value += pl.value / p;
             grad.extend(pl.grad_logits.iter().map(|g| g / p));
         }
@@ -249,17 +253,18 @@ where
     let b = cfg.batch.max(1);
     let inv_b = 1.0 / b as f64;
     observe(0, &unflatten(&theta, n));
-    let pg = matches!(tasks[0].rule, Rule::ProjectedGradient);
+    let pg = tasks[0].is_projected_gradient();
     let mut grad = vec![0.0; theta.len()];
     let mut g_l = vec![0.0; theta.len()];
+    let mut pairs = Vec::with_capacity(b);
     for step in 1..=cfg.steps {
         for (k, task) in tasks.iter().enumerate() {
             let range = k * n..(k + 1) * n;
             let pi = Policy::from_logits(&theta[range.clone()])?;
             let probs = pi.probs();
             let gk = &mut grad[range.clone()];
-            match (&task.rule, rng.as_mut()) {
-                (Rule::ProjectedGradient, None) => {
+            match (task.is_projected_gradient(), rng.as_mut()) {
+                (true, None) => {
                     // Exact expectations: g_w = π − chosen, g_l = π − rejected.
                     let (cw, cl) = (task.chosen.probs(), task.rejected.probs());
                     for y in 0..n {
@@ -267,7 +272,7 @@ where
                         g_l[k * n + y] = probs[y] - cl[y];
                     }
                 }
-                (Rule::ProjectedGradient, Some(rng)) => {
+                (true, Some(rng)) => {
                     gk.copy_from_slice(&probs);
                     g_l[range.clone()].copy_from_slice(&probs);
                     let (sw, sl) = &samplers[k];
@@ -278,31 +283,27 @@ where
                         g_l[k * n + l] -= inv_b;
                     }
                 }
-                (
-                    Rule::Loss {
-                        reward,
-                        shape,
-                        beta,
-                    },
-                    Some(rng),
-                ) => {
-                    let (r, dr) = reward.evaluate(pi.log_probs())?;
-                    gk.iter_mut().for_each(|g| *g = 0.0);
+                (false, Some(rng)) => {
                     let (sw, sl) = &samplers[k];
+                    pairs.clear();
                     for _ in 0..b {
                         let w = sw.sample(rng);
                         let l = sl.sample(rng);
-                        let d = shape.derivative(r[w] - r[l], *beta) * inv_b;
-                        gk[w] += d * dr[w];
-                        gk[l] -= d * dr[l];
+                        pairs.push((w, l));
                     }
-                    let total: f64 = gk.iter().sum();
+                    let (_, g) = sample_loss(
+                        pi.log_probs(),
+                        Some(&task.reference),
+                        &task.objective,
+                        &pairs,
+                    )?;
+                    let total: f64 = g.iter().sum();
                     let scale = 1.0 / p as f64;
-                    for (g, q) in gk.iter_mut().zip(&probs) {
-                        *g = (*g - q * total) * scale;
+                    for ((gy, q), x) in gk.iter_mut().zip(&probs).zip(&g) {
+                        *gy = (x - q * total) * scale;
                     }
                 }
-                (Rule::Loss { .. }, None) => unreachable!("population losses use L-BFGS"),
+                (false, None) => unreachable!("population losses use L-BFGS"),
             }
         }
         if pg {
@@ -333,13 +334,14 @@ mod tests {
     use super::*;
     use crate::entropy::js;
     use crate::synthetic::instance::Instance;
-    use crate::synthetic::objective::Objective;
+    use crate::synthetic::objective::Preset;
 
-    fn task(o: Objective, inst: &Instance) -> PromptTask {
+    fn task(o: Preset, inst: &Instance) -> PromptTask {
         PromptTask {
-            rule: o.rule(inst.beta, 2.0 * inst.beta, &inst.pi_ref).unwrap(),
+            objective: o.objective(inst.beta, 2.0 * inst.beta).unwrap(),
             chosen: inst.pi_ref.clone(),
             rejected: inst.pi_l.clone(),
+            reference: inst.pi_ref.clone(),
         }
     }
 
@@ -349,7 +351,7 @@ mod tests {
         let cfg = TrainConfig::default();
         let t = train(
             Mode::Population,
-            &[task(Objective::Dpo, &inst)],
+            &[task(Preset::Dpo, &inst)],
             vec![inst.pi_ref.log_probs().to_vec()],
             &cfg,
             0,
@@ -364,17 +366,16 @@ mod tests {
     fn sampled_gradient_is_an_unbiased_estimate() {
         // With a huge batch the sampled gradient ≈ the population gradient.
         let inst = Instance::tempered(6, 0.4, 0.5, 1.0, 3).unwrap();
-        let tk = task(Objective::Ipo, &inst);
+        let tk = task(Preset::Ipo, &inst);
         let f = inst.pi_ref.log_probs().to_vec();
-        let Rule::Loss {
-            reward,
-            shape,
-            beta,
-        } = &tk.rule
-        else {
-            panic!()
-        };
-        let exact = population_loss(&f, &tk.chosen, &tk.rejected, reward, *shape, *beta).unwrap();
+        let exact = population_loss(
+            &f,
+            &tk.chosen,
+            &tk.rejected,
+            Some(&tk.reference),
+            &tk.objective,
+        )
+        .unwrap();
         // One RMSprop step with α = 0, ε = 0 and no clipping moves each logit by −η sign(g):
         // with a huge batch its signs are those of the population gradient.
         let cfg = TrainConfig {

@@ -5,20 +5,26 @@
    chat template, shared completion boundary, `max_length`); every example's prompt_ids,
    chosen_ids and rejected_ids must equal those `difinfo-train logps` writes.
 2. Training: both run the same steps with the whole dataset as one batch (so the data order
-   does not matter): DPO sigmoid loss, β, AdamW, linear schedule, gradient clipping. The logged
-   metrics of every step (TRL's names) are printed side by side with their differences
-   (`--loss-type sigmoid|hinge|ipo`).
+   does not matter): the loss types of `--loss-type` (comma-separated, with `--loss-weights`),
+   β, label smoothing, the f-divergence, DiscoPOP's τ, AdamW, linear schedule, gradient
+   clipping, and a separate reference model (`--ref-model`, TRL's `ref_model`; default: the
+   policy's starting weights). The logged metrics of every step (TRL's names) are printed side
+   by side with their differences.
+   `--all-loss-types` repeats this for every loss type of TRL 1.x (with the label smoothing
+   each needs: robust, aot, aot_unpaired 0.1; exo_pair 1e-3), a combination and the three
+   other f-divergences, and ends with a summary table (step-1 loss and the largest relative
+   difference over all steps and metrics).
 
 Not part of CI. Install: pip install torch transformers trl datasets
 Usage:
   difinfo-train init --size tiny --out /tmp/tiny
-  python trainer/scripts/check_trl_parity.py --model /tmp/tiny --data data/example_prefs.jsonl \
-      --difinfo target/release/difinfo-train
+  difinfo-train init --size tiny --out /tmp/tiny-ref --seed 2
+  python trainer/scripts/check_trl_parity.py --model /tmp/tiny --ref-model /tmp/tiny-ref \
+      --data data/example_prefs.jsonl --difinfo target/release/difinfo-train --all-loss-types
 """
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,36 +42,22 @@ METRICS = [
     "logps/rejected",
 ]
 
+LOSS_TYPES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+
+# The label smoothing each loss type is checked with (TRL refuses exo_pair at 0; robust and
+# AOT are their sigmoid counterparts at 0).
+SMOOTHING = {"robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1, "exo_pair": 1e-3}
+
 
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--difinfo", default="target/release/difinfo-train")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--learning-rate", type=float, default=1e-3)
-    ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
-    ap.add_argument("--max-length", type=int, default=1024)
-    args = ap.parse_args()
-
-    import torch
-    import transformers
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    tmp = tempfile.mkdtemp(prefix="difinfo-trl-")
-    rows = read_jsonl(args.data)
-    n = len(rows)
-
-    # 1. Tokenization.
+def check_tokenization(args, trainer, tmp):
     ours_lp = os.path.join(tmp, "logps.jsonl")
     subprocess.run(
         [args.difinfo, "logps", "--model", args.model, "--data", args.data, "--out", ours_lp,
@@ -73,11 +65,34 @@ def main():
         check=True, capture_output=True,
     )
     ours = read_jsonl(ours_lp)
+    mismatched = 0
+    for t, o in zip(trainer.train_dataset, ours):
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            if list(t[k]) != list(o[k]):
+                mismatched += 1
+                print(f"{args.data}:{o['line']}: {k} differ:\n  TRL     {list(t[k])}\n  difinfo {o[k]}",
+                      file=sys.stderr)
+    print(f"tokenization: {len(ours)} examples (TRL kept {len(trainer.train_dataset)}), "
+          f"{mismatched} field(s) differ")
+    return mismatched
+
+
+def run_case(args, case, rows, tmp, first):
+    """One loss configuration through TRL and difinfo; returns (step-1 losses, worst rel diff)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    n = len(rows)
+    name = case["name"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    ref = (AutoModelForCausalLM.from_pretrained(args.ref_model, dtype=torch.float32)
+           if args.ref_model else None)
     tok = AutoTokenizer.from_pretrained(args.model)
     cfg = DPOConfig(
-        output_dir=os.path.join(tmp, "trl"),
+        output_dir=os.path.join(tmp, f"trl-{name}"),
         per_device_train_batch_size=n,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
@@ -87,7 +102,12 @@ def main():
         max_grad_norm=1.0,
         weight_decay=0.0,
         beta=args.beta,
-        loss_type=args.loss_type,
+        loss_type=case["loss_type"],
+        loss_weights=case.get("loss_weights"),
+        label_smoothing=case.get("label_smoothing", 0.0),
+        f_divergence_type=case.get("f_divergence_type", "reverse_kl"),
+        f_alpha_divergence_coef=case.get("f_alpha_divergence_coef", 0.5),
+        discopop_tau=args.discopop_tau,
         max_length=args.max_length,
         logging_steps=1,
         save_strategy="no",
@@ -97,36 +117,32 @@ def main():
         bf16=False,
         dataloader_drop_last=False,
     )
-    trainer = DPOTrainer(
-        model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok
-    )
-    mismatched = 0
-    for i, (t, o) in enumerate(zip(trainer.train_dataset, ours)):
-        for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            if list(t[k]) != list(o[k]):
-                mismatched += 1
-                print(f"{args.data}:{o['line']}: {k} differ:\n  TRL     {list(t[k])}\n  difinfo {o[k]}",
-                      file=sys.stderr)
-    print(f"tokenization: {len(ours)} examples (TRL kept {len(trainer.train_dataset)}), "
-          f"{mismatched} field(s) differ")
-
-    # 2. Training.
+    trainer = DPOTrainer(model=model, ref_model=ref, args=cfg,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    mismatched = check_tokenization(args, trainer, tmp) if first else 0
     trainer.train()
     trl_logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
-    run = os.path.join(tmp, "ours")
-    subprocess.run(
-        [args.difinfo, "dpo", "--model", args.model, "--data", args.data, "--output-dir", run,
-         "--per-device-train-batch-size", str(n), "--max-steps", str(args.steps),
-         "--learning-rate", str(args.learning_rate), "--beta", str(args.beta),
-         "--loss-type", args.loss_type,
-         "--lr-scheduler-type", "linear", "--warmup-steps", "0", "--max-grad-norm", "1.0",
-         "--logging-steps", "1", "--save-steps", "0", "--max-prompt-length", "0",
-         "--max-length", str(args.max_length)],
-        check=True, capture_output=True,
-    )
+
+    run = os.path.join(tmp, f"ours-{name}")
+    cmd = [args.difinfo, "dpo", "--model", args.model, "--data", args.data, "--output-dir", run,
+           "--per-device-train-batch-size", str(n), "--max-steps", str(args.steps),
+           "--learning-rate", str(args.learning_rate), "--beta", str(args.beta),
+           "--loss-type", ",".join(case["loss_type"]),
+           "--label-smoothing", str(case.get("label_smoothing", 0.0)),
+           "--f-divergence-type", case.get("f_divergence_type", "reverse_kl"),
+           "--f-alpha-divergence-coef", str(case.get("f_alpha_divergence_coef", 0.5)),
+           "--discopop-tau", str(args.discopop_tau),
+           "--lr-scheduler-type", "linear", "--warmup-steps", "0", "--max-grad-norm", "1.0",
+           "--logging-steps", "1", "--save-steps", "0", "--max-prompt-length", "0",
+           "--max-length", str(args.max_length), "--overwrite-output-dir"]
+    if case.get("loss_weights"):
+        cmd += ["--loss-weights", ",".join(str(w) for w in case["loss_weights"])]
+    if args.ref_model:
+        cmd += ["--ref-model", args.ref_model]
+    subprocess.run(cmd, check=True, capture_output=True)
     ours_logs = read_jsonl(os.path.join(run, "metrics.jsonl"))
-    print(f"training: {args.loss_type}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"torch {torch.__version__}; {n} pairs per step, {args.steps} steps")
+
+    print(f"\n### {name}\n")
     print("| step | metric | difinfo | TRL | |Δ| |")
     print("|---:|---|---:|---:|---:|")
     worst = 0.0
@@ -140,7 +156,67 @@ def main():
                 print(f"| {o['step']} | {k} | {o[k]:.6g} | {t[k]:.6g} | {d:.2e} |")
             else:
                 print(f"| {o.get('step')} | {k} | {o.get(k)} | {t.get(k)} | missing |")
-    print(f"largest relative difference (excluding learning_rate): {worst:.2e}")
+    return ours_logs[0]["loss"], trl_logs[0]["loss"], worst, mismatched
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ref-model", default=None, help="TRL's ref_model [default: the policy]")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--difinfo", default="target/release/difinfo-train")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--loss-type", default="sigmoid", help="comma-separated TRL loss types")
+    ap.add_argument("--loss-weights", default=None, help="comma-separated weights")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--f-divergence-type", default="reverse_kl",
+                    choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+    ap.add_argument("--f-alpha-divergence-coef", type=float, default=0.5)
+    ap.add_argument("--discopop-tau", type=float, default=0.05)
+    ap.add_argument("--all-loss-types", action="store_true")
+    ap.add_argument("--max-length", type=int, default=1024)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    import trl
+
+    if args.all_loss_types:
+        cases = [{"name": t, "loss_type": [t], "label_smoothing": SMOOTHING.get(t, 0.0)}
+                 for t in LOSS_TYPES]
+        cases.append({"name": "sigmoid+bco_pair+sft (0.8, 0.2, 1)",
+                      "loss_type": ["sigmoid", "bco_pair", "sft"],
+                      "loss_weights": [0.8, 0.2, 1.0]})
+        for f in ["forward_kl", "js_divergence", "alpha_divergence"]:
+            cases.append({"name": f"sigmoid+{f}", "loss_type": ["sigmoid"],
+                          "f_divergence_type": f})
+    else:
+        weights = ([float(w) for w in args.loss_weights.split(",")]
+                   if args.loss_weights else None)
+        cases = [{"name": args.loss_type, "loss_type": args.loss_type.split(","),
+                  "loss_weights": weights, "label_smoothing": args.label_smoothing,
+                  "f_divergence_type": args.f_divergence_type,
+                  "f_alpha_divergence_coef": args.f_alpha_divergence_coef}]
+
+    tmp = tempfile.mkdtemp(prefix="difinfo-trl-")
+    rows = read_jsonl(args.data)
+    print(f"transformers {transformers.__version__}, trl {trl.__version__}, torch {torch.__version__}; "
+          f"{len(rows)} pairs per step, {args.steps} steps, β = {args.beta}, "
+          f"reference {'= ' + args.ref_model if args.ref_model else 'the policy at step 0'}")
+    results = []
+    mismatched = 0
+    for i, case in enumerate(cases):
+        d, t, worst, mm = run_case(args, case, rows, tmp, i == 0)
+        mismatched += mm
+        results.append((case["name"], d, t, worst))
+
+    print("\n## Summary\n")
+    print("| loss | step-1 loss difinfo | step-1 loss TRL | rel. diff step 1 | worst rel. diff (all steps, metrics) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, d, t, worst in results:
+        print(f"| {name} | {d:.8g} | {t:.8g} | {abs(d - t) / max(abs(t), 1e-12):.2e} | {worst:.2e} |")
     if mismatched:
         sys.exit(1)
 

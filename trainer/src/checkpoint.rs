@@ -62,11 +62,15 @@ pub struct CheckpointTensors {
 }
 
 /// Reads every tensor of a checkpoint directory: `model.safetensors`, or all shards listed in
-/// `model.safetensors.index.json`.
+/// `model.safetensors.index.json`. A GGUF file is read through its cached conversion
+/// ([`crate::gguf::resolve_model`]).
 ///
 /// # Errors
 /// No weights file, an unreadable/malformed file, an index naming a tensor its shard lacks.
 pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
+    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = crate::gguf::resolve_model(dir)?;
+    let dir = resolved.as_path();
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
     let mut tensors = BTreeMap::new();
@@ -89,15 +93,9 @@ pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
                     message: format!("not a valid safetensors file: {e}"),
                 }
             })?;
-        for (name, view) in st.tensors() {
-            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
-                Error::Checkpoint {
-                    path: path.to_path_buf(),
-                    message: format!("tensor `{name}`: {e}"),
-                }
-            })?;
-            tensors.insert(name.to_string(), t);
-            origin.insert(name.to_string(), path.to_path_buf());
+        for (name, t) in load_views(st.tensors(), path)? {
+            origin.insert(name.clone(), path.to_path_buf());
+            tensors.insert(name, t);
         }
         Ok(())
     };
@@ -161,12 +159,146 @@ pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
     })
 }
 
-/// Loads a checkpoint directory as a trainable [`Model`] in `dtype` on `device`.
+/// The tensors of a safetensors file's views, on the CPU in the file's dtype (`path` names
+/// the file in errors).
+fn load_views(
+    views: Vec<(String, safetensors::tensor::TensorView<'_>)>,
+    path: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    views
+        .into_iter()
+        .map(|(name, view)| {
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| {
+                Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{name}`: {e}"),
+                }
+            })?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Every tensor of a safetensors file held in memory, as [`read_tensors`] reads each file of a
+/// checkpoint (`path` names it in errors).
+///
+/// # Errors
+/// A malformed header or tensor, naming the file.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    load_views(st.tensors(), path)
+}
+
+/// The first NaN or infinite element of `t`: its flat index and value; `None` when every
+/// element is finite (always for integer tensors). One parallel pass over the data, in the
+/// tensor's own dtype (a CPU copy first for a tensor on another device).
+///
+/// # Errors
+/// Tensor errors.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f64)>> {
+    let t = t.to_device(&Device::Cpu)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidArgument("first_non_finite: non-contiguous tensor".into()))?;
+    Ok(match t.dtype() {
+        DType::F32 => scan(&cpu.as_slice::<f32>()?[a..b], |x| !x.is_finite(), f64::from),
+        DType::F64 => scan(&cpu.as_slice::<f64>()?[a..b], |x| !x.is_finite(), |x| x),
+        DType::BF16 => scan(
+            &cpu.as_slice::<half::bf16>()?[a..b],
+            |x| !x.is_finite(),
+            f64::from,
+        ),
+        DType::F16 => scan(
+            &cpu.as_slice::<half::f16>()?[a..b],
+            |x| !x.is_finite(),
+            f64::from,
+        ),
+        _ => None,
+    })
+}
+
+/// The first element of `v` that is `bad`, with its value as f64: chunks tested in parallel
+/// (an OR over each chunk, no early exit inside it, so the test vectorizes), then the first
+/// bad chunk searched.
+fn scan<T: Copy + Send + Sync>(
+    v: &[T],
+    bad: impl Fn(T) -> bool + Sync,
+    value: impl Fn(T) -> f64,
+) -> Option<(usize, f64)> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let k = v
+        .par_chunks(CHUNK)
+        .position_first(|c| c.iter().fold(false, |acc, &x| acc | bad(x)))?;
+    let i = k * CHUNK + v[k * CHUNK..].iter().position(|&x| bad(x))?;
+    Some((i, value(v[i])))
+}
+
+/// The largest finite value of a float dtype (infinite for other dtypes: nothing overflows
+/// into them).
+fn max_finite(d: DType) -> f64 {
+    match d {
+        DType::F16 => f64::from(half::f16::MAX),
+        DType::BF16 => f64::from(half::bf16::MAX),
+        DType::F32 => f64::from(f32::MAX),
+        DType::F64 => f64::MAX,
+        _ => f64::INFINITY,
+    }
+}
+
+/// The multi-dimensional index of flat index `i` in `dims` (row-major).
+fn unflatten(mut i: usize, dims: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; dims.len()];
+    for (k, &d) in dims.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    idx
+}
+
+/// Refuses a tensor holding a NaN or an infinity: [`Error::NonFiniteWeight`] naming it, the
+/// file and the first such element.
+///
+/// # Errors
+/// As said; tensor errors.
+pub fn check_finite(name: &str, t: &Tensor, file: &Path) -> Result<()> {
+    match first_non_finite(t)? {
+        None => Ok(()),
+        Some((i, value)) => Err(Error::NonFiniteWeight {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            index: unflatten(i, t.dims()),
+            value,
+            overflow: None,
+        }),
+    }
+}
+
+/// Loads a checkpoint directory (or a GGUF file, through its cached conversion:
+/// [`crate::gguf::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
+///
+/// Every weight the model uses is checked to be finite, in the file and after the conversion
+/// to `dtype` (a finite f32 weight above 65504 overflows f16): a NaN or infinite weight gives
+/// NaN log-probs, so it is refused here, naming the tensor and the first bad element
+/// ([`Error::NonFiniteWeight`]). The check is one parallel pass over the weights.
 ///
 /// # Errors
 /// config.json errors; [`Error::MissingTensor`] (naming the tensor and the file where it was
-/// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it).
+/// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it);
+/// [`Error::NonFiniteWeight`].
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = crate::gguf::resolve_model(dir)?;
+    let dir = resolved.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let CheckpointTensors {
         tensors,
@@ -184,10 +316,46 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
                     found: t.dims().to_vec(),
                 })
             }
-            Some(_) => {}
+            Some(t) => check_finite(&name, t, &origin[&name])?,
         }
     }
-    Model::from_tensors(config, tensors, &source, dtype, device)
+    // The tensors whose conversion to `dtype` can overflow (a narrower range).
+    let narrowed: BTreeMap<String, Tensor> = config
+        .tensor_shapes()
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let t = &tensors[&name];
+            (max_finite(dtype) < max_finite(t.dtype())).then(|| (name, t.clone()))
+        })
+        .collect();
+    let model = Model::from_tensors(config, tensors, &source, dtype, device)?;
+    for (name, var) in model.named_vars() {
+        let Some(orig) = narrowed.get(&name) else {
+            continue;
+        };
+        // Read on the host: the variable itself on the CPU, a CPU conversion otherwise (no
+        // copy of the device's weights back).
+        let converted = if device.is_cpu() {
+            var.as_tensor().clone()
+        } else {
+            orig.to_dtype(dtype)?
+        };
+        if let Some((i, _)) = first_non_finite(&converted)? {
+            let was = orig
+                .flatten_all()?
+                .get(i)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            return Err(Error::NonFiniteWeight {
+                index: unflatten(i, orig.dims()),
+                file: origin[&name].clone(),
+                name,
+                value: was,
+                overflow: Some(dtype),
+            });
+        }
+    }
+    Ok(model)
 }
 
 /// Writes `path` atomically: `write` fills a temporary sibling file, which is then renamed.
@@ -202,7 +370,11 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        // Name the destination the user gave, not the hidden temporary file.
+        return Err(match e {
+            Error::Io { path: p, source } if p == tmp => Error::io(path, source),
+            e => e,
+        });
     }
     // Some writers create 0600 files; outputs are ordinary files (0644 before the umask).
     #[cfg(unix)]
@@ -276,16 +448,25 @@ pub fn state_dict(model: &Model, dtype: DType) -> Result<BTreeMap<String, Tensor
 /// I/O and tensor errors.
 pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> {
     let tensors = state_dict(model, dtype)?;
+    write_safetensors(path, tensors.iter().map(|(k, v)| (k.as_str(), v)))
+}
+
+/// Writes named tensors as one safetensors file (metadata `format: pt`, as transformers
+/// expects), atomically.
+///
+/// # Errors
+/// I/O and tensor errors.
+pub fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<()> {
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     write_atomic(path, |tmp| {
-        safetensors::tensor::serialize_to_file(
-            tensors.iter().map(|(k, v)| (k.as_str(), v)),
-            Some(meta),
-            tmp,
-        )
-        .map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        safetensors::tensor::serialize_to_file(tensors, Some(meta), tmp).map_err(|e| {
+            Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
         })
     })
 }
@@ -297,6 +478,9 @@ pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> 
 /// # Errors
 /// I/O and tensor errors.
 pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DType) -> Result<()> {
+    // A GGUF source stands for its converted directory (crate::gguf::resolve_model).
+    let resolved = src.map(crate::gguf::resolve_model).transpose()?;
+    let src = resolved.as_deref();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cfg = match src.map(|s| s.join("config.json")).filter(|p| p.exists()) {
         Some(p) => {

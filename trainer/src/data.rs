@@ -1,4 +1,10 @@
-//! JSONL datasets in TRL's formats, parsed with file:line:field error reporting.
+//! Datasets in TRL's formats, parsed with file:line:field error reporting.
+//!
+//! Files as users hold them ([`read_records`]): JSON Lines (`.jsonl`), a JSON array of records
+//! (`.json`), Parquet (`.parquet`, as Hugging Face stores datasets) or a directory of Parquet
+//! shards. Every format yields records as JSON text with their location (the line a JSONL
+//! record or a JSON array element starts on, or the 1-based row of a Parquet file) and goes
+//! through the same parse functions below.
 //!
 //! Preference data: `{"prompt", "chosen", "rejected"}`, either all strings (standard) or all
 //! lists of `{"role", "content"}` messages (conversational). SFT data: `{"prompt",
@@ -81,14 +87,28 @@ pub struct Located<T> {
     pub value: T,
 }
 
-/// The result of reading a JSONL file.
+/// The result of reading a dataset.
 #[derive(Debug, Clone)]
 pub struct Loaded<T> {
-    /// Valid records, in file order.
+    /// Valid records, in file order. For a directory of shards `line` counts rows across the
+    /// shards in name order ([`Loaded::locate`] gives the shard and its row).
     pub examples: Vec<Located<T>>,
     /// Invalid records (only with `skip_invalid`; otherwise the first one is returned as an
     /// error).
     pub errors: Vec<DataError>,
+    /// For a directory of shards: each shard with the number of rows before it.
+    shards: Vec<(PathBuf, usize)>,
+}
+
+impl<T> Loaded<T> {
+    /// The file and 1-based line (or row) of record `line` of the dataset at `path`: `path`
+    /// itself, or for a directory the shard holding the row and the row within it.
+    pub fn locate(&self, path: &Path, line: usize) -> (PathBuf, usize) {
+        match self.shards.iter().rev().find(|(_, before)| *before < line) {
+            Some((file, before)) => (file.clone(), line - before),
+            None => (path.to_path_buf(), line),
+        }
+    }
 }
 
 struct Ctx<'a> {
@@ -376,6 +396,278 @@ pub fn parse_preference_str(text: &str) -> std::result::Result<PreferenceExample
     parse_preference_line(text, Path::new("<input>"), 1)
 }
 
+/// The layout of a dataset file, from its name and first bytes ([`DataFormat::detect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFormat {
+    /// JSON Lines: one record per line.
+    Jsonl,
+    /// One JSON array of records.
+    JsonArray,
+    /// A Parquet file (one record per row; nested columns become lists and objects).
+    Parquet,
+    /// A directory of Parquet shards (`*.parquet`, read in name order).
+    ParquetShards,
+}
+
+/// The 4-byte magic that starts (and ends) a Parquet file.
+const PARQUET_MAGIC: &[u8; 4] = b"PAR1";
+
+impl DataFormat {
+    /// The format of `path`: a directory is Parquet shards; a file starting with `PAR1` is
+    /// Parquet; a file whose first non-blank character is `[` is a JSON array; anything else
+    /// is JSON Lines (so a `.json` file of JSON Lines reads as such).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn detect(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Ok(DataFormat::ParquetShards);
+        }
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut head = [0u8; 4096];
+        let mut n = 0;
+        while n < head.len() {
+            match std::io::Read::read(&mut f, &mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        let head = &head[..n];
+        if head.starts_with(PARQUET_MAGIC) {
+            return Ok(DataFormat::Parquet);
+        }
+        let text = head.strip_prefix("\u{feff}".as_bytes()).unwrap_or(head);
+        match text.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => Ok(DataFormat::JsonArray),
+            _ => Ok(DataFormat::Jsonl),
+        }
+    }
+}
+
+/// Reads a dataset in any [`DataFormat`] with `parse` applied to each record's JSON text and
+/// location (JSONL: the line; JSON array: the line the element starts on; Parquet: the
+/// 1-based row, of its shard for a directory).
+///
+/// With `skip_invalid`, invalid records are collected in [`Loaded::errors`]; without it the
+/// first invalid record is the error. A file that cannot be split into records at all (a JSON
+/// array with a syntax error between elements, a corrupt Parquet file) is an error either way.
+///
+/// # Errors
+/// I/O errors; structural errors (file:line); the first data error unless `skip_invalid`.
+pub fn read_records<T>(
+    path: &Path,
+    skip_invalid: bool,
+    parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
+) -> Result<Loaded<T>> {
+    match DataFormat::detect(path)? {
+        DataFormat::Jsonl => read_jsonl(path, skip_invalid, parse),
+        DataFormat::JsonArray => {
+            let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let text = String::from_utf8(text).map_err(|e| {
+                let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count();
+                DataError {
+                    file: path.to_path_buf(),
+                    line,
+                    field: None,
+                    message: "not valid UTF-8".into(),
+                }
+            })?;
+            let mut out = Collector::new(skip_invalid);
+            for (line, record) in json_array_records(&text, path)? {
+                out.push(parse(record, path, line), line)?;
+            }
+            Ok(out.finish(Vec::new()))
+        }
+        DataFormat::Parquet => {
+            let mut out = Collector::new(skip_invalid);
+            read_parquet(path, 0, &mut |row, text| {
+                out.push(parse(text, path, row), row)
+            })?;
+            Ok(out.finish(Vec::new()))
+        }
+        DataFormat::ParquetShards => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "parquet"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(DataError {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    field: None,
+                    message: "a dataset directory must hold Parquet shards (*.parquet); none found"
+                        .into(),
+                }
+                .into());
+            }
+            let mut out = Collector::new(skip_invalid);
+            let mut shards = Vec::new();
+            let mut before = 0;
+            for f in files {
+                shards.push((f.clone(), before));
+                let start = before;
+                before = read_parquet(&f, start, &mut |row, text| {
+                    // Errors name the shard and its row; records count rows across shards.
+                    out.push(parse(text, &f, row - start), row)
+                })?;
+            }
+            Ok(out.finish(shards))
+        }
+    }
+}
+
+/// Gathers parsed records (or the first error, without `skip_invalid`).
+struct Collector<T> {
+    skip_invalid: bool,
+    examples: Vec<Located<T>>,
+    errors: Vec<DataError>,
+}
+
+impl<T> Collector<T> {
+    fn new(skip_invalid: bool) -> Self {
+        Collector {
+            skip_invalid,
+            examples: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, r: std::result::Result<T, DataError>, line: usize) -> Result<()> {
+        match r {
+            Ok(value) => self.examples.push(Located { line, value }),
+            Err(e) if self.skip_invalid => self.errors.push(e),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    fn finish(self, shards: Vec<(PathBuf, usize)>) -> Loaded<T> {
+        Loaded {
+            examples: self.examples,
+            errors: self.errors,
+            shards,
+        }
+    }
+}
+
+/// The elements of a JSON array, each as its text with the line it starts on.
+///
+/// # Errors
+/// Not an array, a syntax error (at its line), text after the closing bracket.
+fn json_array_records<'a>(
+    text: &'a str,
+    path: &Path,
+) -> std::result::Result<Vec<(usize, &'a str)>, DataError> {
+    let err = |line: usize, message: String| DataError {
+        file: path.to_path_buf(),
+        line,
+        field: None,
+        message,
+    };
+    let bytes = text.as_bytes();
+    let mut i = if text.starts_with('\u{feff}') { 3 } else { 0 };
+    let mut line = 1;
+    let skip_ws = |i: &mut usize, line: &mut usize| {
+        while *i < bytes.len() && bytes[*i].is_ascii_whitespace() {
+            if bytes[*i] == b'\n' {
+                *line += 1;
+            }
+            *i += 1;
+        }
+    };
+    skip_ws(&mut i, &mut line);
+    if bytes.get(i) != Some(&b'[') {
+        return Err(err(line, "expected a JSON array of records".into()));
+    }
+    i += 1;
+    let mut out = Vec::new();
+    loop {
+        skip_ws(&mut i, &mut line);
+        if out.is_empty() && bytes.get(i) == Some(&b']') {
+            i += 1;
+            break;
+        }
+        let start = i;
+        let start_line = line;
+        let mut values = serde_json::Deserializer::from_str(&text[start..]).into_iter::<Value>();
+        match values.next() {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                return Err(err(
+                    start_line + e.line().saturating_sub(1),
+                    format!("invalid JSON in the array: {e}"),
+                ))
+            }
+            None => return Err(err(line, "the JSON array is not closed".into())),
+        }
+        let end = start + values.byte_offset();
+        line += bytes[start..end].iter().filter(|&&b| b == b'\n').count();
+        out.push((start_line, &text[start..end]));
+        i = end;
+        skip_ws(&mut i, &mut line);
+        match bytes.get(i) {
+            Some(b',') => i += 1,
+            Some(b']') => {
+                i += 1;
+                break;
+            }
+            Some(_) => {
+                return Err(err(
+                    line,
+                    "expected `,` or `]` after an array element".into(),
+                ))
+            }
+            None => return Err(err(line, "the JSON array is not closed".into())),
+        }
+    }
+    skip_ws(&mut i, &mut line);
+    if i < bytes.len() {
+        return Err(err(line, "text after the JSON array".into()));
+    }
+    Ok(out)
+}
+
+/// Reads the rows of a Parquet file as JSON objects without their null fields (`on_row(row,
+/// text)`, `row` counting from `first + 1`); returns the last row number.
+///
+/// # Errors
+/// A file that is not valid Parquet (named, with the reader's message); `on_row`'s errors.
+fn read_parquet(
+    path: &Path,
+    first: usize,
+    on_row: &mut dyn FnMut(usize, &str) -> Result<()>,
+) -> Result<usize> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |row: usize, e: parquet::errors::ParquetError| DataError {
+        file: path.to_path_buf(),
+        line: row,
+        field: None,
+        message: format!("not a readable Parquet file: {e}"),
+    };
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(f).map_err(|e| bad(0, e))?;
+    let rows = reader.get_row_iter(None).map_err(|e| bad(0, e))?;
+    let mut row = first;
+    for r in rows {
+        row += 1;
+        let r = r.map_err(|e| bad(row - first, e))?;
+        // A null column is a field the record lacks (datasets fill absent fields with null).
+        let mut v = r.to_json_value();
+        if let Value::Object(o) = &mut v {
+            o.retain(|_, x| !x.is_null());
+        }
+        on_row(row, &v.to_string())?;
+    }
+    Ok(row)
+}
+
 /// Reads a JSONL file with `parse` applied to each non-blank line.
 ///
 /// With `skip_invalid`, invalid records are collected in [`Loaded::errors`]; without it the
@@ -428,7 +720,11 @@ pub fn read_jsonl<T>(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(Loaded { examples, errors })
+    Ok(Loaded {
+        examples,
+        errors,
+        shards: Vec::new(),
+    })
 }
 
 /// Writes data errors as JSONL (`file`, `line`, `field`, `message`), atomically.

@@ -86,6 +86,60 @@ pub enum Error {
         /// Shape found in the file.
         found: Vec<usize>,
     },
+    /// A weight is NaN or infinite, in the file or after the conversion to the model's dtype
+    /// (`overflow`: a finite value outside that dtype's range).
+    #[error("{}", non_finite_weight(name, file, index, *value, *overflow))]
+    NonFiniteWeight {
+        /// Tensor name.
+        name: String,
+        /// The checkpoint file holding it.
+        file: PathBuf,
+        /// Index of the first non-finite element.
+        index: Vec<usize>,
+        /// Its value (in the file).
+        value: f64,
+        /// The dtype it overflows on conversion, when the file's value is finite.
+        overflow: Option<candle_core::DType>,
+    },
+    /// A computation would need more memory than the machine has: refused before allocating.
+    #[error(
+        "{what} needs at least {} of memory ({detail}), more than this machine's {}",
+        crate::model::format_bytes(*bytes),
+        crate::model::format_bytes(*limit)
+    )]
+    TooLarge {
+        /// What was asked for.
+        what: String,
+        /// The bytes it needs (a lower bound).
+        bytes: u128,
+        /// What those bytes are.
+        detail: String,
+        /// The machine's memory.
+        limit: u128,
+    },
+    /// The model produced a NaN or infinite number where a log-probability or a logit is
+    /// written or sampled from: refused rather than written as `null` or sampled as garbage.
+    #[error(
+        "{what} is {value}: the model produced a non-finite number (NaN or infinite weights, or \
+         an activation overflowing the dtype)"
+    )]
+    NonFiniteOutput {
+        /// Which number (the caller adds the example's file and line).
+        what: String,
+        /// Its value.
+        value: f64,
+    },
+    /// A token id has no row in the model's embedding (a tokenizer from another checkpoint).
+    #[error(
+        "token id {id} is outside the model's vocabulary of {vocab_size} (`vocab_size` in \
+         config.json): the tokenizer does not belong to this checkpoint"
+    )]
+    TokenOutOfVocab {
+        /// The id.
+        id: u32,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
     /// A checkpoint file is malformed.
     #[error("{path}: {message}")]
     Checkpoint {
@@ -103,9 +157,34 @@ pub enum Error {
     /// An option or argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A GGUF file could not be imported (see [`crate::gguf`]).
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// A tensor operation failed (shape bug, unsupported dtype on a device, ...).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+/// The message of [`Error::NonFiniteWeight`].
+fn non_finite_weight(
+    name: &str,
+    file: &std::path::Path,
+    index: &[usize],
+    value: f64,
+    overflow: Option<candle_core::DType>,
+) -> String {
+    let at = format!("{}: tensor `{name}`", file.display());
+    match overflow {
+        None => format!(
+            "{at} contains {value} at index {index:?}; refusing a checkpoint with non-finite \
+             weights (they make every log-prob NaN)"
+        ),
+        Some(dt) => format!(
+            "{at} holds {value} at index {index:?}, which overflows {} (infinite after the \
+             conversion); load it with a wider --dtype (f32 or bf16)",
+            format!("{dt:?}").to_lowercase()
+        ),
+    }
 }
 
 impl Error {

@@ -44,3 +44,66 @@ pub fn chat_template(data: &[u8]) {
         .unwrap_or((text, r#"[{"role": "user", "content": "hi"}]"#));
     let _ = crate::template::render_chat_template(template, messages, template.len() % 2 == 1);
 }
+
+/// A safetensors file as the resume and load paths read one: every tensor
+/// ([`crate::checkpoint::parse_safetensors`], as for model weights), and an optimizer state
+/// for two small variables under AdamW and RMSprop ([`crate::train::Optimizer::from_bytes`]).
+pub fn safetensors_file(data: &[u8]) {
+    use crate::train::{Optimizer, OptimizerConfig, OptimizerKind};
+    let p = Path::new("<fuzz>");
+    let _ = crate::checkpoint::parse_safetensors(data, p);
+    let dev = candle_core::Device::Cpu;
+    let Ok(a) = candle_core::Var::zeros((2, 3), candle_core::DType::F32, &dev) else {
+        return;
+    };
+    let Ok(b) = candle_core::Var::zeros(4, candle_core::DType::F32, &dev) else {
+        return;
+    };
+    let vars = vec![("a.weight".to_string(), a), ("b.bias".to_string(), b)];
+    for kind in [OptimizerKind::Adamw, OptimizerKind::Rmsprop] {
+        let config = OptimizerConfig {
+            kind,
+            ..OptimizerConfig::default()
+        };
+        let _ = Optimizer::from_bytes(config, &vars, data, p);
+    }
+}
+
+/// A checkpoint's `trainer_state.json` ([`crate::train::checkpoint::parse_state`]) and its
+/// `checksums.sha256` manifest ([`crate::train::checkpoint::parse_checksums`]), both read on
+/// `--resume`.
+pub fn trainer_state(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let p = Path::new("<fuzz>");
+    let _ = crate::train::checkpoint::parse_state(text, p);
+    let _ = crate::train::checkpoint::parse_checksums(text, p);
+}
+
+/// A `--config` TOML file merged over the defaults and validated, as `sft` and `dpo` read it
+/// ([`crate::train::config::merge_tables`]).
+pub fn train_config_toml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return;
+    };
+    let Ok(base) = toml::Table::try_from(crate::train::TrainConfig::default()) else {
+        return;
+    };
+    let _ = crate::train::config::merge_tables(
+        base,
+        Some((Path::new("<fuzz>"), table)),
+        toml::Table::new(),
+    );
+}
+
+/// GGUF import: the bytes as a GGUF file (header, metadata, tensor infos, tensor data),
+/// through the whole conversion (config, tensor mapping and dequantization, tokenizer
+/// rebuild).
+pub fn gguf_import(data: &[u8]) {
+    let mut cursor = std::io::Cursor::new(data);
+    let _ = crate::gguf::import(&mut cursor, Path::new("<fuzz>"), &mut |_, _| {});
+}

@@ -22,6 +22,36 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
 }
 
+impl SamplingParams {
+    /// Checks the ranges transformers' `GenerationConfig.validate` enforces: `T` finite and
+    /// ≥ 0, top-p in `(0, 1]`, at least one new token.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the command-line option.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "--temperature must be finite and ≥ 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "--top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.max_new_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "--max-new-tokens must be ≥ 1, got 0 (there would be nothing to sample; \
+                 transformers' generate refuses 0 too)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
@@ -129,8 +159,15 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
 
 /// Generates `n` completions of `prompt_ids`, stopping a sample at any of `stop_ids`.
 ///
+/// Builds no autograd graph (the model's weights are read [detached](Model::detached)) and
+/// keeps the keys and values in a [`KvCache`] written in place: memory is linear in the
+/// generated length.
+///
 /// # Errors
-/// An empty prompt, invalid parameters, tensor errors.
+/// An empty prompt, `n = 0`, invalid parameters ([`SamplingParams::validate`]), a prompt or
+/// cache too large for the machine's memory ([`Error::TooLarge`]), non-finite logits
+/// ([`Error::NonFiniteOutput`]: NaN weights or an overflow; nothing is sampled from them),
+/// tensor errors.
 pub fn generate(
     model: &Model,
     prompt_ids: &[u32],
@@ -144,24 +181,20 @@ pub fn generate(
             "cannot generate from an empty prompt (the tokenizer added no BOS)".into(),
         ));
     }
-    if !(params.temperature >= 0.0 && params.temperature.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "temperature must be finite and ≥ 0, got {}",
-            params.temperature
-        )));
-    }
-    if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-        return Err(Error::InvalidArgument(format!(
-            "top_p must be in (0, 1], got {}",
-            params.top_p
-        )));
-    }
+    params.validate()?;
     if n == 0 {
-        return Ok(Vec::new());
+        return Err(Error::InvalidArgument(
+            "at least one sample per prompt is needed, got 0".into(),
+        ));
     }
+    let model = &model.detached();
     let dev = model.device();
-    let mut cache = KvCache::new();
     let p = prompt_ids.len();
+    // Room for the prompt and the new tokens, up to the model's context (growing past it).
+    let room = params
+        .max_new_tokens
+        .min(model.config().max_position_embeddings.max(1));
+    let mut cache = KvCache::with_capacity(p.saturating_add(room));
     let input = Tensor::from_vec(prompt_ids.repeat(n), (n, p), dev)?;
     let mut logits = model.forward_last_with_cache(&input, &mut cache)?;
     let mut samples = vec![
@@ -177,10 +210,16 @@ pub fn generate(
     for step in 0..params.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
         let mut next = Vec::with_capacity(n);
-        for (s, row) in samples.iter_mut().zip(&rows) {
+        for (k, (s, row)) in samples.iter_mut().zip(&rows).enumerate() {
             if s.finished {
                 next.push(stop_ids.first().copied().unwrap_or(0));
                 continue;
+            }
+            if let Some(&bad) = row.iter().find(|x| !x.is_finite()) {
+                return Err(Error::NonFiniteOutput {
+                    what: format!("a next-token logit of sample {k} at new token {step}"),
+                    value: f64::from(bad),
+                });
             }
             let tok = sample_token(row, params.temperature, params.top_p, rng);
             s.logp += log_softmax_at(row, tok as usize);

@@ -11,11 +11,15 @@
 //! - [`recompute`]: gradient checkpointing and hand-written backward passes on any device;
 //! - [`lora`]: LoRA adapters in PEFT's format;
 //! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
-//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL parsing, TRL tokenization;
+//! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories (also accepted
+//!   directly wherever a checkpoint directory is);
+//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
+//!   tokenization; [`provenance`]: which tokenizer pipeline, and transformers 5's;
 //! - [`batch`]: right-padded batches and completion masks;
 //! - [`logps`]: summed completion log-probs of a preference dataset;
 //! - [`generate`]: KV-cache sampling;
 //! - [`init`]: random checkpoints with a trained BPE tokenizer;
+//! - [`io`]: output paths checked before any work (never an input, always writable);
 //! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
 //!   and exact resume, and the `sft`, `dpo`, `plot`, `bench` commands.
 
@@ -28,11 +32,14 @@ pub mod error;
 pub mod fused;
 pub mod fuzzing;
 pub mod generate;
+pub mod gguf;
 pub mod init;
+pub mod io;
 pub mod lm_head;
 pub mod logps;
 pub mod lora;
 pub mod model;
+pub mod provenance;
 pub mod recompute;
 pub mod template;
 pub mod tokenize;

@@ -16,14 +16,16 @@ use difinfo_trainer::data::PromptExample;
 use difinfo_trainer::data::{default_report_path, write_error_report};
 use difinfo_trainer::generate::{generate, SamplingParams};
 use difinfo_trainer::init::{arch_config, init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
+use difinfo_trainer::io::{check_outputs, inputs, Named};
 use difinfo_trainer::logps::preference_logps;
 use difinfo_trainer::model::Model;
+use difinfo_trainer::provenance::TokenizerCompat;
 use difinfo_trainer::tokenize::{
     load_preferences, load_prompts, CompletionBoundary, TokenizeOptions, TokenizedDataset,
     TokenizerBundle, TruncationMode,
 };
-use difinfo_trainer::train::cli::report_stats;
-use difinfo_trainer::{parse_device, Error, Result};
+use difinfo_trainer::train::cli::{load_bundle, report_stats, require_examples};
+use difinfo_trainer::{parse_device, DataError, Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -55,10 +57,10 @@ fn parse_limit(s: &str) -> std::result::Result<Limit, String> {
 struct TokenizeArgs {
     /// Longest prompt + completion in tokens (`none`: no limit); completions are cut to fit,
     /// examples whose prompt alone fills it are dropped.
-    #[arg(long, default_value = "1024", value_parser = parse_limit)]
+    #[arg(long, default_value = "1024", value_parser = parse_limit, allow_negative_numbers = true)]
     max_length: Limit,
     /// Longest prompt in tokens (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit)]
+    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
     max_prompt_length: Limit,
     /// Which end of an over-long prompt to keep.
     #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
@@ -67,6 +69,10 @@ struct TokenizeArgs {
     /// the prompt's token count (TRL's literal slice).
     #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
     completion_boundary: CompletionBoundary,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5).
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    tokenizer_compat: TokenizerCompat,
 }
 
 impl TokenizeArgs {
@@ -82,7 +88,8 @@ impl TokenizeArgs {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer files).
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer files), or a
+    /// GGUF file (converted once into a cache directory; see `convert`).
     #[arg(long)]
     model: PathBuf,
     /// Parameter dtype: f32, bf16, f16 or f64 (bf16 on CPU computes matmuls through f32: slow).
@@ -94,6 +101,7 @@ struct ModelArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; `dpo` carries TRL's DPOConfig loss fields
 enum Command {
     /// Create a random-weight checkpoint (Llama by default) with a BPE tokenizer trained on a corpus.
     Init {
@@ -113,6 +121,24 @@ enum Command {
         /// Architecture (model_type) of the random model.
         #[arg(long, value_enum, default_value_t = Architecture::Llama)]
         arch: Architecture,
+        /// Replace the checkpoint in a non-empty --out (its stale shards, optimizer and trainer
+        /// state are removed; other files stay) instead of refusing
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Convert a GGUF file (llama.cpp, Ollama; Llama-family or Qwen2, any quantization candle
+    /// dequantizes) into a Hugging Face checkpoint directory: config.json, model.safetensors,
+    /// tokenizer.json and tokenizer_config.json rebuilt from its metadata, generation_config.json.
+    Convert {
+        /// The GGUF file.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights: f32 (lossless for every GGUF quantization) or bf16.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
     },
     /// Write chosen/rejected completion log-probs of a preference dataset as JSONL.
     Logps {
@@ -156,7 +182,7 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Longest prompt in tokens, keeping its end (`none`: no limit).
-        #[arg(long, default_value = "none", value_parser = parse_limit)]
+        #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
         max_prompt_length: Limit,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
@@ -200,7 +226,8 @@ enum Command {
     },
     /// Supervised fine-tuning (TRL SFTTrainer options): NLL of completions or of whole sequences.
     Sft(difinfo_trainer::train::cli::SftArgs),
-    /// Preference optimization (TRL DPOTrainer options): DPO (sigmoid, hinge, ipo), reference-free, DPO-PG.
+    /// Preference optimization (TRL DPOTrainer options): every TRL loss type and combination,
+    /// reference-free, a separate reference model, DPO-PG.
     Dpo(difinfo_trainer::train::cli::DpoArgs),
     /// Draw a run's metrics.jsonl (loss, rewards, log-probs, grad norm, learning rate) into a PNG.
     Plot(difinfo_trainer::train::plot::PlotArgs),
@@ -225,7 +252,7 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
         /// Longest prompt in tokens, keeping its end (`none`: no limit).
-        #[arg(long, default_value = "none", value_parser = parse_limit)]
+        #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
         max_prompt_length: Limit,
         /// Random seed.
         #[arg(long, default_value_t = 0)]
@@ -332,22 +359,147 @@ fn model_and_prompts(
 ) -> Result<(TokenizerBundle, PromptSet, Model)> {
     let device = parse_device(&model.device)?;
     let dtype = parse_dtype(&model.dtype)?;
-    let bundle = TokenizerBundle::load(&model.model)?;
+    let bundle = load_bundle(&model.model)?;
     let ds = load_prompts(&bundle, prompts, max_prompt_length, skip_invalid)?;
     if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
         write_error_report(r, &ds.errors)?;
     }
     report_stats(prompts, &ds.stats, report);
+    require_examples(prompts, &ds.stats)?;
     let m = load_model(&model.model, dtype, &device)?;
     Ok((bundle, ds, m))
+}
+
+/// Refuses token ids beyond the model's vocabulary (a tokenizer from another checkpoint),
+/// naming the example (`file:line`, field), the tokenizer file, the id and the vocabulary size.
+fn check_vocab<'a>(
+    model_dir: &Path,
+    m: &Model,
+    file: &Path,
+    ids: impl IntoIterator<Item = (usize, &'a str, &'a [u32])>,
+) -> Result<()> {
+    for (line, field, ids) in ids {
+        if let Err(e) = m.check_token_ids(ids) {
+            return Err(DataError {
+                file: file.to_path_buf(),
+                line,
+                field: Some(field.into()),
+                message: format!("{}: {e}", model_dir.join("tokenizer.json").display()),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// [`check_vocab`] over a prompt file's prompts.
+fn check_prompt_vocab(model_dir: &Path, m: &Model, file: &Path, ds: &PromptSet) -> Result<()> {
+    let ids = ds
+        .examples
+        .iter()
+        .map(|e| (e.line, "prompt", &e.value.1[..]));
+    check_vocab(model_dir, m, file, ids)
+}
+
+/// A generation error for the prompt at `file:line`; a size error suggests
+/// `--max-prompt-length` and `--max-new-tokens`.
+fn at_prompt(file: &Path, line: usize, e: Error) -> Error {
+    let (field, message) = match &e {
+        Error::TooLarge { .. } => (
+            Some("prompt".into()),
+            format!("{e}; shorten the prompt (--max-prompt-length) or lower --max-new-tokens"),
+        ),
+        _ => (None, e.to_string()),
+    };
+    DataError {
+        file: file.to_path_buf(),
+        line,
+        field,
+        message,
+    }
+    .into()
 }
 
 fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     difinfo_trainer::train::cli::progress_bar(len, 0, what)
 }
 
+/// The outputs' checks before any work ([`check_outputs`]): each writable, none an input
+/// file (`files`) nor a file of an input checkpoint directory (`checkpoints`).
+fn check_paths(
+    outputs: &[Named<'_>],
+    files: &[Named<'_>],
+    checkpoints: &[Named<'_>],
+) -> Result<()> {
+    check_outputs(outputs, &inputs(files, checkpoints))
+}
+
+/// `--out`, and `--error-report` when given with `--skip-invalid` (the default report,
+/// DATA.errors.jsonl, is no input and is written, if at all, right after reading the data).
+fn outputs_with_report<'a>(
+    out: &'a Path,
+    report: Option<&'a Path>,
+    skip_invalid: bool,
+) -> Vec<Named<'a>> {
+    let mut v = vec![("--out", out)];
+    if let (Some(r), true) = (report, skip_invalid) {
+        v.push(("--error-report", r));
+    }
+    v
+}
+
+/// Converts each GGUF file named by an argument of the command into its cache directory
+/// before the command runs, saying so: the loaders would convert it silently
+/// ([`difinfo_trainer::gguf::resolve_model`]), and a first conversion takes a while.
+fn convert_gguf_arguments(sub: &clap::ArgMatches) -> Result<()> {
+    use difinfo_trainer::gguf::{cache_root, is_gguf, resolve_model_in};
+    for id in sub.ids() {
+        let Ok(Some(values)) = sub.try_get_raw(id.as_str()) else {
+            continue;
+        };
+        for v in values {
+            let path = Path::new(v);
+            if !is_gguf(path) {
+                continue;
+            }
+            let dir = resolve_model_in(path, &cache_root()?, &mut |dir| {
+                eprintln!(
+                    "{}: GGUF file; converting it once into {} (f32)",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
+            eprintln!("{}: using its conversion {}", path.display(), dir.display());
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
+    if !matches!(cli.command, Command::Convert { .. }) {
+        convert_gguf_arguments(sub)?;
+    }
     match cli.command {
+        Command::Convert { gguf, out, dtype } => {
+            let dtype = parse_dtype(&dtype)?;
+            let t0 = Instant::now();
+            let mut pb: Option<indicatif::ProgressBar> = None;
+            let summary =
+                difinfo_trainer::gguf::convert(&gguf, &out, dtype, &mut |done, total| {
+                    pb.get_or_insert_with(|| progress(total as u64, "convert"))
+                        .set_position(done as u64)
+                })?;
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            eprintln!(
+                "{}: {summary}\nwrote {} ({:?}) in {:.1} s",
+                gguf.display(),
+                out.display(),
+                dtype,
+                t0.elapsed().as_secs_f64()
+            );
+        }
         Command::Sft(a) => difinfo_trainer::train::cli::run_sft(&a, sub).map_err(train_error)?,
         Command::Dpo(a) => difinfo_trainer::train::cli::run_dpo(&a, sub).map_err(train_error)?,
         Command::Plot(a) => difinfo_trainer::train::plot::run_plot(&a).map_err(train_error)?,
@@ -366,15 +518,31 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
         } => {
             use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
             use difinfo_trainer::diag::beta_accuracy::prompt_fit;
+            if samples == 0 || max_new_tokens == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "need --samples ≥ 1 and --max-new-tokens ≥ 1, got {samples} and {max_new_tokens}"
+                )));
+            }
+            check_paths(
+                &[("--out", &out)],
+                &[("--prompts", &prompts)],
+                &[
+                    ("--estimator", &estimator),
+                    ("--policy", &policy),
+                    ("--reference", &reference),
+                ],
+            )?;
             let device = parse_device("cpu")?;
-            let bundle = TokenizerBundle::load(&estimator)?;
+            let bundle = load_bundle(&estimator)?;
             let ds = load_prompts(&bundle, &prompts, None, false)?;
             report_stats(&prompts, &ds.stats, None);
+            require_examples(&prompts, &ds.stats)?;
             let (m_hat, m_pi, m_ref) = (
                 load_model(&estimator, DType::F32, &device)?,
                 load_model(&policy, DType::F32, &device)?,
                 load_model(&reference, DType::F32, &device)?,
             );
+            check_prompt_vocab(&estimator, &m_hat, &prompts, &ds)?;
             let params = SamplingParams {
                 temperature: 1.0,
                 top_p: 1.0,
@@ -396,7 +564,8 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     bundle.stop_ids(),
                     bundle.pad_id(),
                     &mut rng,
-                )?;
+                )
+                .map_err(|e| at_prompt(&prompts, ex.line, e))?;
                 match &f.fit {
                     BetaFit::Determined(l) => {
                         println!(
@@ -451,16 +620,34 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::resample::{resample, score_candidates};
-            let loaded = difinfo_trainer::data::read_jsonl(
+            if !(beta.is_finite() && beta > 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--beta must be finite and > 0, got {beta}"
+                )));
+            }
+            if !(min_ess.is_finite() && min_ess >= 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--min-ess must be finite and ≥ 0, got {min_ess}"
+                )));
+            }
+            check_paths(
+                &[("--out", &out)],
+                &[("--candidates", &candidates)],
+                &[("--reference", &reference), ("--target", &target)],
+            )?;
+            let loaded = difinfo_trainer::data::read_records(
                 &candidates,
                 false,
                 difinfo_trainer::data::parse_candidates_line,
             )?;
+            if loaded.examples.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: no records (the file is empty)",
+                    candidates.display()
+                )));
+            }
             let device = parse_device("cpu")?;
-            let (tok_ref, tok_tgt) = (
-                TokenizerBundle::load(&reference)?,
-                TokenizerBundle::load(&target)?,
-            );
+            let (tok_ref, tok_tgt) = (load_bundle(&reference)?, load_bundle(&target)?);
             let m_ref = load_model(&reference, DType::F32, &device)?;
             let m_tgt = load_model(&target, DType::F32, &device)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -521,8 +708,19 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             out,
         } => {
             use difinfo_trainer::diag::entropy::{overall, prompt_entropy};
+            if samples < 2 || max_new_tokens == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "need --samples ≥ 2 (for a standard error) and --max-new-tokens ≥ 1, got {samples} and {max_new_tokens}"
+                )));
+            }
+            check_paths(
+                &[("--out", &out)],
+                &[("--prompts", &prompts)],
+                &[("--model", &model.model)],
+            )?;
             let (bundle, ds, m) =
                 model_and_prompts(&model, &prompts, max_prompt_length.0, false, None)?;
+            check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let pb = progress(ds.examples.len() as u64, "entropy");
             let mut rows = Vec::new();
@@ -539,7 +737,8 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     max_new_tokens,
                     bundle.stop_ids(),
                     &mut rng,
-                )?;
+                )
+                .map_err(|e| at_prompt(&prompts, ex.line, e))?;
                 println!(
                     "| {} | {:.4} | {:.4} | {} | {:.4} | {:.1} |",
                     ex.line, e.entropy, e.stderr, e.samples, e.token_entropy, e.mean_length
@@ -575,11 +774,36 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             tokenizer_corpus,
             seed,
             arch,
+            overwrite,
         } => {
+            use difinfo_trainer::init::{prepare_output_dir, INIT_FILES};
+            difinfo_trainer::io::check_output_dir("--out", &out)?;
             let corpus = match &tokenizer_corpus {
-                Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                Some(p) => {
+                    if let Some(f) = INIT_FILES
+                        .iter()
+                        .find(|f| difinfo_trainer::io::same_file(&out.join(f), p))
+                    {
+                        return Err(Error::InvalidArgument(format!(
+                            "--tokenizer-corpus {} is {}, a file init writes: copy it elsewhere first",
+                            p.display(),
+                            out.join(f).display()
+                        )));
+                    }
+                    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+                    if text.trim().is_empty() {
+                        return Err(Error::InvalidArgument(format!(
+                            "--tokenizer-corpus {}: no text to train the tokenizer on (the file is empty or blank)",
+                            p.display()
+                        )));
+                    }
+                    text
+                }
                 None => BUILTIN_CORPUS.to_string(),
             };
+            for p in prepare_output_dir(&out, overwrite)? {
+                eprintln!("removed stale {}", p.display());
+            }
             let cfg = init_checkpoint(&out, arch_config(size, arch), &corpus, seed)?;
             eprintln!(
                 "wrote {} ({} parameters, vocab {}, {} layers, hidden {})",
@@ -620,21 +844,46 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                     "--batch-size must be positive".into(),
                 ));
             }
+            check_paths(
+                &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
+                &[("--data", &data)],
+                &[("--model", &model.model)],
+            )?;
+            let report = error_report.unwrap_or_else(|| default_report_path(&data));
             let device = parse_device(&model.device)?;
             let dtype = parse_dtype(&model.dtype)?;
-            let bundle = TokenizerBundle::load(&model.model)?;
+            let bundle =
+                difinfo_trainer::train::cli::load_bundle_with(&model.model, tok.tokenizer_compat)?;
+            difinfo_trainer::train::cli::report_provenance(&bundle);
             let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
-            let report = error_report.unwrap_or_else(|| default_report_path(&data));
             if skip_invalid && !ds.errors.is_empty() {
                 write_error_report(&report, &ds.errors)?;
             }
             report_stats(&data, &ds.stats, Some(&report));
+            require_examples(&data, &ds.stats)?;
             let m = load_model(&model.model, dtype, &device)?;
-            let pairs: Vec<_> = ds.examples.iter().map(|e| e.value.clone()).collect();
-            let pb = progress(pairs.len() as u64, "logps");
-            let lps = preference_logps(&m, &pairs, batch_size, bundle.pad_id(), |done| {
-                pb.set_position(done as u64)
-            })?;
+            check_vocab(
+                &model.model,
+                &m,
+                &data,
+                ds.examples.iter().flat_map(|e| {
+                    let p = &e.value;
+                    [
+                        (e.line, "prompt", &p.prompt_ids[..]),
+                        (e.line, "chosen", &p.chosen_ids[..]),
+                        (e.line, "rejected", &p.rejected_ids[..]),
+                    ]
+                }),
+            )?;
+            let pb = progress(ds.examples.len() as u64, "logps");
+            let lps = preference_logps(
+                &m,
+                &ds.examples,
+                &data,
+                batch_size,
+                bundle.pad_id(),
+                |done| pb.set_position(done as u64),
+            )?;
             pb.finish_and_clear();
             write_jsonl(
                 &out,
@@ -664,6 +913,22 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
             skip_invalid,
             error_report,
         } => {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                max_new_tokens,
+            };
+            params.validate()?;
+            if n == 0 {
+                return Err(Error::InvalidArgument(
+                    "--n must be ≥ 1 (samples per prompt), got 0".into(),
+                ));
+            }
+            check_paths(
+                &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
+                &[("--prompts", &prompts)],
+                &[("--model", &model.model)],
+            )?;
             let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
             let (bundle, ds, m) = model_and_prompts(
                 &model,
@@ -672,17 +937,14 @@ fn run(cli: Cli, sub: &clap::ArgMatches) -> Result<()> {
                 skip_invalid,
                 Some(&report),
             )?;
-            let params = SamplingParams {
-                temperature,
-                top_p,
-                max_new_tokens,
-            };
+            check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let pb = progress(ds.examples.len() as u64, "sample");
             let mut rows = Vec::new();
             for ex in &ds.examples {
                 let (p, ids) = &ex.value;
-                let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)?;
+                let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)
+                    .map_err(|e| at_prompt(&prompts, ex.line, e))?;
                 for (k, s) in samples.into_iter().enumerate() {
                     rows.push(json!({
                         "line": ex.line,
@@ -897,7 +1159,10 @@ fn tune_candle_threads() {
 fn main() -> ExitCode {
     tune_malloc();
     tune_candle_threads();
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = difinfo_trainer::train::cli::negative_numbers_as_values(
+        <Cli as clap::CommandFactory>::command(),
+    )
+    .get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

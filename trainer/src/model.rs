@@ -187,17 +187,31 @@ impl Block {
     }
 }
 
-/// Per-layer key/value cache for incremental decoding.
-#[derive(Debug, Clone, Default)]
+/// Per-layer key/value cache for incremental decoding: one `[B, kv_heads, capacity, d]` buffer
+/// for the keys and one for the values of each layer, written in place as positions are
+/// appended (capacity doubles when full), detached from any autograd graph. Memory is linear in
+/// the cached length: no step keeps an earlier step's tensors or graph alive.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Positions to allocate room for at the first append.
+    reserve: usize,
 }
 
 impl KvCache {
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty cache that allocates room for `positions` at its first append (it still grows
+    /// past them).
+    pub fn with_capacity(positions: usize) -> Self {
+        KvCache {
+            reserve: positions,
+            ..Self::default()
+        }
     }
 
     /// Number of positions already cached.
@@ -208,6 +222,75 @@ impl KvCache {
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether a cached tensor records an autograd graph (never, by construction: the buffers
+    /// are fresh tensors written in place).
+    pub fn tracks_graph(&self) -> bool {
+        self.layers
+            .iter()
+            .flatten()
+            .any(|(k, v)| k.track_op() || v.track_op())
+    }
+
+    /// Positions the buffers hold room for (0 before the first append).
+    pub fn capacity(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+
+    /// Writes layer `li`'s new keys and values (`[B, kv_heads, l, d]`) at positions
+    /// `len .. len + l` and returns all cached ones, `[B, kv_heads, len + l, d]` views of the
+    /// buffers. `limit`: the bytes the buffers may take in all (the model's memory ceiling).
+    fn append(
+        &mut self,
+        li: usize,
+        k: &Tensor,
+        v: &Tensor,
+        limit: Option<u128>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, kvh, l, d) = k.dims4()?;
+        let need = self.len + l;
+        let cap = self.layers[li]
+            .as_ref()
+            .map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if need > cap {
+            let new_cap = need.max(2 * cap).max(self.reserve);
+            let bytes = (b * kvh * d) as u128 * new_cap as u128 * k.dtype().size_in_bytes() as u128;
+            if let Some(limit) = limit.filter(|&lim| 2 * bytes * self.layers.len() as u128 > lim) {
+                return Err(Error::TooLarge {
+                    what: format!("the key/value cache for {b} sequence(s) of {need} positions"),
+                    bytes: 2 * bytes * self.layers.len() as u128,
+                    detail: format!(
+                        "{} layers × keys and values × {b} sequence(s) × {kvh} heads × {new_cap} \
+                         positions × {d} × {} bytes",
+                        self.layers.len(),
+                        k.dtype().size_in_bytes()
+                    ),
+                    limit,
+                });
+            }
+            let grow = |old: Option<&Tensor>, new: &Tensor| -> Result<Tensor> {
+                let buf = Tensor::zeros((b, kvh, new_cap, d), new.dtype(), new.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = self.layers[li].take();
+            let (ok, ov) = (old.as_ref().map(|x| &x.0), old.as_ref().map(|x| &x.1));
+            self.layers[li] = Some((grow(ok, k)?, grow(ov, v)?));
+        }
+        let (kb, vb) = self.layers[li]
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("KV cache: layer without buffers".into()))?;
+        kb.slice_set(&k.detach().contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.detach().contiguous()?, 2, self.len)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
     }
 }
 
@@ -293,6 +376,8 @@ struct LayerCtx {
     mask: Option<Tensor>,
     /// `Some(window)` when the mask is causal (with right padding and `window` at most).
     causal: Option<Option<usize>>,
+    /// The KV cache's memory ceiling ([`Model::memory_limit`]).
+    memory_limit: Option<u128>,
 }
 
 impl LayerCtx {
@@ -318,7 +403,7 @@ impl LayerCtx {
         &self,
         blk: &Block,
         x: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, l) = (self.b, self.l);
         let (nh, nkv, hd) = self.heads;
@@ -364,12 +449,8 @@ impl LayerCtx {
             let q = apply_rope(&q, cos, sin)?;
             let mut k = apply_rope(&k, cos, sin)?;
             let mut v = v;
-            if let Some(slot) = cache {
-                if let Some((pk, pv)) = slot.as_ref() {
-                    k = Tensor::cat(&[pk, &k], 2)?;
-                    v = Tensor::cat(&[pv, &v], 2)?;
-                }
-                *slot = Some((k.clone(), v.clone()));
+            if let Some((c, li)) = cache {
+                (k, v) = c.append(li, &k, &v, self.memory_limit)?;
             }
             let t = k.dim(2)?;
             unexpanded = Some((k.clone(), v.clone()));
@@ -465,6 +546,35 @@ impl LayerCtx {
     fn flash(&self, _q: &Tensor, _kv: Option<&(Tensor, Tensor)>) -> Result<Option<Tensor>> {
         let _ = self.causal;
         Ok(None)
+    }
+}
+
+/// Bytes of physical memory (`MemTotal` of `/proc/meminfo` on Linux), the ceiling of the size
+/// checks on the CPU ([`Model::check_forward_size`], the KV cache's growth); `None` where unknown
+/// (no ceiling then).
+pub fn physical_memory() -> Option<u128> {
+    static MEM: std::sync::OnceLock<Option<u128>> = std::sync::OnceLock::new();
+    *MEM.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
+/// `bytes` in decimal units with one decimal (`138.6 TB`).
+pub fn format_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -830,8 +940,10 @@ impl Model {
         }
     }
 
-    /// The same model with every tensor detached: a forward pass through it records no graph
-    /// and keeps nothing for a backward pass (inference).
+    /// The same model with every tensor detached (the same storage, detached from the
+    /// variables, adapters included): its forward passes record no autograd graph, so no
+    /// activation outlives the op that reads it (PyTorch's `torch.no_grad()`). For inference:
+    /// log-probs, sampling.
     pub fn detached(&self) -> Model {
         let mut m = self.clone();
         let d = |t: &mut Tensor| *t = t.detach();
@@ -889,6 +1001,85 @@ impl Model {
     /// Turns the fused CPU kernels on or off (see [`Model::fused_kernels`]).
     pub fn set_fused_kernels(&mut self, on: bool) {
         self.fused = on;
+    }
+
+    /// Whether forward passes record an autograd graph (the weights are variables; false for
+    /// a [`Model::detached`] model).
+    pub fn tracks_graph(&self) -> bool {
+        self.embed.track_op()
+    }
+
+    /// The ceiling of the size checks: [`physical_memory`] on the CPU, none on other devices
+    /// (their allocators fail with an error rather than aborting the process).
+    fn memory_limit(&self) -> Option<u128> {
+        if self.device.is_cpu() {
+            physical_memory()
+        } else {
+            None
+        }
+    }
+
+    /// The least memory a forward pass over `b` sequences of `l` positions attending `t` keys
+    /// takes, and what it is made of: the `[B, heads, l, t]` attention probabilities (every
+    /// layer's kept for the backward pass when the model [tracks a graph](Model::tracks_graph),
+    /// one layer's otherwise) and the `[B, 1, l, t]` additive mask, in the accumulation dtype.
+    /// A lower bound, so that a refusal is certain to be right.
+    pub fn forward_memory(&self, b: usize, l: usize, t: usize) -> (u128, String) {
+        let bytes = accumulation_dtype(self.compute_dtype).size_in_bytes() as u128;
+        let heads = self.config.num_attention_heads as u128;
+        let layers = if self.tracks_graph() {
+            self.config.num_hidden_layers as u128
+        } else {
+            1
+        };
+        let (b, l, t) = (b as u128, l as u128, t as u128);
+        let total = [b, l, t, bytes]
+            .iter()
+            .fold(layers * heads + 1, |acc, &x| acc.saturating_mul(x));
+        let detail = format!(
+            "attention probabilities: {b} sequence(s) × {heads} heads × {l} × {t} positions × {bytes} bytes{}, \
+             and the mask",
+            if layers > 1 {
+                format!(" × {layers} layers kept for the backward pass")
+            } else {
+                String::new()
+            }
+        );
+        (total, detail)
+    }
+
+    /// Refuses token ids the embedding has no row for.
+    ///
+    /// # Errors
+    /// [`Error::TokenOutOfVocab`] with the first such id.
+    pub fn check_token_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        match ids.iter().find(|&&i| i as usize >= v) {
+            Some(&id) => Err(Error::TokenOutOfVocab { id, vocab_size: v }),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a forward pass over `b` sequences of `l` positions (attending `offset + l`
+    /// keys) whose [`Model::forward_memory`] exceeds the machine's memory, before anything of
+    /// that size is allocated.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`].
+    pub fn check_forward_size(&self, b: usize, l: usize, offset: usize) -> Result<()> {
+        let Some(limit) = self.memory_limit() else {
+            return Ok(());
+        };
+        let (bytes, detail) = self.forward_memory(b, l, offset.saturating_add(l));
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                what: format!("a forward pass over {b} sequence(s) of {l} positions"),
+                bytes,
+                detail,
+                limit,
+            });
+        }
+        Ok(())
     }
 
     /// Runs each decoder layer of a training forward pass (no KV cache, f32/f64 CPU, fused
@@ -1062,6 +1253,7 @@ impl Model {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
+        self.check_token_ids(&ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)?;
         let cfg = &self.config;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -1120,6 +1312,7 @@ impl Model {
             sin: sin.clone(),
             mask: mask.cloned(),
             causal: causal.then_some(cfg.sliding_window),
+            memory_limit: self.memory_limit(),
         };
         let fz = self.use_fused(&x);
         // Whole-layer nodes: sizes and mask, the same for every layer.
@@ -1160,7 +1353,7 @@ impl Model {
                 x = crate::recompute::checkpoint(&x, f, blk.tensors(), sink)?;
                 continue;
             }
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let slot = cache.as_deref_mut().map(|c| (c, li));
             x = ctx.block(blk, &x, slot)?;
         }
         if let Some(c) = cache {
@@ -1296,6 +1489,7 @@ impl Model {
                 "token_logps needs sequences of length ≥ 2".into(),
             ));
         }
+        self.check_forward_size(b, l, 0)?;
         if let Some(r) = rows {
             if r.dims() != [b, l - 1] {
                 return Err(Error::InvalidArgument(format!(
@@ -1375,15 +1569,19 @@ impl Model {
     }
 
     /// Incremental decoding: runs `ids: [B, l]` at positions `cache.len() ..`, extends the
-    /// cache and returns the logits `[B, l, V]` (accumulation dtype). No gradient: the model
-    /// runs detached. For sampling, [`Model::forward_last_with_cache`] forms only the last
-    /// position's logits.
+    /// cache and returns the logits `[B, l, V]` (accumulation dtype). Records no autograd
+    /// graph (the weights are read [detached](Model::detached)): the logits and the cache hold
+    /// no earlier step's tensors, so memory stays linear in the cached length.
+    /// For sampling, [`Model::forward_last_with_cache`] forms only the last position's
+    /// logits.
     ///
     /// # Errors
-    /// Tensor errors.
+    /// [`Error::TooLarge`] (see [`Model::check_forward_size`]; the cache's growth likewise);
+    /// tensor errors.
     pub fn forward_with_cache(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, l) = ids.dims2()?;
+        let (b, l) = ids.dims2()?;
         let offset = cache.len();
+        self.check_forward_size(b, l, offset)?;
         let mask = self.cache_mask(l, offset)?;
         let m = self.detached();
         let h = m.decode(ids, offset, mask.as_ref(), true, Some(cache))?;
@@ -1396,8 +1594,9 @@ impl Model {
     /// # Errors
     /// Tensor errors.
     pub fn forward_last_with_cache(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, l) = ids.dims2()?;
+        let (b, l) = ids.dims2()?;
         let offset = cache.len();
+        self.check_forward_size(b, l, offset)?;
         let mask = self.cache_mask(l, offset)?;
         let m = self.detached();
         let h = m

@@ -31,6 +31,8 @@ pub struct TokenizerBundle {
     tokens: TemplateTokens,
     template: Option<ChatTemplate>,
     eos_ids: Vec<u32>,
+    warnings: Vec<String>,
+    provenance: crate::provenance::Provenance,
 }
 
 fn special_token(v: Option<&Value>) -> Option<String> {
@@ -75,20 +77,43 @@ impl TokenizerBundle {
             .and_then(|e| tokenizer.token_to_id(e))
             .into_iter()
             .collect();
+        let provenance = crate::provenance::Provenance {
+            class: tokenizer_config
+                .get("tokenizer_class")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            ..Default::default()
+        };
         Ok(TokenizerBundle {
             tokenizer,
             tokens,
             template,
             eos_ids,
+            warnings: Vec::new(),
+            provenance,
         })
     }
 
     /// Loads `tokenizer.json`, `tokenizer_config.json` (optional) and `chat_template.jinja`
-    /// (optional; preferred over the config's `chat_template`) from a checkpoint directory.
+    /// (optional; preferred over the config's `chat_template`) from a checkpoint directory, or
+    /// from the cached conversion of a GGUF file ([`crate::gguf::resolve_model`]).
     ///
     /// # Errors
     /// Missing or invalid tokenizer.json, invalid JSON, a template that does not compile.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, crate::provenance::TokenizerCompat::default())
+    }
+
+    /// [`TokenizerBundle::load`] with the pipeline chosen by `compat`: tokenizer.json as saved,
+    /// or what transformers 5 builds for the checkpoint's `tokenizer_class`
+    /// ([`crate::provenance`]).
+    ///
+    /// # Errors
+    /// See [`TokenizerBundle::load`].
+    pub fn load_with(dir: &Path, compat: crate::provenance::TokenizerCompat) -> Result<Self> {
+        // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
+        let resolved = crate::gguf::resolve_model(dir)?;
+        let dir = resolved.as_path();
         let tj = dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
@@ -115,6 +140,27 @@ impl TokenizerBundle {
             None
         };
         let mut b = Self::from_parts(tokenizer, &config, template)?;
+        // Provenance, and transformers 5's rebuild when asked for (crate::provenance).
+        let text = std::fs::read_to_string(&tj).map_err(|e| Error::io(&tj, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: tj.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+        b.provenance = crate::provenance::Provenance::analyse(&json, &config, compat);
+        if compat == crate::provenance::TokenizerCompat::Transformers5 {
+            if let crate::provenance::Rebuild::Rebuilt(t) =
+                crate::provenance::transformers5(&json, &config)
+            {
+                let mut rebuilt: tokenizers::Tokenizer = t.to_string().parse().map_err(|e| {
+                    Error::Tokenizer(format!("{}: transformers 5 rebuild: {e}", tj.display()))
+                })?;
+                rebuilt
+                    .with_truncation(None)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+                rebuilt.with_padding(None);
+                b.tokenizer = rebuilt;
+            }
+        }
         // generation_config.json may list more stop tokens (e.g. Llama 3's <|eot_id|>).
         let gc = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gc) {
@@ -135,7 +181,38 @@ impl TokenizerBundle {
                 }
             }
         }
+        if b.tokens.eos_token.is_none() {
+            let why = if tc.exists() {
+                format!("{} names no eos_token", tc.display())
+            } else {
+                format!("{} is missing", tc.display())
+            };
+            let stop = if b.eos_ids.is_empty() {
+                "sampling stops only at the token limit".to_string()
+            } else {
+                format!(
+                    "sampling stops only at generation_config.json's eos_token_id {:?}",
+                    b.eos_ids
+                )
+            };
+            b.warnings.push(format!(
+                "{why}: no EOS token is known, so plain-text completions are tokenized without \
+                 an appended EOS (TRL appends the tokenizer's eos_token; the log-probs differ) \
+                 and {stop}"
+            ));
+        }
         Ok(b)
+    }
+
+    /// What loading found missing and what is done instead (a missing tokenizer_config.json
+    /// changes the EOS rule and so every log-prob): for the command to print.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Which pipeline encodes, and how transformers 5 would differ.
+    pub fn provenance(&self) -> &crate::provenance::Provenance {
+        &self.provenance
     }
 
     /// The underlying tokenizer.
@@ -568,7 +645,7 @@ pub struct TokenizedDataset<T> {
 
 fn tokenize_all<E, T>(
     file: &Path,
-    loaded: Loaded<E>,
+    mut loaded: Loaded<E>,
     skip_invalid: bool,
     mut f: impl FnMut(&E, usize, &mut TokenizeStats) -> std::result::Result<Outcome<T>, FieldError>,
 ) -> Result<TokenizedDataset<T>> {
@@ -576,7 +653,7 @@ fn tokenize_all<E, T>(
         total: loaded.examples.len() + loaded.errors.len(),
         ..Default::default()
     };
-    let mut errors = loaded.errors;
+    let mut errors = std::mem::take(&mut loaded.errors);
     let mut examples = Vec::new();
     for ex in &loaded.examples {
         match f(&ex.value, ex.line, &mut stats) {
@@ -586,9 +663,10 @@ fn tokenize_all<E, T>(
             }),
             Ok(Outcome::Dropped) => {}
             Err(fe) => {
+                let (file, line) = loaded.locate(file, ex.line);
                 let de = DataError {
-                    file: file.to_path_buf(),
-                    line: ex.line,
+                    file,
+                    line,
                     field: Some(fe.field.to_string()),
                     message: fe.message,
                 };
@@ -600,7 +678,7 @@ fn tokenize_all<E, T>(
             }
         }
     }
-    errors.sort_by_key(|e| e.line);
+    errors.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     stats.kept = examples.len();
     stats.invalid = errors.len();
     Ok(TokenizedDataset {
@@ -610,7 +688,8 @@ fn tokenize_all<E, T>(
     })
 }
 
-/// Reads and tokenizes a preference JSONL file.
+/// Reads and tokenizes a preference dataset (JSONL, JSON array, Parquet or a directory of
+/// Parquet shards: [`crate::data::read_records`]).
 ///
 /// # Errors
 /// I/O errors; the first data error (file:line:field) unless `skip_invalid`.
@@ -620,13 +699,13 @@ pub fn load_preferences(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedPair>> {
-    let loaded = crate::data::read_jsonl(file, skip_invalid, crate::data::parse_preference_line)?;
+    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_preference_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
         tokenize_preference(tok, ex, opts, line, st)
     })
 }
 
-/// Reads and tokenizes an SFT JSONL file.
+/// Reads and tokenizes an SFT dataset (any format of [`crate::data::read_records`]).
 ///
 /// # Errors
 /// See [`load_preferences`].
@@ -636,13 +715,13 @@ pub fn load_sft(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedSft>> {
-    let loaded = crate::data::read_jsonl(file, skip_invalid, crate::data::parse_sft_line)?;
+    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_sft_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
         tokenize_sft(tok, ex, opts, line, st)
     })
 }
 
-/// Reads a prompt JSONL file and tokenizes each prompt (truncated to `max_prompt_length`,
+/// Reads a prompt dataset (any format of [`crate::data::read_records`]) and tokenizes each prompt (truncated to `max_prompt_length`,
 /// keeping its end).
 ///
 /// # Errors
@@ -653,7 +732,7 @@ pub fn load_prompts(
     max_prompt_length: Option<usize>,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<(PromptExample, Vec<u32>)>> {
-    let loaded = crate::data::read_jsonl(file, skip_invalid, crate::data::parse_prompt_line)?;
+    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_prompt_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, _line, st| {
         let mut ids = tok.prompt_ids(&ex.prompt).map_err(field_err("prompt"))?;
         if let Some(mp) = max_prompt_length {

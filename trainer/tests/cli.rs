@@ -19,13 +19,7 @@ fn data(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn jsonl(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use common::jsonl;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

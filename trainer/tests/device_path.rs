@@ -565,10 +565,11 @@ fn dpo_steps_through_the_plain_path_equal_the_fused_path() {
     let cfg_lora = LoraConfig::new(4, 8.0, 0.1, &["all-linear".into()], false).unwrap();
     let dev = common::device();
     for (objective, lora) in [
-        (Objective::Dpo, None),
-        (Objective::DpoPg, None),
-        (Objective::Dpo, Some(&cfg_lora)),
+        (Objective::dpo(0.1).unwrap(), None),
+        (Objective::dpo_pg(0.1).unwrap(), None),
+        (Objective::dpo(0.1).unwrap(), Some(&cfg_lora)),
     ] {
+        let objective = &objective;
         let run = |v: Variant, d: &Device| {
             let mut v = v;
             v.lora = None;
@@ -581,7 +582,7 @@ fn dpo_steps_through_the_plain_path_equal_the_fused_path() {
             // SGD: the update is linear in the gradient. (AdamW's first steps move each
             // weight by about ±lr whatever its gradient's size, so a gradient element at
             // rounding level, e.g. of a LoRA B still near zero, could flip its weight's step.)
-            let mut cfg = dpo_config(out.path(), objective, 3);
+            let mut cfg = dpo_config(out.path(), objective.clone(), 3);
             cfg.optim = OptimizerKind::Sgd;
             cfg.learning_rate = 0.05;
             train(&tm, cfg, data.clone())
@@ -612,7 +613,7 @@ fn lora_dpo_lowers_the_loss_and_trains_only_the_adapters() {
     m.add_lora(LoraConfig::default(), 1).unwrap();
     let tm = TrainModel::new(m, dir.path().to_path_buf(), DType::F32);
     let out = common::TempDir::new();
-    let mut cfg = dpo_config(out.path(), Objective::Dpo, 12);
+    let mut cfg = dpo_config(out.path(), Objective::dpo(0.1).unwrap(), 12);
     cfg.learning_rate = 5e-3;
     cfg.per_device_train_batch_size = 8;
     let (steps, _) = train(&tm, cfg, data);
@@ -653,14 +654,14 @@ fn lora_checkpoints_resume_exactly_and_merge() {
     let (full_out, part_out) = (common::TempDir::new(), common::TempDir::new());
     let straight = train(
         &fresh(),
-        dpo_config(full_out.path(), Objective::Dpo, 4),
+        dpo_config(full_out.path(), Objective::dpo(0.1).unwrap(), 4),
         data.clone(),
     );
     // 2 steps, then a fresh model resumed from checkpoint-2 for 2 more.
     let m1 = fresh();
     let mut t = Trainer::new(
         &m1,
-        dpo_config(part_out.path(), Objective::Dpo, 2),
+        dpo_config(part_out.path(), Objective::dpo(0.1).unwrap(), 2),
         data.clone(),
     )
     .unwrap();
@@ -680,7 +681,7 @@ fn lora_checkpoints_resume_exactly_and_merge() {
     let m2 = fresh();
     let mut t = Trainer::resume(
         &m2,
-        dpo_config(part_out.path(), Objective::Dpo, 4),
+        dpo_config(part_out.path(), Objective::dpo(0.1).unwrap(), 4),
         data,
         &ck,
     )

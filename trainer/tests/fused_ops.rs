@@ -6,30 +6,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use difinfo_trainer::batch::{Batch, Sequence};
+use common::{causal_and_padding_mask, rand};
+use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::fused;
 use difinfo_trainer::model::MASK_VALUE;
-
-fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    // SplitMix64 → uniform(−2, 2): deterministic without a RNG dependency.
-    let n: usize = shape.iter().product();
-    let mut s = seed;
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
 
 /// `max_i |t_i|` (exact: in f64).
 fn max_abs(t: &Tensor) -> f64 {
@@ -131,23 +112,6 @@ fn silu_mul_matches_unfused() {
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
         );
     }
-}
-
-fn causal_and_padding_mask(b: usize, l: usize, pad: &[usize], dtype: DType) -> Tensor {
-    let mut m = vec![0f64; b * l * l];
-    for bi in 0..b {
-        for i in 0..l {
-            for j in 0..l {
-                if j > i || j >= l - pad[bi] {
-                    m[(bi * l + i) * l + j] = MASK_VALUE;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (b, 1, l, l), &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }
 
 #[test]
@@ -296,16 +260,7 @@ fn model_grads(
 /// kernels). A second backward pass through the same graph gives the same gradients.
 #[test]
 fn model_with_fused_kernels_matches_unfused() {
-    let seqs = vec![
-        Sequence {
-            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
-            completion_start: 3,
-        },
-        Sequence {
-            ids: vec![0, 5, 6, 200, 31],
-            completion_start: 2,
-        },
-    ];
+    let seqs = common::two_sequences();
     let q0 = "model.layers.0.self_attn.q_proj.weight";
     for arch in [
         Architecture::Llama,
@@ -369,16 +324,7 @@ fn model_with_fused_kernels_matches_unfused() {
 /// layers as whole-layer nodes and without.
 #[test]
 fn masked_token_logps_match_all_positions_times_mask() {
-    let seqs = vec![
-        Sequence {
-            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
-            completion_start: 3,
-        },
-        Sequence {
-            ids: vec![0, 5, 6, 200, 31],
-            completion_start: 2,
-        },
-    ];
+    let seqs = common::two_sequences();
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         for dtype in [DType::F64, DType::F32] {
             for sink in [false, true] {

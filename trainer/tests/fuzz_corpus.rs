@@ -46,6 +46,134 @@ fn chat_template_corpus_replays() {
 }
 
 #[test]
+fn safetensors_file_corpus_replays() {
+    replay(
+        "safetensors_file",
+        difinfo_trainer::fuzzing::safetensors_file,
+    );
+}
+
+#[test]
+fn trainer_state_corpus_replays() {
+    replay("trainer_state", difinfo_trainer::fuzzing::trainer_state);
+}
+
+#[test]
+fn train_config_toml_corpus_replays() {
+    replay(
+        "train_config_toml",
+        difinfo_trainer::fuzzing::train_config_toml,
+    );
+}
+
+#[test]
+fn resume_file_seeds_exercise_success_and_refusal_paths() {
+    use difinfo_trainer::train::{checkpoint, Optimizer, OptimizerConfig, OptimizerKind};
+    use std::path::Path;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let p = Path::new("<seed>");
+    let tensors =
+        difinfo_trainer::checkpoint::parse_safetensors(&read("safetensors_file/dtypes"), p)
+            .unwrap();
+    assert_eq!(tensors.len(), 8);
+    let dev = candle_core::Device::Cpu;
+    let vars = vec![
+        (
+            "a.weight".to_string(),
+            candle_core::Var::zeros((2, 3), candle_core::DType::F32, &dev).unwrap(),
+        ),
+        (
+            "b.bias".to_string(),
+            candle_core::Var::zeros(4, candle_core::DType::F32, &dev).unwrap(),
+        ),
+    ];
+    let cfg = |kind| OptimizerConfig {
+        kind,
+        ..OptimizerConfig::default()
+    };
+    let o = Optimizer::from_bytes(
+        cfg(OptimizerKind::Adamw),
+        &vars,
+        &read("safetensors_file/adamw_state"),
+        p,
+    )
+    .unwrap();
+    assert_eq!(o.step_count(), 3);
+    let o = Optimizer::from_bytes(
+        cfg(OptimizerKind::Rmsprop),
+        &vars,
+        &read("safetensors_file/rmsprop_state"),
+        p,
+    )
+    .unwrap();
+    assert_eq!(o.step_count(), 7);
+    let e = Optimizer::from_bytes(
+        cfg(OptimizerKind::Rmsprop),
+        &vars,
+        &read("safetensors_file/nan_state"),
+        p,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("non-finite"), "{e}");
+    let text = |f: &str| String::from_utf8(read(f)).unwrap();
+    let s = checkpoint::parse_state(&text("trainer_state/state_v1"), p).unwrap();
+    assert!(s.checksums && s.global_step == 2);
+    assert!(checkpoint::parse_state(&text("trainer_state/other_format"), p).is_err());
+    let old = checkpoint::parse_state(&text("trainer_state/no_checksums_field"), p).unwrap();
+    assert!(!old.checksums);
+    let sums = checkpoint::parse_checksums(&text("trainer_state/checksums"), p).unwrap();
+    assert_eq!(sums.len(), 8);
+    assert!(sums.iter().any(|(_, n)| n == "optimizer.safetensors"));
+    assert!(checkpoint::parse_checksums(&text("trainer_state/bad_checksum_line"), p).is_err());
+    let merge = |f: &str| {
+        difinfo_trainer::train::config::merge_tables(
+            toml::Table::try_from(difinfo_trainer::train::TrainConfig::default()).unwrap(),
+            Some((p, text(f).parse::<toml::Table>().unwrap())),
+            toml::Table::new(),
+        )
+    };
+    assert_eq!(
+        merge("train_config_toml/paper_dpo").unwrap().warmup_steps,
+        150
+    );
+    let e = merge("train_config_toml/beta1_out_of_range")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("<seed>: adam_beta1 = 1.5"), "{e}");
+}
+
+#[test]
+fn gguf_import_corpus_replays() {
+    replay("gguf_import", difinfo_trainer::fuzzing::gguf_import);
+}
+
+#[test]
+fn gguf_seed_imports() {
+    // The valid seed goes through the whole conversion; the broken ones are errors.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/gguf_import");
+    let import = |f: &str| {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        difinfo_trainer::gguf::import(
+            &mut std::io::Cursor::new(bytes),
+            std::path::Path::new(f),
+            &mut |_, _| {},
+        )
+    };
+    let ok = import("valid_q4_1").unwrap();
+    assert_eq!(ok.summary.tensor_types.get("Q4_1"), Some(&7));
+    for f in [
+        "bad_magic",
+        "truncated_header",
+        "truncated_data",
+        "unsupported_arch",
+    ] {
+        assert!(import(f).is_err(), "{f}");
+    }
+}
+
+#[test]
 fn corpus_seeds_exercise_success_paths() {
     // The seeds are not all errors: the well-formed ones parse and render.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");

@@ -4,22 +4,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use difinfo_trainer::batch::{Batch, Sequence};
+use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config::{Architecture, ModelConfig};
 use difinfo_trainer::model::Model;
 
 fn batch(dev: &Device) -> Batch {
-    let seqs = vec![
-        Sequence {
-            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
-            completion_start: 3,
-        },
-        Sequence {
-            ids: vec![0, 5, 6, 200, 31],
-            completion_start: 2,
-        },
-    ];
-    Batch::from_sequences(&seqs, 2, dev).unwrap()
+    Batch::from_sequences(&common::two_sequences(), 2, dev).unwrap()
 }
 
 /// `Σ_b log π(y_b | x_b)` over the batch.

@@ -162,7 +162,8 @@ fn sft_then_dpo_then_dpo_pg_then_plot() {
     let pg_dir = tmp.path().join("pg");
     let out = ok(&[
         "dpo",
-        "--projected-gradient",
+        "--objective",
+        "dpo-pg",
         "--model",
         s(&sft_model),
         "--data",

@@ -5,7 +5,10 @@ use std::cell::Cell;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use difinfo::loss::LossShape;
+use difinfo::loss::batch_loss;
+use difinfo::objective::{LossType, ObjectiveSpec, Rule};
+use difinfo::reward::side;
+use difinfo::scalar::infallible;
 use difinfo_trainer::train::checkpoint::latest_checkpoint;
 use difinfo_trainer::train::toy::Bigram;
 use difinfo_trainer::train::{
@@ -61,13 +64,51 @@ fn dataset(p: Vec<PreferencePair>) -> Dataset {
     }
 }
 
+/// The objectives the tests cover: DPO, reference-free DPO, DPO-PG, SFT.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Dpo,
+    RefFree,
+    DpoPg,
+    Sft,
+}
+
+/// `kind` with loss type `shape` and `β`.
+fn objective(kind: Kind, shape: LossType, beta: f64) -> Objective {
+    Objective::new(ObjectiveSpec {
+        objective: match kind {
+            Kind::Sft => Rule::Sft,
+            Kind::DpoPg => Rule::ProjectedGradient,
+            Kind::Dpo | Kind::RefFree => Rule::Preference,
+        },
+        loss_type: vec![shape],
+        beta,
+        reference_free: kind == Kind::RefFree,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The library's loss of one pair in `f64` (the text the trainer runs on tensors) at summed
+/// log-probs `c`, `r`, token counts `nc`, `nr` and the reference's `(chosen, rejected)`.
+fn library_pair_loss(
+    o: &Objective,
+    (c, nc): (f64, f64),
+    (r, nr): (f64, f64),
+    refs: Option<(f64, f64)>,
+) -> f64 {
+    let cs = infallible(side(o, c, refs.map(|x| x.0), nc));
+    let rs = infallible(side(o, r, refs.map(|x| x.1), nr));
+    infallible(batch_loss(o, &cs, &rs)).loss
+}
+
 fn model(dtype: DType) -> Bigram {
     Bigram::new(VOCAB, 6, 0.5, 7, dtype, &Device::Cpu).unwrap()
 }
 
-fn config(dir: &Path, objective: Objective) -> TrainConfig {
+fn config(dir: &Path, kind: Kind) -> TrainConfig {
     TrainConfig {
-        objective,
+        objective: objective(kind, LossType::Sigmoid, 0.1),
         output_dir: dir.to_path_buf(),
         learning_rate: 0.05,
         lr_scheduler_type: SchedulerType::ConstantWithWarmup,
@@ -115,16 +156,16 @@ fn mean_logps(m: &impl PolicyModel, p: &[PreferencePair]) -> (f64, f64) {
 
 #[test]
 fn dpo_lowers_the_loss_for_every_loss_type() {
-    for shape in [LossShape::Sigmoid, LossShape::Hinge, LossShape::Ipo] {
+    for shape in [LossType::Sigmoid, LossType::Hinge, LossType::Ipo] {
         let dir = tempfile::tempdir().unwrap();
         let m = model(DType::F32);
         let p = pairs(16, 1);
+        let beta = if shape == LossType::Ipo { 0.5 } else { 0.1 };
         let cfg = TrainConfig {
-            loss_type: shape,
-            beta: if shape == LossShape::Ipo { 0.5 } else { 0.1 },
+            objective: objective(Kind::Dpo, shape, beta),
             per_device_train_batch_size: 16,
             max_steps: 40,
-            ..config(dir.path(), Objective::Dpo)
+            ..config(dir.path(), Kind::Dpo)
         };
         let mut t = Trainer::new(&m, cfg, dataset(p)).unwrap();
         let first = t.train_step().unwrap().unwrap();
@@ -139,7 +180,7 @@ fn dpo_lowers_the_loss_for_every_loss_type() {
         );
         assert!(last["rewards/margins"].as_f64().unwrap() > 0.0);
         assert!(last["rewards/accuracies"].as_f64().unwrap() > 0.5);
-        if shape == LossShape::Sigmoid {
+        if shape == LossType::Sigmoid {
             assert!(
                 (first.loss - std::f64::consts::LN_2).abs() < 1e-6,
                 "policy = reference at step 1"
@@ -156,7 +197,7 @@ fn metrics_files_have_trl_names() {
         &m,
         TrainConfig {
             max_steps: 3,
-            ..config(dir.path(), Objective::DpoPg)
+            ..config(dir.path(), Kind::DpoPg)
         },
         dataset(pairs(8, 2)),
     )
@@ -222,7 +263,7 @@ fn one_sgd_step_of_dpo_pg_raises_chosen_and_not_rejected() {
             lr_scheduler_type: SchedulerType::Constant,
             per_device_train_batch_size: 8,
             max_steps: 1,
-            ..config(dir.path(), Objective::DpoPg)
+            ..config(dir.path(), Kind::DpoPg)
         };
         let mut t = Trainer::new(&m, cfg, dataset(p.clone())).unwrap();
         let rep = t.train_step().unwrap().unwrap();
@@ -251,9 +292,9 @@ fn one_sgd_step_of_dpo_pg_raises_chosen_and_not_rejected() {
 
 /// Runs `objective` to completion in one go and with an interruption after `k` steps, and
 /// returns both metric logs and final weights.
-fn exact_resume_case(objective: Objective, optim: OptimizerKind, shape: LossShape) {
-    let data = || match objective {
-        Objective::Sft => Dataset {
+fn exact_resume_case(kind: Kind, optim: OptimizerKind, shape: LossType) {
+    let data = || match kind {
+        Kind::Sft => Dataset {
             examples: Examples::Sft(pairs(20, 4).into_iter().map(|p| p.chosen).collect()),
             pad_id: 0,
             settings: "toy".into(),
@@ -262,7 +303,7 @@ fn exact_resume_case(objective: Objective, optim: OptimizerKind, shape: LossShap
     };
     let cfg = |dir: &Path| TrainConfig {
         optim,
-        loss_type: shape,
+        objective: objective(kind, shape, 0.1),
         per_device_train_batch_size: 3,
         gradient_accumulation_steps: 2,
         lr_scheduler_type: SchedulerType::Cosine,
@@ -271,7 +312,7 @@ fn exact_resume_case(objective: Objective, optim: OptimizerKind, shape: LossShap
         logging_steps: 3,
         save_steps: 5,
         max_grad_norm: 0.5,
-        ..config(dir, objective)
+        ..config(dir, kind)
     };
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ma = model(DType::F32);
@@ -311,21 +352,21 @@ fn exact_resume_case(objective: Objective, optim: OptimizerKind, shape: LossShap
     };
     let (a, b) = (strip(da.path()), strip(db.path()));
     assert_eq!(a.len(), 4, "logged at 3, 6, 9, 10");
-    assert_eq!(a, b, "{objective:?}: metrics differ after resume");
+    assert_eq!(a, b, "{kind:?}: metrics differ after resume");
     assert_eq!(
         weights(&ma),
         weights(&fresh),
-        "{objective:?}: weights differ after resume"
+        "{kind:?}: weights differ after resume"
     );
 }
 
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
-    exact_resume_case(Objective::Dpo, OptimizerKind::Adamw, LossShape::Sigmoid);
-    exact_resume_case(Objective::DpoPg, OptimizerKind::Rmsprop, LossShape::Sigmoid);
-    exact_resume_case(Objective::RefFree, OptimizerKind::Sgd, LossShape::Hinge);
-    exact_resume_case(Objective::Sft, OptimizerKind::Adamw, LossShape::Sigmoid);
-    exact_resume_case(Objective::Dpo, OptimizerKind::Rmsprop, LossShape::Ipo);
+    exact_resume_case(Kind::Dpo, OptimizerKind::Adamw, LossType::Sigmoid);
+    exact_resume_case(Kind::DpoPg, OptimizerKind::Rmsprop, LossType::Sigmoid);
+    exact_resume_case(Kind::RefFree, OptimizerKind::Sgd, LossType::Hinge);
+    exact_resume_case(Kind::Sft, OptimizerKind::Adamw, LossType::Sigmoid);
+    exact_resume_case(Kind::Dpo, OptimizerKind::Rmsprop, LossType::Ipo);
 }
 
 /// The other reading of "k steps resumed for k more": a finished run of `max_steps = k`,
@@ -340,7 +381,7 @@ fn finished_run_extended_equals_longer_run() {
         warmup_steps: 2,
         max_steps,
         logging_steps: 2,
-        ..config(dir, Objective::Dpo)
+        ..config(dir, Kind::Dpo)
     };
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ma = model(DType::F32);
@@ -378,7 +419,7 @@ fn a_fresh_run_refuses_a_directory_with_checkpoints_unless_overwriting() {
     let m = model(DType::F32);
     let cfg = TrainConfig {
         max_steps: 2,
-        ..config(dir.path(), Objective::Dpo)
+        ..config(dir.path(), Kind::Dpo)
     };
     Trainer::new(&m, cfg.clone(), dataset(pairs(4, 14)))
         .unwrap()
@@ -409,7 +450,7 @@ fn a_pair_without_completion_tokens_is_rejected_up_front() {
     let m = model(DType::F32);
     let mut p = pairs(3, 15);
     p[1].rejected.completion_start = p[1].rejected.ids.len();
-    let e = Trainer::new(&m, config(dir.path(), Objective::Dpo), dataset(p))
+    let e = Trainer::new(&m, config(dir.path(), Kind::Dpo), dataset(p))
         .err()
         .unwrap()
         .to_string();
@@ -457,7 +498,7 @@ fn nan_stops_the_run_and_keeps_the_last_checkpoint() {
         per_device_train_batch_size: 2,
         save_steps: 2,
         max_steps: 6,
-        ..config(dir.path(), Objective::Dpo)
+        ..config(dir.path(), Kind::Dpo)
     };
     let mut t = Trainer::new(&bad, cfg.clone(), dataset(pairs(8, 5))).unwrap();
     let before_step4 = {
@@ -536,7 +577,7 @@ fn an_overflowing_update_is_not_checkpointed() {
         max_grad_norm: 0.0,
         save_steps: 1,
         max_steps: 3,
-        ..config(dir.path(), Objective::Dpo)
+        ..config(dir.path(), Kind::Dpo)
     };
     let mut t = Trainer::new(&m, cfg.clone(), dataset(pairs(8, 16))).unwrap();
     t.train_step().unwrap();
@@ -558,7 +599,7 @@ fn an_overflowing_update_is_not_checkpointed() {
 
 #[test]
 fn gradient_accumulation_equals_one_large_batch() {
-    for objective in [Objective::Dpo, Objective::DpoPg, Objective::Sft] {
+    for kind in [Kind::Dpo, Kind::DpoPg, Kind::Sft] {
         let run = |bs: usize, ga: usize| {
             let dir = tempfile::tempdir().unwrap();
             let m = model(DType::F64);
@@ -570,11 +611,11 @@ fn gradient_accumulation_equals_one_large_batch() {
                 gradient_accumulation_steps: ga,
                 max_grad_norm: 0.0,
                 max_steps: 1,
-                ..config(dir.path(), objective)
+                ..config(dir.path(), kind)
             };
-            let data = match objective {
+            let data = match kind {
                 // Sequences of unequal lengths: SFT normalizes by the step's token count.
-                Objective::Sft => Dataset {
+                Kind::Sft => Dataset {
                     examples: Examples::Sft(pairs(8, 6).into_iter().map(|p| p.chosen).collect()),
                     pad_id: 0,
                     settings: String::new(),
@@ -595,12 +636,12 @@ fn gradient_accumulation_equals_one_large_batch() {
             for (a, b) in w1.iter().flatten().zip(w.iter().flatten()) {
                 assert!(
                     (a - b).abs() < 1e-12,
-                    "{objective:?} bs={bs} ga={ga}: {a} vs {b}"
+                    "{kind:?} bs={bs} ga={ga}: {a} vs {b}"
                 );
             }
             assert!(
                 (n1 - n).abs() < 1e-12 && (l1 - l).abs() < 1e-12,
-                "{objective:?}: {n1} {n} {l1} {l}"
+                "{kind:?}: {n1} {n} {l1} {l}"
             );
         }
     }
@@ -610,25 +651,25 @@ fn gradient_accumulation_equals_one_large_batch() {
 /// against central finite differences of the library's loss on the model's log-probs.
 #[test]
 fn sgd_update_is_the_finite_difference_gradient_of_the_library_loss() {
-    for (shape, objective) in [
-        (LossShape::Sigmoid, Objective::Dpo),
-        (LossShape::Ipo, Objective::Dpo),
-        (LossShape::Hinge, Objective::RefFree),
+    for (shape, kind) in [
+        (LossType::Sigmoid, Kind::Dpo),
+        (LossType::Ipo, Kind::Dpo),
+        (LossType::Hinge, Kind::RefFree),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let m = model(DType::F64);
         let p = pairs(6, 12);
         let lr = 1e-3;
+        let o = objective(kind, shape, 0.7);
         let cfg = TrainConfig {
-            loss_type: shape,
-            beta: 0.7,
+            objective: o.clone(),
             optim: OptimizerKind::Sgd,
             learning_rate: lr,
             lr_scheduler_type: SchedulerType::Constant,
             per_device_train_batch_size: 6,
             max_grad_norm: 0.0,
             max_steps: 1,
-            ..config(dir.path(), objective)
+            ..config(dir.path(), kind)
         };
         let mut t = Trainer::new(&m, cfg, dataset(p.clone())).unwrap();
         let reference = t.reference().cloned();
@@ -656,17 +697,11 @@ fn sgd_update_is_the_finite_difference_gradient_of_the_library_loss() {
                         o.count.to_vec1::<f64>().unwrap()[0],
                     )
                 };
-                let ((c, nc), (r, nr)) = (lp(&pair.chosen), lp(&pair.rejected));
-                let (wc, wr) = if shape == LossShape::Ipo {
-                    (nc, nr)
-                } else {
-                    (1.0, 1.0)
-                };
-                let mut h = c / wc - r / wr;
-                if let Some(rf) = &reference {
-                    h -= rf.chosen_sum[i] / wc - rf.rejected_sum[i] / wr;
-                }
-                s += shape.value(0.7 * h, 0.7) / p.len() as f64;
+                let refs = reference
+                    .as_ref()
+                    .map(|rf| (rf.chosen_sum[i], rf.rejected_sum[i]));
+                s += library_pair_loss(&o, lp(&pair.chosen), lp(&pair.rejected), refs)
+                    / p.len() as f64;
             }
             s
         };
@@ -703,7 +738,7 @@ fn clipping_bounds_the_update_and_logs_the_pre_clip_norm() {
         lr_scheduler_type: SchedulerType::Constant,
         max_grad_norm: 1e-3,
         max_steps: 1,
-        ..config(dir.path(), Objective::RefFree)
+        ..config(dir.path(), Kind::RefFree)
     };
     let mut t = Trainer::new(&m, cfg, dataset(pairs(8, 7))).unwrap();
     let r = t.train_step().unwrap().unwrap();
@@ -734,7 +769,7 @@ fn reference_cache_is_reused_and_keyed() {
     let p = pairs(6, 8);
     let cfg = TrainConfig {
         max_steps: 1,
-        ..config(dir.path(), Objective::Dpo)
+        ..config(dir.path(), Kind::Dpo)
     };
     let key = Trainer::new(&m, cfg.clone(), dataset(p.clone()))
         .unwrap()
@@ -760,8 +795,13 @@ fn reference_cache_is_reused_and_keyed() {
         r,
         difinfo_trainer::train::refcache::RefLogps::compute(&m, &p, 4, 0).unwrap()
     );
-    // Same everything: same key, file untouched.
-    let again = Trainer::new(&m, cfg.clone(), dataset(p.clone()))
+    // Same everything: same key, file untouched (a rerun over the earlier run keeps its
+    // reference cache).
+    let rerun = TrainConfig {
+        overwrite_output_dir: true,
+        ..cfg.clone()
+    };
+    let again = Trainer::new(&m, rerun, dataset(p.clone()))
         .unwrap()
         .state()
         .ref_cache_key
@@ -794,7 +834,7 @@ fn sft_lowers_the_nll_whole_sequence_and_completion_only() {
             completion_only_loss,
             per_device_train_batch_size: 12,
             max_steps: 30,
-            ..config(dir.path(), Objective::Sft)
+            ..config(dir.path(), Kind::Sft)
         };
         let mut t = Trainer::new(
             &m,
@@ -845,12 +885,7 @@ fn a_variable_without_gradient_is_an_error() {
         model(DType::F32),
         Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap(),
     );
-    let mut t = Trainer::new(
-        &m,
-        config(dir.path(), Objective::Dpo),
-        dataset(pairs(4, 10)),
-    )
-    .unwrap();
+    let mut t = Trainer::new(&m, config(dir.path(), Kind::Dpo), dataset(pairs(4, 10))).unwrap();
     let e = t.train_step().unwrap_err().to_string();
     assert!(e.contains("zz.unused"), "{e}");
 }
@@ -858,27 +893,28 @@ fn a_variable_without_gradient_is_an_error() {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
-    /// The loss the trainer logs equals `difinfo::loss::LossShape::value` averaged over the
-    /// step's pairs, with the model's own log-probs and the cached reference log-probs.
+    /// The loss the trainer logs equals the library's `f64` loss averaged over the step's
+    /// pairs, with the model's own log-probs and the cached reference log-probs (the
+    /// plumbing: batching, the cache, the token counts of IPO's normalization).
     #[test]
     fn trainer_loss_equals_library_loss(
-        shape in prop_oneof![Just(LossShape::Sigmoid), Just(LossShape::Hinge), Just(LossShape::Ipo)],
-        objective in prop_oneof![Just(Objective::Dpo), Just(Objective::RefFree), Just(Objective::DpoPg)],
+        shape in prop_oneof![Just(LossType::Sigmoid), Just(LossType::Hinge), Just(LossType::Ipo)],
+        kind in prop_oneof![Just(Kind::Dpo), Just(Kind::RefFree), Just(Kind::DpoPg)],
         beta in 0.05f64..1.0,
         seed in 0u64..1000,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let m = model(DType::F64);
         let p = pairs(6, seed);
+        let o = objective(kind, shape, beta);
         let cfg = TrainConfig {
-            loss_type: shape,
-            beta,
+            objective: o.clone(),
             optim: OptimizerKind::Sgd,
             learning_rate: 0.3,
             lr_scheduler_type: SchedulerType::Constant,
             per_device_train_batch_size: 3,
             max_steps: 2,
-            ..config(dir.path(), objective)
+            ..config(dir.path(), kind)
         };
         let mut t = Trainer::new(&m, cfg, dataset(p.clone())).unwrap();
         t.train_step().unwrap();
@@ -891,16 +927,11 @@ proptest! {
         };
         let mut want = 0.0;
         for &i in &idx {
-            let ((c, nc), (r, nr)) = (lp(&p[i].chosen), lp(&p[i].rejected));
-            let (wc, wr) = if shape == LossShape::Ipo { (nc, nr) } else { (1.0, 1.0) };
-            let mut h = c / wc - r / wr;
-            if let Some(reference) = &reference {
-                h -= reference.chosen_sum[i] / wc - reference.rejected_sum[i] / wr;
-            }
-            want += shape.value(beta * h, beta) / idx.len() as f64;
+            let refs = reference.as_ref().map(|rf| (rf.chosen_sum[i], rf.rejected_sum[i]));
+            want += library_pair_loss(&o, lp(&p[i].chosen), lp(&p[i].rejected), refs) / idx.len() as f64;
         }
         let got = t.train_step().unwrap().unwrap().loss;
-        prop_assert!((got - want).abs() < 1e-10 * (1.0 + want.abs()), "{objective:?} {shape:?}: {got} vs {want}");
+        prop_assert!((got - want).abs() < 1e-10 * (1.0 + want.abs()), "{kind:?} {shape:?}: {got} vs {want}");
     }
 }
 
@@ -920,10 +951,14 @@ fn rpo_adds_the_mean_chosen_nll_to_the_loss() {
     let mut t = Trainer::new(
         &m,
         TrainConfig {
-            rpo_alpha: Some(alpha),
+            objective: Objective::new(ObjectiveSpec {
+                rpo_alpha: Some(alpha),
+                ..Default::default()
+            })
+            .unwrap(),
             per_device_train_batch_size: 8,
             max_steps: 1,
-            ..config(dir.path(), Objective::Dpo)
+            ..config(dir.path(), Kind::Dpo)
         },
         dataset(p),
     )
@@ -946,7 +981,7 @@ fn save_total_limit_keeps_the_newest_checkpoints() {
         save_steps: 1,
         save_total_limit: Some(2),
         max_steps: 5,
-        ..config(dir.path(), Objective::Dpo)
+        ..config(dir.path(), Kind::Dpo)
     };
     Trainer::new(&m, cfg, dataset(pairs(8, 4)))
         .unwrap()
@@ -966,44 +1001,49 @@ fn save_total_limit_keeps_the_newest_checkpoints() {
 }
 
 /// Options TRL would silently ignore are refused: label smoothing of a non-sigmoid loss, RPO
-/// on DPO-PG, a zero checkpoint limit.
+/// on DPO-PG, a zero checkpoint limit. (The objective's are refused when it is built, from a
+/// file or the command line as well: the library validates it.)
 #[test]
 fn inapplicable_options_are_config_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let base = config(dir.path(), Objective::Dpo);
-    for (c, what) in [
+    let base = config(dir.path(), Kind::Dpo);
+    for (spec, what) in [
         (
-            TrainConfig {
+            ObjectiveSpec {
                 label_smoothing: 0.1,
-                loss_type: LossShape::Hinge,
-                ..base.clone()
+                loss_type: vec![LossType::Hinge],
+                ..Default::default()
             },
             "label_smoothing",
         ),
         (
-            TrainConfig {
+            ObjectiveSpec {
                 label_smoothing: 0.6,
-                ..base.clone()
+                ..Default::default()
             },
             "label_smoothing",
         ),
         (
-            TrainConfig {
+            ObjectiveSpec {
                 rpo_alpha: Some(1.0),
-                objective: Objective::DpoPg,
-                ..base.clone()
+                objective: Rule::ProjectedGradient,
+                ..Default::default()
             },
             "rpo_alpha",
         ),
-        (
-            TrainConfig {
-                save_total_limit: Some(0),
-                ..base.clone()
-            },
-            "save_total_limit",
-        ),
     ] {
-        let e = c.validate().unwrap_err().to_string();
+        let e = Objective::new(spec.clone()).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+        let table = toml::Table::try_from(&spec).unwrap();
+        let e = difinfo_trainer::train::config::merge(None, &table)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(what), "{e}");
     }
+    let c = TrainConfig {
+        save_total_limit: Some(0),
+        ..base
+    };
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("save_total_limit"), "{e}");
 }

@@ -1,43 +1,90 @@
-//! The trainer's tensor losses and projection equal the `difinfo` library's formulas.
+//! Every loss type of TRL's `DPOTrainer`, as the trainer computes it (the library's one text,
+//! on candle tensors), pinned to TRL's formulas on fixed inputs; candle's gradients of those
+//! tensor losses against finite differences; the DPO-PG projection on the trainer's gradient
+//! set against Theorems H.4 and H.5.
+//!
+//! The expected numbers were produced by TRL 1.16's formulas (`trl/trainer/dpo_trainer.py`,
+//! `DPOTrainer._compute_loss`) re-typed in float64 PyTorch, on a batch of three pairs:
+//!
+//! ```python
+//! import math, torch
+//! import torch.nn.functional as F
+//! t = lambda v: torch.tensor(v, dtype=torch.float64)
+//! c, r = t([-12.5, -30.25, -7.0]), t([-14.0, -28.5, -9.75])      # policy, summed log-probs
+//! rc, rr = t([-13.0, -29.0, -8.5]), t([-15.0, -28.0, -8.5])      # reference
+//! nc, nr = t([5.0, 12.0, 3.0]), t([6.0, 10.0, 4.0])              # completion tokens
+//! beta, eps, tau = 0.5, 0.1, 0.05
+//! cu, ru = c - rc, r - rr                                        # log-ratios
+//! def scores(f, a=0.5):
+//!     if f == "reverse_kl": return cu, ru
+//!     if f == "forward_kl": return 1 - torch.exp(-cu), 1 - torch.exp(-ru)
+//!     if f == "js_divergence": return math.log(2) + F.logsigmoid(cu), math.log(2) + F.logsigmoid(ru)
+//!     if f == "alpha_divergence":
+//!         k = 1 / (a - 1)
+//!         return (torch.exp((a - 1) * cu) - 1) * k, (torch.exp((a - 1) * ru) - 1) * k
+//! def loss(kind, f="reverse_kl", e=eps):
+//!     cs, rs = scores(f)
+//!     z = beta * (cs - rs)
+//!     if kind == "sigmoid": return -F.logsigmoid(z)
+//!     if kind == "sigmoid_eps": return -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
+//!     if kind == "hinge": return torch.relu(1 - z)
+//!     if kind == "ipo": return (cs / nc - rs / nr - 1 / (2 * beta)) ** 2
+//!     if kind == "exo_pair":
+//!         e = torch.tensor(1e-3, dtype=torch.float64)
+//!         return (torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-e))
+//!                 + torch.sigmoid(-z) * (F.logsigmoid(-z) - torch.log(e)))
+//!     if kind == "nca_pair":
+//!         a, b = beta * cu, beta * ru
+//!         return -F.logsigmoid(a) - 0.5 * F.logsigmoid(-a) - 0.5 * F.logsigmoid(-b)
+//!     if kind == "robust": return (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
+//!     if kind == "bco_pair": return -F.logsigmoid(beta * cu) - F.logsigmoid(-beta * ru)
+//!     if kind == "sppo_hard": return (cu - 0.5 / beta) ** 2 + (ru + 0.5 / beta) ** 2
+//!     if kind == "aot":
+//!         dd = torch.sort(c - r).values - torch.sort(rc - rr).values
+//!         return -F.logsigmoid(beta * dd) * (1 - e) - F.logsigmoid(-beta * dd) * e
+//!     if kind == "aot_unpaired":
+//!         dd = torch.sort(cu).values - torch.sort(ru).values
+//!         return -F.logsigmoid(beta * dd) * (1 - e) - F.logsigmoid(-beta * dd) * e
+//!     if kind == "apo_zero": return 1 - torch.sigmoid(beta * cu) + torch.sigmoid(beta * ru)
+//!     if kind == "apo_down": return torch.sigmoid(beta * cu) + 1 - torch.sigmoid(beta * (cu - ru))
+//!     if kind == "discopop":
+//!         m = torch.sigmoid(z / tau)
+//!         return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+//!     if kind == "sft": return (-c.sum() / nc.sum()).expand(3)
+//!     if kind == "sigmoid_norm": return -F.logsigmoid(beta * (cs / nc - rs / nr))
+//! print(loss(kind).mean().item())          # for each kind; loss(kind, f) for the f-divergences
+//! ```
+//!
+//! The policy margins `c − r` and the reference margins `rc − rr` are ordered differently, so
+//! AOT's sorting changes its value. Some values are checked by hand as well: `hinge` is
+//! `mean(relu(1 − 0.5 (Δ)))` with `Δ = (0.5 − 1, −1.25 + 0.5, 1.5 + 1.25) = (−0.5, −0.75, 2.75)`
+//! → `(1.25 + 1.375 + 0) / 3 = 0.875`; `sft` is `49.75 / 20 = 2.4875`; `sppo_hard` is
+//! `mean((cu − 1)² + (ru + 1)²) = ((0.25 + 4) + (5.0625 + 0.25) + (0.25 + 0.0625)) / 3 = 3.291666…`.
+//!
+//! TRL 1.x's `bco_pair` has no running reward mean (TRL 0.x's `RunningMoments` δ is gone), so
+//! the loss carries no state across steps and nothing extra is checkpointed.
 
-use candle_core::{DType, Device, Tensor};
-use difinfo::loss::LossShape;
+use candle_core::{DType, Device, Tensor, Var};
+use difinfo::loss::batch_loss;
+use difinfo::objective::{FDivergence, LossType, Objective, ObjectiveSpec};
+use difinfo::reward::side;
+use difinfo::scalar::{infallible, Batch};
 use difinfo_trainer::train::grads::{project, Grads};
-use difinfo_trainer::train::objective::{preference_logps, preference_loss};
+use difinfo_trainer::train::objective::preference_loss;
 use difinfo_trainer::train::SeqLogps;
 use proptest::prelude::*;
 
-/// Log-probs of whole sequences: bounded like real ones (tens of tokens at ≥ −20 nats each).
-const LOGP_MIN: f64 = -200.0;
-/// Tolerance of f64 tensor arithmetic against the library's f64 (a few ulps of values ≤ 1e4).
-const TOL_F64: f64 = 1e-9;
-/// Tolerance of f32 tensor arithmetic, relative.
-const TOL_F32_REL: f64 = 1e-4;
+const C: [f64; 3] = [-12.5, -30.25, -7.0];
+const R: [f64; 3] = [-14.0, -28.5, -9.75];
+const RC: [f64; 3] = [-13.0, -29.0, -8.5];
+const RR: [f64; 3] = [-15.0, -28.0, -8.5];
+const NC: [f64; 3] = [5.0, 12.0, 3.0];
+const NR: [f64; 3] = [6.0, 10.0, 4.0];
+const BETA: f64 = 0.5;
+const EPS: f64 = 0.1;
 
-/// `(chosen, rejected, ref chosen, ref rejected, chosen counts, rejected counts)`, each `[B]`.
-type Batch = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
-
-fn shape() -> impl Strategy<Value = LossShape> {
-    prop_oneof![
-        Just(LossShape::Sigmoid),
-        Just(LossShape::Hinge),
-        Just(LossShape::Ipo)
-    ]
-}
-
-prop_compose! {
-    fn batch()(b in 1usize..6)(
-        chosen in prop::collection::vec(LOGP_MIN..0.0, b),
-        rejected in prop::collection::vec(LOGP_MIN..0.0, b),
-        ref_chosen in prop::collection::vec(LOGP_MIN..0.0, b),
-        ref_rejected in prop::collection::vec(LOGP_MIN..0.0, b),
-        counts_c in prop::collection::vec(1usize..40, b),
-        counts_r in prop::collection::vec(1usize..40, b),
-    ) -> Batch {
-        let f = |v: Vec<usize>| v.into_iter().map(|x| x as f64).collect();
-        (chosen, rejected, ref_chosen, ref_rejected, f(counts_c), f(counts_r))
-    }
-}
+/// f64 tensor arithmetic against float64 PyTorch: a few ulps of values ≤ 10.
+const TOL_F64: f64 = 1e-13;
 
 fn t(v: &[f64], dt: DType) -> Tensor {
     Tensor::from_slice(v, v.len(), &Device::Cpu)
@@ -46,109 +93,271 @@ fn t(v: &[f64], dt: DType) -> Tensor {
         .unwrap()
 }
 
-/// The library's batch loss: `(1/B) Σ ℓ(β h_i)`, `h` from sums or (IPO) per-token means;
-/// label-smoothed (`eps > 0`, sigmoid) by `difinfo::loss::label_smoothed_sigmoid`.
-fn library_loss(shape: LossShape, beta: f64, eps: f64, data: &Batch, with_ref: bool) -> f64 {
-    let (c, r, rc, rr, nc, nr) = data;
-    let b = c.len();
-    let mut s = 0.0;
-    for i in 0..b {
-        let (wc, wr) = if shape == LossShape::Ipo {
-            (nc[i], nr[i])
-        } else {
-            (1.0, 1.0)
-        };
-        let mut h = c[i] / wc - r[i] / wr;
-        if with_ref {
-            h -= rc[i] / wc - rr[i] / wr;
-        }
-        s += if shape == LossShape::Sigmoid {
-            difinfo::loss::label_smoothed_sigmoid(beta * h, eps)
-        } else {
-            shape.value(beta * h, beta)
-        };
+fn spec(loss_type: &[LossType]) -> ObjectiveSpec {
+    ObjectiveSpec {
+        beta: BETA,
+        loss_type: loss_type.to_vec(),
+        ..Default::default()
     }
-    s / b as f64
 }
 
-fn tensor_loss(
-    shape: LossShape,
-    beta: f64,
-    eps: f64,
-    data: &Batch,
-    with_ref: bool,
-    dt: DType,
-) -> f64 {
-    let (c, r, rc, rr, nc, nr) = data;
-    let sc = SeqLogps {
-        sum: t(c, dt),
-        count: t(nc, dt),
+/// `loss_type` with β and label smoothing `eps`.
+fn smoothed(loss_type: &[LossType], eps: f64) -> Objective {
+    Objective::new(ObjectiveSpec {
+        label_smoothing: eps,
+        ..spec(loss_type)
+    })
+    .unwrap()
+}
+
+/// The trainer's loss of the pinned batch (policy log-probs `c`, `r`).
+fn trainer_loss(o: &Objective, c: &Tensor, r: &Tensor, dt: DType) -> Tensor {
+    let chosen = SeqLogps {
+        sum: c.clone(),
+        count: t(&NC, dt),
     };
-    let sr = SeqLogps {
-        sum: t(r, dt),
-        count: t(nr, dt),
+    let rejected = SeqLogps {
+        sum: r.clone(),
+        count: t(&NR, dt),
     };
-    let pc = preference_logps(shape, &sc).unwrap();
-    let pr = preference_logps(shape, &sr).unwrap();
-    let norm = |x: &[f64], n: &[f64]| -> Vec<f64> {
-        x.iter()
-            .zip(n)
-            .map(|(a, b)| if shape == LossShape::Ipo { a / b } else { *a })
-            .collect()
+    let (rc, rr) = (t(&RC, dt), t(&RR, dt));
+    preference_loss(o, &chosen, &rejected, Some((&rc, &rr)))
+        .unwrap()
+        .loss
+}
+
+fn value(o: &Objective) -> f64 {
+    let l = trainer_loss(o, &t(&C, DType::F64), &t(&R, DType::F64), DType::F64);
+    l.to_scalar::<f64>().unwrap()
+}
+
+/// `(loss types, label smoothing, TRL's mean loss)`.
+fn pinned() -> Vec<(Vec<LossType>, f64, f64)> {
+    use LossType::*;
+    vec![
+        (vec![Sigmoid], 0.0, 0.6498251118734438),
+        (vec![Sigmoid], EPS, 0.674825111873444),
+        (vec![Hinge], 0.0, 0.875),
+        (vec![Ipo], 0.0, 0.761400462962963),
+        (vec![ExoPair], 1e-3, 2.5029732091776755),
+        (vec![NcaPair], 0.0, 1.4005417325243759),
+        (vec![Robust], EPS, 0.6185751118734438),
+        (vec![BcoPair], 0.0, 1.331742728868577),
+        (vec![SppoHard], 0.0, 3.2916666666666665),
+        (vec![Aot], EPS, 0.6277058447981935),
+        (vec![AotUnpaired], EPS, 0.6060545282062986),
+        (vec![ApoZero], 0.0, 0.9396425434182886),
+        (vec![ApoDown], 0.0, 0.9822188861651279),
+        (vec![Discopop], 0.0, 0.6600920019759036),
+        (vec![Sft], 0.0, 2.4875),
+        (vec![SigmoidNorm], 0.0, 0.6424150011368361),
+    ]
+}
+
+/// Every loss type at TRL's value (and so the library's text behind the trainer).
+#[test]
+fn every_loss_type_equals_trl_formula() {
+    for (types, eps, want) in pinned() {
+        let o = smoothed(&types, eps);
+        let got = value(&o);
+        assert!(
+            (got - want).abs() <= TOL_F64,
+            "{}: {got} vs TRL {want}",
+            o.label()
+        );
+        // The same text over the library's host batch of f64 (the population code's number).
+        let b = |v: &[f64]| Batch(v.to_vec());
+        let c = infallible(side(&o, b(&C), Some(b(&RC)), b(&NC)));
+        let r = infallible(side(&o, b(&R), Some(b(&RR)), b(&NR)));
+        let host = infallible(batch_loss(&o, &c, &r)).loss.0[0];
+        assert!((host - want).abs() <= TOL_F64, "{}: {host}", o.label());
+    }
+}
+
+/// The f-divergence scores (TRL 1.16's `1 − e^{−u}`, `log 2 + log σ(u)`,
+/// `(e^{(α−1)u} − 1)/(α − 1)` with α = 0.5) under `sigmoid` and `ipo`.
+#[test]
+fn f_divergences_equal_trl_formula() {
+    for (f, sigmoid, ipo) in [
+        (
+            FDivergence::ForwardKl,
+            0.7296387600951889,
+            0.7912419440125857,
+        ),
+        (
+            FDivergence::JsDivergence,
+            0.6626393388761714,
+            0.8404524142096045,
+        ),
+        (
+            FDivergence::AlphaDivergence,
+            0.6771831787164304,
+            0.7721849369211408,
+        ),
+    ] {
+        for (ty, want) in [(LossType::Sigmoid, sigmoid), (LossType::Ipo, ipo)] {
+            let o = Objective::new(ObjectiveSpec {
+                f_divergence_type: f,
+                ..spec(&[ty])
+            })
+            .unwrap();
+            let got = value(&o);
+            assert!((got - want).abs() <= TOL_F64, "{f:?} {ty}: {got} vs {want}");
+        }
+    }
+}
+
+/// TRL's `loss_weights`: `Σ_k w_k mean ℓ_k` (MPO-style combinations), and RPO's `rpo_alpha`
+/// as the `sft` term: `0.6498… + 0.5 · 2.4875`.
+#[test]
+fn weighted_combinations_add_the_pinned_terms() {
+    let o = Objective::new(ObjectiveSpec {
+        loss_weights: Some(vec![0.8, 0.2, 1.0]),
+        ..spec(&[LossType::Sigmoid, LossType::BcoPair, LossType::Sft])
+    })
+    .unwrap();
+    let want = 0.8 * 0.6498251118734438 + 0.2 * 1.331742728868577 + 2.4875;
+    assert!((value(&o) - want).abs() <= TOL_F64);
+    let rpo = Objective::new(ObjectiveSpec {
+        rpo_alpha: Some(0.5),
+        ..spec(&[LossType::Sigmoid])
+    })
+    .unwrap();
+    let want = 0.6498251118734438 + 0.5 * 2.4875;
+    assert!((value(&rpo) - want).abs() <= TOL_F64);
+}
+
+/// TRL's logged metrics of the pinned batch: `rewards/chosen = β mean(cu) = 0.5 · 0.25`,
+/// `rewards/rejected = β mean(ru) = 0.5 · (1 − 0.5 − 1.25)/3`, one pair in three with the
+/// chosen reward above the rejected (`0.75 > −0.625`), the summed log-probs' means.
+#[test]
+fn logged_metrics_are_trl_metrics() {
+    let o = Objective::new(spec(&[LossType::Ipo])).unwrap();
+    let chosen = SeqLogps {
+        sum: t(&C, DType::F64),
+        count: t(&NC, DType::F64),
     };
-    let (trc, trr) = (t(&norm(rc, nc), dt), t(&norm(rr, nr), dt));
-    let out = if with_ref {
-        preference_loss(shape, beta, eps, &pc, &pr, Some(&trc), Some(&trr)).unwrap()
-    } else {
-        preference_loss(shape, beta, eps, &pc, &pr, None, None).unwrap()
+    let rejected = SeqLogps {
+        sum: t(&R, DType::F64),
+        count: t(&NR, DType::F64),
     };
-    out.metrics().unwrap().loss
+    let (rc, rr) = (t(&RC, DType::F64), t(&RR, DType::F64));
+    let m = preference_loss(&o, &chosen, &rejected, Some((&rc, &rr)))
+        .unwrap()
+        .metrics()
+        .unwrap();
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-14 * (1.0 + b.abs());
+    assert!(near(m.rewards_chosen, 0.125), "{m:?}");
+    assert!(near(m.rewards_rejected, -0.125), "{m:?}");
+    assert!(near(m.rewards_margins, 0.25), "{m:?}");
+    assert!(near(m.rewards_accuracies, 1.0 / 3.0), "{m:?}");
+    assert!(near(m.logps_chosen, -49.75 / 3.0), "{m:?}");
+    assert!(near(m.logps_rejected, -52.25 / 3.0), "{m:?}");
+    assert_eq!(m.nll_loss, None);
+}
+
+/// A hand-checked case: equal log-ratio margins give the loss at 0 (`ln 2`, `1`,
+/// `(1/(2·0.1))² = 25`).
+#[test]
+fn zero_margin_values() {
+    let z = t(&[-3.0, -5.0], DType::F64);
+    let s = SeqLogps {
+        sum: z.clone(),
+        count: t(&[1.0, 1.0], DType::F64),
+    };
+    for (ty, want) in [
+        (LossType::Sigmoid, std::f64::consts::LN_2),
+        (LossType::Hinge, 1.0),
+        (LossType::Ipo, 25.0),
+    ] {
+        let o = Objective::loss(ty, 0.1).unwrap();
+        let out = preference_loss(&o, &s, &s, Some((&z, &z))).unwrap();
+        let m = out.metrics().unwrap();
+        assert!((m.loss - want).abs() < 1e-12, "{ty}: {}", m.loss);
+        assert_eq!(m.rewards_margins, 0.0);
+        assert_eq!(m.rewards_accuracies, 0.0);
+    }
+}
+
+/// candle's gradient of every tensor loss (through `sort`, `minimum`, `sigmoid`, `relu`, …)
+/// equals central finite differences of the same tensor loss: no op drops or bends a
+/// gradient.
+#[test]
+fn tensor_gradients_match_finite_differences() {
+    let mut cases: Vec<Objective> = pinned()
+        .into_iter()
+        .map(|(types, eps, _)| smoothed(&types, eps))
+        .collect();
+    for f in [FDivergence::ForwardKl, FDivergence::AlphaDivergence] {
+        cases.push(
+            Objective::new(ObjectiveSpec {
+                f_divergence_type: f,
+                ..spec(&[LossType::Sigmoid])
+            })
+            .unwrap(),
+        );
+    }
+    for o in cases {
+        let vc = Var::from_tensor(&t(&C, DType::F64)).unwrap();
+        let vr = Var::from_tensor(&t(&R, DType::F64)).unwrap();
+        let l = trainer_loss(&o, vc.as_tensor(), vr.as_tensor(), DType::F64);
+        let g = l.backward().unwrap();
+        // No gradient: the loss does not read that side (sft reads the chosen only).
+        let grad = |v: &Var| {
+            g.get(v.as_tensor())
+                .map_or(vec![0.0; 3], |x| x.to_vec1::<f64>().unwrap())
+        };
+        let (gc, gr) = (grad(&vc), grad(&vr));
+        let h = 1e-6;
+        for i in 0..3 {
+            for (which, got) in [(0, gc[i]), (1, gr[i])] {
+                let at = |d: f64| {
+                    let (mut c, mut r) = (C, R);
+                    if which == 0 {
+                        c[i] += d;
+                    } else {
+                        r[i] += d;
+                    }
+                    trainer_loss(&o, &t(&c, DType::F64), &t(&r, DType::F64), DType::F64)
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let fd = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (got - fd).abs() < 1e-7 * (1.0 + fd.abs()),
+                    "{} ∂/∂{}[{i}]: {got} vs {fd}",
+                    o.label(),
+                    ["chosen", "rejected"][which]
+                );
+            }
+        }
+    }
+}
+
+/// f32 tensors (the trainer's dtype) agree with the f64 values to f32 precision.
+#[test]
+fn f32_values_agree_with_f64() {
+    for (types, eps, want) in pinned() {
+        let o = smoothed(&types, eps);
+        let got = trainer_loss(&o, &t(&C, DType::F32), &t(&R, DType::F32), DType::F32)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "{}: {got} vs {want}",
+            o.label()
+        );
+    }
 }
 
 proptest! {
-    /// DPO and reference-free losses (sigmoid, label-smoothed sigmoid, hinge, IPO) equal the
-    /// library's `LossShape::value` / `label_smoothed_sigmoid` in f64.
+    /// The projection on the trainer's gradient set (the library's text, with the fused
+    /// kernels' inner product and update) equals it on the concatenated vectors, and obeys
+    /// Theorems H.4 (`⟨g, g_w⟩ ≥ 0`) and H.5 (`⟨g, g_l⟩ ≤ 0`).
     #[test]
-    fn tensor_loss_equals_library_loss(shape in shape(), beta in 0.01f64..2.0, smooth in prop_oneof![Just(0.0), 0.0f64..=0.5], data in batch(), with_ref in any::<bool>()) {
-        let eps = if shape == LossShape::Sigmoid { smooth } else { 0.0 };
-        let want = library_loss(shape, beta, eps, &data, with_ref);
-        let got = tensor_loss(shape, beta, eps, &data, with_ref, DType::F64);
-        prop_assert!((got - want).abs() <= TOL_F64 * (1.0 + want.abs()), "{shape:?} β={beta} ε={eps}: {got} vs {want}");
-        let got32 = tensor_loss(shape, beta, eps, &data, with_ref, DType::F32);
-        prop_assert!((got32 - want).abs() <= TOL_F32_REL * (1.0 + want.abs()) * (1.0 + (LOGP_MIN * beta).abs()),
-            "f32 {shape:?} β={beta}: {got32} vs {want}");
-    }
-
-    /// The gradient of the tensor loss in `log π(y_w)` equals `(1/B) ℓ'(β h) β` (÷ count for IPO).
-    #[test]
-    fn tensor_loss_gradient_equals_library_derivative(shape in shape(), beta in 0.05f64..2.0, data in batch()) {
-        let (c, r, rc, rr, nc, nr) = &data;
-        let var = candle_core::Var::from_tensor(&t(c, DType::F64)).unwrap();
-        let sc = SeqLogps { sum: var.as_tensor().clone(), count: t(nc, DType::F64) };
-        let sr = SeqLogps { sum: t(r, DType::F64), count: t(nr, DType::F64) };
-        let pc = preference_logps(shape, &sc).unwrap();
-        let pr = preference_logps(shape, &sr).unwrap();
-        let w = |i: usize, n: &[f64]| if shape == LossShape::Ipo { n[i] } else { 1.0 };
-        let trc: Vec<f64> = (0..c.len()).map(|i| rc[i] / w(i, nc)).collect();
-        let trr: Vec<f64> = (0..c.len()).map(|i| rr[i] / w(i, nr)).collect();
-        let out = preference_loss(shape, beta, 0.0, &pc, &pr, Some(&t(&trc, DType::F64)), Some(&t(&trr, DType::F64))).unwrap();
-        let g = out.loss.backward().unwrap();
-        let got = g.get(var.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
-        let b = c.len() as f64;
-        for i in 0..c.len() {
-            let h = (c[i] - rc[i]) / w(i, nc) - (r[i] - rr[i]) / w(i, nr);
-            let d = beta * h;
-            // The hinge's kink: skip exact ties (measure zero).
-            if shape == LossShape::Hinge && (d - 1.0).abs() < 1e-9 { continue; }
-            let want = shape.derivative(d, beta) * beta / w(i, nc) / b;
-            prop_assert!((got[i] - want).abs() <= 1e-9 * (1.0 + want.abs()), "{shape:?} i={i}: {} vs {want}", got[i]);
-        }
-    }
-
-    /// The projection over all variables equals `difinfo::dpo_pg::project` on the
-    /// concatenated vectors (in f64), including whether it was active.
-    #[test]
-    fn projection_equals_library_projection(
+    fn projection_on_the_gradient_set(
         sizes in prop::collection::vec(1usize..6, 1..5),
         seed_w in prop::collection::vec(-1.0f64..1.0, 30),
         seed_l in prop::collection::vec(-1.0f64..1.0, 30),
@@ -162,33 +371,232 @@ proptest! {
             Grads(sizes.iter().map(|&s| { let x = t(&v[off..off + s], DType::F64); off += s; x }).collect())
         };
         let (g, stats) = project(&split(&gw), &split(&gl)).unwrap();
-        let lib = difinfo::dpo_pg::project(&gw, &gl).unwrap();
+        let lib = difinfo::dpo_pg::project::<Vec<f64>>(&gw, &gl).unwrap();
         let flat: Vec<f64> = g.0.iter().flat_map(|x| x.to_vec1::<f64>().unwrap()).collect();
         prop_assert_eq!(stats.active, lib.active);
         prop_assert!((stats.dot - lib.dot).abs() <= 1e-12 * (1.0 + lib.dot.abs()));
         for (a, b) in flat.iter().zip(&lib.gradient) {
             prop_assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
         }
-        // Theorems H.4 and H.5 on the trainer's output.
         let gg = Grads(g.0.clone());
         prop_assert!(gg.dot(&split(&gw)).unwrap() >= -1e-12);
         prop_assert!(gg.dot(&split(&gl)).unwrap() <= 1e-12);
     }
 }
 
-/// A hand-checked case: equal log-ratio margins give the loss at 0.
-#[test]
-fn zero_margin_values() {
-    let z = t(&[-3.0, -5.0], DType::F64);
-    for (shape, want) in [
-        (LossShape::Sigmoid, std::f64::consts::LN_2),
-        (LossShape::Hinge, 1.0),
-        (LossShape::Ipo, 25.0),
-    ] {
-        let out = preference_loss(shape, 0.1, 0.0, &z, &z, Some(&z), Some(&z)).unwrap();
-        let m = out.metrics().unwrap();
-        assert!((m.loss - want).abs() < 1e-12, "{shape:?}: {}", m.loss);
-        assert_eq!(m.rewards_margins, 0.0);
-        assert_eq!(m.rewards_accuracies, 0.0);
+// ------------------------------------------------------- end to end, with TRL's `ref_model`
+
+mod common;
+
+mod cli {
+    use std::path::{Path, PathBuf};
+
+    use super::common::jsonl;
+    use std::process::Command;
+
+    use difinfo::loss::batch_loss;
+    use difinfo::objective::{LossType, Objective, ObjectiveSpec};
+    use difinfo::reward::side;
+    use difinfo::scalar::{infallible, Batch};
+
+    fn bin() -> Command {
+        Command::new(env!("CARGO_BIN_EXE_difinfo-train"))
+    }
+
+    fn run(args: &[&str]) {
+        let o = bin().args(args).output().expect("run difinfo-train");
+        assert!(
+            o.status.success(),
+            "difinfo-train {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// `(summed log-probs, completion tokens)` of the chosen and of the rejected, per pair.
+    type Logps = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+    fn logps(model: &Path, data: &Path, out: &Path) -> Logps {
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        run(&[
+            "logps",
+            "--model",
+            &s(model),
+            "--data",
+            &s(data),
+            "--out",
+            &s(out),
+            "--dtype",
+            "f64",
+            "--batch-size",
+            "64",
+        ]);
+        let rows = jsonl(out);
+        let f = |k: &str| rows.iter().map(|r| r[k].as_f64().unwrap()).collect();
+        let n = |k: &str| {
+            rows.iter()
+                .map(|r| r[k].as_array().unwrap().len() as f64)
+                .collect()
+        };
+        (
+            f("chosen_logps"),
+            n("chosen_ids"),
+            f("rejected_logps"),
+            n("rejected_ids"),
+        )
+    }
+
+    /// `difinfo-train dpo --loss-type <each type> --ref-model R` on a tiny policy `P` and a
+    /// different tiny reference `R`: the loss of step 1 (before any update, the whole dataset
+    /// in one batch) equals the loss of TRL's formula — the library's text, pinned to TRL above —
+    /// on the two models' own log-probs (`difinfo-train logps` of each); so do the logged
+    /// rewards, which read the reference. The reference's log-probs are cached under a key of
+    /// its weights: another reference, another cache file.
+    #[test]
+    fn every_loss_type_with_a_separate_reference_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // The first 12 pairs of the example data (one batch; keeps 17 runs quick).
+        let all = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");
+        let data = d.join("prefs.jsonl");
+        let text = std::fs::read_to_string(all).unwrap();
+        let lines: Vec<&str> = text.lines().take(12).collect();
+        std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+        let (p, r) = (d.join("policy"), d.join("reference"));
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        for (m, seed) in [(&p, "1"), (&r, "2")] {
+            run(&["init", "--size", "tiny", "--out", &s(m), "--seed", seed]);
+        }
+        let (c, nc, rj, nr) = logps(&p, &data, &d.join("p.jsonl"));
+        let (rc, _, rr, _) = logps(&r, &data, &d.join("r.jsonl"));
+        assert!(
+            c.iter().zip(&rc).all(|(a, b)| (a - b).abs() > 1e-3),
+            "the two models must differ"
+        );
+        let beta = 0.5;
+        let cache = d.join("cache");
+        let mut cases: Vec<(String, Vec<&str>, ObjectiveSpec)> = LossType::ALL
+            .iter()
+            .map(|t| {
+                let eps = match t {
+                    LossType::ExoPair => 1e-3,
+                    LossType::Robust | LossType::Aot | LossType::AotUnpaired => 0.1,
+                    _ => 0.0,
+                };
+                (
+                    t.name().to_string(),
+                    vec![],
+                    ObjectiveSpec {
+                        beta,
+                        loss_type: vec![*t],
+                        label_smoothing: eps,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        cases.push((
+            "sigmoid,bco_pair,sft".into(),
+            vec!["--loss-weights", "0.8,0.2,1"],
+            ObjectiveSpec {
+                beta,
+                loss_type: vec![LossType::Sigmoid, LossType::BcoPair, LossType::Sft],
+                loss_weights: Some(vec![0.8, 0.2, 1.0]),
+                ..Default::default()
+            },
+        ));
+        cases.push((
+            "ipo".into(),
+            vec!["--f-divergence-type", "alpha_divergence"],
+            ObjectiveSpec {
+                beta,
+                loss_type: vec![LossType::Ipo],
+                f_divergence_type: difinfo::objective::FDivergence::AlphaDivergence,
+                ..Default::default()
+            },
+        ));
+        for (k, (types, extra, spec)) in cases.into_iter().enumerate() {
+            let out = d.join(format!("run-{k}"));
+            let eps = spec.label_smoothing.to_string();
+            let mut args = vec![
+                "dpo".to_string(),
+                "--model".into(),
+                s(&p),
+                "--ref-model".into(),
+                s(&r),
+                "--data".into(),
+                s(&data),
+                "--output-dir".into(),
+                s(&out),
+                "--ref-cache-dir".into(),
+                s(&cache),
+                "--dtype".into(),
+                "f64".into(),
+                "--loss-type".into(),
+                types.clone(),
+                "--beta".into(),
+                beta.to_string(),
+                "--label-smoothing".into(),
+                eps,
+                "--per-device-train-batch-size".into(),
+                "64".into(),
+                "--max-steps".into(),
+                "1".into(),
+                "--logging-steps".into(),
+                "1".into(),
+                "--save-steps".into(),
+                "0".into(),
+                "--max-prompt-length".into(),
+                "0".into(),
+            ];
+            args.extend(extra.iter().map(|x| x.to_string()));
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&a);
+            let rec = &jsonl(&out.join("metrics.jsonl"))[0];
+            let o = Objective::new(spec).unwrap();
+            let b = |v: &[f64]| Batch(v.to_vec());
+            let cs = infallible(side(&o, b(&c), Some(b(&rc)), b(&nc)));
+            let rs = infallible(side(&o, b(&rj), Some(b(&rr)), b(&nr)));
+            let want = infallible(batch_loss(&o, &cs, &rs));
+            let got = rec["loss"].as_f64().unwrap();
+            assert!(
+                (got - want.loss.0[0]).abs() < 1e-9 * (1.0 + got.abs()),
+                "{types} {extra:?}: step-1 loss {got} vs {}",
+                want.loss.0[0]
+            );
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let rw = rec["rewards/chosen"].as_f64().unwrap();
+            assert!(
+                (rw - mean(&want.chosen_rewards.0)).abs() < 1e-9,
+                "{types}: {rw}"
+            );
+        }
+        // One cache file per reference: the runs above shared R's; the default reference (the
+        // policy's own starting weights) gets another.
+        let out = d.join("run-default-ref");
+        run(&[
+            "dpo",
+            "--model",
+            &s(&p),
+            "--data",
+            &s(&data),
+            "--output-dir",
+            &s(&out),
+            "--ref-cache-dir",
+            &s(&cache),
+            "--dtype",
+            "f64",
+            "--per-device-train-batch-size",
+            "64",
+            "--max-steps",
+            "1",
+            "--save-steps",
+            "0",
+            "--max-prompt-length",
+            "0",
+        ]);
+        let files = std::fs::read_dir(&cache).unwrap().count();
+        assert_eq!(files, 2, "one reference cache per reference model");
+        let rec = &jsonl(&out.join("metrics.jsonl"))[0];
+        assert!((rec["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-12);
     }
 }

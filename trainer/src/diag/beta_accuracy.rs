@@ -15,7 +15,7 @@ use rand::Rng;
 use crate::batch::Sequence;
 use crate::error::{Error, Result};
 use crate::generate::{generate, SamplingParams};
-use crate::logps::sequence_logps;
+use crate::logps::sequence_logps_named;
 use crate::model::Model;
 
 /// One prompt's samples and fit.
@@ -61,9 +61,14 @@ pub fn prompt_fit(
             completion_start: prompt_ids.len(),
         })
         .collect();
-    let y = sequence_logps(estimator, &seqs, pad_id)?;
-    let lp = sequence_logps(policy, &seqs, pad_id)?;
-    let lr = sequence_logps(reference, &seqs, pad_id)?;
+    let score = |m: &Model, who: &'static str| {
+        sequence_logps_named(m, &seqs, pad_id, &|i| {
+            format!("the {who}'s log-probability of sample {i}")
+        })
+    };
+    let y = score(estimator, "estimator")?;
+    let lp = score(policy, "policy")?;
+    let lr = score(reference, "reference")?;
     let x: Vec<f64> = lp.iter().zip(&lr).map(|(a, b)| a - b).collect();
     let fit = fit_beta(&x, &y).map_err(|e| Error::InvalidArgument(format!("β fit: {e}")))?;
     Ok(PromptFit {

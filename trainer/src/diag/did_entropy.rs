@@ -49,6 +49,7 @@ use crate::train::config::merge_onto;
 use crate::train::optim::OptimizerKind;
 use crate::train::schedule::SchedulerType;
 use crate::train::{Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig};
+use difinfo::objective::{FDivergence, LossType, Rule};
 
 /// How the pair completions are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -168,9 +169,7 @@ pub struct DidEntropyArgs {
 /// (8 × 8), one epoch, checkpoints at the end.
 pub fn estimator_defaults(output_dir: &Path) -> TrainConfig {
     TrainConfig {
-        objective: Objective::RefFree,
-        reference_free: true,
-        beta: 1.0,
+        objective: estimator_objective(),
         output_dir: output_dir.to_path_buf(),
         learning_rate: 1e-6,
         optim: OptimizerKind::Rmsprop,
@@ -185,6 +184,14 @@ pub fn estimator_defaults(output_dir: &Path) -> TrainConfig {
         save_steps: 0,
         ..TrainConfig::default()
     }
+}
+
+/// The estimator's objective: DPO's sigmoid loss with the reference-free reward `r = log π̂`
+/// (`β = 1`), whose optimum is the DID `q_{π/π_ref}` (Theorem 2.1).
+pub fn estimator_objective() -> Objective {
+    Objective::dpo(1.0)
+        .and_then(|o| o.reference_free())
+        .expect("β = 1 is valid")
 }
 
 /// One sampled pair `(y_w ~ π, y_l ~ π_ref)` of a prompt.
@@ -357,7 +364,35 @@ pub fn run(
     if args.pairs_per_prompt == 0 {
         return usage("--pairs-per-prompt must be ≥ 1");
     }
-    let earlier = [PAIRS_FILE, REPORT_FILE, ESTIMATOR_DIR]
+    if args.beta_samples == 0 || args.max_new_tokens == 0 {
+        return usage(format!(
+            "need --beta-samples ≥ 1 and --max-new-tokens ≥ 1, got {} and {}",
+            args.beta_samples, args.max_new_tokens
+        ));
+    }
+    let est_dir = out.join(ESTIMATOR_DIR);
+    let mut config = merge_onto(
+        &estimator_defaults(&est_dir),
+        args.config.as_deref(),
+        &args.estimator,
+    )?;
+    // Nothing is read or removed before the outputs are known to spare every input.
+    crate::io::check_output_dir("--output-dir", out)?;
+    let files: Vec<(&str, &Path)> = [
+        ("--prompts", Some(args.prompts.as_path())),
+        ("--eval-prompts", args.eval_prompts.as_deref()),
+        ("--config", args.config.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(o, p)| Some((o, p?)))
+    .collect();
+    let inputs = crate::io::inputs(
+        &files,
+        &[("--policy", &args.policy), ("--reference", &args.reference)],
+    );
+    let outputs = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE].map(|f| out.join(f));
+    crate::io::check_written_files(&outputs, &inputs)?;
+    let earlier = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE, ESTIMATOR_DIR]
         .iter()
         .map(|f| out.join(f))
         .find(|p| p.exists());
@@ -368,23 +403,30 @@ pub fn run(
                 p.display()
             ));
         }
-        let est = out.join(ESTIMATOR_DIR);
-        if est.exists() {
-            std::fs::remove_dir_all(&est).map_err(|e| crate::Error::io(&est, e))?;
+        // The earlier run's files go now, so none is taken for this run's if it stops early.
+        for o in &outputs {
+            if o.exists() {
+                std::fs::remove_file(o).map_err(|e| crate::Error::io(o, e))?;
+            }
+        }
+        if est_dir.exists() {
+            std::fs::remove_dir_all(&est_dir).map_err(|e| crate::Error::io(&est_dir, e))?;
         }
     }
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let est_dir = out.join(ESTIMATOR_DIR);
-    let mut config = merge_onto(
-        &estimator_defaults(&est_dir),
-        args.config.as_deref(),
-        &args.estimator,
-    )?;
-    if config.objective != Objective::RefFree || config.beta != 1.0 {
+    let o = &config.objective;
+    if o.rule() != Rule::Preference
+        || !o.is_reference_free()
+        || o.beta() != 1.0
+        || o.terms() != [(LossType::Sigmoid, 1.0)]
+        || o.label_smoothing() != 0.0
+        || o.f_divergence() != FDivergence::ReverseKl
+    {
         return usage(format!(
-            "did-entropy trains π̂ with the reference-free reward r = log π̂ (objective ref-free, β = 1); \
-             the options ask for objective {:?} with β = {}",
-            config.objective, config.beta
+            "did-entropy trains π̂ with DPO's sigmoid loss and the ref-free reward r = log π̂ \
+             (reference_free = true, β = 1); the options ask for {} with β = {}",
+            o.label(),
+            o.beta()
         ));
     }
     config.output_dir = est_dir.clone();
@@ -485,6 +527,7 @@ pub fn run(
         record: RunRecord {
             command: "dpo".into(),
             model: args.reference.clone(),
+            ref_model: None,
             data: pairs_path.clone(),
             dtype: "f32".into(),
             device: args.device.clone(),
@@ -493,6 +536,8 @@ pub fn run(
             completion_boundary: CompletionBoundary::CommonPrefix,
             skip_invalid: false,
             error_report: None,
+            // Trained on sampled token ids: no text is tokenized.
+            tokenizer_compat: Default::default(),
         },
         resume: None,
         config_file: args.config.clone(),

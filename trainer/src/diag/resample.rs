@@ -118,5 +118,7 @@ pub fn score_candidates(
             }
         }
     }
-    crate::logps::sequence_logps(model, &seqs, tok.pad_id())
+    crate::logps::sequence_logps_named(model, &seqs, tok.pad_id(), &|i| {
+        format!("field `candidates[{i}]`: its log-probability")
+    })
 }

@@ -66,21 +66,33 @@ trait Real: WithDType + std::ops::Neg<Output = Self> {
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
-    fn fmax(self, o: Self) -> Self;
     const NEG_INF: Self;
+
+    /// The larger of `self` and `o`, NaN when either is NaN (`f32::max` returns the other
+    /// operand: a NaN would vanish from a row maximum). A select, not a branch: vectorizes.
+    #[inline(always)]
+    fn max_nan(self, o: Self) -> Self {
+        #[allow(clippy::eq_op)] // o != o: o is NaN
+        if o > self || o != o {
+            o
+        } else {
+            self
+        }
+    }
 }
 
 /// `e^x` in f32 without a libm call, branch-free so that loops over slices vectorize: Cody–Waite
 /// range reduction `x = n ln 2 + r`, Cephes' degree-6 polynomial for `e^r` (relative error
 /// ≲ 2·10⁻⁷, about 2 ulp), `2^n` from the exponent bits; 0 below −87.3 (where f32 leaves the
-/// normal range), inputs clamped at 88 above.
+/// normal range), inputs clamped at 88 above; NaN stays NaN (the clamp is written as a select
+/// that keeps a NaN input: `f32::min` would turn it into 88).
 #[inline(always)]
 fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
     const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
-    let xc = x.min(88.0);
+    let xc = if x > 88.0 { 88.0 } else { x };
     let n = (xc * LOG2E + SHIFTER) - SHIFTER;
     let r = xc - n * C1 - n * C2;
     let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -88,6 +100,7 @@ fn exp_f32(x: f32) -> f32 {
         * r
         + 0.5;
     let er = p * (r * r) + r + 1.0;
+    // A NaN `n` gives some finite scale here; `er` is NaN then and carries it.
     let scale = f32::from_bits((((n.max(-127.0) as i32) + 127) as u32) << 23);
     let y = er * scale;
     if x < -87.33 {
@@ -107,9 +120,6 @@ impl Real for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
-    fn fmax(self, o: Self) -> Self {
-        f32::max(self, o)
-    }
     const NEG_INF: Self = f32::NEG_INFINITY;
 }
 
@@ -122,9 +132,6 @@ impl Real for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
-    }
-    fn fmax(self, o: Self) -> Self {
-        f64::max(self, o)
     }
     const NEG_INF: Self = f64::NEG_INFINITY;
 }
@@ -257,19 +264,19 @@ fn row_sum_exp<T: Real>(z: &[T], m: T) -> T {
     s
 }
 
-/// The maximum of a row with 8 lane accumulators (vectorizes).
+/// The maximum of a row with 8 lane accumulators (vectorizes); NaN if the row holds a NaN.
 #[inline]
 fn row_max<T: Real>(z: &[T]) -> T {
     let mut acc = [T::NEG_INF; 8];
     let mut chunks = z.chunks_exact(8);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a = a.fmax(v);
+            *a = a.max_nan(v);
         }
     }
-    let mut m = acc.iter().fold(T::NEG_INF, |a, &b| a.fmax(b));
+    let mut m = acc.iter().fold(T::NEG_INF, |a, &b| a.max_nan(b));
     for &v in chunks.remainder() {
-        m = m.fmax(v);
+        m = m.max_nan(v);
     }
     m
 }
@@ -2080,6 +2087,11 @@ impl CustomOp3 for AttentionBwd {
 /// for one backward pass (a second one recomputes them) when an input carries a gradient, and
 /// never formed whole otherwise (inference: one head's block at a time); the autograd graph
 /// gets one node instead of six (no zero buffers and accumulations of the score size).
+///
+/// NaN in a query, or in a key or value that a row attends, makes that row NaN (forward and
+/// backward). A NaN key the mask hides from a row reaches it only when it lies within the
+/// row's query block's key span (candle's additive-mask path spreads it to every row): masked
+/// keys carry no weight either way.
 ///
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`enabled`]).

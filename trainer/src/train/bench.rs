@@ -283,6 +283,7 @@ fn pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
 pub fn bench_objective(
     model: &TrainModel,
     a: &BenchArgs,
+    name: &str,
     objective: Objective,
 ) -> CliResult<BenchRow> {
     let steps = a.warmup + a.steps;
@@ -337,11 +338,7 @@ pub fn bench_objective(
     Ok(BenchRow {
         flops_per_second,
         mfu: peak_flops(model.model.device()).map(|(p, _)| flops_per_second / p),
-        objective: match objective {
-            Objective::DpoPg => "dpo-pg".into(),
-            Objective::RefFree => "ref-free".into(),
-            _ => "dpo".into(),
-        },
+        objective: name.to_string(),
         tokens_per_step: tokens / a.steps.max(1),
         seconds_per_step: secs / a.steps.max(1) as f64,
         tokens_per_second: tokens as f64 / secs.max(1e-12),
@@ -394,8 +391,13 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
     println!("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for o in &a.objective {
-        let obj: Objective = o.parse().map_err(CliError::Usage)?;
-        let r = bench_objective(&tm, a, obj)?;
+        let obj = match o.as_str() {
+            "dpo-pg" => Objective::dpo_pg(0.1),
+            "ref-free" => Objective::default().reference_free(),
+            _ => Ok(Objective::default()),
+        }
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+        let r = bench_objective(&tm, a, o, obj)?;
         println!(
             "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",
             params as f64 / 1e6,
@@ -433,9 +435,13 @@ mod tests {
 
     #[test]
     fn cpu_peak_reads_cpuinfo() {
-        let info = "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma avx512f\ncpu MHz\t\t: 2600.000\n";
+        let info =
+            "processor\t: 0\nflags\t\t: fpu sse avx avx2 fma avx512f\ncpu MHz\t\t: 2600.000\n";
         let (p, how) = cpu_peak(info, None, 2).unwrap();
-        assert!((p - 2.0 * 2.0 * 16.0 * 2.0 * 2.6e9).abs() < 1.0, "{p} {how}");
+        assert!(
+            (p - 2.0 * 2.0 * 16.0 * 2.0 * 2.6e9).abs() < 1.0,
+            "{p} {how}"
+        );
         let (p, _) = cpu_peak(&info.replace(" avx512f", ""), Some(3.0e6), 4).unwrap();
         assert!((p - 4.0 * 2.0 * 8.0 * 2.0 * 3.0e9).abs() < 1.0);
         assert!(cpu_peak("flags\t: sse\n", None, 1).is_none());

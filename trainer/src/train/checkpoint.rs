@@ -20,6 +20,10 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 /// The state format written.
 pub const STATE_FORMAT: &str = "difinfo-trainer-state-v1";
+/// The checkpoint's manifest: one `<SHA-256 in hex>  <file name>` line per file of the
+/// checkpoint (the format of `sha256sum`, so `sha256sum -c checksums.sha256` checks a copy by
+/// hand), verified before a resume reads anything.
+pub const CHECKSUM_FILE: &str = "checksums.sha256";
 
 /// Everything besides weights and optimizer state that an exact resume needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +52,10 @@ pub struct TrainerState {
     pub projection_active_total: usize,
     /// The reference cache key (preference objectives with a reference).
     pub ref_cache_key: Option<String>,
+    /// Whether the checkpoint has a [`CHECKSUM_FILE`] (false in checkpoints written before
+    /// there was one: those are resumed unverified).
+    #[serde(default)]
+    pub checksums: bool,
 }
 
 /// `output_dir/checkpoint-<step>`.
@@ -75,12 +83,17 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     model.save_weights(&tmp)?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
-    let json = serde_json::to_string_pretty(state)
+    let state = TrainerState {
+        checksums: true,
+        ..state.clone()
+    };
+    let json = serde_json::to_string_pretty(&state)
         .map_err(|e| TrainError::format(tmp.join(STATE_FILE), e))?;
     write_file(&tmp.join(STATE_FILE), json.as_bytes())?;
     let cfg = serde_json::to_string_pretty(config)
         .map_err(|e| TrainError::format(tmp.join(CONFIG_JSON), e))?;
     write_file(&tmp.join(CONFIG_JSON), cfg.as_bytes())?;
+    write_checksums(&tmp)?;
     if fin.exists() {
         std::fs::remove_dir_all(&fin).map_err(|e| TrainError::io(&fin, e))?;
     }
@@ -88,21 +101,144 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     Ok(fin)
 }
 
-/// Reads `trainer_state.json` of a checkpoint.
+/// Reads `trainer_state.json` of a checkpoint, after verifying every file of the checkpoint
+/// against its [`CHECKSUM_FILE`] ([`verify_checksums`]).
 ///
 /// # Errors
-/// I/O, parse or format-version errors.
+/// A file that differs from its checksum or is missing; I/O, parse or format-version errors.
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let verified = verify_checksums(dir)?;
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
-    let s: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::format(&p, e))?;
+    let s = parse_state(&text, &p)?;
+    if s.checksums && !verified {
+        return Err(TrainError::Checkpoint {
+            path: dir.join(CHECKSUM_FILE),
+            message: "missing: the checkpoint was written with one, so its files cannot be \
+                      trusted; resume from another checkpoint"
+                .into(),
+        });
+    }
+    Ok(s)
+}
+
+/// Parses the text of a `trainer_state.json` (`path` names it in errors) and checks its
+/// format version.
+///
+/// # Errors
+/// Parse or format-version errors.
+pub fn parse_state(text: &str, path: &Path) -> Result<TrainerState> {
+    let s: TrainerState = serde_json::from_str(text).map_err(|e| TrainError::format(path, e))?;
     if s.format != STATE_FORMAT {
         return Err(TrainError::Checkpoint {
-            path: p,
+            path: path.to_path_buf(),
             message: format!("state format {}, expected {STATE_FORMAT}", s.format),
         });
     }
     Ok(s)
+}
+
+/// SHA-256 of a file, in lower-case hex (read in 1 MiB blocks).
+///
+/// # Errors
+/// I/O errors naming the file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| TrainError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `dir`'s [`CHECKSUM_FILE`]: the SHA-256 of every regular file in `dir` (sorted by
+/// name; the manifest itself excluded).
+///
+/// # Errors
+/// I/O errors.
+pub fn write_checksums(dir: &Path) -> Result<()> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
+        let e = e.map_err(|e| TrainError::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != CHECKSUM_FILE && e.path().is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut text = String::new();
+    for n in names {
+        text.push_str(&format!("{}  {n}\n", sha256_file(&dir.join(&n))?));
+    }
+    write_file(&dir.join(CHECKSUM_FILE), text.as_bytes())
+}
+
+/// The `(hex digest, file name)` lines of a [`CHECKSUM_FILE`]'s text (`path` names it in
+/// errors): 64 hex digits, two spaces (or a space and `*`), a plain file name.
+///
+/// # Errors
+/// A malformed line, naming its number.
+pub fn parse_checksums(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || TrainError::format(path, format!("line {}: not `<sha256>  <file>`", i + 1));
+        let (hex, rest) = line.split_at_checked(64).ok_or_else(bad)?;
+        let name = rest
+            .strip_prefix("  ")
+            .or_else(|| rest.strip_prefix(" *"))
+            .ok_or_else(bad)?;
+        let plain = !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != "..";
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) || !plain {
+            return Err(bad());
+        }
+        out.push((hex.to_ascii_lowercase(), name.to_string()));
+    }
+    Ok(out)
+}
+
+/// Verifies each file listed in `dir`'s [`CHECKSUM_FILE`] against its SHA-256. Returns
+/// whether there was a manifest to verify.
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] naming the first file that is missing or differs (a truncated
+/// write, a flipped bit, a file replaced by hand).
+pub fn verify_checksums(dir: &Path) -> Result<bool> {
+    let manifest = dir.join(CHECKSUM_FILE);
+    let text = match std::fs::read_to_string(&manifest) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(TrainError::io(&manifest, e)),
+    };
+    for (want, name) in parse_checksums(&text, &manifest)? {
+        let p = dir.join(&name);
+        if !p.is_file() {
+            return Err(TrainError::Checkpoint {
+                path: p,
+                message: format!("listed in {CHECKSUM_FILE} but missing"),
+            });
+        }
+        let got = sha256_file(&p)?;
+        if got != want {
+            return Err(TrainError::Checkpoint {
+                path: p,
+                message: format!(
+                    "SHA-256 mismatch: the file changed or is corrupt since the checkpoint was \
+                     written (recorded {want}, found {got}); resume from another checkpoint"
+                ),
+            });
+        }
+    }
+    Ok(true)
 }
 
 /// HF's `save_total_limit`: deletes all but the `keep` newest `checkpoint-<step>` directories

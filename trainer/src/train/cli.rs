@@ -8,11 +8,14 @@
 //! in the run directory as `train_config.toml` / `.json`; the model, data and tokenization
 //! settings as `run_args.json`, so `--resume RUN_DIR` needs nothing else.
 //!
-//! Objective selection (TRL has one trainer per objective; this is TRL's `DPOConfig` plus one
-//! flag): `dpo` trains DPO with `--loss-type sigmoid|hinge|ipo`; `--reference-free` (TRL's
-//! field) uses the reward `β log π` (the DID estimator of Appendix K); `--projected-gradient`
-//! trains DPO-PG (Appendix H). In a TOML file the same choice is `objective = "dpo" |
-//! "ref-free" | "dpo-pg"`.
+//! Objective selection: the options are the fields of the library's one objective type
+//! ([`difinfo::objective::ObjectiveSpec`]), spelled as TRL's `DPOConfig`, each once:
+//! `--loss-type a,b` (any of TRL 1.x's fifteen loss types) with `--loss-weights`, `--beta`,
+//! `--label-smoothing`, `--f-divergence-type`, `--f-alpha-divergence-coef`, `--discopop-tau`,
+//! TRL 0.x's `--reference-free` (the reward `β log π`, the DID estimator of Appendix K) and
+//! `--rpo-alpha`, and `--objective dpo|dpo-pg` (DPO-PG, Appendix H; not a TRL option). A TOML
+//! file uses the same names with underscores. `--ref-model DIR` is TRL's `ref_model`: the
+//! reference whose log-probs are cached (default: the policy's starting weights).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{default_report_path, write_error_report};
+use crate::provenance::TokenizerCompat;
 use crate::tokenize::{
     load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizeStats,
     TokenizerBundle, TruncationMode,
@@ -31,9 +35,11 @@ use crate::tokenize::{
 use crate::train::adapter::TrainModel;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
 use crate::train::config::{merge_onto, write_file, CONFIG_TOML};
+use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
 use crate::train::{
     Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig, TrainError, Trainer,
 };
+use difinfo::objective::Rule;
 
 /// What the training commands can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +107,10 @@ pub struct RunArgs {
     /// Error report for --skip-invalid [default: <data>.errors.jsonl]
     #[arg(long, value_name = "FILE")]
     pub error_report: Option<PathBuf>,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5)
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// Optimization options common to `sft` and `dpo` (HF `TrainingArguments` fields).
@@ -242,6 +252,25 @@ pub fn apply_scale_options(
     Ok(())
 }
 
+/// TRL's loss type names (`DPOConfig.loss_type`).
+const LOSS_TYPES: [&str; 15] = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+];
+
 /// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options).
 #[derive(Args, Debug, Clone, Serialize)]
 pub struct DpoArgs {
@@ -252,28 +281,56 @@ pub struct DpoArgs {
     /// Run directory: checkpoints, metrics, resolved config
     #[arg(long, default_value = "runs/dpo")]
     pub output_dir: PathBuf,
-    /// Loss on the margin d = β h: sigmoid (DPO), hinge (SLiC), ipo (TRL's length-normalized IPO)
-    #[arg(long, default_value = "sigmoid", value_parser = ["sigmoid", "hinge", "ipo"])]
-    pub loss_type: String,
+    /// The reference model, TRL's ref_model: a Hugging Face checkpoint directory with the
+    /// policy's vocabulary whose log-probs are computed once and cached [default: the policy's
+    /// starting weights]
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip)]
+    pub ref_model: Option<PathBuf>,
+    /// dpo: the preference loss; dpo-pg: DPO-PG (Appendix H), a step along the chosen NLL's
+    /// gradient projected off the rejected NLL's (the loss is still logged; the summary reports
+    /// how often the projection was active)
+    #[arg(long, default_value = "dpo", value_parser = ["dpo", "dpo-pg"])]
+    pub objective: String,
+    /// TRL's loss types, comma-separated (combined with --loss-weights): sigmoid (DPO), hinge
+    /// (SLiC), ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
+    /// apo_zero, apo_down, discopop, sft, sigmoid_norm
+    #[arg(long, default_value = "sigmoid", value_delimiter = ',', value_parser = LOSS_TYPES)]
+    pub loss_type: Vec<String>,
+    /// Weights of the loss types, comma-separated (TRL's loss_weights) [default: 1 each]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "W,...",
+        allow_negative_numbers = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
     /// β
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    /// Reward β log π without a reference (TRL's reference_free; the DID estimator)
+    /// Reward β log π without a reference (TRL 0.x's reference_free; the DID estimator)
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub reference_free: bool,
-    /// Conservative DPO: labels flipped with probability ε ∈ [0, 0.5] (sigmoid loss only)
+    /// Label smoothing ε ∈ [0, 0.5]: conservative DPO (sigmoid), robust (ε < 0.5), exo_pair
+    /// (ε > 0), aot, aot_unpaired
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
-    /// RPO: add α times the mean NLL per chosen completion token to the loss (logged as
-    /// nll_loss) [default: none]
+    /// RPO: add α times the mean NLL per chosen completion token to the loss, i.e. the sft loss
+    /// type with weight α (logged as nll_loss) [default: none]
     #[arg(long, value_name = "ALPHA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpo_alpha: Option<f64>,
-    /// DPO-PG (Appendix H): step along the chosen NLL's gradient projected off the rejected
-    /// NLL's (the loss is still logged); the summary reports how often the projection was active
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    #[serde(skip)]
-    pub projected_gradient: bool,
+    /// The f-divergence of the scores (f-DPO): reverse_kl (DPO), forward_kl, js_divergence,
+    /// alpha_divergence
+    #[arg(long, default_value = "reverse_kl", value_parser = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])]
+    pub f_divergence_type: String,
+    /// α of alpha_divergence
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub f_alpha_divergence_coef: f64,
+    /// DiscoPOP's τ
+    #[arg(long, default_value_t = 0.05)]
+    pub discopop_tau: f64,
     /// Peak learning rate (TRL's DPOConfig default)
     #[arg(long, default_value_t = 1e-6)]
     pub learning_rate: f64,
@@ -327,7 +384,7 @@ pub struct SftArgs {
 /// The defaults of `dpo` (TRL's `DPOConfig`).
 pub fn dpo_defaults() -> TrainConfig {
     TrainConfig {
-        objective: Objective::Dpo,
+        objective: Objective::default(),
         output_dir: PathBuf::from("runs/dpo"),
         ..TrainConfig::default()
     }
@@ -336,7 +393,7 @@ pub fn dpo_defaults() -> TrainConfig {
 /// The defaults of `sft` (TRL's `SFTConfig`).
 pub fn sft_defaults() -> TrainConfig {
     TrainConfig {
-        objective: Objective::Sft,
+        objective: Objective::sft(),
         output_dir: PathBuf::from("runs/sft"),
         learning_rate: 2e-5,
         max_prompt_length: 0,
@@ -349,8 +406,11 @@ pub fn sft_defaults() -> TrainConfig {
 pub struct RunRecord {
     /// `sft` or `dpo`.
     pub command: String,
-    /// The model trained (its initial checkpoint; also the reference).
+    /// The model trained (its initial checkpoint; the reference unless `ref_model`).
     pub model: PathBuf,
+    /// TRL's `ref_model`: the reference checkpoint, when not the initial policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_model: Option<PathBuf>,
     /// The data file.
     pub data: PathBuf,
     /// Parameter dtype.
@@ -369,6 +429,9 @@ pub struct RunRecord {
     /// Where skipped records are listed [default: `<data>.errors.jsonl`].
     #[serde(default)]
     pub error_report: Option<PathBuf>,
+    /// The tokenizer pipeline (runs recorded before the option: tokenizer.json).
+    #[serde(default)]
+    pub tokenizer_compat: TokenizerCompat,
 }
 
 /// File name of the [`RunRecord`].
@@ -425,6 +488,7 @@ fn resolve_common(
     command: &str,
     base: &TrainConfig,
     run: &RunArgs,
+    ref_model: Option<PathBuf>,
     m: &ArgMatches,
     mut table: toml::Table,
 ) -> CliResult<Resolved> {
@@ -478,6 +542,7 @@ fn resolve_common(
     let record = RunRecord {
         command: command.to_string(),
         model,
+        ref_model: ref_model.or_else(|| saved.as_ref().and_then(|r| r.ref_model.clone())),
         data,
         dtype: if keep("dtype") {
             saved.as_ref().map(|r| r.dtype.clone()).unwrap_or_default()
@@ -514,6 +579,13 @@ fn resolve_common(
             .error_report
             .clone()
             .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
+        tokenizer_compat: if keep("tokenizer_compat") {
+            saved
+                .as_ref()
+                .map_or(run.tokenizer_compat, |r| r.tokenizer_compat)
+        } else {
+            run.tokenizer_compat
+        },
     };
     Ok(Resolved {
         config,
@@ -528,17 +600,16 @@ fn resolve_common(
 /// # Errors
 /// Bad options or config file, an `sft` objective.
 pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<Resolved> {
-    let mut table = command_line_table(args, m)?;
-    if from_command_line(m, "projected_gradient") {
-        let o = if args.projected_gradient {
-            "dpo-pg"
-        } else {
-            "dpo"
-        };
-        table.insert("objective".into(), toml::Value::String(o.into()));
-    }
-    let r = resolve_common("dpo", &dpo_defaults(), &args.run, m, table)?;
-    if r.config.objective == Objective::Sft {
+    let table = command_line_table(args, m)?;
+    let r = resolve_common(
+        "dpo",
+        &dpo_defaults(),
+        &args.run,
+        args.ref_model.clone(),
+        m,
+        table,
+    )?;
+    if r.config.objective.rule() == Rule::Sft {
         return usage("objective `sft` in the config file: use `difinfo-train sft`");
     }
     Ok(r)
@@ -550,11 +621,11 @@ pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<Resolved> {
 /// Bad options or config file, a preference objective.
 pub fn resolve_sft(args: &SftArgs, m: &ArgMatches) -> CliResult<Resolved> {
     let table = command_line_table(args, m)?;
-    let r = resolve_common("sft", &sft_defaults(), &args.run, m, table)?;
-    if r.config.objective != Objective::Sft {
+    let r = resolve_common("sft", &sft_defaults(), &args.run, None, m, table)?;
+    if r.config.objective.rule() != Rule::Sft {
         return usage(format!(
-            "objective `{:?}` in the config file: use `difinfo-train dpo`",
-            r.config.objective
+            "objective `{}` in the config file: use `difinfo-train dpo`",
+            r.config.objective.rule()
         ));
     }
     Ok(r)
@@ -566,6 +637,15 @@ fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
         max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
         truncation_mode: r.truncation_mode,
         boundary: r.completion_boundary,
+    }
+}
+
+/// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
+pub fn report_provenance(bundle: &TokenizerBundle) {
+    let p = bundle.provenance();
+    eprintln!("{}", p.describe());
+    if let Some(w) = p.warning() {
+        eprintln!("warning: {w}");
     }
 }
 
@@ -602,15 +682,17 @@ fn seq(s: crate::batch::Sequence) -> Sequence {
     }
 }
 
-/// Tokenizes the run's data TRL-style into a training [`Dataset`].
+/// Tokenizes the run's data TRL-style into a training [`Dataset`]; also returns each
+/// example's line in the data file (by dataset index).
 ///
 /// # Errors
-/// Data errors (file:line:field) unless skipped; no example left.
+/// Data errors (file:line:field) unless skipped; no example left ([`require_examples`]).
 pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
     bundle: &TokenizerBundle,
-) -> CliResult<Dataset> {
+) -> CliResult<(Dataset, Vec<usize>)> {
+    let lines: Vec<usize>;
     let opts = tokenize_options(c, r);
     let report = r_report(r);
     let examples = if c.objective.is_preference() {
@@ -619,6 +701,8 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        require_examples(&r.data, &ds.stats)?;
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Preference(
             ds.examples
                 .iter()
@@ -634,6 +718,8 @@ pub fn load_dataset(
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
+        require_examples(&r.data, &ds.stats)?;
+        lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Sft(
             ds.examples
                 .iter()
@@ -646,13 +732,7 @@ pub fn load_dataset(
         pad_id: bundle.pad_id(),
         settings: format!("{opts:?} bf16={}", r.bf16),
     };
-    if d.is_empty() {
-        return usage(format!(
-            "{}: no training example left after tokenization",
-            r.data.display()
-        ));
-    }
-    Ok(d)
+    Ok((d, lines))
 }
 
 fn r_report(r: &RunRecord) -> PathBuf {
@@ -701,7 +781,7 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
 /// What a finished run reports (also written as `train_summary.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
-    /// `sft`, `dpo`, `ref-free`, `dpo-pg`.
+    /// The objective (its fields, as in the config).
     pub objective: Objective,
     /// Optimizer steps taken in total (including before a resume).
     pub global_step: usize,
@@ -722,13 +802,11 @@ pub struct RunSummary {
 impl RunSummary {
     /// The one-line summary printed at the end.
     pub fn line(&self) -> String {
-        let obj = match self.objective {
-            Objective::Sft => "sft",
-            Objective::Dpo => "dpo",
-            Objective::RefFree => "ref-free",
-            Objective::DpoPg => "dpo-pg",
-        };
-        let mut s = format!("{obj}: done, {} steps", self.global_step);
+        let mut s = format!(
+            "{}: done, {} steps",
+            self.objective.label(),
+            self.global_step
+        );
         let f = |k: &str| {
             self.final_metrics
                 .get(k)
@@ -775,9 +853,26 @@ impl RunSummary {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> CliResult<RunSummary> {
-    let bundle = TokenizerBundle::load(&r.record.model)?;
-    let data = load_dataset(&r.config, &r.record, &bundle)?;
-    train_on(r, data)
+    check_run_paths(r)?;
+    let bundle = load_bundle_with(&r.record.model, r.record.tokenizer_compat)?;
+    report_provenance(&bundle);
+    let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
+    train_on(r, data).map_err(|e| {
+        // A non-finite value's examples by their place in the data file, not only their index.
+        if let CliError::Train(t @ TrainError::NonFinite { examples, .. }) = &e {
+            let at: Vec<String> = examples
+                .iter()
+                .filter_map(|&i| lines.get(i))
+                .map(usize::to_string)
+                .collect();
+            return CliError::Usage(format!(
+                "{t}; the examples are lines {} of {}",
+                at.join(", "),
+                r.record.data.display()
+            ));
+        }
+        e
+    })
 }
 
 /// [`train`] on a dataset already tokenized (e.g. sampled token ids, as `did-entropy` trains
@@ -806,7 +901,21 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
             eprintln!("resuming from {}", ck.display());
             Trainer::resume(&model, c.clone(), data, ck)?
         }
-        None => Trainer::new(&model, c.clone(), data)?,
+        None => match (&r.record.ref_model, c.objective.needs_reference()) {
+            (Some(dir), true) => {
+                let reference = load_reference(dir, &model, dtype, &device, r.record.bf16)?;
+                eprintln!("reference model: {}", dir.display());
+                Trainer::with_reference(&model, &reference, c.clone(), data)?
+            }
+            (Some(dir), false) => {
+                eprintln!(
+                    "warning: --ref-model {} is not used: the objective reads no reference",
+                    dir.display()
+                );
+                Trainer::new(&model, c.clone(), data)?
+            }
+            (None, _) => Trainer::new(&model, c.clone(), data)?,
+        },
     };
     let out = c.output_dir.clone();
     let rec_json = serde_json::to_string_pretty(&r.record)
@@ -817,11 +926,12 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
         .map(|(_, v)| v.elem_count())
         .sum();
     eprintln!(
-        "{}: {} examples, {} parameters ({trainable} trainable), {:?}, from step {} to {} → {}",
+        "{}: {} examples, {} parameters ({trainable} trainable), {} (β = {}), from step {} to {} → {}",
         r.record.command,
         trainer_len(&trainer),
         model.model.num_parameters(),
-        trainer.objective(),
+        trainer.objective().label(),
+        trainer.objective().beta(),
         trainer.global_step(),
         trainer.total_steps(),
         out.display()
@@ -856,9 +966,9 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     let seconds = t0.elapsed().as_secs_f64();
     let final_metrics = trainer.metrics().read()?.pop().unwrap_or_default();
     let st = trainer.state();
-    let pg = trainer.objective() == Objective::DpoPg;
+    let pg = trainer.objective().rule() == Rule::ProjectedGradient;
     let summary = RunSummary {
-        objective: trainer.objective(),
+        objective: trainer.objective().clone(),
         global_step: st.global_step,
         steps_this_run: st.global_step - start_step,
         seconds,
@@ -872,6 +982,141 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
         .map_err(|e| TrainError::format(out.join(SUMMARY_FILE), e))?;
     write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
     Ok(summary)
+}
+
+/// TRL's `ref_model`: the checkpoint in `dir`, loaded like the policy; its vocabulary must be
+/// the policy's (the log-probs of the same token ids are compared).
+fn load_reference(
+    dir: &Path,
+    policy: &TrainModel,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+    bf16: bool,
+) -> CliResult<TrainModel> {
+    let mut m = load_model(dir, dtype, device)?;
+    let (v_ref, v_pol) = (m.config().vocab_size, policy.model.config().vocab_size);
+    if v_ref != v_pol {
+        return usage(format!(
+            "--ref-model {}: vocabulary of {v_ref} tokens, the policy's has {v_pol}",
+            dir.display()
+        ));
+    }
+    if bf16 {
+        m.set_compute_dtype(candle_core::DType::BF16)?;
+    }
+    Ok(TrainModel::new(m, dir.to_path_buf(), dtype))
+}
+
+/// What a run checks before any work: the output directory can be made and written; the
+/// error report (with `--skip-invalid`) is no input; a fresh run's files in the output
+/// directory are no input (a fresh run replaces them); a fresh run does not land on an earlier
+/// run ([`check_fresh_output_dir`]).
+///
+/// # Errors
+/// [`CliError`] naming the options and paths.
+fn check_run_paths(r: &Resolved) -> CliResult<()> {
+    use crate::io::{check_output_dir, check_outputs, check_written_files, inputs};
+    let out = &r.config.output_dir;
+    check_output_dir("--output-dir", out)?;
+    let mut files: Vec<(&str, &Path)> = vec![("--data", &r.record.data)];
+    if let Some(c) = &r.config_file {
+        files.push(("--config", c));
+    }
+    let mut dirs: Vec<(&str, &Path)> = vec![("--model", &r.record.model)];
+    if let Some(d) = &r.record.ref_model {
+        dirs.push(("--ref-model", d));
+    }
+    let ins = inputs(&files, &dirs);
+    // The default report (DATA.errors.jsonl) is no input and is written, if at all, right
+    // after the data is read; a report given by name is checked like any output.
+    if let (Some(report), true) = (&r.record.error_report, r.record.skip_invalid) {
+        check_outputs(&[("--error-report", report)], &ins)?;
+    }
+    if r.resume.is_none() {
+        let written: Vec<PathBuf> = RUN_FILES.iter().map(|f| out.join(f)).collect();
+        check_written_files(&written, &ins)?;
+        check_fresh_output_dir(out, r.config.overwrite_output_dir)?;
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint directory's tokenizer files, printing what their absence changes
+/// ([`TokenizerBundle::warnings`]).
+///
+/// # Errors
+/// See [`TokenizerBundle::load`].
+pub fn load_bundle(dir: &Path) -> crate::Result<TokenizerBundle> {
+    load_bundle_with(dir, crate::provenance::TokenizerCompat::default())
+}
+
+/// [`load_bundle`] with the tokenizer pipeline chosen by `compat` (`--tokenizer-compat`).
+///
+/// # Errors
+/// See [`TokenizerBundle::load_with`].
+pub fn load_bundle_with(
+    dir: &Path,
+    compat: crate::provenance::TokenizerCompat,
+) -> crate::Result<TokenizerBundle> {
+    let b = TokenizerBundle::load_with(dir, compat)?;
+    for w in b.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(b)
+}
+
+/// A data file that left no example: an error naming the file and why (no records, all
+/// invalid, all dropped), the same for every command (TRL refuses an empty dataset).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when `stats.kept` is 0.
+pub fn require_examples(file: &Path, stats: &TokenizeStats) -> crate::Result<()> {
+    if stats.kept > 0 {
+        return Ok(());
+    }
+    let why = if stats.total == 0 {
+        "no records (the file is empty)".to_string()
+    } else if stats.invalid == stats.total {
+        format!(
+            "no records left: all {} are invalid (see the error report)",
+            stats.total
+        )
+    } else {
+        format!(
+            "no example left of {} records: {} dropped because the prompt alone fills --max-length, {} invalid",
+            stats.total, stats.dropped_prompt_too_long, stats.invalid
+        )
+    };
+    Err(crate::Error::InvalidArgument(format!(
+        "{}: {why}",
+        file.display()
+    )))
+}
+
+/// `cmd` with every numeric option (and every subcommand's) taking a value that starts with a
+/// hyphen, so `--beta -1` and `--adam-epsilon -1e-8` reach the range check ("beta must be …
+/// positive") instead of clap's "unexpected argument '-1'" (clap's own negative-number test
+/// misses exponents). A flag mistaken for the value (`--seed --model`) fails to parse as a
+/// number, and that message names the option too.
+pub fn negative_numbers_as_values(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f64>(),
+        TypeId::of::<f32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<usize>(),
+    ];
+    cmd.mut_args(|a| {
+        let t = a.get_value_parser().type_id();
+        if numeric.iter().any(|n| t == *n) {
+            a.allow_hyphen_values(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_numbers_as_values)
 }
 
 fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {
@@ -919,6 +1164,7 @@ mod tests {
     }
 
     #[derive(Subcommand)]
+    #[allow(clippy::large_enum_variant)]
     enum Cmd {
         Dpo(DpoArgs),
         Sft(SftArgs),
@@ -973,11 +1219,14 @@ mod tests {
             "3",
         ])
         .unwrap();
-        assert_eq!(r.config.beta, 0.25);
+        assert_eq!(r.config.objective.beta(), 0.25);
         assert_eq!(r.config.max_steps, 3);
         assert_eq!(r.config.learning_rate, 1e-4);
         assert_eq!(r.config.optim, crate::train::OptimizerKind::Rmsprop);
-        assert_eq!(r.config.loss_type, difinfo::loss::LossShape::Ipo);
+        assert_eq!(
+            r.config.objective.terms(),
+            &[(difinfo::objective::LossType::Ipo, 1.0)]
+        );
         assert_eq!(r.config.logging_steps, 10);
         // A file value equal to the default is still overridden only by the command line.
         let r = resolve(&[
@@ -1012,84 +1261,105 @@ mod tests {
         assert!(!r.config.completion_only_loss);
     }
 
+    /// Each objective field has one spelling: the option (`--objective`, `--reference-free`,
+    /// `--loss-type a,b`, ...) is the config key; the command line wins over the file.
     #[test]
-    fn objective_flags() {
-        let r = resolve(&["dpo", "--model", "m", "--data", "d", "--projected-gradient"]).unwrap();
-        assert_eq!(r.config.effective_objective(), Objective::DpoPg);
-        let r = resolve(&["dpo", "--model", "m", "--data", "d", "--reference-free"]).unwrap();
-        assert_eq!(r.config.effective_objective(), Objective::RefFree);
-        let r = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--reference-free",
-            "false",
+    fn objective_options() {
+        use difinfo::objective::{FDivergence, LossType};
+        let dpo = |extra: &[&str]| {
+            let mut a = vec!["dpo", "--model", "m", "--data", "d"];
+            a.extend_from_slice(extra);
+            resolve(&a)
+        };
+        let r = dpo(&["--objective", "dpo-pg"]).unwrap();
+        assert_eq!(r.config.objective.rule(), Rule::ProjectedGradient);
+        let r = dpo(&["--reference-free"]).unwrap();
+        assert!(r.config.objective.is_reference_free());
+        assert_eq!(r.config.objective.rule(), Rule::Preference);
+        let r = dpo(&["--reference-free", "false"]).unwrap();
+        assert!(!r.config.objective.is_reference_free());
+        // DPO-PG steps along the NLL projection: a reference-free reward would change nothing.
+        assert!(dpo(&["--reference-free", "--objective", "dpo-pg"]).is_err());
+        let r = dpo(&["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"]).unwrap();
+        assert_eq!(
+            r.config.objective.terms(),
+            &[(LossType::Sigmoid, 1.0), (LossType::Sft, 0.5)]
+        );
+        let r = dpo(&[
+            "--loss-type",
+            "discopop",
+            "--discopop-tau",
+            "0.1",
+            "--f-divergence-type",
+            "alpha_divergence",
+            "--f-alpha-divergence-coef",
+            "-0.5",
         ])
         .unwrap();
-        assert_eq!(r.config.effective_objective(), Objective::Dpo);
-        let e = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--reference-free",
-            "--projected-gradient",
-        ]);
-        assert!(e.is_err());
+        assert_eq!(r.config.objective.discopop_tau(), 0.1);
+        assert_eq!(
+            r.config.objective.f_divergence(),
+            FDivergence::AlphaDivergence
+        );
+        assert_eq!(r.config.objective.f_alpha_divergence_coef(), -0.5);
+        for bad in [
+            &["--loss-type", "ipo", "--loss-weights", "1,2"][..],
+            &["--loss-type", "exo_pair"],
+            &[
+                "--loss-type",
+                "bco_pair",
+                "--f-divergence-type",
+                "js_divergence",
+            ],
+        ] {
+            assert!(dpo(bad).is_err(), "{bad:?}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
+        let fs = f.to_str().unwrap();
         std::fs::write(&f, "objective = \"sft\"\n").unwrap();
-        let e = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--config",
-            f.to_str().unwrap(),
-        ])
-        .unwrap_err();
+        let e = dpo(&["--config", fs]).unwrap_err();
         assert!(e.to_string().contains("difinfo-train sft"), "{e}");
-        std::fs::write(&f, "objective = \"dpo-pg\"\n").unwrap();
-        let r = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
+        std::fs::write(
+            &f,
+            "objective = \"dpo-pg\"\nloss_type = [\"ipo\", \"hinge\"]\nloss_weights = [0.5, 2.0]\n",
+        )
+        .unwrap();
+        let r = dpo(&["--config", fs]).unwrap();
+        assert_eq!(r.config.objective.rule(), Rule::ProjectedGradient);
+        assert_eq!(
+            r.config.objective.terms(),
+            &[(LossType::Ipo, 0.5), (LossType::Hinge, 2.0)]
+        );
+        let r = dpo(&[
             "--config",
-            f.to_str().unwrap(),
+            fs,
+            "--objective",
+            "dpo",
+            "--loss-type",
+            "robust",
+        ]);
+        // The file's two weights no longer match the command line's one loss type.
+        assert!(r.unwrap_err().to_string().contains("loss_weights"));
+        let r = dpo(&[
+            "--config",
+            fs,
+            "--objective",
+            "dpo",
+            "--loss-weights",
+            "1,1",
         ])
         .unwrap();
-        assert_eq!(r.config.objective, Objective::DpoPg);
-        let r = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--config",
-            f.to_str().unwrap(),
-            "--projected-gradient",
-            "false",
-        ])
-        .unwrap();
-        assert_eq!(r.config.objective, Objective::Dpo);
+        assert_eq!(r.config.objective.rule(), Rule::Preference);
         std::fs::write(&f, "betta = 1.0\n").unwrap();
-        let e = resolve(&[
-            "dpo",
-            "--model",
-            "m",
-            "--data",
-            "d",
-            "--config",
-            f.to_str().unwrap(),
-        ])
-        .unwrap_err();
+        let e = dpo(&["--config", fs]).unwrap_err();
         assert!(e.to_string().contains("betta"), "{e}");
+        // TRL 0.x's rpo_alpha is the sft term: it round-trips as loss_type + loss_weights.
+        let r = dpo(&["--rpo-alpha", "0.5"]).unwrap();
+        assert_eq!(r.config.objective.sft_weight(), Some(0.5));
+        r.config.save(dir.path()).unwrap();
+        let back = TrainConfig::from_toml_file(&dir.path().join(CONFIG_TOML)).unwrap();
+        assert_eq!(back, r.config);
     }
 
     #[test]
@@ -1126,6 +1396,18 @@ mod tests {
             64
         );
         assert_eq!(r.config.warmup_steps, 150);
+        let r = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--config",
+            &format!("{dir}/mpo.toml"),
+        ])
+        .unwrap();
+        assert_eq!(r.config.objective.sft_weight(), Some(1.0));
+        assert_eq!(r.config.objective.terms().len(), 3);
     }
 
     #[test]

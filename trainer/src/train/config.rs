@@ -5,40 +5,34 @@
 //! The binary's clap struct merges by serializing itself with every unset option skipped
 //! (`#[serde(skip_serializing_if = "Option::is_none")]`) and field names equal to these:
 //! see [`merge`].
+//!
+//! The objective's fields (`objective`, `loss_type`, `loss_weights`, `beta`,
+//! `reference_free`, `label_smoothing`, `rpo_alpha`, `f_divergence_type`,
+//! `f_alpha_divergence_coef`, `discopop_tau`) sit at the top level, as in TRL's `DPOConfig`, and
+//! deserialize into the library's validated [`Objective`] (flattened); an unknown key is an
+//! error naming it.
 
 use std::path::{Path, PathBuf};
 
-use difinfo::loss::LossShape;
+use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
-use crate::train::error::{Result, TrainError};
-use crate::train::objective::Objective;
+use crate::train::error::{RangeError, Result, TrainError};
 use crate::train::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::schedule::SchedulerType;
 
 /// All options of a training run. Defaults are TRL's `DPOConfig` (over HF's
 /// `TrainingArguments`) unless stated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct TrainConfig {
-    /// What to optimize: `sft`, `dpo`, `ref-free`, `dpo-pg` (not a TRL field: TRL has one
-    /// trainer class per objective). Default `dpo`.
+    /// What to optimize: the rule (`objective = "sft" | "dpo" | "dpo-pg"`; not a TRL field:
+    /// TRL has one trainer class per rule) and TRL's loss fields, validated by the library
+    /// (fields and defaults: [`ObjectiveSpec`]). Default DPO, `sigmoid`, β = 0.1.
+    #[serde(flatten)]
     pub objective: Objective,
     /// Run directory: checkpoints, metrics, resolved config. Default `runs/difinfo`.
     pub output_dir: PathBuf,
-    /// `sigmoid`, `hinge` or `ipo`. Default `sigmoid`.
-    pub loss_type: LossShape,
-    /// β. Default 0.1.
-    pub beta: f64,
-    /// TRL's `reference_free`: with `objective = dpo`, the reward is `β log π`. Default false.
-    pub reference_free: bool,
-    /// TRL's `label_smoothing` ε (conservative DPO, `sigmoid` only): the loss
-    /// `(1 − ε)(−log σ(d)) + ε(−log σ(−d))` (`difinfo::loss::label_smoothed_sigmoid`), for
-    /// labels flipped with probability ε ∈ [0, 1/2]. Default 0.
-    pub label_smoothing: f64,
-    /// TRL's `rpo_alpha` α (RPO): adds `α · nll_loss`, the mean NLL per chosen completion
-    /// token of the batch, to the DPO loss (logged as `nll_loss`). Default none.
-    pub rpo_alpha: Option<f64>,
     /// Peak learning rate. Default 1e-6 (TRL's `DPOConfig`).
     pub learning_rate: f64,
     /// `sgd`, `rmsprop` or `adamw` (HF's `adamw_torch`). Default `adamw`.
@@ -123,13 +117,8 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            objective: Objective::Dpo,
+            objective: Objective::default(),
             output_dir: PathBuf::from("runs/difinfo"),
-            loss_type: LossShape::Sigmoid,
-            beta: 0.1,
-            reference_free: false,
-            label_smoothing: 0.0,
-            rpo_alpha: None,
             learning_rate: 1e-6,
             optim: OptimizerKind::Adamw,
             weight_decay: 0.0,
@@ -178,16 +167,15 @@ impl TrainConfig {
     /// I/O and parse errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        toml::from_str(&text).map_err(|e| TrainError::format(path, e))
-    }
-
-    /// The objective after applying `reference_free` (`dpo` + `reference_free` = `ref-free`).
-    pub fn effective_objective(&self) -> Objective {
-        if self.reference_free && self.objective == Objective::Dpo {
-            Objective::RefFree
-        } else {
-            self.objective
-        }
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| TrainError::format(path, e))?;
+        let cfg: TrainConfig = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::format(path, e))?;
+        check_keys(&table, &cfg)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
     }
 
     /// The optimizer hyper-parameters (RMSprop keeps PyTorch's α = 0.99, ε = 1e-8).
@@ -221,81 +209,77 @@ impl TrainConfig {
         .map_err(|e| TrainError::Config(e.to_string()))
     }
 
-    /// Checks ranges and combinations.
+    /// The ranges of the numeric optimization options, as PyTorch's optimizers and HF's
+    /// `TrainingArguments` / TRL enforce them: the optimizer's ([`OptimizerConfig::validate`]),
+    /// `0 ≤ learning_rate`, `warmup_ratio ∈ [0, 1]`, a number for `max_grad_norm` (≤ 0
+    /// disables clipping), `0 ≤ num_train_epochs`, and at least 1 for the batch sizes,
+    /// accumulation steps, logging interval and `save_total_limit`; every float finite.
+    ///
+    /// # Errors
+    /// The first option out of range.
+    pub fn check_ranges(&self) -> std::result::Result<(), RangeError> {
+        self.optimizer().validate()?;
+        let lr = self.learning_rate;
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(RangeError::new(
+                "learning_rate",
+                lr,
+                "must be finite and ≥ 0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(RangeError::new(
+                "warmup_ratio",
+                self.warmup_ratio,
+                "must lie in [0, 1] (a fraction of the total steps)",
+            ));
+        }
+        if self.max_grad_norm.is_nan() {
+            return Err(RangeError::new(
+                "max_grad_norm",
+                self.max_grad_norm,
+                "must be a number (≤ 0 disables clipping)",
+            ));
+        }
+        let epochs = self.num_train_epochs;
+        if !(epochs.is_finite() && epochs >= 0.0) {
+            return Err(RangeError::new(
+                "num_train_epochs",
+                epochs,
+                "must be finite and ≥ 0",
+            ));
+        }
+        for (field, v) in [
+            (
+                "per_device_train_batch_size",
+                Some(self.per_device_train_batch_size),
+            ),
+            (
+                "gradient_accumulation_steps",
+                Some(self.gradient_accumulation_steps),
+            ),
+            ("logging_steps", Some(self.logging_steps)),
+            ("ref_batch_size", self.ref_batch_size),
+            ("save_total_limit", self.save_total_limit),
+        ] {
+            if v == Some(0) {
+                return Err(RangeError::new(field, 0.0, "must be ≥ 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks ranges ([`TrainConfig::check_ranges`]) and combinations.
     ///
     /// # Errors
     /// [`TrainError::Config`] naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.check_ranges()?;
         let bad = |m: String| Err(TrainError::Config(m));
-        if !(self.beta.is_finite() && self.beta > 0.0) {
-            return bad(format!(
-                "beta must be finite and positive, got {}",
-                self.beta
-            ));
-        }
-        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad(format!(
-                "learning_rate must be finite and ≥ 0, got {}",
-                self.learning_rate
-            ));
-        }
-        if self.per_device_train_batch_size == 0 {
-            return bad("per_device_train_batch_size must be ≥ 1".into());
-        }
-        if self.gradient_accumulation_steps == 0 {
-            return bad("gradient_accumulation_steps must be ≥ 1".into());
-        }
-        if self.logging_steps == 0 {
-            return bad("logging_steps must be ≥ 1".into());
-        }
         if self.max_steps <= 0
             && !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0)
         {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
-        }
-        if !(0.0..=0.5).contains(&self.label_smoothing) {
-            return bad(format!(
-                "label_smoothing must be in [0, 0.5], got {}",
-                self.label_smoothing
-            ));
-        }
-        if self.label_smoothing > 0.0
-            && (self.loss_type != LossShape::Sigmoid
-                || !matches!(self.objective, Objective::Dpo | Objective::RefFree))
-        {
-            return bad(format!(
-                "label_smoothing applies to the sigmoid loss of dpo and ref-free, not loss_type {:?} of {:?}",
-                self.loss_type, self.objective
-            ));
-        }
-        if let Some(a) = self.rpo_alpha {
-            if !(a.is_finite() && a >= 0.0) {
-                return bad(format!("rpo_alpha must be finite and ≥ 0, got {a}"));
-            }
-            if !matches!(self.objective, Objective::Dpo | Objective::RefFree) {
-                return bad(format!(
-                    "rpo_alpha applies to dpo and ref-free, not {:?}",
-                    self.objective
-                ));
-            }
-        }
-        if self.save_total_limit == Some(0) {
-            return bad("save_total_limit must be ≥ 1 (or unset to keep every checkpoint)".into());
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad(format!(
-                "warmup_ratio must be in [0, 1], got {}",
-                self.warmup_ratio
-            ));
-        }
-        if self.reference_free
-            && self.objective != Objective::Dpo
-            && self.objective != Objective::RefFree
-        {
-            return bad(format!(
-                "reference_free applies to objective dpo, not {:?}",
-                self.objective
-            ));
         }
         self.lora()?;
         Ok(())
@@ -312,10 +296,12 @@ impl TrainConfig {
                     .to_string(),
             );
         }
-        if !self.precompute_ref_log_probs && self.effective_objective().needs_reference() {
+        if !self.precompute_ref_log_probs && self.objective.needs_reference() {
             w.push("reference log-probs are always precomputed and cached (precompute_ref_log_probs = false has no effect)".to_string());
         }
-        if self.objective == Objective::Sft && self.loss_type != LossShape::Sigmoid {
+        if self.objective.rule() == Rule::Sft
+            && self.objective.terms() != [(LossType::Sigmoid, 1.0)]
+        {
             w.push("loss_type is ignored by sft".to_string());
         }
         w
@@ -341,7 +327,8 @@ impl TrainConfig {
 /// I/O errors naming the path.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
+    // An error names the destination, not the temporary file.
+    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
@@ -369,7 +356,7 @@ pub fn merge_onto<C: Serialize>(
     file: Option<&Path>,
     cli: &C,
 ) -> Result<TrainConfig> {
-    let mut table = toml::Table::try_from(base)
+    let table = toml::Table::try_from(base)
         .map_err(|e| TrainError::Config(format!("default options: {e}")))?;
     let file_table = match file {
         Some(p) => {
@@ -379,19 +366,66 @@ pub fn merge_onto<C: Serialize>(
         }
         None => toml::Table::new(),
     };
-    for (k, v) in file_table {
-        table.insert(k, v);
-    }
     let over = toml::Table::try_from(cli)
         .map_err(|e| TrainError::Config(format!("command-line options: {e}")))?;
-    for (k, v) in over {
-        table.insert(k, v);
+    merge_tables(table, file.zip(Some(file_table)), over)
+}
+
+/// The last step of [`merge_onto`]: `base` (a [`TrainConfig`] as a table), overridden by the
+/// keys of `file` (its path and table), overridden by `cli`'s, parsed and validated. An option
+/// out of range is named where it was given: `--adam-beta1 1.5: …` on the command line,
+/// `c.toml: adam_beta1 = 1.5: …` in a file.
+///
+/// # Errors
+/// See [`merge`].
+pub fn merge_tables(
+    mut base: toml::Table,
+    file: Option<(&Path, toml::Table)>,
+    cli: toml::Table,
+) -> Result<TrainConfig> {
+    let (path, file_table) = match file {
+        Some((p, t)) => (Some(p), t),
+        None => (None, toml::Table::new()),
+    };
+    let in_file: Vec<String> = file_table.keys().cloned().collect();
+    let on_cli: Vec<String> = cli.keys().cloned().collect();
+    base.extend(file_table);
+    base.extend(cli);
+    let cfg: TrainConfig =
+        toml::Value::Table(base.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| match path {
+                Some(p) => TrainError::Config(format!("{}: {e}", p.display())),
+                None => TrainError::Config(e.to_string()),
+            })?;
+    check_keys(&base, &cfg).map_err(TrainError::Config)?;
+    if let Err(e) = cfg.check_ranges() {
+        let given = |keys: &[String]| keys.iter().any(|k| k == e.field);
+        return Err(TrainError::Config(if given(&on_cli) {
+            format!("{} {}: {}", e.flag(), e.value, e.requirement)
+        } else if let (true, Some(p)) = (given(&in_file), path) {
+            format!("{}: {e}", p.display())
+        } else {
+            e.to_string()
+        }));
     }
-    let cfg: TrainConfig = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Every key of `table` must be an option: a field of [`TrainConfig`] (those set in `cfg`, or
+/// present in the defaults) or of the objective ([`ObjectiveSpec::field_names`]). Serde cannot
+/// deny unknown fields next to the flattened objective, so this does.
+fn check_keys(table: &toml::Table, cfg: &TrainConfig) -> std::result::Result<(), String> {
+    let mut known: Vec<String> = ObjectiveSpec::field_names();
+    for t in [TrainConfig::default(), cfg.clone()] {
+        let tt = toml::Table::try_from(&t).map_err(|e| e.to_string())?;
+        known.extend(tt.keys().cloned());
+    }
+    match table.keys().find(|k| !known.contains(k)) {
+        Some(k) => Err(format!("unknown option `{k}`")),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -426,10 +460,10 @@ mod tests {
             ..Default::default()
         };
         let c = merge(Some(&f), &cli).unwrap();
-        assert_eq!(c.beta, 0.25);
+        assert_eq!(c.objective.beta(), 0.25);
         assert_eq!(c.learning_rate, 1e-4);
         assert_eq!(c.optim, OptimizerKind::Rmsprop);
-        assert_eq!(c.loss_type, LossShape::Ipo);
+        assert_eq!(c.objective.terms(), &[(LossType::Ipo, 1.0)]);
         assert_eq!(c.max_steps, 7);
         assert_eq!(c.seed, 42);
         let none = merge(None, &Cli::default()).unwrap();
@@ -453,10 +487,43 @@ mod tests {
     }
 
     #[test]
+    fn an_option_out_of_range_is_named_where_it_was_given() {
+        #[derive(Serialize, Default)]
+        struct Opt {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            adam_beta1: Option<f64>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "adam_beta1 = 1.5\n").unwrap();
+        let e = merge(Some(&f), &Opt::default()).unwrap_err().to_string();
+        assert!(
+            e.contains("c.toml: adam_beta1 = 1.5: must lie in [0, 1)"),
+            "{e}"
+        );
+        let cli = Opt {
+            adam_beta1: Some(-0.5),
+        };
+        let e = merge(Some(&f), &cli).unwrap_err().to_string();
+        assert!(e.contains("--adam-beta1 -0.5: must lie in [0, 1)"), "{e}");
+        let e = TrainConfig {
+            adam_epsilon: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("adam_epsilon = 0: must be finite and > 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn saved_config_reloads_identically() {
         let dir = tempfile::tempdir().unwrap();
         let c = TrainConfig {
-            objective: Objective::DpoPg,
+            objective: Objective::dpo_pg(0.3).unwrap(),
             max_length: 0,
             ref_batch_size: Some(3),
             ..Default::default()

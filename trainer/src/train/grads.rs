@@ -1,9 +1,11 @@
 //! Gradients as a list aligned with the model's variables sorted by name: collection from a
-//! `GradStore`, accumulation, the global norm, clipping, and the DPO-PG projection
-//! (Appendix H), all reduced in that fixed order so that runs are bit-identical.
+//! `GradStore`, accumulation, the global norm, clipping, and the inner-product space the
+//! library's DPO-PG projection (Appendix H) runs on, all reduced in that fixed order so that
+//! runs are bit-identical.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use difinfo::dpo_pg::InnerProduct;
 
 use crate::train::error::{Result, TrainError};
 use crate::train::policy::scalar_f64;
@@ -192,49 +194,46 @@ pub struct ProjectionStats {
     pub norm_l_sq: f64,
 }
 
-/// The DPO-PG projection over **all** parameters at once (Appendix H; the same rule as
-/// `difinfo::dpo_pg::project` on the concatenation of every variable's gradient in name order).
-///
-/// # Formula
-/// ```text
-/// g = g_w − (⟨g_w, g_l⟩ / ‖g_l‖²) g_l    if ⟨g_w, g_l⟩ > 0 and ‖g_l‖ > 0   (active)
-/// g = g_w                                   otherwise
-/// ```
-/// `g_w = ∇L_w`, `L_w = −(1/B) Σ_i log π(y_w,i)` (chosen NLL), `g_l` likewise for the rejected.
-/// Then `⟨g, g_w⟩ ≥ 0` (Theorem H.4) and `⟨g, g_l⟩ ≤ 0` (Theorem H.5).
+/// The gradient set as an inner-product space: the library's DPO-PG projection
+/// ([`difinfo::dpo_pg::project`]) runs on it, with `⟨x, y⟩` = [`Grads::dot`] and `x − k y` by
+/// the fused parallel kernel [`crate::fused::sub_scaled`] (candle's ops elsewhere).
+impl InnerProduct for Grads {
+    type Coef = f64;
+    type Error = TrainError;
+
+    fn dot(&self, y: &Self) -> Result<f64> {
+        Grads::dot(self, y)
+    }
+
+    fn sub_scaled(&self, y: &Self, k: &f64) -> Result<Self> {
+        check_len(self, y)?;
+        Ok(Grads(
+            self.0
+                .iter()
+                .zip(&y.0)
+                .map(|(w, l)| match crate::fused::sub_scaled(w, l, *k)? {
+                    Some(t) => Ok(t),
+                    None => w - l.affine(*k, 0.0)?,
+                })
+                .collect::<candle_core::Result<_>>()?,
+        ))
+    }
+}
+
+/// The DPO-PG projection over **all** parameters at once (Appendix H): the library's
+/// [`difinfo::dpo_pg::project`] on the gradient set, i.e. on the concatenation of every
+/// variable's gradient in name order.
 ///
 /// # Errors
 /// Different variable lists.
 pub fn project(g_w: &Grads, g_l: &Grads) -> Result<(Grads, ProjectionStats)> {
-    let dot = g_w.dot(g_l)?;
-    let norm_l_sq = g_l.dot(g_l)?;
-    if dot > 0.0 && norm_l_sq > 0.0 {
-        let k = dot / norm_l_sq;
-        let g = g_w
-            .0
-            .iter()
-            .zip(&g_l.0)
-            .map(|(w, l)| match crate::fused::sub_scaled(w, l, k)? {
-                Some(t) => Ok(t),
-                None => w - l.affine(k, 0.0)?,
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok((
-            Grads(g),
-            ProjectionStats {
-                active: true,
-                dot,
-                norm_l_sq,
-            },
-        ))
-    } else {
-        Ok((
-            g_w.clone(),
-            ProjectionStats {
-                active: false,
-                dot,
-                norm_l_sq,
-            },
-        ))
-    }
+    let p = difinfo::dpo_pg::project(g_w, g_l)?;
+    Ok((
+        p.gradient,
+        ProjectionStats {
+            active: p.active,
+            dot: p.dot,
+            norm_l_sq: p.norm_l_sq,
+        },
+    ))
 }

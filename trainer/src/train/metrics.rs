@@ -2,9 +2,12 @@
 //! object per line) and `metrics.csv` (a fixed column set, empty where not applicable).
 //!
 //! As in TRL / transformers: `loss` is the mean of the per-step losses since the last log,
-//! the `rewards/*` and `logps/*` are means over the micro-batches since the last log,
-//! `grad_norm` is the last step's norm before clipping, `learning_rate` the rate the next
-//! step will use.
+//! the `rewards/*` and `logps/*` (and `nll_loss`, the `sft` term of RPO-style objectives) are
+//! means over the micro-batches since the last log, `grad_norm` is the last step's norm before
+//! clipping, `learning_rate` the rate the step used, `num_tokens` TRL 1.x's running count of
+//! non-padding tokens trained on (every forward pass) since the start of the run. TRL's
+//! `entropy`, `logits/*` and `mean_token_accuracy` need the full logits, which the trainer's
+//! LM head never forms (it scores the completion tokens only): they are not logged.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,7 +23,7 @@ pub const METRICS_JSONL: &str = "metrics.jsonl";
 pub const METRICS_CSV: &str = "metrics.csv";
 
 /// Every column, in CSV order.
-pub const COLUMNS: [&str; 13] = [
+pub const COLUMNS: [&str; 15] = [
     "step",
     "epoch",
     "loss",
@@ -32,7 +35,9 @@ pub const COLUMNS: [&str; 13] = [
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "nll_loss",
     "projection/active_fraction",
+    "num_tokens",
     "tokens_per_second",
 ];
 
@@ -53,6 +58,9 @@ pub struct LogAccumulator {
     pub tokens: usize,
     /// Wall-clock seconds spent in steps.
     pub seconds: f64,
+    /// Tokens processed since the start of the run (not reset by a log; TRL's `num_tokens`).
+    #[serde(default)]
+    pub num_tokens: usize,
 }
 
 impl LogAccumulator {
@@ -89,6 +97,7 @@ impl LogAccumulator {
                 self.projection_active as f64 / self.steps.max(1) as f64,
             ));
         }
+        r.push(("num_tokens".into(), self.num_tokens as f64));
         r.push((
             "tokens_per_second".into(),
             if self.seconds > 0.0 {
@@ -98,7 +107,10 @@ impl LogAccumulator {
             },
         ));
         r.sort_by_key(|(k, _)| COLUMNS.iter().position(|c| c == k).unwrap_or(usize::MAX));
-        *self = Self::default();
+        *self = Self {
+            num_tokens: self.num_tokens,
+            ..Self::default()
+        };
         r
     }
 }
@@ -110,9 +122,9 @@ pub struct MetricsLog {
     csv: PathBuf,
 }
 
-/// `step` as an integer; every other value as a float (`null` if not finite).
+/// `step` and `num_tokens` as integers; every other value as a float (`null` if not finite).
 fn json_number(key: &str, v: f64) -> serde_json::Value {
-    if key == "step" {
+    if key == "step" || key == "num_tokens" {
         serde_json::Value::from(v as u64)
     } else {
         serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)
@@ -185,7 +197,7 @@ impl MetricsLog {
     }
 
     /// Keeps only the records with `step ≤ step` (a resumed run rewrites what followed its
-    /// checkpoint).
+    /// checkpoint); a last line cut short by a crash is dropped.
     ///
     /// # Errors
     /// I/O and parse errors.
@@ -194,7 +206,7 @@ impl MetricsLog {
             let text =
                 std::fs::read_to_string(&self.jsonl).map_err(|e| TrainError::io(&self.jsonl, e))?;
             let mut kept = String::new();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            for line in complete_lines(&text).filter(|l| !l.trim().is_empty()) {
                 let v: serde_json::Value =
                     serde_json::from_str(line).map_err(|e| TrainError::format(&self.jsonl, e))?;
                 if v["step"].as_u64().is_some_and(|s| s as usize <= step) {
@@ -208,7 +220,7 @@ impl MetricsLog {
             let text =
                 std::fs::read_to_string(&self.csv).map_err(|e| TrainError::io(&self.csv, e))?;
             let mut kept = String::new();
-            for (i, line) in text.lines().enumerate() {
+            for (i, line) in complete_lines(&text).enumerate() {
                 let s = line.split(',').next().and_then(|c| c.parse::<usize>().ok());
                 if i == 0 || s.is_some_and(|s| s <= step) {
                     kept.push_str(line);
@@ -244,6 +256,13 @@ impl MetricsLog {
     }
 }
 
+/// The lines of `text` that end in a newline: a last line without one is a record whose
+/// append a crash cut short (nothing else writes these files), dropped on resume.
+fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    let whole = text.rfind('\n').map_or("", |i| &text[..=i]);
+    whole.lines()
+}
+
 fn append_to(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -251,4 +270,35 @@ fn append_to(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(path)
         .map_err(|e| TrainError::io(path, e))?;
     f.write_all(bytes).map_err(|e| TrainError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_after_drops_a_record_cut_short_by_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(dir.path());
+        for step in 1..=3 {
+            log.append(&[("step".into(), step as f64), ("loss".into(), 0.5)])
+                .unwrap();
+        }
+        // A crash in the middle of the fourth append.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.jsonl_path())
+            .unwrap();
+        f.write_all(b"{\"step\":4,\"lo").unwrap();
+        log.truncate_after(2).unwrap();
+        let steps: Vec<u64> = log
+            .read()
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        let csv = std::fs::read_to_string(log.csv_path()).unwrap();
+        assert_eq!(csv.lines().count(), 3, "{csv}");
+    }
 }

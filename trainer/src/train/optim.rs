@@ -10,9 +10,9 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::train::error::{Result, TrainError};
+use crate::train::error::{RangeError, Result, TrainError};
 use crate::train::grads::{grad_dtype, Grads};
-use crate::train::policy::{read_metadata, save_tensors};
+use crate::train::policy::save_tensors;
 
 /// HF's `optim` values that the trainer supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +85,59 @@ impl Default for OptimizerConfig {
     }
 }
 
+impl OptimizerConfig {
+    /// Checks the ranges PyTorch's optimizers enforce at construction (`0 ≤ weight_decay`,
+    /// `0 ≤ β < 1`, `0 ≤ α`), each value finite, and two stricter ones: `ε > 0` (PyTorch
+    /// allows 0, but then a parameter whose gradient is zero at the first step, e.g. an unused
+    /// token's embedding, is updated by 0/0 = NaN) and RMSprop's `α ≤ 1` (above it the
+    /// running mean of g² turns negative and its square root NaN).
+    ///
+    /// # Errors
+    /// The first option out of range.
+    pub fn validate(&self) -> std::result::Result<(), RangeError> {
+        let fin = |x: f64| x.is_finite();
+        if !(fin(self.weight_decay) && self.weight_decay >= 0.0) {
+            return Err(RangeError::new(
+                "weight_decay",
+                self.weight_decay,
+                "must be finite and ≥ 0 (PyTorch's optimizers require 0 ≤ weight_decay)",
+            ));
+        }
+        for (field, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(RangeError::new(
+                    field,
+                    b,
+                    "must lie in [0, 1) (PyTorch's AdamW requires 0 ≤ β < 1)",
+                ));
+            }
+        }
+        for (field, e) in [
+            ("adam_epsilon", self.adam_epsilon),
+            ("rmsprop_epsilon", self.rmsprop_epsilon),
+        ] {
+            if !(fin(e) && e > 0.0) {
+                return Err(RangeError::new(
+                    field,
+                    e,
+                    "must be finite and > 0 (with ε = 0 a zero gradient entry updates its parameter by 0/0 = NaN)",
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.rmsprop_alpha) {
+            return Err(RangeError::new(
+                "rmsprop_alpha",
+                self.rmsprop_alpha,
+                "must lie in [0, 1] (PyTorch's RMSprop requires 0 ≤ α; above 1 the mean of g² turns negative)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Whether weight decay applies to the parameter `name`, as in transformers' `Trainer`
 /// (`get_decay_parameter_names`): not to biases nor to normalization weights, i.e. not when
 /// the name contains `bias`, `layernorm` or `rmsnorm`, or has a `norm` or `*_norm` component
@@ -120,8 +173,10 @@ impl Optimizer {
     /// A fresh optimizer (zero state, step 0) for `vars`.
     ///
     /// # Errors
-    /// Unsorted or duplicate names.
+    /// A hyper-parameter out of range ([`OptimizerConfig::validate`]); unsorted or duplicate
+    /// names.
     pub fn new(config: OptimizerConfig, vars: &[(String, Var)]) -> Result<Self> {
+        config.validate()?;
         check_sorted(vars)?;
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
@@ -302,8 +357,24 @@ impl Optimizer {
     /// # Errors
     /// Another optimizer kind, a missing or mis-shaped state tensor (named).
     pub fn load(config: OptimizerConfig, vars: &[(String, Var)], path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+        Self::from_bytes(config, vars, &bytes, path)
+    }
+
+    /// [`Optimizer::load`] from the bytes of a state file (`path` names it in errors).
+    ///
+    /// # Errors
+    /// See [`Optimizer::load`]; a malformed file; a state tensor with a non-finite value.
+    pub fn from_bytes(
+        config: OptimizerConfig,
+        vars: &[(String, Var)],
+        bytes: &[u8],
+        path: &Path,
+    ) -> Result<Self> {
         let mut opt = Self::new(config, vars)?;
-        let meta = read_metadata(path)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| TrainError::format(path, e))?;
+        let meta = header.metadata().clone().unwrap_or_default();
         let bad = |message: String| TrainError::Checkpoint {
             path: path.to_path_buf(),
             message,
@@ -324,7 +395,7 @@ impl Optimizer {
         let device = vars
             .first()
             .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
-        let tensors = candle_core::safetensors::load(path, &device)
+        let tensors = candle_core::safetensors::load_buffer(bytes, &device)
             .map_err(|e| TrainError::format(path, e))?;
         let take = |key: String, var: &Var| -> Result<Tensor> {
             let t = tensors
@@ -337,7 +408,13 @@ impl Optimizer {
                     var.dims()
                 )));
             }
-            Ok(t.to_dtype(grad_dtype(var.dtype()))?)
+            let t = t.to_dtype(grad_dtype(var.dtype()))?;
+            // A NaN or infinity would poison every later update of the variable.
+            let total = crate::train::policy::scalar_f64(&t.abs()?.sum_all()?)?;
+            if !total.is_finite() {
+                return Err(bad(format!("state `{key}` holds non-finite values")));
+            }
+            Ok(t)
         };
         for (i, (name, var)) in vars.iter().enumerate() {
             if opt.m[i].is_some() {

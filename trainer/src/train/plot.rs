@@ -92,8 +92,16 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> CliError + '_ {
-    move |e| CliError::Usage(format!("{}: drawing failed: {e:?}", path.display()))
+/// A drawing error as a sentence about `out` (the file the user named): plotters' error
+/// chain reduced to its cause (an I/O error's own message).
+fn draw_err<E: std::error::Error + 'static>(out: &Path) -> impl Fn(E) -> CliError + '_ {
+    move |e| {
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        CliError::Usage(format!("cannot draw {}: {cause}", out.display()))
+    }
 }
 
 /// Draws the panels of `run_dir` into `out` (a PNG, written to a temporary name and renamed).
@@ -109,7 +117,7 @@ pub fn plot(run_dir: &Path, out: &Path) -> CliResult<usize> {
     let tmp = out.with_extension("tmp.png");
     {
         let root = BitMapBackend::new(&tmp, (w * cols as u32, h * rows as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(draw_err(&tmp))?;
+        root.fill(&WHITE).map_err(draw_err(out))?;
         let areas = root.split_evenly((rows, cols));
         for ((title, curves), area) in ps.iter().zip(areas) {
             let (x0, x1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
@@ -120,7 +128,7 @@ pub fn plot(run_dir: &Path, out: &Path) -> CliResult<usize> {
                 .x_label_area_size(36)
                 .y_label_area_size(64)
                 .build_cartesian_2d(x0..x1, y0..y1)
-                .map_err(draw_err(&tmp))?;
+                .map_err(draw_err(out))?;
             chart
                 .configure_mesh()
                 .x_desc("step")
@@ -136,19 +144,19 @@ pub fn plot(run_dir: &Path, out: &Path) -> CliResult<usize> {
                     }
                 })
                 .draw()
-                .map_err(draw_err(&tmp))?;
+                .map_err(draw_err(out))?;
             for (i, (name, pts)) in curves.iter().enumerate() {
                 let c = COLORS[i % COLORS.len()];
                 let s = chart
                     .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-                    .map_err(draw_err(&tmp))?;
+                    .map_err(draw_err(out))?;
                 s.label(name.clone()).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
                 });
                 if pts.len() <= 40 {
                     chart
                         .draw_series(pts.iter().map(|&p| Circle::new(p, 2, c.filled())))
-                        .map_err(draw_err(&tmp))?;
+                        .map_err(draw_err(out))?;
                 }
             }
             if curves.len() > 1 {
@@ -159,10 +167,10 @@ pub fn plot(run_dir: &Path, out: &Path) -> CliResult<usize> {
                     .background_style(WHITE.mix(0.8))
                     .border_style(BLACK)
                     .draw()
-                    .map_err(draw_err(&tmp))?;
+                    .map_err(draw_err(out))?;
             }
         }
-        root.present().map_err(draw_err(&tmp))?;
+        root.present().map_err(draw_err(out))?;
     }
     std::fs::rename(&tmp, out).map_err(|e| crate::train::TrainError::io(out, e))?;
     Ok(ps.len())
@@ -177,6 +185,17 @@ pub fn run_plot(a: &PlotArgs) -> CliResult<()> {
         .out
         .clone()
         .unwrap_or_else(|| a.run_dir.join("metrics.png"));
+    let metrics = a.run_dir.join(crate::train::metrics::METRICS_JSONL);
+    if !metrics.is_file() {
+        return Err(CliError::Usage(format!(
+            "{}: no such file (RUN_DIR must be a training run's output directory)",
+            metrics.display()
+        )));
+    }
+    crate::io::check_outputs(
+        &[("--out", &out)],
+        &crate::io::inputs(&[("RUN_DIR's", &metrics)], &[]),
+    )?;
     let n = plot(&a.run_dir, &out)?;
     println!("wrote {} ({n} panels)", out.display());
     Ok(())

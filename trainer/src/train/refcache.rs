@@ -1,7 +1,8 @@
-//! Reference log-probs: computed once before training with the initial policy (which is the
-//! reference model), stored on disk under a key that hashes the model's weights, the
-//! tokenized data and the tokenization and batching settings, and reloaded when the key
-//! matches, so the reference model is never held in memory while training.
+//! Reference log-probs: computed once before training with the reference model (the initial
+//! policy, or TRL's `ref_model` given by `--ref-model`), stored on disk under a key that hashes
+//! the reference's weights (its identity), the tokenized data and the tokenization and
+//! batching settings, and reloaded when the key matches, so the reference model is never held
+//! in memory while training.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -264,35 +265,16 @@ impl RefLogps {
         Ok((r, false))
     }
 
-    /// `[B]` tensors `(chosen, rejected)` for the examples `idx`: sums, or per-token means
-    /// when `normalize` (IPO), in `dtype` on `device`.
+    /// `[B]` tensors `(chosen, rejected)` of the summed log-probs of the examples `idx`, in
+    /// `dtype` on `device` (length normalization, where a loss type asks for it, is the
+    /// library's, on the policy's token counts: the same sequences).
     ///
     /// # Errors
     /// Tensor errors.
-    pub fn select(
-        &self,
-        idx: &[usize],
-        normalize: bool,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let pick = |s: &[f64], c: &[f64]| -> Vec<f64> {
-            idx.iter()
-                .map(|&i| if normalize { s[i] / c[i] } else { s[i] })
-                .collect()
-        };
-        let c = Tensor::from_vec(
-            pick(&self.chosen_sum, &self.chosen_count),
-            idx.len(),
-            device,
-        )?
-        .to_dtype(dtype)?;
-        let r = Tensor::from_vec(
-            pick(&self.rejected_sum, &self.rejected_count),
-            idx.len(),
-            device,
-        )?
-        .to_dtype(dtype)?;
+    pub fn select(&self, idx: &[usize], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let pick = |s: &[f64]| -> Vec<f64> { idx.iter().map(|&i| s[i]).collect() };
+        let c = Tensor::from_vec(pick(&self.chosen_sum), idx.len(), device)?.to_dtype(dtype)?;
+        let r = Tensor::from_vec(pick(&self.rejected_sum), idx.len(), device)?.to_dtype(dtype)?;
         Ok((c, r))
     }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use difinfo::loss::LossShape;
+use difinfo::objective::{Objective, Rule};
 
 use crate::train::checkpoint::{
     checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, save_checkpoint,
@@ -29,7 +29,7 @@ use crate::train::error::{Result, TrainError};
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::metrics::{LogAccumulator, MetricsLog};
 use crate::train::objective::{
-    chosen_nll, nll_mean, preference_logps, preference_loss, sft_loss, Objective, PreferenceLoss,
+    nll_mean, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
 };
 use crate::train::optim::Optimizer;
 use crate::train::policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
@@ -53,7 +53,7 @@ pub struct StepReport {
     /// DPO-PG: what the projection did.
     pub projection: Option<ProjectionStats>,
     /// Per-micro-batch preference metrics (preference objectives).
-    pub preference: Vec<crate::train::objective::PreferenceMetrics>,
+    pub preference: Vec<PreferenceMetrics>,
     /// The record appended to the metrics files, on a logging step.
     pub logged: Option<Vec<(String, f64)>>,
     /// The checkpoint written after the step, if any.
@@ -94,6 +94,97 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     device: Device,
 }
 
+/// The files an earlier run leaves in its output directory besides checkpoints and reference
+/// caches: metrics, resolved config, the command's run record and summary.
+pub const RUN_FILES: [&str; 6] = [
+    crate::train::metrics::METRICS_JSONL,
+    crate::train::metrics::METRICS_CSV,
+    crate::train::config::CONFIG_TOML,
+    crate::train::config::CONFIG_JSON,
+    crate::train::cli::RUN_RECORD,
+    crate::train::cli::SUMMARY_FILE,
+];
+
+/// What in `output_dir` shows an earlier run there (names, sorted): [`RUN_FILES`], checkpoint
+/// directories (complete, or a `.checkpoint-N.tmp` a crash left mid-write) and reference
+/// log-prob caches. A run that crashed before its first checkpoint leaves its metrics and
+/// config, so checkpoints alone are not the test.
+///
+/// # Errors
+/// I/O errors reading the directory.
+pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
+    let rd = match std::fs::read_dir(output_dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(output_dir, e)),
+    };
+    let mut found = Vec::new();
+    for e in rd {
+        let name = e
+            .map_err(|e| TrainError::io(output_dir, e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let checkpoint = name.starts_with("checkpoint-")
+            || (name.starts_with(".checkpoint-") && name.ends_with(".tmp"));
+        let cache = name.starts_with("ref_logps-") && name.ends_with(".safetensors");
+        if RUN_FILES.contains(&name.as_str()) || checkpoint || cache {
+            found.push(name);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Refuses a fresh run in an `output_dir` that holds an [`earlier_run`] unless `overwrite`
+/// (HF's `overwrite_output_dir`); `--resume` does not come here.
+///
+/// # Errors
+/// [`TrainError::Config`] naming the files found and the ways out.
+pub fn check_fresh_output_dir(output_dir: &Path, overwrite: bool) -> Result<()> {
+    let found = earlier_run(output_dir)?;
+    if overwrite || found.is_empty() {
+        return Ok(());
+    }
+    let mut shown = found.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if found.len() > 5 {
+        shown.push_str(", …");
+    }
+    let resume = match latest_checkpoint(output_dir)? {
+        Some(c) => format!(
+            "continue it with --resume {} (from {}), ",
+            output_dir.display(),
+            c.display()
+        ),
+        None => "it has no checkpoint to resume from; ".into(),
+    };
+    Err(TrainError::Config(format!(
+        "{} holds an earlier run ({shown}): {resume}choose another --output-dir, or pass \
+         --overwrite-output-dir (overwrite_output_dir = true) to replace it",
+        output_dir.display()
+    )))
+}
+
+/// With `overwrite_output_dir`: removes what an earlier run left in `output_dir` that the new
+/// run would not replace itself (checkpoints, temporary checkpoint directories, metrics, the
+/// summary), so no stale file is mistaken for the new run's. Reference caches stay: they are
+/// keyed by model, data and settings, and reused only on a match.
+fn clear_earlier_run(output_dir: &Path) -> Result<()> {
+    for name in earlier_run(output_dir)? {
+        let p = output_dir.join(&name);
+        if name.starts_with("ref_logps-") {
+            continue;
+        }
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|e| TrainError::io(&p, e))?;
+    }
+    Ok(())
+}
+
 /// `(micro-batches per epoch, optimizer steps per epoch, total steps)`.
 fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
     let micro = n.div_ceil(config.per_device_train_batch_size);
@@ -106,41 +197,63 @@ fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
     (micro, steps_per_epoch, total)
 }
 
-fn check_data(objective: Objective, data: &Dataset, config: &TrainConfig) -> Result<()> {
+fn check_data(objective: &Objective, data: &Dataset, config: &TrainConfig) -> Result<()> {
     if data.is_empty() {
         return Err(TrainError::InvalidArgument("the dataset is empty".into()));
     }
-    data.validate(objective == Objective::Sft && !config.completion_only_loss)?;
+    data.validate(objective.rule() == Rule::Sft && !config.completion_only_loss)?;
     match (&data.examples, objective.is_preference()) {
         (Examples::Preference(_), true) | (Examples::Sft(_), false) => Ok(()),
         _ => Err(TrainError::Config(format!(
-            "objective {objective:?} does not train on this kind of data"
+            "objective {} does not train on this kind of data",
+            objective.rule()
         ))),
     }
 }
 
 impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
-    /// A fresh run: validates the config, creates `output_dir` and writes the resolved config
-    /// there, clears old metrics, and computes (or reloads from the cache) the reference
-    /// log-probs with the model as it is now (the reference is the initial policy).
+    /// A fresh run: validates the config, refuses an `output_dir` holding an earlier run
+    /// ([`check_fresh_output_dir`]; with `overwrite_output_dir` its files are removed, its
+    /// reference caches kept), creates `output_dir` and writes the resolved config there, and
+    /// computes (or reloads from the cache) the reference log-probs with the model as it is
+    /// now (the reference is the initial policy).
     ///
     /// # Errors
-    /// Invalid config or data, I/O, non-finite reference log-probs.
+    /// Invalid config or data, an earlier run in `output_dir`, I/O, non-finite reference
+    /// log-probs.
     pub fn new(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
+        Self::start(model, model, config, data)
+    }
+
+    /// A fresh run whose reference log-probs come from `reference` (TRL's `ref_model`), a
+    /// model over the same vocabulary; see [`Trainer::new`]. The cache key hashes
+    /// `reference`'s weights, so another reference never reuses a cache.
+    ///
+    /// # Errors
+    /// See [`Trainer::new`].
+    pub fn with_reference<R: PolicyModel + ?Sized>(
+        model: &'m M,
+        reference: &R,
+        config: TrainConfig,
+        data: Dataset,
+    ) -> Result<Self> {
+        Self::start(model, reference, config, data)
+    }
+
+    fn start<R: PolicyModel + ?Sized>(
+        model: &'m M,
+        ref_model: &R,
+        config: TrainConfig,
+        data: Dataset,
+    ) -> Result<Self> {
         config.validate()?;
-        let objective = config.effective_objective();
-        check_data(objective, &data, &config)?;
+        let objective = config.objective.clone();
+        check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
+        check_fresh_output_dir(&out, config.overwrite_output_dir)?;
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
-        while let Some(old) = latest_checkpoint(&out)? {
-            if !config.overwrite_output_dir {
-                return Err(TrainError::Config(format!(
-                    "{} holds checkpoints ({}): resume from it, or set overwrite_output_dir",
-                    out.display(),
-                    old.display()
-                )));
-            }
-            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        if config.overwrite_output_dir {
+            clear_earlier_run(&out)?;
         }
         config.save(&out)?;
         let vars = model.named_vars();
@@ -151,7 +264,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 .ref_batch_size
                 .unwrap_or(config.per_device_train_batch_size);
             let key = cache_key(
-                fingerprint_vars(&model.reference_vars())?,
+                fingerprint_vars(&ref_model.reference_vars())?,
                 pairs,
                 &data.settings,
                 data.pad_id,
@@ -159,7 +272,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             );
             let dir = config.ref_cache_dir.clone().unwrap_or_else(|| out.clone());
             let (r, _hit) =
-                RefLogps::load_or_compute(model, pairs, Some(&dir), &key, bs, data.pad_id)?;
+                RefLogps::load_or_compute(ref_model, pairs, Some(&dir), &key, bs, data.pad_id)?;
             (Some(r), Some(key))
         } else {
             (None, None)
@@ -179,6 +292,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             last_grad_norm: 0.0,
             projection_active_total: 0,
             ref_cache_key: key,
+            checksums: false,
         };
         let log = MetricsLog::new(&out);
         log.reset()?;
@@ -196,8 +310,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// A checkpoint that does not match the model, data or seed; a missing reference cache.
     pub fn resume(model: &'m M, config: TrainConfig, data: Dataset, dir: &Path) -> Result<Self> {
         config.validate()?;
-        let objective = config.effective_objective();
-        check_data(objective, &data, &config)?;
+        let objective = config.objective.clone();
+        check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
         let mut state = load_state(dir)?;
@@ -306,9 +420,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         &self.config
     }
 
-    /// The objective (after `reference_free`).
-    pub fn objective(&self) -> Objective {
-        self.objective
+    /// The objective.
+    pub fn objective(&self) -> &Objective {
+        &self.objective
     }
 
     /// The state that a checkpoint would save now.
@@ -405,57 +519,28 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         TokenBatch::from_sequences(seqs, self.data.pad_id, &self.device)
     }
 
+    /// The objective's loss on the pairs `idx` (the reference log-probs from the cache).
     fn preference_loss(
         &self,
         idx: &[usize],
         chosen: &SeqLogps,
         rejected: &SeqLogps,
-        detach: bool,
     ) -> Result<PreferenceLoss> {
-        let shape = self.config.loss_type;
-        let mut pc = preference_logps(shape, chosen)?;
-        let mut pr = preference_logps(shape, rejected)?;
-        if detach {
-            pc = pc.detach();
-            pr = pr.detach();
-        }
-        // The batch's reference log-probs (per-token means when `normalize`), none reference-free.
-        let refs = |normalize: bool| -> Result<Option<(Tensor, Tensor)>> {
-            match (self.objective, &self.reference) {
-                (Objective::RefFree, _) | (_, None) => Ok(None),
-                (_, Some(r)) => Ok(Some(r.select(idx, normalize, pc.dtype(), &self.device)?)),
+        let refs = match &self.reference {
+            Some(r) if self.objective.needs_reference() => {
+                Some(r.select(idx, chosen.sum.dtype(), &self.device)?)
             }
+            _ => None,
         };
-        let refs_loss = refs(shape == LossShape::Ipo)?;
-        let pl = preference_loss(
-            shape,
-            self.config.beta,
-            self.config.label_smoothing,
-            &pc,
-            &pr,
-            refs_loss.as_ref().map(|r| &r.0),
-            refs_loss.as_ref().map(|r| &r.1),
-        )?;
-        if shape != LossShape::Ipo {
-            return Ok(pl);
-        }
-        // IPO's loss uses per-token means; TRL logs rewards and log-probs of the sums.
-        let sums = refs(false)?;
-        pl.with_summed_metrics(
-            self.config.beta,
-            &chosen.sum,
-            &rejected.sum,
-            sums.as_ref().map(|r| &r.0),
-            sums.as_ref().map(|r| &r.1),
+        preference_loss(
+            &self.objective,
+            chosen,
+            rejected,
+            refs.as_ref().map(|(c, r)| (c, r)),
         )
     }
 
-    fn check_pref(
-        &self,
-        m: &crate::train::objective::PreferenceMetrics,
-        mb: usize,
-        idx: &[usize],
-    ) -> Result<()> {
+    fn check_pref(&self, m: &PreferenceMetrics, mb: usize, idx: &[usize]) -> Result<()> {
         for (name, v) in [
             ("loss", m.loss),
             ("logps/chosen", m.logps_chosen),
@@ -490,8 +575,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let mut tokens = 0usize;
         let mut pref_metrics = Vec::new();
         let mut projection = None;
-        let grads = match (self.objective, &self.data.examples) {
-            (Objective::Sft, Examples::Sft(seqs)) => {
+        let grads = match (self.objective.rule(), &self.data.examples) {
+            (Rule::Sft, Examples::Sft(seqs)) => {
                 let whole = !self.config.completion_only_loss;
                 let pick = |i: usize| -> Sequence {
                     let s = &seqs[i];
@@ -535,7 +620,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 }
                 acc.expect("at least one micro-batch")
             }
-            (Objective::Dpo | Objective::RefFree, Examples::Preference(pairs)) => {
+            (Rule::Preference, Examples::Preference(pairs)) => {
                 let mut acc: Option<Grads> = None;
                 for (mb, idx) in &mbs {
                     let seqs: Vec<&Sequence> = idx
@@ -554,31 +639,21 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                             count: out.count.narrow(0, o, b)?,
                         })
                     };
-                    let chosen = half(0)?;
-                    let pl = self.preference_loss(idx, &chosen, &half(b)?, false)?;
-                    let mut m = pl.metrics()?;
-                    let mut loss = pl.loss.clone();
-                    let mut record = pref_record(&m).to_vec();
-                    if let Some(alpha) = self.config.rpo_alpha {
-                        let nll = chosen_nll(&chosen)?;
-                        let v = crate::train::policy::scalar_f64(&nll)?;
-                        loss = (loss + nll.affine(alpha, 0.0)?)?;
-                        m.loss += alpha * v;
-                        record.push(("nll_loss", v));
-                    }
+                    let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
+                    let m = pl.metrics()?;
                     self.check_pref(&m, *mb, idx)?;
                     step_loss += m.loss / k;
-                    let g = self.grads(&loss.affine(1.0 / k, 0.0)?)?;
+                    let g = self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?;
                     acc = Some(match acc {
                         None => g,
                         Some(a) => a.add(&g)?,
                     });
-                    self.state.log.add_microbatch(&record);
+                    self.state.log.add_microbatch(&m.record());
                     pref_metrics.push(m);
                 }
                 acc.expect("at least one micro-batch")
             }
-            (Objective::DpoPg, Examples::Preference(pairs)) => {
+            (Rule::ProjectedGradient, Examples::Preference(pairs)) => {
                 let mut acc: Option<(Grads, Grads)> = None;
                 for (mb, idx) in &mbs {
                     let cs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
@@ -588,7 +663,11 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                     self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
                     let sc = self.model.sequence_logps(&cb)?;
                     let sr = self.model.sequence_logps(&rb)?;
-                    let pl = self.preference_loss(idx, &sc, &sr, true)?;
+                    let detached = |s: &SeqLogps| SeqLogps {
+                        sum: s.sum.detach(),
+                        count: s.count.clone(),
+                    };
+                    let pl = self.preference_loss(idx, &detached(&sc), &detached(&sr))?;
                     let m = pl.metrics()?;
                     self.check_pref(&m, *mb, idx)?;
                     step_loss += m.loss / k;
@@ -598,7 +677,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                         None => (gw, gl),
                         Some((aw, al)) => (aw.add(&gw)?, al.add(&gl)?),
                     });
-                    self.state.log.add_microbatch(&pref_record(&m));
+                    self.state.log.add_microbatch(&m.record());
                     pref_metrics.push(m);
                 }
                 let (gw, gl) = acc.expect("at least one micro-batch");
@@ -633,6 +712,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         st.log.steps += 1;
         st.log.loss_sum += step_loss;
         st.log.tokens += tokens;
+        st.log.num_tokens += tokens;
         let seconds = t0.elapsed().as_secs_f64();
         st.log.seconds += seconds;
         if let Some(p) = &projection {
@@ -650,7 +730,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 st.epoch_float,
                 norm,
                 lr,
-                self.objective == Objective::DpoPg,
+                self.objective.rule() == Rule::ProjectedGradient,
             );
             self.log.append(&rec)?;
             Some(rec)
@@ -736,9 +816,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         Ok(TrainSummary {
             global_step: self.state.global_step,
             last_record,
-            projection_active_fraction: (self.objective == Objective::DpoPg).then(|| {
-                self.state.projection_active_total as f64 / self.state.global_step.max(1) as f64
-            }),
+            projection_active_fraction: (self.objective.rule() == Rule::ProjectedGradient).then(
+                || self.state.projection_active_total as f64 / self.state.global_step.max(1) as f64,
+            ),
             last_checkpoint: self.last_checkpoint.clone(),
         })
     }
@@ -747,15 +827,4 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     pub fn checkpoint_path(&self) -> PathBuf {
         checkpoint_dir(&self.config.output_dir, self.state.global_step)
     }
-}
-
-fn pref_record(m: &crate::train::objective::PreferenceMetrics) -> [(&'static str, f64); 6] {
-    [
-        ("rewards/chosen", m.rewards_chosen),
-        ("rewards/rejected", m.rewards_rejected),
-        ("rewards/accuracies", m.rewards_accuracies),
-        ("rewards/margins", m.rewards_margins),
-        ("logps/chosen", m.logps_chosen),
-        ("logps/rejected", m.logps_rejected),
-    ]
 }

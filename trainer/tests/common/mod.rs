@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use difinfo_trainer::checkpoint::load_model;
 use difinfo_trainer::config::{Architecture, ModelConfig};
 use difinfo_trainer::init::{init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
-use difinfo_trainer::model::Model;
+use difinfo_trainer::model::{Model, MASK_VALUE};
 use difinfo_trainer::tokenize::TokenizerBundle;
 
 /// A very small configuration of `arch` (GQA: 4 query heads over 2 key/value heads).
@@ -74,7 +74,9 @@ pub fn device() -> Device {
 pub fn data_file(name: &str) -> PathBuf {
     match std::env::var_os("DIFINFO_DATA_DIR") {
         Some(d) => PathBuf::from(d).join(name),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../data").join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data")
+            .join(name),
     }
 }
 
@@ -95,4 +97,69 @@ pub fn write_lines(dir: &TempDir, name: &str, lines: &[&str]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, lines.join("\n") + "\n").expect("write");
     p
+}
+
+/// The JSON objects of a JSONL file.
+pub fn jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Uniform(−2, 2) values of `shape` from SplitMix64 seeded with `seed`, in `dtype`:
+/// deterministic without a RNG dependency.
+pub fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    // SplitMix64 → uniform(−2, 2): deterministic without a RNG dependency.
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// An additive `[b, 1, l, l]` mask: causal, and batch entry `i`'s last `pad[i]` keys masked.
+pub fn causal_and_padding_mask(b: usize, l: usize, pad: &[usize], dtype: DType) -> Tensor {
+    let mut m = vec![0f64; b * l * l];
+    for bi in 0..b {
+        for i in 0..l {
+            for j in 0..l {
+                if j > i || j >= l - pad[bi] {
+                    m[(bi * l + i) * l + j] = MASK_VALUE;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, l, l), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Two sequences of a micro model's vocabulary (lengths 10 and 5, completions from 3 and 2):
+/// a padded batch with prompt and completion positions.
+pub fn two_sequences() -> Vec<difinfo_trainer::batch::Sequence> {
+    use difinfo_trainer::batch::Sequence;
+    vec![
+        Sequence {
+            ids: vec![0, 17, 99, 3, 250, 41, 8, 77, 12, 5],
+            completion_start: 3,
+        },
+        Sequence {
+            ids: vec![0, 5, 6, 200, 31],
+            completion_start: 2,
+        },
+    ]
 }

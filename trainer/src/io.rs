@@ -1,0 +1,273 @@
+//! Output paths, checked before any work: an output never replaces an input (compared as
+//! files, whatever the spelling: `a/../b`, a hard link and a symbolic link name the same file),
+//! two outputs never share a file, and each destination can be written (its directory exists
+//! and is writable, and it is not itself a directory). The commands call
+//! [`check_outputs`] first, so a bad path costs nothing and the message names the option and
+//! the path the user gave, never a temporary file.
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{SIDE_FILES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+use crate::error::{Error, Result};
+
+/// A path given for a named option (`("--out", path)`).
+pub type Named<'a> = (&'a str, &'a Path);
+
+/// Whether `a` and `b` are one existing file (same device and inode on Unix; the same
+/// canonical path elsewhere). A path that does not exist is no file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        ma.dev() == mb.dev() && ma.ino() == mb.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    }
+}
+
+/// Where a file written at `p` ends up: its directory canonicalized, joined with its name
+/// (`p` itself canonicalized when it exists). Two outputs collide when these are equal.
+fn destination(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Some(c);
+    }
+    let name = p.file_name()?;
+    let parent = parent_dir(p).canonicalize().ok()?;
+    Some(parent.join(name))
+}
+
+/// The directory a file path lives in (`.` for a bare name).
+fn parent_dir(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether a file can be created in directory `dir`: creates and removes a probe file (the
+/// one test that honors permissions, ACLs and read-only mounts alike).
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".difinfo-write-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// Checks that the file output `path` of option `option` can be written: not a directory, its
+/// directory exists and is writable.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the option and the path.
+pub fn check_destination(option: &str, path: &Path) -> Result<()> {
+    let bad = |why: String| {
+        Err(Error::InvalidArgument(format!(
+            "{option} {}: {why}",
+            path.display()
+        )))
+    };
+    if path.is_dir() {
+        return bad("is a directory; give a file name".into());
+    }
+    let dir = parent_dir(path);
+    if !dir.exists() {
+        return bad(format!("directory {} does not exist", dir.display()));
+    }
+    if !dir.is_dir() {
+        return bad(format!("{} is not a directory", dir.display()));
+    }
+    if let Err(e) = probe_writable(dir) {
+        return bad(format!("cannot write in directory {}: {e}", dir.display()));
+    }
+    Ok(())
+}
+
+/// Checks that the output directory `dir` of option `option` can be used: an existing one is
+/// a writable directory; a missing one can be created (its nearest existing ancestor is a
+/// writable directory). Creates nothing.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the option and the path.
+pub fn check_output_dir(option: &str, dir: &Path) -> Result<()> {
+    let bad = |why: String| {
+        Err(Error::InvalidArgument(format!(
+            "{option} {}: {why}",
+            dir.display()
+        )))
+    };
+    let mut at = dir;
+    loop {
+        if at.exists() {
+            break;
+        }
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !at.is_dir() {
+        return bad(format!("{} exists and is not a directory", at.display()));
+    }
+    if let Err(e) = probe_writable(at) {
+        return bad(format!("cannot write in directory {}: {e}", at.display()));
+    }
+    Ok(())
+}
+
+/// The files of a Hugging Face checkpoint directory that the loaders read: config, weights
+/// and their shards, tokenizer and generation files.
+pub fn checkpoint_inputs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = ["config.json", WEIGHTS_FILE, WEIGHTS_INDEX_FILE]
+        .iter()
+        .chain(SIDE_FILES.iter())
+        .map(|f| dir.join(f))
+        .collect();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") && !v.contains(&p) {
+                v.push(p);
+            }
+        }
+    }
+    v
+}
+
+/// A file a command reads, and how to name it in a message (`--data d.jsonl`, or
+/// `m/config.json of --model m`).
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The message's words for it.
+    pub what: String,
+    /// The file.
+    pub path: PathBuf,
+}
+
+/// The inputs of a command: each plain file under its option, and each file of each
+/// checkpoint directory ([`checkpoint_inputs`]) under the directory's option.
+pub fn inputs(files: &[Named<'_>], checkpoints: &[Named<'_>]) -> Vec<Input> {
+    let mut v: Vec<Input> = files
+        .iter()
+        .map(|&(o, p)| Input {
+            what: format!("{o} {}", p.display()),
+            path: p.to_path_buf(),
+        })
+        .collect();
+    for &(o, d) in checkpoints {
+        v.extend(checkpoint_inputs(d).into_iter().map(|p| Input {
+            what: format!("{} of {o} {}", p.display(), d.display()),
+            path: p,
+        }));
+    }
+    v
+}
+
+/// The checks every command runs before its work: each output's destination can be written
+/// ([`check_destination`]), no two outputs are one file, and no output is an input
+/// ([`same_file`]).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming both options and paths.
+pub fn check_outputs(outputs: &[Named<'_>], inputs: &[Input]) -> Result<()> {
+    for (i, &(oa, a)) in outputs.iter().enumerate() {
+        for &(ob, b) in &outputs[..i] {
+            if destination(a).is_some() && destination(a) == destination(b) {
+                return Err(Error::InvalidArgument(format!(
+                    "{ob} {} and {oa} {} are the same file: one output would replace the other",
+                    b.display(),
+                    a.display()
+                )));
+            }
+        }
+        if let Some(input) = inputs.iter().find(|x| same_file(a, &x.path)) {
+            return Err(Error::InvalidArgument(format!(
+                "{oa} {} is the same file as {}: writing it would destroy the input; choose another {oa}",
+                a.display(),
+                input.what
+            )));
+        }
+        check_destination(oa, a)?;
+    }
+    Ok(())
+}
+
+/// Checks that none of the files a command writes under fixed names (`written`, e.g. a run's
+/// `metrics.jsonl` in its `--output-dir`) is one of its `inputs`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the input and the file that would replace it.
+pub fn check_written_files(written: &[PathBuf], inputs: &[Input]) -> Result<()> {
+    for w in written {
+        if let Some(input) = inputs.iter().find(|x| same_file(w, &x.path)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is {}, a file this command writes: copy it elsewhere first",
+                input.what,
+                w.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_file_sees_through_spellings_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.txt");
+        std::fs::write(&a, "x").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        assert!(same_file(&a, &dir.path().join("sub/../a.txt")));
+        std::fs::hard_link(&a, dir.path().join("h.txt")).unwrap();
+        assert!(same_file(&a, &dir.path().join("h.txt")));
+        let b = dir.path().join("b.txt");
+        std::fs::write(&b, "x").unwrap();
+        assert!(!same_file(&a, &b));
+        assert!(!same_file(&a, &dir.path().join("missing")));
+    }
+
+    #[test]
+    fn outputs_are_checked_against_inputs_and_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d.jsonl");
+        std::fs::write(&d, "{}\n").unwrap();
+        let o = dir.path().join("o.jsonl");
+        let e = check_outputs(&[("--out", &d)], &inputs(&[("--data", &d)], &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--out") && e.contains("--data"), "{e}");
+        let o2 = dir.path().join("sub/../o.jsonl");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let e = check_outputs(&[("--out", &o), ("--error-report", &o2)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--out") && e.contains("--error-report"), "{e}");
+        check_outputs(&[("--out", &o)], &inputs(&[("--data", &d)], &[])).unwrap();
+        let e = check_outputs(&[("--out", dir.path())], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let deep = dir.path().join("x/y/o.jsonl");
+        let e = check_outputs(&[("--out", &deep)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        check_output_dir("--output-dir", &dir.path().join("x/y")).unwrap();
+        let e = check_output_dir("--output-dir", &d.join("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a directory"), "{e}");
+    }
+}
