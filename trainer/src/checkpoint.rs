@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::io::write_atomic;
 use crate::model::Model;
 
 /// Name of the single-file weights.
@@ -356,61 +357,6 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
         }
     }
     Ok(model)
-}
-
-/// Writes `path` atomically: `write` fills a temporary sibling file, which is then renamed.
-///
-/// # Errors
-/// I/O errors, and whatever `write` returns.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        // Name the destination the user gave, not the hidden temporary file.
-        return Err(match e {
-            Error::Io { path: p, source } if p == tmp => Error::io(path, source),
-            e => e,
-        });
-    }
-    // Some writers create 0600 files; outputs are ordinary files (0644 before the umask).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Writes `rows` as JSON Lines (one value per line) to `path` atomically ([`write_atomic`]).
-///
-/// # Errors
-/// I/O errors.
-pub fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
-    use std::io::Write;
-    write_atomic(path, |tmp| {
-        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        for r in rows {
-            writeln!(w, "{r}").map_err(|e| Error::io(tmp, e))?;
-        }
-        w.flush().map_err(|e| Error::io(tmp, e))
-    })
-}
-
-/// Writes `value` as pretty-printed JSON to `path` atomically ([`write_atomic`]).
-///
-/// # Errors
-/// I/O errors; a value that does not serialize.
-pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
-    write_atomic(path, |tmp| {
-        std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
-    })
 }
 
 /// The tensors to save for `model`, by Hugging Face name, cast to `dtype`: every variable,

@@ -732,7 +732,7 @@ pub fn read_jsonl<T>(
 /// # Errors
 /// I/O errors.
 pub fn write_error_report(path: &Path, errors: &[DataError]) -> Result<()> {
-    crate::checkpoint::write_atomic(path, |tmp| {
+    crate::io::write_atomic(path, |tmp| {
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?);
         for e in errors {

@@ -1,7 +1,9 @@
 //! The crate's error type.
 //!
 //! Every user-facing failure (a bad file, a bad option, a checkpoint that does not match its
-//! config) is a variant of [`Error`]; nothing in the library panics on user input.
+//! config or its run, a non-finite loss) is a variant of [`Error`], the one error type of the
+//! crate (the library layers and the commands alike), so a file / line / field context reaches
+//! the process exit as it was built; nothing in the library panics on user input.
 
 use std::path::PathBuf;
 
@@ -154,9 +156,46 @@ pub enum Error {
     /// A chat template failed to compile or render.
     #[error("chat template: {0}")]
     Template(String),
-    /// An option or argument is invalid.
+    /// An option or argument is invalid (a bad command-line combination, an argument outside a
+    /// function's domain: shapes, lengths, names).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A training option, or a combination of them, is invalid (named as given: `--beta -1: …`
+    /// on the command line, `c.toml: beta = -1: …` in a file).
+    #[error("invalid configuration: {0}")]
+    Options(String),
+    /// A file could not be parsed or written in its format (JSON, TOML, safetensors).
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A formula of the `difinfo` library rejected its input.
+    #[error("difinfo: {0}")]
+    Library(#[from] difinfo::Error),
+    /// A non-finite loss or gradient while training: the run stops before the optimizer step,
+    /// so the weights and the last checkpoint are those of the last good step.
+    #[error(
+        "non-finite {what} at step {step}, batch {batch} (epoch {epoch}, examples {examples:?}); \
+         the run stopped without saving; last good checkpoint: {}",
+        last_checkpoint.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string())
+    )]
+    NonFinite {
+        /// `loss` or `gradient norm` (and its value).
+        what: String,
+        /// The optimizer step being computed (1-based, as logged).
+        step: usize,
+        /// The micro-batch's index within its epoch (0-based).
+        batch: usize,
+        /// The epoch (0-based).
+        epoch: usize,
+        /// The dataset indices of the micro-batch's examples.
+        examples: Vec<usize>,
+        /// The last checkpoint written, kept intact.
+        last_checkpoint: Option<PathBuf>,
+    },
     /// A GGUF file could not be imported (see [`crate::gguf`]).
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
@@ -193,6 +232,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A format error on `path`.
+    pub fn format(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Error::Format {
+            path: path.into(),
+            message: message.to_string(),
         }
     }
 }

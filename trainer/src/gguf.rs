@@ -28,9 +28,10 @@ use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::checkpoint::{torch_dtype_name, write_json};
+use crate::checkpoint::torch_dtype_name;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::io::write_json;
 
 /// The GGUF magic, `"GGUF"` read as a little-endian u32's bytes.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

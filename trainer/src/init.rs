@@ -19,9 +19,10 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use crate::checkpoint::{save_safetensors, write_atomic};
+use crate::checkpoint::save_safetensors;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
+use crate::io::{write_atomic, write_json};
 use crate::model::Model;
 
 /// The built-in tokenizer training corpus.
@@ -201,16 +202,6 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<BTreeMap<String
         out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
     Ok(out)
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    write_atomic(path, |tmp| {
-        std::fs::write(
-            tmp,
-            serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
-        )
-        .map_err(|e| Error::io(tmp, e))
-    })
 }
 
 /// Writes the tokenizer files (tokenizer.json, tokenizer_config.json) for a tokenizer made by

@@ -4,11 +4,84 @@
 //! and is writable, and it is not itself a directory). The commands call
 //! [`check_outputs`] first, so a bad path costs nothing and the message names the option and
 //! the path the user gave, never a temporary file.
+//!
+//! And the one way outputs are written: through a temporary sibling renamed into place
+//! ([`write_atomic`]; [`write_bytes`], [`write_json`], [`write_jsonl`] over it), so a stopped
+//! command never leaves a half-written file.
 
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{SIDE_FILES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use crate::error::{Error, Result};
+
+/// Writes `path` atomically: `write` fills a temporary sibling file, which is then renamed.
+///
+/// # Errors
+/// I/O errors, and whatever `write` returns.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    // The destination's extension stays last (`.tmp123.metrics.png`): writers that choose the
+    // format by it (the PNG backend) see the real one.
+    let tmp = path.with_file_name(format!(".tmp{}.{name}", std::process::id()));
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        // Name the destination the user gave, not the hidden temporary file.
+        return Err(match e {
+            Error::Io { path: p, source } if p == tmp => Error::io(path, source),
+            e => e,
+        });
+    }
+    // Some writers create 0600 files; outputs are ordinary files (0644 before the umask).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Writes `rows` as JSON Lines (one value per line) to `path` atomically ([`write_atomic`]).
+///
+/// # Errors
+/// I/O errors.
+pub fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
+    use std::io::Write;
+    write_atomic(path, |tmp| {
+        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = std::io::BufWriter::new(f);
+        for r in rows {
+            writeln!(w, "{r}").map_err(|e| Error::io(tmp, e))?;
+        }
+        w.flush().map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Writes `value` as pretty-printed JSON, ending in a newline as Hugging Face's JSON files do,
+/// to `path` atomically ([`write_atomic`]).
+///
+/// # Errors
+/// I/O errors; a value that does not serialize.
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
+        + "\n";
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| Error::io(tmp, e))
+    })
+}
+
+/// Writes `bytes` to `path` atomically ([`write_atomic`]).
+///
+/// # Errors
+/// I/O errors naming `path`.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, e))
+    })
+}
 
 /// A path given for a named option (`("--out", path)`).
 pub type Named<'a> = (&'a str, &'a Path);

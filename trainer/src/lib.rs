@@ -21,10 +21,15 @@
 //! - [`init`]: random checkpoints with a trained BPE tokenizer;
 //! - [`io`]: output paths checked before any work (never an input, always writable);
 //! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
-//!   and exact resume, and the `sft`, `dpo`, `plot`, `bench` commands.
+//!   and exact resume;
+//! - [`diag`]: the paper's diagnostics (Monte Carlo entropy, β-accuracy, the DID entropy,
+//!   rejected-response resampling, the run report);
+//! - [`commands`]: the front end, one file per `difinfo-train` subcommand (options, progress
+//!   bars, what is printed); `train` and `diag` know nothing of it.
 
 pub mod batch;
 pub mod checkpoint;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod diag;

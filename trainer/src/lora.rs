@@ -367,7 +367,7 @@ pub fn save_peft_dir(
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::checkpoint::write_json(&dir.join(CONFIG_FILE), &cfg.to_peft_json(base))?;
+    crate::io::write_json(&dir.join(CONFIG_FILE), &cfg.to_peft_json(base))?;
     let mut owned = Vec::with_capacity(tensors.len());
     for (n, t) in tensors {
         owned.push((
@@ -380,7 +380,7 @@ pub fn save_peft_dir(
     let path = dir.join(WEIGHTS_FILE);
     let meta: std::collections::HashMap<String, String> =
         [("format".to_string(), "pt".to_string())].into();
-    crate::checkpoint::write_atomic(&path, |tmp| {
+    crate::io::write_atomic(&path, |tmp| {
         safetensors::tensor::serialize_to_file(
             owned.iter().map(|(k, v)| (k.as_str(), v)),
             Some(meta),

@@ -743,7 +743,7 @@ fn lora_checkpoints_resume_exactly_and_merge() {
     let base_model = load_model(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let z = lp(&base_model);
     assert!(x.iter().zip(&z).any(|(a, b)| (a - b).abs() > 1e-3));
-    let tb = difinfo_trainer::train::TokenBatch::from_sequences(
+    let tb = difinfo_trainer::train::Batch::for_training(
         &seqs()
             .iter()
             .map(|s| difinfo_trainer::train::Sequence {

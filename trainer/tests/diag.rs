@@ -282,9 +282,9 @@ fn app_k1_beta_fits_are_undetermined_when_pi_equals_reference() {
 #[test]
 fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
     use difinfo::beta_accuracy::BetaFit;
+    use difinfo_trainer::commands::did_entropy::{pipeline as run, DidEntropyArgs, EstimatorArgs};
     use difinfo_trainer::diag::did_entropy::{
-        run, DidEntropyArgs, EstimatorArgs, PairDecoding, Stage, PAIRS_FILE, REPORT_FILE,
-        SAMPLES_FILE,
+        PairDecoding, Stage, PAIRS_FILE, REPORT_FILE, SAMPLES_FILE,
     };
     let mut cfg = common::micro_config(Architecture::Llama);
     cfg.initializer_range = 0.6; // a peaked reference: far from the uniform DID
@@ -384,7 +384,8 @@ fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
 /// and an output directory holding an earlier run.
 #[test]
 fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
-    use difinfo_trainer::diag::did_entropy::{run, DidEntropyArgs, EstimatorArgs, PairDecoding};
+    use difinfo_trainer::commands::did_entropy::{pipeline as run, DidEntropyArgs, EstimatorArgs};
+    use difinfo_trainer::diag::did_entropy::PairDecoding;
     let tmp = common::TempDir::new();
     let cfg = common::write_lines(&tmp, "k.toml", &["beta = 0.5"]);
     let mut args = DidEntropyArgs {

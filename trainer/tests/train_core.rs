@@ -12,8 +12,8 @@ use difinfo::scalar::infallible;
 use difinfo_trainer::train::checkpoint::latest_checkpoint;
 use difinfo_trainer::train::toy::Bigram;
 use difinfo_trainer::train::{
-    Dataset, Examples, Objective, OptimizerKind, PolicyModel, PreferencePair, SchedulerType,
-    SeqLogps, Sequence, TokenBatch, TrainConfig, TrainError, Trainer,
+    Batch, Dataset, Examples, Objective, OptimizerKind, PolicyModel, PreferencePair, SchedulerType,
+    SeqLogps, Sequence, TrainConfig, Trainer,
 };
 use proptest::prelude::*;
 
@@ -140,7 +140,7 @@ fn mean_logps(m: &impl PolicyModel, p: &[PreferencePair]) -> (f64, f64) {
     let c: Vec<&Sequence> = p.iter().map(|x| &x.chosen).collect();
     let r: Vec<&Sequence> = p.iter().map(|x| &x.rejected).collect();
     let f = |s: &[&Sequence]| {
-        let b = TokenBatch::from_sequences(s, 0, &Device::Cpu).unwrap();
+        let b = Batch::for_training(s, 0, &Device::Cpu).unwrap();
         m.sequence_logps(&b)
             .unwrap()
             .sum
@@ -465,7 +465,7 @@ struct Poisoned<'a> {
 }
 
 impl PolicyModel for Poisoned<'_> {
-    fn sequence_logps(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps(&self, batch: &Batch) -> difinfo_trainer::Result<SeqLogps> {
         let n = self.calls.get();
         self.calls.set(n + 1);
         let s = self.inner.sequence_logps(batch)?;
@@ -507,7 +507,7 @@ fn nan_stops_the_run_and_keeps_the_last_checkpoint() {
     };
     let err = t.train().unwrap_err();
     match &err {
-        TrainError::NonFinite {
+        difinfo_trainer::Error::NonFinite {
             step,
             batch,
             epoch,
@@ -589,7 +589,10 @@ fn an_overflowing_update_is_not_checkpointed() {
     };
     let mut t = Trainer::resume_latest(&m, huge, dataset(pairs(8, 16))).unwrap();
     let e = t.train_step().unwrap_err();
-    assert!(matches!(e, TrainError::NonFinite { step: 2, .. }), "{e}");
+    assert!(
+        matches!(e, difinfo_trainer::Error::NonFinite { step: 2, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("weights after the update"), "{e}");
     assert_eq!(
         latest_checkpoint(dir.path()).unwrap().unwrap(),
@@ -690,7 +693,7 @@ fn sgd_update_is_the_finite_difference_gradient_of_the_library_loss() {
             for (i, pair) in p.iter().enumerate() {
                 let lp = |q: &Sequence| {
                     let o = m
-                        .sequence_logps(&TokenBatch::from_sequences(&[q], 0, &Device::Cpu).unwrap())
+                        .sequence_logps(&Batch::for_training(&[q], 0, &Device::Cpu).unwrap())
                         .unwrap();
                     (
                         o.sum.to_vec1::<f64>().unwrap()[0],
@@ -868,7 +871,7 @@ fn sft_lowers_the_nll_whole_sequence_and_completion_only() {
 struct Dead(Bigram, Var);
 
 impl PolicyModel for Dead {
-    fn sequence_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps(&self, b: &Batch) -> difinfo_trainer::Result<SeqLogps> {
         self.0.sequence_logps(b)
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
@@ -921,7 +924,7 @@ proptest! {
         let idx = t.upcoming_examples().remove(0);
         let reference = t.reference().cloned();
         let lp = |s: &Sequence| -> (f64, f64) {
-            let b = TokenBatch::from_sequences(&[s], 0, &Device::Cpu).unwrap();
+            let b = Batch::for_training(&[s], 0, &Device::Cpu).unwrap();
             let o = m.sequence_logps(&b).unwrap();
             (o.sum.to_vec1::<f64>().unwrap()[0], o.count.to_vec1::<f64>().unwrap()[0])
         };
@@ -943,7 +946,7 @@ fn rpo_adds_the_mean_chosen_nll_to_the_loss() {
     let m = model(DType::F64);
     let p = pairs(8, 3);
     let chosen: Vec<&Sequence> = p.iter().map(|x| &x.chosen).collect();
-    let b = TokenBatch::from_sequences(&chosen, 0, &Device::Cpu).unwrap();
+    let b = Batch::for_training(&chosen, 0, &Device::Cpu).unwrap();
     let s = m.sequence_logps(&b).unwrap();
     let total = |t: &Tensor| t.sum_all().unwrap().to_scalar::<f64>().unwrap();
     let nll = -total(&s.sum) / total(&s.count);

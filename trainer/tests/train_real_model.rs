@@ -68,8 +68,8 @@ fn adapter_log_probs_equal_the_trainers() {
         .map(|p| &p.chosen)
         .chain(pairs.iter().map(|p| &p.rejected))
         .collect();
-    let b = difinfo_trainer::train::TokenBatch::from_sequences(&seqs, ds.pad_id, &common::device())
-        .unwrap();
+    let b =
+        difinfo_trainer::train::Batch::for_training(&seqs, ds.pad_id, &common::device()).unwrap();
     let got = m.sequence_logps(&b).unwrap().sum.to_vec1::<f32>().unwrap();
     let theirs: Vec<difinfo_trainer::batch::Sequence> = seqs
         .iter()

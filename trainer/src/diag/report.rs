@@ -13,8 +13,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::write_atomic;
-use crate::train::cli::{CliError, CliResult};
+use crate::io::write_atomic;
 use crate::train::metrics::MetricsLog;
 use crate::train::plot::plot;
 
@@ -32,10 +31,10 @@ fn ends(recs: &[serde_json::Map<String, serde_json::Value>], key: &str) -> Optio
 ///
 /// # Errors
 /// A missing or empty `metrics.jsonl`, drawing and I/O errors.
-pub fn report(run_dir: &Path) -> CliResult<PathBuf> {
+pub fn report(run_dir: &Path) -> crate::Result<PathBuf> {
     let recs = MetricsLog::new(run_dir).read()?;
     if recs.is_empty() {
-        return Err(CliError::Usage(format!(
+        return Err(crate::Error::InvalidArgument(format!(
             "{}: no metrics logged",
             run_dir.join("metrics.jsonl").display()
         )));
@@ -87,7 +86,7 @@ pub fn report(run_dir: &Path) -> CliResult<PathBuf> {
     let entropy = run_dir.join("entropy.json");
     if let Ok(text) = std::fs::read_to_string(&entropy) {
         let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", entropy.display())))?;
+            .map_err(|e| crate::Error::InvalidArgument(format!("{}: {e}", entropy.display())))?;
         if let (Some(h), Some(se)) = (
             v["overall"]["entropy"].as_f64(),
             v["overall"]["stderr"].as_f64(),
@@ -126,10 +125,10 @@ fn find_did_entropy(run_dir: &Path) -> Option<PathBuf> {
 }
 
 /// The DID entropy paragraph from a `did-entropy` result.
-fn did_entropy_section(md: &mut String, run_dir: &Path, path: &Path) -> CliResult<()> {
+fn did_entropy_section(md: &mut String, run_dir: &Path, path: &Path) -> crate::Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io(path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        .map_err(|e| crate::Error::InvalidArgument(format!("{}: {e}", path.display())))?;
     let get = |k: &str| -> Option<(f64, f64)> {
         Some((v[k]["entropy"].as_f64()?, v[k]["stderr"].as_f64()?))
     };
@@ -138,7 +137,7 @@ fn did_entropy_section(md: &mut String, run_dir: &Path, path: &Path) -> CliResul
         get("reference_entropy"),
         get("policy_entropy"),
     ) else {
-        return Err(CliError::Usage(format!(
+        return Err(crate::Error::InvalidArgument(format!(
             "{}: not a did-entropy result (no did_entropy / reference_entropy / policy_entropy)",
             path.display()
         )));

@@ -2,8 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::batch::Batch;
+use crate::error::Error;
 use crate::model::Model;
-use crate::train::{PolicyModel, SeqLogps, TokenBatch, TrainError};
+use crate::train::{PolicyModel, SeqLogps};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
@@ -31,20 +33,14 @@ impl TrainModel {
     }
 }
 
-fn model_err(e: crate::Error) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
 /// The summed completion log-probs of a batch under `model`.
-fn seq_logps(model: &Model, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
-    let lp = model
-        .token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
-        .map_err(model_err)?;
-    SeqLogps::from_token_logps(&lp, &b.loss_mask)
+fn seq_logps(model: &Model, b: &Batch) -> crate::Result<SeqLogps> {
+    let lp = model.token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)?;
+    Ok(SeqLogps::from_token_logps(&lp, &b.loss_mask)?)
 }
 
 impl PolicyModel for TrainModel {
-    fn sequence_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps(&self, b: &Batch) -> crate::Result<SeqLogps> {
         seq_logps(&self.model, b)
     }
 
@@ -56,12 +52,12 @@ impl PolicyModel for TrainModel {
         }
     }
 
-    fn sequence_logps_no_grad(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps_no_grad(&self, b: &Batch) -> crate::Result<SeqLogps> {
         seq_logps(&self.model.detached(), b)
     }
 
     /// The base model: adapters off (TRL with PEFT), no gradient.
-    fn reference_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn reference_logps(&self, b: &Batch) -> crate::Result<SeqLogps> {
         let mut m = self.model.detached();
         m.set_adapters_enabled(false);
         seq_logps(&m, b)
@@ -96,7 +92,7 @@ impl PolicyModel for TrainModel {
     /// PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`, naming the
     /// base model) with the tokenizer files, as TRL's checkpoints with PEFT are.
     fn save_weights(&self, dir: &Path) -> crate::train::Result<()> {
-        let err = |e: crate::Error| TrainError::Checkpoint {
+        let err = |e: crate::Error| Error::Checkpoint {
             path: dir.to_path_buf(),
             message: e.to_string(),
         };
@@ -112,7 +108,7 @@ impl PolicyModel for TrainModel {
             for f in crate::checkpoint::SIDE_FILES {
                 let p = self.source.join(f);
                 if p.exists() && self.source != dir {
-                    std::fs::copy(&p, dir.join(f)).map_err(|e| TrainError::io(&p, e))?;
+                    std::fs::copy(&p, dir.join(f)).map_err(|e| Error::io(&p, e))?;
                 }
             }
             return Ok(());
@@ -125,7 +121,7 @@ impl PolicyModel for TrainModel {
     /// LoRA model the adapter of a PEFT directory.
     fn load_weights(&self, dir: &Path) -> crate::train::Result<()> {
         if self.model.lora_config().is_some() {
-            let err = |e: crate::Error| TrainError::Checkpoint {
+            let err = |e: crate::Error| Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: e.to_string(),
             };
@@ -136,18 +132,18 @@ impl PolicyModel for TrainModel {
                 .map_err(err);
         }
         let tensors = crate::checkpoint::read_tensors(dir)
-            .map_err(|e| TrainError::Checkpoint {
+            .map_err(|e| Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: e.to_string(),
             })?
             .tensors;
         for (name, var) in self.model.named_vars() {
-            let t = tensors.get(&name).ok_or_else(|| TrainError::Checkpoint {
+            let t = tensors.get(&name).ok_or_else(|| Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: format!("missing tensor `{name}`"),
             })?;
             if t.dims() != var.dims() {
-                return Err(TrainError::Checkpoint {
+                return Err(Error::Checkpoint {
                     path: dir.to_path_buf(),
                     message: format!(
                         "tensor `{name}` has shape {:?}, the model wants {:?}",

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::config::{write_file, TrainConfig, CONFIG_JSON};
-use crate::train::error::{Result, TrainError};
+use crate::error::{Error, Result};
+use crate::io::write_bytes as write_file;
+use crate::train::config::{TrainConfig, CONFIG_JSON};
 use crate::train::metrics::LogAccumulator;
 use crate::train::optim::Optimizer;
 use crate::train::policy::PolicyModel;
@@ -78,26 +79,26 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     let fin = checkpoint_dir(output_dir, step);
     let tmp = output_dir.join(format!(".checkpoint-{step}.tmp"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     model.save_weights(&tmp)?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
     let state = TrainerState {
         checksums: true,
         ..state.clone()
     };
-    let json = serde_json::to_string_pretty(&state)
-        .map_err(|e| TrainError::format(tmp.join(STATE_FILE), e))?;
+    let json =
+        serde_json::to_string_pretty(&state).map_err(|e| Error::format(tmp.join(STATE_FILE), e))?;
     write_file(&tmp.join(STATE_FILE), json.as_bytes())?;
     let cfg = serde_json::to_string_pretty(config)
-        .map_err(|e| TrainError::format(tmp.join(CONFIG_JSON), e))?;
+        .map_err(|e| Error::format(tmp.join(CONFIG_JSON), e))?;
     write_file(&tmp.join(CONFIG_JSON), cfg.as_bytes())?;
     write_checksums(&tmp)?;
     if fin.exists() {
-        std::fs::remove_dir_all(&fin).map_err(|e| TrainError::io(&fin, e))?;
+        std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
     }
-    std::fs::rename(&tmp, &fin).map_err(|e| TrainError::io(&fin, e))?;
+    std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
     Ok(fin)
 }
 
@@ -109,10 +110,10 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let verified = verify_checksums(dir)?;
     let p = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     let s = parse_state(&text, &p)?;
     if s.checksums && !verified {
-        return Err(TrainError::Checkpoint {
+        return Err(Error::Checkpoint {
             path: dir.join(CHECKSUM_FILE),
             message: "missing: the checkpoint was written with one, so its files cannot be \
                       trusted; resume from another checkpoint"
@@ -128,9 +129,9 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
 /// # Errors
 /// Parse or format-version errors.
 pub fn parse_state(text: &str, path: &Path) -> Result<TrainerState> {
-    let s: TrainerState = serde_json::from_str(text).map_err(|e| TrainError::format(path, e))?;
+    let s: TrainerState = serde_json::from_str(text).map_err(|e| Error::format(path, e))?;
     if s.format != STATE_FORMAT {
-        return Err(TrainError::Checkpoint {
+        return Err(Error::Checkpoint {
             path: path.to_path_buf(),
             message: format!("state format {}, expected {STATE_FORMAT}", s.format),
         });
@@ -145,11 +146,11 @@ pub fn parse_state(text: &str, path: &Path) -> Result<TrainerState> {
 pub fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| TrainError::io(path, e))?;
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
         if n == 0 {
             break;
         }
@@ -165,8 +166,8 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// I/O errors.
 pub fn write_checksums(dir: &Path) -> Result<()> {
     let mut names = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
-        let e = e.map_err(|e| TrainError::io(dir, e))?;
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
         if name != CHECKSUM_FILE && e.path().is_file() {
             names.push(name);
@@ -191,7 +192,7 @@ pub fn parse_checksums(text: &str, path: &Path) -> Result<Vec<(String, String)>>
         if line.trim().is_empty() {
             continue;
         }
-        let bad = || TrainError::format(path, format!("line {}: not `<sha256>  <file>`", i + 1));
+        let bad = || Error::format(path, format!("line {}: not `<sha256>  <file>`", i + 1));
         let (hex, rest) = line.split_at_checked(64).ok_or_else(bad)?;
         let name = rest
             .strip_prefix("  ")
@@ -210,26 +211,26 @@ pub fn parse_checksums(text: &str, path: &Path) -> Result<Vec<(String, String)>>
 /// whether there was a manifest to verify.
 ///
 /// # Errors
-/// [`TrainError::Checkpoint`] naming the first file that is missing or differs (a truncated
+/// [`Error::Checkpoint`] naming the first file that is missing or differs (a truncated
 /// write, a flipped bit, a file replaced by hand).
 pub fn verify_checksums(dir: &Path) -> Result<bool> {
     let manifest = dir.join(CHECKSUM_FILE);
     let text = match std::fs::read_to_string(&manifest) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(TrainError::io(&manifest, e)),
+        Err(e) => return Err(Error::io(&manifest, e)),
     };
     for (want, name) in parse_checksums(&text, &manifest)? {
         let p = dir.join(&name);
         if !p.is_file() {
-            return Err(TrainError::Checkpoint {
+            return Err(Error::Checkpoint {
                 path: p,
                 message: format!("listed in {CHECKSUM_FILE} but missing"),
             });
         }
         let got = sha256_file(&p)?;
         if got != want {
-            return Err(TrainError::Checkpoint {
+            return Err(Error::Checkpoint {
                 path: p,
                 message: format!(
                     "SHA-256 mismatch: the file changed or is corrupt since the checkpoint was \
@@ -250,7 +251,7 @@ pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
     let mut all = checkpoints(output_dir)?;
     all.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     for (_, dir) in all.into_iter().skip(keep.max(1)) {
-        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     Ok(())
 }
@@ -260,11 +261,11 @@ fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let rd = match std::fs::read_dir(output_dir) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TrainError::io(output_dir, e)),
+        Err(e) => return Err(Error::io(output_dir, e)),
     };
     let mut out = Vec::new();
     for e in rd {
-        let e = e.map_err(|e| TrainError::io(output_dir, e))?;
+        let e = e.map_err(|e| Error::io(output_dir, e))?;
         let name = e.file_name().to_string_lossy().to_string();
         if let Some(step) = name
             .strip_prefix("checkpoint-")

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
-use crate::train::error::{RangeError, Result, TrainError};
+use crate::error::{Error, Result};
+use crate::train::error::RangeError;
 use crate::train::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::schedule::SchedulerType;
 
@@ -166,15 +167,14 @@ impl TrainConfig {
     /// # Errors
     /// I/O and parse errors naming the file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let table = text
             .parse::<toml::Table>()
-            .map_err(|e| TrainError::format(path, e))?;
+            .map_err(|e| Error::format(path, e))?;
         let cfg: TrainConfig = toml::Value::Table(table.clone())
             .try_into()
-            .map_err(|e: toml::de::Error| TrainError::format(path, e))?;
-        check_keys(&table, &cfg)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+            .map_err(|e: toml::de::Error| Error::format(path, e))?;
+        check_keys(&table, &cfg).map_err(|e| Error::Options(format!("{}: {e}", path.display())))?;
         Ok(cfg)
     }
 
@@ -206,7 +206,7 @@ impl TrainConfig {
             self.use_rslora,
         )
         .map(Some)
-        .map_err(|e| TrainError::Config(e.to_string()))
+        .map_err(|e| Error::Options(e.to_string()))
     }
 
     /// The ranges of the numeric optimization options, as PyTorch's optimizers and HF's
@@ -272,10 +272,10 @@ impl TrainConfig {
     /// Checks ranges ([`TrainConfig::check_ranges`]) and combinations.
     ///
     /// # Errors
-    /// [`TrainError::Config`] naming the field.
+    /// [`Error::Options`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.check_ranges()?;
-        let bad = |m: String| Err(TrainError::Config(m));
+        let bad = |m: String| Err(Error::Options(m));
         if self.max_steps <= 0
             && !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0)
         {
@@ -312,24 +312,13 @@ impl TrainConfig {
     /// # Errors
     /// I/O errors.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let toml_text = toml::to_string_pretty(self)
-            .map_err(|e| TrainError::format(dir.join(CONFIG_TOML), e))?;
+        let toml_text =
+            toml::to_string_pretty(self).map_err(|e| Error::format(dir.join(CONFIG_TOML), e))?;
         let json_text = serde_json::to_string_pretty(self)
-            .map_err(|e| TrainError::format(dir.join(CONFIG_JSON), e))?;
-        write_file(&dir.join(CONFIG_TOML), toml_text.as_bytes())?;
-        write_file(&dir.join(CONFIG_JSON), json_text.as_bytes())
+            .map_err(|e| Error::format(dir.join(CONFIG_JSON), e))?;
+        crate::io::write_bytes(&dir.join(CONFIG_TOML), toml_text.as_bytes())?;
+        crate::io::write_bytes(&dir.join(CONFIG_JSON), json_text.as_bytes())
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-///
-/// # Errors
-/// I/O errors naming the path.
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-write");
-    // An error names the destination, not the temporary file.
-    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(path, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
 /// The resolved configuration: defaults, overridden by the TOML file's keys, overridden by
@@ -356,18 +345,18 @@ pub fn merge_onto<C: Serialize>(
     file: Option<&Path>,
     cli: &C,
 ) -> Result<TrainConfig> {
-    let table = toml::Table::try_from(base)
-        .map_err(|e| TrainError::Config(format!("default options: {e}")))?;
+    let table =
+        toml::Table::try_from(base).map_err(|e| Error::Options(format!("default options: {e}")))?;
     let file_table = match file {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| TrainError::io(p, e))?;
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
             text.parse::<toml::Table>()
-                .map_err(|e| TrainError::format(p, e))?
+                .map_err(|e| Error::format(p, e))?
         }
         None => toml::Table::new(),
     };
     let over = toml::Table::try_from(cli)
-        .map_err(|e| TrainError::Config(format!("command-line options: {e}")))?;
+        .map_err(|e| Error::Options(format!("command-line options: {e}")))?;
     merge_tables(table, file.zip(Some(file_table)), over)
 }
 
@@ -395,13 +384,13 @@ pub fn merge_tables(
         toml::Value::Table(base.clone())
             .try_into()
             .map_err(|e: toml::de::Error| match path {
-                Some(p) => TrainError::Config(format!("{}: {e}", p.display())),
-                None => TrainError::Config(e.to_string()),
+                Some(p) => Error::Options(format!("{}: {e}", p.display())),
+                None => Error::Options(e.to_string()),
             })?;
-    check_keys(&base, &cfg).map_err(TrainError::Config)?;
+    check_keys(&base, &cfg).map_err(Error::Options)?;
     if let Err(e) = cfg.check_ranges() {
         let given = |keys: &[String]| keys.iter().any(|k| k == e.field);
-        return Err(TrainError::Config(if given(&on_cli) {
+        return Err(Error::Options(if given(&on_cli) {
             format!("{} {}: {}", e.flag(), e.value, e.requirement)
         } else if let (true, Some(p)) = (given(&in_file), path) {
             format!("{}: {e}", p.display())

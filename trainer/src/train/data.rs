@@ -1,7 +1,7 @@
 //! Tokenized training data: preference pairs or SFT sequences, already truncated by the
 //! tokenizer (TRL's `max_length` / `max_prompt_length` are applied before they get here).
 
-use crate::train::policy::Sequence;
+use crate::batch::Sequence;
 
 /// A tokenized preference pair: prompt + chosen and prompt + rejected, each with the index
 /// where its completion starts (TRL's common-prefix rule may give them different starts).
@@ -62,7 +62,7 @@ impl Dataset {
                 s.num_completion_tokens()
             };
             if n == 0 {
-                return Err(crate::train::error::TrainError::InvalidArgument(format!(
+                return Err(crate::Error::InvalidArgument(format!(
                     "{what} has no token to score (length {}, completion start {})",
                     s.ids.len(),
                     s.completion_start

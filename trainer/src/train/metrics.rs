@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::error::{Result, TrainError};
+use crate::error::{Error, Result};
 
 /// The JSONL file name.
 pub const METRICS_JSONL: &str = "metrics.jsonl";
@@ -149,7 +149,7 @@ impl MetricsLog {
             match std::fs::remove_file(p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(TrainError::io(p, e)),
+                Err(e) => return Err(Error::io(p, e)),
             }
         }
         Ok(())
@@ -204,21 +204,20 @@ impl MetricsLog {
     pub fn truncate_after(&self, step: usize) -> Result<()> {
         if self.jsonl.exists() {
             let text =
-                std::fs::read_to_string(&self.jsonl).map_err(|e| TrainError::io(&self.jsonl, e))?;
+                std::fs::read_to_string(&self.jsonl).map_err(|e| Error::io(&self.jsonl, e))?;
             let mut kept = String::new();
             for line in complete_lines(&text).filter(|l| !l.trim().is_empty()) {
                 let v: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| TrainError::format(&self.jsonl, e))?;
+                    serde_json::from_str(line).map_err(|e| Error::format(&self.jsonl, e))?;
                 if v["step"].as_u64().is_some_and(|s| s as usize <= step) {
                     kept.push_str(line);
                     kept.push('\n');
                 }
             }
-            crate::train::config::write_file(&self.jsonl, kept.as_bytes())?;
+            crate::io::write_bytes(&self.jsonl, kept.as_bytes())?;
         }
         if self.csv.exists() {
-            let text =
-                std::fs::read_to_string(&self.csv).map_err(|e| TrainError::io(&self.csv, e))?;
+            let text = std::fs::read_to_string(&self.csv).map_err(|e| Error::io(&self.csv, e))?;
             let mut kept = String::new();
             for (i, line) in complete_lines(&text).enumerate() {
                 let s = line.split(',').next().and_then(|c| c.parse::<usize>().ok());
@@ -227,7 +226,7 @@ impl MetricsLog {
                     kept.push('\n');
                 }
             }
-            crate::train::config::write_file(&self.csv, kept.as_bytes())?;
+            crate::io::write_bytes(&self.csv, kept.as_bytes())?;
         }
         Ok(())
     }
@@ -237,11 +236,10 @@ impl MetricsLog {
     /// # Errors
     /// I/O and parse errors.
     pub fn read(&self) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
-        let text =
-            std::fs::read_to_string(&self.jsonl).map_err(|e| TrainError::io(&self.jsonl, e))?;
+        let text = std::fs::read_to_string(&self.jsonl).map_err(|e| Error::io(&self.jsonl, e))?;
         text.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::format(&self.jsonl, e)))
+            .map(|l| serde_json::from_str(l).map_err(|e| Error::format(&self.jsonl, e)))
             .collect()
     }
 
@@ -268,8 +266,8 @@ fn append_to(path: &Path, bytes: &[u8]) -> Result<()> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| TrainError::io(path, e))?;
-    f.write_all(bytes).map_err(|e| TrainError::io(path, e))
+        .map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]

@@ -4,15 +4,13 @@
 //! global gradient clipping, gradient accumulation, TRL's metric names, atomic checkpoints and
 //! exact resume.
 //!
-//! The only contact with the model is the [`PolicyModel`] trait and [`TokenBatch`] (the
+//! The only contact with the model is the [`PolicyModel`] trait and [`Batch`] (the
 //! trainer's `batch::Batch` fields); [`adapter::TrainModel`] implements it for
-//! [`crate::model::Model`]. The commands `sft`, `dpo`, `plot` and `bench` are in [`cli`],
-//! [`plot`] and [`bench`].
+//! [`crate::model::Model`]. A plain library: the commands `sft`, `dpo`, `plot` and `bench` are
+//! in [`crate::commands`].
 
 pub mod adapter;
-pub mod bench;
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -24,16 +22,18 @@ pub mod plot;
 pub mod policy;
 pub mod refcache;
 pub mod rng;
+pub mod run;
 pub mod schedule;
 pub mod toy;
 pub mod trainer;
 
+pub use crate::batch::{Batch, Sequence};
+pub use crate::error::{Error, Result};
 pub use adapter::TrainModel;
 pub use config::{merge, TrainConfig};
 pub use data::{Dataset, Examples, PreferencePair};
 pub use difinfo::objective::Objective;
-pub use error::{Result, TrainError};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerKind};
-pub use policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
+pub use policy::{PolicyModel, SeqLogps};
 pub use schedule::{LrSchedule, SchedulerType};
 pub use trainer::{StepReport, TrainSummary, Trainer};

@@ -1,28 +1,15 @@
-//! `difinfo-train plot RUN_DIR`: the training curves of `metrics.jsonl` in one PNG, one panel
+//! The training curves of `metrics.jsonl` in one PNG (`difinfo-train plot RUN_DIR`), one panel
 //! per quantity against the step: loss; rewards/margins; rewards/accuracies; logps/chosen and
 //! logps/rejected; grad_norm; learning_rate (panels without data, e.g. rewards for SFT, are
 //! left out). Text uses the DejaVu Sans font shipped in the repository.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use clap::Args;
 use plotters::prelude::*;
 
-use crate::train::cli::{CliError, CliResult};
 use crate::train::metrics::MetricsLog;
 
 use difinfo::synthetic::plot::{register_font, FONT};
-
-/// `difinfo-train plot`.
-#[derive(Args, Debug, Clone)]
-pub struct PlotArgs {
-    /// Run directory (holds metrics.jsonl)
-    #[arg(value_name = "RUN_DIR")]
-    pub run_dir: PathBuf,
-    /// Output PNG [default: RUN_DIR/metrics.png]
-    #[arg(long, value_name = "FILE.png")]
-    pub out: Option<PathBuf>,
-}
 
 /// The panels: title and the metric names drawn in it.
 pub const PANELS: [(&str, &[&str]); 6] = [
@@ -47,10 +34,10 @@ type Curve = (String, Vec<(f64, f64)>);
 ///
 /// # Errors
 /// A missing or unreadable metrics file; no record.
-pub fn panels(run_dir: &Path) -> CliResult<Vec<(String, Vec<Curve>)>> {
+pub fn panels(run_dir: &Path) -> crate::Result<Vec<(String, Vec<Curve>)>> {
     let recs = MetricsLog::new(run_dir).read()?;
     if recs.is_empty() {
-        return Err(CliError::Usage(format!(
+        return Err(crate::Error::InvalidArgument(format!(
             "{}: no metrics logged yet",
             run_dir.join("metrics.jsonl").display()
         )));
@@ -94,13 +81,13 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// A drawing error as a sentence about `out` (the file the user named): plotters' error
 /// chain reduced to its cause (an I/O error's own message).
-fn draw_err<E: std::error::Error + 'static>(out: &Path) -> impl Fn(E) -> CliError + '_ {
+fn draw_err<E: std::error::Error + 'static>(out: &Path) -> impl Fn(E) -> crate::Error + '_ {
     move |e| {
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
             cause = next;
         }
-        CliError::Usage(format!("cannot draw {}: {cause}", out.display()))
+        crate::Error::InvalidArgument(format!("cannot draw {}: {cause}", out.display()))
     }
 }
 
@@ -108,95 +95,72 @@ fn draw_err<E: std::error::Error + 'static>(out: &Path) -> impl Fn(E) -> CliErro
 ///
 /// # Errors
 /// See [`panels`]; drawing and I/O errors.
-pub fn plot(run_dir: &Path, out: &Path) -> CliResult<usize> {
+pub fn plot(run_dir: &Path, out: &Path) -> crate::Result<usize> {
     register_font();
     let ps = panels(run_dir)?;
     let cols = 3usize.min(ps.len());
     let rows = ps.len().div_ceil(cols);
     let (w, h) = (560u32, 380u32);
-    let tmp = out.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (w * cols as u32, h * rows as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(draw_err(out))?;
-        let areas = root.split_evenly((rows, cols));
-        for ((title, curves), area) in ps.iter().zip(areas) {
-            let (x0, x1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
-            let (y0, y1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
-            let mut chart = ChartBuilder::on(&area)
-                .caption(title, (FONT, 22))
-                .margin(12)
-                .x_label_area_size(36)
-                .y_label_area_size(64)
-                .build_cartesian_2d(x0..x1, y0..y1)
-                .map_err(draw_err(out))?;
-            chart
-                .configure_mesh()
-                .x_desc("step")
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .light_line_style(WHITE)
-                .label_style((FONT, 13))
-                .axis_desc_style((FONT, 14))
-                .y_label_formatter(&|v| {
-                    if v.abs() >= 1e4 || (v.abs() < 1e-2 && *v != 0.0) {
-                        format!("{v:.1e}")
-                    } else {
-                        format!("{v:.3}")
-                    }
-                })
-                .draw()
-                .map_err(draw_err(out))?;
-            for (i, (name, pts)) in curves.iter().enumerate() {
-                let c = COLORS[i % COLORS.len()];
-                let s = chart
-                    .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+    crate::io::write_atomic(out, |tmp| {
+        {
+            let root =
+                BitMapBackend::new(&tmp, (w * cols as u32, h * rows as u32)).into_drawing_area();
+            root.fill(&WHITE).map_err(draw_err(out))?;
+            let areas = root.split_evenly((rows, cols));
+            for ((title, curves), area) in ps.iter().zip(areas) {
+                let (x0, x1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
+                let (y0, y1) = range(curves.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
+                let mut chart = ChartBuilder::on(&area)
+                    .caption(title, (FONT, 22))
+                    .margin(12)
+                    .x_label_area_size(36)
+                    .y_label_area_size(64)
+                    .build_cartesian_2d(x0..x1, y0..y1)
                     .map_err(draw_err(out))?;
-                s.label(name.clone()).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
-                if pts.len() <= 40 {
+                chart
+                    .configure_mesh()
+                    .x_desc("step")
+                    .x_label_formatter(&|v| format!("{v:.0}"))
+                    .light_line_style(WHITE)
+                    .label_style((FONT, 13))
+                    .axis_desc_style((FONT, 14))
+                    .y_label_formatter(&|v| {
+                        if v.abs() >= 1e4 || (v.abs() < 1e-2 && *v != 0.0) {
+                            format!("{v:.1e}")
+                        } else {
+                            format!("{v:.3}")
+                        }
+                    })
+                    .draw()
+                    .map_err(draw_err(out))?;
+                for (i, (name, pts)) in curves.iter().enumerate() {
+                    let c = COLORS[i % COLORS.len()];
+                    let s = chart
+                        .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+                        .map_err(draw_err(out))?;
+                    s.label(name.clone()).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
+                    if pts.len() <= 40 {
+                        chart
+                            .draw_series(pts.iter().map(|&p| Circle::new(p, 2, c.filled())))
+                            .map_err(draw_err(out))?;
+                    }
+                }
+                if curves.len() > 1 {
                     chart
-                        .draw_series(pts.iter().map(|&p| Circle::new(p, 2, c.filled())))
+                        .configure_series_labels()
+                        .position(SeriesLabelPosition::UpperRight)
+                        .label_font((FONT, 13))
+                        .background_style(WHITE.mix(0.8))
+                        .border_style(BLACK)
+                        .draw()
                         .map_err(draw_err(out))?;
                 }
             }
-            if curves.len() > 1 {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperRight)
-                    .label_font((FONT, 13))
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(draw_err(out))?;
-            }
+            root.present().map_err(draw_err(out))?;
         }
-        root.present().map_err(draw_err(out))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| crate::train::TrainError::io(out, e))?;
+        Ok(())
+    })?;
     Ok(ps.len())
-}
-
-/// `difinfo-train plot`.
-///
-/// # Errors
-/// See [`plot`].
-pub fn run_plot(a: &PlotArgs) -> CliResult<()> {
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| a.run_dir.join("metrics.png"));
-    let metrics = a.run_dir.join(crate::train::metrics::METRICS_JSONL);
-    if !metrics.is_file() {
-        return Err(CliError::Usage(format!(
-            "{}: no such file (RUN_DIR must be a training run's output directory)",
-            metrics.display()
-        )));
-    }
-    crate::io::check_outputs(
-        &[("--out", &out)],
-        &crate::io::inputs(&[("RUN_DIR's", &metrics)], &[]),
-    )?;
-    let n = plot(&a.run_dir, &out)?;
-    println!("wrote {} ({n} panels)", out.display());
-    Ok(())
 }

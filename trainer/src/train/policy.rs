@@ -1,9 +1,9 @@
 //! What the trainer needs from a model: summed completion log-probs of a right-padded batch,
 //! and its trainable variables by name.
 //!
-//! [`TokenBatch`] has the same fields and conventions as `difinfo_trainer::batch::Batch`
-//! (ids `[B, L]`, attention mask `[B, L]`, shifted loss mask `[B, L−1]`), so the real model
-//! implements [`PolicyModel`] by forwarding to its own `sequence_logps`.
+//! The batch is the crate's one [`Batch`] (ids `[B, L]`, attention mask `[B, L]`, shifted loss
+//! mask `[B, L−1]`), so the real model implements [`PolicyModel`] by forwarding to its own
+//! `sequence_logps`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,97 +11,8 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::train::error::{Result, TrainError};
-
-/// One sequence to score: tokens, and where its completion starts.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct Sequence {
-    /// All token ids (prompt followed by completion).
-    pub ids: Vec<u32>,
-    /// Index of the first completion token in `ids` (0 = every token after the first is scored).
-    pub completion_start: usize,
-}
-
-impl Sequence {
-    /// Number of scored (completion) tokens: `len − max(completion_start, 1)`.
-    pub fn num_completion_tokens(&self) -> usize {
-        self.ids.len().saturating_sub(self.completion_start.max(1))
-    }
-}
-
-/// A right-padded batch.
-#[derive(Debug, Clone)]
-pub struct TokenBatch {
-    /// `[B, L]` u32 token ids, padded with the pad id.
-    pub input_ids: Tensor,
-    /// `[B, L]` u32: 1 for real tokens, 0 for padding.
-    pub attention_mask: Tensor,
-    /// `[B, L−1]` f32: 1 where target token `t+1` is a completion token of a real sequence.
-    pub loss_mask: Tensor,
-    /// Real length of each row.
-    pub lengths: Vec<usize>,
-    /// Number of completion tokens of each row (the row sums of `loss_mask`).
-    pub completion_counts: Vec<usize>,
-}
-
-impl TokenBatch {
-    /// Pads `seqs` on the right to the longest length (at least 2).
-    ///
-    /// # Formula
-    /// `loss_mask[b, t] = 1` iff `completion_start_b ≤ t + 1 < len_b`.
-    ///
-    /// # Errors
-    /// An empty batch, an empty sequence, a sequence with no completion token.
-    pub fn from_sequences(seqs: &[&Sequence], pad_id: u32, device: &Device) -> Result<Self> {
-        if seqs.is_empty() {
-            return Err(TrainError::InvalidArgument("empty batch".into()));
-        }
-        let l = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0).max(2);
-        let b = seqs.len();
-        let mut ids = vec![pad_id; b * l];
-        let mut att = vec![0u32; b * l];
-        let mut loss = vec![0f32; b * (l - 1)];
-        let mut counts = Vec::with_capacity(b);
-        for (r, s) in seqs.iter().enumerate() {
-            if s.num_completion_tokens() == 0 {
-                return Err(TrainError::InvalidArgument(format!(
-                    "sequence {r} of the batch has no completion token (length {}, completion start {})",
-                    s.ids.len(),
-                    s.completion_start
-                )));
-            }
-            for (t, &id) in s.ids.iter().enumerate() {
-                ids[r * l + t] = id;
-                att[r * l + t] = 1;
-            }
-            let mut c = 0;
-            for t in 0..l - 1 {
-                if t + 1 >= s.completion_start && t + 1 < s.ids.len() {
-                    loss[r * (l - 1) + t] = 1.0;
-                    c += 1;
-                }
-            }
-            counts.push(c);
-        }
-        Ok(TokenBatch {
-            input_ids: Tensor::from_vec(ids, (b, l), device)?,
-            attention_mask: Tensor::from_vec(att, (b, l), device)?,
-            loss_mask: Tensor::from_vec(loss, (b, l - 1), device)?,
-            lengths: seqs.iter().map(|s| s.ids.len()).collect(),
-            completion_counts: counts,
-        })
-    }
-
-    /// Number of rows `B`.
-    pub fn batch_size(&self) -> usize {
-        self.lengths.len()
-    }
-
-    /// Number of non-padding tokens.
-    pub fn num_tokens(&self) -> usize {
-        self.lengths.iter().sum()
-    }
-}
+use crate::batch::Batch;
+use crate::error::{Error, Result};
 
 /// Per-sequence completion log-probs of a batch.
 #[derive(Debug, Clone)]
@@ -135,14 +46,14 @@ impl SeqLogps {
 pub trait PolicyModel {
     /// Summed completion-token log-probs (and token counts) per sequence of a right-padded
     /// batch: shape `[B]`.
-    fn sequence_logps(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps>;
+    fn sequence_logps(&self, batch: &Batch) -> Result<SeqLogps>;
 
     /// Trainable variables sorted by name.
     fn named_vars(&self) -> Vec<(String, Var)>;
 
     /// [`PolicyModel::sequence_logps`] without a gradient (nothing kept for a backward pass);
     /// by default the same values, detached.
-    fn sequence_logps_no_grad(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps_no_grad(&self, batch: &Batch) -> Result<SeqLogps> {
         let s = self.sequence_logps(batch)?;
         Ok(SeqLogps {
             sum: s.sum.detach(),
@@ -153,7 +64,7 @@ pub trait PolicyModel {
     /// The reference model's log-probs of a batch, without a gradient: the model as it is
     /// before training (by default [`PolicyModel::sequence_logps_no_grad`]; a LoRA model
     /// with its adapters off, i.e. the base model, as TRL does with PEFT).
-    fn reference_logps(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn reference_logps(&self, batch: &Batch) -> Result<SeqLogps> {
         self.sequence_logps_no_grad(batch)
     }
 
@@ -230,7 +141,7 @@ pub fn save_tensors(
         owned.push((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
     }
     safetensors::serialize_to_file(owned.iter().map(|(n, t)| (n.as_str(), t)), metadata, path)
-        .map_err(|e| TrainError::format(path, e))
+        .map_err(|e| Error::format(path, e))
 }
 
 /// Loads a safetensors file into existing variables by name: every variable must be present
@@ -243,14 +154,14 @@ pub fn load_named_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
         .first()
         .map_or(Device::Cpu, |(_, v)| v.device().clone());
     let tensors =
-        candle_core::safetensors::load(path, &device).map_err(|e| TrainError::format(path, e))?;
+        candle_core::safetensors::load(path, &device).map_err(|e| Error::format(path, e))?;
     for (name, var) in vars {
-        let t = tensors.get(name).ok_or_else(|| TrainError::Checkpoint {
+        let t = tensors.get(name).ok_or_else(|| Error::Checkpoint {
             path: path.to_path_buf(),
             message: format!("missing tensor `{name}`"),
         })?;
         if t.dims() != var.dims() {
-            return Err(TrainError::Checkpoint {
+            return Err(Error::Checkpoint {
                 path: path.to_path_buf(),
                 message: format!(
                     "tensor `{name}` has shape {:?}, the model wants {:?}",
@@ -269,9 +180,9 @@ pub fn load_named_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
 /// # Errors
 /// I/O and format errors.
 pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| TrainError::format(path, e))?;
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, e))?;
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 

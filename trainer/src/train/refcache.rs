@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::batch::{Batch, Sequence};
+use crate::error::{Error, Result};
 use crate::train::data::PreferencePair;
-use crate::train::error::{Result, TrainError};
-use crate::train::policy::{read_metadata, save_tensors, PolicyModel, Sequence, TokenBatch};
+use crate::train::policy::{read_metadata, save_tensors, PolicyModel};
 
 /// Per-pair reference log-probs: sums over completion tokens and token counts.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,7 +146,7 @@ impl RefLogps {
                 .map(|p| &p.chosen)
                 .chain(chunk.iter().map(|p| &p.rejected))
                 .collect();
-            let batch = TokenBatch::from_sequences(&seqs, pad_id, &device)?;
+            let batch = Batch::for_training(&seqs, pad_id, &device)?;
             let s = model.reference_logps(&batch)?;
             let sums = s.sum.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let counts = s.count.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -153,7 +154,7 @@ impl RefLogps {
             for (i, v) in sums.iter().enumerate() {
                 if !v.is_finite() {
                     let idx = c * batch_size.max(1) + i % b;
-                    return Err(TrainError::InvalidArgument(format!(
+                    return Err(Error::InvalidArgument(format!(
                         "non-finite reference log-prob {v} for the {} of example {idx}",
                         if i < b { "chosen" } else { "rejected" }
                     )));
@@ -189,13 +190,13 @@ impl RefLogps {
             ("rejected_sum".to_string(), t(&self.rejected_sum)?),
             ("rejected_count".to_string(), t(&self.rejected_count)?),
         ];
-        let tmp = path.with_extension("tmp-write");
-        save_tensors(
-            &tensors,
-            &tmp,
-            Some(HashMap::from([("key".to_string(), key.to_string())])),
-        )?;
-        std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+        crate::io::write_atomic(path, |tmp| {
+            save_tensors(
+                &tensors,
+                tmp,
+                Some(HashMap::from([("key".to_string(), key.to_string())])),
+            )
+        })
     }
 
     /// Reads a file written by [`RefLogps::save`], checking its key and length.
@@ -203,7 +204,7 @@ impl RefLogps {
     /// # Errors
     /// Another key, a missing tensor, a wrong length.
     pub fn load(path: &Path, key: &str, n: usize) -> Result<Self> {
-        let bad = |message: String| TrainError::Checkpoint {
+        let bad = |message: String| Error::Checkpoint {
             path: path.to_path_buf(),
             message,
         };
@@ -215,7 +216,7 @@ impl RefLogps {
             )));
         }
         let t = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| TrainError::format(path, e))?;
+            .map_err(|e| Error::format(path, e))?;
         let get = |name: &str| -> Result<Vec<f64>> {
             let v = t
                 .get(name)
@@ -259,7 +260,7 @@ impl RefLogps {
         }
         let r = Self::compute(model, pairs, batch_size, pad_id)?;
         if let Some(d) = dir {
-            std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             r.save(&cache_path(d, key), key)?;
         }
         Ok((r, false))

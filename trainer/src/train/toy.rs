@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use crate::batch::Batch;
 use crate::train::error::Result;
-use crate::train::policy::{PolicyModel, SeqLogps, TokenBatch};
+use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::rng::SplitMix64;
 
 /// `log π(y_{t+1} | y_t) = log_softmax(E[y_t] Hᵀ)[y_{t+1}]`.
@@ -48,7 +49,7 @@ impl Bigram {
 }
 
 impl PolicyModel for Bigram {
-    fn sequence_logps(&self, batch: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps(&self, batch: &Batch) -> crate::Result<SeqLogps> {
         let (b, l) = batch.input_ids.dims2()?;
         let x = self
             .embed
@@ -65,7 +66,7 @@ impl PolicyModel for Bigram {
             .contiguous()?
             .unsqueeze(2)?;
         let tok = lp.gather(&targets, 2)?.squeeze(2)?;
-        SeqLogps::from_token_logps(&tok, &batch.loss_mask)
+        Ok(SeqLogps::from_token_logps(&tok, &batch.loss_mask)?)
     }
 
     fn named_vars(&self) -> Vec<(String, Var)> {

@@ -19,20 +19,21 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use difinfo::objective::{Objective, Rule};
 
+use crate::batch::{Batch, Sequence};
+use crate::error::{Error, Result};
 use crate::train::checkpoint::{
     checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, save_checkpoint,
     TrainerState, OPTIMIZER_FILE, STATE_FORMAT,
 };
 use crate::train::config::TrainConfig;
 use crate::train::data::{Dataset, Examples};
-use crate::train::error::{Result, TrainError};
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::metrics::{LogAccumulator, MetricsLog};
 use crate::train::objective::{
     nll_mean, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
 };
 use crate::train::optim::Optimizer;
-use crate::train::policy::{PolicyModel, SeqLogps, Sequence, TokenBatch};
+use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
 use crate::train::schedule::{warmup_steps, LrSchedule};
@@ -101,8 +102,8 @@ pub const RUN_FILES: [&str; 6] = [
     crate::train::metrics::METRICS_CSV,
     crate::train::config::CONFIG_TOML,
     crate::train::config::CONFIG_JSON,
-    crate::train::cli::RUN_RECORD,
-    crate::train::cli::SUMMARY_FILE,
+    crate::train::run::RUN_RECORD,
+    crate::train::run::SUMMARY_FILE,
 ];
 
 /// What in `output_dir` shows an earlier run there (names, sorted): [`RUN_FILES`], checkpoint
@@ -116,12 +117,12 @@ pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
     let rd = match std::fs::read_dir(output_dir) {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TrainError::io(output_dir, e)),
+        Err(e) => return Err(Error::io(output_dir, e)),
     };
     let mut found = Vec::new();
     for e in rd {
         let name = e
-            .map_err(|e| TrainError::io(output_dir, e))?
+            .map_err(|e| Error::io(output_dir, e))?
             .file_name()
             .to_string_lossy()
             .into_owned();
@@ -140,7 +141,7 @@ pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
 /// (HF's `overwrite_output_dir`); `--resume` does not come here.
 ///
 /// # Errors
-/// [`TrainError::Config`] naming the files found and the ways out.
+/// [`Error::Options`] naming the files found and the ways out.
 pub fn check_fresh_output_dir(output_dir: &Path, overwrite: bool) -> Result<()> {
     let found = earlier_run(output_dir)?;
     if overwrite || found.is_empty() {
@@ -158,7 +159,7 @@ pub fn check_fresh_output_dir(output_dir: &Path, overwrite: bool) -> Result<()> 
         ),
         None => "it has no checkpoint to resume from; ".into(),
     };
-    Err(TrainError::Config(format!(
+    Err(Error::Options(format!(
         "{} holds an earlier run ({shown}): {resume}choose another --output-dir, or pass \
          --overwrite-output-dir (overwrite_output_dir = true) to replace it",
         output_dir.display()
@@ -180,7 +181,7 @@ fn clear_earlier_run(output_dir: &Path) -> Result<()> {
         } else {
             std::fs::remove_file(&p)
         };
-        r.map_err(|e| TrainError::io(&p, e))?;
+        r.map_err(|e| Error::io(&p, e))?;
     }
     Ok(())
 }
@@ -199,12 +200,12 @@ fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
 
 fn check_data(objective: &Objective, data: &Dataset, config: &TrainConfig) -> Result<()> {
     if data.is_empty() {
-        return Err(TrainError::InvalidArgument("the dataset is empty".into()));
+        return Err(Error::InvalidArgument("the dataset is empty".into()));
     }
     data.validate(objective.rule() == Rule::Sft && !config.completion_only_loss)?;
     match (&data.examples, objective.is_preference()) {
         (Examples::Preference(_), true) | (Examples::Sft(_), false) => Ok(()),
-        _ => Err(TrainError::Config(format!(
+        _ => Err(Error::Options(format!(
             "objective {} does not train on this kind of data",
             objective.rule()
         ))),
@@ -251,7 +252,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
         check_fresh_output_dir(&out, config.overwrite_output_dir)?;
-        std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         if config.overwrite_output_dir {
             clear_earlier_run(&out)?;
         }
@@ -313,19 +314,19 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let objective = config.objective.clone();
         check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
-        std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let mut state = load_state(dir)?;
         let n = data.len();
         let (micro, _, total) = plan(&config, n);
         if state.permutation != epoch_permutation(config.seed, state.epoch, n) {
-            return Err(TrainError::Checkpoint {
+            return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: "the data order differs from the checkpoint's: data size or seed changed"
                     .into(),
             });
         }
         if state.batch_in_epoch >= micro {
-            return Err(TrainError::Checkpoint {
+            return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: "batch position beyond the epoch: the batch size changed".into(),
             });
@@ -337,7 +338,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let reference = match (objective.needs_reference(), &state.ref_cache_key) {
             (false, _) => None,
             (true, None) => {
-                return Err(TrainError::Checkpoint {
+                return Err(Error::Checkpoint {
                     path: dir.to_path_buf(),
                     message: "no reference cache key in the state".into(),
                 })
@@ -371,7 +372,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// No checkpoint there; see [`Trainer::resume`].
     pub fn resume_latest(model: &'m M, config: TrainConfig, data: Dataset) -> Result<Self> {
         let dir = latest_checkpoint(&config.output_dir)?.ok_or_else(|| {
-            TrainError::Config(format!("no checkpoint in {}", config.output_dir.display()))
+            Error::Options(format!("no checkpoint in {}", config.output_dir.display()))
         })?;
         Self::resume(model, config, data, &dir)
     }
@@ -493,8 +494,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             .collect()
     }
 
-    fn non_finite(&self, what: String, mb: usize, examples: Vec<usize>) -> TrainError {
-        TrainError::NonFinite {
+    fn non_finite(&self, what: String, mb: usize, examples: Vec<usize>) -> Error {
+        Error::NonFinite {
             what,
             step: self.state.global_step + 1,
             batch: mb,
@@ -508,15 +509,15 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let store = self.model.backward(loss)?;
         let (g, missing) = Grads::from_store(&store, &self.vars, 1.0)?;
         if !missing.is_empty() {
-            return Err(TrainError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "variables without a gradient: {missing:?} (an op without backward in the model's forward?)"
             )));
         }
         Ok(g)
     }
 
-    fn batch(&self, seqs: &[&Sequence]) -> Result<TokenBatch> {
-        TokenBatch::from_sequences(seqs, self.data.pad_id, &self.device)
+    fn batch(&self, seqs: &[&Sequence]) -> Result<Batch> {
+        Batch::for_training(seqs, self.data.pad_id, &self.device)
     }
 
     /// The objective's loss on the pairs `idx` (the reference log-probs from the cache).
@@ -563,7 +564,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// One optimizer step (`None` when the run is complete).
     ///
     /// # Errors
-    /// [`TrainError::NonFinite`] (no update is made), tensor and I/O errors.
+    /// [`Error::NonFinite`] (no update is made), tensor and I/O errors.
     pub fn train_step(&mut self) -> Result<Option<StepReport>> {
         if self.is_done() {
             return Ok(None);
@@ -685,7 +686,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 projection = Some(stats);
                 g
             }
-            _ => return Err(TrainError::Config("objective and data kind differ".into())),
+            _ => return Err(Error::Options("objective and data kind differ".into())),
         };
         self.model.set_dropout_seed(None);
         let norm = grads.global_norm()?;
@@ -752,7 +753,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             .global_norm_in_dtype()?;
             if !w.is_finite() {
                 let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
-                return Err(TrainError::NonFinite {
+                return Err(Error::NonFinite {
                     what: format!("weights after the update (norm {w})"),
                     step,
                     batch: mbs[0].0,

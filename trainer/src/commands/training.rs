@@ -1,67 +1,37 @@
-//! `difinfo-train sft` and `difinfo-train dpo`: TRL-style options (TRL's config field names with
-//! dashes), a TOML config file under them (the command line wins), TRL-exact tokenization of
-//! the data, the training loop with a progress bar, and a summary.
+//! The training commands' shared part (`sft`, `dpo`, and `did-entropy`'s estimator): TRL-style
+//! options (TRL's config field names with dashes), a TOML config file under them (the command
+//! line wins), TRL-exact tokenization of the data, the training loop with a progress bar, and a
+//! summary.
 //!
 //! Option resolution, lowest to highest: the command's defaults (TRL's `DPOConfig` /
 //! `SFTConfig`), the `--config` file (or, with `--resume`, the run's saved
 //! `train_config.toml`), the options given on the command line. The resolved options are saved
 //! in the run directory as `train_config.toml` / `.json`; the model, data and tokenization
 //! settings as `run_args.json`, so `--resume RUN_DIR` needs nothing else.
-//!
-//! Objective selection: the options are the fields of the library's one objective type
-//! ([`difinfo::objective::ObjectiveSpec`]), spelled as TRL's `DPOConfig`, each once:
-//! `--loss-type a,b` (any of TRL 1.x's fifteen loss types) with `--loss-weights`, `--beta`,
-//! `--label-smoothing`, `--f-divergence-type`, `--f-alpha-divergence-coef`, `--discopop-tau`,
-//! TRL 0.x's `--reference-free` (the reward `β log π`, the DID estimator of Appendix K) and
-//! `--rpo-alpha`, and `--objective dpo|dpo-pg` (DPO-PG, Appendix H; not a TRL option). A TOML
-//! file uses the same names with underscores. `--ref-model DIR` is TRL's `ref_model`: the
-//! reference whose log-probs are cached (default: the policy's starting weights).
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::parser::ValueSource;
-use clap::{ArgAction, ArgMatches, Args, ValueEnum};
-use serde::{Deserialize, Serialize};
+use clap::{ArgAction, ArgMatches, Args};
+use serde::Serialize;
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{default_report_path, write_error_report};
+use crate::io::write_bytes as write_file;
 use crate::provenance::TokenizerCompat;
 use crate::tokenize::{
-    load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizeStats,
-    TokenizerBundle, TruncationMode,
+    load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizerBundle,
+    TruncationMode,
 };
 use crate::train::adapter::TrainModel;
-use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
-use crate::train::config::{merge_onto, write_file, CONFIG_TOML};
+use crate::train::config::{merge_onto, CONFIG_TOML};
 use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
-use crate::train::{
-    Dataset, Examples, Objective, PreferencePair, Sequence, TrainConfig, TrainError, Trainer,
-};
+use crate::train::{Dataset, Error, Examples, PreferencePair, TrainConfig, Trainer};
 use difinfo::objective::Rule;
 
-/// What the training commands can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// From the training core (config, checkpoints, non-finite values, I/O).
-    #[error(transparent)]
-    Train(#[from] TrainError),
-    /// From the model, tokenizer and data layer.
-    #[error(transparent)]
-    Trainer(#[from] crate::Error),
-    /// A bad combination of command-line options.
-    #[error("{0}")]
-    Usage(String),
-}
-
-/// Result of the training commands.
-pub type CliResult<T> = std::result::Result<T, CliError>;
-
-/// A [`CliError::Usage`] with message `m`.
-pub(crate) fn usage<T>(m: impl Into<String>) -> CliResult<T> {
-    Err(CliError::Usage(m.into()))
-}
+use crate::commands::shared::*;
+use crate::train::run::*;
 
 /// Model, data and run options of `sft` and `dpo` (not training hyper-parameters).
 #[derive(Args, Debug, Clone)]
@@ -220,7 +190,7 @@ impl ScaleArgs {
     ///
     /// # Errors
     /// Invalid LoRA options.
-    pub fn apply_to(&self, model: &mut crate::model::Model, seed: u64) -> CliResult<()> {
+    pub fn apply_to(&self, model: &mut crate::model::Model, seed: u64) -> crate::Result<()> {
         let cfg = TrainConfig {
             gradient_checkpointing: self.gradient_checkpointing,
             use_peft: self.use_peft,
@@ -235,271 +205,38 @@ impl ScaleArgs {
     }
 }
 
-/// Applies `c`'s `use_peft` / `lora_*` (adapters seeded by `seed`) and
-/// `gradient_checkpointing` to a model about to train.
-///
-/// # Errors
-/// Invalid LoRA options; tensor errors.
-pub fn apply_scale_options(
-    c: &TrainConfig,
-    model: &mut crate::model::Model,
-    seed: u64,
-) -> CliResult<()> {
-    if let Some(lora) = c.lora()? {
-        model.add_lora(lora, seed)?;
-    }
-    model.set_gradient_checkpointing(c.gradient_checkpointing);
-    Ok(())
-}
-
-/// TRL's loss type names (`DPOConfig.loss_type`).
-const LOSS_TYPES: [&str; 15] = [
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-];
-
-/// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options).
-#[derive(Args, Debug, Clone, Serialize)]
-pub struct DpoArgs {
-    #[command(flatten)]
-    #[serde(skip)]
-    #[allow(missing_docs)]
-    pub run: RunArgs,
-    /// Run directory: checkpoints, metrics, resolved config
-    #[arg(long, default_value = "runs/dpo")]
-    pub output_dir: PathBuf,
-    /// The reference model, TRL's ref_model: a Hugging Face checkpoint directory with the
-    /// policy's vocabulary whose log-probs are computed once and cached [default: the policy's
-    /// starting weights]
-    #[arg(long, value_name = "DIR")]
-    #[serde(skip)]
-    pub ref_model: Option<PathBuf>,
-    /// dpo: the preference loss; dpo-pg: DPO-PG (Appendix H), a step along the chosen NLL's
-    /// gradient projected off the rejected NLL's (the loss is still logged; the summary reports
-    /// how often the projection was active)
-    #[arg(long, default_value = "dpo", value_parser = ["dpo", "dpo-pg"])]
-    pub objective: String,
-    /// TRL's loss types, comma-separated (combined with --loss-weights): sigmoid (DPO), hinge
-    /// (SLiC), ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
-    /// apo_zero, apo_down, discopop, sft, sigmoid_norm
-    #[arg(long, default_value = "sigmoid", value_delimiter = ',', value_parser = LOSS_TYPES)]
-    pub loss_type: Vec<String>,
-    /// Weights of the loss types, comma-separated (TRL's loss_weights) [default: 1 each]
-    #[arg(
-        long,
-        value_delimiter = ',',
-        value_name = "W,...",
-        allow_negative_numbers = true
-    )]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loss_weights: Option<Vec<f64>>,
-    /// β
-    #[arg(long, default_value_t = 0.1)]
-    pub beta: f64,
-    /// Reward β log π without a reference (TRL 0.x's reference_free; the DID estimator)
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub reference_free: bool,
-    /// Label smoothing ε ∈ [0, 0.5]: conservative DPO (sigmoid), robust (ε < 0.5), exo_pair
-    /// (ε > 0), aot, aot_unpaired
-    #[arg(long, default_value_t = 0.0)]
-    pub label_smoothing: f64,
-    /// RPO: add α times the mean NLL per chosen completion token to the loss, i.e. the sft loss
-    /// type with weight α (logged as nll_loss) [default: none]
-    #[arg(long, value_name = "ALPHA")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rpo_alpha: Option<f64>,
-    /// The f-divergence of the scores (f-DPO): reverse_kl (DPO), forward_kl, js_divergence,
-    /// alpha_divergence
-    #[arg(long, default_value = "reverse_kl", value_parser = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])]
-    pub f_divergence_type: String,
-    /// α of alpha_divergence
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
-    pub f_alpha_divergence_coef: f64,
-    /// DiscoPOP's τ
-    #[arg(long, default_value_t = 0.05)]
-    pub discopop_tau: f64,
-    /// Peak learning rate (TRL's DPOConfig default)
-    #[arg(long, default_value_t = 1e-6)]
-    pub learning_rate: f64,
-    #[command(flatten)]
-    #[serde(flatten)]
-    #[allow(missing_docs)]
-    pub hyper: HyperArgs,
-    /// Longest prompt in tokens (0: no limit)
-    #[arg(long, default_value_t = 512)]
-    pub max_prompt_length: usize,
-    /// TRL's field: reference log-probs are always computed once before training and cached
-    /// on disk, so false behaves as true (with a warning)
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub precompute_ref_log_probs: bool,
-    /// Directory of the reference log-prob cache [default: the output dir]
-    #[arg(long, value_name = "DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ref_cache_dir: Option<PathBuf>,
-    /// Pairs per forward pass of the reference pass [default: --per-device-train-batch-size]
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ref_batch_size: Option<usize>,
-}
-
-/// `difinfo-train sft`: supervised fine-tuning (TRL's `SFTTrainer` options).
-#[derive(Args, Debug, Clone, Serialize)]
-pub struct SftArgs {
-    #[command(flatten)]
-    #[serde(skip)]
-    #[allow(missing_docs)]
-    pub run: RunArgs,
-    /// Run directory: checkpoints, metrics, resolved config
-    #[arg(long, default_value = "runs/sft")]
-    pub output_dir: PathBuf,
-    /// Peak learning rate (TRL's SFTConfig default)
-    #[arg(long, default_value_t = 2e-5)]
-    pub learning_rate: f64,
-    #[command(flatten)]
-    #[serde(flatten)]
-    #[allow(missing_docs)]
-    pub hyper: HyperArgs,
-    /// Longest prompt in tokens (0: no limit)
-    #[arg(long, default_value_t = 0)]
-    pub max_prompt_length: usize,
-    /// Loss on completion tokens only (TRL); `false` trains on the whole sequence, prompt and
-    /// template tokens included (the paper's SFT, Appendix J.2)
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub completion_only_loss: bool,
-}
-
-/// The defaults of `dpo` (TRL's `DPOConfig`).
-pub fn dpo_defaults() -> TrainConfig {
-    TrainConfig {
-        objective: Objective::default(),
-        output_dir: PathBuf::from("runs/dpo"),
-        ..TrainConfig::default()
-    }
-}
-
-/// The defaults of `sft` (TRL's `SFTConfig`).
-pub fn sft_defaults() -> TrainConfig {
-    TrainConfig {
-        objective: Objective::sft(),
-        output_dir: PathBuf::from("runs/sft"),
-        learning_rate: 2e-5,
-        max_prompt_length: 0,
-        ..TrainConfig::default()
-    }
-}
-
-/// What a run needs besides its [`TrainConfig`], saved as `run_args.json` for `--resume`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
-    /// `sft` or `dpo`.
-    pub command: String,
-    /// The model trained (its initial checkpoint; the reference unless `ref_model`).
-    pub model: PathBuf,
-    /// TRL's `ref_model`: the reference checkpoint, when not the initial policy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ref_model: Option<PathBuf>,
-    /// The data file.
-    pub data: PathBuf,
-    /// Parameter dtype.
-    pub dtype: String,
-    /// Device.
-    pub device: String,
-    /// bf16 compute over f32 parameters.
-    #[serde(default)]
-    pub bf16: bool,
-    /// Prompt truncation.
-    pub truncation_mode: TruncationMode,
-    /// Completion boundary.
-    pub completion_boundary: CompletionBoundary,
-    /// Whether invalid records were skipped.
-    pub skip_invalid: bool,
-    /// Where skipped records are listed [default: `<data>.errors.jsonl`].
-    #[serde(default)]
-    pub error_report: Option<PathBuf>,
-    /// The tokenizer pipeline (runs recorded before the option: tokenizer.json).
-    #[serde(default)]
-    pub tokenizer_compat: TokenizerCompat,
-}
-
-/// File name of the [`RunRecord`].
-pub const RUN_RECORD: &str = "run_args.json";
-/// File name of the end-of-run summary.
-pub const SUMMARY_FILE: &str = "train_summary.json";
-
 /// The options given on the command line (not defaulted), as a TOML table keyed by
 /// `TrainConfig` field names.
-fn command_line_table<C: Serialize>(args: &C, m: &ArgMatches) -> CliResult<toml::Table> {
-    let all = toml::Table::try_from(args).map_err(|e| CliError::Usage(format!("options: {e}")))?;
+pub(crate) fn command_line_table<C: Serialize>(
+    args: &C,
+    m: &ArgMatches,
+) -> crate::Result<toml::Table> {
+    let all =
+        toml::Table::try_from(args).map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
     Ok(all
         .into_iter()
         .filter(|(k, _)| m.value_source(k) == Some(ValueSource::CommandLine))
         .collect())
 }
 
-fn from_command_line(m: &ArgMatches, id: &str) -> bool {
+pub(crate) fn from_command_line(m: &ArgMatches, id: &str) -> bool {
     m.value_source(id) == Some(ValueSource::CommandLine)
 }
 
-/// `(run dir, checkpoint)` of a `--resume` argument: a checkpoint directory (it has a
-/// trainer state) or a run directory (its latest checkpoint).
-pub fn locate_resume(p: &Path) -> CliResult<(PathBuf, PathBuf)> {
-    if p.join(STATE_FILE).exists() {
-        let run = p
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        return Ok((run, p.to_path_buf()));
-    }
-    match latest_checkpoint(p)? {
-        Some(c) => Ok((p.to_path_buf(), c)),
-        None => usage(format!(
-            "--resume {}: no checkpoint-N directory there",
-            p.display()
-        )),
-    }
-}
-
-/// A resolved training command.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    /// The options.
-    pub config: TrainConfig,
-    /// Model, data, tokenization.
-    pub record: RunRecord,
-    /// The checkpoint to resume from.
-    pub resume: Option<PathBuf>,
-    /// The config file that was read, if any.
-    pub config_file: Option<PathBuf>,
-}
-
-fn resolve_common(
+pub(crate) fn resolve_common(
     command: &str,
     base: &TrainConfig,
     run: &RunArgs,
     ref_model: Option<PathBuf>,
     m: &ArgMatches,
     mut table: toml::Table,
-) -> CliResult<Resolved> {
+) -> crate::Result<Resolved> {
     let (resume, saved) = match &run.resume {
         Some(p) => {
             let (dir, ckpt) = locate_resume(p)?;
             let rec_path = dir.join(RUN_RECORD);
             let rec: Option<RunRecord> = match std::fs::read_to_string(&rec_path) {
-                Ok(t) => {
-                    Some(serde_json::from_str(&t).map_err(|e| TrainError::format(&rec_path, e))?)
-                }
+                Ok(t) => Some(serde_json::from_str(&t).map_err(|e| Error::format(&rec_path, e))?),
                 Err(_) => None,
             };
             if !from_command_line(m, "output_dir") {
@@ -527,7 +264,7 @@ fn resolve_common(
     };
     let config = merge_onto(base, config_file.as_deref(), &table)?;
     let pick =
-        |given: &Option<PathBuf>, saved: Option<&PathBuf>, what: &str| -> CliResult<PathBuf> {
+        |given: &Option<PathBuf>, saved: Option<&PathBuf>, what: &str| -> crate::Result<PathBuf> {
             match (given, saved) {
                 (Some(p), _) => Ok(p.clone()),
                 (None, Some(p)) => Ok(p.clone()),
@@ -595,90 +332,12 @@ fn resolve_common(
     })
 }
 
-/// Resolves `dpo`'s options (`m`: the subcommand's matches).
-///
-/// # Errors
-/// Bad options or config file, an `sft` objective.
-pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<Resolved> {
-    let table = command_line_table(args, m)?;
-    let r = resolve_common(
-        "dpo",
-        &dpo_defaults(),
-        &args.run,
-        args.ref_model.clone(),
-        m,
-        table,
-    )?;
-    if r.config.objective.rule() == Rule::Sft {
-        return usage("objective `sft` in the config file: use `difinfo-train sft`");
-    }
-    Ok(r)
-}
-
-/// Resolves `sft`'s options (`m`: the subcommand's matches).
-///
-/// # Errors
-/// Bad options or config file, a preference objective.
-pub fn resolve_sft(args: &SftArgs, m: &ArgMatches) -> CliResult<Resolved> {
-    let table = command_line_table(args, m)?;
-    let r = resolve_common("sft", &sft_defaults(), &args.run, None, m, table)?;
-    if r.config.objective.rule() != Rule::Sft {
-        return usage(format!(
-            "objective `{}` in the config file: use `difinfo-train dpo`",
-            r.config.objective.rule()
-        ));
-    }
-    Ok(r)
-}
-
-fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
+pub(crate) fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
     TokenizeOptions {
         max_length: (c.max_length > 0).then_some(c.max_length),
         max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
         truncation_mode: r.truncation_mode,
         boundary: r.completion_boundary,
-    }
-}
-
-/// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
-pub fn report_provenance(bundle: &TokenizerBundle) {
-    let p = bundle.provenance();
-    eprintln!("{}", p.describe());
-    if let Some(w) = p.warning() {
-        eprintln!("warning: {w}");
-    }
-}
-
-/// Prints tokenization counts (and the prefix-mismatch warning) to stderr.
-pub fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
-    eprintln!(
-        "{}: {} records, {} kept, {} dropped (prompt fills max_length), {} prompts truncated, {} with completions truncated, {} invalid",
-        file.display(),
-        stats.total,
-        stats.kept,
-        stats.dropped_prompt_too_long,
-        stats.truncated_prompts,
-        stats.truncated_completions,
-        stats.invalid
-    );
-    if let (Some(r), true) = (report, stats.invalid > 0) {
-        eprintln!("invalid records listed in {}", r.display());
-    }
-    if stats.prefix_mismatches > 0 {
-        eprintln!(
-            "warning: in {} example(s) (first at {}:{}) the prompt's tokens are not a prefix of the prompt+completion tokens; \
-             the completion starts at their common prefix (see --completion-boundary)",
-            stats.prefix_mismatches,
-            file.display(),
-            stats.first_mismatch_line.unwrap_or(0)
-        );
-    }
-}
-
-fn seq(s: crate::batch::Sequence) -> Sequence {
-    Sequence {
-        ids: s.ids,
-        completion_start: s.completion_start,
     }
 }
 
@@ -691,7 +350,7 @@ pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
     bundle: &TokenizerBundle,
-) -> CliResult<(Dataset, Vec<usize>)> {
+) -> crate::Result<(Dataset, Vec<usize>)> {
     let lines: Vec<usize>;
     let opts = tokenize_options(c, r);
     let report = r_report(r);
@@ -707,8 +366,8 @@ pub fn load_dataset(
             ds.examples
                 .iter()
                 .map(|e| PreferencePair {
-                    chosen: seq(e.value.chosen_sequence()),
-                    rejected: seq(e.value.rejected_sequence()),
+                    chosen: e.value.chosen_sequence(),
+                    rejected: e.value.rejected_sequence(),
                 })
                 .collect(),
         )
@@ -720,12 +379,7 @@ pub fn load_dataset(
         report_stats(&r.data, &ds.stats, Some(&report));
         require_examples(&r.data, &ds.stats)?;
         lines = ds.examples.iter().map(|e| e.line).collect();
-        Examples::Sft(
-            ds.examples
-                .iter()
-                .map(|e| seq(e.value.sequence()))
-                .collect(),
-        )
+        Examples::Sft(ds.examples.iter().map(|e| e.value.sequence()).collect())
     };
     let d = Dataset {
         examples,
@@ -735,27 +389,10 @@ pub fn load_dataset(
     Ok((d, lines))
 }
 
-fn r_report(r: &RunRecord) -> PathBuf {
+pub(crate) fn r_report(r: &RunRecord) -> PathBuf {
     r.error_report
         .clone()
         .unwrap_or_else(|| default_report_path(&r.data))
-}
-
-/// A progress bar with ETA on stderr when it is a terminal (hidden otherwise), labelled `what`,
-/// starting at `pos` of `len`.
-pub fn progress_bar(len: u64, pos: u64, what: &str) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
-    ) {
-        pb.set_style(style);
-    }
-    pb.set_message(what.to_string());
-    pb.set_position(pos);
-    pb
 }
 
 /// One logged record as a line (`step 10: loss 0.6931 grad_norm …`).
@@ -778,94 +415,25 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
     s
 }
 
-/// What a finished run reports (also written as `train_summary.json`).
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    /// The objective (its fields, as in the config).
-    pub objective: Objective,
-    /// Optimizer steps taken in total (including before a resume).
-    pub global_step: usize,
-    /// Steps taken by this process.
-    pub steps_this_run: usize,
-    /// Wall-clock seconds of this process's training loop.
-    pub seconds: f64,
-    /// The last logged record.
-    pub final_metrics: serde_json::Map<String, serde_json::Value>,
-    /// DPO-PG: steps whose projection was active, over all steps of the run.
-    pub projection_active_steps: Option<usize>,
-    /// DPO-PG: their fraction.
-    pub projection_active_fraction: Option<f64>,
-    /// The last checkpoint (a Hugging Face directory).
-    pub last_checkpoint: Option<PathBuf>,
-}
-
-impl RunSummary {
-    /// The one-line summary printed at the end.
-    pub fn line(&self) -> String {
-        let mut s = format!(
-            "{}: done, {} steps",
-            self.objective.label(),
-            self.global_step
-        );
-        let f = |k: &str| {
-            self.final_metrics
-                .get(k)
-                .and_then(serde_json::Value::as_f64)
-        };
-        if let Some(e) = f("epoch") {
-            s.push_str(&format!(" ({e:.2} epochs)"));
-        }
-        s.push_str(&format!(" in {:.1} s", self.seconds));
-        for k in [
-            "loss",
-            "rewards/accuracies",
-            "rewards/margins",
-            "logps/chosen",
-            "logps/rejected",
-        ] {
-            if let Some(v) = f(k) {
-                s.push_str(&format!(", {k} {v:.4}"));
-            }
-        }
-        if let Some(v) = f("tokens_per_second") {
-            s.push_str(&format!(", {v:.0} tokens/s"));
-        }
-        if let (Some(n), Some(fr)) = (
-            self.projection_active_steps,
-            self.projection_active_fraction,
-        ) {
-            s.push_str(&format!(
-                "; projection active in {n}/{} steps ({:.1}%)",
-                self.global_step,
-                100.0 * fr
-            ));
-        }
-        if let Some(c) = &self.last_checkpoint {
-            s.push_str(&format!("; model: {}", c.display()));
-        }
-        s
-    }
-}
-
 /// Runs a resolved `sft` / `dpo` command to the end.
 ///
 /// # Errors
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
-pub fn train(r: &Resolved) -> CliResult<RunSummary> {
+pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
     check_run_paths(r)?;
     let bundle = load_bundle_with(&r.record.model, r.record.tokenizer_compat)?;
     report_provenance(&bundle);
     let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
     train_on(r, data).map_err(|e| {
         // A non-finite value's examples by their place in the data file, not only their index.
-        if let CliError::Train(t @ TrainError::NonFinite { examples, .. }) = &e {
+        if let t @ Error::NonFinite { examples, .. } = &e {
             let at: Vec<String> = examples
                 .iter()
                 .filter_map(|&i| lines.get(i))
                 .map(usize::to_string)
                 .collect();
-            return CliError::Usage(format!(
+            return Error::InvalidArgument(format!(
                 "{t}; the examples are lines {} of {}",
                 at.join(", "),
                 r.record.data.display()
@@ -880,7 +448,7 @@ pub fn train(r: &Resolved) -> CliResult<RunSummary> {
 ///
 /// # Errors
 /// See [`train`].
-pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
+pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
     let c = &r.config;
     for w in c.warnings() {
         eprintln!("warning: {w}");
@@ -919,7 +487,7 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
     };
     let out = c.output_dir.clone();
     let rec_json = serde_json::to_string_pretty(&r.record)
-        .map_err(|e| TrainError::format(out.join(RUN_RECORD), e))?;
+        .map_err(|e| Error::format(out.join(RUN_RECORD), e))?;
     write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
     let trainable: usize = crate::train::PolicyModel::named_vars(&model)
         .iter()
@@ -979,20 +547,20 @@ pub fn train_on(r: &Resolved, data: Dataset) -> CliResult<RunSummary> {
         last_checkpoint: trainer.last_checkpoint().map(Path::to_path_buf),
     };
     let js = serde_json::to_string_pretty(&summary)
-        .map_err(|e| TrainError::format(out.join(SUMMARY_FILE), e))?;
+        .map_err(|e| Error::format(out.join(SUMMARY_FILE), e))?;
     write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
     Ok(summary)
 }
 
 /// TRL's `ref_model`: the checkpoint in `dir`, loaded like the policy; its vocabulary must be
 /// the policy's (the log-probs of the same token ids are compared).
-fn load_reference(
+pub(crate) fn load_reference(
     dir: &Path,
     policy: &TrainModel,
     dtype: candle_core::DType,
     device: &candle_core::Device,
     bf16: bool,
-) -> CliResult<TrainModel> {
+) -> crate::Result<TrainModel> {
     let mut m = load_model(dir, dtype, device)?;
     let (v_ref, v_pol) = (m.config().vocab_size, policy.model.config().vocab_size);
     if v_ref != v_pol {
@@ -1013,8 +581,8 @@ fn load_reference(
 /// run ([`check_fresh_output_dir`]).
 ///
 /// # Errors
-/// [`CliError`] naming the options and paths.
-fn check_run_paths(r: &Resolved) -> CliResult<()> {
+/// [`Error`] naming the options and paths.
+pub(crate) fn check_run_paths(r: &Resolved) -> crate::Result<()> {
     use crate::io::{check_output_dir, check_outputs, check_written_files, inputs};
     let out = &r.config.output_dir;
     check_output_dir("--output-dir", out)?;
@@ -1040,121 +608,15 @@ fn check_run_paths(r: &Resolved) -> CliResult<()> {
     Ok(())
 }
 
-/// Loads a checkpoint directory's tokenizer files, printing what their absence changes
-/// ([`TokenizerBundle::warnings`]).
-///
-/// # Errors
-/// See [`TokenizerBundle::load`].
-pub fn load_bundle(dir: &Path) -> crate::Result<TokenizerBundle> {
-    load_bundle_with(dir, crate::provenance::TokenizerCompat::default())
-}
-
-/// [`load_bundle`] with the tokenizer pipeline chosen by `compat` (`--tokenizer-compat`).
-///
-/// # Errors
-/// See [`TokenizerBundle::load_with`].
-pub fn load_bundle_with(
-    dir: &Path,
-    compat: crate::provenance::TokenizerCompat,
-) -> crate::Result<TokenizerBundle> {
-    let b = TokenizerBundle::load_with(dir, compat)?;
-    for w in b.warnings() {
-        eprintln!("warning: {w}");
-    }
-    Ok(b)
-}
-
-/// A data file that left no example: an error naming the file and why (no records, all
-/// invalid, all dropped), the same for every command (TRL refuses an empty dataset).
-///
-/// # Errors
-/// [`crate::Error::InvalidArgument`] when `stats.kept` is 0.
-pub fn require_examples(file: &Path, stats: &TokenizeStats) -> crate::Result<()> {
-    if stats.kept > 0 {
-        return Ok(());
-    }
-    let why = if stats.total == 0 {
-        "no records (the file is empty)".to_string()
-    } else if stats.invalid == stats.total {
-        format!(
-            "no records left: all {} are invalid (see the error report)",
-            stats.total
-        )
-    } else {
-        format!(
-            "no example left of {} records: {} dropped because the prompt alone fills --max-length, {} invalid",
-            stats.total, stats.dropped_prompt_too_long, stats.invalid
-        )
-    };
-    Err(crate::Error::InvalidArgument(format!(
-        "{}: {why}",
-        file.display()
-    )))
-}
-
-/// `cmd` with every numeric option (and every subcommand's) taking a value that starts with a
-/// hyphen, so `--beta -1` and `--adam-epsilon -1e-8` reach the range check ("beta must be …
-/// positive") instead of clap's "unexpected argument '-1'" (clap's own negative-number test
-/// misses exponents). A flag mistaken for the value (`--seed --model`) fails to parse as a
-/// number, and that message names the option too.
-pub fn negative_numbers_as_values(cmd: clap::Command) -> clap::Command {
-    use std::any::TypeId;
-    let numeric = [
-        TypeId::of::<f64>(),
-        TypeId::of::<f32>(),
-        TypeId::of::<i64>(),
-        TypeId::of::<i32>(),
-        TypeId::of::<u64>(),
-        TypeId::of::<u32>(),
-        TypeId::of::<usize>(),
-    ];
-    cmd.mut_args(|a| {
-        let t = a.get_value_parser().type_id();
-        if numeric.iter().any(|n| t == *n) {
-            a.allow_hyphen_values(true)
-        } else {
-            a
-        }
-    })
-    .mut_subcommands(negative_numbers_as_values)
-}
-
-fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {
+pub(crate) fn trainer_len<M: crate::train::PolicyModel + ?Sized>(t: &Trainer<'_, M>) -> usize {
     t.state().permutation.len()
-}
-
-/// `difinfo-train dpo`.
-///
-/// # Errors
-/// See [`train`].
-pub fn run_dpo(args: &DpoArgs, m: &ArgMatches) -> CliResult<()> {
-    let r = resolve_dpo(args, m)?;
-    let s = train(&r)?;
-    println!("{}", s.line());
-    Ok(())
-}
-
-/// `difinfo-train sft`.
-///
-/// # Errors
-/// See [`train`].
-pub fn run_sft(args: &SftArgs, m: &ArgMatches) -> CliResult<()> {
-    let r = resolve_sft(args, m)?;
-    let s = train(&r)?;
-    println!("{}", s.line());
-    Ok(())
-}
-
-/// A [`TruncationMode`]'s command-line name.
-pub fn value_name<T: ValueEnum>(v: &T) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_string())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commands::dpo::{resolve_dpo, DpoArgs};
+    use crate::commands::sft::{resolve_sft, SftArgs};
     use clap::{FromArgMatches, Parser, Subcommand};
 
     #[derive(Parser)]
@@ -1179,7 +641,7 @@ mod tests {
         (cli.command, sub)
     }
 
-    fn resolve(args: &[&str]) -> CliResult<Resolved> {
+    fn resolve(args: &[&str]) -> crate::Result<Resolved> {
         match parse(args) {
             (Cmd::Dpo(a), m) => resolve_dpo(&a, &m),
             (Cmd::Sft(a), m) => resolve_sft(&a, &m),

@@ -18,11 +18,9 @@ use crate::model::Model;
 use crate::train::adapter::TrainModel;
 use crate::train::rng::SplitMix64;
 use crate::train::{
-    Dataset, Examples, Objective, PolicyModel, PreferencePair, SchedulerType, SeqLogps, Sequence,
-    TokenBatch, TrainConfig, Trainer,
+    Batch, Dataset, Examples, Objective, PolicyModel, PreferencePair, SchedulerType, SeqLogps,
+    Sequence, TrainConfig, Trainer,
 };
-
-use crate::train::cli::{CliError, CliResult};
 
 /// `difinfo-train bench`.
 #[derive(Args, Debug, Clone)]
@@ -63,20 +61,20 @@ pub struct BenchArgs {
     pub bf16: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub scale: crate::train::cli::ScaleArgs,
+    pub scale: crate::commands::training::ScaleArgs,
 }
 
 /// The model under a bench: checkpoints are not written (not part of a step).
 struct NoSave<'a>(&'a TrainModel);
 
 impl PolicyModel for NoSave<'_> {
-    fn sequence_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn sequence_logps(&self, b: &Batch) -> crate::Result<SeqLogps> {
         self.0.sequence_logps(b)
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
         self.0.named_vars()
     }
-    fn reference_logps(&self, b: &TokenBatch) -> candle_core::Result<SeqLogps> {
+    fn reference_logps(&self, b: &Batch) -> crate::Result<SeqLogps> {
         self.0.reference_logps(b)
     }
     fn reference_vars(&self) -> Vec<(String, Var)> {
@@ -285,7 +283,7 @@ pub fn bench_objective(
     a: &BenchArgs,
     name: &str,
     objective: Objective,
-) -> CliResult<BenchRow> {
+) -> crate::Result<BenchRow> {
     let steps = a.warmup + a.steps;
     let vocab = model.model.config().vocab_size as u32;
     let data = Dataset {
@@ -298,7 +296,7 @@ pub fn bench_objective(
         objective,
         output_dir: out.clone(),
         learning_rate: 1e-6,
-        optim: a.optim.parse().map_err(CliError::Usage)?,
+        optim: a.optim.parse().map_err(crate::Error::InvalidArgument)?,
         lr_scheduler_type: SchedulerType::Constant,
         per_device_train_batch_size: a.batch,
         max_steps: steps as i64,
@@ -314,7 +312,7 @@ pub fn bench_objective(
     for i in 0..steps {
         let r = t
             .train_step()?
-            .ok_or_else(|| CliError::Usage("the bench run ended early".into()))?;
+            .ok_or_else(|| crate::Error::InvalidArgument("the bench run ended early".into()))?;
         if i >= a.warmup {
             tokens += r.tokens;
             secs += r.seconds;
@@ -350,9 +348,9 @@ pub fn bench_objective(
 ///
 /// # Errors
 /// Bad options, model loading and training errors.
-pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
+pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
     if a.batch == 0 || a.seq < 4 || a.steps == 0 {
-        return Err(CliError::Usage(
+        return Err(crate::Error::InvalidArgument(
             "need --batch ≥ 1, --seq ≥ 4, --steps ≥ 1".into(),
         ));
     }
@@ -396,7 +394,7 @@ pub fn run_bench(a: &BenchArgs) -> CliResult<Vec<BenchRow>> {
             "ref-free" => Objective::default().reference_free(),
             _ => Ok(Objective::default()),
         }
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+        .map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
         let r = bench_objective(&tm, a, o, obj)?;
         println!(
             "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",

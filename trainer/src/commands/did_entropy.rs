@@ -1,0 +1,528 @@
+//! `difinfo-train did-entropy`: Appendix K's DID entropy pipeline end to end
+//! ([`crate::diag::did_entropy`]): pairs, the estimator's training (the training commands' run),
+//! the entropies and β fits, and their table.
+
+use std::path::{Path, PathBuf};
+
+use clap::{ArgAction, Args, ValueEnum};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
+use difinfo::objective::{FDivergence, LossType, Rule};
+
+use crate::checkpoint::load_model;
+use crate::commands::shared::{progress, report_stats, usage};
+use crate::commands::training::train_on;
+use crate::diag::beta_accuracy::prompt_fit;
+use crate::diag::did_entropy::*;
+use crate::diag::entropy::{prompt_entropy, PromptEntropy};
+use crate::generate::SamplingParams;
+use crate::io::{write_json, write_jsonl};
+use crate::model::Model;
+use crate::tokenize::{load_prompts, CompletionBoundary, TokenizerBundle, TruncationMode};
+use crate::train::config::merge_onto;
+use crate::train::run::{Resolved, RunRecord};
+use crate::train::{Dataset, Examples, PreferencePair, Sequence};
+use crate::Result;
+
+impl ValueEnum for PairDecoding {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[PairDecoding::Sample, PairDecoding::Greedy]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        use clap::builder::PossibleValue;
+        Some(match self {
+            PairDecoding::Sample => PossibleValue::new("sample")
+                .help("Ancestral sampling at `--temperature` (no top-k / top-p)"),
+            PairDecoding::Greedy => PossibleValue::new("greedy")
+                .help("Greedy (argmax) decoding, one pair per prompt (the paper's Table 2)"),
+        })
+    }
+}
+
+/// Options of the estimator's training, named as TRL's config fields; unset ones keep
+/// Appendix K's values ([`estimator_defaults`]) or the `--config` file's.
+#[derive(Args, Debug, Clone, Default, Serialize)]
+pub struct EstimatorArgs {
+    /// Peak learning rate of π̂ [default: 1e-6, Appendix K]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    /// Optimizer of π̂: sgd, rmsprop, adamw [default: rmsprop, Appendix K]
+    #[arg(long, value_parser = ["sgd", "rmsprop", "adamw", "adamw_torch"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optim: Option<String>,
+    /// Learning-rate schedule of π̂ [default: constant_with_warmup]
+    #[arg(long, value_parser = ["constant", "constant_with_warmup", "linear", "cosine"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_scheduler_type: Option<String>,
+    /// Linear warm-up steps of π̂ [default: 150, Appendix K]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<usize>,
+    /// Epochs over the pairs [default: 1]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_train_epochs: Option<f64>,
+    /// Optimizer steps; overrides --num-train-epochs when positive [default: -1]
+    #[arg(long, allow_negative_numbers = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<i64>,
+    /// Pairs per micro-batch [default: 8]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_device_train_batch_size: Option<usize>,
+    /// Micro-batches per step [default: 8, an effective batch of 64 as in Appendix K]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Global gradient-norm clipping (0 disables) [default: 1.0]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// Log the estimator's metrics every N steps [default: 10]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logging_steps: Option<usize>,
+}
+
+/// `difinfo-train did-entropy`: Appendix K's DID entropy pipeline.
+#[derive(Args, Debug, Clone)]
+pub struct DidEntropyArgs {
+    /// The policy π after the update (checkpoint directory).
+    #[arg(long, value_name = "DIR")]
+    pub policy: PathBuf,
+    /// The reference π_ref before it (checkpoint directory; π̂ starts from it and its tokenizer
+    /// is used for all three models).
+    #[arg(long, value_name = "DIR")]
+    pub reference: PathBuf,
+    /// Training prompts for the pairs (JSONL: `prompt` string or messages, or `messages`).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: PathBuf,
+    /// Unseen prompts on which the entropies and β fits are measured [default: --prompts]
+    #[arg(long, value_name = "FILE")]
+    pub eval_prompts: Option<PathBuf>,
+    /// Run directory for every artifact.
+    #[arg(long, default_value = "runs/did-entropy")]
+    pub output_dir: PathBuf,
+    /// Pair completions: sampled, or greedy (the paper's Table 2; one pair per prompt).
+    #[arg(long, value_enum, default_value_t = PairDecoding::Sample)]
+    pub decoding: PairDecoding,
+    /// Pairs per training prompt (sampled decoding).
+    #[arg(long, default_value_t = 1)]
+    pub pairs_per_prompt: usize,
+    /// Temperature of the sampled pair completions.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Most new tokens per completion (pairs, entropy samples and β samples).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Longest prompt in tokens, keeping its end (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_prompt_length: usize,
+    /// Monte Carlo samples per evaluation prompt and model for the entropies (K ≥ 2).
+    #[arg(long, default_value_t = 32)]
+    pub samples: usize,
+    /// Samples per evaluation prompt for π̂'s β fit (Appendix K.1 uses 4).
+    #[arg(long, default_value_t = 4)]
+    pub beta_samples: usize,
+    /// Seed of the pairs, the estimator's data order and the evaluation samples.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// TOML file of the estimator's training options (TRL field names; the command line wins).
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Replace the artifacts of an earlier run in --output-dir instead of refusing to start.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub overwrite_output_dir: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub estimator: EstimatorArgs,
+}
+
+/// An independent random stream for one purpose of the run.
+fn stream(seed: u64, purpose: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn sample_row(
+    line: usize,
+    model: &str,
+    purpose: &str,
+    ids: &[u32],
+    logp: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "line": line, "model": model, "purpose": purpose, "completion_ids": ids, "logp": logp,
+    })
+}
+
+/// Runs the pipeline; `progress(stage, done, total)` is called after each prompt.
+///
+/// # Errors
+/// Bad options (a β or objective other than the reference-free `β = 1` in `--config`, greedy
+/// decoding with several pairs per prompt, fewer than 2 samples), an earlier run's artifacts in
+/// the output directory without `--overwrite-output-dir`, models with different vocabularies,
+/// data, model and training errors.
+pub fn pipeline(
+    args: &DidEntropyArgs,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> crate::Result<DidEntropyReport> {
+    let out = &args.output_dir;
+    if args.samples < 2 {
+        return usage(format!("--samples must be ≥ 2, got {}", args.samples));
+    }
+    if args.pairs_per_prompt == 0 {
+        return usage("--pairs-per-prompt must be ≥ 1");
+    }
+    if args.beta_samples == 0 || args.max_new_tokens == 0 {
+        return usage(format!(
+            "need --beta-samples ≥ 1 and --max-new-tokens ≥ 1, got {} and {}",
+            args.beta_samples, args.max_new_tokens
+        ));
+    }
+    let est_dir = out.join(ESTIMATOR_DIR);
+    let mut config = merge_onto(
+        &estimator_defaults(&est_dir),
+        args.config.as_deref(),
+        &args.estimator,
+    )?;
+    // Nothing is read or removed before the outputs are known to spare every input.
+    crate::io::check_output_dir("--output-dir", out)?;
+    let files: Vec<(&str, &Path)> = [
+        ("--prompts", Some(args.prompts.as_path())),
+        ("--eval-prompts", args.eval_prompts.as_deref()),
+        ("--config", args.config.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(o, p)| Some((o, p?)))
+    .collect();
+    let inputs = crate::io::inputs(
+        &files,
+        &[("--policy", &args.policy), ("--reference", &args.reference)],
+    );
+    let outputs = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE].map(|f| out.join(f));
+    crate::io::check_written_files(&outputs, &inputs)?;
+    let earlier = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE, ESTIMATOR_DIR]
+        .iter()
+        .map(|f| out.join(f))
+        .find(|p| p.exists());
+    if let Some(p) = earlier {
+        if !args.overwrite_output_dir {
+            return usage(format!(
+                "{} exists (an earlier did-entropy run): choose another --output-dir or pass --overwrite-output-dir",
+                p.display()
+            ));
+        }
+        // The earlier run's files go now, so none is taken for this run's if it stops early.
+        for o in &outputs {
+            if o.exists() {
+                std::fs::remove_file(o).map_err(|e| crate::Error::io(o, e))?;
+            }
+        }
+        if est_dir.exists() {
+            std::fs::remove_dir_all(&est_dir).map_err(|e| crate::Error::io(&est_dir, e))?;
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let o = &config.objective;
+    if o.rule() != Rule::Preference
+        || !o.is_reference_free()
+        || o.beta() != 1.0
+        || o.terms() != [(LossType::Sigmoid, 1.0)]
+        || o.label_smoothing() != 0.0
+        || o.f_divergence() != FDivergence::ReverseKl
+    {
+        return usage(format!(
+            "did-entropy trains π̂ with DPO's sigmoid loss and the ref-free reward r = log π̂ \
+             (reference_free = true, β = 1); the options ask for {} with β = {}",
+            o.label(),
+            o.beta()
+        ));
+    }
+    config.output_dir = est_dir.clone();
+    config.seed = args.seed;
+    config.overwrite_output_dir = args.overwrite_output_dir;
+
+    let device = crate::parse_device(&args.device)?;
+    let bundle = TokenizerBundle::load(&args.reference)?;
+    let limit = (args.max_prompt_length > 0).then_some(args.max_prompt_length);
+    let train_prompts = load_prompts(&bundle, &args.prompts, limit, false)?;
+    report_stats(&args.prompts, &train_prompts.stats, None);
+    let eval_own = match &args.eval_prompts {
+        Some(f) => {
+            let d = load_prompts(&bundle, f, limit, false)?;
+            report_stats(f, &d.stats, None);
+            Some(d)
+        }
+        None => None,
+    };
+    let eval_prompts = eval_own.as_ref().unwrap_or(&train_prompts);
+
+    // Step 1: pairs.
+    let pairs = {
+        let m_pi = load_model(&args.policy, candle_core::DType::F32, &device)?;
+        let m_ref = load_model(&args.reference, candle_core::DType::F32, &device)?;
+        if m_pi.config().vocab_size != m_ref.config().vocab_size {
+            return usage(format!(
+                "--policy and --reference must share one tokenizer (vocabularies of {} and {})",
+                m_pi.config().vocab_size,
+                m_ref.config().vocab_size
+            ));
+        }
+        let (mut rw, mut rl) = (stream(args.seed, 1), stream(args.seed, 2));
+        let n = train_prompts.examples.len();
+        let mut pairs = Vec::new();
+        for (i, ex) in train_prompts.examples.iter().enumerate() {
+            let (p, ids) = &ex.value;
+            let at = |e: crate::Error| {
+                crate::Error::InvalidArgument(format!(
+                    "{}:{}: {e}",
+                    args.prompts.display(),
+                    ex.line
+                ))
+            };
+            let drawn = sample_pairs(
+                &m_pi,
+                &m_ref,
+                ids,
+                args.pairs_per_prompt,
+                args.decoding,
+                args.temperature,
+                args.max_new_tokens,
+                bundle.stop_ids(),
+                &mut rw,
+                &mut rl,
+            )
+            .map_err(at)?;
+            for d in drawn {
+                pairs.push((ex.line, p.prompt.to_json(), ids.clone(), d));
+            }
+            progress(Stage::Pairs, i + 1, n);
+        }
+        pairs
+    };
+    let mut rows = Vec::with_capacity(pairs.len());
+    for (line, prompt, ids, d) in &pairs {
+        rows.push(serde_json::json!({
+            "line": line,
+            "prompt": prompt,
+            "chosen": bundle.decode(&d.chosen.completion_ids, true)?,
+            "rejected": bundle.decode(&d.rejected.completion_ids, true)?,
+            "prompt_ids": ids,
+            "chosen_ids": d.chosen.completion_ids,
+            "rejected_ids": d.rejected.completion_ids,
+            "chosen_logp_policy": d.chosen.logp,
+            "rejected_logp_reference": d.rejected.logp,
+        }));
+    }
+    let pairs_path = out.join(PAIRS_FILE);
+    write_jsonl(&pairs_path, rows)?;
+
+    // Step 2: the estimator π̂ from π_ref, on the sampled token ids.
+    let seq = |ids: &[u32], c: &[u32]| Sequence {
+        ids: [ids, c].concat(),
+        completion_start: ids.len(),
+    };
+    let data = Dataset {
+        examples: Examples::Preference(
+            pairs
+                .iter()
+                .map(|(_, _, ids, d)| PreferencePair {
+                    chosen: seq(ids, &d.chosen.completion_ids),
+                    rejected: seq(ids, &d.rejected.completion_ids),
+                })
+                .collect(),
+        ),
+        pad_id: bundle.pad_id(),
+        settings: format!("did-entropy pairs of {}", pairs_path.display()),
+    };
+    let resolved = Resolved {
+        config,
+        record: RunRecord {
+            command: "dpo".into(),
+            model: args.reference.clone(),
+            ref_model: None,
+            data: pairs_path.clone(),
+            dtype: "f32".into(),
+            device: args.device.clone(),
+            bf16: false,
+            truncation_mode: TruncationMode::KeepStart,
+            completion_boundary: CompletionBoundary::CommonPrefix,
+            skip_invalid: false,
+            error_report: None,
+            // Trained on sampled token ids: no text is tokenized.
+            tokenizer_compat: Default::default(),
+        },
+        resume: None,
+        config_file: args.config.clone(),
+    };
+    let summary = train_on(&resolved, data)?;
+    let Some(estimator) = summary.last_checkpoint.clone() else {
+        return usage(format!(
+            "the estimator's run in {} saved no checkpoint",
+            est_dir.display()
+        ));
+    };
+
+    // Step 3: entropies and β fits on the evaluation prompts.
+    let m_hat = load_model(&estimator, candle_core::DType::F32, &device)?;
+    let m_ref = load_model(&args.reference, candle_core::DType::F32, &device)?;
+    let m_pi = load_model(&args.policy, candle_core::DType::F32, &device)?;
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: args.max_new_tokens,
+    };
+    let mut rngs = [3, 4, 5, 6].map(|k| stream(args.seed, k));
+    let n = eval_prompts.examples.len();
+    let eval_file = args.eval_prompts.as_ref().unwrap_or(&args.prompts);
+    let (mut per_prompt, mut sample_rows) = (Vec::with_capacity(n), Vec::new());
+    for (i, ex) in eval_prompts.examples.iter().enumerate() {
+        let (p, ids) = &ex.value;
+        let at = |e: crate::Error| {
+            crate::Error::InvalidArgument(format!("{}:{}: {e}", eval_file.display(), ex.line))
+        };
+        let [r_hat, r_ref, r_pi, r_beta] = &mut rngs;
+        let mut entropy =
+            |name: &str, m: &Model, rng: &mut StdRng| -> crate::Result<PromptEntropy> {
+                let (e, drawn) = prompt_entropy(
+                    m,
+                    ids,
+                    args.samples,
+                    1.0,
+                    args.max_new_tokens,
+                    bundle.stop_ids(),
+                    rng,
+                )
+                .map_err(at)?;
+                for s in &drawn {
+                    sample_rows.push(sample_row(
+                        ex.line,
+                        name,
+                        "entropy",
+                        &s.completion_ids,
+                        s.logp,
+                    ));
+                }
+                Ok(e)
+            };
+        let did_entropy = entropy("estimator", &m_hat, r_hat)?;
+        let reference_entropy = entropy("reference", &m_ref, r_ref)?;
+        let policy_entropy = entropy("policy", &m_pi, r_pi)?;
+        let beta = prompt_fit(
+            &m_hat,
+            &m_pi,
+            &m_ref,
+            ids,
+            args.beta_samples,
+            &params,
+            bundle.stop_ids(),
+            bundle.pad_id(),
+            r_beta,
+        )
+        .map_err(at)?;
+        for (c, y) in beta.completion_ids.iter().zip(&beta.y) {
+            sample_rows.push(sample_row(ex.line, "estimator", "beta", c, *y));
+        }
+        per_prompt.push(PromptDid {
+            line: ex.line,
+            prompt: p.prompt.to_json(),
+            did_entropy,
+            reference_entropy,
+            policy_entropy,
+            beta,
+        });
+        progress(Stage::Evaluate, i + 1, n);
+    }
+    write_jsonl(&out.join(SAMPLES_FILE), sample_rows)?;
+    let pick = |f: fn(&PromptDid) -> &PromptEntropy| -> Vec<PromptEntropy> {
+        per_prompt.iter().map(|p| f(p).clone()).collect()
+    };
+    let fits: Vec<BetaFit> = per_prompt.iter().map(|p| p.beta.fit).collect();
+    let report = DidEntropyReport {
+        policy: args.policy.clone(),
+        reference: args.reference.clone(),
+        estimator,
+        pairs: pairs.len(),
+        decoding: args.decoding,
+        train: summary,
+        did_entropy: OverallEntropy::of(&pick(|p| &p.did_entropy)),
+        reference_entropy: OverallEntropy::of(&pick(|p| &p.reference_entropy)),
+        policy_entropy: OverallEntropy::of(&pick(|p| &p.policy_entropy)),
+        beta_accuracy: beta_accuracy(&fits).ok(),
+        samples: args.samples,
+        beta_samples: args.beta_samples,
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+        prompts: per_prompt,
+    };
+    write_json(&out.join(REPORT_FILE), &report)?;
+    Ok(report)
+}
+
+/// `did-entropy`: the pipeline with progress bars, then its table.
+pub fn run(a: &DidEntropyArgs) -> Result<()> {
+    use difinfo::beta_accuracy::BetaFit;
+    let mut bar: Option<(Stage, indicatif::ProgressBar)> = None;
+    let r = pipeline(a, &mut |stage, done, total| {
+        if bar.as_ref().map(|b| b.0) != Some(stage) {
+            if let Some((_, b)) = bar.take() {
+                b.finish_and_clear();
+            }
+            let what = match stage {
+                Stage::Pairs => "pairs",
+                Stage::Evaluate => "entropies",
+            };
+            bar = Some((stage, progress(total as u64, what)));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some((_, b)) = bar {
+        b.finish_and_clear();
+    }
+    println!("{}", r.train.line());
+    println!("| line | H(π̂) DID | ± | H(π_ref) | ± | H(π) | ± | β̂ |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for p in &r.prompts {
+        let beta = match p.beta.fit {
+            BetaFit::Determined(l) => format!("{:.4}", l.slope),
+            BetaFit::Undetermined => "undetermined".into(),
+        };
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {beta} |",
+            p.line,
+            p.did_entropy.entropy,
+            p.did_entropy.stderr,
+            p.reference_entropy.entropy,
+            p.reference_entropy.stderr,
+            p.policy_entropy.entropy,
+            p.policy_entropy.stderr
+        );
+    }
+    let (d, rf, pi) = (r.did_entropy, r.reference_entropy, r.policy_entropy);
+    println!(
+        "DID entropy H(π̂): {:.4} ± {:.4} nats; H(π_ref): {:.4} ± {:.4}; H(π): {:.4} ± {:.4} ({} prompt(s), {} samples each)",
+        d.entropy, d.stderr, rf.entropy, rf.stderr, pi.entropy, pi.stderr, r.prompts.len(), r.samples
+    );
+    match &r.beta_accuracy {
+        Some(b) => println!(
+            "β-accuracy of π̂: {:.4} over {} determined prompt(s) ({} undetermined)",
+            b.accuracy, b.determined, b.undetermined
+        ),
+        None => println!(
+            "β-accuracy of π̂: undetermined (no prompt's {} samples determine β)",
+            r.beta_samples
+        ),
+    }
+    eprintln!("wrote {}", a.output_dir.join(REPORT_FILE).display());
+    Ok(())
+}

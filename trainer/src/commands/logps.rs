@@ -1,0 +1,115 @@
+//! `difinfo-train logps`: its options ([`LogpsArgs`]) and its run.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::checkpoint::{load_model, parse_dtype};
+use crate::commands::shared::*;
+use crate::data::{default_report_path, write_error_report};
+use crate::io::write_jsonl;
+use crate::logps::preference_logps;
+use crate::tokenize::load_preferences;
+use crate::{parse_device, Error, Result};
+
+/// Write chosen/rejected completion log-probs of a preference dataset as JSONL.
+#[derive(clap::Args)]
+pub struct LogpsArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub model: ModelArgs,
+    /// Preference data (JSONL: prompt, chosen, rejected; strings or message lists).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output JSONL (one object per kept example).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Preference pairs per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub tok: TokenizeArgs,
+    /// Skip invalid records (counted, and listed in the error report) instead of failing.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Error report for --skip-invalid [default: DATA.errors.jsonl].
+    #[arg(long)]
+    pub error_report: Option<PathBuf>,
+}
+
+/// Runs `difinfo-train logps`.
+///
+/// # Errors
+/// Bad options, data, model and I/O errors, naming the option, file and line.
+pub fn run(a: LogpsArgs) -> Result<()> {
+    let LogpsArgs {
+        model,
+        data,
+        out,
+        batch_size,
+        tok,
+        skip_invalid,
+        error_report,
+    } = a;
+    if batch_size == 0 {
+        return Err(Error::InvalidArgument(
+            "--batch-size must be positive".into(),
+        ));
+    }
+    check_paths(
+        &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
+        &[("--data", &data)],
+        &[("--model", &model.model)],
+    )?;
+    let report = error_report.unwrap_or_else(|| default_report_path(&data));
+    let device = parse_device(&model.device)?;
+    let dtype = parse_dtype(&model.dtype)?;
+    let bundle = load_bundle_with(&model.model, tok.tokenizer_compat)?;
+    report_provenance(&bundle);
+    let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
+    if skip_invalid && !ds.errors.is_empty() {
+        write_error_report(&report, &ds.errors)?;
+    }
+    report_stats(&data, &ds.stats, Some(&report));
+    require_examples(&data, &ds.stats)?;
+    let m = load_model(&model.model, dtype, &device)?;
+    check_vocab(
+        &model.model,
+        &m,
+        &data,
+        ds.examples.iter().flat_map(|e| {
+            let p = &e.value;
+            [
+                (e.line, "prompt", &p.prompt_ids[..]),
+                (e.line, "chosen", &p.chosen_ids[..]),
+                (e.line, "rejected", &p.rejected_ids[..]),
+            ]
+        }),
+    )?;
+    let pb = progress(ds.examples.len() as u64, "logps");
+    let lps = preference_logps(
+        &m,
+        &ds.examples,
+        &data,
+        batch_size,
+        bundle.pad_id(),
+        |done| pb.set_position(done as u64),
+    )?;
+    pb.finish_and_clear();
+    write_jsonl(
+        &out,
+        ds.examples.iter().zip(&lps).map(|(e, lp)| {
+            json!({
+                "line": e.line,
+                "prompt_ids": e.value.prompt_ids,
+                "chosen_ids": e.value.chosen_ids,
+                "rejected_ids": e.value.rejected_ids,
+                "chosen_logps": lp.chosen,
+                "rejected_logps": lp.rejected,
+            })
+        }),
+    )?;
+    eprintln!("wrote {} rows to {}", lps.len(), out.display());
+    Ok(())
+}

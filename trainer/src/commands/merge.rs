@@ -1,0 +1,47 @@
+//! `difinfo-train merge`: its options ([`MergeArgs`]) and its run.
+
+use std::path::PathBuf;
+
+use crate::checkpoint::parse_dtype;
+use crate::Result;
+
+/// Fold a PEFT LoRA adapter (a `--use-peft` run's checkpoint, or any PEFT LoRA adapter of
+/// a Llama/Mistral/Qwen2 model) into its base model: a full Hugging Face checkpoint, as
+/// PEFT's merge_and_unload + save_pretrained.
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Base model directory [default: the adapter's base_model_name_or_path].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Output directory (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// dtype of the saved weights: f32, bf16, f16 or f64.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Runs `difinfo-train merge`.
+///
+/// # Errors
+/// Bad options, data, model and I/O errors, naming the option, file and line.
+pub fn run(a: MergeArgs) -> Result<()> {
+    let MergeArgs {
+        adapter,
+        model,
+        out,
+        dtype,
+    } = a;
+    let dtype = parse_dtype(&dtype)?;
+    let base = crate::lora::merge_adapter(&adapter, model.as_deref(), &out, dtype)?;
+    eprintln!(
+        "merged {} into {} → {}",
+        adapter.display(),
+        base.display(),
+        out.display()
+    );
+    Ok(())
+}

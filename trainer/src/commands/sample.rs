@@ -1,0 +1,121 @@
+//! `difinfo-train sample`: its options ([`SampleArgs`]) and its run.
+
+use std::path::PathBuf;
+
+use rand::SeedableRng;
+use serde_json::json;
+
+use crate::commands::shared::*;
+use crate::data::default_report_path;
+use crate::generate::{generate, SamplingParams};
+use crate::io::write_jsonl;
+use crate::{Error, Result};
+
+/// Sample completions of prompts, with their summed log-probs under the model.
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub model: ModelArgs,
+    /// Prompts (JSONL: `prompt` string or messages, or `messages`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub n: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Nucleus (top-p) mass in (0, 1]; 1 disables it.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Most new tokens per sample.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Longest prompt in tokens, keeping its end (`none`: no limit).
+    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_prompt_length: Limit,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output JSONL (one object per sample).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Skip invalid records instead of failing.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Error report for --skip-invalid [default: PROMPTS.errors.jsonl].
+    #[arg(long)]
+    pub error_report: Option<PathBuf>,
+}
+
+/// Runs `difinfo-train sample`.
+///
+/// # Errors
+/// Bad options, data, model and I/O errors, naming the option, file and line.
+pub fn run(a: SampleArgs) -> Result<()> {
+    let SampleArgs {
+        model,
+        prompts,
+        n,
+        temperature,
+        top_p,
+        max_new_tokens,
+        max_prompt_length,
+        seed,
+        out,
+        skip_invalid,
+        error_report,
+    } = a;
+    let params = SamplingParams {
+        temperature,
+        top_p,
+        max_new_tokens,
+    };
+    params.validate()?;
+    if n == 0 {
+        return Err(Error::InvalidArgument(
+            "--n must be ≥ 1 (samples per prompt), got 0".into(),
+        ));
+    }
+    check_paths(
+        &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
+        &[("--prompts", &prompts)],
+        &[("--model", &model.model)],
+    )?;
+    let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
+    let (bundle, ds, m) = model_and_prompts(
+        &model,
+        &prompts,
+        max_prompt_length.0,
+        skip_invalid,
+        Some(&report),
+    )?;
+    check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let pb = progress(ds.examples.len() as u64, "sample");
+    let mut rows = Vec::new();
+    for ex in &ds.examples {
+        let (p, ids) = &ex.value;
+        let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)
+            .map_err(|e| at_prompt(&prompts, ex.line, e))?;
+        for (k, s) in samples.into_iter().enumerate() {
+            rows.push(json!({
+                "line": ex.line,
+                "sample": k,
+                "prompt": p.prompt.to_json(),
+                "prompt_ids": ids,
+                "completion": bundle.decode(&s.completion_ids, true)?,
+                "completion_ids": s.completion_ids,
+                "logp": s.logp,
+                "finished": s.finished,
+            }));
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let count = rows.len();
+    write_jsonl(&out, rows)?;
+    eprintln!("wrote {count} samples to {}", out.display());
+    Ok(())
+}

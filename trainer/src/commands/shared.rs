@@ -1,0 +1,362 @@
+//! What the subcommands share: the model and tokenization options, loading a model with its
+//! tokenized prompts, the checks of outputs and inputs before any work, progress bars, the
+//! messages printed about data files, and the command line's handling of negative numbers.
+//! Errors reach the process exit as the crate's one [`crate::Error`] (`main` prints them).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{load_model, parse_dtype};
+use crate::data::{write_error_report, PromptExample};
+use crate::io::{check_outputs, inputs, Named};
+use crate::model::Model;
+use crate::provenance::TokenizerCompat;
+use crate::tokenize::{
+    load_prompts, CompletionBoundary, TokenizeOptions, TokenizeStats, TokenizedDataset,
+    TokenizerBundle, TruncationMode,
+};
+use crate::{parse_device, DataError, Error, Result};
+use clap::ValueEnum;
+
+/// A length limit: a positive integer, or `none`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit(pub Option<usize>);
+
+/// Parses a [`Limit`].
+pub(crate) fn parse_limit(s: &str) -> std::result::Result<Limit, String> {
+    if s == "none" {
+        return Ok(Limit(None));
+    }
+    match s.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("expected a positive integer or `none`, got `{s}`")),
+        Ok(n) => Ok(Limit(Some(n))),
+    }
+}
+
+/// Tokenization options of `logps` (TRL's names).
+#[derive(clap::Args)]
+pub struct TokenizeArgs {
+    /// Longest prompt + completion in tokens (`none`: no limit); completions are cut to fit,
+    /// examples whose prompt alone fills it are dropped.
+    #[arg(long, default_value = "1024", value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_length: Limit,
+    /// Longest prompt in tokens (`none`: no limit).
+    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_prompt_length: Limit,
+    /// Which end of an over-long prompt to keep.
+    #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
+    pub truncation_mode: TruncationMode,
+    /// Where a completion starts: the common token prefix of prompt and prompt+completion, or
+    /// the prompt's token count (TRL's literal slice).
+    #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
+    pub completion_boundary: CompletionBoundary,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5).
+    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
+    pub tokenizer_compat: TokenizerCompat,
+}
+
+impl TokenizeArgs {
+    /// The [`TokenizeOptions`] these options ask for.
+    pub fn options(&self) -> TokenizeOptions {
+        TokenizeOptions {
+            max_length: self.max_length.0,
+            max_prompt_length: self.max_prompt_length.0,
+            truncation_mode: self.truncation_mode,
+            boundary: self.completion_boundary,
+        }
+    }
+}
+
+/// The model a command reads: checkpoint, dtype, device.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer files), or a
+    /// GGUF file (converted once into a cache directory; see `convert`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Parameter dtype: f32, bf16, f16 or f64 (bf16 on CPU computes matmuls through f32: slow).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// A tokenized prompt file: each prompt with its token ids.
+pub type PromptSet = TokenizedDataset<(PromptExample, Vec<u32>)>;
+
+/// The tokenizer, the tokenized prompt file (its counts printed; with `skip_invalid`, invalid
+/// records listed in `report`) and the model, as `sample` and `entropy` read them.
+pub(crate) fn model_and_prompts(
+    model: &ModelArgs,
+    prompts: &Path,
+    max_prompt_length: Option<usize>,
+    skip_invalid: bool,
+    report: Option<&Path>,
+) -> Result<(TokenizerBundle, PromptSet, Model)> {
+    let device = parse_device(&model.device)?;
+    let dtype = parse_dtype(&model.dtype)?;
+    let bundle = load_bundle(&model.model)?;
+    let ds = load_prompts(&bundle, prompts, max_prompt_length, skip_invalid)?;
+    if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
+        write_error_report(r, &ds.errors)?;
+    }
+    report_stats(prompts, &ds.stats, report);
+    require_examples(prompts, &ds.stats)?;
+    let m = load_model(&model.model, dtype, &device)?;
+    Ok((bundle, ds, m))
+}
+
+/// Refuses token ids beyond the model's vocabulary (a tokenizer from another checkpoint),
+/// naming the example (`file:line`, field), the tokenizer file, the id and the vocabulary size.
+pub(crate) fn check_vocab<'a>(
+    model_dir: &Path,
+    m: &Model,
+    file: &Path,
+    ids: impl IntoIterator<Item = (usize, &'a str, &'a [u32])>,
+) -> Result<()> {
+    for (line, field, ids) in ids {
+        if let Err(e) = m.check_token_ids(ids) {
+            return Err(DataError {
+                file: file.to_path_buf(),
+                line,
+                field: Some(field.into()),
+                message: format!("{}: {e}", model_dir.join("tokenizer.json").display()),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// [`check_vocab`] over a prompt file's prompts.
+pub(crate) fn check_prompt_vocab(
+    model_dir: &Path,
+    m: &Model,
+    file: &Path,
+    ds: &PromptSet,
+) -> Result<()> {
+    let ids = ds
+        .examples
+        .iter()
+        .map(|e| (e.line, "prompt", &e.value.1[..]));
+    check_vocab(model_dir, m, file, ids)
+}
+
+/// A generation error for the prompt at `file:line`; a size error suggests
+/// `--max-prompt-length` and `--max-new-tokens`.
+pub(crate) fn at_prompt(file: &Path, line: usize, e: Error) -> Error {
+    let (field, message) = match &e {
+        Error::TooLarge { .. } => (
+            Some("prompt".into()),
+            format!("{e}; shorten the prompt (--max-prompt-length) or lower --max-new-tokens"),
+        ),
+        _ => (None, e.to_string()),
+    };
+    DataError {
+        file: file.to_path_buf(),
+        line,
+        field,
+        message,
+    }
+    .into()
+}
+
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    progress_bar(len, 0, what)
+}
+
+/// The outputs' checks before any work ([`check_outputs`]): each writable, none an input
+/// file (`files`) nor a file of an input checkpoint directory (`checkpoints`).
+pub(crate) fn check_paths(
+    outputs: &[Named<'_>],
+    files: &[Named<'_>],
+    checkpoints: &[Named<'_>],
+) -> Result<()> {
+    check_outputs(outputs, &inputs(files, checkpoints))
+}
+
+/// `--out`, and `--error-report` when given with `--skip-invalid` (the default report,
+/// DATA.errors.jsonl, is no input and is written, if at all, right after reading the data).
+pub(crate) fn outputs_with_report<'a>(
+    out: &'a Path,
+    report: Option<&'a Path>,
+    skip_invalid: bool,
+) -> Vec<Named<'a>> {
+    let mut v = vec![("--out", out)];
+    if let (Some(r), true) = (report, skip_invalid) {
+        v.push(("--error-report", r));
+    }
+    v
+}
+
+/// Converts each GGUF file named by an argument of the command into its cache directory
+/// before the command runs, saying so: the loaders would convert it silently
+/// ([`crate::gguf::resolve_model`]), and a first conversion takes a while.
+pub(crate) fn convert_gguf_arguments(sub: &clap::ArgMatches) -> Result<()> {
+    use crate::gguf::{cache_root, is_gguf, resolve_model_in};
+    for id in sub.ids() {
+        let Ok(Some(values)) = sub.try_get_raw(id.as_str()) else {
+            continue;
+        };
+        for v in values {
+            let path = Path::new(v);
+            if !is_gguf(path) {
+                continue;
+            }
+            let dir = resolve_model_in(path, &cache_root()?, &mut |dir| {
+                eprintln!(
+                    "{}: GGUF file; converting it once into {} (f32)",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
+            eprintln!("{}: using its conversion {}", path.display(), dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// A [`crate::Error::InvalidArgument`] with message `m`.
+pub(crate) fn usage<T>(m: impl Into<String>) -> crate::Result<T> {
+    Err(crate::Error::InvalidArgument(m.into()))
+}
+
+/// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
+pub fn report_provenance(bundle: &TokenizerBundle) {
+    let p = bundle.provenance();
+    eprintln!("{}", p.describe());
+    if let Some(w) = p.warning() {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// Prints tokenization counts (and the prefix-mismatch warning) to stderr.
+pub fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
+    eprintln!(
+        "{}: {} records, {} kept, {} dropped (prompt fills max_length), {} prompts truncated, {} with completions truncated, {} invalid",
+        file.display(),
+        stats.total,
+        stats.kept,
+        stats.dropped_prompt_too_long,
+        stats.truncated_prompts,
+        stats.truncated_completions,
+        stats.invalid
+    );
+    if let (Some(r), true) = (report, stats.invalid > 0) {
+        eprintln!("invalid records listed in {}", r.display());
+    }
+    if stats.prefix_mismatches > 0 {
+        eprintln!(
+            "warning: in {} example(s) (first at {}:{}) the prompt's tokens are not a prefix of the prompt+completion tokens; \
+             the completion starts at their common prefix (see --completion-boundary)",
+            stats.prefix_mismatches,
+            file.display(),
+            stats.first_mismatch_line.unwrap_or(0)
+        );
+    }
+}
+
+/// A progress bar with ETA on stderr when it is a terminal (hidden otherwise), labelled `what`,
+/// starting at `pos` of `len`.
+pub fn progress_bar(len: u64, pos: u64, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} (eta {eta})",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    pb.set_position(pos);
+    pb
+}
+
+/// Loads a checkpoint directory's tokenizer files, printing what their absence changes
+/// ([`TokenizerBundle::warnings`]).
+///
+/// # Errors
+/// See [`TokenizerBundle::load`].
+pub fn load_bundle(dir: &Path) -> crate::Result<TokenizerBundle> {
+    load_bundle_with(dir, crate::provenance::TokenizerCompat::default())
+}
+
+/// [`load_bundle`] with the tokenizer pipeline chosen by `compat` (`--tokenizer-compat`).
+///
+/// # Errors
+/// See [`TokenizerBundle::load_with`].
+pub fn load_bundle_with(
+    dir: &Path,
+    compat: crate::provenance::TokenizerCompat,
+) -> crate::Result<TokenizerBundle> {
+    let b = TokenizerBundle::load_with(dir, compat)?;
+    for w in b.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(b)
+}
+
+/// A data file that left no example: an error naming the file and why (no records, all
+/// invalid, all dropped), the same for every command (TRL refuses an empty dataset).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] when `stats.kept` is 0.
+pub fn require_examples(file: &Path, stats: &TokenizeStats) -> crate::Result<()> {
+    if stats.kept > 0 {
+        return Ok(());
+    }
+    let why = if stats.total == 0 {
+        "no records (the file is empty)".to_string()
+    } else if stats.invalid == stats.total {
+        format!(
+            "no records left: all {} are invalid (see the error report)",
+            stats.total
+        )
+    } else {
+        format!(
+            "no example left of {} records: {} dropped because the prompt alone fills --max-length, {} invalid",
+            stats.total, stats.dropped_prompt_too_long, stats.invalid
+        )
+    };
+    Err(crate::Error::InvalidArgument(format!(
+        "{}: {why}",
+        file.display()
+    )))
+}
+
+/// `cmd` with every numeric option (and every subcommand's) taking a value that starts with a
+/// hyphen, so `--beta -1` and `--adam-epsilon -1e-8` reach the range check ("beta must be …
+/// positive") instead of clap's "unexpected argument '-1'" (clap's own negative-number test
+/// misses exponents). A flag mistaken for the value (`--seed --model`) fails to parse as a
+/// number, and that message names the option too.
+pub fn negative_numbers_as_values(cmd: clap::Command) -> clap::Command {
+    use std::any::TypeId;
+    let numeric = [
+        TypeId::of::<f64>(),
+        TypeId::of::<f32>(),
+        TypeId::of::<i64>(),
+        TypeId::of::<i32>(),
+        TypeId::of::<u64>(),
+        TypeId::of::<u32>(),
+        TypeId::of::<usize>(),
+    ];
+    cmd.mut_args(|a| {
+        let t = a.get_value_parser().type_id();
+        if numeric.iter().any(|n| t == *n) {
+            a.allow_hyphen_values(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_numbers_as_values)
+}
+
+/// A [`TruncationMode`]'s command-line name.
+pub fn value_name<T: ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
