@@ -108,9 +108,6 @@ impl Batch {
         pad_id: u32,
         device: &Device,
     ) -> Result<Self> {
-        if seqs.is_empty() {
-            return Err(Error::InvalidArgument("empty batch".into()));
-        }
         if let Some((r, s)) = seqs
             .iter()
             .map(Borrow::borrow)

@@ -7,7 +7,10 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::checkpoint::load_model;
-use crate::commands::shared::*;
+use crate::commands::shared::{
+    at_prompt, check_paths, check_prompt_vocab, load_bundle, progress, report_stats,
+    require_examples,
+};
 use crate::generate::SamplingParams;
 use crate::io::write_json;
 use crate::tokenize::load_prompts;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::checkpoint::parse_dtype;
-use crate::commands::shared::*;
+use crate::commands::shared::progress;
 use crate::Result;
 
 /// Convert a GGUF file (llama.cpp, Ollama; Llama-family or Qwen2, any quantization candle

@@ -16,7 +16,10 @@ use crate::checkpoint::load_model;
 use crate::commands::shared::{progress, report_stats, usage};
 use crate::commands::training::train_on;
 use crate::diag::beta_accuracy::prompt_fit;
-use crate::diag::did_entropy::*;
+use crate::diag::did_entropy::{
+    estimator_defaults, sample_pairs, DidEntropyReport, OverallEntropy, PairDecoding, PromptDid,
+    Stage, ESTIMATOR_DIR, PAIRS_FILE, REPORT_FILE, SAMPLES_FILE,
+};
 use crate::diag::entropy::{prompt_entropy, PromptEntropy};
 use crate::generate::SamplingParams;
 use crate::io::{write_json, write_jsonl};

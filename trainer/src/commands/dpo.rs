@@ -16,9 +16,9 @@ use serde::Serialize;
 
 use difinfo::objective::Rule;
 
-use crate::commands::shared::*;
-use crate::commands::training::*;
-use crate::train::run::*;
+use crate::commands::shared::usage;
+use crate::commands::training::{command_line_table, resolve_common, train, HyperArgs, RunArgs};
+use crate::train::run::{dpo_defaults, Resolved};
 
 /// TRL's loss type names (`DPOConfig.loss_type`).
 const LOSS_TYPES: [&str; 15] = [

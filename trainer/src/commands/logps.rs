@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use crate::checkpoint::{load_model, parse_dtype};
-use crate::commands::shared::*;
+use crate::commands::shared::{
+    check_paths, check_vocab, load_bundle_with, outputs_with_report, progress, report_provenance,
+    report_stats, require_examples, ModelArgs, TokenizeArgs,
+};
 use crate::data::{default_report_path, write_error_report};
 use crate::io::write_jsonl;
 use crate::logps::preference_logps;

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::checkpoint::load_model;
-use crate::commands::shared::*;
+use crate::commands::shared::{check_paths, load_bundle, progress};
 use crate::io::write_jsonl;
 use crate::{parse_device, Error, Result};
 

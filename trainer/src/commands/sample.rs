@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::commands::shared::*;
+use crate::commands::shared::{
+    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, outputs_with_report,
+    parse_limit, progress, Limit, ModelArgs,
+};
 use crate::data::default_report_path;
 use crate::generate::{generate, SamplingParams};
 use crate::io::write_jsonl;

@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use difinfo::objective::Rule;
 
-use crate::commands::shared::*;
-use crate::commands::training::*;
-use crate::train::run::*;
+use crate::commands::shared::usage;
+use crate::commands::training::{command_line_table, resolve_common, train, HyperArgs, RunArgs};
+use crate::train::run::{sft_defaults, Resolved};
 
 /// `difinfo-train sft`: supervised fine-tuning (TRL's `SFTTrainer` options).
 #[derive(Args, Debug, Clone, Serialize)]

@@ -30,8 +30,12 @@ use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
 use crate::train::{Dataset, Error, Examples, PreferencePair, TrainConfig, Trainer};
 use difinfo::objective::Rule;
 
-use crate::commands::shared::*;
-use crate::train::run::*;
+use crate::commands::shared::{
+    load_bundle_with, progress_bar, report_provenance, report_stats, require_examples, usage,
+};
+use crate::train::run::{
+    apply_scale_options, locate_resume, Resolved, RunRecord, RunSummary, RUN_RECORD, SUMMARY_FILE,
+};
 
 /// Model, data and run options of `sft` and `dpo` (not training hyper-parameters).
 #[derive(Args, Debug, Clone)]
@@ -275,54 +279,26 @@ pub(crate) fn resolve_common(
         };
     let model = pick(&run.model, saved.as_ref().map(|r| &r.model), "model")?;
     let data = pick(&run.data, saved.as_ref().map(|r| &r.data), "data")?;
-    let keep = |id: &str| saved.is_some() && !from_command_line(m, id);
+    // The resumed run's value of an option not given on the command line.
+    let kept = |id: &str| saved.as_ref().filter(|_| !from_command_line(m, id));
     let record = RunRecord {
         command: command.to_string(),
         model,
         ref_model: ref_model.or_else(|| saved.as_ref().and_then(|r| r.ref_model.clone())),
         data,
-        dtype: if keep("dtype") {
-            saved.as_ref().map(|r| r.dtype.clone()).unwrap_or_default()
-        } else {
-            run.dtype.clone()
-        },
-        device: if keep("device") {
-            saved.as_ref().map(|r| r.device.clone()).unwrap_or_default()
-        } else {
-            run.device.clone()
-        },
-        bf16: if keep("bf16") {
-            saved.as_ref().is_some_and(|r| r.bf16)
-        } else {
-            run.bf16
-        },
-        truncation_mode: if keep("truncation_mode") {
-            saved
-                .as_ref()
-                .map_or(run.truncation_mode, |r| r.truncation_mode)
-        } else {
-            run.truncation_mode
-        },
-        completion_boundary: if keep("completion_boundary") {
-            saved
-                .as_ref()
-                .map_or(run.completion_boundary, |r| r.completion_boundary)
-        } else {
-            run.completion_boundary
-        },
-        skip_invalid: run.skip_invalid
-            || (keep("skip_invalid") && saved.as_ref().is_some_and(|r| r.skip_invalid)),
+        dtype: kept("dtype").map_or_else(|| run.dtype.clone(), |r| r.dtype.clone()),
+        device: kept("device").map_or_else(|| run.device.clone(), |r| r.device.clone()),
+        bf16: kept("bf16").map_or(run.bf16, |r| r.bf16),
+        truncation_mode: kept("truncation_mode").map_or(run.truncation_mode, |r| r.truncation_mode),
+        completion_boundary: kept("completion_boundary")
+            .map_or(run.completion_boundary, |r| r.completion_boundary),
+        skip_invalid: run.skip_invalid || kept("skip_invalid").is_some_and(|r| r.skip_invalid),
         error_report: run
             .error_report
             .clone()
             .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
-        tokenizer_compat: if keep("tokenizer_compat") {
-            saved
-                .as_ref()
-                .map_or(run.tokenizer_compat, |r| r.tokenizer_compat)
-        } else {
-            run.tokenizer_compat
-        },
+        tokenizer_compat: kept("tokenizer_compat")
+            .map_or(run.tokenizer_compat, |r| r.tokenizer_compat),
     };
     Ok(Resolved {
         config,
@@ -617,6 +593,7 @@ mod tests {
     use super::*;
     use crate::commands::dpo::{resolve_dpo, DpoArgs};
     use crate::commands::sft::{resolve_sft, SftArgs};
+    use crate::train::run::{dpo_defaults, sft_defaults};
     use clap::{FromArgMatches, Parser, Subcommand};
 
     #[derive(Parser)]
