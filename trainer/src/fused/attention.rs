@@ -9,7 +9,7 @@
 use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dispatch::{par_zeros, with_slice, Ins, Kernel, Op, Reads, SyncPtr};
+use super::dispatch::{apply, par_zeros, with_slice, Ins, Kernel, Op, Reads, SyncPtr};
 use super::gemm::gemm_raw;
 use super::real::{row_max, row_sum, Real};
 use super::softmax::Geo;
@@ -235,7 +235,6 @@ fn att_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<AttDims> {
 
 impl Kernel for Attention {
     const NAME: &'static str = "fused-attention";
-    const OP: &'static str = "attention";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let z = att_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
@@ -394,7 +393,6 @@ impl AttentionBwd {
 
 impl Kernel for AttentionBwd {
     const NAME: &'static str = "fused-attention-bwd";
-    const OP: &'static str = "attention";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let z = att_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
@@ -427,14 +425,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
     Geo::of(&Shape::from((b, h, l, t)), mask.shape())?;
     // Without a gradient to carry, nothing is kept (no [B, H, l, t] buffer).
     let keep = q.track_op() || k.track_op() || v.track_op();
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        Op(Attention {
-            mask: mask.detach().contiguous()?,
+    let mask = mask.detach().contiguous()?;
+    let probs = std::sync::Mutex::new(None);
+    apply(
+        &[q, k, v],
+        Attention {
+            mask,
             scale,
-            probs: std::sync::Mutex::new(None),
+            probs,
             keep,
-        }),
+        },
     )
 }

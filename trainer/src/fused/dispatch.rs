@@ -25,10 +25,8 @@ use super::real::Real;
 
 /// A fused CPU kernel written once for f32 and f64; [`Op`] makes it a candle custom op.
 pub(crate) trait Kernel: Send + Sync {
-    /// candle's name of the op (`fused-…`).
+    /// candle's name of the op (`fused-…`), also in errors.
     const NAME: &'static str;
-    /// The public function's name, in errors.
-    const OP: &'static str;
     /// The input holding u32 token ids, if any (the others share the float dtype).
     const IDS: Option<usize> = None;
 
@@ -65,6 +63,18 @@ impl Ins<'_> {
     }
 }
 
+/// `kernel` applied to contiguous copies (views where already contiguous) of its inputs, as
+/// one graph node with its backward pass: the forward scaffolding of every public op.
+pub(crate) fn apply<K: Kernel + 'static>(ins: &[&Tensor], kernel: K) -> Result<Tensor> {
+    let c: Vec<Tensor> = ins.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    match &c[..] {
+        [a] => a.apply_op1(Op(kernel)),
+        [a, b] => a.apply_op2(b, Op(kernel)),
+        [a, b, d] => a.apply_op3(b, d, Op(kernel)),
+        _ => bail!("{}: a custom op takes one to three tensors", K::NAME),
+    }
+}
+
 /// A [`Kernel`] as a candle custom op (`CustomOp1`, `CustomOp2` or `CustomOp3` by the number of
 /// inputs it is applied to).
 pub(crate) struct Op<K>(pub(crate) K);
@@ -88,7 +98,7 @@ impl<K: Kernel> Op<K> {
         } else {
             bail!(
                 "{}: fused CPU kernel needs f32 or f64 inputs of one dtype, got {dts:?}",
-                K::OP
+                K::NAME
             )
         }
     }
@@ -181,10 +191,8 @@ impl<K: Kernel> CustomOp3 for Op<K> {
 /// (of shape `shape`) is overwritten from the other inputs `srcs`; [`InPlace`] makes it a candle
 /// in-place op.
 pub(crate) trait InPlaceKernel: Send + Sync {
-    /// candle's name of the op (`fused-…`).
+    /// candle's name of the op (`fused-…`), also in errors.
     const NAME: &'static str;
-    /// The public function's name, in errors.
-    const OP: &'static str;
 
     /// Updates `dst` at its element type `T` (the sources are read at the same type).
     fn cpu<T: Real>(&self, dst: &mut [T], shape: &Shape, srcs: &Ins<'_>) -> Result<()>;
@@ -198,14 +206,14 @@ impl<K: InPlaceKernel> InPlace<K> {
     fn run(&self, dst: &mut CpuStorage, l: &Layout, srcs: &[(&CpuStorage, &Layout)]) -> Result<()> {
         let (a, b) = l
             .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: non-contiguous", K::OP)))?;
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: non-contiguous", K::NAME)))?;
         let ins = Ins(srcs);
         match dst {
             CpuStorage::F32(d) => self.0.cpu(&mut d[a..b], l.shape(), &ins),
             CpuStorage::F64(d) => self.0.cpu(&mut d[a..b], l.shape(), &ins),
             d => bail!(
                 "{}: fused CPU kernel needs f32 or f64, got {:?}",
-                K::OP,
+                K::NAME,
                 d.dtype()
             ),
         }

@@ -6,7 +6,9 @@
 
 use candle_core::{bail, Result, Shape, Tensor};
 
-use super::dispatch::{build_rows, par_zeros, write_all, InPlace, InPlaceKernel, Ins, Kernel, Op};
+use super::dispatch::{
+    apply, build_rows, par_zeros, write_all, InPlace, InPlaceKernel, Ins, Kernel, Op,
+};
 use super::real::Real;
 use super::sink::GradSink;
 
@@ -49,7 +51,6 @@ struct EmbeddingBwd<'a> {
 
 impl Kernel for EmbeddingBwd<'_> {
     const NAME: &'static str = "fused-embedding-bwd";
-    const OP: &'static str = "embedding";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (_, hs) = ins.shape(0).dims2()?;
@@ -61,7 +62,6 @@ impl Kernel for EmbeddingBwd<'_> {
 
 impl Kernel for Embedding {
     const NAME: &'static str = "fused-embedding";
-    const OP: &'static str = "embedding";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (v, hs) = ins.shape(0).dims2()?;
@@ -104,7 +104,6 @@ struct ScatterRows<'a> {
 
 impl InPlaceKernel for ScatterRows<'_> {
     const NAME: &'static str = "fused-embedding-scatter";
-    const OP: &'static str = "embedding";
 
     fn cpu<T: Real>(&self, acc: &mut [T], shape: &Shape, srcs: &Ins<'_>) -> Result<()> {
         let hs = shape.dims().get(1).copied().unwrap_or(1);
@@ -128,8 +127,6 @@ impl InPlaceKernel for ScatterRows<'_> {
 /// # Errors
 /// An id outside the table; dtypes.
 pub fn embedding(table: &Tensor, ids: &[u32], sink: &GradSink) -> Result<Tensor> {
-    table.contiguous()?.apply_op1(Op(Embedding {
-        ids: ids.to_vec(),
-        sink: sink.clone(),
-    }))
+    let (ids, sink) = (ids.to_vec(), sink.clone());
+    apply(&[table], Embedding { ids, sink })
 }

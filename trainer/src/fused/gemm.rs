@@ -111,15 +111,8 @@ pub(crate) fn gemm_vec<T: Real>(
     rhs: &[T],
     (rhs_cs, rhs_rs): (usize, usize),
 ) -> Vec<T> {
-    let reach = |cs: usize, rs: usize, r: usize, c: usize| {
-        if r == 0 || c == 0 {
-            0
-        } else {
-            (r - 1) * rs + (c - 1) * cs + 1
-        }
-    };
     assert!(
-        lhs.len() >= reach(lhs_cs, lhs_rs, m, k) && rhs.len() >= reach(rhs_cs, rhs_rs, k, n),
+        lhs.len() >= reach((lhs_cs, lhs_rs), m, k) && rhs.len() >= reach((rhs_cs, rhs_rs), k, n),
         "gemm_vec: operands too short"
     );
     let mut out: Vec<T> = Vec::with_capacity(m * n);
@@ -147,24 +140,66 @@ pub(crate) fn gemm_vec<T: Real>(
 ///
 /// # Safety
 /// As [`gemm_into`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_acc<T: Real>(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: *mut T,
     lhs: *const T,
-    (lhs_cs, lhs_rs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: *const T,
-    (rhs_cs, rhs_rs): (usize, usize),
+    rhs_strides: (usize, usize),
 ) {
+    let par = gemm_par();
     gemm_raw(
-        (m, n, k),
+        mnk,
         dst,
-        n,
+        mnk.1,
         lhs,
-        (lhs_cs, lhs_rs),
+        lhs_strides,
         rhs,
-        (rhs_cs, rhs_rs),
-        gemm_par(),
+        rhs_strides,
+        par,
         true,
     );
+}
+
+/// `dst += lhs · rhs` on slices (`dst` row-major `m × n`, initialized), as [`gemm_acc`].
+///
+/// # Panics
+/// If a slice is too short for the sizes and strides given.
+pub(crate) fn gemm_add<T: Real>(
+    mnk: (usize, usize, usize),
+    dst: &mut [T],
+    lhs: &[T],
+    lhs_strides: (usize, usize),
+    rhs: &[T],
+    rhs_strides: (usize, usize),
+) {
+    let (m, n, k) = mnk;
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() >= reach(lhs_strides, m, k)
+            && rhs.len() >= reach(rhs_strides, k, n),
+        "gemm_add: operands too short"
+    );
+    // SAFETY: every index the sizes and strides reach lies within the slices (checked above);
+    // `dst` is borrowed mutably, so it overlaps neither operand.
+    unsafe {
+        gemm_acc(
+            mnk,
+            dst.as_mut_ptr(),
+            lhs.as_ptr(),
+            lhs_strides,
+            rhs.as_ptr(),
+            rhs_strides,
+        )
+    }
+}
+
+/// The elements an `r × c` operand read through `(column, row)` strides spans.
+fn reach((cs, rs): (usize, usize), r: usize, c: usize) -> usize {
+    if r == 0 || c == 0 {
+        0
+    } else {
+        (r - 1) * rs + (c - 1) * cs + 1
+    }
 }

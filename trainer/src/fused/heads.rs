@@ -7,7 +7,7 @@
 
 use candle_core::{bail, Result, Shape, Tensor};
 
-use super::dispatch::{par_rows, par_zeros, Ins, Kernel, Op};
+use super::dispatch::{apply, par_rows, par_zeros, Ins, Kernel, Op};
 use super::real::Real;
 
 /// `[B·l, h_in·d]` → `[B, h_out, l, d]`, output head `o` reading input head `o / (h_out/h_in)`,
@@ -41,17 +41,14 @@ impl Heads {
         Ok(())
     }
 
+    /// `(l, h_in, h_out, d)`, the repetition `h_out / h_in` and the rotation's half `d / 2`.
+    fn sizes(&self) -> (usize, usize, usize, usize, usize, usize) {
+        let (h_in, h_out, d) = (self.h_in, self.h_out, self.d);
+        (self.l, h_in, h_out, d, h_out / h_in, d / 2)
+    }
+
     pub(super) fn fwd<T: Real>(&self, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
-        let Heads {
-            l,
-            h_in,
-            h_out,
-            d,
-            rope,
-            ..
-        } = *self;
-        let rep = h_out / h_in;
-        let half = d / 2;
+        let (l, h_in, h_out, d, rep, half) = self.sizes();
         let mut out = par_zeros(self.b * h_out * l * d);
         par_rows(&mut out, d, |r0, o| {
             for (k, orow) in o.chunks_mut(d).enumerate() {
@@ -60,7 +57,7 @@ impl Heads {
                 let ho = (r / l) % h_out;
                 let bi = r / (l * h_out);
                 let src = &x[(bi * l + i) * h_in * d + (ho / rep) * d..][..d];
-                if rope {
+                if self.rope {
                     let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
                     for j in 0..d {
                         let rot = if j < half {
@@ -79,16 +76,7 @@ impl Heads {
     }
 
     pub(super) fn bwd<T: Real>(&self, g: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
-        let Heads {
-            l,
-            h_in,
-            h_out,
-            d,
-            rope,
-            ..
-        } = *self;
-        let rep = h_out / h_in;
-        let half = d / 2;
+        let (l, h_in, h_out, d, rep, half) = self.sizes();
         let w = h_in * d;
         let mut out = par_zeros(self.b * l * w);
         par_rows(&mut out, w, |r0, o| {
@@ -100,7 +88,7 @@ impl Heads {
                     let acc = &mut orow[hk * d..(hk + 1) * d];
                     for ho in hk * rep..(hk + 1) * rep {
                         let gr = &g[((bi * h_out + ho) * l + i) * d..][..d];
-                        if rope {
+                        if self.rope {
                             for j in 0..d {
                                 let t = if j < half {
                                     gr[j + half] * s[j + half]
@@ -127,7 +115,6 @@ struct HeadsBwd(Heads);
 
 impl Kernel for HeadsFwd {
     const NAME: &'static str = "fused-split-heads";
-    const OP: &'static str = "split_heads";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let h = self.0;
@@ -147,7 +134,6 @@ impl Kernel for HeadsFwd {
 
 impl Kernel for HeadsBwd {
     const NAME: &'static str = "fused-split-heads-bwd";
-    const OP: &'static str = "split_heads";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let h = self.0;
@@ -179,16 +165,13 @@ pub fn split_heads(
     rope: bool,
 ) -> Result<Tensor> {
     let d = cos.dim(1)?;
-    x.contiguous()?.apply_op3(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        Op(HeadsFwd(Heads {
-            b,
-            l,
-            h_in,
-            h_out,
-            d,
-            rope,
-        })),
-    )
+    let heads = Heads {
+        b,
+        l,
+        h_in,
+        h_out,
+        d,
+        rope,
+    };
+    apply(&[x, cos, sin], HeadsFwd(heads))
 }

@@ -20,8 +20,8 @@ use std::sync::Mutex;
 use candle_core::{bail, Result, Shape, Tensor, WithDType};
 
 use super::attention::{AttDims, Attention, AttentionBwd};
-use super::dispatch::{Ins, Kernel, Op, Reads};
-use super::gemm::{gemm_acc, gemm_vec};
+use super::dispatch::{apply, Ins, Kernel, Op, Reads};
+use super::gemm::{gemm_add, gemm_vec};
 use super::heads::Heads;
 use super::linear::{add_input_grad, input_grad, weight_grad, Linear, LinearAdd};
 use super::mlp::{gate_up_proj, SiluMul, SiluMulBwd};
@@ -115,18 +115,7 @@ impl<T: Real> LoraSlices<'_, T> {
         for e in u.iter_mut() {
             *e *= self.scale;
         }
-        assert!(y.len() >= n * d_out && self.b.len() >= d_out * r);
-        // SAFETY: y is n×d_out (initialized), u n×r, b d_out×r read as bᵀ (checked above).
-        unsafe {
-            gemm_acc(
-                (n, d_out, r),
-                y.as_mut_ptr(),
-                u.as_ptr(),
-                (1, r),
-                self.b.as_ptr(),
-                (r, 1),
-            )
-        }
+        gemm_add((n, d_out, r), y, &u, (1, r), self.b, (r, 1));
     }
 
     /// From `g = ∂/∂y`: `dx += drop((scale · g b) a)`; returns `(∂a, ∂b)` with
@@ -302,6 +291,13 @@ impl Layer {
         Ok(out)
     }
 
+    /// Rows `B·l`, hidden width, MLP width, query and key/value projection widths.
+    fn sizes(&self) -> [usize; 5] {
+        let z = self.z;
+        let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
+        [n, hs, i, z.heads * z.head_dim, z.kv_heads * z.head_dim]
+    }
+
     fn att_dims(&self) -> AttDims {
         let z = self.z;
         AttDims {
@@ -317,9 +313,7 @@ impl Layer {
     /// `x2 = x + attention(split(norm₁(x) w_{q,k,v}ᵀ)) w_oᵀ` (each projection plus its adapter,
     /// if any); returns `x3` and, with `keep`, what backward needs.
     fn fwd<T: Real>(&self, x: &[T], keep: bool) -> Result<(Vec<T>, Option<Kept>)> {
-        let z = self.z;
-        let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
-        let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
+        let (z, [n, hs, i, dq, dkv]) = (self.z, self.sizes());
         let r = self.reads();
         let s = |j| r.get::<T>(j);
         let ads = self.adapters::<T>(&r, n)?;
@@ -389,9 +383,7 @@ impl Layer {
     /// `∂/∂x` from `g = ∂/∂x3`; the gradients of the weights and adapters that carry one go to
     /// the sink.
     fn bwd<T: Real>(&self, x: &[T], g3: &[T], kept: &Kept) -> Result<Vec<T>> {
-        let z = self.z;
-        let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
-        let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
+        let (z, [n, hs, i, dq, dkv]) = (self.z, self.sizes());
         let r = self.reads();
         let s = |j| r.get::<T>(j);
         let ads = self.adapters::<T>(&r, n)?;
@@ -534,7 +526,6 @@ impl Layer {
 
 impl Kernel for Layer {
     const NAME: &'static str = "fused-decoder-layer";
-    const OP: &'static str = "decoder layer";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         self.check(ins.shape(0))?;
@@ -565,7 +556,6 @@ struct LayerBwd<'a> {
 
 impl Kernel for LayerBwd<'_> {
     const NAME: &'static str = "fused-decoder-layer-bwd";
-    const OP: &'static str = "decoder layer";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let kept = self.kept.lock().ok().and_then(|mut k| k.take());
@@ -664,5 +654,5 @@ pub fn decoder_layer(
     } else {
         x
     };
-    x.apply_op1(Op(layer))
+    apply(&[&x], layer)
 }

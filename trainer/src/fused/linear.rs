@@ -7,8 +7,8 @@
 
 use candle_core::{bail, Result, Shape, Tensor};
 
-use super::dispatch::{par_copy, Ins, Kernel, Op};
-use super::gemm::{gemm_acc, gemm_into, gemm_vec};
+use super::dispatch::{apply, par_copy, Ins, Kernel, Op};
+use super::gemm::{gemm_add, gemm_into, gemm_vec};
 use super::real::Real;
 
 /// `y = x wᵀ` for `x: [N, in]`, `w: [out, in]`.
@@ -32,7 +32,6 @@ impl Linear {
 
 impl Kernel for Linear {
     const NAME: &'static str = "fused-linear";
-    const OP: &'static str = "linear";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (n, d_in, d_out) = Self::dims(ins.shape(0), ins.shape(1))?;
@@ -90,7 +89,6 @@ impl LinearBwd {
 
 impl Kernel for LinearBwd {
     const NAME: &'static str = "fused-linear-bwd";
-    const OP: &'static str = "linear";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (n, d_in, d_out) = Linear::dims(ins.shape(0), ins.shape(1))?;
@@ -110,7 +108,7 @@ impl Kernel for LinearBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Op(Linear))
+    apply(&[x, w], Linear)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -130,25 +128,13 @@ impl LinearAdd {
         d_out: usize,
     ) -> Vec<T> {
         let mut y = par_copy(r);
-        // SAFETY: y is n×d_out (initialized: read and accumulated into), x n×d_in, w d_out×d_in
-        // read as wᵀ.
-        unsafe {
-            gemm_acc(
-                (n, d_out, d_in),
-                y.as_mut_ptr(),
-                x.as_ptr(),
-                (1, d_in),
-                w.as_ptr(),
-                (d_in, 1),
-            );
-        }
+        gemm_add((n, d_out, d_in), &mut y, x, (1, d_in), w, (d_in, 1));
         y
     }
 }
 
 impl Kernel for LinearAdd {
     const NAME: &'static str = "fused-linear-add";
-    const OP: &'static str = "linear_add";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (n, d_in, d_out) = Linear::dims(ins.shape(0), ins.shape(1))?;
@@ -176,8 +162,7 @@ impl Kernel for LinearAdd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &r.contiguous()?, Op(LinearAdd))
+    apply(&[x, w, r], LinearAdd)
 }
 
 /// `∂/∂x = g w` for `y = x wᵀ` (`g: [n, out]`, `w: [out, in]` → `[n, in]`).
@@ -197,18 +182,7 @@ pub(super) fn add_input_grad<T: Real>(
     d_out: usize,
     d_in: usize,
 ) {
-    assert!(dst.len() >= n * d_in && g.len() >= n * d_out && w.len() >= d_out * d_in);
-    // SAFETY: dst is n×d_in (initialized), g n×d_out, w d_out×d_in (checked above).
-    unsafe {
-        gemm_acc(
-            (n, d_in, d_out),
-            dst.as_mut_ptr(),
-            g.as_ptr(),
-            (1, d_out),
-            w.as_ptr(),
-            (1, d_in),
-        )
-    }
+    gemm_add((n, d_in, d_out), dst, g, (1, d_out), w, (1, d_in));
 }
 
 /// `∂/∂w = gᵀ x` for `y = x wᵀ` (`g: [n, out]` read as `gᵀ`, `x: [n, in]` → `[out, in]`).

@@ -13,8 +13,8 @@ use candle_core::{bail, DType, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::dispatch::{
-    build_rows, par_rows, pooled_buf, recycle_any, recycle_buf, rows_per_task, write_all, Ins,
-    Kernel, Op,
+    apply, build_rows, par_rows, pooled_buf, recycle_any, recycle_buf, rows_per_task, write_all,
+    Ins, Kernel, Op,
 };
 use super::gemm::{gemm_into, gemm_par, gemm_raw};
 use super::real::{row_lse, Real};
@@ -66,7 +66,6 @@ impl TokenLogps {
 
 impl Kernel for TokenLogps {
     const NAME: &'static str = "fused-token-logps";
-    const OP: &'static str = "token_logps";
     const IDS: Option<usize> = Some(1);
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
@@ -114,7 +113,6 @@ impl TokenLogpsBwd {
 
 impl Kernel for TokenLogpsBwd {
     const NAME: &'static str = "fused-token-logps-bwd";
-    const OP: &'static str = "token_logps";
     const IDS: Option<usize> = Some(1);
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
@@ -130,12 +128,8 @@ impl Kernel for TokenLogpsBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]), a target outside the vocabulary.
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2(
-        &targets.contiguous()?,
-        Op(TokenLogps {
-            lse: std::sync::Mutex::new(None),
-        }),
-    )
+    let lse = std::sync::Mutex::new(None);
+    apply(&[logits, targets], TokenLogps { lse })
 }
 
 /// The logits `z = h wᵀ` (`h: [N, H]`, `w: [V, H]`) in a pooled buffer.
@@ -274,7 +268,6 @@ impl LmHead {
 
 impl Kernel for LmHead {
     const NAME: &'static str = "fused-lm-head-logps";
-    const OP: &'static str = "lm_head_logps";
     const IDS: Option<usize> = Some(2);
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
@@ -426,7 +419,6 @@ impl LmHeadBwd {
 
 impl Kernel for LmHeadBwd {
     const NAME: &'static str = "fused-lm-head-logps-bwd";
-    const OP: &'static str = "lm_head_logps";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let dims = head_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
@@ -484,14 +476,11 @@ pub fn lm_head_logps_chunked(
     chunk_elems: usize,
 ) -> Result<Tensor> {
     let v = w.dim(0)?;
-    h.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &targets.contiguous()?,
-        Op(LmHead {
-            kept: std::sync::Mutex::new(None),
-            sink: sink.cloned(),
-            rows: head_chunk_rows(chunk_elems, v),
-            keep: h.track_op() || w.track_op(),
-        }),
-    )
+    let head = LmHead {
+        kept: std::sync::Mutex::new(None),
+        sink: sink.cloned(),
+        rows: head_chunk_rows(chunk_elems, v),
+        keep: h.track_op() || w.track_op(),
+    };
+    apply(&[h, w, targets], head)
 }

@@ -8,7 +8,9 @@
 use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dispatch::{build_rows, with_slice, write_all, Ins, Kernel, Op, MIN_ELEMS_PER_TASK};
+use super::dispatch::{
+    apply, build_rows, with_slice, write_all, Ins, Kernel, Op, MIN_ELEMS_PER_TASK,
+};
 use super::gemm::{gemm_acc, gemm_into};
 use super::linear::Linear;
 use super::real::Real;
@@ -32,7 +34,6 @@ impl SiluMul {
 
 impl Kernel for SiluMul {
     const NAME: &'static str = "fused-silu-mul";
-    const OP: &'static str = "silu_mul";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (sa, sb) = (ins.shape(0), ins.shape(1));
@@ -82,7 +83,6 @@ impl SiluMulBwd {
 
 impl Kernel for SiluMulBwd {
     const NAME: &'static str = "fused-silu-mul-bwd";
-    const OP: &'static str = "silu_mul";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let n = ins.shape(0).elem_count();
@@ -96,7 +96,7 @@ impl Kernel for SiluMulBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.contiguous()?.apply_op2(&b.contiguous()?, Op(SiluMul))
+    apply(&[a, b], SiluMul)
 }
 
 /// The gated MLP input as one node (see [`gate_up`]); keeps the two projections for backward.
@@ -125,17 +125,12 @@ pub(super) fn gate_up_proj<T: Real>(
     [wg, wu].map(|w| Linear::fwd(x, w, n, h, i))
 }
 
-impl GateUp {
-    fn fwd<T: Real>(
-        &self,
-        x: &[T],
-        wg: &[T],
-        wu: &[T],
-        n: usize,
-        h: usize,
-        i: usize,
-    ) -> Result<Vec<T>> {
-        let [a, b] = gate_up_proj(x, wg, wu, n, h, i);
+impl Kernel for GateUp {
+    const NAME: &'static str = "fused-gate-up";
+
+    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
+        let (n, h, i) = gate_up_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
+        let [a, b] = gate_up_proj(ins.get(0)?, ins.get(1)?, ins.get(2)?, n, h, i);
         let m = SiluMul::fwd(&a, &b);
         let dev = candle_core::Device::Cpu;
         let kept = (
@@ -145,18 +140,7 @@ impl GateUp {
         if let Ok(mut slot) = self.kept.lock() {
             *slot = Some(kept);
         }
-        Ok(m)
-    }
-}
-
-impl Kernel for GateUp {
-    const NAME: &'static str = "fused-gate-up";
-    const OP: &'static str = "gate_up";
-
-    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
-        let (n, h, i) = gate_up_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
-        let out = self.fwd(ins.get(0)?, ins.get(1)?, ins.get(2)?, n, h, i)?;
-        Ok((out, Shape::from((n, i))))
+        Ok((m, Shape::from((n, i))))
     }
 
     fn grads(&self, args: &[&Tensor], _res: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
@@ -180,16 +164,15 @@ struct GateUpBwd {
     grad: Tensor,
 }
 
-impl GateUpBwd {
-    fn bwd<T: Real>(
-        &self,
-        x: &[T],
-        wg: &[T],
-        wu: &[T],
-        n: usize,
-        h: usize,
-        i: usize,
-    ) -> Result<Vec<T>> {
+impl Kernel for GateUpBwd {
+    const NAME: &'static str = "fused-gate-up-bwd";
+
+    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
+        let (n, h, i) = gate_up_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
+        if self.grad.dims() != [n, i] {
+            bail!("gate_up backward: gradient {:?}", self.grad.shape());
+        }
+        let (x, wg, wu) = (ins.get::<T>(0)?, ins.get::<T>(1)?, ins.get::<T>(2)?);
         // The kept projections are read in place (no copy); recomputed when absent.
         let gab = with_slice::<T, _>(&self.grad, |g| match &self.kept {
             Some((a, b)) => with_slice::<T, _>(a, |a| {
@@ -224,20 +207,6 @@ impl GateUpBwd {
             );
             out.set_len(len);
         }
-        Ok(out)
-    }
-}
-
-impl Kernel for GateUpBwd {
-    const NAME: &'static str = "fused-gate-up-bwd";
-    const OP: &'static str = "gate_up";
-
-    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
-        let (n, h, i) = gate_up_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
-        if self.grad.dims() != [n, i] {
-            bail!("gate_up backward: gradient {:?}", self.grad.shape());
-        }
-        let out = self.bwd(ins.get(0)?, ins.get(1)?, ins.get(2)?, n, h, i)?;
         Ok((out, Shape::from(n * h + 2 * i * h)))
     }
 }
@@ -250,11 +219,6 @@ impl Kernel for GateUpBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w_gate.contiguous()?,
-        &w_up.contiguous()?,
-        Op(GateUp {
-            kept: std::sync::Mutex::new(None),
-        }),
-    )
+    let kept = std::sync::Mutex::new(None);
+    apply(&[x, w_gate, w_up], GateUp { kept })
 }

@@ -7,7 +7,7 @@
 use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dispatch::{build_rows, par_zeros, rows_per_task, write_all, Ins, Kernel, Op};
+use super::dispatch::{apply, build_rows, par_zeros, rows_per_task, write_all, Ins, Kernel, Op};
 use super::real::Real;
 
 pub(super) struct RmsNorm {
@@ -40,7 +40,6 @@ impl RmsNorm {
 
 impl Kernel for RmsNorm {
     const NAME: &'static str = "fused-rms-norm";
-    const OP: &'static str = "rms_norm";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let (xs, ws) = (ins.shape(0), ins.shape(1));
@@ -126,7 +125,6 @@ impl RmsNormBwd {
 
 impl Kernel for RmsNormBwd {
     const NAME: &'static str = "fused-rms-norm-bwd";
-    const OP: &'static str = "rms_norm";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let h = ins.shape(1).elem_count();
@@ -142,8 +140,7 @@ impl Kernel for RmsNormBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Op(RmsNorm { eps }))
+    apply(&[x, w], RmsNorm { eps })
 }
 
 /// RMSNorm's gradients `(∂/∂x + resid, ∂/∂w)` from `g = ∂/∂y`.

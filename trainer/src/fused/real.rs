@@ -93,18 +93,7 @@ pub(crate) fn row_lse<T: Real>(z: &[T]) -> T {
 /// `Σ exp(z − m)` with 8 lane accumulators (vectorizes).
 #[inline]
 pub(crate) fn row_sum_exp<T: Real>(z: &[T], m: T) -> T {
-    let mut acc = [T::zero(); 8];
-    let mut chunks = z.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += (v - m).exp();
-        }
-    }
-    let mut s = lane_sum(acc);
-    for &v in chunks.remainder() {
-        s += (v - m).exp();
-    }
-    s
+    lane_sum_map(z, |v| (v - m).exp())
 }
 
 /// The maximum of a row with 8 lane accumulators (vectorizes); NaN if the row holds a NaN.
@@ -127,16 +116,23 @@ pub(crate) fn row_max<T: Real>(z: &[T]) -> T {
 /// `Σ z` with 8 lane accumulators (vectorizes).
 #[inline]
 pub(crate) fn row_sum<T: Real>(z: &[T]) -> T {
+    lane_sum_map(z, |v| v)
+}
+
+/// `Σ f(z_j)`: 8 lane accumulators over the chunks of 8 (lane `k` adds `f(z_{8c+k})` in order),
+/// joined by [`lane_sum`], then the remainder added in order.
+#[inline(always)]
+fn lane_sum_map<T: Real>(z: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); 8];
     let mut chunks = z.chunks_exact(8);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += f(v);
         }
     }
     let mut s = lane_sum(acc);
     for &v in chunks.remainder() {
-        s += v;
+        s += f(v);
     }
     s
 }

@@ -112,7 +112,6 @@ struct AddAssign;
 
 impl InPlaceKernel for AddAssign {
     const NAME: &'static str = "fused-add-assign";
-    const OP: &'static str = "add-assign";
 
     fn cpu<T: Real>(&self, d: &mut [T], _shape: &Shape, srcs: &Ins<'_>) -> Result<()> {
         let s = srcs.get::<T>(0)?;

@@ -7,7 +7,7 @@
 
 use candle_core::{bail, Result, Shape, Tensor};
 
-use super::dispatch::{build_rows, write_all, Ins, Kernel, Op};
+use super::dispatch::{apply, build_rows, write_all, Ins, Kernel, Op};
 use super::real::{row_max, row_sum, Real};
 
 struct MaskedSoftmax {
@@ -75,7 +75,6 @@ impl MaskedSoftmax {
 
 impl Kernel for MaskedSoftmax {
     const NAME: &'static str = "fused-masked-softmax";
-    const OP: &'static str = "masked_softmax";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let geo = Geo::of(ins.shape(0), ins.shape(1))?;
@@ -122,7 +121,6 @@ impl SoftmaxBwd {
 
 impl Kernel for SoftmaxBwd {
     const NAME: &'static str = "fused-masked-softmax-bwd";
-    const OP: &'static str = "masked_softmax";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let t = ins.shape(0).dims().last().copied().unwrap_or(1);
@@ -138,7 +136,5 @@ impl Kernel for SoftmaxBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    scores
-        .contiguous()?
-        .apply_op2(&mask.contiguous()?, Op(MaskedSoftmax { scale }))
+    apply(&[scores, mask], MaskedSoftmax { scale })
 }

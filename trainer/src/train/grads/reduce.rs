@@ -108,7 +108,6 @@ struct SubScaled(f64);
 
 impl Kernel for SubScaled {
     const NAME: &'static str = "fused-sub-scaled";
-    const OP: &'static str = "sub_scaled";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let out = axpy_slices(ins.get(0)?, ins.get(1)?, T::from_f64(self.0));
@@ -141,7 +140,6 @@ struct Scale(f64);
 
 impl Kernel for Scale {
     const NAME: &'static str = "fused-scale";
-    const OP: &'static str = "scale";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let out = scale_slice(ins.get(0)?, T::from_f64(self.0));
@@ -154,7 +152,6 @@ struct ScaleAssign(f64);
 
 impl InPlaceKernel for ScaleAssign {
     const NAME: &'static str = "fused-scale-assign";
-    const OP: &'static str = "scale";
 
     fn cpu<T: Real>(&self, x: &mut [T], _shape: &Shape, _srcs: &Ins<'_>) -> Result<()> {
         let c = T::from_f64(self.0);

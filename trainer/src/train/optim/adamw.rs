@@ -180,7 +180,6 @@ struct AdamWParam(AdamWStep);
 
 impl InPlaceKernel for AdamWMoment {
     const NAME: &'static str = "fused-adamw-moment";
-    const OP: &'static str = "adamw";
 
     fn cpu<T: Real>(&self, m: &mut [T], _shape: &Shape, srcs: &Ins<'_>) -> Result<()> {
         let g = srcs.get::<T>(0)?;
@@ -206,7 +205,6 @@ impl InPlaceKernel for AdamWMoment {
 
 impl InPlaceKernel for AdamWParam {
     const NAME: &'static str = "fused-adamw-param";
-    const OP: &'static str = "adamw";
 
     fn cpu<T: Real>(&self, p: &mut [T], _shape: &Shape, srcs: &Ins<'_>) -> Result<()> {
         let (m, v) = (srcs.get::<T>(0)?, srcs.get::<T>(1)?);
