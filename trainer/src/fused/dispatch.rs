@@ -5,13 +5,14 @@
 //!   (`cpu::<T: Real>`), with its backward pass (if any) in the same impl; [`Op`] makes it a
 //!   candle custom op of one, two or three inputs (`CustomOp1/2/3`), checks that the float
 //!   inputs share one dtype, f32 or f64, and runs `cpu` at that type. No per-op f32/f64 arms.
+//!   [`apply`] is the public ops' forward scaffolding: contiguous inputs, one graph node.
 //! - [`InPlaceKernel`] and [`InPlace`]: the same for kernels that overwrite their first
 //!   tensor's own data (`InplaceOp1/2/3`).
 //! - [`data`], [`Reads`], [`with_slice`]: contiguous CPU data as slices.
 //! - [`build_rows`], [`write_all`], [`par_rows`], [`par_zeros`], [`par_copy`]: vectors of
 //!   `rows × row_len` elements written over rayon's pool, tasks of at least
 //!   [`MIN_ELEMS_PER_TASK`] elements, without a zero-fill first where every element is written.
-//! - [`pooled_buf`], [`recycle_buf`]: logits-sized buffers kept between steps.
+//! - [`pooled_buf`], [`recycle_buf`], [`recycle_any`]: logits-sized buffers kept between steps.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
