@@ -6,11 +6,11 @@
 //! | `norm.rs` | RMSNorm `y = x / sqrt(mean(x²) + ε) ⊙ w` | [`rms_norm`] |
 //! | `heads.rs` | head split `[B·l, h·d] → [B, h', l, d]` with RoPE and grouped-query repetition | [`split_heads`] |
 //! | `softmax.rs` | `softmax(scale · s + mask)` over the last dimension | [`masked_softmax`] |
-//! | `attention.rs` | the attention core `softmax(scale · q kᵀ + mask) v`, heads merged | [`attention`] |
-//! | `linear.rs` | `y = x wᵀ`, and `y = r + x wᵀ` (residual folded in) | [`linear`], [`linear_add`] |
+//! | `attention.rs` | the attention core `softmax(scale · q kᵀ + mask) v`, heads merged | [`attention()`] |
+//! | `linear.rs` | `y = x wᵀ`, and `y = r + x wᵀ` (residual folded in) | [`linear()`], [`linear_add`] |
 //! | `mlp.rs` | `silu(a) ⊙ b` and the gated MLP input `silu(x w_gateᵀ) ⊙ x w_upᵀ` | [`silu_mul`], [`gate_up`] |
 //! | `lm_head.rs` | `z[n, t_n] − log Σ_v exp z[n, v]`, with `z = h wᵀ` formed in chunks | [`token_logps`], [`lm_head_logps`] (+ `_into`, `_chunked`) |
-//! | `embedding.rs` | the rows `table[ids]` | [`embedding`] |
+//! | `embedding.rs` | the rows `table[ids]` | [`embedding()`] |
 //! | `layer.rs` | a whole decoder layer (norms, attention, MLP, residuals, LoRA) as one node | [`decoder_layer`] |
 //! | `sink.rs` | weight gradients left outside candle's store | [`GradSink`] |
 //! | `gemm.rs` | `dst (+)= lhs · rhs` on the `gemm` crate | (internal) |
