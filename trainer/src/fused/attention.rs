@@ -14,6 +14,7 @@ use super::gemm::gemm_raw;
 use super::real::{row_max, row_sum, Real};
 use super::softmax::Geo;
 
+/// Query rows per block of the blocked attention: a block computes scores only for the keys
 /// its rows attend (a causal mask halves the work).
 const ATT_BLOCK: usize = 64;
 

@@ -384,8 +384,6 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Query rows per block of the blocked attention: a block computes scores only for the keys
-
 /// The contiguous CPU data of a tensor, under its read guard.
 pub(crate) fn with_slice<T: WithDType, R>(
     t: &Tensor,
