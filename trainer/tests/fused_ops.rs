@@ -11,6 +11,8 @@ use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::fused;
 use difinfo_trainer::model::MASK_VALUE;
+use difinfo_trainer::train::grads::reduce;
+use difinfo_trainer::train::optim::adamw;
 
 /// `max_i |t_i|` (exact: in f64).
 fn max_abs(t: &Tensor) -> f64 {
@@ -390,7 +392,7 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
                 let g = rand(&[n], 20 + t as u64, dtype);
                 let bc1 = 1.0 - f64::powi(b1, t);
                 let bc2 = 1.0 - f64::powi(b2, t);
-                let step = fused::AdamWStep {
+                let step = adamw::AdamWStep {
                     lr,
                     weight_decay: wd,
                     beta1: b1,
@@ -399,9 +401,9 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
                     bc1,
                     bc2,
                 };
-                let (np, nm, nv) = fused::adamw_step(&p, &g, &m, &v, &step).unwrap().unwrap();
+                let (np, nm, nv) = adamw::adamw_step(&p, &g, &m, &v, &step).unwrap().unwrap();
                 (p, m, v) = (np, nm, nv);
-                assert!(fused::adamw_step_in_place(&p3, &g, &m3, &v3, &step).unwrap());
+                assert!(adamw::adamw_step_in_place(&p3, &g, &m3, &v3, &step).unwrap());
                 // The op-by-op path of `Optimizer::step`.
                 let pp = if wd != 0.0 {
                     p2.affine(1.0 - lr * wd, 0.0).unwrap()
@@ -431,7 +433,7 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
     }
     // Not applicable: a bf16 tensor falls back.
     let x = rand(&[4], 1, DType::BF16);
-    let step = fused::AdamWStep {
+    let step = adamw::AdamWStep {
         lr: 1e-3,
         weight_decay: 0.0,
         beta1: 0.9,
@@ -440,8 +442,8 @@ fn adamw_step_is_bit_identical_to_op_by_op() {
         bc1: 0.1,
         bc2: 0.001,
     };
-    assert!(fused::adamw_step(&x, &x, &x, &x, &step).unwrap().is_none());
-    assert!(!fused::adamw_step_in_place(&x, &x, &x, &x, &step).unwrap());
+    assert!(adamw::adamw_step(&x, &x, &x, &x, &step).unwrap().is_none());
+    assert!(!adamw::adamw_step_in_place(&x, &x, &x, &x, &step).unwrap());
 }
 
 #[test]
@@ -621,11 +623,11 @@ fn scale_in_place_is_bit_identical_to_affine() {
     for dtype in [DType::F32, DType::F64] {
         let x = rand(&[30_001], 4, dtype);
         let want = x.affine(0.37, 0.0).unwrap();
-        let out = fused::scale(&x, 0.37).unwrap().unwrap();
+        let out = reduce::scale(&x, 0.37).unwrap().unwrap();
         let y = x.copy().unwrap();
-        assert!(fused::scale_in_place(&y, 0.37).unwrap());
+        assert!(reduce::scale_in_place(&y, 0.37).unwrap());
         assert_eq!(max_abs_diff(&out, &want), 0.0, "{dtype:?}");
         assert_eq!(max_abs_diff(&y, &want), 0.0, "{dtype:?} in place");
     }
-    assert!(!fused::scale_in_place(&rand(&[4], 1, DType::BF16), 2.0).unwrap());
+    assert!(!reduce::scale_in_place(&rand(&[4], 1, DType::BF16), 2.0).unwrap());
 }

@@ -19,6 +19,8 @@ use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::fused;
 use difinfo_trainer::model::Model;
+use difinfo_trainer::train::grads::reduce;
+use difinfo_trainer::train::optim::adamw;
 
 fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
@@ -347,7 +349,7 @@ fn adamw_and_reductions_propagate_nan() {
         let g = rand(&[n], 12, dtype);
         let m = (rand(&[n], 13, dtype) * 0.1).unwrap();
         let v = rand(&[n], 14, dtype).abs().unwrap();
-        let step = fused::AdamWStep {
+        let step = adamw::AdamWStep {
             lr: 1e-3,
             weight_decay: 0.01,
             beta1: 0.9,
@@ -359,7 +361,7 @@ fn adamw_and_reductions_propagate_nan() {
         for which in 0..4 {
             let mut ts = [p.clone(), g.clone(), m.clone(), v.clone()];
             ts[which] = edit(&ts[which], 30_000, |_| f64::NAN);
-            let (np, nm, nv) = fused::adamw_step(&ts[0], &ts[1], &ts[2], &ts[3], &step)
+            let (np, nm, nv) = adamw::adamw_step(&ts[0], &ts[1], &ts[2], &ts[3], &step)
                 .unwrap()
                 .unwrap();
             assert!(
@@ -373,8 +375,8 @@ fn adamw_and_reductions_propagate_nan() {
             }
         }
         let bad = edit(&g, 30_000, |_| f64::NAN);
-        assert!(fused::dot(&bad, &bad).unwrap().unwrap().is_nan());
-        assert!(fused::dot(&p, &bad).unwrap().unwrap().is_nan());
+        assert!(reduce::dot(&bad, &bad).unwrap().unwrap().is_nan());
+        assert!(reduce::dot(&p, &bad).unwrap().unwrap().is_nan());
     }
 }
 

@@ -12,146 +12,22 @@
 //! The arithmetic is the separate kernels' own (each step calls the same slice function), so
 //! values and gradients equal the unfused-graph ones to rounding (`tests/fused_ops.rs`).
 
-use std::sync::{Arc, Mutex};
+//!
+//! Public op: [`decoder_layer`] (with [`LayerWeights`], [`LoraWeights`], [`LayerDims`]).
 
-use candle_core::backend::BackendStorage;
-use candle_core::backprop::GradStore;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use std::sync::Mutex;
 
-use super::{
-    data, gate_up_proj, gemm_acc, gemm_vec, AttDims, Attention, AttentionBwd, Heads, Linear,
-    LinearAdd, Reads, Real, RmsNorm, RmsNormBwd, SiluMul, SiluMulBwd,
-};
+use candle_core::{bail, Result, Shape, Tensor, WithDType};
 
-/// Weight gradients computed by [`decoder_layer`] nodes during a backward pass, waiting to be
-/// added to that pass's [`GradStore`].
-///
-/// Use: [`GradSink::clear`], `loss.backward()`, [`GradSink::drain_into`] the returned store.
-/// A forward pass whose backward never runs leaves nothing here.
-#[derive(Clone, Default)]
-pub struct GradSink(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
-
-impl std::fmt::Debug for GradSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map(|v| v.len()).unwrap_or(0);
-        write!(f, "GradSink({n} pending)")
-    }
-}
-
-impl GradSink {
-    /// Forgets pending gradients (of a backward pass that was not drained).
-    pub fn clear(&self) {
-        if let Ok(mut v) = self.0.lock() {
-            v.clear();
-        }
-    }
-
-    /// Adds a pending gradient `grad` of `var`.
-    ///
-    /// # Errors
-    /// A poisoned lock.
-    pub fn push(&self, var: &Tensor, grad: Tensor) -> Result<()> {
-        match self.0.lock() {
-            Ok(mut v) => {
-                v.push((var.clone(), grad));
-                Ok(())
-            }
-            Err(_) => bail!("decoder layer: gradient sink poisoned"),
-        }
-    }
-
-    /// The pending gradient of `var` (the first, if several), if any.
-    fn pending(&self, var: &Tensor) -> Option<Tensor> {
-        let v = self.0.lock().ok()?;
-        v.iter()
-            .find(|(x, _)| x.id() == var.id())
-            .map(|(_, g)| g.clone())
-    }
-
-    /// Adds the pending gradients to `store` (summing with any gradient already there, as
-    /// candle does for a variable used twice) and empties the sink.
-    ///
-    /// # Errors
-    /// Shape mismatches (a gradient not of its variable's shape); a poisoned lock.
-    pub fn drain_into(&self, store: &mut GradStore) -> Result<()> {
-        let pending = match self.0.lock() {
-            Ok(mut v) => std::mem::take(&mut *v),
-            Err(_) => bail!("decoder layer: gradient sink poisoned"),
-        };
-        // Gradients of one variable from several nodes (a tied embedding's lookup and LM
-        // head) are summed into the first: the sink's tensors are the nodes' own, so the sum
-        // can be written in place (no third table-sized buffer).
-        let mut merged: Vec<(Tensor, Tensor)> = Vec::with_capacity(pending.len());
-        for (var, g) in pending {
-            match merged.iter_mut().find(|(v, _)| v.id() == var.id()) {
-                Some((_, acc)) => {
-                    if !add_in_place(acc, &g)? {
-                        *acc = (&*acc + &g)?;
-                    }
-                }
-                None => merged.push((var, g)),
-            }
-        }
-        for (var, g) in merged {
-            let sum = match store.get(&var) {
-                Some(old) => (old + &g)?,
-                None => g,
-            };
-            store.insert(&var, sum);
-        }
-        Ok(())
-    }
-}
-
-/// `dst += src` in place (contiguous f32/f64 CPU tensors of one shape, distinct storage); false
-/// (nothing done) otherwise.
-fn add_in_place(dst: &Tensor, src: &Tensor) -> Result<bool> {
-    let ok = |t: &Tensor| {
-        super::enabled(t) && t.dtype() == dst.dtype() && t.layout().contiguous_offsets().is_some()
-    };
-    if !(ok(dst) && ok(src) && dst.shape() == src.shape()) {
-        return Ok(false);
-    }
-    // candle refuses (before writing anything) when the two share storage.
-    Ok(dst.inplace_op2(src, &AddAssign).is_ok())
-}
-
-/// `dst += src` (see [`add_in_place`]).
-struct AddAssign;
-
-impl candle_core::InplaceOp2 for AddAssign {
-    fn name(&self) -> &'static str {
-        "fused-add-assign"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        fn add<T: Real>(d: &mut [T], s: &[T]) {
-            use rayon::prelude::*;
-            d.par_chunks_mut(super::MIN_ELEMS_PER_TASK)
-                .zip(s.par_chunks(super::MIN_ELEMS_PER_TASK))
-                .for_each(|(d, s)| {
-                    for (d, &s) in d.iter_mut().zip(s) {
-                        *d += s;
-                    }
-                });
-        }
-        let (a, b) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("add-assign: non-contiguous".into()))?;
-        match s1 {
-            CpuStorage::F32(d) => add(&mut d[a..b], data::<f32>(s2, l2)?),
-            CpuStorage::F64(d) => add(&mut d[a..b], data::<f64>(s2, l2)?),
-            s => bail!("add-assign: needs f32 or f64, got {:?}", s.dtype()),
-        }
-        Ok(())
-    }
-}
+use super::attention::{AttDims, Attention, AttentionBwd};
+use super::dispatch::{apply, Ins, Kernel, Op, Reads};
+use super::gemm::{gemm_add, gemm_vec};
+use super::heads::Heads;
+use super::linear::{add_input_grad, input_grad, weight_grad, Linear, LinearAdd};
+use super::mlp::{gate_up_proj, SiluMul, SiluMulBwd};
+use super::norm::{norm_grad, RmsNorm};
+use super::real::Real;
+use super::sink::GradSink;
 
 /// One layer's weights in Hugging Face's layout: norms `[H]`, projections `[out, in]`, no
 /// biases.
@@ -239,18 +115,7 @@ impl<T: Real> LoraSlices<'_, T> {
         for e in u.iter_mut() {
             *e *= self.scale;
         }
-        assert!(y.len() >= n * d_out && self.b.len() >= d_out * r);
-        // SAFETY: y is n×d_out (initialized), u n×r, b d_out×r read as bᵀ (checked above).
-        unsafe {
-            gemm_acc(
-                (n, d_out, r),
-                y.as_mut_ptr(),
-                u.as_ptr(),
-                (1, r),
-                self.b.as_ptr(),
-                (r, 1),
-            )
-        }
+        gemm_add((n, d_out, r), y, &u, (1, r), self.b, (r, 1));
     }
 
     /// From `g = ∂/∂y`: `dx += drop((scale · g b) a)`; returns `(∂a, ∂b)` with
@@ -426,6 +291,13 @@ impl Layer {
         Ok(out)
     }
 
+    /// Rows `B·l`, hidden width, MLP width, query and key/value projection widths.
+    fn sizes(&self) -> [usize; 5] {
+        let z = self.z;
+        let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
+        [n, hs, i, z.heads * z.head_dim, z.kv_heads * z.head_dim]
+    }
+
     fn att_dims(&self) -> AttDims {
         let z = self.z;
         AttDims {
@@ -441,9 +313,7 @@ impl Layer {
     /// `x2 = x + attention(split(norm₁(x) w_{q,k,v}ᵀ)) w_oᵀ` (each projection plus its adapter,
     /// if any); returns `x3` and, with `keep`, what backward needs.
     fn fwd<T: Real>(&self, x: &[T], keep: bool) -> Result<(Vec<T>, Option<Kept>)> {
-        let z = self.z;
-        let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
-        let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
+        let (z, [n, hs, i, dq, dkv]) = (self.z, self.sizes());
         let r = self.reads();
         let s = |j| r.get::<T>(j);
         let ads = self.adapters::<T>(&r, n)?;
@@ -513,9 +383,7 @@ impl Layer {
     /// `∂/∂x` from `g = ∂/∂x3`; the gradients of the weights and adapters that carry one go to
     /// the sink.
     fn bwd<T: Real>(&self, x: &[T], g3: &[T], kept: &Kept) -> Result<Vec<T>> {
-        let z = self.z;
-        let (n, hs, i) = (z.b * z.l, self.hidden(), self.inter());
-        let (dq, dkv) = (z.heads * z.head_dim, z.kv_heads * z.head_dim);
+        let (z, [n, hs, i, dq, dkv]) = (self.z, self.sizes());
         let r = self.reads();
         let s = |j| r.get::<T>(j);
         let ads = self.adapters::<T>(&r, n)?;
@@ -629,10 +497,9 @@ impl Layer {
         Ok(dx)
     }
 
-    /// [`Layer::bwd`] on `r = [x, ∂/∂x3]`; without kept activations (gradient checkpointing,
-    /// or a second backward pass through the same graph) the forward pass is recomputed first.
-    fn bwd_with<T: Real>(&self, r: &Reads, kept: Option<Kept>) -> Result<Tensor> {
-        let xs = r.get::<T>(0)?;
+    /// [`Layer::bwd`]; without kept activations (gradient checkpointing, or a second backward
+    /// pass through the same graph) the forward pass is recomputed first.
+    fn bwd_with<T: Real>(&self, xs: &[T], g3: &[T], kept: Option<Kept>) -> Result<Vec<T>> {
         let kept = match kept {
             Some(k) => k,
             None => self
@@ -640,7 +507,7 @@ impl Layer {
                 .1
                 .ok_or_else(|| candle_core::Error::Msg("decoder layer: nothing kept".into()))?,
         };
-        flat(self.bwd(xs, r.get::<T>(1)?, &kept)?)
+        self.bwd(xs, g3, &kept)
     }
 
     fn check(&self, x: &Shape) -> Result<()> {
@@ -657,77 +524,43 @@ impl Layer {
     }
 }
 
-/// `∂/∂x = g w` for `y = x wᵀ` (`g: [n, out]`, `w: [out, in]` → `[n, in]`).
-fn input_grad<T: Real>(g: &[T], w: &[T], n: usize, d_out: usize, d_in: usize) -> Vec<T> {
-    gemm_vec((n, d_in, d_out), g, (1, d_out), w, (1, d_in))
-}
+impl Kernel for Layer {
+    const NAME: &'static str = "fused-decoder-layer";
 
-/// `dst += g w`: a further use's `∂/∂x` (`g: [n, out]`, `w: [out, in]`, `dst: [n, in]`).
-///
-/// # Panics
-/// If a slice is shorter than its size.
-fn add_input_grad<T: Real>(dst: &mut [T], g: &[T], w: &[T], n: usize, d_out: usize, d_in: usize) {
-    assert!(dst.len() >= n * d_in && g.len() >= n * d_out && w.len() >= d_out * d_in);
-    // SAFETY: dst is n×d_in (initialized), g n×d_out, w d_out×d_in (checked above).
-    unsafe {
-        gemm_acc(
-            (n, d_in, d_out),
-            dst.as_mut_ptr(),
-            g.as_ptr(),
-            (1, d_out),
-            w.as_ptr(),
-            (1, d_in),
-        )
-    }
-}
-
-/// `∂/∂w = gᵀ x` for `y = x wᵀ` (`g: [n, out]` read as `gᵀ`, `x: [n, in]` → `[out, in]`).
-fn weight_grad<T: Real>(g: &[T], x: &[T], n: usize, d_out: usize, d_in: usize) -> Vec<T> {
-    gemm_vec((d_out, d_in, n), g, (d_out, 1), x, (1, d_in))
-}
-
-/// RMSNorm's gradients `(∂/∂x + resid, ∂/∂w)` from `g = ∂/∂y`.
-fn norm_grad<T: Real>(eps: f64, x: &[T], w: &[T], g: &[T], resid: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut gx = RmsNormBwd { eps }.bwd(x, w, g, Some(resid));
-    let gw = gx.split_off(x.len());
-    (gx, gw)
-}
-
-impl CustomOp1 for Layer {
-    fn name(&self) -> &'static str {
-        "fused-decoder-layer"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.check(l.shape())?;
-        let keep = !self.z.recompute;
-        let (out, kept) = match s.dtype() {
-            DType::F32 => {
-                let (y, k) = self.fwd(data::<f32>(s, l)?, keep)?;
-                (CpuStorage::F32(y), k)
-            }
-            DType::F64 => {
-                let (y, k) = self.fwd(data::<f64>(s, l)?, keep)?;
-                (CpuStorage::F64(y), k)
-            }
-            dt => bail!("decoder layer: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
+    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
+        self.check(ins.shape(0))?;
+        let (y, kept) = self.fwd(ins.get(0)?, !self.z.recompute)?;
         if let Ok(mut slot) = self.kept.lock() {
             *slot = kept;
         }
-        Ok((out, l.shape().clone()))
+        Ok((y, ins.shape(0).clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        let kept = self.kept.lock().ok().and_then(|mut k| k.take());
-        let r = Reads::of(&[x, &g]);
-        let dx = match x.dtype() {
-            DType::F32 => self.bwd_with::<f32>(&r, kept)?,
-            DType::F64 => self.bwd_with::<f64>(&r, kept)?,
-            dt => bail!("decoder layer: fused CPU kernel needs f32 or f64, got {dt:?}"),
+    fn grads(&self, args: &[&Tensor], _res: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let x = args[0];
+        let op = LayerBwd {
+            layer: self,
+            kept: Mutex::new(self.kept.lock().ok().and_then(|mut k| k.take())),
         };
-        Ok(Some(dx.reshape(x.shape())?))
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &Op(op))?;
+        Ok(vec![Some(dx.reshape(x.shape())?)])
+    }
+}
+
+/// The layer's backward pass on `[x, ∂/∂x3]` → `∂/∂x` (see [`Layer::bwd_with`]), with what
+/// its forward pass kept.
+struct LayerBwd<'a> {
+    layer: &'a Layer,
+    kept: Mutex<Option<Kept>>,
+}
+
+impl Kernel for LayerBwd<'_> {
+    const NAME: &'static str = "fused-decoder-layer-bwd";
+
+    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
+        let kept = self.kept.lock().ok().and_then(|mut k| k.take());
+        let dx = self.layer.bwd_with(ins.get(0)?, ins.get(1)?, kept)?;
+        Ok((dx, ins.shape(0).clone()))
     }
 }
 
@@ -821,138 +654,5 @@ pub fn decoder_layer(
     } else {
         x
     };
-    x.apply_op1(layer)
-}
-
-/// The embedding lookup as a node whose backward leaves the table's gradient in a sink.
-struct Embedding {
-    ids: Vec<u32>,
-    sink: GradSink,
-}
-
-impl Embedding {
-    fn fwd<T: Real>(&self, e: &[T], hs: usize) -> Vec<T> {
-        super::build_rows(self.ids.len(), hs, |r0, o| {
-            for (k, orow) in o.chunks_mut(hs).enumerate() {
-                let id = self.ids[r0 + k] as usize;
-                super::write_all(orow, e[id * hs..(id + 1) * hs].iter().copied());
-            }
-        })
-    }
-
-    /// `∂E[v] = Σ_{rows r with ids[r] = v} g[r]`, rows added in order.
-    fn bwd<T: Real>(&self, g: &[T], v: usize, hs: usize) -> Vec<T> {
-        let mut de: Vec<T> = super::par_zeros(v * hs);
-        for (r, &id) in self.ids.iter().enumerate() {
-            let id = id as usize;
-            for (d, &x) in de[id * hs..(id + 1) * hs]
-                .iter_mut()
-                .zip(&g[r * hs..(r + 1) * hs])
-            {
-                *d += x;
-            }
-        }
-        de
-    }
-}
-
-impl CustomOp1 for Embedding {
-    fn name(&self) -> &'static str {
-        "fused-embedding"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (v, hs) = l.shape().dims2()?;
-        if let Some(&bad) = self.ids.iter().find(|&&i| i as usize >= v) {
-            bail!("embedding: token id {bad} outside the vocabulary of {v}");
-        }
-        let out = per_float!(s.dtype(), "embedding", Fl => self.fwd(data::<Fl>(s, l)?, hs));
-        Ok((out, Shape::from((self.ids.len(), hs))))
-    }
-
-    fn bwd(&self, e: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (v, hs) = e.dims2()?;
-        let g = grad.contiguous()?;
-        // A tied table whose LM-head gradient is already pending: the rows are added into it
-        // in place (no second table-sized buffer).
-        if let Some(acc) = self.sink.pending(e) {
-            let fits = super::enabled(&acc)
-                && acc.dtype() == g.dtype()
-                && acc.dims() == [v, hs]
-                && acc.layout().contiguous_offsets().is_some();
-            if fits && acc.inplace_op2(&g, &ScatterRows { ids: &self.ids }).is_ok() {
-                return Ok(None);
-            }
-        }
-        let r = Reads::of(&[&g]);
-        let de = match g.dtype() {
-            DType::F32 => flat(self.bwd(r.get::<f32>(0)?, v, hs))?,
-            DType::F64 => flat(self.bwd(r.get::<f64>(0)?, v, hs))?,
-            dt => bail!("embedding: fused CPU kernel needs f32 or f64, got {dt:?}"),
-        };
-        self.sink.push(e, de.reshape((v, hs))?)?;
-        Ok(None)
-    }
-}
-
-/// `acc[ids[r]] += g[r]` for every row `r` in order, in place (see [`Embedding`]'s backward).
-struct ScatterRows<'a> {
-    ids: &'a [u32],
-}
-
-impl candle_core::InplaceOp2 for ScatterRows<'_> {
-    fn name(&self) -> &'static str {
-        "fused-embedding-scatter"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        fn scatter<T: Real>(acc: &mut [T], g: &[T], ids: &[u32], hs: usize) {
-            for (r, &id) in ids.iter().enumerate() {
-                let id = id as usize;
-                for (d, &x) in acc[id * hs..(id + 1) * hs]
-                    .iter_mut()
-                    .zip(&g[r * hs..(r + 1) * hs])
-                {
-                    *d += x;
-                }
-            }
-        }
-        let (a, b) = l1
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("embedding: non-contiguous gradient".into()))?;
-        let hs = l1.dims().get(1).copied().unwrap_or(1);
-        if l2.dims() != [self.ids.len(), hs] {
-            bail!(
-                "embedding: gradient rows {:?} for {} ids",
-                l2.dims(),
-                self.ids.len()
-            );
-        }
-        match s1 {
-            CpuStorage::F32(d) => scatter(&mut d[a..b], data::<f32>(s2, l2)?, self.ids, hs),
-            CpuStorage::F64(d) => scatter(&mut d[a..b], data::<f64>(s2, l2)?, self.ids, hs),
-            s => bail!("embedding: needs f32 or f64, got {:?}", s.dtype()),
-        }
-        Ok(())
-    }
-}
-
-/// The rows `table[ids[r]]` (`table: [V, H]` f32/f64 CPU → `[len(ids), H]`) as one node whose
-/// backward pass leaves `∂table` (the rows' gradients added at their ids) in `sink` rather
-/// than candle's store (no zero buffer and accumulation of the table's size there). `table`
-/// must be the variable itself.
-///
-/// # Errors
-/// An id outside the table; dtypes.
-pub fn embedding(table: &Tensor, ids: &[u32], sink: &GradSink) -> Result<Tensor> {
-    table.contiguous()?.apply_op1(Embedding {
-        ids: ids.to_vec(),
-        sink: sink.clone(),
-    })
+    apply(&[&x], layer)
 }

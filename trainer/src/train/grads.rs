@@ -7,6 +7,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use difinfo::dpo_pg::InnerProduct;
 
+pub mod reduce;
+
 use crate::train::error::{Result, TrainError};
 use crate::train::policy::scalar_f64;
 
@@ -74,7 +76,7 @@ impl Grads {
     }
 
     /// `Σ_v Σ_i a_vi · b_vi`, the sum over variables in f64 in name order; each variable's
-    /// sum in f64 in fixed chunks on f32/f64 CPU tensors ([`crate::fused::dot`]), in the tensor
+    /// sum in f64 in fixed chunks on f32/f64 CPU tensors ([`reduce::dot`]), in the tensor
     /// dtype by candle's ops elsewhere.
     ///
     /// # Errors
@@ -83,7 +85,7 @@ impl Grads {
         check_len(self, other)?;
         let mut s = 0.0;
         for (a, b) in self.0.iter().zip(&other.0) {
-            s += match crate::fused::dot(a, b)? {
+            s += match reduce::dot(a, b)? {
                 Some(d) => d,
                 None => scalar_f64(&(a * b)?.sum_all()?)?,
             };
@@ -122,7 +124,7 @@ impl Grads {
         Ok(Grads(
             self.0
                 .iter()
-                .map(|g| match crate::fused::scale(g, c)? {
+                .map(|g| match reduce::scale(g, c)? {
                     Some(t) => Ok(t),
                     None => g.affine(c, 0.0),
                 })
@@ -147,10 +149,10 @@ impl Grads {
         // one at a time (never a second copy of all of them).
         let mut out = Vec::with_capacity(self.0.len());
         for g in self.0 {
-            if crate::fused::scale_in_place(&g, coef)? {
+            if reduce::scale_in_place(&g, coef)? {
                 out.push(g);
             } else {
-                let s = match crate::fused::scale(&g, coef)? {
+                let s = match reduce::scale(&g, coef)? {
                     Some(t) => t,
                     None => g.affine(coef, 0.0)?,
                 };
@@ -196,7 +198,7 @@ pub struct ProjectionStats {
 
 /// The gradient set as an inner-product space: the library's DPO-PG projection
 /// ([`difinfo::dpo_pg::project`]) runs on it, with `⟨x, y⟩` = [`Grads::dot`] and `x − k y` by
-/// the fused parallel kernel [`crate::fused::sub_scaled`] (candle's ops elsewhere).
+/// the fused parallel kernel [`reduce::sub_scaled`] (candle's ops elsewhere).
 impl InnerProduct for Grads {
     type Coef = f64;
     type Error = TrainError;
@@ -211,7 +213,7 @@ impl InnerProduct for Grads {
             self.0
                 .iter()
                 .zip(&y.0)
-                .map(|(w, l)| match crate::fused::sub_scaled(w, l, *k)? {
+                .map(|(w, l)| match reduce::sub_scaled(w, l, *k)? {
                     Some(t) => Ok(t),
                     None => w - l.affine(*k, 0.0)?,
                 })

@@ -10,6 +10,8 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+pub mod adamw;
+
 use crate::train::error::{RangeError, Result, TrainError};
 use crate::train::grads::{grad_dtype, Grads};
 use crate::train::policy::save_tensors;
@@ -271,7 +273,7 @@ impl Optimizer {
                 OptimizerKind::Adamw => {
                     let bc1 = 1.0 - c.adam_beta1.powi(t);
                     let bc2 = 1.0 - c.adam_beta2.powi(t);
-                    let step = crate::fused::AdamWStep {
+                    let step = adamw::AdamWStep {
                         lr,
                         weight_decay: wd,
                         beta1: c.adam_beta1,
@@ -288,11 +290,11 @@ impl Optimizer {
                     // buffer per update: the largest parameter's three copies were the step's
                     // memory peak).
                     if var.dtype() == dt
-                        && crate::fused::adamw_step_in_place(var.as_tensor(), &g, m, v, &step)?
+                        && adamw::adamw_step_in_place(var.as_tensor(), &g, m, v, &step)?
                     {
                         continue;
                     }
-                    let fused = crate::fused::adamw_step(&p, &g, m, v, &step)?;
+                    let fused = adamw::adamw_step(&p, &g, m, v, &step)?;
                     if let Some((new_p, m, v)) = fused {
                         // One pass, bit-identical to the op-by-op update below.
                         self.m[i] = Some(m);

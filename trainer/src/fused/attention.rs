@@ -1,0 +1,440 @@
+//! The attention core as one node: `o = softmax(scale · q kᵀ + mask) v` for `q: [B, H, l, d]`,
+//! `k`, `v: [B, H, t, d]`, with heads merged into `[B·l, H·d]`; computed in blocks of
+//! `ATT_BLOCK` query rows that skip the keys the mask hides from the whole block. Backward
+//! (per block): `∂p = ∂o vᵀ`, `∂s = scale · p ⊙ (∂p − Σ_k ∂p_k p_k)`, `∂q = ∂s k`,
+//! `∂k += ∂sᵀ q`, `∂v += pᵀ ∂o`.
+//!
+//! Public op: [`attention`].
+
+use candle_core::{bail, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::dispatch::{apply, par_zeros, with_slice, Ins, Kernel, Op, Reads, SyncPtr};
+use super::gemm::gemm_raw;
+use super::real::{row_max, row_sum, Real};
+use super::softmax::Geo;
+
+/// Query rows per block of the blocked attention: a block computes scores only for the keys
+/// its rows attend (a causal mask halves the work).
+const ATT_BLOCK: usize = 64;
+
+/// Mask entries at or below this count as masked: their probability underflows to exactly 0
+/// (for scores far below 10⁸ in magnitude), so blocks skip them.
+const MASKED_AT: f64 = -1e8;
+
+/// Attention sizes: batch, heads, queries, keys, head dimension.
+#[derive(Clone, Copy)]
+pub(super) struct AttDims {
+    pub(super) b: usize,
+    pub(super) h: usize,
+    pub(super) l: usize,
+    pub(super) t: usize,
+    pub(super) d: usize,
+}
+
+impl AttDims {
+    /// Offset of head `i = (batch, head)` in the merged `[B·l, H·d]` layout (row stride `H·d`).
+    fn merged(&self, i: usize) -> usize {
+        (i / self.h) * self.l * self.h * self.d + (i % self.h) * self.d
+    }
+
+    fn blocks(&self) -> usize {
+        self.l.div_ceil(ATT_BLOCK)
+    }
+
+    /// Query rows `[r0, r1)` of block `blk`.
+    fn block_rows(&self, blk: usize) -> (usize, usize) {
+        (blk * ATT_BLOCK, ((blk + 1) * ATT_BLOCK).min(self.l))
+    }
+}
+
+/// Keys each query block attends, per mask batch entry: `1 +` the last key any row of the
+/// block leaves unmasked, or all `t` keys when a row of the block masks every key (softmax
+/// over an all-masked row is uniform over all keys, as in the unblocked computation).
+/// Indexed `mask_batch · blocks + block`.
+fn key_spans<T: Real>(mask: &[T], z: AttDims, geo: Geo) -> Vec<usize> {
+    let masked = T::from_f64(MASKED_AT);
+    let mb = if geo.per_batch_mask { z.b } else { 1 };
+    let mut spans = Vec::with_capacity(mb * z.blocks());
+    for bi in 0..mb {
+        for blk in 0..z.blocks() {
+            let (r0, r1) = z.block_rows(blk);
+            let span = (r0..r1)
+                .map(|r| {
+                    let row = &mask[(bi * z.l + r) * z.t..][..z.t];
+                    match row.iter().rposition(|&v| v > masked) {
+                        Some(j) => j + 1,
+                        None => z.t,
+                    }
+                })
+                .max()
+                .unwrap_or(z.t);
+            spans.push(span.max(1));
+        }
+    }
+    spans
+}
+
+/// Writes `p = softmax(scale · q kᵀ + mask)` for head `i`, query block `blk`, into `p_head`
+/// (the head's `l × t` probabilities, row-major): keys beyond the block's span get exactly 0.
+///
+/// # Safety
+/// `q`, `k` must hold head `i`'s `l × d` and `t × d` blocks, `p_head` must be valid for the
+/// head's `l·t` writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn probs_block<T: Real>(
+    p_head: *mut T,
+    q: &[T],
+    k: &[T],
+    mask: &[T],
+    z: AttDims,
+    geo: Geo,
+    scale: T,
+    (i, blk, span): (usize, usize, usize),
+) {
+    let AttDims { l, t, d, .. } = z;
+    let (r0, r1) = z.block_rows(blk);
+    gemm_raw(
+        (r1 - r0, span, d),
+        p_head.add(r0 * t),
+        t,
+        q.as_ptr().add((i * l + r0) * d),
+        (1, d),
+        k.as_ptr().add(i * t * d),
+        (d, 1),
+        gemm::Parallelism::None,
+        false,
+    );
+    for r in r0..r1 {
+        let row = std::slice::from_raw_parts_mut(p_head.add(r * t), t);
+        let m0 = geo.mask_row(i * l + r);
+        let mrow = &mask[m0..m0 + span];
+        let (live, dead) = row.split_at_mut(span);
+        for (x, &mk) in live.iter_mut().zip(mrow) {
+            *x = *x * scale + mk;
+        }
+        let mx = row_max(live);
+        for x in live.iter_mut() {
+            *x = (*x - mx).exp();
+        }
+        let sum = row_sum(live);
+        for x in live.iter_mut() {
+            *x /= sum;
+        }
+        dead.fill(T::zero());
+    }
+}
+
+/// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`, block by block (heads over rayon's
+/// pool); also `o = p v` in the merged `[B·l, H·d]` layout when `v` is given. With `keep`
+/// false (a forward pass no backward pass will read, `v` given) the probabilities go to one
+/// head-sized scratch buffer per task instead and the returned `p` is empty: no `[B, H, l, t]`
+/// buffer is allocated.
+#[allow(clippy::too_many_arguments)]
+fn att_forward<T: Real>(
+    q: &[T],
+    k: &[T],
+    v: Option<&[T]>,
+    mask: &[T],
+    z: AttDims,
+    geo: Geo,
+    scale: f64,
+    keep: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
+    let AttDims { b, h, l, t, d } = z;
+    let keep = keep || v.is_none();
+    let spans = key_spans(mask, z, geo);
+    let nb = z.blocks();
+    let mut p: Vec<T> = Vec::with_capacity(if keep { b * h * l * t } else { 0 });
+    let mut o: Vec<T> = Vec::with_capacity(if v.is_some() { b * l * h * d } else { 0 });
+    let (pp, op) = (SyncPtr(p.as_mut_ptr()), SyncPtr(o.as_mut_ptr()));
+    let scale = T::from_f64(scale);
+    (0..b * h)
+        .into_par_iter()
+        .for_each_init(Vec::<T>::new, |scratch, i| {
+            let mb = if geo.per_batch_mask { i / h } else { 0 };
+            if !keep && scratch.capacity() < l * t {
+                *scratch = Vec::with_capacity(l * t);
+            }
+            for blk in 0..nb {
+                let span = spans[mb * nb + blk];
+                // SAFETY: head i writes only its own l×t block of p (every element: the product
+                // and softmax over the span, zeros after it) or, without `keep`, the task's own
+                // scratch of l·t elements; and its own l×d block of the merged o (rows of h·d,
+                // head offset); q, k, v are [B, H, ·, d] blocks.
+                unsafe {
+                    let ph = if keep {
+                        pp.get().add(i * l * t)
+                    } else {
+                        scratch.as_mut_ptr()
+                    };
+                    probs_block(ph, q, k, mask, z, geo, scale, (i, blk, span));
+                    if let Some(v) = v {
+                        let (r0, r1) = z.block_rows(blk);
+                        gemm_raw(
+                            (r1 - r0, d, span),
+                            op.get().add(z.merged(i) + r0 * h * d),
+                            h * d,
+                            ph.add(r0 * t),
+                            (1, t),
+                            v.as_ptr().add(i * t * d),
+                            (1, d),
+                            gemm::Parallelism::None,
+                            false,
+                        );
+                    }
+                }
+            }
+        });
+    // SAFETY: every head wrote its blocks of p (when kept; and of o when v was given) whole.
+    unsafe {
+        if keep {
+            p.set_len(b * h * l * t);
+        }
+        if v.is_some() {
+            o.set_len(b * l * h * d);
+        }
+    }
+    (p, v.map(|_| o))
+}
+
+/// The attention core as one graph node (see [`attention`]); the mask is a constant.
+pub(super) struct Attention {
+    pub(super) mask: Tensor,
+    pub(super) scale: f64,
+    /// The probabilities of the forward pass, taken by the backward pass.
+    pub(super) probs: std::sync::Mutex<Option<Tensor>>,
+    /// Whether the forward pass keeps the probabilities (false: no backward pass will run).
+    pub(super) keep: bool,
+}
+
+impl Attention {
+    pub(super) fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let AttDims { b, h, l, t, .. } = z;
+        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+        let (p, o) = with_slice::<T, _>(&self.mask, |m| {
+            Ok(att_forward(q, k, Some(v), m, z, geo, self.scale, self.keep))
+        })?;
+        if self.keep {
+            let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
+            if let Ok(mut slot) = self.probs.lock() {
+                *slot = Some(p);
+            }
+        }
+        o.ok_or_else(|| candle_core::Error::Msg("attention: no output".into()))
+    }
+}
+
+fn att_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<AttDims> {
+    let (b, h, l, d) = q.dims4()?;
+    let (kb, kh, t, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        bail!("attention: q {q:?}, k {k:?}, v {v:?}");
+    }
+    Ok(AttDims { b, h, l, t, d })
+}
+
+impl Kernel for Attention {
+    const NAME: &'static str = "fused-attention";
+
+    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
+        let z = att_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
+        if self.mask.dtype() != T::DTYPE {
+            bail!(
+                "attention: dtypes {:?} and mask {:?} (f32 or f64, equal)",
+                T::DTYPE,
+                self.mask.dtype()
+            );
+        }
+        let out = self.fwd(ins.get(0)?, ins.get(1)?, ins.get(2)?, z)?;
+        Ok((out, Shape::from((z.b * z.l, z.h * z.d))))
+    }
+
+    fn grads(&self, args: &[&Tensor], _res: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (q, k, v) = (args[0], args[1], args[2]);
+        let z = att_dims(q.shape(), k.shape(), v.shape())?;
+        let kept = self.probs.lock().ok().and_then(|mut s| s.take());
+        let op = AttentionBwd {
+            mask: self.mask.clone(),
+            scale: self.scale,
+            probs: kept,
+            grad: grad.contiguous()?,
+        };
+        let all = q.apply_op3_no_bwd(k, v, &Op(op))?;
+        let (nq, nk) = (z.b * z.h * z.l * z.d, z.b * z.h * z.t * z.d);
+        let gq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let gk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let gv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok(vec![Some(gq), Some(gk), Some(gv)])
+    }
+}
+
+/// Gradients of the attention core, flat `[∂q | ∂k | ∂v]`, from the output gradient (merged
+/// layout) and the forward pass's probabilities (recomputed when absent).
+pub(super) struct AttentionBwd {
+    pub(super) mask: Tensor,
+    pub(super) scale: f64,
+    pub(super) probs: Option<Tensor>,
+    pub(super) grad: Tensor,
+}
+
+impl AttentionBwd {
+    pub(super) fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let AttDims { b, h, l, t, d } = z;
+        let bh = b * h;
+        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+        with_slice::<T, _>(&self.mask, |mask| {
+            // The kept probabilities are read in place (no copy); recomputed when absent.
+            let (kept, recomputed);
+            let p: &[T] = match &self.probs {
+                Some(p) => {
+                    kept = Reads::of(&[p]);
+                    kept.get::<T>(0)?
+                }
+                None => {
+                    recomputed = att_forward(q, k, None, mask, z, geo, self.scale, true).0;
+                    &recomputed
+                }
+            };
+            let spans = key_spans(mask, z, geo);
+            let nb = z.blocks();
+            let (nq, nk) = (bh * l * d, bh * t * d);
+            // ∂k and ∂v accumulate over query blocks: zeroed first.
+            let mut out: Vec<T> = par_zeros(nq + 2 * nk);
+            let base = SyncPtr(out.as_mut_ptr());
+            let scale = T::from_f64(self.scale);
+            with_slice::<T, _>(&self.grad, |go| {
+                (0..bh).into_par_iter().for_each(|i| {
+                    let mb = if geo.per_batch_mask { i / h } else { 0 };
+                    let mut gs: Vec<T> = Vec::with_capacity(ATT_BLOCK * t);
+                    for blk in 0..nb {
+                        let span = spans[mb * nb + blk];
+                        let (r0, r1) = z.block_rows(blk);
+                        let rows = r1 - r0;
+                        let pb = &p[(i * l + r0) * t..];
+                        let gob = z.merged(i) + r0 * h * d;
+                        // SAFETY: head i writes only its own blocks of ∂q (rows r0..r1),
+                        // ∂k and ∂v (rows 0..span, accumulated); gs has room for rows×span;
+                        // the operands are read within their [B, H, ·, ·] or merged layouts.
+                        unsafe {
+                            // ∂p = ∂o · vᵀ over the block's span
+                            gemm_raw(
+                                (rows, span, d),
+                                gs.as_mut_ptr(),
+                                span,
+                                go.as_ptr().add(gob),
+                                (1, h * d),
+                                v.as_ptr().add(i * t * d),
+                                (d, 1),
+                                gemm::Parallelism::None,
+                                false,
+                            );
+                            gs.set_len(rows * span);
+                        }
+                        // ∂s = scale · p ⊙ (∂p − Σ_k ∂p_k p_k), in place
+                        for (r, grow) in gs.chunks_mut(span).enumerate() {
+                            let prow = &pb[r * t..r * t + span];
+                            let mut dot = T::zero();
+                            for (&a, &g) in prow.iter().zip(grow.iter()) {
+                                dot += a * g;
+                            }
+                            for (g, &a) in grow.iter_mut().zip(prow) {
+                                *g = scale * (a * (*g - dot));
+                            }
+                        }
+                        // SAFETY: as above.
+                        unsafe {
+                            let o = base.get();
+                            // ∂v[..span] += pᵀ · ∂o
+                            gemm_raw(
+                                (span, d, rows),
+                                o.add(nq + nk + i * t * d),
+                                d,
+                                pb.as_ptr(),
+                                (t, 1),
+                                go.as_ptr().add(gob),
+                                (1, h * d),
+                                gemm::Parallelism::None,
+                                true,
+                            );
+                            // ∂q = ∂s · k
+                            gemm_raw(
+                                (rows, d, span),
+                                o.add((i * l + r0) * d),
+                                d,
+                                gs.as_ptr(),
+                                (1, span),
+                                k.as_ptr().add(i * t * d),
+                                (1, d),
+                                gemm::Parallelism::None,
+                                false,
+                            );
+                            // ∂k[..span] += ∂sᵀ · q
+                            gemm_raw(
+                                (span, d, rows),
+                                o.add(nq + i * t * d),
+                                d,
+                                gs.as_ptr(),
+                                (span, 1),
+                                q.as_ptr().add((i * l + r0) * d),
+                                (1, d),
+                                gemm::Parallelism::None,
+                                true,
+                            );
+                        }
+                        gs.clear();
+                    }
+                });
+                Ok(())
+            })?;
+            Ok(out)
+        })
+    }
+}
+
+impl Kernel for AttentionBwd {
+    const NAME: &'static str = "fused-attention-bwd";
+
+    fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
+        let z = att_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
+        if self.grad.dims() != [z.b * z.l, z.h * z.d] {
+            bail!("attention backward: gradient {:?}", self.grad.shape());
+        }
+        let out = self.bwd(ins.get(0)?, ins.get(1)?, ins.get(2)?, z)?;
+        let n = z.b * z.h * (z.l + 2 * z.t) * z.d;
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// The attention core `softmax(scale · q kᵀ + mask) v` with heads merged, as one graph node:
+/// `q: [B, H, l, d]`, `k`, `v: [B, H, t, d]`, `mask: [B or 1, 1, l, t]` (a constant) →
+/// `[B·l, H·d]`, differentiable in `q`, `k`, `v`. The `[B, H, l, t]` probabilities are kept
+/// for one backward pass (a second one recomputes them) when an input carries a gradient, and
+/// never formed whole otherwise (inference: one head's block at a time); the autograd graph
+/// gets one node instead of six (no zero buffers and accumulations of the score size).
+///
+/// NaN in a query, or in a key or value that a row attends, makes that row NaN (forward and
+/// backward). A NaN key the mask hides from a row reaches it only when it lies within the
+/// row's query block's key span (candle's additive-mask path spreads it to every row): masked
+/// keys carry no weight either way.
+///
+/// # Errors
+/// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, l, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    Geo::of(&Shape::from((b, h, l, t)), mask.shape())?;
+    // Without a gradient to carry, nothing is kept (no [B, H, l, t] buffer).
+    let keep = q.track_op() || k.track_op() || v.track_op();
+    let mask = mask.detach().contiguous()?;
+    let probs = std::sync::Mutex::new(None);
+    apply(
+        &[q, k, v],
+        Attention {
+            mask,
+            scale,
+            probs,
+            keep,
+        },
+    )
+}
