@@ -38,7 +38,7 @@ use difinfo::beta_accuracy::{beta_accuracy, BetaAccuracy, BetaFit};
 
 use crate::checkpoint::{load_model, write_json, write_jsonl};
 use crate::diag::beta_accuracy::{prompt_fit, PromptFit};
-use crate::diag::entropy::{overall, prompt_entropy, PromptEntropy};
+use crate::diag::entropy::{overall, overall_ci95, prompt_entropy, PromptEntropy};
 use crate::generate::{generate, Sample, SamplingParams};
 use crate::model::Model;
 use crate::tokenize::{load_prompts, CompletionBoundary, TokenizerBundle, TruncationMode};
@@ -250,12 +250,18 @@ pub struct OverallEntropy {
     pub entropy: f64,
     /// Its standard error.
     pub stderr: f64,
+    /// The 95 % normal interval `entropy ± z_{0.975} · stderr`.
+    pub ci95: [f64; 2],
 }
 
 impl OverallEntropy {
-    fn of(per_prompt: &[PromptEntropy]) -> Self {
+    fn of(per_prompt: &[PromptEntropy]) -> crate::Result<Self> {
         let (entropy, stderr) = overall(per_prompt);
-        Self { entropy, stderr }
+        Ok(Self {
+            entropy,
+            stderr,
+            ci95: overall_ci95(entropy, stderr)?,
+        })
     }
 }
 
@@ -630,9 +636,9 @@ pub fn run(
         pairs: pairs.len(),
         decoding: args.decoding,
         train: summary,
-        did_entropy: OverallEntropy::of(&pick(|p| &p.did_entropy)),
-        reference_entropy: OverallEntropy::of(&pick(|p| &p.reference_entropy)),
-        policy_entropy: OverallEntropy::of(&pick(|p| &p.policy_entropy)),
+        did_entropy: OverallEntropy::of(&pick(|p| &p.did_entropy))?,
+        reference_entropy: OverallEntropy::of(&pick(|p| &p.reference_entropy))?,
+        policy_entropy: OverallEntropy::of(&pick(|p| &p.policy_entropy))?,
         beta_accuracy: beta_accuracy(&fits).ok(),
         samples: args.samples,
         beta_samples: args.beta_samples,

@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use crate::train::cli::{CliError, CliResult};
 use crate::train::metrics::MetricsLog;
 
-use difinfo::synthetic::plot::{register_font, FONT};
+use difinfo::font::{register_font, FONT};
 
 /// `difinfo-train plot`.
 #[derive(Args, Debug, Clone)]
