@@ -156,23 +156,27 @@ run() {
   echo "== command line: CPU vs CUDA on a tiny model (f32)"
   local T="$bin/difinfo-train" m="$work/tiny"
   "$T" init --size tiny --out "$m" || failed+=(init)
-  for d in cpu "$dev"; do
-    "$T" logps --model "$m" --data "$work/data/example_prefs.jsonl" --out "$work/logps-$d.jsonl" --device "$d" ||
+  # Output names by role ("cpu", "dev"), so the rehearsal with GPU_CHECK_DEVICE=cpu writes two runs.
+  local role d
+  for role in cpu dev; do
+    d=cpu
+    [[ "$role" == dev ]] && d="$dev"
+    "$T" logps --model "$m" --data "$work/data/example_prefs.jsonl" --out "$work/logps-$role.jsonl" --device "$d" ||
       failed+=("logps $d")
-    "$T" dpo --model "$m" --data "$work/data/example_prefs.jsonl" --output-dir "$work/dpo-$d" --device "$d" \
+    "$T" dpo --model "$m" --data "$work/data/example_prefs.jsonl" --output-dir "$work/dpo-$role" --device "$d" \
       --max-steps 1 --logging-steps 1 --learning-rate 1e-3 --save-steps 0 ||
       failed+=("dpo $d")
   done
-  python3 - "$work" "$dev" <<'PY' || failed+=("cpu-vs-cuda comparison")
+  python3 - "$work" <<'PY' || failed+=("cpu-vs-cuda comparison")
 import json, sys
-w, dev = sys.argv[1], sys.argv[2]
+w = sys.argv[1]
 rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)
 cpu = [json.loads(l) for l in open(f"{w}/logps-cpu.jsonl")]
-gpu = [json.loads(l) for l in open(f"{w}/logps-{dev}.jsonl")]
+gpu = [json.loads(l) for l in open(f"{w}/logps-dev.jsonl")]
 worst = max(rel(g[k], c[k]) for c, g in zip(cpu, gpu) for k in ("chosen_logps", "rejected_logps"))
 print(f"logps: {len(cpu)} pairs, max relative difference CUDA vs CPU {worst:.2e}")
 mc = json.loads(open(f"{w}/dpo-cpu/metrics.jsonl").readline())
-mg = json.loads(open(f"{w}/dpo-{dev}/metrics.jsonl").readline())
+mg = json.loads(open(f"{w}/dpo-dev/metrics.jsonl").readline())
 keys = ["loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"]
 for k in keys:
     print(f"dpo step 1 {k}: cpu {mc[k]:.8g} cuda {mg[k]:.8g} relative {rel(mg[k], mc[k]):.2e}")
