@@ -2,7 +2,7 @@
 //!
 //! `#[target_feature(enable = "avx512f")]` is stable since Rust 1.89; the crate's minimum is 1.85.
 //! On 1.89 and newer this sets `cfg(difinfo_avx512)`, which adds an AVX-512 build of the hot loops
-//! (`src/logspace.rs`, `multiversion!`) beside the baseline and AVX2 ones; on older compilers that
+//! (`src/simd.rs`, `multiversion!`) beside the baseline and AVX2 ones; on older compilers that
 //! build is left out. Results are bit-identical either way, only the speed differs.
 
 use std::process::Command;

@@ -83,6 +83,21 @@ impl DidEvent {
     ///
     /// # Errors
     /// [`Error::LengthMismatch`]; [`Error::InvalidParameter`] unless `0 < c ≤ max_c`.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{did::{did_exact, DidEvent}, ExactPolicy, Rational};
+    /// let r = |a: i64, b: i64| Rational::new(a.into(), b.into());
+    /// let pi_ref = ExactPolicy::from_probs(vec![r(1, 2), r(1, 4), r(1, 4)])?;
+    /// let pi = ExactPolicy::from_probs(vec![r(1, 4), r(1, 4), r(1, 2)])?;
+    /// let c = DidEvent::max_c(&pi, &pi_ref)?; // min π_ref/π = 1/2
+    /// let x = DidEvent::new(&pi, &pi_ref, c.clone())?;
+    /// assert_eq!(x.marginal(), c); // p(X) = c (Lemma D.1)
+    /// assert_eq!(x.posterior(), pi); // π_ref(y | X) = π(y) (Lemma D.1)
+    /// assert_eq!(x.did(), did_exact(&pi, &pi_ref)?); // p(y | X) = q_{π/π_ref}(y) (Theorem 3.2)
+    /// assert!(DidEvent::new(&pi, &pi_ref, r(1, 1)).is_err()); // c > c_max
+    /// # Ok::<(), difinfo::Error>(())
+    /// ```
     pub fn new(pi: &ExactPolicy, pi_ref: &ExactPolicy, c: Rational) -> Result<Self> {
         let c_max = Self::max_c(pi, pi_ref)?;
         if c <= Rational::zero() || c > c_max {

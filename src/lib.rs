@@ -8,6 +8,7 @@
 //! |---|---|
 //! | policies with full support and unit mass (float and exact) | [`policy`] |
 //! | log-sum-exp, sigmoid and friends (the log-space primitives) | [`logspace`] |
+//! | the vectorized loops under them (instruction-set dispatch, lane sums, polynomial `exp`) | [`simd`] |
 //! | the DID `q_{π/π_ref}` and the Lemma D.1 event (Theorem 3.2) | [`did`] |
 //! | Bradley–Terry, Boltzmann, the data's preference distribution | [`preference`] |
 //! | the number types every formula is written over (`f64`, rationals, dual numbers) | [`scalar`] |
@@ -43,6 +44,8 @@ pub mod entropy;
 pub mod error;
 pub mod fit;
 pub mod fixed_points;
+#[cfg(feature = "plot")]
+pub mod font;
 pub mod logspace;
 pub mod loss;
 pub mod objective;
@@ -54,9 +57,17 @@ pub mod preference;
 pub mod rejected;
 pub mod reward;
 pub mod scalar;
+pub mod simd;
+#[cfg(feature = "synth")]
 pub mod synthetic;
 
 pub use error::{Error, Result};
+
+/// The top-level README's code blocks, run as doctests (`cargo test --doc`): every Rust block a
+/// user would paste compiles, runs and asserts what its comments claim.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use policy::{ExactPolicy, Policy};
 
 /// Arbitrary-precision rational used by the exact arithmetic.

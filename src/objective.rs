@@ -450,6 +450,23 @@ impl Objective {
     ///
     /// # Errors
     /// [`ObjectiveError`] naming the field.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::{LossType, Objective, ObjectiveError, ObjectiveSpec};
+    /// // MPO: TRL's `loss_type = ["sigmoid", "bco_pair", "sft"]`, `loss_weights = [0.8, 0.2, 1.0]`.
+    /// let mpo = Objective::new(ObjectiveSpec {
+    ///     loss_type: vec![LossType::Sigmoid, LossType::BcoPair, LossType::Sft],
+    ///     loss_weights: Some(vec![0.8, 0.2, 1.0]),
+    ///     ..ObjectiveSpec::default()
+    /// })?;
+    /// assert_eq!(mpo.terms()[1], (LossType::BcoPair, 0.2));
+    /// assert_eq!(mpo.sft_weight(), Some(1.0));
+    /// // β ≤ 0 is refused, naming the field.
+    /// let bad = Objective::new(ObjectiveSpec { beta: 0.0, ..ObjectiveSpec::default() });
+    /// assert!(matches!(bad, Err(ObjectiveError::Beta(b)) if b == 0.0));
+    /// # Ok::<(), ObjectiveError>(())
+    /// ```
     pub fn new(s: ObjectiveSpec) -> Result<Self, ObjectiveError> {
         if !(s.beta.is_finite() && s.beta > 0.0) {
             return Err(ObjectiveError::Beta(s.beta));
@@ -564,6 +581,19 @@ impl Objective {
     ///
     /// # Errors
     /// [`ObjectiveError::Beta`].
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{objective::Objective, population::population_loss, Policy};
+    /// let o = Objective::dpo(0.1)?;
+    /// // At π = π_ref every margin is 0: the population DPO loss is −log σ(0) = log 2.
+    /// let pi_ref = Policy::from_logits(&[1.0, 0.0, -1.0])?;
+    /// let pi_l = Policy::uniform(3)?;
+    /// let l = population_loss(&[1.0, 0.0, -1.0], &pi_ref, &pi_l, Some(&pi_ref), &o)?;
+    /// assert!((l.value - std::f64::consts::LN_2).abs() < 1e-12);
+    /// assert!(Objective::dpo(-1.0).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn dpo(beta: f64) -> Result<Self, ObjectiveError> {
         Self::new(ObjectiveSpec {
             beta,
@@ -576,6 +606,15 @@ impl Objective {
     ///
     /// # Errors
     /// [`ObjectiveError::Beta`].
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::{LossType, Objective};
+    /// let ipo = Objective::loss(LossType::Ipo, 0.5)?;
+    /// assert_eq!(ipo.terms(), &[(LossType::Ipo, 1.0)]);
+    /// assert_eq!(Objective::loss(LossType::ExoPair, 0.1)?.label_smoothing(), 1e-3);
+    /// # Ok::<(), difinfo::objective::ObjectiveError>(())
+    /// ```
     pub fn loss(loss_type: LossType, beta: f64) -> Result<Self, ObjectiveError> {
         Self::new(ObjectiveSpec {
             beta,
@@ -593,6 +632,17 @@ impl Objective {
     ///
     /// # Errors
     /// See [`Objective::new`].
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::Objective;
+    /// // Appendix K's DID estimator: reference-free DPO with β = 1.
+    /// let o = Objective::dpo(1.0)?.reference_free()?;
+    /// assert!(o.is_reference_free() && !o.needs_reference());
+    /// // DPO-PG's step is the NLL projection: a reference-free reward would change nothing.
+    /// assert!(Objective::dpo_pg(1.0)?.reference_free().is_err());
+    /// # Ok::<(), difinfo::objective::ObjectiveError>(())
+    /// ```
     pub fn reference_free(&self) -> Result<Self, ObjectiveError> {
         Self::new(ObjectiveSpec {
             reference_free: true,
@@ -601,6 +651,14 @@ impl Objective {
     }
 
     /// Token-level SFT.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::{Objective, Rule};
+    /// let o = Objective::sft();
+    /// assert_eq!(o.rule(), Rule::Sft);
+    /// assert!(!o.is_preference());
+    /// ```
     pub fn sft() -> Self {
         Self::new(ObjectiveSpec {
             objective: Rule::Sft,
@@ -613,6 +671,15 @@ impl Objective {
     ///
     /// # Errors
     /// [`ObjectiveError::Beta`].
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::{Objective, Rule};
+    /// let o = Objective::dpo_pg(0.1)?;
+    /// assert_eq!(o.rule(), Rule::ProjectedGradient);
+    /// assert_eq!(o.beta(), 0.1);
+    /// # Ok::<(), difinfo::objective::ObjectiveError>(())
+    /// ```
     pub fn dpo_pg(beta: f64) -> Result<Self, ObjectiveError> {
         Self::new(ObjectiveSpec {
             objective: Rule::ProjectedGradient,

@@ -9,8 +9,9 @@ use num_traits::{One, Signed, Zero};
 use rand::Rng;
 
 use crate::error::{same_len, Error, Result};
-use crate::logspace::{block_stats, exp_into, ln_rational, log_sum_exp, zeroed, LseAcc, BLOCK};
+use crate::logspace::{ln_rational, log_sum_exp, LseAcc};
 use crate::prec::MASS_TOLERANCE;
+use crate::simd::{block_stats, exp_into, zeroed, BLOCK};
 use crate::Rational;
 
 /// A float policy, stored as normalized log-probabilities `log π(y)`.
@@ -40,6 +41,18 @@ impl Policy {
     /// [`Error::Empty`], [`Error::NotFinite`] (NaN, ±∞), [`Error::NotPositive`] (zero or negative:
     /// no full support), [`Error::Mass`] when `|Σ p − 1| > MASS_TOLERANCE`. Within the tolerance the
     /// probabilities are renormalized exactly in log space.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{Error, Policy};
+    /// let pi = Policy::from_probs(&[0.5, 0.3, 0.2])?;
+    /// assert_eq!(pi.len(), 3);
+    /// assert!((pi.log_probs()[0] - 0.5f64.ln()).abs() < 1e-15);
+    /// // No full support, or no unit mass: typed errors, never a policy.
+    /// assert!(matches!(Policy::from_probs(&[1.0, 0.0]), Err(Error::NotPositive { index: 1, .. })));
+    /// assert!(matches!(Policy::from_probs(&[0.5, 0.4]), Err(Error::Mass { .. })));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn from_probs(p: &[f64]) -> Result<Self> {
         check_finite(p, "probability")?;
         if let Some(index) = p.iter().position(|&x| x <= 0.0) {
@@ -62,6 +75,19 @@ impl Policy {
     ///
     /// # Errors
     /// As [`Policy::from_probs`], with the mass condition `|lse(log p)| ≤ MASS_TOLERANCE`.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{Error, Policy};
+    /// let pi = Policy::from_log_probs(&[0.25f64.ln(), 0.75f64.ln()])?;
+    /// assert!((pi.probs()[1] - 0.75).abs() < 1e-15);
+    /// // log 0 = −∞ is no full support.
+    /// assert!(matches!(
+    ///     Policy::from_log_probs(&[0.0, f64::NEG_INFINITY]),
+    ///     Err(Error::NotPositive { index: 1, .. })
+    /// ));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn from_log_probs(log_p: &[f64]) -> Result<Self> {
         if let Some(index) = log_p.iter().position(|&x| x == f64::NEG_INFINITY) {
             return Err(Error::NotPositive {
@@ -84,6 +110,17 @@ impl Policy {
     ///
     /// # Errors
     /// [`Error::Empty`], [`Error::NotFinite`].
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{Error, Policy};
+    /// // Logits of ±1e4 keep full support: every log-probability is finite.
+    /// let pi = Policy::from_logits(&[1e4, 0.0, -1e4])?;
+    /// assert_eq!(pi.log_probs()[0], 0.0);
+    /// assert_eq!(pi.log_probs()[2], -2e4);
+    /// assert!(matches!(Policy::from_logits(&[0.0, f64::NAN]), Err(Error::NotFinite { index: 1, .. })));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn from_logits(f: &[f64]) -> Result<Self> {
         Self::from_logit_blocks(f.len(), |start, out| {
             out.copy_from_slice(&f[start..start + out.len()])
@@ -128,6 +165,18 @@ impl Policy {
     }
 
     /// The uniform policy `π(y) = 1/N`.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for `N = 0`.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{entropy::entropy, Policy};
+    /// let u = Policy::uniform(4)?;
+    /// assert!((entropy(&u) - 4f64.ln()).abs() < 1e-15); // the largest entropy on 4 outcomes
+    /// assert!(Policy::uniform(0).is_err());
+    /// # Ok::<(), difinfo::Error>(())
+    /// ```
     pub fn uniform(n: usize) -> Result<Self> {
         if n == 0 {
             return Err(Error::Empty);
@@ -220,6 +269,18 @@ impl ExactPolicy {
     ///
     /// # Errors
     /// [`Error::Empty`], [`Error::NotPositive`], [`Error::Mass`] (any deviation from 1).
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{Error, ExactPolicy, Rational};
+    /// let r = |a: i64, b: i64| Rational::new(a.into(), b.into());
+    /// let pi = ExactPolicy::from_probs(vec![r(1, 2), r(1, 3), r(1, 6)])?;
+    /// assert_eq!(pi.probs()[2], r(1, 6));
+    /// // Exact: a mass of 1 − 10⁻³⁰ is not 1.
+    /// let almost = r(1, 2) - Rational::new(1.into(), num_bigint::BigInt::from(10).pow(30));
+    /// assert!(matches!(ExactPolicy::from_probs(vec![almost, r(1, 2)]), Err(Error::Mass { .. })));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn from_probs(p: Vec<Rational>) -> Result<Self> {
         Self::check_positive(&p)?;
         let mass: Rational = p.iter().sum();
@@ -236,6 +297,16 @@ impl ExactPolicy {
     ///
     /// # Errors
     /// [`Error::Empty`], [`Error::NotPositive`].
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{ExactPolicy, Rational};
+    /// let w = |a: i64| Rational::from_integer(a.into());
+    /// let pi = ExactPolicy::from_weights(vec![w(1), w(2), w(5)])?;
+    /// assert_eq!(pi.probs()[1], Rational::new(1.into(), 4.into()));
+    /// assert!(pi.is_valid());
+    /// # Ok::<(), difinfo::Error>(())
+    /// ```
     pub fn from_weights(w: Vec<Rational>) -> Result<Self> {
         Self::check_positive(&w)?;
         let z: Rational = w.iter().sum();
@@ -245,6 +316,17 @@ impl ExactPolicy {
     }
 
     /// The uniform policy `1/N`.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for `N = 0`.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::{ExactPolicy, Rational};
+    /// let u = ExactPolicy::uniform(3)?;
+    /// assert!(u.probs().iter().all(|p| *p == Rational::new(1.into(), 3.into())));
+    /// # Ok::<(), difinfo::Error>(())
+    /// ```
     pub fn uniform(n: usize) -> Result<Self> {
         if n == 0 {
             return Err(Error::Empty);
@@ -371,7 +453,7 @@ mod tests {
 
     #[test]
     fn blocked_softmax_matches_straightforward() {
-        use crate::logspace::BLOCK;
+        use crate::simd::BLOCK;
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for n in [1, 5, BLOCK, 3 * BLOCK + 7] {

@@ -35,6 +35,17 @@ pub struct Exponent {
 
 impl Exponent {
     /// `β = num/den`; errors unless both are positive.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for `u = 0` or `v = 0`.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::power_law::Exponent;
+    /// assert_eq!(Exponent::new(3, 2)?.value(), 1.5);
+    /// assert!(Exponent::new(0, 1).is_err());
+    /// # Ok::<(), difinfo::Error>(())
+    /// ```
     pub fn new(num: u32, den: u32) -> Result<Self> {
         if num == 0 || den == 0 {
             return Err(Error::invalid(

@@ -392,3 +392,9 @@ pub fn all_small_policies(n: usize) -> Vec<ExactPolicy> {
     }
     out
 }
+
+/// The README's code blocks, run as doctests (`cargo test --doc`): a Rust block a user would
+/// paste compiles, runs and asserts what its comments claim (shell blocks are not run).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

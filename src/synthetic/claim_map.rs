@@ -14,6 +14,7 @@
 //! fraction for each `N` of `--grid-n` (same grids, scale as the grid), `map.png` the heat map.
 
 use indicatif::ProgressBar;
+use ndarray::Array2;
 use serde_json::{json, Value};
 
 use crate::did::did;
@@ -50,16 +51,17 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
     let ss = log_grid(0.1, 10.0, cfg.grid_scale);
     let z = standard_logits(cfg.n, cfg.seed);
     let mut grid = Table::new("grid", &["tau", "scale", "delta_entropy", "holds"]);
-    let (mut zs, mut marks) = (Vec::new(), Vec::new());
+    // Rows: scale s, columns: τ (the heat map's y and x).
+    let mut zs = Array2::<f64>::zeros((ss.len(), ts.len()));
+    let mut marks = Array2::from_elem((ss.len(), ts.len()), false);
     // Counts: [τ < 1/2, 1/2 < τ < 1, τ > 1] × (holds, total).
     let mut bands = [(0usize, 0usize); 3];
-    for &s in &ss {
-        let (mut row, mut mrow) = (Vec::new(), Vec::new());
-        for &t in &ts {
+    for (iy, &s) in ss.iter().enumerate() {
+        for (ix, &t) in ts.iter().enumerate() {
             let (d, holds) = claim_cell(&z, t, s, cfg.seed)?;
             grid.push(vec![t.into(), s.into(), d.into(), holds.into()]);
-            row.push(d);
-            mrow.push(!holds);
+            zs[[iy, ix]] = d;
+            marks[[iy, ix]] = !holds;
             let b = if t < 0.5 {
                 0
             } else if t < 1.0 {
@@ -70,8 +72,6 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             bands[b].0 += usize::from(holds);
             bands[b].1 += 1;
         }
-        zs.push(row);
-        marks.push(mrow);
         pb.inc(1);
     }
     let cells = grid.rows.len();
@@ -173,7 +173,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         tables: vec![grid, by_n],
         figures: vec![Figure::Heat {
             name: "map".into(),
-            heat: Heat {
+            heat: Box::new(Heat {
                 title: format!("Claim 4.1: H(q_{{π*/π_ref}}) − H(π_ref), N = {}", cfg.n),
                 x_label: "τ (f* = f_ref/τ; τ < 1 reinforcing)".into(),
                 y_label: "logit scale s (f_ref = s·z)".into(),
@@ -183,7 +183,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                 z: zs,
                 mark: marks,
                 mark_label: "claim fails".into(),
-            },
+            }),
         }],
         instance: json!({
             "N": cfg.n, "seed": cfg.seed, "standard_logits_z": z,

@@ -24,6 +24,7 @@
 //! with no finite minimizer) stops at the iteration budget: `logit_range` reports the spread.
 
 use indicatif::ProgressBar;
+use ndarray::Array2;
 use serde_json::{json, Map, Value};
 
 use crate::entropy::js;
@@ -294,11 +295,9 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
     );
     let rows: Vec<String> = objectives.iter().map(|(n, _)| n.clone()).collect();
     let mut cols = Vec::new();
-    let mut z = [
-        vec![Vec::new(); rows.len()],
-        vec![Vec::new(); rows.len()],
-        vec![Vec::new(); rows.len()],
-    ];
+    // Per figure panel (JS to π*, to the DID^β target, to π_ref): objective × (β, τ) cell.
+    let shape = (rows.len(), cfg.atlas_betas.len() * cfg.atlas_taus.len());
+    let mut z = [(); 3].map(|_| Array2::<f64>::zeros(shape));
     let mut sigmoid_worst = 0.0f64;
     // Sigmoid cells where L-BFGS stalled short of π* with L(π*) ≤ L(π_opt).
     let mut sigmoid_shortfalls: Vec<String> = Vec::new();
@@ -310,6 +309,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
     let mut instances = vec![inst.record("default")];
     for &beta in &cfg.atlas_betas {
         for &tau in &cfg.atlas_taus {
+            let col = cols.len();
             let cell = Instance::tempered(cfg.atlas_n, tau, beta, cfg.scale, cfg.seed)?;
             instances.push(cell.record(&format!("beta={beta} tau={tau}")));
             cols.push(format!("β={beta}|τ={tau}"));
@@ -350,15 +350,15 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                     a.iterations.into(),
                     Cell::from(a.stop),
                 ]);
-                z[0][i].push(log_js(a.js_star));
-                z[1][i].push(log_js(a.js_did));
-                z[2][i].push(log_js(a.js_ref));
+                z[0][[i, col]] = log_js(a.js_star);
+                z[1][[i, col]] = log_js(a.js_did);
+                z[2][[i, col]] = log_js(a.js_ref);
             }
             pb.inc(1);
         }
     }
     let [z_star, z_did, z_ref] = z;
-    let heat = |title: &str, z: Vec<Vec<f64>>| CategoricalHeat {
+    let heat = |title: &str, z: Array2<f64>| CategoricalHeat {
         title: format!("{title} (N = {}, population optimum)", cfg.atlas_n),
         row_labels: rows.clone(),
         col_labels: cols.clone(),

@@ -76,6 +76,7 @@ pub mod claim_map;
 pub mod did_entropy;
 pub mod did_fit;
 pub mod entropy;
+pub mod files;
 pub mod instance;
 pub mod loss_atlas;
 pub mod objective;
@@ -662,8 +663,8 @@ pub fn write_summary(dir: &Path) -> Result<Value, SynthError> {
         }
     }
     let v = Value::Object(summary);
-    output::write_json(&dir.join("summary.json"), &v)?;
-    output::write_atomic(&dir.join("summary.md"), md.as_bytes())?;
+    files::write_json(&dir.join("summary.json"), &v)?;
+    files::write_atomic(&dir.join("summary.md"), md.as_bytes())?;
     Ok(v)
 }
 

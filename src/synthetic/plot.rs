@@ -2,32 +2,16 @@
 //! color bar, each rendered to PNG and SVG with the bundled DejaVu Sans font.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 
+use ndarray::Array2;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
-use super::output::{temp_path, write_atomic};
+pub use crate::font::{register_font, FONT};
+
+use super::files::{temp_path, write_atomic};
 use super::SynthError;
-
-/// The family name under which [`register_font`] registers the bundled DejaVu Sans.
-pub const FONT: &str = "sans-serif";
-static REGISTER: Once = Once::new();
-
-/// Registers the bundled DejaVu Sans (`assets/DejaVuSans.ttf`) with plotters as [`FONT`], once per
-/// process, so bitmap plots render text without fontconfig. Every plot of the workspace calls it.
-pub fn register_font() {
-    REGISTER.call_once(|| {
-        // The bytes are a valid TrueType font shipped in the repository.
-        let _ = plotters::style::register_font(
-            FONT,
-            FontStyle::Normal,
-            include_bytes!("../../assets/DejaVuSans.ttf"),
-        );
-    });
-}
 
 /// One curve.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,7 +55,7 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-/// A heat map `z[i_y][i_x]` over a grid `xs × ys`, with cells marked where `mark` is true.
+/// A heat map `z[[i_y, i_x]]` over a grid `xs × ys`, with cells marked where `mark` is true.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heat {
     /// Caption.
@@ -86,15 +70,15 @@ pub struct Heat {
     pub xs: Vec<f64>,
     /// Grid y values (increasing, positive: the axis is logarithmic).
     pub ys: Vec<f64>,
-    /// Values, row `i_y`, column `i_x`.
-    pub z: Vec<Vec<f64>>,
-    /// Marked cells.
-    pub mark: Vec<Vec<bool>>,
+    /// Values `z[[i_y, i_x]]`: shape `ys.len() × xs.len()`.
+    pub z: Array2<f64>,
+    /// Marked cells, the same shape.
+    pub mark: Array2<bool>,
     /// Legend entry for the mark.
     pub mark_label: String,
 }
 
-/// A heat map over categories: `z[row][column]`, each cell colored on a sequential scale and
+/// A heat map over categories: `z[[row, column]]`, each cell colored on a sequential scale and
 /// labeled with its value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CategoricalHeat {
@@ -104,8 +88,8 @@ pub struct CategoricalHeat {
     pub row_labels: Vec<String>,
     /// One label per column (`|` breaks a label into lines).
     pub col_labels: Vec<String>,
-    /// Values, row-major.
-    pub z: Vec<Vec<f64>>,
+    /// Values: shape `row_labels.len() × col_labels.len()`.
+    pub z: Array2<f64>,
     /// Color-bar label.
     pub z_label: String,
     /// The value range of the color scale (values outside are clamped).
@@ -127,7 +111,7 @@ pub enum Figure {
         /// File stem.
         name: String,
         /// The map.
-        heat: Heat,
+        heat: Box<Heat>,
     },
     /// Categorical heat maps, stacked top to bottom.
     Categorical {
@@ -460,8 +444,8 @@ fn draw_categorical<DB: DrawingBackend>(
             )?;
         }
     }
-    for (r, row) in h.z.iter().enumerate() {
-        for (c, &v) in row.iter().enumerate() {
+    for ((r, c), &v) in h.z.indexed_iter() {
+        {
             let (x, y) = (x0 + c as i32 * cw, y0 + r as i32 * ch);
             let t = scale(v);
             area.draw(&Rectangle::new(
@@ -506,7 +490,6 @@ fn draw_heat<DB: DrawingBackend>(
     let (ex, ey) = (edges(&h.xs), edges(&h.ys));
     let vmax =
         h.z.iter()
-            .flatten()
             .filter(|v| v.is_finite())
             .fold(0.0f64, |m, v| m.max(v.abs()))
             .max(1e-12);
@@ -531,21 +514,17 @@ fn draw_heat<DB: DrawingBackend>(
         .draw()
         .map_err(perr)?;
     let mut cells = Vec::new();
-    for (iy, row) in h.z.iter().enumerate() {
-        for (ix, &v) in row.iter().enumerate() {
-            cells.push(Rectangle::new(
-                [(ex[ix], ey[iy]), (ex[ix + 1], ey[iy + 1])],
-                diverging(v / vmax).filled(),
-            ));
-        }
+    for ((iy, ix), &v) in h.z.indexed_iter() {
+        cells.push(Rectangle::new(
+            [(ex[ix], ey[iy]), (ex[ix + 1], ey[iy + 1])],
+            diverging(v / vmax).filled(),
+        ));
     }
     c.draw_series(cells).map_err(perr)?;
     let mut marks = Vec::new();
-    for (iy, row) in h.mark.iter().enumerate() {
-        for (ix, &m) in row.iter().enumerate() {
-            if m {
-                marks.push((h.xs[ix], h.ys[iy]));
-            }
+    for ((iy, ix), &m) in h.mark.indexed_iter() {
+        if m {
+            marks.push((h.xs[ix], h.ys[iy]));
         }
     }
     c.draw_series(

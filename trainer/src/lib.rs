@@ -83,3 +83,9 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device> {
         }
     }
 }
+
+/// The README's code blocks, run as doctests (`cargo test --doc`): a Rust block a user would
+/// paste compiles, runs and asserts what its comments claim (shell blocks are not run).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -100,9 +100,9 @@ fn app_k_entropy_refuses_degenerate_settings() {
 }
 
 /// SIR over candidates drawn from a known `π_ref` reproduces Eq. 1's `π_l ∝ π_ref^{1+β} π*^{−β}`:
-/// a chi-square goodness-of-fit test at a fixed seed (4 degrees of freedom; 18.47 is the 0.999
-/// quantile, so a correct sampler fails with probability 1e-3 at a random seed, and this seed is
-/// fixed). 400 candidates per draw keep SIR's finite-M bias (O(1/M)) far below what 4,000 draws
+/// a chi-square goodness-of-fit test at a fixed seed (4 degrees of freedom; the critical value is
+/// the 0.999 quantile, 18.47, computed by statrs, so a correct sampler fails with probability 1e-3
+/// at a random seed, and this seed is fixed). 400 candidates per draw keep SIR's finite-M bias (O(1/M)) far below what 4,000 draws
 /// can detect.
 #[test]
 fn eq_1_sir_reproduces_the_ideal_rejected_distribution() {
@@ -132,8 +132,14 @@ fn eq_1_sir_reproduces_the_ideal_rejected_distribution() {
             (c as f64 - e).powi(2) / e
         })
         .sum();
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    let critical = ChiSquared::new(4.0).unwrap().inverse_cdf(0.999);
     assert!(
-        chi2 < 18.47,
+        (critical - 18.467).abs() < 1e-3,
+        "χ²_4 0.999 quantile {critical}"
+    );
+    assert!(
+        chi2 < critical,
         "chi-square {chi2} (counts {counts:?}, π_l {:?})",
         pi_l.probs()
     );
@@ -144,6 +150,14 @@ fn eq_1_sir_reproduces_the_ideal_rejected_distribution() {
         .map(|(&c, p)| (c as f64 - p * draws as f64).powi(2) / (p * draws as f64))
         .sum();
     assert!(chi2_ref > 100.0, "chi-square against π_ref only {chi2_ref}");
+    // The resampler's own test gives the same statistic and its p-value.
+    use difinfo_trainer::diag::resample::goodness_of_fit;
+    let fit = goodness_of_fit(&counts, &pi_l).unwrap();
+    assert_eq!((fit.statistic, fit.df), (chi2, 4));
+    assert!(fit.p_value > 1e-3, "p = {}", fit.p_value);
+    let against_ref = goodness_of_fit(&counts, &pi_ref).unwrap();
+    assert!(against_ref.p_value < 1e-12, "p = {}", against_ref.p_value);
+    assert!(goodness_of_fit(&counts[..4], &pi_l).is_err());
 }
 
 #[test]

@@ -38,7 +38,8 @@ pub struct EntropyArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output JSON (per prompt: prompt, entropy, stderr, samples, token_entropy; and overall).
+    /// Output JSON (per prompt: prompt, entropy, stderr, ci95, samples, token_entropy; and overall
+    /// with its 95 % interval).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -58,7 +59,7 @@ pub fn run(a: EntropyArgs) -> Result<()> {
         seed,
         out,
     } = a;
-    use crate::diag::entropy::{overall, prompt_entropy};
+    use crate::diag::entropy::{overall, overall_ci95, prompt_entropy};
     if samples < 2 || max_new_tokens == 0 {
         return Err(Error::InvalidArgument(format!(
             "need --samples ≥ 2 (for a standard error) and --max-new-tokens ≥ 1, got {samples} and {max_new_tokens}"
@@ -112,7 +113,12 @@ pub fn run(a: EntropyArgs) -> Result<()> {
         "temperature": temperature,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        "overall": { "entropy": mean, "stderr": se, "prompts": ests.len() },
+        "overall": {
+            "entropy": mean,
+            "stderr": se,
+            "ci95": overall_ci95(mean, se)?,
+            "prompts": ests.len(),
+        },
         "prompts": rows,
     });
     write_json(&out, &doc)?;

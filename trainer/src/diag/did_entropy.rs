@@ -35,7 +35,7 @@ use serde::Serialize;
 use difinfo::beta_accuracy::BetaAccuracy;
 
 use crate::diag::beta_accuracy::PromptFit;
-use crate::diag::entropy::{overall, PromptEntropy};
+use crate::diag::entropy::{overall, overall_ci95, PromptEntropy};
 use crate::generate::{generate, Sample, SamplingParams};
 use crate::model::Model;
 use crate::train::optim::OptimizerKind;
@@ -139,13 +139,22 @@ pub struct OverallEntropy {
     pub entropy: f64,
     /// Its standard error.
     pub stderr: f64,
+    /// The 95 % normal interval `entropy ± z_{0.975} · stderr`.
+    pub ci95: [f64; 2],
 }
 
 impl OverallEntropy {
-    /// The mean and standard error over prompts ([`overall`]).
-    pub fn of(per_prompt: &[PromptEntropy]) -> Self {
+    /// The mean and standard error over prompts ([`overall`]) and their 95 % interval.
+    ///
+    /// # Errors
+    /// A non-finite mean or standard error.
+    pub fn of(per_prompt: &[PromptEntropy]) -> crate::Result<Self> {
         let (entropy, stderr) = overall(per_prompt);
-        Self { entropy, stderr }
+        Ok(Self {
+            entropy,
+            stderr,
+            ci95: overall_ci95(entropy, stderr)?,
+        })
     }
 }
 

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! computed by the library's `difinfo::entropy::monte_carlo_entropy` (`log π_T(y | x)` is the sum
-//! of the token log-probabilities). At `T = 1` this is the entropy of the model itself; at
+//! of the token log-probabilities), with the 95 % interval `Ĥ(x) ± t_{K−1, 0.975} · stderr`. At `T = 1` this is the entropy of the model itself; at
 //! `T ≠ 1` it is the entropy of the tempered sampling distribution. The mean per-token entropy
 //! is `Σ_i Σ_t H(π_T(· | x, y_i,<t)) / Σ_i |y_i|`, exact at each visited position.
 
@@ -27,6 +27,9 @@ pub struct PromptEntropy {
     pub entropy: f64,
     /// Standard error of `Ĥ(x)`.
     pub stderr: f64,
+    /// The 95 % confidence interval of `Ĥ(x)`: `Ĥ ± t_{K−1, 0.975} · stderr` (Student's t;
+    /// `difinfo::entropy::Estimate::interval`).
+    pub ci95: [f64; 2],
     /// `K`.
     pub samples: usize,
     /// Mean exact next-token entropy over the generated positions (nats per token).
@@ -77,6 +80,9 @@ pub fn prompt_entropy(
     let e = PromptEntropy {
         entropy: est.mean,
         stderr: est.stderr,
+        ci95: est
+            .interval(0.95)
+            .map_err(|e| Error::InvalidArgument(format!("entropy interval: {e}")))?,
         samples: k,
         token_entropy: if tokens > 0 {
             h_tokens / tokens as f64
@@ -87,6 +93,15 @@ pub fn prompt_entropy(
         finished_fraction: samples.iter().filter(|s| s.finished).count() as f64 / k as f64,
     };
     Ok((e, samples))
+}
+
+/// The 95 % normal interval `mean ± z_{0.975} · se` of [`overall`]'s mean over prompts.
+///
+/// # Errors
+/// A non-finite standard error.
+pub fn overall_ci95(mean: f64, se: f64) -> Result<[f64; 2]> {
+    difinfo::entropy::normal_interval(mean, se, 0.95)
+        .map_err(|e| Error::InvalidArgument(format!("entropy interval: {e}")))
 }
 
 /// The mean of per-prompt estimates and its standard error `√(Σ se²) / P` (independent prompts).

@@ -95,6 +95,9 @@ pub fn report(run_dir: &Path) -> crate::Result<PathBuf> {
                 md,
                 "\nMeasured entropy (`entropy.json`): {h:.4} ± {se:.4} nats."
             );
+            if let Ok([lo, hi]) = difinfo::entropy::normal_interval(h, se, 0.95) {
+                let _ = writeln!(md, "95 % confidence interval: [{lo:.4}, {hi:.4}] nats.");
+            }
         }
     }
     if let Some(did) = find_did_entropy(run_dir) {
@@ -158,6 +161,19 @@ fn did_entropy_section(md: &mut String, run_dir: &Path, path: &Path) -> crate::R
         "not higher than the reference's: a low-entropy DID, which Claim 4.1 ties to policy sharpening"
     };
     let _ = writeln!(md, "The DID entropy is {side}.");
+    if let Ok((z, p)) = difinfo::entropy::difference_test(d, r) {
+        let _ = writeln!(
+            md,
+            "Test of H(π̂) = H(π_ref) (independent samples, normal approximation): \
+             z = {z:.2}, two-sided p = {p:.3}{}.",
+            if p < 0.05 {
+                ""
+            } else {
+                "; the difference is within the Monte Carlo noise at the 5 % level (more \
+                 --samples or evaluation prompts would settle the side)"
+            }
+        );
+    }
     let acc = &v["beta_accuracy"];
     match (acc["accuracy"].as_f64(), acc["determined"].as_u64()) {
         (Some(a), Some(n)) => {

@@ -80,6 +80,53 @@ pub fn resample(
     })
 }
 
+/// Pearson's chi-square goodness-of-fit test of draws against a distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GoodnessOfFit {
+    /// `X² = Σ_y (n_y − n p_y)² / (n p_y)`.
+    pub statistic: f64,
+    /// Degrees of freedom, `N − 1` (no parameter estimated from the draws).
+    pub df: usize,
+    /// `P(χ²_df ≥ X²)`.
+    pub p_value: f64,
+}
+
+/// Tests whether `counts` (draws per outcome, e.g. the SIR picks of Eq. 1's `π_l` tallied by
+/// outcome) come from `expected`: Pearson's `X²` against `χ²_{N−1}` (statrs' distribution).
+/// The approximation wants every expected count `n p_y` ≳ 5.
+///
+/// # Errors
+/// A length mismatch, fewer than two outcomes, or no draws.
+pub fn goodness_of_fit(counts: &[usize], expected: &difinfo::Policy) -> Result<GoodnessOfFit> {
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    if counts.len() != expected.len() || counts.len() < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "goodness of fit: {} counts against {} outcomes (need equal, ≥ 2)",
+            counts.len(),
+            expected.len()
+        )));
+    }
+    let n: usize = counts.iter().sum();
+    if n == 0 {
+        return Err(Error::InvalidArgument("goodness of fit: no draws".into()));
+    }
+    let statistic = counts
+        .iter()
+        .zip(expected.probs())
+        .map(|(&c, p)| {
+            let e = p * n as f64;
+            (c as f64 - e).powi(2) / e
+        })
+        .sum();
+    let df = counts.len() - 1;
+    let chi2 = ChiSquared::new(df as f64).expect("df ≥ 1");
+    Ok(GoodnessOfFit {
+        statistic,
+        df,
+        p_value: chi2.sf(statistic),
+    })
+}
+
 /// `log π(y_i | x)` of every candidate of `set` under `model`, tokenized with `tok` as TRL
 /// tokenizes a completion (EOS appended, common-prefix boundary, no truncation).
 ///

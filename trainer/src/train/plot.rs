@@ -9,7 +9,7 @@ use plotters::prelude::*;
 
 use crate::train::metrics::MetricsLog;
 
-use difinfo::synthetic::plot::{register_font, FONT};
+use difinfo::font::{register_font, FONT};
 
 /// The panels: title and the metric names drawn in it.
 pub const PANELS: [(&str, &[&str]); 6] = [
