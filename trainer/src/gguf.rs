@@ -923,7 +923,7 @@ pub fn import<R: Read + Seek>(
         tensors.insert(hf, t);
         progress(i + 1, total);
     }
-    for (hf, _) in &expected {
+    for hf in expected.keys() {
         if !tensors.contains_key(hf) {
             return Err(GgufError::Tensor {
                 path: path.to_path_buf(),
