@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::max_abs;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -170,19 +172,6 @@ fn logps_and_grads(m: &Model, b: &Batch) -> (Tensor, Vec<(String, Tensor)>) {
         })
         .collect();
     (host(&lp), grads)
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// `max |a − b| / max |b|` (0 when both are 0).

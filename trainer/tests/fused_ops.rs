@@ -6,27 +6,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{causal_and_padding_mask, rand};
+use common::{causal_and_padding_mask, max_abs, rand};
 use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::fused;
 use difinfo_trainer::model::MASK_VALUE;
 use difinfo_trainer::train::grads::reduce;
 use difinfo_trainer::train::optim::adamw;
-
-/// `max_i |t_i|` (exact: in f64).
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());

@@ -163,3 +163,17 @@ pub fn two_sequences() -> Vec<difinfo_trainer::batch::Sequence> {
         },
     ]
 }
+
+/// `max_i |t_i|` (exact: in f64).
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
