@@ -4,24 +4,13 @@
 //! file, a corrupt checkpoint on `--resume`, an unwritable destination, `plot`'s errors, an
 //! empty tokenizer corpus). Each test runs the binary and reads its exit status and message.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::difinfo_train as run;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
-
-const BIN: &str = env!("CARGO_BIN_EXE_difinfo-train");
-
-fn run(args: &[&str]) -> Output {
-    let o = Command::new(BIN).args(args).output().unwrap();
-    eprintln!(
-        "$ difinfo-train {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// Runs a command that must fail cleanly (exit 1, or clap's 2 for a value that does not
 /// parse; no panic) and returns its stderr.

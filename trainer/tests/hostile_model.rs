@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use difinfo_trainer::checkpoint::load_model;
@@ -16,12 +15,7 @@ use difinfo_trainer::config::Architecture;
 use difinfo_trainer::model::KvCache;
 use difinfo_trainer::Error;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_difinfo-train"))
-        .args(args)
-        .output()
-        .expect("run difinfo-train")
-}
+use common::difinfo_train as run;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -2,13 +2,13 @@
 //! shipped example data: SFT then DPO then plot; exact `--resume`; a non-finite stop that keeps
 //! the last checkpoint; bad input; TOML config under command-line overrides.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::difinfo_train as run;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
-
-const BIN: &str = env!("CARGO_BIN_EXE_difinfo-train");
 
 fn prefs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl")
@@ -40,17 +40,6 @@ fn sft_data(dir: &Path) -> PathBuf {
     }
     std::fs::write(&out, s).unwrap();
     out
-}
-
-fn run(args: &[&str]) -> Output {
-    let o = Command::new(BIN).args(args).output().unwrap();
-    eprintln!(
-        "$ difinfo-train {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
 }
 
 fn ok(args: &[&str]) -> String {

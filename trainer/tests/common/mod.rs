@@ -177,3 +177,19 @@ pub fn max_abs(t: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// Runs the `difinfo-train` binary with `args`, echoing the command and its output to the
+/// test's captured stderr (shown when the test fails).
+pub fn difinfo_train(args: &[&str]) -> std::process::Output {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_difinfo-train"))
+        .args(args)
+        .output()
+        .expect("run difinfo-train");
+    eprintln!(
+        "$ difinfo-train {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
