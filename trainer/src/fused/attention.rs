@@ -22,29 +22,59 @@ const ATT_BLOCK: usize = 64;
 /// (for scores far below 10⁸ in magnitude), so blocks skip them.
 const MASKED_AT: f64 = -1e8;
 
-/// Attention sizes: batch, heads, queries, keys, head dimension.
+/// Attention sizes: the scores' geometry `[B, H, l, t]` (batch, heads, queries, keys) and its
+/// mask's, and the head dimension `d`.
 #[derive(Clone, Copy)]
 pub(super) struct AttDims {
-    pub(super) b: usize,
-    pub(super) h: usize,
-    pub(super) l: usize,
-    pub(super) t: usize,
+    pub(super) geo: Geo,
     pub(super) d: usize,
 }
 
 impl AttDims {
+    /// The sizes of `q: [B, H, l, d]`, `k`, `v: [B, H, t, d]` under `mask: [B or 1, 1, l, t]`.
+    pub(super) fn of(q: &Shape, k: &Shape, v: &Shape, mask: &Shape) -> Result<Self> {
+        let (b, h, l, d) = q.dims4()?;
+        let (kb, kh, t, kd) = k.dims4()?;
+        if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+            bail!("attention: q {q:?}, k {k:?}, v {v:?}");
+        }
+        let geo = Geo::of(&Shape::from((b, h, l, t)), mask)?;
+        Ok(AttDims { geo, d })
+    }
+
     /// Offset of head `i = (batch, head)` in the merged `[B·l, H·d]` layout (row stride `H·d`).
     fn merged(&self, i: usize) -> usize {
-        (i / self.h) * self.l * self.h * self.d + (i % self.h) * self.d
+        let (_, h, l, _, d) = self.sizes();
+        (i / h) * l * h * d + (i % h) * d
     }
 
     fn blocks(&self) -> usize {
-        self.l.div_ceil(ATT_BLOCK)
+        let (_, _, l, _) = self.geo.dims();
+        l.div_ceil(ATT_BLOCK)
     }
 
     /// Query rows `[r0, r1)` of block `blk`.
     fn block_rows(&self, blk: usize) -> (usize, usize) {
-        (blk * ATT_BLOCK, ((blk + 1) * ATT_BLOCK).min(self.l))
+        let (_, _, l, _) = self.geo.dims();
+        (blk * ATT_BLOCK, ((blk + 1) * ATT_BLOCK).min(l))
+    }
+
+    /// `(B, H, l, t, d)`: batch, heads, queries, keys, head dimension.
+    fn sizes(&self) -> (usize, usize, usize, usize, usize) {
+        let (b, h, l, t) = self.geo.dims();
+        (b, h, l, t, self.d)
+    }
+
+    /// The merged layout `[B·l, H·d]` of the output (and of its gradient).
+    fn merged_dims(&self) -> (usize, usize) {
+        let (b, h, l, _, d) = self.sizes();
+        (b * l, h * d)
+    }
+
+    /// The lengths `(nq, nk)` of `q` (and of the merged output) and of `k` (and `v`).
+    fn lens(&self) -> (usize, usize) {
+        let (b, h, l, t, d) = self.sizes();
+        (b * h * l * d, b * h * t * d)
     }
 }
 
@@ -52,23 +82,24 @@ impl AttDims {
 /// block leaves unmasked, or all `t` keys when a row of the block masks every key (softmax
 /// over an all-masked row is uniform over all keys, as in the unblocked computation).
 /// Indexed `mask_batch · blocks + block`.
-fn key_spans<T: Real>(mask: &[T], z: AttDims, geo: Geo) -> Vec<usize> {
+fn key_spans<T: Real>(mask: &[T], z: AttDims) -> Vec<usize> {
     let masked = T::from_f64(MASKED_AT);
-    let mb = if geo.per_batch_mask { z.b } else { 1 };
+    let (_, _, l, t) = z.geo.dims();
+    let mb = z.geo.mask_batches();
     let mut spans = Vec::with_capacity(mb * z.blocks());
     for bi in 0..mb {
         for blk in 0..z.blocks() {
             let (r0, r1) = z.block_rows(blk);
             let span = (r0..r1)
                 .map(|r| {
-                    let row = &mask[(bi * z.l + r) * z.t..][..z.t];
+                    let row = &mask[(bi * l + r) * t..][..t];
                     match row.iter().rposition(|&v| v > masked) {
                         Some(j) => j + 1,
-                        None => z.t,
+                        None => t,
                     }
                 })
                 .max()
-                .unwrap_or(z.t);
+                .unwrap_or(t);
             spans.push(span.max(1));
         }
     }
@@ -88,11 +119,10 @@ unsafe fn probs_block<T: Real>(
     k: &[T],
     mask: &[T],
     z: AttDims,
-    geo: Geo,
     scale: T,
     (i, blk, span): (usize, usize, usize),
 ) {
-    let AttDims { l, t, d, .. } = z;
+    let (_, _, l, t, d) = z.sizes();
     let (r0, r1) = z.block_rows(blk);
     gemm_raw(
         (r1 - r0, span, d),
@@ -107,7 +137,7 @@ unsafe fn probs_block<T: Real>(
     );
     for r in r0..r1 {
         let row = std::slice::from_raw_parts_mut(p_head.add(r * t), t);
-        let m0 = geo.mask_row(i * l + r);
+        let m0 = z.geo.mask_row(i * l + r);
         let mrow = &mask[m0..m0 + span];
         let (live, dead) = row.split_at_mut(span);
         for (x, &mk) in live.iter_mut().zip(mrow) {
@@ -137,13 +167,12 @@ fn att_forward<T: Real>(
     v: Option<&[T]>,
     mask: &[T],
     z: AttDims,
-    geo: Geo,
     scale: f64,
     keep: bool,
 ) -> (Vec<T>, Option<Vec<T>>) {
-    let AttDims { b, h, l, t, d } = z;
+    let (b, h, l, t, d) = z.sizes();
     let keep = keep || v.is_none();
-    let spans = key_spans(mask, z, geo);
+    let spans = key_spans(mask, z);
     let nb = z.blocks();
     let mut p: Vec<T> = Vec::with_capacity(if keep { b * h * l * t } else { 0 });
     let mut o: Vec<T> = Vec::with_capacity(if v.is_some() { b * l * h * d } else { 0 });
@@ -152,7 +181,7 @@ fn att_forward<T: Real>(
     (0..b * h)
         .into_par_iter()
         .for_each_init(Vec::<T>::new, |scratch, i| {
-            let mb = if geo.per_batch_mask { i / h } else { 0 };
+            let mb = z.geo.mask_batch(i);
             if !keep && scratch.capacity() < l * t {
                 *scratch = Vec::with_capacity(l * t);
             }
@@ -168,7 +197,7 @@ fn att_forward<T: Real>(
                     } else {
                         scratch.as_mut_ptr()
                     };
-                    probs_block(ph, q, k, mask, z, geo, scale, (i, blk, span));
+                    probs_block(ph, q, k, mask, z, scale, (i, blk, span));
                     if let Some(v) = v {
                         let (r0, r1) = z.block_rows(blk);
                         gemm_raw(
@@ -210,10 +239,9 @@ pub(super) struct Attention {
 
 impl Attention {
     pub(super) fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
-        let AttDims { b, h, l, t, .. } = z;
-        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
+        let (b, h, l, t) = z.geo.dims();
         let (p, o) = with_slice::<T, _>(&self.mask, |m| {
-            Ok(att_forward(q, k, Some(v), m, z, geo, self.scale, self.keep))
+            Ok(att_forward(q, k, Some(v), m, z, self.scale, self.keep))
         })?;
         if self.keep {
             let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
@@ -225,20 +253,11 @@ impl Attention {
     }
 }
 
-fn att_dims(q: &Shape, k: &Shape, v: &Shape) -> Result<AttDims> {
-    let (b, h, l, d) = q.dims4()?;
-    let (kb, kh, t, kd) = k.dims4()?;
-    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
-        bail!("attention: q {q:?}, k {k:?}, v {v:?}");
-    }
-    Ok(AttDims { b, h, l, t, d })
-}
-
 impl Kernel for Attention {
     const NAME: &'static str = "fused-attention";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
-        let z = att_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
+        let z = AttDims::of(ins.shape(0), ins.shape(1), ins.shape(2), self.mask.shape())?;
         if self.mask.dtype() != T::DTYPE {
             bail!(
                 "attention: dtypes {:?} and mask {:?} (f32 or f64, equal)",
@@ -247,12 +266,12 @@ impl Kernel for Attention {
             );
         }
         let out = self.fwd(ins.get(0)?, ins.get(1)?, ins.get(2)?, z)?;
-        Ok((out, Shape::from((z.b * z.l, z.h * z.d))))
+        Ok((out, Shape::from(z.merged_dims())))
     }
 
     fn grads(&self, args: &[&Tensor], _res: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (q, k, v) = (args[0], args[1], args[2]);
-        let z = att_dims(q.shape(), k.shape(), v.shape())?;
+        let z = AttDims::of(q.shape(), k.shape(), v.shape(), self.mask.shape())?;
         let kept = self.probs.lock().ok().and_then(|mut s| s.take());
         let op = AttentionBwd {
             mask: self.mask.clone(),
@@ -261,7 +280,7 @@ impl Kernel for Attention {
             grad: grad.contiguous()?,
         };
         let all = q.apply_op3_no_bwd(k, v, &Op(op))?;
-        let (nq, nk) = (z.b * z.h * z.l * z.d, z.b * z.h * z.t * z.d);
+        let (nq, nk) = z.lens();
         let gq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
         let gk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
         let gv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
@@ -280,9 +299,8 @@ pub(super) struct AttentionBwd {
 
 impl AttentionBwd {
     pub(super) fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
-        let AttDims { b, h, l, t, d } = z;
+        let (b, h, l, t, d) = z.sizes();
         let bh = b * h;
-        let geo = Geo::of(&Shape::from((b, h, l, t)), self.mask.shape())?;
         with_slice::<T, _>(&self.mask, |mask| {
             // The kept probabilities are read in place (no copy); recomputed when absent.
             let (kept, recomputed);
@@ -292,20 +310,20 @@ impl AttentionBwd {
                     kept.get::<T>(0)?
                 }
                 None => {
-                    recomputed = att_forward(q, k, None, mask, z, geo, self.scale, true).0;
+                    recomputed = att_forward(q, k, None, mask, z, self.scale, true).0;
                     &recomputed
                 }
             };
-            let spans = key_spans(mask, z, geo);
+            let spans = key_spans(mask, z);
             let nb = z.blocks();
-            let (nq, nk) = (bh * l * d, bh * t * d);
+            let (nq, nk) = z.lens();
             // ∂k and ∂v accumulate over query blocks: zeroed first.
             let mut out: Vec<T> = par_zeros(nq + 2 * nk);
             let base = SyncPtr(out.as_mut_ptr());
             let scale = T::from_f64(self.scale);
             with_slice::<T, _>(&self.grad, |go| {
                 (0..bh).into_par_iter().for_each(|i| {
-                    let mb = if geo.per_batch_mask { i / h } else { 0 };
+                    let mb = z.geo.mask_batch(i);
                     let mut gs: Vec<T> = Vec::with_capacity(ATT_BLOCK * t);
                     for blk in 0..nb {
                         let span = spans[mb * nb + blk];
@@ -396,13 +414,14 @@ impl Kernel for AttentionBwd {
     const NAME: &'static str = "fused-attention-bwd";
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
-        let z = att_dims(ins.shape(0), ins.shape(1), ins.shape(2))?;
-        if self.grad.dims() != [z.b * z.l, z.h * z.d] {
+        let z = AttDims::of(ins.shape(0), ins.shape(1), ins.shape(2), self.mask.shape())?;
+        let (rows, cols) = z.merged_dims();
+        if self.grad.dims() != [rows, cols] {
             bail!("attention backward: gradient {:?}", self.grad.shape());
         }
         let out = self.bwd(ins.get(0)?, ins.get(1)?, ins.get(2)?, z)?;
-        let n = z.b * z.h * (z.l + 2 * z.t) * z.d;
-        Ok((out, Shape::from(n)))
+        let (nq, nk) = z.lens();
+        Ok((out, Shape::from(nq + 2 * nk)))
     }
 }
 

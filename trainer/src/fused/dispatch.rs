@@ -115,78 +115,40 @@ impl<K: Kernel> Op<K> {
     }
 }
 
-impl<K: Kernel> CustomOp1 for Op<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
+/// The candle custom-op trait of one arity for [`Op`]: `cpu_fwd` runs the kernel
+/// ([`Op::run`]) on the storages, `bwd` returns [`Kernel::grads`] as candle's tuple (a lone
+/// `Option` for one input). One body for `CustomOp1/2/3`, which differ only in their arity.
+macro_rules! custom_op {
+    ($op:ident: $(($s:ident, $l:ident, $arg:ident, $g:ident)),+) => {
+        impl<K: Kernel> $op for Op<K> {
+            fn name(&self) -> &'static str {
+                K::NAME
+            }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run(&[(s, l)])
-    }
+            fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+                self.run(&[$(($s, $l)),+])
+            }
 
-    fn bwd(&self, a: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let [ga] = self.input_grads([a], res, grad)?;
-        Ok(ga)
-    }
+            #[allow(unused_parens, clippy::type_complexity)]
+            fn bwd(
+                &self,
+                $($arg: &Tensor,)+
+                res: &Tensor,
+                grad: &Tensor,
+            ) -> Result<($(custom_op!(@grad $g)),+)> {
+                let [$($g),+] = self.input_grads([$($arg),+], res, grad)?;
+                Ok(($($g),+))
+            }
+        }
+    };
+    (@grad $g:ident) => {
+        Option<Tensor>
+    };
 }
 
-impl<K: Kernel> CustomOp2 for Op<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run(&[(s1, l1), (s2, l2)])
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb] = self.input_grads([a, b], res, grad)?;
-        Ok((ga, gb))
-    }
-}
-
-impl<K: Kernel> CustomOp3 for Op<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run(&[(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [ga, gb, gc] = self.input_grads([a, b, c], res, grad)?;
-        Ok((ga, gb, gc))
-    }
-}
+custom_op!(CustomOp1: (s1, l1, a, ga));
+custom_op!(CustomOp2: (s1, l1, a, ga), (s2, l2, b, gb));
+custom_op!(CustomOp3: (s1, l1, a, ga), (s2, l2, b, gb), (s3, l3, c, gc));
 
 /// An in-place CPU kernel written once for f32 and f64: the first tensor's own data `dst`
 /// (of shape `shape`) is overwritten from the other inputs `srcs`; [`InPlace`] makes it a candle
@@ -221,49 +183,30 @@ impl<K: InPlaceKernel> InPlace<K> {
     }
 }
 
-impl<K: InPlaceKernel> InplaceOp1 for InPlace<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
+/// The candle in-place op trait of one arity for [`InPlace`]: the first storage is
+/// overwritten from the others ([`InPlace::run`]). One body for `InplaceOp1/2/3`.
+macro_rules! inplace_op {
+    ($op:ident: $dst:ident, $dl:ident $(, ($s:ident, $l:ident))*) => {
+        impl<K: InPlaceKernel> $op for InPlace<K> {
+            fn name(&self) -> &'static str {
+                K::NAME
+            }
 
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        self.run(s, l, &[])
-    }
+            fn cpu_fwd(
+                &self,
+                $dst: &mut CpuStorage,
+                $dl: &Layout
+                $(, $s: &CpuStorage, $l: &Layout)*
+            ) -> Result<()> {
+                self.run($dst, $dl, &[$(($s, $l)),*])
+            }
+        }
+    };
 }
 
-impl<K: InPlaceKernel> InplaceOp2 for InPlace<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        self.run(s1, l1, &[(s2, l2)])
-    }
-}
-
-impl<K: InPlaceKernel> InplaceOp3 for InPlace<K> {
-    fn name(&self) -> &'static str {
-        K::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<()> {
-        self.run(s1, l1, &[(s2, l2), (s3, l3)])
-    }
-}
+inplace_op!(InplaceOp1: s1, l1);
+inplace_op!(InplaceOp2: s1, l1, (s2, l2));
+inplace_op!(InplaceOp3: s1, l1, (s2, l2), (s3, l3));
 
 /// Rows handled by one rayon task at least (keeps tasks large enough to amortize scheduling).
 pub(crate) const MIN_ELEMS_PER_TASK: usize = 1 << 14;

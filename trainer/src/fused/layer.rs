@@ -28,6 +28,7 @@ use super::mlp::{gate_up_proj, SiluMul, SiluMulBwd};
 use super::norm::{norm_grad, RmsNorm};
 use super::real::Real;
 use super::sink::GradSink;
+use super::softmax::Geo;
 
 /// One layer's weights in Hugging Face's layout: norms `[H]`, projections `[out, in]`, no
 /// biases.
@@ -298,15 +299,14 @@ impl Layer {
         [n, hs, i, z.heads * z.head_dim, z.kv_heads * z.head_dim]
     }
 
-    fn att_dims(&self) -> AttDims {
+    /// The attention core's sizes: `l` queries and keys per sequence, under the layer's mask.
+    fn att_dims(&self) -> Result<AttDims> {
         let z = self.z;
-        AttDims {
-            b: z.b,
-            h: z.heads,
-            l: z.l,
-            t: z.l,
-            d: z.head_dim,
-        }
+        let geo = Geo::of(
+            &Shape::from((z.b, z.heads, z.l, z.l)),
+            self.att.mask.shape(),
+        )?;
+        Ok(AttDims { geo, d: z.head_dim })
     }
 
     /// `x3 = x2 + (silu(h2 w_gateᵀ) ⊙ h2 w_upᵀ) w_downᵀ`, `h2 = norm₂(x2)`,
@@ -342,7 +342,7 @@ impl Layer {
             probs: Mutex::new(None),
             keep,
         };
-        let att = att_op.fwd(&q, &k, &v, self.att_dims())?;
+        let att = att_op.fwd(&q, &k, &v, self.att_dims()?)?;
         let probs = att_op.probs.lock().ok().and_then(|mut p| p.take());
         let mut x2 = LinearAdd::fwd(&att, s(4)?, x, n, dq, hs);
         if let Some(ad) = &ads[O] {
@@ -452,7 +452,7 @@ impl Layer {
             probs: kept.probs.clone(),
             grad: Tensor::from_vec(datt, (n, dq), &candle_core::Device::Cpu)?,
         };
-        let dqkv = ab.bwd(k(1)?, k(2)?, k(3)?, self.att_dims())?;
+        let dqkv = ab.bwd(k(1)?, k(2)?, k(3)?, self.att_dims()?)?;
         drop(ab);
         let (gq, rest) = dqkv.split_at(z.b * z.heads * z.l * z.head_dim);
         let (gk, gv) = rest.split_at(rest.len() / 2);

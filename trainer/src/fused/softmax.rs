@@ -14,16 +14,22 @@ struct MaskedSoftmax {
     scale: f64,
 }
 
-/// Geometry: scores `[B, H, l, t]`, mask `[mb, 1, l, t]` with `mb ∈ {1, B}`.
+/// Geometry: scores `[B, H, l, t]`, mask `[mb, 1, l, t]` with `mb ∈ {1, B}`; built only by
+/// [`Geo::of`], which checks that the mask fits the scores.
 #[derive(Clone, Copy)]
 pub(super) struct Geo {
-    pub(super) h: usize,
-    pub(super) l: usize,
-    pub(super) t: usize,
-    pub(super) per_batch_mask: bool,
+    b: usize,
+    h: usize,
+    l: usize,
+    t: usize,
+    per_batch_mask: bool,
 }
 
 impl Geo {
+    /// The geometry of `scores` under `mask`.
+    ///
+    /// # Errors
+    /// A mask that is not `[B or 1, 1, l, t]` for scores `[B, H, l, t]`.
     pub(super) fn of(scores: &Shape, mask: &Shape) -> Result<Self> {
         let (b, h, l, t) = scores.dims4()?;
         let (mb, m1, ml, mt) = mask.dims4()?;
@@ -31,6 +37,7 @@ impl Geo {
             bail!("masked_softmax: mask {mask:?} for scores {scores:?}");
         }
         Ok(Geo {
+            b,
             h,
             l,
             t,
@@ -38,15 +45,32 @@ impl Geo {
         })
     }
 
-    /// Offset of the mask row for score row `r`.
-    pub(super) fn mask_row(&self, r: usize) -> usize {
-        let i = r % self.l;
-        let b = if self.per_batch_mask {
-            r / (self.h * self.l)
+    /// The scores' sizes `(B, H, l, t)`.
+    pub(super) fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.b, self.h, self.l, self.t)
+    }
+
+    /// The mask's batch entries in use: `B` for a mask per sequence, else 1.
+    pub(super) fn mask_batches(&self) -> usize {
+        if self.per_batch_mask {
+            self.b
+        } else {
+            1
+        }
+    }
+
+    /// The mask batch entry of head `i = (batch, head)`.
+    pub(super) fn mask_batch(&self, i: usize) -> usize {
+        if self.per_batch_mask {
+            i / self.h
         } else {
             0
-        };
-        (b * self.l + i) * self.t
+        }
+    }
+
+    /// Offset of the mask row for score row `r`.
+    pub(super) fn mask_row(&self, r: usize) -> usize {
+        (self.mask_batch(r / self.l) * self.l + r % self.l) * self.t
     }
 }
 
