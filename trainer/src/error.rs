@@ -196,9 +196,78 @@ pub enum Error {
         /// The last checkpoint written, kept intact.
         last_checkpoint: Option<PathBuf>,
     },
-    /// A GGUF file could not be imported (see [`crate::gguf`]).
-    #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    // A GGUF file that could not be imported ([`crate::gguf`]); each variant names the file.
+    /// Not a readable GGUF file (bad magic, truncated header, a tensor past the end).
+    #[error("{path}: not a valid GGUF file: {message}")]
+    GgufMalformed {
+        /// The file.
+        path: PathBuf,
+        /// What candle's reader or the import found.
+        message: String,
+    },
+    /// A GGUF file's `general.architecture` names a model family the importer does not map.
+    #[error("{path}: unsupported GGUF architecture `{found}`; supported: {}", crate::gguf::SUPPORTED_ARCHITECTURES.join(", "))]
+    GgufUnsupportedArchitecture {
+        /// The file.
+        path: PathBuf,
+        /// The architecture found.
+        found: String,
+    },
+    /// A GGUF tensor is stored in a GGML type candle cannot dequantize.
+    #[error("{path}: unsupported GGUF quantization: {detail}; supported: {}", crate::gguf::SUPPORTED_QUANTIZATIONS.join(", "))]
+    GgufUnsupportedQuantization {
+        /// The file.
+        path: PathBuf,
+        /// The type found (and the tensor, when known).
+        detail: String,
+    },
+    /// A GGUF metadata key the import needs is absent.
+    #[error("{path}: missing GGUF metadata key `{key}`")]
+    GgufMissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A GGUF metadata value has the wrong type or an impossible value.
+    #[error("{path}: GGUF metadata `{key}`: {message}")]
+    GgufBadKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// `tokenizer.ggml.pre` names a pre-tokenizer this importer does not know.
+    #[error(
+        "{path}: unknown GGUF pre-tokenizer `tokenizer.ggml.pre = {found}`; known: {}",
+        crate::gguf::known_pre_tokenizers()
+    )]
+    GgufUnknownPreTokenizer {
+        /// The file.
+        path: PathBuf,
+        /// The name found.
+        found: String,
+    },
+    /// `tokenizer.ggml.model` names a tokenizer model this importer does not rebuild.
+    #[error("{path}: unsupported GGUF tokenizer model `tokenizer.ggml.model = {found}`; supported: gpt2 (byte-level BPE), llama (SentencePiece BPE)")]
+    GgufUnsupportedTokenizer {
+        /// The file.
+        path: PathBuf,
+        /// The model found.
+        found: String,
+    },
+    /// A GGUF tensor is missing, unexpected or of the wrong shape for the metadata.
+    #[error("{path}: tensor `{name}`: {message}")]
+    GgufTensor {
+        /// The file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor operation failed (shape bug, unsupported dtype on a device, ...).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

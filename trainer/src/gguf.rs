@@ -7,7 +7,7 @@
 //! metadata, and `generation_config.json`.
 //!
 //! - Architectures: `general.architecture = llama` (Llama 2 and 3, Mistral, SmolLM, TinyLlama)
-//!   and `qwen2`; anything else is [`GgufError::UnsupportedArchitecture`].
+//!   and `qwen2`; anything else is [`Error::GgufUnsupportedArchitecture`].
 //! - The q/k row permutation: llama.cpp's converter reorders the rows of each head of
 //!   `q_proj` and `k_proj` for its interleaved RoPE ([`permute_for_gguf`]); the import undoes it
 //!   ([`unpermute_from_gguf`]). Qwen2 files are not permuted (llama.cpp uses NeoX RoPE there).
@@ -41,83 +41,6 @@ pub const CONVERTER_VERSION: u32 = 1;
 
 /// Name of the marker file [`resolve_model`] writes into a finished cache directory.
 pub const CACHE_MARKER: &str = "difinfo-gguf-source.json";
-
-/// A GGUF import failure. Every variant names the file.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum GgufError {
-    /// Not a readable GGUF file (bad magic, truncated header, a tensor past the end).
-    #[error("{path}: not a valid GGUF file: {message}")]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What candle's reader or the import found.
-        message: String,
-    },
-    /// `general.architecture` names a model family this importer does not map.
-    #[error("{path}: unsupported GGUF architecture `{found}`; supported: {}", SUPPORTED_ARCHITECTURES.join(", "))]
-    UnsupportedArchitecture {
-        /// The file.
-        path: PathBuf,
-        /// The architecture found.
-        found: String,
-    },
-    /// A tensor is stored in a GGML type candle cannot dequantize.
-    #[error("{path}: unsupported GGUF quantization: {detail}; supported: {}", SUPPORTED_QUANTIZATIONS.join(", "))]
-    UnsupportedQuantization {
-        /// The file.
-        path: PathBuf,
-        /// The type found (and the tensor, when known).
-        detail: String,
-    },
-    /// A metadata key the import needs is absent.
-    #[error("{path}: missing GGUF metadata key `{key}`")]
-    MissingKey {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-    },
-    /// A metadata value has the wrong type or an impossible value.
-    #[error("{path}: GGUF metadata `{key}`: {message}")]
-    BadKey {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// `tokenizer.ggml.pre` names a pre-tokenizer this importer does not know.
-    #[error(
-        "{path}: unknown GGUF pre-tokenizer `tokenizer.ggml.pre = {found}`; known: {}",
-        known_pre_tokenizers()
-    )]
-    UnknownPreTokenizer {
-        /// The file.
-        path: PathBuf,
-        /// The name found.
-        found: String,
-    },
-    /// `tokenizer.ggml.model` names a tokenizer model this importer does not rebuild.
-    #[error("{path}: unsupported GGUF tokenizer model `tokenizer.ggml.model = {found}`; supported: gpt2 (byte-level BPE), llama (SentencePiece BPE)")]
-    UnsupportedTokenizer {
-        /// The file.
-        path: PathBuf,
-        /// The model found.
-        found: String,
-    },
-    /// A tensor is missing, unexpected or of the wrong shape for the metadata.
-    #[error("{path}: tensor `{name}`: {message}")]
-    Tensor {
-        /// The file.
-        path: PathBuf,
-        /// The GGUF tensor name.
-        name: String,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// The `general.architecture` values this importer maps to Hugging Face models.
 pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
@@ -305,22 +228,22 @@ impl Meta<'_> {
         self.md.get(key)
     }
 
-    fn bad(&self, key: &str, message: impl Into<String>) -> GgufError {
-        GgufError::BadKey {
+    fn bad(&self, key: &str, message: impl Into<String>) -> Error {
+        Error::GgufBadKey {
             path: self.path.to_path_buf(),
             key: key.to_string(),
             message: message.into(),
         }
     }
 
-    fn missing(&self, key: &str) -> GgufError {
-        GgufError::MissingKey {
+    fn missing(&self, key: &str) -> Error {
+        Error::GgufMissingKey {
             path: self.path.to_path_buf(),
             key: key.to_string(),
         }
     }
 
-    fn opt_str(&self, key: &str) -> std::result::Result<Option<&str>, GgufError> {
+    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
             Some(GValue::String(s)) => Ok(Some(s)),
@@ -331,11 +254,11 @@ impl Meta<'_> {
         }
     }
 
-    fn str(&self, key: &str) -> std::result::Result<&str, GgufError> {
+    fn str(&self, key: &str) -> Result<&str> {
         self.opt_str(key)?.ok_or_else(|| self.missing(key))
     }
 
-    fn opt_uint(&self, key: &str) -> std::result::Result<Option<u64>, GgufError> {
+    fn opt_uint(&self, key: &str) -> Result<Option<u64>> {
         let v = match self.get(key) {
             None => return Ok(None),
             Some(v) => v,
@@ -361,7 +284,7 @@ impl Meta<'_> {
     }
 
     /// A positive size (at most 2^31, far above any real model's).
-    fn opt_size(&self, key: &str) -> std::result::Result<Option<usize>, GgufError> {
+    fn opt_size(&self, key: &str) -> Result<Option<usize>> {
         match self.opt_uint(key)? {
             None => Ok(None),
             Some(0) => Err(self.bad(key, "must be positive")),
@@ -370,12 +293,12 @@ impl Meta<'_> {
         }
     }
 
-    fn size(&self, key: &str) -> std::result::Result<usize, GgufError> {
+    fn size(&self, key: &str) -> Result<usize> {
         self.opt_size(key)?.ok_or_else(|| self.missing(key))
     }
 
     /// A token id below `vocab`.
-    fn opt_token_id(&self, key: &str, vocab: usize) -> std::result::Result<Option<u32>, GgufError> {
+    fn opt_token_id(&self, key: &str, vocab: usize) -> Result<Option<u32>> {
         match self.opt_uint(key)? {
             None => Ok(None),
             Some(n) if n < vocab as u64 => Ok(Some(n as u32)),
@@ -388,7 +311,7 @@ impl Meta<'_> {
 
     /// A float written as its shortest decimal form (an f32 `1e-5` becomes the f64 `1e-5`, as
     /// in the original config.json, not `9.999999747e-6`).
-    fn opt_f64(&self, key: &str) -> std::result::Result<Option<f64>, GgufError> {
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         let x = match self.get(key) {
             None => return Ok(None),
             Some(GValue::F32(x)) => format!("{x}").parse::<f64>().unwrap_or(f64::from(*x)),
@@ -404,7 +327,7 @@ impl Meta<'_> {
         }
     }
 
-    fn opt_bool(&self, key: &str) -> std::result::Result<Option<bool>, GgufError> {
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
             Some(GValue::Bool(b)) => Ok(Some(*b)),
@@ -415,7 +338,7 @@ impl Meta<'_> {
         }
     }
 
-    fn array(&self, key: &str) -> std::result::Result<Option<&Vec<GValue>>, GgufError> {
+    fn array(&self, key: &str) -> Result<Option<&Vec<GValue>>> {
         match self.get(key) {
             None => Ok(None),
             Some(GValue::Array(a)) => Ok(Some(a)),
@@ -426,7 +349,7 @@ impl Meta<'_> {
         }
     }
 
-    fn strings(&self, key: &str) -> std::result::Result<Option<Vec<&str>>, GgufError> {
+    fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
         let Some(a) = self.array(key)? else {
             return Ok(None);
         };
@@ -591,25 +514,23 @@ fn candle_message(e: &candle_core::Error) -> String {
     text.lines().next().unwrap_or_default().trim().to_string()
 }
 
-/// Reads the GGUF header of `reader`, mapping candle's errors to [`GgufError`].
-fn read_content<R: Read + Seek>(
-    reader: &mut R,
-    path: &Path,
-) -> std::result::Result<Content, GgufError> {
+/// Reads the GGUF header of `reader`, mapping candle's errors to [`Error::GgufMalformed`] or
+/// [`Error::GgufUnsupportedQuantization`].
+fn read_content<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Content> {
     Content::read(reader).map_err(|e| {
         let message = candle_message(&e);
         match message
             .strip_prefix("unknown dtype for tensor ")
             .and_then(|n| n.trim().parse::<u32>().ok())
         {
-            Some(id) => GgufError::UnsupportedQuantization {
+            Some(id) => Error::GgufUnsupportedQuantization {
                 path: path.to_path_buf(),
                 detail: format!(
                     "a tensor is stored as {} (GGML type {id})",
                     ggml_type_name(id)
                 ),
             },
-            None => GgufError::Malformed {
+            None => Error::GgufMalformed {
                 path: path.to_path_buf(),
                 message,
             },
@@ -658,7 +579,7 @@ fn llama3_scaling_from_factors(
 /// Reads and converts a GGUF file.
 ///
 /// # Errors
-/// [`GgufError`] (as [`Error`]) for malformed files, unsupported architectures, quantizations
+/// [`Error`]'s `Gguf…` variants for malformed files, unsupported architectures, quantizations
 /// or tokenizers, and tensors that do not match the metadata; I/O errors.
 pub fn import_file(path: &Path) -> Result<Imported> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -685,11 +606,10 @@ pub fn import<R: Read + Seek>(
         "llama" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         other => {
-            return Err(GgufError::UnsupportedArchitecture {
+            return Err(Error::GgufUnsupportedArchitecture {
                 path: path.to_path_buf(),
                 found: other.to_string(),
-            }
-            .into())
+            })
         }
     };
     let p = arch.prefix();
@@ -702,15 +622,13 @@ pub fn import<R: Read + Seek>(
         None => tok.vocab_len,
     };
     if vocab_size < tok.vocab_len {
-        return Err(meta
-            .bad(
-                &key("vocab_size"),
-                format!(
-                    "{vocab_size} is smaller than the tokenizer's {} tokens",
-                    tok.vocab_len
-                ),
-            )
-            .into());
+        return Err(meta.bad(
+            &key("vocab_size"),
+            format!(
+                "{vocab_size} is smaller than the tokenizer's {} tokens",
+                tok.vocab_len
+            ),
+        ));
     }
 
     // --- config
@@ -720,15 +638,13 @@ pub fn import<R: Read + Seek>(
     // Each layer has tensors of its own: a block count above the tensor count is a corrupt
     // header (and would size the expected-tensor list by it).
     if layers > content.tensor_infos.len() {
-        return Err(meta
-            .bad(
-                &key("block_count"),
-                format!(
-                    "{layers} layers but only {} tensors in the file",
-                    content.tensor_infos.len()
-                ),
-            )
-            .into());
+        return Err(meta.bad(
+            &key("block_count"),
+            format!(
+                "{layers} layers but only {} tensors in the file",
+                content.tensor_infos.len()
+            ),
+        ));
     }
     let heads = meta.size(&key("attention.head_count"))?;
     let kv_heads = meta
@@ -738,22 +654,20 @@ pub fn import<R: Read + Seek>(
         Some(d) => d,
         None if hidden % heads == 0 => hidden / heads,
         None => {
-            return Err(meta
-                .bad(
-                    &key("attention.head_count"),
-                    format!("{heads} heads do not divide the embedding length {hidden}"),
-                )
-                .into())
+            return Err(meta.bad(
+                &key("attention.head_count"),
+                format!("{heads} heads do not divide the embedding length {hidden}"),
+            ))
         }
     };
     if let Some(rot) = meta.opt_size(&key("rope.dimension_count"))? {
         if rot != head_dim {
-            return Err(meta
-                .bad(
-                    &key("rope.dimension_count"),
-                    format!("partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported"),
-                )
-                .into());
+            return Err(meta.bad(
+                &key("rope.dimension_count"),
+                format!(
+                    "partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported"
+                ),
+            ));
         }
     }
     let rope_theta = meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0);
@@ -774,20 +688,18 @@ pub fn import<R: Read + Seek>(
                 .bad(
                     &key("rope.scaling.type"),
                     format!("RoPE scaling `{other}` is not supported (supported: none, linear, Llama 3's via rope_freqs.weight)"),
-                )
-                .into())
+                ))
         }
     };
     let has = |n: &str| content.tensor_infos.contains_key(n);
     let tie = !has("output.weight");
     let qkv_bias = has("blk.0.attn_q.bias");
     if arch == Arch::Qwen2 && !qkv_bias {
-        return Err(GgufError::Tensor {
+        return Err(Error::GgufTensor {
             path: path.to_path_buf(),
             name: "blk.0.attn_q.bias".into(),
             message: "missing (Qwen2 has biases on q, k, v)".into(),
-        }
-        .into());
+        });
     }
     let o_bias = has("blk.0.attn_output.bias");
     let mlp_bias = has("blk.0.ffn_up.bias");
@@ -820,12 +732,11 @@ pub fn import<R: Read + Seek>(
         // rope_freqs.weight (Llama 3.1+): the scaling is read after the tensors below.
         if let Some(info) = content.tensor_infos.get("rope_freqs.weight") {
             if info.shape.dims() != [head_dim / 2] {
-                return Err(GgufError::Tensor {
+                return Err(Error::GgufTensor {
                     path: path.to_path_buf(),
                     name: "rope_freqs.weight".into(),
                     message: format!("shape {:?}, expected [{}]", info.shape.dims(), head_dim / 2),
-                }
-                .into());
+                });
             }
             let factors = content
                 .tensor(reader, "rope_freqs.weight", &Device::Cpu)
@@ -833,14 +744,14 @@ pub fn import<R: Read + Seek>(
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_dtype(DType::F32))
                 .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| GgufError::Tensor {
+                .map_err(|e| Error::GgufTensor {
                     path: path.to_path_buf(),
                     name: "rope_freqs.weight".into(),
                     message: candle_message(&e),
                 })?;
             rope_scaling = Some(
                 llama3_scaling_from_factors(&factors, head_dim, rope_theta).ok_or_else(|| {
-                    GgufError::Tensor {
+                    Error::GgufTensor {
                         path: path.to_path_buf(),
                         name: "rope_freqs.weight".into(),
                         message: "frequency factors that match no known Llama 3 RoPE scaling"
@@ -863,18 +774,17 @@ pub fn import<R: Read + Seek>(
         j
     };
     let config = ModelConfig::from_json_str(&config_json.to_string(), path).map_err(|e| {
-        GgufError::Malformed {
+        Error::GgufMalformed {
             path: path.to_path_buf(),
             message: format!("the metadata gives an invalid configuration: {e}"),
         }
     })?;
     if o_bias && !qkv_bias {
-        return Err(GgufError::Tensor {
+        return Err(Error::GgufTensor {
             path: path.to_path_buf(),
             name: "blk.0.attn_output.bias".into(),
             message: "an output-projection bias without q/k/v biases is not supported".into(),
-        }
-        .into());
+        });
     }
 
     // --- tensors
@@ -885,7 +795,7 @@ pub fn import<R: Read + Seek>(
     let total = names.len();
     for (i, name) in names.into_iter().enumerate() {
         let info = &content.tensor_infos[name];
-        let terr = |message: String| GgufError::Tensor {
+        let terr = |message: String| Error::GgufTensor {
             path: path.to_path_buf(),
             name: name.clone(),
             message,
@@ -897,19 +807,17 @@ pub fn import<R: Read + Seek>(
         let Some((hf, perm)) = hf_name(name, arch, heads, kv_heads) else {
             return Err(terr(format!(
                 "no Hugging Face name for it in a `{arch_name}` model"
-            ))
-            .into());
+            )));
         };
         let Some(shape) = expected.get(&hf) else {
-            return Err(terr(format!("`{hf}` is not part of this configuration")).into());
+            return Err(terr(format!("`{hf}` is not part of this configuration")));
         };
         // Checked before any data is read: the shape bounds the bytes candle allocates.
         if info.shape.dims() != shape.as_slice() {
             return Err(terr(format!(
                 "shape {:?}, the metadata implies {shape:?} (`{hf}`)",
                 info.shape.dims()
-            ))
-            .into());
+            )));
         }
         let t = content
             .tensor(reader, name, &Device::Cpu)
@@ -925,12 +833,11 @@ pub fn import<R: Read + Seek>(
     }
     for hf in expected.keys() {
         if !tensors.contains_key(hf) {
-            return Err(GgufError::Tensor {
+            return Err(Error::GgufTensor {
                 path: path.to_path_buf(),
                 name: hf.clone(),
                 message: "missing from the file (no GGUF tensor maps to it)".into(),
-            }
-            .into());
+            });
         }
     }
 
@@ -1045,7 +952,7 @@ fn spm_merges(tokens: &[&str], scores: &[f32]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn build_tokenizer(meta: &Meta) -> std::result::Result<BuiltTokenizer, GgufError> {
+fn build_tokenizer(meta: &Meta) -> Result<BuiltTokenizer> {
     let model = meta.str("tokenizer.ggml.model")?;
     let tokens = meta
         .strings("tokenizer.ggml.tokens")?
@@ -1102,7 +1009,7 @@ fn build_tokenizer(meta: &Meta) -> std::result::Result<BuiltTokenizer, GgufError
         "gpt2" => false,
         "llama" => true,
         other => {
-            return Err(GgufError::UnsupportedTokenizer {
+            return Err(Error::GgufUnsupportedTokenizer {
                 path: meta.path.to_path_buf(),
                 found: other.to_string(),
             })
@@ -1244,7 +1151,7 @@ fn build_tokenizer(meta: &Meta) -> std::result::Result<BuiltTokenizer, GgufError
     } else {
         let pre_name = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let family = PreTokenizerFamily::from_name(pre_name).ok_or_else(|| {
-            GgufError::UnknownPreTokenizer {
+            Error::GgufUnknownPreTokenizer {
                 path: meta.path.to_path_buf(),
                 found: pre_name.to_string(),
             }
@@ -1264,7 +1171,7 @@ fn build_tokenizer(meta: &Meta) -> std::result::Result<BuiltTokenizer, GgufError
                 })?;
                 Ok(json!([a, b]))
             })
-            .collect::<std::result::Result<_, GgufError>>()?;
+            .collect::<Result<_>>()?;
         let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
         let json = json!({
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,

@@ -54,8 +54,8 @@ impl Dataset {
     ///
     /// # Errors
     /// The first offending example, by index and side.
-    pub fn validate(&self, whole_sequence: bool) -> crate::train::error::Result<()> {
-        let check = |s: &Sequence, what: String| -> crate::train::error::Result<()> {
+    pub fn validate(&self, whole_sequence: bool) -> crate::Result<()> {
+        let check = |s: &Sequence, what: String| -> crate::Result<()> {
             let n = if whole_sequence {
                 s.ids.len().saturating_sub(1)
             } else {

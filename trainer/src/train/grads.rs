@@ -9,7 +9,7 @@ use difinfo::dpo_pg::InnerProduct;
 
 pub mod reduce;
 
-use crate::train::error::{Result, TrainError};
+use crate::error::{Error, Result};
 use crate::train::policy::scalar_f64;
 
 /// One gradient per variable, in the variables' (sorted-name) order, held in f32 (f64 for f64
@@ -176,7 +176,7 @@ impl Grads {
 
 fn check_len(a: &Grads, b: &Grads) -> Result<()> {
     if a.0.len() != b.0.len() {
-        return Err(TrainError::InvalidArgument(format!(
+        return Err(Error::InvalidArgument(format!(
             "gradient lists of {} and {} variables",
             a.0.len(),
             b.0.len()
@@ -201,7 +201,7 @@ pub struct ProjectionStats {
 /// the fused parallel kernel [`reduce::sub_scaled`] (candle's ops elsewhere).
 impl InnerProduct for Grads {
     type Coef = f64;
-    type Error = TrainError;
+    type Error = Error;
 
     fn dot(&self, y: &Self) -> Result<f64> {
         Grads::dot(self, y)

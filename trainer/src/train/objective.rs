@@ -20,7 +20,7 @@ use difinfo::objective::{LossType, Objective};
 use difinfo::reward::side;
 use difinfo::scalar::{Arith, Real};
 
-use crate::train::error::Result;
+use crate::error::Result;
 use crate::train::policy::{scalar_f64, SeqLogps};
 
 /// A batch of values as a `[B]` tensor (a scalar tensor after `mean` or `sum`, which then

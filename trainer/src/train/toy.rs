@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::batch::Batch;
-use crate::train::error::Result;
+use crate::error::Result;
 use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::rng::SplitMix64;
 
