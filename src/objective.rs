@@ -37,7 +37,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// TRL 1.x's `DPOTrainer` loss types (`DPOConfig.loss_type`); formulas in [`crate::loss`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", value(rename_all = "snake_case"))]
 pub enum LossType {
     /// DPO: `−log σ(β Δ)`; with label smoothing ε conservative DPO.
     Sigmoid,
@@ -168,7 +170,9 @@ impl FromStr for LossType {
 /// TRL's `f_divergence_type`: the function `f` the scores apply to the log-ratios `u`
 /// (f-DPO, Wang et al. 2023; formulas in [`crate::reward::score`]; TRL 1.16's forms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "clap", value(rename_all = "snake_case"))]
 pub enum FDivergence {
     /// `f(u) = u` (standard DPO).
     #[default]
@@ -211,19 +215,24 @@ impl FromStr for FDivergence {
     }
 }
 
-/// What is optimized.
+/// What is optimized. On a command line (the `clap` feature) the preference rules only:
+/// `sft` is a command of its own there, as in TRL (`SFTTrainer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Rule {
     /// Token-level NLL (TRL's `SFTTrainer`).
     #[serde(rename = "sft")]
+    #[cfg_attr(feature = "clap", value(skip))]
     Sft,
     /// The preference loss `Σ_k w_k mean ℓ_k` (TRL's `DPOTrainer`).
     #[default]
     #[serde(rename = "dpo")]
+    #[cfg_attr(feature = "clap", value(name = "dpo"))]
     Preference,
-    /// DPO-PG (Appendix H): the chosen NLL's gradient projected off the rejected NLL's; the
-    /// preference loss is computed for logging only.
+    /// DPO-PG (Appendix H): a step along the chosen NLL's gradient projected off the rejected
+    /// NLL's; the preference loss is computed for logging only.
     #[serde(rename = "dpo-pg")]
+    #[cfg_attr(feature = "clap", value(name = "dpo-pg"))]
     ProjectedGradient,
 }
 
@@ -317,36 +326,66 @@ pub enum ObjectiveError {
 
 /// The fields of an [`Objective`] as written in a TOML file or on the command line: TRL's
 /// `DPOConfig` names and defaults, plus `objective` (the rule) and TRL 0.x's `reference_free`
-/// and `rpo_alpha`. Plain data with [`Default`]; [`Objective::new`] validates it.
+/// and `rpo_alpha`. Plain data with [`Default`] (the one place of the defaults);
+/// [`Objective::new`] validates it.
+///
+/// With the `clap` feature it is also the command line's definition (`--loss-type`,
+/// `--beta`, …, each field's doc its help); the attributes carry no defaults: a front end sets
+/// them from a default value (the trainer's `dpo` from `ObjectiveSpec::default()`), so each
+/// default is written once, here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(default)]
 pub struct ObjectiveSpec {
-    /// `sft`, `dpo` or `dpo-pg`. Default `dpo`.
+    /// The rule: dpo, the preference loss; dpo-pg, DPO-PG (Appendix H), a step along the chosen
+    /// NLL's gradient projected off the rejected NLL's (the loss is still logged). Not a TRL
+    /// option: TRL has one trainer class per rule.
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub objective: Rule,
-    /// One loss type or a list (TRL's `loss_type`, e.g. `["sigmoid", "sft"]`). Default
-    /// `sigmoid`.
+    /// TRL's loss types, one or a list (comma-separated on the command line, e.g.
+    /// sigmoid,sft), combined with the loss weights.
     #[serde(deserialize_with = "one_or_many", serialize_with = "one_or_many_ser")]
+    #[cfg_attr(feature = "clap", arg(long, value_enum, value_delimiter = ','))]
     pub loss_type: Vec<LossType>,
-    /// Weights of the loss types (TRL's `loss_weights`); default all 1.
+    /// Weights of the loss types (TRL's loss_weights) [default: 1 each]
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            value_delimiter = ',',
+            value_name = "W,...",
+            allow_negative_numbers = true
+        )
+    )]
     pub loss_weights: Option<Vec<f64>>,
-    /// β. Default 0.1.
+    /// β, the inverse temperature of the rewards.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub beta: f64,
-    /// Reward `β f(log π)` without a reference (TRL 0.x's `reference_free`; the DID
-    /// estimator of Appendix K). Default false.
+    /// The reward β f(log π) without a reference (TRL 0.x's reference_free; the DID estimator
+    /// of Appendix K).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)
+    )]
     pub reference_free: bool,
-    /// ε: the label-flip probability of conservative DPO (`sigmoid`), Robust DPO and AOT, EXO's
-    /// smoothing. Default 0.
+    /// Label smoothing ε ∈ [0, 0.5]: the label-flip probability of conservative DPO (sigmoid),
+    /// Robust DPO (ε < 0.5) and AOT, EXO's smoothing (exo_pair, ε > 0).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub label_smoothing: f64,
-    /// RPO's α (TRL 0.x's `rpo_alpha`): the same as adding the `sft` loss type with weight α.
-    /// Default none.
+    /// RPO's α (TRL 0.x's rpo_alpha): α times the mean NLL per chosen completion token added
+    /// to the loss, i.e. the sft loss type with weight α (logged as nll_loss) [default: none]
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "ALPHA"))]
     pub rpo_alpha: Option<f64>,
-    /// The f-divergence of the scores. Default `reverse_kl`.
+    /// The f-divergence of the scores (f-DPO; TRL's f_divergence_type).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
     pub f_divergence_type: FDivergence,
-    /// α of the α-divergence. Default 0.5 (TRL's).
+    /// α of the α-divergence (TRL's f_alpha_divergence_coef).
+    #[cfg_attr(feature = "clap", arg(long, allow_negative_numbers = true))]
     pub f_alpha_divergence_coef: f64,
-    /// DiscoPOP's τ. Default 0.05 (TRL's, the paper's).
+    /// DiscoPOP's τ (TRL's discopop_tau, the paper's).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub discopop_tau: f64,
 }
 

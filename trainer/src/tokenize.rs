@@ -339,8 +339,10 @@ impl TokenizerBundle {
 pub enum TruncationMode {
     /// Keep the first tokens.
     #[default]
+    #[value(alias = "keep_start")]
     KeepStart,
     /// Keep the last tokens.
+    #[value(alias = "keep_end")]
     KeepEnd,
 }
 
@@ -365,6 +367,28 @@ pub enum CompletionBoundary {
     /// At the prompt's token count, TRL's literal `ids[len(prompt_ids):]` (on a mismatch the
     /// model sees the prompt's tokens followed by that slice).
     PromptLength,
+}
+
+/// How a dataset's text becomes token ids, besides the length limits: the tokenizer pipeline,
+/// the end of an over-long prompt that is kept and where a completion starts. Options of
+/// `logps` and of the training commands (recorded in a run's `run_args.json`); each default is
+/// its enum's `Default`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::Args,
+)]
+#[serde(default)]
+pub struct TokenizerOptions {
+    /// Which end of an over-long prompt to keep.
+    #[arg(long, value_enum, default_value_t)]
+    pub truncation_mode: TruncationMode,
+    /// Where a completion starts: the common token prefix of prompt and prompt + completion,
+    /// or the prompt's token count (TRL's literal slice).
+    #[arg(long, value_enum, default_value_t)]
+    pub completion_boundary: CompletionBoundary,
+    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
+    /// builds for its tokenizer_class (TRL's ids under transformers 5).
+    #[arg(long, value_enum, default_value_t)]
+    pub tokenizer_compat: crate::provenance::TokenizerCompat,
 }
 
 /// Tokenization settings.

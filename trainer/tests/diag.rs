@@ -296,7 +296,7 @@ fn app_k1_beta_fits_are_undetermined_when_pi_equals_reference() {
 #[test]
 fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
     use difinfo::beta_accuracy::BetaFit;
-    use difinfo_trainer::commands::did_entropy::{pipeline as run, DidEntropyArgs, EstimatorArgs};
+    use difinfo_trainer::commands::did_entropy::{pipeline as run, DidEntropyArgs};
     use difinfo_trainer::diag::did_entropy::{
         PairDecoding, Stage, PAIRS_FILE, REPORT_FILE, SAMPLES_FILE,
     };
@@ -306,32 +306,32 @@ fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
     let tmp = common::TempDir::new();
     let prompts = common::write_lines(&tmp, "prompts.jsonl", &[r#"{"prompt": "The cat"}"#]);
     let out = tmp.join("run");
-    let args = DidEntropyArgs {
+    let mut args = DidEntropyArgs {
         policy: model_dir.path().to_path_buf(),
         reference: model_dir.path().to_path_buf(),
         prompts,
         eval_prompts: None,
-        output_dir: out.clone(),
         decoding: PairDecoding::Sample,
         pairs_per_prompt: 4096,
         temperature: 1.0,
         max_new_tokens: 1,
-        max_prompt_length: 0,
         samples: 16,
         beta_samples: 4,
-        seed: 3,
         device: "cpu".into(),
         config: None,
-        overwrite_output_dir: false,
-        estimator: EstimatorArgs {
-            learning_rate: Some(3e-3),
-            warmup_steps: Some(0),
-            num_train_epochs: Some(8.0),
-            per_device_train_batch_size: Some(256),
-            gradient_accumulation_steps: Some(1),
-            ..Default::default()
+        // The training options given on the command line, as TOML keys.
+        options: toml::toml! {
+            max_prompt_length = 0
+            seed = 3
+            learning_rate = 3e-3
+            warmup_steps = 0
+            num_train_epochs = 8.0
+            per_device_train_batch_size = 256
+            gradient_accumulation_steps = 1
         },
     };
+    args.options
+        .insert("output_dir".into(), out.display().to_string().into());
     let mut stages = Vec::new();
     let r = run(&args, &mut |s, done, total| stages.push((s, done, total))).unwrap();
     assert_eq!(stages, [(Stage::Pairs, 1, 1), (Stage::Evaluate, 1, 1)]);
@@ -398,7 +398,7 @@ fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
 /// and an output directory holding an earlier run.
 #[test]
 fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
-    use difinfo_trainer::commands::did_entropy::{pipeline as run, DidEntropyArgs, EstimatorArgs};
+    use difinfo_trainer::commands::did_entropy::{pipeline as run, DidEntropyArgs};
     use difinfo_trainer::diag::did_entropy::PairDecoding;
     let tmp = common::TempDir::new();
     let cfg = common::write_lines(&tmp, "k.toml", &["beta = 0.5"]);
@@ -407,20 +407,18 @@ fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
         reference: tmp.join("no-such-reference"),
         prompts: tmp.join("no-such-prompts.jsonl"),
         eval_prompts: None,
-        output_dir: tmp.join("run"),
         decoding: PairDecoding::Greedy,
         pairs_per_prompt: 1,
         temperature: 1.0,
         max_new_tokens: 4,
-        max_prompt_length: 0,
         samples: 8,
         beta_samples: 4,
-        seed: 0,
         device: "cpu".into(),
         config: Some(cfg),
-        overwrite_output_dir: false,
-        estimator: EstimatorArgs::default(),
+        options: toml::toml! { seed = 0 },
     };
+    let run_dir = tmp.join("run").display().to_string();
+    args.options.insert("output_dir".into(), run_dir.into());
     let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
     assert!(e.contains("β = 0.5") && e.contains("ref-free"), "{e}");
     args.config = None;
@@ -435,7 +433,8 @@ fn app_k_did_entropy_refuses_other_betas_and_earlier_runs() {
         e.contains("pairs.jsonl") && e.contains("--overwrite-output-dir"),
         "{e}"
     );
-    args.overwrite_output_dir = true;
+    args.options
+        .insert("overwrite_output_dir".into(), true.into());
     let e = run(&args, &mut |_, _, _| {}).unwrap_err().to_string();
     assert!(e.contains("no-such-reference"), "{e}");
 }

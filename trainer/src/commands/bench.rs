@@ -13,17 +13,21 @@ use candle_core::{Device, Tensor, Var};
 use clap::Args;
 
 use crate::checkpoint::{load_model, parse_dtype};
+use crate::commands::training::training_options;
 use crate::init::{random_tensors, size_config, ModelSize};
 use crate::model::Model;
 use crate::train::adapter::TrainModel;
+use crate::train::config::MemoryOptions;
 use crate::train::rng::SplitMix64;
 use crate::train::{
-    Batch, Dataset, Examples, Objective, PolicyModel, PreferencePair, SchedulerType, SeqLogps,
-    Sequence, TrainConfig, Trainer,
+    Batch, Dataset, Examples, Objective, OptimizerKind, PolicyModel, PreferencePair, SchedulerType,
+    SeqLogps, Sequence, TrainConfig, Trainer,
 };
 
-/// `difinfo-train bench`.
+/// `difinfo-train bench`: `--optim` and the memory options are the training commands' (their
+/// defaults [`TrainConfig`]'s).
 #[derive(Args, Debug, Clone)]
+#[command(mut_args = training_options(&TrainConfig::default(), &[]))]
 pub struct BenchArgs {
     /// Checkpoint directory [default: a random Llama of --size, built in memory]
     #[arg(long, value_name = "DIR")]
@@ -47,9 +51,9 @@ pub struct BenchArgs {
     /// Untimed warm-up steps
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Optimizer
-    #[arg(long, default_value = "adamw", value_parser = ["sgd", "rmsprop", "adamw"])]
-    pub optim: String,
+    /// Optimizer (the training commands' --optim)
+    #[arg(long, value_enum)]
+    pub optim: OptimizerKind,
     /// Parameter dtype
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -61,7 +65,7 @@ pub struct BenchArgs {
     pub bf16: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub scale: crate::commands::training::ScaleArgs,
+    pub memory: MemoryOptions,
 }
 
 /// The model under a bench: checkpoints are not written (not part of a step).
@@ -296,7 +300,7 @@ pub fn bench_objective(
         objective,
         output_dir: out.clone(),
         learning_rate: 1e-6,
-        optim: a.optim.parse().map_err(crate::Error::InvalidArgument)?,
+        optim: a.optim,
         lr_scheduler_type: SchedulerType::Constant,
         per_device_train_batch_size: a.batch,
         max_steps: steps as i64,
@@ -370,18 +374,18 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
     if a.bf16 {
         model.set_compute_dtype(candle_core::DType::BF16)?;
     }
-    a.scale.apply_to(&mut model, 42)?;
+    a.memory.apply_to(&mut model, 42)?;
     let params = model.num_parameters();
     let tm = TrainModel::new(model, PathBuf::from("<bench>"), dtype);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let peak = peak_flops(&device);
-    let memory = match (a.scale.use_peft, a.scale.gradient_checkpointing) {
+    let memory = match (a.memory.use_peft, a.memory.gradient_checkpointing) {
         (false, false) => "full".to_string(),
         (false, true) => "full + ckpt".to_string(),
         (true, c) => format!(
             "LoRA r{} {}{}",
-            a.scale.lora_r,
-            a.scale.lora_target_modules.join("+"),
+            a.memory.lora_r,
+            a.memory.lora_target_modules.join("+"),
             if c { " + ckpt" } else { "" }
         ),
     };
@@ -400,7 +404,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",
             params as f64 / 1e6,
             r.objective,
-            a.optim,
+            a.optim.name(),
             if a.bf16 { format!("{dtype:?}+bf16") } else { format!("{dtype:?}") },
             a.device,
             a.batch,

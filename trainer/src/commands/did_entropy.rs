@@ -4,10 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::{ArgAction, Args, ValueEnum};
+use clap::{ArgMatches, Args, ValueEnum};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::Serialize;
 
 use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
 use difinfo::objective::{FDivergence, LossType, Rule};
@@ -15,6 +14,9 @@ use difinfo::objective::{FDivergence, LossType, Rule};
 use crate::checkpoint::load_model;
 use crate::commands::shared::{progress, report_stats, usage};
 use crate::commands::training::train_on;
+use crate::commands::training::{
+    command_line_table, refuse_hidden, training_options, REFERENCE_OPTIONS, SFT_OPTIONS,
+};
 use crate::diag::beta_accuracy::prompt_fit;
 use crate::diag::did_entropy::{
     estimator_defaults, sample_pairs, DidEntropyReport, OverallEntropy, PairDecoding, PromptDid,
@@ -24,9 +26,10 @@ use crate::diag::entropy::{prompt_entropy, PromptEntropy};
 use crate::generate::SamplingParams;
 use crate::io::{write_json, write_jsonl};
 use crate::model::Model;
-use crate::tokenize::{load_prompts, CompletionBoundary, TokenizerBundle, TruncationMode};
+use crate::tokenize::{load_prompts, TokenizerBundle};
 use crate::train::config::merge_onto;
-use crate::train::run::{Resolved, RunRecord};
+use crate::train::run::{Resolved, RunRecord, RunSettings};
+use crate::train::TrainConfig;
 use crate::train::{Dataset, Examples, PreferencePair, Sequence};
 use crate::Result;
 
@@ -46,50 +49,34 @@ impl ValueEnum for PairDecoding {
     }
 }
 
-/// Options of the estimator's training, named as TRL's config fields; unset ones keep
-/// Appendix K's values ([`estimator_defaults`]) or the `--config` file's.
-#[derive(Args, Debug, Clone, Default, Serialize)]
-pub struct EstimatorArgs {
-    /// Peak learning rate of π̂ [default: 1e-6, Appendix K]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub learning_rate: Option<f64>,
-    /// Optimizer of π̂: sgd, rmsprop, adamw [default: rmsprop, Appendix K]
-    #[arg(long, value_parser = ["sgd", "rmsprop", "adamw", "adamw_torch"])]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub optim: Option<String>,
-    /// Learning-rate schedule of π̂ [default: constant_with_warmup]
-    #[arg(long, value_parser = ["constant", "constant_with_warmup", "linear", "cosine"])]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lr_scheduler_type: Option<String>,
-    /// Linear warm-up steps of π̂ [default: 150, Appendix K]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warmup_steps: Option<usize>,
-    /// Epochs over the pairs [default: 1]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub num_train_epochs: Option<f64>,
-    /// Optimizer steps; overrides --num-train-epochs when positive [default: -1]
-    #[arg(long, allow_negative_numbers = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_steps: Option<i64>,
-    /// Pairs per micro-batch [default: 8]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub per_device_train_batch_size: Option<usize>,
-    /// Micro-batches per step [default: 8, an effective batch of 64 as in Appendix K]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gradient_accumulation_steps: Option<usize>,
-    /// Global gradient-norm clipping (0 disables) [default: 1.0]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_grad_norm: Option<f64>,
-    /// Log the estimator's metrics every N steps [default: 10]
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub logging_steps: Option<usize>,
+/// The run directory `did-entropy` writes by default (the estimator trains in its
+/// `estimator/`).
+pub const DEFAULT_OUTPUT_DIR: &str = "runs/did-entropy";
+
+/// Training options `did-entropy` does not read: the reference pass's (π̂'s reward is
+/// reference-free) and SFT's.
+const NOT_READ: [&str; 4] = [
+    REFERENCE_OPTIONS[0],
+    REFERENCE_OPTIONS[1],
+    REFERENCE_OPTIONS[2],
+    SFT_OPTIONS[0],
+];
+
+/// `difinfo-train did-entropy` as parsed: the pipeline's options and the training commands'
+/// options ([`TrainConfig`]) with Appendix K's defaults ([`estimator_defaults`]): the
+/// estimator's training (`--learning-rate`, `--optim`, `--per-device-train-batch-size`, LoRA,
+/// ...) and the run's `--output-dir` (the estimator trains in its `estimator/`), `--seed` (of
+/// the pairs, the data order and the evaluation samples), `--overwrite-output-dir` and
+/// `--max-prompt-length` (the prompts keep their end).
+#[derive(Args, Debug, Clone)]
+#[command(mut_args = training_options(&estimator_defaults(Path::new(DEFAULT_OUTPUT_DIR)), &NOT_READ))]
+pub struct DidEntropyCommand {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub args: DidEntropyArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: TrainConfig,
 }
 
 /// `difinfo-train did-entropy`: Appendix K's DID entropy pipeline.
@@ -108,9 +95,6 @@ pub struct DidEntropyArgs {
     /// Unseen prompts on which the entropies and β fits are measured [default: --prompts]
     #[arg(long, value_name = "FILE")]
     pub eval_prompts: Option<PathBuf>,
-    /// Run directory for every artifact.
-    #[arg(long, default_value = "runs/did-entropy")]
-    pub output_dir: PathBuf,
     /// Pair completions: sampled, or greedy (the paper's Table 2; one pair per prompt).
     #[arg(long, value_enum, default_value_t = PairDecoding::Sample)]
     pub decoding: PairDecoding,
@@ -123,30 +107,23 @@ pub struct DidEntropyArgs {
     /// Most new tokens per completion (pairs, entropy samples and β samples).
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Longest prompt in tokens, keeping its end (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub max_prompt_length: usize,
     /// Monte Carlo samples per evaluation prompt and model for the entropies (K ≥ 2).
     #[arg(long, default_value_t = 32)]
     pub samples: usize,
     /// Samples per evaluation prompt for π̂'s β fit (Appendix K.1 uses 4).
     #[arg(long, default_value_t = 4)]
     pub beta_samples: usize,
-    /// Seed of the pairs, the estimator's data order and the evaluation samples.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// TOML file of the estimator's training options (TRL field names; the command line wins).
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
-    /// Replace the artifacts of an earlier run in --output-dir instead of refusing to start.
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub overwrite_output_dir: bool,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub estimator: EstimatorArgs,
+    /// The training options given on the command line ([`TrainConfig`]'s TOML keys: the
+    /// run's `output_dir`, `seed`, `overwrite_output_dir`, `max_prompt_length` and the
+    /// estimator's training), over Appendix K's defaults and the `--config` file's.
+    #[arg(skip)]
+    pub options: toml::Table,
 }
 
 /// An independent random stream for one purpose of the run.
@@ -166,6 +143,20 @@ fn sample_row(
     })
 }
 
+/// The run's options: Appendix K's defaults ([`estimator_defaults`], the output directory
+/// [`DEFAULT_OUTPUT_DIR`]), overridden by the `--config` file's, overridden by those given on
+/// the command line (`args.options`).
+///
+/// # Errors
+/// An unreadable or invalid file, an option out of range.
+pub fn resolve(args: &DidEntropyArgs) -> crate::Result<TrainConfig> {
+    merge_onto(
+        &estimator_defaults(Path::new(DEFAULT_OUTPUT_DIR)),
+        args.config.as_deref(),
+        &args.options,
+    )
+}
+
 /// Runs the pipeline; `progress(stage, done, total)` is called after each prompt.
 ///
 /// # Errors
@@ -177,7 +168,6 @@ pub fn pipeline(
     args: &DidEntropyArgs,
     progress: &mut dyn FnMut(Stage, usize, usize),
 ) -> crate::Result<DidEntropyReport> {
-    let out = &args.output_dir;
     if args.samples < 2 {
         return usage(format!("--samples must be ≥ 2, got {}", args.samples));
     }
@@ -190,12 +180,10 @@ pub fn pipeline(
             args.beta_samples, args.max_new_tokens
         ));
     }
+    let mut config = resolve(args)?;
+    let out = &config.output_dir.clone();
     let est_dir = out.join(ESTIMATOR_DIR);
-    let mut config = merge_onto(
-        &estimator_defaults(&est_dir),
-        args.config.as_deref(),
-        &args.estimator,
-    )?;
+    let seed = config.seed;
     // Nothing is read or removed before the outputs are known to spare every input.
     crate::io::check_output_dir("--output-dir", out)?;
     let files: Vec<(&str, &Path)> = [
@@ -217,7 +205,7 @@ pub fn pipeline(
         .map(|f| out.join(f))
         .find(|p| p.exists());
     if let Some(p) = earlier {
-        if !args.overwrite_output_dir {
+        if !config.overwrite_output_dir {
             return usage(format!(
                 "{} exists (an earlier did-entropy run): choose another --output-dir or pass --overwrite-output-dir",
                 p.display()
@@ -250,12 +238,10 @@ pub fn pipeline(
         ));
     }
     config.output_dir = est_dir.clone();
-    config.seed = args.seed;
-    config.overwrite_output_dir = args.overwrite_output_dir;
 
     let device = crate::parse_device(&args.device)?;
     let bundle = TokenizerBundle::load(&args.reference)?;
-    let limit = (args.max_prompt_length > 0).then_some(args.max_prompt_length);
+    let limit = (config.max_prompt_length > 0).then_some(config.max_prompt_length);
     let train_prompts = load_prompts(&bundle, &args.prompts, limit, false)?;
     report_stats(&args.prompts, &train_prompts.stats, None);
     let eval_own = match &args.eval_prompts {
@@ -279,7 +265,7 @@ pub fn pipeline(
                 m_ref.config().vocab_size
             ));
         }
-        let (mut rw, mut rl) = (stream(args.seed, 1), stream(args.seed, 2));
+        let (mut rw, mut rl) = (stream(seed, 1), stream(seed, 2));
         let n = train_prompts.examples.len();
         let mut pairs = Vec::new();
         for (i, ex) in train_prompts.examples.iter().enumerate() {
@@ -353,15 +339,11 @@ pub fn pipeline(
             model: args.reference.clone(),
             ref_model: None,
             data: pairs_path.clone(),
-            dtype: "f32".into(),
-            device: args.device.clone(),
-            bf16: false,
-            truncation_mode: TruncationMode::KeepStart,
-            completion_boundary: CompletionBoundary::CommonPrefix,
-            skip_invalid: false,
-            error_report: None,
             // Trained on sampled token ids: no text is tokenized.
-            tokenizer_compat: Default::default(),
+            settings: RunSettings {
+                device: args.device.clone(),
+                ..RunSettings::default()
+            },
         },
         resume: None,
         config_file: args.config.clone(),
@@ -383,7 +365,7 @@ pub fn pipeline(
         top_p: 1.0,
         max_new_tokens: args.max_new_tokens,
     };
-    let mut rngs = [3, 4, 5, 6].map(|k| stream(args.seed, k));
+    let mut rngs = [3, 4, 5, 6].map(|k| stream(seed, k));
     let n = eval_prompts.examples.len();
     let eval_file = args.eval_prompts.as_ref().unwrap_or(&args.prompts);
     let (mut per_prompt, mut sample_rows) = (Vec::with_capacity(n), Vec::new());
@@ -463,18 +445,25 @@ pub fn pipeline(
         samples: args.samples,
         beta_samples: args.beta_samples,
         max_new_tokens: args.max_new_tokens,
-        seed: args.seed,
+        seed,
         prompts: per_prompt,
     };
     write_json(&out.join(REPORT_FILE), &report)?;
     Ok(report)
 }
 
-/// `did-entropy`: the pipeline with progress bars, then its table.
-pub fn run(a: &DidEntropyArgs) -> Result<()> {
+/// `did-entropy`: the pipeline with progress bars, then its table (`m`: the subcommand's
+/// matches, which tell the options given from the defaults).
+pub fn run(c: &DidEntropyCommand, m: &ArgMatches) -> Result<()> {
     use difinfo::beta_accuracy::BetaFit;
+    refuse_hidden("did-entropy", &NOT_READ, m)?;
+    let a = DidEntropyArgs {
+        options: command_line_table(&c.options, m)?,
+        ..c.args.clone()
+    };
+    let out = resolve(&a)?.output_dir;
     let mut bar: Option<(Stage, indicatif::ProgressBar)> = None;
-    let r = pipeline(a, &mut |stage, done, total| {
+    let r = pipeline(&a, &mut |stage, done, total| {
         if bar.as_ref().map(|b| b.0) != Some(stage) {
             if let Some((_, b)) = bar.take() {
                 b.finish_and_clear();
@@ -526,6 +515,70 @@ pub fn run(a: &DidEntropyArgs) -> Result<()> {
             r.beta_samples
         ),
     }
-    eprintln!("wrote {}", a.output_dir.join(REPORT_FILE).display());
+    eprintln!("wrote {}", out.join(REPORT_FILE).display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        c: DidEntropyCommand,
+    }
+
+    /// The estimator's options are the training commands' with Appendix K's defaults: shown in
+    /// the help, kept unless given, the given ones winning over the `--config` file's.
+    #[test]
+    fn estimator_options_default_to_appendix_k() {
+        let help = Cli::command().render_long_help().to_string();
+        for shown in [
+            "[default: rmsprop]",
+            "[default: constant_with_warmup]",
+            "[default: 150]",
+        ] {
+            assert!(help.contains(shown), "{shown} not in {help}");
+        }
+        assert!(!help.contains("--ref-batch-size"), "{help}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k.toml");
+        std::fs::write(&f, "learning_rate = 1e-4\nwarmup_steps = 3\n").unwrap();
+        let argv = [
+            "x",
+            "--policy",
+            "p",
+            "--reference",
+            "r",
+            "--prompts",
+            "q",
+            "--config",
+            f.to_str().unwrap(),
+            "--learning-rate",
+            "3e-3",
+            "--seed",
+            "5",
+        ];
+        let m = Cli::command().try_get_matches_from(argv).unwrap();
+        let c = Cli::from_arg_matches(&m).unwrap().c;
+        let a = DidEntropyArgs {
+            options: command_line_table(&c.options, &m).unwrap(),
+            ..c.args
+        };
+        let config = resolve(&a).unwrap();
+        let k = estimator_defaults(Path::new(DEFAULT_OUTPUT_DIR));
+        assert_eq!(config.learning_rate, 3e-3);
+        assert_eq!(config.warmup_steps, 3);
+        assert_eq!(config.seed, 5);
+        assert_eq!(
+            (
+                config.optim,
+                config.gradient_accumulation_steps,
+                &config.output_dir
+            ),
+            (k.optim, k.gradient_accumulation_steps, &k.output_dir)
+        );
+    }
 }

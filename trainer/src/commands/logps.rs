@@ -68,7 +68,7 @@ pub fn run(a: LogpsArgs) -> Result<()> {
     let report = error_report.unwrap_or_else(|| default_report_path(&data));
     let device = parse_device(&model.device)?;
     let dtype = parse_dtype(&model.dtype)?;
-    let bundle = load_bundle_with(&model.model, tok.tokenizer_compat)?;
+    let bundle = load_bundle_with(&model.model, tok.tokenizer.tokenizer_compat)?;
     report_provenance(&bundle);
     let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
     if skip_invalid && !ds.errors.is_empty() {

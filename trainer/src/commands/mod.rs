@@ -58,7 +58,7 @@ pub enum Command {
     /// Appendix K end to end: pairs y_w ~ π, y_l ~ π_ref; a fresh π̂ (from π_ref) trained on
     /// them with the reference-free reward log π̂; the entropies H(π̂) (the DID entropy
     /// estimate), H(π_ref), H(π) and π̂'s β-accuracy. Artifacts stay in --output-dir.
-    DidEntropy(did_entropy::DidEntropyArgs),
+    DidEntropy(did_entropy::DidEntropyCommand),
     /// Appendix K.1: per prompt, samples from the DID estimator π̂, the OLS fit of
     /// log π̂(y) = β log(π(y)/π_ref(y)) + c, and the fraction of prompts with β ≥ 0.
     BetaAccuracy(beta_accuracy::BetaAccuracyArgs),
@@ -97,7 +97,7 @@ pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
         Command::Plot(a) => plot::run(&a),
         Command::Bench(a) => bench::run_bench(&a).map(|_| ()),
         Command::Entropy(a) => entropy::run(a),
-        Command::DidEntropy(a) => did_entropy::run(&a),
+        Command::DidEntropy(a) => did_entropy::run(&a, sub),
         Command::BetaAccuracy(a) => beta_accuracy::run(a),
         Command::Report(a) => report::run(a),
         Command::Merge(a) => merge::run(a),

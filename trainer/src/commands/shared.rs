@@ -10,10 +10,9 @@ use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{write_error_report, PromptExample};
 use crate::io::{check_outputs, inputs, Named};
 use crate::model::Model;
-use crate::provenance::TokenizerCompat;
 use crate::tokenize::{
-    load_prompts, CompletionBoundary, TokenizeOptions, TokenizeStats, TokenizedDataset,
-    TokenizerBundle, TruncationMode,
+    load_prompts, TokenizeOptions, TokenizeStats, TokenizedDataset, TokenizerBundle,
+    TokenizerOptions,
 };
 use crate::{parse_device, DataError, Error, Result};
 use clap::ValueEnum;
@@ -43,17 +42,9 @@ pub struct TokenizeArgs {
     /// Longest prompt in tokens (`none`: no limit).
     #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
     pub max_prompt_length: Limit,
-    /// Which end of an over-long prompt to keep.
-    #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
-    pub truncation_mode: TruncationMode,
-    /// Where a completion starts: the common token prefix of prompt and prompt+completion, or
-    /// the prompt's token count (TRL's literal slice).
-    #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
-    pub completion_boundary: CompletionBoundary,
-    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
-    /// builds for its tokenizer_class (TRL's ids under transformers 5).
-    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
-    pub tokenizer_compat: TokenizerCompat,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub tokenizer: TokenizerOptions,
 }
 
 impl TokenizeArgs {
@@ -62,8 +53,8 @@ impl TokenizeArgs {
         TokenizeOptions {
             max_length: self.max_length.0,
             max_prompt_length: self.max_prompt_length.0,
-            truncation_mode: self.truncation_mode,
-            boundary: self.completion_boundary,
+            truncation_mode: self.tokenizer.truncation_mode,
+            boundary: self.tokenizer.completion_boundary,
         }
     }
 }
@@ -354,7 +345,7 @@ pub fn negative_numbers_as_values(cmd: clap::Command) -> clap::Command {
     .mut_subcommands(negative_numbers_as_values)
 }
 
-/// A [`TruncationMode`]'s command-line name.
+/// A [`crate::tokenize::TruncationMode`]'s command-line name.
 pub fn value_name<T: ValueEnum>(v: &T) -> String {
     v.to_possible_value()
         .map(|p| p.get_name().to_string())

@@ -13,17 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::parser::ValueSource;
-use clap::{ArgAction, ArgMatches, Args};
+use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::data::{default_report_path, write_error_report};
 use crate::io::write_bytes as write_file;
-use crate::provenance::TokenizerCompat;
-use crate::tokenize::{
-    load_preferences, load_sft, CompletionBoundary, TokenizeOptions, TokenizerBundle,
-    TruncationMode,
-};
+use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
 use crate::train::config::{merge_onto, CONFIG_TOML};
 use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
@@ -34,7 +30,7 @@ use crate::commands::shared::{
     load_bundle_with, progress_bar, report_provenance, report_stats, require_examples, usage,
 };
 use crate::train::run::{
-    apply_scale_options, locate_resume, Resolved, RunRecord, RunSummary, RUN_RECORD, SUMMARY_FILE,
+    locate_resume, Resolved, RunRecord, RunSettings, RunSummary, RUN_RECORD, SUMMARY_FILE,
 };
 
 /// Model, data and run options of `sft` and `dpo` (not training hyper-parameters).
@@ -58,154 +54,77 @@ pub struct RunArgs {
     /// (e.g. a larger --max-steps) [default: none, a fresh run]
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
-    /// Parameter dtype: f32 or bf16 (optimizer state is f32 either way; bf16 on CPU is slow)
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`)
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Mixed precision (HF's bf16): f32 parameters and optimizer state, forward and backward
-    /// computed in bf16 (the paper's setting on GPUs; slow on CPU)
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub bf16: bool,
-    /// Which end of an over-long prompt to keep
-    #[arg(long, value_enum, default_value_t = TruncationMode::KeepStart)]
-    pub truncation_mode: TruncationMode,
-    /// Where a completion starts: the common token prefix of prompt and prompt + completion,
-    /// or the prompt's token count (TRL's literal slice)
-    #[arg(long, value_enum, default_value_t = CompletionBoundary::CommonPrefix)]
-    pub completion_boundary: CompletionBoundary,
-    /// Skip invalid records (counted, and listed in the error report) instead of failing
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub skip_invalid: bool,
-    /// Error report for --skip-invalid [default: <data>.errors.jsonl]
-    #[arg(long, value_name = "FILE")]
-    pub error_report: Option<PathBuf>,
-    /// Tokenizer pipeline: the checkpoint's tokenizer.json as saved, or what transformers 5
-    /// builds for its tokenizer_class (TRL's ids under transformers 5)
-    #[arg(long, value_enum, default_value_t = TokenizerCompat::TokenizerJson)]
-    pub tokenizer_compat: TokenizerCompat,
-}
-
-/// Optimization options common to `sft` and `dpo` (HF `TrainingArguments` fields).
-#[derive(Args, Debug, Clone, Serialize)]
-pub struct HyperArgs {
-    /// Optimizer: sgd, rmsprop (the paper's) or adamw (HF's adamw_torch)
-    #[arg(long, default_value = "adamw", value_parser = ["sgd", "rmsprop", "adamw", "adamw_torch"])]
-    pub optim: String,
-    /// Weight decay (decoupled for adamw, L2 for sgd and rmsprop, as in PyTorch)
-    #[arg(long, default_value_t = 0.0)]
-    pub weight_decay: f64,
-    /// AdamW β₁
-    #[arg(long, default_value_t = 0.9)]
-    pub adam_beta1: f64,
-    /// AdamW β₂
-    #[arg(long, default_value_t = 0.999)]
-    pub adam_beta2: f64,
-    /// AdamW ε
-    #[arg(long, default_value_t = 1e-8)]
-    pub adam_epsilon: f64,
-    /// Learning-rate schedule (HF semantics: `constant` ignores the warm-up; the paper's
-    /// "constant with linear warm-up" is constant_with_warmup)
-    #[arg(long, default_value = "linear", value_parser = ["constant", "constant_with_warmup", "linear", "cosine"])]
-    pub lr_scheduler_type: String,
-    /// Linear warm-up steps (0: use --warmup-ratio)
-    #[arg(long, default_value_t = 0)]
-    pub warmup_steps: usize,
-    /// Warm-up as a fraction of the total steps, when --warmup-steps is 0
-    #[arg(long, default_value_t = 0.0)]
-    pub warmup_ratio: f64,
-    /// Clip the global gradient norm to this (the projected gradient's for DPO-PG); 0
-    /// disables
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    /// Examples (pairs for dpo) per micro-batch
-    #[arg(long, default_value_t = 8)]
-    pub per_device_train_batch_size: usize,
-    /// Micro-batches per optimizer step (effective batch = this × batch size)
-    #[arg(long, default_value_t = 1)]
-    pub gradient_accumulation_steps: usize,
-    /// Epochs (when --max-steps ≤ 0)
-    #[arg(long, default_value_t = 3.0)]
-    pub num_train_epochs: f64,
-    /// Total optimizer steps; overrides --num-train-epochs when positive
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
-    pub max_steps: i64,
-    /// Append metrics (metrics.jsonl, metrics.csv) every N steps, and at the last
-    #[arg(long, default_value_t = 10)]
-    pub logging_steps: usize,
-    /// Checkpoint every N steps (0: never); also at each epoch end and at the last step
-    #[arg(long, default_value_t = 500)]
-    pub save_steps: usize,
-    /// Keep only the newest N checkpoints of the run (HF's save_total_limit) [default: all]
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub save_total_limit: Option<usize>,
-    /// Seed of the data order
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Longest prompt + completion in tokens (0: no limit); completions are cut to fit,
-    /// examples whose prompt alone fills it are dropped
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
-    /// Delete the checkpoints of an earlier run in --output-dir instead of refusing to start
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub overwrite_output_dir: bool,
     #[command(flatten)]
-    #[serde(flatten)]
     #[allow(missing_docs)]
-    pub scale: ScaleArgs,
+    pub settings: RunSettings,
 }
 
-/// Memory options of the training commands and `bench`: HF's `gradient_checkpointing` and
-/// TRL's `ModelConfig` PEFT fields (LoRA with PEFT's semantics).
-#[derive(Args, Debug, Clone, Serialize)]
-pub struct ScaleArgs {
-    /// Recompute each decoder layer's activations in the backward pass instead of keeping
-    /// them (same gradients; less memory, about a third more compute)
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub gradient_checkpointing: bool,
-    /// Train LoRA adapters (PEFT) on the frozen model; the reference is the base model and
-    /// checkpoints hold adapter_config.json + adapter_model.safetensors (merge with
-    /// `difinfo-train merge`)
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub use_peft: bool,
-    /// LoRA rank r
-    #[arg(long, default_value_t = 16)]
-    pub lora_r: usize,
-    /// LoRA alpha (scale alpha / r)
-    #[arg(long, default_value_t = 32.0)]
-    pub lora_alpha: f64,
-    /// Dropout on the adapters' inputs
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f64,
-    /// Adapted projections, comma-separated: q_proj, k_proj, v_proj, o_proj, gate_proj,
-    /// up_proj, down_proj, or all-linear
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
-    pub lora_target_modules: Vec<String>,
-    /// Rank-stabilized LoRA: scale alpha / √r
-    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
-    pub use_rslora: bool,
-}
+/// Training options that only some commands read: the reference pass's (`dpo`, not the
+/// reference-free DID estimator) and SFT's masking (`sft`).
+pub(crate) const REFERENCE_OPTIONS: [&str; 3] = [
+    "precompute_ref_log_probs",
+    "ref_cache_dir",
+    "ref_batch_size",
+];
+/// See [`REFERENCE_OPTIONS`].
+pub(crate) const SFT_OPTIONS: [&str; 1] = ["completion_only_loss"];
 
-impl ScaleArgs {
-    /// Applies the options to a model about to train: LoRA adapters (seeded by `seed`, as
-    /// TRL seeds before PEFT's initialization) and gradient checkpointing.
-    ///
-    /// # Errors
-    /// Invalid LoRA options.
-    pub fn apply_to(&self, model: &mut crate::model::Model, seed: u64) -> crate::Result<()> {
-        let cfg = TrainConfig {
-            gradient_checkpointing: self.gradient_checkpointing,
-            use_peft: self.use_peft,
-            lora_r: self.lora_r,
-            lora_alpha: self.lora_alpha,
-            lora_dropout: self.lora_dropout,
-            lora_target_modules: self.lora_target_modules.clone(),
-            use_rslora: self.use_rslora,
-            ..TrainConfig::default()
+/// The training options of a command (clap's `mut_args` on a command that flattens
+/// [`TrainConfig`] or [`RunSettings`]): each option's default set from `base`, the command's
+/// defaults (the one place they are written: [`TrainConfig`]'s `Default`, or a command's values
+/// of it), or from [`RunSettings`]'s `Default`; and the options in `hidden`, which the command
+/// does not read, kept out of its help ([`refuse_hidden`] refuses them on its command line).
+/// An option left unset (an empty `Option`) keeps its help's `[default: …]` text.
+pub(crate) fn training_options(
+    base: &TrainConfig,
+    hidden: &'static [&'static str],
+) -> impl FnMut(Arg) -> Arg {
+    // Both always serialize to tables (`clap_defaults_are_the_commands_defaults` checks).
+    let mut table = toml::Table::try_from(RunSettings::default()).unwrap_or_default();
+    table.extend(toml::Table::try_from(base).unwrap_or_default());
+    move |a| {
+        let id = a.get_id().as_str().to_string();
+        let a = match table.get(&id).and_then(default_string) {
+            Some(v) if a.get_default_values().is_empty() => a.default_value(v).required(false),
+            _ => a,
         };
-        apply_scale_options(&cfg, model, seed)
+        if hidden.contains(&id.as_str()) {
+            a.hide(true)
+        } else {
+            a
+        }
+    }
+}
+
+/// A TOML value as a clap default value, as a user types it (an array comma-separated: the
+/// list options split on commas).
+fn default_string(v: &toml::Value) -> Option<String> {
+    Some(match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(default_string)
+            .collect::<Option<Vec<_>>>()?
+            .join(","),
+        _ => return None,
+    })
+}
+
+/// Refuses an option of `hidden` given on `command`'s command line (an option the command
+/// does not read: see [`training_options`]).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the option and the command.
+pub(crate) fn refuse_hidden(command: &str, hidden: &[&str], m: &ArgMatches) -> crate::Result<()> {
+    match hidden.iter().find(|id| from_command_line(m, id)) {
+        Some(id) => usage(format!(
+            "--{} is not an option of `{command}`",
+            id.replace('_', "-")
+        )),
+        None => Ok(()),
     }
 }
 
@@ -221,6 +140,23 @@ pub(crate) fn command_line_table<C: Serialize>(
         .into_iter()
         .filter(|(k, _)| m.value_source(k) == Some(ValueSource::CommandLine))
         .collect())
+}
+
+/// `base`, overridden by the options of `parsed` given on the command line (`m`).
+///
+/// # Errors
+/// A value that does not serialize (none of the options' types).
+fn given_over<T: Serialize + serde::de::DeserializeOwned>(
+    base: &T,
+    parsed: &T,
+    m: &ArgMatches,
+) -> crate::Result<T> {
+    let mut table =
+        toml::Table::try_from(base).map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
+    table.extend(command_line_table(parsed, m)?);
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| Error::InvalidArgument(format!("options: {e}")))
 }
 
 pub(crate) fn from_command_line(m: &ArgMatches, id: &str) -> bool {
@@ -279,26 +215,17 @@ pub(crate) fn resolve_common(
         };
     let model = pick(&run.model, saved.as_ref().map(|r| &r.model), "model")?;
     let data = pick(&run.data, saved.as_ref().map(|r| &r.data), "data")?;
-    // The resumed run's value of an option not given on the command line.
-    let kept = |id: &str| saved.as_ref().filter(|_| !from_command_line(m, id));
+    let settings = match &saved {
+        // The resumed run's settings, overridden by those given on the command line.
+        Some(rec) => given_over(&rec.settings, &run.settings, m)?,
+        None => run.settings.clone(),
+    };
     let record = RunRecord {
         command: command.to_string(),
         model,
         ref_model: ref_model.or_else(|| saved.as_ref().and_then(|r| r.ref_model.clone())),
         data,
-        dtype: kept("dtype").map_or_else(|| run.dtype.clone(), |r| r.dtype.clone()),
-        device: kept("device").map_or_else(|| run.device.clone(), |r| r.device.clone()),
-        bf16: kept("bf16").map_or(run.bf16, |r| r.bf16),
-        truncation_mode: kept("truncation_mode").map_or(run.truncation_mode, |r| r.truncation_mode),
-        completion_boundary: kept("completion_boundary")
-            .map_or(run.completion_boundary, |r| r.completion_boundary),
-        skip_invalid: run.skip_invalid || kept("skip_invalid").is_some_and(|r| r.skip_invalid),
-        error_report: run
-            .error_report
-            .clone()
-            .or_else(|| saved.as_ref().and_then(|r| r.error_report.clone())),
-        tokenizer_compat: kept("tokenizer_compat")
-            .map_or(run.tokenizer_compat, |r| r.tokenizer_compat),
+        settings,
     };
     Ok(Resolved {
         config,
@@ -312,8 +239,8 @@ pub(crate) fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOption
     TokenizeOptions {
         max_length: (c.max_length > 0).then_some(c.max_length),
         max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
-        truncation_mode: r.truncation_mode,
-        boundary: r.completion_boundary,
+        truncation_mode: r.settings.tokenizer.truncation_mode,
+        boundary: r.settings.tokenizer.completion_boundary,
     }
 }
 
@@ -331,8 +258,8 @@ pub fn load_dataset(
     let opts = tokenize_options(c, r);
     let report = r_report(r);
     let examples = if c.objective.is_preference() {
-        let ds = load_preferences(bundle, &r.data, &opts, r.skip_invalid)?;
-        if r.skip_invalid && !ds.errors.is_empty() {
+        let ds = load_preferences(bundle, &r.data, &opts, r.settings.skip_invalid)?;
+        if r.settings.skip_invalid && !ds.errors.is_empty() {
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
@@ -348,8 +275,8 @@ pub fn load_dataset(
                 .collect(),
         )
     } else {
-        let ds = load_sft(bundle, &r.data, &opts, r.skip_invalid)?;
-        if r.skip_invalid && !ds.errors.is_empty() {
+        let ds = load_sft(bundle, &r.data, &opts, r.settings.skip_invalid)?;
+        if r.settings.skip_invalid && !ds.errors.is_empty() {
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
@@ -360,13 +287,14 @@ pub fn load_dataset(
     let d = Dataset {
         examples,
         pad_id: bundle.pad_id(),
-        settings: format!("{opts:?} bf16={}", r.bf16),
+        settings: format!("{opts:?} bf16={}", r.settings.bf16),
     };
     Ok((d, lines))
 }
 
 pub(crate) fn r_report(r: &RunRecord) -> PathBuf {
-    r.error_report
+    r.settings
+        .error_report
         .clone()
         .unwrap_or_else(|| default_report_path(&r.data))
 }
@@ -398,7 +326,10 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
     check_run_paths(r)?;
-    let bundle = load_bundle_with(&r.record.model, r.record.tokenizer_compat)?;
+    let bundle = load_bundle_with(
+        &r.record.model,
+        r.record.settings.tokenizer.tokenizer_compat,
+    )?;
     report_provenance(&bundle);
     let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
     train_on(r, data).map_err(|e| {
@@ -432,13 +363,13 @@ pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
     if let Some(f) = &r.config_file {
         eprintln!("options from {} (command-line options win)", f.display());
     }
-    let device = crate::parse_device(&r.record.device)?;
-    let dtype = parse_dtype(&r.record.dtype)?;
+    let device = crate::parse_device(&r.record.settings.device)?;
+    let dtype = parse_dtype(&r.record.settings.dtype)?;
     let mut m = load_model(&r.record.model, dtype, &device)?;
-    if r.record.bf16 {
+    if r.record.settings.bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;
     }
-    apply_scale_options(c, &mut m, c.seed)?;
+    c.memory.apply_to(&mut m, c.seed)?;
     let model = TrainModel::new(m, r.record.model.clone(), dtype);
     let mut trainer = match &r.resume {
         Some(ck) => {
@@ -447,7 +378,8 @@ pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
         }
         None => match (&r.record.ref_model, c.objective.needs_reference()) {
             (Some(dir), true) => {
-                let reference = load_reference(dir, &model, dtype, &device, r.record.bf16)?;
+                let reference =
+                    load_reference(dir, &model, dtype, &device, r.record.settings.bf16)?;
                 eprintln!("reference model: {}", dir.display());
                 Trainer::with_reference(&model, &reference, c.clone(), data)?
             }
@@ -573,7 +505,10 @@ pub(crate) fn check_run_paths(r: &Resolved) -> crate::Result<()> {
     let ins = inputs(&files, &dirs);
     // The default report (DATA.errors.jsonl) is no input and is written, if at all, right
     // after the data is read; a report given by name is checked like any output.
-    if let (Some(report), true) = (&r.record.error_report, r.record.skip_invalid) {
+    if let (Some(report), true) = (
+        &r.record.settings.error_report,
+        r.record.settings.skip_invalid,
+    ) {
         check_outputs(&[("--error-report", report)], &ins)?;
     }
     if r.resume.is_none() {
@@ -610,7 +545,11 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> (Cmd, ArgMatches) {
-        let m = <Cli as clap::CommandFactory>::command()
+        // As `main` parses: a negative number is a value.
+        let cmd = crate::commands::shared::negative_numbers_as_values(
+            <Cli as clap::CommandFactory>::command(),
+        );
+        let m = cmd
             .try_get_matches_from(std::iter::once("x").chain(args.iter().copied()))
             .unwrap();
         let cli = Cli::from_arg_matches(&m).unwrap();
@@ -631,7 +570,7 @@ mod tests {
         assert_eq!(r.config, dpo_defaults());
         let r = resolve(&["sft", "--model", "m", "--data", "d"]).unwrap();
         assert_eq!(r.config, sft_defaults());
-        assert_eq!(r.record.dtype, "f32");
+        assert_eq!(r.record.settings.dtype, "f32");
     }
 
     #[test]
@@ -847,6 +786,52 @@ mod tests {
         .unwrap();
         assert_eq!(r.config.objective.sft_weight(), Some(1.0));
         assert_eq!(r.config.objective.terms().len(), 3);
+    }
+
+    /// An objective option out of range is named as it was given: `--beta -1` on the command
+    /// line, the file's path for a file's value; options a command does not read are refused.
+    #[test]
+    fn objective_errors_name_the_option_where_it_was_given() {
+        let e = resolve(&["dpo", "--model", "m", "--data", "d", "--beta", "-1"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--beta -1: beta must be finite and positive"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "label_smoothing = 0.7\n").unwrap();
+        let fs = f.to_str().unwrap();
+        let e = resolve(&["dpo", "--model", "m", "--data", "d", "--config", fs]).unwrap_err();
+        assert!(
+            e.to_string().contains("c.toml: label_smoothing = 0.7"),
+            "{e}"
+        );
+        let e = resolve(&[
+            "sft",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--ref-batch-size",
+            "2",
+        ]);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("--ref-batch-size is not an option of `sft`"));
+        let e = resolve(&[
+            "dpo",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--completion-only-loss",
+        ]);
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("not an option of `dpo`"));
     }
 
     #[test]

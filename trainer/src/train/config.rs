@@ -1,10 +1,11 @@
 //! The run's options, named after TRL's `DPOConfig` / `SFTConfig` and HF's
-//! `TrainingArguments` fields, loadable from TOML, with command-line overrides merged on top
-//! (the command line wins), and saved resolved into the run directory.
+//! `TrainingArguments` fields: one struct ([`TrainConfig`]) that is the TOML file, the command
+//! line (clap's derive; the only clap here: how an option is spelled, no parsing logic) and the
+//! resolved `train_config.toml` saved into the run directory.
 //!
-//! The binary's clap struct merges by serializing itself with every unset option skipped
-//! (`#[serde(skip_serializing_if = "Option::is_none")]`) and field names equal to these:
-//! see [`merge`].
+//! Resolution ([`merge_tables`]): the defaults, overridden by the file's keys, overridden by
+//! the options given on the command line (the command line wins), each as a TOML table keyed
+//! by the field names.
 //!
 //! The objective's fields (`objective`, `loss_type`, `loss_weights`, `beta`,
 //! `reference_free`, `label_smoothing`, `rpo_alpha`, `f_divergence_type`,
@@ -14,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::ArgAction;
 use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
@@ -22,97 +24,200 @@ use crate::train::error::RangeError;
 use crate::train::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::schedule::SchedulerType;
 
-/// All options of a training run. Defaults are TRL's `DPOConfig` (over HF's
-/// `TrainingArguments`) unless stated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// All options of a training run: the one definition of each training option, its name, its
+/// doc and (in [`Default`]) its default. Defaults are TRL's `DPOConfig` (over HF's
+/// `TrainingArguments`) unless stated; the commands' own defaults (`sft`'s learning rate,
+/// the DID estimator's Appendix K values) are values of this struct too.
+///
+/// The same struct is the TOML file, the resolved `train_config.toml` and the command line:
+/// clap's derive makes each field an option (`learning_rate` is `--learning-rate`, its doc the
+/// help) and the front end sets the options' defaults from a `TrainConfig` value, so no default
+/// is written twice. The objective's fields come from the library's [`ObjectiveSpec`] (its own
+/// clap definition); here they are one validated field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct TrainConfig {
     /// What to optimize: the rule (`objective = "sft" | "dpo" | "dpo-pg"`; not a TRL field:
     /// TRL has one trainer class per rule) and TRL's loss fields, validated by the library
     /// (fields and defaults: [`ObjectiveSpec`]). Default DPO, `sigmoid`, β = 0.1.
     #[serde(flatten)]
+    #[arg(skip)]
     pub objective: Objective,
-    /// Run directory: checkpoints, metrics, resolved config. Default `runs/difinfo`.
+    /// Run directory: checkpoints, metrics, resolved config.
+    #[arg(long, value_name = "DIR")]
     pub output_dir: PathBuf,
-    /// Peak learning rate. Default 1e-6 (TRL's `DPOConfig`).
+    /// Peak learning rate.
+    #[arg(long)]
     pub learning_rate: f64,
-    /// `sgd`, `rmsprop` or `adamw` (HF's `adamw_torch`). Default `adamw`.
+    /// Optimizer (HF's optim): sgd, rmsprop (the paper's) or adamw (HF's adamw_torch).
+    #[arg(long, value_enum)]
     pub optim: OptimizerKind,
-    /// Default 0.
+    /// Weight decay (decoupled for adamw, L2 for sgd and rmsprop, as in PyTorch).
+    #[arg(long)]
     pub weight_decay: f64,
-    /// Default 0.9.
+    /// AdamW β₁.
+    #[arg(long)]
     pub adam_beta1: f64,
-    /// Default 0.999.
+    /// AdamW β₂.
+    #[arg(long)]
     pub adam_beta2: f64,
-    /// Default 1e-8.
+    /// AdamW ε.
+    #[arg(long)]
     pub adam_epsilon: f64,
-    /// `constant`, `constant_with_warmup`, `linear`, `cosine`. Default `linear` (HF).
+    /// Learning-rate schedule (HF semantics: constant ignores the warm-up; the paper's
+    /// "constant with linear warm-up" is constant_with_warmup).
+    #[arg(long, value_enum)]
     pub lr_scheduler_type: SchedulerType,
-    /// Warm-up steps; when 0, `⌈warmup_ratio · total steps⌉`. Default 0.
+    /// Linear warm-up steps (0: use the warm-up ratio, ⌈warmup_ratio · total steps⌉).
+    #[arg(long)]
     pub warmup_steps: usize,
-    /// Default 0.
+    /// Warm-up as a fraction of the total steps, when the warm-up steps are 0.
+    #[arg(long)]
     pub warmup_ratio: f64,
-    /// Global gradient-norm clipping (of the projected gradient for DPO-PG); ≤ 0 disables.
-    /// Default 1.0.
+    /// Clip the global gradient norm to this (the projected gradient's for DPO-PG); ≤ 0
+    /// disables.
+    #[arg(long, allow_negative_numbers = true)]
     pub max_grad_norm: f64,
-    /// Micro-batch size (pairs for preference objectives). Default 8.
+    /// Examples (pairs for preference objectives) per micro-batch.
+    #[arg(long)]
     pub per_device_train_batch_size: usize,
-    /// Micro-batches per optimizer step. Default 1.
+    /// Micro-batches per optimizer step (effective batch = this × batch size).
+    #[arg(long)]
     pub gradient_accumulation_steps: usize,
-    /// Epochs, used when `max_steps ≤ 0`. Default 3.
+    /// Epochs, used when max_steps ≤ 0.
+    #[arg(long)]
     pub num_train_epochs: f64,
-    /// Total optimizer steps when positive (overrides epochs). Default -1.
+    /// Total optimizer steps; overrides the epochs when positive.
+    #[arg(long, allow_negative_numbers = true)]
     pub max_steps: i64,
-    /// Log every N steps (and at the last). Default 10 (TRL).
+    /// Append metrics (metrics.jsonl, metrics.csv) every N steps, and at the last.
+    #[arg(long)]
     pub logging_steps: usize,
-    /// Checkpoint every N steps (0: never; the end of each epoch and of training always).
-    /// Default 500.
+    /// Checkpoint every N steps (0: never); also at each epoch end and at the last step.
+    #[arg(long)]
     pub save_steps: usize,
-    /// HF's `save_total_limit`: keep only the newest N `checkpoint-*` directories of the run,
-    /// deleting older ones after each save. Default none (keep all).
+    /// Keep only the newest N checkpoints of the run, deleting older ones after each save
+    /// (HF's save_total_limit) [default: all]
+    #[arg(long, value_name = "N")]
     pub save_total_limit: Option<usize>,
-    /// Seed of the data order and of the trainer's RNG. Default 42.
+    /// Seed of the data order and of the trainer's RNG.
+    #[arg(long)]
     pub seed: u64,
-    /// Maximum tokens of prompt + completion (applied by tokenization; 0 = no limit, TRL's
-    /// `None`). Default 1024.
+    /// Longest prompt + completion in tokens (0: no limit, TRL's None); completions are cut to
+    /// fit, examples whose prompt alone fills it are dropped.
+    #[arg(long)]
     pub max_length: usize,
-    /// Maximum prompt tokens (applied by tokenization; 0 = no limit). Default 512.
+    /// Longest prompt in tokens (0: no limit).
+    #[arg(long)]
     pub max_prompt_length: usize,
-    /// TRL's field. The trainer always computes the reference log-probs once before training
-    /// and caches them on disk (it never holds a reference model), so `false` is accepted and
-    /// behaves as `true` (with a warning). Default true.
+    /// TRL's field. Reference log-probs are always computed once before training and cached
+    /// on disk (no reference model is held), so false behaves as true (with a warning).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub precompute_ref_log_probs: bool,
-    /// Directory of the reference log-prob cache. Default: `output_dir`.
+    /// Directory of the reference log-prob cache [default: the output dir]
+    #[arg(long, value_name = "DIR")]
     pub ref_cache_dir: Option<PathBuf>,
-    /// SFT: loss on completion tokens only (TRL's `completion_only_loss`); false trains on the
-    /// whole sequence (the paper's SFT). Default true.
+    /// SFT: loss on completion tokens only (TRL's completion_only_loss); false trains on the
+    /// whole sequence, prompt and template tokens included (the paper's SFT, Appendix J.2).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub completion_only_loss: bool,
-    /// Micro-batch size of the reference log-prob pass. Default: `per_device_train_batch_size`.
+    /// Pairs per forward pass of the reference pass [default: the per-device train batch
+    /// size]
+    #[arg(long, value_name = "N")]
     pub ref_batch_size: Option<usize>,
-    /// HF's field: a fresh run in an `output_dir` that holds checkpoints deletes them when
-    /// true and is an error when false (so a later resume cannot pick up a stale one).
-    /// Default false.
+    /// HF's field: a fresh run in an output dir that holds an earlier run's checkpoints
+    /// deletes them when true and is refused when false (so a later resume cannot pick up a
+    /// stale one).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub overwrite_output_dir: bool,
-    /// HF's `gradient_checkpointing`: each decoder layer's activations are recomputed in the
-    /// backward pass instead of kept (same gradients, less memory, ~a third more compute).
-    /// Default false.
+    /// The memory options: gradient checkpointing and LoRA (PEFT).
+    #[serde(flatten)]
+    #[command(flatten)]
+    pub memory: MemoryOptions,
+}
+
+/// The memory options of a training run (and of `bench`): HF's `gradient_checkpointing` and
+/// TRL's `ModelConfig` PEFT fields (LoRA with PEFT's semantics). Flattened into
+/// [`TrainConfig`]: the same flat keys in a TOML file, the same flat options on the command
+/// line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct MemoryOptions {
+    /// HF's gradient_checkpointing: recompute each decoder layer's activations in the backward
+    /// pass instead of keeping them (same gradients; less memory, about a third more compute).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub gradient_checkpointing: bool,
-    /// TRL's `use_peft`: train LoRA adapters on the frozen model (see the `lora_*` fields);
-    /// the reference is the base model (adapters off); checkpoints hold the adapters in PEFT's
-    /// format. Default false.
+    /// TRL's use_peft: train LoRA adapters (PEFT) on the frozen model; the reference is the
+    /// base model (adapters off) and checkpoints hold adapter_config.json +
+    /// adapter_model.safetensors (merge with `difinfo-train merge`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub use_peft: bool,
-    /// TRL's `lora_r`. Default 16.
+    /// LoRA rank r (TRL's lora_r).
+    #[arg(long)]
     pub lora_r: usize,
-    /// TRL's `lora_alpha` (the scale is `lora_alpha / lora_r`). Default 32.
+    /// LoRA alpha (scale lora_alpha / lora_r).
+    #[arg(long)]
     pub lora_alpha: f64,
-    /// TRL's `lora_dropout` (on the adapters' inputs). Default 0.05.
+    /// Dropout on the LoRA adapters' inputs.
+    #[arg(long)]
     pub lora_dropout: f64,
-    /// TRL's `lora_target_modules`: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
-    /// `up_proj`, `down_proj` or `all-linear`. Default `["q_proj", "v_proj"]` (PEFT's for Llama,
-    /// Mistral and Qwen2).
+    /// Adapted projections, comma-separated: q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj, or all-linear.
+    #[arg(long, value_delimiter = ',')]
     pub lora_target_modules: Vec<String>,
-    /// TRL's `use_rslora` (scale `lora_alpha / √r`). Default false.
+    /// Rank-stabilized LoRA (TRL's use_rslora): scale lora_alpha / √r.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub use_rslora: bool,
+}
+
+impl Default for MemoryOptions {
+    /// No checkpointing, no LoRA; PEFT's LoRA defaults (r = 16, α = 32, dropout 0.05, the
+    /// query and value projections as for Llama, Mistral and Qwen2).
+    fn default() -> Self {
+        Self {
+            gradient_checkpointing: false,
+            use_peft: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: crate::lora::DEFAULT_TARGETS.map(String::from).to_vec(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl MemoryOptions {
+    /// The LoRA configuration when `use_peft` is set.
+    ///
+    /// # Errors
+    /// Out-of-range LoRA options or an unknown target module.
+    pub fn lora(&self) -> Result<Option<crate::lora::LoraConfig>> {
+        if !self.use_peft {
+            return Ok(None);
+        }
+        crate::lora::LoraConfig::new(
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+            &self.lora_target_modules,
+            self.use_rslora,
+        )
+        .map(Some)
+        .map_err(|e| Error::Options(e.to_string()))
+    }
+
+    /// Applies the options to a model about to train: LoRA adapters (seeded by `seed`, as TRL
+    /// seeds before PEFT's initialization) and gradient checkpointing.
+    ///
+    /// # Errors
+    /// Invalid LoRA options.
+    pub fn apply_to(&self, model: &mut crate::model::Model, seed: u64) -> Result<()> {
+        if let Some(lora) = self.lora()? {
+            model.add_lora(lora, seed)?;
+        }
+        model.set_gradient_checkpointing(self.gradient_checkpointing);
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -145,13 +250,7 @@ impl Default for TrainConfig {
             completion_only_loss: true,
             ref_batch_size: None,
             overwrite_output_dir: false,
-            gradient_checkpointing: false,
-            use_peft: false,
-            lora_r: 16,
-            lora_alpha: 32.0,
-            lora_dropout: 0.05,
-            lora_target_modules: crate::lora::DEFAULT_TARGETS.map(String::from).to_vec(),
-            use_rslora: false,
+            memory: MemoryOptions::default(),
         }
     }
 }
@@ -188,25 +287,6 @@ impl TrainConfig {
             adam_epsilon: self.adam_epsilon,
             ..OptimizerConfig::default()
         }
-    }
-
-    /// The LoRA configuration when `use_peft` is set.
-    ///
-    /// # Errors
-    /// Out-of-range LoRA options or an unknown target module.
-    pub fn lora(&self) -> Result<Option<crate::lora::LoraConfig>> {
-        if !self.use_peft {
-            return Ok(None);
-        }
-        crate::lora::LoraConfig::new(
-            self.lora_r,
-            self.lora_alpha,
-            self.lora_dropout,
-            &self.lora_target_modules,
-            self.use_rslora,
-        )
-        .map(Some)
-        .map_err(|e| Error::Options(e.to_string()))
     }
 
     /// The ranges of the numeric optimization options, as PyTorch's optimizers and HF's
@@ -281,7 +361,7 @@ impl TrainConfig {
         {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
         }
-        self.lora()?;
+        self.memory.lora()?;
         Ok(())
     }
 
@@ -379,13 +459,21 @@ pub fn merge_tables(
     let in_file: Vec<String> = file_table.keys().cloned().collect();
     let on_cli: Vec<String> = cli.keys().cloned().collect();
     base.extend(file_table);
-    base.extend(cli);
+    base.extend(cli.clone());
     let cfg: TrainConfig =
         toml::Value::Table(base.clone())
             .try_into()
-            .map_err(|e: toml::de::Error| match path {
-                Some(p) => Error::Options(format!("{}: {e}", p.display())),
-                None => Error::Options(e.to_string()),
+            .map_err(|e: toml::de::Error| {
+                let e = e.to_string();
+                // The objective's errors start with the field they name (`beta must be …`).
+                let named = ObjectiveSpec::field_names()
+                    .into_iter()
+                    .find(|k| e.starts_with(k.as_str()) && cli.contains_key(k));
+                Error::Options(match (named, path) {
+                    (Some(k), _) => format!("--{} {}: {e}", k.replace('_', "-"), show(&cli[&k])),
+                    (None, Some(p)) => format!("{}: {e}", p.display()),
+                    (None, None) => e,
+                })
             })?;
     check_keys(&base, &cfg).map_err(Error::Options)?;
     if let Err(e) = cfg.check_ranges() {
@@ -400,6 +488,16 @@ pub fn merge_tables(
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// A command-line value as typed (a list comma-separated).
+fn show(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Array(a) => a.iter().map(show).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
 }
 
 /// Every key of `table` must be an option: a field of [`TrainConfig`] (those set in `cfg`, or

@@ -17,15 +17,16 @@ use crate::train::grads::{grad_dtype, Grads};
 use crate::train::policy::save_tensors;
 
 /// HF's `optim` values that the trainer supports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
-    /// `torch.optim.SGD` (no momentum).
+    /// torch.optim.SGD (no momentum).
     Sgd,
-    /// `torch.optim.RMSprop` (no momentum, not centered): the paper's optimizer.
+    /// torch.optim.RMSprop (no momentum, not centered): the paper's optimizer.
     Rmsprop,
-    /// `torch.optim.AdamW` (HF's `adamw_torch`).
+    /// torch.optim.AdamW (HF's adamw_torch).
     #[serde(alias = "adamw_torch")]
+    #[value(alias = "adamw_torch")]
     Adamw,
 }
 

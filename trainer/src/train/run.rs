@@ -8,27 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::provenance::TokenizerCompat;
-use crate::tokenize::{CompletionBoundary, TruncationMode};
+use crate::tokenize::TokenizerOptions;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
 use crate::train::{Objective, TrainConfig};
-
-/// Applies `c`'s `use_peft` / `lora_*` (adapters seeded by `seed`) and
-/// `gradient_checkpointing` to a model about to train.
-///
-/// # Errors
-/// Invalid LoRA options; tensor errors.
-pub fn apply_scale_options(
-    c: &TrainConfig,
-    model: &mut crate::model::Model,
-    seed: u64,
-) -> crate::Result<()> {
-    if let Some(lora) = c.lora()? {
-        model.add_lora(lora, seed)?;
-    }
-    model.set_gradient_checkpointing(c.gradient_checkpointing);
-    Ok(())
-}
 
 /// The defaults of `dpo` (TRL's `DPOConfig`).
 pub fn dpo_defaults() -> TrainConfig {
@@ -62,25 +44,52 @@ pub struct RunRecord {
     pub ref_model: Option<PathBuf>,
     /// The data file.
     pub data: PathBuf,
-    /// Parameter dtype.
+    /// How the model runs and the data is read.
+    #[serde(flatten)]
+    pub settings: RunSettings,
+}
+
+/// How a training run's model runs and its data is read: the run's options besides its
+/// [`TrainConfig`] and its files, recorded in `run_args.json` (flat, beside the model and data)
+/// and reused by `--resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct RunSettings {
+    /// Parameter dtype: f32 or bf16 (optimizer state is f32 either way; bf16 on CPU is slow).
+    #[arg(long)]
     pub dtype: String,
-    /// Device.
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long)]
     pub device: String,
-    /// bf16 compute over f32 parameters.
-    #[serde(default)]
+    /// Mixed precision (HF's bf16): f32 parameters and optimizer state, forward and backward
+    /// computed in bf16 (the paper's setting on GPUs; slow on CPU).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub bf16: bool,
-    /// Prompt truncation.
-    pub truncation_mode: TruncationMode,
-    /// Completion boundary.
-    pub completion_boundary: CompletionBoundary,
-    /// Whether invalid records were skipped.
+    #[command(flatten)]
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub tokenizer: TokenizerOptions,
+    /// Skip invalid records (counted, and listed in the error report) instead of failing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub skip_invalid: bool,
-    /// Where skipped records are listed [default: `<data>.errors.jsonl`].
-    #[serde(default)]
+    /// Error report of the skipped records [default: <data>.errors.jsonl]
+    #[arg(long, value_name = "FILE")]
     pub error_report: Option<PathBuf>,
-    /// The tokenizer pipeline (runs recorded before the option: tokenizer.json).
-    #[serde(default)]
-    pub tokenizer_compat: TokenizerCompat,
+}
+
+impl Default for RunSettings {
+    /// f32 parameters on the CPU, no mixed precision, the tokenizer's defaults, invalid
+    /// records refused.
+    fn default() -> Self {
+        Self {
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            bf16: false,
+            tokenizer: TokenizerOptions::default(),
+            skip_invalid: false,
+            error_report: None,
+        }
+    }
 }
 
 /// File name of the [`RunRecord`].

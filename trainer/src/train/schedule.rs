@@ -18,8 +18,9 @@
 use serde::{Deserialize, Serialize};
 
 /// HF's `lr_scheduler_type` values that the trainer supports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum SchedulerType {
     /// No warm-up, constant.
     Constant,
