@@ -93,10 +93,10 @@ impl PolicyModel for NoSave<'_> {
     fn device(&self) -> Device {
         self.0.device()
     }
-    fn save_weights(&self, _dir: &Path) -> crate::train::Result<()> {
+    fn save_weights(&self, _dir: &Path) -> crate::Result<()> {
         Ok(())
     }
-    fn load_weights(&self, _dir: &Path) -> crate::train::Result<()> {
+    fn load_weights(&self, _dir: &Path) -> crate::Result<()> {
         Ok(())
     }
 }

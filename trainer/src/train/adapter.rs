@@ -91,7 +91,7 @@ impl PolicyModel for TrainModel {
     /// A Hugging Face checkpoint directory (loads back in transformers); for a LoRA model a
     /// PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`, naming the
     /// base model) with the tokenizer files, as TRL's checkpoints with PEFT are.
-    fn save_weights(&self, dir: &Path) -> crate::train::Result<()> {
+    fn save_weights(&self, dir: &Path) -> crate::Result<()> {
         let err = |e: crate::Error| Error::Checkpoint {
             path: dir.to_path_buf(),
             message: e.to_string(),
@@ -119,7 +119,7 @@ impl PolicyModel for TrainModel {
 
     /// Reads the checkpoint's tensors (single or sharded) into the variables by name; for a
     /// LoRA model the adapter of a PEFT directory.
-    fn load_weights(&self, dir: &Path) -> crate::train::Result<()> {
+    fn load_weights(&self, dir: &Path) -> crate::Result<()> {
         if self.model.lora_config().is_some() {
             let err = |e: crate::Error| Error::Checkpoint {
                 path: dir.to_path_buf(),

@@ -1,13 +1,6 @@
 //! The training core's option range error ([`RangeError`]); every other failure is a variant of
 //! the crate's one [`crate::Error`].
 
-/// Result alias used throughout the training core: the crate's [`crate::Result`].
-pub type Result<T> = crate::Result<T>;
-
-/// The training core's errors are the crate's [`crate::Error`] (this name stays for the modules
-/// that spell it so).
-pub use crate::error::Error as TrainError;
-
 /// A numeric option outside its range: the option (its `TrainConfig` / TOML field name), its
 /// value and the range it must lie in. Shown as `field = value: requirement`; the command
 /// line and config-file readers name where the value came from instead

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod adamw;
 
-use crate::train::error::{RangeError, Result, TrainError};
+use crate::train::error::RangeError;
+use crate::{Error, Result};
 use crate::train::grads::{grad_dtype, Grads};
 use crate::train::policy::save_tensors;
 
@@ -234,7 +235,7 @@ impl Optimizer {
     pub fn step(&mut self, vars: &[(String, Var)], grads: &Grads, lr: f64) -> Result<()> {
         self.check_vars(vars)?;
         if grads.len() != vars.len() {
-            return Err(TrainError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{} gradients for {} variables",
                 grads.len(),
                 vars.len()
@@ -360,7 +361,7 @@ impl Optimizer {
     /// # Errors
     /// Another optimizer kind, a missing or mis-shaped state tensor (named).
     pub fn load(config: OptimizerConfig, vars: &[(String, Var)], path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::from_bytes(config, vars, &bytes, path)
     }
 
@@ -376,9 +377,9 @@ impl Optimizer {
     ) -> Result<Self> {
         let mut opt = Self::new(config, vars)?;
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| TrainError::format(path, e))?;
+            .map_err(|e| Error::format(path, e))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let bad = |message: String| TrainError::Checkpoint {
+        let bad = |message: String| Error::Checkpoint {
             path: path.to_path_buf(),
             message,
         };
@@ -399,7 +400,7 @@ impl Optimizer {
             .first()
             .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
         let tensors = candle_core::safetensors::load_buffer(bytes, &device)
-            .map_err(|e| TrainError::format(path, e))?;
+            .map_err(|e| Error::format(path, e))?;
         let take = |key: String, var: &Var| -> Result<Tensor> {
             let t = tensors
                 .get(&key)
@@ -438,7 +439,7 @@ impl Optimizer {
     fn check_vars(&self, vars: &[(String, Var)]) -> Result<()> {
         if vars.len() != self.names.len() || vars.iter().zip(&self.names).any(|((a, _), b)| a != b)
         {
-            return Err(TrainError::InvalidArgument(
+            return Err(Error::InvalidArgument(
                 "variables differ from those the optimizer was built for".into(),
             ));
         }
@@ -449,7 +450,7 @@ impl Optimizer {
 fn check_sorted(vars: &[(String, Var)]) -> Result<()> {
     for w in vars.windows(2) {
         if w[0].0 >= w[1].0 {
-            return Err(TrainError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "variables must be sorted by name without duplicates (`{}` before `{}`)",
                 w[0].0, w[1].0
             )));
