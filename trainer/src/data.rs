@@ -746,6 +746,40 @@ pub fn write_error_report(path: &Path, errors: &[DataError]) -> Result<()> {
     })
 }
 
+/// What a reader does with an invalid record of a data file (a malformed line, a missing or
+/// mistyped field): refuse the file, naming file, line and field (the default), or skip it,
+/// counted and listed in an error report. The options of `logps`, `sample` and the training
+/// commands (recorded in a run's `run_args.json`).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::Args,
+)]
+#[serde(default)]
+pub struct InvalidRecords {
+    /// Skip invalid records (counted, and listed in the error report) instead of failing.
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub skip_invalid: bool,
+    /// Error report of the skipped records (JSONL: line, field, message) [default: the data
+    /// file's name + .errors.jsonl]
+    #[arg(long, value_name = "FILE")]
+    pub error_report: Option<PathBuf>,
+}
+
+impl InvalidRecords {
+    /// Where the skipped records of `data` are listed: `--error-report`, or
+    /// [`default_report_path`].
+    pub fn report_for(&self, data: &Path) -> PathBuf {
+        self.error_report
+            .clone()
+            .unwrap_or_else(|| default_report_path(data))
+    }
+
+    /// The report given by name when records are skipped (an output to check before any work;
+    /// the default report is written, if at all, right after the data is read).
+    pub fn named_report(&self) -> Option<&Path> {
+        self.error_report.as_deref().filter(|_| self.skip_invalid)
+    }
+}
+
 /// The default report path for `data`: `<data>.errors.jsonl`.
 pub fn default_report_path(data: &Path) -> PathBuf {
     let mut s = data.as_os_str().to_owned();

@@ -9,7 +9,7 @@ use crate::commands::shared::{
     check_paths, check_vocab, load_bundle_with, outputs_with_report, progress, report_provenance,
     report_stats, require_examples, ModelArgs, TokenizeArgs,
 };
-use crate::data::{default_report_path, write_error_report};
+use crate::data::{write_error_report, InvalidRecords};
 use crate::io::write_jsonl;
 use crate::logps::preference_logps;
 use crate::tokenize::load_preferences;
@@ -33,12 +33,9 @@ pub struct LogpsArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub tok: TokenizeArgs,
-    /// Skip invalid records (counted, and listed in the error report) instead of failing.
-    #[arg(long)]
-    pub skip_invalid: bool,
-    /// Error report for --skip-invalid [default: DATA.errors.jsonl].
-    #[arg(long)]
-    pub error_report: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub invalid: InvalidRecords,
 }
 
 /// Runs `difinfo-train logps`.
@@ -52,20 +49,20 @@ pub fn run(a: LogpsArgs) -> Result<()> {
         out,
         batch_size,
         tok,
-        skip_invalid,
-        error_report,
+        invalid,
     } = a;
+    let skip_invalid = invalid.skip_invalid;
     if batch_size == 0 {
         return Err(Error::InvalidArgument(
             "--batch-size must be positive".into(),
         ));
     }
     check_paths(
-        &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
+        &outputs_with_report(&out, &invalid),
         &[("--data", &data)],
         &[("--model", &model.model)],
     )?;
-    let report = error_report.unwrap_or_else(|| default_report_path(&data));
+    let report = invalid.report_for(&data);
     let device = parse_device(&model.device)?;
     let dtype = parse_dtype(&model.dtype)?;
     let bundle = load_bundle_with(&model.model, tok.tokenizer.tokenizer_compat)?;

@@ -9,7 +9,7 @@ use crate::commands::shared::{
     at_prompt, check_paths, check_prompt_vocab, model_and_prompts, outputs_with_report,
     parse_limit, progress, Limit, ModelArgs,
 };
-use crate::data::default_report_path;
+use crate::data::InvalidRecords;
 use crate::generate::{generate, SamplingParams};
 use crate::io::write_jsonl;
 use crate::{Error, Result};
@@ -44,12 +44,9 @@ pub struct SampleArgs {
     /// Output JSONL (one object per sample).
     #[arg(long)]
     pub out: PathBuf,
-    /// Skip invalid records instead of failing.
-    #[arg(long)]
-    pub skip_invalid: bool,
-    /// Error report for --skip-invalid [default: PROMPTS.errors.jsonl].
-    #[arg(long)]
-    pub error_report: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub invalid: InvalidRecords,
 }
 
 /// Runs `difinfo-train sample`.
@@ -67,8 +64,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         max_prompt_length,
         seed,
         out,
-        skip_invalid,
-        error_report,
+        invalid,
     } = a;
     let params = SamplingParams {
         temperature,
@@ -82,16 +78,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
         ));
     }
     check_paths(
-        &outputs_with_report(&out, error_report.as_deref(), skip_invalid),
+        &outputs_with_report(&out, &invalid),
         &[("--prompts", &prompts)],
         &[("--model", &model.model)],
     )?;
-    let report = error_report.unwrap_or_else(|| default_report_path(&prompts));
+    let report = invalid.report_for(&prompts);
     let (bundle, ds, m) = model_and_prompts(
         &model,
         &prompts,
         max_prompt_length.0,
-        skip_invalid,
+        invalid.skip_invalid,
         Some(&report),
     )?;
     check_prompt_vocab(&model.model, &m, &prompts, &ds)?;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{load_model, parse_dtype};
-use crate::data::{write_error_report, PromptExample};
+use crate::data::{write_error_report, InvalidRecords, PromptExample};
 use crate::io::{check_outputs, inputs, Named};
 use crate::model::Model;
 use crate::tokenize::{
@@ -172,11 +172,10 @@ pub(crate) fn check_paths(
 /// DATA.errors.jsonl, is no input and is written, if at all, right after reading the data).
 pub(crate) fn outputs_with_report<'a>(
     out: &'a Path,
-    report: Option<&'a Path>,
-    skip_invalid: bool,
+    invalid: &'a InvalidRecords,
 ) -> Vec<Named<'a>> {
     let mut v = vec![("--out", out)];
-    if let (Some(r), true) = (report, skip_invalid) {
+    if let Some(r) = invalid.named_report() {
         v.push(("--error-report", r));
     }
     v

@@ -17,7 +17,7 @@ use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
 use crate::checkpoint::{load_model, parse_dtype};
-use crate::data::{default_report_path, write_error_report};
+use crate::data::write_error_report;
 use crate::io::write_bytes as write_file;
 use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
@@ -258,8 +258,8 @@ pub fn load_dataset(
     let opts = tokenize_options(c, r);
     let report = r_report(r);
     let examples = if c.objective.is_preference() {
-        let ds = load_preferences(bundle, &r.data, &opts, r.settings.skip_invalid)?;
-        if r.settings.skip_invalid && !ds.errors.is_empty() {
+        let ds = load_preferences(bundle, &r.data, &opts, r.settings.invalid.skip_invalid)?;
+        if r.settings.invalid.skip_invalid && !ds.errors.is_empty() {
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
@@ -275,8 +275,8 @@ pub fn load_dataset(
                 .collect(),
         )
     } else {
-        let ds = load_sft(bundle, &r.data, &opts, r.settings.skip_invalid)?;
-        if r.settings.skip_invalid && !ds.errors.is_empty() {
+        let ds = load_sft(bundle, &r.data, &opts, r.settings.invalid.skip_invalid)?;
+        if r.settings.invalid.skip_invalid && !ds.errors.is_empty() {
             write_error_report(&report, &ds.errors)?;
         }
         report_stats(&r.data, &ds.stats, Some(&report));
@@ -293,10 +293,7 @@ pub fn load_dataset(
 }
 
 pub(crate) fn r_report(r: &RunRecord) -> PathBuf {
-    r.settings
-        .error_report
-        .clone()
-        .unwrap_or_else(|| default_report_path(&r.data))
+    r.settings.invalid.report_for(&r.data)
 }
 
 /// One logged record as a line (`step 10: loss 0.6931 grad_norm …`).
@@ -505,10 +502,7 @@ pub(crate) fn check_run_paths(r: &Resolved) -> crate::Result<()> {
     let ins = inputs(&files, &dirs);
     // The default report (DATA.errors.jsonl) is no input and is written, if at all, right
     // after the data is read; a report given by name is checked like any output.
-    if let (Some(report), true) = (
-        &r.record.settings.error_report,
-        r.record.settings.skip_invalid,
-    ) {
+    if let Some(report) = r.record.settings.invalid.named_report() {
         check_outputs(&[("--error-report", report)], &ins)?;
     }
     if r.resume.is_none() {

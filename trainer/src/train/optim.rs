@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 pub mod adamw;
 
 use crate::train::error::RangeError;
-use crate::{Error, Result};
 use crate::train::grads::{grad_dtype, Grads};
 use crate::train::policy::save_tensors;
+use crate::{Error, Result};
 
 /// HF's `optim` values that the trainer supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -376,8 +376,8 @@ impl Optimizer {
         path: &Path,
     ) -> Result<Self> {
         let mut opt = Self::new(config, vars)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| Error::format(path, e))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::format(path, e))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let bad = |message: String| Error::Checkpoint {
             path: path.to_path_buf(),

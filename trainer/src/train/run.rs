@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::InvalidRecords;
 use crate::error::Error;
 use crate::tokenize::TokenizerOptions;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
@@ -69,12 +70,10 @@ pub struct RunSettings {
     #[serde(flatten)]
     #[allow(missing_docs)]
     pub tokenizer: TokenizerOptions,
-    /// Skip invalid records (counted, and listed in the error report) instead of failing.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
-    pub skip_invalid: bool,
-    /// Error report of the skipped records [default: <data>.errors.jsonl]
-    #[arg(long, value_name = "FILE")]
-    pub error_report: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub invalid: InvalidRecords,
 }
 
 impl Default for RunSettings {
@@ -86,8 +85,7 @@ impl Default for RunSettings {
             device: "cpu".into(),
             bf16: false,
             tokenizer: TokenizerOptions::default(),
-            skip_invalid: false,
-            error_report: None,
+            invalid: InvalidRecords::default(),
         }
     }
 }
