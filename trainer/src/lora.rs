@@ -340,10 +340,13 @@ pub fn merged_weight(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<T
     Ok((w.to_dtype(acc)? + delta)?.to_dtype(w.dtype())?)
 }
 
-/// Reads `adapter_model.safetensors` of a PEFT directory onto `device` (f32).
+/// Reads `adapter_model.safetensors` of a PEFT directory onto `device` (f32), every tensor
+/// checked to be finite (as a model's weights are: a NaN adapter makes every log-prob of the
+/// adapted model NaN, and a merge would write it into the base weights).
 ///
 /// # Errors
-/// I/O and format errors naming the file.
+/// I/O and format errors naming the file; [`Error::NonFiniteWeight`] naming the tensor and
+/// its first NaN or infinity.
 pub fn read_weights(dir: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let path = dir.join(WEIGHTS_FILE);
     let t = candle_core::safetensors::load(&path, device).map_err(|e| Error::Checkpoint {
@@ -351,7 +354,10 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<BTreeMap<String, Tens
         message: e.to_string(),
     })?;
     t.into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .map(|(k, v)| {
+            crate::checkpoint::check_finite(&k, &v, &path)?;
+            Ok((k, v.to_dtype(DType::F32)?))
+        })
         .collect()
 }
 

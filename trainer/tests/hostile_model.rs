@@ -47,15 +47,19 @@ fn tiny(dir: &common::TempDir, name: &str) -> PathBuf {
 
 /// Rewrites tensor `name` of `dir`'s model.safetensors with `f` applied to its flat values.
 fn edit_weights(dir: &Path, name: &str, f: impl Fn(&mut [f32])) {
-    let path = dir.join("model.safetensors");
+    edit_tensors(&dir.join("model.safetensors"), name, f);
+}
+
+/// Rewrites tensor `name` of the safetensors file `path` with `f` applied to its flat values.
+fn edit_tensors(path: &Path, name: &str, f: impl Fn(&mut [f32])) {
     let mut ts: HashMap<String, Tensor> =
-        candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let t = &ts[name];
     let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
     f(&mut v);
     let nt = Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap();
     ts.insert(name.into(), nt);
-    candle_core::safetensors::save(&ts, &path).unwrap();
+    candle_core::safetensors::save(&ts, path).unwrap();
 }
 
 fn pairs(dir: &common::TempDir) -> PathBuf {
@@ -463,4 +467,55 @@ fn decoding_keeps_no_graph_and_a_linear_cache() {
     let mut cache = KvCache::with_capacity(64);
     m.forward_with_cache(&prompt, &mut cache).unwrap();
     assert_eq!(cache.capacity(), 64);
+}
+
+/// Class 1 for adapters: a PEFT adapter holding a NaN (a `--use-peft` run's checkpoint,
+/// edited) is refused when read, naming the file, the tensor and the first NaN: `merge` exits 1
+/// and writes no merged checkpoint (before: the NaN was folded into the base weights).
+#[test]
+fn nan_adapter_weights_are_refused_naming_the_tensor() {
+    let dir = common::TempDir::new();
+    let (base, data) = (tiny(&dir, "base"), pairs(&dir));
+    let run_dir = dir.join("run");
+    let o = run(&[
+        "dpo",
+        "--model",
+        s(&base),
+        "--data",
+        s(&data),
+        "--output-dir",
+        s(&run_dir),
+        "--use-peft",
+        "--max-steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let adapter = run_dir.join("checkpoint-1");
+    let file = adapter.join("adapter_model.safetensors");
+    let names: Vec<String> = candle_core::safetensors::load(&file, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .filter(|k| k.contains("lora_B"))
+        .collect();
+    edit_tensors(&file, &names[0], |v| v[2] = f32::NAN);
+    let out = dir.join("merged");
+    let want = format!(
+        "adapter_model.safetensors: tensor `{}` contains NaN at index",
+        names[0]
+    );
+    refused(
+        &[
+            "merge",
+            "--adapter",
+            s(&adapter),
+            "--model",
+            s(&base),
+            "--out",
+            s(&out),
+        ],
+        &[&want],
+        &out,
+    );
+    let e = difinfo_trainer::lora::read_weights(&adapter, &Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::NonFiniteWeight { .. }), "{e}");
 }
