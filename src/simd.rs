@@ -1,4 +1,4 @@
-//! The vectorized loops under the float arithmetic: instruction-set dispatch ([`Level`],
+//! The vectorized loops under the float arithmetic: instruction-set dispatch (`Level`,
 //! `multiversion!`), the fixed-order lane sums, the polynomial `exp` and `ln(1 + t)` the compiler
 //! vectorizes, the log-sum-exp block kernel and the huge-page allocation of long results.
 //!

@@ -6,10 +6,10 @@ use serde_json::json;
 
 use crate::checkpoint::{load_model, parse_dtype};
 use crate::commands::shared::{
-    check_paths, check_vocab, load_bundle_with, outputs_with_report, progress, report_provenance,
-    report_stats, require_examples, ModelArgs, TokenizeArgs,
+    accept_dataset, check_paths, check_vocab, load_bundle_with, outputs_with_report, progress,
+    report_provenance, ModelArgs, TokenizeArgs,
 };
-use crate::data::{write_error_report, InvalidRecords};
+use crate::data::InvalidRecords;
 use crate::io::write_jsonl;
 use crate::logps::preference_logps;
 use crate::tokenize::load_preferences;
@@ -68,11 +68,7 @@ pub fn run(a: LogpsArgs) -> Result<()> {
     let bundle = load_bundle_with(&model.model, tok.tokenizer.tokenizer_compat)?;
     report_provenance(&bundle);
     let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;
-    if skip_invalid && !ds.errors.is_empty() {
-        write_error_report(&report, &ds.errors)?;
-    }
-    report_stats(&data, &ds.stats, Some(&report));
-    require_examples(&data, &ds.stats)?;
+    accept_dataset(&data, &ds, skip_invalid, Some(&report))?;
     let m = load_model(&model.model, dtype, &device)?;
     check_vocab(
         &model.model,

@@ -77,7 +77,7 @@ pub enum Command {
 
 /// Runs a parsed subcommand; `sub` is its matches (the training commands tell the options given
 /// on the command line from the defaults by them). Each GGUF file named by an argument is
-/// converted into its cache directory first ([`shared::convert_gguf_arguments`]), except by
+/// converted into its cache directory first (`shared::convert_gguf_arguments`), except by
 /// `convert` itself.
 ///
 /// # Errors

@@ -77,6 +77,25 @@ pub struct ModelArgs {
 /// A tokenized prompt file: each prompt with its token ids.
 pub type PromptSet = TokenizedDataset<(PromptExample, Vec<u32>)>;
 
+/// What a command does with a data file just read and tokenized: with `skip_invalid`, its
+/// invalid records listed in `report` (when there are any); its counts printed; an error when
+/// no example is left ([`require_examples`]).
+///
+/// # Errors
+/// The report cannot be written; no example left.
+pub(crate) fn accept_dataset<T>(
+    file: &Path,
+    ds: &TokenizedDataset<T>,
+    skip_invalid: bool,
+    report: Option<&Path>,
+) -> Result<()> {
+    if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
+        write_error_report(r, &ds.errors)?;
+    }
+    report_stats(file, &ds.stats, report);
+    require_examples(file, &ds.stats)
+}
+
 /// The tokenizer, the tokenized prompt file (its counts printed; with `skip_invalid`, invalid
 /// records listed in `report`) and the model, as `sample` and `entropy` read them.
 pub(crate) fn model_and_prompts(
@@ -90,11 +109,7 @@ pub(crate) fn model_and_prompts(
     let dtype = parse_dtype(&model.dtype)?;
     let bundle = load_bundle(&model.model)?;
     let ds = load_prompts(&bundle, prompts, max_prompt_length, skip_invalid)?;
-    if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
-        write_error_report(r, &ds.errors)?;
-    }
-    report_stats(prompts, &ds.stats, report);
-    require_examples(prompts, &ds.stats)?;
+    accept_dataset(prompts, &ds, skip_invalid, report)?;
     let m = load_model(&model.model, dtype, &device)?;
     Ok((bundle, ds, m))
 }

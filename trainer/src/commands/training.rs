@@ -17,7 +17,6 @@ use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
 use crate::checkpoint::{load_model, parse_dtype};
-use crate::data::write_error_report;
 use crate::io::write_bytes as write_file;
 use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
@@ -27,7 +26,7 @@ use crate::train::{Dataset, Error, Examples, PreferencePair, TrainConfig, Traine
 use difinfo::objective::Rule;
 
 use crate::commands::shared::{
-    load_bundle_with, progress_bar, report_provenance, report_stats, require_examples, usage,
+    accept_dataset, load_bundle_with, progress_bar, report_provenance, usage,
 };
 use crate::train::run::{
     locate_resume, Resolved, RunRecord, RunSettings, RunSummary, RUN_RECORD, SUMMARY_FILE,
@@ -248,7 +247,7 @@ pub(crate) fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOption
 /// example's line in the data file (by dataset index).
 ///
 /// # Errors
-/// Data errors (file:line:field) unless skipped; no example left ([`require_examples`]).
+/// Data errors (file:line:field) unless skipped; no example left ([`crate::commands::shared::require_examples`]).
 pub fn load_dataset(
     c: &TrainConfig,
     r: &RunRecord,
@@ -257,13 +256,10 @@ pub fn load_dataset(
     let lines: Vec<usize>;
     let opts = tokenize_options(c, r);
     let report = r_report(r);
+    let skip = r.settings.invalid.skip_invalid;
     let examples = if c.objective.is_preference() {
-        let ds = load_preferences(bundle, &r.data, &opts, r.settings.invalid.skip_invalid)?;
-        if r.settings.invalid.skip_invalid && !ds.errors.is_empty() {
-            write_error_report(&report, &ds.errors)?;
-        }
-        report_stats(&r.data, &ds.stats, Some(&report));
-        require_examples(&r.data, &ds.stats)?;
+        let ds = load_preferences(bundle, &r.data, &opts, skip)?;
+        accept_dataset(&r.data, &ds, skip, Some(&report))?;
         lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Preference(
             ds.examples
@@ -275,12 +271,8 @@ pub fn load_dataset(
                 .collect(),
         )
     } else {
-        let ds = load_sft(bundle, &r.data, &opts, r.settings.invalid.skip_invalid)?;
-        if r.settings.invalid.skip_invalid && !ds.errors.is_empty() {
-            write_error_report(&report, &ds.errors)?;
-        }
-        report_stats(&r.data, &ds.stats, Some(&report));
-        require_examples(&r.data, &ds.stats)?;
+        let ds = load_sft(bundle, &r.data, &opts, skip)?;
+        accept_dataset(&r.data, &ds, skip, Some(&report))?;
         lines = ds.examples.iter().map(|e| e.line).collect();
         Examples::Sft(ds.examples.iter().map(|e| e.value.sequence()).collect())
     };
