@@ -98,6 +98,7 @@ def run_case(args, case, rows, tmp, first):
         max_steps=args.steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
+        optim={"adamw": "adamw_torch"}.get(args.optim, args.optim),
         warmup_steps=0,
         max_grad_norm=1.0,
         weight_decay=0.0,
@@ -132,7 +133,8 @@ def run_case(args, case, rows, tmp, first):
            "--f-divergence-type", case.get("f_divergence_type", "reverse_kl"),
            "--f-alpha-divergence-coef", str(case.get("f_alpha_divergence_coef", 0.5)),
            "--discopop-tau", str(args.discopop_tau),
-           "--lr-scheduler-type", "linear", "--warmup-steps", "0", "--max-grad-norm", "1.0",
+           "--lr-scheduler-type", "linear", "--optim", args.optim,
+           "--warmup-steps", "0", "--max-grad-norm", "1.0",
            "--logging-steps", "1", "--save-steps", "0", "--max-prompt-length", "0",
            "--max-length", str(args.max_length), "--overwrite-output-dir"]
     if case.get("loss_weights"):
@@ -168,6 +170,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "rmsprop"],
+                    help="HF's optim (adamw: adamw_torch)")
     ap.add_argument("--loss-type", default="sigmoid", help="comma-separated TRL loss types")
     ap.add_argument("--loss-weights", default=None, help="comma-separated weights")
     ap.add_argument("--label-smoothing", type=float, default=0.0)
