@@ -6,8 +6,7 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::commands::shared::{
-    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, parse_limit, progress, Limit,
-    ModelArgs,
+    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, progress, ModelArgs, PromptArgs,
 };
 use crate::io::write_json;
 use crate::{Error, Result};
@@ -20,9 +19,9 @@ pub struct EntropyArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub model: ModelArgs,
-    /// Prompts (JSONL: `prompt` string or messages, or `messages`).
-    #[arg(long)]
-    pub prompts: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub prompts: PromptArgs,
     /// Samples per prompt (K ≥ 2).
     #[arg(long, default_value_t = 32)]
     pub samples: usize,
@@ -32,9 +31,6 @@ pub struct EntropyArgs {
     /// Sampling temperature T > 0: the entropy estimated is that of softmax(logits / T).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// Longest prompt in tokens, keeping its end (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
-    pub max_prompt_length: Limit,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -55,7 +51,6 @@ pub fn run(a: EntropyArgs) -> Result<()> {
         samples,
         max_new_tokens,
         temperature,
-        max_prompt_length,
         seed,
         out,
     } = a;
@@ -67,10 +62,11 @@ pub fn run(a: EntropyArgs) -> Result<()> {
     }
     check_paths(
         &[("--out", &out)],
-        &[("--prompts", &prompts)],
+        &[("--prompts", &prompts.prompts)],
         &[("--model", &model.model)],
     )?;
-    let (bundle, ds, m) = model_and_prompts(&model, &prompts, max_prompt_length.0, false, None)?;
+    let (bundle, ds, m) = model_and_prompts(&model, &prompts, false, None)?;
+    let prompts = prompts.prompts;
     check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pb = progress(ds.examples.len() as u64, "entropy");

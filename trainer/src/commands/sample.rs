@@ -6,8 +6,8 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::commands::shared::{
-    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, outputs_with_report,
-    parse_limit, progress, Limit, ModelArgs,
+    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, outputs_with_report, progress,
+    ModelArgs, PromptArgs,
 };
 use crate::data::InvalidRecords;
 use crate::generate::{generate, SamplingParams};
@@ -20,9 +20,9 @@ pub struct SampleArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub model: ModelArgs,
-    /// Prompts (JSONL: `prompt` string or messages, or `messages`).
-    #[arg(long)]
-    pub prompts: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub prompts: PromptArgs,
     /// Samples per prompt.
     #[arg(long, default_value_t = 4)]
     pub n: usize,
@@ -35,9 +35,6 @@ pub struct SampleArgs {
     /// Most new tokens per sample.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Longest prompt in tokens, keeping its end (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
-    pub max_prompt_length: Limit,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -61,7 +58,6 @@ pub fn run(a: SampleArgs) -> Result<()> {
         temperature,
         top_p,
         max_new_tokens,
-        max_prompt_length,
         seed,
         out,
         invalid,
@@ -79,17 +75,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     check_paths(
         &outputs_with_report(&out, &invalid),
-        &[("--prompts", &prompts)],
+        &[("--prompts", &prompts.prompts)],
         &[("--model", &model.model)],
     )?;
-    let report = invalid.report_for(&prompts);
-    let (bundle, ds, m) = model_and_prompts(
-        &model,
-        &prompts,
-        max_prompt_length.0,
-        invalid.skip_invalid,
-        Some(&report),
-    )?;
+    let report = invalid.report_for(&prompts.prompts);
+    let (bundle, ds, m) = model_and_prompts(&model, &prompts, invalid.skip_invalid, Some(&report))?;
+    let prompts = prompts.prompts;
     check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pb = progress(ds.examples.len() as u64, "sample");

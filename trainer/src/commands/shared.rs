@@ -74,6 +74,17 @@ pub struct ModelArgs {
     pub device: String,
 }
 
+/// The prompts a sampling command reads (`sample`, `entropy`).
+#[derive(clap::Args)]
+pub struct PromptArgs {
+    /// Prompts (JSONL: `prompt` string or messages, or `messages`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Longest prompt in tokens, keeping its end (`none`: no limit).
+    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_prompt_length: Limit,
+}
+
 /// A tokenized prompt file: each prompt with its token ids.
 pub type PromptSet = TokenizedDataset<(PromptExample, Vec<u32>)>;
 
@@ -100,16 +111,16 @@ pub(crate) fn accept_dataset<T>(
 /// records listed in `report`) and the model, as `sample` and `entropy` read them.
 pub(crate) fn model_and_prompts(
     model: &ModelArgs,
-    prompts: &Path,
-    max_prompt_length: Option<usize>,
+    prompts: &PromptArgs,
     skip_invalid: bool,
     report: Option<&Path>,
 ) -> Result<(TokenizerBundle, PromptSet, Model)> {
     let device = parse_device(&model.device)?;
     let dtype = parse_dtype(&model.dtype)?;
     let bundle = load_bundle(&model.model)?;
-    let ds = load_prompts(&bundle, prompts, max_prompt_length, skip_invalid)?;
-    accept_dataset(prompts, &ds, skip_invalid, report)?;
+    let (file, limit) = (&prompts.prompts, prompts.max_prompt_length.0);
+    let ds = load_prompts(&bundle, file, limit, skip_invalid)?;
+    accept_dataset(file, &ds, skip_invalid, report)?;
     let m = load_model(&model.model, dtype, &device)?;
     Ok((bundle, ds, m))
 }
