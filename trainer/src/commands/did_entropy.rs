@@ -168,6 +168,15 @@ pub fn pipeline(
     args: &DidEntropyArgs,
     progress: &mut dyn FnMut(Stage, usize, usize),
 ) -> crate::Result<DidEntropyReport> {
+    pipeline_with(args, resolve(args)?, progress)
+}
+
+/// [`pipeline`] with the run's options already resolved ([`resolve`]).
+fn pipeline_with(
+    args: &DidEntropyArgs,
+    mut config: TrainConfig,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> crate::Result<DidEntropyReport> {
     if args.samples < 2 {
         return usage(format!("--samples must be ≥ 2, got {}", args.samples));
     }
@@ -180,7 +189,6 @@ pub fn pipeline(
             args.beta_samples, args.max_new_tokens
         ));
     }
-    let mut config = resolve(args)?;
     let out = &config.output_dir.clone();
     let est_dir = out.join(ESTIMATOR_DIR);
     let seed = config.seed;
@@ -461,9 +469,10 @@ pub fn run(c: &DidEntropyCommand, m: &ArgMatches) -> Result<()> {
         options: command_line_table(&c.options, m)?,
         ..c.args.clone()
     };
-    let out = resolve(&a)?.output_dir;
+    let config = resolve(&a)?;
+    let out = config.output_dir.clone();
     let mut bar: Option<(Stage, indicatif::ProgressBar)> = None;
-    let r = pipeline(&a, &mut |stage, done, total| {
+    let r = pipeline_with(&a, config, &mut |stage, done, total| {
         if bar.as_ref().map(|b| b.0) != Some(stage) {
             if let Some((_, b)) = bar.take() {
                 b.finish_and_clear();
