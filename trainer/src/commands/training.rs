@@ -20,7 +20,7 @@ use crate::checkpoint::{load_model, parse_dtype};
 use crate::io::write_bytes as write_file;
 use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
-use crate::train::config::{merge_onto, CONFIG_TOML};
+use crate::train::config::{as_typed, merge_onto, CONFIG_TOML};
 use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
 use crate::train::{Dataset, Error, Examples, PreferencePair, TrainConfig, Trainer};
 use difinfo::objective::Rule;
@@ -83,8 +83,10 @@ pub(crate) fn training_options(
     table.extend(toml::Table::try_from(base).unwrap_or_default());
     move |a| {
         let id = a.get_id().as_str().to_string();
-        let a = match table.get(&id).and_then(default_string) {
-            Some(v) if a.get_default_values().is_empty() => a.default_value(v).required(false),
+        let a = match table.get(&id) {
+            Some(v) if a.get_default_values().is_empty() => {
+                a.default_value(as_typed(v)).required(false)
+            }
             _ => a,
         };
         if hidden.contains(&id.as_str()) {
@@ -93,23 +95,6 @@ pub(crate) fn training_options(
             a
         }
     }
-}
-
-/// A TOML value as a clap default value, as a user types it (an array comma-separated: the
-/// list options split on commas).
-fn default_string(v: &toml::Value) -> Option<String> {
-    Some(match v {
-        toml::Value::String(s) => s.clone(),
-        toml::Value::Integer(i) => i.to_string(),
-        toml::Value::Float(f) => f.to_string(),
-        toml::Value::Boolean(b) => b.to_string(),
-        toml::Value::Array(items) => items
-            .iter()
-            .map(default_string)
-            .collect::<Option<Vec<_>>>()?
-            .join(","),
-        _ => return None,
-    })
 }
 
 /// Refuses an option of `hidden` given on `command`'s command line (an option the command

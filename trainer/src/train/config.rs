@@ -470,7 +470,9 @@ pub fn merge_tables(
                     .into_iter()
                     .find(|k| e.starts_with(k.as_str()) && cli.contains_key(k));
                 Error::Options(match (named, path) {
-                    (Some(k), _) => format!("--{} {}: {e}", k.replace('_', "-"), show(&cli[&k])),
+                    (Some(k), _) => {
+                        format!("--{} {}: {e}", k.replace('_', "-"), as_typed(&cli[&k]))
+                    }
                     (None, Some(p)) => format!("{}: {e}", p.display()),
                     (None, None) => e,
                 })
@@ -490,12 +492,14 @@ pub fn merge_tables(
     Ok(cfg)
 }
 
-/// A command-line value as typed (a list comma-separated).
-fn show(v: &toml::Value) -> String {
+/// An option's value as a user types it on the command line: a string unquoted, a float in
+/// Rust's shortest round-trip form (`1e-6` as `0.000001`), a list comma-separated (the list
+/// options split on commas). Used for the options' clap defaults and in error messages.
+pub fn as_typed(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
         toml::Value::Float(f) => f.to_string(),
-        toml::Value::Array(a) => a.iter().map(show).collect::<Vec<_>>().join(","),
+        toml::Value::Array(a) => a.iter().map(as_typed).collect::<Vec<_>>().join(","),
         other => other.to_string(),
     }
 }
