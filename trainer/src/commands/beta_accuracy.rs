@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::checkpoint::load_model;
 use crate::commands::shared::{
     at_prompt, check_paths, check_prompt_vocab, load_bundle, progress, report_stats,
-    require_examples,
+    require_examples, DecodeArgs,
 };
 use crate::generate::SamplingParams;
 use crate::io::write_json;
@@ -35,12 +35,9 @@ pub struct BetaAccuracyArgs {
     /// Samples per prompt (the paper uses 4).
     #[arg(long, default_value_t = 4)]
     pub samples: usize,
-    /// Most new tokens per sample.
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub decode: DecodeArgs,
     /// Output JSON (per prompt: x, y and the fit or "undetermined"; and the β-accuracy).
     #[arg(long)]
     pub out: PathBuf,
@@ -57,9 +54,11 @@ pub fn run(a: BetaAccuracyArgs) -> Result<()> {
         reference,
         prompts,
         samples,
-        max_new_tokens,
-        seed,
         out,
+        decode: DecodeArgs {
+            max_new_tokens,
+            seed,
+        },
     } = a;
     use crate::diag::beta_accuracy::prompt_fit;
     use difinfo::beta_accuracy::{beta_accuracy, BetaFit};

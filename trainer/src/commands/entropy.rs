@@ -6,7 +6,8 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::commands::shared::{
-    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, progress, ModelArgs, PromptArgs,
+    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, progress, DecodeArgs, ModelArgs,
+    PromptArgs,
 };
 use crate::io::write_json;
 use crate::{Error, Result};
@@ -25,15 +26,12 @@ pub struct EntropyArgs {
     /// Samples per prompt (K ≥ 2).
     #[arg(long, default_value_t = 32)]
     pub samples: usize,
-    /// Most new tokens per sample (L).
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub decode: DecodeArgs,
     /// Sampling temperature T > 0: the entropy estimated is that of softmax(logits / T).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Output JSON (per prompt: prompt, entropy, stderr, ci95, samples, token_entropy; and overall
     /// with its 95 % interval).
     #[arg(long)]
@@ -49,10 +47,12 @@ pub fn run(a: EntropyArgs) -> Result<()> {
         model,
         prompts,
         samples,
-        max_new_tokens,
         temperature,
-        seed,
         out,
+        decode: DecodeArgs {
+            max_new_tokens,
+            seed,
+        },
     } = a;
     use crate::diag::entropy::{overall, overall_ci95, prompt_entropy};
     if samples < 2 || max_new_tokens == 0 {

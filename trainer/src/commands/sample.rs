@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::commands::shared::{
     at_prompt, check_paths, check_prompt_vocab, model_and_prompts, outputs_with_report, progress,
-    ModelArgs, PromptArgs,
+    DecodeArgs, ModelArgs, PromptArgs,
 };
 use crate::data::InvalidRecords;
 use crate::generate::{generate, SamplingParams};
@@ -32,12 +32,9 @@ pub struct SampleArgs {
     /// Nucleus (top-p) mass in (0, 1]; 1 disables it.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// Most new tokens per sample.
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Random seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub decode: DecodeArgs,
     /// Output JSONL (one object per sample).
     #[arg(long)]
     pub out: PathBuf,
@@ -57,10 +54,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         n,
         temperature,
         top_p,
-        max_new_tokens,
-        seed,
         out,
         invalid,
+        decode: DecodeArgs {
+            max_new_tokens,
+            seed,
+        },
     } = a;
     let params = SamplingParams {
         temperature,

@@ -85,6 +85,17 @@ pub struct PromptArgs {
     pub max_prompt_length: Limit,
 }
 
+/// How a sampling command decodes (`sample`, `entropy`, `beta-accuracy`).
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// Most new tokens per sample (L); a sample ends earlier at EOS.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Random seed of the samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
 /// A tokenized prompt file: each prompt with its token ids.
 pub type PromptSet = TokenizedDataset<(PromptExample, Vec<u32>)>;
 
