@@ -4,7 +4,8 @@
 //! (`.json`), Parquet (`.parquet`, as Hugging Face stores datasets) or a directory of Parquet
 //! shards. Every format yields records as JSON text with their location (the line a JSONL
 //! record or a JSON array element starts on, or the 1-based row of a Parquet file) and goes
-//! through the same parse functions below.
+//! through the same parse functions below. A file is opened once and its format sniffed from
+//! the bytes its reader then consumes, so a pipe (`--data /dev/stdin`) or a FIFO reads whole.
 //!
 //! Preference data: `{"prompt", "chosen", "rejected"}`, either all strings (standard) or all
 //! lists of `{"role", "content"}` messages (conversational). SFT data: `{"prompt",
@@ -12,7 +13,9 @@
 //! sampling): `{"prompt": ...}` or `{"messages": [...]}`. Blank lines are skipped; other keys
 //! are ignored.
 
-use std::io::{BufRead, Write};
+mod parquet_file;
+
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -414,8 +417,10 @@ const PARQUET_MAGIC: &[u8; 4] = b"PAR1";
 
 impl DataFormat {
     /// The format of `path`: a directory is Parquet shards; a file starting with `PAR1` is
-    /// Parquet; a file whose first non-blank character is `[` is a JSON array; anything else
-    /// is JSON Lines (so a `.json` file of JSON Lines reads as such).
+    /// Parquet; a file whose first non-blank character (within its first 4 KiB) is `[` is a
+    /// JSON array; anything else is JSON Lines (so a `.json` file of JSON Lines reads as such).
+    /// Reads the file's first bytes (from a pipe, they are gone: [`read_records`] sniffs the
+    /// bytes it then reads instead).
     ///
     /// # Errors
     /// I/O errors.
@@ -423,26 +428,90 @@ impl DataFormat {
         if path.is_dir() {
             return Ok(DataFormat::ParquetShards);
         }
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut head = [0u8; 4096];
-        let mut n = 0;
-        while n < head.len() {
-            match std::io::Read::read(&mut f, &mut head[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(path, e)),
-            }
-        }
-        let head = &head[..n];
+        Ok(Opened::open(path)?.format)
+    }
+
+    /// The format of a file that starts with `head` (at most its first 4 KiB).
+    fn sniff(head: &[u8]) -> Self {
         if head.starts_with(PARQUET_MAGIC) {
-            return Ok(DataFormat::Parquet);
+            return DataFormat::Parquet;
         }
         let text = head.strip_prefix("\u{feff}".as_bytes()).unwrap_or(head);
         match text.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'[') => Ok(DataFormat::JsonArray),
-            _ => Ok(DataFormat::Jsonl),
+            Some(b'[') => DataFormat::JsonArray,
+            _ => DataFormat::Jsonl,
         }
+    }
+}
+
+/// How many bytes the format sniffer looks at.
+const SNIFF_BYTES: usize = 4096;
+
+/// A data file opened once, its first bytes read to sniff its [`DataFormat`] and kept in
+/// front of the rest for the reader: nothing is read twice, so a pipe or a FIFO (which can be
+/// read, and for a FIFO opened, only once) reads whole.
+struct Opened {
+    format: DataFormat,
+    /// The first bytes (up to [`SNIFF_BYTES`]), already read from `file`.
+    head: Vec<u8>,
+    file: std::fs::File,
+}
+
+impl Opened {
+    /// Opens `path` and reads its first bytes.
+    fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        (&mut file)
+            .take(SNIFF_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Opened {
+            format: DataFormat::sniff(&head),
+            head,
+            file,
+        })
+    }
+
+    /// The whole file as a buffered reader, from its first byte.
+    fn reader(self) -> std::io::BufReader<impl Read> {
+        std::io::BufReader::new(std::io::Cursor::new(self.head).chain(self.file))
+    }
+
+    /// Reads the file as Parquet: a regular file in place (the reader seeks), anything else
+    /// (a pipe) into memory first, up to a quarter of the machine's memory.
+    fn read_parquet(
+        self,
+        path: &Path,
+        first: usize,
+        on_row: &mut dyn FnMut(usize, &parquet_file::ParquetRow) -> Result<()>,
+    ) -> Result<usize> {
+        let meta = self.file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_file() {
+            return parquet_file::read_parquet(self.file, meta.len(), path, first, on_row);
+        }
+        let limit = crate::model::physical_memory().map_or(u64::MAX, |m| (m / 4) as u64);
+        let mut bytes = Vec::new();
+        self.reader()
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io(path, e))?;
+        if bytes.len() as u64 > limit {
+            return Err(DataError {
+                file: path.to_path_buf(),
+                line: 0,
+                field: None,
+                message: format!(
+                    "a Parquet file that is not a regular file (a pipe) is read into memory, \
+                     and this one is larger than {} (a quarter of this machine's memory); \
+                     save it to a file and pass that",
+                    crate::model::format_bytes(u128::from(limit))
+                ),
+            }
+            .into());
+        }
+        let len = bytes.len() as u64;
+        parquet_file::read_parquet(bytes::Bytes::from(bytes), len, path, first, on_row)
     }
 }
 
@@ -461,10 +530,18 @@ pub fn read_records<T>(
     skip_invalid: bool,
     parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
 ) -> Result<Loaded<T>> {
-    match DataFormat::detect(path)? {
-        DataFormat::Jsonl => read_jsonl(path, skip_invalid, parse),
+    if path.is_dir() {
+        return read_shards(path, skip_invalid, parse);
+    }
+    let opened = Opened::open(path)?;
+    match opened.format {
+        DataFormat::Jsonl => jsonl_records(opened.reader(), path, skip_invalid, parse),
         DataFormat::JsonArray => {
-            let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let mut text = Vec::new();
+            opened
+                .reader()
+                .read_to_end(&mut text)
+                .map_err(|e| Error::io(path, e))?;
             let text = String::from_utf8(text).map_err(|e| {
                 let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
                     .iter()
@@ -485,42 +562,94 @@ pub fn read_records<T>(
         }
         DataFormat::Parquet => {
             let mut out = Collector::new(skip_invalid);
-            read_parquet(path, 0, &mut |row, text| {
-                out.push(parse(text, path, row), row)
+            opened.read_parquet(path, 0, &mut |row, r| {
+                out.push(parse(&r.text, path, row).map_err(|e| r.explain(e)), row)
             })?;
             Ok(out.finish(Vec::new()))
         }
-        DataFormat::ParquetShards => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| Error::io(path, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "parquet"))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                return Err(DataError {
-                    file: path.to_path_buf(),
-                    line: 0,
-                    field: None,
-                    message: "a dataset directory must hold Parquet shards (*.parquet); none found"
-                        .into(),
-                }
-                .into());
-            }
-            let mut out = Collector::new(skip_invalid);
-            let mut shards = Vec::new();
-            let mut before = 0;
-            for f in files {
-                shards.push((f.clone(), before));
-                let start = before;
-                before = read_parquet(&f, start, &mut |row, text| {
-                    // Errors name the shard and its row; records count rows across shards.
-                    out.push(parse(text, &f, row - start), row)
-                })?;
-            }
-            Ok(out.finish(shards))
+        DataFormat::ParquetShards => read_shards(path, skip_invalid, parse),
+    }
+}
+
+/// Reads Parquet bytes held in memory (named `path` in errors) as [`read_records`] reads a
+/// Parquet file: the fuzzing entry point of the Parquet reader.
+///
+/// # Errors
+/// See [`read_records`].
+pub fn read_parquet_bytes<T>(
+    bytes: &[u8],
+    path: &Path,
+    skip_invalid: bool,
+    parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
+) -> Result<Loaded<T>> {
+    let mut out = Collector::new(skip_invalid);
+    let src = bytes::Bytes::copy_from_slice(bytes);
+    parquet_file::read_parquet(src, bytes.len() as u64, path, 0, &mut |row, r| {
+        out.push(parse(&r.text, path, row).map_err(|e| r.explain(e)), row)
+    })?;
+    Ok(out.finish(Vec::new()))
+}
+
+/// Whether `p`'s extension is `ext`, in any case (`.PARQUET` is Parquet).
+fn has_extension(p: &Path, ext: &str) -> bool {
+    p.extension().is_some_and(|x| x.eq_ignore_ascii_case(ext))
+}
+
+/// Reads a directory of Parquet shards (`*.parquet` in any case, in name order). A JSON Lines
+/// file there (`*.jsonl`) is refused, named, rather than skipped in silence.
+fn read_shards<T>(
+    path: &Path,
+    skip_invalid: bool,
+    parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
+) -> Result<Loaded<T>> {
+    let refuse = |file: &Path, message: String| -> Error {
+        DataError {
+            file: file.to_path_buf(),
+            line: 0,
+            field: None,
+            message,
+        }
+        .into()
+    };
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+        let p = e.map_err(|e| Error::io(path, e))?.path();
+        if !p.is_file() {
+            continue;
+        }
+        if has_extension(&p, "parquet") {
+            files.push(p);
+        } else if has_extension(&p, "jsonl") {
+            return Err(refuse(
+                &p,
+                format!(
+                    "a JSON Lines file in a dataset directory, which is read as Parquet shards \
+                     (*.parquet) only; pass it as --data itself, or move it out of {}",
+                    path.display()
+                ),
+            ));
         }
     }
+    files.sort();
+    if files.is_empty() {
+        return Err(refuse(
+            path,
+            "a dataset directory must hold Parquet shards (*.parquet); none found".into(),
+        ));
+    }
+    let mut out = Collector::new(skip_invalid);
+    let mut shards = Vec::new();
+    let mut before = 0;
+    for f in files {
+        shards.push((f.clone(), before));
+        let start = before;
+        before = Opened::open(&f)?.read_parquet(&f, start, &mut |row, r| {
+            // Errors name the shard and its row; records count rows across shards.
+            let parsed = parse(&r.text, &f, row - start).map_err(|e| r.explain(e));
+            out.push(parsed, row)
+        })?;
+    }
+    Ok(out.finish(shards))
 }
 
 /// Gathers parsed records (or the first error, without `skip_invalid`).
@@ -634,40 +763,6 @@ fn json_array_records<'a>(
     Ok(out)
 }
 
-/// Reads the rows of a Parquet file as JSON objects without their null fields (`on_row(row,
-/// text)`, `row` counting from `first + 1`); returns the last row number.
-///
-/// # Errors
-/// A file that is not valid Parquet (named, with the reader's message); `on_row`'s errors.
-fn read_parquet(
-    path: &Path,
-    first: usize,
-    on_row: &mut dyn FnMut(usize, &str) -> Result<()>,
-) -> Result<usize> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bad = |row: usize, e: parquet::errors::ParquetError| DataError {
-        file: path.to_path_buf(),
-        line: row,
-        field: None,
-        message: format!("not a readable Parquet file: {e}"),
-    };
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let reader = SerializedFileReader::new(f).map_err(|e| bad(0, e))?;
-    let rows = reader.get_row_iter(None).map_err(|e| bad(0, e))?;
-    let mut row = first;
-    for r in rows {
-        row += 1;
-        let r = r.map_err(|e| bad(row - first, e))?;
-        // A null column is a field the record lacks (datasets fill absent fields with null).
-        let mut v = r.to_json_value();
-        if let Value::Object(o) = &mut v {
-            o.retain(|_, x| !x.is_null());
-        }
-        on_row(row, &v.to_string())?;
-    }
-    Ok(row)
-}
-
 /// Reads a JSONL file with `parse` applied to each non-blank line.
 ///
 /// With `skip_invalid`, invalid records are collected in [`Loaded::errors`]; without it the
@@ -681,9 +776,19 @@ pub fn read_jsonl<T>(
     parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
 ) -> Result<Loaded<T>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    jsonl_records(std::io::BufReader::new(f), path, skip_invalid, parse)
+}
+
+/// [`read_jsonl`] over an opened reader (`path` names it in errors).
+fn jsonl_records<T>(
+    reader: impl BufRead,
+    path: &Path,
+    skip_invalid: bool,
+    parse: impl Fn(&str, &Path, usize) -> std::result::Result<T, DataError>,
+) -> Result<Loaded<T>> {
     let mut examples = Vec::new();
     let mut errors = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+    for (i, line) in reader.lines().enumerate() {
         let line_no = i + 1;
         let text = match line {
             Ok(t) => t,

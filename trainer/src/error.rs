@@ -268,6 +268,30 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// Another process holds the run directory's lock ([`crate::train::run::RunLock`]): two
+    /// runs writing one directory would interleave their metrics and checkpoints.
+    #[error(
+        "{}: in use by another run{} (lock file {}); wait for it to end, or choose another \
+         --output-dir",
+        dir.display(),
+        pid.map_or_else(String::new, |p| format!(" (process {p})")),
+        dir.join(crate::train::run::LOCK_FILE).display()
+    )]
+    RunLocked {
+        /// The run directory.
+        dir: PathBuf,
+        /// The holder's process id, when it could be read.
+        pid: Option<u32>,
+    },
+    /// A file a resumed run depends on differs from the one the run started with (its
+    /// fingerprint in `run_args.json`), or is gone.
+    #[error("--resume: {path} {what}; refusing to resume onto it")]
+    ResumeChanged {
+        /// The file.
+        path: PathBuf,
+        /// What changed (`changed since the run started (recorded in …)`, …).
+        what: String,
+    },
     /// A tensor operation failed (shape bug, unsupported dtype on a device, ...).
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -311,4 +335,38 @@ impl Error {
             message: message.to_string(),
         }
     }
+}
+
+thread_local! {
+    /// Whether this thread is inside [`catch_panic`] (its panics are errors, not printed).
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs third-party parsing code (the `parquet` crate's reader, candle's GGUF reader) so that
+/// a panic inside it on a malformed file becomes `Err(message)` for the caller to turn into an
+/// error naming the file. The panic is not printed: a process-wide hook, installed once,
+/// stays silent for panics of a thread inside `catch_panic` and hands every other panic to the
+/// hook it replaced, so other threads' panics still print as before.
+///
+/// # Errors
+/// The panic's message (`"a panic without a message"` when its payload is not text).
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = CONTAINED.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(outer));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
 }

@@ -107,3 +107,40 @@ pub fn gguf_import(data: &[u8]) {
     let mut cursor = std::io::Cursor::new(data);
     let _ = crate::gguf::import(&mut cursor, Path::new("<fuzz>"), &mut |_, _| {});
 }
+
+/// A Parquet dataset file: the bytes read in memory as `--data x.parquet` reads a file
+/// ([`crate::data::read_parquet_bytes`]: the metadata checks, the `parquet` crate's row
+/// reader under [`crate::error::catch_panic`], the rows as JSON), each row parsed as
+/// preference and as SFT data.
+pub fn parquet_file(data: &[u8]) {
+    let p = Path::new("<fuzz>");
+    let _ = crate::data::read_parquet_bytes(data, p, true, crate::data::parse_preference_line);
+    let _ = crate::data::read_parquet_bytes(data, p, true, crate::data::parse_sft_line);
+}
+
+/// The GGUF a [`gguf_header`] input stands for: `"GGUF"`, version 3, then `data[1]` as the
+/// tensor count and `data[0]` as the metadata count (u64 each), then `data[2..]` (the
+/// metadata entries, tensor infos and data), so that mutations land in the metadata rather
+/// than the magic. `None` for inputs shorter than two bytes.
+pub fn gguf_header_file(data: &[u8]) -> Option<Vec<u8>> {
+    let (counts, body) = data.split_at_checked(2)?;
+    let mut file = b"GGUF".to_vec();
+    file.extend(3u32.to_le_bytes());
+    file.extend(u64::from(counts[1]).to_le_bytes());
+    file.extend(u64::from(counts[0]).to_le_bytes());
+    file.extend(body);
+    Some(file)
+}
+
+/// A GGUF header with hostile metadata ([`gguf_header_file`] builds the file): read by
+/// [`crate::gguf::read_header`] (alignment, array and string lengths, duplicate keys and
+/// tensor names, tensor dimensions, types and offsets); a header that reads is imported whole.
+pub fn gguf_header(data: &[u8]) {
+    let Some(file) = gguf_header_file(data) else {
+        return;
+    };
+    let p = Path::new("<fuzz>");
+    if crate::gguf::read_header(&mut std::io::Cursor::new(&file), p).is_ok() {
+        let _ = crate::gguf::import(&mut std::io::Cursor::new(&file), p, &mut |_, _| {});
+    }
+}

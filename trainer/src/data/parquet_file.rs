@@ -1,0 +1,187 @@
+//! Parquet files as records: the `parquet` crate's row reader, run so that a malformed file
+//! is an error naming it (never a panic), and each row turned into JSON text for the parse
+//! functions of [`crate::data`].
+//!
+//! Values become JSON as `datasets` reads them for text: strings (`UTF8` / `String`) and
+//! binary columns (`BYTE_ARRAY` without the annotation: pyarrow's `binary`, older Spark and
+//! Hive writers) are text, decoded as UTF-8; numbers and booleans stay numbers and booleans;
+//! lists and structs become arrays and objects. A value with no text form (a date, time,
+//! timestamp, decimal, map, or bytes that are not UTF-8) becomes a placeholder number, and a
+//! parse error on its column is restated as what the column holds
+//! ([`ParquetRow::explain`]), so such a column is refused where text is expected and ignored
+//! elsewhere.
+
+use std::path::Path;
+
+use parquet::basic::Compression;
+use parquet::file::metadata::ParquetMetaData;
+use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
+use parquet::record::{Field, Row};
+use serde_json::{Map, Value};
+
+use crate::error::{catch_panic, DataError, Result};
+
+/// One row: its JSON text, and the top-level columns of this row whose value has no text
+/// form, with what they hold.
+pub(crate) struct ParquetRow {
+    /// The row as a JSON object, null fields left out.
+    pub text: String,
+    opaque: Vec<(String, String)>,
+}
+
+impl ParquetRow {
+    /// `e` (a parse error of this row) restated when its field lies in a column whose value
+    /// has no text form: the parser saw a placeholder number there; the user is told what
+    /// the column holds.
+    pub fn explain(&self, mut e: DataError) -> DataError {
+        let root = e
+            .field
+            .as_deref()
+            .map(|f| f.split(['[', '.']).next().unwrap_or(f));
+        if let Some((_, why)) = self.opaque.iter().find(|(c, _)| Some(c.as_str()) == root) {
+            e.message = format!("{why}, not text");
+        }
+        e
+    }
+}
+
+/// Reads the rows of a Parquet file (`src`, `len` bytes, named `path` in errors) with
+/// `on_row(row, row)`, `row` counting from `first + 1`; returns the last row number.
+///
+/// # Errors
+/// A file that is not valid Parquet, whose metadata claims bytes past its end, that uses a
+/// codec this build cannot read, or on which the `parquet` crate panics: a [`DataError`]
+/// naming the file (and the row being read); `on_row`'s errors.
+pub(crate) fn read_parquet<R: ChunkReader + 'static>(
+    src: R,
+    len: u64,
+    path: &Path,
+    first: usize,
+    on_row: &mut dyn FnMut(usize, &ParquetRow) -> Result<()>,
+) -> Result<usize> {
+    let bad = |row: usize, message: String| DataError {
+        file: path.to_path_buf(),
+        line: row,
+        field: None,
+        message: format!("not a readable Parquet file: {message}"),
+    };
+    let panicked = |m: String| format!("the Parquet reader failed on it ({m})");
+    let reader = catch_panic(|| SerializedFileReader::new(src))
+        .map_err(|m| bad(0, panicked(m)))?
+        .map_err(|e| bad(0, e.to_string()))?;
+    check_claims(reader.metadata(), len).map_err(|m| bad(0, m))?;
+    let mut rows = catch_panic(|| reader.get_row_iter(None))
+        .map_err(|m| bad(0, panicked(m)))?
+        .map_err(|e| bad(0, e.to_string()))?;
+    let mut row = first;
+    loop {
+        let next = catch_panic(|| rows.next()).map_err(|m| bad(row + 1 - first, panicked(m)))?;
+        let Some(r) = next else { break };
+        row += 1;
+        let r = r.map_err(|e| bad(row - first, e.to_string()))?;
+        on_row(row, &to_json(&r))?;
+    }
+    Ok(row)
+}
+
+/// What the metadata claims, checked before a page is read: every column chunk lies within
+/// the file's `len` bytes, row counts are not negative, and every codec is one this build
+/// reads (all but LZO, which no current writer uses).
+fn check_claims(md: &ParquetMetaData, len: u64) -> std::result::Result<(), String> {
+    for (g, rg) in md.row_groups().iter().enumerate() {
+        if rg.num_rows() < 0 {
+            return Err(format!("row group {g} claims {} rows", rg.num_rows()));
+        }
+        for c in rg.columns() {
+            let col = c.column_path().string();
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            let size = c.compressed_size();
+            let end = start.checked_add(size);
+            if start < 0 || size < 0 || end.is_none_or(|e| e as u64 > len) {
+                return Err(format!(
+                    "row group {g}, column `{col}` claims bytes {start}..{} of a file of {len} bytes",
+                    end.map_or_else(|| "overflow".into(), |e| e.to_string())
+                ));
+            }
+            if c.num_values() < 0 {
+                return Err(format!(
+                    "row group {g}, column `{col}` claims {} values",
+                    c.num_values()
+                ));
+            }
+            if c.compression() == Compression::LZO {
+                return Err(format!(
+                    "column `{col}` is compressed with LZO, which this reader does not support \
+                     (it reads uncompressed, snappy, gzip, brotli, lz4, lz4_raw and zstd); \
+                     rewrite the file with another codec"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A row as JSON text without its null fields (a null column is a field the record lacks:
+/// `datasets` fills absent fields with null).
+fn to_json(r: &Row) -> ParquetRow {
+    let mut opaque = Vec::new();
+    let mut o = Map::new();
+    for (name, f) in r.get_column_iter() {
+        let mut why = None;
+        let v = field_json(f, name, &mut why);
+        if let Some(w) = why {
+            opaque.push((name.clone(), w));
+        }
+        if !v.is_null() {
+            o.insert(name.clone(), v);
+        }
+    }
+    ParquetRow {
+        text: Value::Object(o).to_string(),
+        opaque,
+    }
+}
+
+/// One value as JSON (at `at`, the field's path as the parse errors write it); a value with
+/// no text form becomes the placeholder `0` and, for the first such value, `why` says what it
+/// is.
+fn field_json(f: &Field, at: &str, why: &mut Option<String>) -> Value {
+    let mut opaque = |what: String| {
+        why.get_or_insert_with(|| match at.find(['[', '.']) {
+            Some(_) => format!("holds {what} at `{at}`"),
+            None => format!("holds {what}"),
+        });
+        Value::from(0)
+    };
+    match f {
+        Field::Str(s) => Value::String(s.clone()),
+        Field::Bytes(b) => match std::str::from_utf8(b.data()) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(e) => opaque(format!(
+                "binary data that is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            )),
+        },
+        Field::Date(_) => opaque("a Parquet DATE".into()),
+        Field::TimeMillis(_) | Field::TimeMicros(_) => opaque("a Parquet TIME".into()),
+        Field::TimestampMillis(_) | Field::TimestampMicros(_) => {
+            opaque("a Parquet TIMESTAMP".into())
+        }
+        Field::Decimal(_) => opaque("a Parquet DECIMAL".into()),
+        Field::MapInternal(_) => opaque("a Parquet MAP".into()),
+        Field::Group(row) => Value::Object(
+            row.get_column_iter()
+                .map(|(k, v)| (k.clone(), field_json(v, &format!("{at}.{k}"), why)))
+                .collect(),
+        ),
+        Field::ListInternal(list) => Value::Array(
+            list.elements()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| field_json(v, &format!("{at}[{i}]"), why))
+                .collect(),
+        ),
+        // Null, booleans and numbers as the crate writes them.
+        other => other.to_json_value(),
+    }
+}
