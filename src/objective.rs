@@ -293,6 +293,12 @@ pub enum ObjectiveError {
     /// A negative or non-finite loss weight.
     #[error("loss_weights must be finite and ≥ 0, got {0}")]
     LossWeight(f64),
+    /// Every loss weight is 0: the loss is identically 0 and nothing would train.
+    #[error(
+        "loss_weights are all 0 ({0:?}): the loss would be 0 whatever the model, leaving nothing \
+         to train; give at least one loss type a positive weight"
+    )]
+    ZeroLossWeights(Vec<f64>),
     /// `discopop_tau ≤ 0` or not finite.
     #[error("discopop_tau must be finite and positive, got {0}")]
     DiscopopTau(f64),
@@ -422,16 +428,26 @@ impl ObjectiveSpec {
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LossType>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+    // A visitor, not an untagged enum: a wrongly typed value is named by what was expected
+    // (serde's untagged enums say only "data did not match any variant").
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a loss type name (\"sigmoid\"), a comma-separated string or a list of names")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(v.split(',').map(|x| x.trim().to_string()).collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<String>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(x) = a.next_element::<String>()? {
+                v.push(x);
+            }
+            Ok(v)
+        }
     }
-    let names = match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
-        OneOrMany::Many(v) => v,
-    };
+    let names = d.deserialize_any(Names)?;
     names
         .iter()
         .map(|s| s.parse().map_err(serde::de::Error::custom))
@@ -525,6 +541,10 @@ impl Objective {
         };
         if let Some(&w) = weights.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
             return Err(ObjectiveError::LossWeight(w));
+        }
+        // SFT reads no loss type (a warning says so); the preference rules need a term.
+        if s.objective != Rule::Sft && weights.iter().all(|w| *w == 0.0) {
+            return Err(ObjectiveError::ZeroLossWeights(weights));
         }
         let mut terms: Vec<(LossType, f64)> = s.loss_type.iter().copied().zip(weights).collect();
         if let Some(a) = s.rpo_alpha {
@@ -727,6 +747,60 @@ impl Objective {
         })
     }
 
+    /// Refuses the fields among `given` (those a user set explicitly, on a command line or
+    /// in a file) that this objective does not read, as TRL would silently ignore them:
+    /// `f_alpha_divergence_coef` without `f_divergence_type = alpha_divergence`, `discopop_tau`
+    /// without the `discopop` loss type. (Options whose every non-default value is refused,
+    /// such as `label_smoothing`, are checked by [`Objective::new`].)
+    ///
+    /// # Errors
+    /// [`ObjectiveError::Inapplicable`] naming the first such field.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::Objective;
+    /// let dpo = Objective::dpo(0.1)?;
+    /// assert!(dpo.check_given(["beta"]).is_ok());
+    /// assert!(dpo.check_given(["discopop_tau"]).is_err());
+    /// # Ok::<(), difinfo::objective::ObjectiveError>(())
+    /// ```
+    pub fn check_given<'a>(
+        &self,
+        given: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ObjectiveError> {
+        for g in given {
+            let reason = match g {
+                "f_alpha_divergence_coef" if self.f_divergence != FDivergence::AlphaDivergence => {
+                    format!(
+                        "it is the α of f_divergence_type = alpha_divergence, and \
+                         f_divergence_type is {}",
+                        self.f_divergence.name()
+                    )
+                }
+                "discopop_tau" if !self.terms.iter().any(|(t, _)| *t == LossType::Discopop) => {
+                    format!(
+                        "it is the τ of the discopop loss type, and loss_type is {}",
+                        self.terms
+                            .iter()
+                            .map(|(t, _)| t.name())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                }
+                _ => continue,
+            };
+            return Err(ObjectiveError::Inapplicable {
+                option: if g == "discopop_tau" {
+                    "discopop_tau"
+                } else {
+                    "f_alpha_divergence_coef"
+                },
+                reason,
+            });
+        }
+        Ok(())
+    }
+
     /// The fields, as written (with `rpo_alpha` folded into an `sft` term).
     pub fn spec(&self) -> ObjectiveSpec {
         let all_one = self.terms.iter().all(|(_, w)| *w == 1.0);
@@ -871,6 +945,28 @@ mod tests {
         assert_eq!(o.terms(), &[(LossType::Ipo, 1.0)]);
         let e = serde_json::from_str::<Objective>(r#"{"loss_type": "ipoo"}"#).unwrap_err();
         assert!(e.to_string().contains("ipoo"), "{e}");
+        // A wrongly typed value says what was expected (not "untagged enum OneOrMany").
+        let e = serde_json::from_str::<Objective>(r#"{"loss_type": 3}"#).unwrap_err();
+        assert!(e.to_string().contains("expected a loss type name"), "{e}");
+    }
+
+    /// Options set explicitly but not read by the objective are refused, naming them.
+    #[test]
+    fn given_options_the_objective_does_not_read_are_refused() {
+        let dpo = Objective::dpo(0.1).unwrap();
+        let e = dpo.check_given(["f_alpha_divergence_coef"]).unwrap_err();
+        assert!(e.to_string().starts_with("f_alpha_divergence_coef"), "{e}");
+        let e = dpo.check_given(["beta", "discopop_tau"]).unwrap_err();
+        assert!(e.to_string().starts_with("discopop_tau"), "{e}");
+        let alpha = Objective::new(ObjectiveSpec {
+            f_divergence_type: FDivergence::AlphaDivergence,
+            loss_type: vec![LossType::Discopop],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(alpha
+            .check_given(["f_alpha_divergence_coef", "discopop_tau"])
+            .is_ok());
     }
 
     #[test]
@@ -931,6 +1027,13 @@ mod tests {
                 ..d()
             },
             "loss_weights",
+        );
+        bad(
+            ObjectiveSpec {
+                loss_weights: Some(vec![0.0]),
+                ..d()
+            },
+            "loss_weights are all 0",
         );
         bad(
             ObjectiveSpec {

@@ -29,7 +29,8 @@ use crate::commands::shared::{
     accept_dataset, load_bundle_with, progress_bar, report_provenance, usage,
 };
 use crate::train::run::{
-    locate_resume, Resolved, RunRecord, RunSettings, RunSummary, RUN_RECORD, SUMMARY_FILE,
+    locate_resume, Resolved, RunFingerprint, RunLock, RunRecord, RunSettings, RunSummary,
+    SavedRun, RUN_RECORD, SUMMARY_FILE,
 };
 
 /// Model, data and run options of `sft` and `dpo` (not training hyper-parameters).
@@ -186,7 +187,23 @@ pub(crate) fn resolve_common(
         (None, Some((dir, _))) => Some(dir.join(CONFIG_TOML)).filter(|p| p.exists()),
         (None, None) => None,
     };
-    let config = merge_onto(base, config_file.as_deref(), &table)?;
+    let config = match (&run.config, &config_file) {
+        // A resume's saved options are its base, not a file of options given: a key it holds
+        // was not given (an objective option the objective does not read is refused only
+        // when given).
+        (None, Some(saved)) => merge_onto(&TrainConfig::from_toml_file(saved)?, None, &table)?,
+        _ => merge_onto(base, config_file.as_deref(), &table)?,
+    };
+    // The output directory is named where it came from (before: always `--output-dir`).
+    let out_option = match (&run.config, &resume) {
+        _ if from_command_line(m, "output_dir") => "--output-dir".to_string(),
+        (_, Some(_)) => "--resume".to_string(),
+        (Some(f), None) if config.output_dir != base.output_dir => {
+            format!("{}: output_dir =", f.display())
+        }
+        _ => "the default --output-dir".to_string(),
+    };
+    crate::io::check_output_dir(&out_option, &config.output_dir)?;
     let pick =
         |given: &Option<PathBuf>, saved: Option<&PathBuf>, what: &str| -> crate::Result<PathBuf> {
             match (given, saved) {
@@ -197,13 +214,30 @@ pub(crate) fn resolve_common(
                 )),
             }
         };
+    // A recorded file that is gone is named, not replaced by whatever the path finds now.
+    let recorded = |given: bool, p: &Path, what: &str| -> crate::Result<()> {
+        match (&resume, given || p.exists()) {
+            (Some((dir, _)), false) => Err(Error::ResumeChanged {
+                path: p.to_path_buf(),
+                what: format!(
+                    "(the run's --{what}, recorded in {}) no longer exists; give --{what} to \
+                     say where it is now",
+                    dir.join(RUN_RECORD).display()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    };
     let model = pick(&run.model, saved.as_ref().map(|r| &r.model), "model")?;
+    recorded(run.model.is_some(), &model, "model")?;
     let data = pick(&run.data, saved.as_ref().map(|r| &r.data), "data")?;
+    recorded(run.data.is_some(), &data, "data")?;
     let settings = match &saved {
         // The resumed run's settings, overridden by those given on the command line.
         Some(rec) => given_over(&rec.settings, &run.settings, m)?,
         None => run.settings.clone(),
     };
+    let ref_given = ref_model.is_some();
     let record = RunRecord {
         command: command.to_string(),
         model,
@@ -211,6 +245,9 @@ pub(crate) fn resolve_common(
         data,
         settings,
     };
+    if let Some(d) = &record.ref_model {
+        recorded(ref_given, d, "ref-model")?;
+    }
     Ok(Resolved {
         config,
         record,
@@ -299,14 +336,18 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
+    crate::io::check_output_dir("--output-dir", &r.config.output_dir)?;
+    // Held to the end: a second run or resume of this directory is refused.
+    let _lock = RunLock::acquire(&r.config.output_dir)?;
     check_run_paths(r)?;
+    let fingerprint = run_fingerprint(r)?;
     let bundle = load_bundle_with(
         &r.record.model,
         r.record.settings.tokenizer.tokenizer_compat,
     )?;
     report_provenance(&bundle);
     let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
-    train_on(r, data).map_err(|e| {
+    train_locked(r, data, fingerprint).map_err(|e| {
         // A non-finite value's examples by their place in the data file, not only their index.
         if let t @ Error::NonFinite { examples, .. } = &e {
             let at: Vec<String> = examples
@@ -315,13 +356,44 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
                 .map(usize::to_string)
                 .collect();
             return Error::InvalidArgument(format!(
-                "{t}; the examples are lines {} of {}",
+                "{t}; the examples are lines {} of {}{}",
                 at.join(", "),
-                r.record.data.display()
+                r.record.data.display(),
+                objective_overflow_hint(&r.config.objective)
             ));
         }
         e
     })
+}
+
+/// The objective options that can make the loss non-finite, named for a non-finite loss's
+/// message: `alpha_divergence` scales the log-ratios u by α − 1 (beyond the compute dtype's
+/// range, f32's 3.4e38, that is ∞ · 0 = NaN at u = 0; beyond |(α − 1)u| > 80 the exponent is
+/// clamped, as in TRL, and its gradient vanishes), `forward_kl`'s `e^{−u}` overflows f32 once
+/// u < −88.
+fn objective_overflow_hint(o: &difinfo::objective::Objective) -> String {
+    use difinfo::objective::FDivergence;
+    match o.f_divergence() {
+        FDivergence::AlphaDivergence => {
+            let a = o.f_alpha_divergence_coef();
+            // As typed: 1e300, not its 301 digits.
+            let a = if a.abs() >= 1e6 || (a != 0.0 && a.abs() < 1e-4) {
+                format!("{a:e}")
+            } else {
+                a.to_string()
+            };
+            format!(
+            "; the objective's --f-divergence-type alpha_divergence scales the log-ratios by \
+             α − 1 with --f-alpha-divergence-coef {a}: beyond the compute dtype's range (f32: \
+             3.4e38) that is NaN, and beyond |(α − 1)·u| > 80 the score is clamped and its \
+             gradient vanishes; choose α near 1 (f-DPO uses α ∈ (0, 1))"
+            )
+        }
+        FDivergence::ForwardKl => "; the objective's --f-divergence-type forward_kl computes \
+             e^{−u} of the log-ratios u, which overflows f32 once u < −88"
+            .to_string(),
+        _ => String::new(),
+    }
 }
 
 /// [`train`] on a dataset already tokenized (e.g. sampled token ids, as `did-entropy` trains
@@ -330,6 +402,39 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
 /// # Errors
 /// See [`train`].
 pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
+    let _lock = RunLock::acquire(&r.config.output_dir)?;
+    let fingerprint = run_fingerprint(r)?;
+    train_locked(r, data, fingerprint)
+}
+
+/// The fingerprint of the run's model ([`RunFingerprint`]); on `--resume`, checked against
+/// the one the run recorded in its `run_args.json` (runs saved before fingerprints were
+/// recorded are not checked).
+///
+/// # Errors
+/// [`Error::ResumeChanged`] naming the file that changed; I/O errors.
+fn run_fingerprint(r: &Resolved) -> crate::Result<RunFingerprint> {
+    let now = RunFingerprint::of(&r.record.model, r.config.memory.use_peft)?;
+    if let Some(ck) = &r.resume {
+        let (dir, _) = locate_resume(ck)?;
+        let rec = dir.join(RUN_RECORD);
+        let saved: Option<SavedRun> = match std::fs::read_to_string(&rec) {
+            Ok(t) => Some(serde_json::from_str(&t).map_err(|e| Error::format(&rec, e))?),
+            Err(_) => None,
+        };
+        if let Some(fp) = saved.and_then(|s| s.fingerprint) {
+            fp.check(&now, &r.record.model, &rec)?;
+        }
+    }
+    Ok(now)
+}
+
+/// [`train_on`] with the run directory locked and the model's fingerprint taken.
+fn train_locked(
+    r: &Resolved,
+    data: Dataset,
+    fingerprint: RunFingerprint,
+) -> crate::Result<RunSummary> {
     let c = &r.config;
     for w in c.warnings() {
         eprintln!("warning: {w}");
@@ -368,8 +473,12 @@ pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
         },
     };
     let out = c.output_dir.clone();
-    let rec_json = serde_json::to_string_pretty(&r.record)
-        .map_err(|e| Error::format(out.join(RUN_RECORD), e))?;
+    let saved = SavedRun {
+        record: r.record.with_absolute_paths(),
+        fingerprint: Some(fingerprint),
+    };
+    let rec_json =
+        serde_json::to_string_pretty(&saved).map_err(|e| Error::format(out.join(RUN_RECORD), e))?;
     write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
     let trainable: usize = crate::train::PolicyModel::named_vars(&model)
         .iter()

@@ -65,7 +65,20 @@ pub fn report(run_dir: &Path) -> crate::Result<PathBuf> {
     }
     let loss = ends(&recs, "loss");
     let chosen = ends(&recs, "logps/chosen");
+    // A change needs two logged steps: one row is its own first and last.
+    let both = |r: &serde_json::Map<String, serde_json::Value>| {
+        ["loss", "logps/chosen"]
+            .iter()
+            .all(|k| r.get(*k).and_then(serde_json::Value::as_f64).is_some_and(f64::is_finite))
+    };
+    let rows = recs.iter().filter(|r| both(r)).count();
     let verdict = match (loss, chosen) {
+        (Some(_), Some(_)) if rows < 2 => format!(
+            "**Log-likelihood displacement: too few logged steps to conclude.** {} holds {rows} \
+             row with `loss` and `logps/chosen`; a change needs at least 2 logged steps (log \
+             more often with --logging-steps, or train longer).",
+            run_dir.join("metrics.jsonl").display()
+        ),
         (Some((l0, l1)), Some((c0, c1))) if l1 < l0 && c1 < c0 => format!(
             "**Log-likelihood displacement: yes.** The loss fell ({l0:.4} → {l1:.4}) while the chosen \
              responses' log-probability also fell ({c0:.2} → {c1:.2})."

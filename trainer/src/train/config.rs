@@ -458,7 +458,8 @@ pub fn merge_tables(
     };
     let in_file: Vec<String> = file_table.keys().cloned().collect();
     let on_cli: Vec<String> = cli.keys().cloned().collect();
-    base.extend(file_table);
+    let defaults = base.clone();
+    base.extend(file_table.clone());
     base.extend(cli.clone());
     let cfg: TrainConfig =
         toml::Value::Table(base.clone())
@@ -473,11 +474,33 @@ pub fn merge_tables(
                     (Some(k), _) => {
                         format!("--{} {}: {e}", k.replace('_', "-"), as_typed(&cli[&k]))
                     }
-                    (None, Some(p)) => format!("{}: {e}", p.display()),
+                    (None, Some(p)) => match culprit(&defaults, &file_table) {
+                        // A wrongly typed value: serde's message names no key (flattened
+                        // fields), so name the key that fails alone.
+                        Some(k) if !e.starts_with(k.as_str()) => {
+                            format!("{}: {k} = {}: {e}", p.display(), file_table[&k])
+                        }
+                        _ => format!("{}: {e}", p.display()),
+                    },
                     (None, None) => e,
                 })
             })?;
     check_keys(&base, &cfg).map_err(Error::Options)?;
+    // Objective options given (on the command line or in the file) that it does not read.
+    for (given, on) in [(&on_cli, true), (&in_file, false)] {
+        if let Err(e) = cfg.objective.check_given(given.iter().map(String::as_str)) {
+            let k = match &e {
+                difinfo::objective::ObjectiveError::Inapplicable { option, .. } => *option,
+                _ => "",
+            };
+            let v = |t: &toml::Table| t.get(k).map(as_typed).unwrap_or_default();
+            return Err(Error::Options(match (on, path) {
+                (true, _) => format!("--{} {}: {e}", k.replace('_', "-"), v(&cli)),
+                (false, Some(p)) => format!("{}: {k} = {}: {e}", p.display(), v(&file_table)),
+                (false, None) => e.to_string(),
+            }));
+        }
+    }
     if let Err(e) = cfg.check_ranges() {
         let given = |keys: &[String]| keys.iter().any(|k| k == e.field);
         return Err(Error::Options(if given(&on_cli) {
@@ -490,6 +513,18 @@ pub fn merge_tables(
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The first key of `file` whose value alone (over `defaults`) does not deserialize into a
+/// [`TrainConfig`]: the key a type error is about.
+fn culprit(defaults: &toml::Table, file: &toml::Table) -> Option<String> {
+    file.iter()
+        .find(|(k, v)| {
+            let mut t = defaults.clone();
+            t.insert((*k).clone(), (*v).clone());
+            toml::Value::Table(t).try_into::<TrainConfig>().is_err()
+        })
+        .map(|(k, _)| k.clone())
 }
 
 /// An option's value as a user types it on the command line: a string unquoted, a float in
