@@ -255,67 +255,16 @@ pub const INIT_FILES: [&str; 5] = [
     "model.safetensors",
 ];
 
-/// Files of a checkpoint (or of a training checkpoint) that [`init_checkpoint`] does not
-/// write: left beside new weights they would be read as theirs (a sharded index, a chat
-/// template that overrides the new tokenizer's, an optimizer state, a trainer state).
-const STALE_FILES: [&str; 7] = [
-    "model.safetensors.index.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "optimizer.safetensors",
-    "trainer_state.json",
-    "train_config.json",
-    "checksums.sha256",
-];
-
-/// Readies `dir` for [`init_checkpoint`]: a missing or empty directory is fine; a non-empty
-/// one is refused unless `overwrite`, when the checkpoint files that the new checkpoint would
-/// not replace are removed (its shards, optimizer and trainer state, …; other files stay).
-/// Returns the files removed.
+/// Readies `dir` for [`init_checkpoint`] ([`crate::io::prepare_checkpoint_dir`] for
+/// `--out`): a missing or empty directory is fine; a non-empty one is refused unless
+/// `overwrite`, when the checkpoint files that the new checkpoint would not replace are
+/// removed (its shards, optimizer and trainer state, …; other files stay). Returns the files
+/// removed.
 ///
 /// # Errors
 /// `dir` is a file; `dir` is not empty and `overwrite` is false; I/O errors.
 pub fn prepare_output_dir(dir: &Path, overwrite: bool) -> Result<Vec<std::path::PathBuf>> {
-    if dir.exists() && !dir.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "--out {}: exists and is not a directory",
-            dir.display()
-        )));
-    }
-    let mut names: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(Error::io(dir, e)),
-    };
-    names.sort();
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
-    if !overwrite {
-        let mut shown = names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
-        if names.len() > 4 {
-            shown.push_str(", …");
-        }
-        return Err(Error::InvalidArgument(format!(
-            "--out {} is not empty ({shown}): choose another --out, or pass --overwrite to \
-             replace the checkpoint there",
-            dir.display()
-        )));
-    }
-    let mut removed = Vec::new();
-    for name in &names {
-        let stale = STALE_FILES.contains(&name.as_str())
-            || (name.starts_with("model-") && name.ends_with(".safetensors"));
-        if stale {
-            let p = dir.join(name);
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-            removed.push(p);
-        }
-    }
-    Ok(removed)
+    crate::io::prepare_checkpoint_dir("--out", dir, overwrite)
 }
 
 /// Creates a random-weight checkpoint directory for `config` with a BPE tokenizer trained on

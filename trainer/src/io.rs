@@ -197,6 +197,100 @@ pub fn check_output_dir(option: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Files of a checkpoint (or of a training checkpoint) that a command writing a checkpoint
+/// directory may not write itself: left beside new weights they would be read as theirs (a
+/// sharded index, a chat template that overrides the new tokenizer's, an optimizer state, a
+/// trainer state). [`prepare_checkpoint_dir`] removes them with `--overwrite`.
+const STALE_FILES: [&str; 7] = [
+    WEIGHTS_INDEX_FILE,
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "optimizer.safetensors",
+    "trainer_state.json",
+    "train_config.json",
+    "checksums.sha256",
+];
+
+/// The one check of every command that writes a checkpoint directory (`init`, `convert`,
+/// `merge`), before any work: the directory `dir` of option `option` can be created or
+/// written ([`check_output_dir`]), it is none of the command's `inputs` (a directory or file
+/// given for another option, compared as files: `merge --model B --out B` would replace its
+/// own base model), and it is empty unless `overwrite`. Creates and removes nothing.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the option, the path and, for an input, its option.
+pub fn check_checkpoint_dir(
+    option: &str,
+    dir: &Path,
+    overwrite: bool,
+    inputs: &[Named<'_>],
+) -> Result<()> {
+    check_output_dir(option, dir)?;
+    if let Some((o, p)) = inputs.iter().find(|(_, p)| same_file(dir, p)) {
+        return Err(Error::InvalidArgument(format!(
+            "{option} {} is {o} {}: writing the checkpoint there would replace that input; \
+             choose another {option}",
+            dir.display(),
+            p.display()
+        )));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "{option} {}: exists and is not a directory",
+            dir.display()
+        )));
+    }
+    let names = dir_entries(dir)?;
+    if !names.is_empty() && !overwrite {
+        let mut shown = names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+        if names.len() > 4 {
+            shown.push_str(", …");
+        }
+        return Err(Error::InvalidArgument(format!(
+            "{option} {} is not empty ({shown}): choose another {option}, or pass --overwrite \
+             to replace the checkpoint there",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The sorted file names in `dir` (none when it does not exist).
+fn dir_entries(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    names.sort();
+    Ok(names)
+}
+
+/// Readies a checkpoint directory that passed [`check_checkpoint_dir`] (its `overwrite` the
+/// same): with `overwrite`, removes the checkpoint files there that a new checkpoint would
+/// not replace (its shards, optimizer and trainer state, …; other files stay). Returns the
+/// files removed.
+///
+/// # Errors
+/// [`check_checkpoint_dir`]'s; I/O errors.
+pub fn prepare_checkpoint_dir(option: &str, dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
+    check_checkpoint_dir(option, dir, overwrite, &[])?;
+    let mut removed = Vec::new();
+    for name in dir_entries(dir)? {
+        let stale = STALE_FILES.contains(&name.as_str())
+            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        if stale {
+            let p = dir.join(name);
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
 /// The files of a Hugging Face checkpoint directory that the loaders read: config, weights
 /// and their shards, tokenizer and generation files.
 pub fn checkpoint_inputs(dir: &Path) -> Vec<PathBuf> {

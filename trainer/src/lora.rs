@@ -51,6 +51,54 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 /// See [`CONFIG_FILE`].
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
+/// Which modules an adapter targets: PEFT's `target_modules` as given, matched as PEFT's
+/// `check_target_module_exists` matches it against a module's full name
+/// (`model.layers.0.self_attn.q_proj`).
+#[derive(Debug, Clone)]
+enum Targets {
+    /// `all-linear`: every projection of every layer.
+    AllLinear,
+    /// A list: a module whose full name equals an entry or ends with `.` + the entry
+    /// (`q_proj` adapts every layer's, `model.layers.0.self_attn.q_proj` only layer 0's).
+    List(Vec<String>),
+    /// One string: a regular expression matching a module's whole name (`re.fullmatch`).
+    Regex(String, regex::Regex),
+}
+
+impl PartialEq for Targets {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Targets::AllLinear, Targets::AllLinear) => true,
+            (Targets::List(a), Targets::List(b)) => a == b,
+            (Targets::Regex(a, _), Targets::Regex(b, _)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// The full module name of projection `j` (an index of [`PROJECTIONS`]) of layer `layer`.
+fn module_name(layer: usize, j: usize) -> String {
+    format!("model.layers.{layer}.{}", PROJECTIONS[j].1)
+}
+
+/// Modules of a decoder model that are not projections (per layer: `{}` the layer index),
+/// which a regular expression must not reach: PEFT would adapt them (or fail on them), and
+/// this crate adapts projections only.
+const OTHER_MODULES: [&str; 12] = [
+    "model",
+    "model.embed_tokens",
+    "model.norm",
+    "model.rotary_emb",
+    "lm_head",
+    "model.layers",
+    "model.layers.{}",
+    "model.layers.{}.self_attn",
+    "model.layers.{}.mlp",
+    "model.layers.{}.mlp.act_fn",
+    "model.layers.{}.input_layernorm",
+    "model.layers.{}.post_attention_layernorm",
+];
+
 /// A LoRA configuration (PEFT's `LoraConfig` fields that this crate implements; the defaults
 /// are TRL's `ModelConfig`: `lora_r` 16, `lora_alpha` 32, `lora_dropout` 0.05, targets
 /// `q_proj`, `v_proj`).
@@ -59,7 +107,7 @@ pub struct LoraConfig {
     r: usize,
     alpha: f64,
     dropout: f64,
-    targets: Vec<usize>,
+    targets: Targets,
     use_rslora: bool,
 }
 
@@ -70,9 +118,10 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// A configuration: rank `r ≥ 1`, `alpha > 0`, dropout in `[0, 1)`, target modules by
-    /// PEFT's names (`q_proj` … `down_proj`, a module path ending in one of them, or
-    /// `all-linear`; empty: PEFT's default for the architecture, `q_proj` and `v_proj`).
+    /// A configuration: rank `r ≥ 1`, `alpha > 0`, dropout in `[0, 1)`, target modules as a
+    /// PEFT list (`q_proj` … `down_proj`, or a module path ending in one of them, which
+    /// targets that module only, e.g. `model.layers.0.self_attn.q_proj`; or `all-linear`;
+    /// empty: PEFT's default for the architecture, `q_proj` and `v_proj`).
     ///
     /// # Errors
     /// Out-of-range values; an unknown target module (the message lists the known ones).
@@ -81,6 +130,66 @@ impl LoraConfig {
         alpha: f64,
         dropout: f64,
         target_modules: &[String],
+        use_rslora: bool,
+    ) -> Result<Self> {
+        let names: Vec<String> = if target_modules.is_empty() {
+            DEFAULT_TARGETS.map(String::from).to_vec()
+        } else {
+            target_modules.to_vec()
+        };
+        for name in &names {
+            let known = name == ALL_LINEAR
+                || PROJECTIONS
+                    .iter()
+                    .any(|(short, _)| name == short || name.ends_with(&format!(".{short}")));
+            if !known {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown LoRA target module `{name}`; expected {} (or a module path ending \
+                     in one, e.g. model.layers.0.self_attn.q_proj) or {ALL_LINEAR}",
+                    PROJECTIONS.map(|p| p.0).join(", ")
+                )));
+            }
+        }
+        let targets = if names.iter().any(|n| n == ALL_LINEAR) {
+            Targets::AllLinear
+        } else {
+            Targets::List(names)
+        };
+        Self::with_targets(r, alpha, dropout, targets, use_rslora)
+    }
+
+    /// A configuration whose `target_modules` is one string, as PEFT reads it: `all-linear`,
+    /// else a regular expression that a module's full name must match entirely
+    /// (`re.fullmatch`, e.g. `model\.layers\.[01]\.self_attn\.(q|v)_proj`).
+    ///
+    /// # Errors
+    /// [`LoraConfig::new`]'s; a pattern that does not compile.
+    pub fn with_pattern(
+        r: usize,
+        alpha: f64,
+        dropout: f64,
+        pattern: &str,
+        use_rslora: bool,
+    ) -> Result<Self> {
+        let targets = if pattern == ALL_LINEAR {
+            Targets::AllLinear
+        } else {
+            let re = regex::Regex::new(&format!(r"\A(?:{pattern})\z")).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "target_modules `{pattern}` is not a regular expression: {e}"
+                ))
+            })?;
+            Targets::Regex(pattern.to_string(), re)
+        };
+        Self::with_targets(r, alpha, dropout, targets, use_rslora)
+    }
+
+    /// [`LoraConfig::new`] with checked targets.
+    fn with_targets(
+        r: usize,
+        alpha: f64,
+        dropout: f64,
+        targets: Targets,
         use_rslora: bool,
     ) -> Result<Self> {
         if r == 0 {
@@ -96,32 +205,6 @@ impl LoraConfig {
                 "lora_dropout must be in [0, 1), got {dropout}"
             )));
         }
-        let mut targets = Vec::new();
-        let names: Vec<&str> = if target_modules.is_empty() {
-            DEFAULT_TARGETS.to_vec()
-        } else {
-            target_modules.iter().map(String::as_str).collect()
-        };
-        for name in names {
-            if name == ALL_LINEAR {
-                targets.extend(0..PROJECTIONS.len());
-                continue;
-            }
-            let hit = PROJECTIONS.iter().position(|(short, path)| {
-                name == *short || name.ends_with(&format!(".{short}")) || name == *path
-            });
-            match hit {
-                Some(j) => targets.push(j),
-                None => {
-                    return Err(Error::InvalidArgument(format!(
-                        "unknown LoRA target module `{name}`; expected {} or {ALL_LINEAR}",
-                        PROJECTIONS.map(|p| p.0).join(", ")
-                    )))
-                }
-            }
-        }
-        targets.sort_unstable();
-        targets.dedup();
         Ok(Self {
             r,
             alpha,
@@ -151,14 +234,82 @@ impl LoraConfig {
         self.use_rslora
     }
 
-    /// The adapted projections' short names, in layer order (`q_proj` first).
-    pub fn target_modules(&self) -> Vec<&'static str> {
-        self.targets.iter().map(|&j| PROJECTIONS[j].0).collect()
+    /// `target_modules` as given (a list, or the one pattern), `all-linear` expanded to the
+    /// projections' short names as PEFT saves it.
+    pub fn target_modules(&self) -> Vec<String> {
+        match &self.targets {
+            Targets::AllLinear => PROJECTIONS.iter().map(|p| p.0.to_string()).collect(),
+            Targets::List(v) => v.clone(),
+            Targets::Regex(p, _) => vec![p.clone()],
+        }
     }
 
-    /// Whether projection `j` (an index of [`PROJECTIONS`]) is adapted.
-    pub fn targets(&self, j: usize) -> bool {
-        self.targets.contains(&j)
+    /// Whether projection `j` (an index of [`PROJECTIONS`]) of layer `layer` is adapted: its
+    /// full name (`model.layers.{layer}.self_attn.q_proj`) matched as PEFT matches it.
+    pub fn targets(&self, layer: usize, j: usize) -> bool {
+        self.matches(&module_name(layer, j))
+    }
+
+    /// Whether the module called `name` is a target (PEFT's `check_target_module_exists`).
+    fn matches(&self, name: &str) -> bool {
+        match &self.targets {
+            Targets::AllLinear => true,
+            Targets::List(v) => v
+                .iter()
+                .any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            Targets::Regex(_, re) => re.is_match(name),
+        }
+    }
+
+    /// Checks the targets against a model of `layers` decoder layers: each list entry adapts
+    /// some module, a pattern adapts some projection and no other module.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the entry or pattern and the module.
+    pub fn check_targets(&self, layers: usize) -> Result<()> {
+        let all = || (0..layers).flat_map(|l| (0..PROJECTIONS.len()).map(move |j| (l, j)));
+        let hint = format!(
+            "this model's modules are model.layers.N.self_attn.q_proj … model.layers.N.mlp.down_proj, N from 0 to {}",
+            layers.saturating_sub(1)
+        );
+        match &self.targets {
+            Targets::AllLinear => Ok(()),
+            Targets::List(v) => {
+                for t in v {
+                    let one = LoraConfig {
+                        targets: Targets::List(vec![t.clone()]),
+                        ..self.clone()
+                    };
+                    if !all().any(|(l, j)| one.targets(l, j)) {
+                        return Err(Error::InvalidArgument(format!(
+                            "LoRA target module `{t}` matches no module ({hint})"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            Targets::Regex(p, _) => {
+                let other = OTHER_MODULES.iter().flat_map(|m| {
+                    let per_layer = m.contains("{}");
+                    (0..if per_layer { layers } else { 1 }).map(move |l| m.replace("{}", &l.to_string()))
+                });
+                for m in other {
+                    if self.matches(&m) {
+                        return Err(Error::InvalidArgument(format!(
+                            "LoRA target_modules pattern `{p}` matches module `{m}`, which is not \
+                             a projection: only {} can be adapted",
+                            PROJECTIONS.map(|p| p.0).join(", ")
+                        )));
+                    }
+                }
+                if !all().any(|(l, j)| self.targets(l, j)) {
+                    return Err(Error::InvalidArgument(format!(
+                        "LoRA target_modules pattern `{p}` matches no module ({hint})"
+                    )));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The scale `s = lora_alpha / r`, or `lora_alpha / √r` with rsLoRA.
@@ -200,7 +351,10 @@ impl LoraConfig {
             "r": self.r,
             "rank_pattern": {},
             "revision": null,
-            "target_modules": self.target_modules(),
+            "target_modules": match &self.targets {
+                Targets::Regex(p, _) => json!(p),
+                _ => json!(self.target_modules()),
+            },
             "task_type": "CAUSAL_LM",
             "use_dora": false,
             "use_rslora": self.use_rslora,
@@ -255,14 +409,28 @@ impl LoraConfig {
                 .and_then(Value::as_f64)
                 .ok_or_else(|| bad(format!("field `{k}`: expected a number")))
         };
+        let base = v
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
         let r = num("r")?;
         if r.fract() != 0.0 || r < 1.0 {
             return Err(bad(format!(
                 "field `r`: expected a positive integer, got {r}"
             )));
         }
+        let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+        let rslora = v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let targets: Vec<String> = match v.get("target_modules") {
-            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::String(p)) => {
+                let cfg = Self::with_pattern(r as usize, num("lora_alpha")?, dropout, p, rslora)
+                    .map_err(|e| bad(e.to_string()))?;
+                return Ok((cfg, base));
+            }
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|x| {
@@ -277,21 +445,8 @@ impl LoraConfig {
                 ))
             }
         };
-        let cfg = Self::new(
-            r as usize,
-            num("lora_alpha")?,
-            v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-            &targets,
-            v.get("use_rslora")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        )
-        .map_err(|e| bad(e.to_string()))?;
-        let base = v
-            .get("base_model_name_or_path")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from);
+        let cfg = Self::new(r as usize, num("lora_alpha")?, dropout, &targets, rslora)
+            .map_err(|e| bad(e.to_string()))?;
         Ok((cfg, base))
     }
 }
@@ -399,6 +554,26 @@ pub fn save_peft_dir(
     })
 }
 
+/// The configuration of the PEFT adapter in `adapter` and its base model: `base` when given,
+/// else the adapter's `base_model_name_or_path`.
+///
+/// # Errors
+/// [`LoraConfig::from_peft_dir`]'s; no base given or named.
+pub fn adapter_base(adapter: &Path, base: Option<&Path>) -> Result<(LoraConfig, PathBuf)> {
+    let (cfg, named) = LoraConfig::from_peft_dir(adapter)?;
+    let base = match (base, named) {
+        (Some(b), _) => b.to_path_buf(),
+        (None, Some(b)) => b,
+        (None, None) => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no base_model_name_or_path; pass the base model with --model",
+                adapter.join(CONFIG_FILE).display()
+            )))
+        }
+    };
+    Ok((cfg, base))
+}
+
 /// Folds the PEFT adapter in `adapter` into its base model and writes a full Hugging Face
 /// checkpoint to `out` in `dtype` (PEFT's `merge_and_unload` + `save_pretrained`): every
 /// adapted weight becomes `W + s · B A`, computed in f32 (f64 for an f64 save); the base's
@@ -414,21 +589,17 @@ pub fn merge_adapter(
     out: &Path,
     dtype: DType,
 ) -> Result<PathBuf> {
-    let (cfg, named) = LoraConfig::from_peft_dir(adapter)?;
-    let base = match (base, named) {
-        (Some(b), _) => b.to_path_buf(),
-        (None, Some(b)) => b,
-        (None, None) => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: no base_model_name_or_path; pass the base model",
-                adapter.join(CONFIG_FILE).display()
-            )))
-        }
-    };
+    let (cfg, base) = adapter_base(adapter, base)?;
     let work = crate::model::accumulation_dtype(dtype);
     let mut model = crate::checkpoint::load_model(&base, work, &Device::Cpu)?;
+    let config_file = adapter.join(CONFIG_FILE);
+    cfg.check_targets(model.config().num_hidden_layers)
+        .map_err(|e| Error::Config {
+            path: config_file.clone(),
+            message: format!("field `target_modules`: {e}"),
+        })?;
     model.add_lora(cfg, 0)?;
-    model.set_lora_weights(
+    model.load_lora_adapter(
         &read_weights(adapter, &Device::Cpu)?,
         &adapter.join(WEIGHTS_FILE),
     )?;

@@ -562,6 +562,25 @@ pub fn physical_memory() -> Option<u128> {
     })
 }
 
+/// Refuses `what`, which needs at least `bytes` of memory (made of `detail`), when that is more
+/// than the machine's [`physical_memory`]: the one comparison behind the size checks of host
+/// allocations (a generation's batch, a benchmark's inputs), made before anything of that size
+/// is allocated. `Ok` where the memory is unknown.
+///
+/// # Errors
+/// [`Error::TooLarge`].
+pub fn check_memory(what: impl FnOnce() -> String, bytes: u128, detail: impl FnOnce() -> String) -> Result<()> {
+    match physical_memory() {
+        Some(limit) if bytes > limit => Err(Error::TooLarge {
+            what: what(),
+            bytes,
+            detail: detail(),
+            limit,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// `bytes` in decimal units with one decimal (`138.6 TB`).
 pub fn format_bytes(bytes: u128) -> String {
     const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
@@ -781,24 +800,26 @@ impl Model {
         }
     }
 
-    /// Adds LoRA adapters (see [`crate::lora`]) to the projections `cfg` targets in every
-    /// layer, initialized as PEFT does (deterministic in `seed`: `A` Kaiming-uniform, `B = 0`),
+    /// Adds LoRA adapters (see [`crate::lora`]) to the projections `cfg` targets (matched by
+    /// their full module names as PEFT matches them), initialized as PEFT does (deterministic in `seed`: `A` Kaiming-uniform, `B = 0`),
     /// and freezes every other weight: from now on only the adapters carry gradients
     /// ([`Model::lora_vars`]). Adapters are trained in f32 (f64 for an f64 model) whatever
     /// the parameter dtype, and cast to the compute dtype in the forward pass.
     ///
     /// # Errors
-    /// A model that already has adapters; tensor errors.
+    /// A model that already has adapters; targets that match no module or a module that is
+    /// not a projection ([`crate::lora::LoraConfig::check_targets`]); tensor errors.
     pub fn add_lora(&mut self, cfg: crate::lora::LoraConfig, seed: u64) -> Result<()> {
         if self.lora.is_some() {
             return Err(Error::InvalidArgument(
                 "the model already has LoRA adapters".into(),
             ));
         }
+        cfg.check_targets(self.layers.len())?;
         let mut shapes = Vec::new();
         for (li, blk) in self.layers.iter().enumerate() {
             for (j, lin) in blk.lins().into_iter().enumerate() {
-                if cfg.targets(j) {
+                if cfg.targets(li, j) {
                     let (d_out, d_in) = lin.w.dims2()?;
                     shapes.push((li, j, d_in, d_out));
                 }
@@ -870,6 +891,41 @@ impl Model {
             var.set(&t.to_device(&self.device)?.to_dtype(var.dtype())?)?;
         }
         Ok(())
+    }
+
+    /// Sets the adapters' values from a PEFT adapter file that may hold only some of the
+    /// targeted modules (PEFT loads such a file; the modules it lacks stay unadapted): an
+    /// adapter with neither `lora_A` nor `lora_B` in `tensors` is removed, then
+    /// [`Model::set_lora_weights`].
+    ///
+    /// # Errors
+    /// [`Model::set_lora_weights`]'s; a file with no adapter of this model at all.
+    pub fn load_lora_adapter(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        file: &std::path::Path,
+    ) -> Result<()> {
+        if let Some(set) = &mut self.lora {
+            let pair = |n: &str| {
+                let m = n
+                    .strip_suffix(".lora_A.weight")
+                    .or_else(|| n.strip_suffix(".lora_B.weight"))
+                    .unwrap_or(n)
+                    .to_string();
+                [format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight")]
+            };
+            set.vars
+                .retain(|(n, _)| pair(n).iter().any(|p| tensors.contains_key(p)));
+            if set.vars.is_empty() {
+                return Err(Error::Checkpoint {
+                    path: file.to_path_buf(),
+                    message: "holds no adapter of the modules its adapter_config.json targets"
+                        .into(),
+                });
+            }
+            self.rebind(true);
+        }
+        self.set_lora_weights(tensors, file)
     }
 
     /// Folds the adapters into the base weights (`W ← W + s · B A`, PEFT's

@@ -139,7 +139,30 @@ impl TokenizerBundle {
         } else {
             None
         };
+        let from_jinja = template.is_some();
         let mut b = Self::from_parts(tokenizer, &config, template)?;
+        if let Some(t) = b.template.as_mut() {
+            t.set_origin(if from_jinja { &jinja } else { &tc });
+        }
+        // TRL appends the tokenizer's eos_token_id: an eos_token that is no token of the
+        // vocabulary has none (TRL fails); appended as text it would be several pieces.
+        if let Some(eos) = b.tokens.eos_token.as_deref() {
+            if b.tokenizer.token_to_id(eos).is_none() {
+                return Err(Error::Config {
+                    path: tc.clone(),
+                    message: format!(
+                        "field `eos_token`: {eos:?} is not a token of {}'s vocabulary (it would \
+                         be appended to every completion as {} text pieces); set it to the \
+                         model's end-of-sequence token",
+                        tj.display(),
+                        b.tokenizer
+                            .encode(eos, false)
+                            .map(|e| e.get_ids().len())
+                            .unwrap_or(0)
+                    ),
+                });
+            }
+        }
         // Provenance, and transformers 5's rebuild when asked for (crate::provenance).
         let text = std::fs::read_to_string(&tj).map_err(|e| Error::io(&tj, e))?;
         let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {

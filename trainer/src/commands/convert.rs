@@ -21,6 +21,10 @@ pub struct ConvertArgs {
     /// dtype of the written weights: f32 (lossless for every GGUF quantization) or bf16.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub dtype: String,
+    /// Replace the checkpoint in a non-empty --out (its stale shards, optimizer and trainer
+    /// state are removed; other files stay) instead of refusing
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `difinfo-train convert`.
@@ -28,8 +32,17 @@ pub struct ConvertArgs {
 /// # Errors
 /// Bad options, data, model and I/O errors, naming the option, file and line.
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let ConvertArgs { gguf, out, dtype } = a;
+    let ConvertArgs {
+        gguf,
+        out,
+        dtype,
+        overwrite,
+    } = a;
     let dtype = parse_dtype(&dtype)?;
+    crate::io::check_checkpoint_dir("--out", &out, overwrite, &[("--gguf", &gguf)])?;
+    for p in crate::io::prepare_checkpoint_dir("--out", &out, overwrite)? {
+        eprintln!("removed stale {}", p.display());
+    }
     let t0 = Instant::now();
     let mut pb: Option<indicatif::ProgressBar> = None;
     let summary = crate::gguf::convert(&gguf, &out, dtype, &mut |done, total| {

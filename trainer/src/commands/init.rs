@@ -45,7 +45,7 @@ pub fn run(a: InitArgs) -> Result<()> {
         overwrite,
     } = a;
     use crate::init::{prepare_output_dir, INIT_FILES};
-    crate::io::check_output_dir("--out", &out)?;
+    crate::io::check_checkpoint_dir("--out", &out, overwrite, &[])?;
     let corpus = match &tokenizer_corpus {
         Some(p) => {
             if let Some(f) = INIT_FILES

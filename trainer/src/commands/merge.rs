@@ -22,6 +22,10 @@ pub struct MergeArgs {
     /// dtype of the saved weights: f32, bf16, f16 or f64.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Replace the checkpoint in a non-empty --out (its stale shards, optimizer and trainer
+    /// state are removed; other files stay) instead of refusing
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `difinfo-train merge`.
@@ -34,8 +38,26 @@ pub fn run(a: MergeArgs) -> Result<()> {
         model,
         out,
         dtype,
+        overwrite,
     } = a;
     let dtype = parse_dtype(&dtype)?;
+    let (_, base) = crate::lora::adapter_base(&adapter, model.as_deref())?;
+    let base_option = match &model {
+        Some(_) => "--model".to_string(),
+        None => format!(
+            "the base model (base_model_name_or_path of --adapter {}):",
+            adapter.display()
+        ),
+    };
+    crate::io::check_checkpoint_dir(
+        "--out",
+        &out,
+        overwrite,
+        &[("--adapter", &adapter), (&base_option, &base)],
+    )?;
+    for p in crate::io::prepare_checkpoint_dir("--out", &out, overwrite)? {
+        eprintln!("removed stale {}", p.display());
+    }
     let base = crate::lora::merge_adapter(&adapter, model.as_deref(), &out, dtype)?;
     eprintln!(
         "merged {} into {} → {}",

@@ -1,4 +1,280 @@
-//! Issue 20: see the module list in `hostile_round2.rs`.
+//! Issue 20: see the module list in `hostile_round2.rs`. Outputs (class 3 and the weak results
+//! on output paths), LoRA module paths (class 8), an `eos_token` that is not a token (class 9).
 
 #[allow(unused_imports)]
 use super::*;
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{Device, Tensor};
+
+/// The bytes of every file in `dir`, by name (to show a directory untouched).
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The tensors of `file` (safetensors) on the CPU.
+fn tensors(file: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(file, &Device::Cpu).unwrap()
+}
+
+/// A hand-written PEFT LoRA adapter in `dir` whose adapter_config.json has `target_modules`
+/// (a list or one pattern) and whose adapter_model.safetensors holds a non-zero adapter
+/// (`r = 2`) for each module of `modules` (full names, e.g. `model.layers.0.self_attn.q_proj`)
+/// of the base model `base`.
+fn peft_adapter(
+    dir: &Path,
+    base: &Path,
+    target_modules: serde_json::Value,
+    modules: &[&str],
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = serde_json::json!({
+        "base_model_name_or_path": s(base),
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 2,
+        "lora_alpha": 4,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": target_modules,
+    });
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let w = tensors(&base.join("model.safetensors"));
+    let mut out = HashMap::new();
+    for m in modules {
+        let (d_out, d_in) = w[&format!("{m}.weight")].dims2().unwrap();
+        let a = Tensor::ones((2, d_in), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = (Tensor::ones((d_out, 2), candle_core::DType::F32, &Device::Cpu).unwrap() * 0.01)
+            .unwrap();
+        out.insert(format!("base_model.model.{m}.lora_A.weight"), a);
+        out.insert(format!("base_model.model.{m}.lora_B.weight"), b);
+    }
+    candle_core::safetensors::save(&out, dir.join("adapter_model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+/// Whether tensor `name` differs between two safetensors files.
+fn differs(a: &Path, b: &Path, name: &str) -> bool {
+    let (x, y) = (&tensors(a)[name], &tensors(b)[name]);
+    let d = (x.to_dtype(candle_core::DType::F32).unwrap()
+        - y.to_dtype(candle_core::DType::F32).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .max(0)
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    d > 0.0
+}
+
+/// Class 3: `convert` into a non-empty directory is refused before any work, naming `--out`
+/// and `--overwrite`; the files there stay as they were (before: the checkpoint there was
+/// written over).
+#[test]
+fn convert_into_a_non_empty_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let before = snapshot(&model);
+    // The check comes before the GGUF file is read: any file shows it.
+    let gguf = dir.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    refused(
+        &["convert", "--gguf", s(&gguf), "--out", s(&model)],
+        &["--out", "is not empty", "--overwrite"],
+    );
+    assert_eq!(snapshot(&model), before);
+}
+
+/// Class 3: `merge` into a non-empty directory is refused, naming `--out` and `--overwrite`;
+/// the checkpoint there is untouched (before: replaced by the merged model).
+#[test]
+fn merge_into_a_non_empty_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let adapter = peft_adapter(
+        &dir.path().join("adapter"),
+        &base,
+        serde_json::json!(["q_proj"]),
+        &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"],
+    );
+    let other = dir.path().join("other");
+    init_checkpoint(
+        &other,
+        arch_config(ModelSize::Tiny, Architecture::Llama),
+        BUILTIN_CORPUS,
+        1,
+    )
+    .unwrap();
+    let before = snapshot(&other);
+    refused(
+        &["merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&other)],
+        &["--out", "is not empty", "--overwrite"],
+    );
+    assert_eq!(snapshot(&other), before);
+}
+
+/// Class 3: `merge --model B --out B` (with or without `--overwrite`, and with the base named
+/// only by the adapter's base_model_name_or_path) is refused naming both, and the base model
+/// keeps its bytes (before: the base was replaced by the merged model in place).
+#[test]
+fn merge_onto_its_own_base_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let adapter = peft_adapter(
+        &dir.path().join("adapter"),
+        &base,
+        serde_json::json!(["model.layers.0.self_attn.q_proj"]),
+        &["model.layers.0.self_attn.q_proj"],
+    );
+    let before = snapshot(&base);
+    let args = ["merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&base)];
+    refused(&args, &["--out", "--model", "replace"]);
+    let mut with = args.to_vec();
+    with.push("--overwrite");
+    refused(&with, &["--out", "--model", "replace"]);
+    refused(
+        &["merge", "--adapter", s(&adapter), "--out", s(&base), "--overwrite"],
+        &["--out", "base_model_name_or_path", "replace"],
+    );
+    refused(
+        &["merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&adapter), "--overwrite"],
+        &["--out", "--adapter", "replace"],
+    );
+    assert_eq!(snapshot(&base), before);
+    // And `init`'s refusal is the same check: a non-empty --out without --overwrite.
+    refused(&["init", "--out", s(&base)], &["--out", "is not empty", "--overwrite"]);
+    assert_eq!(snapshot(&base), before);
+}
+
+/// Class 8: `--lora-target-modules model.layers.0.self_attn.q_proj` adapts q_proj of layer 0
+/// only, and adapter_config.json records the module as given (before: q_proj of every layer,
+/// recorded as `["q_proj"]`).
+#[test]
+fn a_one_layer_target_adapts_only_that_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let out = dir.path().join("run");
+    ok(&[
+        "dpo",
+        "--model",
+        s(&base),
+        "--data",
+        s(&prefs()),
+        "--output-dir",
+        s(&out),
+        "--use-peft",
+        "--lora-target-modules",
+        "model.layers.0.self_attn.q_proj",
+        "--max-steps",
+        "1",
+    ]);
+    let ck = out.join("checkpoint-1");
+    let mut names: Vec<String> = tensors(&ck.join("adapter_model.safetensors"))
+        .into_keys()
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        ]
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["model.layers.0.self_attn.q_proj"])
+    );
+    // A module path that names no module of the model is refused, naming it.
+    refused(
+        &[
+            "dpo",
+            "--model",
+            s(&base),
+            "--data",
+            s(&prefs()),
+            "--output-dir",
+            s(&dir.path().join("run2")),
+            "--use-peft",
+            "--lora-target-modules",
+            "model.layers.99.self_attn.q_proj",
+            "--max-steps",
+            "1",
+        ],
+        &["model.layers.99.self_attn.q_proj", "matches no module"],
+    );
+}
+
+/// Class 8: a valid PEFT adapter for one layer (a list naming the module path, or one
+/// pattern, which PEFT matches with re.fullmatch) merges, changing only that layer's weight
+/// (before: refused as "missing tensor" for the other layers).
+#[test]
+fn a_peft_adapter_for_one_layer_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let w = base.join("model.safetensors");
+    for (i, targets) in [
+        serde_json::json!(["model.layers.0.self_attn.q_proj"]),
+        serde_json::json!(r"model\.layers\.0\.self_attn\.(q|v)_proj"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let adapter = peft_adapter(
+            &dir.path().join(format!("adapter{i}")),
+            &base,
+            targets,
+            &["model.layers.0.self_attn.q_proj"],
+        );
+        let out = dir.path().join(format!("merged{i}"));
+        ok(&["merge", "--adapter", s(&adapter), "--out", s(&out)]);
+        let m = out.join("model.safetensors");
+        assert!(differs(&w, &m, "model.layers.0.self_attn.q_proj.weight"));
+        assert!(!differs(&w, &m, "model.layers.1.self_attn.q_proj.weight"));
+        assert!(!differs(&w, &m, "model.layers.0.self_attn.v_proj.weight"));
+    }
+    // A pattern reaching a module that is not a projection is refused, naming it.
+    let adapter = peft_adapter(
+        &dir.path().join("adapter_bad"),
+        &base,
+        serde_json::json!(".*"),
+        &["model.layers.0.self_attn.q_proj"],
+    );
+    refused(
+        &["merge", "--adapter", s(&adapter), "--out", s(&dir.path().join("bad"))],
+        &["adapter_config.json", "target_modules", "not a projection"],
+    );
+}
+
+/// Class 9: an `eos_token` in tokenizer_config.json that is not one token of the vocabulary
+/// is refused naming the file and the field (before: appended to every completion as text,
+/// 11 BPE pieces, exit 0).
+#[test]
+fn an_eos_token_that_is_not_a_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let tc = base.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    cfg["eos_token"] = "<|not-a-token-at-all|>".into();
+    std::fs::write(&tc, cfg.to_string()).unwrap();
+    refused(
+        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&dir.path().join("lp.jsonl"))],
+        &["tokenizer_config.json", "eos_token", "<|not-a-token-at-all|>"],
+    );
+}
