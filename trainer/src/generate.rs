@@ -157,6 +157,121 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
     probs.last().map(|p| p.0 as u32).unwrap_or(0)
 }
 
+/// The least memory [`generate`] takes for `n` samples of a `prompt_len`-token prompt with a
+/// budget of `max_new_tokens`, and what it is made of: the batch's prompt ids and, once the
+/// prompt is encoded, the key/value cache (room for the prompt and the new tokens up to the
+/// context, as [`generate`] reserves it), the next-token logits copied to the host and the
+/// samples, or, while the prompt is encoded, its attention probabilities
+/// ([`Model::forward_memory`] without a graph). The cache and the attention count only on the
+/// CPU, where they are host memory. A lower bound, so that a refusal is certain to be right.
+pub fn generate_memory(
+    model: &Model,
+    n: usize,
+    prompt_len: usize,
+    max_new_tokens: usize,
+) -> (u128, String) {
+    let c = model.config();
+    let (n, p) = (n as u128, prompt_len as u128);
+    let room = max_new_tokens.min(c.max_position_embeddings.max(1)) as u128;
+    let mul = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
+    let ids = mul(&[n, p, 4]);
+    let logits = mul(&[n, c.vocab_size as u128, 4]);
+    let samples = mul(&[n, std::mem::size_of::<Sample>() as u128]);
+    let mut detail = format!(
+        "prompt ids: {n} sample(s) × {p} tokens × 4 bytes; next-token logits: {n} × {} × 4 bytes",
+        c.vocab_size
+    );
+    let (mut kv, mut attention) = (0, 0);
+    if model.device().is_cpu() {
+        let bytes = model.compute_dtype().size_in_bytes() as u128;
+        kv = mul(&[
+            c.num_hidden_layers as u128,
+            2,
+            n,
+            c.num_key_value_heads as u128,
+            p.saturating_add(room),
+            c.head_dim as u128,
+            bytes,
+        ]);
+        detail += &format!(
+            "; key/value cache: {} layers × keys and values × {n} × {} heads × {} positions × {} × \
+             {bytes} bytes",
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            p.saturating_add(room),
+            c.head_dim
+        );
+        let (a, d) = model
+            .detached()
+            .forward_memory(n as usize, p as usize, p as usize);
+        attention = a;
+        detail += &format!("; or, while the prompt is encoded, {d}");
+    }
+    let peak = attention.max(kv.saturating_add(logits).saturating_add(samples));
+    (ids.saturating_add(peak), detail)
+}
+
+/// Refuses a [`generate`] call whose [`generate_memory`] exceeds the machine's memory, before
+/// anything of that size is allocated ([`crate::model::check_memory`]).
+///
+/// # Errors
+/// [`Error::TooLarge`].
+pub fn check_generate_size(
+    model: &Model,
+    n: usize,
+    prompt_len: usize,
+    max_new_tokens: usize,
+) -> Result<()> {
+    let (bytes, detail) = generate_memory(model, n, prompt_len, max_new_tokens);
+    crate::model::check_memory(
+        || {
+            format!(
+                "generating {n} sample(s) of a {prompt_len}-token prompt with up to \
+                 {max_new_tokens} new tokens"
+            )
+        },
+        bytes,
+        || detail,
+    )
+}
+
+/// The command-line checks of a sampling command before any prompt is sampled: `option` (the
+/// samples per prompt, `n` of them: `--n`, `--samples`, ...) must fit the machine's memory for
+/// the longest prompt, `longest_prompt` tokens ([`check_generate_size`]), and
+/// `--max-new-tokens` must not pass the model's context (`max_position_embeddings`; the model
+/// read from `model_dir`). When even one sample of the longest prompt is too large, the
+/// prompt is to blame and its own sampling says so, naming its line.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the option, its value and the memory it needs, or
+/// `--max-new-tokens` and the model's context.
+pub fn check_sampling_options(
+    model: &Model,
+    model_dir: &std::path::Path,
+    option: &str,
+    n: usize,
+    longest_prompt: usize,
+    max_new_tokens: usize,
+) -> Result<()> {
+    let ctx = model.config().max_position_embeddings;
+    if max_new_tokens > ctx {
+        return Err(Error::InvalidArgument(format!(
+            "--max-new-tokens {max_new_tokens} is more than the model's context of {ctx} \
+             positions (`max_position_embeddings` in {}): positions past it were never trained; \
+             lower --max-new-tokens",
+            model_dir.join("config.json").display()
+        )));
+    }
+    if let Err(e) = check_generate_size(model, n, longest_prompt, max_new_tokens) {
+        if check_generate_size(model, 1, longest_prompt, max_new_tokens).is_ok() {
+            return Err(Error::InvalidArgument(format!(
+                "{option} {n}: {e} (the samples of a prompt are drawn together); lower {option}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Generates `n` completions of `prompt_ids`, stopping a sample at any of `stop_ids`.
 ///
 /// Builds no autograd graph (the model's weights are read [detached](Model::detached)) and
@@ -187,6 +302,7 @@ pub fn generate(
             "at least one sample per prompt is needed, got 0".into(),
         ));
     }
+    check_generate_size(model, n, prompt_ids.len(), params.max_new_tokens)?;
     let model = &model.detached();
     let dev = model.device();
     let p = prompt_ids.len();

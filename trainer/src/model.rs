@@ -569,7 +569,11 @@ pub fn physical_memory() -> Option<u128> {
 ///
 /// # Errors
 /// [`Error::TooLarge`].
-pub fn check_memory(what: impl FnOnce() -> String, bytes: u128, detail: impl FnOnce() -> String) -> Result<()> {
+pub fn check_memory(
+    what: impl FnOnce() -> String,
+    bytes: u128,
+    detail: impl FnOnce() -> String,
+) -> Result<()> {
     match physical_memory() {
         Some(limit) if bytes > limit => Err(Error::TooLarge {
             what: what(),

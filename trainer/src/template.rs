@@ -39,10 +39,43 @@ pub struct TemplateTokens {
 /// Instruction budget of one template render (see minijinja's fuel).
 pub const TEMPLATE_FUEL: u64 = 20_000_000;
 
+/// The bound on one render's output: [`RENDER_GROWTH`] times the size of its messages (as
+/// JSON) plus this many bytes (1 MiB: real chat templates add a few kilobytes of markup and a
+/// system prompt at most). minijinja's fuel counts instructions and its string limit one
+/// value: a short template that prints a 50 MB string in a loop passes both.
+pub const RENDER_BASE: usize = 1 << 20;
+
+/// See [`RENDER_BASE`]: how many times the messages' size one render may produce.
+pub const RENDER_GROWTH: usize = 16;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
+    /// The file the template was read from, named in render errors.
+    origin: Option<std::path::PathBuf>,
+}
+
+/// The render's output, refusing to grow past `limit` bytes.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(b.len()) > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("render output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -163,6 +196,21 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             source: source.to_string(),
+            origin: None,
+        })
+    }
+
+    /// Records the file the template was read from (`chat_template.jinja`,
+    /// `tokenizer_config.json`): render errors name it.
+    pub fn set_origin(&mut self, file: &std::path::Path) {
+        self.origin = Some(file.to_path_buf());
+    }
+
+    /// An error of this template, naming its file when known.
+    fn error(&self, message: String) -> Error {
+        Error::Template(match &self.origin {
+            Some(f) => format!("{}: {message}", f.display()),
+            None => message,
         })
     }
 
@@ -191,8 +239,11 @@ impl ChatTemplate {
 
     /// Renders an arbitrary `messages` value (anything serializable; the fuzzing path).
     ///
+    /// The output is bounded: at most [`RENDER_GROWTH`] × the messages' size as JSON +
+    /// [`RENDER_BASE`] bytes; a render that would write more stops there.
+    ///
     /// # Errors
-    /// See [`ChatTemplate::render`].
+    /// See [`ChatTemplate::render`]; an output past the bound.
     pub fn render_value(
         &self,
         messages: &Value,
@@ -202,7 +253,11 @@ impl ChatTemplate {
         let tmpl = self
             .env
             .get_template("chat")
-            .map_err(|e| Error::Template(describe(&e)))?;
+            .map_err(|e| self.error(describe(&e)))?;
+        let input = serde_json::to_string(messages).map_or(0, |j| j.len());
+        let limit = input
+            .saturating_mul(RENDER_GROWTH)
+            .saturating_add(RENDER_BASE);
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -211,7 +266,21 @@ impl ChatTemplate {
             pad_token => tokens.pad_token.clone(),
             unk_token => tokens.unk_token.clone(),
         };
-        tmpl.render(ctx).map_err(|e| Error::Template(describe(&e)))
+        let mut out = BoundedOutput {
+            buf: Vec::new(),
+            limit,
+            exceeded: false,
+        };
+        let rendered = tmpl.render_captured_to(ctx, &mut out);
+        if out.exceeded {
+            return Err(self.error(format!(
+                "the rendered text passes {limit} bytes ({RENDER_GROWTH} × the messages' {input} \
+                 bytes as JSON + {RENDER_BASE}): a template whose output grows without bound"
+            )));
+        }
+        rendered.map_err(|e| self.error(describe(&e)))?;
+        String::from_utf8(out.buf)
+            .map_err(|e| self.error(format!("the rendered text is not UTF-8: {e}")))
     }
 }
 
@@ -276,6 +345,32 @@ mod tests {
         )
         .unwrap();
         assert!(t.render(&[], false, &TemplateTokens::default()).is_err());
+    }
+
+    #[test]
+    fn runaway_output_is_bounded() {
+        // Within minijinja's fuel and its 100 MB string limit: 5 MB a line, 100 lines (500 MB).
+        let t = ChatTemplate::new(
+            "{% for i in range(100) %}{{ 'ab' * 2500000 }}{% endfor %}{{ messages[0].content }}",
+        )
+        .unwrap();
+        let msgs = [Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        let err = t
+            .render(&msgs, false, &TemplateTokens::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grows without bound"), "{err}");
+        // A template's ordinary output passes.
+        let ok = ChatTemplate::new("{{ 'ab' * 1000 }}{{ messages[0].content }}").unwrap();
+        assert_eq!(
+            ok.render(&msgs, false, &TemplateTokens::default())
+                .unwrap()
+                .len(),
+            2002
+        );
     }
 
     #[test]

@@ -253,6 +253,36 @@ pub fn gpu_bf16_peak_tflops(name: &str) -> Option<f64> {
     table.iter().find(|(k, _)| n.contains(k)).map(|&(_, t)| t)
 }
 
+/// Refuses `--batch` × `--seq` beyond the machine's memory before the benchmark builds
+/// anything of that size: the token ids of its `sequences` inputs (host memory,
+/// [`crate::model::check_memory`]) and a forward pass of `model` over `--batch` sequences of
+/// `--seq` positions ([`Model::check_forward_size`]).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] naming `--batch` and `--seq` and the memory needed.
+pub(crate) fn check_bench_size(
+    model: &Model,
+    batch: usize,
+    seq: usize,
+    sequences: usize,
+) -> crate::Result<()> {
+    let named = |e: crate::Error| {
+        crate::Error::InvalidArgument(format!(
+            "--batch {batch} --seq {seq}: {e}; lower --batch or --seq"
+        ))
+    };
+    let ids = (sequences as u128)
+        .saturating_mul(seq as u128)
+        .saturating_mul(4);
+    crate::model::check_memory(
+        || format!("the benchmark's inputs ({sequences} sequences of {seq} tokens)"),
+        ids,
+        || format!("{sequences} × {seq} token ids × 4 bytes"),
+    )
+    .map_err(named)?;
+    model.check_forward_size(batch, seq, 0).map_err(named)
+}
+
 fn pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
     let mut rng = SplitMix64::new(seed);
     let p = seq / 2;
@@ -375,6 +405,11 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         model.set_compute_dtype(candle_core::DType::BF16)?;
     }
     a.memory.apply_to(&mut model, 42)?;
+    // The steps' pairs: chosen and rejected token ids of --batch pairs per step.
+    // Its passes keep less than a graph's: the check of a pass without one is a lower bound.
+    let sequences =
+        (2usize.saturating_mul(a.batch)).saturating_mul(a.warmup.saturating_add(a.steps));
+    check_bench_size(&model.detached(), a.batch, a.seq, sequences)?;
     let params = model.num_parameters();
     let tm = TrainModel::new(model, PathBuf::from("<bench>"), dtype);
     let threads = std::thread::available_parallelism().map_or(1, usize::from);

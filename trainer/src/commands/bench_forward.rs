@@ -69,6 +69,8 @@ pub fn run(a: BenchForwardArgs) -> Result<()> {
             crate::model::Model::from_tensors(cfg, t, Path::new("<random>"), dtype, &device)?
         }
     };
+    // Before the inputs are built; the passes below keep a graph, as the model checks.
+    crate::commands::bench::check_bench_size(&m, batch, seq, batch)?;
     let vocab = m.config().vocab_size as u32;
     let seqs: Vec<Sequence> = (0..batch)
         .map(|b| Sequence {

@@ -23,7 +23,7 @@ use crate::diag::did_entropy::{
     Stage, ESTIMATOR_DIR, PAIRS_FILE, REPORT_FILE, SAMPLES_FILE,
 };
 use crate::diag::entropy::{prompt_entropy, PromptEntropy};
-use crate::generate::SamplingParams;
+use crate::generate::{check_sampling_options, SamplingParams};
 use crate::io::{write_json, write_jsonl};
 use crate::model::Model;
 use crate::tokenize::{load_prompts, TokenizerBundle};
@@ -272,6 +272,23 @@ fn pipeline_with(
                 m_pi.config().vocab_size,
                 m_ref.config().vocab_size
             ));
+        }
+        // Every sampling stage's size, checked before the first is run (π̂ has π_ref's shape).
+        let [lt, le] = [&train_prompts, eval_prompts].map(|d| {
+            d.examples
+                .iter()
+                .map(|e| e.value.1.len())
+                .max()
+                .unwrap_or(0)
+        });
+        for (m, dir) in [(&m_pi, &args.policy), (&m_ref, &args.reference)] {
+            for (option, n, l) in [
+                ("--pairs-per-prompt", args.pairs_per_prompt, lt),
+                ("--samples", args.samples, le),
+                ("--beta-samples", args.beta_samples, le),
+            ] {
+                check_sampling_options(m, dir, option, n, l, args.max_new_tokens)?;
+            }
         }
         let (mut rw, mut rl) = (stream(seed, 1), stream(seed, 2));
         let n = train_prompts.examples.len();

@@ -1,5 +1,6 @@
 //! `difinfo-train sample`: its options ([`SampleArgs`]) and its run.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use rand::SeedableRng;
@@ -10,8 +11,8 @@ use crate::commands::shared::{
     DecodeArgs, ModelArgs, PromptArgs,
 };
 use crate::data::InvalidRecords;
-use crate::generate::{generate, SamplingParams};
-use crate::io::write_jsonl;
+use crate::generate::{check_sampling_options, generate, SamplingParams};
+use crate::io::write_atomic;
 use crate::{Error, Result};
 
 /// Sample completions of prompts, with their summed log-probs under the model.
@@ -81,30 +82,46 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let (bundle, ds, m) = model_and_prompts(&model, &prompts, invalid.skip_invalid, Some(&report))?;
     let prompts = prompts.prompts;
     check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
+    let longest = ds.examples.iter().map(|e| e.value.1.len()).max();
+    check_sampling_options(
+        &m,
+        &model.model,
+        "--n",
+        n,
+        longest.unwrap_or(0),
+        max_new_tokens,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pb = progress(ds.examples.len() as u64, "sample");
-    let mut rows = Vec::new();
-    for ex in &ds.examples {
-        let (p, ids) = &ex.value;
-        let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)
-            .map_err(|e| at_prompt(&prompts, ex.line, e))?;
-        for (k, s) in samples.into_iter().enumerate() {
-            rows.push(json!({
-                "line": ex.line,
-                "sample": k,
-                "prompt": p.prompt.to_json(),
-                "prompt_ids": ids,
-                "completion": bundle.decode(&s.completion_ids, true)?,
-                "completion_ids": s.completion_ids,
-                "logp": s.logp,
-                "finished": s.finished,
-            }));
+    // Each prompt's rows go to the (temporary) output as they are drawn: memory holds one
+    // prompt's samples, never the whole file's.
+    let mut count = 0usize;
+    write_atomic(&out, |tmp| {
+        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = std::io::BufWriter::new(f);
+        for ex in &ds.examples {
+            let (p, ids) = &ex.value;
+            let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)
+                .map_err(|e| at_prompt(&prompts, ex.line, e))?;
+            for (k, s) in samples.into_iter().enumerate() {
+                let row = json!({
+                    "line": ex.line,
+                    "sample": k,
+                    "prompt": p.prompt.to_json(),
+                    "prompt_ids": ids,
+                    "completion": bundle.decode(&s.completion_ids, true)?,
+                    "completion_ids": s.completion_ids,
+                    "logp": s.logp,
+                    "finished": s.finished,
+                });
+                writeln!(w, "{row}").map_err(|e| Error::io(tmp, e))?;
+                count += 1;
+            }
+            pb.inc(1);
         }
-        pb.inc(1);
-    }
+        w.flush().map_err(|e| Error::io(tmp, e))
+    })?;
     pb.finish_and_clear();
-    let count = rows.len();
-    write_jsonl(&out, rows)?;
     eprintln!("wrote {count} samples to {}", out.display());
     Ok(())
 }
