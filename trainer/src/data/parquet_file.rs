@@ -185,3 +185,46 @@ fn field_json(f: &Field, at: &str, why: &mut Option<String>) -> Value {
         other => other.to_json_value(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+
+    /// One UTF-8 column `prompt` of two rows.
+    fn small_file() -> Vec<u8> {
+        let schema = Arc::new(
+            parquet::schema::parser::parse_message_type(
+                "message m { required binary prompt (UTF8); }",
+            )
+            .unwrap(),
+        );
+        let props = Arc::new(WriterProperties::builder().build());
+        let mut w = SerializedFileWriter::new(Vec::new(), schema, props).unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        let mut c = rg.next_column().unwrap().unwrap();
+        let v = [ByteArray::from("a"), ByteArray::from("b")];
+        c.typed::<ByteArrayType>()
+            .write_batch(&v, None, None)
+            .unwrap();
+        c.close().unwrap();
+        rg.close().unwrap();
+        w.into_inner().unwrap()
+    }
+
+    #[test]
+    fn column_chunks_past_the_end_are_refused_before_reading() {
+        let bytes = bytes::Bytes::from(small_file());
+        let len = bytes.len() as u64;
+        let reader = SerializedFileReader::new(bytes).unwrap();
+        assert!(check_claims(reader.metadata(), len).is_ok());
+        let e = check_claims(reader.metadata(), 10).unwrap_err();
+        assert!(
+            e.contains("column `prompt` claims bytes 4..") && e.contains("of a file of 10 bytes"),
+            "{e}"
+        );
+    }
+}
