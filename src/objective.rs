@@ -434,12 +434,17 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LossType>, D::Erro
     impl<'de> serde::de::Visitor<'de> for Names {
         type Value = Vec<String>;
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a loss type name (\"sigmoid\"), a comma-separated string or a list of names")
+            f.write_str(
+                "a loss type name (\"sigmoid\"), a comma-separated string or a list of names",
+            )
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
             Ok(v.split(',').map(|x| x.trim().to_string()).collect())
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<String>, A::Error> {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Vec<String>, A::Error> {
             let mut v = Vec::new();
             while let Some(x) = a.next_element::<String>()? {
                 v.push(x);

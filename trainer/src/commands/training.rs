@@ -29,8 +29,8 @@ use crate::commands::shared::{
     accept_dataset, load_bundle_with, progress_bar, report_provenance, usage,
 };
 use crate::train::run::{
-    locate_resume, Resolved, RunFingerprint, RunLock, RunRecord, RunSettings, RunSummary,
-    SavedRun, RUN_RECORD, SUMMARY_FILE,
+    locate_resume, Resolved, RunFingerprint, RunLock, RunRecord, RunSettings, RunSummary, SavedRun,
+    RUN_RECORD, SUMMARY_FILE,
 };
 
 /// Model, data and run options of `sft` and `dpo` (not training hyper-parameters).
@@ -383,7 +383,7 @@ fn objective_overflow_hint(o: &difinfo::objective::Objective) -> String {
                 a.to_string()
             };
             format!(
-            "; the objective's --f-divergence-type alpha_divergence scales the log-ratios by \
+                "; the objective's --f-divergence-type alpha_divergence scales the log-ratios by \
              α − 1 with --f-alpha-divergence-coef {a}: beyond the compute dtype's range (f32: \
              3.4e38) that is NaN, and beyond |(α − 1)·u| > 80 the score is clamped and its \
              gradient vanishes; choose α near 1 (f-DPO uses α ∈ (0, 1))"

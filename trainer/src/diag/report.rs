@@ -67,9 +67,11 @@ pub fn report(run_dir: &Path) -> crate::Result<PathBuf> {
     let chosen = ends(&recs, "logps/chosen");
     // A change needs two logged steps: one row is its own first and last.
     let both = |r: &serde_json::Map<String, serde_json::Value>| {
-        ["loss", "logps/chosen"]
-            .iter()
-            .all(|k| r.get(*k).and_then(serde_json::Value::as_f64).is_some_and(f64::is_finite))
+        ["loss", "logps/chosen"].iter().all(|k| {
+            r.get(*k)
+                .and_then(serde_json::Value::as_f64)
+                .is_some_and(f64::is_finite)
+        })
     };
     let rows = recs.iter().filter(|r| both(r)).count();
     let verdict = match (loss, chosen) {

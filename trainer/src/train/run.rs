@@ -310,7 +310,8 @@ impl RunFingerprint {
                 return Err(Error::ResumeChanged {
                     path: model.join(n),
                     what: format!(
-                        "({what} file of --model) {how} (its SHA-256 is recorded in {}): the                          resumed run would train {}",
+                        "({what} file of --model) {how} (its SHA-256 is recorded in {}): the \
+                         resumed run would train {}",
                         record.display(),
                         if what == "tokenizer" {
                             "with another tokenizer and ship it in its checkpoints"

@@ -99,7 +99,14 @@ fn a_second_run_of_a_locked_run_directory_is_refused_naming_the_holder() {
     }
     // The lock dies with its holder (even by SIGKILL): the run resumes, one step further.
     let last = latest_checkpoint(&run_dir).unwrap().unwrap();
-    let step: usize = last.to_str().unwrap().rsplit('-').next().unwrap().parse().unwrap();
+    let step: usize = last
+        .to_str()
+        .unwrap()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     ok(&[
         "dpo",
         "--resume",
@@ -140,13 +147,19 @@ fn a_resume_from_another_directory_loads_the_recorded_model() {
     let o = run_in(&b, &["dpo", "--resume", s(&run_dir), "--max-steps", "3"]);
     assert!(o.status.success());
     let shipped = std::fs::read(run_dir.join("checkpoint-3/tokenizer.json")).unwrap();
-    assert_eq!(shipped, std::fs::read(model_a.join("tokenizer.json")).unwrap());
+    assert_eq!(
+        shipped,
+        std::fs::read(model_a.join("tokenizer.json")).unwrap()
+    );
     // The recorded model moved away: named, not replaced by b/model.
     std::fs::rename(&model_a, a.join("moved")).unwrap();
     let o = run_in(&b, &["dpo", "--resume", s(&run_dir), "--max-steps", "4"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(e.contains(&format!("{} (the run's --model", s(&model_a))), "{e}");
+    assert!(
+        e.contains(&format!("{} (the run's --model", s(&model_a))),
+        "{e}"
+    );
     assert!(e.contains("no longer exists"), "{e}");
 }
 
@@ -167,7 +180,10 @@ fn a_tokenizer_changed_before_the_resume_is_refused_naming_it() {
     std::fs::copy(other.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
     let e = refused(
         &["dpo", "--resume", s(&run_dir), "--max-steps", "3"],
-        &[s(&model.join("tokenizer.json")), "changed since the run started"],
+        &[
+            s(&model.join("tokenizer.json")),
+            "changed since the run started",
+        ],
     );
     assert!(!run_dir.join("checkpoint-3").exists(), "{e}");
 }
@@ -219,7 +235,10 @@ fn objective_options_the_objective_does_not_read_are_refused() {
     };
     refused(
         &with(&["--f-alpha-divergence-coef", "0.3"]),
-        &["--f-alpha-divergence-coef 0.3", "f_divergence_type is reverse_kl"],
+        &[
+            "--f-alpha-divergence-coef 0.3",
+            "f_divergence_type is reverse_kl",
+        ],
     );
     refused(
         &with(&["--discopop-tau", "0.1"]),
@@ -254,7 +273,10 @@ fn toml_type_errors_name_the_key() {
     let data = prefs();
     let c = tmp.path().join("c.toml");
     for (text, want) in [
-        ("loss_type = 3\n", "loss_type = 3: invalid type: integer `3`, expected a loss type name"),
+        (
+            "loss_type = 3\n",
+            "loss_type = 3: invalid type: integer `3`, expected a loss type name",
+        ),
         ("beta = \"high\"\n", "beta = \"high\""),
     ] {
         std::fs::write(&c, text).unwrap();
@@ -275,11 +297,7 @@ fn an_output_dir_from_the_config_file_is_named_as_its_key() {
     let file = tmp.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
     let c = tmp.path().join("c.toml");
-    std::fs::write(
-        &c,
-        format!("output_dir = \"{}\"\n", s(&file.join("run"))),
-    )
-    .unwrap();
+    std::fs::write(&c, format!("output_dir = \"{}\"\n", s(&file.join("run")))).unwrap();
     let e = refused(
         &["dpo", "--model", "m", "--data", s(&data), "--config", s(&c)],
         &[
