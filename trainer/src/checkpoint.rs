@@ -454,7 +454,7 @@ pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DTy
             for f in SIDE_FILES {
                 let p = src.join(f);
                 if p.exists() {
-                    std::fs::copy(&p, out.join(f)).map_err(|e| Error::io(&p, e))?;
+                    crate::io::copy_file(&p, &out.join(f))?;
                 }
             }
         }

@@ -19,13 +19,18 @@ use crate::error::{Error, Result};
 /// # Errors
 /// I/O errors, and whatever `write` returns.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    // The destination's extension stays last (`.tmp123.metrics.png`): writers that choose the
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // A short name whatever the destination's (a legal 250-byte name stays within NAME_MAX),
+    // with the destination's extension last (`.tmp-123-0.png`): writers that choose the
     // format by it (the PNG backend) see the real one.
-    let tmp = path.with_file_name(format!(".tmp{}.{name}", std::process::id()));
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .filter(|e| e.len() <= 16)
+        .map(|e| format!(".{e}"))
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp-{}-{n}{ext}", std::process::id()));
     if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_file(&tmp);
         // Name the destination the user gave, not the hidden temporary file.
@@ -83,6 +88,16 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Copies file `src` to `dst` atomically ([`write_bytes`]): a failure to read names `src`,
+/// a failure to write (a full disk) names `dst`, never the input.
+///
+/// # Errors
+/// I/O errors naming the file at fault.
+pub fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
+    write_bytes(dst, &bytes)
+}
+
 /// A path given for a named option (`("--out", path)`).
 pub type Named<'a> = (&'a str, &'a Path);
 
@@ -134,8 +149,13 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
-/// Checks that the file output `path` of option `option` can be written: not a directory, its
-/// directory exists and is writable.
+/// The longest file name most file systems take (Linux's `NAME_MAX`), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// Checks that the file output `path` of option `option` can be written: not a directory,
+/// not a symbolic link (the rename that writes it would replace the link, not its target),
+/// not a device, pipe or socket (`/dev/full`, `/dev/stdout`: a rename cannot write them), a
+/// name within [`NAME_MAX`], its directory exists and is writable.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming the option and the path.
@@ -148,6 +168,30 @@ pub fn check_destination(option: &str, path: &Path) -> Result<()> {
     };
     if path.is_dir() {
         return bad("is a directory; give a file name".into());
+    }
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if md.file_type().is_symlink() {
+            let to = std::fs::read_link(path)
+                .map(|t| format!(" (to {})", t.display()))
+                .unwrap_or_default();
+            return bad(format!(
+                "is a symbolic link{to}: the output is written to a new file renamed into \
+                 place, which would replace the link, not its target; give the target's path"
+            ));
+        }
+        if !md.is_file() {
+            return bad(
+                "is not a regular file (a device, pipe or socket): outputs are written to a \
+                 new file renamed into place; give a file path"
+                    .into(),
+            );
+        }
+    }
+    if path.file_name().is_some_and(|n| n.len() > NAME_MAX) {
+        return bad(format!(
+            "the file name is {} bytes, longer than the {NAME_MAX} a file system takes",
+            path.file_name().map_or(0, |n| n.len())
+        ));
     }
     let dir = parent_dir(path);
     if !dir.exists() {

@@ -41,6 +41,20 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
+/// Ignores SIGXFSZ: past a file-size limit (`ulimit -f`) a write then fails with EFBIG, which
+/// the writer reports naming the output, instead of the signal killing the process with no
+/// message (and a temporary file left behind).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn ignore_sigxfsz() {
+    // SAFETY: sets the disposition of one signal to SIG_IGN before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn ignore_sigxfsz() {}
+
 /// Runs candle's element-wise CPU ops on the calling thread unless `CANDLE_NUM_THREADS` says
 /// otherwise. candle splits element-wise ops over a spin-barrier pool of its own, beside the
 /// rayon pool that runs matmuls and the fused kernels: on a machine with few cores (or shared
@@ -57,6 +71,7 @@ fn tune_candle_threads() {
 
 fn main() -> ExitCode {
     tune_malloc();
+    ignore_sigxfsz();
     tune_candle_threads();
     let matches =
         commands::shared::negative_numbers_as_values(<Cli as clap::CommandFactory>::command())

@@ -108,7 +108,7 @@ impl PolicyModel for TrainModel {
             for f in crate::checkpoint::SIDE_FILES {
                 let p = self.source.join(f);
                 if p.exists() && self.source != dir {
-                    std::fs::copy(&p, dir.join(f)).map_err(|e| Error::io(&p, e))?;
+                    crate::io::copy_file(&p, &dir.join(f))?;
                 }
             }
             return Ok(());

@@ -67,7 +67,8 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
 /// Writes a checkpoint of `step` and returns its directory.
 ///
 /// # Errors
-/// I/O errors (the temporary directory is left for inspection, the final name untouched).
+/// I/O errors naming the file written (the temporary directory is removed, so a full disk
+/// leaves no partial checkpoint; the final name is untouched).
 pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     output_dir: &Path,
     model: &M,
@@ -82,7 +83,27 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    model.save_weights(&tmp)?;
+    let written = write_checkpoint_files(&tmp, model, optimizer, state, config);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+    Ok(fin)
+}
+
+/// The files of a checkpoint, written into the (temporary) directory `tmp`.
+fn write_checkpoint_files<M: PolicyModel + ?Sized>(
+    tmp: &Path,
+    model: &M,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    config: &TrainConfig,
+) -> Result<()> {
+    model.save_weights(tmp)?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
     let state = TrainerState {
         checksums: true,
@@ -94,12 +115,7 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     let cfg = serde_json::to_string_pretty(config)
         .map_err(|e| Error::format(tmp.join(CONFIG_JSON), e))?;
     write_file(&tmp.join(CONFIG_JSON), cfg.as_bytes())?;
-    write_checksums(&tmp)?;
-    if fin.exists() {
-        std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
-    }
-    std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
-    Ok(fin)
+    write_checksums(tmp)
 }
 
 /// Reads `trainer_state.json` of a checkpoint, after verifying every file of the checkpoint
@@ -207,12 +223,14 @@ pub fn parse_checksums(text: &str, path: &Path) -> Result<Vec<(String, String)>>
     Ok(out)
 }
 
-/// Verifies each file listed in `dir`'s [`CHECKSUM_FILE`] against its SHA-256. Returns
-/// whether there was a manifest to verify.
+/// Verifies each file listed in `dir`'s [`CHECKSUM_FILE`] against its SHA-256, and that it
+/// lists every file of the checkpoint (the regular files in `dir` but itself and hidden
+/// ones: what [`write_checksums`] lists). Returns whether there was a manifest to verify.
 ///
 /// # Errors
 /// [`Error::Checkpoint`] naming the first file that is missing or differs (a truncated
-/// write, a flipped bit, a file replaced by hand).
+/// write, a flipped bit, a file replaced by hand), or a file it does not list (an empty or
+/// truncated manifest verifies nothing).
 pub fn verify_checksums(dir: &Path) -> Result<bool> {
     let manifest = dir.join(CHECKSUM_FILE);
     let text = match std::fs::read_to_string(&manifest) {
@@ -220,7 +238,27 @@ pub fn verify_checksums(dir: &Path) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io(&manifest, e)),
     };
-    for (want, name) in parse_checksums(&text, &manifest)? {
+    let listed = parse_checksums(&text, &manifest)?;
+    let mut present = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != CHECKSUM_FILE && !name.starts_with('.') && e.path().is_file() {
+            present.push(name);
+        }
+    }
+    present.sort();
+    if let Some(n) = present.iter().find(|n| !listed.iter().any(|(_, l)| l == *n)) {
+        return Err(Error::Checkpoint {
+            path: manifest,
+            message: format!(
+                "does not list {n}{}: a checkpoint's checksum file lists all its files, so \
+                 this one cannot vouch for them; resume from another checkpoint",
+                if listed.is_empty() { " (it is empty)" } else { "" }
+            ),
+        });
+    }
+    for (want, name) in listed {
         let p = dir.join(&name);
         if !p.is_file() {
             return Err(Error::Checkpoint {

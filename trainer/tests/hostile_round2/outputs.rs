@@ -278,3 +278,93 @@ fn an_eos_token_that_is_not_a_token_is_refused() {
         &["tokenizer_config.json", "eos_token", "<|not-a-token-at-all|>"],
     );
 }
+
+/// Weak result: past `ulimit -f` the run ends with a message naming the output, exit 1, and no
+/// temporary file left (before: killed by SIGXFSZ with no message).
+#[test]
+fn a_file_size_limit_is_an_error_naming_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 64 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_difinfo-train"))
+        .args(["init", "--out", s(&out)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{:?}\n{err}", o.status);
+    assert!(err.contains(s(&out)) && err.contains("too large"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Weak result: an output that is a symbolic link is refused naming it (before: the link was
+/// replaced by a file, its target left as it was); one that is a device (`/dev/full`) is
+/// refused before the work.
+#[test]
+fn symlink_and_device_outputs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let target = dir.path().join("target.jsonl");
+    std::fs::write(&target, "keep\n").unwrap();
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    refused(
+        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&link)],
+        &["--out", s(&link), "symbolic link"],
+    );
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
+    refused(
+        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", "/dev/full"],
+        &["--out /dev/full", "not a regular file"],
+    );
+}
+
+/// Weak result: a legal 250-byte `--out` name works (before: the temporary name, 250 bytes
+/// plus a prefix, passed NAME_MAX and the run failed after the work); a 256-byte one is
+/// refused before the work, naming the option.
+#[test]
+fn long_output_names_work_up_to_name_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let long = dir.path().join(format!("{}.jsonl", "a".repeat(244)));
+    ok(&["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&long)]);
+    assert!(long.is_file());
+    let longer = dir.path().join(format!("{}.jsonl", "a".repeat(250)));
+    refused(
+        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&longer)],
+        &["--out", "longer than the 255"],
+    );
+}
+
+/// Weak result: an empty checksums.sha256 is refused on --resume, naming it (before: it
+/// verified nothing and the resume went on).
+#[test]
+fn an_empty_checksum_file_is_refused_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let run_dir = dir.path().join("run");
+    ok(&[
+        "dpo",
+        "--model",
+        s(&base),
+        "--data",
+        s(&prefs()),
+        "--output-dir",
+        s(&run_dir),
+        "--max-steps",
+        "1",
+    ]);
+    let sums = run_dir.join("checkpoint-1/checksums.sha256");
+    std::fs::write(&sums, "").unwrap();
+    refused(
+        &["dpo", "--resume", s(&run_dir), "--max-steps", "2"],
+        &["checksums.sha256", "empty"],
+    );
+}
