@@ -17,8 +17,12 @@
 //!   fallback, `▁` for spaces).
 //!
 //! The file is also accepted where a checkpoint directory is expected: [`resolve_model`]
-//! converts it once into a cache directory keyed by the file's path, size and modification
-//! time, and returns that directory.
+//! converts it once into a cache directory keyed by the SHA-256 of the file's content, and
+//! returns that directory.
+//!
+//! The header is read by [`read_header`] (its own reader, sizes checked before allocation,
+//! duplicates refused; see the `header` module), the tensors by candle under `catch_unwind`;
+//! a dequantized weight that is NaN or infinite is refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek};
@@ -32,6 +36,9 @@ use crate::checkpoint::torch_dtype_name;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::io::write_json;
+
+mod header;
+pub use header::{read_header, MAX_READ_ARRAY_ELEMENTS, MAX_TENSOR_DIMS, READ_ARRAYS};
 
 /// The GGUF magic, `"GGUF"` read as a little-endian u32's bytes.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -514,28 +521,31 @@ fn candle_message(e: &candle_core::Error) -> String {
     text.lines().next().unwrap_or_default().trim().to_string()
 }
 
-/// Reads the GGUF header of `reader`, mapping candle's errors to [`Error::GgufMalformed`] or
-/// [`Error::GgufUnsupportedQuantization`].
-fn read_content<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Content> {
-    Content::read(reader).map_err(|e| {
-        let message = candle_message(&e);
-        match message
-            .strip_prefix("unknown dtype for tensor ")
-            .and_then(|n| n.trim().parse::<u32>().ok())
-        {
-            Some(id) => Error::GgufUnsupportedQuantization {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "a tensor is stored as {} (GGML type {id})",
-                    ggml_type_name(id)
-                ),
-            },
-            None => Error::GgufMalformed {
-                path: path.to_path_buf(),
-                message,
-            },
-        }
-    })
+/// Reads the tensor `name` of `content` and dequantizes it to f32 on the CPU. The header has
+/// been validated ([`read_header`]); candle's reader still runs under
+/// [`crate::error::catch_panic`], so that
+/// a panic left inside it is an error naming the file and the tensor.
+fn read_tensor<R: Read + Seek>(
+    content: &Content,
+    reader: &mut R,
+    name: &str,
+    path: &Path,
+) -> Result<Tensor> {
+    let terr = |message: String| Error::GgufTensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        message,
+    };
+    let read = crate::error::catch_panic(|| {
+        content
+            .tensor(reader, name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.to_dtype(DType::F32))
+    });
+    match read {
+        Ok(r) => r.map_err(|e| terr(candle_message(&e))),
+        Err(panic) => Err(terr(format!("candle's reader failed on it: {panic}"))),
+    }
 }
 
 /// Llama 3.1-style RoPE scaling recovered from llama.cpp's `rope_freqs.weight` (the per-pair
@@ -596,7 +606,7 @@ pub fn import<R: Read + Seek>(
     path: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Imported> {
-    let content = read_content(reader, path)?;
+    let content = read_header(reader, path)?;
     let meta = Meta {
         path,
         md: &content.metadata,
@@ -738,11 +748,8 @@ pub fn import<R: Read + Seek>(
                     message: format!("shape {:?}, expected [{}]", info.shape.dims(), head_dim / 2),
                 });
             }
-            let factors = content
-                .tensor(reader, "rope_freqs.weight", &Device::Cpu)
-                .and_then(|q| q.dequantize(&Device::Cpu))
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_dtype(DType::F32))
+            let factors = read_tensor(&content, reader, "rope_freqs.weight", path)?
+                .flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| Error::GgufTensor {
                     path: path.to_path_buf(),
@@ -819,11 +826,9 @@ pub fn import<R: Read + Seek>(
                 info.shape.dims()
             )));
         }
-        let t = content
-            .tensor(reader, name, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| terr(candle_message(&e)))?;
+        let t = read_tensor(&content, reader, name, path)?;
+        // A NaN or infinite weight makes every log-prob NaN: refused as a checkpoint's is.
+        crate::checkpoint::check_finite(name, &t, path)?;
         let t = match perm {
             Some(h) => unpermute_from_gguf(&t, h).map_err(|e| terr(e.to_string()))?,
             None => t,
@@ -1303,21 +1308,14 @@ pub fn cache_root() -> Result<PathBuf> {
     ))
 }
 
-/// The identity of a GGUF file for the cache: canonical path, size, modification time and the
-/// converter version.
+/// The identity of a GGUF file for the cache: the SHA-256 of its content (streamed, 1 MiB at
+/// a time), its size and the converter version. Content, not path and modification time: an
+/// in-place rewrite that keeps the mtime (`cp -p`, `rsync -t`, `tar x`) is a new file.
 fn source_record(path: &Path) -> Result<Value> {
-    let canon = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
-    let md = std::fs::metadata(&canon).map_err(|e| Error::io(path, e))?;
-    let mtime = md
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos().to_string())
-        .unwrap_or_default();
+    let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     Ok(json!({
-        "source": canon.display().to_string(),
+        "sha256": crate::train::checkpoint::sha256_file(path)?,
         "size": md.len(),
-        "mtime_ns": mtime,
         "converter_version": CONVERTER_VERSION,
     }))
 }
@@ -1329,12 +1327,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Where [`resolve_model_in`] puts the conversion of `path` under `root`.
-///
-/// # Errors
-/// I/O errors reading the file's metadata.
-pub fn cache_dir_for(path: &Path, root: &Path) -> Result<PathBuf> {
-    let rec = source_record(path)?;
+/// The cache directory under `root` of the file `path` whose identity is `rec`.
+fn cache_dir_of(path: &Path, rec: &Value, root: &Path) -> PathBuf {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -1349,37 +1343,67 @@ pub fn cache_dir_for(path: &Path, root: &Path) -> Result<PathBuf> {
             }
         })
         .collect();
-    Ok(root.join(format!("{stem}-{:016x}", fnv1a(rec.to_string().as_bytes()))))
+    root.join(format!("{stem}-{:016x}", fnv1a(rec.to_string().as_bytes())))
 }
 
-/// Whether `dir` holds a finished conversion of `path` (its marker matches the file today).
-fn cache_is_current(dir: &Path, path: &Path) -> bool {
+/// Where [`resolve_model_in`] puts the conversion of `path` under `root` (named after the
+/// file's content: see [`resolve_model_in`]).
+///
+/// # Errors
+/// I/O errors reading the file.
+pub fn cache_dir_for(path: &Path, root: &Path) -> Result<PathBuf> {
+    Ok(cache_dir_of(path, &source_record(path)?, root))
+}
+
+/// Whether `dir` holds a finished conversion of the file whose identity is `rec`.
+fn cache_is_current(dir: &Path, rec: &Value) -> bool {
     let Ok(text) = std::fs::read_to_string(dir.join(CACHE_MARKER)) else {
         return false;
     };
-    match (serde_json::from_str::<Value>(&text), source_record(path)) {
-        (Ok(saved), Ok(now)) => saved == now,
-        _ => false,
+    serde_json::from_str::<Value>(&text).is_ok_and(|saved| saved == *rec)
+}
+
+/// The error for a regular file given where a checkpoint directory or a GGUF file is
+/// expected: it does not start with the GGUF magic.
+fn not_a_gguf_file(path: &Path) -> Error {
+    let mut head = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(4).read_to_end(&mut head));
+    if let Err(e) = read {
+        return Error::io(path, e);
+    }
+    Error::GgufMalformed {
+        path: path.to_path_buf(),
+        message: format!(
+            "it starts with {:?}, not the magic `GGUF` (a model is a checkpoint directory or a GGUF file)",
+            String::from_utf8_lossy(&head)
+        ),
     }
 }
 
-/// A checkpoint directory for `path`: `path` itself unless it is a GGUF file, which is
+/// A checkpoint directory for `path`: `path` itself unless it is a file. A GGUF file is
 /// converted (f32, lossless for every quantization) into a cache directory under `root` the
-/// first time and reused while the file is unchanged. `converting` is called before a
-/// conversion starts, with the cache directory.
+/// first time and reused while the file's content is unchanged: the cache is keyed by the
+/// SHA-256 of the file (hashed on each call, about a second per GB), not by its path and
+/// modification time. `converting` is called before a conversion starts, with the cache
+/// directory.
 ///
 /// # Errors
-/// See [`convert`]; I/O errors in the cache.
+/// A regular file that is not a GGUF file ([`Error::GgufMalformed`]: bad magic); see
+/// [`convert`]; I/O errors in the cache.
 pub fn resolve_model_in(
     path: &Path,
     root: &Path,
     converting: &mut dyn FnMut(&Path),
 ) -> Result<PathBuf> {
-    if !is_gguf(path) {
+    if !path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let dir = cache_dir_for(path, root)?;
-    if cache_is_current(&dir, path) {
+    if !is_gguf(path) {
+        return Err(not_a_gguf_file(path));
+    }
+    let rec = source_record(path)?;
+    let dir = cache_dir_of(path, &rec, root);
+    if cache_is_current(&dir, &rec) {
         return Ok(dir);
     }
     converting(&dir);
@@ -1394,9 +1418,18 @@ pub fn resolve_model_in(
     }
     let result = (|| {
         convert(path, &tmp, DType::F32, &mut |_, _| {})?;
-        write_json(&tmp.join(CACHE_MARKER), &source_record(path)?)?;
+        // The file may have changed while it was converted: the marker names what was read.
+        let after = source_record(path)?;
+        if after != rec {
+            return Err(Error::GgufMalformed {
+                path: path.to_path_buf(),
+                message: "the file changed while it was being converted; run the command again"
+                    .into(),
+            });
+        }
+        write_json(&tmp.join(CACHE_MARKER), &rec)?;
         if dir.exists() {
-            // A stale conversion (the file changed): replaced whole.
+            // A half-written or stale conversion: replaced whole.
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
         std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))
@@ -1404,7 +1437,7 @@ pub fn resolve_model_in(
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         // Another process may have finished the same conversion first.
-        if cache_is_current(&dir, path) {
+        if cache_is_current(&dir, &rec) {
             return Ok(dir);
         }
         return Err(e);
@@ -1418,7 +1451,7 @@ pub fn resolve_model_in(
 /// # Errors
 /// See [`resolve_model_in`] and [`cache_root`].
 pub fn resolve_model(path: &Path) -> Result<PathBuf> {
-    if !is_gguf(path) {
+    if !path.is_file() {
         return Ok(path.to_path_buf());
     }
     resolve_model_in(path, &cache_root()?, &mut |_| {})

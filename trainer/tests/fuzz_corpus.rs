@@ -260,7 +260,10 @@ fn gguf_header_seeds_are_refused_naming_the_key_or_tensor() {
         ("alignment_string", &["general.alignment", "integer"]),
         ("huge_array", &["x.blob", "1099511627776 elements"]),
         ("huge_string", &["x.str", "1099511627776 bytes"]),
-        ("huge_tokens", &["tokenizer.ggml.tokens", "16777217 elements"]),
+        (
+            "huge_tokens",
+            &["tokenizer.ggml.tokens", "16777217 elements"],
+        ),
         ("duplicate_key", &["general.name", "twice"]),
         ("duplicate_tensor", &["output_norm.weight", "twice"]),
         ("tensor_past_end", &["token_embd.weight", "past the end"]),
@@ -278,7 +281,10 @@ fn gguf_header_seeds_are_refused_naming_the_key_or_tensor() {
             .unwrap_err()
             .to_string();
         for n in names {
-            assert!(e.contains(n) && e.contains("<seed>"), "{seed}: `{n}` not named: {e}");
+            assert!(
+                e.contains(n) && e.contains("<seed>"),
+                "{seed}: `{n}` not named: {e}"
+            );
         }
     }
     // The nested arrays are walked over; the minimal llama header reads (its import fails

@@ -2,6 +2,8 @@
 //! trained on the built-in corpus), in temporary directories.
 #![allow(dead_code)]
 
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
