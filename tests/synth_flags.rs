@@ -109,3 +109,82 @@ fn the_bounds_themselves_are_accepted() {
     c.n += 1;
     assert!(c.validate().is_err());
 }
+
+/// Issue 20 (weak): `--n` out of beta-accuracy's `P · N` bound named both flags' product, and
+/// only where beta-accuracy runs (before: `did-fit --n 100000` was refused as
+/// "invalid setting --prompts = 64", a flag did-fit does not read).
+#[test]
+fn prompts_times_n_is_named_as_both_and_only_for_beta_accuracy() {
+    use difinfo::synthetic::{Experiment, SynthConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let (code, err) = synth(&["beta-accuracy", "--n", "100000"], &out);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("invalid setting --prompts × --n = 64 × 100000"),
+        "{err}"
+    );
+    assert!(err.contains("lower --n or --prompts"), "{err}");
+    let c = SynthConfig {
+        n: 100_000,
+        ..SynthConfig::default()
+    };
+    c.validate_for(&[Experiment::DidFit]).unwrap();
+    assert!(c.validate_for(&[Experiment::BetaAccuracy]).is_err());
+}
+
+/// Issue 20 (weak): instances at the accepted bounds that are one-hot or indistinguishable to
+/// f64 precision are refused up front naming the flag (before: run, and their predictions
+/// reported as theory that "did not hold"); below N = 16 the verdicts' JS 1e-2 cannot tell the
+/// distributions apart, so `--n` starts there.
+#[test]
+fn degenerate_instances_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["entropy", "--scale", "1e6"], "--scale", "one-hot"),
+        (&["reward-forms", "--scale", "1e-6"], "--scale", "uniform"),
+        (&["rejected", "--tau", "1e-6"], "--tau", "one-hot"),
+        (&["reward-forms", "--tau", "0.999999"], "--tau", "is π_ref"),
+        (
+            &["did-fit", "--tau-smooth", "1.000001"],
+            "--tau-smooth",
+            "is π_ref",
+        ),
+        (&["rejected", "--beta", "1e-6"], "--beta", "is π_ref"),
+        (&["reward-forms", "--beta", "1e6"], "--beta", "one-hot"),
+        (
+            &["did-fit", "--did-fit-betas", "0.5,1e6"],
+            "--did-fit-betas",
+            "one-hot",
+        ),
+        (&["reward-forms", "--n", "2"], "--n", "[16, "),
+    ];
+    for (args, flag, why) in cases {
+        let (code, err) = synth(args, &out);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("invalid setting {flag} = ")),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    // The defaults, and the same flags well inside the bounds, run.
+    let (code, err) = synth(
+        &[
+            "reward-forms",
+            "--quick",
+            "--n",
+            "16",
+            "--beta",
+            "1e-2",
+            "--steps",
+            "100",
+            "--pop-iters",
+            "20",
+        ],
+        &out,
+    );
+    assert_eq!(code, Some(0), "{err}");
+}

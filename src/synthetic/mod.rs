@@ -117,6 +117,17 @@ pub mod thresholds {
 /// memory they allocate, counts that allocate nothing by what a typo would cost (a run that
 /// never ends), the positive parameters by where the instances stop meaning anything in f64.
 pub mod limits {
+    /// Fewest classes `N` (16): below it the distributions the verdicts tell apart lie within
+    /// their JS 1e-2 of each other (at `N = 8` hinge's optimum is JS 1e-3 from π*, the uniform
+    /// rejected distribution's 6e-3), so "bounded away" fails on a theory that holds.
+    pub const MIN_N: usize = 16;
+    /// An instance is degenerate, and refused, when a distribution of it puts less than this
+    /// mass outside its most likely class (one-hot to f64 precision: nothing left to learn or
+    /// tell apart), or when two of its distributions that the theory tells apart (π* and π_ref,
+    /// π_l and π_ref) lie within this JS of each other: the recovery threshold
+    /// [`super::thresholds::POPULATION_RECOVERED_JS`], below which a run that never moved
+    /// would count as recovering its target.
+    pub const DEGENERATE: f64 = 1e-8;
     /// Most classes `N` (2²²): an experiment holds about 50 vectors of `N` f64 at once
     /// (L-BFGS keeps 20 pairs of them besides the instance), 1.6 GiB at this `N`, and its
     /// population loss costs `O(N²)` per iteration (days of L-BFGS beyond).
@@ -374,11 +385,136 @@ impl SynthConfig {
         }
     }
 
-    /// Check every setting's domain.
+    /// Check every setting's range, for every experiment (the instances are checked when an
+    /// experiment runs: [`SynthConfig::validate_for`]).
     ///
     /// # Errors
     /// [`SynthError::Setting`] naming the flag.
     pub fn validate(&self) -> Result<(), SynthError> {
+        self.validate_ranges(&Experiment::ALL)
+    }
+
+    /// Check every setting's domain, and the settings that only `experiments` use (beta-accuracy's
+    /// `--prompts × --n`); then, for the experiments built on them (all but claim-map and
+    /// beta-accuracy), that the instances of `--n`, `--scale`, `--tau`, `--tau-smooth`, `--beta`
+    /// and `--did-fit-betas` are not degenerate ([`limits::DEGENERATE`]).
+    ///
+    /// # Errors
+    /// [`SynthError::Setting`] naming the flag (both, for a product of two).
+    pub fn validate_for(&self, experiments: &[Experiment]) -> Result<(), SynthError> {
+        self.validate_ranges(experiments)?;
+        // claim-map sweeps its own τ × scale grid; beta-accuracy draws its own instances.
+        let own = [Experiment::ClaimMap, Experiment::BetaAccuracy];
+        if experiments.iter().any(|e| !own.contains(e)) {
+            self.validate_instances()?;
+        }
+        Ok(())
+    }
+
+    /// Refuses an instance where f64 cannot tell apart what the experiments measure, naming
+    /// the flag that made it so.
+    fn validate_instances(&self) -> Result<(), SynthError> {
+        use crate::entropy::js;
+        use limits::DEGENERATE;
+        // The mass outside the most likely class.
+        let rest = |p: &Policy| {
+            let lp = p.log_probs();
+            let top = (0..lp.len()).fold(0, |b, i| if lp[i] > lp[b] { i } else { b });
+            (0..lp.len())
+                .filter(|&i| i != top)
+                .map(|i| lp[i].exp())
+                .sum::<f64>()
+        };
+        let n = self.n;
+        let betas = std::iter::once(self.beta).chain(self.did_fit_betas.iter().copied());
+        for beta in betas {
+            for (tau_flag, tau) in [("--tau", self.tau), ("--tau-smooth", self.tau_smooth)] {
+                let inst = instance::Instance::tempered(n, tau, beta, self.scale, self.seed)?;
+                let beta_flag = if beta == self.beta {
+                    "--beta"
+                } else {
+                    "--did-fit-betas"
+                };
+                let (r, s, l) = (&inst.pi_ref, &inst.pi_star, &inst.pi_l);
+                let uniform = (n as f64).ln() - crate::entropy::entropy(r) < DEGENERATE;
+                let bad = |name: &'static str, value: f64, why: String| {
+                    Err(SynthError::Setting {
+                        name,
+                        value: compact(value),
+                        reason: format!(
+                            "a degenerate instance at N = {n}, seed {}: {why}; the experiments' \
+                             predictions cannot be measured on it",
+                            self.seed
+                        ),
+                    })
+                };
+                if rest(r) < DEGENERATE {
+                    return bad(
+                        "--scale",
+                        self.scale,
+                        format!(
+                            "π_ref = softmax(scale · z) is one-hot to f64 precision (mass {:.1e} \
+                         outside its top class)",
+                            rest(r)
+                        ),
+                    );
+                }
+                let d = js(s, r)?;
+                if d < DEGENERATE {
+                    return if uniform {
+                        bad(
+                            "--scale",
+                            self.scale,
+                            format!(
+                                "π_ref = softmax(scale · z) is uniform to f64 precision, so π* = \
+                             π_ref^(1/τ) is too (JS(π*, π_ref) = {d:.1e})"
+                            ),
+                        )
+                    } else {
+                        bad(
+                            tau_flag,
+                            tau,
+                            format!("π* = π_ref^(1/τ) is π_ref to f64 precision (JS = {d:.1e})"),
+                        )
+                    };
+                }
+                if rest(s) < DEGENERATE {
+                    return bad(
+                        tau_flag,
+                        tau,
+                        format!(
+                        "π* = π_ref^(1/τ) is one-hot to f64 precision (mass {:.1e} outside its \
+                         top class)", rest(s)),
+                    );
+                }
+                if rest(l) < DEGENERATE {
+                    return bad(
+                        beta_flag,
+                        beta,
+                        format!(
+                        "Eq. 1's π_l ∝ π_ref^(1+β) π*^(−β) (τ = {}) is one-hot to f64 precision \
+                         (mass {:.1e} outside its top class)", compact(tau), rest(l)),
+                    );
+                }
+                let d = js(l, r)?;
+                if d < DEGENERATE {
+                    return bad(
+                        beta_flag,
+                        beta,
+                        format!(
+                            "Eq. 1's π_l ∝ π_ref^(1+β) π*^(−β) (τ = {}) is π_ref to f64 precision \
+                         (JS = {d:.1e})",
+                            compact(tau)
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The range checks of [`SynthConfig::validate_for`].
+    fn validate_ranges(&self, experiments: &[Experiment]) -> Result<(), SynthError> {
         use limits::*;
         let bad = |name: &'static str, value: String, reason: String| {
             Err(SynthError::Setting {
@@ -388,10 +524,12 @@ impl SynthConfig {
             })
         };
         let in_range = |x: f64| (MIN_POSITIVE..=MAX_POSITIVE).contains(&x);
-        let memory = "about 50 f64 vectors of N are held at once: 1.6 GiB at the bound";
+        let memory = "fewer classes leave the verdicts' distributions within JS 1e-2 of each \
+                      other; about 50 f64 vectors of N are held at once: 1.6 GiB at the upper \
+                      bound";
         let long = "more would run for days";
         for (name, v, lo, hi, why) in [
-            ("--n", self.n, 2, MAX_N, memory),
+            ("--n", self.n, MIN_N, MAX_N, memory),
             (
                 "--prompts",
                 self.prompts,
@@ -441,13 +579,16 @@ impl SynthConfig {
                 );
             }
         }
-        if self.prompts.saturating_mul(self.n) > MAX_PROMPT_CLASSES {
+        // Only beta-accuracy holds P · N logits: the other experiments take any --n in range.
+        if experiments.contains(&Experiment::BetaAccuracy)
+            && self.prompts.saturating_mul(self.n) > MAX_PROMPT_CLASSES
+        {
             return bad(
-                "--prompts",
-                self.prompts.to_string(),
+                "--prompts × --n",
+                format!("{} × {}", self.prompts, self.n),
                 format!(
-                    "--prompts × --n = {} × {} exceeds {MAX_PROMPT_CLASSES} logits",
-                    self.prompts, self.n
+                    "beta-accuracy trains the P · N logits of all prompts as one vector: at \
+                     most {MAX_PROMPT_CLASSES}; lower --n or --prompts"
                 ),
             );
         }
@@ -558,7 +699,7 @@ pub fn run_experiment(
     cfg: &SynthConfig,
     progress: &ProgressBar,
 ) -> Result<ExperimentOutput, SynthError> {
-    cfg.validate()?;
+    cfg.validate_for(&[e])?;
     progress.set_message(e.name());
     match e {
         Experiment::DidFit => did_fit::run(cfg, progress),
@@ -598,7 +739,7 @@ pub fn run_and_write(
     dir: &Path,
     progress: &ProgressBar,
 ) -> Result<Value, SynthError> {
-    cfg.validate()?;
+    cfg.validate_for(experiments)?;
     std::fs::create_dir_all(dir).map_err(|e| SynthError::io(dir, e))?;
     progress.set_length(experiments.iter().map(|&e| work_units(e, cfg)).sum());
     for &e in experiments {
