@@ -1311,13 +1311,57 @@ pub fn cache_root() -> Result<PathBuf> {
 /// The identity of a GGUF file for the cache: the SHA-256 of its content (streamed, 1 MiB at
 /// a time), its size and the converter version. Content, not path and modification time: an
 /// in-place rewrite that keeps the mtime (`cp -p`, `rsync -t`, `tar x`) is a new file.
-fn source_record(path: &Path) -> Result<Value> {
+///
+/// A command resolves its model several times (tokenizer, weights, output): within one
+/// process the hash is computed once per file version unless `fresh`. A version is the
+/// device, inode, size, modification and status-change times: every write changes the
+/// status-change time (ctime), which, unlike the mtime, no user can set back.
+fn source_record(path: &Path, fresh: bool) -> Result<Value> {
+    type Seen = HashMap<[i64; 7], String>;
+    static HASHES: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
     let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let id = file_version(&md);
+    let known = (!fresh)
+        .then(|| HASHES.lock().ok()?.as_ref()?.get(&id?).cloned())
+        .flatten();
+    let sha = match known {
+        Some(h) => h,
+        None => {
+            let h = crate::train::checkpoint::sha256_file(path)?;
+            if let (Ok(mut m), Some(id)) = (HASHES.lock(), id) {
+                m.get_or_insert_with(HashMap::new).insert(id, h.clone());
+            }
+            h
+        }
+    };
     Ok(json!({
-        "sha256": crate::train::checkpoint::sha256_file(path)?,
+        "sha256": sha,
         "size": md.len(),
         "converter_version": CONVERTER_VERSION,
     }))
+}
+
+/// A file's version for [`source_record`]'s memo: device, inode, size, modification and
+/// status-change times (`None` off Unix: no memo there).
+fn file_version(md: &std::fs::Metadata) -> Option<[i64; 7]> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some([
+            md.dev() as i64,
+            md.ino() as i64,
+            md.size() as i64,
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec(),
+        ])
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = md;
+        None
+    }
 }
 
 /// FNV-1a, 64 bits: a stable hash for cache names (std's hasher may change between releases).
@@ -1352,7 +1396,7 @@ fn cache_dir_of(path: &Path, rec: &Value, root: &Path) -> PathBuf {
 /// # Errors
 /// I/O errors reading the file.
 pub fn cache_dir_for(path: &Path, root: &Path) -> Result<PathBuf> {
-    Ok(cache_dir_of(path, &source_record(path)?, root))
+    Ok(cache_dir_of(path, &source_record(path, false)?, root))
 }
 
 /// Whether `dir` holds a finished conversion of the file whose identity is `rec`.
@@ -1401,7 +1445,7 @@ pub fn resolve_model_in(
     if !is_gguf(path) {
         return Err(not_a_gguf_file(path));
     }
-    let rec = source_record(path)?;
+    let rec = source_record(path, false)?;
     let dir = cache_dir_of(path, &rec, root);
     if cache_is_current(&dir, &rec) {
         return Ok(dir);
@@ -1419,7 +1463,7 @@ pub fn resolve_model_in(
     let result = (|| {
         convert(path, &tmp, DType::F32, &mut |_, _| {})?;
         // The file may have changed while it was converted: the marker names what was read.
-        let after = source_record(path)?;
+        let after = source_record(path, true)?;
         if after != rec {
             return Err(Error::GgufMalformed {
                 path: path.to_path_buf(),

@@ -83,6 +83,14 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     })
 }
 
+/// What a string of the header belongs to, for its errors.
+enum Owner<'k> {
+    /// The value of a metadata key.
+    Key(&'k str),
+    /// A key or tensor name itself (`metadata key 3`, `the name of tensor 7`).
+    Header(String),
+}
+
 /// A reader over the header that knows its position and the file's size.
 struct Header<'a, R: Read + Seek> {
     r: BufReader<&'a mut R>,
@@ -171,24 +179,26 @@ impl<R: Read + Seek> Header<'_, R> {
         Ok(())
     }
 
-    /// A string's length, checked against the rest of the file; `what` names it in errors.
-    fn string_len(&mut self, what: &dyn Fn() -> Error) -> Result<u64> {
+    /// A string's length, checked against the rest of the file; `owner` names it in errors.
+    fn string_len(&mut self, owner: &Owner) -> Result<u64> {
         let at = self.pos;
         let n = self.len("a string length")?;
         if n > self.remaining() {
-            let e = what();
             let detail = format!(
                 "a string of {n} bytes at byte {at}, but only {} bytes are left in the file",
                 self.remaining()
             );
-            return Err(with_detail(e, detail));
+            return Err(match owner {
+                Owner::Key(key) => self.bad_key(key, detail),
+                Owner::Header(what) => self.malformed(format!("{what}: {detail}")),
+            });
         }
         Ok(n)
     }
 
     /// A string as candle reads it (trailing NULs dropped, invalid UTF-8 replaced).
-    fn string(&mut self, what: &dyn Fn() -> Error) -> Result<String> {
-        let n = self.string_len(what)?;
+    fn string(&mut self, owner: &Owner) -> Result<String> {
+        let n = self.string_len(owner)?;
         let mut v = vec![0u8; n as usize];
         self.r
             .read_exact(&mut v)
@@ -238,14 +248,7 @@ impl<R: Read + Seek> Header<'_, R> {
                 1 => Value::Bool(true),
                 b => return Err(self.bad_key(key, format!("boolean byte {b} (not 0 or 1)"))),
             },
-            T_STRING => {
-                let path = self.path.to_path_buf();
-                Value::String(self.string(&|| Error::GgufBadKey {
-                    path: path.clone(),
-                    key: key.to_string(),
-                    message: String::new(),
-                })?)
-            }
+            T_STRING => Value::String(self.string(&Owner::Key(key))?),
             other => return Err(self.bad_key(key, format!("unknown value type {other}"))),
         })
     }
@@ -273,12 +276,7 @@ impl<R: Read + Seek> Header<'_, R> {
     fn skip_value(&mut self, key: &str, ty: u32, depth: usize) -> Result<()> {
         match ty {
             T_STRING => {
-                let path = self.path.to_path_buf();
-                let n = self.string_len(&|| Error::GgufBadKey {
-                    path: path.clone(),
-                    key: key.to_string(),
-                    message: String::new(),
-                })?;
+                let n = self.string_len(&Owner::Key(key))?;
                 self.skip(n)
             }
             T_ARRAY => {
@@ -317,49 +315,18 @@ impl<R: Read + Seek> Header<'_, R> {
                 ),
             ));
         }
-        // Each element is a `Value` in memory, plus its string's bytes (at most the rest of
-        // the file).
-        let strings = if ety == T_STRING { self.remaining() } else { 0 };
-        let bytes = u128::from(n) * std::mem::size_of::<Value>() as u128 + u128::from(strings);
-        if let Some(limit) = crate::model::physical_memory() {
-            if bytes > limit {
-                return Err(self.bad_key(
-                    key,
-                    format!(
-                        "reading its {n} elements takes up to {} of memory, more than this machine's {}",
-                        crate::model::format_bytes(bytes),
-                        crate::model::format_bytes(limit)
-                    ),
-                ));
-            }
-        }
+        // Each element is a `Value` in memory (a lower bound: strings add their bytes).
+        let value = std::mem::size_of::<Value>();
+        crate::model::check_memory(
+            || format!("{}: GGUF metadata `{key}`", self.path.display()),
+            u128::from(n) * value as u128,
+            || format!("{n} elements × {value} bytes"),
+        )?;
         let mut v = Vec::with_capacity(n as usize);
         for _ in 0..n {
             v.push(self.scalar(key, ety)?);
         }
         Ok(Value::Array(v))
-    }
-}
-
-/// Puts `detail` into an error made without it (the string readers' callers name the key or
-/// tensor, the reader knows what went wrong).
-fn with_detail(e: Error, detail: String) -> Error {
-    match e {
-        Error::GgufBadKey { path, key, .. } => Error::GgufBadKey {
-            path,
-            key,
-            message: detail,
-        },
-        Error::GgufTensor { path, name, .. } => Error::GgufTensor {
-            path,
-            name,
-            message: detail,
-        },
-        Error::GgufMalformed { path, message } => Error::GgufMalformed {
-            path,
-            message: format!("{message}: {detail}"),
-        },
-        other => other,
     }
 }
 
@@ -460,11 +427,7 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Conten
 
     let mut metadata: HashMap<String, Value> = HashMap::new();
     for i in 0..n_kv {
-        let path = path.to_path_buf();
-        let key = h.string(&|| Error::GgufMalformed {
-            path: path.clone(),
-            message: format!("metadata key {i}"),
-        })?;
+        let key = h.string(&Owner::Header(format!("metadata key {i}")))?;
         if metadata.contains_key(&key) {
             return Err(h.bad_key(
                 &key,
@@ -489,11 +452,7 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Conten
     let mut infos: Vec<(String, TensorInfo, u64)> = Vec::new();
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     for i in 0..n_tensors {
-        let p = path.to_path_buf();
-        let name = h.string(&|| Error::GgufMalformed {
-            path: p.clone(),
-            message: format!("the name of tensor {i}"),
-        })?;
+        let name = h.string(&Owner::Header(format!("the name of tensor {i}")))?;
         if !seen.insert(name.clone()) {
             return Err(h.bad_tensor(
                 &name,
