@@ -297,6 +297,7 @@ pub fn check_finite(name: &str, t: &Tensor, file: &Path) -> Result<()> {
 /// expected) and [`Error::ShapeMismatch`] (naming the tensor and the file holding it);
 /// [`Error::NonFiniteWeight`].
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    crate::lora::refuse_adapter_as_model(dir)?;
     // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
     let resolved = crate::gguf::resolve_model(dir)?;
     let dir = resolved.as_path();

@@ -141,7 +141,10 @@ fn parent_dir(p: &Path) -> &Path {
 /// Whether a file can be created in directory `dir`: creates and removes a probe file (the
 /// one test that honors permissions, ACLs and read-only mounts alike).
 fn probe_writable(dir: &Path) -> std::io::Result<()> {
-    let probe = dir.join(format!(".difinfo-write-probe-{}", std::process::id()));
+    // Unique per call: two threads probing one directory must not collide (EEXIST).
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = dir.join(format!(".difinfo-write-probe-{}-{n}", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

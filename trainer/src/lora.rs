@@ -574,6 +574,38 @@ pub fn adapter_base(adapter: &Path, base: Option<&Path>) -> Result<(LoraConfig, 
     Ok((cfg, base))
 }
 
+/// Refuses a PEFT adapter directory given where a model is read (`--model`): it has an
+/// adapter_config.json and no config.json. The message names the adapter's base model
+/// (`base_model_name_or_path`) and `merge`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an adapter directory.
+pub fn refuse_adapter_as_model(dir: &Path) -> Result<()> {
+    let cfg = dir.join(CONFIG_FILE);
+    if !cfg.is_file() || dir.join("config.json").exists() {
+        return Ok(());
+    }
+    let base = std::fs::read_to_string(&cfg)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| {
+            v.get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .filter(|b| !b.is_empty());
+    let pass = match base {
+        Some(b) => format!("pass its base model ({b}, base_model_name_or_path in {})", cfg.display()),
+        None => "pass its base model".to_string(),
+    };
+    Err(Error::InvalidArgument(format!(
+        "{} is a PEFT adapter (it has {CONFIG_FILE}, no config.json), not a model: {pass} as \
+         --model, or fold the adapter into it first with `difinfo-train merge --adapter {}`",
+        dir.display(),
+        dir.display()
+    )))
+}
+
 /// Folds the PEFT adapter in `adapter` into its base model and writes a full Hugging Face
 /// checkpoint to `out` in `dtype` (PEFT's `merge_and_unload` + `save_pretrained`): every
 /// adapted weight becomes `W + s · B A`, computed in f32 (f64 for an f64 save); the base's

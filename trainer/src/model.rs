@@ -825,6 +825,17 @@ impl Model {
             for (j, lin) in blk.lins().into_iter().enumerate() {
                 if cfg.targets(li, j) {
                     let (d_out, d_in) = lin.w.dims2()?;
+                    if cfg.r() > d_in.min(d_out) {
+                        return Err(Error::InvalidArgument(format!(
+                            "lora_r (--lora-r) = {} exceeds the rank of {} ({d_out}×{d_in}): \
+                             an adapter B·A of a larger r spans no more updates than r = {}; \
+                             choose --lora-r ≤ {}",
+                            cfg.r(),
+                            crate::lora::PROJECTIONS[j].1,
+                            d_in.min(d_out),
+                            d_in.min(d_out)
+                        )));
+                    }
                     shapes.push((li, j, d_in, d_out));
                 }
             }

@@ -111,6 +111,7 @@ impl TokenizerBundle {
     /// # Errors
     /// See [`TokenizerBundle::load`].
     pub fn load_with(dir: &Path, compat: crate::provenance::TokenizerCompat) -> Result<Self> {
+        crate::lora::refuse_adapter_as_model(dir)?;
         // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
         let resolved = crate::gguf::resolve_model(dir)?;
         let dir = resolved.as_path();

@@ -347,7 +347,30 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
     )?;
     report_provenance(&bundle);
     let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
+    // Each example's largest token id and the field holding it: an id beyond the model's
+    // vocabulary is reported at its example (file:line: field) and with the tokenizer.
+    let largest: Vec<(u32, &str)> = match &data.examples {
+        crate::train::Examples::Preference(p) => p
+            .iter()
+            .map(|x| {
+                let (c, j) = (max_id(&x.chosen.ids), max_id(&x.rejected.ids));
+                if c >= j { (c, "chosen") } else { (j, "rejected") }
+            })
+            .collect(),
+        crate::train::Examples::Sft(v) => v.iter().map(|x| (max_id(&x.ids), "text")).collect(),
+    };
     train_locked(r, data, fingerprint).map_err(|e| {
+        if let Error::TokenOutOfVocab { vocab_size, .. } = &e {
+            if let Some(i) = largest.iter().position(|&(m, _)| m as usize >= *vocab_size) {
+                return crate::error::DataError {
+                    file: r.record.data.clone(),
+                    line: lines.get(i).copied().unwrap_or(0),
+                    field: Some(largest[i].1.into()),
+                    message: format!("{}: {e}", r.record.model.join("tokenizer.json").display()),
+                }
+                .into();
+            }
+        }
         // A non-finite value's examples by their place in the data file, not only their index.
         if let t @ Error::NonFinite { examples, .. } = &e {
             let at: Vec<String> = examples
@@ -364,6 +387,11 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
         }
         e
     })
+}
+
+/// The largest id of `ids` (0 for none).
+fn max_id(ids: &[u32]) -> u32 {
+    ids.iter().copied().max().unwrap_or(0)
 }
 
 /// The objective options that can make the loss non-finite, named for a non-finite loss's

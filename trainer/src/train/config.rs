@@ -187,6 +187,27 @@ impl Default for MemoryOptions {
 }
 
 impl MemoryOptions {
+    /// The LoRA options that only `use_peft` reads.
+    pub const LORA_OPTIONS: [&'static str; 5] = [
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "use_rslora",
+    ];
+
+    /// The first of the `given` option names (TOML keys) that is a LoRA option while
+    /// `use_peft` is off: it would be ignored, which is an error (as an objective option that
+    /// the objective does not read).
+    pub fn ignored_lora_option<'a>(&self, given: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+        if self.use_peft {
+            return None;
+        }
+        given
+            .into_iter()
+            .find(|k| Self::LORA_OPTIONS.contains(k))
+    }
+
     /// The LoRA configuration when `use_peft` is set.
     ///
     /// # Errors
@@ -498,6 +519,20 @@ pub fn merge_tables(
                 (true, _) => format!("--{} {}: {e}", k.replace('_', "-"), v(&cli)),
                 (false, Some(p)) => format!("{}: {k} = {}: {e}", p.display(), v(&file_table)),
                 (false, None) => e.to_string(),
+            }));
+        }
+        // LoRA options without use_peft, likewise (in a file, only those set to other than
+        // the default: a saved train_config.toml lists every option).
+        let set = given
+            .iter()
+            .map(String::as_str)
+            .filter(|k| on || defaults.get(*k) != file_table.get(*k));
+        if let Some(k) = cfg.memory.ignored_lora_option(set) {
+            let why = "a LoRA option is read only with use_peft (--use-peft); add it or drop this option";
+            return Err(Error::Options(match (on, path) {
+                (true, _) => format!("--{} {}: {why}", k.replace('_', "-"), as_typed(&cli[k])),
+                (false, Some(p)) => format!("{}: {k} = {}: {why}", p.display(), file_table[k]),
+                (false, None) => format!("{k}: {why}"),
             }));
         }
     }

@@ -368,3 +368,91 @@ fn an_empty_checksum_file_is_refused_on_resume() {
         &["checksums.sha256", "empty"],
     );
 }
+
+/// Weak results: LoRA options without `--use-peft` are refused naming the option (on the
+/// command line and in a --config file; before: ignored), and `--lora-r` above a targeted
+/// projection's rank is refused naming the option (before: accepted silently).
+#[test]
+fn lora_options_without_use_peft_and_oversized_ranks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let run = |extra: &[&str], out: &str| {
+        let mut a = vec![
+            "dpo".to_string(),
+            "--model".into(),
+            s(&base).into(),
+            "--data".into(),
+            s(&prefs()).into(),
+            "--output-dir".into(),
+            s(&dir.path().join(out)).into(),
+            "--max-steps".into(),
+            "1".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    for (opt, v) in [
+        ("--lora-r", "8"),
+        ("--lora-alpha", "4"),
+        ("--lora-dropout", "0.1"),
+        ("--lora-target-modules", "q_proj"),
+    ] {
+        let a = run(&[opt, v], "r1");
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        refused(&a, &[opt, "--use-peft"]);
+    }
+    let toml = dir.path().join("c.toml");
+    std::fs::write(&toml, "lora_r = 8\n").unwrap();
+    let a = run(&["--config", s(&toml)], "r2");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    refused(&a, &["c.toml", "lora_r = 8", "use_peft"]);
+    let a = run(&["--use-peft", "--lora-r", "1000"], "r3");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    refused(&a, &["--lora-r", "1000", "exceeds"]);
+}
+
+/// Weak result: an adapter directory given as `--model` is named as a PEFT adapter with its
+/// base model (before: "config.json: No such file or directory").
+#[test]
+fn an_adapter_given_as_model_names_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let adapter = peft_adapter(
+        &dir.path().join("adapter"),
+        &base,
+        serde_json::json!(["q_proj"]),
+        &["model.layers.0.self_attn.q_proj"],
+    );
+    refused(
+        &["logps", "--model", s(&adapter), "--data", s(&prefs()), "--out", s(&dir.path().join("lp.jsonl"))],
+        &["PEFT adapter", s(&base), "--model", "merge"],
+    );
+}
+
+/// Weak result: a token id beyond the model's vocabulary (a tokenizer from another
+/// checkpoint) in training names the example (file:line: field) and the tokenizer (before:
+/// only the id and the vocabulary size).
+#[test]
+fn an_out_of_vocabulary_id_names_the_example_and_the_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model(dir.path());
+    let tj = base.join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    t["model"]["vocab"]["e"] = 50_000.into();
+    std::fs::write(&tj, t.to_string()).unwrap();
+    refused(
+        &[
+            "dpo",
+            "--model",
+            s(&base),
+            "--data",
+            s(&prefs()),
+            "--output-dir",
+            s(&dir.path().join("run")),
+            "--max-steps",
+            "1",
+        ],
+        &["example_prefs.jsonl:3: field `rejected`", "tokenizer.json", "50000"],
+    );
+}
