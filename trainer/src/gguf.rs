@@ -523,8 +523,8 @@ fn candle_message(e: &candle_core::Error) -> String {
 
 /// Reads the tensor `name` of `content` and dequantizes it to f32 on the CPU. The header has
 /// been validated ([`read_header`]); candle's reader still runs under
-/// [`crate::error::catch_panic`], so that
-/// a panic left inside it is an error naming the file and the tensor.
+/// [`crate::error::catch_panic`], so that a panic left inside it is an error naming the file
+/// and the tensor.
 fn read_tensor<R: Read + Seek>(
     content: &Content,
     reader: &mut R,
