@@ -302,8 +302,10 @@ pub fn generate(
             "at least one sample per prompt is needed, got 0".into(),
         ));
     }
-    check_generate_size(model, n, prompt_ids.len(), params.max_new_tokens)?;
     let model = &model.detached();
+    // The prompt's pass first (its own message), then all that generating keeps.
+    model.check_forward_size(n, prompt_ids.len(), 0)?;
+    check_generate_size(model, n, prompt_ids.len(), params.max_new_tokens)?;
     let dev = model.device();
     let p = prompt_ids.len();
     // Room for the prompt and the new tokens, up to the model's context (growing past it).
