@@ -275,7 +275,7 @@ pub(crate) fn check_bench_size(
         .saturating_mul(seq as u128)
         .saturating_mul(4);
     crate::model::check_memory(
-        || format!("the benchmark's inputs ({sequences} sequences of {seq} tokens)"),
+        || format!("building the benchmark's {sequences} sequences of {seq} tokens"),
         ids,
         || format!("{sequences} × {seq} token ids × 4 bytes"),
     )
