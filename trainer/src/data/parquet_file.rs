@@ -12,14 +12,17 @@
 //! elsewhere.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use parquet::basic::Compression;
 use parquet::file::metadata::ParquetMetaData;
-use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
+use parquet::file::reader::{ChunkReader, FileReader, Length, SerializedFileReader};
 use parquet::record::{Field, Row};
 use serde_json::{Map, Value};
 
 use crate::error::{catch_panic, DataError, Result};
+
+mod thrift;
 
 /// One row: its JSON text, and the top-level columns of this row whose value has no text
 /// form, with what they hold.
@@ -66,10 +69,13 @@ pub(crate) fn read_parquet<R: ChunkReader + 'static>(
         message: format!("not a readable Parquet file: {message}"),
     };
     let panicked = |m: String| format!("the Parquet reader failed on it ({m})");
-    let reader = catch_panic(|| SerializedFileReader::new(src))
+    check_footer(&src, len).map_err(|m| bad(0, m))?;
+    let src = Shared(Arc::new(src));
+    let reader = catch_panic(|| SerializedFileReader::new(src.clone()))
         .map_err(|m| bad(0, panicked(m)))?
         .map_err(|e| bad(0, e.to_string()))?;
     check_claims(reader.metadata(), len).map_err(|m| bad(0, m))?;
+    check_pages(&src, reader.metadata(), path)?;
     let mut rows = catch_panic(|| reader.get_row_iter(None))
         .map_err(|m| bad(0, panicked(m)))?
         .map_err(|e| bad(0, e.to_string()))?;
@@ -83,6 +89,179 @@ pub(crate) fn read_parquet<R: ChunkReader + 'static>(
     }
     Ok(row)
 }
+
+/// The footer (the Thrift `FileMetaData` before the last 8 bytes: its length, little-endian
+/// u32, and `PAR1`) checked by [`thrift::check_footer`] before the crate decodes it: the
+/// crate allocates from the counts there before reading the elements. A file too short for
+/// a footer, without the magic or with a length past its start is left to the crate's own
+/// error.
+fn check_footer<R: ChunkReader>(src: &R, len: u64) -> std::result::Result<(), String> {
+    let Some(start) = len.checked_sub(8) else {
+        return Ok(());
+    };
+    let Ok(tail) = src.get_bytes(start, 8) else {
+        return Ok(());
+    };
+    if tail[4..] != *b"PAR1" {
+        return Ok(());
+    }
+    let n = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if n > start {
+        return Ok(());
+    }
+    let footer = src
+        .get_bytes(start - n, n as usize)
+        .map_err(|e| e.to_string())?;
+    thrift::check_footer(&footer)
+}
+
+/// A chunk reader shared between the `parquet` crate's reader and [`check_pages`].
+struct Shared<R>(Arc<R>);
+
+impl<R> Clone for Shared<R> {
+    fn clone(&self) -> Self {
+        Shared(Arc::clone(&self.0))
+    }
+}
+
+impl<R: Length> Length for Shared<R> {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+}
+
+impl<R: ChunkReader> ChunkReader for Shared<R> {
+    type T = R::T;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<R::T> {
+        self.0.get_read(start)
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        self.0.get_bytes(start, length)
+    }
+}
+
+/// The first read of a page header: enough for any header without long statistics.
+const HEADER_WINDOW: u64 = 4096;
+
+/// What the pages claim, checked before the crate reads them (it allocates from these
+/// numbers first): every page header of every column chunk (at the chunk's first page, then
+/// each header followed by its page, as the crate walks them) walked by
+/// [`thrift::page_header`] within the chunk; a page's decompressed size (reserved before
+/// decompressing) and a dictionary's values (a vector of that many values, of at least
+/// [`DICTIONARY_VALUE`] bytes each, made before one is decoded; a dictionary value takes at
+/// least a bit of the page) within the machine's memory; and the rows the row groups declare,
+/// each held as a record or its error (at least a [`DataError`]'s bytes), within it too.
+///
+/// # Errors
+/// A [`DataError`] naming the file, row group, column and page; [`crate::Error::TooLarge`]
+/// for the memory bounds.
+fn check_pages<R: ChunkReader>(src: &R, md: &ParquetMetaData, path: &Path) -> Result<()> {
+    let bad = |message: String| DataError {
+        file: path.to_path_buf(),
+        line: 0,
+        field: None,
+        message: format!("not a readable Parquet file: {message}"),
+    };
+    let rows: u128 = md.row_groups().iter().map(|g| g.num_rows() as u128).sum();
+    crate::model::check_memory(
+        || format!("reading the {rows} rows that {} declares", path.display()),
+        rows * std::mem::size_of::<DataError>() as u128,
+        || {
+            format!(
+                "each row is held as a record or its error, at least {} bytes",
+                std::mem::size_of::<DataError>()
+            )
+        },
+    )?;
+    for (g, rg) in md.row_groups().iter().enumerate() {
+        for c in rg.columns() {
+            let col = c.column_path().string();
+            let at = |page: usize| format!("row group {g}, column `{col}`, page {page}");
+            // check_claims made these non-negative and within the file.
+            let mut offset = c.dictionary_page_offset().unwrap_or(c.data_page_offset()) as u64;
+            let mut left = c.compressed_size() as u64;
+            let mut page = 0;
+            while left > 0 {
+                let mut window = left.min(HEADER_WINDOW);
+                let h = loop {
+                    let buf = src
+                        .get_bytes(offset, window as usize)
+                        .map_err(|e| bad(format!("{}: {e}", at(page))))?;
+                    match thrift::page_header(&buf, left) {
+                        Ok(h) => break h,
+                        Err(thrift::Fault::Eof) if window < left => {
+                            window = left.min(window.saturating_mul(4));
+                        }
+                        Err(thrift::Fault::Eof) => {
+                            return Err(bad(format!(
+                                "{}: the page header runs past the column chunk",
+                                at(page)
+                            ))
+                            .into())
+                        }
+                        Err(thrift::Fault::Bad(m)) => {
+                            return Err(
+                                bad(format!("{}: the page header holds {m}", at(page))).into()
+                            )
+                        }
+                    }
+                };
+                let after = left - h.len as u64;
+                if h.compressed < 0 || h.compressed as u64 > after || h.uncompressed < 0 {
+                    return Err(bad(format!(
+                        "{}: a page of {} bytes ({} decompressed) where {after} bytes of the \
+                         column chunk remain",
+                        at(page),
+                        h.compressed,
+                        h.uncompressed
+                    ))
+                    .into());
+                }
+                crate::model::check_memory(
+                    || format!("{}: {}", path.display(), at(page)),
+                    h.uncompressed as u128,
+                    || "its decompressed size".into(),
+                )?;
+                if h.kind == DICTIONARY_PAGE {
+                    if h.num_values < 0 || h.num_values as u128 > 8 * h.uncompressed as u128 {
+                        return Err(bad(format!(
+                            "{}: a dictionary of {} values in {} bytes",
+                            at(page),
+                            h.num_values,
+                            h.uncompressed
+                        ))
+                        .into());
+                    }
+                    crate::model::check_memory(
+                        || format!("{}: {}", path.display(), at(page)),
+                        h.num_values as u128 * DICTIONARY_VALUE as u128,
+                        || format!("a dictionary of {} values", h.num_values),
+                    )?;
+                }
+                offset += h.len as u64 + h.compressed as u64;
+                left = after - h.compressed as u64;
+                page += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Thrift `PageType` of a dictionary page.
+const DICTIONARY_PAGE: i64 = 2;
+
+/// The bytes of the largest value type the crate builds a dictionary of (a byte array).
+const DICTIONARY_VALUE: usize = {
+    let a = std::mem::size_of::<parquet::data_type::ByteArray>();
+    let b = std::mem::size_of::<parquet::data_type::FixedLenByteArray>();
+    if a > b {
+        a
+    } else {
+        b
+    }
+};
 
 /// What the metadata claims, checked before a page is read: every column chunk lies within
 /// the file's `len` bytes, row counts are not negative, and every codec is one this build

@@ -493,3 +493,134 @@ fn parquet_codecs_gzip_brotli_lz4_zstd_are_read() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Fuzz findings of the `parquet_file` target (round 2 campaign).
+
+/// A fixture of `tests/fixtures/`.
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The fuzzer's 1.2 kB file whose footer declares a schema list of 230 686 719 elements: the
+/// `parquet` crate reserved 22 GB for it before reading one (an allocation failure, which
+/// aborts the process: before, `logps --data` on it died with "memory allocation of
+/// 22145925024 bytes failed"). It is refused naming the file and the list, quickly.
+#[test]
+fn a_footer_list_longer_than_the_footer_is_refused() {
+    let p = fixture("fuzz_parquet_schema_list_22gb.parquet");
+    let t = Instant::now();
+    let e = read_prefs(&p).unwrap_err();
+    assert!(
+        e.contains("fuzz_parquet_schema_list_22gb.parquet:0: not a readable Parquet file")
+            && e.contains("the footer holds a list of 230686719 elements in 982 bytes"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+/// The fuzzer's 580-byte file whose column metadata holds a list of 234 881 023 booleans in a
+/// few bytes: the crate skips a list of booleans without reading a byte per element, 2³¹
+/// turns of a loop for a few bytes (14 s under the fuzzer's instrumentation). Refused naming
+/// the file and the list, at once.
+#[test]
+fn a_footer_list_of_booleans_is_refused_without_walking_it() {
+    let p = fixture("fuzz_parquet_bool_list_slow.parquet");
+    let t = Instant::now();
+    let e = read_prefs(&p).unwrap_err();
+    assert!(
+        e.contains("fuzz_parquet_bool_list_slow.parquet:0: not a readable Parquet file")
+            && e.contains("the footer holds a list of 234881023 elements in"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+/// `v` as a Thrift compact i32: zigzag, then a varint.
+fn thrift_i32(v: i32) -> Vec<u8> {
+    let mut z = ((v << 1) ^ (v >> 31)) as u32;
+    let mut out = Vec::new();
+    loop {
+        if z < 0x80 {
+            out.push(z as u8);
+            return out;
+        }
+        out.push((z as u8 & 0x7f) | 0x80);
+        z >>= 7;
+    }
+}
+
+/// The standard preference file (uncompressed, at `p`) with its first column chunk replaced by
+/// one page: a header of the fields 1-3 (`kind`, then both sizes: the rest of the chunk),
+/// then `more` (fields from 4 on, their stop byte and the header's), then filler bytes.
+fn with_first_chunk(p: &Path, kind: i32, more: &[u8]) {
+    write_pq(p, STRINGS, Compression::UNCOMPRESSED, &two_prefs());
+    let mut b = std::fs::read(p).unwrap();
+    let (start, len) = {
+        use parquet::file::reader::FileReader;
+        let r = parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(b.clone()))
+            .unwrap();
+        r.metadata().row_group(0).column(0).byte_range()
+    };
+    let header = |size: i32| {
+        let mut h = vec![0x15];
+        h.extend(thrift_i32(kind));
+        for _ in 0..2 {
+            h.push(0x15);
+            h.extend(thrift_i32(size));
+        }
+        h.extend(more);
+        h
+    };
+    let size = len as i32 - header(0).len() as i32;
+    let mut chunk = header(size);
+    let size = len as i32 - chunk.len() as i32;
+    chunk = header(size);
+    assert_eq!(
+        chunk.len() as i32 + size,
+        len as i32,
+        "the sizes' varints differ in length"
+    );
+    chunk.resize(len as usize, b'x');
+    b[start as usize..(start + len) as usize].copy_from_slice(&chunk);
+    std::fs::write(p, &b).unwrap();
+}
+
+/// A dictionary page of a few bytes declaring 2³¹ - 1 values: the crate made a vector of that
+/// many values (64 GB) before decoding one, an allocation failure that aborts. Refused naming
+/// the file, column and page.
+#[test]
+fn a_dictionary_of_more_values_than_its_bytes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("dict.parquet");
+    // Field 7 (dictionary_page_header): num_values, encoding PLAIN; then the stops.
+    let mut more = vec![0x4c, 0x15];
+    more.extend(thrift_i32(i32::MAX));
+    more.extend([0x15, 0x00, 0x00, 0x00]);
+    with_first_chunk(&p, 2, &more);
+    let e = read_prefs(&p).unwrap_err();
+    assert!(
+        e.contains("dict.parquet:0: not a readable Parquet file: row group 0, column `prompt`, page 0: a dictionary of 2147483647 values in"),
+        "{e}"
+    );
+}
+
+/// A page header holding a list of 2³¹ - 1 booleans in a few bytes: the crate skipped it in
+/// 2³¹ turns of a loop (seconds per header, a few bytes each). Refused at once naming the
+/// file, column and page.
+#[test]
+fn a_page_header_list_of_booleans_is_refused_without_walking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bools.parquet");
+    // Field 9, a list of booleans (header 0xf1, varint count), then the stop.
+    with_first_chunk(&p, 0, &[0x69, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07, 0x00]);
+    let t = Instant::now();
+    let e = read_prefs(&p).unwrap_err();
+    assert!(
+        e.contains("bools.parquet:0: not a readable Parquet file: row group 0, column `prompt`, page 0: the page header holds a list of 2147483647 elements in"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
