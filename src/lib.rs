@@ -2,7 +2,7 @@
 //!
 //! The finite-outcome-space theory of *Differential Information: An Information-Theoretic
 //! Perspective on Preference Optimization*, as code. Every formula lives in the module named
-//! after its concept in `MATH.md`:
+//! after its concept in `docs/theory.md`:
 //!
 //! | concept | module |
 //! |---|---|

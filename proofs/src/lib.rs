@@ -1,4 +1,4 @@
-//! Shared generators and helpers for the executable proofs of `MATH.md`.
+//! Shared generators and helpers for the executable proofs of `docs/theory.md`.
 //!
 //! Every random input of every property comes from a strategy here, so proptest can shrink it
 //! and persist it. Domains are bounded by the named constants below; the exact strategies build

@@ -1,7 +1,7 @@
 //! The synthetic energy-based experiments of Sections 3.5 and 4, as a library
 //! (`difinfo synth` is a thin command line over [`run_experiment`] and [`write_summary`]).
 //!
-//! # Setting (MATH.md, Section 3.5)
+//! # Setting (docs/theory.md, Section 3.5)
 //!
 //! ```text
 //! π = softmax(f) over N classes,  f_ref = s·z, z ~ N(0, I),  f* = f_ref/τ,

@@ -1,7 +1,7 @@
 #![warn(missing_docs)]
 //! difinfo-trainer: Hugging Face checkpoints, TRL-exact tokenization and differentiable
 //! log-probabilities on candle — the foundation of the paper's real-data pipeline
-//! (MATH.md, Appendix J.2).
+//! (docs/theory.md, Appendix J.2).
 //!
 //! Layers, bottom up:
 //! - [`config`]: config.json → [`config::ModelConfig`] (Llama, Mistral, Qwen2);

@@ -1,5 +1,5 @@
 //! The training core of `difinfo-train`: SFT, DPO (`sigmoid`, `hinge`, `ipo`), reference-free
-//! DPO and DPO-PG (MATH.md, Appendix H) over any [`PolicyModel`], with owned optimizers
+//! DPO and DPO-PG (docs/theory.md, Appendix H) over any [`PolicyModel`], with owned optimizers
 //! (SGD, RMSprop, AdamW; f32 state that checkpoints), Hugging Face learning-rate schedules,
 //! global gradient clipping, gradient accumulation, TRL's metric names, atomic checkpoints and
 //! exact resume.
