@@ -1,6 +1,6 @@
 //! Closed-form population optima of the loss types, where one exists: the statements of the
 //! loss atlas (`difinfo synth loss-atlas`), proved against the loss texts in `proofs/`
-//! (`loss_fixed_points.rs`, `ipo_optimum.rs`).
+//! (`atlas_two_outcome.rs`, `atlas_ipo_optimum.rs`).
 //!
 //! # Two outcomes
 //! With two outcomes and data `y_w ~ w`, `y_l ~ v`, a loss of the margin `z = β Δ`

@@ -4,8 +4,9 @@
 //! (a) exactly: with `r = β log(π/π_ref)` at `π = π*`, the model's Bradley–Terry pair
 //!     probabilities `e^{r_a}/(e^{r_a}+e^{r_b})` (rational: `e^{r} = (π/π_ref)^β`) equal the data's
 //!     on every pair; any other `π`, or a mismatched `β'`, or the reference-free form, breaks it.
-//! (b) numerically: plain gradient descent on the exact population loss (`GRAD_TOL`, see
-//!     `difinfo_proofs::GRAD_TOL` for why the tolerance is honest) converges to `π*` for the
+//! (b) numerically: first-order descent (Nesterov-accelerated, `difinfo_proofs::minimize`) on
+//!     the exact population loss (`GRAD_TOL`, see `difinfo_proofs::GRAD_TOL` for why the
+//!     tolerance is honest) converges to `π*` for the
 //!     log-ratio reward, and to a policy bounded away from `π*` for the reference-free reward, a
 //!     mismatched `β'`, and the IPO and hinge shapes.
 
