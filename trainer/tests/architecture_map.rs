@@ -55,8 +55,8 @@ fn section<'a>(map: &'a str, root: &str) -> &'a str {
     let mut offset = 0;
     for line in map.split_inclusive('\n') {
         if line.starts_with("## ") {
-            if start.is_some() {
-                return &map[start.unwrap()..offset];
+            if let Some(s) = start {
+                return &map[s..offset];
             }
             if line.contains(&marker) {
                 start = Some(offset);
