@@ -5,7 +5,7 @@
 //! crate (the library layers and the commands alike), so a file / line / field context reaches
 //! the process exit as it was built; nothing in the library panics on user input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -320,6 +320,35 @@ fn non_finite_weight(
 }
 
 impl Error {
+    /// The same error with a path under the directory `from` named under `to` instead: an
+    /// error met while writing a temporary directory names the file the user will look for
+    /// ([`crate::io::write_dir_atomic`]).
+    pub fn relocated(self, from: &Path, to: &Path) -> Self {
+        let moved = |p: PathBuf| match p.strip_prefix(from) {
+            Ok(rel) => to.join(rel),
+            Err(_) => p,
+        };
+        match self {
+            Error::Io { path, source } => Error::Io {
+                path: moved(path),
+                source,
+            },
+            Error::Checkpoint { path, message } => Error::Checkpoint {
+                path: moved(path),
+                message,
+            },
+            Error::Format { path, message } => Error::Format {
+                path: moved(path),
+                message,
+            },
+            Error::Config { path, message } => Error::Config {
+                path: moved(path),
+                message,
+            },
+            e => e,
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

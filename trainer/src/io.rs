@@ -48,6 +48,38 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Writes the checkpoint directory `dir` as a whole or not at all: `write` fills a temporary
+/// sibling directory, whose files are then renamed into `dir` (the directory itself when `dir`
+/// does not exist yet). On an error (a full disk, a bad tensor) the temporary directory is
+/// removed, `dir` keeps what it held before, and an I/O error names the file under `dir`, not
+/// the temporary one.
+///
+/// # Errors
+/// I/O errors, and whatever `write` returns.
+pub fn write_dir_atomic<T>(dir: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stage = dir.with_file_name(format!(".tmp-{}-{n}.d", std::process::id()));
+    std::fs::create_dir(&stage).map_err(|e| Error::io(dir, e))?;
+    let moved = write(&stage).and_then(|value| {
+        if !dir.exists() {
+            std::fs::rename(&stage, dir).map_err(|e| Error::io(dir, e))?;
+            return Ok(value);
+        }
+        for entry in std::fs::read_dir(&stage).map_err(|e| Error::io(dir, e))? {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let to = dir.join(entry.file_name());
+            std::fs::rename(entry.path(), &to).map_err(|e| Error::io(&to, e))?;
+        }
+        std::fs::remove_dir(&stage).map_err(|e| Error::io(dir, e))?;
+        Ok(value)
+    });
+    moved.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&stage);
+        e.relocated(&stage, dir)
+    })
+}
+
 /// Writes `rows` as JSON Lines (one value per line) to `path` atomically ([`write_atomic`]).
 ///
 /// # Errors

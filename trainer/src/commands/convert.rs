@@ -45,9 +45,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let mut pb: Option<indicatif::ProgressBar> = None;
-    let summary = crate::gguf::convert(&gguf, &out, dtype, &mut |done, total| {
-        pb.get_or_insert_with(|| progress(total as u64, "convert"))
-            .set_position(done as u64)
+    let summary = crate::io::write_dir_atomic(&out, |dir| {
+        crate::gguf::convert(&gguf, dir, dtype, &mut |done, total| {
+            pb.get_or_insert_with(|| progress(total as u64, "convert"))
+                .set_position(done as u64)
+        })
     })?;
     if let Some(pb) = pb {
         pb.finish_and_clear();

@@ -72,7 +72,9 @@ pub fn run(a: InitArgs) -> Result<()> {
     for p in prepare_output_dir(&out, overwrite)? {
         eprintln!("removed stale {}", p.display());
     }
-    let cfg = init_checkpoint(&out, arch_config(size, arch), &corpus, seed)?;
+    let cfg = crate::io::write_dir_atomic(&out, |dir| {
+        init_checkpoint(dir, arch_config(size, arch), &corpus, seed)
+    })?;
     eprintln!(
         "wrote {} ({} parameters, vocab {}, {} layers, hidden {})",
         out.display(),

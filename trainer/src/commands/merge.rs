@@ -58,7 +58,9 @@ pub fn run(a: MergeArgs) -> Result<()> {
     for p in crate::io::prepare_checkpoint_dir("--out", &out, overwrite)? {
         eprintln!("removed stale {}", p.display());
     }
-    let base = crate::lora::merge_adapter(&adapter, model.as_deref(), &out, dtype)?;
+    let base = crate::io::write_dir_atomic(&out, |dir| {
+        crate::lora::merge_adapter(&adapter, model.as_deref(), dir, dtype)
+    })?;
     eprintln!(
         "merged {} into {} → {}",
         adapter.display(),

@@ -161,8 +161,9 @@ pub struct MemoryOptions {
     /// Dropout on the LoRA adapters' inputs.
     #[arg(long)]
     pub lora_dropout: f64,
-    /// Adapted projections, comma-separated: q_proj, k_proj, v_proj, o_proj, gate_proj,
-    /// up_proj, down_proj, or all-linear.
+    /// Adapted modules, comma-separated, matched as PEFT matches a list: a projection name
+    /// (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) in every layer, a module
+    /// path (model.layers.0.self_attn.q_proj) alone, or all-linear.
     #[arg(long, value_delimiter = ',')]
     pub lora_target_modules: Vec<String>,
     /// Rank-stabilized LoRA (TRL's use_rslora): scale lora_alpha / √r.

@@ -279,8 +279,8 @@ fn an_eos_token_that_is_not_a_token_is_refused() {
     );
 }
 
-/// Weak result: past `ulimit -f` the run ends with a message naming the output, exit 1, and no
-/// temporary file left (before: killed by SIGXFSZ with no message).
+/// Weak result: past `ulimit -f` the run ends with a message naming the output, exit 1, and
+/// nothing left behind (before: killed by SIGXFSZ with no message).
 #[test]
 fn a_file_size_limit_is_an_error_naming_the_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -295,10 +295,10 @@ fn a_file_size_limit_is_an_error_naming_the_output() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{:?}\n{err}", o.status);
     assert!(err.contains(s(&out)) && err.contains("too large"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&out)
+    // Nothing is left: neither a temporary file or directory nor a checkpoint without weights.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".tmp"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
@@ -455,4 +455,86 @@ fn an_out_of_vocabulary_id_names_the_example_and_the_tokenizer() {
         ],
         &["example_prefs.jsonl:3: field `rejected`", "tokenizer.json", "50000"],
     );
+}
+
+/// A small tmpfs mounted in a temporary directory (unmounted on drop), or `None` where this
+/// process may not mount (not root): a full disk on demand.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Weak result: a full disk (ENOSPC) while a checkpoint directory is written names the output
+/// file, not a temporary one or an input, and leaves no partial checkpoint: `init` into a new
+/// directory leaves nothing, `init --overwrite` keeps the directory as it was (before: config,
+/// tokenizer and generation files of a checkpoint without weights were left behind); `logps`'s
+/// output is named and no temporary file is left.
+#[test]
+fn a_full_disk_names_the_output_and_leaves_no_partial_checkpoint() {
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let m = disk.path().join("m");
+    let e = refused(
+        &["init", "--size", "tiny", "--out", s(&m)],
+        &["m/model.safetensors", "No space left on device"],
+    );
+    assert!(!e.contains(".tmp-"), "a temporary path is named: {e}");
+    assert!(disk.entries().is_empty(), "left behind: {:?}", disk.entries());
+
+    let kept = disk.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::write(kept.join("notes.txt"), b"mine").unwrap();
+    refused(
+        &["init", "--size", "tiny", "--out", s(&kept), "--overwrite"],
+        &["kept/model.safetensors", "No space left on device"],
+    );
+    assert_eq!(disk.entries(), ["kept"]);
+    let files: Vec<_> = snapshot(&kept).into_keys().collect();
+    assert_eq!(files, ["notes.txt"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let Some(small) = SmallDisk::mount("8k") else {
+        return;
+    };
+    let out = small.path().join("logps.jsonl");
+    let e = refused(
+        &["logps", "--model", s(&model), "--data", s(&prefs()), "--out", s(&out)],
+        &["logps.jsonl", "No space left on device"],
+    );
+    assert!(!e.contains(".tmp-"), "a temporary path is named: {e}");
+    assert!(small.entries().is_empty(), "left behind: {:?}", small.entries());
 }
