@@ -521,6 +521,22 @@ fn a_footer_list_longer_than_the_footer_is_refused() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 
+/// The fuzzer's 409-byte file whose footer declares field 5 (`key_value_metadata`) a double:
+/// the `parquet` crate picks its reader by the field id, not the declared type, read a list
+/// header out of the double's bytes and reserved 10.5 GB for it (an allocation failure,
+/// which aborts the process). It is refused naming the file, the field and both types.
+#[test]
+fn a_footer_field_of_another_thrift_type_is_refused() {
+    let p = fixture("fuzz_parquet_kv_double_10gb.parquet");
+    let t = Instant::now();
+    let e = read_prefs(&p).unwrap_err();
+    assert!(
+        e.contains("fuzz_parquet_kv_double_10gb.parquet:0: not a readable Parquet file: the footer holds field 5 (key_value_metadata) of FileMetaData as Thrift type double, expected list<KeyValue>"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
 /// The fuzzer's 580-byte file whose column metadata holds a list of 234 881 023 booleans in a
 /// few bytes: the crate skips a list of booleans without reading a byte per element, 2³¹
 /// turns of a loop for a few bytes (14 s under the fuzzer's instrumentation). Refused naming
