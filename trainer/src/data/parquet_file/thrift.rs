@@ -306,7 +306,10 @@ fn wire_name(wire: u8) -> &'static str {
 use Ty::{Binary, Bool, Double, I16, I32, I64, I8};
 
 /// The union members that are empty structs (the crate reads their one stop byte).
-static EMPTY: Table = Table { name: "empty struct", fields: &[] };
+static EMPTY: Table = Table {
+    name: "empty struct",
+    fields: &[],
+};
 static FILE_META_DATA: Table = Table {
     name: "FileMetaData",
     fields: &[
@@ -428,11 +431,19 @@ static COLUMN_META_DATA: Table = Table {
         (10, "index_page_offset", I64),
         (11, "dictionary_page_offset", I64),
         (12, "statistics", Ty::Struct(&STATISTICS)),
-        (13, "encoding_stats", Ty::List(&Ty::Struct(&PAGE_ENCODING_STATS))),
+        (
+            13,
+            "encoding_stats",
+            Ty::List(&Ty::Struct(&PAGE_ENCODING_STATS)),
+        ),
         (14, "bloom_filter_offset", I64),
         (15, "bloom_filter_length", I32),
         (16, "size_statistics", Ty::Struct(&SIZE_STATISTICS)),
-        (17, "geospatial_statistics", Ty::Struct(&GEOSPATIAL_STATISTICS)),
+        (
+            17,
+            "geospatial_statistics",
+            Ty::Struct(&GEOSPATIAL_STATISTICS),
+        ),
     ],
 };
 /// Also the page header's `PageStatistics` (the same fields).
@@ -451,7 +462,11 @@ static STATISTICS: Table = Table {
 };
 static PAGE_ENCODING_STATS: Table = Table {
     name: "PageEncodingStats",
-    fields: &[(1, "page_type", I32), (2, "encoding", I32), (3, "count", I32)],
+    fields: &[
+        (1, "page_type", I32),
+        (2, "encoding", I32),
+        (3, "count", I32),
+    ],
 };
 static SIZE_STATISTICS: Table = Table {
     name: "SizeStatistics",
@@ -487,7 +502,11 @@ static KEY_VALUE: Table = Table {
 };
 static SORTING_COLUMN: Table = Table {
     name: "SortingColumn",
-    fields: &[(1, "column_idx", I32), (2, "descending", Bool), (3, "nulls_first", Bool)],
+    fields: &[
+        (1, "column_idx", I32),
+        (2, "descending", Bool),
+        (3, "nulls_first", Bool),
+    ],
 };
 static COLUMN_ORDER: Table = Table {
     name: "ColumnOrder",
@@ -502,7 +521,11 @@ static PAGE_HEADER: Table = Table {
         (4, "crc", I32),
         (5, "data_page_header", Ty::Struct(&DATA_PAGE_HEADER)),
         (6, "index_page_header", Ty::Struct(&INDEX_PAGE_HEADER)),
-        (7, "dictionary_page_header", Ty::Struct(&DICTIONARY_PAGE_HEADER)),
+        (
+            7,
+            "dictionary_page_header",
+            Ty::Struct(&DICTIONARY_PAGE_HEADER),
+        ),
         (8, "data_page_header_v2", Ty::Struct(&DATA_PAGE_HEADER_V2)),
     ],
 };
@@ -516,10 +539,17 @@ static DATA_PAGE_HEADER: Table = Table {
         (5, "statistics", Ty::Struct(&STATISTICS)),
     ],
 };
-static INDEX_PAGE_HEADER: Table = Table { name: "IndexPageHeader", fields: &[] };
+static INDEX_PAGE_HEADER: Table = Table {
+    name: "IndexPageHeader",
+    fields: &[],
+};
 static DICTIONARY_PAGE_HEADER: Table = Table {
     name: "DictionaryPageHeader",
-    fields: &[(1, "num_values", I32), (2, "encoding", I32), (3, "is_sorted", Bool)],
+    fields: &[
+        (1, "num_values", I32),
+        (2, "encoding", I32),
+        (3, "is_sorted", Bool),
+    ],
 };
 static DATA_PAGE_HEADER_V2: Table = Table {
     name: "DataPageHeaderV2",
@@ -653,9 +683,13 @@ pub(super) fn page_header(buf: &[u8], avail: u64) -> Walked<PageHeader> {
                 _ => {}
             }
         } else if id == 1
-            && [&DATA_PAGE_HEADER, &DICTIONARY_PAGE_HEADER, &DATA_PAGE_HEADER_V2]
-                .iter()
-                .any(|s| std::ptr::eq(t, *s))
+            && [
+                &DATA_PAGE_HEADER,
+                &DICTIONARY_PAGE_HEADER,
+                &DATA_PAGE_HEADER_V2,
+            ]
+            .iter()
+            .any(|s| std::ptr::eq(t, *s))
         {
             h.num_values = v;
         }
@@ -836,7 +870,9 @@ mod tests {
         };
         let e = check_footer(&column(&[0x18, 1, b'x'])).unwrap_err();
         assert!(
-            e.contains("field 2 (encodings) of ColumnMetaData as a list of binary, expected list<i32>"),
+            e.contains(
+                "field 2 (encodings) of ColumnMetaData as a list of binary, expected list<i32>"
+            ),
             "{e}"
         );
         assert_eq!(check_footer(&column(&[0x25, 0, 6])), Ok(()));
@@ -845,6 +881,9 @@ mod tests {
         assert_eq!(check_footer(&column(&[0x08])), Ok(()));
         // A list of booleans where structs are read, counted first.
         let e = check_footer(&[0x59, 0x21, 1, 0]).unwrap_err();
-        assert!(e.contains("as a list of bool, expected list<KeyValue>"), "{e}");
+        assert!(
+            e.contains("as a list of bool, expected list<KeyValue>"),
+            "{e}"
+        );
     }
 }
