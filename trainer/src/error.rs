@@ -323,30 +323,17 @@ impl Error {
     /// The same error with a path under the directory `from` named under `to` instead: an
     /// error met while writing a temporary directory names the file the user will look for
     /// ([`crate::io::write_dir_atomic`]).
-    pub fn relocated(self, from: &Path, to: &Path) -> Self {
-        let moved = |p: PathBuf| match p.strip_prefix(from) {
-            Ok(rel) => to.join(rel),
-            Err(_) => p,
-        };
-        match self {
-            Error::Io { path, source } => Error::Io {
-                path: moved(path),
-                source,
-            },
-            Error::Checkpoint { path, message } => Error::Checkpoint {
-                path: moved(path),
-                message,
-            },
-            Error::Format { path, message } => Error::Format {
-                path: moved(path),
-                message,
-            },
-            Error::Config { path, message } => Error::Config {
-                path: moved(path),
-                message,
-            },
-            e => e,
+    pub fn relocated(mut self, from: &Path, to: &Path) -> Self {
+        if let Error::Io { path, .. }
+        | Error::Checkpoint { path, .. }
+        | Error::Format { path, .. }
+        | Error::Config { path, .. } = &mut self
+        {
+            if let Ok(rel) = path.strip_prefix(from) {
+                *path = to.join(rel);
+            }
         }
+        self
     }
 
     /// Wraps an I/O error with the path it concerns.
