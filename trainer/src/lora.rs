@@ -291,7 +291,8 @@ impl LoraConfig {
             Targets::Regex(p, _) => {
                 let other = OTHER_MODULES.iter().flat_map(|m| {
                     let per_layer = m.contains("{}");
-                    (0..if per_layer { layers } else { 1 }).map(move |l| m.replace("{}", &l.to_string()))
+                    (0..if per_layer { layers } else { 1 })
+                        .map(move |l| m.replace("{}", &l.to_string()))
                 });
                 for m in other {
                     if self.matches(&m) {
@@ -595,7 +596,10 @@ pub fn refuse_adapter_as_model(dir: &Path) -> Result<()> {
         })
         .filter(|b| !b.is_empty());
     let pass = match base {
-        Some(b) => format!("pass its base model ({b}, base_model_name_or_path in {})", cfg.display()),
+        Some(b) => format!(
+            "pass its base model ({b}, base_model_name_or_path in {})",
+            cfg.display()
+        ),
         None => "pass its base model".to_string(),
     };
     Err(Error::InvalidArgument(format!(

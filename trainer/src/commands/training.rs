@@ -354,7 +354,11 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
             .iter()
             .map(|x| {
                 let (c, j) = (max_id(&x.chosen.ids), max_id(&x.rejected.ids));
-                if c >= j { (c, "chosen") } else { (j, "rejected") }
+                if c >= j {
+                    (c, "chosen")
+                } else {
+                    (j, "rejected")
+                }
             })
             .collect(),
         crate::train::Examples::Sft(v) => v.iter().map(|x| (max_id(&x.ids), "text")).collect(),

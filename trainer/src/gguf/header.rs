@@ -414,7 +414,7 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Conten
     // length, n_dims, a type and an offset.
     let need = n_kv
         .checked_mul(h.len_size() + 5)
-        .and_then(|a| Some(a.checked_add(n_tensors.checked_mul(h.len_size() + 16)?)?));
+        .and_then(|a| a.checked_add(n_tensors.checked_mul(h.len_size() + 16)?));
     match need {
         Some(need) if need <= h.remaining() => {}
         _ => {

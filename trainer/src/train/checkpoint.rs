@@ -248,13 +248,20 @@ pub fn verify_checksums(dir: &Path) -> Result<bool> {
         }
     }
     present.sort();
-    if let Some(n) = present.iter().find(|n| !listed.iter().any(|(_, l)| l == *n)) {
+    if let Some(n) = present
+        .iter()
+        .find(|n| !listed.iter().any(|(_, l)| l == *n))
+    {
         return Err(Error::Checkpoint {
             path: manifest,
             message: format!(
                 "does not list {n}{}: a checkpoint's checksum file lists all its files, so \
                  this one cannot vouch for them; resume from another checkpoint",
-                if listed.is_empty() { " (it is empty)" } else { "" }
+                if listed.is_empty() {
+                    " (it is empty)"
+                } else {
+                    ""
+                }
             ),
         });
     }

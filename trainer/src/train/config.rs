@@ -200,13 +200,14 @@ impl MemoryOptions {
     /// The first of the `given` option names (TOML keys) that is a LoRA option while
     /// `use_peft` is off: it would be ignored, which is an error (as an objective option that
     /// the objective does not read).
-    pub fn ignored_lora_option<'a>(&self, given: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    pub fn ignored_lora_option<'a>(
+        &self,
+        given: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
         if self.use_peft {
             return None;
         }
-        given
-            .into_iter()
-            .find(|k| Self::LORA_OPTIONS.contains(k))
+        given.into_iter().find(|k| Self::LORA_OPTIONS.contains(k))
     }
 
     /// The LoRA configuration when `use_peft` is set.
@@ -529,7 +530,8 @@ pub fn merge_tables(
             .map(String::as_str)
             .filter(|k| on || defaults.get(*k) != file_table.get(*k));
         if let Some(k) = cfg.memory.ignored_lora_option(set) {
-            let why = "a LoRA option is read only with use_peft (--use-peft); add it or drop this option";
+            let why =
+                "a LoRA option is read only with use_peft (--use-peft); add it or drop this option";
             return Err(Error::Options(match (on, path) {
                 (true, _) => format!("--{} {}: {why}", k.replace('_', "-"), as_typed(&cli[k])),
                 (false, Some(p)) => format!("{}: {k} = {}: {why}", p.display(), file_table[k]),

@@ -108,7 +108,10 @@ fn merge_into_a_non_empty_dir_is_refused() {
         &dir.path().join("adapter"),
         &base,
         serde_json::json!(["q_proj"]),
-        &["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"],
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.1.self_attn.q_proj",
+        ],
     );
     let other = dir.path().join("other");
     init_checkpoint(
@@ -120,7 +123,15 @@ fn merge_into_a_non_empty_dir_is_refused() {
     .unwrap();
     let before = snapshot(&other);
     refused(
-        &["merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&other)],
+        &[
+            "merge",
+            "--adapter",
+            s(&adapter),
+            "--model",
+            s(&base),
+            "--out",
+            s(&other),
+        ],
         &["--out", "is not empty", "--overwrite"],
     );
     assert_eq!(snapshot(&other), before);
@@ -140,22 +151,49 @@ fn merge_onto_its_own_base_is_refused() {
         &["model.layers.0.self_attn.q_proj"],
     );
     let before = snapshot(&base);
-    let args = ["merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&base)];
+    let args = [
+        "merge",
+        "--adapter",
+        s(&adapter),
+        "--model",
+        s(&base),
+        "--out",
+        s(&base),
+    ];
     refused(&args, &["--out", "--model", "replace"]);
     let mut with = args.to_vec();
     with.push("--overwrite");
     refused(&with, &["--out", "--model", "replace"]);
     refused(
-        &["merge", "--adapter", s(&adapter), "--out", s(&base), "--overwrite"],
+        &[
+            "merge",
+            "--adapter",
+            s(&adapter),
+            "--out",
+            s(&base),
+            "--overwrite",
+        ],
         &["--out", "base_model_name_or_path", "replace"],
     );
     refused(
-        &["merge", "--adapter", s(&adapter), "--model", s(&base), "--out", s(&adapter), "--overwrite"],
+        &[
+            "merge",
+            "--adapter",
+            s(&adapter),
+            "--model",
+            s(&base),
+            "--out",
+            s(&adapter),
+            "--overwrite",
+        ],
         &["--out", "--adapter", "replace"],
     );
     assert_eq!(snapshot(&base), before);
     // And `init`'s refusal is the same check: a non-empty --out without --overwrite.
-    refused(&["init", "--out", s(&base)], &["--out", "is not empty", "--overwrite"]);
+    refused(
+        &["init", "--out", s(&base)],
+        &["--out", "is not empty", "--overwrite"],
+    );
     assert_eq!(snapshot(&base), before);
 }
 
@@ -256,7 +294,13 @@ fn a_peft_adapter_for_one_layer_merges() {
         &["model.layers.0.self_attn.q_proj"],
     );
     refused(
-        &["merge", "--adapter", s(&adapter), "--out", s(&dir.path().join("bad"))],
+        &[
+            "merge",
+            "--adapter",
+            s(&adapter),
+            "--out",
+            s(&dir.path().join("bad")),
+        ],
         &["adapter_config.json", "target_modules", "not a projection"],
     );
 }
@@ -274,8 +318,20 @@ fn an_eos_token_that_is_not_a_token_is_refused() {
     cfg["eos_token"] = "<|not-a-token-at-all|>".into();
     std::fs::write(&tc, cfg.to_string()).unwrap();
     refused(
-        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&dir.path().join("lp.jsonl"))],
-        &["tokenizer_config.json", "eos_token", "<|not-a-token-at-all|>"],
+        &[
+            "logps",
+            "--model",
+            s(&base),
+            "--data",
+            s(&prefs()),
+            "--out",
+            s(&dir.path().join("lp.jsonl")),
+        ],
+        &[
+            "tokenizer_config.json",
+            "eos_token",
+            "<|not-a-token-at-all|>",
+        ],
     );
 }
 
@@ -315,13 +371,32 @@ fn symlink_and_device_outputs_are_refused() {
     let link = dir.path().join("link.jsonl");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     refused(
-        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&link)],
+        &[
+            "logps",
+            "--model",
+            s(&base),
+            "--data",
+            s(&prefs()),
+            "--out",
+            s(&link),
+        ],
         &["--out", s(&link), "symbolic link"],
     );
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep\n");
     refused(
-        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", "/dev/full"],
+        &[
+            "logps",
+            "--model",
+            s(&base),
+            "--data",
+            s(&prefs()),
+            "--out",
+            "/dev/full",
+        ],
         &["--out /dev/full", "not a regular file"],
     );
 }
@@ -334,11 +409,27 @@ fn long_output_names_work_up_to_name_max() {
     let dir = tempfile::tempdir().unwrap();
     let base = tiny_model(dir.path());
     let long = dir.path().join(format!("{}.jsonl", "a".repeat(244)));
-    ok(&["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&long)]);
+    ok(&[
+        "logps",
+        "--model",
+        s(&base),
+        "--data",
+        s(&prefs()),
+        "--out",
+        s(&long),
+    ]);
     assert!(long.is_file());
     let longer = dir.path().join(format!("{}.jsonl", "a".repeat(250)));
     refused(
-        &["logps", "--model", s(&base), "--data", s(&prefs()), "--out", s(&longer)],
+        &[
+            "logps",
+            "--model",
+            s(&base),
+            "--data",
+            s(&prefs()),
+            "--out",
+            s(&longer),
+        ],
         &["--out", "longer than the 255"],
     );
 }
@@ -424,7 +515,15 @@ fn an_adapter_given_as_model_names_its_base() {
         &["model.layers.0.self_attn.q_proj"],
     );
     refused(
-        &["logps", "--model", s(&adapter), "--data", s(&prefs()), "--out", s(&dir.path().join("lp.jsonl"))],
+        &[
+            "logps",
+            "--model",
+            s(&adapter),
+            "--data",
+            s(&prefs()),
+            "--out",
+            s(&dir.path().join("lp.jsonl")),
+        ],
         &["PEFT adapter", s(&base), "--model", "merge"],
     );
 }
@@ -453,7 +552,11 @@ fn an_out_of_vocabulary_id_names_the_example_and_the_tokenizer() {
             "--max-steps",
             "1",
         ],
-        &["example_prefs.jsonl:3: field `rejected`", "tokenizer.json", "50000"],
+        &[
+            "example_prefs.jsonl:3: field `rejected`",
+            "tokenizer.json",
+            "50000",
+        ],
     );
 }
 
@@ -492,7 +595,9 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -512,7 +617,11 @@ fn a_full_disk_names_the_output_and_leaves_no_partial_checkpoint() {
         &["m/model.safetensors", "No space left on device"],
     );
     assert!(!e.contains(".tmp-"), "a temporary path is named: {e}");
-    assert!(disk.entries().is_empty(), "left behind: {:?}", disk.entries());
+    assert!(
+        disk.entries().is_empty(),
+        "left behind: {:?}",
+        disk.entries()
+    );
 
     let kept = disk.path().join("kept");
     std::fs::create_dir(&kept).unwrap();
@@ -532,9 +641,21 @@ fn a_full_disk_names_the_output_and_leaves_no_partial_checkpoint() {
     };
     let out = small.path().join("logps.jsonl");
     let e = refused(
-        &["logps", "--model", s(&model), "--data", s(&prefs()), "--out", s(&out)],
+        &[
+            "logps",
+            "--model",
+            s(&model),
+            "--data",
+            s(&prefs()),
+            "--out",
+            s(&out),
+        ],
         &["logps.jsonl", "No space left on device"],
     );
     assert!(!e.contains(".tmp-"), "a temporary path is named: {e}");
-    assert!(small.entries().is_empty(), "left behind: {:?}", small.entries());
+    assert!(
+        small.entries().is_empty(),
+        "left behind: {:?}",
+        small.entries()
+    );
 }
