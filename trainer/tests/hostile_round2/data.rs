@@ -640,3 +640,25 @@ fn a_page_header_list_of_booleans_is_refused_without_walking_it() {
     );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
+
+/// Class 1 (fuzz finding slow-unit-5cb9ca2f, 438 bytes): lists of booleans the walk read out
+/// of step with the crate (a boolean list element is one byte on the wire, none in the crate's
+/// skip) let the crate loop for two minutes on the file; refused at once, naming the file.
+#[test]
+fn boolean_lists_read_out_of_step_are_refused_at_once() {
+    // Read as the fuzz target reads it: the bytes as Parquet (the file does not start with
+    // the magic, so `--data` would sniff it as JSON Lines).
+    let p = fixture("fuzz_parquet_nested_bool_lists_slow.parquet");
+    let bytes = std::fs::read(&p).unwrap();
+    let t = Instant::now();
+    let e = difinfo_trainer::data::read_parquet_bytes(&bytes, &p, false, parse_preference_line)
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fuzz_parquet_nested_bool_lists_slow.parquet:0: not a readable Parquet file"),
+        "{e}"
+    );
+    eprintln!("{e}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}

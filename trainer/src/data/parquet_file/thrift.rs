@@ -49,7 +49,16 @@ pub(super) struct Walk<'a> {
     /// The bytes of the stream from `buf`'s start (`buf` may be a window of it): what
     /// counts are checked against.
     avail: u64,
+    /// Boolean list elements walked so far: the crate skips them without reading a byte, so
+    /// they are bounded by count ([`MAX_BOOLEAN_ELEMENTS`]) rather than by bytes.
+    booleans: u64,
 }
+
+/// The most boolean list elements one walk accepts. The crate's skip reads none of their
+/// bytes (a boolean list element is one byte on the wire, but its skip takes the field rule:
+/// no payload), so nested lists of booleans are turns of a loop that no byte count bounds;
+/// Parquet's own structs hold no list of booleans.
+const MAX_BOOLEAN_ELEMENTS: u64 = 1 << 20;
 
 /// Called for each field of a struct with the walk (at the field's value), the field id, its
 /// type and the depth of the value; returns whether it consumed the value (`false`: the walk
@@ -65,7 +74,12 @@ impl<'a> Walk<'a> {
     /// A walk over `buf`, the first bytes of a stream of `avail` bytes: counts are checked
     /// against the stream, and reading past `buf` is [`Fault::Eof`].
     pub fn window(buf: &'a [u8], avail: u64) -> Self {
-        Walk { buf, pos: 0, avail }
+        Walk {
+            buf,
+            pos: 0,
+            avail,
+            booleans: 0,
+        }
     }
 
     /// Bytes consumed so far.
@@ -165,10 +179,22 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// A container element: a boolean takes one byte there.
+    /// A container element. A boolean is one byte on the wire, but the crate's skip reads
+    /// none (it takes the field rule), and the walk must stay where the crate is: it reads
+    /// none either and counts the element against [`MAX_BOOLEAN_ELEMENTS`] (found by the
+    /// fuzz campaign: lists of booleans, read out of step, made the crate loop for minutes on
+    /// a 438-byte file).
     fn element(&mut self, ty: u8, depth: usize) -> Walked<()> {
         match ty {
-            1 | 2 => self.byte().map(drop),
+            1 | 2 => {
+                self.booleans += 1;
+                if self.booleans > MAX_BOOLEAN_ELEMENTS {
+                    return Err(Fault::Bad(format!(
+                        "more than {MAX_BOOLEAN_ELEMENTS} boolean list elements"
+                    )));
+                }
+                Ok(())
+            }
             _ => self.value(ty, depth),
         }
     }
@@ -757,9 +783,28 @@ mod tests {
         assert_eq!(check_footer(&list_of(2, &[2, 4])), Ok(()));
         let e = check_footer(&list_of(230_686_719, &[2, 4])).unwrap_err();
         assert!(e.contains("a list of 230686719 elements in 3 bytes"), "{e}");
-        // Booleans in a list: one byte each, not the field encoding's none.
+        // Booleans in a list: counted against the bytes left all the same.
         let e = check_footer(&[0x29, 0xf1, 0xff, 0xff, 0xff, 0x6f, 0]).unwrap_err();
         assert!(e.contains("a list of 234881023 elements in 1 bytes"), "{e}");
+    }
+
+    /// The crate skips a list of booleans without reading their bytes; the walk keeps in step
+    /// with it (a list of two booleans, then field 6 as a string, then the stop byte), and
+    /// bounds their number (fuzz artifact slow-unit-5cb9ca2f: 2 minutes on 438 bytes).
+    #[test]
+    fn boolean_list_elements_are_read_as_the_crate_skips_them() {
+        assert_eq!(
+            check_footer(&[0xf9, 0x21, 0x08, 12, 2, b'a', b'b', 0]),
+            Ok(())
+        );
+        // 1,000 lists of 2,000 booleans each: 2M turns of the crate's loop in 3 kB.
+        let mut b = vec![0xf9, 0xf9, 0xe8, 0x07];
+        for _ in 0..1000 {
+            b.extend([0xf1, 0xd0, 0x0f]);
+        }
+        b.extend(std::iter::repeat_n(0u8, 2100));
+        let e = check_footer(&b).unwrap_err();
+        assert!(e.contains("more than 1048576 boolean list elements"), "{e}");
     }
 
     #[test]
