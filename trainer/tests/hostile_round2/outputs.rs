@@ -66,18 +66,8 @@ fn peft_adapter(
 /// Whether tensor `name` differs between two safetensors files.
 fn differs(a: &Path, b: &Path, name: &str) -> bool {
     let (x, y) = (&tensors(a)[name], &tensors(b)[name]);
-    let d = (x.to_dtype(candle_core::DType::F32).unwrap()
-        - y.to_dtype(candle_core::DType::F32).unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .flatten_all()
-    .unwrap()
-    .max(0)
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
-    d > 0.0
+    let f64 = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+    crate::common::max_abs(&(f64(x) - f64(y)).unwrap()) > 0.0
 }
 
 /// Class 3: `convert` into a non-empty directory is refused before any work, naming `--out`
