@@ -16,16 +16,15 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// Normalized SIR log-weights `log w_i = β (log π_ref(y_i) − log π*(y_i)) − lse(…)`.
+/// Normalized SIR log-weights `log w_i = log π_l(y_i) − log π_ref(y_i) − lse(…)`, with `π_l`
+/// Eq. 1's ideal rejected distribution computed by the library
+/// ([`difinfo::rejected::ideal_rejected`]) on the candidates: `π_ref` and `π*` restricted to
+/// them (their normalizers cancel), so `log w_i = β (log π_ref(y_i) − log π*(y_i)) − lse(…)`.
 ///
 /// # Errors
-/// No candidates, a length mismatch, a non-finite log-probability, `β ≤ 0`.
+/// No candidates, a length mismatch, a non-finite log-probability, `β` not finite and
+/// positive (the library's check).
 pub fn sir_log_weights(ref_logps: &[f64], target_logps: &[f64], beta: f64) -> Result<Vec<f64>> {
-    if !(beta > 0.0 && beta.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "--beta must be finite and > 0, got {beta}"
-        )));
-    }
     if ref_logps.len() != target_logps.len() {
         return Err(Error::InvalidArgument(format!(
             "{} reference log-probs against {} target log-probs",
@@ -33,13 +32,17 @@ pub fn sir_log_weights(ref_logps: &[f64], target_logps: &[f64], beta: f64) -> Re
             target_logps.len()
         )));
     }
-    let raw: Vec<f64> = ref_logps
+    let weights = |e: difinfo::Error| Error::InvalidArgument(format!("importance weights: {e}"));
+    let pi_ref = difinfo::Policy::from_logits(ref_logps).map_err(weights)?;
+    let pi_star = difinfo::Policy::from_logits(target_logps).map_err(weights)?;
+    let pi_l = difinfo::rejected::ideal_rejected(&pi_ref, &pi_star, beta).map_err(weights)?;
+    let log_ratio: Vec<f64> = pi_l
+        .log_probs()
         .iter()
-        .zip(target_logps)
-        .map(|(r, t)| beta * (r - t))
+        .zip(pi_ref.log_probs())
+        .map(|(l, r)| l - r)
         .collect();
-    let w = difinfo::Policy::from_logits(&raw)
-        .map_err(|e| Error::InvalidArgument(format!("importance weights: {e}")))?;
+    let w = difinfo::Policy::from_logits(&log_ratio).map_err(weights)?;
     Ok(w.log_probs().to_vec())
 }
 
