@@ -9,8 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::difinfo_train as run;
-use difinfo_trainer::config::Architecture;
-use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
+use common::tiny_model;
 
 /// Runs a command that must fail cleanly (exit 1, or clap's 2 for a value that does not
 /// parse; no panic) and returns its stderr.
@@ -50,18 +49,6 @@ fn prefs() -> PathBuf {
 
 fn prompts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prompts.jsonl")
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    init_checkpoint(
-        &m,
-        arch_config(ModelSize::Tiny, Architecture::Llama),
-        BUILTIN_CORPUS,
-        0,
-    )
-    .unwrap();
-    m
 }
 
 /// A copy of `src` at `dst`.

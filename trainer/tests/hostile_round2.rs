@@ -20,6 +20,7 @@ mod sizes;
 use std::path::{Path, PathBuf};
 
 use common::difinfo_train as run;
+pub use common::tiny_model;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
 
@@ -66,17 +67,4 @@ pub fn prefs() -> PathBuf {
 /// The repository's small prompt file (JSONL).
 pub fn prompts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prompts.jsonl")
-}
-
-/// A tiny random Llama checkpoint in `dir/model`.
-pub fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    init_checkpoint(
-        &m,
-        arch_config(ModelSize::Tiny, Architecture::Llama),
-        BUILTIN_CORPUS,
-        0,
-    )
-    .unwrap();
-    m
 }

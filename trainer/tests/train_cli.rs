@@ -7,23 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::difinfo_train as run;
-use difinfo_trainer::config::Architecture;
-use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
+use common::tiny_model;
 
 fn prefs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl")
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let m = dir.join("model");
-    init_checkpoint(
-        &m,
-        arch_config(ModelSize::Tiny, Architecture::Llama),
-        BUILTIN_CORPUS,
-        0,
-    )
-    .unwrap();
-    m
 }
 
 /// SFT data (`prompt`, `completion`) from the preference file's chosen answers.

@@ -195,3 +195,16 @@ pub fn difinfo_train(args: &[&str]) -> std::process::Output {
     );
     o
 }
+
+/// A tiny random Llama checkpoint (seed 0) in `dir/model`.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    init_checkpoint(
+        &m,
+        difinfo_trainer::init::arch_config(ModelSize::Tiny, Architecture::Llama),
+        BUILTIN_CORPUS,
+        0,
+    )
+    .unwrap();
+    m
+}
