@@ -76,6 +76,13 @@ impl PartialEq for Targets {
     }
 }
 
+/// PEFT's rule for one entry of a `target_modules` list: the module's full name equals it or
+/// ends with `.` + it (`q_proj` matches `model.layers.0.self_attn.q_proj`).
+fn entry_matches(name: &str, entry: &str) -> bool {
+    name.strip_suffix(entry)
+        .is_some_and(|head| head.is_empty() || head.ends_with('.'))
+}
+
 /// The full module name of projection `j` (an index of [`PROJECTIONS`]) of layer `layer`.
 fn module_name(layer: usize, j: usize) -> String {
     format!("model.layers.{layer}.{}", PROJECTIONS[j].1)
@@ -141,7 +148,7 @@ impl LoraConfig {
             let known = name == ALL_LINEAR
                 || PROJECTIONS
                     .iter()
-                    .any(|(short, _)| name == short || name.ends_with(&format!(".{short}")));
+                    .any(|(short, _)| entry_matches(name, short));
             if !known {
                 return Err(Error::InvalidArgument(format!(
                     "unknown LoRA target module `{name}`; expected {} (or a module path ending \
@@ -254,9 +261,7 @@ impl LoraConfig {
     fn matches(&self, name: &str) -> bool {
         match &self.targets {
             Targets::AllLinear => true,
-            Targets::List(v) => v
-                .iter()
-                .any(|t| name == t || name.ends_with(&format!(".{t}"))),
+            Targets::List(v) => v.iter().any(|t| entry_matches(name, t)),
             Targets::Regex(_, re) => re.is_match(name),
         }
     }
@@ -276,11 +281,7 @@ impl LoraConfig {
             Targets::AllLinear => Ok(()),
             Targets::List(v) => {
                 for t in v {
-                    let one = LoraConfig {
-                        targets: Targets::List(vec![t.clone()]),
-                        ..self.clone()
-                    };
-                    if !all().any(|(l, j)| one.targets(l, j)) {
+                    if !all().any(|(l, j)| entry_matches(&module_name(l, j), t)) {
                         return Err(Error::InvalidArgument(format!(
                             "LoRA target module `{t}` matches no module ({hint})"
                         )));
