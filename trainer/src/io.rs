@@ -85,13 +85,24 @@ pub fn write_dir_atomic<T>(dir: &Path, write: impl FnOnce(&Path) -> Result<T>) -
 /// # Errors
 /// I/O errors.
 pub fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
+    write_jsonl_from(path, |emit| rows.into_iter().try_for_each(|r| emit(&r)))
+}
+
+/// Writes JSON Lines to `path` atomically ([`write_atomic`]) as `fill` produces them, one
+/// `emit(row)` a line: rows reach the (temporary) file as they are made, so memory holds none
+/// of them, and an error of `fill` leaves `path` as it was.
+///
+/// # Errors
+/// I/O errors, and whatever `fill` returns.
+pub fn write_jsonl_from(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn FnMut(&serde_json::Value) -> Result<()>) -> Result<()>,
+) -> Result<()> {
     use std::io::Write;
     write_atomic(path, |tmp| {
         let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         let mut w = std::io::BufWriter::new(f);
-        for r in rows {
-            writeln!(w, "{r}").map_err(|e| Error::io(tmp, e))?;
-        }
+        fill(&mut |r| writeln!(w, "{r}").map_err(|e| Error::io(tmp, e)))?;
         w.flush().map_err(|e| Error::io(tmp, e))
     })
 }

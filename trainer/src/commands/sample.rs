@@ -1,6 +1,5 @@
 //! `difinfo-train sample`: its options ([`SampleArgs`]) and its run.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use rand::SeedableRng;
@@ -12,7 +11,7 @@ use crate::commands::shared::{
 };
 use crate::data::InvalidRecords;
 use crate::generate::{check_sampling_options, generate, SamplingParams};
-use crate::io::write_atomic;
+use crate::io::write_jsonl_from;
 use crate::{Error, Result};
 
 /// Sample completions of prompts, with their summed log-probs under the model.
@@ -96,15 +95,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
     // Each prompt's rows go to the (temporary) output as they are drawn: memory holds one
     // prompt's samples, never the whole file's.
     let mut count = 0usize;
-    write_atomic(&out, |tmp| {
-        let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-        let mut w = std::io::BufWriter::new(f);
+    write_jsonl_from(&out, |emit| {
         for ex in &ds.examples {
             let (p, ids) = &ex.value;
             let samples = generate(&m, ids, n, &params, bundle.stop_ids(), &mut rng)
                 .map_err(|e| at_prompt(&prompts, ex.line, e))?;
             for (k, s) in samples.into_iter().enumerate() {
-                let row = json!({
+                emit(&json!({
                     "line": ex.line,
                     "sample": k,
                     "prompt": p.prompt.to_json(),
@@ -113,13 +110,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
                     "completion_ids": s.completion_ids,
                     "logp": s.logp,
                     "finished": s.finished,
-                });
-                writeln!(w, "{row}").map_err(|e| Error::io(tmp, e))?;
+                }))?;
                 count += 1;
             }
             pb.inc(1);
         }
-        w.flush().map_err(|e| Error::io(tmp, e))
+        Ok(())
     })?;
     pb.finish_and_clear();
     eprintln!("wrote {count} samples to {}", out.display());
