@@ -86,7 +86,8 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     let written = write_checkpoint_files(&tmp, model, optimizer, state, config);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        // Name the checkpoint's file, not the temporary directory's (the outputs' rule).
+        return Err(e.relocated(&tmp, &fin));
     }
     if fin.exists() {
         std::fs::remove_dir_all(&fin).map_err(|e| Error::io(&fin, e))?;
