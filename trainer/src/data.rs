@@ -490,7 +490,7 @@ impl Opened {
         if meta.is_file() {
             return parquet_file::read_parquet(self.file, meta.len(), path, first, on_row);
         }
-        let limit = crate::model::physical_memory().map_or(u64::MAX, |m| (m / 4) as u64);
+        let limit = crate::memory::physical_memory().map_or(u64::MAX, |m| (m / 4) as u64);
         let mut bytes = Vec::new();
         self.reader()
             .take(limit.saturating_add(1))
@@ -505,7 +505,7 @@ impl Opened {
                     "a Parquet file that is not a regular file (a pipe) is read into memory, \
                      and this one is larger than {} (a quarter of this machine's memory); \
                      save it to a file and pass that",
-                    crate::model::format_bytes(u128::from(limit))
+                    crate::units::format_bytes(u128::from(limit))
                 ),
             }
             .into());

@@ -106,8 +106,8 @@ pub enum Error {
     /// A computation would need more memory than the machine has: refused before allocating.
     #[error(
         "{what} needs at least {} of memory ({detail}), more than this machine's {}",
-        crate::model::format_bytes(*bytes),
-        crate::model::format_bytes(*limit)
+        crate::units::format_bytes(*bytes),
+        crate::units::format_bytes(*limit)
     )]
     TooLarge {
         /// What was asked for.

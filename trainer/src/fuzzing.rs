@@ -46,12 +46,12 @@ pub fn chat_template(data: &[u8]) {
 }
 
 /// A safetensors file as the resume and load paths read one: every tensor
-/// ([`crate::checkpoint::parse_safetensors`], as for model weights), and an optimizer state
+/// ([`crate::safetensors::parse_safetensors`], as for model weights), and an optimizer state
 /// for two small variables under AdamW and RMSprop ([`crate::train::Optimizer::from_bytes`]).
 pub fn safetensors_file(data: &[u8]) {
     use crate::train::{Optimizer, OptimizerConfig, OptimizerKind};
     let p = Path::new("<fuzz>");
-    let _ = crate::checkpoint::parse_safetensors(data, p);
+    let _ = crate::safetensors::parse_safetensors(data, p);
     let dev = candle_core::Device::Cpu;
     let Ok(a) = candle_core::Var::zeros((2, 3), candle_core::DType::F32, &dev) else {
         return;

@@ -212,7 +212,7 @@ pub fn generate_memory(
 }
 
 /// Refuses a [`generate`] call whose [`generate_memory`] exceeds the machine's memory, before
-/// anything of that size is allocated ([`crate::model::check_memory`]).
+/// anything of that size is allocated ([`crate::memory::check_memory`]).
 ///
 /// # Errors
 /// [`Error::TooLarge`].
@@ -223,7 +223,7 @@ pub fn check_generate_size(
     max_new_tokens: usize,
 ) -> Result<()> {
     let (bytes, detail) = generate_memory(model, n, prompt_len, max_new_tokens);
-    crate::model::check_memory(
+    crate::memory::check_memory(
         || {
             format!(
                 "generating {n} sample(s) of a {prompt_len}-token prompt with up to \

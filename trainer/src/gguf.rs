@@ -32,7 +32,7 @@ use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::checkpoint::torch_dtype_name;
+use crate::dtype::torch_dtype_name;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::io::write_json;
@@ -828,7 +828,7 @@ pub fn import<R: Read + Seek>(
         }
         let t = read_tensor(&content, reader, name, path)?;
         // A NaN or infinite weight makes every log-prob NaN: refused as a checkpoint's is.
-        crate::checkpoint::check_finite(name, &t, path)?;
+        crate::safetensors::check_finite(name, &t, path)?;
         let t = match perm {
             Some(h) => unpermute_from_gguf(&t, h).map_err(|e| terr(e.to_string()))?,
             None => t,
@@ -1260,8 +1260,8 @@ pub fn write_checkpoint(imported: &Imported, out: &Path, dtype: DType) -> Result
         .iter()
         .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
-    crate::checkpoint::write_safetensors(
-        &out.join(crate::checkpoint::WEIGHTS_FILE),
+    crate::safetensors::write_safetensors(
+        &out.join(crate::hf_dir::WEIGHTS_FILE),
         cast.iter().map(|(k, v)| (k.as_str(), v)),
     )
 }
@@ -1327,7 +1327,7 @@ fn source_record(path: &Path, fresh: bool) -> Result<Value> {
     let sha = match known {
         Some(h) => h,
         None => {
-            let h = crate::train::checkpoint::sha256_file(path)?;
+            let h = crate::io::sha256_file(path)?;
             if let (Ok(mut m), Some(id)) = (HASHES.lock(), id) {
                 m.get_or_insert_with(HashMap::new).insert(id, h.clone());
             }

@@ -19,7 +19,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use crate::checkpoint::save_safetensors;
+use crate::pretrained::save_safetensors;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::io::{write_atomic, write_json};
@@ -255,7 +255,7 @@ pub const INIT_FILES: [&str; 5] = [
     "model.safetensors",
 ];
 
-/// Readies `dir` for [`init_checkpoint`] ([`crate::io::prepare_checkpoint_dir`] for
+/// Readies `dir` for [`init_checkpoint`] ([`crate::outputs::prepare_checkpoint_dir`] for
 /// `--out`): a missing or empty directory is fine; a non-empty one is refused unless
 /// `overwrite`, when the checkpoint files that the new checkpoint would not replace are
 /// removed (its shards, optimizer and trainer state, …; other files stay). Returns the files
@@ -264,7 +264,7 @@ pub const INIT_FILES: [&str; 5] = [
 /// # Errors
 /// `dir` is a file; `dir` is not empty and `overwrite` is false; I/O errors.
 pub fn prepare_output_dir(dir: &Path, overwrite: bool) -> Result<Vec<std::path::PathBuf>> {
-    crate::io::prepare_checkpoint_dir("--out", dir, overwrite)
+    crate::outputs::prepare_checkpoint_dir("--out", dir, overwrite)
 }
 
 /// Creates a random-weight checkpoint directory for `config` with a BPE tokenizer trained on

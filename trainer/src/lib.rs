@@ -28,27 +28,33 @@
 //!   bars, what is printed); `train` and `diag` know nothing of it.
 
 pub mod batch;
-pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod data;
 pub mod diag;
+pub mod dtype;
 pub mod error;
 pub mod fused;
 pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
+pub mod hf_dir;
 pub mod init;
 pub mod io;
 pub mod lm_head;
 pub mod logps;
 pub mod lora;
+pub mod memory;
 pub mod model;
+pub mod outputs;
+pub mod pretrained;
 pub mod provenance;
 pub mod recompute;
+pub mod safetensors;
 pub mod template;
 pub mod tokenize;
 pub mod train;
+pub mod units;
 
 pub use error::{DataError, Error, Result};
 

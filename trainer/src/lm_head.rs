@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::fused::GradSink;
-use crate::model::accumulation_dtype;
+use crate::dtype::accumulation_dtype;
 
 /// How a head computation is cut: `rows` positions by `cols` vocabulary entries per chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

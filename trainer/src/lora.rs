@@ -489,7 +489,7 @@ pub fn init_weights(
 /// # Errors
 /// Shapes; tensor errors.
 pub fn merged_weight(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let acc = crate::model::accumulation_dtype(w.dtype());
+    let acc = crate::dtype::accumulation_dtype(w.dtype());
     let delta = b
         .to_dtype(acc)?
         .matmul(&a.to_dtype(acc)?)?
@@ -512,7 +512,7 @@ pub fn read_weights(dir: &Path, device: &Device) -> Result<BTreeMap<String, Tens
     })?;
     t.into_iter()
         .map(|(k, v)| {
-            crate::checkpoint::check_finite(&k, &v, &path)?;
+            crate::safetensors::check_finite(&k, &v, &path)?;
             Ok((k, v.to_dtype(DType::F32)?))
         })
         .collect()
@@ -611,39 +611,6 @@ pub fn refuse_adapter_as_model(dir: &Path) -> Result<()> {
     )))
 }
 
-/// Folds the PEFT adapter in `adapter` into its base model and writes a full Hugging Face
-/// checkpoint to `out` in `dtype` (PEFT's `merge_and_unload` + `save_pretrained`): every
-/// adapted weight becomes `W + s · B A`, computed in f32 (f64 for an f64 save); the base's
-/// other tensors, config and tokenizer files are kept. `base` overrides the adapter's
-/// `base_model_name_or_path`. Returns the base model's directory.
-///
-/// # Errors
-/// An adapter directory that is not PEFT LoRA or does not fit the base model (naming the
-/// file and tensor); I/O errors.
-pub fn merge_adapter(
-    adapter: &Path,
-    base: Option<&Path>,
-    out: &Path,
-    dtype: DType,
-) -> Result<PathBuf> {
-    let (cfg, base) = adapter_base(adapter, base)?;
-    let work = crate::model::accumulation_dtype(dtype);
-    let mut model = crate::checkpoint::load_model(&base, work, &Device::Cpu)?;
-    let config_file = adapter.join(CONFIG_FILE);
-    cfg.check_targets(model.config().num_hidden_layers)
-        .map_err(|e| Error::Config {
-            path: config_file.clone(),
-            message: format!("field `target_modules`: {e}"),
-        })?;
-    model.add_lora(cfg, 0)?;
-    model.load_lora_adapter(
-        &read_weights(adapter, &Device::Cpu)?,
-        &adapter.join(WEIGHTS_FILE),
-    )?;
-    model.merge_lora()?;
-    crate::checkpoint::save_pretrained(&model, Some(&base), out, dtype)?;
-    Ok(base)
-}
 
 /// SplitMix64's output function.
 fn mix(mut z: u64) -> u64 {

@@ -20,7 +20,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 
 use crate::config::ModelConfig;
+use crate::dtype::accumulation_dtype;
 use crate::error::{Error, Result};
+use crate::memory::physical_memory;
 
 /// Additive mask value for a forbidden attention entry (finite so that a fully masked row
 /// stays finite instead of becoming NaN).
@@ -294,13 +296,6 @@ impl KvCache {
     }
 }
 
-/// The dtype used for normalization, softmax and log-softmax: f32 for half types.
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::BF16 | DType::F16 => DType::F32,
-        d => d,
-    }
-}
 
 /// RMSNorm, differentiable.
 ///
@@ -549,58 +544,6 @@ impl LayerCtx {
     }
 }
 
-/// Bytes of physical memory (`MemTotal` of `/proc/meminfo` on Linux), the ceiling of the size
-/// checks on the CPU ([`Model::check_forward_size`], the KV cache's growth); `None` where unknown
-/// (no ceiling then).
-pub fn physical_memory() -> Option<u128> {
-    static MEM: std::sync::OnceLock<Option<u128>> = std::sync::OnceLock::new();
-    *MEM.get_or_init(|| {
-        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-        let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    })
-}
-
-/// Refuses `what`, which needs at least `bytes` of memory (made of `detail`), when that is more
-/// than the machine's [`physical_memory`]: the one comparison behind the size checks of host
-/// allocations (a generation's batch, a benchmark's inputs), made before anything of that size
-/// is allocated. `Ok` where the memory is unknown.
-///
-/// # Errors
-/// [`Error::TooLarge`].
-pub fn check_memory(
-    what: impl FnOnce() -> String,
-    bytes: u128,
-    detail: impl FnOnce() -> String,
-) -> Result<()> {
-    match physical_memory() {
-        Some(limit) if bytes > limit => Err(Error::TooLarge {
-            what: what(),
-            bytes,
-            detail: detail(),
-            limit,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// `bytes` in decimal units with one decimal (`138.6 TB`).
-pub fn format_bytes(bytes: u128) -> String {
-    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// A decoder-only transformer with trainable parameters.
 #[derive(Clone)]
 pub struct Model {
@@ -696,7 +639,7 @@ impl Model {
     /// `device` and making it a trainable variable.
     ///
     /// Tensors the config does not use are kept unchanged (not trainable) and written back by
-    /// [`crate::checkpoint::save_pretrained`], so a saved checkpoint has the input's tensor names.
+    /// [`crate::pretrained::save_pretrained`], so a saved checkpoint has the input's tensor names.
     ///
     /// # Errors
     /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming the tensor and `source`.

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use difinfo_trainer::batch::{Batch, Sequence};
-use difinfo_trainer::checkpoint::load_model;
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config::{Architecture, ModelConfig};
 use difinfo_trainer::fused::GradSink;
 use difinfo_trainer::lora::LoraConfig;
@@ -709,7 +709,7 @@ fn lora_checkpoints_resume_exactly_and_merge() {
     // Merge: the merged checkpoint's log-probs are the trained adapter model's.
     let merged_dir = common::TempDir::new();
     let base =
-        difinfo_trainer::lora::merge_adapter(&last, None, merged_dir.path(), DType::F32).unwrap();
+        difinfo_trainer::pretrained::merge_adapter(&last, None, merged_dir.path(), DType::F32).unwrap();
     assert_eq!(base, std::fs::canonicalize(dir.path()).unwrap());
     let merged = load_model(merged_dir.path(), DType::F32, &Device::Cpu).unwrap();
     let trained = fresh();

@@ -373,10 +373,10 @@ fn app_k_did_entropy_with_pi_equal_reference_learns_a_flat_did() {
         h / (support.len() as f64).ln()
     };
     let m_ref =
-        difinfo_trainer::checkpoint::load_model(model_dir.path(), DType::F32, &common::device())
+        difinfo_trainer::pretrained::load_model(model_dir.path(), DType::F32, &common::device())
             .unwrap();
     let m_hat =
-        difinfo_trainer::checkpoint::load_model(&r.estimator, DType::F32, &common::device())
+        difinfo_trainer::pretrained::load_model(&r.estimator, DType::F32, &common::device())
             .unwrap();
     let h_ref = restricted_entropy(&next_logps(&m_ref, prompt_ids.clone(), 1)[0]);
     let h_hat = restricted_entropy(&next_logps(&m_hat, prompt_ids, 1)[0]);

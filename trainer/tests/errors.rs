@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use difinfo_trainer::checkpoint::load_model;
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config::{parse_config, Architecture};
 use difinfo_trainer::data::{
     parse_preference_line, parse_preference_str, read_jsonl, write_error_report,

@@ -74,7 +74,7 @@ fn resume_file_seeds_exercise_success_and_refusal_paths() {
     let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
     let p = Path::new("<seed>");
     let tensors =
-        difinfo_trainer::checkpoint::parse_safetensors(&read("safetensors_file/dtypes"), p)
+        difinfo_trainer::safetensors::parse_safetensors(&read("safetensors_file/dtypes"), p)
             .unwrap();
     assert_eq!(tensors.len(), 8);
     let dev = candle_core::Device::Cpu;

@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::gguf::{gguf_config, micro_gguf, write_gguf, Overrides, F32, Q4_1_Q8_0};
 use common::{checkpoint, TempDir};
-use difinfo_trainer::checkpoint::{load_model, read_tensors};
+use difinfo_trainer::pretrained::{load_model, read_tensors};
 use difinfo_trainer::config::{Architecture, ModelConfig, RopeScaling};
 use difinfo_trainer::gguf::{
     import_file, permute_for_gguf, resolve_model_in, unpermute_from_gguf, CACHE_MARKER,

@@ -237,7 +237,7 @@ fn sampling_is_seeded_and_stops_at_stop_tokens() {
 fn bf16_logps_track_f32() {
     let cfg = common::micro_config(Architecture::Llama);
     let (dir, m32) = common::model(cfg, DType::F32, 6);
-    let m16 = difinfo_trainer::checkpoint::load_model(dir.path(), DType::BF16, &common::device())
+    let m16 = difinfo_trainer::pretrained::load_model(dir.path(), DType::BF16, &common::device())
         .unwrap();
     assert_eq!(m16.dtype(), DType::BF16);
     let s = seqs();

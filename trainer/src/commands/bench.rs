@@ -12,7 +12,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
 
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::pretrained::load_model;
+use crate::dtype::parse_dtype;
 use crate::commands::training::training_options;
 use crate::init::{random_tensors, size_config, ModelSize};
 use crate::model::Model;
@@ -255,7 +256,7 @@ pub fn gpu_bf16_peak_tflops(name: &str) -> Option<f64> {
 
 /// Refuses `--batch` × `--seq` beyond the machine's memory before the benchmark builds
 /// anything of that size: the token ids of its `sequences` inputs (host memory,
-/// [`crate::model::check_memory`]) and a forward pass of `model` over `--batch` sequences of
+/// [`crate::memory::check_memory`]) and a forward pass of `model` over `--batch` sequences of
 /// `--seq` positions ([`Model::check_forward_size`]).
 ///
 /// # Errors
@@ -274,7 +275,7 @@ pub(crate) fn check_bench_size(
     let ids = (sequences as u128)
         .saturating_mul(seq as u128)
         .saturating_mul(4);
-    crate::model::check_memory(
+    crate::memory::check_memory(
         || format!("building the benchmark's {sequences} sequences of {seq} tokens"),
         ids,
         || format!("{sequences} × {seq} token ids × 4 bytes"),

@@ -6,7 +6,8 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use crate::batch::{Batch, Sequence};
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::pretrained::load_model;
+use crate::dtype::parse_dtype;
 use crate::init::{size_config, ModelSize};
 use crate::{parse_device, Error, Result};
 

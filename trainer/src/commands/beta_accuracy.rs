@@ -6,7 +6,7 @@ use candle_core::DType;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::checkpoint::load_model;
+use crate::pretrained::load_model;
 use crate::commands::shared::{
     at_prompt, check_paths, check_prompt_vocab, load_bundle, progress, report_stats,
     require_examples, DecodeArgs,

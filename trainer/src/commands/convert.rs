@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::checkpoint::parse_dtype;
+use crate::dtype::parse_dtype;
 use crate::commands::shared::progress;
 use crate::Result;
 
@@ -39,8 +39,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         overwrite,
     } = a;
     let dtype = parse_dtype(&dtype)?;
-    crate::io::check_checkpoint_dir("--out", &out, overwrite, &[("--gguf", &gguf)])?;
-    for p in crate::io::prepare_checkpoint_dir("--out", &out, overwrite)? {
+    crate::outputs::check_checkpoint_dir("--out", &out, overwrite, &[("--gguf", &gguf)])?;
+    for p in crate::outputs::prepare_checkpoint_dir("--out", &out, overwrite)? {
         eprintln!("removed stale {}", p.display());
     }
     let t0 = Instant::now();

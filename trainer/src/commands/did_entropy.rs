@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
 use difinfo::objective::{FDivergence, LossType, Rule};
 
-use crate::checkpoint::load_model;
+use crate::pretrained::load_model;
 use crate::commands::shared::{progress, report_stats, usage};
 use crate::commands::training::train_on;
 use crate::commands::training::{
@@ -193,7 +193,7 @@ fn pipeline_with(
     let est_dir = out.join(ESTIMATOR_DIR);
     let seed = config.seed;
     // Nothing is read or removed before the outputs are known to spare every input.
-    crate::io::check_output_dir("--output-dir", out)?;
+    crate::outputs::check_output_dir("--output-dir", out)?;
     let files: Vec<(&str, &Path)> = [
         ("--prompts", Some(args.prompts.as_path())),
         ("--eval-prompts", args.eval_prompts.as_deref()),
@@ -202,12 +202,12 @@ fn pipeline_with(
     .into_iter()
     .filter_map(|(o, p)| Some((o, p?)))
     .collect();
-    let inputs = crate::io::inputs(
+    let inputs = crate::outputs::inputs(
         &files,
         &[("--policy", &args.policy), ("--reference", &args.reference)],
     );
     let outputs = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE].map(|f| out.join(f));
-    crate::io::check_written_files(&outputs, &inputs)?;
+    crate::outputs::check_written_files(&outputs, &inputs)?;
     let earlier = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE, ESTIMATOR_DIR]
         .iter()
         .map(|f| out.join(f))

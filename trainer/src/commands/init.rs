@@ -45,12 +45,12 @@ pub fn run(a: InitArgs) -> Result<()> {
         overwrite,
     } = a;
     use crate::init::{prepare_output_dir, INIT_FILES};
-    crate::io::check_checkpoint_dir("--out", &out, overwrite, &[])?;
+    crate::outputs::check_checkpoint_dir("--out", &out, overwrite, &[])?;
     let corpus = match &tokenizer_corpus {
         Some(p) => {
             if let Some(f) = INIT_FILES
                 .iter()
-                .find(|f| crate::io::same_file(&out.join(f), p))
+                .find(|f| crate::outputs::same_file(&out.join(f), p))
             {
                 return Err(Error::InvalidArgument(format!(
                     "--tokenizer-corpus {} is {}, a file init writes: copy it elsewhere first",

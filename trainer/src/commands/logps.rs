@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::pretrained::load_model;
+use crate::dtype::parse_dtype;
 use crate::commands::shared::{
     accept_dataset, check_paths, check_vocab, load_bundle_with, outputs_with_report, progress,
     report_provenance, ModelArgs, TokenizeArgs,

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::checkpoint::parse_dtype;
+use crate::dtype::parse_dtype;
 use crate::Result;
 
 /// Fold a PEFT LoRA adapter (a `--use-peft` run's checkpoint, or any PEFT LoRA adapter of
@@ -49,17 +49,17 @@ pub fn run(a: MergeArgs) -> Result<()> {
             adapter.display()
         ),
     };
-    crate::io::check_checkpoint_dir(
+    crate::outputs::check_checkpoint_dir(
         "--out",
         &out,
         overwrite,
         &[("--adapter", &adapter), (&base_option, &base)],
     )?;
-    for p in crate::io::prepare_checkpoint_dir("--out", &out, overwrite)? {
+    for p in crate::outputs::prepare_checkpoint_dir("--out", &out, overwrite)? {
         eprintln!("removed stale {}", p.display());
     }
     let base = crate::io::write_dir_atomic(&out, |dir| {
-        crate::lora::merge_adapter(&adapter, model.as_deref(), dir, dtype)
+        crate::pretrained::merge_adapter(&adapter, model.as_deref(), dir, dtype)
     })?;
     eprintln!(
         "merged {} into {} → {}",

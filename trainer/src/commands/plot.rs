@@ -33,9 +33,9 @@ pub fn run(a: &PlotArgs) -> crate::Result<()> {
             metrics.display()
         )));
     }
-    crate::io::check_outputs(
+    crate::outputs::check_outputs(
         &[("--out", &out)],
-        &crate::io::inputs(&[("RUN_DIR's", &metrics)], &[]),
+        &crate::outputs::inputs(&[("RUN_DIR's", &metrics)], &[]),
     )?;
     let n = plot(&a.run_dir, &out)?;
     println!("wrote {} ({n} panels)", out.display());

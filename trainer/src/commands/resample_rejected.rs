@@ -6,7 +6,7 @@ use candle_core::DType;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::checkpoint::load_model;
+use crate::pretrained::load_model;
 use crate::commands::shared::{check_paths, load_bundle, progress};
 use crate::io::write_jsonl;
 use crate::{parse_device, Error, Result};

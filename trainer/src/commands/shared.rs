@@ -6,9 +6,10 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::pretrained::load_model;
+use crate::dtype::parse_dtype;
 use crate::data::{write_error_report, InvalidRecords, PromptExample};
-use crate::io::{check_outputs, inputs, Named};
+use crate::outputs::{check_outputs, inputs, Named};
 use crate::model::Model;
 use crate::tokenize::{
     load_prompts, TokenizeOptions, TokenizeStats, TokenizedDataset, TokenizerBundle,

@@ -16,7 +16,8 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::pretrained::load_model;
+use crate::dtype::parse_dtype;
 use crate::io::write_bytes as write_file;
 use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
@@ -203,7 +204,7 @@ pub(crate) fn resolve_common(
         }
         _ => "the default --output-dir".to_string(),
     };
-    crate::io::check_output_dir(&out_option, &config.output_dir)?;
+    crate::outputs::check_output_dir(&out_option, &config.output_dir)?;
     let pick =
         |given: &Option<PathBuf>, saved: Option<&PathBuf>, what: &str| -> crate::Result<PathBuf> {
             match (given, saved) {
@@ -336,7 +337,7 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
 /// Data, model, configuration errors; a non-finite loss or gradient (the message names the
 /// step and batch; the last good checkpoint is kept).
 pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
-    crate::io::check_output_dir("--output-dir", &r.config.output_dir)?;
+    crate::outputs::check_output_dir("--output-dir", &r.config.output_dir)?;
     // Held to the end: a second run or resume of this directory is refused.
     let _lock = RunLock::acquire(&r.config.output_dir)?;
     check_run_paths(r)?;
@@ -606,7 +607,7 @@ pub(crate) fn load_reference(
 /// # Errors
 /// [`Error`] naming the options and paths.
 pub(crate) fn check_run_paths(r: &Resolved) -> crate::Result<()> {
-    use crate::io::{check_output_dir, check_outputs, check_written_files, inputs};
+    use crate::outputs::{check_output_dir, check_outputs, check_written_files, inputs};
     let out = &r.config.output_dir;
     check_output_dir("--output-dir", out)?;
     let mut files: Vec<(&str, &Path)> = vec![("--data", &r.record.data)];

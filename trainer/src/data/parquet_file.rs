@@ -165,7 +165,7 @@ fn check_pages<R: ChunkReader>(src: &R, md: &ParquetMetaData, path: &Path) -> Re
         message: format!("not a readable Parquet file: {message}"),
     };
     let rows: u128 = md.row_groups().iter().map(|g| g.num_rows() as u128).sum();
-    crate::model::check_memory(
+    crate::memory::check_memory(
         || format!("reading the {rows} rows that {} declares", path.display()),
         rows * std::mem::size_of::<DataError>() as u128,
         || {
@@ -219,7 +219,7 @@ fn check_pages<R: ChunkReader>(src: &R, md: &ParquetMetaData, path: &Path) -> Re
                     ))
                     .into());
                 }
-                crate::model::check_memory(
+                crate::memory::check_memory(
                     || format!("{}: {}", path.display(), at(page)),
                     h.uncompressed as u128,
                     || "its decompressed size".into(),
@@ -234,7 +234,7 @@ fn check_pages<R: ChunkReader>(src: &R, md: &ParquetMetaData, path: &Path) -> Re
                         ))
                         .into());
                     }
-                    crate::model::check_memory(
+                    crate::memory::check_memory(
                         || format!("{}: {}", path.display(), at(page)),
                         h.num_values as u128 * DICTIONARY_VALUE as u128,
                         || format!("a dictionary of {} values", h.num_values),

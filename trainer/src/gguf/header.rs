@@ -317,7 +317,7 @@ impl<R: Read + Seek> Header<'_, R> {
         }
         // Each element is a `Value` in memory (a lower bound: strings add their bytes).
         let value = std::mem::size_of::<Value>();
-        crate::model::check_memory(
+        crate::memory::check_memory(
             || format!("{}: GGUF metadata `{key}`", self.path.display()),
             u128::from(n) * value as u128,
             || format!("{n} elements × {value} bytes"),

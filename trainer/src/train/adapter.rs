@@ -105,7 +105,7 @@ impl PolicyModel for TrainModel {
                 .map(|(n, v)| (n, v.as_tensor().clone()))
                 .collect();
             crate::lora::save_peft_dir(dir, cfg, &base, &tensors).map_err(err)?;
-            for f in crate::checkpoint::SIDE_FILES {
+            for f in crate::hf_dir::SIDE_FILES {
                 let p = self.source.join(f);
                 if p.exists() && self.source != dir {
                     crate::io::copy_file(&p, &dir.join(f))?;
@@ -113,7 +113,7 @@ impl PolicyModel for TrainModel {
             }
             return Ok(());
         }
-        crate::checkpoint::save_pretrained(&self.model, Some(&self.source), dir, self.save_dtype)
+        crate::pretrained::save_pretrained(&self.model, Some(&self.source), dir, self.save_dtype)
             .map_err(err)
     }
 
@@ -131,7 +131,7 @@ impl PolicyModel for TrainModel {
                 .set_lora_weights(&t, &dir.join(crate::lora::WEIGHTS_FILE))
                 .map_err(err);
         }
-        let tensors = crate::checkpoint::read_tensors(dir)
+        let tensors = crate::pretrained::read_tensors(dir)
             .map_err(|e| Error::Checkpoint {
                 path: dir.to_path_buf(),
                 message: e.to_string(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::write_bytes as write_file;
+use crate::io::{sha256_file, write_bytes as write_file};
 use crate::train::config::{TrainConfig, CONFIG_JSON};
 use crate::train::metrics::LogAccumulator;
 use crate::train::optim::Optimizer;
@@ -154,26 +154,6 @@ pub fn parse_state(text: &str, path: &Path) -> Result<TrainerState> {
         });
     }
     Ok(s)
-}
-
-/// SHA-256 of a file, in lower-case hex (read in 1 MiB blocks).
-///
-/// # Errors
-/// I/O errors naming the file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Writes `dir`'s [`CHECKSUM_FILE`]: the SHA-256 of every regular file in `dir` (sorted by

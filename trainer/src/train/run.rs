@@ -242,7 +242,7 @@ fn still_at(_file: &std::fs::File, path: &Path) -> bool {
 /// not see another fine-tune of the same architecture.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunFingerprint {
-    /// The tokenizer files ([`crate::checkpoint::SIDE_FILES`]) → SHA-256.
+    /// The tokenizer files ([`crate::hf_dir::SIDE_FILES`]) → SHA-256.
     pub tokenizer: BTreeMap<String, String>,
     /// LoRA runs: `config.json` and the weight files of the base model → SHA-256.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -256,8 +256,8 @@ impl RunFingerprint {
     /// # Errors
     /// I/O errors naming the file.
     pub fn of(model: &Path, lora: bool) -> crate::Result<Self> {
-        use crate::checkpoint::SIDE_FILES;
-        use crate::train::checkpoint::sha256_file;
+        use crate::hf_dir::SIDE_FILES;
+        use crate::io::sha256_file;
         let dir = crate::gguf::resolve_model(model)?;
         let hash = |names: Vec<String>| -> crate::Result<BTreeMap<String, String>> {
             let mut m = BTreeMap::new();
@@ -271,7 +271,7 @@ impl RunFingerprint {
         };
         let tokenizer = hash(SIDE_FILES.iter().map(|s| s.to_string()).collect())?;
         let base_weights = if lora {
-            let names = crate::io::checkpoint_inputs(&dir)
+            let names = crate::hf_dir::checkpoint_inputs(&dir)
                 .iter()
                 .filter_map(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned())

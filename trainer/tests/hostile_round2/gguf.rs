@@ -14,7 +14,7 @@ use super::common::{checkpoint, TempDir};
 use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use difinfo_trainer::checkpoint::read_tensors;
+use difinfo_trainer::pretrained::read_tensors;
 use difinfo_trainer::config::Architecture;
 use difinfo_trainer::gguf::{import_file, resolve_model_in};
 
