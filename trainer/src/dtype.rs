@@ -5,7 +5,6 @@ use candle_core::DType;
 
 use crate::error::{Error, Result};
 
-
 /// Parses a dtype name as used on the command line and in `torch_dtype`.
 ///
 /// # Errors

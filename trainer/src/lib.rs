@@ -41,7 +41,6 @@ pub mod gguf;
 pub mod hf_dir;
 pub mod init;
 pub mod io;
-pub mod lm_head;
 pub mod logps;
 pub mod lora;
 pub mod memory;

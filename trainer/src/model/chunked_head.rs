@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
+use crate::dtype::accumulation_dtype;
 use crate::error::{Error, Result};
 use crate::fused::GradSink;
-use crate::dtype::accumulation_dtype;
 
 /// How a head computation is cut: `rows` positions by `cols` vocabulary entries per chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,334 @@
+//! One decoder layer on the plain candle path (pre-norm attention with RoPE and a causal
+//! mask, then the gated MLP), and the ops it is built from: RMSNorm, rotate-half RoPE, the
+//! causal mask. The fused CPU path runs [`crate::fused::decoder_layer`] instead.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::dtype::accumulation_dtype;
+use crate::error::Result;
+
+use super::adapted_linear::Lin;
+use super::kv_cache::KvCache;
+
+/// Additive mask value for a forbidden attention entry (finite so that a fully masked row
+/// stays finite instead of becoming NaN).
+pub const MASK_VALUE: f64 = -1e9;
+
+#[derive(Debug, Clone)]
+pub(super) struct Block {
+    pub(super) ln1: Tensor,
+    pub(super) ln2: Tensor,
+    pub(super) q: Lin,
+    pub(super) k: Lin,
+    pub(super) v: Lin,
+    pub(super) o: Lin,
+    pub(super) gate: Lin,
+    pub(super) up: Lin,
+    pub(super) down: Lin,
+}
+
+impl Block {
+    /// The seven projections in [`crate::lora::PROJECTIONS`]' order.
+    pub(super) fn lins(&self) -> [&Lin; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    pub(super) fn lins_mut(&mut self) -> [&mut Lin; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
+    /// The layer with every tensor detached (a forward pass through it records no graph).
+    pub(super) fn detached(&self) -> Block {
+        let mut blk = self.clone();
+        blk.ln1 = blk.ln1.detach();
+        blk.ln2 = blk.ln2.detach();
+        for lin in blk.lins_mut() {
+            lin.w = lin.w.detach();
+            lin.b = lin.b.as_ref().map(Tensor::detach);
+            if let Some(ad) = &mut lin.lora {
+                ad.a = ad.a.detach();
+                ad.b = ad.b.detach();
+            }
+        }
+        blk
+    }
+
+    /// Every tensor of the layer: norms, weights, biases, adapters.
+    pub(super) fn tensors(&self) -> Vec<Tensor> {
+        let mut v = vec![self.ln1.clone(), self.ln2.clone()];
+        for l in self.lins() {
+            v.push(l.w.clone());
+            v.extend(l.b.clone());
+            if let Some(ad) = &l.lora {
+                v.push(ad.a.clone());
+                v.push(ad.b.clone());
+            }
+        }
+        v
+    }
+}
+
+/// RMSNorm, differentiable.
+///
+/// # Formula
+/// `y = w ⊙ x / sqrt(mean(x²) + ε)`, the mean over the last dimension, computed in the
+/// accumulation dtype and cast back before the multiplication by `w` (as transformers does).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xa = x.to_dtype(accumulation_dtype(dtype))?;
+    let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xa.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)?)
+}
+
+/// Rotate-half RoPE, differentiable.
+///
+/// # Formula
+/// `rope(x) = x ⊙ cos + rotate_half(x) ⊙ sin`, `rotate_half([x₁, x₂]) = [−x₂, x₁]` (halves of
+/// the head dimension); `cos`, `sin` are `[L, head_dim]` tables with the frequencies repeated
+/// twice, broadcast over batch and heads of `x: [B, H, L, head_dim]`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// An additive causal mask `[1, 1, l, t]` for `l` queries at absolute positions
+/// `offset .. offset + l` over `t = offset + l` keys; with a window `w`, a query at `i` sees
+/// key `j` iff `j ≤ i` and `i − j < w`.
+pub fn causal_mask(
+    l: usize,
+    offset: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = offset + l;
+    let mut m = vec![0f32; l * t];
+    for i in 0..l {
+        let qi = offset + i;
+        for j in 0..t {
+            let allowed = j <= qi && window.is_none_or(|w| qi - j < w);
+            if !allowed {
+                m[i * t + j] = MASK_VALUE as f32;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, 1, l, t), device)?.to_dtype(dtype)?)
+}
+
+/// Whether an additive mask has the `[B or 1, 1, l, t]` shape the fused softmax takes.
+pub(super) fn fusable_mask(m: &Tensor, b: usize, l: usize, t: usize) -> bool {
+    matches!(m.dims(), &[mb, 1, ml, mt] if (mb == 1 || mb == b) && ml == l && mt == t)
+}
+
+/// What one decoder layer's forward pass needs besides its weights, owned (a checkpointed
+/// layer runs it again in the backward pass).
+#[derive(Clone)]
+pub(super) struct LayerCtx {
+    pub(super) b: usize,
+    pub(super) l: usize,
+    /// Query heads, key/value heads, head dimension.
+    pub(super) heads: (usize, usize, usize),
+    pub(super) eps: f64,
+    pub(super) scale: f64,
+    pub(super) cd: DType,
+    pub(super) acc: DType,
+    pub(super) fused: bool,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    pub(super) mask: Option<Tensor>,
+    /// `Some(window)` when the mask is causal (with right padding and `window` at most).
+    pub(super) causal: Option<Option<usize>>,
+    /// The KV cache's memory ceiling ([`Model::memory_limit`]).
+    pub(super) memory_limit: Option<u128>,
+}
+
+impl LayerCtx {
+    pub(super) fn use_fused(&self, t: &Tensor) -> bool {
+        self.fused && crate::fused::enabled(t)
+    }
+
+    pub(super) fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.use_fused(x) {
+            Ok(crate::fused::rms_norm(
+                x,
+                &w.to_dtype(x.dtype())?,
+                self.eps,
+            )?)
+        } else {
+            rms_norm(x, w, self.eps)
+        }
+    }
+
+    /// One decoder layer on `x: [B·l, H]` (the separate fused kernels where they apply, plain
+    /// candle ops elsewhere), appending to the layer's KV-cache slot when given.
+    pub(super) fn block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, l) = (self.b, self.l);
+        let (nh, nkv, hd) = self.heads;
+        let (cd, acc, scale) = (self.cd, self.acc, self.scale);
+        let (cos, sin) = (&self.cos, &self.sin);
+        let fz = self.use_fused(x);
+        let h = self.norm(x, &blk.ln1)?;
+        let mut unexpanded = None;
+        let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
+            // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.
+            let (qp, kp, vp) = (
+                blk.q.apply(fz, &h)?,
+                blk.k.apply(fz, &h)?,
+                blk.v.apply(fz, &h)?,
+            );
+            let split = |z: &Tensor, heads: usize, rope: bool| {
+                crate::fused::split_heads(z, b, l, heads, nh, cos, sin, rope)
+            };
+            (
+                split(&qp, nh, true)?,
+                split(&kp, nkv, true)?,
+                split(&vp, nkv, false)?,
+            )
+        } else {
+            let q = blk
+                .q
+                .apply(fz, &h)?
+                .reshape((b, l, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = blk
+                .k
+                .apply(fz, &h)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = blk
+                .v
+                .apply(fz, &h)?
+                .reshape((b, l, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = apply_rope(&q, cos, sin)?;
+            let mut k = apply_rope(&k, cos, sin)?;
+            let mut v = v;
+            if let Some((c, li)) = cache {
+                (k, v) = c.append(li, &k, &v, self.memory_limit)?;
+            }
+            let t = k.dim(2)?;
+            unexpanded = Some((k.clone(), v.clone()));
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let expand = |z: &Tensor| -> Result<Tensor> {
+                    Ok(z.unsqueeze(2)?
+                        .broadcast_as((b, nkv, rep, t, hd))?
+                        .reshape((b, nh, t, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            (q, k, v)
+        };
+        let t = k.dim(2)?;
+        let mask = self.mask.as_ref();
+        let att = match mask {
+            // Fused scale + mask + softmax + PV + head merge (f32/f64 CPU): one graph node,
+            // no gradient for the mask.
+            Some(m) if acc == cd && self.use_fused(&q) && fusable_mask(m, b, l, t) => {
+                crate::fused::attention(&q, &k, &v, &m.to_dtype(cd)?, scale)?
+            }
+            _ => match self.flash(&q, unexpanded.as_ref())? {
+                Some(o) => o,
+                None => {
+                    let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
+                    let scores = (raw * scale)?.to_dtype(acc)?;
+                    let scores = match mask {
+                        Some(m) => scores.broadcast_add(m)?,
+                        None => scores,
+                    };
+                    let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(cd)?;
+                    p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, nh * hd))?
+                }
+            },
+        };
+        let x = blk.o.apply_add(fz, &att, x)?;
+        let h = self.norm(&x, &blk.ln2)?;
+        let whole = fz
+            && blk.gate.b.is_none()
+            && blk.up.b.is_none()
+            && blk.gate.lora.is_none()
+            && blk.up.lora.is_none()
+            && h.rank() == 2
+            && blk.gate.w.dtype() == h.dtype();
+        let m = if whole {
+            // Both projections, silu and the product as one node.
+            crate::fused::gate_up(&h, &blk.gate.w, &blk.up.w)?
+        } else {
+            let (gate, up) = (blk.gate.apply(fz, &h)?, blk.up.apply(fz, &h)?);
+            if self.use_fused(&gate) {
+                crate::fused::silu_mul(&gate, &up)?
+            } else {
+                (gate.silu()? * up)?
+            }
+        };
+        blk.down.apply_add(fz, &m, &x)
+    }
+
+    /// Flash attention (`candle-flash-attn`, feature `flash-attn`): on a CUDA device, in
+    /// bf16/f16, for a causal mask (right padding, a sliding window), when nothing carries a
+    /// gradient (it has no backward pass). `q: [B, nh, l, d]`, `kv`: the keys and values
+    /// before grouped-query repetition, `[B, nkv, t, d]`. `None` when it does not apply.
+    #[cfg(feature = "flash-attn")]
+    pub(super) fn flash(
+        &self,
+        q: &Tensor,
+        kv: Option<&(Tensor, Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        let (Some((k, v)), Some(window)) = (kv, self.causal) else {
+            return Ok(None);
+        };
+        let applies = q.device().is_cuda()
+            && matches!(self.cd, DType::BF16 | DType::F16)
+            && !(q.track_op() || k.track_op() || v.track_op());
+        if !applies {
+            return Ok(None);
+        }
+        let (b, l) = (self.b, self.l);
+        let (nh, _, hd) = self.heads;
+        let tr = |z: &Tensor| z.transpose(1, 2).and_then(|z| z.contiguous());
+        let o = candle_flash_attn::flash_attn_windowed(
+            &tr(q)?,
+            &tr(k)?,
+            &tr(v)?,
+            self.scale as f32,
+            window.map(|w| w.saturating_sub(1)),
+            Some(0),
+        )?;
+        Ok(Some(o.reshape((b * l, nh * hd))?))
+    }
+
+    /// Without the `flash-attn` feature: never applies.
+    #[cfg(not(feature = "flash-attn"))]
+    pub(super) fn flash(
+        &self,
+        _q: &Tensor,
+        _kv: Option<&(Tensor, Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        let _ = self.causal;
+        Ok(None)
+    }
+}

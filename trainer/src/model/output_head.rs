@@ -1,0 +1,168 @@
+//! The output head: logits, and the log-probabilities of target tokens (per token and summed
+//! over a completion) without the full `[B, L, V]` logits where the chunked heads apply.
+
+use candle_core::{DType, Tensor};
+
+use crate::dtype::accumulation_dtype;
+use crate::error::{Error, Result};
+
+use super::Model;
+
+impl Model {
+    /// Logits `[B, L, V]` (accumulation dtype) for `ids: [B, L]` with an optional `[B, L]` 0/1
+    /// attention mask (padding keys masked out; a causal mask is always applied).
+    ///
+    /// This forms the whole `[B, L, V]` tensor: for inspecting small inputs (tests). The
+    /// commands and the trainer use [`Model::token_logps`] / [`Model::sequence_logps`] and
+    /// [`Model::forward_last_with_cache`], whose LM head runs in chunks.
+    ///
+    /// # Errors
+    /// Shape mismatches between `ids` and the mask; tensor errors.
+    pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let (mask, causal) = self.training_mask(b, l, attention_mask)?;
+        let h = self.decode(ids, 0, Some(&mask), causal, None)?;
+        self.head(&h)
+    }
+
+    pub(super) fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, l, hs) = h.dims3()?;
+        let cd = self.compute_dtype;
+        let logits = h
+            .reshape((b * l, hs))?
+            .matmul(&self.lm_head.to_dtype(cd)?.t()?)?;
+        Ok(logits
+            .to_dtype(accumulation_dtype(cd))?
+            .reshape((b, l, self.config.vocab_size))?)
+    }
+
+    /// Per-token log-probabilities of the next token: entry `[b, t]` is
+    /// `log π(ids[b, t+1] | ids[b, ..=t])`, shape `[B, L−1]`, differentiable.
+    ///
+    /// # Formula
+    /// `log π(y_{t+1} | y_{≤t}) = z_{t, y_{t+1}} − log Σ_v exp z_{t, v}` with `z` the logits.
+    ///
+    /// # Errors
+    /// `L < 2`; see [`Model::logits`].
+    pub fn token_logps(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.token_logps_at(ids, attention_mask, None)
+    }
+
+    /// [`Model::token_logps`] at the positions `loss_mask: [B, L−1]` selects (non-zero), 0
+    /// elsewhere: the LM head then runs on the selected positions only (in DPO, the
+    /// completion tokens: the prompt's logits are never formed), which changes no selected
+    /// value and no gradient (an unselected position's log-prob is multiplied by 0 anyway).
+    ///
+    /// # Errors
+    /// As [`Model::token_logps`]; a mask of another shape.
+    pub fn token_logps_masked(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let lp = self.token_logps_at(ids, attention_mask, Some(loss_mask))?;
+        Ok((lp * loss_mask.to_dtype(accumulation_dtype(self.compute_dtype))?)?)
+    }
+
+    /// `log softmax(h Wᵀ)[t]` for hidden states `h: [N, H]` (compute dtype) and targets
+    /// `t: [N]`, in the accumulation dtype: the fused CPU kernel where it applies, else the
+    /// plain-candle [`crate::model::chunked_head::token_logps`]; both form at most `head_chunk` logits at
+    /// a time. With a sink, the head's own variable (no conversion) takes its gradient there.
+    pub(super) fn head_logps(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let sink = self
+            .grad_sink
+            .as_ref()
+            .filter(|_| self.lm_head.track_op() && self.lm_head.dtype() == h.dtype());
+        if self.use_fused(h) {
+            let w = match sink {
+                Some(_) => self.lm_head.clone(),
+                None => self.lm_head.to_dtype(h.dtype())?,
+            };
+            return Ok(crate::fused::lm_head_logps_chunked(
+                h,
+                &w,
+                targets,
+                sink,
+                self.head_chunk,
+            )?);
+        }
+        let sink = self.grad_sink.as_ref().filter(|_| self.lm_head.track_op());
+        crate::model::chunked_head::token_logps(h, &self.lm_head, targets, self.head_chunk, sink)
+    }
+
+    pub(super) fn token_logps_at(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        if l < 2 {
+            return Err(Error::InvalidArgument(
+                "token_logps needs sequences of length ≥ 2".into(),
+            ));
+        }
+        self.check_forward_size(b, l, 0)?;
+        if let Some(r) = rows {
+            if r.dims() != [b, l - 1] {
+                return Err(Error::InvalidArgument(format!(
+                    "loss mask has shape {:?}, log-probs have [{b}, {}]",
+                    r.dims(),
+                    l - 1
+                )));
+            }
+        }
+        let (mask, causal) = self.training_mask(b, l, attention_mask)?;
+        let h = self
+            .decode(ids, 0, Some(&mask), causal, None)?
+            .narrow(1, 0, l - 1)?
+            .contiguous()?;
+        let hs = h.dim(2)?;
+        let h = h.reshape((b * (l - 1), hs))?;
+        let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
+        // The selected positions only, when a mask selects fewer than all.
+        let sel = match rows {
+            Some(r) => {
+                let v = r.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let idx: Vec<u32> = (0..v.len() as u32)
+                    .filter(|&i| v[i as usize] != 0.0)
+                    .collect();
+                let n = idx.len();
+                (n < v.len())
+                    .then(|| Tensor::from_vec(idx, n, &self.device))
+                    .transpose()?
+            }
+            None => None,
+        };
+        let (h, targets) = match &sel {
+            Some(idx) => (h.index_select(idx, 0)?, targets.index_select(idx, 0)?),
+            None => (h, targets),
+        };
+        let lp = self.head_logps(&h, &targets)?;
+        let lp = match &sel {
+            Some(idx) => {
+                Tensor::zeros(b * (l - 1), lp.dtype(), &self.device)?.index_add(idx, &lp, 0)?
+            }
+            None => lp,
+        };
+        Ok(lp.reshape((b, l - 1))?)
+    }
+
+    /// Summed completion log-probabilities `[B]`: `Σ_t loss_mask[b, t] · token_logps[b, t]`.
+    ///
+    /// `loss_mask: [B, L−1]` selects the target positions (see [`crate::batch::Batch`]).
+    ///
+    /// # Errors
+    /// See [`Model::token_logps`].
+    pub fn sequence_logps(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_mask: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .token_logps_masked(ids, attention_mask, loss_mask)?
+            .sum(1)?)
+    }
+}
