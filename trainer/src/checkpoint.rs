@@ -64,13 +64,13 @@ pub struct CheckpointTensors {
 
 /// Reads every tensor of a checkpoint directory: `model.safetensors`, or all shards listed in
 /// `model.safetensors.index.json`. A GGUF file is read through its cached conversion
-/// ([`crate::gguf::resolve_model`]).
+/// ([`crate::gguf_cache::resolve_model`]).
 ///
 /// # Errors
 /// No weights file, an unreadable/malformed file, an index naming a tensor its shard lacks.
 pub fn read_tensors(dir: &Path) -> Result<CheckpointTensors> {
-    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
-    let resolved = crate::gguf::resolve_model(dir)?;
+    // A GGUF file stands for its converted directory (crate::gguf_cache::resolve_model).
+    let resolved = crate::gguf_cache::resolve_model(dir)?;
     let dir = resolved.as_path();
     let single = dir.join(WEIGHTS_FILE);
     let index = dir.join(WEIGHTS_INDEX_FILE);
@@ -285,7 +285,7 @@ pub fn check_finite(name: &str, t: &Tensor, file: &Path) -> Result<()> {
 }
 
 /// Loads a checkpoint directory (or a GGUF file, through its cached conversion:
-/// [`crate::gguf::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
+/// [`crate::gguf_cache::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
 ///
 /// Every weight the model uses is checked to be finite, in the file and after the conversion
 /// to `dtype` (a finite f32 weight above 65504 overflows f16): a NaN or infinite weight gives
@@ -298,8 +298,8 @@ pub fn check_finite(name: &str, t: &Tensor, file: &Path) -> Result<()> {
 /// [`Error::NonFiniteWeight`].
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     crate::lora::refuse_adapter_as_model(dir)?;
-    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
-    let resolved = crate::gguf::resolve_model(dir)?;
+    // A GGUF file stands for its converted directory (crate::gguf_cache::resolve_model).
+    let resolved = crate::gguf_cache::resolve_model(dir)?;
     let dir = resolved.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let CheckpointTensors {
@@ -425,8 +425,8 @@ pub fn write_safetensors<'a>(
 /// # Errors
 /// I/O and tensor errors.
 pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DType) -> Result<()> {
-    // A GGUF source stands for its converted directory (crate::gguf::resolve_model).
-    let resolved = src.map(crate::gguf::resolve_model).transpose()?;
+    // A GGUF source stands for its converted directory (crate::gguf_cache::resolve_model).
+    let resolved = src.map(crate::gguf_cache::resolve_model).transpose()?;
     let src = resolved.as_deref();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cfg = match src.map(|s| s.join("config.json")).filter(|p| p.exists()) {
