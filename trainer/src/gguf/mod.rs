@@ -18,7 +18,7 @@
 //!   (SentencePiece BPE: merges derived from the scores as transformers' converter does, byte
 //!   fallback, `▁` for spaces).
 //!
-//! One file per concept, in the order of an import ([`import`]):
+//! One file per concept, in the order of an import ([`import()`]):
 //! - `header`: the validated header reader ([`read_header`]: sizes checked before allocation,
 //!   duplicates refused);
 //! - `tokenizer`: tokenizer.json, tokenizer_config.json and the special ids rebuilt from the
@@ -27,7 +27,7 @@
 //!   and config.json, the RoPE scaling;
 //! - `tensors`: the tensors read by candle under `catch_unwind`, dequantized, renamed to
 //!   Hugging Face's names and unpermuted (a NaN or infinite weight is refused);
-//! - `import`: the steps in order ([`import`]), and the directory they write
+//! - `import`: the steps in order ([`import()`]), and the directory they write
 //!   ([`write_checkpoint`], [`convert`]).
 //!
 //! The file is also accepted where a checkpoint directory is expected: the conversion cache
@@ -59,7 +59,7 @@ pub const CONVERTER_VERSION: u32 = 1;
 /// The `general.architecture` values this importer maps to Hugging Face models.
 pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
 
-/// The GGML tensor types candle dequantizes (the names of [`CANDLE_TYPES`]).
+/// The GGML tensor types candle dequantizes (the names of the types in `CANDLE_TYPES`).
 pub const SUPPORTED_QUANTIZATIONS: [&str; 15] = [
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
     "Q5_K", "Q6_K", "Q8_K",
