@@ -11,8 +11,9 @@
 //! - [`recompute`]: gradient checkpointing and hand-written backward passes on any device;
 //! - [`lora`]: LoRA adapters in PEFT's format;
 //! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
-//! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories (also accepted
-//!   directly wherever a checkpoint directory is);
+//! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories; [`gguf_cache`]: their
+//!   content-keyed conversion cache, through which a GGUF file is accepted
+//!   wherever a checkpoint directory is;
 //! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
 //!   tokenization; [`provenance`]: which tokenizer pipeline, and transformers 5's;
 //! - [`batch`]: right-padded batches and completion masks;
@@ -39,6 +40,7 @@ pub mod fuzzing;
 pub mod generate;
 pub mod gguf;
 pub mod hf_dir;
+pub mod gguf_cache;
 pub mod init;
 pub mod io;
 pub mod logps;

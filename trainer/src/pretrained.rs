@@ -20,16 +20,16 @@ use crate::model::Model;
 use crate::safetensors::{check_finite, first_non_finite, unflatten, write_safetensors};
 
 /// Every tensor of a model path: a Hugging Face directory ([`crate::hf_dir::read_tensors`]) or
-/// a GGUF file, read through its cached conversion ([`crate::gguf::resolve_model`]).
+/// a GGUF file, read through its cached conversion ([`crate::gguf_cache::resolve_model`]).
 ///
 /// # Errors
 /// The conversion's and [`crate::hf_dir::read_tensors`]'s.
 pub fn read_tensors(path: &Path) -> Result<CheckpointTensors> {
-    crate::hf_dir::read_tensors(&crate::gguf::resolve_model(path)?)
+    crate::hf_dir::read_tensors(&crate::gguf_cache::resolve_model(path)?)
 }
 
 /// Loads a checkpoint directory (or a GGUF file, through its cached conversion:
-/// [`crate::gguf::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
+/// [`crate::gguf_cache::resolve_model`]) as a trainable [`Model`] in `dtype` on `device`.
 ///
 /// Every weight the model uses is checked to be finite, in the file and after the conversion
 /// to `dtype` (a finite f32 weight above 65504 overflows f16): a NaN or infinite weight gives
@@ -42,8 +42,8 @@ pub fn read_tensors(path: &Path) -> Result<CheckpointTensors> {
 /// [`Error::NonFiniteWeight`].
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
     lora::refuse_adapter_as_model(dir)?;
-    // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
-    let resolved = crate::gguf::resolve_model(dir)?;
+    // A GGUF file stands for its converted directory (crate::gguf_cache::resolve_model).
+    let resolved = crate::gguf_cache::resolve_model(dir)?;
     let dir = resolved.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let CheckpointTensors {
@@ -149,8 +149,8 @@ pub fn save_safetensors(model: &Model, path: &Path, dtype: DType) -> Result<()> 
 /// # Errors
 /// I/O and tensor errors.
 pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DType) -> Result<()> {
-    // A GGUF source stands for its converted directory (crate::gguf::resolve_model).
-    let resolved = src.map(crate::gguf::resolve_model).transpose()?;
+    // A GGUF source stands for its converted directory (crate::gguf_cache::resolve_model).
+    let resolved = src.map(crate::gguf_cache::resolve_model).transpose()?;
     let src = resolved.as_deref();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut cfg = match src.map(|s| s.join("config.json")).filter(|p| p.exists()) {

@@ -96,7 +96,7 @@ impl TokenizerBundle {
 
     /// Loads `tokenizer.json`, `tokenizer_config.json` (optional) and `chat_template.jinja`
     /// (optional; preferred over the config's `chat_template`) from a checkpoint directory, or
-    /// from the cached conversion of a GGUF file ([`crate::gguf::resolve_model`]).
+    /// from the cached conversion of a GGUF file ([`crate::gguf_cache::resolve_model`]).
     ///
     /// # Errors
     /// Missing or invalid tokenizer.json, invalid JSON, a template that does not compile.
@@ -112,8 +112,8 @@ impl TokenizerBundle {
     /// See [`TokenizerBundle::load`].
     pub fn load_with(dir: &Path, compat: crate::provenance::TokenizerCompat) -> Result<Self> {
         crate::lora::refuse_adapter_as_model(dir)?;
-        // A GGUF file stands for its converted directory (crate::gguf::resolve_model).
-        let resolved = crate::gguf::resolve_model(dir)?;
+        // A GGUF file stands for its converted directory (crate::gguf_cache::resolve_model).
+        let resolved = crate::gguf_cache::resolve_model(dir)?;
         let dir = resolved.as_path();
         let tj = dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tj)

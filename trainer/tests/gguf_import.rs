@@ -15,9 +15,8 @@ use common::gguf::{gguf_config, micro_gguf, write_gguf, Overrides, F32, Q4_1_Q8_
 use common::{checkpoint, TempDir};
 use difinfo_trainer::pretrained::{load_model, read_tensors};
 use difinfo_trainer::config::{Architecture, ModelConfig, RopeScaling};
-use difinfo_trainer::gguf::{
-    import_file, permute_for_gguf, resolve_model_in, unpermute_from_gguf, CACHE_MARKER,
-};
+use difinfo_trainer::gguf::{import_file, permute_for_gguf, unpermute_from_gguf};
+use difinfo_trainer::gguf_cache::{resolve_model_in, CACHE_MARKER};
 use difinfo_trainer::tokenize::TokenizerBundle;
 use serde_json::Value;
 

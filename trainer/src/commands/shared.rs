@@ -221,9 +221,10 @@ pub(crate) fn outputs_with_report<'a>(
 
 /// Converts each GGUF file named by an argument of the command into its cache directory
 /// before the command runs, saying so: the loaders would convert it silently
-/// ([`crate::gguf::resolve_model`]), and a first conversion takes a while.
+/// ([`crate::gguf_cache::resolve_model`]), and a first conversion takes a while.
 pub(crate) fn convert_gguf_arguments(sub: &clap::ArgMatches) -> Result<()> {
-    use crate::gguf::{cache_root, is_gguf, resolve_model_in};
+    use crate::gguf::is_gguf;
+    use crate::gguf_cache::{cache_root, resolve_model_in};
     for id in sub.ids() {
         let Ok(Some(values)) = sub.try_get_raw(id.as_str()) else {
             continue;

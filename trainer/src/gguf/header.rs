@@ -20,9 +20,8 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
-use candle_core::quantized::GgmlDType;
 
-use super::{ggml_type_name, GGUF_MAGIC};
+use super::{ggml_dtype, ggml_type_name, GGUF_MAGIC};
 use crate::error::{Error, Result};
 
 /// The metadata arrays the import reads (the tokenizer's); every other array is skipped.
@@ -60,28 +59,6 @@ const T_ARRAY: u32 = 9;
 const T_U64: u32 = 10;
 const T_I64: u32 = 11;
 const T_F64: u32 = 12;
-
-/// The GGML types candle reads, by id (ggml.h's `ggml_type`).
-fn ggml_dtype(id: u32) -> Option<GgmlDType> {
-    Some(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
-}
 
 /// What a string of the header belongs to, for its errors.
 enum Owner<'k> {
@@ -387,103 +364,144 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Conten
         pos: start,
         v1: false,
     };
-    if h.remaining() < 4 {
-        return Err(h.malformed(format!(
-            "{} bytes, too short for the magic `GGUF`",
-            h.remaining()
-        )));
-    }
-    let magic: [u8; 4] = h.bytes("the magic")?;
-    if magic != GGUF_MAGIC {
-        return Err(h.malformed(format!(
-            "it starts with {:?}, not the magic `GGUF`",
-            String::from_utf8_lossy(&magic)
-        )));
-    }
-    let version = h.u32("the version")?;
-    let magic = match version {
-        1 => VersionedMagic::GgufV1,
-        2 => VersionedMagic::GgufV2,
-        3 => VersionedMagic::GgufV3,
-        v => return Err(h.malformed(format!("GGUF version {v} (supported: 1, 2, 3)"))),
-    };
-    h.v1 = version == 1;
-    let n_tensors = h.len("the tensor count")?;
-    let n_kv = h.len("the metadata count")?;
-    // A key-value pair takes at least a key length, a type and one byte; a tensor info a name
-    // length, n_dims, a type and an offset.
-    let need = n_kv
-        .checked_mul(h.len_size() + 5)
-        .and_then(|a| a.checked_add(n_tensors.checked_mul(h.len_size() + 16)?));
-    match need {
-        Some(need) if need <= h.remaining() => {}
-        _ => {
-            return Err(h.malformed(format!(
-                "the header declares {n_tensors} tensors and {n_kv} metadata entries, more than the {} bytes left in the file can hold",
-                h.remaining()
-            )))
-        }
-    }
-
-    let mut metadata: HashMap<String, Value> = HashMap::new();
-    for i in 0..n_kv {
-        let key = h.string(&Owner::Header(format!("metadata key {i}")))?;
-        if metadata.contains_key(&key) {
-            return Err(h.bad_key(
-                &key,
-                "appears twice in the header (llama.cpp and gguf-py refuse duplicate keys)",
-            ));
-        }
-        let ty = h.u32("a metadata value type")?;
-        h.check_type(&key, ty)?;
-        let value = if ty != T_ARRAY {
-            h.scalar(&key, ty)?
-        } else if READ_ARRAYS.contains(&key.as_str()) {
-            h.read_array(&key)?
-        } else {
-            // Not read by the import: walked over, kept as an empty array.
-            h.skip_value(&key, ty, 0)?;
-            Value::Array(Vec::new())
-        };
-        metadata.insert(key, value);
-    }
+    let magic = h.magic_and_version()?;
+    let (n_tensors, n_kv) = h.counts()?;
+    let metadata = h.metadata(n_kv)?;
     let align = alignment(&metadata, path)?;
+    let infos = h.tensor_infos(n_tensors, align)?;
+    let (tensor_data_offset, tensor_infos) = h.place_tensor_data(infos, align)?;
+    Ok(Content {
+        magic,
+        metadata,
+        tensor_infos,
+        tensor_data_offset,
+    })
+}
 
-    let mut infos: Vec<(String, TensorInfo, u64)> = Vec::new();
-    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-    for i in 0..n_tensors {
-        let name = h.string(&Owner::Header(format!("the name of tensor {i}")))?;
-        if !seen.insert(name.clone()) {
-            return Err(h.bad_tensor(
-                &name,
-                "appears twice in the header (llama.cpp and gguf-py refuse duplicate tensor names)",
-            ));
+/// A tensor's header entry with the number of bytes its data takes.
+type SizedInfo = (String, TensorInfo, u64);
+
+/// The steps of [`read_header`], in the order of the file.
+impl<R: Read + Seek> Header<'_, R> {
+    /// The magic `GGUF` and the version (1, 2 or 3; version 1 has 32-bit lengths).
+    fn magic_and_version(&mut self) -> Result<VersionedMagic> {
+        if self.remaining() < 4 {
+            return Err(self.malformed(format!(
+                "{} bytes, too short for the magic `GGUF`",
+                self.remaining()
+            )));
         }
-        let n_dims = h.u32("a tensor's n_dims")?;
+        let magic: [u8; 4] = self.bytes("the magic")?;
+        if magic != GGUF_MAGIC {
+            return Err(self.malformed(format!(
+                "it starts with {:?}, not the magic `GGUF`",
+                String::from_utf8_lossy(&magic)
+            )));
+        }
+        let version = self.u32("the version")?;
+        let magic = match version {
+            1 => VersionedMagic::GgufV1,
+            2 => VersionedMagic::GgufV2,
+            3 => VersionedMagic::GgufV3,
+            v => return Err(self.malformed(format!("GGUF version {v} (supported: 1, 2, 3)"))),
+        };
+        self.v1 = version == 1;
+        Ok(magic)
+    }
+
+    /// The tensor and metadata counts, checked against the bytes left: a key-value pair takes
+    /// at least a key length, a type and one byte; a tensor info a name length, n_dims, a type
+    /// and an offset.
+    fn counts(&mut self) -> Result<(u64, u64)> {
+        let n_tensors = self.len("the tensor count")?;
+        let n_kv = self.len("the metadata count")?;
+        let need = n_kv
+            .checked_mul(self.len_size() + 5)
+            .and_then(|a| a.checked_add(n_tensors.checked_mul(self.len_size() + 16)?));
+        match need {
+            Some(need) if need <= self.remaining() => Ok((n_tensors, n_kv)),
+            _ => Err(self.malformed(format!(
+                "the header declares {n_tensors} tensors and {n_kv} metadata entries, more than the {} bytes left in the file can hold",
+                self.remaining()
+            ))),
+        }
+    }
+
+    /// The `n_kv` metadata entries: duplicates refused, the arrays of [`READ_ARRAYS`] read,
+    /// every other array walked over and kept empty.
+    fn metadata(&mut self, n_kv: u64) -> Result<HashMap<String, Value>> {
+        let mut metadata: HashMap<String, Value> = HashMap::new();
+        for i in 0..n_kv {
+            let key = self.string(&Owner::Header(format!("metadata key {i}")))?;
+            if metadata.contains_key(&key) {
+                return Err(self.bad_key(
+                    &key,
+                    "appears twice in the header (llama.cpp and gguf-py refuse duplicate keys)",
+                ));
+            }
+            let ty = self.u32("a metadata value type")?;
+            self.check_type(&key, ty)?;
+            let value = if ty != T_ARRAY {
+                self.scalar(&key, ty)?
+            } else if READ_ARRAYS.contains(&key.as_str()) {
+                self.read_array(&key)?
+            } else {
+                // Not read by the import: walked over, kept as an empty array.
+                self.skip_value(&key, ty, 0)?;
+                Value::Array(Vec::new())
+            };
+            metadata.insert(key, value);
+        }
+        Ok(metadata)
+    }
+
+    /// The `n_tensors` tensor infos ([`Header::tensor_info`]), duplicate names refused.
+    fn tensor_infos(&mut self, n_tensors: u64, align: u64) -> Result<Vec<SizedInfo>> {
+        let mut infos: Vec<SizedInfo> = Vec::new();
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for i in 0..n_tensors {
+            let name = self.string(&Owner::Header(format!("the name of tensor {i}")))?;
+            if !seen.insert(name.clone()) {
+                return Err(self.bad_tensor(
+                    &name,
+                    "appears twice in the header (llama.cpp and gguf-py refuse duplicate tensor names)",
+                ));
+            }
+            let (info, bytes) = self.tensor_info(&name, align)?;
+            infos.push((name, info, bytes));
+        }
+        Ok(infos)
+    }
+
+    /// The tensor info after the name `name`, with the bytes of its data: 1 to
+    /// [`MAX_TENSOR_DIMS`] dimensions, none zero, no overflow; a type candle reads; rows of
+    /// whole quantization blocks; an offset that is a multiple of `align`.
+    fn tensor_info(&mut self, name: &str, align: u64) -> Result<(TensorInfo, u64)> {
+        let n_dims = self.u32("a tensor's n_dims")?;
         if n_dims == 0 || n_dims > MAX_TENSOR_DIMS {
-            return Err(h.bad_tensor(
-                &name,
+            return Err(self.bad_tensor(
+                name,
                 format!("{n_dims} dimensions (GGML tensors have 1 to {MAX_TENSOR_DIMS})"),
             ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
-            dims.push(h.len("a tensor dimension")?);
+            dims.push(self.len("a tensor dimension")?);
         }
         let elems = dims
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| n <= i64::MAX as u64 && usize::try_from(n).is_ok());
         let Some(elems) = elems else {
-            return Err(h.bad_tensor(&name, format!("dimensions {dims:?} overflow")));
+            return Err(self.bad_tensor(name, format!("dimensions {dims:?} overflow")));
         };
         if elems == 0 {
-            return Err(h.bad_tensor(&name, format!("dimensions {dims:?} hold no element")));
+            return Err(self.bad_tensor(name, format!("dimensions {dims:?} hold no element")));
         }
-        let type_id = h.u32("a tensor type")?;
+        let type_id = self.u32("a tensor type")?;
         let Some(dtype) = ggml_dtype(type_id) else {
             return Err(Error::GgufUnsupportedQuantization {
-                path: path.to_path_buf(),
+                path: self.path.to_path_buf(),
                 detail: format!(
                     "tensor `{name}` is stored as {} (GGML type {type_id})",
                     ggml_type_name(type_id)
@@ -493,8 +511,8 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Conten
         let block = dtype.block_size() as u64;
         // dims[0] is the innermost (row) dimension in the file's order.
         if dims[0] % block != 0 {
-            return Err(h.bad_tensor(
-                &name,
+            return Err(self.bad_tensor(
+                name,
                 format!(
                     "rows of {} elements are not whole blocks of {block} ({:?})",
                     dims[0], dtype
@@ -503,55 +521,56 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Conten
         }
         let bytes = (elems / block).checked_mul(dtype.type_size() as u64);
         let Some(bytes) = bytes else {
-            return Err(h.bad_tensor(&name, format!("dimensions {dims:?} overflow")));
+            return Err(self.bad_tensor(name, format!("dimensions {dims:?} overflow")));
         };
-        let offset = h.u64("a tensor offset")?;
+        let offset = self.u64("a tensor offset")?;
         if offset % align != 0 {
-            return Err(h.bad_tensor(
-                &name,
+            return Err(self.bad_tensor(
+                name,
                 format!("offset {offset} is not a multiple of the alignment {align}"),
             ));
         }
         dims.reverse();
         let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-        infos.push((
-            name,
-            TensorInfo {
-                ggml_dtype: dtype,
-                shape: shape.into(),
-                offset,
-            },
-            bytes,
-        ));
+        let info = TensorInfo {
+            ggml_dtype: dtype,
+            shape: shape.into(),
+            offset,
+        };
+        Ok((info, bytes))
     }
-    // The tensor data starts at the next multiple of the alignment.
-    let mut tensor_infos: HashMap<String, TensorInfo> = HashMap::with_capacity(infos.len());
-    let data_offset = h
-        .pos
-        .checked_next_multiple_of(align)
-        .ok_or_else(|| h.malformed("the tensor data offset overflows"))?;
-    for (name, info, bytes) in infos {
-        let end = data_offset
-            .checked_add(info.offset)
-            .and_then(|s| s.checked_add(bytes));
-        match end {
-            Some(end) if end <= size => {}
-            _ => {
-                return Err(h.bad_tensor(
-                    &name,
-                    format!(
-                    "its {bytes} bytes at offset {} extend past the end of the file ({size} bytes)",
-                    data_offset.saturating_add(info.offset)
-                ),
-                ))
+
+    /// The tensor data's offset (the next multiple of the alignment after the header) and the
+    /// tensor infos by name, each tensor's bytes checked to lie inside the file.
+    fn place_tensor_data(
+        &self,
+        infos: Vec<SizedInfo>,
+        align: u64,
+    ) -> Result<(u64, HashMap<String, TensorInfo>)> {
+        let size = self.size;
+        let mut tensor_infos: HashMap<String, TensorInfo> = HashMap::with_capacity(infos.len());
+        let data_offset = self
+            .pos
+            .checked_next_multiple_of(align)
+            .ok_or_else(|| self.malformed("the tensor data offset overflows"))?;
+        for (name, info, bytes) in infos {
+            let end = data_offset
+                .checked_add(info.offset)
+                .and_then(|s| s.checked_add(bytes));
+            match end {
+                Some(end) if end <= size => {}
+                _ => {
+                    return Err(self.bad_tensor(
+                        &name,
+                        format!(
+                        "its {bytes} bytes at offset {} extend past the end of the file ({size} bytes)",
+                        data_offset.saturating_add(info.offset)
+                    ),
+                    ))
+                }
             }
+            tensor_infos.insert(name, info);
         }
-        tensor_infos.insert(name, info);
+        Ok((data_offset, tensor_infos))
     }
-    Ok(Content {
-        magic,
-        metadata,
-        tensor_infos,
-        tensor_data_offset: data_offset,
-    })
 }

@@ -258,7 +258,7 @@ impl RunFingerprint {
     pub fn of(model: &Path, lora: bool) -> crate::Result<Self> {
         use crate::hf_dir::SIDE_FILES;
         use crate::io::sha256_file;
-        let dir = crate::gguf::resolve_model(model)?;
+        let dir = crate::gguf_cache::resolve_model(model)?;
         let hash = |names: Vec<String>| -> crate::Result<BTreeMap<String, String>> {
             let mut m = BTreeMap::new();
             for n in names {

@@ -16,7 +16,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use difinfo_trainer::pretrained::read_tensors;
 use difinfo_trainer::config::Architecture;
-use difinfo_trainer::gguf::{import_file, resolve_model_in};
+use difinfo_trainer::gguf::import_file;
+use difinfo_trainer::gguf_cache::resolve_model_in;
 
 /// Runs the binary with the GGUF cache in `cache`; returns (success, stderr).
 fn run_cached(cache: &Path, args: &[&str]) -> (Option<i32>, String) {
