@@ -13,7 +13,7 @@
 //! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
 //! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories (also accepted
 //!   directly wherever a checkpoint directory is);
-//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
+//! - [`template`], [`records`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
 //!   tokenization; [`provenance`]: which tokenizer pipeline, and transformers 5's;
 //! - [`batch`]: right-padded batches and completion masks;
 //! - [`logps`]: summed completion log-probs of a preference dataset;
@@ -31,7 +31,6 @@ pub mod batch;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
-pub mod data;
 pub mod diag;
 pub mod error;
 pub mod fused;
@@ -46,6 +45,7 @@ pub mod lora;
 pub mod model;
 pub mod provenance;
 pub mod recompute;
+pub mod records;
 pub mod template;
 pub mod tokenize;
 pub mod train;

@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::DType;
 
 use crate::batch::{Batch, Sequence};
-use crate::data::Located;
+use crate::records::Located;
 use crate::error::{DataError, Error, Result};
 use crate::model::Model;
 use crate::tokenize::TokenizedPair;

@@ -20,7 +20,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::batch::Sequence;
-use crate::data::{Loaded, Located, PreferenceExample, PromptExample, SftExample, Text};
+use crate::records::{Loaded, Located, PreferenceExample, PromptExample, SftExample, Text};
 use crate::error::{DataError, Error, Result};
 use crate::template::{ChatTemplate, Message, TemplateTokens};
 
@@ -737,7 +737,7 @@ fn tokenize_all<E, T>(
 }
 
 /// Reads and tokenizes a preference dataset (JSONL, JSON array, Parquet or a directory of
-/// Parquet shards: [`crate::data::read_records`]).
+/// Parquet shards: [`crate::records::read_records`]).
 ///
 /// # Errors
 /// I/O errors; the first data error (file:line:field) unless `skip_invalid`.
@@ -747,13 +747,13 @@ pub fn load_preferences(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedPair>> {
-    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_preference_line)?;
+    let loaded = crate::records::read_records(file, skip_invalid, crate::records::parse_preference_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
         tokenize_preference(tok, ex, opts, line, st)
     })
 }
 
-/// Reads and tokenizes an SFT dataset (any format of [`crate::data::read_records`]).
+/// Reads and tokenizes an SFT dataset (any format of [`crate::records::read_records`]).
 ///
 /// # Errors
 /// See [`load_preferences`].
@@ -763,13 +763,13 @@ pub fn load_sft(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedSft>> {
-    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_sft_line)?;
+    let loaded = crate::records::read_records(file, skip_invalid, crate::records::parse_sft_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
         tokenize_sft(tok, ex, opts, line, st)
     })
 }
 
-/// Reads a prompt dataset (any format of [`crate::data::read_records`]) and tokenizes each prompt (truncated to `max_prompt_length`,
+/// Reads a prompt dataset (any format of [`crate::records::read_records`]) and tokenizes each prompt (truncated to `max_prompt_length`,
 /// keeping its end).
 ///
 /// # Errors
@@ -780,7 +780,7 @@ pub fn load_prompts(
     max_prompt_length: Option<usize>,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<(PromptExample, Vec<u32>)>> {
-    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_prompt_line)?;
+    let loaded = crate::records::read_records(file, skip_invalid, crate::records::parse_prompt_line)?;
     tokenize_all(file, loaded, skip_invalid, |ex, _line, st| {
         let mut ids = tok.prompt_ids(&ex.prompt).map_err(field_err("prompt"))?;
         if let Some(mp) = max_prompt_length {

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{load_model, parse_dtype};
-use crate::data::{write_error_report, InvalidRecords, PromptExample};
+use crate::records::{write_error_report, InvalidRecords, PromptExample};
 use crate::io::{check_outputs, inputs, Named};
 use crate::model::Model;
 use crate::tokenize::{

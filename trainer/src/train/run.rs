@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::InvalidRecords;
+use crate::records::InvalidRecords;
 use crate::error::Error;
 use crate::tokenize::TokenizerOptions;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};

@@ -1,6 +1,6 @@
 //! Parquet files as records: the `parquet` crate's row reader, run so that a malformed file
 //! is an error naming it (never a panic), and each row turned into JSON text for the parse
-//! functions of [`crate::data`].
+//! functions of [`crate::records`].
 //!
 //! Values become JSON as `datasets` reads them for text: strings (`UTF8` / `String`) and
 //! binary columns (`BYTE_ARRAY` without the annotation: pyarrow's `binary`, older Spark and
