@@ -114,7 +114,8 @@ pub fn gguf_import(data: &[u8]) {
 /// preference and as SFT data.
 pub fn parquet_file(data: &[u8]) {
     let p = Path::new("<fuzz>");
-    let _ = crate::records::read_parquet_bytes(data, p, true, crate::records::parse_preference_line);
+    let _ =
+        crate::records::read_parquet_bytes(data, p, true, crate::records::parse_preference_line);
     let _ = crate::records::read_parquet_bytes(data, p, true, crate::records::parse_sft_line);
 }
 

@@ -181,7 +181,8 @@ fn corpus_seeds_exercise_success_paths() {
     assert!(difinfo_trainer::records::parse_preference_str(&std_line).is_ok());
     for f in ["candidates_plain", "candidates_chat"] {
         let text = std::fs::read_to_string(dir.join("jsonl_example").join(f)).unwrap();
-        let set = difinfo_trainer::records::parse_candidates_line(&text, std::path::Path::new(f), 1);
+        let set =
+            difinfo_trainer::records::parse_candidates_line(&text, std::path::Path::new(f), 1);
         assert!(set.is_ok_and(|s| s.candidates.len() >= 2), "{f}");
     }
     for f in ["llama3", "qwen2", "mistral"] {

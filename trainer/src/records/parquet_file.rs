@@ -102,7 +102,7 @@ fn check_footer<R: ChunkReader>(src: &R, len: u64) -> std::result::Result<(), St
     let Ok(tail) = src.get_bytes(start, 8) else {
         return Ok(());
     };
-    if tail[4..] != *b"PAR1" {
+    if tail[4..] != super::PARQUET_MAGIC[..] {
         return Ok(());
     }
     let n = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
