@@ -7,12 +7,12 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use crate::checkpoint::{load_model, parse_dtype};
-use crate::records::{write_error_report, InvalidRecords, PromptExample};
 use crate::io::{check_outputs, inputs, Named};
 use crate::model::Model;
+use crate::records::{write_error_report, InvalidRecords, PromptExample};
 use crate::tokenize::{
-    load_prompts, TokenizeOptions, TokenizeStats, TokenizedDataset, TokenizerBundle,
-    TokenizerOptions,
+    load_prompts, TokenizationRules, TokenizeOptions, TokenizeStats, TokenizedDataset,
+    TokenizerBundle,
 };
 use crate::{parse_device, DataError, Error, Result};
 use clap::ValueEnum;
@@ -44,7 +44,7 @@ pub struct TokenizeArgs {
     pub max_prompt_length: Limit,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub tokenizer: TokenizerOptions,
+    pub tokenizer: TokenizationRules,
 }
 
 impl TokenizeArgs {
