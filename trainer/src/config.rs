@@ -148,6 +148,175 @@ fn cfg_err(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// The architecture `model_type` names.
+///
+/// # Errors
+/// A missing `model_type`; [`Error::UnsupportedModelType`] for one this crate does not
+/// implement.
+fn architecture(raw: &RawConfig, path: &Path) -> Result<Architecture> {
+    let model_type = raw
+        .model_type
+        .clone()
+        .ok_or_else(|| cfg_err(path, "missing `model_type`"))?;
+    match model_type.as_str() {
+        "llama" => Ok(Architecture::Llama),
+        "mistral" => Ok(Architecture::Mistral),
+        "qwen2" => Ok(Architecture::Qwen2),
+        _ => Err(Error::UnsupportedModelType {
+            path: path.to_path_buf(),
+            found: model_type,
+            supported: SUPPORTED_MODEL_TYPES.to_vec(),
+        }),
+    }
+}
+
+/// The largest dimension accepted: far above any real model, it keeps arithmetic and
+/// allocations sane on hostile input.
+const MAX_DIM: usize = 1 << 24;
+/// The largest number of layers accepted (as [`MAX_DIM`]).
+const MAX_LAYERS: usize = 1 << 12;
+
+/// Dimension `name` (value `v`): given, positive, at most its bound ([`MAX_LAYERS`] for
+/// `num_hidden_layers`, [`MAX_DIM`] for the others).
+///
+/// # Errors
+/// Missing, zero, or over the bound, naming `name`.
+fn dimension(v: Option<usize>, name: &str, path: &Path) -> Result<usize> {
+    let n = match v {
+        Some(0) => return Err(cfg_err(path, format!("`{name}` must be positive"))),
+        Some(n) => n,
+        None => return Err(cfg_err(path, format!("missing `{name}`"))),
+    };
+    let max = if name == "num_hidden_layers" {
+        MAX_LAYERS
+    } else {
+        MAX_DIM
+    };
+    if n > max {
+        return Err(cfg_err(
+            path,
+            format!("`{name}` = {n} exceeds the supported maximum {max}"),
+        ));
+    }
+    Ok(n)
+}
+
+/// The validated sizes of config.json: each [`dimension`], the heads dividing as attention
+/// needs.
+struct Dimensions {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+}
+
+impl Dimensions {
+    /// Reads the sizes, in config.json's order of checks.
+    ///
+    /// # Errors
+    /// A missing, zero or oversized dimension; query heads that are no multiple of the
+    /// key/value heads; a hidden size no multiple of the heads without `head_dim`; an odd
+    /// `head_dim` (RoPE rotates pairs).
+    fn read(raw: &RawConfig, path: &Path) -> Result<Self> {
+        let need = |v: Option<usize>, name: &str| dimension(v, name, path);
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = need(
+            raw.num_key_value_heads.or(Some(num_attention_heads)),
+            "num_key_value_heads",
+        )?;
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg_err(
+                path,
+                format!("num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => need(Some(d), "head_dim")?,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(cfg_err(path, format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}) and no head_dim is given")));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(cfg_err(
+                path,
+                format!("head_dim ({head_dim}) must be even for RoPE"),
+            ));
+        }
+        Ok(Dimensions {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+        })
+    }
+}
+
+/// `rope_theta` (default 10000) and the RoPE scaling, from the top level or (transformers
+/// ≥ 5) `rope_parameters`.
+///
+/// # Errors
+/// A `rope_theta` that is not a positive number; the errors of [`parse_rope_scaling`].
+fn rope(raw: &RawConfig, path: &Path) -> Result<(f64, Option<RopeScaling>)> {
+    // transformers >= 5 moves rope settings into `rope_parameters`.
+    let rope_params = raw.rope_parameters.as_ref().and_then(Value::as_object);
+    let rope_theta = raw
+        .rope_theta
+        .or_else(|| {
+            rope_params
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+        })
+        .unwrap_or(10000.0);
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        return Err(cfg_err(path, "`rope_theta` must be a positive number"));
+    }
+    let rope_scaling = match (&raw.rope_scaling, &raw.rope_parameters) {
+        (Some(v), _) if !v.is_null() => parse_rope_scaling(v, path)?,
+        (_, Some(v)) => parse_rope_scaling(v, path)?,
+        _ => None,
+    };
+    Ok((rope_theta, rope_scaling))
+}
+
+/// Mistral's attention window (`sliding_window`, null for none); Qwen2's sliding window is
+/// refused; Llama has none.
+///
+/// # Errors
+/// A Mistral window that is not a positive integer; Qwen2 with `use_sliding_window`.
+fn sliding_window(arch: Architecture, raw: &RawConfig, path: &Path) -> Result<Option<usize>> {
+    match arch {
+        Architecture::Mistral => match &raw.sliding_window {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => Ok(Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
+                cfg_err(path, "`sliding_window` must be a positive integer or null")
+            })? as usize)),
+        },
+        Architecture::Qwen2 => {
+            if raw.use_sliding_window == Some(true) {
+                return Err(cfg_err(
+                    path,
+                    "qwen2 with use_sliding_window=true is not supported",
+                ));
+            }
+            Ok(None)
+        }
+        Architecture::Llama => Ok(None),
+    }
+}
+
 fn token_ids(v: &Option<Value>, field: &str, path: &Path) -> Result<Vec<u32>> {
     let as_id = |x: &Value| -> Result<u32> {
         x.as_u64()
@@ -235,78 +404,8 @@ impl ModelConfig {
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let raw: RawConfig =
             serde_json::from_str(text).map_err(|e| cfg_err(path, format!("invalid JSON: {e}")))?;
-        let model_type = raw
-            .model_type
-            .clone()
-            .ok_or_else(|| cfg_err(path, "missing `model_type`"))?;
-        let arch = match model_type.as_str() {
-            "llama" => Architecture::Llama,
-            "mistral" => Architecture::Mistral,
-            "qwen2" => Architecture::Qwen2,
-            _ => {
-                return Err(Error::UnsupportedModelType {
-                    path: path.to_path_buf(),
-                    found: model_type,
-                    supported: SUPPORTED_MODEL_TYPES.to_vec(),
-                })
-            }
-        };
-        let need = |v: Option<usize>, name: &str| -> Result<usize> {
-            match v {
-                Some(0) => Err(cfg_err(path, format!("`{name}` must be positive"))),
-                Some(n) => Ok(n),
-                None => Err(cfg_err(path, format!("missing `{name}`"))),
-            }
-        };
-        // Bounds far above any real model; they keep arithmetic and allocations sane on
-        // hostile input.
-        const MAX_DIM: usize = 1 << 24;
-        const MAX_LAYERS: usize = 1 << 12;
-        let need = |v: Option<usize>, name: &str| -> Result<usize> {
-            let n = need(v, name)?;
-            let max = if name == "num_hidden_layers" {
-                MAX_LAYERS
-            } else {
-                MAX_DIM
-            };
-            if n > max {
-                return Err(cfg_err(
-                    path,
-                    format!("`{name}` = {n} exceeds the supported maximum {max}"),
-                ));
-            }
-            Ok(n)
-        };
-        let vocab_size = need(raw.vocab_size, "vocab_size")?;
-        let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
-        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
-        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
-        let num_key_value_heads = need(
-            raw.num_key_value_heads.or(Some(num_attention_heads)),
-            "num_key_value_heads",
-        )?;
-        if num_attention_heads % num_key_value_heads != 0 {
-            return Err(cfg_err(
-                path,
-                format!("num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"),
-            ));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => need(Some(d), "head_dim")?,
-            None => {
-                if hidden_size % num_attention_heads != 0 {
-                    return Err(cfg_err(path, format!("hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}) and no head_dim is given")));
-                }
-                hidden_size / num_attention_heads
-            }
-        };
-        if head_dim % 2 != 0 {
-            return Err(cfg_err(
-                path,
-                format!("head_dim ({head_dim}) must be even for RoPE"),
-            ));
-        }
+        let arch = architecture(&raw, path)?;
+        let dims = Dimensions::read(&raw, path)?;
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
                 return Err(cfg_err(
@@ -322,42 +421,8 @@ impl ModelConfig {
                 "`rms_norm_eps` must be a finite non-negative number",
             ));
         }
-        // transformers >= 5 moves rope settings into `rope_parameters`.
-        let rope_params = raw.rope_parameters.as_ref().and_then(Value::as_object);
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                rope_params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(10000.0);
-        if !(rope_theta.is_finite() && rope_theta > 0.0) {
-            return Err(cfg_err(path, "`rope_theta` must be a positive number"));
-        }
-        let rope_scaling = match (&raw.rope_scaling, &raw.rope_parameters) {
-            (Some(v), _) if !v.is_null() => parse_rope_scaling(v, path)?,
-            (_, Some(v)) => parse_rope_scaling(v, path)?,
-            _ => None,
-        };
-        let sliding_window = match arch {
-            Architecture::Mistral => match &raw.sliding_window {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
-                    cfg_err(path, "`sliding_window` must be a positive integer or null")
-                })? as usize),
-            },
-            Architecture::Qwen2 => {
-                if raw.use_sliding_window == Some(true) {
-                    return Err(cfg_err(
-                        path,
-                        "qwen2 with use_sliding_window=true is not supported",
-                    ));
-                }
-                None
-            }
-            Architecture::Llama => None,
-        };
+        let (rope_theta, rope_scaling) = rope(&raw, path)?;
+        let sliding_window = sliding_window(arch, &raw, path)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Architecture::Qwen2 => (true, false),
@@ -369,13 +434,13 @@ impl ModelConfig {
         let eos_token_ids = token_ids(&raw.eos_token_id, "eos_token_id", path)?;
         Ok(ModelConfig {
             arch,
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
+            vocab_size: dims.vocab_size,
+            hidden_size: dims.hidden_size,
+            intermediate_size: dims.intermediate_size,
+            num_hidden_layers: dims.num_hidden_layers,
+            num_attention_heads: dims.num_attention_heads,
+            num_key_value_heads: dims.num_key_value_heads,
+            head_dim: dims.head_dim,
             rms_norm_eps,
             rope_theta,
             rope_scaling,

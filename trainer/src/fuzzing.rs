@@ -11,10 +11,10 @@ pub fn jsonl_example(data: &[u8]) {
         return;
     };
     let p = Path::new("<fuzz>");
-    let _ = crate::data::parse_preference_line(text, p, 1);
-    let _ = crate::data::parse_sft_line(text, p, 1);
-    let _ = crate::data::parse_prompt_line(text, p, 1);
-    let _ = crate::data::parse_candidates_line(text, p, 1);
+    let _ = crate::records::parse_preference_line(text, p, 1);
+    let _ = crate::records::parse_sft_line(text, p, 1);
+    let _ = crate::records::parse_prompt_line(text, p, 1);
+    let _ = crate::records::parse_candidates_line(text, p, 1);
 }
 
 /// config.json parsing; a parsed config also derives its tensor list, parameter count and
@@ -109,13 +109,14 @@ pub fn gguf_import(data: &[u8]) {
 }
 
 /// A Parquet dataset file: the bytes read in memory as `--data x.parquet` reads a file
-/// ([`crate::data::read_parquet_bytes`]: the metadata checks, the `parquet` crate's row
+/// ([`crate::records::read_parquet_bytes`]: the metadata checks, the `parquet` crate's row
 /// reader under [`crate::error::catch_panic`], the rows as JSON), each row parsed as
 /// preference and as SFT data.
 pub fn parquet_file(data: &[u8]) {
     let p = Path::new("<fuzz>");
-    let _ = crate::data::read_parquet_bytes(data, p, true, crate::data::parse_preference_line);
-    let _ = crate::data::read_parquet_bytes(data, p, true, crate::data::parse_sft_line);
+    let _ =
+        crate::records::read_parquet_bytes(data, p, true, crate::records::parse_preference_line);
+    let _ = crate::records::read_parquet_bytes(data, p, true, crate::records::parse_sft_line);
 }
 
 /// The GGUF a [`gguf_header`] input stands for: `"GGUF"`, version 3, then `data[1]` as the

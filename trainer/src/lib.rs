@@ -14,7 +14,7 @@
 //! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories; [`gguf_cache`]: their
 //!   content-keyed conversion cache, through which a GGUF file is accepted
 //!   wherever a checkpoint directory is;
-//! - [`template`], [`data`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
+//! - [`template`], [`records`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
 //!   tokenization; [`provenance`]: which tokenizer pipeline, and transformers 5's;
 //! - [`batch`]: right-padded batches and completion masks;
 //! - [`logps`]: summed completion log-probs of a preference dataset;
@@ -31,7 +31,6 @@
 pub mod batch;
 pub mod commands;
 pub mod config;
-pub mod data;
 pub mod diag;
 pub mod dtype;
 pub mod error;
@@ -51,6 +50,7 @@ pub mod outputs;
 pub mod pretrained;
 pub mod provenance;
 pub mod recompute;
+pub mod records;
 pub mod safetensors;
 pub mod template;
 pub mod tokenize;

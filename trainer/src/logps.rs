@@ -5,9 +5,9 @@ use std::path::Path;
 use candle_core::DType;
 
 use crate::batch::{Batch, Sequence};
-use crate::data::Located;
 use crate::error::{DataError, Error, Result};
 use crate::model::Model;
+use crate::records::Located;
 use crate::tokenize::TokenizedPair;
 
 /// Padded tokens per forward pass of [`sequence_logps`] at most (a longer sequence runs alone).

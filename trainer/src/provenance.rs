@@ -67,11 +67,14 @@ const AS_IS: [&str; 3] = [
 /// Qwen2's pre-tokenization regex (transformers' `tokenization_qwen2.PRETOKENIZE_REGEX`).
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Boolean `key` of tokenizer_config.json `cfg`, when given.
 fn flag(cfg: &Value, key: &str) -> Option<bool> {
     cfg.get(key).and_then(Value::as_bool)
 }
 
-fn special(cfg: &Value, key: &str) -> Option<String> {
+/// Special token `key` of tokenizer_config.json `cfg`: a string, or an added token's
+/// `content`.
+pub(crate) fn special_token(cfg: &Value, key: &str) -> Option<String> {
     match cfg.get(key)? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
@@ -155,45 +158,57 @@ pub fn transformers5(tokenizer_json: &Value, cfg: &Value) -> Rebuild {
     // (or there is none): then transformers' TemplateProcessing.
     let (bos_on, eos_on) = (flag(cfg, "add_bos_token"), flag(cfg, "add_eos_token"));
     if bos_on.is_some() || eos_on.is_some() || t["post_processor"].is_null() {
-        let id = |tok: &str| -> Option<u64> {
-            t["model"]["vocab"]
-                .get(tok)
-                .and_then(Value::as_u64)
-                .or_else(|| {
-                    t["added_tokens"].as_array().and_then(|a| {
-                        a.iter()
-                            .find(|x| x["content"] == tok)
-                            .and_then(|x| x["id"].as_u64())
-                    })
-                })
-        };
-        let bos = special(cfg, "bos_token").filter(|_| bos_on == Some(true));
-        let eos = special(cfg, "eos_token").filter(|_| eos_on == Some(true));
-        let piece = |tok: &Option<String>, type_id: u32| {
-            tok.as_ref()
-                .map(|s| json!({"SpecialToken": {"id": s, "type_id": type_id}}))
-        };
-        let seq = |n: &str, type_id: u32| json!({"Sequence": {"id": n, "type_id": type_id}});
-        let single: Vec<Value> = [piece(&bos, 0), Some(seq("A", 0)), piece(&eos, 0)]
-            .into_iter()
-            .flatten()
-            .collect();
-        let mut pair = single.clone();
-        pair.extend(
-            [piece(&bos, 1), Some(seq("B", 1)), piece(&eos, 1)]
-                .into_iter()
-                .flatten(),
-        );
-        let mut specials = serde_json::Map::new();
-        for tok in [&bos, &eos].into_iter().flatten() {
-            if let Some(i) = id(tok) {
-                specials.insert(tok.clone(), json!({"id": tok, "ids": [i], "tokens": [tok]}));
-            }
-        }
-        t["post_processor"] = json!({"type": "TemplateProcessing", "single": single,
-            "pair": pair, "special_tokens": specials});
+        t["post_processor"] = template_processing(&t, cfg, bos_on, eos_on);
     }
     Rebuild::Rebuilt(t)
+}
+
+/// transformers' `TemplateProcessing` post-processor for the rebuilt tokenizer `t`: the BOS
+/// before and the EOS after each sequence when `add_bos_token` / `add_eos_token` (`bos_on`,
+/// `eos_on`) ask for them, with their ids from `t`'s vocabulary or added tokens.
+fn template_processing(
+    t: &Value,
+    cfg: &Value,
+    bos_on: Option<bool>,
+    eos_on: Option<bool>,
+) -> Value {
+    let id = |tok: &str| -> Option<u64> {
+        t["model"]["vocab"]
+            .get(tok)
+            .and_then(Value::as_u64)
+            .or_else(|| {
+                t["added_tokens"].as_array().and_then(|a| {
+                    a.iter()
+                        .find(|x| x["content"] == tok)
+                        .and_then(|x| x["id"].as_u64())
+                })
+            })
+    };
+    let bos = special_token(cfg, "bos_token").filter(|_| bos_on == Some(true));
+    let eos = special_token(cfg, "eos_token").filter(|_| eos_on == Some(true));
+    let piece = |tok: &Option<String>, type_id: u32| {
+        tok.as_ref()
+            .map(|s| json!({"SpecialToken": {"id": s, "type_id": type_id}}))
+    };
+    let seq = |n: &str, type_id: u32| json!({"Sequence": {"id": n, "type_id": type_id}});
+    let single: Vec<Value> = [piece(&bos, 0), Some(seq("A", 0)), piece(&eos, 0)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut pair = single.clone();
+    pair.extend(
+        [piece(&bos, 1), Some(seq("B", 1)), piece(&eos, 1)]
+            .into_iter()
+            .flatten(),
+    );
+    let mut specials = serde_json::Map::new();
+    for tok in [&bos, &eos].into_iter().flatten() {
+        if let Some(i) = id(tok) {
+            specials.insert(tok.clone(), json!({"id": tok, "ids": [i], "tokens": [tok]}));
+        }
+    }
+    json!({"type": "TemplateProcessing", "single": single,
+        "pair": pair, "special_tokens": specials})
 }
 
 /// The part of a pipeline component that decides token ids (offsets and decoding options

@@ -20,8 +20,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::batch::Sequence;
-use crate::data::{Loaded, Located, PreferenceExample, PromptExample, SftExample, Text};
 use crate::error::{DataError, Error, Result};
+use crate::provenance::special_token;
+use crate::records::{
+    parse_preference_line, parse_prompt_line, parse_sft_line, Located, PreferenceExample,
+    PromptExample, SftExample, Text,
+};
 use crate::template::{ChatTemplate, Message, TemplateTokens};
 
 /// A tokenizer with the special tokens and chat template of a checkpoint directory.
@@ -35,12 +39,30 @@ pub struct TokenizerBundle {
     provenance: crate::provenance::Provenance,
 }
 
-fn special_token(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
-        _ => None,
-    }
+/// `tokenizer` (read from `tj`) without truncation or padding: transformers calls tokenizers
+/// without them (it switches off any saved in tokenizer.json on every call with default
+/// arguments), so do we.
+///
+/// # Errors
+/// The tokenizers crate refusing to switch truncation off.
+fn untruncated(mut tokenizer: tokenizers::Tokenizer, tj: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
+/// A tokenizer file's JSON.
+///
+/// # Errors
+/// I/O errors; [`Error::Config`] (`invalid JSON: …`) naming `path`.
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("invalid JSON: {e}"),
+    })
 }
 
 impl TokenizerBundle {
@@ -55,10 +77,10 @@ impl TokenizerBundle {
         chat_template: Option<String>,
     ) -> Result<Self> {
         let tokens = TemplateTokens {
-            bos_token: special_token(tokenizer_config.get("bos_token")),
-            eos_token: special_token(tokenizer_config.get("eos_token")),
-            pad_token: special_token(tokenizer_config.get("pad_token")),
-            unk_token: special_token(tokenizer_config.get("unk_token")),
+            bos_token: special_token(tokenizer_config, "bos_token"),
+            eos_token: special_token(tokenizer_config, "eos_token"),
+            pad_token: special_token(tokenizer_config, "pad_token"),
+            unk_token: special_token(tokenizer_config, "unk_token"),
         };
         let source = chat_template.or_else(|| match tokenizer_config.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -116,21 +138,12 @@ impl TokenizerBundle {
         let resolved = crate::gguf_cache::resolve_model(dir)?;
         let dir = resolved.as_path();
         let tj = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tj)
+        let tokenizer = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
-        // transformers calls tokenizers without truncation or padding (it switches off any
-        // saved in tokenizer.json on every call with default arguments): so do we.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
-        tokenizer.with_padding(None);
+        let tokenizer = untruncated(tokenizer, &tj)?;
         let tc = dir.join("tokenizer_config.json");
         let config = if tc.exists() {
-            let text = std::fs::read_to_string(&tc).map_err(|e| Error::io(&tc, e))?;
-            serde_json::from_str(&text).map_err(|e| Error::Config {
-                path: tc.clone(),
-                message: format!("invalid JSON: {e}"),
-            })?
+            read_json(&tc)?
         } else {
             Value::Object(Default::default())
         };
@@ -145,87 +158,114 @@ impl TokenizerBundle {
         if let Some(t) = b.template.as_mut() {
             t.set_origin(if from_jinja { &jinja } else { &tc });
         }
-        // TRL appends the tokenizer's eos_token_id: an eos_token that is no token of the
-        // vocabulary has none (TRL fails); appended as text it would be several pieces.
-        if let Some(eos) = b.tokens.eos_token.as_deref() {
-            if b.tokenizer.token_to_id(eos).is_none() {
-                return Err(Error::Config {
-                    path: tc.clone(),
-                    message: format!(
-                        "field `eos_token`: {eos:?} is not a token of {}'s vocabulary (it would \
-                         be appended to every completion as {} text pieces); set it to the \
-                         model's end-of-sequence token",
-                        tj.display(),
-                        b.tokenizer
-                            .encode(eos, false)
-                            .map(|e| e.get_ids().len())
-                            .unwrap_or(0)
-                    ),
-                });
-            }
-        }
-        // Provenance, and transformers 5's rebuild when asked for (crate::provenance).
-        let text = std::fs::read_to_string(&tj).map_err(|e| Error::io(&tj, e))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: tj.clone(),
-            message: format!("invalid JSON: {e}"),
-        })?;
-        b.provenance = crate::provenance::Provenance::analyse(&json, &config, compat);
-        if compat == crate::provenance::TokenizerCompat::Transformers5 {
-            if let crate::provenance::Rebuild::Rebuilt(t) =
-                crate::provenance::transformers5(&json, &config)
-            {
-                let mut rebuilt: tokenizers::Tokenizer = t.to_string().parse().map_err(|e| {
-                    Error::Tokenizer(format!("{}: transformers 5 rebuild: {e}", tj.display()))
-                })?;
-                rebuilt
-                    .with_truncation(None)
-                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", tj.display())))?;
-                rebuilt.with_padding(None);
-                b.tokenizer = rebuilt;
-            }
-        }
-        // generation_config.json may list more stop tokens (e.g. Llama 3's <|eot_id|>).
-        let gc = dir.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(&gc) {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                let ids: Vec<u32> = match v.get("eos_token_id") {
-                    Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-                    Some(Value::Array(xs)) => xs
-                        .iter()
-                        .filter_map(Value::as_u64)
-                        .map(|x| x as u32)
-                        .collect(),
-                    _ => vec![],
-                };
-                for id in ids {
-                    if !b.eos_ids.contains(&id) {
-                        b.eos_ids.push(id);
-                    }
-                }
-            }
-        }
+        b.check_eos_in_vocabulary(&tc, &tj)?;
+        b.choose_pipeline(&tj, &config, compat)?;
+        b.add_generation_eos_ids(&dir.join("generation_config.json"));
         if b.tokens.eos_token.is_none() {
-            let why = if tc.exists() {
-                format!("{} names no eos_token", tc.display())
-            } else {
-                format!("{} is missing", tc.display())
-            };
-            let stop = if b.eos_ids.is_empty() {
-                "sampling stops only at the token limit".to_string()
-            } else {
-                format!(
-                    "sampling stops only at generation_config.json's eos_token_id {:?}",
-                    b.eos_ids
-                )
-            };
-            b.warnings.push(format!(
-                "{why}: no EOS token is known, so plain-text completions are tokenized without \
-                 an appended EOS (TRL appends the tokenizer's eos_token; the log-probs differ) \
-                 and {stop}"
-            ));
+            b.warn_no_eos(&tc);
         }
         Ok(b)
+    }
+
+    /// TRL appends the tokenizer's eos_token_id: an eos_token that is no token of the
+    /// vocabulary has none (TRL fails); appended as text it would be several pieces.
+    ///
+    /// # Errors
+    /// [`Error::Config`] on `tc` (tokenizer_config.json) for such an eos_token.
+    fn check_eos_in_vocabulary(&self, tc: &Path, tj: &Path) -> Result<()> {
+        let Some(eos) = self.tokens.eos_token.as_deref() else {
+            return Ok(());
+        };
+        if self.tokenizer.token_to_id(eos).is_some() {
+            return Ok(());
+        }
+        Err(Error::Config {
+            path: tc.to_path_buf(),
+            message: format!(
+                "field `eos_token`: {eos:?} is not a token of {}'s vocabulary (it would \
+                 be appended to every completion as {} text pieces); set it to the \
+                 model's end-of-sequence token",
+                tj.display(),
+                self.tokenizer
+                    .encode(eos, false)
+                    .map(|e| e.get_ids().len())
+                    .unwrap_or(0)
+            ),
+        })
+    }
+
+    /// Provenance, and transformers 5's rebuild when `compat` asks for it
+    /// ([`crate::provenance`]).
+    ///
+    /// # Errors
+    /// tokenizer.json (`tj`) that is not JSON; a rebuild the tokenizers crate refuses.
+    fn choose_pipeline(
+        &mut self,
+        tj: &Path,
+        config: &Value,
+        compat: crate::provenance::TokenizerCompat,
+    ) -> Result<()> {
+        let json = read_json(tj)?;
+        self.provenance = crate::provenance::Provenance::analyse(&json, config, compat);
+        if compat == crate::provenance::TokenizerCompat::Transformers5 {
+            if let crate::provenance::Rebuild::Rebuilt(t) =
+                crate::provenance::transformers5(&json, config)
+            {
+                let rebuilt: tokenizers::Tokenizer = t.to_string().parse().map_err(|e| {
+                    Error::Tokenizer(format!("{}: transformers 5 rebuild: {e}", tj.display()))
+                })?;
+                self.tokenizer = untruncated(rebuilt, tj)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stop tokens generation_config.json (`gc`) may list besides the EOS (e.g. Llama 3's
+    /// <|eot_id|>); a missing or unreadable file adds none.
+    fn add_generation_eos_ids(&mut self, gc: &Path) {
+        let Ok(text) = std::fs::read_to_string(gc) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return;
+        };
+        let ids: Vec<u32> = match v.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+            Some(Value::Array(xs)) => xs
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
+            _ => vec![],
+        };
+        for id in ids {
+            if !self.eos_ids.contains(&id) {
+                self.eos_ids.push(id);
+            }
+        }
+    }
+
+    /// The warning of a bundle with no EOS token (`tc`: tokenizer_config.json, missing or
+    /// naming none): no EOS appended, sampling stops only at the stop ids or the limit.
+    fn warn_no_eos(&mut self, tc: &Path) {
+        let why = if tc.exists() {
+            format!("{} names no eos_token", tc.display())
+        } else {
+            format!("{} is missing", tc.display())
+        };
+        let stop = if self.eos_ids.is_empty() {
+            "sampling stops only at the token limit".to_string()
+        } else {
+            format!(
+                "sampling stops only at generation_config.json's eos_token_id {:?}",
+                self.eos_ids
+            )
+        };
+        self.warnings.push(format!(
+            "{why}: no EOS token is known, so plain-text completions are tokenized without \
+             an appended EOS (TRL appends the tokenizer's eos_token; the log-probs differ) \
+             and {stop}"
+        ));
     }
 
     /// What loading found missing and what is done instead (a missing tokenizer_config.json
@@ -393,15 +433,16 @@ pub enum CompletionBoundary {
     PromptLength,
 }
 
-/// How a dataset's text becomes token ids, besides the length limits: the tokenizer pipeline,
-/// the end of an over-long prompt that is kept and where a completion starts. Options of
-/// `logps` and of the training commands (recorded in a run's `run_args.json`); each default is
-/// its enum's `Default`.
+/// The rules by which a dataset's text becomes token ids, besides the length limits: the
+/// tokenizer pipeline, the end of an over-long prompt that is kept and where a completion
+/// starts (with the limits, all but the pipeline make the [`TokenizeOptions`] that tokenization
+/// takes). Options of `logps` and of the training commands (recorded in a run's
+/// `run_args.json`); each default is its enum's `Default`.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::Args,
 )]
 #[serde(default)]
-pub struct TokenizerOptions {
+pub struct TokenizationRules {
     /// Which end of an over-long prompt to keep.
     #[arg(long, value_enum, default_value_t)]
     pub truncation_mode: TruncationMode,
@@ -415,7 +456,8 @@ pub struct TokenizerOptions {
     pub tokenizer_compat: crate::provenance::TokenizerCompat,
 }
 
-/// Tokenization settings.
+/// The settings tokenization takes: the length limits and the rules of [`TokenizationRules`]
+/// (the pipeline is the bundle's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TokenizeOptions {
     /// Longest sequence (prompt + completion); `None`: unlimited.
@@ -691,12 +733,25 @@ pub struct TokenizedDataset<T> {
     pub errors: Vec<DataError>,
 }
 
-fn tokenize_all<E, T>(
+/// Reads a dataset in any format of [`crate::records::read_records`] with `parse`, and turns
+/// each record into a kept or dropped example with `tokenize` (given the record, its line and
+/// the counts): the one body of [`load_preferences`], [`load_sft`] and [`load_prompts`]. A
+/// tokenization error names the record's file and line (its shard's, for a directory) and the
+/// field.
+///
+/// # Errors
+/// I/O errors; the first data error (parse or tokenization) unless `skip_invalid`.
+fn read_and_tokenize<E, T>(
     file: &Path,
-    mut loaded: Loaded<E>,
     skip_invalid: bool,
-    mut f: impl FnMut(&E, usize, &mut TokenizeStats) -> std::result::Result<Outcome<T>, FieldError>,
+    parse: impl Fn(&str, &Path, usize) -> std::result::Result<E, DataError>,
+    mut tokenize: impl FnMut(
+        &E,
+        usize,
+        &mut TokenizeStats,
+    ) -> std::result::Result<Outcome<T>, FieldError>,
 ) -> Result<TokenizedDataset<T>> {
+    let mut loaded = crate::records::read_records(file, skip_invalid, parse)?;
     let mut stats = TokenizeStats {
         total: loaded.examples.len() + loaded.errors.len(),
         ..Default::default()
@@ -704,7 +759,7 @@ fn tokenize_all<E, T>(
     let mut errors = std::mem::take(&mut loaded.errors);
     let mut examples = Vec::new();
     for ex in &loaded.examples {
-        match f(&ex.value, ex.line, &mut stats) {
+        match tokenize(&ex.value, ex.line, &mut stats) {
             Ok(Outcome::Kept(v)) => examples.push(Located {
                 line: ex.line,
                 value: v,
@@ -737,7 +792,7 @@ fn tokenize_all<E, T>(
 }
 
 /// Reads and tokenizes a preference dataset (JSONL, JSON array, Parquet or a directory of
-/// Parquet shards: [`crate::data::read_records`]).
+/// Parquet shards: [`crate::records::read_records`]).
 ///
 /// # Errors
 /// I/O errors; the first data error (file:line:field) unless `skip_invalid`.
@@ -747,13 +802,12 @@ pub fn load_preferences(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedPair>> {
-    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_preference_line)?;
-    tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
+    read_and_tokenize(file, skip_invalid, parse_preference_line, |ex, line, st| {
         tokenize_preference(tok, ex, opts, line, st)
     })
 }
 
-/// Reads and tokenizes an SFT dataset (any format of [`crate::data::read_records`]).
+/// Reads and tokenizes an SFT dataset (any format of [`crate::records::read_records`]).
 ///
 /// # Errors
 /// See [`load_preferences`].
@@ -763,14 +817,13 @@ pub fn load_sft(
     opts: &TokenizeOptions,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<TokenizedSft>> {
-    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_sft_line)?;
-    tokenize_all(file, loaded, skip_invalid, |ex, line, st| {
+    read_and_tokenize(file, skip_invalid, parse_sft_line, |ex, line, st| {
         tokenize_sft(tok, ex, opts, line, st)
     })
 }
 
-/// Reads a prompt dataset (any format of [`crate::data::read_records`]) and tokenizes each prompt (truncated to `max_prompt_length`,
-/// keeping its end).
+/// Reads a prompt dataset (any format of [`crate::records::read_records`]) and tokenizes each
+/// prompt (truncated to `max_prompt_length`, keeping its end).
 ///
 /// # Errors
 /// See [`load_preferences`].
@@ -780,8 +833,7 @@ pub fn load_prompts(
     max_prompt_length: Option<usize>,
     skip_invalid: bool,
 ) -> Result<TokenizedDataset<(PromptExample, Vec<u32>)>> {
-    let loaded = crate::data::read_records(file, skip_invalid, crate::data::parse_prompt_line)?;
-    tokenize_all(file, loaded, skip_invalid, |ex, _line, st| {
+    read_and_tokenize(file, skip_invalid, parse_prompt_line, |ex, _line, st| {
         let mut ids = tok.prompt_ids(&ex.prompt).map_err(field_err("prompt"))?;
         if let Some(mp) = max_prompt_length {
             if ids.len() > mp {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use difinfo_trainer::data::{
+use difinfo_trainer::records::{
     parse_preference_line, parse_prompt_line, parse_sft_line, read_records, DataFormat,
     PreferenceExample,
 };

@@ -162,7 +162,7 @@ fn eq_1_sir_reproduces_the_ideal_rejected_distribution() {
 
 #[test]
 fn resample_rejected_candidate_lines_name_their_field() {
-    use difinfo_trainer::data::parse_candidates_line;
+    use difinfo_trainer::records::parse_candidates_line;
     let f = std::path::Path::new("c.jsonl");
     let ok = parse_candidates_line(
         r#"{"prompt":"p","chosen":"a","candidates":["b","c"]}"#,

@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config::{parse_config, Architecture};
-use difinfo_trainer::data::{
+use difinfo_trainer::records::{
     parse_preference_line, parse_preference_str, read_jsonl, write_error_report,
 };
 use difinfo_trainer::tokenize::{load_preferences, TokenizeOptions};
@@ -67,7 +67,7 @@ fn data_errors_name_file_line_and_field() {
 /// `rejected` is the prompt (a space before the difference goes to the completions).
 #[test]
 fn implicit_prompt_is_extracted_as_trl_does() {
-    use difinfo_trainer::data::Text;
+    use difinfo_trainer::records::Text;
     let p =
         parse_preference_str(r#"{"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}"#).unwrap();
     assert_eq!(p.prompt, Text::Plain("Q: hi A:".into()));

@@ -178,10 +178,11 @@ fn corpus_seeds_exercise_success_paths() {
     // The seeds are not all errors: the well-formed ones parse and render.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let std_line = std::fs::read_to_string(dir.join("jsonl_example/standard")).unwrap();
-    assert!(difinfo_trainer::data::parse_preference_str(&std_line).is_ok());
+    assert!(difinfo_trainer::records::parse_preference_str(&std_line).is_ok());
     for f in ["candidates_plain", "candidates_chat"] {
         let text = std::fs::read_to_string(dir.join("jsonl_example").join(f)).unwrap();
-        let set = difinfo_trainer::data::parse_candidates_line(&text, std::path::Path::new(f), 1);
+        let set =
+            difinfo_trainer::records::parse_candidates_line(&text, std::path::Path::new(f), 1);
         assert!(set.is_ok_and(|s| s.candidates.len() >= 2), "{f}");
     }
     for f in ["llama3", "qwen2", "mistral"] {
@@ -208,7 +209,7 @@ fn parquet_file_corpus_replays() {
 fn parquet_seeds_read_as_datasets_read_them() {
     // String, binary (UTF-8 decoded; a non-UTF-8 value named), nested chat lists, a DATE
     // column beside SFT text, and the gzip, brotli and zstd codecs.
-    use difinfo_trainer::data::{
+    use difinfo_trainer::records::{
         parse_preference_line, parse_sft_line, read_parquet_bytes, PreferenceExample, Text,
     };
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/parquet_file");

@@ -4,7 +4,7 @@
 mod common;
 
 use difinfo_trainer::config::Architecture;
-use difinfo_trainer::data::{PreferenceExample, SftExample, Text};
+use difinfo_trainer::records::{PreferenceExample, SftExample, Text};
 use difinfo_trainer::template::Message;
 use difinfo_trainer::tokenize::{
     load_preferences, tokenize_preference, tokenize_sft, CompletionBoundary, Outcome,

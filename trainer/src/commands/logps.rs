@@ -10,9 +10,9 @@ use crate::commands::shared::{
     accept_dataset, check_paths, check_vocab, load_bundle_with, outputs_with_report, progress,
     report_provenance, ModelArgs, TokenizeArgs,
 };
-use crate::data::InvalidRecords;
 use crate::io::write_jsonl;
 use crate::logps::preference_logps;
+use crate::records::InvalidRecords;
 use crate::tokenize::load_preferences;
 use crate::{parse_device, Error, Result};
 

@@ -69,7 +69,8 @@ pub fn run(a: ResampleRejectedArgs) -> Result<()> {
         &[("--candidates", &candidates)],
         &[("--reference", &reference), ("--target", &target)],
     )?;
-    let loaded = crate::data::read_records(&candidates, false, crate::data::parse_candidates_line)?;
+    let loaded =
+        crate::records::read_records(&candidates, false, crate::records::parse_candidates_line)?;
     if loaded.examples.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "{}: no records (the file is empty)",

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 
 use crate::pretrained::load_model;
 use crate::dtype::parse_dtype;
-use crate::data::{write_error_report, InvalidRecords, PromptExample};
 use crate::outputs::{check_outputs, inputs, Named};
 use crate::model::Model;
+use crate::records::{write_error_report, InvalidRecords, PromptExample};
 use crate::tokenize::{
-    load_prompts, TokenizeOptions, TokenizeStats, TokenizedDataset, TokenizerBundle,
-    TokenizerOptions,
+    load_prompts, TokenizationRules, TokenizeOptions, TokenizeStats, TokenizedDataset,
+    TokenizerBundle,
 };
 use crate::{parse_device, DataError, Error, Result};
 use clap::ValueEnum;
@@ -45,7 +45,7 @@ pub struct TokenizeArgs {
     pub max_prompt_length: Limit,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub tokenizer: TokenizerOptions,
+    pub tokenizer: TokenizationRules,
 }
 
 impl TokenizeArgs {

@@ -138,9 +138,9 @@ pub fn goodness_of_fit(counts: &[usize], expected: &difinfo::Policy) -> Result<G
 pub fn score_candidates(
     model: &crate::model::Model,
     tok: &crate::tokenize::TokenizerBundle,
-    set: &crate::data::CandidateSet,
+    set: &crate::records::CandidateSet,
 ) -> Result<Vec<f64>> {
-    use crate::data::PreferenceExample;
+    use crate::records::PreferenceExample;
     use crate::tokenize::{tokenize_preference, Outcome, TokenizeOptions, TokenizeStats};
     let opts = TokenizeOptions::default();
     let mut stats = TokenizeStats::default();

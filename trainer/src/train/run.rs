@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::InvalidRecords;
 use crate::error::Error;
-use crate::tokenize::TokenizerOptions;
+use crate::records::InvalidRecords;
+use crate::tokenize::TokenizationRules;
 use crate::train::checkpoint::{latest_checkpoint, STATE_FILE};
 use crate::train::{Objective, TrainConfig};
 
@@ -86,7 +86,7 @@ pub struct RunSettings {
     #[command(flatten)]
     #[serde(flatten)]
     #[allow(missing_docs)]
-    pub tokenizer: TokenizerOptions,
+    pub tokenizer: TokenizationRules,
     #[command(flatten)]
     #[serde(flatten)]
     #[allow(missing_docs)]
@@ -101,7 +101,7 @@ impl Default for RunSettings {
             dtype: "f32".into(),
             device: "cpu".into(),
             bf16: false,
-            tokenizer: TokenizerOptions::default(),
+            tokenizer: TokenizationRules::default(),
             invalid: InvalidRecords::default(),
         }
     }

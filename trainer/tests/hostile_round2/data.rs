@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use difinfo_trainer::data::{parse_preference_line, read_records, PreferenceExample, Text};
+use difinfo_trainer::records::{parse_preference_line, read_records, PreferenceExample, Text};
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, Int32Type, Int64Type};
 use parquet::file::properties::WriterProperties;
@@ -651,7 +651,7 @@ fn boolean_lists_read_out_of_step_are_refused_at_once() {
     let p = fixture("fuzz_parquet_nested_bool_lists_slow.parquet");
     let bytes = std::fs::read(&p).unwrap();
     let t = Instant::now();
-    let e = difinfo_trainer::data::read_parquet_bytes(&bytes, &p, false, parse_preference_line)
+    let e = difinfo_trainer::records::read_parquet_bytes(&bytes, &p, false, parse_preference_line)
         .map(drop)
         .unwrap_err()
         .to_string();

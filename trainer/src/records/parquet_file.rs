@@ -1,6 +1,6 @@
 //! Parquet files as records: the `parquet` crate's row reader, run so that a malformed file
 //! is an error naming it (never a panic), and each row turned into JSON text for the parse
-//! functions of [`crate::data`].
+//! functions of [`crate::records`].
 //!
 //! Values become JSON as `datasets` reads them for text: strings (`UTF8` / `String`) and
 //! binary columns (`BYTE_ARRAY` without the annotation: pyarrow's `binary`, older Spark and
@@ -102,7 +102,7 @@ fn check_footer<R: ChunkReader>(src: &R, len: u64) -> std::result::Result<(), St
     let Ok(tail) = src.get_bytes(start, 8) else {
         return Ok(());
     };
-    if tail[4..] != *b"PAR1" {
+    if tail[4..] != super::PARQUET_MAGIC[..] {
         return Ok(());
     }
     let n = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
