@@ -41,6 +41,9 @@ pub enum Error {
     /// A fit whose data cannot determine it (fewer than two distinct x values, …).
     #[error("undetermined fit: {0}")]
     Undetermined(String),
+    /// A β that is not finite and positive ([`crate::beta::Beta::new`]).
+    #[error(transparent)]
+    Beta(#[from] crate::beta::BetaError),
     /// An invalid objective (β, ε, loss types, …).
     #[error(transparent)]
     Objective(#[from] crate::objective::ObjectiveError),

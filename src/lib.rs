@@ -12,6 +12,7 @@
 //! | the DID `q_{π/π_ref}` and the Lemma D.1 event (Theorem 3.2) | [`did`] |
 //! | Bradley–Terry, Boltzmann, the data's preference distribution | [`preference`] |
 //! | the number types every formula is written over (`f64`, rationals, dual numbers) | [`scalar`] |
+//! | β, the scale of the rewards and of Eq. 1, validated once | [`beta`] |
 //! | the one objective type: rule, TRL's loss types and weights, β, ε, f-divergence | [`objective`] |
 //! | rewards: log-ratio, reference-free, f-divergence scores | [`reward`] |
 //! | every TRL loss type, written once over any number type | [`loss`] |
@@ -37,6 +38,7 @@
 //! # Ok::<(), difinfo::Error>(())
 //! ```
 
+pub mod beta;
 pub mod beta_accuracy;
 pub mod did;
 pub mod dpo_pg;

@@ -5,8 +5,10 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::Instant;
 
+use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -43,26 +45,32 @@ enum Command {
     Synth(SynthArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// The experiment argument: one of the library's [`Experiment::ALL`] (its name and help from
+/// [`Experiment::name`] and [`Experiment::about`]), or `all`.
+#[derive(Clone, Copy)]
 enum Which {
-    /// Fig. 1: r = log π fits the normalized DID^β.
-    DidFit,
-    /// Only DPO's log-ratio with the matching β recovers π* (7 objectives × 2 modes).
-    RewardForms,
-    /// DPO with the ideal rejected distribution of Eq. 1 against other choices.
-    Rejected,
-    /// H(DID) over τ, log-likelihood displacement, DPO-PG's DID entropy.
-    Entropy,
-    /// Heat map of H(DID) − H(π_ref) over τ × logit scale: where Claim 4.1 holds.
-    ClaimMap,
-    /// Appendix K's DID-entropy estimator against the exact entropy.
-    DidEntropy,
-    /// Appendix K.1's β-accuracy as training proceeds (P prompts).
-    BetaAccuracy,
-    /// Where every TRL loss type's population optimum lies (JS to π*, DID^β, π_ref) over β × τ.
-    LossAtlas,
-    /// All eight, in this order.
+    One(Experiment),
     All,
+}
+
+impl ValueEnum for Which {
+    fn value_variants<'a>() -> &'a [Self] {
+        static VARIANTS: OnceLock<Vec<Which>> = OnceLock::new();
+        VARIANTS.get_or_init(|| {
+            Experiment::ALL
+                .into_iter()
+                .map(Which::One)
+                .chain([Which::All])
+                .collect()
+        })
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(match self {
+            Which::One(e) => PossibleValue::new(e.name()).help(e.about()),
+            Which::All => PossibleValue::new("all").help("All eight, in this order"),
+        })
+    }
 }
 
 #[derive(Args)]
@@ -250,14 +258,7 @@ fn main() -> ExitCode {
     };
     let Command::Synth(args) = cli.command;
     let experiments: Vec<Experiment> = match args.experiment {
-        Which::DidFit => vec![Experiment::DidFit],
-        Which::RewardForms => vec![Experiment::RewardForms],
-        Which::Rejected => vec![Experiment::Rejected],
-        Which::Entropy => vec![Experiment::Entropy],
-        Which::ClaimMap => vec![Experiment::ClaimMap],
-        Which::DidEntropy => vec![Experiment::DidEntropy],
-        Which::BetaAccuracy => vec![Experiment::BetaAccuracy],
-        Which::LossAtlas => vec![Experiment::LossAtlas],
+        Which::One(e) => vec![e],
         Which::All => Experiment::ALL.to_vec(),
     };
     let cfg = args.config();

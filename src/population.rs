@@ -324,22 +324,18 @@ fn add_unpaired(
     value: &mut f64,
     g: &mut [f64],
 ) {
-    let xs = (0..w.len())
-        .map(|a| Atom {
-            value: cs[a].logratio.v,
-            mass: w[a],
-            a,
-            b: a,
-        })
-        .collect();
-    let ys = (0..v.len())
-        .map(|b| Atom {
-            value: rs[b].logratio.v,
-            mass: v[b],
-            a: b,
-            b,
-        })
-        .collect();
+    // One atom per outcome y of a side: u(y) with the side's mass p(y), indexed (y, y).
+    let atoms = |side: &[Side<D2>], mass: &[f64]| -> Vec<Atom> {
+        (0..mass.len())
+            .map(|y| Atom {
+                value: side[y].logratio.v,
+                mass: mass[y],
+                a: y,
+                b: y,
+            })
+            .collect()
+    };
+    let (xs, ys) = (atoms(cs, w), atoms(rs, v));
     quantile_coupling(xs, ys, |x, y, m| {
         let l = infallible(per_sequence(LossType::AotUnpaired, o, &cs[x.a], &rs[y.a]));
         *value += wt * m * l.v;

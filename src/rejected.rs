@@ -9,6 +9,7 @@
 
 use num_traits::{Pow, Signed};
 
+use crate::beta::Beta;
 use crate::error::{Error, Result};
 use crate::policy::{ExactPolicy, Policy};
 use crate::power_law::Exponent;
@@ -17,16 +18,10 @@ use crate::Rational;
 /// `log π_l(y) = (1+β) log π_ref(y) − β log π*(y) − Z`, in log space.
 ///
 /// # Errors
-/// [`Error::LengthMismatch`]; [`Error::InvalidParameter`] unless `β > 0` is finite.
+/// [`Error::LengthMismatch`]; [`Error::Beta`] unless `β > 0` is finite.
 pub fn ideal_rejected(pi_ref: &Policy, pi_star: &Policy, beta: f64) -> Result<Policy> {
     pi_ref.check_same_space(pi_star)?;
-    if !(beta.is_finite() && beta > 0.0) {
-        return Err(Error::invalid(
-            "beta",
-            beta,
-            "β must be finite and positive",
-        ));
-    }
+    let beta = Beta::new(beta)?.get();
     let logits: Vec<f64> = pi_ref
         .log_probs()
         .iter()
@@ -39,16 +34,14 @@ pub fn ideal_rejected(pi_ref: &Policy, pi_star: &Policy, beta: f64) -> Result<Po
 /// Exact `π_l ∝ π_ref^{1+β} π*^{−β}` for an integer `β ≥ 1`.
 ///
 /// # Errors
-/// [`Error::LengthMismatch`]; [`Error::InvalidParameter`] for `β = 0`.
+/// [`Error::LengthMismatch`]; [`Error::Beta`] for `β = 0`.
 pub fn ideal_rejected_exact(
     pi_ref: &ExactPolicy,
     pi_star: &ExactPolicy,
     beta: u32,
 ) -> Result<ExactPolicy> {
     pi_ref.check_same_space(pi_star)?;
-    if beta == 0 {
-        return Err(Error::invalid("beta", beta, "β must be positive"));
-    }
+    Beta::new(f64::from(beta))?;
     let w = pi_ref
         .probs()
         .iter()

@@ -26,7 +26,7 @@ use super::objective::Preset;
 use super::output::{Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::thresholds::BETA_ACCURACY_NEAR_ONE;
-use super::train::{train, Mode, PromptTask};
+use super::train::{train, Mode, PromptTask, Trained};
 use super::{fmt, SynthConfig, SynthError};
 
 /// One recorded point.
@@ -44,56 +44,66 @@ pub struct Point {
     pub mean_js: f64,
 }
 
-/// Run the experiment.
-///
-/// # Errors
-/// Library errors.
-pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
-    let ctx = ContextualInstance::tempered(
-        cfg.prompts,
-        cfg.n,
-        cfg.tau_smooth,
-        cfg.beta,
-        cfg.scale,
-        cfg.seed,
-    )?;
-    let tasks = ctx
-        .prompts
-        .iter()
-        .map(|inst| {
-            Ok(PromptTask {
-                objective: Preset::RefFree1.objective(cfg.beta, cfg.beta_mismatch)?,
-                reference: inst.pi_ref.clone(),
-                chosen: inst.pi_star.clone(),
-                rejected: inst.pi_ref.clone(),
+/// The fixed quantities of one run: per prompt the DID `q_p`, the log-ratio
+/// `log π_p − log π_ref,p` and the tasks (reference-free, β = 1; chosen `π_p`, rejected
+/// `π_ref,p`).
+struct Prompts {
+    /// One task per prompt.
+    tasks: Vec<PromptTask>,
+    /// `q_{π_p/π_ref,p}`.
+    dids: Vec<Policy>,
+    /// `log π_p(y) − log π_ref,p(y)`.
+    log_ratio: Vec<Vec<f64>>,
+}
+
+impl Prompts {
+    /// The tasks and targets of `ctx`'s prompts.
+    fn new(cfg: &SynthConfig, ctx: &ContextualInstance) -> Result<Self, SynthError> {
+        let tasks = ctx
+            .prompts
+            .iter()
+            .map(|inst| {
+                Ok(PromptTask {
+                    objective: Preset::RefFree1.objective(cfg.beta, cfg.beta_mismatch)?,
+                    reference: inst.pi_ref.clone(),
+                    chosen: inst.pi_star.clone(),
+                    rejected: inst.pi_ref.clone(),
+                })
             })
+            .collect::<Result<Vec<_>, SynthError>>()?;
+        let dids = ctx
+            .prompts
+            .iter()
+            .map(|i| did(&i.pi_star, &i.pi_ref))
+            .collect::<crate::Result<Vec<_>>>()?;
+        let log_ratio: Vec<Vec<f64>> = ctx
+            .prompts
+            .iter()
+            .map(|i| {
+                i.pi_star
+                    .log_probs()
+                    .iter()
+                    .zip(i.pi_ref.log_probs())
+                    .map(|(a, b)| a - b)
+                    .collect()
+            })
+            .collect();
+        Ok(Prompts {
+            tasks,
+            dids,
+            log_ratio,
         })
-        .collect::<Result<Vec<_>, SynthError>>()?;
-    let dids = ctx
-        .prompts
-        .iter()
-        .map(|i| did(&i.pi_star, &i.pi_ref))
-        .collect::<crate::Result<Vec<_>>>()?;
-    let log_ratio: Vec<Vec<f64>> = ctx
-        .prompts
-        .iter()
-        .map(|i| {
-            i.pi_star
-                .log_probs()
-                .iter()
-                .zip(i.pi_ref.log_probs())
-                .map(|(a, b)| a - b)
-                .collect()
-        })
-        .collect();
-    let init = ctx
-        .prompts
-        .iter()
-        .map(|i| i.pi_ref.log_probs().to_vec())
-        .collect();
-    let mut points = Vec::new();
-    let mut err: Option<SynthError> = None;
-    let measure = |step: usize, logits: &[Vec<f64>]| -> Result<Point, SynthError> {
+    }
+
+    /// The β-accuracy and the mean JS to the DIDs of the estimators `logits` at `step`: per
+    /// prompt, `--beta-samples` draws `y ~ π̂_p` and an OLS fit of `log π̂_p(y)` on the
+    /// log-ratio.
+    fn measure(
+        &self,
+        cfg: &SynthConfig,
+        step: usize,
+        logits: &[Vec<f64>],
+    ) -> Result<Point, SynthError> {
         let mut rng =
             StdRng::seed_from_u64(sub_seed(cfg.seed, &format!("beta-accuracy samples {step}")));
         let mut fits = Vec::with_capacity(logits.len());
@@ -104,10 +114,10 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             let ys: Vec<usize> = (0..cfg.beta_samples)
                 .map(|_| sampler.sample(&mut rng))
                 .collect();
-            let x: Vec<f64> = ys.iter().map(|&y| log_ratio[p][y]).collect();
+            let x: Vec<f64> = ys.iter().map(|&y| self.log_ratio[p][y]).collect();
             let t: Vec<f64> = ys.iter().map(|&y| est.log_probs()[y]).collect();
             fits.push(fit_beta(&x, &t)?);
-            js_sum += js(&est, &dids[p])?;
+            js_sum += js(&est, &self.dids[p])?;
         }
         let undetermined = fits
             .iter()
@@ -121,14 +131,31 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             undetermined,
             mean_js: js_sum / logits.len() as f64,
         })
-    };
+    }
+}
+
+/// Trains the DID estimators of all prompts together, measuring a [`Point`] at every recorded
+/// step.
+fn train_points(
+    cfg: &SynthConfig,
+    ctx: &ContextualInstance,
+    pb: &ProgressBar,
+) -> Result<(Vec<Point>, Trained), SynthError> {
+    let prompts = Prompts::new(cfg, ctx)?;
+    let init = ctx
+        .prompts
+        .iter()
+        .map(|i| i.pi_ref.log_probs().to_vec())
+        .collect();
+    let mut points = Vec::new();
+    let mut err: Option<SynthError> = None;
     let trained = train(
         Mode::Sampled,
-        &tasks,
+        &prompts.tasks,
         init,
         &cfg.train,
         sub_seed(cfg.seed, "beta-accuracy train"),
-        |step, logits| match measure(step, logits) {
+        |step, logits| match prompts.measure(cfg, step, logits) {
             Ok(p) if step % 1000 == 0 => {
                 pb.set_message(format!("beta-accuracy, step {step}"));
                 points.push(p)
@@ -137,10 +164,14 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             Err(e) => err = Some(e),
         },
     )?;
-    if let Some(e) = err {
-        return Err(e);
+    match err {
+        Some(e) => Err(e),
+        None => Ok((points, trained)),
     }
-    pb.inc(1);
+}
+
+/// `accuracy.csv`.
+fn table(points: &[Point]) -> Table {
     let mut table = Table::new(
         "accuracy",
         &[
@@ -151,7 +182,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             "mean_js",
         ],
     );
-    for p in &points {
+    for p in points {
         table.push(vec![
             p.step.into(),
             p.accuracy.into(),
@@ -160,9 +191,12 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             p.mean_js.into(),
         ]);
     }
-    let first = points[0];
-    let last = *points.last().expect("observed");
-    let panels = vec![
+    table
+}
+
+/// The figure's panels: β-accuracy and the mean JS to the DID over the steps.
+fn panels(cfg: &SynthConfig, points: &[Point]) -> Vec<Panel> {
+    vec![
         Panel {
             title: format!("Appendix K.1: β-accuracy over {} prompts", cfg.prompts),
             x_label: "RMSprop step".into(),
@@ -187,8 +221,12 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                 points.iter().map(|p| (p.step as f64, p.mean_js)).collect(),
             )],
         },
-    ];
-    let checks = vec![
+    ]
+}
+
+/// The verdicts of K.1: near 1 at the end, lower at the start.
+fn checks(cfg: &SynthConfig, first: Point, last: Point) -> Vec<Check> {
+    vec![
         Check::new(
             "K.1: a converged DID estimator has β-accuracy near 1",
             format!(
@@ -207,7 +245,26 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             Verdict::of(first.accuracy < last.accuracy),
             "π̂ = π_ref at step 0; with a smoothing π the fitted β̂ is then negative",
         ),
-    ];
+    ]
+}
+
+/// Run the experiment.
+///
+/// # Errors
+/// Library errors.
+pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
+    let ctx = ContextualInstance::tempered(
+        cfg.prompts,
+        cfg.n,
+        cfg.tau_smooth,
+        cfg.beta,
+        cfg.scale,
+        cfg.seed,
+    )?;
+    let (points, trained) = train_points(cfg, &ctx, pb)?;
+    pb.inc(1);
+    let first = points[0];
+    let last = *points.last().expect("observed");
     let finals: serde_json::Map<String, Value> = trained
         .logits
         .iter()
@@ -217,10 +274,10 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
     Ok(ExperimentOutput {
         name: "beta-accuracy",
         title: "Appendix K.1: β-accuracy as the DID estimator trains".into(),
-        tables: vec![table],
+        tables: vec![table(&points)],
         figures: vec![Figure::Lines {
             name: "accuracy".into(),
-            panels,
+            panels: panels(cfg, &points),
         }],
         instance: json!({
             "contextual": true,
@@ -235,7 +292,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             "final_mean_js": last.mean_js,
             "final_undetermined": last.undetermined,
         }),
-        checks,
+        checks: checks(cfg, first, last),
         settings: cfg.to_json(),
     })
 }

@@ -42,23 +42,40 @@ fn taus(k: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Run the experiment.
-///
-/// # Errors
-/// Library errors.
-pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
-    let ts = taus(cfg.grid_tau);
-    let ss = log_grid(0.1, 10.0, cfg.grid_scale);
-    let z = standard_logits(cfg.n, cfg.seed);
+/// The map over scale × τ on `N = --n`.
+struct ClaimMap {
+    /// `grid.csv`.
+    grid: Table,
+    /// `Δ` per cell: rows scale s, columns τ (the heat map's y and x).
+    zs: Array2<f64>,
+    /// The cells where the claim fails.
+    marks: Array2<bool>,
+    /// Counts: [τ < 1/2, 1/2 < τ < 1, τ > 1] × (holds, total).
+    bands: [(usize, usize); 3],
+}
+
+impl ClaimMap {
+    /// `(cells where the claim holds, cells)`.
+    fn held(&self) -> (usize, usize) {
+        (self.bands.iter().map(|b| b.0).sum(), self.grid.rows.len())
+    }
+}
+
+/// Claim 4.1 on every cell of scale `ss` × τ `ts`.
+fn claim_map(
+    z: &[f64],
+    ts: &[f64],
+    ss: &[f64],
+    seed: u64,
+    pb: &ProgressBar,
+) -> Result<ClaimMap, SynthError> {
     let mut grid = Table::new("grid", &["tau", "scale", "delta_entropy", "holds"]);
-    // Rows: scale s, columns: τ (the heat map's y and x).
     let mut zs = Array2::<f64>::zeros((ss.len(), ts.len()));
     let mut marks = Array2::from_elem((ss.len(), ts.len()), false);
-    // Counts: [τ < 1/2, 1/2 < τ < 1, τ > 1] × (holds, total).
     let mut bands = [(0usize, 0usize); 3];
     for (iy, &s) in ss.iter().enumerate() {
         for (ix, &t) in ts.iter().enumerate() {
-            let (d, holds) = claim_cell(&z, t, s, cfg.seed)?;
+            let (d, holds) = claim_cell(z, t, s, seed)?;
             grid.push(vec![t.into(), s.into(), d.into(), holds.into()]);
             zs[[iy, ix]] = d;
             marks[[iy, ix]] = !holds;
@@ -74,31 +91,28 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         }
         pb.inc(1);
     }
-    let cells = grid.rows.len();
-    let smooth_fail_scale = grid
-        .rows
-        .iter()
-        .filter_map(|r| match (&r[0], &r[1], &r[3]) {
-            (Cell::Num(t), Cell::Num(s), Cell::Int(0)) if *t > 1.0 => Some(*s),
-            _ => None,
-        })
-        .reduce(f64::min);
-    let held: usize = bands.iter().map(|b| b.0).sum();
-    let holds_fraction = held as f64 / cells as f64;
-    let frac = |b: (usize, usize)| {
-        if b.1 == 0 {
-            f64::NAN
-        } else {
-            b.0 as f64 / b.1 as f64
-        }
-    };
+    Ok(ClaimMap {
+        grid,
+        zs,
+        marks,
+        bands,
+    })
+}
+
+/// The fraction of the cells where the claim holds, for every `N` of `--grid-n`.
+fn by_n(
+    cfg: &SynthConfig,
+    ts: &[f64],
+    ss: &[f64],
+    pb: &ProgressBar,
+) -> Result<(Table, serde_json::Map<String, Value>), SynthError> {
     let mut by_n = Table::new("by_n", &["N", "holds_fraction"]);
     let mut by_n_json = serde_json::Map::new();
     for &n in &cfg.grid_n {
         let zn = standard_logits(n, cfg.seed);
         let mut h = 0usize;
-        for &s in &ss {
-            for &t in &ts {
+        for &s in ss {
+            for &t in ts {
                 h += usize::from(claim_cell(&zn, t, s, cfg.seed)?.1);
             }
         }
@@ -107,17 +121,33 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         by_n_json.insert(n.to_string(), json!(f));
         pb.inc(1);
     }
-    let summary = json!({
-        "holds_fraction": holds_fraction,
-        "holds_fraction_by_band": {
-            "tau_below_half": frac(bands[0]),
-            "tau_half_to_one": frac(bands[1]),
-            "tau_above_one": frac(bands[2]),
-        },
-        "holds_fraction_by_n": by_n_json.clone(),
-        "cells": cells,
-    });
-    let checks = vec![
+    Ok((by_n, by_n_json))
+}
+
+/// `holds / total`, NaN for an empty band.
+fn frac(b: (usize, usize)) -> f64 {
+    if b.1 == 0 {
+        f64::NAN
+    } else {
+        b.0 as f64 / b.1 as f64
+    }
+}
+
+/// The verdicts: Claim 4.1 over the map by band of τ, and across N.
+fn checks(m: &ClaimMap, by_n: &Table, by_n_json: &serde_json::Map<String, Value>) -> Vec<Check> {
+    let (held, cells) = m.held();
+    let bands = m.bands;
+    let smooth_fail_scale = m
+        .grid
+        .rows
+        .iter()
+        .filter_map(|r| match (&r[0], &r[1], &r[3]) {
+            (Cell::Num(t), Cell::Num(s), Cell::Int(0)) if *t > 1.0 => Some(*s),
+            _ => None,
+        })
+        .reduce(f64::min);
+    let holds_fraction = held as f64 / cells as f64;
+    vec![
         Check::new(
             "Claim 4.1: reinforcing (τ < 1) ⇒ H(DID) < H(π_ref); smoothing (τ > 1) ⇒ H(DID) > H(π_ref)",
             format!(
@@ -165,12 +195,36 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             },
             "the failing band 1/2 < τ < 1 does not shrink with N",
         ),
-    ];
+    ]
+}
+
+/// Run the experiment.
+///
+/// # Errors
+/// Library errors.
+pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
+    let ts = taus(cfg.grid_tau);
+    let ss = log_grid(0.1, 10.0, cfg.grid_scale);
+    let z = standard_logits(cfg.n, cfg.seed);
+    let m = claim_map(&z, &ts, &ss, cfg.seed, pb)?;
+    let (by_n, by_n_json) = by_n(cfg, &ts, &ss, pb)?;
+    let (held, cells) = m.held();
+    let summary = json!({
+        "holds_fraction": held as f64 / cells as f64,
+        "holds_fraction_by_band": {
+            "tau_below_half": frac(m.bands[0]),
+            "tau_half_to_one": frac(m.bands[1]),
+            "tau_above_one": frac(m.bands[2]),
+        },
+        "holds_fraction_by_n": by_n_json.clone(),
+        "cells": cells,
+    });
+    let checks = checks(&m, &by_n, &by_n_json);
     Ok(ExperimentOutput {
         name: "claim-map",
         title: "Claim 4.1 over τ × logit scale: where H(DID) − H(π_ref) has the claimed sign"
             .into(),
-        tables: vec![grid, by_n],
+        tables: vec![m.grid, by_n],
         figures: vec![Figure::Heat {
             name: "map".into(),
             heat: Box::new(Heat {
@@ -180,8 +234,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                 z_label: "H(DID) − H(π_ref) [nats]".into(),
                 xs: ts,
                 ys: ss,
-                z: zs,
-                mark: marks,
+                z: m.zs,
+                mark: m.marks,
                 mark_label: "claim fails".into(),
             }),
         }],

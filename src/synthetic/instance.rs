@@ -16,6 +16,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
+use crate::beta::Beta;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 use crate::rejected::ideal_rejected;
@@ -62,8 +63,8 @@ impl Instance {
     /// `f_ref = scale · z` with `z ~ N(0, I)` drawn from `seed`.
     ///
     /// # Errors
-    /// [`Error::Empty`] for `n = 0`; [`Error::InvalidParameter`] unless `τ`, `β`, `scale` are
-    /// finite and positive.
+    /// [`Error::Empty`] for `n = 0`; [`Error::InvalidParameter`] unless `τ`, `scale` are finite
+    /// and positive; [`Error::Beta`] unless `β` is.
     ///
     /// # Examples
     /// ```
@@ -106,15 +107,20 @@ impl Instance {
         scale: f64,
         seed: u64,
     ) -> Result<Self> {
-        for (name, v) in [("tau", tau), ("beta", beta), ("scale", scale)] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::InvalidParameter {
+        let positive = |name: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::InvalidParameter {
                     name,
                     value: v.to_string(),
                     reason: "must be finite and positive".into(),
-                });
+                })
             }
-        }
+        };
+        positive("tau", tau)?;
+        Beta::new(beta)?;
+        positive("scale", scale)?;
         let f_ref: Vec<f64> = z.iter().map(|x| scale * x).collect();
         let f_star: Vec<f64> = f_ref.iter().map(|x| x / tau).collect();
         let pi_ref = Policy::from_logits(&f_ref)?;

@@ -34,7 +34,7 @@ use crate::policy::Policy;
 use crate::population::population_loss;
 
 use super::did_fit::did_power;
-use super::instance::Instance;
+use super::instance::{Instance, InstanceRecord};
 use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
 use super::plot::{CategoricalHeat, Figure};
 use super::thresholds::{FAR_JS, POPULATION_RECOVERED_JS};
@@ -198,15 +198,54 @@ fn log_js(x: f64) -> f64 {
     x.max(1e-16).log10()
 }
 
-/// Run the experiment.
-///
-/// # Errors
-/// Library errors.
-pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
-    // The default instance: every loss from π_ref and from the uniform policy.
-    let inst = Instance::tempered(cfg.n, cfg.tau, cfg.beta, cfg.scale, cfg.seed)?;
-    let objectives = atlas_objectives(cfg.beta)?;
-    let mut default = Table::new(
+/// The default instance's pass: every loss from π_ref and from the uniform policy.
+struct DefaultPass {
+    /// `default.csv`.
+    table: Table,
+    /// `JS(π_opt, π*)` per loss.
+    final_js: Map<String, Value>,
+    /// The summary's numbers per loss.
+    per_loss: Map<String, Value>,
+    /// Final logits per loss.
+    finals: Map<String, Value>,
+    /// Losses whose optimum from π_ref is π*.
+    recovered: Vec<String>,
+    /// Losses whose optima from π_ref and from uniform differ.
+    unique_fail: Vec<String>,
+    /// Losses whose optimum is off their closed form.
+    closed_fail: Vec<String>,
+    /// Losses whose optimum is at infinite logits.
+    unbounded: Vec<String>,
+}
+
+/// The grid's pass: β × τ on `N = atlas_n`, one optimum per loss and cell from π_ref.
+struct GridPass {
+    /// `grid.csv`.
+    table: Table,
+    /// The column labels of the heat maps, one per (β, τ) cell.
+    cols: Vec<String>,
+    /// Per figure panel (JS to π*, to the DID^β target, to π_ref): objective × cell.
+    z: [Array2<f64>; 3],
+    /// The largest JS(π_opt, π*) of the sigmoid family where L-BFGS reached its optimum.
+    sigmoid_worst: f64,
+    /// Sigmoid cells where L-BFGS stalled short of π* with L(π*) ≤ L(π_opt).
+    sigmoid_shortfalls: Vec<String>,
+    /// Whether any sigmoid cell stalled so.
+    any_shortfall: bool,
+    /// Other losses' runs that ended with L(π*) below their end point: not an optimum.
+    not_optima: Vec<String>,
+    /// Per objective: the grid cells where it recovers π*.
+    recovers: Vec<Vec<String>>,
+}
+
+/// Every loss on the default instance, from π_ref and from the uniform policy.
+fn default_pass(
+    inst: &Instance,
+    objectives: &[(String, Objective)],
+    cfg: &SynthConfig,
+    pb: &ProgressBar,
+) -> Result<DefaultPass, SynthError> {
+    let mut table = Table::new(
         "default",
         &[
             "loss",
@@ -228,15 +267,15 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
     let mut unique_fail = Vec::new();
     let mut closed_fail = Vec::new();
     let mut unbounded = Vec::new();
-    for (name, o) in &objectives {
-        let a = optimum(&inst, o, inst.pi_ref.log_probs().to_vec(), cfg)?;
-        let b = optimum(&inst, o, vec![0.0; cfg.n], cfg)?;
+    for (name, o) in objectives {
+        let a = optimum(inst, o, inst.pi_ref.log_probs().to_vec(), cfg)?;
+        let b = optimum(inst, o, vec![0.0; cfg.n], cfg)?;
         pb.inc(1);
         let between = js(
             &Policy::from_logits(&a.logits)?,
             &Policy::from_logits(&b.logits)?,
         )?;
-        let closed = match closed_form(&inst, o)? {
+        let closed = match closed_form(inst, o)? {
             Some(q) => js(&Policy::from_logits(&a.logits)?, &q)?,
             None => f64::NAN,
         };
@@ -252,7 +291,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         if a.logit_range > DEGENERATE_RANGE {
             unbounded.push(format!("{name} ({} nats)", fmt(a.logit_range)));
         }
-        default.push(vec![
+        table.push(vec![
             Cell::from(name.as_str()),
             a.js_star.into(),
             a.js_did.into(),
@@ -278,9 +317,27 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             json!({"logits": a.logits, "iterations": a.iterations, "stop": a.stop}),
         );
     }
+    Ok(DefaultPass {
+        table,
+        final_js,
+        per_loss,
+        finals,
+        recovered,
+        unique_fail,
+        closed_fail,
+        unbounded,
+    })
+}
 
-    // The grid: β × τ on N = atlas_n.
-    let mut grid = Table::new(
+/// Every loss on every (β, τ) cell of the grid; each cell's instance is appended to
+/// `instances`.
+fn grid_pass(
+    cfg: &SynthConfig,
+    n_objectives: usize,
+    instances: &mut Vec<InstanceRecord>,
+    pb: &ProgressBar,
+) -> Result<GridPass, SynthError> {
+    let mut table = Table::new(
         "grid",
         &[
             "beta",
@@ -293,20 +350,14 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             "stop",
         ],
     );
-    let rows: Vec<String> = objectives.iter().map(|(n, _)| n.clone()).collect();
     let mut cols = Vec::new();
-    // Per figure panel (JS to π*, to the DID^β target, to π_ref): objective × (β, τ) cell.
-    let shape = (rows.len(), cfg.atlas_betas.len() * cfg.atlas_taus.len());
+    let shape = (n_objectives, cfg.atlas_betas.len() * cfg.atlas_taus.len());
     let mut z = [(); 3].map(|_| Array2::<f64>::zeros(shape));
     let mut sigmoid_worst = 0.0f64;
-    // Sigmoid cells where L-BFGS stalled short of π* with L(π*) ≤ L(π_opt).
     let mut sigmoid_shortfalls: Vec<String> = Vec::new();
     let mut any_shortfall = false;
-    // Other losses' runs that ended with L(π*) below their end point: not an optimum.
     let mut not_optima: Vec<String> = Vec::new();
-    // Per objective: the grid cells where it recovers π*.
-    let mut recovers: Vec<Vec<String>> = vec![Vec::new(); rows.len()];
-    let mut instances = vec![inst.record("default")];
+    let mut recovers: Vec<Vec<String>> = vec![Vec::new(); n_objectives];
     for &beta in &cfg.atlas_betas {
         for &tau in &cfg.atlas_taus {
             let col = cols.len();
@@ -340,7 +391,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                 if a.js_star < POPULATION_RECOVERED_JS || shortfall {
                     recovers[i].push(at);
                 }
-                grid.push(vec![
+                table.push(vec![
                     beta.into(),
                     tau.into(),
                     Cell::from(name.as_str()),
@@ -357,53 +408,76 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             pb.inc(1);
         }
     }
-    let [z_star, z_did, z_ref] = z;
-    let heat = |title: &str, z: Array2<f64>| CategoricalHeat {
-        title: format!("{title} (N = {}, population optimum)", cfg.atlas_n),
-        row_labels: rows.clone(),
-        col_labels: cols.clone(),
+    Ok(GridPass {
+        table,
+        cols,
         z,
+        sigmoid_worst,
+        sigmoid_shortfalls,
+        any_shortfall,
+        not_optima,
+        recovers,
+    })
+}
+
+/// The three heat maps of `atlas.png`: objective × (β, τ) cell.
+fn atlas_figure(cfg: &SynthConfig, rows: &[String], g: &GridPass) -> Figure {
+    let [z_star, z_did, z_ref] = &g.z;
+    let heat = |title: &str, z: &Array2<f64>| CategoricalHeat {
+        title: format!("{title} (N = {}, population optimum)", cfg.atlas_n),
+        row_labels: rows.to_vec(),
+        col_labels: g.cols.clone(),
+        z: z.clone(),
         z_label: "log10 JS [nats]".into(),
         range: (-16.0, 0.0),
     };
-    let figure = Figure::Categorical {
+    Figure::Categorical {
         name: "atlas".into(),
         panels: vec![
             heat("JS(π_opt, π*)", z_star),
             heat("JS(π_opt, DID^β target)", z_did),
             heat("JS(π_opt, π_ref)", z_ref),
         ],
-    };
+    }
+}
 
+/// The verdicts on where π* is recovered: Theorem 3.4 on the grid, only the sigmoid family
+/// everywhere, the closed forms where L-BFGS stops.
+fn recovery_checks(
+    cfg: &SynthConfig,
+    rows: &[String],
+    d: &DefaultPass,
+    g: &GridPass,
+) -> Vec<Check> {
     let cells = cfg.atlas_betas.len() * cfg.atlas_taus.len();
     let everywhere: Vec<String> = rows
         .iter()
-        .zip(&recovers)
-        .filter(|(n, r)| r.len() == cells && recovered.contains(n))
+        .zip(&g.recovers)
+        .filter(|(n, r)| r.len() == cells && d.recovered.contains(n))
         .map(|(n, _)| n.clone())
         .collect();
     let somewhere: Vec<String> = rows
         .iter()
-        .zip(&recovers)
+        .zip(&g.recovers)
         .filter(|(n, r)| !r.is_empty() && !everywhere.contains(n))
         .map(|(n, r)| format!("{n} at {}", r.join(", ")))
         .collect();
-    let checks = vec![
+    vec![
         Check::new(
             "Theorem 3.4: DPO's sigmoid loss (and sigmoid_norm, equal at length 1) recovers π* \
              on every instance of the grid",
-            if sigmoid_shortfalls.is_empty() {
-                format!("largest JS(π_opt, π*) {}", fmt(sigmoid_worst))
+            if g.sigmoid_shortfalls.is_empty() {
+                format!("largest JS(π_opt, π*) {}", fmt(g.sigmoid_worst))
             } else {
                 format!(
                     "largest JS(π_opt, π*) {} where L-BFGS reached its optimum; stalled short \
                      of π* with L(π*) ≤ L(π_opt) (the optimizer's shortfall, no lower minimum): \
                      {}",
-                    fmt(sigmoid_worst),
-                    sigmoid_shortfalls.join(", ")
+                    fmt(g.sigmoid_worst),
+                    g.sigmoid_shortfalls.join(", ")
                 )
             },
-            Verdict::of(sigmoid_worst < POPULATION_RECOVERED_JS),
+            Verdict::of(g.sigmoid_worst < POPULATION_RECOVERED_JS),
             "exact expected loss, L-BFGS from π_ref; a stalled run is checked against the loss \
              at π*",
         ),
@@ -412,7 +486,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
              it (and sigmoid_norm, the same at length 1) recovers π* on every instance",
             format!(
                 "JS < 1e-8{} on every instance: {}; on some: {}",
-                if any_shortfall {
+                if g.any_shortfall {
                     " (or stalled short of π* with L(π*) ≤ L(π_opt))"
                 } else {
                     ""
@@ -432,21 +506,32 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         Check::new(
             "fixed_points: the closed forms (sigmoid → π*, ipo → its linear system, sft → the \
              chosen distribution π_ref) are where L-BFGS stops",
-            if closed_fail.is_empty() {
+            if d.closed_fail.is_empty() {
                 "all within JS 1e-8".to_string()
             } else {
-                format!("off: {}", closed_fail.join(", "))
+                format!("off: {}", d.closed_fail.join(", "))
             },
-            Verdict::of(closed_fail.is_empty()),
+            Verdict::of(d.closed_fail.is_empty()),
             "default instance",
         ),
+    ]
+}
+
+/// The reported findings: runs that ended short of an optimum, non-unique and degenerate
+/// optima, how far the other losses move from π*.
+fn reported_checks(
+    objectives: &[(String, Objective)],
+    d: &DefaultPass,
+    g: &GridPass,
+) -> Vec<Check> {
+    vec![
         Check::new(
             "Grid runs of the other losses that ended above the loss at π* (so not at an \
              optimum)",
-            if not_optima.is_empty() {
+            if g.not_optima.is_empty() {
                 "none".to_string()
             } else {
-                not_optima.join(", ")
+                g.not_optima.join(", ")
             },
             Verdict::Reported,
             "L-BFGS stalled or its line search failed on a non-smooth (hinge, AOT's sorted \
@@ -455,10 +540,10 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         ),
         Check::new(
             "Which losses' optima are unique (same optimum from π_ref and from uniform)",
-            if unique_fail.is_empty() {
+            if d.unique_fail.is_empty() {
                 "all".to_string()
             } else {
-                format!("differ: {}", unique_fail.join(", "))
+                format!("differ: {}", d.unique_fail.join(", "))
             },
             Verdict::Reported,
             "a difference means several minimizers (a flat or non-convex loss) or none at \
@@ -467,10 +552,10 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         Check::new(
             "Which losses' optimum is degenerate (at infinite logits: the policy's log-probability \
              range exceeds 50 nats)",
-            if unbounded.is_empty() {
+            if d.unbounded.is_empty() {
                 "none".to_string()
             } else {
-                unbounded.join(", ")
+                d.unbounded.join(", ")
             },
             Verdict::Reported,
             "default instance; the loss keeps falling as the policy concentrates",
@@ -481,8 +566,8 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
                 "smallest other JS(π_opt, π*) {}",
                 fmt(objectives
                     .iter()
-                    .zip(&default.rows)
-                    .filter(|((n, _), _)| !recovered.contains(n))
+                    .zip(&d.table.rows)
+                    .filter(|((n, _), _)| !d.recovered.contains(n))
                     .map(|(_, r)| match r[1] {
                         Cell::Num(x) => x,
                         _ => f64::NAN,
@@ -492,15 +577,31 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             Verdict::Reported,
             &format!("bounded away means JS > {FAR_JS}"),
         ),
-    ];
+    ]
+}
+
+/// Run the experiment: the default instance, the grid, the figure, the verdicts.
+///
+/// # Errors
+/// Library errors.
+pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
+    let inst = Instance::tempered(cfg.n, cfg.tau, cfg.beta, cfg.scale, cfg.seed)?;
+    let objectives = atlas_objectives(cfg.beta)?;
+    let d = default_pass(&inst, &objectives, cfg, pb)?;
+    let rows: Vec<String> = objectives.iter().map(|(n, _)| n.clone()).collect();
+    let mut instances = vec![inst.record("default")];
+    let g = grid_pass(cfg, rows.len(), &mut instances, pb)?;
+    let figure = atlas_figure(cfg, &rows, &g);
+    let mut checks = recovery_checks(cfg, &rows, &d, &g);
+    checks.extend(reported_checks(&objectives, &d, &g));
     Ok(ExperimentOutput {
         name: "loss-atlas",
         title: "Where each loss's population optimum lies (π*, DID^β, π_ref)".into(),
-        tables: vec![default, grid],
+        tables: vec![d.table, g.table],
         figures: vec![figure],
         instance: json!({ "instances": instances }),
-        final_logits: Value::Object(finals),
-        summary: json!({ "final_js": final_js, "default": per_loss, "recovers_pi_star": recovered }),
+        final_logits: Value::Object(d.finals),
+        summary: json!({ "final_js": d.final_js, "default": d.per_loss, "recovers_pi_star": d.recovered }),
         checks,
         settings: cfg.to_json(),
     })

@@ -67,7 +67,8 @@ impl Preset {
     /// `dpo-beta-mismatch`.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] unless `β`, `β'` are finite and positive.
+    /// [`Error::Objective`] ([`crate::objective::ObjectiveError::Beta`]) unless `β`, `β'` are
+    /// finite and positive.
     pub fn objective(self, beta: f64, beta_prime: f64) -> Result<Objective> {
         Ok(match self {
             Preset::Dpo => Objective::dpo(beta),

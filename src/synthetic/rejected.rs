@@ -19,10 +19,10 @@ use crate::rejected::ideal_rejected;
 use super::instance::{sub_seed, Instance};
 use super::objective::Preset;
 use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
-use super::plot::{Figure, Panel, Series};
+use super::plot::{Figure, Series};
 use super::thresholds::{FAR_JS, POPULATION_RECOVERED_JS, SAMPLED_RECOVERED_JS};
 use super::train::{Mode, PromptTask};
-use super::{fmt, run_js, x_axis, SynthConfig, SynthError};
+use super::{fmt, mode_panel, run_js, x_axis, SynthConfig, SynthError};
 
 /// The four choices, in table order.
 pub const CHOICES: [&str; 4] = ["ideal", "reference", "uniform", "contrast"];
@@ -60,17 +60,12 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
     let mut records = Vec::new();
     let mut panels = Vec::new();
     for mode in Mode::ALL {
-        let mut panel = Panel {
-            title: format!("DPO by rejected distribution, {} mode", mode.name()),
-            x_label: match mode {
-                Mode::Population => "1 + L-BFGS iteration".into(),
-                Mode::Sampled => "RMSprop step".into(),
-            },
-            y_label: "JS(π, π*) [nats]".into(),
-            log_x: mode == Mode::Population,
-            log_y: true,
-            series: Vec::new(),
-        };
+        let mut panel = mode_panel(
+            format!("DPO by rejected distribution, {} mode", mode.name()),
+            mode,
+            "1 + L-BFGS iteration",
+            "JS(π, π*) [nats]",
+        );
         for (k, choice) in CHOICES.into_iter().enumerate() {
             let inst = base.with_rejected(rejected_for(choice, &base, cfg.contrast)?)?;
             if mode == Mode::Population {

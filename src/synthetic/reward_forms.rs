@@ -16,30 +16,25 @@ use super::output::{Cell, Check, ExperimentOutput, Table, Verdict};
 use super::plot::{Figure, Panel, Series};
 use super::thresholds::{FAR_JS, POPULATION_RECOVERED_JS, SAMPLED_RECOVERED_JS};
 use super::train::{Mode, PromptTask};
-use super::{fmt, run_js, x_axis, SynthConfig, SynthError};
+use super::{fmt, mode_panel, run_js, x_axis, SynthConfig, SynthError};
 
-/// Run the experiment.
-///
-/// # Errors
-/// Library errors.
-pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
-    let inst = Instance::tempered(cfg.n, cfg.tau, cfg.beta, cfg.scale, cfg.seed)?;
+/// Every objective of [`Preset::ALL`] in both modes: `js.csv`, the final logits, the final JS
+/// per mode and objective, one panel per mode.
+type Runs = (Table, Map<String, Value>, Map<String, Value>, Vec<Panel>);
+
+/// Trains every objective in both modes on `inst`, recording `JS(π, π*)`.
+fn runs(cfg: &SynthConfig, inst: &Instance, pb: &ProgressBar) -> Result<Runs, SynthError> {
     let mut table = Table::new("js", &["mode", "objective", "step", "js"]);
     let mut finals = Map::new();
     let mut final_js = Map::new();
     let mut panels = Vec::new();
     for mode in Mode::ALL {
-        let mut panel = Panel {
-            title: format!("Reward forms, {} mode: JS(π, π*)", mode.name()),
-            x_label: match mode {
-                Mode::Population => "1 + L-BFGS iteration (dpo-pg: 1 + RMSprop step)".into(),
-                Mode::Sampled => "RMSprop step".into(),
-            },
-            y_label: "JS(π, π*) [nats]".into(),
-            log_x: mode == Mode::Population,
-            log_y: true,
-            series: Vec::new(),
-        };
+        let mut panel = mode_panel(
+            format!("Reward forms, {} mode: JS(π, π*)", mode.name()),
+            mode,
+            "1 + L-BFGS iteration (dpo-pg: 1 + RMSprop step)",
+            "JS(π, π*) [nats]",
+        );
         let mut per_obj = Map::new();
         for (k, obj) in Preset::ALL.into_iter().enumerate() {
             let task = PromptTask {
@@ -77,6 +72,11 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
         final_js.insert(mode.name().into(), Value::Object(per_obj));
         panels.push(panel);
     }
+    Ok((table, finals, final_js, panels))
+}
+
+/// The verdicts of Theorem 3.4 from the final JS per mode and objective.
+fn checks(final_js: &Map<String, Value>) -> Vec<Check> {
     let get = |m: Mode, o: Preset| final_js[m.name()][o.name()].as_f64().unwrap_or(f64::NAN);
     let others: Vec<Preset> = Preset::ALL
         .into_iter()
@@ -99,7 +99,7 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let checks = vec![
+    vec![
         Check::new(
             "Theorem 3.4: DPO (β log π/π_ref, matching β) recovers π* (population)",
             format!("JS = {}", fmt(pop_dpo)),
@@ -131,7 +131,17 @@ pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, Synt
              g_w = π − π_ref is 0, so the projected g is 0; sampled, it moves only by \
              minibatch noise",
         ),
-    ];
+    ]
+}
+
+/// Run the experiment.
+///
+/// # Errors
+/// Library errors.
+pub fn run(cfg: &SynthConfig, pb: &ProgressBar) -> Result<ExperimentOutput, SynthError> {
+    let inst = Instance::tempered(cfg.n, cfg.tau, cfg.beta, cfg.scale, cfg.seed)?;
+    let (table, finals, final_js, panels) = runs(cfg, &inst, pb)?;
+    let checks = checks(&final_js);
     Ok(ExperimentOutput {
         name: "reward-forms",
         title: "Theorem 3.4: only DPO's log-ratio with the matching β recovers π*".into(),

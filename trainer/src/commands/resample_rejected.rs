@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use candle_core::DType;
+use difinfo::beta::Beta;
 use rand::SeedableRng;
 use serde_json::json;
 
@@ -54,11 +55,10 @@ pub fn run(a: ResampleRejectedArgs) -> Result<()> {
         out,
     } = a;
     use crate::diag::resample::{resample, score_candidates};
-    if !(beta.is_finite() && beta > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "--beta must be finite and > 0, got {beta}"
-        )));
-    }
+    // The library's one check of β, named as given: `--beta -1: beta must be …`.
+    let beta = Beta::new(beta)
+        .map_err(|e| Error::InvalidArgument(format!("--beta {beta}: {e}")))?
+        .get();
     if !(min_ess.is_finite() && min_ess >= 0.0) {
         return Err(Error::InvalidArgument(format!(
             "--min-ess must be finite and ≥ 0, got {min_ess}"

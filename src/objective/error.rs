@@ -1,0 +1,86 @@
+//! Why an objective is invalid: one variant per broken field, each naming TRL's field.
+
+use crate::beta::BetaError;
+
+/// Why an objective is invalid (each names TRL's field).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ObjectiveError {
+    /// `β ≤ 0` or not finite (the message is [`BetaError`]'s).
+    #[error("{}", BetaError(*.0))]
+    Beta(f64),
+    /// ε outside `[0, 1/2]` (`[0, 1/2)` for `robust`, `(0, 1/2]` for `exo_pair`).
+    #[error("label_smoothing = {value}: {reason}")]
+    LabelSmoothing {
+        /// ε.
+        value: f64,
+        /// The violated range.
+        reason: String,
+    },
+    /// No loss type.
+    #[error("loss_type is empty: give at least one loss type")]
+    NoLossType,
+    /// An unknown loss type name.
+    #[error(
+        "unknown loss_type `{0}` (sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, \
+         sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm)"
+    )]
+    UnknownLossType(String),
+    /// An unknown f-divergence name.
+    #[error(
+        "unknown f_divergence_type `{0}` (reverse_kl, forward_kl, js_divergence, alpha_divergence)"
+    )]
+    UnknownFDivergence(String),
+    /// `loss_weights` of another length than `loss_type`.
+    #[error("loss_weights has {weights} entries for {types} loss types")]
+    LossWeightsLength {
+        /// Weights given.
+        weights: usize,
+        /// Loss types given.
+        types: usize,
+    },
+    /// A negative or non-finite loss weight.
+    #[error("loss_weights must be finite and ≥ 0, got {0}")]
+    LossWeight(f64),
+    /// Every loss weight is 0: the loss is identically 0 and nothing would train.
+    #[error(
+        "loss_weights are all 0 ({0:?}): the loss would be 0 whatever the model, leaving nothing \
+         to train; give at least one loss type a positive weight"
+    )]
+    ZeroLossWeights(Vec<f64>),
+    /// `discopop_tau ≤ 0` or not finite.
+    #[error("discopop_tau must be finite and positive, got {0}")]
+    DiscopopTau(f64),
+    /// A non-finite α-divergence coefficient.
+    #[error("f_alpha_divergence_coef must be finite, got {0}")]
+    FAlpha(f64),
+    /// An f-divergence other than `reverse_kl` with a loss type that has no f-divergence form.
+    #[error(
+        "f_divergence_type = {f} applies to sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, \
+         discopop and sft only, not {loss_type} (TRL refuses it too: the f-DPO reparametrization \
+         cancels only in the chosen − rejected difference)"
+    )]
+    FDivergenceLossType {
+        /// The f-divergence.
+        f: &'static str,
+        /// The loss type.
+        loss_type: &'static str,
+    },
+    /// A negative or non-finite `rpo_alpha`.
+    #[error("rpo_alpha must be finite and ≥ 0, got {0}")]
+    RpoAlpha(f64),
+    /// An option that the rule or the loss types do not read (TRL would silently ignore it).
+    #[error("{option} does not apply here: {reason}")]
+    Inapplicable {
+        /// The option.
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl From<BetaError> for ObjectiveError {
+    fn from(e: BetaError) -> Self {
+        ObjectiveError::Beta(e.0)
+    }
+}
