@@ -206,20 +206,24 @@ pub enum Error {
         message: String,
     },
     /// A GGUF file's `general.architecture` names a model family the importer does not map.
-    #[error("{path}: unsupported GGUF architecture `{found}`; supported: {}", crate::gguf::SUPPORTED_ARCHITECTURES.join(", "))]
+    #[error("{path}: unsupported GGUF architecture `{found}`; supported: {}", supported.join(", "))]
     GgufUnsupportedArchitecture {
         /// The file.
         path: PathBuf,
         /// The architecture found.
         found: String,
+        /// The architectures the importer maps (`gguf::SUPPORTED_ARCHITECTURES`).
+        supported: &'static [&'static str],
     },
     /// A GGUF tensor is stored in a GGML type candle cannot dequantize.
-    #[error("{path}: unsupported GGUF quantization: {detail}; supported: {}", crate::gguf::SUPPORTED_QUANTIZATIONS.join(", "))]
+    #[error("{path}: unsupported GGUF quantization: {detail}; supported: {}", supported.join(", "))]
     GgufUnsupportedQuantization {
         /// The file.
         path: PathBuf,
         /// The type found (and the tensor, when known).
         detail: String,
+        /// The GGML types candle dequantizes (`gguf::SUPPORTED_QUANTIZATIONS`).
+        supported: &'static [&'static str],
     },
     /// A GGUF metadata key the import needs is absent.
     #[error("{path}: missing GGUF metadata key `{key}`")]
@@ -241,14 +245,15 @@ pub enum Error {
     },
     /// `tokenizer.ggml.pre` names a pre-tokenizer this importer does not know.
     #[error(
-        "{path}: unknown GGUF pre-tokenizer `tokenizer.ggml.pre = {found}`; known: {}",
-        crate::gguf::known_pre_tokenizers()
+        "{path}: unknown GGUF pre-tokenizer `tokenizer.ggml.pre = {found}`; known: {known}"
     )]
     GgufUnknownPreTokenizer {
         /// The file.
         path: PathBuf,
         /// The name found.
         found: String,
+        /// The pre-tokenizers the importer knows, comma-separated (`gguf::known_pre_tokenizers`).
+        known: String,
     },
     /// `tokenizer.ggml.model` names a tokenizer model this importer does not rebuild.
     #[error("{path}: unsupported GGUF tokenizer model `tokenizer.ggml.model = {found}`; supported: gpt2 (byte-level BPE), llama (SentencePiece BPE)")]
@@ -275,13 +280,15 @@ pub enum Error {
          --output-dir",
         dir.display(),
         pid.map_or_else(String::new, |p| format!(" (process {p})")),
-        dir.join(crate::train::run::LOCK_FILE).display()
+        lock.display()
     )]
     RunLocked {
         /// The run directory.
         dir: PathBuf,
         /// The holder's process id, when it could be read.
         pid: Option<u32>,
+        /// The lock file (`train::run::LOCK_FILE` in `dir`).
+        lock: PathBuf,
     },
     /// A file a resumed run depends on differs from the one the run started with (its
     /// fingerprint in `run_args.json`), or is gone.

@@ -506,6 +506,7 @@ impl<R: Read + Seek> Header<'_, R> {
                     "tensor `{name}` is stored as {} (GGML type {type_id})",
                     ggml_type_name(type_id)
                 ),
+                supported: &super::SUPPORTED_QUANTIZATIONS,
             });
         };
         let block = dtype.block_size() as u64;

@@ -48,6 +48,7 @@ impl Arch {
         let arch = Arch::from_name(name).ok_or_else(|| Error::GgufUnsupportedArchitecture {
             path: meta.path.to_path_buf(),
             found: name.to_string(),
+            supported: &super::SUPPORTED_ARCHITECTURES,
         })?;
         Ok((arch, name))
     }

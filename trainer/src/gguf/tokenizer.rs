@@ -528,6 +528,7 @@ fn bpe_files(meta: &Meta, v: &Vocab) -> Result<ModelFiles> {
         PreTokenizerFamily::from_name(pre_name).ok_or_else(|| Error::GgufUnknownPreTokenizer {
             path: meta.path.to_path_buf(),
             found: pre_name.to_string(),
+            known: super::known_pre_tokenizers(),
         })?;
     let merges = meta
         .strings("tokenizer.ggml.merges")?

@@ -160,6 +160,7 @@ impl RunLock {
                 return Err(Error::RunLocked {
                     dir: dir.to_path_buf(),
                     pid,
+                    lock: path.clone(),
                 });
             }
             if !still_at(&file, &path) {
@@ -176,6 +177,7 @@ impl RunLock {
         Err(Error::RunLocked {
             dir: dir.to_path_buf(),
             pid: None,
+            lock: dir.join(LOCK_FILE),
         })
     }
 }
