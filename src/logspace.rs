@@ -10,6 +10,7 @@ use crate::simd::{block_stats, zeroed, BLOCK};
 use crate::Rational;
 
 /// The vectorized loops these formulas run on, re-exported where they have always been public.
+pub use crate::scalar::sigmoid;
 pub use crate::simd::{fast_exp, max, sum_exp_shifted};
 
 /// Running `(max, Σ exp(x − max))` over blocks, combined in a fixed order.
@@ -99,16 +100,6 @@ pub fn log_add_exp(a: f64, b: f64) -> f64 {
         return hi;
     }
     hi + (lo - hi).exp().ln_1p()
-}
-
-/// Logistic function `σ(t) = 1 / (1 + e^{−t})`, stable for any `t`.
-pub fn sigmoid(t: f64) -> f64 {
-    if t >= 0.0 {
-        1.0 / (1.0 + (-t).exp())
-    } else {
-        let e = t.exp();
-        e / (1.0 + e)
-    }
 }
 
 /// The softplus family, written once for every [`Real`] number type (`f64`, dual numbers, the

@@ -138,7 +138,7 @@ impl Real for f64 {
     }
     #[inline(always)]
     fn sigmoid(&self) -> Result<Self, Infallible> {
-        Ok(crate::logspace::sigmoid(*self))
+        Ok(sigmoid(*self))
     }
     #[inline(always)]
     fn sort(&self) -> Result<Self, Infallible> {
@@ -354,8 +354,8 @@ impl<const K: usize> Real for Dual<f64, K> {
     }
     #[inline(always)]
     fn sigmoid(&self) -> Result<Self, Infallible> {
-        let s = crate::logspace::sigmoid(self.v);
-        Ok(self.chain(s, &(s * crate::logspace::sigmoid(-self.v))))
+        let s = sigmoid(self.v);
+        Ok(self.chain(s, &(s * sigmoid(-self.v))))
     }
     fn sort(&self) -> Result<Self, Infallible> {
         Ok(self.clone())
@@ -427,7 +427,7 @@ impl Real for Batch {
         self.map(f64::ln_1p)
     }
     fn sigmoid(&self) -> Result<Self, Infallible> {
-        self.map(crate::logspace::sigmoid)
+        self.map(sigmoid)
     }
     fn sort(&self) -> Result<Self, Infallible> {
         let mut v = self.0.clone();
@@ -441,6 +441,17 @@ impl Real for Batch {
     }
     fn sum(&self) -> Result<Self, Infallible> {
         Ok(Batch(vec![self.0.iter().sum()]))
+    }
+}
+
+/// Logistic function `σ(t) = 1 / (1 + e^{−t})`, stable for any `t`: the
+/// primitive of `f64`'s [`Real::sigmoid`], re-exported as [`crate::logspace::sigmoid`].
+pub fn sigmoid(t: f64) -> f64 {
+    if t >= 0.0 {
+        1.0 / (1.0 + (-t).exp())
+    } else {
+        let e = t.exp();
+        e / (1.0 + e)
     }
 }
 
