@@ -23,7 +23,7 @@ pub fn config_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(c) = crate::config::parse_config(text) {
+    if let Ok(c) = crate::config_json::parse_config(text) {
         if c.num_hidden_layers <= 64 && c.head_dim <= 1 << 16 {
             let _ = c.tensor_shapes();
             let _ = c.rope_inv_freq();

@@ -1,7 +1,7 @@
 //! A Hugging Face model directory (`save_pretrained`'s layout): the names of its files, its
 //! tensors (one `model.safetensors`, or the shards of `model.safetensors.index.json`), and how
 //! the files a loader reads from one. The file formats inside it are read by
-//! [`crate::safetensors`] and [`crate::config`]; a GGUF file stands for a directory through
+//! [`crate::safetensors`] and [`crate::config_json`]; a GGUF file stands for a directory through
 //! [`crate::gguf_cache`] one floor up.
 
 use std::collections::{BTreeMap, HashMap};

@@ -20,7 +20,7 @@ use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 use crate::pretrained::save_safetensors;
-use crate::config::{Architecture, ModelConfig};
+use crate::config_json::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::io::{write_atomic, write_json};
 use crate::model::Model;

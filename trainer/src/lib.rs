@@ -4,7 +4,7 @@
 //! (docs/theory.md, Appendix J.2).
 //!
 //! Layers, bottom up:
-//! - [`config`]: config.json → [`config::ModelConfig`] (Llama, Mistral, Qwen2);
+//! - [`config_json`]: config.json → [`config::ModelConfig`] (Llama, Mistral, Qwen2);
 //! - [`model`]: the decoder with trainable variables and a differentiable forward;
 //! - [`fused`]: fused CPU kernels with hand-written backward passes used by [`model`];
 //! - [`lm_head`]: the LM head and log-softmax in chunks from candle's own ops (any device);
@@ -30,7 +30,7 @@
 
 pub mod batch;
 pub mod commands;
-pub mod config;
+pub mod config_json;
 pub mod diag;
 pub mod dtype;
 pub mod error;

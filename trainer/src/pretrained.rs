@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::config::ModelConfig;
+use crate::config_json::ModelConfig;
 use crate::dtype::{accumulation_dtype, max_finite, torch_dtype_name};
 use crate::error::{Error, Result};
 use crate::hf_dir::{CheckpointTensors, SIDE_FILES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};

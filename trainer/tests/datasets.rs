@@ -429,7 +429,7 @@ fn metrics(run_dir: &Path) -> Vec<serde_json::Map<String, Value>> {
 
 #[test]
 fn parquet_and_json_array_train_like_their_jsonl_twin() {
-    use difinfo_trainer::config::Architecture;
+    use difinfo_trainer::config_json::Architecture;
     use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");

@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use difinfo_trainer::batch::{Batch, Sequence};
 use difinfo_trainer::pretrained::load_model;
-use difinfo_trainer::config::{Architecture, ModelConfig};
+use difinfo_trainer::config_json::{Architecture, ModelConfig};
 use difinfo_trainer::fused::GradSink;
 use difinfo_trainer::lora::LoraConfig;
 use difinfo_trainer::model::Model;

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, IndexOp, Tensor};
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::diag::entropy::prompt_entropy;
 use difinfo_trainer::model::{KvCache, Model};
 use rand::SeedableRng;

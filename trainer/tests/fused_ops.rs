@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::{causal_and_padding_mask, max_abs, rand};
 use difinfo_trainer::batch::Batch;
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::fused;
 use difinfo_trainer::model::MASK_VALUE;
 use difinfo_trainer::train::grads::reduce;

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use difinfo_trainer::batch::Batch;
-use difinfo_trainer::config::{Architecture, ModelConfig};
+use difinfo_trainer::config_json::{Architecture, ModelConfig};
 use difinfo_trainer::model::Model;
 
 fn batch(dev: &Device) -> Batch {

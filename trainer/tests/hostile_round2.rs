@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use common::difinfo_train as run;
 pub use common::tiny_model;
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
 
 /// Runs a command that must fail cleanly (exit 1, or clap's 2 for a value that does not

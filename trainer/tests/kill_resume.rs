@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::train::checkpoint::latest_checkpoint;
 use rand::{Rng, SeedableRng};

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, IndexOp, Tensor};
 use difinfo_trainer::batch::{Batch, Sequence};
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::generate::{argmax, generate, log_softmax_at, SamplingParams};
 use difinfo_trainer::logps::sequence_logps;
 use difinfo_trainer::model::{KvCache, Model};

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{causal_and_padding_mask, rand};
 use difinfo_trainer::batch::Batch;
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::fused;
 use difinfo_trainer::model::Model;
 use difinfo_trainer::train::grads::reduce;
@@ -383,7 +383,7 @@ fn adamw_and_reductions_propagate_nan() {
 /// A model whose tensor `name` has NaN at the flat `indices` (no load check: built from
 /// tensors).
 fn model_with_nan(
-    cfg: &difinfo_trainer::config::ModelConfig,
+    cfg: &difinfo_trainer::config_json::ModelConfig,
     name: &str,
     indices: &[usize],
     dtype: DType,

@@ -26,7 +26,7 @@ mod common;
 
 use candle_core::{DType, IndexOp, Tensor};
 use difinfo_trainer::batch::Sequence;
-use difinfo_trainer::config::{parse_config, ModelConfig};
+use difinfo_trainer::config_json::{parse_config, ModelConfig};
 use difinfo_trainer::logps::sequence_logps;
 use difinfo_trainer::model::Model;
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::records::{PreferenceExample, SftExample, Text};
 use difinfo_trainer::template::Message;
 use difinfo_trainer::tokenize::{

@@ -144,7 +144,7 @@ pub struct BenchRow {
 /// attention products still cost twice). Recomputation (gradient checkpointing) is not
 /// counted: these are the FLOPs the model needs, not the FLOPs the hardware ran.
 pub fn model_flops(
-    cfg: &crate::config::ModelConfig,
+    cfg: &crate::config_json::ModelConfig,
     sequences: usize,
     len: usize,
     scored: usize,

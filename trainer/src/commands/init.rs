@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::Architecture;
+use crate::config_json::Architecture;
 use crate::init::{arch_config, init_checkpoint, ModelSize, BUILTIN_CORPUS};
 use crate::{Error, Result};
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{TensorInfo, Value as GValue};
 use serde_json::{json, Value};
 
-use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::config_json::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 
 /// The architecture-specific part of the import.

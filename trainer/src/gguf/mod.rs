@@ -23,7 +23,7 @@
 //!   duplicates refused);
 //! - `tokenizer`: tokenizer.json, tokenizer_config.json and the special ids rebuilt from the
 //!   metadata;
-//! - `metadata`: the typed metadata lookups, the architecture, [`crate::config::ModelConfig`]
+//! - `metadata`: the typed metadata lookups, the architecture, [`crate::config_json::ModelConfig`]
 //!   and config.json, the RoPE scaling;
 //! - `tensors`: the tensors read by candle under `catch_unwind`, dequantized, renamed to
 //!   Hugging Face's names and unpermuted (a NaN or infinite weight is refused);

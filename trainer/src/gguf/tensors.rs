@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::ggml_dtype_name;
 use super::metadata::Arch;
-use crate::config::ModelConfig;
+use crate::config_json::ModelConfig;
 use crate::error::{Error, Result};
 
 /// llama.cpp's q/k row order from Hugging Face's: with `heads` heads of `d / heads` rows,

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 
-use crate::config::ModelConfig;
+use crate::config_json::ModelConfig;
 use crate::error::{Error, Result};
 
 use adapted_linear::{Lin, LoraLin};

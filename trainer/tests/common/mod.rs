@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use difinfo_trainer::pretrained::load_model;
-use difinfo_trainer::config::{Architecture, ModelConfig};
+use difinfo_trainer::config_json::{Architecture, ModelConfig};
 use difinfo_trainer::init::{init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::model::{Model, MASK_VALUE};
 use difinfo_trainer::tokenize::TokenizerBundle;

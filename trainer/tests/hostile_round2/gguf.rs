@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use difinfo_trainer::pretrained::read_tensors;
-use difinfo_trainer::config::Architecture;
+use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::gguf::import_file;
 use difinfo_trainer::gguf_cache::resolve_model_in;
 
