@@ -3,30 +3,30 @@
 //! log-probabilities on candle — the foundation of the paper's real-data pipeline
 //! (docs/theory.md, Appendix J.2).
 //!
-//! Layers, bottom up:
-//! - [`config_json`]: config.json → [`config::ModelConfig`] (Llama, Mistral, Qwen2);
-//! - [`model`]: the decoder with trainable variables and a differentiable forward;
-//! - [`fused`]: fused CPU kernels with hand-written backward passes used by [`model`];
-//! - [`lm_head`]: the LM head and log-softmax in chunks from candle's own ops (any device);
-//! - [`recompute`]: gradient checkpointing and hand-written backward passes on any device;
-//! - [`lora`]: LoRA adapters in PEFT's format;
-//! - [`checkpoint`]: loading (single/sharded safetensors) and saving with the input's names;
-//! - [`gguf`]: llama.cpp / Ollama GGUF files → Hugging Face directories; [`gguf_cache`]: their
-//!   content-keyed conversion cache, through which a GGUF file is accepted
-//!   wherever a checkpoint directory is;
-//! - [`template`], [`records`], [`tokenize`]: chat templates, JSONL / JSON / Parquet datasets, TRL
-//!   tokenization; [`provenance`]: which tokenizer pipeline, and transformers 5's;
-//! - [`batch`]: right-padded batches and completion masks;
-//! - [`logps`]: summed completion log-probs of a preference dataset;
-//! - [`generate`]: KV-cache sampling;
-//! - [`init`]: random checkpoints with a trained BPE tokenizer;
-//! - [`io`]: output paths checked before any work (never an input, always writable);
-//! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
-//!   and exact resume;
+//! Rooms, top down (each imports only rooms below it; `ARCHITECTURE.md` is the floor plan and
+//! `tests/floors.rs` checks it):
+//! - [`commands`]: the front end, one file per `difinfo-train` subcommand (options, progress
+//!   bars, what is printed); nothing below knows of it. [`fuzzing`]: the fuzz targets' entries;
 //! - [`diag`]: the paper's diagnostics (Monte Carlo entropy, β-accuracy, the DID entropy,
 //!   rejected-response resampling, the run report);
-//! - [`commands`]: the front end, one file per `difinfo-train` subcommand (options, progress
-//!   bars, what is printed); `train` and `diag` know nothing of it.
+//! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
+//!   and exact resume; [`init`]: random checkpoints with a trained BPE tokenizer;
+//! - [`pretrained`]: a model loaded from and saved as a Hugging Face directory (or a GGUF
+//!   file), a PEFT adapter merged into its base; [`logps`]: summed completion log-probs;
+//!   [`generate`]: KV-cache sampling; [`tokenize`]: TRL-exact tokenization;
+//! - [`model`]: the decoder with trainable variables and a differentiable forward, on the
+//!   fused CPU kernels of [`fused`] (hand-written backward passes) or candle's own ops with
+//!   [`recompute`] (gradient checkpointing); [`lora`]: LoRA adapters in PEFT's format;
+//! - the model's files: [`gguf_cache`] (a GGUF file accepted wherever a checkpoint directory
+//!   is, through a content-keyed conversion), [`outputs`] (output paths checked before any
+//!   work), [`gguf`] (the GGUF format), [`hf_dir`] (a Hugging Face directory),
+//!   [`safetensors`] (the weights' format);
+//! - the data's files: [`records`] (JSONL / JSON / Parquet datasets), [`template`] (chat
+//!   templates);
+//! - the ground floor: [`config_json`] (config.json → [`config_json::ModelConfig`]: Llama,
+//!   Mistral, Qwen2), [`batch`] (right-padded batches and completion masks), [`io`] (the one
+//!   atomic writer), [`memory`], [`dtype`], [`error`], [`units`], [`provenance`] (which
+//!   tokenizer pipeline, and transformers 5's).
 
 pub mod batch;
 pub mod commands;
