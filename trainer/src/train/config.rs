@@ -20,8 +20,8 @@ use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::train::error::RangeError;
-use crate::train::optim::{OptimizerConfig, OptimizerKind};
+use crate::train::optim::{OptimizerConfig, OptimizerKind, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON};
+use crate::train::range::RangeError;
 use crate::train::schedule::SchedulerType;
 
 /// All options of a training run: the one definition of each training option, its name, its
@@ -251,9 +251,9 @@ impl Default for TrainConfig {
             learning_rate: 1e-6,
             optim: OptimizerKind::Adamw,
             weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
+            adam_beta1: ADAM_BETA1,
+            adam_beta2: ADAM_BETA2,
+            adam_epsilon: ADAM_EPSILON,
             lr_scheduler_type: SchedulerType::Linear,
             warmup_steps: 0,
             warmup_ratio: 0.0,
@@ -300,7 +300,8 @@ impl TrainConfig {
         Ok(cfg)
     }
 
-    /// The optimizer hyper-parameters (RMSprop keeps PyTorch's α = 0.99, ε = 1e-8).
+    /// The optimizer hyper-parameters (RMSprop keeps PyTorch's defaults,
+    /// [`crate::train::optim::RMSPROP_ALPHA`] and [`crate::train::optim::RMSPROP_EPSILON`]).
     pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
             kind: self.optim,
