@@ -21,7 +21,7 @@ use crate::io::write_bytes as write_file;
 use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
 use crate::train::config::{as_typed, merge_onto, CONFIG_TOML};
-use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
+use crate::train::output_dir::{check_fresh_output_dir, RUN_FILES};
 use crate::train::{Dataset, Error, Examples, PreferencePair, TrainConfig, Trainer};
 use difinfo::objective::Rule;
 

@@ -17,6 +17,7 @@ pub mod grads;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod output_dir;
 pub mod plot;
 pub mod policy;
 pub mod range;
