@@ -28,7 +28,7 @@ use crate::io::{write_json, write_jsonl};
 use crate::model::Model;
 use crate::tokenize::{load_prompts, TokenizerBundle};
 use crate::train::config::merge_onto;
-use crate::train::run::{Resolved, RunRecord, RunSettings};
+use crate::train::run::{Placement, Resolved, RunRecord, RunSettings};
 use crate::train::TrainConfig;
 use crate::train::{Dataset, Examples, PreferencePair, Sequence};
 use crate::Result;
@@ -366,7 +366,10 @@ fn pipeline_with(
             data: pairs_path.clone(),
             // Trained on sampled token ids: no text is tokenized.
             settings: RunSettings {
-                device: args.device.clone(),
+                placement: Placement {
+                    device: args.device.clone(),
+                    ..Placement::default()
+                },
                 ..RunSettings::default()
             },
         },

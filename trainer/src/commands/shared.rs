@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::checkpoint::load_model;
 use crate::data::{write_error_report, InvalidRecords, PromptExample};
 use crate::io::{check_outputs, inputs, Named};
 use crate::model::Model;
@@ -14,33 +14,20 @@ use crate::tokenize::{
     load_prompts, TokenizeOptions, TokenizeStats, TokenizedDataset, TokenizerBundle,
     TokenizerOptions,
 };
-use crate::{parse_device, DataError, Error, Result};
+use crate::train::config::Limit;
+use crate::train::run::Placement;
+use crate::{DataError, Error, Result};
 use clap::ValueEnum;
-
-/// A length limit: a positive integer, or `none`.
-#[derive(Clone, Copy, Debug)]
-pub struct Limit(pub Option<usize>);
-
-/// Parses a [`Limit`].
-pub(crate) fn parse_limit(s: &str) -> std::result::Result<Limit, String> {
-    if s == "none" {
-        return Ok(Limit(None));
-    }
-    match s.parse::<usize>() {
-        Ok(0) | Err(_) => Err(format!("expected a positive integer or `none`, got `{s}`")),
-        Ok(n) => Ok(Limit(Some(n))),
-    }
-}
 
 /// Tokenization options of `logps` (TRL's names).
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
-    /// Longest prompt + completion in tokens (`none`: no limit); completions are cut to fit,
-    /// examples whose prompt alone fills it are dropped.
-    #[arg(long, default_value = "1024", value_parser = parse_limit, allow_negative_numbers = true)]
+    /// Longest prompt + completion in tokens (`none` or 0: no limit); completions are cut to
+    /// fit, examples whose prompt alone fills it are dropped.
+    #[arg(long, default_value = "1024", value_parser = Limit::parse, allow_negative_numbers = true)]
     pub max_length: Limit,
-    /// Longest prompt in tokens (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    /// Longest prompt in tokens (`none` or 0: no limit).
+    #[arg(long, default_value = "none", value_parser = Limit::parse, allow_negative_numbers = true)]
     pub max_prompt_length: Limit,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -66,12 +53,9 @@ pub struct ModelArgs {
     /// GGUF file (converted once into a cache directory; see `convert`).
     #[arg(long)]
     pub model: PathBuf,
-    /// Parameter dtype: f32, bf16, f16 or f64 (bf16 on CPU computes matmuls through f32: slow).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub placement: Placement,
 }
 
 /// The prompts a sampling command reads (`sample`, `entropy`).
@@ -80,8 +64,8 @@ pub struct PromptArgs {
     /// Prompts (JSONL: `prompt` string or messages, or `messages`).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Longest prompt in tokens, keeping its end (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    /// Longest prompt in tokens, keeping its end (`none` or 0: no limit).
+    #[arg(long, default_value = "none", value_parser = Limit::parse, allow_negative_numbers = true)]
     pub max_prompt_length: Limit,
 }
 
@@ -126,8 +110,7 @@ pub(crate) fn model_and_prompts(
     skip_invalid: bool,
     report: Option<&Path>,
 ) -> Result<(TokenizerBundle, PromptSet, Model)> {
-    let device = parse_device(&model.device)?;
-    let dtype = parse_dtype(&model.dtype)?;
+    let (device, dtype) = model.placement.parse()?;
     let bundle = load_bundle(&model.model)?;
     let (file, limit) = (&prompts.prompts, prompts.max_prompt_length.0);
     let ds = load_prompts(&bundle, file, limit, skip_invalid)?;

@@ -16,7 +16,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
-use crate::checkpoint::{load_model, parse_dtype};
+use crate::checkpoint::load_model;
 use crate::io::write_bytes as write_file;
 use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
@@ -474,8 +474,7 @@ fn train_locked(
     if let Some(f) = &r.config_file {
         eprintln!("options from {} (command-line options win)", f.display());
     }
-    let device = crate::parse_device(&r.record.settings.device)?;
-    let dtype = parse_dtype(&r.record.settings.dtype)?;
+    let (device, dtype) = r.record.settings.placement.parse()?;
     let mut m = load_model(&r.record.model, dtype, &device)?;
     if r.record.settings.bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;
@@ -682,7 +681,7 @@ mod tests {
         assert_eq!(r.config, dpo_defaults());
         let r = resolve(&["sft", "--model", "m", "--data", "d"]).unwrap();
         assert_eq!(r.config, sft_defaults());
-        assert_eq!(r.record.settings.dtype, "f32");
+        assert_eq!(r.record.settings.placement.dtype, "f32");
     }
 
     #[test]
