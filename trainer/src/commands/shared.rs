@@ -95,11 +95,25 @@ pub(crate) fn accept_dataset<T>(
     skip_invalid: bool,
     report: Option<&Path>,
 ) -> Result<()> {
-    if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
-        write_error_report(r, &ds.errors)?;
+    accept_counts(file, &ds.stats, &ds.errors, skip_invalid, report)
+}
+
+/// [`accept_dataset`] of a file's counts and invalid records.
+///
+/// # Errors
+/// The report cannot be written; no example left.
+pub(crate) fn accept_counts(
+    file: &Path,
+    stats: &TokenizeStats,
+    errors: &[DataError],
+    skip_invalid: bool,
+    report: Option<&Path>,
+) -> Result<()> {
+    if let (Some(r), true) = (report, skip_invalid && !errors.is_empty()) {
+        write_error_report(r, errors)?;
     }
-    report_stats(file, &ds.stats, report);
-    require_examples(file, &ds.stats)
+    report_stats(file, stats, report);
+    require_examples(file, stats)
 }
 
 /// The tokenizer, the tokenized prompt file (its counts printed; with `skip_invalid`, invalid

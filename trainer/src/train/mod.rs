@@ -13,6 +13,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dataset;
 pub mod grads;
 pub mod metrics;
 pub mod objective;
