@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::checkpoint::load_model;
 use crate::data::{write_error_report, InvalidRecords, PromptExample};
+use crate::generate::check_sampling_options;
 use crate::io::{check_outputs, inputs, Named};
 use crate::model::Model;
 use crate::tokenize::{
@@ -155,18 +156,31 @@ pub(crate) fn check_vocab<'a>(
     Ok(())
 }
 
-/// [`check_vocab`] over a prompt file's prompts.
-pub(crate) fn check_prompt_vocab(
+/// A prompt file fits the model a command samples: [`check_vocab`] over its prompts, then
+/// `n` samples (the option `option`) of up to `max_new_tokens` after its longest prompt within
+/// the model's limits ([`check_sampling_options`]).
+pub(crate) fn check_prompts_fit(
     model_dir: &Path,
     m: &Model,
     file: &Path,
     ds: &PromptSet,
+    (option, n): (&str, usize),
+    max_new_tokens: usize,
 ) -> Result<()> {
     let ids = ds
         .examples
         .iter()
         .map(|e| (e.line, "prompt", &e.value.1[..]));
-    check_vocab(model_dir, m, file, ids)
+    check_vocab(model_dir, m, file, ids)?;
+    let longest = ds.examples.iter().map(|e| e.value.1.len()).max();
+    check_sampling_options(
+        m,
+        model_dir,
+        option,
+        n,
+        longest.unwrap_or(0),
+        max_new_tokens,
+    )
 }
 
 /// A generation error for the prompt at `file:line`; a size error suggests
