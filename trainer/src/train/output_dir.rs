@@ -1,6 +1,6 @@
 //! A run's output directory before a fresh run: what an earlier run left there
 //! ([`earlier_run`]), refused unless `overwrite_output_dir` ([`check_fresh_output_dir`]) and
-//! then cleared ([`clear_earlier_run`]).
+//! then cleared (`clear_earlier_run`, when a fresh run starts).
 
 use std::path::Path;
 

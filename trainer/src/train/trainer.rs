@@ -508,9 +508,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     }
 
     /// One optimizer step (`None` when the run is complete), top to bottom: the micro-batches'
-    /// forward passes, objective and backward passes ([`Trainer::step_gradients`]; DPO-PG's
-    /// projection), the clipped optimizer update ([`Trainer::update`]), the position and the
-    /// log's sums ([`Trainer::advance`]), then the metrics record and the checkpoint when due.
+    /// forward passes, objective and backward passes (`step_gradients`; DPO-PG's projection),
+    /// the clipped optimizer update (`update`), the position and the log's sums (`advance`),
+    /// then the metrics record and the checkpoint when due.
     ///
     /// # Errors
     /// [`Error::NonFinite`] (no update is made), tensor and I/O errors.
