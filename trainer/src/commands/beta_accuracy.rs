@@ -8,10 +8,10 @@ use serde_json::json;
 
 use crate::pretrained::load_model;
 use crate::commands::shared::{
-    at_prompt, check_paths, check_prompt_vocab, load_bundle, progress, report_stats,
+    at_prompt, check_paths, check_prompts_fit, load_bundle, progress, report_stats,
     require_examples, DecodeArgs,
 };
-use crate::generate::{check_sampling_options, SamplingParams};
+use crate::generate::SamplingParams;
 use crate::io::write_json;
 use crate::tokenize::load_prompts;
 use crate::{parse_device, Error, Result};
@@ -86,16 +86,8 @@ pub fn run(a: BetaAccuracyArgs) -> Result<()> {
         load_model(&policy, DType::F32, &device)?,
         load_model(&reference, DType::F32, &device)?,
     );
-    check_prompt_vocab(&estimator, &m_hat, &prompts, &ds)?;
-    let longest = ds.examples.iter().map(|e| e.value.1.len()).max();
-    check_sampling_options(
-        &m_hat,
-        &estimator,
-        "--samples",
-        samples,
-        longest.unwrap_or(0),
-        max_new_tokens,
-    )?;
+    let option = ("--samples", samples);
+    check_prompts_fit(&estimator, &m_hat, &prompts, &ds, option, max_new_tokens)?;
     let params = SamplingParams {
         temperature: 1.0,
         top_p: 1.0,

@@ -5,11 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, Args, ValueEnum};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-
-use difinfo::beta_accuracy::{beta_accuracy, BetaFit};
-use difinfo::objective::{FDivergence, LossType, Rule};
 
 use crate::pretrained::load_model;
 use crate::commands::shared::{progress, report_stats, usage};
@@ -17,20 +12,19 @@ use crate::commands::training::train_on;
 use crate::commands::training::{
     command_line_table, refuse_hidden, training_options, REFERENCE_OPTIONS, SFT_OPTIONS,
 };
-use crate::diag::beta_accuracy::prompt_fit;
 use crate::diag::did_entropy::{
-    estimator_defaults, sample_pairs, DidEntropyReport, OverallEntropy, PairDecoding, PromptDid,
-    Stage, ESTIMATOR_DIR, PAIRS_FILE, REPORT_FILE, SAMPLES_FILE,
+    check_estimator_objective, estimator_defaults, evaluate, pair_rows, pairs_dataset,
+    sample_prompt_pairs, DidEntropyReport, EvalOptions, Evaluation, Models, Overall, PairDecoding,
+    PairOptions, PromptPair, Stage, TokenizedPrompt, ESTIMATOR_DIR, PAIRS_FILE, REPORT_FILE,
+    SAMPLES_FILE,
 };
-use crate::diag::entropy::{prompt_entropy, PromptEntropy};
-use crate::generate::{check_sampling_options, SamplingParams};
+use crate::generate::check_sampling_options;
 use crate::io::{write_json, write_jsonl};
 use crate::model::Model;
 use crate::tokenize::{load_prompts, TokenizerBundle};
-use crate::train::config::merge_onto;
-use crate::train::run::{Resolved, RunRecord, RunSettings};
+use crate::train::config::{merge_onto, Limit};
+use crate::train::run::{Placement, Resolved, RunRecord, RunSettings};
 use crate::train::TrainConfig;
-use crate::train::{Dataset, Examples, PreferencePair, Sequence};
 use crate::Result;
 
 impl ValueEnum for PairDecoding {
@@ -126,23 +120,6 @@ pub struct DidEntropyArgs {
     pub options: toml::Table,
 }
 
-/// An independent random stream for one purpose of the run.
-fn stream(seed: u64, purpose: u64) -> StdRng {
-    StdRng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-}
-
-fn sample_row(
-    line: usize,
-    model: &str,
-    purpose: &str,
-    ids: &[u32],
-    logp: f64,
-) -> serde_json::Value {
-    serde_json::json!({
-        "line": line, "model": model, "purpose": purpose, "completion_ids": ids, "logp": logp,
-    })
-}
-
 /// The run's options: Appendix K's defaults ([`estimator_defaults`], the output directory
 /// [`DEFAULT_OUTPUT_DIR`]), overridden by the `--config` file's, overridden by those given on
 /// the command line (`args.options`).
@@ -171,12 +148,145 @@ pub fn pipeline(
     pipeline_with(args, resolve(args)?, progress)
 }
 
-/// [`pipeline`] with the run's options already resolved ([`resolve`]).
+/// [`pipeline`] with the run's options already resolved ([`resolve`]): the checks of the
+/// options and the output directory, then the three steps of [`crate::diag::did_entropy`]
+/// (pairs, the estimator's training run, the evaluation), each writing its file.
 fn pipeline_with(
     args: &DidEntropyArgs,
     mut config: TrainConfig,
     progress: &mut dyn FnMut(Stage, usize, usize),
 ) -> crate::Result<DidEntropyReport> {
+    check_counts(args)?;
+    let out = &config.output_dir.clone();
+    let est_dir = out.join(ESTIMATOR_DIR);
+    let seed = config.seed;
+    prepare_output_dir(args, out, config.overwrite_output_dir)?;
+    check_estimator_objective(&config.objective)?;
+    config.output_dir = est_dir.clone();
+
+    let device = crate::parse_device(&args.device)?;
+    let bundle = TokenizerBundle::load(&args.reference)?;
+    let (train_prompts, eval_prompts) = read_prompts(args, &bundle, &config)?;
+
+    // Step 1: pairs.
+    let pairs = sample_step(
+        args,
+        &bundle,
+        &device,
+        (&train_prompts, &eval_prompts),
+        seed,
+        progress,
+    )?;
+    let pairs_path = out.join(PAIRS_FILE);
+    write_jsonl(&pairs_path, pair_rows(&pairs, &bundle)?)?;
+
+    // Step 2: the estimator π̂ from π_ref, on the sampled token ids.
+    let data = pairs_dataset(&pairs, bundle.pad_id(), &pairs_path);
+    let summary = train_on(&estimator_run(args, config, &pairs_path), data)?;
+    let Some(estimator) = summary.last_checkpoint.clone() else {
+        return usage(format!(
+            "the estimator's run in {} saved no checkpoint",
+            est_dir.display()
+        ));
+    };
+
+    // Step 3: entropies and β fits on the evaluation prompts.
+    let eval = evaluate_step(
+        args,
+        &estimator,
+        &bundle,
+        &device,
+        &eval_prompts,
+        seed,
+        progress,
+    )?;
+    write_jsonl(&out.join(SAMPLES_FILE), eval.samples)?;
+    let overall = Overall::of(&eval.prompts)?;
+    let report = DidEntropyReport {
+        policy: args.policy.clone(),
+        reference: args.reference.clone(),
+        estimator,
+        pairs: pairs.len(),
+        decoding: args.decoding,
+        train: summary,
+        did_entropy: overall.did_entropy,
+        reference_entropy: overall.reference_entropy,
+        policy_entropy: overall.policy_entropy,
+        beta_accuracy: overall.beta_accuracy,
+        samples: args.samples,
+        beta_samples: args.beta_samples,
+        max_new_tokens: args.max_new_tokens,
+        seed,
+        prompts: eval.prompts,
+    };
+    write_json(&out.join(REPORT_FILE), &report)?;
+    Ok(report)
+}
+
+/// Step 1: π and π_ref loaded and checked against the prompts ([`check_pair_models`]), then
+/// their pairs on the training prompts (`prompts`: training, evaluation).
+fn sample_step(
+    args: &DidEntropyArgs,
+    bundle: &TokenizerBundle,
+    device: &candle_core::Device,
+    (train_prompts, eval_prompts): (&[TokenizedPrompt], &[TokenizedPrompt]),
+    seed: u64,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> crate::Result<Vec<PromptPair>> {
+    let m_pi = load_model(&args.policy, candle_core::DType::F32, device)?;
+    let m_ref = load_model(&args.reference, candle_core::DType::F32, device)?;
+    check_pair_models(args, [&m_pi, &m_ref], train_prompts, eval_prompts)?;
+    let options = PairOptions {
+        per_prompt: args.pairs_per_prompt,
+        decoding: args.decoding,
+        temperature: args.temperature,
+        max_new_tokens: args.max_new_tokens,
+    };
+    let (file, stop) = (&args.prompts, bundle.stop_ids());
+    sample_prompt_pairs(
+        &m_pi,
+        &m_ref,
+        train_prompts,
+        file,
+        &options,
+        stop,
+        seed,
+        progress,
+    )
+}
+
+/// Step 3: π̂ (the checkpoint `estimator`), π_ref and π loaded, then the entropies and β fits
+/// on the evaluation prompts.
+fn evaluate_step(
+    args: &DidEntropyArgs,
+    estimator: &Path,
+    bundle: &TokenizerBundle,
+    device: &candle_core::Device,
+    prompts: &[TokenizedPrompt],
+    seed: u64,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> crate::Result<Evaluation> {
+    let m_hat = load_model(estimator, candle_core::DType::F32, device)?;
+    let m_ref = load_model(&args.reference, candle_core::DType::F32, device)?;
+    let m_pi = load_model(&args.policy, candle_core::DType::F32, device)?;
+    let models = Models {
+        estimator: &m_hat,
+        reference: &m_ref,
+        policy: &m_pi,
+    };
+    let options = EvalOptions {
+        samples: args.samples,
+        beta_samples: args.beta_samples,
+        max_new_tokens: args.max_new_tokens,
+    };
+    let file = args.eval_prompts.as_ref().unwrap_or(&args.prompts);
+    let (stop, pad) = (bundle.stop_ids(), bundle.pad_id());
+    evaluate(models, prompts, file, &options, stop, pad, seed, progress)
+}
+
+/// The sample counts' ranges: `--samples ≥ 2`, `--pairs-per-prompt`, `--beta-samples` and
+/// `--max-new-tokens` ≥ 1.
+fn check_counts(args: &DidEntropyArgs) -> crate::Result<()> {
     if args.samples < 2 {
         return usage(format!("--samples must be ≥ 2, got {}", args.samples));
     }
@@ -189,10 +299,13 @@ fn pipeline_with(
             args.beta_samples, args.max_new_tokens
         ));
     }
-    let out = &config.output_dir.clone();
-    let est_dir = out.join(ESTIMATOR_DIR);
-    let seed = config.seed;
-    // Nothing is read or removed before the outputs are known to spare every input.
+    Ok(())
+}
+
+/// Checks the outputs against every input before anything is read or removed, then removes an
+/// earlier run's files (with `--overwrite-output-dir`; without it an earlier run is an error)
+/// and creates the directory `out`.
+fn prepare_output_dir(args: &DidEntropyArgs, out: &Path, overwrite: bool) -> crate::Result<()> {
     crate::outputs::check_output_dir("--output-dir", out)?;
     let files: Vec<(&str, &Path)> = [
         ("--prompts", Some(args.prompts.as_path())),
@@ -208,12 +321,13 @@ fn pipeline_with(
     );
     let outputs = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE].map(|f| out.join(f));
     crate::outputs::check_written_files(&outputs, &inputs)?;
+    let est_dir = out.join(ESTIMATOR_DIR);
     let earlier = [PAIRS_FILE, SAMPLES_FILE, REPORT_FILE, ESTIMATOR_DIR]
         .iter()
         .map(|f| out.join(f))
         .find(|p| p.exists());
     if let Some(p) = earlier {
-        if !config.overwrite_output_dir {
+        if !overwrite {
             return usage(format!(
                 "{} exists (an earlier did-entropy run): choose another --output-dir or pass --overwrite-output-dir",
                 p.display()
@@ -229,252 +343,86 @@ fn pipeline_with(
             std::fs::remove_dir_all(&est_dir).map_err(|e| crate::Error::io(&est_dir, e))?;
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    let o = &config.objective;
-    if o.rule() != Rule::Preference
-        || !o.is_reference_free()
-        || o.beta() != 1.0
-        || o.terms() != [(LossType::Sigmoid, 1.0)]
-        || o.label_smoothing() != 0.0
-        || o.f_divergence() != FDivergence::ReverseKl
-    {
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))
+}
+
+/// The training prompts and the evaluation prompts (`--eval-prompts`, or the training ones),
+/// tokenized with `--max-prompt-length` (keeping their end), each file's counts printed.
+fn read_prompts(
+    args: &DidEntropyArgs,
+    bundle: &TokenizerBundle,
+    config: &TrainConfig,
+) -> crate::Result<(Vec<TokenizedPrompt>, Vec<TokenizedPrompt>)> {
+    let limit = Limit::from_count(config.max_prompt_length).0;
+    let read = |f: &Path| -> crate::Result<Vec<TokenizedPrompt>> {
+        let d = load_prompts(bundle, f, limit, false)?;
+        report_stats(f, &d.stats, None);
+        Ok(d.examples
+            .into_iter()
+            .map(|e| TokenizedPrompt {
+                line: e.line,
+                prompt: e.value.0.prompt.to_json(),
+                ids: e.value.1,
+            })
+            .collect())
+    };
+    let train = read(&args.prompts)?;
+    let eval = match &args.eval_prompts {
+        Some(f) => read(f)?,
+        None => train.clone(),
+    };
+    Ok((train, eval))
+}
+
+/// π and π_ref share one vocabulary, and every sampling stage's size fits both (checked before
+/// the first is run; π̂ has π_ref's shape).
+fn check_pair_models(
+    args: &DidEntropyArgs,
+    [m_pi, m_ref]: [&Model; 2],
+    train: &[TokenizedPrompt],
+    eval: &[TokenizedPrompt],
+) -> crate::Result<()> {
+    if m_pi.config().vocab_size != m_ref.config().vocab_size {
         return usage(format!(
-            "did-entropy trains π̂ with DPO's sigmoid loss and the ref-free reward r = log π̂ \
-             (reference_free = true, β = 1); the options ask for {} with β = {}",
-            o.label(),
-            o.beta()
+            "--policy and --reference must share one tokenizer (vocabularies of {} and {})",
+            m_pi.config().vocab_size,
+            m_ref.config().vocab_size
         ));
     }
-    config.output_dir = est_dir.clone();
-
-    let device = crate::parse_device(&args.device)?;
-    let bundle = TokenizerBundle::load(&args.reference)?;
-    let limit = (config.max_prompt_length > 0).then_some(config.max_prompt_length);
-    let train_prompts = load_prompts(&bundle, &args.prompts, limit, false)?;
-    report_stats(&args.prompts, &train_prompts.stats, None);
-    let eval_own = match &args.eval_prompts {
-        Some(f) => {
-            let d = load_prompts(&bundle, f, limit, false)?;
-            report_stats(f, &d.stats, None);
-            Some(d)
+    let [lt, le] = [train, eval].map(|d| d.iter().map(|p| p.ids.len()).max().unwrap_or(0));
+    for (m, dir) in [(m_pi, &args.policy), (m_ref, &args.reference)] {
+        for (option, n, l) in [
+            ("--pairs-per-prompt", args.pairs_per_prompt, lt),
+            ("--samples", args.samples, le),
+            ("--beta-samples", args.beta_samples, le),
+        ] {
+            check_sampling_options(m, dir, option, n, l, args.max_new_tokens)?;
         }
-        None => None,
-    };
-    let eval_prompts = eval_own.as_ref().unwrap_or(&train_prompts);
-
-    // Step 1: pairs.
-    let pairs = {
-        let m_pi = load_model(&args.policy, candle_core::DType::F32, &device)?;
-        let m_ref = load_model(&args.reference, candle_core::DType::F32, &device)?;
-        if m_pi.config().vocab_size != m_ref.config().vocab_size {
-            return usage(format!(
-                "--policy and --reference must share one tokenizer (vocabularies of {} and {})",
-                m_pi.config().vocab_size,
-                m_ref.config().vocab_size
-            ));
-        }
-        // Every sampling stage's size, checked before the first is run (π̂ has π_ref's shape).
-        let [lt, le] = [&train_prompts, eval_prompts].map(|d| {
-            d.examples
-                .iter()
-                .map(|e| e.value.1.len())
-                .max()
-                .unwrap_or(0)
-        });
-        for (m, dir) in [(&m_pi, &args.policy), (&m_ref, &args.reference)] {
-            for (option, n, l) in [
-                ("--pairs-per-prompt", args.pairs_per_prompt, lt),
-                ("--samples", args.samples, le),
-                ("--beta-samples", args.beta_samples, le),
-            ] {
-                check_sampling_options(m, dir, option, n, l, args.max_new_tokens)?;
-            }
-        }
-        let (mut rw, mut rl) = (stream(seed, 1), stream(seed, 2));
-        let n = train_prompts.examples.len();
-        let mut pairs = Vec::new();
-        for (i, ex) in train_prompts.examples.iter().enumerate() {
-            let (p, ids) = &ex.value;
-            let at = |e: crate::Error| {
-                crate::Error::InvalidArgument(format!(
-                    "{}:{}: {e}",
-                    args.prompts.display(),
-                    ex.line
-                ))
-            };
-            let drawn = sample_pairs(
-                &m_pi,
-                &m_ref,
-                ids,
-                args.pairs_per_prompt,
-                args.decoding,
-                args.temperature,
-                args.max_new_tokens,
-                bundle.stop_ids(),
-                &mut rw,
-                &mut rl,
-            )
-            .map_err(at)?;
-            for d in drawn {
-                pairs.push((ex.line, p.prompt.to_json(), ids.clone(), d));
-            }
-            progress(Stage::Pairs, i + 1, n);
-        }
-        pairs
-    };
-    let mut rows = Vec::with_capacity(pairs.len());
-    for (line, prompt, ids, d) in &pairs {
-        rows.push(serde_json::json!({
-            "line": line,
-            "prompt": prompt,
-            "chosen": bundle.decode(&d.chosen.completion_ids, true)?,
-            "rejected": bundle.decode(&d.rejected.completion_ids, true)?,
-            "prompt_ids": ids,
-            "chosen_ids": d.chosen.completion_ids,
-            "rejected_ids": d.rejected.completion_ids,
-            "chosen_logp_policy": d.chosen.logp,
-            "rejected_logp_reference": d.rejected.logp,
-        }));
     }
-    let pairs_path = out.join(PAIRS_FILE);
-    write_jsonl(&pairs_path, rows)?;
+    Ok(())
+}
 
-    // Step 2: the estimator π̂ from π_ref, on the sampled token ids.
-    let seq = |ids: &[u32], c: &[u32]| Sequence {
-        ids: [ids, c].concat(),
-        completion_start: ids.len(),
-    };
-    let data = Dataset {
-        examples: Examples::Preference(
-            pairs
-                .iter()
-                .map(|(_, _, ids, d)| PreferencePair {
-                    chosen: seq(ids, &d.chosen.completion_ids),
-                    rejected: seq(ids, &d.rejected.completion_ids),
-                })
-                .collect(),
-        ),
-        pad_id: bundle.pad_id(),
-        settings: format!("did-entropy pairs of {}", pairs_path.display()),
-    };
-    let resolved = Resolved {
+/// The estimator's training run: `dpo` from π_ref on the pairs file, on `--device`.
+fn estimator_run(args: &DidEntropyArgs, config: TrainConfig, pairs_path: &Path) -> Resolved {
+    Resolved {
         config,
         record: RunRecord {
             command: "dpo".into(),
             model: args.reference.clone(),
             ref_model: None,
-            data: pairs_path.clone(),
+            data: pairs_path.to_path_buf(),
             // Trained on sampled token ids: no text is tokenized.
             settings: RunSettings {
-                device: args.device.clone(),
+                placement: Placement {
+                    device: args.device.clone(),
+                    ..Placement::default()
+                },
                 ..RunSettings::default()
             },
         },
         resume: None,
         config_file: args.config.clone(),
-    };
-    let summary = train_on(&resolved, data)?;
-    let Some(estimator) = summary.last_checkpoint.clone() else {
-        return usage(format!(
-            "the estimator's run in {} saved no checkpoint",
-            est_dir.display()
-        ));
-    };
-
-    // Step 3: entropies and β fits on the evaluation prompts.
-    let m_hat = load_model(&estimator, candle_core::DType::F32, &device)?;
-    let m_ref = load_model(&args.reference, candle_core::DType::F32, &device)?;
-    let m_pi = load_model(&args.policy, candle_core::DType::F32, &device)?;
-    let params = SamplingParams {
-        temperature: 1.0,
-        top_p: 1.0,
-        max_new_tokens: args.max_new_tokens,
-    };
-    let mut rngs = [3, 4, 5, 6].map(|k| stream(seed, k));
-    let n = eval_prompts.examples.len();
-    let eval_file = args.eval_prompts.as_ref().unwrap_or(&args.prompts);
-    let (mut per_prompt, mut sample_rows) = (Vec::with_capacity(n), Vec::new());
-    for (i, ex) in eval_prompts.examples.iter().enumerate() {
-        let (p, ids) = &ex.value;
-        let at = |e: crate::Error| {
-            crate::Error::InvalidArgument(format!("{}:{}: {e}", eval_file.display(), ex.line))
-        };
-        let [r_hat, r_ref, r_pi, r_beta] = &mut rngs;
-        let mut entropy =
-            |name: &str, m: &Model, rng: &mut StdRng| -> crate::Result<PromptEntropy> {
-                let (e, drawn) = prompt_entropy(
-                    m,
-                    ids,
-                    args.samples,
-                    1.0,
-                    args.max_new_tokens,
-                    bundle.stop_ids(),
-                    rng,
-                )
-                .map_err(at)?;
-                for s in &drawn {
-                    sample_rows.push(sample_row(
-                        ex.line,
-                        name,
-                        "entropy",
-                        &s.completion_ids,
-                        s.logp,
-                    ));
-                }
-                Ok(e)
-            };
-        let did_entropy = entropy("estimator", &m_hat, r_hat)?;
-        let reference_entropy = entropy("reference", &m_ref, r_ref)?;
-        let policy_entropy = entropy("policy", &m_pi, r_pi)?;
-        let beta = prompt_fit(
-            &m_hat,
-            &m_pi,
-            &m_ref,
-            ids,
-            args.beta_samples,
-            &params,
-            bundle.stop_ids(),
-            bundle.pad_id(),
-            r_beta,
-        )
-        .map_err(at)?;
-        for (c, y) in beta.completion_ids.iter().zip(&beta.y) {
-            sample_rows.push(sample_row(ex.line, "estimator", "beta", c, *y));
-        }
-        per_prompt.push(PromptDid {
-            line: ex.line,
-            prompt: p.prompt.to_json(),
-            did_entropy,
-            reference_entropy,
-            policy_entropy,
-            beta,
-        });
-        progress(Stage::Evaluate, i + 1, n);
     }
-    write_jsonl(&out.join(SAMPLES_FILE), sample_rows)?;
-    let pick = |f: fn(&PromptDid) -> &PromptEntropy| -> Vec<PromptEntropy> {
-        per_prompt.iter().map(|p| f(p).clone()).collect()
-    };
-    let fits: Vec<BetaFit> = per_prompt.iter().map(|p| p.beta.fit).collect();
-    let report = DidEntropyReport {
-        policy: args.policy.clone(),
-        reference: args.reference.clone(),
-        estimator,
-        pairs: pairs.len(),
-        decoding: args.decoding,
-        train: summary,
-        did_entropy: OverallEntropy::of(&pick(|p| &p.did_entropy))?,
-        reference_entropy: OverallEntropy::of(&pick(|p| &p.reference_entropy))?,
-        policy_entropy: OverallEntropy::of(&pick(|p| &p.policy_entropy))?,
-        beta_accuracy: beta_accuracy(&fits).ok(),
-        samples: args.samples,
-        beta_samples: args.beta_samples,
-        max_new_tokens: args.max_new_tokens,
-        seed,
-        prompts: per_prompt,
-    };
-    write_json(&out.join(REPORT_FILE), &report)?;
-    Ok(report)
 }
 
 /// `did-entropy`: the pipeline with progress bars, then its table (`m`: the subcommand's

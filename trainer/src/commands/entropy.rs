@@ -6,10 +6,9 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::commands::shared::{
-    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, progress, DecodeArgs, ModelArgs,
+    at_prompt, check_paths, check_prompts_fit, model_and_prompts, progress, DecodeArgs, ModelArgs,
     PromptArgs,
 };
-use crate::generate::check_sampling_options;
 use crate::io::write_json;
 use crate::{Error, Result};
 
@@ -68,16 +67,8 @@ pub fn run(a: EntropyArgs) -> Result<()> {
     )?;
     let (bundle, ds, m) = model_and_prompts(&model, &prompts, false, None)?;
     let prompts = prompts.prompts;
-    check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
-    let longest = ds.examples.iter().map(|e| e.value.1.len()).max();
-    check_sampling_options(
-        &m,
-        &model.model,
-        "--samples",
-        samples,
-        longest.unwrap_or(0),
-        max_new_tokens,
-    )?;
+    let option = ("--samples", samples);
+    check_prompts_fit(&model.model, &m, &prompts, &ds, option, max_new_tokens)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pb = progress(ds.examples.len() as u64, "entropy");
     let mut rows = Vec::new();

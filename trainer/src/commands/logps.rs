@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use serde_json::json;
 
 use crate::pretrained::load_model;
-use crate::dtype::parse_dtype;
 use crate::commands::shared::{
     accept_dataset, check_paths, check_vocab, load_bundle_with, outputs_with_report, progress,
     report_provenance, ModelArgs, TokenizeArgs,
@@ -14,7 +13,7 @@ use crate::io::write_jsonl;
 use crate::logps::preference_logps;
 use crate::records::InvalidRecords;
 use crate::tokenize::load_preferences;
-use crate::{parse_device, Error, Result};
+use crate::{Error, Result};
 
 /// Write chosen/rejected completion log-probs of a preference dataset as JSONL.
 #[derive(clap::Args)]
@@ -64,8 +63,7 @@ pub fn run(a: LogpsArgs) -> Result<()> {
         &[("--model", &model.model)],
     )?;
     let report = invalid.report_for(&data);
-    let device = parse_device(&model.device)?;
-    let dtype = parse_dtype(&model.dtype)?;
+    let (device, dtype) = model.placement.parse()?;
     let bundle = load_bundle_with(&model.model, tok.tokenizer.tokenizer_compat)?;
     report_provenance(&bundle);
     let ds = load_preferences(&bundle, &data, &tok.options(), skip_invalid)?;

@@ -6,12 +6,12 @@ use rand::SeedableRng;
 use serde_json::json;
 
 use crate::commands::shared::{
-    at_prompt, check_paths, check_prompt_vocab, model_and_prompts, outputs_with_report, progress,
+    at_prompt, check_paths, check_prompts_fit, model_and_prompts, outputs_with_report, progress,
     DecodeArgs, ModelArgs, PromptArgs,
 };
-use crate::generate::{check_sampling_options, generate, SamplingParams};
-use crate::io::write_jsonl_from;
 use crate::records::InvalidRecords;
+use crate::generate::{generate, SamplingParams};
+use crate::io::write_jsonl_from;
 use crate::{Error, Result};
 
 /// Sample completions of prompts, with their summed log-probs under the model.
@@ -80,16 +80,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let report = invalid.report_for(&prompts.prompts);
     let (bundle, ds, m) = model_and_prompts(&model, &prompts, invalid.skip_invalid, Some(&report))?;
     let prompts = prompts.prompts;
-    check_prompt_vocab(&model.model, &m, &prompts, &ds)?;
-    let longest = ds.examples.iter().map(|e| e.value.1.len()).max();
-    check_sampling_options(
-        &m,
-        &model.model,
-        "--n",
-        n,
-        longest.unwrap_or(0),
-        max_new_tokens,
-    )?;
+    check_prompts_fit(&model.model, &m, &prompts, &ds, ("--n", n), max_new_tokens)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let pb = progress(ds.examples.len() as u64, "sample");
     // Each prompt's rows go to the (temporary) output as they are drawn: memory holds one

@@ -7,41 +7,28 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use crate::pretrained::load_model;
-use crate::dtype::parse_dtype;
+use crate::records::{write_error_report, InvalidRecords, PromptExample};
+use crate::generate::check_sampling_options;
 use crate::outputs::{check_outputs, inputs, Named};
 use crate::model::Model;
-use crate::records::{write_error_report, InvalidRecords, PromptExample};
 use crate::tokenize::{
     load_prompts, TokenizationRules, TokenizeOptions, TokenizeStats, TokenizedDataset,
     TokenizerBundle,
 };
-use crate::{parse_device, DataError, Error, Result};
+use crate::train::config::Limit;
+use crate::train::run::Placement;
+use crate::{DataError, Error, Result};
 use clap::ValueEnum;
-
-/// A length limit: a positive integer, or `none`.
-#[derive(Clone, Copy, Debug)]
-pub struct Limit(pub Option<usize>);
-
-/// Parses a [`Limit`].
-pub(crate) fn parse_limit(s: &str) -> std::result::Result<Limit, String> {
-    if s == "none" {
-        return Ok(Limit(None));
-    }
-    match s.parse::<usize>() {
-        Ok(0) | Err(_) => Err(format!("expected a positive integer or `none`, got `{s}`")),
-        Ok(n) => Ok(Limit(Some(n))),
-    }
-}
 
 /// Tokenization options of `logps` (TRL's names).
 #[derive(clap::Args)]
 pub struct TokenizeArgs {
-    /// Longest prompt + completion in tokens (`none`: no limit); completions are cut to fit,
-    /// examples whose prompt alone fills it are dropped.
-    #[arg(long, default_value = "1024", value_parser = parse_limit, allow_negative_numbers = true)]
+    /// Longest prompt + completion in tokens (`none` or 0: no limit); completions are cut to
+    /// fit, examples whose prompt alone fills it are dropped.
+    #[arg(long, default_value = "1024", value_parser = Limit::parse, allow_negative_numbers = true)]
     pub max_length: Limit,
-    /// Longest prompt in tokens (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    /// Longest prompt in tokens (`none` or 0: no limit).
+    #[arg(long, default_value = "none", value_parser = Limit::parse, allow_negative_numbers = true)]
     pub max_prompt_length: Limit,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -67,12 +54,9 @@ pub struct ModelArgs {
     /// GGUF file (converted once into a cache directory; see `convert`).
     #[arg(long)]
     pub model: PathBuf,
-    /// Parameter dtype: f32, bf16, f16 or f64 (bf16 on CPU computes matmuls through f32: slow).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub placement: Placement,
 }
 
 /// The prompts a sampling command reads (`sample`, `entropy`).
@@ -81,8 +65,8 @@ pub struct PromptArgs {
     /// Prompts (JSONL: `prompt` string or messages, or `messages`).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Longest prompt in tokens, keeping its end (`none`: no limit).
-    #[arg(long, default_value = "none", value_parser = parse_limit, allow_negative_numbers = true)]
+    /// Longest prompt in tokens, keeping its end (`none` or 0: no limit).
+    #[arg(long, default_value = "none", value_parser = Limit::parse, allow_negative_numbers = true)]
     pub max_prompt_length: Limit,
 }
 
@@ -112,11 +96,25 @@ pub(crate) fn accept_dataset<T>(
     skip_invalid: bool,
     report: Option<&Path>,
 ) -> Result<()> {
-    if let (Some(r), true) = (report, skip_invalid && !ds.errors.is_empty()) {
-        write_error_report(r, &ds.errors)?;
+    accept_counts(file, &ds.stats, &ds.errors, skip_invalid, report)
+}
+
+/// [`accept_dataset`] of a file's counts and invalid records.
+///
+/// # Errors
+/// The report cannot be written; no example left.
+pub(crate) fn accept_counts(
+    file: &Path,
+    stats: &TokenizeStats,
+    errors: &[DataError],
+    skip_invalid: bool,
+    report: Option<&Path>,
+) -> Result<()> {
+    if let (Some(r), true) = (report, skip_invalid && !errors.is_empty()) {
+        write_error_report(r, errors)?;
     }
-    report_stats(file, &ds.stats, report);
-    require_examples(file, &ds.stats)
+    report_stats(file, stats, report);
+    require_examples(file, stats)
 }
 
 /// The tokenizer, the tokenized prompt file (its counts printed; with `skip_invalid`, invalid
@@ -127,8 +125,7 @@ pub(crate) fn model_and_prompts(
     skip_invalid: bool,
     report: Option<&Path>,
 ) -> Result<(TokenizerBundle, PromptSet, Model)> {
-    let device = parse_device(&model.device)?;
-    let dtype = parse_dtype(&model.dtype)?;
+    let (device, dtype) = model.placement.parse()?;
     let bundle = load_bundle(&model.model)?;
     let (file, limit) = (&prompts.prompts, prompts.max_prompt_length.0);
     let ds = load_prompts(&bundle, file, limit, skip_invalid)?;
@@ -159,18 +156,31 @@ pub(crate) fn check_vocab<'a>(
     Ok(())
 }
 
-/// [`check_vocab`] over a prompt file's prompts.
-pub(crate) fn check_prompt_vocab(
+/// A prompt file fits the model a command samples: [`check_vocab`] over its prompts, then
+/// `n` samples (the option `option`) of up to `max_new_tokens` after its longest prompt within
+/// the model's limits ([`check_sampling_options`]).
+pub(crate) fn check_prompts_fit(
     model_dir: &Path,
     m: &Model,
     file: &Path,
     ds: &PromptSet,
+    (option, n): (&str, usize),
+    max_new_tokens: usize,
 ) -> Result<()> {
     let ids = ds
         .examples
         .iter()
         .map(|e| (e.line, "prompt", &e.value.1[..]));
-    check_vocab(model_dir, m, file, ids)
+    check_vocab(model_dir, m, file, ids)?;
+    let longest = ds.examples.iter().map(|e| e.value.1.len()).max();
+    check_sampling_options(
+        m,
+        model_dir,
+        option,
+        n,
+        longest.unwrap_or(0),
+        max_new_tokens,
+    )
 }
 
 /// A generation error for the prompt at `file:line`; a size error suggests

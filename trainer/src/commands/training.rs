@@ -17,17 +17,16 @@ use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
 use crate::pretrained::load_model;
-use crate::dtype::parse_dtype;
 use crate::io::write_bytes as write_file;
-use crate::tokenize::{load_preferences, load_sft, TokenizeOptions, TokenizerBundle};
 use crate::train::adapter::TrainModel;
 use crate::train::config::{as_typed, merge_onto, CONFIG_TOML};
-use crate::train::trainer::{check_fresh_output_dir, RUN_FILES};
-use crate::train::{Dataset, Error, Examples, PreferencePair, TrainConfig, Trainer};
+use crate::train::dataset::load_dataset;
+use crate::train::output_dir::{check_fresh_output_dir, RUN_FILES};
+use crate::train::{Dataset, Error, TrainConfig, Trainer};
 use difinfo::objective::Rule;
 
 use crate::commands::shared::{
-    accept_dataset, load_bundle_with, progress_bar, report_provenance, usage,
+    accept_counts, load_bundle_with, progress_bar, report_provenance, usage,
 };
 use crate::train::run::{
     locate_resume, Resolved, RunFingerprint, RunLock, RunRecord, RunSettings, RunSummary, SavedRun,
@@ -257,56 +256,6 @@ pub(crate) fn resolve_common(
     })
 }
 
-pub(crate) fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
-    TokenizeOptions {
-        max_length: (c.max_length > 0).then_some(c.max_length),
-        max_prompt_length: (c.max_prompt_length > 0).then_some(c.max_prompt_length),
-        truncation_mode: r.settings.tokenizer.truncation_mode,
-        boundary: r.settings.tokenizer.completion_boundary,
-    }
-}
-
-/// Tokenizes the run's data TRL-style into a training [`Dataset`]; also returns each
-/// example's line in the data file (by dataset index).
-///
-/// # Errors
-/// Data errors (file:line:field) unless skipped; no example left ([`crate::commands::shared::require_examples`]).
-pub fn load_dataset(
-    c: &TrainConfig,
-    r: &RunRecord,
-    bundle: &TokenizerBundle,
-) -> crate::Result<(Dataset, Vec<usize>)> {
-    let lines: Vec<usize>;
-    let opts = tokenize_options(c, r);
-    let report = r_report(r);
-    let skip = r.settings.invalid.skip_invalid;
-    let examples = if c.objective.is_preference() {
-        let ds = load_preferences(bundle, &r.data, &opts, skip)?;
-        accept_dataset(&r.data, &ds, skip, Some(&report))?;
-        lines = ds.examples.iter().map(|e| e.line).collect();
-        Examples::Preference(
-            ds.examples
-                .iter()
-                .map(|e| PreferencePair {
-                    chosen: e.value.chosen_sequence(),
-                    rejected: e.value.rejected_sequence(),
-                })
-                .collect(),
-        )
-    } else {
-        let ds = load_sft(bundle, &r.data, &opts, skip)?;
-        accept_dataset(&r.data, &ds, skip, Some(&report))?;
-        lines = ds.examples.iter().map(|e| e.line).collect();
-        Examples::Sft(ds.examples.iter().map(|e| e.value.sequence()).collect())
-    };
-    let d = Dataset {
-        examples,
-        pad_id: bundle.pad_id(),
-        settings: format!("{opts:?} bf16={}", r.settings.bf16),
-    };
-    Ok((d, lines))
-}
-
 pub(crate) fn r_report(r: &RunRecord) -> PathBuf {
     r.settings.invalid.report_for(&r.data)
 }
@@ -347,7 +296,17 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
         r.record.settings.tokenizer.tokenizer_compat,
     )?;
     report_provenance(&bundle);
-    let (data, lines) = load_dataset(&r.config, &r.record, &bundle)?;
+    let loaded = load_dataset(&r.config, &r.record, &bundle)?;
+    let skip = r.record.settings.invalid.skip_invalid;
+    let report = r_report(&r.record);
+    accept_counts(
+        &r.record.data,
+        &loaded.stats,
+        &loaded.errors,
+        skip,
+        Some(&report),
+    )?;
+    let (data, lines) = (loaded.dataset, loaded.lines);
     // Each example's largest token id and the field holding it: an id beyond the model's
     // vocabulary is reported at its example (file:line: field) and with the tokenizer.
     let largest: Vec<(u32, &str)> = match &data.examples {
@@ -475,8 +434,7 @@ fn train_locked(
     if let Some(f) = &r.config_file {
         eprintln!("options from {} (command-line options win)", f.display());
     }
-    let device = crate::parse_device(&r.record.settings.device)?;
-    let dtype = parse_dtype(&r.record.settings.dtype)?;
+    let (device, dtype) = r.record.settings.placement.parse()?;
     let mut m = load_model(&r.record.model, dtype, &device)?;
     if r.record.settings.bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;
@@ -683,7 +641,7 @@ mod tests {
         assert_eq!(r.config, dpo_defaults());
         let r = resolve(&["sft", "--model", "m", "--data", "d"]).unwrap();
         assert_eq!(r.config, sft_defaults());
-        assert_eq!(r.record.settings.dtype, "f32");
+        assert_eq!(r.record.settings.placement.dtype, "f32");
     }
 
     #[test]

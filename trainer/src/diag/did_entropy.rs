@@ -30,17 +30,21 @@
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
+use rand::SeedableRng;
 use serde::Serialize;
 
-use difinfo::beta_accuracy::BetaAccuracy;
+use difinfo::beta_accuracy::{beta_accuracy, BetaAccuracy, BetaFit};
+use difinfo::objective::{FDivergence, LossType, Rule};
 
-use crate::diag::beta_accuracy::PromptFit;
-use crate::diag::entropy::{overall, overall_ci95, PromptEntropy};
+use crate::diag::beta_accuracy::{prompt_fit, PromptFit};
+use crate::diag::entropy::{overall, overall_ci95, prompt_entropy, PromptEntropy};
 use crate::generate::{generate, Sample, SamplingParams};
 use crate::model::Model;
+use crate::tokenize::TokenizerBundle;
 use crate::train::optim::OptimizerKind;
 use crate::train::run::RunSummary;
 use crate::train::schedule::SchedulerType;
+use crate::train::{Dataset, Examples, PreferencePair, Sequence};
 use crate::train::{Objective, TrainConfig};
 
 /// How the pair completions are decoded.
@@ -227,3 +231,325 @@ pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const REPORT_FILE: &str = "did_entropy.json";
 /// The estimator's training run, under the run directory.
 pub const ESTIMATOR_DIR: &str = "estimator";
+
+/// An independent random stream for one purpose of the run (1, 2: the pairs' two sides; 3–6:
+/// the entropies of π̂, π_ref, π and π̂'s β samples).
+pub fn stream(seed: u64, purpose: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The estimator's objective must be [`estimator_objective`]'s: DPO's sigmoid loss with the
+/// reference-free reward `r = log π̂` and `β = 1` (a `--config` file may ask for another).
+///
+/// # Errors
+/// [`crate::Error::InvalidArgument`] naming the objective asked for.
+pub fn check_estimator_objective(o: &Objective) -> crate::Result<()> {
+    if o.rule() != Rule::Preference
+        || !o.is_reference_free()
+        || o.beta() != 1.0
+        || o.terms() != [(LossType::Sigmoid, 1.0)]
+        || o.label_smoothing() != 0.0
+        || o.f_divergence() != FDivergence::ReverseKl
+    {
+        return Err(crate::Error::InvalidArgument(format!(
+            "did-entropy trains π̂ with DPO's sigmoid loss and the ref-free reward r = log π̂ \
+             (reference_free = true, β = 1); the options ask for {} with β = {}",
+            o.label(),
+            o.beta()
+        )));
+    }
+    Ok(())
+}
+
+/// A tokenized prompt as the pipeline's steps read it.
+#[derive(Debug, Clone)]
+pub struct TokenizedPrompt {
+    /// 1-based line in its prompts file.
+    pub line: usize,
+    /// The prompt as read.
+    pub prompt: serde_json::Value,
+    /// Its token ids (chat template applied, truncated).
+    pub ids: Vec<u32>,
+}
+
+/// How step 1 draws its pairs.
+#[derive(Debug, Clone, Copy)]
+pub struct PairOptions {
+    /// Pairs per prompt (1 for greedy decoding).
+    pub per_prompt: usize,
+    /// Sampled or greedy.
+    pub decoding: PairDecoding,
+    /// Temperature of sampled pairs.
+    pub temperature: f64,
+    /// Most new tokens per completion.
+    pub max_new_tokens: usize,
+}
+
+/// One training pair with its prompt.
+#[derive(Debug, Clone)]
+pub struct PromptPair {
+    /// The prompt the pair was drawn for.
+    pub prompt: TokenizedPrompt,
+    /// `(y_w ~ π, y_l ~ π_ref)`.
+    pub pair: SampledPair,
+}
+
+/// `e` located at `file:line`.
+fn at(file: &Path, line: usize, e: crate::Error) -> crate::Error {
+    crate::Error::InvalidArgument(format!("{}:{line}: {e}", file.display()))
+}
+
+/// Step 1 over every training prompt (read from `file`): [`sample_pairs`] with the streams
+/// `stream(seed, 1)` (π's side) and `stream(seed, 2)` (π_ref's); `progress(Stage::Pairs, done,
+/// total)` after each prompt.
+///
+/// # Errors
+/// Generation errors, naming `file:line`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_prompt_pairs(
+    policy: &Model,
+    reference: &Model,
+    prompts: &[TokenizedPrompt],
+    file: &Path,
+    options: &PairOptions,
+    stop_ids: &[u32],
+    seed: u64,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> crate::Result<Vec<PromptPair>> {
+    let (mut rw, mut rl) = (stream(seed, 1), stream(seed, 2));
+    let n = prompts.len();
+    let mut pairs = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let drawn = sample_pairs(
+            policy,
+            reference,
+            &p.ids,
+            options.per_prompt,
+            options.decoding,
+            options.temperature,
+            options.max_new_tokens,
+            stop_ids,
+            &mut rw,
+            &mut rl,
+        )
+        .map_err(|e| at(file, p.line, e))?;
+        for pair in drawn {
+            pairs.push(PromptPair {
+                prompt: p.clone(),
+                pair,
+            });
+        }
+        progress(Stage::Pairs, i + 1, n);
+    }
+    Ok(pairs)
+}
+
+/// The rows of [`PAIRS_FILE`]: TRL's preference format (the completions decoded) plus the
+/// token ids trained on and each side's log-prob under the model that drew it.
+///
+/// # Errors
+/// Decoding errors.
+pub fn pair_rows(
+    pairs: &[PromptPair],
+    bundle: &TokenizerBundle,
+) -> crate::Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::with_capacity(pairs.len());
+    for PromptPair { prompt, pair: d } in pairs {
+        rows.push(serde_json::json!({
+            "line": prompt.line,
+            "prompt": prompt.prompt,
+            "chosen": bundle.decode(&d.chosen.completion_ids, true)?,
+            "rejected": bundle.decode(&d.rejected.completion_ids, true)?,
+            "prompt_ids": prompt.ids,
+            "chosen_ids": d.chosen.completion_ids,
+            "rejected_ids": d.rejected.completion_ids,
+            "chosen_logp_policy": d.chosen.logp,
+            "rejected_logp_reference": d.rejected.logp,
+        }));
+    }
+    Ok(rows)
+}
+
+/// Step 2's data: the pairs as the estimator's preference [`Dataset`], on the sampled token
+/// ids (no text is tokenized again); `pairs_file` names it in the run's settings.
+pub fn pairs_dataset(pairs: &[PromptPair], pad_id: u32, pairs_file: &Path) -> Dataset {
+    let seq = |ids: &[u32], c: &[u32]| Sequence {
+        ids: [ids, c].concat(),
+        completion_start: ids.len(),
+    };
+    Dataset {
+        examples: Examples::Preference(
+            pairs
+                .iter()
+                .map(|PromptPair { prompt, pair: d }| PreferencePair {
+                    chosen: seq(&prompt.ids, &d.chosen.completion_ids),
+                    rejected: seq(&prompt.ids, &d.rejected.completion_ids),
+                })
+                .collect(),
+        ),
+        pad_id,
+        settings: format!("did-entropy pairs of {}", pairs_file.display()),
+    }
+}
+
+/// The three models step 3 samples.
+#[derive(Clone, Copy)]
+pub struct Models<'a> {
+    /// π̂, the trained estimator.
+    pub estimator: &'a Model,
+    /// π_ref.
+    pub reference: &'a Model,
+    /// π.
+    pub policy: &'a Model,
+}
+
+/// How step 3 samples.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    /// Monte Carlo samples per prompt and model for the entropies (K ≥ 2).
+    pub samples: usize,
+    /// Samples per prompt for π̂'s β fit.
+    pub beta_samples: usize,
+    /// Most new tokens per completion.
+    pub max_new_tokens: usize,
+}
+
+/// Step 3's results: per prompt, and every completion drawn (the rows of [`SAMPLES_FILE`]).
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Per evaluation prompt.
+    pub prompts: Vec<PromptDid>,
+    /// `{line, model, purpose, completion_ids, logp}` of each completion.
+    pub samples: Vec<serde_json::Value>,
+}
+
+/// Step 3 over every evaluation prompt (read from `file`): the entropies `H(π̂)`, `H(π_ref)`,
+/// `H(π)` at temperature 1 (streams 3, 4, 5 of `seed`) and π̂'s β fit (stream 6);
+/// `progress(Stage::Evaluate, done, total)` after each prompt.
+///
+/// # Errors
+/// Generation and fit errors, naming `file:line`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    models: Models<'_>,
+    prompts: &[TokenizedPrompt],
+    file: &Path,
+    options: &EvalOptions,
+    stop_ids: &[u32],
+    pad_id: u32,
+    seed: u64,
+    progress: &mut dyn FnMut(Stage, usize, usize),
+) -> crate::Result<Evaluation> {
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: options.max_new_tokens,
+    };
+    let mut rngs = [3, 4, 5, 6].map(|k| stream(seed, k));
+    let n = prompts.len();
+    let mut out = Evaluation {
+        prompts: Vec::with_capacity(n),
+        samples: Vec::new(),
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        let [r_hat, r_ref, r_pi, r_beta] = &mut rngs;
+        let mut entropy =
+            |name: &str, m: &Model, rng: &mut StdRng| -> crate::Result<PromptEntropy> {
+                let (e, drawn) = prompt_entropy(
+                    m,
+                    &p.ids,
+                    options.samples,
+                    1.0,
+                    options.max_new_tokens,
+                    stop_ids,
+                    rng,
+                )
+                .map_err(|e| at(file, p.line, e))?;
+                for s in &drawn {
+                    out.samples.push(sample_row(
+                        p.line,
+                        name,
+                        "entropy",
+                        &s.completion_ids,
+                        s.logp,
+                    ));
+                }
+                Ok(e)
+            };
+        let did_entropy = entropy("estimator", models.estimator, r_hat)?;
+        let reference_entropy = entropy("reference", models.reference, r_ref)?;
+        let policy_entropy = entropy("policy", models.policy, r_pi)?;
+        let beta = prompt_fit(
+            models.estimator,
+            models.policy,
+            models.reference,
+            &p.ids,
+            options.beta_samples,
+            &params,
+            stop_ids,
+            pad_id,
+            r_beta,
+        )
+        .map_err(|e| at(file, p.line, e))?;
+        for (c, y) in beta.completion_ids.iter().zip(&beta.y) {
+            out.samples
+                .push(sample_row(p.line, "estimator", "beta", c, *y));
+        }
+        out.prompts.push(PromptDid {
+            line: p.line,
+            prompt: p.prompt.clone(),
+            did_entropy,
+            reference_entropy,
+            policy_entropy,
+            beta,
+        });
+        progress(Stage::Evaluate, i + 1, n);
+    }
+    Ok(out)
+}
+
+/// One row of [`SAMPLES_FILE`].
+fn sample_row(
+    line: usize,
+    model: &str,
+    purpose: &str,
+    ids: &[u32],
+    logp: f64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "line": line, "model": model, "purpose": purpose, "completion_ids": ids, "logp": logp,
+    })
+}
+
+/// The overall results over the evaluation prompts.
+#[derive(Debug, Clone, Copy)]
+pub struct Overall {
+    /// Mean `H(π̂)`: the DID entropy estimate.
+    pub did_entropy: OverallEntropy,
+    /// Mean `H(π_ref)`.
+    pub reference_entropy: OverallEntropy,
+    /// Mean `H(π)`.
+    pub policy_entropy: OverallEntropy,
+    /// π̂'s β-accuracy; `None` when no prompt's fit is determined.
+    pub beta_accuracy: Option<BetaAccuracy>,
+}
+
+impl Overall {
+    /// Each entropy's mean over `prompts` ([`OverallEntropy::of`]) and π̂'s β-accuracy over
+    /// their fits.
+    ///
+    /// # Errors
+    /// A non-finite mean or standard error.
+    pub fn of(prompts: &[PromptDid]) -> crate::Result<Self> {
+        let pick = |f: fn(&PromptDid) -> &PromptEntropy| -> Vec<PromptEntropy> {
+            prompts.iter().map(|p| f(p).clone()).collect()
+        };
+        let fits: Vec<BetaFit> = prompts.iter().map(|p| p.beta.fit).collect();
+        Ok(Self {
+            did_entropy: OverallEntropy::of(&pick(|p| &p.did_entropy))?,
+            reference_entropy: OverallEntropy::of(&pick(|p| &p.reference_entropy))?,
+            policy_entropy: OverallEntropy::of(&pick(|p| &p.policy_entropy))?,
+            beta_accuracy: beta_accuracy(&fits).ok(),
+        })
+    }
+}

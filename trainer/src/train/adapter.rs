@@ -120,40 +120,18 @@ impl PolicyModel for TrainModel {
     /// Reads the checkpoint's tensors (single or sharded) into the variables by name; for a
     /// LoRA model the adapter of a PEFT directory.
     fn load_weights(&self, dir: &Path) -> crate::Result<()> {
+        let err = |e: crate::Error| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        };
         if self.model.lora_config().is_some() {
-            let err = |e: crate::Error| Error::Checkpoint {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
-            };
             let t = crate::lora::read_weights(dir, self.model.device()).map_err(err)?;
             return self
                 .model
                 .set_lora_weights(&t, &dir.join(crate::lora::WEIGHTS_FILE))
                 .map_err(err);
         }
-        let tensors = crate::pretrained::read_tensors(dir)
-            .map_err(|e| Error::Checkpoint {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
-            })?
-            .tensors;
-        for (name, var) in self.model.named_vars() {
-            let t = tensors.get(&name).ok_or_else(|| Error::Checkpoint {
-                path: dir.to_path_buf(),
-                message: format!("missing tensor `{name}`"),
-            })?;
-            if t.dims() != var.dims() {
-                return Err(Error::Checkpoint {
-                    path: dir.to_path_buf(),
-                    message: format!(
-                        "tensor `{name}` has shape {:?}, the model wants {:?}",
-                        t.dims(),
-                        var.dims()
-                    ),
-                });
-            }
-            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
-        }
-        Ok(())
+        let tensors = crate::pretrained::read_tensors(dir).map_err(err)?.tensors;
+        crate::train::policy::set_vars(&self.model.named_vars(), |name| tensors.get(name), dir)
     }
 }

@@ -20,9 +20,52 @@ use difinfo::objective::{LossType, Objective, ObjectiveSpec, Rule};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::train::error::RangeError;
-use crate::train::optim::{OptimizerConfig, OptimizerKind};
+use crate::train::optim::{OptimizerConfig, OptimizerKind, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON};
+use crate::train::range::RangeError;
 use crate::train::schedule::SchedulerType;
+
+/// A length limit in tokens (`--max-length`, `--max-prompt-length`): a positive count, or no
+/// limit (TRL's `None`). The one spelling rule of every command: `none` or `0` is no limit;
+/// [`TrainConfig`]'s fields and its TOML file store no limit as 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit(pub Option<usize>);
+
+impl Limit {
+    /// Parses `none` or `0` (no limit) or a positive integer.
+    ///
+    /// # Errors
+    /// Anything else, as clap's message.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        if s == "none" {
+            return Ok(Self(None));
+        }
+        match s.parse::<usize>() {
+            Ok(n) => Ok(Self::from_count(n)),
+            Err(_) => Err(format!(
+                "expected a positive integer or `none` (0: no limit too), got `{s}`"
+            )),
+        }
+    }
+
+    /// The limit a count stores: 0 is no limit.
+    pub fn from_count(n: usize) -> Self {
+        Self((n > 0).then_some(n))
+    }
+
+    /// As a count stores it: no limit is 0.
+    pub fn count(self) -> usize {
+        self.0.unwrap_or(0)
+    }
+}
+
+/// [`Limit::parse`] as the count [`TrainConfig`]'s fields store (clap's value parser of
+/// `--max-length` and `--max-prompt-length`).
+///
+/// # Errors
+/// See [`Limit::parse`].
+pub fn parse_limit_count(s: &str) -> std::result::Result<usize, String> {
+    Limit::parse(s).map(Limit::count)
+}
 
 /// All options of a training run: the one definition of each training option, its name, its
 /// doc and (in [`Default`]) its default. Defaults are TRL's `DPOConfig` (over HF's
@@ -103,12 +146,12 @@ pub struct TrainConfig {
     /// Seed of the data order and of the trainer's RNG.
     #[arg(long)]
     pub seed: u64,
-    /// Longest prompt + completion in tokens (0: no limit, TRL's None); completions are cut to
-    /// fit, examples whose prompt alone fills it are dropped.
-    #[arg(long)]
+    /// Longest prompt + completion in tokens (`none` or 0: no limit, TRL's None); completions
+    /// are cut to fit, examples whose prompt alone fills it are dropped.
+    #[arg(long, value_parser = parse_limit_count)]
     pub max_length: usize,
-    /// Longest prompt in tokens (0: no limit).
-    #[arg(long)]
+    /// Longest prompt in tokens (`none` or 0: no limit).
+    #[arg(long, value_parser = parse_limit_count)]
     pub max_prompt_length: usize,
     /// TRL's field. Reference log-probs are always computed once before training and cached
     /// on disk (no reference model is held), so false behaves as true (with a warning).
@@ -251,9 +294,9 @@ impl Default for TrainConfig {
             learning_rate: 1e-6,
             optim: OptimizerKind::Adamw,
             weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
+            adam_beta1: ADAM_BETA1,
+            adam_beta2: ADAM_BETA2,
+            adam_epsilon: ADAM_EPSILON,
             lr_scheduler_type: SchedulerType::Linear,
             warmup_steps: 0,
             warmup_ratio: 0.0,
@@ -300,7 +343,8 @@ impl TrainConfig {
         Ok(cfg)
     }
 
-    /// The optimizer hyper-parameters (RMSprop keeps PyTorch's α = 0.99, ε = 1e-8).
+    /// The optimizer hyper-parameters (RMSprop keeps PyTorch's defaults,
+    /// [`crate::train::optim::RMSPROP_ALPHA`] and [`crate::train::optim::RMSPROP_EPSILON`]).
     pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
             kind: self.optim,

@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 
 pub mod adamw;
 
-use crate::train::error::RangeError;
 use crate::train::grads::{grad_dtype, Grads};
 use crate::train::policy::save_tensors;
+use crate::train::range::RangeError;
 use crate::{Error, Result};
 
 /// HF's `optim` values that the trainer supports.
@@ -54,7 +54,19 @@ impl OptimizerKind {
     }
 }
 
-/// Hyper-parameters (PyTorch / HF defaults).
+/// AdamW's default `β₁` (PyTorch's and HF's `TrainingArguments`'): 0.9.
+pub const ADAM_BETA1: f64 = 0.9;
+/// AdamW's default `β₂` (PyTorch's and HF's): 0.999.
+pub const ADAM_BETA2: f64 = 0.999;
+/// AdamW's default `ε` (PyTorch's and HF's): 1e-8.
+pub const ADAM_EPSILON: f64 = 1e-8;
+/// RMSprop's default smoothing constant `α` (PyTorch's): 0.99.
+pub const RMSPROP_ALPHA: f64 = 0.99;
+/// RMSprop's default `ε` (PyTorch's): 1e-8.
+pub const RMSPROP_EPSILON: f64 = 1e-8;
+
+/// Hyper-parameters (PyTorch / HF defaults: [`ADAM_BETA1`], [`ADAM_BETA2`], [`ADAM_EPSILON`],
+/// [`RMSPROP_ALPHA`], [`RMSPROP_EPSILON`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerConfig {
     /// Which optimizer.
@@ -63,15 +75,15 @@ pub struct OptimizerConfig {
     /// PyTorch does; applied only to the parameters [`decays`] selects, as HF's `Trainer`
     /// does. HF default 0.
     pub weight_decay: f64,
-    /// AdamW `β₁` (0.9).
+    /// AdamW `β₁` ([`ADAM_BETA1`]).
     pub adam_beta1: f64,
-    /// AdamW `β₂` (0.999).
+    /// AdamW `β₂` ([`ADAM_BETA2`]).
     pub adam_beta2: f64,
-    /// AdamW `ε` (1e-8).
+    /// AdamW `ε` ([`ADAM_EPSILON`]).
     pub adam_epsilon: f64,
-    /// RMSprop `α` (0.99).
+    /// RMSprop `α` ([`RMSPROP_ALPHA`]).
     pub rmsprop_alpha: f64,
-    /// RMSprop `ε` (1e-8).
+    /// RMSprop `ε` ([`RMSPROP_EPSILON`]).
     pub rmsprop_epsilon: f64,
 }
 
@@ -80,11 +92,11 @@ impl Default for OptimizerConfig {
         Self {
             kind: OptimizerKind::Adamw,
             weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            rmsprop_alpha: 0.99,
-            rmsprop_epsilon: 1e-8,
+            adam_beta1: ADAM_BETA1,
+            adam_beta2: ADAM_BETA2,
+            adam_epsilon: ADAM_EPSILON,
+            rmsprop_alpha: RMSPROP_ALPHA,
+            rmsprop_epsilon: RMSPROP_EPSILON,
         }
     }
 }

@@ -155,8 +155,23 @@ pub fn load_named_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
         .map_or(Device::Cpu, |(_, v)| v.device().clone());
     let tensors =
         candle_core::safetensors::load(path, &device).map_err(|e| Error::format(path, e))?;
+    set_vars(vars, |name| tensors.get(name), path)
+}
+
+/// Sets each variable to the tensor `tensor(name)` gives (moved to the variable's device,
+/// converted to its dtype): every variable must be present with its shape. `path` names the
+/// file or checkpoint directory they came from.
+///
+/// # Errors
+/// [`Error::Checkpoint`] for a missing or mis-shaped tensor, naming it and `path`; tensor
+/// errors.
+pub fn set_vars<'t>(
+    vars: &[(String, Var)],
+    tensor: impl Fn(&str) -> Option<&'t Tensor>,
+    path: &Path,
+) -> Result<()> {
     for (name, var) in vars {
-        let t = tensors.get(name).ok_or_else(|| Error::Checkpoint {
+        let t = tensor(name).ok_or_else(|| Error::Checkpoint {
             path: path.to_path_buf(),
             message: format!("missing tensor `{name}`"),
         })?;
@@ -170,7 +185,7 @@ pub fn load_named_into(vars: &[(String, Var)], path: &Path) -> Result<()> {
                 ),
             });
         }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }

@@ -67,18 +67,53 @@ impl RunRecord {
     }
 }
 
+/// Where and in what precision a model runs: `--dtype` and `--device`, written once for the
+/// training commands ([`RunSettings`]) and the commands that load a model to sample or score
+/// (`commands::shared::ModelArgs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct Placement {
+    /// Parameter dtype: f32, bf16, f16 or f64 (training keeps its optimizer state in f32 either
+    /// way; bf16 on CPU computes matmuls through f32: slow).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl Default for Placement {
+    /// f32 parameters on the CPU.
+    fn default() -> Self {
+        Self {
+            dtype: "f32".into(),
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl Placement {
+    /// The device, then the dtype, parsed.
+    ///
+    /// # Errors
+    /// An unknown device or dtype ([`crate::Error::InvalidArgument`]).
+    pub fn parse(&self) -> crate::Result<(candle_core::Device, candle_core::DType)> {
+        let device = crate::parse_device(&self.device)?;
+        let dtype = crate::dtype::parse_dtype(&self.dtype)?;
+        Ok((device, dtype))
+    }
+}
+
 /// How a training run's model runs and its data is read: the run's options besides its
 /// [`TrainConfig`] and its files, recorded in `run_args.json` (flat, beside the model and data)
 /// and reused by `--resume`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default)]
 pub struct RunSettings {
-    /// Parameter dtype: f32 or bf16 (optimizer state is f32 either way; bf16 on CPU is slow).
-    #[arg(long)]
-    pub dtype: String,
-    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long)]
-    pub device: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    #[allow(missing_docs)]
+    pub placement: Placement,
     /// Mixed precision (HF's bf16): f32 parameters and optimizer state, forward and backward
     /// computed in bf16 (the paper's setting on GPUs; slow on CPU).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
@@ -98,8 +133,7 @@ impl Default for RunSettings {
     /// records refused.
     fn default() -> Self {
         Self {
-            dtype: "f32".into(),
-            device: "cpu".into(),
+            placement: Placement::default(),
             bf16: false,
             tokenizer: TokenizationRules::default(),
             invalid: InvalidRecords::default(),

@@ -33,6 +33,7 @@ use crate::train::objective::{
     nll_mean, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
 };
 use crate::train::optim::Optimizer;
+use crate::train::output_dir::{check_fresh_output_dir, clear_earlier_run};
 use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
@@ -78,6 +79,42 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
 }
 
+/// What the micro-batches of one step computed: their summed gradient, the step's loss, the
+/// tokens of their forward passes and what the objective reports.
+#[derive(Default)]
+struct StepGrads {
+    /// The running sum while the micro-batches run.
+    sum: Option<Grads>,
+    loss: f64,
+    tokens: usize,
+    preference: Vec<PreferenceMetrics>,
+    projection: Option<ProjectionStats>,
+}
+
+impl StepGrads {
+    /// Adds one micro-batch's gradient to the sum.
+    fn add(&mut self, g: Grads) -> Result<()> {
+        self.sum = Some(match self.sum.take() {
+            None => g,
+            Some(a) => a.add(&g)?,
+        });
+        Ok(())
+    }
+
+    /// The summed gradient and the rest of the step.
+    fn finish(mut self) -> Result<(Grads, Self)> {
+        let sum = self.sum.take();
+        let g = sum.ok_or_else(|| Error::InvalidArgument("a step without micro-batches".into()))?;
+        Ok((g, self))
+    }
+}
+
+/// The objective's rule and the dataset's kind disagree (SFT data under a preference rule or
+/// the reverse).
+fn kinds_differ() -> Error {
+    Error::Options("objective and data kind differ".into())
+}
+
 /// A training run.
 pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     model: &'m M,
@@ -93,97 +130,6 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     micro_per_epoch: usize,
     last_checkpoint: Option<PathBuf>,
     device: Device,
-}
-
-/// The files an earlier run leaves in its output directory besides checkpoints and reference
-/// caches: metrics, resolved config, the command's run record and summary.
-pub const RUN_FILES: [&str; 6] = [
-    crate::train::metrics::METRICS_JSONL,
-    crate::train::metrics::METRICS_CSV,
-    crate::train::config::CONFIG_TOML,
-    crate::train::config::CONFIG_JSON,
-    crate::train::run::RUN_RECORD,
-    crate::train::run::SUMMARY_FILE,
-];
-
-/// What in `output_dir` shows an earlier run there (names, sorted): [`RUN_FILES`], checkpoint
-/// directories (complete, or a `.checkpoint-N.tmp` a crash left mid-write) and reference
-/// log-prob caches. A run that crashed before its first checkpoint leaves its metrics and
-/// config, so checkpoints alone are not the test.
-///
-/// # Errors
-/// I/O errors reading the directory.
-pub fn earlier_run(output_dir: &Path) -> Result<Vec<String>> {
-    let rd = match std::fs::read_dir(output_dir) {
-        Ok(r) => r,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(output_dir, e)),
-    };
-    let mut found = Vec::new();
-    for e in rd {
-        let name = e
-            .map_err(|e| Error::io(output_dir, e))?
-            .file_name()
-            .to_string_lossy()
-            .into_owned();
-        let checkpoint = name.starts_with("checkpoint-")
-            || (name.starts_with(".checkpoint-") && name.ends_with(".tmp"));
-        let cache = name.starts_with("ref_logps-") && name.ends_with(".safetensors");
-        if RUN_FILES.contains(&name.as_str()) || checkpoint || cache {
-            found.push(name);
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Refuses a fresh run in an `output_dir` that holds an [`earlier_run`] unless `overwrite`
-/// (HF's `overwrite_output_dir`); `--resume` does not come here.
-///
-/// # Errors
-/// [`Error::Options`] naming the files found and the ways out.
-pub fn check_fresh_output_dir(output_dir: &Path, overwrite: bool) -> Result<()> {
-    let found = earlier_run(output_dir)?;
-    if overwrite || found.is_empty() {
-        return Ok(());
-    }
-    let mut shown = found.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-    if found.len() > 5 {
-        shown.push_str(", …");
-    }
-    let resume = match latest_checkpoint(output_dir)? {
-        Some(c) => format!(
-            "continue it with --resume {} (from {}), ",
-            output_dir.display(),
-            c.display()
-        ),
-        None => "it has no checkpoint to resume from; ".into(),
-    };
-    Err(Error::Options(format!(
-        "{} holds an earlier run ({shown}): {resume}choose another --output-dir, or pass \
-         --overwrite-output-dir (overwrite_output_dir = true) to replace it",
-        output_dir.display()
-    )))
-}
-
-/// With `overwrite_output_dir`: removes what an earlier run left in `output_dir` that the new
-/// run would not replace itself (checkpoints, temporary checkpoint directories, metrics, the
-/// summary), so no stale file is mistaken for the new run's. Reference caches stay: they are
-/// keyed by model, data and settings, and reused only on a match.
-fn clear_earlier_run(output_dir: &Path) -> Result<()> {
-    for name in earlier_run(output_dir)? {
-        let p = output_dir.join(&name);
-        if name.starts_with("ref_logps-") {
-            continue;
-        }
-        let r = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        r.map_err(|e| Error::io(&p, e))?;
-    }
-    Ok(())
 }
 
 /// `(micro-batches per epoch, optimizer steps per epoch, total steps)`.
@@ -561,7 +507,10 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         SplitMix64::for_stream(self.config.seed, 0x4452_4f50 ^ (step << 20) ^ mb as u64).next_u64()
     }
 
-    /// One optimizer step (`None` when the run is complete).
+    /// One optimizer step (`None` when the run is complete), top to bottom: the micro-batches'
+    /// forward passes, objective and backward passes (`step_gradients`; DPO-PG's projection),
+    /// the clipped optimizer update (`update`), the position and the log's sums (`advance`),
+    /// then the metrics record and the checkpoint when due.
     ///
     /// # Errors
     /// [`Error::NonFinite`] (no update is made), tensor and I/O errors.
@@ -571,124 +520,165 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         }
         let t0 = Instant::now();
         let mbs = self.microbatches();
-        let k = mbs.len() as f64;
-        let mut step_loss = 0.0;
-        let mut tokens = 0usize;
-        let mut pref_metrics = Vec::new();
-        let mut projection = None;
-        let grads = match (self.objective.rule(), &self.data.examples) {
-            (Rule::Sft, Examples::Sft(seqs)) => {
-                let whole = !self.config.completion_only_loss;
-                let pick = |i: usize| -> Sequence {
-                    let s = &seqs[i];
-                    if whole {
-                        Sequence {
-                            ids: s.ids.clone(),
-                            completion_start: 0,
-                        }
-                    } else {
-                        s.clone()
-                    }
-                };
-                let chosen: Vec<Vec<Sequence>> = mbs
-                    .iter()
-                    .map(|(_, idx)| idx.iter().map(|&i| pick(i)).collect())
-                    .collect();
-                let normalizer: usize = chosen
-                    .iter()
-                    .flatten()
-                    .map(Sequence::num_completion_tokens)
-                    .sum();
-                let mut acc: Option<Grads> = None;
-                for ((mb, idx), seqs) in mbs.iter().zip(&chosen) {
-                    let refs: Vec<&Sequence> = seqs.iter().collect();
-                    let batch = self.batch(&refs)?;
-                    tokens += batch.num_tokens();
-                    self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
-                    let s = self.model.sequence_logps(&batch)?;
-                    let loss = sft_loss(&s, normalizer.max(1) as f64)?;
-                    let v = crate::train::policy::scalar_f64(&loss)?;
-                    if !v.is_finite() {
-                        return Err(self.non_finite(format!("loss ({v})"), *mb, idx.clone()));
-                    }
-                    step_loss += v;
-                    let g = self.grads(&loss)?;
-                    acc = Some(match acc {
-                        None => g,
-                        Some(a) => a.add(&g)?,
-                    });
-                    self.state.log.add_microbatch(&[]);
-                }
-                acc.expect("at least one micro-batch")
-            }
-            (Rule::Preference, Examples::Preference(pairs)) => {
-                let mut acc: Option<Grads> = None;
-                for (mb, idx) in &mbs {
-                    let seqs: Vec<&Sequence> = idx
-                        .iter()
-                        .map(|&i| &pairs[i].chosen)
-                        .chain(idx.iter().map(|&i| &pairs[i].rejected))
-                        .collect();
-                    let batch = self.batch(&seqs)?;
-                    tokens += batch.num_tokens();
-                    self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
-                    let out = self.model.sequence_logps(&batch)?;
-                    let b = idx.len();
-                    let half = |o: usize| -> candle_core::Result<SeqLogps> {
-                        Ok(SeqLogps {
-                            sum: out.sum.narrow(0, o, b)?,
-                            count: out.count.narrow(0, o, b)?,
-                        })
-                    };
-                    let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
-                    let m = pl.metrics()?;
-                    self.check_pref(&m, *mb, idx)?;
-                    step_loss += m.loss / k;
-                    let g = self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?;
-                    acc = Some(match acc {
-                        None => g,
-                        Some(a) => a.add(&g)?,
-                    });
-                    self.state.log.add_microbatch(&m.record());
-                    pref_metrics.push(m);
-                }
-                acc.expect("at least one micro-batch")
-            }
-            (Rule::ProjectedGradient, Examples::Preference(pairs)) => {
-                let mut acc: Option<(Grads, Grads)> = None;
-                for (mb, idx) in &mbs {
-                    let cs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
-                    let rs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
-                    let (cb, rb) = (self.batch(&cs)?, self.batch(&rs)?);
-                    tokens += cb.num_tokens() + rb.num_tokens();
-                    self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
-                    let sc = self.model.sequence_logps(&cb)?;
-                    let sr = self.model.sequence_logps(&rb)?;
-                    let detached = |s: &SeqLogps| SeqLogps {
-                        sum: s.sum.detach(),
-                        count: s.count.clone(),
-                    };
-                    let pl = self.preference_loss(idx, &detached(&sc), &detached(&sr))?;
-                    let m = pl.metrics()?;
-                    self.check_pref(&m, *mb, idx)?;
-                    step_loss += m.loss / k;
-                    let gw = self.grads(&nll_mean(&sc.sum, 1.0 / k)?)?;
-                    let gl = self.grads(&nll_mean(&sr.sum, 1.0 / k)?)?;
-                    acc = Some(match acc {
-                        None => (gw, gl),
-                        Some((aw, al)) => (aw.add(&gw)?, al.add(&gl)?),
-                    });
-                    self.state.log.add_microbatch(&m.record());
-                    pref_metrics.push(m);
-                }
-                let (gw, gl) = acc.expect("at least one micro-batch");
-                let (g, stats) = project(&gw, &gl)?;
-                projection = Some(stats);
-                g
-            }
-            _ => return Err(Error::Options("objective and data kind differ".into())),
-        };
+        let (grads, step) = self.step_gradients(&mbs)?;
         self.model.set_dropout_seed(None);
+        let (norm, lr) = self.update(grads, &mbs)?;
+        let epoch_end = self.advance(&mbs, norm, &step);
+        let seconds = t0.elapsed().as_secs_f64();
+        self.state.log.seconds += seconds;
+        let logged = self.log_if_due(norm, lr)?;
+        let checkpoint = self.checkpoint_if_due(epoch_end, &mbs)?;
+        Ok(Some(StepReport {
+            step: self.state.global_step,
+            loss: step.loss,
+            grad_norm: norm,
+            learning_rate: lr,
+            examples: mbs.into_iter().map(|(_, i)| i).collect(),
+            projection: step.projection,
+            preference: step.preference,
+            logged,
+            checkpoint,
+            tokens: step.tokens,
+            seconds,
+        }))
+    }
+
+    /// The step's summed gradient over its micro-batches `mbs` (`(index in the epoch,
+    /// examples)`), by the objective's rule; each micro-batch's metrics go to the log.
+    fn step_gradients(&mut self, mbs: &[(usize, Vec<usize>)]) -> Result<(Grads, StepGrads)> {
+        match self.objective.rule() {
+            Rule::Sft => self.sft_gradients(mbs),
+            Rule::Preference => self.preference_gradients(mbs),
+            Rule::ProjectedGradient => self.projected_gradients(mbs),
+        }
+    }
+
+    /// SFT: the token NLL of each micro-batch, divided by the step's completion tokens (the
+    /// whole sequence's unless `completion_only_loss`), so the micro-batches' gradients sum to
+    /// the step's mean.
+    fn sft_gradients(&mut self, mbs: &[(usize, Vec<usize>)]) -> Result<(Grads, StepGrads)> {
+        let Examples::Sft(seqs) = &self.data.examples else {
+            return Err(kinds_differ());
+        };
+        let whole = !self.config.completion_only_loss;
+        let pick = |i: usize| -> Sequence {
+            let s = &seqs[i];
+            if whole {
+                Sequence {
+                    ids: s.ids.clone(),
+                    completion_start: 0,
+                }
+            } else {
+                s.clone()
+            }
+        };
+        let chosen: Vec<Vec<Sequence>> = mbs
+            .iter()
+            .map(|(_, idx)| idx.iter().map(|&i| pick(i)).collect())
+            .collect();
+        let normalizer: usize = chosen
+            .iter()
+            .flatten()
+            .map(Sequence::num_completion_tokens)
+            .sum();
+        let mut out = StepGrads::default();
+        for ((mb, idx), seqs) in mbs.iter().zip(&chosen) {
+            let refs: Vec<&Sequence> = seqs.iter().collect();
+            let batch = self.batch(&refs)?;
+            out.tokens += batch.num_tokens();
+            self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+            let s = self.model.sequence_logps(&batch)?;
+            let loss = sft_loss(&s, normalizer.max(1) as f64)?;
+            let v = crate::train::policy::scalar_f64(&loss)?;
+            if !v.is_finite() {
+                return Err(self.non_finite(format!("loss ({v})"), *mb, idx.clone()));
+            }
+            out.loss += v;
+            out.add(self.grads(&loss)?)?;
+            self.state.log.add_microbatch(&[]);
+        }
+        out.finish()
+    }
+
+    /// DPO and its variants: chosen and rejected in one forward pass, the objective's loss
+    /// scaled by `1 / (micro-batches in the step)`.
+    fn preference_gradients(&mut self, mbs: &[(usize, Vec<usize>)]) -> Result<(Grads, StepGrads)> {
+        let Examples::Preference(pairs) = &self.data.examples else {
+            return Err(kinds_differ());
+        };
+        let k = mbs.len() as f64;
+        let mut out = StepGrads::default();
+        for (mb, idx) in mbs {
+            let seqs: Vec<&Sequence> = idx
+                .iter()
+                .map(|&i| &pairs[i].chosen)
+                .chain(idx.iter().map(|&i| &pairs[i].rejected))
+                .collect();
+            let batch = self.batch(&seqs)?;
+            out.tokens += batch.num_tokens();
+            self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+            let all = self.model.sequence_logps(&batch)?;
+            let b = idx.len();
+            let half = |o: usize| -> candle_core::Result<SeqLogps> {
+                Ok(SeqLogps {
+                    sum: all.sum.narrow(0, o, b)?,
+                    count: all.count.narrow(0, o, b)?,
+                })
+            };
+            let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
+            let m = pl.metrics()?;
+            self.check_pref(&m, *mb, idx)?;
+            out.loss += m.loss / k;
+            out.add(self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?)?;
+            self.state.log.add_microbatch(&m.record());
+            out.preference.push(m);
+        }
+        out.finish()
+    }
+
+    /// DPO-PG (Appendix H): the chosen and the rejected NLL's gradients, each summed over the
+    /// micro-batches, then the chosen one projected off the rejected one; the preference loss
+    /// is computed on detached log-probs, for the log only.
+    fn projected_gradients(&mut self, mbs: &[(usize, Vec<usize>)]) -> Result<(Grads, StepGrads)> {
+        let Examples::Preference(pairs) = &self.data.examples else {
+            return Err(kinds_differ());
+        };
+        let k = mbs.len() as f64;
+        let (mut out, mut rejected) = (StepGrads::default(), StepGrads::default());
+        for (mb, idx) in mbs {
+            let cs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
+            let rs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
+            let (cb, rb) = (self.batch(&cs)?, self.batch(&rs)?);
+            out.tokens += cb.num_tokens() + rb.num_tokens();
+            self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+            let sc = self.model.sequence_logps(&cb)?;
+            let sr = self.model.sequence_logps(&rb)?;
+            let detached = |s: &SeqLogps| SeqLogps {
+                sum: s.sum.detach(),
+                count: s.count.clone(),
+            };
+            let pl = self.preference_loss(idx, &detached(&sc), &detached(&sr))?;
+            let m = pl.metrics()?;
+            self.check_pref(&m, *mb, idx)?;
+            out.loss += m.loss / k;
+            let gw = self.grads(&nll_mean(&sc.sum, 1.0 / k)?)?;
+            let gl = self.grads(&nll_mean(&sr.sum, 1.0 / k)?)?;
+            out.add(gw)?;
+            rejected.add(gl)?;
+            self.state.log.add_microbatch(&m.record());
+            out.preference.push(m);
+        }
+        let (gw, mut out) = out.finish()?;
+        let (gl, _) = rejected.finish()?;
+        let (g, stats) = project(&gw, &gl)?;
+        out.projection = Some(stats);
+        Ok((g, out))
+    }
+
+    /// The pre-clip global norm (an error when not finite: no update is made), clipping to
+    /// `max_grad_norm`, and the optimizer's step at the schedule's rate; returns
+    /// `(norm, rate)`.
+    fn update(&mut self, grads: Grads, mbs: &[(usize, Vec<usize>)]) -> Result<(f64, f64)> {
         let norm = grads.global_norm()?;
         if !norm.is_finite() {
             let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
@@ -697,8 +687,12 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let grads = grads.clip(self.config.max_grad_norm, norm)?;
         let lr = self.schedule.lr(self.state.global_step);
         self.optimizer.step(&self.vars, &grads, lr)?;
+        Ok((norm, lr))
+    }
 
-        // Advance the position.
+    /// Advances the position past `mbs` (a new epoch's permutation at its end) and adds the
+    /// step to the log's sums; returns whether the step ended an epoch.
+    fn advance(&mut self, mbs: &[(usize, Vec<usize>)], norm: f64, step: &StepGrads) -> bool {
         let st = &mut self.state;
         st.global_step += 1;
         st.batch_in_epoch = mbs.last().map_or(st.batch_in_epoch, |(j, _)| j + 1);
@@ -711,85 +705,86 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         st.epoch_float = st.epoch as f64 + st.batch_in_epoch as f64 / self.micro_per_epoch as f64;
         st.last_grad_norm = norm;
         st.log.steps += 1;
-        st.log.loss_sum += step_loss;
-        st.log.tokens += tokens;
-        st.log.num_tokens += tokens;
-        let seconds = t0.elapsed().as_secs_f64();
-        st.log.seconds += seconds;
-        if let Some(p) = &projection {
+        st.log.loss_sum += step.loss;
+        st.log.tokens += step.tokens;
+        st.log.num_tokens += step.tokens;
+        if let Some(p) = &step.projection {
             if p.active {
                 st.log.projection_active += 1;
                 st.projection_active_total += 1;
             }
         }
+        epoch_end
+    }
+
+    /// On a logging step (every `logging_steps`, and the last), the log's record, appended to
+    /// the metrics files.
+    fn log_if_due(&mut self, norm: f64, lr: f64) -> Result<Option<Vec<(String, f64)>>> {
+        let st = &mut self.state;
         let step = st.global_step;
         let last = step >= st.total_steps;
-        let logged = if step % self.config.logging_steps == 0 || last {
-            // The rate this step used, as transformers 5 logs it (4.x logged the next step's).
-            let rec = st.log.take_record(
-                step,
-                st.epoch_float,
-                norm,
-                lr,
-                self.objective.rule() == Rule::ProjectedGradient,
-            );
-            self.log.append(&rec)?;
-            Some(rec)
-        } else {
-            None
-        };
+        if step % self.config.logging_steps != 0 && !last {
+            return Ok(None);
+        }
+        // The rate this step used, as transformers 5 logs it (4.x logged the next step's).
+        let rec = st.log.take_record(
+            step,
+            st.epoch_float,
+            norm,
+            lr,
+            self.objective.rule() == Rule::ProjectedGradient,
+        );
+        self.log.append(&rec)?;
+        Ok(Some(rec))
+    }
+
+    /// On a saving step (every `save_steps`, an epoch's end, the last), the checkpoint (older
+    /// ones pruned to `save_total_limit`).
+    fn checkpoint_if_due(
+        &mut self,
+        epoch_end: bool,
+        mbs: &[(usize, Vec<usize>)],
+    ) -> Result<Option<PathBuf>> {
+        let step = self.state.global_step;
+        let last = step >= self.state.total_steps;
         let save =
             (self.config.save_steps > 0 && step % self.config.save_steps == 0) || epoch_end || last;
-        let checkpoint = if save {
-            // Never write non-finite weights over a good checkpoint (a finite gradient can
-            // still overflow in the update), nor weights whose squared norm overflows their
-            // dtype (they overflow in any forward pass).
-            let w = Grads(
-                self.vars
-                    .iter()
-                    .map(|(_, v)| v.as_tensor().detach())
-                    .collect(),
-            )
-            .global_norm_in_dtype()?;
-            if !w.is_finite() {
-                let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
-                return Err(Error::NonFinite {
-                    what: format!("weights after the update (norm {w})"),
-                    step,
-                    batch: mbs[0].0,
-                    epoch: self.state.epoch,
-                    examples: all,
-                    last_checkpoint: self.last_checkpoint.clone(),
-                });
-            }
-            let dir = save_checkpoint(
-                &self.config.output_dir,
-                self.model,
-                &self.optimizer,
-                &self.state,
-                &self.config,
-            )?;
-            if let Some(limit) = self.config.save_total_limit {
-                prune_checkpoints(&self.config.output_dir, limit)?;
-            }
-            self.last_checkpoint = Some(dir.clone());
-            Some(dir)
-        } else {
-            None
-        };
-        Ok(Some(StepReport {
-            step,
-            loss: step_loss,
-            grad_norm: norm,
-            learning_rate: lr,
-            examples: mbs.into_iter().map(|(_, i)| i).collect(),
-            projection,
-            preference: pref_metrics,
-            logged,
-            checkpoint,
-            tokens,
-            seconds,
-        }))
+        if !save {
+            return Ok(None);
+        }
+        // Never write non-finite weights over a good checkpoint (a finite gradient can still
+        // overflow in the update), nor weights whose squared norm overflows their dtype (they
+        // overflow in any forward pass).
+        let w = Grads(
+            self.vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().detach())
+                .collect(),
+        )
+        .global_norm_in_dtype()?;
+        if !w.is_finite() {
+            let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
+            return Err(Error::NonFinite {
+                what: format!("weights after the update (norm {w})"),
+                step,
+                batch: mbs[0].0,
+                epoch: self.state.epoch,
+                examples: all,
+                last_checkpoint: self.last_checkpoint.clone(),
+            });
+        }
+        let dir = save_checkpoint(
+            &self.config.output_dir,
+            self.model,
+            &self.optimizer,
+            &self.state,
+            &self.config,
+        )?;
+        if let Some(limit) = self.config.save_total_limit {
+            prune_checkpoints(&self.config.output_dir, limit)?;
+        }
+        self.last_checkpoint = Some(dir.clone());
+        Ok(Some(dir))
     }
 
     /// Steps until `step` optimizer steps have been taken in total (or the run ends).

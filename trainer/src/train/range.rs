@@ -1,4 +1,4 @@
-//! The training core's option range error ([`RangeError`]); every other failure is a variant of
+//! The training options' range error ([`RangeError`]); every other failure is a variant of
 //! the crate's one [`crate::Error`].
 
 /// A numeric option outside its range: the option (its `TrainConfig` / TOML field name), its
