@@ -79,8 +79,72 @@ pub enum ObjectiveError {
     },
 }
 
+impl ObjectiveError {
+    /// The TRL field this error names first (its message begins with it: `beta must be …`,
+    /// `loss_weights has …`), for a caller that names the option the user gave; `None` for an
+    /// unknown name, whose message names the value instead.
+    pub fn field(&self) -> Option<&'static str> {
+        Some(match self {
+            ObjectiveError::Beta(_) => "beta",
+            ObjectiveError::LabelSmoothing { .. } => "label_smoothing",
+            ObjectiveError::NoLossType => "loss_type",
+            ObjectiveError::UnknownLossType(_) | ObjectiveError::UnknownFDivergence(_) => {
+                return None
+            }
+            ObjectiveError::LossWeightsLength { .. }
+            | ObjectiveError::LossWeight(_)
+            | ObjectiveError::ZeroLossWeights(_) => "loss_weights",
+            ObjectiveError::DiscopopTau(_) => "discopop_tau",
+            ObjectiveError::FAlpha(_) => "f_alpha_divergence_coef",
+            ObjectiveError::FDivergenceLossType { .. } => "f_divergence_type",
+            ObjectiveError::RpoAlpha(_) => "rpo_alpha",
+            ObjectiveError::Inapplicable { option, .. } => option,
+        })
+    }
+}
+
 impl From<BetaError> for ObjectiveError {
     fn from(e: BetaError) -> Self {
         ObjectiveError::Beta(e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_message_begins_with_the_field_it_names() {
+        let errors = [
+            ObjectiveError::Beta(-1.0),
+            ObjectiveError::LabelSmoothing {
+                value: 0.7,
+                reason: "outside [0, 1/2]".into(),
+            },
+            ObjectiveError::NoLossType,
+            ObjectiveError::LossWeightsLength {
+                weights: 2,
+                types: 1,
+            },
+            ObjectiveError::LossWeight(-1.0),
+            ObjectiveError::ZeroLossWeights(vec![0.0]),
+            ObjectiveError::DiscopopTau(0.0),
+            ObjectiveError::FAlpha(f64::NAN),
+            ObjectiveError::FDivergenceLossType {
+                f: "forward_kl",
+                loss_type: "bco_pair",
+            },
+            ObjectiveError::RpoAlpha(-1.0),
+            ObjectiveError::Inapplicable {
+                option: "label_smoothing",
+                reason: "x".into(),
+            },
+        ];
+        for e in errors {
+            let f = e.field().expect("a field");
+            assert!(e.to_string().starts_with(f), "{e} does not begin with {f}");
+        }
+        let unknown = ObjectiveError::UnknownLossType("x".into());
+        assert_eq!(unknown.field(), None);
     }
 }

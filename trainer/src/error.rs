@@ -244,9 +244,7 @@ pub enum Error {
         message: String,
     },
     /// `tokenizer.ggml.pre` names a pre-tokenizer this importer does not know.
-    #[error(
-        "{path}: unknown GGUF pre-tokenizer `tokenizer.ggml.pre = {found}`; known: {known}"
-    )]
+    #[error("{path}: unknown GGUF pre-tokenizer `tokenizer.ggml.pre = {found}`; known: {known}")]
     GgufUnknownPreTokenizer {
         /// The file.
         path: PathBuf,

@@ -19,11 +19,11 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use crate::pretrained::save_safetensors;
 use crate::config_json::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 use crate::io::{write_atomic, write_json};
 use crate::model::Model;
+use crate::pretrained::save_safetensors;
 
 /// The built-in tokenizer training corpus.
 pub const BUILTIN_CORPUS: &str = include_str!("corpus.txt");

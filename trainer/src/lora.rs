@@ -611,7 +611,6 @@ pub fn refuse_adapter_as_model(dir: &Path) -> Result<()> {
     )))
 }
 
-
 /// SplitMix64's output function.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use difinfo_trainer::batch::Sequence;
-use difinfo_trainer::pretrained::{load_model, read_tensors, save_pretrained};
 use difinfo_trainer::config_json::{parse_config, Architecture, RopeScaling};
 use difinfo_trainer::logps::sequence_logps;
+use difinfo_trainer::pretrained::{load_model, read_tensors, save_pretrained};
 
 fn probe() -> Vec<Sequence> {
     vec![Sequence {

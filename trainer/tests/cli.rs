@@ -40,7 +40,8 @@ fn readme_demo_init_logps_sample() {
     ] {
         assert!(model.join(f).exists(), "{f}");
     }
-    let cfg = difinfo_trainer::config_json::ModelConfig::from_file(&model.join("config.json")).unwrap();
+    let cfg =
+        difinfo_trainer::config_json::ModelConfig::from_file(&model.join("config.json")).unwrap();
     let n = cfg.num_parameters();
     assert!((800_000..1_300_000).contains(&n), "tiny has {n} parameters");
 

@@ -13,11 +13,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use difinfo_trainer::batch::{Batch, Sequence};
-use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config_json::{Architecture, ModelConfig};
 use difinfo_trainer::fused::GradSink;
 use difinfo_trainer::lora::LoraConfig;
 use difinfo_trainer::model::Model;
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::tokenize::{load_preferences, TokenizeOptions, TokenizerBundle};
 use difinfo_trainer::train::{
     Dataset, Examples, Objective, OptimizerKind, PolicyModel, PreferencePair, SchedulerType,
@@ -709,7 +709,8 @@ fn lora_checkpoints_resume_exactly_and_merge() {
     // Merge: the merged checkpoint's log-probs are the trained adapter model's.
     let merged_dir = common::TempDir::new();
     let base =
-        difinfo_trainer::pretrained::merge_adapter(&last, None, merged_dir.path(), DType::F32).unwrap();
+        difinfo_trainer::pretrained::merge_adapter(&last, None, merged_dir.path(), DType::F32)
+            .unwrap();
     assert_eq!(base, std::fs::canonicalize(dir.path()).unwrap());
     let merged = load_model(merged_dir.path(), DType::F32, &Device::Cpu).unwrap();
     let trained = fresh();

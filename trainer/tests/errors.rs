@@ -3,8 +3,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config_json::{parse_config, Architecture};
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::records::{
     parse_preference_line, parse_preference_str, read_jsonl, write_error_report,
 };

@@ -33,7 +33,11 @@ fn rooms(root: &Path) -> Rooms {
     let mut out = Rooms::new();
     for e in std::fs::read_dir(root).expect("a readable source root") {
         let p = e.expect("a directory entry").path();
-        let name = p.file_stem().expect("a name").to_string_lossy().into_owned();
+        let name = p
+            .file_stem()
+            .expect("a name")
+            .to_string_lossy()
+            .into_owned();
         if p.is_dir() {
             walk(&p, out.entry(name).or_default());
         } else if p.extension().is_some_and(|x| x == "rs") && name != "lib" && name != "main" {
@@ -62,7 +66,10 @@ fn imports(file: &Path, rooms: &Rooms) -> BTreeMap<String, usize> {
                     .split(['}', ','])
                     .map(|item| item.trim().split("::").next().unwrap_or(""))
                     .collect(),
-                None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")],
+                None => vec![rest
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .next()
+                    .unwrap_or("")],
             };
             for n in names {
                 if rooms.contains_key(n) {
@@ -125,7 +132,10 @@ fn circle(g: &BTreeMap<String, BTreeMap<String, (PathBuf, usize)>>) -> Option<Ve
 
 fn workspace() -> PathBuf {
     let trainer = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    trainer.parent().expect("the trainer is a workspace member").to_path_buf()
+    trainer
+        .parent()
+        .expect("the trainer is a workspace member")
+        .to_path_buf()
 }
 
 #[test]
@@ -165,7 +175,9 @@ fn each_trainer_room_imports_only_rooms_listed_below_it() {
     let mut wrong = Vec::new();
     for (room, edges) in &g {
         let Some(here) = pos(room) else {
-            wrong.push(format!("room `{room}` is not an entry of the trainer's map"));
+            wrong.push(format!(
+                "room `{room}` is not an entry of the trainer's map"
+            ));
             continue;
         };
         for (to, (file, line)) in edges {
@@ -177,7 +189,11 @@ fn each_trainer_room_imports_only_rooms_listed_below_it() {
             }
         }
     }
-    assert!(wrong.is_empty(), "imports that go up a floor:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "imports that go up a floor:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]

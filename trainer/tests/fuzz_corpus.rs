@@ -187,7 +187,10 @@ fn corpus_seeds_exercise_success_paths() {
     }
     for f in ["llama3", "qwen2", "mistral"] {
         let text = std::fs::read_to_string(dir.join("config_json").join(f)).unwrap();
-        assert!(difinfo_trainer::config_json::parse_config(&text).is_ok(), "{f}");
+        assert!(
+            difinfo_trainer::config_json::parse_config(&text).is_ok(),
+            "{f}"
+        );
     }
     let z = std::fs::read_to_string(dir.join("chat_template/zephyr")).unwrap();
     let (t, m) = z.split_once('\0').unwrap();

@@ -13,10 +13,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::gguf::{gguf_config, micro_gguf, write_gguf, Overrides, F32, Q4_1_Q8_0};
 use common::{checkpoint, TempDir};
-use difinfo_trainer::pretrained::{load_model, read_tensors};
 use difinfo_trainer::config_json::{Architecture, ModelConfig, RopeScaling};
 use difinfo_trainer::gguf::{import_file, permute_for_gguf, unpermute_from_gguf};
 use difinfo_trainer::gguf_cache::{resolve_model_in, CACHE_MARKER};
+use difinfo_trainer::pretrained::{load_model, read_tensors};
 use difinfo_trainer::tokenize::TokenizerBundle;
 use serde_json::Value;
 

@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::model::KvCache;
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::Error;
 
 use common::difinfo_train as run;

@@ -177,9 +177,12 @@ fn transformers5_compat_gives_transformers_ids() {
 fn the_gguf_file_is_the_converted_directory() {
     // --model FILE.gguf resolves to a cached conversion with the same tokenizer and weights.
     let cache = tempfile::tempdir().unwrap();
-    let dir =
-        difinfo_trainer::gguf_cache::resolve_model_in(&fixture().join(GGUF), cache.path(), &mut |_| {})
-            .unwrap();
+    let dir = difinfo_trainer::gguf_cache::resolve_model_in(
+        &fixture().join(GGUF),
+        cache.path(),
+        &mut |_| {},
+    )
+    .unwrap();
     for f in [
         "config.json",
         "tokenizer.json",

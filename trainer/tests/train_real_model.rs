@@ -7,9 +7,9 @@ mod common;
 
 use candle_core::DType;
 use common::micro_config;
-use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::init::{init_checkpoint, BUILTIN_CORPUS};
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::tokenize::{load_preferences, TokenizeOptions, TokenizerBundle};
 use difinfo_trainer::train::checkpoint::latest_checkpoint;
 use difinfo_trainer::train::TrainModel;

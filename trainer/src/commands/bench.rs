@@ -12,11 +12,11 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use clap::Args;
 
-use crate::pretrained::load_model;
-use crate::dtype::parse_dtype;
 use crate::commands::training::training_options;
+use crate::dtype::parse_dtype;
 use crate::init::{random_tensors, size_config, ModelSize};
 use crate::model::Model;
+use crate::pretrained::load_model;
 use crate::train::adapter::TrainModel;
 use crate::train::config::MemoryOptions;
 use crate::train::rng::SplitMix64;

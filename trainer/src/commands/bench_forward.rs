@@ -6,9 +6,9 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use crate::batch::{Batch, Sequence};
-use crate::pretrained::load_model;
 use crate::dtype::parse_dtype;
 use crate::init::{size_config, ModelSize};
+use crate::pretrained::load_model;
 use crate::{parse_device, Error, Result};
 
 /// Measure forward (and forward+backward) throughput in tokens/s.

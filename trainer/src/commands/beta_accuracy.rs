@@ -6,13 +6,13 @@ use candle_core::DType;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::pretrained::load_model;
 use crate::commands::shared::{
     at_prompt, check_paths, check_prompts_fit, load_bundle, progress, report_stats,
     require_examples, DecodeArgs,
 };
 use crate::generate::SamplingParams;
 use crate::io::write_json;
+use crate::pretrained::load_model;
 use crate::tokenize::load_prompts;
 use crate::{parse_device, Error, Result};
 

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::dtype::parse_dtype;
 use crate::commands::shared::progress;
+use crate::dtype::parse_dtype;
 use crate::Result;
 
 /// Convert a GGUF file (llama.cpp, Ollama; Llama-family or Qwen2, any quantization candle

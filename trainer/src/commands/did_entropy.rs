@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgMatches, Args, ValueEnum};
 
-use crate::pretrained::load_model;
 use crate::commands::shared::{progress, report_stats, usage};
 use crate::commands::training::train_on;
 use crate::commands::training::{
@@ -21,6 +20,7 @@ use crate::diag::did_entropy::{
 use crate::generate::check_sampling_options;
 use crate::io::{write_json, write_jsonl};
 use crate::model::Model;
+use crate::pretrained::load_model;
 use crate::tokenize::{load_prompts, TokenizerBundle};
 use crate::train::config::{merge_onto, Limit};
 use crate::train::run::{Placement, Resolved, RunRecord, RunSettings};

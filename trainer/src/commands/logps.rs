@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use serde_json::json;
 
-use crate::pretrained::load_model;
 use crate::commands::shared::{
     accept_dataset, check_paths, check_vocab, load_bundle_with, outputs_with_report, progress,
     report_provenance, ModelArgs, TokenizeArgs,
 };
 use crate::io::write_jsonl;
 use crate::logps::preference_logps;
+use crate::pretrained::load_model;
 use crate::records::InvalidRecords;
 use crate::tokenize::load_preferences;
 use crate::{Error, Result};

@@ -7,9 +7,9 @@ use difinfo::beta::Beta;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::pretrained::load_model;
 use crate::commands::shared::{check_paths, load_bundle, progress};
 use crate::io::write_jsonl;
+use crate::pretrained::load_model;
 use crate::{parse_device, Error, Result};
 
 /// Pick each prompt's rejected response from candidates drawn from π_ref by

@@ -9,9 +9,9 @@ use crate::commands::shared::{
     at_prompt, check_paths, check_prompts_fit, model_and_prompts, outputs_with_report, progress,
     DecodeArgs, ModelArgs, PromptArgs,
 };
-use crate::records::InvalidRecords;
 use crate::generate::{generate, SamplingParams};
 use crate::io::write_jsonl_from;
+use crate::records::InvalidRecords;
 use crate::{Error, Result};
 
 /// Sample completions of prompts, with their summed log-probs under the model.

@@ -6,11 +6,11 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+use crate::generate::check_sampling_options;
+use crate::model::Model;
+use crate::outputs::{check_outputs, inputs, Named};
 use crate::pretrained::load_model;
 use crate::records::{write_error_report, InvalidRecords, PromptExample};
-use crate::generate::check_sampling_options;
-use crate::outputs::{check_outputs, inputs, Named};
-use crate::model::Model;
 use crate::tokenize::{
     load_prompts, TokenizationRules, TokenizeOptions, TokenizeStats, TokenizedDataset,
     TokenizerBundle,

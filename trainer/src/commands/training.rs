@@ -16,8 +16,8 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args};
 use serde::Serialize;
 
-use crate::pretrained::load_model;
 use crate::io::write_bytes as write_file;
+use crate::pretrained::load_model;
 use crate::train::adapter::TrainModel;
 use crate::train::config::{as_typed, merge_onto, CONFIG_TOML};
 use crate::train::dataset::load_dataset;

@@ -14,8 +14,8 @@ use super::metadata::{self, Arch, Meta};
 use super::read_header;
 use super::tensors::{read_rope_freqs, read_weights, tensor_type_counts};
 use super::tokenizer::build_tokenizer;
-use crate::dtype::torch_dtype_name;
 use crate::config_json::ModelConfig;
+use crate::dtype::torch_dtype_name;
 use crate::error::{Error, Result};
 use crate::io::write_json;
 

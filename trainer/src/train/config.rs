@@ -533,18 +533,17 @@ pub fn merge_tables(
             .try_into()
             .map_err(|e: toml::de::Error| {
                 let e = e.to_string();
-                // The objective's errors start with the field they name (`beta must be …`).
-                let named = ObjectiveSpec::field_names()
-                    .into_iter()
-                    .find(|k| e.starts_with(k.as_str()) && cli.contains_key(k));
+                // The objective's own error names its field (`beta must be …`).
+                let field = objective_error(&base).and_then(|o| o.field());
+                let named = field.filter(|k| cli.contains_key(*k));
                 Error::Options(match (named, path) {
                     (Some(k), _) => {
-                        format!("--{} {}: {e}", k.replace('_', "-"), as_typed(&cli[&k]))
+                        format!("--{} {}: {e}", k.replace('_', "-"), as_typed(&cli[k]))
                     }
                     (None, Some(p)) => match culprit(&defaults, &file_table) {
                         // A wrongly typed value: serde's message names no key (flattened
                         // fields), so name the key that fails alone.
-                        Some(k) if !e.starts_with(k.as_str()) => {
+                        Some(k) if field != Some(k.as_str()) => {
                             format!("{}: {k} = {}: {e}", p.display(), file_table[&k])
                         }
                         _ => format!("{}: {e}", p.display()),
@@ -595,6 +594,19 @@ pub fn merge_tables(
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The objective's typed error for the options in `table`, when its fields parse and the
+/// library's [`Objective::new`] refuses them (`None` otherwise).
+fn objective_error(table: &toml::Table) -> Option<difinfo::objective::ObjectiveError> {
+    let names = ObjectiveSpec::field_names();
+    let fields: toml::Table = table
+        .iter()
+        .filter(|(k, _)| names.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let spec: ObjectiveSpec = toml::Value::Table(fields).try_into().ok()?;
+    Objective::new(spec).err()
 }
 
 /// The first key of `file` whose value alone (over `defaults`) does not deserialize into a

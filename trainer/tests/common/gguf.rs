@@ -7,9 +7,9 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::DType;
-use difinfo_trainer::pretrained::read_tensors;
 use difinfo_trainer::config_json::{Architecture, ModelConfig};
 use difinfo_trainer::gguf::permute_for_gguf;
+use difinfo_trainer::pretrained::read_tensors;
 use serde_json::Value;
 
 use super::{checkpoint, micro_config, TempDir};

@@ -7,10 +7,10 @@ pub mod gguf;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::config_json::{Architecture, ModelConfig};
 use difinfo_trainer::init::{init_checkpoint, size_config, ModelSize, BUILTIN_CORPUS};
 use difinfo_trainer::model::{Model, MASK_VALUE};
+use difinfo_trainer::pretrained::load_model;
 use difinfo_trainer::tokenize::TokenizerBundle;
 
 /// A very small configuration of `arch` (GQA: 4 query heads over 2 key/value heads).

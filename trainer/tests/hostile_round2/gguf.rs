@@ -14,10 +14,10 @@ use super::common::{checkpoint, TempDir};
 use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use difinfo_trainer::pretrained::read_tensors;
 use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::gguf::import_file;
 use difinfo_trainer::gguf_cache::resolve_model_in;
+use difinfo_trainer::pretrained::read_tensors;
 
 /// Runs the binary with the GGUF cache in `cache`; returns (success, stderr).
 fn run_cached(cache: &Path, args: &[&str]) -> (Option<i32>, String) {
