@@ -58,8 +58,6 @@ impl Model {
         }
     }
 
-    /// The device holding the parameters.
-
     /// RoPE `cos`, `sin` tables `[l, head_dim]` for positions `offset .. offset + l`, in the
     /// compute dtype.
     ///
@@ -284,16 +282,6 @@ impl Model {
             }
         })
     }
-
-    /// Logits `[B, L, V]` (accumulation dtype) for `ids: [B, L]` with an optional `[B, L]` 0/1
-    /// attention mask (padding keys masked out; a causal mask is always applied).
-    ///
-    /// This forms the whole `[B, L, V]` tensor: for inspecting small inputs (tests). The
-    /// commands and the trainer use [`Model::token_logps`] / [`Model::sequence_logps`] and
-    /// [`Model::forward_last_with_cache`], whose LM head runs in chunks.
-    ///
-    /// # Errors
-    /// Shape mismatches between `ids` and the mask; tensor errors.
 
     /// The causal mask of `l` new positions over the cache (none for one position without a
     /// window in reach).

@@ -239,16 +239,6 @@ impl Model {
         }
     }
 
-    /// Adds LoRA adapters (see [`crate::lora`]) to the projections `cfg` targets (matched by
-    /// their full module names as PEFT matches them), initialized as PEFT does (deterministic in `seed`: `A` Kaiming-uniform, `B = 0`),
-    /// and freezes every other weight: from now on only the adapters carry gradients
-    /// ([`Model::lora_vars`]). Adapters are trained in f32 (f64 for an f64 model) whatever
-    /// the parameter dtype, and cast to the compute dtype in the forward pass.
-    ///
-    /// # Errors
-    /// A model that already has adapters; targets that match no module or a module that is
-    /// not a projection ([`crate::lora::LoraConfig::check_targets`]); tensor errors.
-
     /// Turns the adapters on or off in the forward pass (off: the base model, e.g. as the
     /// reference of a LoRA run).
     pub fn set_adapters_enabled(&mut self, on: bool) {
@@ -354,9 +344,6 @@ impl Model {
         self.embed.track_op()
     }
 
-    /// The ceiling of the size checks: [`physical_memory`] on the CPU, none on other devices
-    /// (their allocators fail with an error rather than aborting the process).
-
     /// Runs each decoder layer of a training forward pass (no KV cache, f32/f64 CPU, fused
     /// kernels on, no biases) as one graph node ([`crate::fused::decoder_layer`]) whose
     /// backward pass leaves the layer weights' gradients in `sink` instead of the
@@ -371,9 +358,6 @@ impl Model {
     pub fn grad_sink(&self) -> Option<&crate::fused::GradSink> {
         self.grad_sink.as_ref()
     }
-
-    /// The layer's weights for [`crate::fused::decoder_layer`], when it has no biases and
-    /// every weight (and adapter) is in dtype `dt`.
 
     /// The device holding the parameters.
     pub fn device(&self) -> &Device {
