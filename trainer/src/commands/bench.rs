@@ -13,13 +13,13 @@ use candle_core::{Device, Tensor, Var};
 use clap::Args;
 
 use crate::commands::training::training_options;
-use crate::dtype::parse_dtype;
 use crate::init::{random_tensors, size_config, ModelSize};
 use crate::model::Model;
 use crate::pretrained::load_model;
 use crate::train::adapter::TrainModel;
 use crate::train::config::MemoryOptions;
 use crate::train::rng::SplitMix64;
+use crate::train::run::Placement;
 use crate::train::{
     Batch, Dataset, Examples, Objective, OptimizerKind, PolicyModel, PreferencePair, SchedulerType,
     SeqLogps, Sequence, TrainConfig, Trainer,
@@ -55,12 +55,9 @@ pub struct BenchArgs {
     /// Optimizer (the training commands' --optim)
     #[arg(long, value_enum)]
     pub optim: OptimizerKind,
-    /// Parameter dtype
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Device: cpu, cuda or cuda:N
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub placement: Placement,
     /// Mixed precision: bf16 compute over the parameters
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub bf16: bool,
@@ -389,8 +386,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             "need --batch ≥ 1, --seq ≥ 4, --steps ≥ 1".into(),
         ));
     }
-    let device = crate::parse_device(&a.device)?;
-    let dtype = parse_dtype(&a.dtype)?;
+    let (device, dtype) = a.placement.parse()?;
     let (mut model, name) = match &a.model {
         Some(dir) => (load_model(dir, dtype, &device)?, dir.display().to_string()),
         None => {
@@ -442,7 +438,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             r.objective,
             a.optim.name(),
             if a.bf16 { format!("{dtype:?}+bf16") } else { format!("{dtype:?}") },
-            a.device,
+            a.placement.device,
             a.batch,
             a.seq,
             r.tokens_per_step,

@@ -6,10 +6,10 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use crate::batch::{Batch, Sequence};
-use crate::dtype::parse_dtype;
 use crate::init::{size_config, ModelSize};
 use crate::pretrained::load_model;
-use crate::{parse_device, Error, Result};
+use crate::train::run::Placement;
+use crate::{Error, Result};
 
 /// Measure forward (and forward+backward) throughput in tokens/s.
 #[derive(clap::Args)]
@@ -32,12 +32,9 @@ pub struct BenchForwardArgs {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Parameter dtype.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub placement: Placement,
 }
 
 /// Runs `difinfo-train bench-forward`.
@@ -52,11 +49,9 @@ pub fn run(a: BenchForwardArgs) -> Result<()> {
         seq,
         iters,
         warmup,
-        dtype,
-        device,
+        placement,
     } = a;
-    let device = parse_device(&device)?;
-    let dtype = parse_dtype(&dtype)?;
+    let (device, dtype) = placement.parse()?;
     if batch == 0 || seq < 2 || iters == 0 {
         return Err(Error::InvalidArgument(
             "need --batch ≥ 1, --seq ≥ 2, --iters ≥ 1".into(),
