@@ -55,6 +55,13 @@ pub fn ok(args: &[&str]) -> String {
     err
 }
 
+/// `dpo --model model --data data --output-dir out`, then `extra`.
+pub fn dpo<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["dpo", "--model", model, "--data", data, "--output-dir", out];
+    a.extend_from_slice(extra);
+    a
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

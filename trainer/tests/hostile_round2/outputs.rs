@@ -195,20 +195,19 @@ fn a_one_layer_target_adapts_only_that_layer() {
     let dir = tempfile::tempdir().unwrap();
     let base = tiny_model(dir.path());
     let out = dir.path().join("run");
-    ok(&[
-        "dpo",
-        "--model",
+    let data = prefs();
+    ok(&dpo(
         s(&base),
-        "--data",
-        s(&prefs()),
-        "--output-dir",
+        s(&data),
         s(&out),
-        "--use-peft",
-        "--lora-target-modules",
-        "model.layers.0.self_attn.q_proj",
-        "--max-steps",
-        "1",
-    ]);
+        &[
+            "--use-peft",
+            "--lora-target-modules",
+            "model.layers.0.self_attn.q_proj",
+            "--max-steps",
+            "1",
+        ],
+    ));
     let ck = out.join("checkpoint-1");
     let mut names: Vec<String> = tensors(&ck.join("adapter_model.safetensors"))
         .into_keys()
@@ -230,20 +229,18 @@ fn a_one_layer_target_adapts_only_that_layer() {
     );
     // A module path that names no module of the model is refused, naming it.
     refused(
-        &[
-            "dpo",
-            "--model",
+        &dpo(
             s(&base),
-            "--data",
-            s(&prefs()),
-            "--output-dir",
+            s(&data),
             s(&dir.path().join("run2")),
-            "--use-peft",
-            "--lora-target-modules",
-            "model.layers.99.self_attn.q_proj",
-            "--max-steps",
-            "1",
-        ],
+            &[
+                "--use-peft",
+                "--lora-target-modules",
+                "model.layers.99.self_attn.q_proj",
+                "--max-steps",
+                "1",
+            ],
+        ),
         &["model.layers.99.self_attn.q_proj", "matches no module"],
     );
 }
@@ -431,17 +428,8 @@ fn an_empty_checksum_file_is_refused_on_resume() {
     let dir = tempfile::tempdir().unwrap();
     let base = tiny_model(dir.path());
     let run_dir = dir.path().join("run");
-    ok(&[
-        "dpo",
-        "--model",
-        s(&base),
-        "--data",
-        s(&prefs()),
-        "--output-dir",
-        s(&run_dir),
-        "--max-steps",
-        "1",
-    ]);
+    let data = prefs();
+    ok(&dpo(s(&base), s(&data), s(&run_dir), &["--max-steps", "1"]));
     let sums = run_dir.join("checkpoint-1/checksums.sha256");
     std::fs::write(&sums, "").unwrap();
     refused(
@@ -530,18 +518,14 @@ fn an_out_of_vocabulary_id_names_the_example_and_the_tokenizer() {
         serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
     t["model"]["vocab"]["e"] = 50_000.into();
     std::fs::write(&tj, t.to_string()).unwrap();
+    let data = prefs();
     refused(
-        &[
-            "dpo",
-            "--model",
+        &dpo(
             s(&base),
-            "--data",
-            s(&prefs()),
-            "--output-dir",
+            s(&data),
             s(&dir.path().join("run")),
-            "--max-steps",
-            "1",
-        ],
+            &["--max-steps", "1"],
+        ),
         &[
             "example_prefs.jsonl:3: field `rejected`",
             "tokenizer.json",

@@ -31,23 +31,21 @@ fn run_in(cwd: &Path, args: &[&str]) -> Output {
 
 /// A short DPO run's arguments (2 steps, a checkpoint each), model and output as given.
 fn dpo_args<'a>(model: &'a str, out: &'a str, data: &'a str) -> Vec<&'a str> {
-    vec![
-        "dpo",
-        "--model",
+    dpo(
         model,
-        "--data",
         data,
-        "--output-dir",
         out,
-        "--max-steps",
-        "2",
-        "--save-steps",
-        "1",
-        "--per-device-train-batch-size",
-        "2",
-        "--max-length",
-        "64",
-    ]
+        &[
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "2",
+            "--max-length",
+            "64",
+        ],
+    )
 }
 
 /// A finished 2-step DPO run of a tiny model in `dir/run` (`extra` appended).
