@@ -7,10 +7,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{FDivergence, LossType, Rule};
 
-/// The fields of an [`Objective`] as written in a TOML file or on the command line: TRL's
+/// The fields of an [`crate::objective::Objective`] as written in a TOML file or on the command line: TRL's
 /// `DPOConfig` names and defaults, plus `objective` (the rule) and TRL 0.x's `reference_free`
 /// and `rpo_alpha`. Plain data with [`Default`] (the one place of the defaults);
-/// [`Objective::new`] validates it.
+/// [`crate::objective::Objective::new`] validates it.
 ///
 /// With the `clap` feature it is also the command line's definition (`--loss-type`,
 /// `--beta`, …, each field's doc its help); the attributes carry no defaults: a front end sets

@@ -17,7 +17,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Name of the sharded-weights index.
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// Files copied unchanged by [`save_pretrained`] when present in the source directory.
+/// Files copied unchanged by [`crate::pretrained::save_pretrained`] when present in the source directory.
 pub const SIDE_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",

@@ -12,6 +12,13 @@
 //! Low-precision models (bf16/f16) compute RMSNorm, the attention softmax and the final
 //! log-softmax in f32, as transformers does; f32 and f64 models compute everything in their own
 //! dtype (f64 is what the finite-difference tests use).
+//!
+//! One file per concept: this file holds [`Model`], its construction from named tensors and
+//! its settings; `adapted_linear` a projection with its optional LoRA adapter; `block` one
+//! decoder layer on the plain path (RMSNorm, RoPE, the causal mask); `kv_cache`; `forward` the
+//! pass through embedding, layers and final norm; `output_head` logits and token log-probs
+//! ([`chunked_head`] the plain path's chunked head); `adapters` LoRA on the model;
+//! `footprint` the memory a forward needs, checked before it runs.
 
 mod adapted_linear;
 mod adapters;
