@@ -14,7 +14,7 @@ use crate::config_json::ModelConfig;
 use crate::dtype::{accumulation_dtype, max_finite, torch_dtype_name};
 use crate::error::{Error, Result};
 use crate::hf_dir::{CheckpointTensors, SIDE_FILES, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
-use crate::io::write_atomic;
+use crate::io::write_json;
 use crate::lora;
 use crate::model::Model;
 use crate::safetensors::{check_finite, first_non_finite, unflatten, write_safetensors};
@@ -166,14 +166,7 @@ pub fn save_pretrained(model: &Model, src: Option<&Path>, out: &Path, dtype: DTy
     if let Some(o) = cfg.as_object_mut() {
         o.insert("torch_dtype".into(), torch_dtype_name(dtype).into());
     }
-    let cfg_path = out.join("config.json");
-    write_atomic(&cfg_path, |tmp| {
-        std::fs::write(
-            tmp,
-            serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n",
-        )
-        .map_err(|e| Error::io(tmp, e))
-    })?;
+    write_json(&out.join("config.json"), &cfg)?;
     if let Some(src) = src {
         if src != out {
             for f in SIDE_FILES {
