@@ -32,6 +32,7 @@ pub mod batch;
 pub mod commands;
 pub mod config_json;
 pub mod diag;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod fused;

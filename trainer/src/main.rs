@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use difinfo_trainer::commands::{self, Command};
+use difinfo_trainer::dist;
 
 #[derive(Parser)]
 #[command(
@@ -84,8 +85,30 @@ fn main() -> ExitCode {
         .subcommand()
         .map(|(_, m)| m.clone())
         .unwrap_or_default();
-    match commands::run(cli.command, &sub) {
-        Ok(()) => ExitCode::SUCCESS,
+    // Under a launcher (`mpirun -np N`), the process's world; dropped at the end (MPI_Finalize).
+    let session = match dist::init() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = commands::run(cli.command, &sub);
+    let world = dist::world();
+    match result {
+        Ok(()) => {
+            drop(session);
+            ExitCode::SUCCESS
+        }
+        Err(e) if world.world_size() > 1 => {
+            // The other ranks may wait in a collective: end them all (MPI_Abort).
+            eprintln!(
+                "error (rank {} of {}): {e}",
+                world.rank(),
+                world.world_size()
+            );
+            world.abort(1)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

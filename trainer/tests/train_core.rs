@@ -785,6 +785,7 @@ fn reference_cache_is_reused_and_keyed() {
     let vars = m.named_vars();
     let fp = difinfo_trainer::train::refcache::fingerprint_vars(&vars).unwrap();
     let (r, hit) = difinfo_trainer::train::refcache::RefLogps::load_or_compute(
+        &difinfo_trainer::dist::Single,
         &m,
         &p,
         Some(dir.path()),

@@ -74,6 +74,8 @@ pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> crate::Result<Resolved> {
 pub fn run(args: &DpoArgs, m: &ArgMatches) -> crate::Result<()> {
     let r = resolve_dpo(args, m)?;
     let s = train(&r)?;
-    println!("{}", s.line());
+    if crate::dist::world().rank() == 0 {
+        println!("{}", s.line());
+    }
     Ok(())
 }

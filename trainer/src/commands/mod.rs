@@ -83,6 +83,18 @@ pub enum Command {
 /// # Errors
 /// The command's error, with its file / line / field context.
 pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
+    let world = crate::dist::world();
+    if world.world_size() > 1
+        && !matches!(
+            command,
+            Command::Sft(_) | Command::Dpo(_) | Command::Bench(_)
+        )
+    {
+        return Err(crate::Error::Options(format!(
+            "started on {} ranks: only `sft`, `dpo` and `bench` run on more than one process",
+            world.world_size()
+        )));
+    }
     if !matches!(command, Command::Convert(_)) {
         shared::convert_gguf_arguments(sub)?;
     }

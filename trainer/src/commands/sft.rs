@@ -49,6 +49,8 @@ pub fn resolve_sft(args: &SftArgs, m: &ArgMatches) -> crate::Result<Resolved> {
 pub fn run(args: &SftArgs, m: &ArgMatches) -> crate::Result<()> {
     let r = resolve_sft(args, m)?;
     let s = train(&r)?;
-    println!("{}", s.line());
+    if crate::dist::world().rank() == 0 {
+        println!("{}", s.line());
+    }
     Ok(())
 }

@@ -288,7 +288,7 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
 pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
     crate::outputs::check_output_dir("--output-dir", &r.config.output_dir)?;
     // Held to the end: a second run or resume of this directory is refused.
-    let _lock = RunLock::acquire(&r.config.output_dir)?;
+    let _lock = lock_run(&r.config.output_dir)?;
     check_run_paths(r)?;
     let fingerprint = run_fingerprint(r)?;
     let bundle = load_bundle_with(
@@ -304,7 +304,7 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
         &loaded.stats,
         &loaded.errors,
         skip,
-        Some(&report),
+        main_process().then_some(report.as_path()),
     )?;
     let (data, lines) = (loaded.dataset, loaded.lines);
     // Each example's largest token id and the field holding it: an id beyond the model's
@@ -394,7 +394,7 @@ fn objective_overflow_hint(o: &difinfo::objective::Objective) -> String {
 /// # Errors
 /// See [`train`].
 pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
-    let _lock = RunLock::acquire(&r.config.output_dir)?;
+    let _lock = lock_run(&r.config.output_dir)?;
     let fingerprint = run_fingerprint(r)?;
     train_locked(r, data, fingerprint)
 }
@@ -421,6 +421,21 @@ fn run_fingerprint(r: &Resolved) -> crate::Result<RunFingerprint> {
     Ok(now)
 }
 
+/// Whether this process is the main one (rank 0, or the only one): the one that prints,
+/// locks the run directory and writes the run's files.
+fn main_process() -> bool {
+    crate::dist::world().rank() == 0
+}
+
+/// The run directory's lock, taken by the main process only (the other ranks write nothing
+/// there).
+///
+/// # Errors
+/// See [`RunLock::acquire`].
+fn lock_run(dir: &Path) -> crate::Result<Option<RunLock>> {
+    main_process().then(|| RunLock::acquire(dir)).transpose()
+}
+
 /// [`train_on`] with the run directory locked and the model's fingerprint taken.
 fn train_locked(
     r: &Resolved,
@@ -428,10 +443,11 @@ fn train_locked(
     fingerprint: RunFingerprint,
 ) -> crate::Result<RunSummary> {
     let c = &r.config;
-    for w in c.warnings() {
+    let main = main_process();
+    for w in c.warnings().iter().filter(|_| main) {
         eprintln!("warning: {w}");
     }
-    if let Some(f) = &r.config_file {
+    if let Some(f) = r.config_file.as_ref().filter(|_| main) {
         eprintln!("options from {} (command-line options win)", f.display());
     }
     let (device, dtype) = r.record.settings.placement.parse()?;
@@ -470,12 +486,25 @@ fn train_locked(
     };
     let rec_json =
         serde_json::to_string_pretty(&saved).map_err(|e| Error::format(out.join(RUN_RECORD), e))?;
-    write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
+    if main {
+        write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
+    }
     let trainable: usize = crate::train::PolicyModel::named_vars(&model)
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
-    eprintln!(
+    let world = crate::dist::world();
+    if world.world_size() > 1 && main {
+        eprintln!(
+            "data parallel over {} ranks ({}): {} examples per micro-batch, {} per optimizer step",
+            world.world_size(),
+            world.engine(),
+            c.per_device_train_batch_size * world.world_size(),
+            c.per_device_train_batch_size * world.world_size() * c.gradient_accumulation_steps
+        );
+    }
+    if main {
+        eprintln!(
         "{}: {} examples, {} parameters ({trainable} trainable), {} (β = {}), from step {} to {} → {}",
         r.record.command,
         trainer_len(&trainer),
@@ -486,11 +515,16 @@ fn train_locked(
         trainer.total_steps(),
         out.display()
     );
-    let pb = progress_bar(
-        trainer.total_steps() as u64,
-        trainer.global_step() as u64,
-        r.record.command.as_str(),
-    );
+    }
+    let pb = if main {
+        progress_bar(
+            trainer.total_steps() as u64,
+            trainer.global_step() as u64,
+            r.record.command.as_str(),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let start_step = trainer.global_step();
     let t0 = Instant::now();
     let result = loop {
@@ -498,7 +532,7 @@ fn train_locked(
             Ok(None) => break Ok(()),
             Ok(Some(rep)) => {
                 pb.set_position(rep.step as u64);
-                if let Some(rec) = &rep.logged {
+                if let Some(rec) = rep.logged.as_ref().filter(|_| main) {
                     let line = format_record(rec);
                     if pb.is_hidden() {
                         eprintln!("{line}");
@@ -514,7 +548,11 @@ fn train_locked(
     pb.finish_and_clear();
     result?;
     let seconds = t0.elapsed().as_secs_f64();
-    let final_metrics = trainer.metrics().read()?.pop().unwrap_or_default();
+    // The metrics files are rank 0's.
+    let final_metrics = match main {
+        true => trainer.metrics().read()?.pop().unwrap_or_default(),
+        false => Default::default(),
+    };
     let st = trainer.state();
     let pg = trainer.objective().rule() == Rule::ProjectedGradient;
     let summary = RunSummary {
@@ -528,9 +566,11 @@ fn train_locked(
             .then(|| st.projection_active_total as f64 / st.global_step.max(1) as f64),
         last_checkpoint: trainer.last_checkpoint().map(Path::to_path_buf),
     };
-    let js = serde_json::to_string_pretty(&summary)
-        .map_err(|e| Error::format(out.join(SUMMARY_FILE), e))?;
-    write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
+    if main {
+        let js = serde_json::to_string_pretty(&summary)
+            .map_err(|e| Error::format(out.join(SUMMARY_FILE), e))?;
+        write_file(&out.join(SUMMARY_FILE), js.as_bytes())?;
+    }
     Ok(summary)
 }
 

@@ -57,6 +57,11 @@ pub struct TrainerState {
     /// there was one: those are resumed unverified).
     #[serde(default)]
     pub checksums: bool,
+    /// Examples per global micro-batch: per-device batch × world size of the run that wrote
+    /// the state. A resumed run keeps it, under any world size with the same product (`None`
+    /// in states written before it was recorded: not checked).
+    #[serde(default)]
+    pub global_micro_batch: Option<usize>,
 }
 
 /// `output_dir/checkpoint-<step>`.

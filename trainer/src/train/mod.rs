@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod output_dir;
+pub mod parallel;
 pub mod plot;
 pub mod policy;
 pub mod range;

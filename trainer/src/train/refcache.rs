@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::batch::{Batch, Sequence};
+use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::train::data::PreferencePair;
+use crate::train::parallel::all_reduce_f64;
 use crate::train::policy::{read_metadata, save_tensors, PolicyModel};
 
 /// Per-pair reference log-probs: sums over completion tokens and token counts.
@@ -133,6 +135,23 @@ impl RefLogps {
         batch_size: usize,
         pad_id: u32,
     ) -> Result<Self> {
+        Self::compute_sharded(&Single, model, pairs, batch_size, pad_id)
+    }
+
+    /// [`RefLogps::compute`] spread over the ranks of `world`: batch `c` (the same batches as
+    /// one process makes, so the values are bit-identical) is computed by rank `c mod N`, and
+    /// the ranks' vectors, zero where another rank computed, are summed into every rank's.
+    ///
+    /// # Errors
+    /// See [`RefLogps::compute`]; the engine's errors.
+    pub fn compute_sharded<M: PolicyModel + ?Sized>(
+        world: &dyn Collective,
+        model: &M,
+        pairs: &[PreferencePair],
+        batch_size: usize,
+        pad_id: u32,
+    ) -> Result<Self> {
+        let (rank, n) = (world.rank(), world.world_size());
         let device = model.device();
         let mut out = RefLogps {
             chosen_sum: vec![],
@@ -141,6 +160,18 @@ impl RefLogps {
             rejected_count: vec![],
         };
         for (c, chunk) in pairs.chunks(batch_size.max(1)).enumerate() {
+            if c % n != rank {
+                let zeros = vec![0.0; chunk.len()];
+                for v in [
+                    &mut out.chosen_sum,
+                    &mut out.rejected_sum,
+                    &mut out.chosen_count,
+                    &mut out.rejected_count,
+                ] {
+                    v.extend_from_slice(&zeros);
+                }
+                continue;
+            }
             let seqs: Vec<&Sequence> = chunk
                 .iter()
                 .map(|p| &p.chosen)
@@ -165,7 +196,25 @@ impl RefLogps {
             out.chosen_count.extend_from_slice(&counts[..b]);
             out.rejected_count.extend_from_slice(&counts[b..]);
         }
-        Ok(out)
+        if n == 1 {
+            return Ok(out);
+        }
+        let p = pairs.len();
+        let flat = [
+            out.chosen_sum,
+            out.chosen_count,
+            out.rejected_sum,
+            out.rejected_count,
+        ]
+        .concat();
+        let all = all_reduce_f64(world, &flat)?;
+        let part = |i: usize| all[i * p..(i + 1) * p].to_vec();
+        Ok(RefLogps {
+            chosen_sum: part(0),
+            chosen_count: part(1),
+            rejected_sum: part(2),
+            rejected_count: part(3),
+        })
     }
 
     /// Number of pairs.
@@ -239,12 +288,14 @@ impl RefLogps {
         })
     }
 
-    /// The cached log-probs when `dir` holds the file of `key`, else computed and (when `dir`
-    /// is given) written there. Returns whether the cache was hit.
+    /// The cached log-probs when `dir` holds the file of `key`, else computed over the ranks
+    /// of `world` ([`RefLogps::compute_sharded`]) and (when `dir` is given) written there by
+    /// rank 0. Returns whether the cache was hit (on every rank: a miss on any rank is a miss).
     ///
     /// # Errors
     /// See [`RefLogps::compute`], [`RefLogps::load`].
     pub fn load_or_compute<M: PolicyModel + ?Sized>(
+        world: &dyn Collective,
         model: &M,
         pairs: &[PreferencePair],
         dir: Option<&Path>,
@@ -252,14 +303,13 @@ impl RefLogps {
         batch_size: usize,
         pad_id: u32,
     ) -> Result<(Self, bool)> {
-        if let Some(d) = dir {
-            let p = cache_path(d, key);
-            if p.exists() {
-                return Ok((Self::load(&p, key, pairs.len())?, true));
-            }
+        let here = dir.map(|d| cache_path(d, key)).filter(|p| p.exists());
+        let misses = all_reduce_f64(world, &[f64::from(u8::from(here.is_none()))])?[0];
+        if let (Some(p), 0.0) = (&here, misses) {
+            return Ok((Self::load(p, key, pairs.len())?, true));
         }
-        let r = Self::compute(model, pairs, batch_size, pad_id)?;
-        if let Some(d) = dir {
+        let r = Self::compute_sharded(world, model, pairs, batch_size, pad_id)?;
+        if let (Some(d), 0) = (dir, world.rank()) {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             r.save(&cache_path(d, key), key)?;
         }

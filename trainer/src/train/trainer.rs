@@ -20,6 +20,7 @@ use candle_core::{Device, Tensor, Var};
 use difinfo::objective::{Objective, Rule};
 
 use crate::batch::{Batch, Sequence};
+use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{
     checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, save_checkpoint,
@@ -34,6 +35,7 @@ use crate::train::objective::{
 };
 use crate::train::optim::Optimizer;
 use crate::train::output_dir::{check_fresh_output_dir, clear_earlier_run};
+use crate::train::parallel::{all_reduce_f64, all_reduce_grads, global_metrics, local_part};
 use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
@@ -130,11 +132,14 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     micro_per_epoch: usize,
     last_checkpoint: Option<PathBuf>,
     device: Device,
+    /// The processes this run is spread over ([`dist::world`]).
+    world: &'static dyn Collective,
 }
 
-/// `(micro-batches per epoch, optimizer steps per epoch, total steps)`.
-fn plan(config: &TrainConfig, n: usize) -> (usize, usize, usize) {
-    let micro = n.div_ceil(config.per_device_train_batch_size);
+/// `(micro-batches per epoch, optimizer steps per epoch, total steps)`, a micro-batch being
+/// the examples of all `world` ranks (per-device batch × world size).
+fn plan(config: &TrainConfig, n: usize, world: usize) -> (usize, usize, usize) {
+    let micro = n.div_ceil(config.per_device_train_batch_size * world);
     let steps_per_epoch = micro.div_ceil(config.gradient_accumulation_steps).max(1);
     let total = if config.max_steps > 0 {
         config.max_steps as usize
@@ -197,12 +202,17 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let objective = config.objective.clone();
         check_data(&objective, &data, &config)?;
         let out = config.output_dir.clone();
+        let world = dist::world();
         check_fresh_output_dir(&out, config.overwrite_output_dir)?;
-        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-        if config.overwrite_output_dir {
-            clear_earlier_run(&out)?;
+        // Every rank has looked before rank 0 writes.
+        world.barrier()?;
+        if world.rank() == 0 {
+            std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+            if config.overwrite_output_dir {
+                clear_earlier_run(&out)?;
+            }
+            config.save(&out)?;
         }
-        config.save(&out)?;
         let vars = model.named_vars();
         let optimizer = Optimizer::new(config.optimizer(), &vars)?;
         let (reference, key) = if objective.needs_reference() {
@@ -218,14 +228,21 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 bs,
             );
             let dir = config.ref_cache_dir.clone().unwrap_or_else(|| out.clone());
-            let (r, _hit) =
-                RefLogps::load_or_compute(ref_model, pairs, Some(&dir), &key, bs, data.pad_id)?;
+            let (r, _hit) = RefLogps::load_or_compute(
+                world,
+                ref_model,
+                pairs,
+                Some(&dir),
+                &key,
+                bs,
+                data.pad_id,
+            )?;
             (Some(r), Some(key))
         } else {
             (None, None)
         };
         let n = data.len();
-        let (micro, _, total) = plan(&config, n);
+        let (micro, _, total) = plan(&config, n, world.world_size());
         let state = TrainerState {
             format: STATE_FORMAT.to_string(),
             global_step: 0,
@@ -240,9 +257,12 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             projection_active_total: 0,
             ref_cache_key: key,
             checksums: false,
+            global_micro_batch: Some(config.per_device_train_batch_size * world.world_size()),
         };
         let log = MetricsLog::new(&out);
-        log.reset()?;
+        if world.rank() == 0 {
+            log.reset()?;
+        }
         Ok(Self::assemble(
             model, vars, config, objective, data, reference, optimizer, state, log, micro, None,
         ))
@@ -263,7 +283,22 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let mut state = load_state(dir)?;
         let n = data.len();
-        let (micro, _, total) = plan(&config, n);
+        let world = dist::world();
+        let global = config.per_device_train_batch_size * world.world_size();
+        if let Some(g) = state.global_micro_batch.filter(|&g| g != global) {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "the checkpoint's run took {g} examples per micro-batch over all ranks \
+                     (per-device batch × world size); this one takes {} × {} = {global}: \
+                     choose --per-device-train-batch-size so that the product stays {g}",
+                    config.per_device_train_batch_size,
+                    world.world_size()
+                ),
+            });
+        }
+        state.global_micro_batch = Some(global);
+        let (micro, _, total) = plan(&config, n, world.world_size());
         if state.permutation != epoch_permutation(config.seed, state.epoch, n) {
             return Err(Error::Checkpoint {
                 path: dir.to_path_buf(),
@@ -294,9 +329,11 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 Some(RefLogps::load(&cache_path(&cdir, key), key, n)?)
             }
         };
-        config.save(&out)?;
         let log = MetricsLog::new(&out);
-        log.truncate_after(state.global_step)?;
+        if world.rank() == 0 {
+            config.save(&out)?;
+            log.truncate_after(state.global_step)?;
+        }
         Ok(Self::assemble(
             model,
             vars,
@@ -345,6 +382,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             total_steps: total,
         };
         let device = model.device();
+        let world = dist::world();
         Self {
             model,
             vars,
@@ -359,6 +397,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             micro_per_epoch,
             last_checkpoint,
             device,
+            world,
         }
     }
 
@@ -425,8 +464,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             .collect()
     }
 
+    /// The step's global micro-batches: `(index in the epoch, the examples of every rank)`.
     fn microbatches(&self) -> Vec<(usize, Vec<usize>)> {
-        let bs = self.config.per_device_train_batch_size;
+        let bs = self.config.per_device_train_batch_size * self.world.world_size();
         let n = self.data.len();
         let start = self.state.batch_in_epoch;
         let end = (start + self.config.gradient_accumulation_steps).min(self.micro_per_epoch);
@@ -504,7 +544,40 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// function of the run's seed and the position alone, so a resumed run draws the same.
     fn dropout_seed(&self, mb: usize) -> u64 {
         let step = self.state.global_step as u64;
-        SplitMix64::for_stream(self.config.seed, 0x4452_4f50 ^ (step << 20) ^ mb as u64).next_u64()
+        let rank = (self.world.rank() as u64) << 44;
+        SplitMix64::for_stream(
+            self.config.seed,
+            0x4452_4f50 ^ rank ^ (step << 20) ^ mb as u64,
+        )
+        .next_u64()
+    }
+
+    /// This rank's part of a global micro-batch and its weight: its examples over the
+    /// micro-batch's ([`local_part`]).
+    fn local(&self, idx: &[usize]) -> (std::ops::Range<usize>, f64) {
+        let part = local_part(
+            idx.len(),
+            self.config.per_device_train_batch_size,
+            self.world.rank(),
+        );
+        let w = part.len() as f64 / idx.len().max(1) as f64;
+        (part, w)
+    }
+
+    /// Zero gradients for every variable (a rank without examples in a micro-batch).
+    fn zero_grads(&self) -> Result<Grads> {
+        let g = self
+            .vars
+            .iter()
+            .map(|(_, v)| {
+                Tensor::zeros(
+                    v.shape(),
+                    crate::train::grads::grad_dtype(v.dtype()),
+                    v.device(),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Grads(g))
     }
 
     /// One optimizer step (`None` when the run is complete), top to bottom: the micro-batches'
@@ -545,12 +618,18 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
 
     /// The step's summed gradient over its micro-batches `mbs` (`(index in the epoch,
     /// examples)`), by the objective's rule; each micro-batch's metrics go to the log.
+    ///
+    /// Over several ranks: every rank's gradient is summed ([`all_reduce_grads`]; DPO-PG's
+    /// two gradients before the projection, so the projection is of the global ones), and so
+    /// are the tokens of the forward passes.
     fn step_gradients(&mut self, mbs: &[(usize, Vec<usize>)]) -> Result<(Grads, StepGrads)> {
-        match self.objective.rule() {
-            Rule::Sft => self.sft_gradients(mbs),
-            Rule::Preference => self.preference_gradients(mbs),
-            Rule::ProjectedGradient => self.projected_gradients(mbs),
-        }
+        let (g, mut step) = match self.objective.rule() {
+            Rule::Sft => self.sft_gradients(mbs)?,
+            Rule::Preference => self.preference_gradients(mbs)?,
+            Rule::ProjectedGradient => return self.projected_gradients(mbs),
+        };
+        step.tokens = all_reduce_f64(self.world, &[step.tokens as f64])?[0] as usize;
+        Ok((all_reduce_grads(self.world, g)?, step))
     }
 
     /// SFT: the token NLL of each micro-batch, divided by the step's completion tokens (the
@@ -583,7 +662,13 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             .sum();
         let mut out = StepGrads::default();
         for ((mb, idx), seqs) in mbs.iter().zip(&chosen) {
-            let refs: Vec<&Sequence> = seqs.iter().collect();
+            let (part, _) = self.local(idx);
+            let refs: Vec<&Sequence> = seqs[part].iter().collect();
+            if refs.is_empty() {
+                out.add(self.zero_grads()?)?;
+                self.state.log.add_microbatch(&[]);
+                continue;
+            }
             let batch = self.batch(&refs)?;
             out.tokens += batch.num_tokens();
             self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
@@ -597,6 +682,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             out.add(self.grads(&loss)?)?;
             self.state.log.add_microbatch(&[]);
         }
+        // Each rank's share of the step's token mean, summed.
+        out.loss = all_reduce_f64(self.world, &[out.loss])?[0];
         out.finish()
     }
 
@@ -608,28 +695,36 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         };
         let k = mbs.len() as f64;
         let mut out = StepGrads::default();
-        for (mb, idx) in mbs {
-            let seqs: Vec<&Sequence> = idx
-                .iter()
-                .map(|&i| &pairs[i].chosen)
-                .chain(idx.iter().map(|&i| &pairs[i].rejected))
-                .collect();
-            let batch = self.batch(&seqs)?;
-            out.tokens += batch.num_tokens();
-            self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
-            let all = self.model.sequence_logps(&batch)?;
-            let b = idx.len();
-            let half = |o: usize| -> candle_core::Result<SeqLogps> {
-                Ok(SeqLogps {
-                    sum: all.sum.narrow(0, o, b)?,
-                    count: all.count.narrow(0, o, b)?,
-                })
+        for (mb, all_idx) in mbs {
+            let (part, w) = self.local(all_idx);
+            let idx = &all_idx[part];
+            let (local, g) = if idx.is_empty() {
+                (None, self.zero_grads()?)
+            } else {
+                let seqs: Vec<&Sequence> = idx
+                    .iter()
+                    .map(|&i| &pairs[i].chosen)
+                    .chain(idx.iter().map(|&i| &pairs[i].rejected))
+                    .collect();
+                let batch = self.batch(&seqs)?;
+                out.tokens += batch.num_tokens();
+                self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+                let all = self.model.sequence_logps(&batch)?;
+                let b = idx.len();
+                let half = |o: usize| -> candle_core::Result<SeqLogps> {
+                    Ok(SeqLogps {
+                        sum: all.sum.narrow(0, o, b)?,
+                        count: all.count.narrow(0, o, b)?,
+                    })
+                };
+                let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
+                let g = self.grads(&pl.loss.affine(w / k, 0.0)?)?;
+                (Some(pl.metrics()?), g)
             };
-            let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
-            let m = pl.metrics()?;
-            self.check_pref(&m, *mb, idx)?;
+            let m = global_metrics(self.world, local.as_ref(), w)?;
+            self.check_pref(&m, *mb, all_idx)?;
             out.loss += m.loss / k;
-            out.add(self.grads(&pl.loss.affine(1.0 / k, 0.0)?)?)?;
+            out.add(g)?;
             self.state.log.add_microbatch(&m.record());
             out.preference.push(m);
         }
@@ -645,7 +740,19 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         };
         let k = mbs.len() as f64;
         let (mut out, mut rejected) = (StepGrads::default(), StepGrads::default());
-        for (mb, idx) in mbs {
+        for (mb, all_idx) in mbs {
+            let (part, w) = self.local(all_idx);
+            let idx = &all_idx[part];
+            if idx.is_empty() {
+                let m = global_metrics(self.world, None, w)?;
+                self.check_pref(&m, *mb, all_idx)?;
+                out.loss += m.loss / k;
+                out.add(self.zero_grads()?)?;
+                rejected.add(self.zero_grads()?)?;
+                self.state.log.add_microbatch(&m.record());
+                out.preference.push(m);
+                continue;
+            }
             let cs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
             let rs: Vec<&Sequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
             let (cb, rb) = (self.batch(&cs)?, self.batch(&rs)?);
@@ -658,11 +765,11 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 count: s.count.clone(),
             };
             let pl = self.preference_loss(idx, &detached(&sc), &detached(&sr))?;
-            let m = pl.metrics()?;
-            self.check_pref(&m, *mb, idx)?;
+            let m = global_metrics(self.world, Some(&pl.metrics()?), w)?;
+            self.check_pref(&m, *mb, all_idx)?;
             out.loss += m.loss / k;
-            let gw = self.grads(&nll_mean(&sc.sum, 1.0 / k)?)?;
-            let gl = self.grads(&nll_mean(&sr.sum, 1.0 / k)?)?;
+            let gw = self.grads(&nll_mean(&sc.sum, w / k)?)?;
+            let gl = self.grads(&nll_mean(&sr.sum, w / k)?)?;
             out.add(gw)?;
             rejected.add(gl)?;
             self.state.log.add_microbatch(&m.record());
@@ -670,6 +777,10 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         }
         let (gw, mut out) = out.finish()?;
         let (gl, _) = rejected.finish()?;
+        out.tokens = all_reduce_f64(self.world, &[out.tokens as f64])?[0] as usize;
+        // The global g_w and g_l: the projection is of the whole batch's gradients.
+        let gw = all_reduce_grads(self.world, gw)?;
+        let gl = all_reduce_grads(self.world, gl)?;
         let (g, stats) = project(&gw, &gl)?;
         out.projection = Some(stats);
         Ok((g, out))
@@ -734,7 +845,9 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             lr,
             self.objective.rule() == Rule::ProjectedGradient,
         );
-        self.log.append(&rec)?;
+        if self.world.rank() == 0 {
+            self.log.append(&rec)?;
+        }
         Ok(Some(rec))
     }
 
@@ -773,16 +886,21 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 last_checkpoint: self.last_checkpoint.clone(),
             });
         }
-        let dir = save_checkpoint(
-            &self.config.output_dir,
-            self.model,
-            &self.optimizer,
-            &self.state,
-            &self.config,
-        )?;
-        if let Some(limit) = self.config.save_total_limit {
-            prune_checkpoints(&self.config.output_dir, limit)?;
+        let dir = checkpoint_dir(&self.config.output_dir, step);
+        if self.world.rank() == 0 {
+            save_checkpoint(
+                &self.config.output_dir,
+                self.model,
+                &self.optimizer,
+                &self.state,
+                &self.config,
+            )?;
+            if let Some(limit) = self.config.save_total_limit {
+                prune_checkpoints(&self.config.output_dir, limit)?;
+            }
         }
+        // No rank runs ahead of a checkpoint being written.
+        self.world.barrier()?;
         self.last_checkpoint = Some(dir.clone());
         Ok(Some(dir))
     }
