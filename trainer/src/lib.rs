@@ -26,7 +26,8 @@
 //! - the ground floor: [`config_json`] (config.json → [`config_json::ModelConfig`]: Llama,
 //!   Mistral, Qwen2), [`batch`] (right-padded batches and completion masks), [`io`] (the one
 //!   atomic writer), [`memory`], [`dtype`], [`error`], [`units`], [`provenance`] (which
-//!   tokenizer pipeline, and transformers 5's).
+//!   tokenizer pipeline, and transformers 5's), [`dist`] (the collectives of more than one
+//!   process: one, or MPI under `mpirun`), [`shard`] (ZeRO-1's variable owners).
 
 pub mod batch;
 pub mod commands;
@@ -53,6 +54,7 @@ pub mod provenance;
 pub mod recompute;
 pub mod records;
 pub mod safetensors;
+pub mod shard;
 pub mod template;
 pub mod tokenize;
 pub mod train;

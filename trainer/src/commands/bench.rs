@@ -130,6 +130,46 @@ pub struct BenchRow {
     pub flops_per_second: f64,
     /// Model-FLOPs utilization: `flops_per_second` over the machine's peak, when known.
     pub mfu: Option<f64>,
+    /// Each rank's figures (one entry in a world of one).
+    pub ranks: Vec<RankFigures>,
+}
+
+/// What one rank of a bench measured.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RankFigures {
+    /// Seconds of the timed steps.
+    pub seconds: f64,
+    /// The share of them spent in collectives ([`crate::dist::comm_seconds`]).
+    pub comm_fraction: f64,
+    /// Optimizer state held (this rank's shard under ZeRO-1), MiB.
+    pub optimizer_state_mib: f64,
+    /// Peak RSS during the steps, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Every rank's [`RankFigures`], in rank order, on every rank.
+///
+/// # Errors
+/// The engine's errors.
+fn gather_ranks(mine: RankFigures) -> crate::Result<Vec<RankFigures>> {
+    let world = crate::dist::world();
+    let v = [
+        mine.seconds,
+        mine.comm_fraction,
+        mine.optimizer_state_mib,
+        mine.peak_rss_mib.unwrap_or(f64::NAN),
+    ];
+    let t = Tensor::from_slice(&v, v.len(), &Device::Cpu)?;
+    let all = world.all_gather(&t)?.to_vec1::<f64>()?;
+    Ok(all
+        .chunks(v.len())
+        .map(|c| RankFigures {
+            seconds: c[0],
+            comm_fraction: c[1],
+            optimizer_state_mib: c[2],
+            peak_rss_mib: (!c[3].is_nan()).then_some(c[3]),
+        })
+        .collect())
 }
 
 /// Model FLOPs of one training step over `sequences` sequences of `len` tokens with `scored`
@@ -318,8 +358,10 @@ pub fn bench_objective(
 ) -> crate::Result<BenchRow> {
     let steps = a.warmup + a.steps;
     let vocab = model.model.config().vocab_size as u32;
+    let ranks = crate::dist::world().world_size();
     let data = Dataset {
-        examples: Examples::Preference(pairs(a.batch * steps, a.seq, vocab, 7)),
+        // Every rank's pairs of every step (a global micro-batch is --batch × ranks pairs).
+        examples: Examples::Preference(pairs(a.batch * ranks * steps, a.seq, vocab, 7)),
         pad_id: 0,
         settings: "bench".into(),
     };
@@ -335,21 +377,25 @@ pub fn bench_objective(
         logging_steps: usize::MAX / 2,
         save_steps: 0,
         overwrite_output_dir: true,
+        memory: a.memory.clone(),
         ..TrainConfig::default()
     };
     let m = NoSave(model);
     let mut t = Trainer::new(&m, cfg, data)?;
     let peak_reset = reset_peak_rss();
-    let (mut tokens, mut secs) = (0usize, 0.0f64);
+    let (mut tokens, mut secs, mut comm) = (0usize, 0.0f64, 0.0f64);
     for i in 0..steps {
+        let c0 = crate::dist::comm_seconds();
         let r = t
             .train_step()?
             .ok_or_else(|| crate::Error::InvalidArgument("the bench run ended early".into()))?;
         if i >= a.warmup {
             tokens += r.tokens;
             secs += r.seconds;
+            comm += crate::dist::comm_seconds() - c0;
         }
     }
+    let optimizer_state_mib = t.optimizer().state_bytes() as f64 / (1u64 << 20) as f64;
     let peak = if peak_reset {
         proc_status_kib("VmHWM").map(|k| k as f64 / 1024.0)
     } else {
@@ -357,9 +403,17 @@ pub fn bench_objective(
     };
     drop(t);
     let _ = std::fs::remove_dir_all(&out);
+    let ranks = gather_ranks(RankFigures {
+        seconds: secs,
+        comm_fraction: comm / secs.max(1e-12),
+        optimizer_state_mib,
+        peak_rss_mib: peak,
+    })?;
+    // The slowest rank sets the pace of a synchronous step.
+    let secs = ranks.iter().map(|r| r.seconds).fold(secs, f64::max);
     let flops = model_flops(
         model.model.config(),
-        2 * a.batch,
+        2 * a.batch * ranks.len(),
         a.seq,
         a.seq - a.seq / 2,
         model.model.lora_config().is_some(),
@@ -367,13 +421,40 @@ pub fn bench_objective(
     let flops_per_second = flops / secs.max(1e-12);
     Ok(BenchRow {
         flops_per_second,
-        mfu: peak_flops(model.model.device()).map(|(p, _)| flops_per_second / p),
+        // Every rank has its device's (or its threads') peak.
+        mfu: peak_flops(model.model.device())
+            .map(|(p, _)| flops_per_second / (p * ranks.len() as f64)),
         objective: name.to_string(),
         tokens_per_step: tokens / a.steps.max(1),
         seconds_per_step: secs / a.steps.max(1) as f64,
         tokens_per_second: tokens as f64 / secs.max(1e-12),
         peak_rss_mib: peak,
+        ranks,
     })
+}
+
+/// The per-rank table of a bench over several ranks: each rank's share of tokens/s, the share
+/// of its step time in collectives, its optimizer state and peak RSS.
+fn print_ranks(rows: &[BenchRow], engine: &str, zero_stage: u8) {
+    println!("\n| objective | rank | tokens/s (its examples) | comm share | optimizer state (MiB) | peak RSS (MiB) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in rows {
+        for (i, f) in r.ranks.iter().enumerate() {
+            println!(
+                "| {} | {i} | {:.0} | {:.1} % | {:.1} | {} |",
+                r.objective,
+                r.tokens_per_second / r.ranks.len() as f64,
+                100.0 * f.comm_fraction,
+                f.optimizer_state_mib,
+                f.peak_rss_mib
+                    .map_or("n/a".to_string(), |m| format!("{m:.0}"))
+            );
+        }
+    }
+    println!(
+        "\n{} ranks over {engine}, ZeRO stage {zero_stage}",
+        rows.first().map_or(0, |r| r.ranks.len())
+    );
 }
 
 /// `difinfo-train bench`: prints a Markdown table.
@@ -409,7 +490,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
     check_bench_size(&model.detached(), a.batch, a.seq, sequences)?;
     let params = model.num_parameters();
     let tm = TrainModel::new(model, PathBuf::from("<bench>"), dtype);
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = rayon::current_num_threads();
     let peak = peak_flops(&device);
     let memory = match (a.memory.use_peft, a.memory.gradient_checkpointing) {
         (false, false) => "full".to_string(),
@@ -421,8 +502,13 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             if c { " + ckpt" } else { "" }
         ),
     };
-    println!("| model | params | objective | training | optim | dtype | device | threads | batch × seq | tokens/step | s/step | tokens/s | TFLOP/s | MFU | peak RSS (MiB) |");
-    println!("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let world = crate::dist::world();
+    // Under a launcher every rank measures; rank 0 prints.
+    let main = world.rank() == 0;
+    if main {
+        println!("| model | params | objective | training | optim | dtype | device | ranks × threads | batch × seq per rank | tokens/step | s/step | tokens/s | TFLOP/s | MFU | peak RSS (MiB) |");
+        println!("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    }
     let mut rows = Vec::new();
     for o in &a.objective {
         let obj = match o.as_str() {
@@ -432,13 +518,18 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         }
         .map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
         let r = bench_objective(&tm, a, o, obj)?;
+        if !main {
+            rows.push(r);
+            continue;
+        }
         println!(
-            "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",
+            "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {} × {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",
             params as f64 / 1e6,
             r.objective,
             a.optim.name(),
             if a.bf16 { format!("{dtype:?}+bf16") } else { format!("{dtype:?}") },
             a.placement.device,
+            world.world_size(),
             a.batch,
             a.seq,
             r.tokens_per_step,
@@ -450,8 +541,22 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         );
         rows.push(r);
     }
+    if !main {
+        return Ok(rows);
+    }
+    if world.world_size() > 1 {
+        print_ranks(&rows, world.engine(), a.memory.zero_stage);
+    }
     match &peak {
-        Some((p, how)) => println!("\npeak: {:.3} TFLOP/s ({how})", p / 1e12),
+        Some((p, how)) => println!(
+            "\npeak{}: {:.3} TFLOP/s ({how})",
+            if world.world_size() > 1 {
+                " per rank"
+            } else {
+                ""
+            },
+            p / 1e12
+        ),
         None => println!("\npeak: unknown (set DIFINFO_PEAK_TFLOPS for MFU)"),
     }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {

@@ -11,7 +11,9 @@
 //! [`world`]. Tensors given to a collective are 1-D, contiguous, f32 or f64; the result has the
 //! input's dtype and device.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
@@ -142,6 +144,25 @@ pub fn launcher_world_size() -> Option<usize> {
 }
 
 static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
+
+/// Nanoseconds spent in collectives, for [`comm_seconds`].
+static COMM_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Seconds this process has spent in its engine's collectives so far (waiting for the other
+/// ranks, moving the data and its host copies): the communication share of a step that
+/// `bench` reports. Zero in a world of one.
+pub fn comm_seconds() -> f64 {
+    COMM_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// `f()`, its time added to [`comm_seconds`]; engines wrap each collective in it.
+pub fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let out = f();
+    let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    COMM_NANOS.fetch_add(ns, Ordering::Relaxed);
+    out
+}
 
 /// The process's world: the one [`init`] set, [`Single`] before (or without) it.
 pub fn world() -> &'static dyn Collective {

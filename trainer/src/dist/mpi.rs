@@ -15,7 +15,7 @@ use mpi::environment::{Threading, Universe};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 
-use super::{check_flat, check_root, Collective};
+use super::{check_flat, check_root, timed, Collective};
 use crate::error::{Error, Result};
 
 /// `MPI_COMM_WORLD` and the thread allowed to use it.
@@ -91,10 +91,10 @@ impl Mpi {
     ) -> Result<Tensor> {
         self.check_thread()?;
         check_flat(t)?;
-        match t.dtype() {
+        timed(|| match t.dtype() {
             DType::F32 => self.on_host(t, out_len, f32op),
             _ => self.on_host(t, out_len, f64op),
-        }
+        })
     }
 }
 
@@ -161,7 +161,7 @@ impl Collective for Mpi {
     }
     fn barrier(&self) -> Result<()> {
         self.check_thread()?;
-        self.comm.barrier();
+        timed(|| self.comm.barrier());
         Ok(())
     }
     fn abort(&self, code: i32) -> ! {

@@ -212,6 +212,13 @@ pub struct MemoryOptions {
     /// Rank-stabilized LoRA (TRL's use_rslora): scale lora_alpha / √r.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub use_rslora: bool,
+    /// DeepSpeed's ZeRO stage over the ranks of `mpirun`: 0 keeps the whole optimizer state
+    /// on every rank; 1 shards it (each rank keeps and updates the moments of its share of
+    /// the variables, then the parameters are all-gathered), the same updates as 0 with about
+    /// 1/N of the optimizer memory per rank. Stages 2 and 3 (gradients, parameters) are not
+    /// implemented.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub zero_stage: u8,
 }
 
 impl Default for MemoryOptions {
@@ -226,6 +233,7 @@ impl Default for MemoryOptions {
             lora_dropout: 0.05,
             lora_target_modules: crate::lora::DEFAULT_TARGETS.map(String::from).to_vec(),
             use_rslora: false,
+            zero_stage: 0,
         }
     }
 }
@@ -412,6 +420,13 @@ impl TrainConfig {
             if v == Some(0) {
                 return Err(RangeError::new(field, 0.0, "must be ≥ 1"));
             }
+        }
+        if self.memory.zero_stage > 1 {
+            return Err(RangeError::new(
+                "zero_stage",
+                f64::from(self.memory.zero_stage),
+                "must be 0 or 1 (ZeRO stages 2 and 3 are not implemented)",
+            ));
         }
         Ok(())
     }

@@ -82,15 +82,25 @@ impl Grads {
     /// # Errors
     /// Different lengths or shapes.
     pub fn dot(&self, other: &Grads) -> Result<f64> {
+        Ok(ordered_sum(&self.dots(other)?))
+    }
+
+    /// `Σ_i a_vi · b_vi` for each variable `v`, each in f64 as [`Grads::dot`] sums them.
+    ///
+    /// # Errors
+    /// Different lengths or shapes.
+    pub fn dots(&self, other: &Grads) -> Result<Vec<f64>> {
         check_len(self, other)?;
-        let mut s = 0.0;
-        for (a, b) in self.0.iter().zip(&other.0) {
-            s += match reduce::dot(a, b)? {
-                Some(d) => d,
-                None => scalar_f64(&(a * b)?.sum_all()?)?,
-            };
-        }
-        Ok(s)
+        self.0
+            .iter()
+            .zip(&other.0)
+            .map(|(a, b)| {
+                Ok(match reduce::dot(a, b)? {
+                    Some(d) => d,
+                    None => scalar_f64(&(a * b)?.sum_all()?)?,
+                })
+            })
+            .collect()
     }
 
     /// `sqrt(Σ_v ‖g_v‖²)` with each `‖g_v‖²` summed in the tensors' own dtype (candle's
@@ -174,6 +184,13 @@ impl Grads {
     }
 }
 
+/// `Σ_v x_v` from 0 in the variables' order: the one summation of per-variable values, so a
+/// sum over a rank's shard (zeros elsewhere, summed over ranks first) is bit-identical to the
+/// sum over all variables in one process.
+pub fn ordered_sum(x: &[f64]) -> f64 {
+    x.iter().fold(0.0, |s, v| s + v)
+}
+
 fn check_len(a: &Grads, b: &Grads) -> Result<()> {
     if a.0.len() != b.0.len() {
         return Err(Error::InvalidArgument(format!(
@@ -228,7 +245,10 @@ impl InnerProduct for Grads {
 ///
 /// # Errors
 /// Different variable lists.
-pub fn project(g_w: &Grads, g_l: &Grads) -> Result<(Grads, ProjectionStats)> {
+pub fn project<G>(g_w: &G, g_l: &G) -> Result<(G, ProjectionStats)>
+where
+    G: InnerProduct<Coef = f64, Error = Error>,
+{
     let p = difinfo::dpo_pg::project(g_w, g_l)?;
     Ok((
         p.gradient,

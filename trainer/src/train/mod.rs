@@ -29,6 +29,7 @@ pub mod run;
 pub mod schedule;
 pub mod toy;
 pub mod trainer;
+pub mod zero;
 
 pub use crate::batch::{Batch, Sequence};
 pub use crate::error::{Error, Result};

@@ -219,6 +219,92 @@ impl Optimizer {
         })
     }
 
+    /// The optimizer of the variables `keep` selects (in order), with their state: a rank's
+    /// shard under ZeRO stage 1.
+    ///
+    /// # Errors
+    /// A mask of another length than the variable list.
+    pub fn restrict(self, keep: &[bool]) -> Result<Self> {
+        if keep.len() != self.names.len() {
+            return Err(Error::InvalidArgument(format!(
+                "a mask of {} for {} variables",
+                keep.len(),
+                self.names.len()
+            )));
+        }
+        let pick = |v: Vec<Option<Tensor>>| -> Vec<Option<Tensor>> {
+            v.into_iter()
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .map(|(t, _)| t)
+                .collect()
+        };
+        let names = self.names.iter().zip(keep).filter(|(_, &k)| k);
+        let decay = self.decay.iter().zip(keep).filter(|(_, &k)| k);
+        Ok(Self {
+            config: self.config,
+            names: names.map(|(n, _)| n.clone()).collect(),
+            decay: decay.map(|(d, _)| *d).collect(),
+            m: pick(self.m),
+            v: pick(self.v),
+            step: self.step,
+        })
+    }
+
+    /// The moments, one entry per variable: `(m, v)` (AdamW's `exp_avg` and `exp_avg_sq`,
+    /// RMSprop's `square_avg` as `v`; `None` where the optimizer keeps none).
+    pub fn moments(&self) -> (&[Option<Tensor>], &[Option<Tensor>]) {
+        (&self.m, &self.v)
+    }
+
+    /// An optimizer over `vars` holding the moments `m`, `v` (one entry per variable, as
+    /// [`Optimizer::moments`] gives them) after `step` steps.
+    ///
+    /// # Errors
+    /// See [`Optimizer::new`]; lists of another length, a moment of another shape.
+    pub fn from_moments(
+        config: OptimizerConfig,
+        vars: &[(String, Var)],
+        m: Vec<Option<Tensor>>,
+        v: Vec<Option<Tensor>>,
+        step: u64,
+    ) -> Result<Self> {
+        let mut opt = Self::new(config, vars)?;
+        if m.len() != vars.len() || v.len() != vars.len() {
+            return Err(Error::InvalidArgument(format!(
+                "moments for {} and {} of {} variables",
+                m.len(),
+                v.len(),
+                vars.len()
+            )));
+        }
+        for (i, (name, var)) in vars.iter().enumerate() {
+            for (slot, given) in [(&mut opt.m[i], &m[i]), (&mut opt.v[i], &v[i])] {
+                match (slot.is_some(), given) {
+                    (true, Some(t)) if t.dims() == var.dims() => *slot = Some(t.clone()),
+                    (false, None) => {}
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "the optimizer state given for `{name}` does not fit it"
+                        )))
+                    }
+                }
+            }
+        }
+        opt.step = step;
+        Ok(opt)
+    }
+
+    /// Bytes of optimizer state held (the moments).
+    pub fn state_bytes(&self) -> usize {
+        self.m
+            .iter()
+            .chain(&self.v)
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Number of steps taken.
     pub fn step_count(&self) -> u64 {
         self.step

@@ -40,6 +40,7 @@ use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
 use crate::train::schedule::{warmup_steps, LrSchedule};
+use crate::train::zero::{ShardGrads, Zero1};
 
 /// What one optimizer step did.
 #[derive(Debug, Clone)]
@@ -134,6 +135,27 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     device: Device,
     /// The processes this run is spread over ([`dist::world`]).
     world: &'static dyn Collective,
+    /// ZeRO stage 1 over more than one rank: the variables' partition.
+    zero: Option<Zero1>,
+    /// The variables this rank's optimizer updates: all of them, or its shard under ZeRO-1.
+    owned_vars: Vec<(String, Var)>,
+}
+
+/// The ZeRO-1 partition of `vars` when the run shards its optimizer state over more than one
+/// rank (`zero_stage = 1`; one rank has nothing to shard).
+fn partition(config: &TrainConfig, vars: &[(String, Var)]) -> Result<Option<Zero1>> {
+    let world = dist::world();
+    if config.memory.zero_stage == 1 && world.world_size() > 1 {
+        Zero1::new(world, vars).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// The variables a rank's optimizer updates under `zero`.
+fn owned(zero: &Option<Zero1>, vars: &[(String, Var)]) -> Vec<(String, Var)> {
+    zero.as_ref()
+        .map_or_else(|| vars.to_vec(), |z| z.owned_vars(vars))
 }
 
 /// `(micro-batches per epoch, optimizer steps per epoch, total steps)`, a micro-batch being
@@ -214,7 +236,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             config.save(&out)?;
         }
         let vars = model.named_vars();
-        let optimizer = Optimizer::new(config.optimizer(), &vars)?;
+        let zero = partition(&config, &vars)?;
+        let optimizer = Optimizer::new(config.optimizer(), &owned(&zero, &vars))?;
         let (reference, key) = if objective.needs_reference() {
             let pairs = data.pairs().unwrap_or_default();
             let bs = config
@@ -264,7 +287,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             log.reset()?;
         }
         Ok(Self::assemble(
-            model, vars, config, objective, data, reference, optimizer, state, log, micro, None,
+            model, vars, zero, config, objective, data, reference, optimizer, state, log, micro,
+            None,
         ))
     }
 
@@ -316,6 +340,12 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let vars = model.named_vars();
         model.load_weights(dir)?;
         let optimizer = Optimizer::load(config.optimizer(), &vars, &dir.join(OPTIMIZER_FILE))?;
+        // The checkpoint holds the whole state; a ZeRO-1 rank keeps its shard.
+        let zero = partition(&config, &vars)?;
+        let optimizer = match &zero {
+            Some(z) => optimizer.restrict(&z.owned())?,
+            None => optimizer,
+        };
         let reference = match (objective.needs_reference(), &state.ref_cache_key) {
             (false, _) => None,
             (true, None) => {
@@ -337,6 +367,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         Ok(Self::assemble(
             model,
             vars,
+            zero,
             config,
             objective,
             data,
@@ -364,6 +395,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     fn assemble(
         model: &'m M,
         vars: Vec<(String, Var)>,
+        zero: Option<Zero1>,
         config: TrainConfig,
         objective: Objective,
         data: Dataset,
@@ -383,9 +415,12 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         };
         let device = model.device();
         let world = dist::world();
+        let owned_vars = owned(&zero, &vars);
         Self {
             model,
             vars,
+            zero,
+            owned_vars,
             config,
             objective,
             data,
@@ -424,6 +459,11 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// The learning-rate schedule.
     pub fn schedule(&self) -> &LrSchedule {
         &self.schedule
+    }
+
+    /// The optimizer: this rank's shard of it under ZeRO-1.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
     }
 
     /// The metrics files.
@@ -629,7 +669,16 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             Rule::ProjectedGradient => return self.projected_gradients(mbs),
         };
         step.tokens = all_reduce_f64(self.world, &[step.tokens as f64])?[0] as usize;
-        Ok((all_reduce_grads(self.world, g)?, step))
+        Ok((self.reduce(g)?, step))
+    }
+
+    /// The ranks' gradients summed: every variable's (all-reduce), or this rank's shard's
+    /// under ZeRO-1 (reduce-scatter).
+    fn reduce(&self, g: Grads) -> Result<Grads> {
+        match &self.zero {
+            Some(z) => z.reduce_scatter(g),
+            None => all_reduce_grads(self.world, g),
+        }
     }
 
     /// SFT: the token NLL of each micro-batch, divided by the step's completion tokens (the
@@ -779,9 +828,15 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let (gl, _) = rejected.finish()?;
         out.tokens = all_reduce_f64(self.world, &[out.tokens as f64])?[0] as usize;
         // The global g_w and g_l: the projection is of the whole batch's gradients.
-        let gw = all_reduce_grads(self.world, gw)?;
-        let gl = all_reduce_grads(self.world, gl)?;
-        let (g, stats) = project(&gw, &gl)?;
+        let (gw, gl) = (self.reduce(gw)?, self.reduce(gl)?);
+        let (g, stats) = match &self.zero {
+            Some(zero) => {
+                let shard = |grads| ShardGrads { grads, zero };
+                let (g, stats) = project(&shard(gw), &shard(gl))?;
+                (g.grads, stats)
+            }
+            None => project(&gw, &gl)?,
+        };
         out.projection = Some(stats);
         Ok((g, out))
     }
@@ -790,14 +845,20 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     /// `max_grad_norm`, and the optimizer's step at the schedule's rate; returns
     /// `(norm, rate)`.
     fn update(&mut self, grads: Grads, mbs: &[(usize, Vec<usize>)]) -> Result<(f64, f64)> {
-        let norm = grads.global_norm()?;
+        let norm = match &self.zero {
+            Some(z) => z.dot(&grads, &grads)?.sqrt(),
+            None => grads.global_norm()?,
+        };
         if !norm.is_finite() {
             let all: Vec<usize> = mbs.iter().flat_map(|(_, i)| i.clone()).collect();
             return Err(self.non_finite(format!("gradient norm ({norm})"), mbs[0].0, all));
         }
         let grads = grads.clip(self.config.max_grad_norm, norm)?;
         let lr = self.schedule.lr(self.state.global_step);
-        self.optimizer.step(&self.vars, &grads, lr)?;
+        self.optimizer.step(&self.owned_vars, &grads, lr)?;
+        if let Some(z) = &self.zero {
+            z.all_gather_params(&self.vars)?;
+        }
         Ok((norm, lr))
     }
 
@@ -887,11 +948,16 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             });
         }
         let dir = checkpoint_dir(&self.config.output_dir, step);
+        // The whole optimizer state, so that any world size resumes (every rank takes part).
+        let gathered = match &self.zero {
+            Some(z) => Some(z.gather_optimizer(&self.optimizer, &self.vars)?),
+            None => None,
+        };
         if self.world.rank() == 0 {
             save_checkpoint(
                 &self.config.output_dir,
                 self.model,
-                &self.optimizer,
+                gathered.as_ref().unwrap_or(&self.optimizer),
                 &self.state,
                 &self.config,
             )?;
