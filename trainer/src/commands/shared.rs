@@ -264,6 +264,9 @@ pub(crate) fn usage<T>(m: impl Into<String>) -> crate::Result<T> {
 
 /// Prints which tokenizer pipeline encodes (and the transformers 5 warning) to stderr.
 pub fn report_provenance(bundle: &TokenizerBundle) {
+    if !main_process() {
+        return;
+    }
     let p = bundle.provenance();
     eprintln!("{}", p.describe());
     if let Some(w) = p.warning() {
@@ -271,8 +274,18 @@ pub fn report_provenance(bundle: &TokenizerBundle) {
     }
 }
 
-/// Prints tokenization counts (and the prefix-mismatch warning) to stderr.
+/// Whether this process is the main one (rank 0 under a launcher, or the only one): the one
+/// that prints, locks a run directory and writes a run's files.
+pub fn main_process() -> bool {
+    crate::dist::world().rank() == 0
+}
+
+/// Prints tokenization counts (and the prefix-mismatch warning) to stderr (the main process
+/// only).
 pub fn report_stats(file: &Path, stats: &TokenizeStats, report: Option<&Path>) {
+    if !main_process() {
+        return;
+    }
     eprintln!(
         "{}: {} records, {} kept, {} dropped (prompt fills max_length), {} prompts truncated, {} with completions truncated, {} invalid",
         file.display(),
@@ -332,7 +345,7 @@ pub fn load_bundle_with(
     compat: crate::provenance::TokenizerCompat,
 ) -> crate::Result<TokenizerBundle> {
     let b = TokenizerBundle::load_with(dir, compat)?;
-    for w in b.warnings() {
+    for w in b.warnings().iter().filter(|_| main_process()) {
         eprintln!("warning: {w}");
     }
     Ok(b)

@@ -26,7 +26,7 @@ use crate::train::{Dataset, Error, TrainConfig, Trainer};
 use difinfo::objective::Rule;
 
 use crate::commands::shared::{
-    accept_counts, load_bundle_with, progress_bar, report_provenance, usage,
+    accept_counts, load_bundle_with, main_process, progress_bar, report_provenance, usage,
 };
 use crate::train::run::{
     locate_resume, Resolved, RunFingerprint, RunLock, RunRecord, RunSettings, RunSummary, SavedRun,
@@ -419,12 +419,6 @@ fn run_fingerprint(r: &Resolved) -> crate::Result<RunFingerprint> {
         }
     }
     Ok(now)
-}
-
-/// Whether this process is the main one (rank 0, or the only one): the one that prints,
-/// locks the run directory and writes the run's files.
-fn main_process() -> bool {
-    crate::dist::world().rank() == 0
 }
 
 /// The run directory's lock, taken by the main process only (the other ranks write nothing

@@ -111,7 +111,7 @@ pub fn global_metrics(
     };
     let m = local.unwrap_or(&zero);
     if world.world_size() == 1 {
-        return Ok(m.clone());
+        return Ok(*m);
     }
     let mut all: Vec<f64> = [
         m.loss,
