@@ -360,8 +360,10 @@ pub fn bench_objective(
     let vocab = model.model.config().vocab_size as u32;
     let ranks = crate::dist::world().world_size();
     let data = Dataset {
-        // Every rank's pairs of every step (a global micro-batch is --batch × ranks pairs).
-        examples: Examples::Preference(pairs(a.batch * ranks * steps, a.seq, vocab, 7)),
+        // Every rank's pairs of every step (a global micro-batch is --batch × ranks pairs), and
+        // one step more: the run neither ends nor ends an epoch, so no checkpoint is gathered
+        // or written within the measured steps.
+        examples: Examples::Preference(pairs(a.batch * ranks * (steps + 1), a.seq, vocab, 7)),
         pad_id: 0,
         settings: "bench".into(),
     };
@@ -373,7 +375,7 @@ pub fn bench_objective(
         optim: a.optim,
         lr_scheduler_type: SchedulerType::Constant,
         per_device_train_batch_size: a.batch,
-        max_steps: steps as i64,
+        max_steps: steps as i64 + 1,
         logging_steps: usize::MAX / 2,
         save_steps: 0,
         overwrite_output_dir: true,
@@ -385,14 +387,13 @@ pub fn bench_objective(
     let peak_reset = reset_peak_rss();
     let (mut tokens, mut secs, mut comm) = (0usize, 0.0f64, 0.0f64);
     for i in 0..steps {
-        let c0 = crate::dist::comm_seconds();
         let r = t
             .train_step()?
             .ok_or_else(|| crate::Error::InvalidArgument("the bench run ended early".into()))?;
         if i >= a.warmup {
             tokens += r.tokens;
             secs += r.seconds;
-            comm += crate::dist::comm_seconds() - c0;
+            comm += r.comm_seconds;
         }
     }
     let optimizer_state_mib = t.optimizer().state_bytes() as f64 / (1u64 << 20) as f64;

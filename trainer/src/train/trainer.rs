@@ -67,6 +67,8 @@ pub struct StepReport {
     pub tokens: usize,
     /// Wall-clock seconds of the step (forward, backward, optimizer; not logging or saving).
     pub seconds: f64,
+    /// Of them, seconds in collectives ([`dist::comm_seconds`]; 0 in a world of one).
+    pub comm_seconds: f64,
 }
 
 /// The end of [`Trainer::train`].
@@ -631,13 +633,14 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         if self.is_done() {
             return Ok(None);
         }
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), dist::comm_seconds());
         let mbs = self.microbatches();
         let (grads, step) = self.step_gradients(&mbs)?;
         self.model.set_dropout_seed(None);
         let (norm, lr) = self.update(grads, &mbs)?;
         let epoch_end = self.advance(&mbs, norm, &step);
         let seconds = t0.elapsed().as_secs_f64();
+        let comm_seconds = dist::comm_seconds() - c0;
         self.state.log.seconds += seconds;
         let logged = self.log_if_due(norm, lr)?;
         let checkpoint = self.checkpoint_if_due(epoch_end, &mbs)?;
@@ -653,6 +656,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             checkpoint,
             tokens: step.tokens,
             seconds,
+            comm_seconds,
         }))
     }
 

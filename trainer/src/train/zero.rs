@@ -81,6 +81,12 @@ impl Zero1 {
     /// Rank `r`'s block: its variables' tensors (`of(i)` for variable `i`) flattened end to
     /// end in the buffers' dtype, zero-padded to the block length.
     fn block_of(&self, r: usize, of: impl Fn(usize) -> Result<Tensor>) -> Result<Tensor> {
+        Ok(Tensor::cat(&self.block_parts(r, &of)?, 0)?)
+    }
+
+    /// The pieces of [`Zero1::block_of`] before they are joined (views where the tensors are
+    /// contiguous and of the buffers' dtype: no copy until the one `cat`).
+    fn block_parts(&self, r: usize, of: &impl Fn(usize) -> Result<Tensor>) -> Result<Vec<Tensor>> {
         let mut parts = Vec::new();
         let mut len = 0;
         for (i, _) in self.owners.iter().enumerate().filter(|(_, &o)| o == r) {
@@ -88,15 +94,11 @@ impl Zero1 {
             len += t.elem_count();
             parts.push(t);
         }
-        let device = self.device(&parts);
-        parts.push(Tensor::zeros(self.block - len, self.dtype, &device)?);
-        Ok(Tensor::cat(&parts, 0)?)
-    }
-
-    fn device(&self, parts: &[Tensor]) -> candle_core::Device {
-        parts
+        let device = parts
             .first()
-            .map_or(candle_core::Device::Cpu, |t| t.device().clone())
+            .map_or(candle_core::Device::Cpu, |t| t.device().clone());
+        parts.push(Tensor::zeros(self.block - len, self.dtype, &device)?);
+        Ok(parts)
     }
 
     /// Rank `r`'s variables cut out of its block `block`, shaped: `(variable index, tensor)`.
@@ -117,11 +119,15 @@ impl Zero1 {
     /// # Errors
     /// The engine's and tensor errors.
     pub fn reduce_scatter(&self, g: Grads) -> Result<Grads> {
-        let blocks = (0..self.world.world_size())
-            .map(|r| self.block_of(r, |i| Ok(g.0[i].clone())))
-            .collect::<Result<Vec<_>>>()?;
-        drop(g);
-        let mine = self.world.reduce_scatter_sum(&Tensor::cat(&blocks, 0)?)?;
+        // One copy of the gradients: every rank's block joined by a single `cat`.
+        let mut parts = Vec::new();
+        for r in 0..self.world.world_size() {
+            parts.extend(self.block_parts(r, &|i| Ok(g.0[i].clone()))?);
+        }
+        let flat = Tensor::cat(&parts, 0)?;
+        drop((parts, g));
+        let mine = self.world.reduce_scatter_sum(&flat)?;
+        drop(flat);
         let parts = self.unblock(self.world.rank(), &mine)?;
         Ok(Grads(parts.into_iter().map(|(_, t)| t).collect()))
     }
