@@ -26,7 +26,8 @@
 //! - the ground floor: [`config_json`] (config.json → [`config_json::ModelConfig`]: Llama,
 //!   Mistral, Qwen2), [`batch`] (right-padded batches and completion masks), [`io`] (the one
 //!   atomic writer), [`memory`], [`dtype`], [`error`], [`units`], [`provenance`] (which
-//!   tokenizer pipeline, and transformers 5's).
+//!   tokenizer pipeline, and transformers 5's), [`shard`] (which rank owns which variable
+//!   under ZeRO stage 1).
 
 pub mod batch;
 pub mod commands;
@@ -52,6 +53,7 @@ pub mod provenance;
 pub mod recompute;
 pub mod records;
 pub mod safetensors;
+pub mod shard;
 pub mod template;
 pub mod tokenize;
 pub mod train;
