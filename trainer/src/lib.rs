@@ -8,7 +8,8 @@
 //! - [`commands`]: the front end, one file per `difinfo-train` subcommand (options, progress
 //!   bars, what is printed); nothing below knows of it. [`fuzzing`]: the fuzz targets' entries;
 //! - [`diag`]: the paper's diagnostics (Monte Carlo entropy, β-accuracy, the DID entropy,
-//!   rejected-response resampling, the run report);
+//!   rejected-response resampling, the run report); [`plan`]: the memory and compute plan of
+//!   a run (`difinfo-train plan`);
 //! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
 //!   and exact resume; [`init`]: random checkpoints with a trained BPE tokenizer;
 //! - [`pretrained`]: a model loaded from and saved as a Hugging Face directory (or a GGUF
@@ -49,6 +50,7 @@ pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod outputs;
+pub mod plan;
 pub mod pretrained;
 pub mod provenance;
 pub mod recompute;

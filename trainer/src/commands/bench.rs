@@ -172,33 +172,9 @@ fn gather_ranks(mine: RankFigures) -> crate::Result<Vec<RankFigures>> {
         .collect())
 }
 
-/// Model FLOPs of one training step over `sequences` sequences of `len` tokens with `scored`
-/// completion tokens each (PaLM's accounting, Appendix B of Chowdhery et al. 2022): per token
-/// `2 N` in the forward pass for the `N` weights of the decoder layers' projections, `2 V H`
-/// per scored token for the LM head (the only positions it runs on), `4 L len d` for the
-/// attention products (`d = heads · head_dim`, no causal discount); the backward pass costs
-/// twice the forward pass, or once for frozen weights (LoRA: no weight gradients; the
-/// attention products still cost twice). Recomputation (gradient checkpointing) is not
-/// counted: these are the FLOPs the model needs, not the FLOPs the hardware ran.
-pub fn model_flops(
-    cfg: &crate::config_json::ModelConfig,
-    sequences: usize,
-    len: usize,
-    scored: usize,
-    frozen_weights: bool,
-) -> f64 {
-    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
-    let dq = (cfg.num_attention_heads * cfg.head_dim) as f64;
-    let dkv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
-    let layers = cfg.num_hidden_layers as f64;
-    let body = layers * (2.0 * h * dq + 2.0 * h * dkv + 3.0 * h * i);
-    let head = cfg.vocab_size as f64 * h;
-    let (len_f, scored_f) = (len as f64, scored as f64);
-    let weights = 2.0 * body * len_f + 2.0 * head * scored_f;
-    let attention = 4.0 * layers * len_f * len_f * dq;
-    let w_factor = if frozen_weights { 2.0 } else { 3.0 };
-    sequences as f64 * (w_factor * weights + 3.0 * attention)
-}
+/// Model FLOPs of one training step (PaLM's accounting): the plan's one definition,
+/// [`crate::plan::model_flops`].
+pub use crate::plan::model_flops;
 
 /// The machine's peak FLOP/s for the bench's arithmetic and how it was found:
 /// `DIFINFO_PEAK_TFLOPS` when set; on a CUDA device the dense bf16 tensor-core peak of the

@@ -14,6 +14,7 @@ pub mod entropy;
 pub mod init;
 pub mod logps;
 pub mod merge;
+pub mod plan;
 pub mod plot;
 pub mod report;
 pub mod resample_rejected;
@@ -51,6 +52,9 @@ pub enum Command {
     Plot(plot::PlotArgs),
     /// Tokens/s and peak memory of full training steps (DPO, DPO-PG), as a table.
     Bench(bench::BenchArgs),
+    /// Memory per device (weights, gradients, optimizer state under ZeRO 0/1, activations) and
+    /// FLOPs per optimizer step of a DPO run, from a config.json; whether it fits a device.
+    Plan(plan::PlanArgs),
     /// Monte Carlo sequence entropy per prompt (Appendix K): pure ancestral sampling over the
     /// whole vocabulary, stopping at EOS or after --max-new-tokens; with standard errors and the
     /// mean exact next-token entropy.
@@ -108,6 +112,7 @@ pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
         Command::Dpo(a) => dpo::run(&a, sub),
         Command::Plot(a) => plot::run(&a),
         Command::Bench(a) => bench::run_bench(&a).map(|_| ()),
+        Command::Plan(a) => plan::run(&a, sub),
         Command::Entropy(a) => entropy::run(a),
         Command::DidEntropy(a) => did_entropy::run(&a, sub),
         Command::BetaAccuracy(a) => beta_accuracy::run(a),

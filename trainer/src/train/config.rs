@@ -217,7 +217,7 @@ pub struct MemoryOptions {
     /// the variables, then the parameters are all-gathered), the same updates as 0 with about
     /// 1/N of the optimizer memory per rank. Stages 2 and 3 (gradients, parameters) are not
     /// implemented.
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
+    #[arg(long)]
     pub zero_stage: u8,
 }
 
