@@ -122,20 +122,7 @@ fn sft_data(dir: &Path) -> PathBuf {
     out
 }
 
-type Record = serde_json::Map<String, serde_json::Value>;
-
-/// The run's metrics records, without the timing column.
-fn metrics(run: &Path) -> Vec<Record> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut r: Record = serde_json::from_str(l).unwrap();
-            r.remove("tokens_per_second");
-            r
-        })
-        .collect()
-}
+use common::metrics_without_timing as metrics;
 
 /// Two values agree: `|a − b| ≤ TOL · max(|a|, |b|) + 1e-12` (the absolute term for values
 /// that are zero in exact arithmetic).
@@ -446,43 +433,34 @@ fn checkpoints_resume_under_another_world_size() {
     let straight = tmp.path().join("straight");
     ok(one(&strs(&resume_args(&model, &data, &straight, "4", "4"))));
 
-    // Written by 2 ranks × 2, resumed by 1 rank × 4.
-    let from_two = tmp.path().join("from-two");
-    ok(two(&strs(&resume_args(&model, &data, &from_two, "2", "2"))));
-    ok(one(&[
-        "dpo",
-        "--resume",
-        s(&from_two),
-        "--max-steps",
-        "4",
-        "--per-device-train-batch-size",
-        "4",
-    ]));
-    let m = assert_metrics_equal(&straight, &from_two);
-    let w = assert_weights_equal(
-        &straight.join("checkpoint-4"),
-        &from_two.join("checkpoint-4"),
-    );
-    println!("2 ranks → 1 rank: metrics within {m:.2e}, weights within {w:.2e}");
-
-    // Written by 1 rank × 4, resumed by 2 ranks × 2.
-    let from_one = tmp.path().join("from-one");
-    ok(one(&strs(&resume_args(&model, &data, &from_one, "2", "4"))));
-    ok(two(&[
-        "dpo",
-        "--resume",
-        s(&from_one),
-        "--max-steps",
-        "4",
-        "--per-device-train-batch-size",
-        "2",
-    ]));
-    let m = assert_metrics_equal(&straight, &from_one);
-    let w = assert_weights_equal(
-        &straight.join("checkpoint-4"),
-        &from_one.join("checkpoint-4"),
-    );
-    println!("1 rank → 2 ranks: metrics within {m:.2e}, weights within {w:.2e}");
+    type Launch = fn(&[&str]) -> Output;
+    // Written by 2 ranks × 2 and resumed by 1 process × 4, and the reverse.
+    let ways: [(&str, Launch, &str, Launch, &str); 2] = [
+        ("from-two", two, "2", one, "4"),
+        ("from-one", one, "4", two, "2"),
+    ];
+    for (name, first, first_batch, then, then_batch) in ways {
+        let run = tmp.path().join(name);
+        ok(first(&strs(&resume_args(
+            &model,
+            &data,
+            &run,
+            "2",
+            first_batch,
+        ))));
+        ok(then(&[
+            "dpo",
+            "--resume",
+            s(&run),
+            "--max-steps",
+            "4",
+            "--per-device-train-batch-size",
+            then_batch,
+        ]));
+        let m = assert_metrics_equal(&straight, &run);
+        let w = assert_weights_equal(&straight.join("checkpoint-4"), &run.join("checkpoint-4"));
+        println!("{name}: metrics within {m:.2e}, weights within {w:.2e}");
+    }
 }
 
 /// The tensors of a safetensors file by name, in f64.

@@ -6,6 +6,8 @@
 //! with `--overwrite-output-dir`, when none was written) and the assertion holds; only how
 //! many kills land mid-write varies, and it is printed, not asserted.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,20 +26,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-type Record = serde_json::Map<String, serde_json::Value>;
-
-/// The run's metrics without the timing column.
-fn metrics(run: &Path) -> Vec<Record> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut r: Record = serde_json::from_str(l).unwrap();
-            r.remove("tokens_per_second");
-            r
-        })
-        .collect()
-}
+use common::metrics_without_timing as metrics;
 
 fn fresh_args(model: &Path, run: &Path) -> Vec<String> {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");

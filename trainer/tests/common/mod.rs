@@ -208,3 +208,19 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     .unwrap();
     m
 }
+
+/// A metrics record of a run (`metrics.jsonl`'s line).
+pub type Record = serde_json::Map<String, serde_json::Value>;
+
+/// The run's metrics records, without the timing column (`tokens_per_second`).
+pub fn metrics_without_timing(run: &Path) -> Vec<Record> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut r: Record = serde_json::from_str(l).unwrap();
+            r.remove("tokens_per_second");
+            r
+        })
+        .collect()
+}
