@@ -347,8 +347,13 @@ fn check(s: &Setup) -> Result<()> {
         ("--max-length", s.max_length),
     ] {
         if v == 0 {
+            let why = if flag == "--max-length" {
+                " (the plan needs a length; `none` and 0 are no limit)"
+            } else {
+                ""
+            };
             return Err(Error::InvalidArgument(format!(
-                "{flag} 0: must be ≥ 1 (the plan needs a length: `none` is no limit)"
+                "{flag} 0: must be ≥ 1{why}"
             )));
         }
     }
