@@ -496,6 +496,8 @@ fn zero_stage_1_takes_the_steps_of_stage_0() {
                 .chain(LENGTHS.iter().copied())
                 .chain(extra.iter().copied())
                 .chain(["--per-device-train-batch-size", "2", "--zero-stage", stage])
+                // 1 MiB buckets: the 4 MiB of gradients take several (the default 25 MiB, one).
+                .chain(["--ddp-bucket-cap-mb", "1"])
                 .chain(["--output-dir", s(&out)])
                 .collect();
             kept_all(&ok(two(&args)));

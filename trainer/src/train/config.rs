@@ -168,6 +168,11 @@ pub struct TrainConfig {
     /// size]
     #[arg(long, value_name = "N")]
     pub ref_batch_size: Option<usize>,
+    /// HF's ddp_bucket_cap_mb: MiB of gradients per collective over the ranks (the all-reduce;
+    /// under ZeRO-1 the reduce-scatter and the parameters' all-gather) [default: 25, PyTorch
+    /// DDP's]
+    #[arg(long, value_name = "MIB")]
+    pub ddp_bucket_cap_mb: Option<usize>,
     /// HF's field: a fresh run in an output dir that holds an earlier run's checkpoints
     /// deletes them when true and is refused when false (so a later resume cannot pick up a
     /// stale one).
@@ -323,6 +328,7 @@ impl Default for TrainConfig {
             ref_cache_dir: None,
             completion_only_loss: true,
             ref_batch_size: None,
+            ddp_bucket_cap_mb: None,
             overwrite_output_dir: false,
             memory: MemoryOptions::default(),
         }
@@ -415,6 +421,7 @@ impl TrainConfig {
             ),
             ("logging_steps", Some(self.logging_steps)),
             ("ref_batch_size", self.ref_batch_size),
+            ("ddp_bucket_cap_mb", self.ddp_bucket_cap_mb),
             ("save_total_limit", self.save_total_limit),
         ] {
             if v == Some(0) {

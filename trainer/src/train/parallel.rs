@@ -20,7 +20,8 @@ use crate::error::Result;
 use crate::train::grads::Grads;
 use crate::train::objective::PreferenceMetrics;
 
-/// The size of one all-reduce of gradients: 25 MiB, PyTorch DDP's default `bucket_cap_mb`.
+/// The size of one all-reduce of gradients unless `ddp_bucket_cap_mb` says otherwise: 25 MiB,
+/// PyTorch DDP's default `bucket_cap_mb`.
 pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// Rank `rank`'s positions in a global micro-batch of `len` examples when each rank takes
@@ -30,13 +31,13 @@ pub fn local_part(len: usize, per_device: usize, rank: usize) -> Range<usize> {
     (rank * per_device).min(len)..((rank + 1) * per_device).min(len)
 }
 
-/// `Σ_ranks g`, variable by variable, in buckets of at most [`BUCKET_BYTES`] of consecutive
+/// `Σ_ranks g`, variable by variable, in buckets of at most `bucket_bytes` of consecutive
 /// variables of one dtype (a variable larger than a bucket is one bucket); `g` itself in a
 /// world of one.
 ///
 /// # Errors
 /// The engine's and tensor errors.
-pub fn all_reduce_grads(world: &dyn Collective, g: Grads) -> Result<Grads> {
+pub fn all_reduce_grads(world: &dyn Collective, g: Grads, bucket_bytes: usize) -> Result<Grads> {
     if world.world_size() == 1 {
         return Ok(g);
     }
@@ -46,7 +47,7 @@ pub fn all_reduce_grads(world: &dyn Collective, g: Grads) -> Result<Grads> {
     for t in g.0 {
         let size = t.elem_count() * t.dtype().size_in_bytes();
         let same = bucket.first().is_none_or(|b| b.dtype() == t.dtype());
-        if !bucket.is_empty() && (!same || bytes + size > BUCKET_BYTES) {
+        if !bucket.is_empty() && (!same || bytes + size > bucket_bytes) {
             out.extend(reduce_bucket(world, std::mem::take(&mut bucket))?);
             bytes = 0;
         }
@@ -156,7 +157,7 @@ mod tests {
     #[test]
     fn one_rank_returns_its_input() {
         let t = Tensor::new(&[[1f32, 2.], [3., 4.]], &candle_core::Device::Cpu).unwrap();
-        let g = all_reduce_grads(&Single, Grads(vec![t.clone()])).unwrap();
+        let g = all_reduce_grads(&Single, Grads(vec![t.clone()]), BUCKET_BYTES).unwrap();
         assert_eq!(
             g.0[0].to_vec2::<f32>().unwrap(),
             t.to_vec2::<f32>().unwrap()
@@ -174,7 +175,7 @@ mod tests {
         let b = Tensor::arange(0f64, 4., &dev).unwrap();
         let out = reduce_bucket(&Single, vec![a.clone()]).unwrap();
         assert_eq!(out[0].dims(), [2, 3]);
-        let g = all_reduce_grads(&Single, Grads(vec![a, b])).unwrap();
+        let g = all_reduce_grads(&Single, Grads(vec![a, b]), BUCKET_BYTES).unwrap();
         assert_eq!(g.0[1].dtype(), DType::F64);
     }
 }

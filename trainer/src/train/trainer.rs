@@ -35,7 +35,9 @@ use crate::train::objective::{
 };
 use crate::train::optim::Optimizer;
 use crate::train::output_dir::{check_fresh_output_dir, clear_earlier_run};
-use crate::train::parallel::{all_reduce_f64, all_reduce_grads, global_metrics, local_part};
+use crate::train::parallel::{
+    all_reduce_f64, all_reduce_grads, global_metrics, local_part, BUCKET_BYTES,
+};
 use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
@@ -148,10 +150,17 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
 fn partition(config: &TrainConfig, vars: &[(String, Var)]) -> Result<Option<Zero1>> {
     let world = dist::world();
     if config.memory.zero_stage == 1 && world.world_size() > 1 {
-        Zero1::new(world, vars).map(Some)
+        Zero1::new(world, vars, bucket_bytes(config)).map(Some)
     } else {
         Ok(None)
     }
+}
+
+/// Bytes per collective of gradients: `ddp_bucket_cap_mb` MiB, or [`BUCKET_BYTES`].
+fn bucket_bytes(config: &TrainConfig) -> usize {
+    config
+        .ddp_bucket_cap_mb
+        .map_or(BUCKET_BYTES, |mb| mb.saturating_mul(1 << 20))
 }
 
 /// The variables a rank's optimizer updates under `zero`.
@@ -681,7 +690,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
     fn reduce(&self, g: Grads) -> Result<Grads> {
         match &self.zero {
             Some(z) => z.reduce_scatter(g),
-            None => all_reduce_grads(self.world, g),
+            None => all_reduce_grads(self.world, g, bucket_bytes(&self.config)),
         }
     }
 

@@ -3,8 +3,10 @@
 //! per rank ([`crate::shard::owners`]); a step reduce-scatters the gradients (rank `r` receives
 //! the sum over ranks of its own variables' gradients), takes the global norm and the DPO-PG
 //! inner products as sums of per-variable values over the ranks, updates its variables, and
-//! all-gathers the parameters. Each collective moves one flat buffer of `N` equal blocks,
-//! block `r` holding rank `r`'s variables end to end (zero-padded to the largest rank's share).
+//! all-gathers the parameters. Rank `r`'s variables laid end to end make its block (zero-padded
+//! to the largest rank's share); the collectives move the blocks in buckets (`ddp_bucket_cap_mb`,
+//! 25 MiB by default, over all ranks), bucket `k` holding the `k`-th chunk of every rank's block, so no
+//! parameter-sized buffer is ever built besides the rank's own share.
 //!
 //! Per-variable values are computed exactly as one process computes them and summed in the
 //! variables' order, so the norm, the clipping and the update equal stage 0's bit for bit
@@ -28,20 +30,30 @@ pub struct Zero1 {
     owners: Vec<usize>,
     /// Each variable's shape.
     shapes: Vec<candle_core::Shape>,
+    /// Each variable's offset in its owner's block.
+    offsets: Vec<usize>,
     /// The dtype of the flat buffers (the gradients' and optimizer state's).
     dtype: DType,
     /// The largest rank's share in elements: the block length.
     block: usize,
+    /// Elements of one rank's block per collective: one bucket over all ranks.
+    chunk: usize,
 }
 
 impl Zero1 {
-    /// The partition of `vars` (sorted by name) over `world`.
+    /// The partition of `vars` (sorted by name) over `world`, its collectives in buckets of
+    /// `bucket_bytes` over all ranks.
     ///
     /// # Errors
     /// Variables whose gradients have different dtypes (an f64 variable among f32 ones).
-    pub fn new(world: &'static dyn Collective, vars: &[(String, Var)]) -> Result<Self> {
+    pub fn new(
+        world: &'static dyn Collective,
+        vars: &[(String, Var)],
+        bucket_bytes: usize,
+    ) -> Result<Self> {
         let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
-        let owners = owners(&sizes, world.world_size());
+        let n = world.world_size();
+        let owners = owners(&sizes, n);
         let dtype = vars
             .first()
             .map_or(DType::F32, |(_, v)| grad_dtype(v.dtype()));
@@ -50,16 +62,20 @@ impl Zero1 {
                 "--zero-stage 1 needs variables of one precision (f64 mixed with others)".into(),
             ));
         }
-        let mut share = vec![0usize; world.world_size()];
+        let mut share = vec![0usize; n];
+        let mut offsets = Vec::with_capacity(sizes.len());
         for (s, &o) in sizes.iter().zip(&owners) {
+            offsets.push(share[o]);
             share[o] += s;
         }
         Ok(Self {
             world,
             owners,
             shapes: vars.iter().map(|(_, v)| v.shape().clone()).collect(),
+            offsets,
             dtype,
             block: share.into_iter().max().unwrap_or(0),
+            chunk: (bucket_bytes / (n * dtype.size_in_bytes())).max(1),
         })
     }
 
@@ -78,58 +94,89 @@ impl Zero1 {
             .collect()
     }
 
-    /// Rank `r`'s block: its variables' tensors (`of(i)` for variable `i`) flattened end to
-    /// end in the buffers' dtype, zero-padded to the block length.
-    fn block_of(&self, r: usize, of: impl Fn(usize) -> Result<Tensor>) -> Result<Tensor> {
-        Ok(Tensor::cat(&self.block_parts(r, &of)?, 0)?)
+    fn owned_indices(&self) -> Vec<usize> {
+        (0..self.owners.len())
+            .filter(|&i| self.owners[i] == self.world.rank())
+            .collect()
     }
 
-    /// The pieces of [`Zero1::block_of`] before they are joined (views where the tensors are
-    /// contiguous and of the buffers' dtype: no copy until the one `cat`).
-    fn block_parts(&self, r: usize, of: &impl Fn(usize) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    /// The buckets' ranges `[a, b)` within a block.
+    fn buckets(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.block.div_ceil(self.chunk))
+            .map(|k| (k * self.chunk, ((k + 1) * self.chunk).min(self.block)))
+    }
+
+    /// Rank `r`'s variables that overlap `[a, b)` of its block, with the overlap:
+    /// `(variable, start in the variable, start in [a, b), length)`.
+    fn overlaps(&self, r: usize, a: usize, b: usize) -> Vec<(usize, usize, usize, usize)> {
+        (0..self.owners.len())
+            .filter(|&i| self.owners[i] == r)
+            .filter_map(|i| {
+                let (s, n) = (self.offsets[i], self.shapes[i].elem_count());
+                let (lo, hi) = (a.max(s), b.min(s + n));
+                (lo < hi).then_some((i, lo - s, lo - a, hi - lo))
+            })
+            .collect()
+    }
+
+    /// `[a, b)` of rank `r`'s block: its variables' tensors (`of(i)` for variable `i`)
+    /// flattened end to end in the buffers' dtype, zero-padded past its share.
+    fn segment(
+        &self,
+        r: usize,
+        (a, b): (usize, usize),
+        of: &impl Fn(usize) -> Result<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Vec<Tensor>> {
         let mut parts = Vec::new();
         let mut len = 0;
-        for (i, _) in self.owners.iter().enumerate().filter(|(_, &o)| o == r) {
-            let t = of(i)?.flatten_all()?.to_dtype(self.dtype)?;
-            len += t.elem_count();
-            parts.push(t);
+        for (i, from, _, n) in self.overlaps(r, a, b) {
+            let t = of(i)?.flatten_all()?.narrow(0, from, n)?;
+            parts.push(t.to_dtype(self.dtype)?);
+            len += n;
         }
-        let device = parts
-            .first()
-            .map_or(candle_core::Device::Cpu, |t| t.device().clone());
-        parts.push(Tensor::zeros(self.block - len, self.dtype, &device)?);
+        if len < b - a {
+            parts.push(Tensor::zeros(b - a - len, self.dtype, device)?);
+        }
         Ok(parts)
     }
 
-    /// Rank `r`'s variables cut out of its block `block`, shaped: `(variable index, tensor)`.
-    fn unblock(&self, r: usize, block: &Tensor) -> Result<Vec<(usize, Tensor)>> {
-        let mut offset = 0;
-        let mut out = Vec::new();
-        for (i, _) in self.owners.iter().enumerate().filter(|(_, &o)| o == r) {
-            let n = self.shapes[i].elem_count();
-            out.push((i, block.narrow(0, offset, n)?.reshape(&self.shapes[i])?));
-            offset += n;
-        }
-        Ok(out)
-    }
-
     /// Every rank's gradients `g` (all variables) summed, each rank receiving its own
-    /// variables' sums (reduce-scatter): the gradient of this rank's shard.
+    /// variables' sums: reduce-scatter, one bucket at a time (bucket `k`
+    /// holds the `k`-th chunk of every rank's block). The gradient of this rank's shard.
     ///
     /// # Errors
     /// The engine's and tensor errors.
     pub fn reduce_scatter(&self, g: Grads) -> Result<Grads> {
-        // One copy of the gradients: every rank's block joined by a single `cat`.
-        let mut parts = Vec::new();
-        for r in 0..self.world.world_size() {
-            parts.extend(self.block_parts(r, &|i| Ok(g.0[i].clone()))?);
+        let device =
+            g.0.first()
+                .map_or(candle_core::Device::Cpu, |t| t.device().clone());
+        let of = |i: usize| Ok(g.0[i].clone());
+        let mut mine = Vec::new();
+        for range in self.buckets() {
+            let mut parts = Vec::new();
+            for r in 0..self.world.world_size() {
+                parts.extend(self.segment(r, range, &of, &device)?);
+            }
+            mine.push(self.world.reduce_scatter_sum(&Tensor::cat(&parts, 0)?)?);
         }
-        let flat = Tensor::cat(&parts, 0)?;
-        drop((parts, g));
-        let mine = self.world.reduce_scatter_sum(&flat)?;
-        drop(flat);
-        let parts = self.unblock(self.world.rank(), &mine)?;
-        Ok(Grads(parts.into_iter().map(|(_, t)| t).collect()))
+        drop(g);
+        let block = match mine.len() {
+            0 => Tensor::zeros(0, self.dtype, &device)?,
+            _ => Tensor::cat(&mine, 0)?,
+        };
+        drop(mine);
+        let shard = self
+            .owned_indices()
+            .into_iter()
+            .map(|i| {
+                let n = self.shapes[i].elem_count();
+                Ok(block
+                    .narrow(0, self.offsets[i], n)?
+                    .reshape(&self.shapes[i])?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Grads(shard))
     }
 
     /// `⟨a, b⟩` over all variables of shard gradients `a`, `b` (this rank's variables): the
@@ -145,22 +192,49 @@ impl Zero1 {
         Ok(ordered_sum(&all_reduce_f64(self.world, &all)?))
     }
 
-    /// Every rank's updated variables onto every rank (all-gather of the parameters).
+    /// All-gather, one bucket at a time: this rank's tensors (`of(i)` for its variables `i`)
+    /// to every rank; `sink(i, t)` receives each other rank's variable `i` whole (`t` shaped,
+    /// in the buffers' dtype) once its last piece has arrived.
+    fn all_gather_with(
+        &self,
+        of: &impl Fn(usize) -> Result<Tensor>,
+        device: &candle_core::Device,
+        mut sink: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let (me, n) = (self.world.rank(), self.world.world_size());
+        let mut pending: Vec<Vec<Tensor>> = vec![Vec::new(); self.owners.len()];
+        let mut have = vec![0usize; self.owners.len()];
+        for (a, b) in self.buckets() {
+            let mine = Tensor::cat(&self.segment(me, (a, b), of, device)?, 0)?;
+            let all = self.world.all_gather(&mine)?;
+            for q in (0..n).filter(|&q| q != me) {
+                for (i, _, at, len) in self.overlaps(q, a, b) {
+                    pending[i].push(all.narrow(0, q * (b - a) + at, len)?);
+                    have[i] += len;
+                    if have[i] == self.shapes[i].elem_count() {
+                        let parts = std::mem::take(&mut pending[i]);
+                        sink(i, Tensor::cat(&parts, 0)?.reshape(&self.shapes[i])?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every rank's updated variables onto every rank (all-gather of the parameters, in
+    /// buckets).
     ///
     /// # Errors
     /// The engine's and tensor errors.
     pub fn all_gather_params(&self, vars: &[(String, Var)]) -> Result<()> {
-        let r = self.world.rank();
-        let mine = self.block_of(r, |i| Ok(vars[i].1.as_tensor().detach()))?;
-        let all = self.world.all_gather(&mine)?;
-        for q in (0..self.world.world_size()).filter(|&q| q != r) {
-            let block = all.narrow(0, q * self.block, self.block)?;
-            for (i, t) in self.unblock(q, &block)? {
-                let var = &vars[i].1;
-                var.set(&t.to_dtype(var.dtype())?)?;
-            }
-        }
-        Ok(())
+        let device = vars
+            .first()
+            .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
+        let of = |i: usize| Ok(vars[i].1.as_tensor().detach());
+        self.all_gather_with(&of, &device, |i, t| {
+            let var = &vars[i].1;
+            Ok(var.set(&t.to_dtype(var.dtype())?)?)
+        })
     }
 
     /// The whole optimizer state (every variable's), gathered from the ranks' shards onto
@@ -169,13 +243,19 @@ impl Zero1 {
     /// # Errors
     /// The engine's and tensor errors.
     pub fn gather_optimizer(&self, shard: &Optimizer, vars: &[(String, Var)]) -> Result<Optimizer> {
-        let (m, v) = shard.moments();
+        let device = vars
+            .first()
+            .map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone());
         let kind = shard.config().kind;
+        let mine = self.owned_indices();
         let full = |part: &[Option<Tensor>], kept: bool| -> Result<Vec<Option<Tensor>>> {
+            let mut out = vec![None; vars.len()];
             if !kept {
-                return Ok(vec![None; vars.len()]);
+                return Ok(out);
             }
-            let mine = self.owned_indices();
+            for (k, &i) in mine.iter().enumerate() {
+                out[i] = part[k].clone();
+            }
             let of = |i: usize| -> Result<Tensor> {
                 let k = mine
                     .iter()
@@ -185,29 +265,18 @@ impl Zero1 {
                     Error::InvalidArgument(format!("no optimizer state for `{}`", vars[i].0))
                 })
             };
-            let all = self
-                .world
-                .all_gather(&self.block_of(self.world.rank(), of)?)?;
-            let mut out = vec![None; vars.len()];
-            for q in 0..self.world.world_size() {
-                let block = all.narrow(0, q * self.block, self.block)?;
-                for (i, t) in self.unblock(q, &block)? {
-                    out[i] = Some(t);
-                }
-            }
+            self.all_gather_with(&of, &device, |i, t| {
+                out[i] = Some(t);
+                Ok(())
+            })?;
             Ok(out)
         };
+        let (m, v) = shard.moments();
         let (m, v) = (
             full(m, kind == OptimizerKind::Adamw)?,
             full(v, kind != OptimizerKind::Sgd)?,
         );
         Optimizer::from_moments(*shard.config(), vars, m, v, shard.step_count())
-    }
-
-    fn owned_indices(&self) -> Vec<usize> {
-        (0..self.owners.len())
-            .filter(|&i| self.owners[i] == self.world.rank())
-            .collect()
     }
 }
 
