@@ -540,13 +540,18 @@ fn forward_flops(cfg: &ModelConfig, len: usize, scored: usize) -> (f64, f64) {
 ///                     + max(A.freed + G_h, G + [ckpt]·A.one_layer)
 /// backward (plain)  = W + O + [K≥2]·G + A.fixed + G + [ckpt]·A.one_layer + A.transient
 /// accumulate (K≥2)  = W + O + 3·G + (plain: A.fixed)
-/// peak              = max(backward, accumulate, W + O + G)
+/// reduce (N ≥ 2)    = W + O + G + R
+/// peak              = max(backward, accumulate, reduce, W + O + G)
 /// ```
+/// where `R` is the gradients summed over the ranks, a new allocation beside the rank's own:
+/// all of them at ZeRO stage 0 (all-reduce), the rank's share at stage 1 (reduce-scatter);
+/// 0 on one rank.
 pub fn peak(
     w: u128,
     o: u128,
     g: u128,
     g_head: u128,
+    reduced: u128,
     act: &Activations,
     s: &Setup,
 ) -> (u128, &'static str) {
@@ -569,7 +574,10 @@ pub fn peak(
         0
     };
     let update = w + o + g;
-    if accumulate > backward {
+    let reduce = update + reduced;
+    if reduced > 0 && reduce > backward.max(accumulate) {
+        (reduce, "summing the gradients over the ranks")
+    } else if accumulate > backward {
         (
             accumulate,
             "adding a micro-batch's gradient to the running sum",
@@ -667,7 +675,20 @@ pub fn plan(m: &PlanModel, s: &Setup) -> Result<Plan> {
     let len = s.max_length as u128;
     let act = activations(m, s, sequences, len);
     let weights = params * p + lora_bytes;
-    let (peak_bytes, phase) = peak(weights + casts, optimizer, gradients, g_head, &act, s);
+    let reduced = match (s.world_size, s.zero_stage) {
+        (0 | 1, _) => 0,
+        (_, 0) => gradients,
+        _ => share * g,
+    };
+    let (peak_bytes, phase) = peak(
+        weights + casts,
+        optimizer,
+        gradients,
+        g_head,
+        reduced,
+        &act,
+        s,
+    );
     let memory = items(
         s,
         [
@@ -795,7 +816,7 @@ fn notes(m: &PlanModel, s: &Setup, kernels: Kernels) -> Vec<String> {
         .to_string(),
         "no separate f32 master weights: with --bf16 the f32 parameters are the master copy; with --dtype bf16 there is none (the optimizer state is f32 either way)".to_string(),
         "reference log-probs are precomputed and cached: no reference model is held".to_string(),
-        "not counted: the process and runtime baseline (~14 MB measured on the CPU; a CUDA context), the allocator's caching, data-parallel communication buffers".to_string(),
+        "not counted: the process and runtime baseline (~14 MB measured on the CPU, ~24 MB more under MPI; a CUDA context), the allocator's caching, the collectives' 25 MiB buckets".to_string(),
         "FLOPs: the LM head counted at every position (the trainer runs it on completion positions only: an upper bound)".to_string(),
     ];
     if kernels == Kernels::Plain {
