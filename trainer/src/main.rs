@@ -85,8 +85,9 @@ fn main() -> ExitCode {
         .subcommand()
         .map(|(_, m)| m.clone())
         .unwrap_or_default();
-    // Under a launcher (`mpirun -np N`), the process's world; dropped at the end (MPI_Finalize).
-    let session = match dist::init() {
+    // Under a launcher (`mpirun -np N`), the process's world; dropped at the end of `main`
+    // (MPI_Finalize).
+    let _session = match dist::init() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -96,10 +97,7 @@ fn main() -> ExitCode {
     let result = commands::run(cli.command, &sub);
     let world = dist::world();
     match result {
-        Ok(()) => {
-            drop(session);
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) if world.world_size() > 1 => {
             // The other ranks may wait in a collective: end them all (MPI_Abort).
             eprintln!(
