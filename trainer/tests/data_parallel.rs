@@ -421,15 +421,21 @@ fn resume_args(model: &Path, data: &Path, out: &Path, steps: &str, batch: &str) 
     .collect()
 }
 
+/// A temporary directory with the tiny model and the 7 pairs in it: `(dir, model, data)`.
+fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(tmp.path());
+    let data = prefs(tmp.path());
+    (tmp, model, data)
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
 #[test]
 fn checkpoints_resume_under_another_world_size() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(tmp.path());
-    let data = prefs(tmp.path());
+    let (tmp, model, data) = fixture();
     let straight = tmp.path().join("straight");
     ok(one(&strs(&resume_args(&model, &data, &straight, "4", "4"))));
 
@@ -485,9 +491,7 @@ fn zero_stage_1_takes_the_steps_of_stage_0() {
         &["--optim", "adamw"][..],
         &["--objective", "dpo-pg", "--optim", "rmsprop"],
     ] {
-        let tmp = tempfile::tempdir().unwrap();
-        let model = common::tiny_model(tmp.path());
-        let data = prefs(tmp.path());
+        let (tmp, model, data) = fixture();
         let run = |stage: &str| -> PathBuf {
             let out = tmp.path().join(format!("zero{stage}"));
             let args: Vec<&str> = ["dpo", "--model", s(&model), "--data", s(&data)]
@@ -527,9 +531,7 @@ fn zero_stage_1_takes_the_steps_of_stage_0() {
 
 #[test]
 fn resume_with_another_global_batch_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(tmp.path());
-    let data = prefs(tmp.path());
+    let (tmp, model, data) = fixture();
     let run = tmp.path().join("run");
     ok(one(&strs(&resume_args(&model, &data, &run, "2", "4"))));
     // 2 ranks × 4 = 8 examples per micro-batch where the checkpoint's run took 4.
@@ -573,9 +575,7 @@ fn mpi_rank(pid: u32) -> Option<usize> {
 
 #[test]
 fn a_killed_rank_ends_the_job_and_the_run_resumes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(tmp.path());
-    let data = prefs(tmp.path());
+    let (tmp, model, data) = fixture();
     let run = tmp.path().join("run");
     let steps = "40";
     let args = [
@@ -687,9 +687,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes() {
 
 #[test]
 fn other_commands_refuse_two_ranks() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(tmp.path());
-    let data = prefs(tmp.path());
+    let (tmp, model, data) = fixture();
     let o = two(&[
         "logps",
         "--model",
