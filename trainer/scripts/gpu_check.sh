@@ -54,6 +54,7 @@ prepare() {
   set -e
   cd "$root"
   local features="${GPU_CHECK_FEATURES-cuda}"
+  rm -rf "$dir/nccl"
   if [[ -z "$features" ]]; then
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
     pack "$(build_tests --release -p difinfo-trainer)"
@@ -85,7 +86,6 @@ prepare() {
     CARGO_TARGET_DIR="$CARGO_TARGET_DIR" bash trainer/scripts/cuda_toolkit_from_pypi.sh "$tk" --stub-libcuda
   fi
   local t0=$SECONDS
-  rm -rf "$dir/nccl"
   if [[ "${GPU_CHECK_NCCL:-1}" != 0 ]]; then
     # Built first, kept aside: the build of the tests below relinks difinfo-train without it.
     cargo build --release -p difinfo-trainer --features "$features,nccl,mpi"

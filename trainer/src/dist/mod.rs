@@ -197,7 +197,7 @@ impl Session {
 /// The engine a launched job uses (`DIFINFO_DIST`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
-    /// [`mpi::Mpi`]-style: collectives through MPI on the host.
+    /// MPI (`mpi::Mpi`, feature `mpi`): collectives through host memory.
     Mpi,
     /// NCCL on one GPU per rank.
     Nccl,
