@@ -2,7 +2,8 @@
 # Assembles a CUDA 13.2 toolkit from NVIDIA's PyPI wheels into $1 (default /tmp/cuda), enough to
 # build `difinfo-train` with `--features cuda` on a machine without a system CUDA toolkit:
 # nvcc + ptxas, NVVM (cicc, libdevice), the CRT and runtime headers, CCCL, and the libraries
-# candle links (cudart, cuBLAS, cuBLASLt, cuRAND, NVRTC). The driver library libcuda.so.1 comes
+# candle links (cudart, cuBLAS, cuBLASLt, cuRAND, NVRTC), and NCCL (nvidia-nccl-cu13 ≥ 2.30:
+# cudarc links libnccl at build time under the `nccl` feature). The driver library libcuda.so.1 comes
 # with the NVIDIA driver and is not on PyPI; with --stub-libcuda (for a compile-and-link check
 # on a machine without a GPU) an empty stand-in is built from the symbols cudarc references.
 #
@@ -28,7 +29,7 @@ nvcc_pin="nvidia-cuda-nvcc==$rel.*"
 pip download --no-deps -d "$work/wheels" \
   "$nvcc_pin" "nvidia-nvvm==$rel.*" "nvidia-cuda-crt==$rel.*" \
   "nvidia-cuda-runtime==$rel.*" "nvidia-cuda-cccl==$rel.*" "nvidia-cublas==13.*" \
-  "nvidia-cuda-nvrtc==$rel.*" "nvidia-curand==10.*"
+  "nvidia-cuda-nvrtc==$rel.*" "nvidia-curand==10.*" "nvidia-nccl-cu13>=2.30"
 for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/x"; done
 src="$work/x/nvidia/cu13"
 mkdir -p "$root"/{bin,include,lib64,nvvm}
@@ -36,6 +37,8 @@ cp -r "$src"/bin/* "$root/bin/"
 cp -r "$src"/nvvm/* "$root/nvvm/"
 cp -r "$src"/include/* "$root/include/"
 cp -r "$src"/lib/* "$root/lib64/"
+cp -r "$work"/x/nvidia/nccl/include/* "$root/include/"
+cp -r "$work"/x/nvidia/nccl/lib/* "$root/lib64/"
 chmod +x "$root"/bin/* "$root"/nvvm/bin/*
 cd "$root/lib64"
 for f in lib*.so.*; do

@@ -20,8 +20,13 @@
 #     device_path, gradients, model_equivalence, train_real_model (CUDA_COMPUTE_CAP, default
 #     90: H100/H200); without a driver here, libcuda is a link-time stand-in (never run GPU
 #     code against it);
+#   - `cargo build --release --features cuda,nccl,mpi` of difinfo-train (GPU_CHECK_NCCL=0
+#     skips it), kept as bin/nccl/difinfo-train with the Open MPI libraries it loads
+#     (bin/nccl/lib; NCCL itself, 190 MB, is not packed: the GPU machine's, e.g. PyTorch's
+#     nvidia-nccl wheel);
 #   - DIR/gpu_bins.tar.xz: those binaries stripped, and data/ (the tests' example data); it
-#     must stay under the device tool's 64 MiB.
+#     must stay under the device tool's 64 MiB (xz with a 256 MiB dictionary, so the candle
+#     kernels every binary embeds are stored once).
 # run:
 #   1. nvidia-smi; the CUDA libraries (cuBLAS, cuBLASLt, cuRAND, NVRTC, cudart) found on the
 #      machine (CUDA_HOME, /usr/local/cuda*, Python's nvidia/cu13 wheels) on LD_LIBRARY_PATH;
@@ -30,7 +35,12 @@
 #      gradients, three DPO/DPO-PG/LoRA steps, checkpointing, the chunked head, bf16);
 #   3. the command line on a tiny model: `logps` and a one-step `dpo` on --device cpu and
 #      --device cuda, compared (f32, 1e-4 relative);
-#   4. `bench` of SmolLM2-135M's configuration (134.5M parameters, random weights) on CUDA:
+#   4. the NCCL engine (where libnccl.so.2 is found): the one-step `dpo` of 3. as 1 rank
+#      (DIFINFO_DIST=nccl) and, with NCCL ≥ 2.30, as 2 ranks on the one GPU
+#      (NCCL_MULTI_RANK_GPU_ENABLE=1, NCCL_NVLS_ENABLE=0; torchrun's variables, the id through
+#      DIFINFO_NCCL_ID_FILE; per-device batch 4 = the CPU run's 8), each against the CPU run
+#      (f32, 1e-4 relative);
+#   5. `bench` of SmolLM2-135M's configuration (134.5M parameters, random weights) on CUDA:
 #      bf16 (f32 master weights) full, with --gradient-checkpointing, with --use-peft; and f32;
 #      tokens/s, peak host RSS and model-FLOPs utilization against the H200's bf16 peak.
 set -uo pipefail
@@ -44,6 +54,7 @@ prepare() {
   set -e
   cd "$root"
   local features="${GPU_CHECK_FEATURES-cuda}"
+  rm -rf "$dir/nccl"
   if [[ -z "$features" ]]; then
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
     pack "$(build_tests --release -p difinfo-trainer)"
@@ -75,6 +86,15 @@ prepare() {
     CARGO_TARGET_DIR="$CARGO_TARGET_DIR" bash trainer/scripts/cuda_toolkit_from_pypi.sh "$tk" --stub-libcuda
   fi
   local t0=$SECONDS
+  if [[ "${GPU_CHECK_NCCL:-1}" != 0 ]]; then
+    # Built first, kept aside: the build of the tests below relinks difinfo-train without it.
+    cargo build --release -p difinfo-trainer --features "$features,nccl,mpi"
+    mkdir -p "$dir/nccl/lib"
+    cp "$CARGO_TARGET_DIR/release/difinfo-train" "$dir/nccl/"
+    # The MPI libraries it links (the GPU machine may have no Open MPI); not glibc's, not CUDA's.
+    ldd "$dir/nccl/difinfo-train" | awk '$3 ~ /^\// {print $3}' |
+      grep -E 'lib(mpi|open-rte|open-pal|hwloc|event|udev|z)[._-]' | xargs -r cp -L -t "$dir/nccl/lib"
+  fi
   local exes
   exes="$(build_tests "${args[@]}")"
   echo "built in $((SECONDS - t0)) s"
@@ -100,8 +120,12 @@ pack() {
     cp "$exe" "$dir/pack/bin/$name"
   done
   strip "$dir"/pack/bin/*
+  if [[ -d "$dir/nccl" ]]; then
+    cp -r "$dir/nccl" "$dir/pack/bin/nccl"
+    strip "$dir/pack/bin/nccl/difinfo-train"
+  fi
   cp -r data "$dir/pack/data"
-  tar -C "$dir/pack" -cJf "$dir/gpu_bins.tar.xz" bin data
+  XZ_OPT='--lzma2=preset=6,dict=256MiB' tar -C "$dir/pack" -cJf "$dir/gpu_bins.tar.xz" bin data
   rm -rf "$dir/pack"
   local size
   size="$(stat -c %s "$dir/gpu_bins.tar.xz")"
@@ -183,6 +207,7 @@ for k in keys:
 bad = worst > 1e-4 or any(rel(mg[k], mc[k]) > 1e-4 for k in ["loss", "grad_norm", "logps/chosen", "logps/rejected"])
 sys.exit(1 if bad else 0)
 PY
+  nccl_check "$dev" "$bin" "$work" "$m" || failed+=("nccl")
   echo "== bench: SmolLM2-135M's configuration on CUDA"
   local b=(bench --size smollm2-135m --device "$dev" --batch 8 --seq 512 --objective dpo --steps 5 --warmup 2)
   if [[ "$dev" == cpu ]]; then
@@ -198,6 +223,62 @@ PY
     return 1
   fi
   echo "ALL GPU CHECKS PASSED"
+}
+
+# The NCCL engine's one-step dpo (1 rank; 2 ranks on the one GPU where NCCL allows it) against
+# the CPU run $3/dpo-cpu; skipped (not failed) without a GPU, a packed NCCL binary or libnccl.
+nccl_check() {
+  local dev="$1" bin="$2" work="$3" m="$4"
+  local T="$bin/nccl/difinfo-train"
+  echo "== NCCL engine: one-step dpo on the GPU vs the CPU (f32)"
+  if [[ "$dev" != cuda* || ! -x "$T" ]]; then
+    echo "skipped: no GPU or no NCCL binary packed"
+    return 0
+  fi
+  local lib
+  lib="$(IFS=:; for d in $LD_LIBRARY_PATH /usr/lib/x86_64-linux-gnu /usr/local/lib; do
+    [[ -e "$d/libnccl.so.2" ]] && { echo "$d/libnccl.so.2"; break; }; done)"
+  if [[ -z "$lib" ]]; then
+    echo "skipped: no libnccl.so.2 on this machine (pip install nvidia-nccl-cu13)"
+    return 0
+  fi
+  local ver
+  ver="$(python3 -c 'import ctypes, sys
+v = ctypes.c_int(); ctypes.CDLL(sys.argv[1]).ncclGetVersion(ctypes.byref(v)); print(v.value)' "$lib")"
+  echo "NCCL $lib, version code $ver"
+  local -x LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$bin/nccl/lib"
+  local args=(dpo --model "$m" --data "$work/data/example_prefs.jsonl" --device cuda --max-steps 1
+    --logging-steps 1 --learning-rate 1e-3 --save-steps 0)
+  local bad=0 runs=(nccl1)
+  DIFINFO_DIST=nccl RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 timeout 300 "$T" "${args[@]}" \
+    --output-dir "$work/dpo-nccl1" || bad=1
+  if ((ver >= 23000)); then
+    runs+=(nccl2)
+    local r pids=()
+    for r in 0 1; do
+      NCCL_MULTI_RANK_GPU_ENABLE=1 NCCL_NVLS_ENABLE=0 DIFINFO_DIST=nccl RANK=$r WORLD_SIZE=2 \
+        LOCAL_RANK=0 DIFINFO_NCCL_ID_FILE="$work/nccl-id" timeout 300 "$T" "${args[@]}" \
+        --per-device-train-batch-size 4 --output-dir "$work/dpo-nccl2" &
+      pids+=($!)
+    done
+    for r in "${pids[@]}"; do wait "$r" || bad=1; done
+  else
+    echo "2 ranks on one GPU skipped: NCCL $ver < 2.30 refuses them (Duplicate GPU detected)"
+  fi
+  python3 - "$work" "${runs[@]}" <<'PY' || bad=1
+import json, sys
+w, runs = sys.argv[1], sys.argv[2:]
+rel = lambda a, b: abs(a - b) / max(abs(b), 1e-12)
+mc = json.loads(open(f"{w}/dpo-cpu/metrics.jsonl").readline())
+bad = False
+for run in runs:
+    mg = json.loads(open(f"{w}/dpo-{run}/metrics.jsonl").readline())
+    for k in ["loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"]:
+        print(f"{run} dpo step 1 {k}: cpu {mc[k]:.8g} nccl {mg[k]:.8g} relative {rel(mg[k], mc[k]):.2e}")
+    bad |= any(rel(mg[k], mc[k]) > 1e-4 for k in ["loss", "grad_norm", "logps/chosen", "logps/rejected"])
+sys.exit(1 if bad else 0)
+PY
+  return "$bad"
 }
 
 case "$cmd" in

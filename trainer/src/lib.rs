@@ -64,7 +64,8 @@ pub mod units;
 
 pub use error::{DataError, Error, Result};
 
-/// Chooses the compute device: `cpu`, `cuda` or `cuda:N`.
+/// Chooses the compute device: `cpu`, `cuda` or `cuda:N`; `cuda` is `cuda:0`, or the rank's
+/// own GPU under the NCCL engine ([`dist::default_cuda_ordinal`]).
 ///
 /// # Errors
 /// Unknown names; CUDA requested in a build without the `cuda` feature or without a GPU.
@@ -73,7 +74,8 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device> {
         "cpu" => Ok(candle_core::Device::Cpu),
         _ => {
             let ord = match s.strip_prefix("cuda") {
-                Some("") => 0,
+                // Under the NCCL engine, the rank's own GPU (its local rank).
+                Some("") => crate::dist::default_cuda_ordinal(),
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse().ok())

@@ -5,6 +5,9 @@
 //!   started without a launcher gets, with no MPI library loaded.
 //! - `mpi::Mpi` (cargo feature `mpi`): rsmpi over the system's Open MPI or MPICH, for CPU
 //!   processes on one machine or many, started by `mpirun -np N …`.
+//! - `nccl::Nccl` (cargo feature `nccl`): NCCL through cudarc, one process per GPU, started
+//!   by `mpirun` (the unique id over MPI, with the `mpi` feature) or with torchrun's variables
+//!   (the id through a file); see [`Launch`].
 //!
 //! The process's world is set once, by [`init`] at the binary's start (as
 //! `torch.distributed.init_process_group` sets the default group), and read anywhere with
@@ -21,6 +24,8 @@ use crate::error::{Error, Result};
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// The collectives of data-parallel training, as MPI and NCCL define them. Every rank calls
 /// the same collectives in the same order with tensors of the same length and dtype.
@@ -189,23 +194,157 @@ impl Session {
     }
 }
 
-/// Sets the process's [`world`] from its launcher: under `mpirun -np N` (N > 1) the MPI
-/// engine, with no launcher (or one process) [`Single`]. Call once, first thing in `main`.
+/// The engine a launched job uses (`DIFINFO_DIST`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// MPI (`mpi::Mpi`, feature `mpi`): collectives through host memory.
+    Mpi,
+    /// NCCL on one GPU per rank.
+    Nccl,
+}
+
+/// What the launcher's variables say about this process, read by [`Launch::from_env`]:
+///
+/// - `DIFINFO_DIST=mpi|nccl` picks the engine; unset, MPI under an MPI launcher
+///   (`OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`), NCCL under torchrun's variables (`WORLD_SIZE`; only
+///   in a build with the `nccl` feature: other builds ignore them, as before);
+/// - rank and world size: `OMPI_COMM_WORLD_RANK`/`_SIZE` (Open MPI), `PMI_RANK`/`PMI_SIZE`
+///   (MPICH), else torchrun's `RANK`/`WORLD_SIZE`;
+/// - the GPU (NCCL): the local rank, `OMPI_COMM_WORLD_LOCAL_RANK`, `MPI_LOCALRANKID` or
+///   torchrun's `LOCAL_RANK`, else the rank; `--device cuda` then means `cuda:<local rank>`.
+///
+/// torchrun's `MASTER_ADDR` and `MASTER_PORT` are not used: NCCL's unique id carries rank 0's
+/// address, and it reaches the other ranks over MPI or through `DIFINFO_NCCL_ID_FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// The engine.
+    pub engine: Engine,
+    /// Whether `DIFINFO_DIST` named it (a world of one then still starts it).
+    pub explicit: bool,
+    /// Whether an MPI launcher started the process.
+    pub mpi_launcher: bool,
+    /// This process's rank (0 without a launcher).
+    pub rank: usize,
+    /// The number of processes (1 without a launcher).
+    pub world_size: usize,
+    /// The GPU of this rank on its machine.
+    pub local_rank: usize,
+}
+
+impl Launch {
+    /// Reads the variables through `var` (`std::env::var` in [`init`]).
+    ///
+    /// # Errors
+    /// An unknown `DIFINFO_DIST`; a variable that is not a number; a rank outside the world.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let num = |keys: &[&str]| -> Result<Option<usize>> {
+            for k in keys {
+                if let Some(v) = var(k) {
+                    return v.trim().parse().map(Some).map_err(|_| {
+                        Error::InvalidArgument(format!("{k}={v}: not a non-negative integer"))
+                    });
+                }
+            }
+            Ok(None)
+        };
+        let mpi_world = num(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])?;
+        let torch_world = num(&["WORLD_SIZE"])?;
+        let (engine, explicit) = match var("DIFINFO_DIST").as_deref().map(str::trim) {
+            None | Some("") => {
+                let nccl = mpi_world.is_none() && torch_world.is_some() && cfg!(feature = "nccl");
+                (if nccl { Engine::Nccl } else { Engine::Mpi }, false)
+            }
+            Some("mpi") => (Engine::Mpi, true),
+            Some("nccl") => (Engine::Nccl, true),
+            Some(other) => {
+                return Err(Error::InvalidArgument(format!(
+                    "DIFINFO_DIST={other}: expected mpi or nccl"
+                )))
+            }
+        };
+        let mpi_launcher = mpi_world.is_some();
+        let world_size = match engine {
+            Engine::Mpi => mpi_world,
+            Engine::Nccl => mpi_world.or(torch_world),
+        }
+        .unwrap_or(1)
+        .max(1);
+        let rank = if mpi_launcher {
+            num(&["OMPI_COMM_WORLD_RANK", "PMI_RANK"])?
+        } else if engine == Engine::Nccl {
+            num(&["RANK"])?
+        } else {
+            None
+        };
+        let rank = match rank {
+            Some(r) => r,
+            None if world_size == 1 || engine == Engine::Mpi => 0,
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "a world of {world_size} processes but no rank: set RANK (torchrun sets it)"
+                )))
+            }
+        };
+        if rank >= world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank {rank} is not a rank of a world of {world_size}"
+            )));
+        }
+        let local_rank = num(&[
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "LOCAL_RANK",
+        ])?
+        .unwrap_or(rank);
+        Ok(Self {
+            engine,
+            explicit,
+            mpi_launcher,
+            rank,
+            world_size,
+            local_rank,
+        })
+    }
+}
+
+/// The GPU of this rank when the NCCL engine runs, for `--device cuda`; set by [`init`].
+static LOCAL_GPU: OnceLock<usize> = OnceLock::new();
+
+/// The ordinal `--device cuda` names: the rank's GPU under the NCCL engine, else 0.
+pub fn default_cuda_ordinal() -> usize {
+    LOCAL_GPU.get().copied().unwrap_or(0)
+}
+
+/// Sets the process's [`world`] from its launcher ([`Launch`]): under `mpirun -np N` (N > 1)
+/// the MPI engine, under torchrun's variables or `DIFINFO_DIST=nccl` the NCCL engine, with no
+/// launcher (or one process) [`Single`]. Call once, first thing in `main`.
 ///
 /// # Errors
-/// A launcher with more than one process and a binary built without the `mpi` feature; MPI
-/// failing to start; a second call.
+/// A launcher with more than one process and a binary built without the engine's feature;
+/// the engine failing to start; a second call.
 pub fn init() -> Result<Session> {
-    let n = launcher_world_size().unwrap_or(1);
+    let launch = Launch::from_env(|k| std::env::var(k).ok())?;
+    match launch.engine {
+        Engine::Nccl if launch.world_size > 1 || launch.explicit => start_nccl(&launch),
+        Engine::Nccl => Ok(Session::single()),
+        Engine::Mpi => start_mpi(launch.world_size),
+    }
+}
+
+fn set_world(engine: Box<dyn Collective>) -> Result<()> {
+    WORLD
+        .set(engine)
+        .map_err(|_| Error::InvalidArgument("dist::init called twice".into()))
+}
+
+fn start_mpi(n: usize) -> Result<Session> {
     if n <= 1 {
         return Ok(Session::single());
     }
     #[cfg(feature = "mpi")]
     {
         let (universe, engine) = mpi::Mpi::start()?;
-        WORLD
-            .set(Box::new(engine))
-            .map_err(|_| Error::InvalidArgument("dist::init called twice".into()))?;
+        set_world(Box::new(engine))?;
         Ok(Session {
             _mpi: Some(universe),
         })
@@ -215,4 +354,114 @@ pub fn init() -> Result<Session> {
         "started by an MPI launcher with {n} processes, but this binary was built without the \
          `mpi` feature: rebuild with `cargo build --release -p difinfo-trainer --features mpi`"
     )))
+}
+
+/// The NCCL engine: the unique id over MPI when an MPI launcher started a job of several
+/// ranks and the binary has the `mpi` feature, else through `DIFINFO_NCCL_ID_FILE` (needed
+/// only for more than one rank).
+#[cfg(feature = "nccl")]
+fn start_nccl(l: &Launch) -> Result<Session> {
+    #[cfg(feature = "mpi")]
+    if l.mpi_launcher && l.world_size > 1 {
+        let (universe, m) = mpi::Mpi::start()?;
+        let engine = nccl::Nccl::start(m.rank(), m.world_size(), l.local_rank, |id| {
+            m.broadcast_bytes(id, 0)
+        })?;
+        LOCAL_GPU.get_or_init(|| engine.gpu());
+        set_world(Box::new(engine))?;
+        return Ok(Session {
+            _mpi: Some(universe),
+        });
+    }
+    let file = std::env::var_os("DIFINFO_NCCL_ID_FILE").map(std::path::PathBuf::from);
+    let engine = nccl::Nccl::start(l.rank, l.world_size, l.local_rank, |id| {
+        match (&file, l.world_size) {
+            (_, 1) => Ok(()),
+            (Some(f), _) => nccl::exchange_through_file(f, l.rank, id),
+            (None, n) => Err(Error::InvalidArgument(format!(
+                "the NCCL engine with {n} ranks and no MPI launcher needs DIFINFO_NCCL_ID_FILE: \
+                 a path (absent at the start) in a directory every rank sees"
+            ))),
+        }
+    })?;
+    if let (Some(f), 0, true) = (&file, l.rank, l.world_size > 1) {
+        // Every rank has joined the communicator: the id is read everywhere.
+        let _ = std::fs::remove_file(f);
+    }
+    LOCAL_GPU.get_or_init(|| engine.gpu());
+    set_world(Box::new(engine))?;
+    Ok(Session::single())
+}
+
+#[cfg(not(feature = "nccl"))]
+fn start_nccl(l: &Launch) -> Result<Session> {
+    Err(Error::InvalidArgument(format!(
+        "the NCCL engine (DIFINFO_DIST=nccl or torchrun's variables, a world of {}) needs a \
+         binary built with the `nccl` feature: `cargo build --release -p difinfo-trainer \
+         --features nccl` (CUDA; add `mpi` to launch with mpirun)",
+        l.world_size
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(vars: &[(&str, &str)]) -> Result<Launch> {
+        Launch::from_env(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_string())
+        })
+    }
+
+    #[test]
+    fn no_launcher_is_a_world_of_one() {
+        let l = launch(&[]).unwrap();
+        assert_eq!(
+            (l.engine, l.explicit, l.rank, l.world_size),
+            (Engine::Mpi, false, 0, 1)
+        );
+    }
+
+    #[test]
+    fn mpirun_defaults_to_mpi_and_nccl_takes_its_local_rank() {
+        let v = [
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ];
+        let l = launch(&v).unwrap();
+        assert_eq!((l.engine, l.world_size, l.rank), (Engine::Mpi, 4, 3));
+        let mut v = v.to_vec();
+        v.push(("DIFINFO_DIST", "nccl"));
+        let l = launch(&v).unwrap();
+        assert_eq!(
+            (l.engine, l.rank, l.local_rank, l.mpi_launcher),
+            (Engine::Nccl, 3, 1, true)
+        );
+    }
+
+    #[test]
+    fn torchrun_variables_pick_nccl_only_in_an_nccl_build() {
+        let v = [("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")];
+        let l = launch(&v).unwrap();
+        if cfg!(feature = "nccl") {
+            assert_eq!(
+                (l.engine, l.world_size, l.rank, l.local_rank),
+                (Engine::Nccl, 2, 1, 1)
+            );
+        } else {
+            // As before the NCCL engine existed: torchrun's variables are not a launcher.
+            assert_eq!((l.engine, l.world_size), (Engine::Mpi, 1));
+        }
+    }
+
+    #[test]
+    fn bad_variables_are_refused() {
+        assert!(launch(&[("DIFINFO_DIST", "gloo")]).is_err());
+        assert!(launch(&[("DIFINFO_DIST", "nccl"), ("WORLD_SIZE", "2")]).is_err());
+        assert!(launch(&[("DIFINFO_DIST", "nccl"), ("WORLD_SIZE", "2"), ("RANK", "2")]).is_err());
+        assert!(launch(&[("OMPI_COMM_WORLD_SIZE", "two")]).is_err());
+    }
 }

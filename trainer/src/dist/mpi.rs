@@ -59,6 +59,18 @@ impl Mpi {
         ))
     }
 
+    /// Rank `root`'s bytes in `buf` on every rank (MPI_Bcast): how the NCCL engine's unique
+    /// id reaches the ranks under mpirun.
+    ///
+    /// # Errors
+    /// A call from another thread than MPI's; a root outside the world.
+    pub fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.check_thread()?;
+        check_root(root, self.size)?;
+        self.comm.process_at_rank(root as i32).broadcast_into(buf);
+        Ok(())
+    }
+
     fn check_thread(&self) -> Result<()> {
         if std::thread::current().id() != self.thread {
             return Err(Error::InvalidArgument(

@@ -77,7 +77,8 @@ pub struct Placement {
     /// way; bf16 on CPU computes matmuls through f32: slow).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`; under the NCCL
+    /// engine, cuda is the rank's GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
