@@ -248,7 +248,14 @@ impl Launch {
             Ok(None)
         };
         let mpi_world = num(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])?;
-        let torch_world = num(&["WORLD_SIZE"])?;
+        // torchrun's variables are read only where NCCL may use them: other builds ignore
+        // them, as before (another tool's malformed WORLD_SIZE is not our error).
+        let wants_nccl = var("DIFINFO_DIST").is_some_and(|d| d.trim() == "nccl");
+        let torch_world = if cfg!(feature = "nccl") || wants_nccl {
+            num(&["WORLD_SIZE"])?
+        } else {
+            None
+        };
         let (engine, explicit) = match var("DIFINFO_DIST").as_deref().map(str::trim) {
             None | Some("") => {
                 let nccl = mpi_world.is_none() && torch_world.is_some() && cfg!(feature = "nccl");
