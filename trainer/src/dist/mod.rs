@@ -338,6 +338,8 @@ pub fn init() -> Result<Session> {
     }
 }
 
+/// Sets the process's [`world`] once (an engine's start).
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn set_world(engine: Box<dyn Collective>) -> Result<()> {
     WORLD
         .set(engine)
