@@ -99,7 +99,7 @@ pub struct PlanModel {
 }
 
 /// `model_type`s the plan reads beyond [`crate::config_json::SUPPORTED_MODEL_TYPES`]: for
-/// planning only (training Gemma2 is issue 23).
+/// planning only (the trainer does not train Gemma2 yet).
 pub const PLAN_ONLY_MODEL_TYPES: [&str; 1] = ["gemma2"];
 
 impl PlanModel {
@@ -830,7 +830,7 @@ fn notes(m: &PlanModel, s: &Setup, kernels: Kernels) -> Vec<String> {
     }
     if PLAN_ONLY_MODEL_TYPES.contains(&m.model_type.as_str()) {
         n.push(format!(
-            "{}: read for planning only (training it is issue 23): Llama's layer plus two norms per layer and soft-capped attention logits",
+            "{}: read for planning only (the trainer does not train it yet): Llama's layer plus two norms per layer and soft-capped attention logits",
             m.model_type
         ));
     }
