@@ -475,6 +475,9 @@ fn gemma2_plans_with_a_note_that_training_it_is_issue_23() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("gemma2") && t.contains("does not train it yet"), "{t}");
+    assert!(
+        t.contains("gemma2") && t.contains("does not train it yet"),
+        "{t}"
+    );
     assert!(t.contains("9.242 B parameters"), "{t}");
 }
