@@ -453,21 +453,27 @@ fn train_locked(
     let model = TrainModel::new(m, r.record.model.clone(), dtype);
     let mut trainer = match &r.resume {
         Some(ck) => {
-            eprintln!("resuming from {}", ck.display());
+            if main {
+                eprintln!("resuming from {}", ck.display());
+            }
             Trainer::resume(&model, c.clone(), data, ck)?
         }
         None => match (&r.record.ref_model, c.objective.needs_reference()) {
             (Some(dir), true) => {
                 let reference =
                     load_reference(dir, &model, dtype, &device, r.record.settings.bf16)?;
-                eprintln!("reference model: {}", dir.display());
+                if main {
+                    eprintln!("reference model: {}", dir.display());
+                }
                 Trainer::with_reference(&model, &reference, c.clone(), data)?
             }
             (Some(dir), false) => {
-                eprintln!(
-                    "warning: --ref-model {} is not used: the objective reads no reference",
-                    dir.display()
-                );
+                if main {
+                    eprintln!(
+                        "warning: --ref-model {} is not used: the objective reads no reference",
+                        dir.display()
+                    );
+                }
                 Trainer::new(&model, c.clone(), data)?
             }
             (None, _) => Trainer::new(&model, c.clone(), data)?,
