@@ -140,14 +140,6 @@ pub fn check_root(root: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The launcher's world size, read from the variables mpirun (Open MPI: `OMPI_COMM_WORLD_SIZE`)
-/// and MPICH's Hydra (`PMI_SIZE`) set; `None` when no launcher started the process.
-pub fn launcher_world_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
-}
-
 static WORLD: OnceLock<Box<dyn Collective>> = OnceLock::new();
 
 /// Nanoseconds spent in collectives, for [`comm_seconds`].
@@ -227,7 +219,8 @@ pub struct Launch {
     pub rank: usize,
     /// The number of processes (1 without a launcher).
     pub world_size: usize,
-    /// The GPU of this rank on its machine.
+    /// The GPU of this rank on its machine (NCCL; the rank itself under MPI, which picks no
+    /// GPU).
     pub local_rank: usize,
 }
 
@@ -250,13 +243,14 @@ impl Launch {
         let mpi_world = num(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])?;
         // torchrun's variables are read only where NCCL may use them: other builds ignore
         // them, as before (another tool's malformed WORLD_SIZE is not our error).
-        let wants_nccl = var("DIFINFO_DIST").is_some_and(|d| d.trim() == "nccl");
-        let torch_world = if cfg!(feature = "nccl") || wants_nccl {
+        let dist = var("DIFINFO_DIST");
+        let dist = dist.as_deref().map(str::trim);
+        let torch_world = if cfg!(feature = "nccl") || dist == Some("nccl") {
             num(&["WORLD_SIZE"])?
         } else {
             None
         };
-        let (engine, explicit) = match var("DIFINFO_DIST").as_deref().map(str::trim) {
+        let (engine, explicit) = match dist {
             None | Some("") => {
                 let nccl = mpi_world.is_none() && torch_world.is_some() && cfg!(feature = "nccl");
                 (if nccl { Engine::Nccl } else { Engine::Mpi }, false)
@@ -297,12 +291,16 @@ impl Launch {
                 "rank {rank} is not a rank of a world of {world_size}"
             )));
         }
-        let local_rank = num(&[
-            "OMPI_COMM_WORLD_LOCAL_RANK",
-            "MPI_LOCALRANKID",
-            "LOCAL_RANK",
-        ])?
-        .unwrap_or(rank);
+        // Only the NCCL engine picks a GPU (and so reads torchrun's LOCAL_RANK).
+        let local_rank = match engine {
+            Engine::Nccl => num(&[
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "MPI_LOCALRANKID",
+                "LOCAL_RANK",
+            ])?
+            .unwrap_or(rank),
+            Engine::Mpi => rank,
+        };
         Ok(Self {
             engine,
             explicit,
@@ -461,8 +459,10 @@ mod tests {
                 (Engine::Nccl, 2, 1, 1)
             );
         } else {
-            // As before the NCCL engine existed: torchrun's variables are not a launcher.
+            // As before the NCCL engine existed: torchrun's variables are not a launcher, and
+            // another tool's values, malformed or not, are not read.
             assert_eq!((l.engine, l.world_size), (Engine::Mpi, 1));
+            assert!(launch(&[("WORLD_SIZE", "x"), ("LOCAL_RANK", "y")]).is_ok());
         }
     }
 

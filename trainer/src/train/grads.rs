@@ -27,6 +27,23 @@ pub fn grad_dtype(d: DType) -> DType {
 }
 
 impl Grads {
+    /// A zero gradient for each variable, in [`grad_dtype`] (a rank without examples in a
+    /// micro-batch; a variable the backward pass did not reach).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn zeros(vars: &[(String, Var)]) -> Result<Grads> {
+        let g = vars
+            .iter()
+            .map(|(_, v)| Self::zero(v))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Grads(g))
+    }
+
+    fn zero(var: &Var) -> candle_core::Result<Tensor> {
+        Tensor::zeros(var.shape(), grad_dtype(var.dtype()), var.device())
+    }
+
     /// `scale · ∇` for each variable from a backward pass. A variable without a gradient gets
     /// zeros; the names of such variables are returned (a model whose variables all take part
     /// in the loss returns none: see the notes on candle's ops without backward).
@@ -53,7 +70,7 @@ impl Grads {
                 }
                 None => {
                     missing.push(name.clone());
-                    out.push(Tensor::zeros(var.shape(), dt, var.device())?);
+                    out.push(Self::zero(var)?);
                 }
             }
         }

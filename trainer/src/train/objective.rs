@@ -139,7 +139,7 @@ pub fn preference_loss(
 }
 
 /// Host-side means of a preference loss, TRL's metrics of one micro-batch.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PreferenceMetrics {
     /// `loss`.
     pub loss: f64,

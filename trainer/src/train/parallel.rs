@@ -100,16 +100,7 @@ pub fn global_metrics(
     local: Option<&PreferenceMetrics>,
     weight: f64,
 ) -> Result<PreferenceMetrics> {
-    let zero = PreferenceMetrics {
-        loss: 0.0,
-        rewards_chosen: 0.0,
-        rewards_rejected: 0.0,
-        rewards_accuracies: 0.0,
-        rewards_margins: 0.0,
-        logps_chosen: 0.0,
-        logps_rejected: 0.0,
-        nll_loss: None,
-    };
+    let zero = PreferenceMetrics::default();
     let m = local.unwrap_or(&zero);
     if world.world_size() == 1 {
         return Ok(*m);

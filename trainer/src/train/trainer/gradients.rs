@@ -129,22 +129,6 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
         (part, w)
     }
 
-    /// Zero gradients for every variable (a rank without examples in a micro-batch).
-    fn zero_grads(&self) -> Result<Grads> {
-        let g = self
-            .vars
-            .iter()
-            .map(|(_, v)| {
-                Tensor::zeros(
-                    v.shape(),
-                    crate::train::grads::grad_dtype(v.dtype()),
-                    v.device(),
-                )
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Grads(g))
-    }
-
     /// The step's summed gradient over its micro-batches `mbs` (`(index in the epoch,
     /// examples)`), by the objective's rule; each micro-batch's metrics go to the log.
     ///
@@ -206,7 +190,7 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
             let (part, _) = self.local(idx);
             let refs: Vec<&Sequence> = seqs[part].iter().collect();
             if refs.is_empty() {
-                out.add(self.zero_grads()?)?;
+                out.add(Grads::zeros(&self.vars)?)?;
                 self.state.log.add_microbatch(&[]);
                 continue;
             }
@@ -240,7 +224,7 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
             let (part, w) = self.local(all_idx);
             let idx = &all_idx[part];
             let (local, g) = if idx.is_empty() {
-                (None, self.zero_grads()?)
+                (None, Grads::zeros(&self.vars)?)
             } else {
                 let seqs: Vec<&Sequence> = idx
                     .iter()
@@ -288,8 +272,8 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
                 let m = global_metrics(self.world, None, w)?;
                 self.check_pref(&m, *mb, all_idx)?;
                 out.loss += m.loss / k;
-                out.add(self.zero_grads()?)?;
-                rejected.add(self.zero_grads()?)?;
+                out.add(Grads::zeros(&self.vars)?)?;
+                rejected.add(Grads::zeros(&self.vars)?)?;
                 self.state.log.add_microbatch(&m.record());
                 out.preference.push(m);
                 continue;
