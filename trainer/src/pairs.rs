@@ -490,3 +490,29 @@ fn as_completion(prompt: &Text, completion: &Text) -> Text {
         _ => completion.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Small integer rewards, so that ties between the best, the worst and the rest are
+        /// frequent.
+        #[test]
+        fn chosen_is_the_first_maximum_and_rejected_the_first_minimum_of_the_rest(
+            r in prop::collection::vec(-2i8..=2, 2..8)
+        ) {
+            let r: Vec<f64> = r.into_iter().map(f64::from).collect();
+            let (c, l) = best_and_worst(&r);
+            prop_assert_ne!(c, l);
+            let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            prop_assert_eq!(r[c], max);
+            prop_assert!(r[..c].iter().all(|&x| x < max));
+            let rest = || r.iter().enumerate().filter(|&(i, _)| i != c);
+            let min = rest().map(|(_, &x)| x).fold(f64::INFINITY, f64::min);
+            prop_assert_eq!(r[l], min);
+            prop_assert!(rest().filter(|&(i, _)| i < l).all(|(_, &x)| x > min));
+        }
+    }
+}
