@@ -415,3 +415,45 @@ fn mixed_formats_and_duplicates_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn scores_of_several_files_pick_the_samples_file_by_its_path() {
+    let dir = TempDir::new();
+    let (samples, _) = plain_files(&dir);
+    let row = |data: &str, line: u64, k: u64, r: f64| {
+        json!({"data": data, "line": line, "sample": k, "reward": r}).to_string()
+    };
+    let mut lines = Vec::new();
+    for (line, k, r) in [(1, 0, 0.5), (1, 1, 2.0), (1, 2, -1.0), (2, 0, 1.0)] {
+        lines.push(row(s(&samples), line, k, r));
+        lines.push(row("other.jsonl", line, k, -r));
+    }
+    lines.push(row(s(&samples), 3, 0, 0.0));
+    lines.push(row(s(&samples), 3, 1, 1.0));
+    let lv: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let scores = write_lines(&dir, "scores.jsonl", &lv);
+    let out = dir.join("o.jsonl");
+    let err = ok(&[
+        "build-pairs",
+        "--samples",
+        s(&samples),
+        "--scores",
+        s(&scores),
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("2 paired"), "{err}");
+    assert_eq!(jsonl(&out)[0]["chosen"], json!("red"));
+    let err = fails(&[
+        "build-pairs",
+        "--samples",
+        s(&samples),
+        "--scores",
+        s(&scores),
+        "--out",
+        s(&out),
+        "--label",
+        "other.jsonl",
+    ]);
+    assert!(err.contains("no score for line 3 sample 0"), "{err}");
+}

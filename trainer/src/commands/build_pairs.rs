@@ -34,7 +34,8 @@ pub struct BuildPairsArgs {
     /// is the first completion after `chosen`); skipped by default.
     #[arg(long, default_value_t = false)]
     pub keep_ties: bool,
-    /// Use the score rows whose `label` (or `data`) is this one (scores of several files).
+    /// Use the score rows whose `label` (or `data`) is this one (scores of several files)
+    /// [default: the rows whose label is --samples' path as given, if any]
     #[arg(long)]
     pub label: Option<String>,
     /// The counts as JSON (prompts paired, skipped with one completion or a tie, unmatched
