@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-/// JSONL example parsers: the bytes as one line of preference, SFT, prompt and
-/// `resample-rejected` candidate data.
+/// JSONL example parsers: the bytes as one line of preference, SFT, prompt,
+/// `resample-rejected` candidate data, and of `build-pairs`' samples and scores.
 pub fn jsonl_example(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -15,6 +15,8 @@ pub fn jsonl_example(data: &[u8]) {
     let _ = crate::records::parse_sft_line(text, p, 1);
     let _ = crate::records::parse_prompt_line(text, p, 1);
     let _ = crate::records::parse_candidates_line(text, p, 1);
+    let _ = crate::records::parse_sample_line(text, p, 1);
+    let _ = crate::records::parse_score_line(text, p, 1);
 }
 
 /// config.json parsing; a parsed config also derives its tensor list, parameter count and

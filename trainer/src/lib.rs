@@ -9,7 +9,8 @@
 //!   bars, what is printed); nothing below knows of it. [`fuzzing`]: the fuzz targets' entries;
 //! - [`diag`]: the paper's diagnostics (Monte Carlo entropy, β-accuracy, the DID entropy,
 //!   rejected-response resampling, the run report); [`plan`]: the memory and compute plan of
-//!   a run (`difinfo-train plan`);
+//!   a run (`difinfo-train plan`); [`pairs`]: preference pairs from scored samples
+//!   (Appendix J.2);
 //! - [`train`]: SFT, DPO, reference-free DPO and DPO-PG training with checkpoints, metrics
 //!   and exact resume; [`init`]: random checkpoints with a trained BPE tokenizer;
 //! - [`pretrained`]: a model loaded from and saved as a Hugging Face directory (or a GGUF
@@ -50,6 +51,7 @@ pub mod lora;
 pub mod memory;
 pub mod model;
 pub mod outputs;
+pub mod pairs;
 pub mod plan;
 pub mod pretrained;
 pub mod provenance;

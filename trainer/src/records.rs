@@ -25,6 +25,7 @@ mod json_record;
 mod jsonl;
 mod opened;
 mod parquet_file;
+mod parquet_writer;
 mod shards;
 
 use std::path::{Path, PathBuf};
@@ -39,9 +40,10 @@ use parquet_file::ParquetRow;
 pub use invalid::{default_report_path, write_error_report, InvalidRecords};
 pub use json_record::{
     parse_candidates_line, parse_preference_line, parse_preference_str, parse_prompt_line,
-    parse_sft_line,
+    parse_sample_line, parse_score_line, parse_sft_line,
 };
 pub use jsonl::read_jsonl;
+pub use parquet_writer::write_preferences_parquet;
 
 /// A prompt or completion: a plain string or a list of chat messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +145,44 @@ pub struct CandidateSet {
     pub chosen: Text,
     /// At least one candidate rejected completion.
     pub candidates: Vec<Text>,
+}
+
+/// Which sample of which prompt a row is: `line`, the prompt's line in the prompt file
+/// `sample` read, and `sample`, its index among that prompt's samples (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleKey {
+    /// The prompt's line in the prompt file.
+    pub line: u64,
+    /// The sample's index among its prompt's samples.
+    pub sample: u64,
+}
+
+/// A row of `sample`'s output as `build-pairs` reads it: `{"line", "sample", "prompt",
+/// "completion", ...}` (other fields ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleRecord {
+    /// `line` and `sample`.
+    pub key: SampleKey,
+    /// The prompt (a string or a message list).
+    pub prompt: Text,
+    /// The completion: a string (possibly empty: a sample may end at once), or a message
+    /// list when the prompt is one.
+    pub completion: Text,
+}
+
+/// A row of a scores file: a finite `reward`, with the sample it scores named by `line` and
+/// `sample` (joined with a samples file), or carried whole as `prompt` and `completion`, or
+/// both; `label` (or, lacking it, `data`) names the scored file when several were.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreRecord {
+    /// `line` and `sample`, when the row has them.
+    pub key: Option<SampleKey>,
+    /// `label`, or `data` when there is no `label`.
+    pub label: Option<String>,
+    /// `prompt` and `completion`, when the row has them.
+    pub text: Option<(Text, Text)>,
+    /// The reward (finite).
+    pub reward: f64,
 }
 
 /// The layout of a dataset file, from its name and first bytes ([`DataFormat::detect`]).

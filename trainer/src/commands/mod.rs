@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod bench_forward;
 pub mod beta_accuracy;
+pub mod build_pairs;
 pub mod convert;
 pub mod did_entropy;
 pub mod dpo;
@@ -77,6 +78,9 @@ pub enum Command {
     /// sampling-importance-resampling toward Eq. 1's π_l ∝ π_ref^{1+β} π*^{−β}, with weights
     /// (π_ref(y)/π*(y))^β; writes TRL preference lines (prompt, chosen, rejected, ess).
     ResampleRejected(resample_rejected::ResampleRejectedArgs),
+    /// Appendix J.2: from scored samples, each prompt's highest-reward completion as `chosen`
+    /// and its lowest as `rejected`, in TRL's preference format (JSONL or Parquet).
+    BuildPairs(build_pairs::BuildPairsArgs),
 }
 
 /// Runs a parsed subcommand; `sub` is its matches (the training commands tell the options given
@@ -119,5 +123,6 @@ pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
         Command::Report(a) => report::run(a),
         Command::Merge(a) => merge::run(a),
         Command::ResampleRejected(a) => resample_rejected::run(a),
+        Command::BuildPairs(a) => build_pairs::run(a),
     }
 }

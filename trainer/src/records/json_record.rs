@@ -5,7 +5,10 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::{CandidateSet, PreferenceExample, PromptExample, SftExample, Text};
+use super::{
+    CandidateSet, PreferenceExample, PromptExample, SampleKey, SampleRecord, ScoreRecord,
+    SftExample, Text,
+};
 use crate::error::DataError;
 use crate::template::{Message, KNOWN_ROLES};
 
@@ -347,5 +350,145 @@ pub fn parse_candidates_line(
         prompt,
         chosen,
         candidates,
+    })
+}
+
+/// The `line` and `sample` of a sample or score row, each a non-negative integer; `None` when
+/// the row has neither.
+fn sample_key(
+    o: &Map<String, Value>,
+    cx: &Ctx,
+) -> std::result::Result<Option<SampleKey>, DataError> {
+    let index = |name: &str| match o.get(name) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            cx.err(
+                Some(name),
+                format!("expected a non-negative integer, found {}", type_name(v)),
+            )
+        }),
+    };
+    match (index("line")?, index("sample")?) {
+        (Some(line), Some(sample)) => Ok(Some(SampleKey { line, sample })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(cx.err(Some("sample"), "missing (the row has `line`)")),
+        (None, Some(_)) => Err(cx.err(Some("line"), "missing (the row has `sample`)")),
+    }
+}
+
+/// The `prompt` and `completion` of a sample or score row: the prompt a string or a message
+/// list; the completion a string (an empty one allowed: a sample may end at once), or a
+/// message list when the prompt is one.
+fn prompt_completion(
+    o: &Map<String, Value>,
+    cx: &Ctx,
+) -> std::result::Result<(Text, Text), DataError> {
+    let prompt = text_field(o, "prompt", None, cx)?;
+    let completion = match o.get("completion") {
+        Some(Value::String(s)) => Text::Plain(s.clone()),
+        _ if prompt.is_chat() => text_field(o, "completion", None, cx)?,
+        _ => text_field(o, "completion", Some(false), cx)?,
+    };
+    Ok((prompt, completion))
+}
+
+/// Parses one row of `sample`'s output: `line`, `sample`, `prompt`, `completion` (other
+/// fields ignored).
+///
+/// # Errors
+/// A [`DataError`] naming the field: invalid JSON, not an object, a missing field, a wrong
+/// type, a message-list completion of a string prompt.
+pub fn parse_sample_line(
+    text: &str,
+    file: &Path,
+    line: usize,
+) -> std::result::Result<SampleRecord, DataError> {
+    let cx = Ctx { file, line };
+    let o = parse_object(text, &cx)?;
+    let key = sample_key(&o, &cx)?.ok_or_else(|| cx.err(Some("line"), "missing"))?;
+    let (prompt, completion) = prompt_completion(&o, &cx)?;
+    Ok(SampleRecord {
+        key,
+        prompt,
+        completion,
+    })
+}
+
+/// Parses one row of a scores file: a finite `reward` (a number), with `line` and `sample`
+/// or `prompt` and `completion` (or both), and an optional string `label` or `data`.
+///
+/// JSON has no NaN or infinity: Python's `json` writes them as the bare words `NaN`,
+/// `Infinity`, `-Infinity`, and serde and JavaScript write them as `null`; a `reward` of
+/// either form is refused as non-finite, naming the field.
+///
+/// # Errors
+/// A [`DataError`] naming the field: invalid JSON, not an object, a missing, mistyped or
+/// non-finite `reward`, a half-given key or text.
+pub fn parse_score_line(
+    text: &str,
+    file: &Path,
+    line: usize,
+) -> std::result::Result<ScoreRecord, DataError> {
+    let cx = Ctx { file, line };
+    let non_finite = |what: &str| {
+        cx.err(
+            Some("reward"),
+            format!("non-finite ({what}); every reward must be a finite number"),
+        )
+    };
+    let o = match parse_object(text, &cx) {
+        Ok(o) => o,
+        Err(e) => {
+            // Python's json.dumps of a NaN or infinite reward: say so, not "invalid JSON".
+            let word = ["-Infinity", "Infinity", "NaN"].into_iter().find(|w| {
+                text.split_once("\"reward\"")
+                    .and_then(|(_, rest)| rest.trim_start().strip_prefix(':'))
+                    .is_some_and(|rest| rest.trim_start().starts_with(w))
+            });
+            return Err(word.map_or(e, non_finite));
+        }
+    };
+    let reward = match o.get("reward") {
+        None => return Err(cx.err(Some("reward"), "missing")),
+        Some(Value::Null) => return Err(non_finite("null, as NaN and infinities are written")),
+        Some(Value::Number(n)) => n.as_f64().filter(|r| r.is_finite()),
+        Some(other) => {
+            return Err(cx.err(
+                Some("reward"),
+                format!("expected a number, found {}", type_name(other)),
+            ))
+        }
+    };
+    let reward = reward.ok_or_else(|| non_finite("out of the range of a 64-bit float"))?;
+    let key = sample_key(&o, &cx)?;
+    let text = match (o.contains_key("prompt"), o.contains_key("completion")) {
+        (false, false) => None,
+        _ => Some(prompt_completion(&o, &cx)?),
+    };
+    if key.is_none() && text.is_none() {
+        return Err(cx.err(
+            None,
+            "the row names no sample: give `line` and `sample` (joined with --samples) or \
+             `prompt` and `completion`",
+        ));
+    }
+    let label = ["label", "data"]
+        .into_iter()
+        .find_map(|f| o.get(f).map(|v| (f, v)));
+    let label = match label {
+        None => None,
+        Some((_, Value::String(s))) => Some(s.clone()),
+        Some((f, v)) => {
+            return Err(cx.err(
+                Some(f),
+                format!("expected a string, found {}", type_name(v)),
+            ))
+        }
+    };
+    Ok(ScoreRecord {
+        key,
+        label,
+        text,
+        reward,
     })
 }

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::train::optim::{OptimizerConfig, OptimizerKind, ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON};
 use crate::train::range::RangeError;
 use crate::train::schedule::SchedulerType;
+use crate::train::tensorboard::ReportTo;
 
 /// A length limit in tokens (`--max-length`, `--max-prompt-length`): a positive count, or no
 /// limit (TRL's `None`). The one spelling rule of every command: `none` or `0` is no limit;
@@ -143,6 +144,11 @@ pub struct TrainConfig {
     /// (HF's save_total_limit) [default: all]
     #[arg(long, value_name = "N")]
     pub save_total_limit: Option<usize>,
+    /// Where the logged metrics also go (HF's report_to): none (metrics.jsonl, metrics.csv and
+    /// the plot only), tensorboard (event files under <output_dir>/runs/), all (every one this
+    /// build has: tensorboard).
+    #[arg(long, value_enum)]
+    pub report_to: ReportTo,
     /// Seed of the data order and of the trainer's RNG.
     #[arg(long)]
     pub seed: u64,
@@ -321,6 +327,7 @@ impl Default for TrainConfig {
             logging_steps: 10,
             save_steps: 500,
             save_total_limit: None,
+            report_to: ReportTo::None,
             seed: 42,
             max_length: 1024,
             max_prompt_length: 512,

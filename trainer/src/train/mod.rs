@@ -27,6 +27,7 @@ pub mod refcache;
 pub mod rng;
 pub mod run;
 pub mod schedule;
+pub mod tensorboard;
 pub mod toy;
 pub mod trainer;
 pub mod zero;

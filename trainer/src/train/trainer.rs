@@ -37,6 +37,7 @@ use crate::train::policy::PolicyModel;
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
 use crate::train::schedule::{warmup_steps, LrSchedule};
+use crate::train::tensorboard::{self, EventWriter};
 use crate::train::zero::Zero1;
 
 mod gradients;
@@ -105,6 +106,8 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     zero: Option<Zero1>,
     /// The variables this rank's optimizer updates: all of them, or its shard under ZeRO-1.
     owned_vars: Vec<(String, Var)>,
+    /// `report_to` TensorBoard on rank 0: this run's event file, opened at its first log.
+    tensorboard: Option<EventWriter>,
 }
 
 /// The ZeRO-1 partition of `vars` when the run shards its optimizer state over more than one
@@ -406,6 +409,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             last_checkpoint,
             device,
             world,
+            tensorboard: None,
         }
     }
 
@@ -609,8 +613,31 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         );
         if self.world.rank() == 0 {
             self.log.append(&rec)?;
+            if self.config.report_to.tensorboard() {
+                self.tensorboard_record(&rec)?;
+            }
         }
         Ok(Some(rec))
+    }
+
+    /// `report_to` TensorBoard: the record's scalars appended to this run's event file, which
+    /// the first log creates under `<output_dir>/runs/` with the run's options as the text
+    /// `args` (HF's `TensorBoardCallback`; a resumed run writes a new file).
+    fn tensorboard_record(&mut self, rec: &[(String, f64)]) -> Result<()> {
+        if self.tensorboard.is_none() {
+            let host = tensorboard::hostname();
+            let now = std::time::SystemTime::now();
+            let dir = tensorboard::run_dir(&self.config.output_dir, now, &host);
+            let mut w = EventWriter::create(&dir, &host)?;
+            let args = serde_json::to_string_pretty(&self.config)
+                .map_err(|e| Error::Options(format!("the run's options as JSON: {e}")))?;
+            w.text("args", &args)?;
+            self.tensorboard = Some(w);
+        }
+        match &mut self.tensorboard {
+            Some(w) => w.scalars(rec),
+            None => Ok(()),
+        }
     }
 
     /// On a saving step (every `save_steps`, an epoch's end, the last), the checkpoint (older
