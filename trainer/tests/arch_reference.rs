@@ -421,3 +421,55 @@ fn qwen3_logps_and_gradients_match_transformers() {
 fn gemma2_logps_and_gradients_match_transformers() {
     check(GEMMA2, GEMMA2_LOGPS, GEMMA2_GRADS);
 }
+
+/// The sequences of [`dump_gradients`] (and of `check_arch_transformers.py grads`): `<s>`
+/// then `(7 + 31 i + 97 s) mod 600 + 3`, lengths 12, 17, 22.
+fn dump_sequences() -> Vec<Vec<u32>> {
+    (0..3u32)
+        .map(|s| {
+            let mut ids = vec![0];
+            ids.extend((1..12 + 5 * s).map(|i| (7 + 31 * i + 97 * s) % 600 + 3));
+            ids
+        })
+        .collect()
+}
+
+/// Writes the gradient of the summed token log-probs of [`dump_sequences`] with respect to
+/// every parameter of the checkpoint `DIFINFO_GRAD_MODEL` (f32, CPU, fused kernels) to the
+/// safetensors file `DIFINFO_GRAD_OUT`, for `check_arch_transformers.py grads`, which
+/// compares them with transformers' (needs torch: not part of `cargo test`).
+#[test]
+#[ignore = "a helper of trainer/scripts/check_arch_transformers.py"]
+fn dump_gradients() {
+    let (Ok(dir), Ok(out)) = (
+        std::env::var("DIFINFO_GRAD_MODEL"),
+        std::env::var("DIFINFO_GRAD_OUT"),
+    ) else {
+        panic!("set DIFINFO_GRAD_MODEL and DIFINFO_GRAD_OUT");
+    };
+    let dev = candle_core::Device::Cpu;
+    let m = difinfo_trainer::pretrained::load_model(Path::new(&dir), DType::F32, &dev).unwrap();
+    let mut total: Option<Tensor> = None;
+    for ids in dump_sequences() {
+        let t = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let s = m.token_logps(&t, None).unwrap().sum_all().unwrap();
+        total = Some(match total {
+            None => s,
+            Some(x) => (x + s).unwrap(),
+        });
+    }
+    let store = total.unwrap().backward().unwrap();
+    let grads: Vec<(String, Tensor)> = m
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, store.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    difinfo_trainer::safetensors::write_safetensors(
+        Path::new(&out),
+        grads.iter().map(|(n, t)| (n.as_str(), t)),
+    )
+    .unwrap();
+}
