@@ -1,8 +1,9 @@
 //! `config.json` parsing for the supported decoder-only architectures.
 //!
-//! `model_type` chooses the architecture: `llama` (Llama 2 and 3), `mistral`, `qwen2`. The
-//! fields read are those of transformers' `LlamaConfig`, `MistralConfig` and `Qwen2Config`;
-//! unknown fields are ignored, contradictory or unsupported ones are errors.
+//! `model_type` chooses the architecture: `llama` (Llama 2 and 3), `mistral`, `qwen2`, `qwen3`,
+//! `gemma2`. The fields read are those of transformers' `LlamaConfig`, `MistralConfig`,
+//! `Qwen2Config`, `Qwen3Config` and `Gemma2Config`; unknown fields are ignored, contradictory
+//! or unsupported ones are errors.
 
 use std::path::{Path, PathBuf};
 
@@ -11,8 +12,13 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+mod rope;
+
+use rope::rope;
+pub use rope::RopeScaling;
+
 /// The `model_type` values this crate implements.
-pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "gemma2"];
 
 /// The decoder architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -24,6 +30,15 @@ pub enum Architecture {
     Mistral,
     /// Qwen2 (`Qwen2ForCausalLM`): Llama with biases on the q, k, v projections.
     Qwen2,
+    /// Qwen3 (`Qwen3ForCausalLM`): Llama with an RMSNorm over each query and key head
+    /// (`q_norm`, `k_norm`) before RoPE, an explicit `head_dim`, optional sliding-window
+    /// layers.
+    Qwen3,
+    /// Gemma 2 (`Gemma2ForCausalLM`): `(1 + w)` RMSNorms, four per layer (the attention's and
+    /// the MLP's outputs normed before the residual add), the embedding scaled by
+    /// `√hidden_size`, GeGLU (`gelu_pytorch_tanh`), `query_pre_attn_scalar`, attention and
+    /// final logit soft-capping, sliding-window attention on alternate layers.
+    Gemma2,
 }
 
 impl Architecture {
@@ -33,6 +48,8 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma2 => "gemma2",
         }
     }
 
@@ -42,30 +59,20 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
         }
     }
-}
 
-/// RoPE frequency scaling (`rope_scaling` / `rope_parameters`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    /// Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth
-    /// interpolation in between.
-    Llama3 {
-        /// Divisor of the low frequencies.
-        factor: f64,
-        /// `low_freq_factor`.
-        low_freq_factor: f64,
-        /// `high_freq_factor`.
-        high_freq_factor: f64,
-        /// `original_max_position_embeddings`.
-        original_max_position_embeddings: f64,
-    },
-    /// Linear position interpolation: every frequency divided by `factor`.
-    Linear {
-        /// The divisor.
-        factor: f64,
-    },
+    /// The `head_dim` transformers assumes when config.json has none: Qwen3's 128, Gemma2's
+    /// 256; `None` for the others (`hidden_size / num_attention_heads`).
+    pub fn default_head_dim(self) -> Option<usize> {
+        match self {
+            Architecture::Qwen3 => Some(128),
+            Architecture::Gemma2 => Some(256),
+            _ => None,
+        }
+    }
 }
 
 /// A parsed, validated model configuration.
@@ -104,9 +111,20 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections (Llama's `mlp_bias`).
     pub mlp_bias: bool,
-    /// Mistral's `sliding_window`: a query attends to at most this many positions (itself
-    /// included).
+    /// `sliding_window`: a query of a sliding-window layer attends to at most this many
+    /// positions (itself included).
     pub sliding_window: Option<usize>,
+    /// Which layers use [`ModelConfig::sliding_window`] (`layer_types`: `true` for
+    /// `sliding_attention`); `None`: every layer (Mistral). See [`ModelConfig::layer_window`].
+    pub sliding_layers: Option<Vec<bool>>,
+    /// Gemma2's `query_pre_attn_scalar` `s`: attention scores are scaled by `s^(−1/2)` instead
+    /// of `head_dim^(−1/2)`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma2's `attn_logit_softcapping` `c`: scores become `c · tanh(s / c)` before the mask.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma2's `final_logit_softcapping` `c`: logits become `c · tanh(z / c)` before the
+    /// log-softmax.
+    pub final_logit_softcapping: Option<f64>,
     /// `bos_token_id`, when given.
     pub bos_token_id: Option<u32>,
     /// `eos_token_id` (one or several), when given.
@@ -135,7 +153,14 @@ struct RawConfig {
     mlp_bias: Option<bool>,
     sliding_window: Option<Value>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<Value>,
+    final_logit_softcapping: Option<Value>,
+    use_bidirectional_attention: Option<bool>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     initializer_range: Option<f64>,
@@ -162,6 +187,8 @@ fn architecture(raw: &RawConfig, path: &Path) -> Result<Architecture> {
         "llama" => Ok(Architecture::Llama),
         "mistral" => Ok(Architecture::Mistral),
         "qwen2" => Ok(Architecture::Qwen2),
+        "qwen3" => Ok(Architecture::Qwen3),
+        "gemma2" => Ok(Architecture::Gemma2),
         _ => Err(Error::UnsupportedModelType {
             path: path.to_path_buf(),
             found: model_type,
@@ -220,7 +247,7 @@ impl Dimensions {
     /// A missing, zero or oversized dimension; query heads that are no multiple of the
     /// key/value heads; a hidden size no multiple of the heads without `head_dim`; an odd
     /// `head_dim` (RoPE rotates pairs).
-    fn read(raw: &RawConfig, path: &Path) -> Result<Self> {
+    fn read(raw: &RawConfig, arch: Architecture, path: &Path) -> Result<Self> {
         let need = |v: Option<usize>, name: &str| dimension(v, name, path);
         let vocab_size = need(raw.vocab_size, "vocab_size")?;
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
@@ -237,7 +264,7 @@ impl Dimensions {
                 format!("num_attention_heads ({num_attention_heads}) is not a multiple of num_key_value_heads ({num_key_value_heads})"),
             ));
         }
-        let head_dim = match raw.head_dim {
+        let head_dim = match raw.head_dim.or(arch.default_head_dim()) {
             Some(d) => need(Some(d), "head_dim")?,
             None => {
                 if hidden_size % num_attention_heads != 0 {
@@ -264,46 +291,71 @@ impl Dimensions {
     }
 }
 
-/// `rope_theta` (default 10000) and the RoPE scaling, from the top level or (transformers
-/// ≥ 5) `rope_parameters`.
+/// A `sliding_window` value: a positive integer, or null / absent for none.
 ///
 /// # Errors
-/// A `rope_theta` that is not a positive number; the errors of [`parse_rope_scaling`].
-fn rope(raw: &RawConfig, path: &Path) -> Result<(f64, Option<RopeScaling>)> {
-    // transformers >= 5 moves rope settings into `rope_parameters`.
-    let rope_params = raw.rope_parameters.as_ref().and_then(Value::as_object);
-    let rope_theta = raw
-        .rope_theta
-        .or_else(|| {
-            rope_params
-                .and_then(|p| p.get("rope_theta"))
-                .and_then(Value::as_f64)
-        })
-        .unwrap_or(10000.0);
-    if !(rope_theta.is_finite() && rope_theta > 0.0) {
-        return Err(cfg_err(path, "`rope_theta` must be a positive number"));
+/// Anything else.
+fn window_value(v: &Option<Value>, path: &Path) -> Result<Option<usize>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            Ok(Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
+                cfg_err(path, "`sliding_window` must be a positive integer or null")
+            })? as usize))
+        }
     }
-    let rope_scaling = match (&raw.rope_scaling, &raw.rope_parameters) {
-        (Some(v), _) if !v.is_null() => parse_rope_scaling(v, path)?,
-        (_, Some(v)) => parse_rope_scaling(v, path)?,
-        _ => None,
-    };
-    Ok((rope_theta, rope_scaling))
 }
 
-/// Mistral's attention window (`sliding_window`, null for none); Qwen2's sliding window is
-/// refused; Llama has none.
+/// `layer_types` as sliding (`true`) or full (`false`) attention per layer.
 ///
 /// # Errors
-/// A Mistral window that is not a positive integer; Qwen2 with `use_sliding_window`.
-fn sliding_window(arch: Architecture, raw: &RawConfig, path: &Path) -> Result<Option<usize>> {
+/// A list of another length than `num_hidden_layers`; an entry other than
+/// `sliding_attention` / `full_attention`.
+fn layer_types(types: &[String], layers: usize, path: &Path) -> Result<Vec<bool>> {
+    if types.len() != layers {
+        return Err(cfg_err(
+            path,
+            format!(
+                "`layer_types` has {} entries, num_hidden_layers is {layers}",
+                types.len()
+            ),
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => Err(cfg_err(
+                path,
+                format!("unsupported layer type `{other}` in `layer_types`; supported: sliding_attention, full_attention"),
+            )),
+        })
+        .collect()
+}
+
+/// The attention window and the layers that use it, as transformers' configs resolve them:
+/// Mistral's `sliding_window` on every layer; Qwen2's refused; Qwen3's only with
+/// `use_sliding_window`, on `layer_types` or else the layers from `max_window_layers` on;
+/// Gemma2's (default 4096) on `layer_types` or else the even layers (0, 2, …); none for Llama.
+///
+/// # Errors
+/// A window that is not a positive integer or null; Qwen2 with `use_sliding_window`; a bad
+/// `layer_types`.
+fn sliding_window(
+    arch: Architecture,
+    raw: &RawConfig,
+    layers: usize,
+    path: &Path,
+) -> Result<(Option<usize>, Option<Vec<bool>>)> {
+    let given = |raw: &RawConfig| -> Result<Option<Vec<bool>>> {
+        raw.layer_types
+            .as_deref()
+            .map(|t| layer_types(t, layers, path))
+            .transpose()
+    };
     match arch {
-        Architecture::Mistral => match &raw.sliding_window {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => Ok(Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
-                cfg_err(path, "`sliding_window` must be a positive integer or null")
-            })? as usize)),
-        },
+        Architecture::Mistral => Ok((window_value(&raw.sliding_window, path)?, None)),
         Architecture::Qwen2 => {
             if raw.use_sliding_window == Some(true) {
                 return Err(cfg_err(
@@ -311,9 +363,80 @@ fn sliding_window(arch: Architecture, raw: &RawConfig, path: &Path) -> Result<Op
                     "qwen2 with use_sliding_window=true is not supported",
                 ));
             }
-            Ok(None)
+            Ok((None, None))
         }
-        Architecture::Llama => Ok(None),
+        Architecture::Qwen3 => {
+            let window = match raw.use_sliding_window {
+                Some(true) => match &raw.sliding_window {
+                    None => Some(4096),
+                    v => window_value(v, path)?,
+                },
+                _ => None,
+            };
+            let sliding = match given(raw)? {
+                Some(t) => t,
+                None => {
+                    let from = raw.max_window_layers.unwrap_or(28);
+                    (0..layers).map(|i| window.is_some() && i >= from).collect()
+                }
+            };
+            Ok((window, Some(sliding)))
+        }
+        Architecture::Gemma2 => {
+            let window = match &raw.sliding_window {
+                None => Some(4096),
+                v => window_value(v, path)?,
+            };
+            let sliding = match given(raw)? {
+                Some(t) => t,
+                None => (0..layers).map(|i| (i + 1) % 2 == 1).collect(),
+            };
+            Ok((window, Some(sliding)))
+        }
+        Architecture::Llama => Ok((None, None)),
+    }
+}
+
+/// A soft-cap value: a positive number, or null for none; `default` when absent.
+///
+/// # Errors
+/// Anything else, naming `field`.
+fn softcap(v: &Option<Value>, default: f64, field: &str, path: &Path) -> Result<Option<f64>> {
+    match v {
+        None => Ok(Some(default)),
+        Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .map(Some)
+            .ok_or_else(|| cfg_err(path, format!("`{field}` must be a positive number or null"))),
+    }
+}
+
+/// The MLP activation: `silu` (`hidden_act`) everywhere but Gemma2, whose
+/// `hidden_activation` (or else `hidden_act`) must be `gelu_pytorch_tanh`.
+///
+/// # Errors
+/// Another activation.
+fn check_activation(arch: Architecture, raw: &RawConfig, path: &Path) -> Result<()> {
+    let (given, want, field) = match arch {
+        Architecture::Gemma2 => (
+            raw.hidden_activation.as_ref().or(raw.hidden_act.as_ref()),
+            "gelu_pytorch_tanh",
+            if raw.hidden_activation.is_some() {
+                "hidden_activation"
+            } else {
+                "hidden_act"
+            },
+        ),
+        _ => (raw.hidden_act.as_ref(), "silu", "hidden_act"),
+    };
+    match given {
+        Some(act) if act != want => Err(cfg_err(
+            path,
+            format!("unsupported {field} `{act}`; supported: {want}"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -335,66 +458,6 @@ fn token_ids(v: &Option<Value>, field: &str, path: &Path) -> Result<Vec<u32>> {
     }
 }
 
-fn parse_rope_scaling(v: &Value, path: &Path) -> Result<Option<RopeScaling>> {
-    let Some(obj) = v.as_object() else {
-        return match v {
-            Value::Null => Ok(None),
-            _ => Err(cfg_err(path, "`rope_scaling` must be an object")),
-        };
-    };
-    let kind = obj
-        .get("rope_type")
-        .or_else(|| obj.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |key: &str| -> Result<f64> {
-        obj.get(key).and_then(Value::as_f64).ok_or_else(|| {
-            cfg_err(
-                path,
-                format!("rope scaling `{kind}` needs a number `{key}`"),
-            )
-        })
-    };
-    match kind {
-        "default" => Ok(None),
-        "llama3" => {
-            let s = RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            };
-            if let RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } = &s
-            {
-                if !(*factor > 0.0
-                    && *original_max_position_embeddings > 0.0
-                    && high_freq_factor > low_freq_factor
-                    && *low_freq_factor > 0.0)
-                {
-                    return Err(cfg_err(path, "llama3 rope scaling needs factor > 0, original_max_position_embeddings > 0 and high_freq_factor > low_freq_factor > 0"));
-                }
-            }
-            Ok(Some(s))
-        }
-        "linear" => {
-            let factor = num("factor")?;
-            if factor <= 0.0 {
-                return Err(cfg_err(path, "linear rope scaling needs factor > 0"));
-            }
-            Ok(Some(RopeScaling::Linear { factor }))
-        }
-        other => Err(cfg_err(
-            path,
-            format!("unsupported rope scaling type `{other}`; supported: default, llama3, linear"),
-        )),
-    }
-}
-
 impl ModelConfig {
     /// Parses config.json text. `path` is only used in error messages.
     ///
@@ -405,15 +468,8 @@ impl ModelConfig {
         let raw: RawConfig =
             serde_json::from_str(text).map_err(|e| cfg_err(path, format!("invalid JSON: {e}")))?;
         let arch = architecture(&raw, path)?;
-        let dims = Dimensions::read(&raw, path)?;
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
-                return Err(cfg_err(
-                    path,
-                    format!("unsupported hidden_act `{act}`; supported: silu"),
-                ));
-            }
-        }
+        let dims = Dimensions::read(&raw, arch, path)?;
+        check_activation(arch, &raw, path)?;
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
             return Err(cfg_err(
@@ -422,12 +478,51 @@ impl ModelConfig {
             ));
         }
         let (rope_theta, rope_scaling) = rope(&raw, path)?;
-        let sliding_window = sliding_window(arch, &raw, path)?;
+        let (sliding_window, sliding_layers) =
+            sliding_window(arch, &raw, dims.num_hidden_layers, path)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama => (attention_bias, attention_bias),
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma2 => {
+                (attention_bias, attention_bias)
+            }
             Architecture::Mistral => (false, false),
+        };
+        let gemma = arch == Architecture::Gemma2;
+        if raw.use_bidirectional_attention == Some(true) {
+            return Err(cfg_err(
+                path,
+                "use_bidirectional_attention=true is not supported (a causal decoder only)",
+            ));
+        }
+        let query_pre_attn_scalar = match (gemma, raw.query_pre_attn_scalar) {
+            (false, _) => None,
+            (true, None) => Some(256.0),
+            (true, Some(s)) if s.is_finite() && s > 0.0 => Some(s),
+            (true, Some(_)) => {
+                return Err(cfg_err(
+                    path,
+                    "`query_pre_attn_scalar` must be a positive number",
+                ))
+            }
+        };
+        let (attn_logit_softcapping, final_logit_softcapping) = if gemma {
+            (
+                softcap(
+                    &raw.attn_logit_softcapping,
+                    50.0,
+                    "attn_logit_softcapping",
+                    path,
+                )?,
+                softcap(
+                    &raw.final_logit_softcapping,
+                    30.0,
+                    "final_logit_softcapping",
+                    path,
+                )?,
+            )
+        } else {
+            (None, None)
         };
         let mlp_bias = arch == Architecture::Llama && raw.mlp_bias.unwrap_or(false);
         let bos = token_ids(&raw.bos_token_id, "bos_token_id", path)?;
@@ -445,11 +540,15 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias,
             o_bias,
             mlp_bias,
             sliding_window,
+            sliding_layers,
+            query_pre_attn_scalar,
+            attn_logit_softcapping,
+            final_logit_softcapping,
             bos_token_id: bos.first().copied(),
             eos_token_ids,
             initializer_range: raw.initializer_range.unwrap_or(0.02),
@@ -463,6 +562,41 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json_str(&text, path)
+    }
+
+    /// The attention window of layer `layer` (see [`ModelConfig::sliding_layers`]).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            None => self.sliding_window,
+            Some(s) => self
+                .sliding_window
+                .filter(|_| s.get(layer).copied().unwrap_or(false)),
+        }
+    }
+
+    /// Whether the layers differ in their window (then each layer's mask is its own).
+    pub fn per_layer_windows(&self) -> bool {
+        (1..self.num_hidden_layers).any(|l| self.layer_window(l) != self.layer_window(0))
+    }
+
+    /// The scale of the attention scores.
+    ///
+    /// # Formula
+    /// `query_pre_attn_scalar^(−1/2)` where given (Gemma2), else `head_dim^(−1/2)`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
+    }
+
+    /// Whether the decoder layers are Llama's (no q/k norms, no output norms, SwiGLU, no
+    /// soft-capping, the scale `head_dim^(−1/2)`): what the whole-layer fused kernel computes.
+    pub fn plain_layers(&self) -> bool {
+        matches!(
+            self.arch,
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2
+        )
     }
 
     /// The number of query heads sharing one key/value head.
@@ -492,6 +626,18 @@ impl ModelConfig {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            match self.arch {
+                Architecture::Qwen3 => {
+                    let hd = self.head_dim;
+                    out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+                    out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+                }
+                Architecture::Gemma2 => {
+                    out.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
+                    out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
+                }
+                _ => {}
+            }
             for (name, rows, bias) in [
                 ("q_proj", q, self.qkv_bias),
                 ("k_proj", kv, self.qkv_bias),
@@ -529,45 +675,22 @@ impl ModelConfig {
             .fold(0usize, usize::saturating_add)
     }
 
-    /// RoPE inverse frequencies `θ^(−2k/d)` for `k = 0 .. d/2`, with the configured scaling.
-    ///
-    /// # Formula
-    /// `inv_freq_k = rope_theta^(−2k/head_dim)`; Llama 3 scaling with wavelength
-    /// `λ = 2π / inv_freq_k`: kept when `λ < L/high`, divided by `factor` when `λ > L/low`,
-    /// otherwise `(1−s)·f/factor + s·f` with `s = (L/λ − low)/(high − low)`, where `L` is
-    /// `original_max_position_embeddings`.
-    pub fn rope_inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|k| 1.0 / self.rope_theta.powf((2 * k) as f64 / d as f64))
-            .collect();
-        match &self.rope_scaling {
-            None => base,
-            Some(RopeScaling::Linear { factor }) => base.into_iter().map(|f| f / factor).collect(),
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => {
-                let low_wavelen = original_max_position_embeddings / low_freq_factor;
-                let high_wavelen = original_max_position_embeddings / high_freq_factor;
-                base.into_iter()
-                    .map(|f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let s = (original_max_position_embeddings / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - s) * f / factor + s * f
-                        }
-                    })
-                    .collect()
-            }
-        }
+    /// `layer_types` as config.json writes it: `sliding_attention` or `full_attention` per
+    /// layer.
+    fn layer_types_json(&self) -> Value {
+        (0..self.num_hidden_layers)
+            .map(|l| {
+                let sliding = self
+                    .sliding_layers
+                    .as_ref()
+                    .is_none_or(|s| s.get(l).copied().unwrap_or(false));
+                Value::from(if sliding {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                })
+            })
+            .collect()
     }
 
     /// A Hugging Face style config.json for this configuration.
@@ -621,24 +744,46 @@ impl ModelConfig {
             Architecture::Qwen2 => {
                 o.insert("use_sliding_window".into(), false.into());
             }
+            Architecture::Qwen3 => {
+                o.insert("attention_bias".into(), self.qkv_bias.into());
+                o.insert(
+                    "use_sliding_window".into(),
+                    self.sliding_window.is_some().into(),
+                );
+                o.insert(
+                    "sliding_window".into(),
+                    self.sliding_window.map(Value::from).unwrap_or(Value::Null),
+                );
+                o.insert("layer_types".into(), self.layer_types_json());
+            }
+            Architecture::Gemma2 => {
+                o.remove("hidden_act");
+                o.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+                o.insert("attention_bias".into(), self.qkv_bias.into());
+                o.insert(
+                    "sliding_window".into(),
+                    self.sliding_window.map(Value::from).unwrap_or(Value::Null),
+                );
+                o.insert("layer_types".into(), self.layer_types_json());
+                let num = |v: Option<f64>| v.map(Value::from).unwrap_or(Value::Null);
+                // An integer in Gemma2Config.
+                let scalar = match self.query_pre_attn_scalar {
+                    Some(s) if s.fract() == 0.0 && s < 1e15 => Value::from(s as u64),
+                    s => num(s),
+                };
+                o.insert("query_pre_attn_scalar".into(), scalar);
+                o.insert(
+                    "attn_logit_softcapping".into(),
+                    num(self.attn_logit_softcapping),
+                );
+                o.insert(
+                    "final_logit_softcapping".into(),
+                    num(self.final_logit_softcapping),
+                );
+            }
         }
         if let Some(s) = &self.rope_scaling {
-            let j = match s {
-                RopeScaling::Linear { factor } => {
-                    serde_json::json!({"rope_type": "linear", "factor": factor})
-                }
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                } => serde_json::json!({
-                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings,
-                }),
-            };
-            o.insert("rope_scaling".into(), j);
+            o.insert("rope_scaling".into(), s.to_json());
         }
         v
     }

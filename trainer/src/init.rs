@@ -53,13 +53,33 @@ pub enum ModelSize {
 }
 
 /// The configuration of a named size for `arch`: Qwen2 gets q/k/v biases and tied
-/// embeddings, Mistral no sliding window (set one in config.json to use it).
+/// embeddings, Mistral no sliding window (set one in config.json to use it); Qwen3 tied
+/// embeddings, q/k norms and full attention on every layer (as `use_sliding_window = false`);
+/// Gemma2 transformers' defaults (tied embeddings, `query_pre_attn_scalar = head_dim`,
+/// soft-caps 50 and 30, a 4096-position window on the even layers, ε 1e-6).
 pub fn arch_config(size: ModelSize, arch: Architecture) -> ModelConfig {
     let mut c = size_config(size);
     c.arch = arch;
-    if arch == Architecture::Qwen2 {
-        c.qkv_bias = true;
-        c.tie_word_embeddings = true;
+    match arch {
+        Architecture::Qwen2 => {
+            c.qkv_bias = true;
+            c.tie_word_embeddings = true;
+        }
+        Architecture::Qwen3 => {
+            c.tie_word_embeddings = true;
+            c.rms_norm_eps = 1e-6;
+            c.sliding_layers = Some(vec![false; c.num_hidden_layers]);
+        }
+        Architecture::Gemma2 => {
+            c.tie_word_embeddings = true;
+            c.rms_norm_eps = 1e-6;
+            c.query_pre_attn_scalar = Some(c.head_dim as f64);
+            c.attn_logit_softcapping = Some(50.0);
+            c.final_logit_softcapping = Some(30.0);
+            c.sliding_window = Some(4096);
+            c.sliding_layers = Some((0..c.num_hidden_layers).map(|l| l % 2 == 0).collect());
+        }
+        Architecture::Llama | Architecture::Mistral => {}
     }
     c
 }
@@ -110,6 +130,10 @@ fn llama_config(
         o_bias: false,
         mlp_bias: false,
         sliding_window: None,
+        sliding_layers: None,
+        query_pre_attn_scalar: None,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
         bos_token_id: Some(0),
         eos_token_ids: vec![1],
         initializer_range: 0.02,
@@ -176,7 +200,7 @@ pub fn train_tokenizer(corpus: &str, vocab_size: usize) -> Result<tokenizers::To
 
 /// Random weights for `config` (f32, CPU): every matrix and bias drawn from
 /// `N(0, initializer_range²)` (biases are random, not zero, so that tests exercise them),
-/// norms one; deterministic in `seed`.
+/// norms the identity (one; zero for Gemma2's `(1 + w)` norms); deterministic in `seed`.
 ///
 /// # Errors
 /// Tensor errors.
@@ -186,7 +210,12 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> Result<BTreeMap<String
     for (name, shape) in config.tensor_shapes() {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if name.ends_with("norm.weight") {
-            vec![1.0; n]
+            let identity = if config.arch == Architecture::Gemma2 {
+                0.0
+            } else {
+                1.0
+            };
+            vec![identity; n]
         } else {
             (0..n)
                 .map(|_| {

@@ -26,10 +26,11 @@
 //! - the data's files: [`records`] (JSONL / JSON / Parquet datasets), [`template`] (chat
 //!   templates);
 //! - the ground floor: [`config_json`] (config.json → [`config_json::ModelConfig`]: Llama,
-//!   Mistral, Qwen2), [`batch`] (right-padded batches and completion masks), [`io`] (the one
-//!   atomic writer), [`memory`], [`dtype`], [`error`], [`units`], [`provenance`] (which
-//!   tokenizer pipeline, and transformers 5's), [`dist`] (the collectives of more than one
-//!   process: one, or MPI under `mpirun`), [`shard`] (ZeRO-1's variable owners).
+//!   Mistral, Qwen2, Qwen3, Gemma2), [`batch`] (right-padded batches and completion masks),
+//!   [`io`] (the one atomic writer), [`memory`], [`dtype`], [`error`], [`units`],
+//!   [`provenance`] (which tokenizer pipeline, and transformers 5's), [`dist`] (the collectives
+//!   of more than one process: one, or MPI under `mpirun`), [`shard`] (ZeRO-1's variable
+//!   owners).
 
 pub mod batch;
 pub mod commands;

@@ -81,15 +81,14 @@ impl Kernels {
 }
 
 /// A model as the plan sees it: the configuration of a supported architecture
-/// ([`ModelConfig`]), or a Gemma2 config.json read for planning only.
+/// ([`ModelConfig`]) and what its layers keep beyond Llama's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanModel {
-    /// The dimensions (Gemma2: read into Llama's shape, with its tied embeddings and
-    /// `head_dim`).
+    /// The dimensions.
     pub config: ModelConfig,
     /// config.json's `model_type`.
     pub model_type: String,
-    /// Tensors beyond `config`'s (Gemma2's pre- and post-feed-forward norms).
+    /// Tensors beyond `config`'s (none for the supported architectures).
     pub extra_tensors: Vec<(String, Vec<usize>)>,
     /// RMSNorms per layer beyond Llama's two (Gemma2: two).
     pub extra_norms: usize,
@@ -97,10 +96,6 @@ pub struct PlanModel {
     /// score-sized tensors per layer.
     pub softcap: bool,
 }
-
-/// `model_type`s the plan reads beyond [`crate::config_json::SUPPORTED_MODEL_TYPES`]: for
-/// planning only (the trainer does not train Gemma2 yet).
-pub const PLAN_ONLY_MODEL_TYPES: [&str; 1] = ["gemma2"];
 
 impl PlanModel {
     /// Reads `path`: a checkpoint directory (its `config.json`) or a config.json file.
@@ -117,13 +112,12 @@ impl PlanModel {
         Self::from_json_str(&text, &file)
     }
 
-    /// Parses config.json text (`path` for messages): a supported architecture through
-    /// [`ModelConfig::from_json_str`]; `gemma2` as Llama's shape (tied embeddings unless
-    /// stated, its `head_dim`) plus two RMSNorms per layer and soft-capped attention logits.
+    /// Parses config.json text (`path` for messages) through [`ModelConfig::from_json_str`]:
+    /// Gemma2 with its two norms per layer beyond Llama's and its soft-capped attention logits.
     ///
     /// # Errors
-    /// Invalid JSON; a `model_type` neither supported nor [`PLAN_ONLY_MODEL_TYPES`]; the
-    /// errors of [`ModelConfig::from_json_str`].
+    /// Invalid JSON; the errors of [`ModelConfig::from_json_str`] (an unsupported
+    /// `model_type` among them).
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
@@ -134,53 +128,14 @@ impl PlanModel {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        if model_type != "gemma2" {
-            let config = ModelConfig::from_json_str(text, path).map_err(|e| match e {
-                Error::UnsupportedModelType {
-                    path,
-                    found,
-                    mut supported,
-                } => {
-                    supported.push("gemma2 (plan only)");
-                    Error::UnsupportedModelType {
-                        path,
-                        found,
-                        supported,
-                    }
-                }
-                e => e,
-            })?;
-            return Ok(Self {
-                config,
-                model_type,
-                extra_tensors: Vec::new(),
-                extra_norms: 0,
-                softcap: false,
-            });
-        }
-        let softcap = v
-            .get("attn_logit_softcapping")
-            .is_some_and(|x| !x.is_null());
-        let mut o = v.as_object().cloned().unwrap_or_default();
-        o.insert("model_type".into(), "llama".into());
-        for k in ["hidden_act", "hidden_activation", "sliding_window"] {
-            o.remove(k);
-        }
-        o.entry("tie_word_embeddings").or_insert(true.into());
-        let config = ModelConfig::from_json_str(&Value::Object(o).to_string(), path)?;
-        let h = config.hidden_size;
-        let extra_tensors = (0..config.num_hidden_layers)
-            .flat_map(|l| {
-                ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-                    .map(|n| (format!("model.layers.{l}.{n}.weight"), vec![h]))
-            })
-            .collect();
+        let config = ModelConfig::from_json_str(text, path)?;
+        let gemma = config.arch == crate::config_json::Architecture::Gemma2;
         Ok(Self {
+            softcap: config.attn_logit_softcapping.is_some(),
+            extra_norms: if gemma { 2 } else { 0 },
             config,
             model_type,
-            extra_tensors,
-            extra_norms: 2,
-            softcap,
+            extra_tensors: Vec::new(),
         })
     }
 
@@ -731,7 +686,7 @@ pub fn plan(m: &PlanModel, s: &Setup) -> Result<Plan> {
         flops_per_step: flops,
         recompute_flops_per_step: recompute,
         global_flops_per_step: flops * s.world_size as f64,
-        notes: notes(m, s, kernels),
+        notes: notes(s, kernels),
     })
 }
 
@@ -807,7 +762,7 @@ fn items(s: &Setup, bytes: [u128; 6], counts: (u128, u128, u128)) -> Vec<Item> {
 }
 
 /// What the plan leaves out or assumes, for the reader of its table.
-fn notes(m: &PlanModel, s: &Setup, kernels: Kernels) -> Vec<String> {
+fn notes(s: &Setup, kernels: Kernels) -> Vec<String> {
     let mut n = vec![
         match kernels {
             Kernels::Fused => "the peak is the largest phase of a step, less than the sum of the lines: the fused layers free their activations as the backward pass reaches them while the gradients appear",
@@ -827,12 +782,6 @@ fn notes(m: &PlanModel, s: &Setup, kernels: Kernels) -> Vec<String> {
             "ZeRO-1 shards the optimizer state only: every rank keeps full weights and gradients"
                 .to_string(),
         );
-    }
-    if PLAN_ONLY_MODEL_TYPES.contains(&m.model_type.as_str()) {
-        n.push(format!(
-            "{}: read for planning only (the trainer does not train it yet): Llama's layer plus two norms per layer and soft-capped attention logits",
-            m.model_type
-        ));
     }
     n
 }

@@ -268,6 +268,39 @@ fn plain_path_equals_fused_path_f32() {
     }
 }
 
+/// Qwen3 (q/k norms, a window on one layer) and Gemma2 (soft-caps, output norms, GeGLU,
+/// scaled embedding): the plain path, with checkpointing and a chunked soft-capped LM head,
+/// and LoRA on every projection equal the fused path (f32); checkpointing changes no bit on
+/// the CPU.
+#[test]
+fn qwen3_gemma2_plain_checkpointed_lora_equal_fused() {
+    let cfg = LoraConfig::new(4, 8.0, 0.0, &["all-linear".into()], false).unwrap();
+    for arch in [Architecture::Qwen3, Architecture::Gemma2] {
+        let (dir, _) = common::checkpoint(common::micro_config(arch), 31);
+        let cpu = Device::Cpu;
+        let dev = common::device();
+        let b_cpu = Batch::from_sequences(&seqs(), 2, &cpu).unwrap();
+        let b_dev = Batch::from_sequences(&seqs(), 2, &dev).unwrap();
+        for lora in [false, true] {
+            let with = |v: Variant| if lora { v.lora(&cfg) } else { v };
+            let reference =
+                logps_and_grads(&with(FUSED).load(dir.path(), DType::F32, &cpu), &b_cpu);
+            for v in [
+                Variant::plain(),
+                Variant::plain().ckpt(),
+                Variant::plain().ckpt().chunk(64),
+            ] {
+                let v = with(v);
+                let got = logps_and_grads(&v.load(dir.path(), DType::F32, &dev), &b_dev);
+                assert_close(&format!("{arch:?} {v:?}"), &got, &reference, f32_tol());
+            }
+            let ckpt = with(FUSED.ckpt());
+            let got = logps_and_grads(&ckpt.load(dir.path(), DType::F32, &cpu), &b_cpu);
+            assert_identical(&format!("{arch:?} {ckpt:?}"), &got, &reference);
+        }
+    }
+}
+
 /// LoRA on every projection with dropout: the fused layer node and the plain path draw the
 /// same masks and agree (f32); the adapters are the only variables with gradients.
 #[test]

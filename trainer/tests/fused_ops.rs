@@ -244,8 +244,8 @@ fn model_grads(
 /// The whole model: per-token log-probs and every variable's gradient agree with the fused
 /// kernels on and off (padding, GQA, a sliding window, biases and tied embeddings included),
 /// and with the layers run as whole-layer nodes whose weight gradients come through a
-/// [`fused::GradSink`] (Llama and Mistral; Qwen2's biased projections keep the separate
-/// kernels). A second backward pass through the same graph gives the same gradients.
+/// [`fused::GradSink`] (Llama and Mistral; Qwen2's biased projections, Qwen3's q/k norms
+/// and Gemma2's layers keep the separate kernels where they apply, plain ops elsewhere). A second backward pass through the same graph gives the same gradients.
 #[test]
 fn model_with_fused_kernels_matches_unfused() {
     let seqs = common::two_sequences();
@@ -254,6 +254,8 @@ fn model_with_fused_kernels_matches_unfused() {
         Architecture::Llama,
         Architecture::Mistral,
         Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Gemma2,
     ] {
         for dtype in [DType::F64, DType::F32] {
             let (_d, mut m) = common::model(common::micro_config(arch), dtype, 21);
@@ -279,7 +281,7 @@ fn model_with_fused_kernels_matches_unfused() {
             let g_u = &passes_u[0].0;
             assert_eq!(
                 passes_l[0].1,
-                arch != Architecture::Qwen2,
+                matches!(arch, Architecture::Llama | Architecture::Mistral),
                 "{arch:?}: layer nodes used"
             );
             assert!(!passes_f[0].1 && !passes_u[0].1);

@@ -217,6 +217,63 @@ fn qwen2_gguf_keeps_row_order_and_biases() {
     );
 }
 
+/// Qwen3 (q/k norms, head_dim ≠ hidden / heads) and Gemma2 (four `1 + w` norms, soft-caps,
+/// the window on the even layers) written as llama.cpp's converter writes them: the import
+/// gives back the tensors (Gemma2's norms with the 1 subtracted), the configuration and the
+/// log-probs of the original checkpoint.
+#[test]
+fn qwen3_and_gemma2_gguf_import_to_their_checkpoints() {
+    for arch in [Architecture::Qwen3, Architecture::Gemma2] {
+        let mut cfg = gguf_config(arch);
+        match arch {
+            // llama.cpp's qwen3 has no window; its Gemma2 query scale is head_dim^(−1/2).
+            Architecture::Qwen3 => {
+                cfg.sliding_window = None;
+                cfg.sliding_layers = Some(vec![false; cfg.num_hidden_layers]);
+            }
+            _ => cfg.query_pre_attn_scalar = Some(cfg.head_dim as f64),
+        }
+        let (src, cfg) = checkpoint(cfg, 9);
+        // Norm weights away from the identity, so that the `1 + w` round trip shows.
+        let mut tensors = read_tensors(src.path()).unwrap().tensors;
+        for (name, t) in tensors.iter_mut() {
+            if name.ends_with("norm.weight") {
+                let n = t.elem_count();
+                let v: Vec<f32> = (0..n).map(|i| 0.25 * (i as f32 * 0.9).sin()).collect();
+                *t = (t.clone() + Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        difinfo_trainer::safetensors::write_safetensors(
+            &src.join("model.safetensors"),
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        )
+        .unwrap();
+        let g = TempDir::new();
+        write_gguf(src.path(), &g.join("micro.gguf"), F32, &[]);
+        let imported = import_file(&g.join("micro.gguf")).unwrap();
+        let mut want = cfg.clone();
+        want.initializer_range = imported.config.initializer_range;
+        want.max_position_embeddings = imported.config.max_position_embeddings;
+        assert_eq!(imported.config, want, "{arch:?}");
+        assert_eq!(tensors.len(), imported.tensors.len());
+        for (name, t) in &tensors {
+            let d = max_abs_diff(t, &imported.tensors[name]);
+            assert!(d <= 1e-7, "{arch:?} {name}: {d}");
+        }
+        let out = TempDir::new();
+        let o = convert(&g.join("micro.gguf"), out.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let a = load_model(src.path(), DType::F32, &Device::Cpu).unwrap();
+        let b = load_model(out.path(), DType::F32, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[0u32, 40, 7, 99, 250, 3, 18, 77, 5]], &Device::Cpu).unwrap();
+        let d = max_abs_diff(
+            &a.token_logps(&ids, None).unwrap(),
+            &b.token_logps(&ids, None).unwrap(),
+        );
+        assert!(d <= 1e-5, "{arch:?}: log-probs differ by {d}");
+    }
+}
+
 #[test]
 fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
     // Llama 3.1 GGUFs carry the scaled frequencies as `rope_freqs.weight` (the divisor of each

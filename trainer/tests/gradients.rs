@@ -67,6 +67,45 @@ fn every_var_has_a_gradient_mistral() {
 }
 
 #[test]
+fn every_var_has_a_gradient_qwen3_qk_norms_window() {
+    every_var_has_gradient(common::micro_config(Architecture::Qwen3));
+}
+
+#[test]
+fn every_var_has_a_gradient_gemma2() {
+    every_var_has_gradient(common::micro_config(Architecture::Gemma2));
+}
+
+#[test]
+fn finite_differences_agree_with_candle_qwen3() {
+    finite_differences_agree(
+        common::micro_config(Architecture::Qwen3),
+        &[
+            ("model.layers.0.self_attn.q_norm.weight", 3),
+            ("model.layers.1.self_attn.k_norm.weight", 5),
+            ("model.layers.1.self_attn.q_proj.weight", 17),
+            ("lm_head.weight", 40),
+        ],
+    );
+}
+
+#[test]
+fn finite_differences_agree_with_candle_gemma2() {
+    finite_differences_agree(
+        common::micro_config(Architecture::Gemma2),
+        &[
+            ("model.embed_tokens.weight", 70),
+            ("model.norm.weight", 2),
+            ("model.layers.0.post_attention_layernorm.weight", 4),
+            ("model.layers.0.pre_feedforward_layernorm.weight", 6),
+            ("model.layers.1.post_feedforward_layernorm.weight", 1),
+            ("model.layers.0.mlp.gate_proj.weight", 9),
+            ("model.layers.1.self_attn.k_proj.weight", 33),
+        ],
+    );
+}
+
+#[test]
 fn every_var_has_a_gradient_qwen2_with_bias() {
     every_var_has_gradient(common::micro_config(Architecture::Qwen2));
 }

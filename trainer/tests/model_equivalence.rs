@@ -71,6 +71,12 @@ fn padded_batch_logps_equal_per_example_qwen2() {
 }
 
 #[test]
+fn padded_batch_logps_equal_per_example_qwen3_gemma2() {
+    padded_equals_single(Architecture::Qwen3);
+    padded_equals_single(Architecture::Gemma2);
+}
+
+#[test]
 fn sequence_logp_is_sum_of_masked_token_logps() {
     let (_d, m) = common::model(common::micro_config(Architecture::Llama), DType::F64, 2);
     let s = &seqs()[0];
@@ -158,6 +164,9 @@ fn kv_cache_next_token_logps_equal_full_forward() {
     cache_matches_full(Architecture::Mistral, DType::F32, 1e-4);
     // f64 model; the comparison rounds logits to f32 (log_softmax_at takes f32).
     cache_matches_full(Architecture::Qwen2, DType::F64, 1e-6);
+    // Windows (5) on one layer of two, soft-caps, q/k norms.
+    cache_matches_full(Architecture::Qwen3, DType::F32, 1e-4);
+    cache_matches_full(Architecture::Gemma2, DType::F32, 1e-4);
 }
 
 #[test]

@@ -25,7 +25,7 @@ use crate::{Error, Result};
 #[command(mut_args = training_options(&TrainConfig::default(), &[]))]
 pub struct PlanArgs {
     /// A checkpoint directory (its config.json is read) or a config.json file: llama,
-    /// mistral, qwen2; gemma2 for planning only
+    /// mistral, qwen2, qwen3, gemma2
     #[arg(long, value_name = "DIR_OR_CONFIG")]
     pub model: PathBuf,
     /// Data-parallel ranks, one device each

@@ -16,12 +16,14 @@ use crate::error::{Error, Result};
 pub(super) enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
+    Gemma2,
 }
 
 impl Arch {
     /// The architecture of a `general.architecture` value.
     pub(super) fn from_name(name: &str) -> Option<Self> {
-        [Arch::Llama, Arch::Qwen2]
+        [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma2]
             .into_iter()
             .find(|a| a.name() == name)
     }
@@ -31,6 +33,8 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
         }
     }
 
@@ -259,10 +263,13 @@ pub(super) fn model_config(
             message: "missing (Qwen2 has biases on q, k, v)".into(),
         });
     }
+    let gemma = gemma2_keys(meta, layers, hidden, heads, head_dim)?;
     Ok(ModelConfig {
         arch: match arch {
             Arch::Llama => Architecture::Llama,
             Arch::Qwen2 => Architecture::Qwen2,
+            Arch::Qwen3 => Architecture::Qwen3,
+            Arch::Gemma2 => Architecture::Gemma2,
         },
         vocab_size,
         hidden_size: hidden,
@@ -279,11 +286,58 @@ pub(super) fn model_config(
         qkv_bias,
         o_bias: has("blk.0.attn_output.bias"),
         mlp_bias: has("blk.0.ffn_up.bias"),
-        sliding_window: None,
+        sliding_window: gemma.as_ref().and_then(|g| g.window),
+        sliding_layers: match arch {
+            Arch::Qwen3 => Some(vec![false; layers]),
+            Arch::Gemma2 => Some((0..layers).map(|l| l % 2 == 0).collect()),
+            Arch::Llama | Arch::Qwen2 => None,
+        },
+        query_pre_attn_scalar: gemma.as_ref().map(|g| g.query_pre_attn_scalar),
+        attn_logit_softcapping: gemma.as_ref().and_then(|g| g.attn_softcap),
+        final_logit_softcapping: gemma.as_ref().and_then(|g| g.final_softcap),
         bos_token_id: bos,
         eos_token_ids: eos.into_iter().collect(),
         initializer_range: 0.02,
     })
+}
+
+/// Gemma2's settings from its metadata.
+struct Gemma2Keys {
+    window: Option<usize>,
+    query_pre_attn_scalar: f64,
+    attn_softcap: Option<f64>,
+    final_softcap: Option<f64>,
+}
+
+/// `gemma2.attention.sliding_window` (on the even layers, llama.cpp's pattern 2),
+/// `gemma2.attn_logit_softcapping`, `gemma2.final_logit_softcapping`, and the query scale
+/// llama.cpp derives (the file has no `query_pre_attn_scalar`): `hidden / heads` for the
+/// 46-layer 27B model, `head_dim` otherwise. `None` for another architecture.
+///
+/// # Errors
+/// A key of the wrong type or not positive.
+fn gemma2_keys(
+    meta: &Meta,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Option<Gemma2Keys>> {
+    if meta.opt_str("general.architecture")? != Some("gemma2") {
+        return Ok(None);
+    }
+    let arch = Arch::Gemma2;
+    let scalar = if layers == 46 {
+        hidden / heads
+    } else {
+        head_dim
+    };
+    Ok(Some(Gemma2Keys {
+        window: meta.opt_size(&arch.key("attention.sliding_window"))?,
+        query_pre_attn_scalar: scalar as f64,
+        attn_softcap: meta.opt_f64(&arch.key("attn_logit_softcapping"))?,
+        final_softcap: meta.opt_f64(&arch.key("final_logit_softcapping"))?,
+    }))
 }
 
 /// `{arch}.vocab_size`, else the tokenizer's `vocab_len`; never below `vocab_len`.

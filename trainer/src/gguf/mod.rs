@@ -7,12 +7,17 @@
 //! Face tensor names, `tokenizer.json` and `tokenizer_config.json` rebuilt from the GGUF
 //! metadata, and `generation_config.json`.
 //!
-//! - Architectures: `general.architecture = llama` (Llama 2 and 3, Mistral, SmolLM, TinyLlama)
-//!   and `qwen2`; anything else is
+//! - Architectures: `general.architecture = llama` (Llama 2 and 3, Mistral, SmolLM, TinyLlama),
+//!   `qwen2`, `qwen3` (`attn_q_norm`, `attn_k_norm`) and `gemma2` (`post_attention_norm`,
+//!   `ffn_norm` as the pre-feed-forward norm, `post_ffw_norm`; the soft-caps and the window
+//!   from the metadata); anything else is
 //!   [`Error::GgufUnsupportedArchitecture`](crate::error::Error::GgufUnsupportedArchitecture).
 //! - The q/k row permutation: llama.cpp's converter reorders the rows of each head of
 //!   `q_proj` and `k_proj` for its interleaved RoPE ([`permute_for_gguf`]); the import undoes it
-//!   ([`unpermute_from_gguf`]). Qwen2 files are not permuted (llama.cpp uses NeoX RoPE there).
+//!   ([`unpermute_from_gguf`]). Qwen2, Qwen3 and Gemma2 files are not permuted (llama.cpp uses
+//!   NeoX RoPE there).
+//! - Gemma2's norms: llama.cpp's converter stores `1 + w` for each `(1 + w)` RMSNorm weight;
+//!   the import subtracts the 1.
 //! - Tokenizers: `tokenizer.ggml.model = gpt2` (byte-level BPE with the stored merges and the
 //!   pre-tokenizer named by `tokenizer.ggml.pre`, see [`PreTokenizerFamily`]) or `llama`
 //!   (SentencePiece BPE: merges derived from the scores as transformers' converter does, byte
@@ -57,7 +62,7 @@ pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 pub const CONVERTER_VERSION: u32 = 1;
 
 /// The `general.architecture` values this importer maps to Hugging Face models.
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma2"];
 
 /// The GGML tensor types candle dequantizes (the names of the types in `CANDLE_TYPES`).
 pub const SUPPORTED_QUANTIZATIONS: [&str; 15] = [

@@ -78,9 +78,15 @@ fn hf_name(
     if kind != "weight" && kind != "bias" {
         return None;
     }
+    let gemma = arch == Arch::Gemma2;
     let (hf, heads) = match part {
         "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" if gemma => ("pre_feedforward_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
+        "post_attention_norm" if gemma => ("post_attention_layernorm", None),
+        "post_ffw_norm" if gemma => ("post_feedforward_layernorm", None),
+        "attn_q_norm" if arch == Arch::Qwen3 => ("self_attn.q_norm", None),
+        "attn_k_norm" if arch == Arch::Qwen3 => ("self_attn.k_norm", None),
         "attn_q" => ("self_attn.q_proj", permute.then_some(heads)),
         "attn_k" => ("self_attn.k_proj", permute.then_some(kv_heads)),
         "attn_v" => ("self_attn.v_proj", None),
@@ -241,6 +247,13 @@ fn read_weight<R: Read + Seek>(
     let t = match perm {
         Some(h) => unpermute_from_gguf(&t, h).map_err(|e| terr(e.to_string()))?,
         None => t,
+    };
+    // llama.cpp's Gemma converter stores each norm weight as `1 + w` (the factor it
+    // multiplies by): the `w` of transformers' `(1 + w)` RMSNorm is the stored value − 1.
+    let t = if arch == Arch::Gemma2 && hf.ends_with("norm.weight") {
+        t.affine(1.0, -1.0).map_err(|e| terr(e.to_string()))?
+    } else {
+        t
     };
     Ok((hf, t))
 }

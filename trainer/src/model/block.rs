@@ -1,6 +1,8 @@
 //! One decoder layer on the plain candle path (pre-norm attention with RoPE and a causal
-//! mask, then the gated MLP), and the ops it is built from: RMSNorm, rotate-half RoPE, the
-//! causal mask. The fused CPU path runs [`crate::fused::decoder_layer`] instead.
+//! mask, then the gated MLP; Qwen3's per-head q/k norms, Gemma2's soft-capped scores, output
+//! norms and GeGLU), and the ops it is built from: RMSNorm, rotate-half RoPE, the causal mask.
+//! The fused CPU path runs [`crate::fused::decoder_layer`] instead (for the architectures
+//! without those features).
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -16,8 +18,15 @@ pub const MASK_VALUE: f64 = -1e9;
 
 #[derive(Debug, Clone)]
 pub(super) struct Block {
+    /// The attention's input norm (`input_layernorm`).
     pub(super) ln1: Tensor,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma2's `pre_feedforward_layernorm`).
     pub(super) ln2: Tensor,
+    /// Qwen3's per-head norms of the queries and keys (`self_attn.q_norm`, `k_norm`).
+    pub(super) qk_norm: Option<(Tensor, Tensor)>,
+    /// Gemma2's norms of the attention's and the MLP's outputs (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`).
+    pub(super) out_norms: Option<(Tensor, Tensor)>,
     pub(super) q: Lin,
     pub(super) k: Lin,
     pub(super) v: Lin,
@@ -52,6 +61,9 @@ impl Block {
         let mut blk = self.clone();
         blk.ln1 = blk.ln1.detach();
         blk.ln2 = blk.ln2.detach();
+        let pair = |p: &(Tensor, Tensor)| (p.0.detach(), p.1.detach());
+        blk.qk_norm = blk.qk_norm.as_ref().map(pair);
+        blk.out_norms = blk.out_norms.as_ref().map(pair);
         for lin in blk.lins_mut() {
             lin.w = lin.w.detach();
             lin.b = lin.b.as_ref().map(Tensor::detach);
@@ -66,6 +78,10 @@ impl Block {
     /// Every tensor of the layer: norms, weights, biases, adapters.
     pub(super) fn tensors(&self) -> Vec<Tensor> {
         let mut v = vec![self.ln1.clone(), self.ln2.clone()];
+        for (a, b) in self.qk_norm.iter().chain(&self.out_norms) {
+            v.push(a.clone());
+            v.push(b.clone());
+        }
         for l in self.lins() {
             v.push(l.w.clone());
             v.extend(l.b.clone());
@@ -89,6 +105,61 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xa.broadcast_div(&(ms + eps)?.sqrt()?)?;
     Ok(normed.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)?)
+}
+
+/// Gemma's RMSNorm, differentiable.
+///
+/// # Formula
+/// `y = x / sqrt(mean(x²) + ε) ⊙ (1 + w)`, the mean over the last dimension, computed in the
+/// accumulation dtype and cast back after the multiplication (as transformers' `Gemma2RMSNorm`).
+pub fn gemma_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let acc = accumulation_dtype(dtype);
+    let xa = x.to_dtype(acc)?;
+    let ms = xa.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xa.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    let scale = w.to_dtype(acc)?.affine(1.0, 1.0)?;
+    Ok(normed.broadcast_mul(&scale)?.to_dtype(dtype)?)
+}
+
+/// The tanh approximation of GELU (`gelu_pytorch_tanh`), from differentiable ops.
+///
+/// # Formula
+/// `gelu(x) = x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((x.sqr()? * x)?.affine(0.044715, 0.0)? + x)?.affine(k, 0.0)?;
+    Ok((x.affine(0.5, 0.0)? * inner.tanh()?.affine(1.0, 1.0)?)?)
+}
+
+/// Soft-capping, differentiable.
+///
+/// # Formula
+/// `softcap(s) = c · tanh(s / c)`.
+pub fn softcap(s: &Tensor, c: f64) -> Result<Tensor> {
+    Ok(s.affine(1.0 / c, 0.0)?.tanh()?.affine(c, 0.0)?)
+}
+
+/// An additive mask `[1, 1, l, t]` forbidding, for `l` queries at positions
+/// `offset .. offset + l`, the keys `j` with `i − j ≥ w` (what a window adds to a causal mask).
+pub fn window_band(
+    l: usize,
+    offset: usize,
+    w: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = offset + l;
+    let mut m = vec![0f32; l * t];
+    for i in 0..l {
+        let qi = offset + i;
+        for j in 0..t {
+            if j <= qi && qi - j >= w {
+                m[i * t + j] = MASK_VALUE as f32;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, 1, l, t), device)?.to_dtype(dtype)?)
 }
 
 /// Rotate-half RoPE, differentiable.
@@ -154,6 +225,11 @@ pub(super) struct LayerCtx {
     pub(super) causal: Option<Option<usize>>,
     /// The KV cache's memory ceiling ([`Model::memory_limit`]).
     pub(super) memory_limit: Option<u128>,
+    /// Gemma2's `(1 + w)` norms ([`gemma_rms_norm`]) and GeGLU ([`gelu_tanh`]) instead of
+    /// RMSNorm and SwiGLU.
+    pub(super) gemma: bool,
+    /// Soft-capping of the attention scores ([`softcap`]).
+    pub(super) attn_softcap: Option<f64>,
 }
 
 impl LayerCtx {
@@ -162,6 +238,14 @@ impl LayerCtx {
     }
 
     pub(super) fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.gemma {
+            if self.use_fused(x) {
+                // The fused RMSNorm with the weight 1 + w (the same numbers in f32/f64).
+                let w1 = w.to_dtype(x.dtype())?.affine(1.0, 1.0)?;
+                return Ok(crate::fused::rms_norm(x, &w1, self.eps)?);
+            }
+            return gemma_rms_norm(x, w, self.eps);
+        }
         if self.use_fused(x) {
             Ok(crate::fused::rms_norm(
                 x,
@@ -188,7 +272,7 @@ impl LayerCtx {
         let fz = self.use_fused(x);
         let h = self.norm(x, &blk.ln1)?;
         let mut unexpanded = None;
-        let (q, k, v) = if cache.is_none() && self.use_fused(&h) {
+        let (q, k, v) = if cache.is_none() && self.use_fused(&h) && blk.qk_norm.is_none() {
             // Fused head split + RoPE + grouped-query repetition: [B, nh, l, hd] each.
             let (qp, kp, vp) = (
                 blk.q.apply(fz, &h)?,
@@ -222,6 +306,11 @@ impl LayerCtx {
                 .reshape((b, l, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
+            // Qwen3: each head normed before RoPE.
+            let (q, k) = match &blk.qk_norm {
+                Some((qn, kn)) => (self.norm(&q, qn)?, self.norm(&k, kn)?),
+                None => (q, k),
+            };
             let q = apply_rope(&q, cos, sin)?;
             let mut k = apply_rope(&k, cos, sin)?;
             let mut v = v;
@@ -248,7 +337,12 @@ impl LayerCtx {
         let att = match mask {
             // Fused scale + mask + softmax + PV + head merge (f32/f64 CPU): one graph node,
             // no gradient for the mask.
-            Some(m) if acc == cd && self.use_fused(&q) && fusable_mask(m, b, l, t) => {
+            Some(m)
+                if acc == cd
+                    && self.attn_softcap.is_none()
+                    && self.use_fused(&q)
+                    && fusable_mask(m, b, l, t) =>
+            {
                 crate::fused::attention(&q, &k, &v, &m.to_dtype(cd)?, scale)?
             }
             _ => match self.flash(&q, unexpanded.as_ref())? {
@@ -256,6 +350,10 @@ impl LayerCtx {
                 None => {
                     let raw = q.matmul(&k.t()?)?; // [B, nh, l, t]
                     let scores = (raw * scale)?.to_dtype(acc)?;
+                    let scores = match self.attn_softcap {
+                        Some(c) => softcap(&scores, c)?,
+                        None => scores,
+                    };
                     let scores = match mask {
                         Some(m) => scores.broadcast_add(m)?,
                         None => scores,
@@ -265,8 +363,19 @@ impl LayerCtx {
                 }
             },
         };
-        let x = blk.o.apply_add(fz, &att, x)?;
+        let x = match &blk.out_norms {
+            Some((post_attn, _)) => (x + self.norm(&blk.o.apply(fz, &att)?, post_attn)?)?,
+            None => blk.o.apply_add(fz, &att, x)?,
+        };
         let h = self.norm(&x, &blk.ln2)?;
+        if self.gemma {
+            let m = (gelu_tanh(&blk.gate.apply(fz, &h)?)? * blk.up.apply(fz, &h)?)?;
+            let y = blk.down.apply(fz, &m)?;
+            return match &blk.out_norms {
+                Some((_, post_ff)) => Ok((x + self.norm(&y, post_ff)?)?),
+                None => Ok((x + y)?),
+            };
+        }
         let whole = fz
             && blk.gate.b.is_none()
             && blk.up.b.is_none()
@@ -302,6 +411,7 @@ impl LayerCtx {
             return Ok(None);
         };
         let applies = q.device().is_cuda()
+            && self.attn_softcap.is_none()
             && matches!(self.cd, DType::BF16 | DType::F16)
             && !(q.track_op() || k.track_op() || v.track_op());
         if !applies {

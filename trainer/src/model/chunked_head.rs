@@ -99,6 +99,23 @@ pub fn token_logps(
     elems: usize,
     sink: Option<&GradSink>,
 ) -> Result<Tensor> {
+    token_logps_capped(h, w, targets, elems, sink, None)
+}
+
+/// [`token_logps`] of soft-capped logits (Gemma2's `final_logit_softcapping` `c`):
+/// `z = c · tanh(h Wᵀ / c)` before the log-softmax; `None` is [`token_logps`]. The backward
+/// pass multiplies each logit's gradient by the cap's derivative `1 − tanh²(h Wᵀ / c)`.
+///
+/// # Errors
+/// As [`token_logps`].
+pub fn token_logps_capped(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    elems: usize,
+    sink: Option<&GradSink>,
+    cap: Option<f64>,
+) -> Result<Tensor> {
     let (n, hs) = h.dims2()?;
     let (v, w_hs) = w.dims2()?;
     if w_hs != hs || targets.dims() != [n] {
@@ -116,13 +133,13 @@ pub fn token_logps(
         )));
     }
     let ch = Chunks::of(n, v, elems);
-    let (out, lse) = forward(&h.detach(), &w.detach(), &t, ch)?;
+    let (out, lse) = forward(&h.detach(), &w.detach(), &t, ch, cap)?;
     if !h.track_op() && !w.track_op() {
         return Ok(out);
     }
     let sink = sink.cloned();
     let bwd: crate::recompute::BackwardFn = Arc::new(move |h, w, g| {
-        let (gh, gw) = backward(h, w, &t, &lse, g, ch, w.track_op())
+        let (gh, gw) = backward(h, w, &t, &lse, g, ch, w.track_op(), cap)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let gh = h.track_op().then_some(gh);
         match (gw, &sink) {
@@ -136,16 +153,31 @@ pub fn token_logps(
     Ok(crate::recompute::with_backward(&out, h, w, bwd)?)
 }
 
-/// The logits chunk `h_r W_cᵀ` in the accumulation dtype.
-fn logits(hr: &Tensor, w: &Tensor, c0: usize, cn: usize) -> Result<Tensor> {
+/// The logits chunk `h_r W_cᵀ` in the accumulation dtype (soft-capped with `cap`).
+fn logits(hr: &Tensor, w: &Tensor, c0: usize, cn: usize, cap: Option<f64>) -> Result<Tensor> {
     let wc = w.narrow(0, c0, cn)?.to_dtype(hr.dtype())?;
-    Ok(hr
+    let z = hr
         .matmul(&wc.t()?)?
-        .to_dtype(accumulation_dtype(hr.dtype()))?)
+        .to_dtype(accumulation_dtype(hr.dtype()))?;
+    Ok(match cap {
+        Some(c) => z.affine(1.0 / c, 0.0)?.tanh()?.affine(c, 0.0)?,
+        None => z,
+    })
+}
+
+/// The cap's derivative at soft-capped logits `z = c · tanh(·)`: `1 − (z / c)²`.
+fn cap_slope(z: &Tensor, c: f64) -> Result<Tensor> {
+    Ok(z.affine(1.0 / c, 0.0)?.sqr()?.affine(-1.0, 1.0)?)
 }
 
 /// Values: the targets' log-probs and the rows' log-sum-exps, `[N]` each (accumulation dtype).
-fn forward(h: &Tensor, w: &Tensor, t: &[u32], ch: Chunks) -> Result<(Tensor, Tensor)> {
+fn forward(
+    h: &Tensor,
+    w: &Tensor,
+    t: &[u32],
+    ch: Chunks,
+    cap: Option<f64>,
+) -> Result<(Tensor, Tensor)> {
     let (n, _) = h.dims2()?;
     let v = w.dim(0)?;
     let dev = h.device();
@@ -159,7 +191,7 @@ fn forward(h: &Tensor, w: &Tensor, t: &[u32], ch: Chunks) -> Result<(Tensor, Ten
         let mut s: Option<Tensor> = None;
         let mut picked: Option<Tensor> = None;
         for (c0, cn) in spans(v, ch.cols) {
-            let z = logits(&hr, w, c0, cn)?; // [rn, cn]
+            let z = logits(&hr, w, c0, cn, cap)?; // [rn, cn]
             let (inside, local) = local_targets(tr, c0, cn, dev)?;
             let zt = (z.gather(&local, 1)?.squeeze(1)? * inside.to_dtype(acc)?)?;
             picked = Some(match picked {
@@ -194,6 +226,7 @@ fn forward(h: &Tensor, w: &Tensor, t: &[u32], ch: Chunks) -> Result<(Tensor, Ten
 }
 
 /// `(∂h, ∂W)` of `Σ_n g_n out_n` (see the module docs); `∂W` only with `need_w`.
+#[allow(clippy::too_many_arguments)]
 fn backward(
     h: &Tensor,
     w: &Tensor,
@@ -202,6 +235,7 @@ fn backward(
     g: &Tensor,
     ch: Chunks,
     need_w: bool,
+    cap: Option<f64>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (n, hs) = h.dims2()?;
     let v = w.dim(0)?;
@@ -210,12 +244,19 @@ fn backward(
     let acc = accumulation_dtype(cd);
     let g = g.to_dtype(acc)?;
     let tt = Tensor::from_vec(t.to_vec(), n, dev)?;
-    // The target terms: ∂h += g ⊙ W[t], ∂W[t] += g ⊙ h.
     let gcol = g.unsqueeze(1)?;
-    let mut dh = w
-        .index_select(&tt, 0)?
-        .to_dtype(acc)?
-        .broadcast_mul(&gcol)?; // [n, H]
+    let wt = w.index_select(&tt, 0)?;
+    // The target terms: ∂h += g' ⊙ W[t], ∂W[t] += g' ⊙ h, with g' = g (times the cap's slope
+    // at the target's logit).
+    let gt = match cap {
+        Some(c) => {
+            let zt = (h.to_dtype(acc)? * wt.to_dtype(acc)?)?.sum_keepdim(1)?;
+            let zt = zt.affine(1.0 / c, 0.0)?.tanh()?.affine(c, 0.0)?;
+            (&gcol * cap_slope(&zt, c)?)?
+        }
+        None => gcol.clone(),
+    };
+    let mut dh = wt.to_dtype(acc)?.broadcast_mul(&gt)?; // [n, H]
     let mut dw_chunks = Vec::new();
     for (c0, cn) in spans(v, ch.cols) {
         let wc = w.narrow(0, c0, cn)?.to_dtype(cd)?;
@@ -223,11 +264,15 @@ fn backward(
         let mut dh_rows = Vec::new();
         for (r0, rn) in spans(n, ch.rows) {
             let hr = h.narrow(0, r0, rn)?;
-            let z = logits(&hr, w, c0, cn)?;
+            let z = logits(&hr, w, c0, cn, cap)?;
             let p = z
                 .broadcast_sub(&lse.narrow(0, r0, rn)?.unsqueeze(1)?)?
                 .exp()?;
-            // dz = −g ⊙ p (the target term is added separately).
+            // dz = −g ⊙ p (the target term is added separately), through the cap.
+            let p = match cap {
+                Some(c) => (p * cap_slope(&z, c)?)?,
+                None => p,
+            };
             let dz = p
                 .broadcast_mul(&gcol.narrow(0, r0, rn)?)?
                 .neg()?
@@ -252,7 +297,7 @@ fn backward(
     }
     let dw = if need_w {
         let d = Tensor::cat(&dw_chunks, 0)?;
-        let target = h.to_dtype(acc)?.broadcast_mul(&gcol)?;
+        let target = h.to_dtype(acc)?.broadcast_mul(&gt)?;
         Some(d.index_add(&tt, &target, 0)?.to_dtype(w.dtype())?)
     } else {
         None

@@ -9,7 +9,9 @@ use crate::dtype::accumulation_dtype;
 use crate::error::{Error, Result};
 
 use super::adapted_linear::LoraLin;
-use super::block::{causal_mask, fusable_mask, rms_norm, Block, LayerCtx, MASK_VALUE};
+use super::block::{
+    causal_mask, fusable_mask, gemma_rms_norm, rms_norm, window_band, Block, LayerCtx, MASK_VALUE,
+};
 use super::kv_cache::KvCache;
 use super::Model;
 
@@ -48,9 +50,17 @@ impl Model {
         self.fused && crate::fused::enabled(t)
     }
 
-    /// RMSNorm with this model's ε, fused where `use_fused` allows.
+    /// RMSNorm with this model's ε (Gemma2's `(1 + w)` form for Gemma2), fused where
+    /// `use_fused` allows.
     pub(super) fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
+        if self.config.arch == crate::config_json::Architecture::Gemma2 {
+            if self.use_fused(x) {
+                let w1 = w.to_dtype(x.dtype())?.affine(1.0, 1.0)?;
+                return Ok(crate::fused::rms_norm(x, &w1, eps)?);
+            }
+            return gemma_rms_norm(x, w, eps);
+        }
         if self.use_fused(x) {
             Ok(crate::fused::rms_norm(x, &w.to_dtype(x.dtype())?, eps)?)
         } else {
@@ -151,7 +161,7 @@ impl Model {
         let cd = self.compute_dtype;
         let acc = accumulation_dtype(cd);
         let (cos, sin) = self.rope_tables(offset, l)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.attention_scale();
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.is_empty() {
                 c.layers = vec![None; cfg.num_hidden_layers];
@@ -179,6 +189,14 @@ impl Model {
                 .to_dtype(cd)?
                 .index_select(&ids.flatten_all()?, 0)?, // [B*l, H]
         };
+        if cfg.arch == crate::config_json::Architecture::Gemma2 {
+            // √hidden_size rounded to the compute dtype, as transformers' scaled embedding.
+            let normalizer = Tensor::new((cfg.hidden_size as f64).sqrt(), &self.device)?
+                .to_dtype(cd)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            x = x.affine(normalizer, 0.0)?;
+        }
         let layers = self.pass_layers(cache.is_none());
         // A training pass: its result carries gradients (no KV cache).
         let training = cache.is_none()
@@ -199,13 +217,32 @@ impl Model {
             cos: cos.clone(),
             sin: sin.clone(),
             mask: mask.cloned(),
-            causal: causal.then_some(cfg.sliding_window),
+            causal: causal.then_some(self.base_window()),
             memory_limit: self.memory_limit(),
+            gemma: cfg.arch == crate::config_json::Architecture::Gemma2,
+            attn_softcap: cfg.attn_logit_softcapping,
+        };
+        // Layers whose window differs from the base mask's: the mask with the window's band.
+        let windowed = |w: usize| -> Result<LayerCtx> {
+            let band = window_band(l, offset, w, acc, &self.device)?;
+            let mut c = ctx.clone();
+            c.mask = Some(match mask {
+                Some(m) => m.broadcast_add(&band)?,
+                None => band,
+            });
+            c.causal = causal.then_some(Some(w));
+            Ok(c)
+        };
+        let window_ctx = match cfg.sliding_window {
+            Some(w) if cfg.per_layer_windows() => Some(windowed(w)?),
+            _ => None,
         };
         let fz = self.use_fused(&x);
         // Whole-layer nodes: sizes and mask, the same for every layer.
         let layer_node = match (sink, mask) {
-            (Some(sink), Some(m)) if fz && acc == cd && fusable_mask(m, b, l, l) => {
+            (Some(sink), Some(m))
+                if fz && acc == cd && cfg.plain_layers() && fusable_mask(m, b, l, l) =>
+            {
                 let z = crate::fused::LayerDims {
                     b,
                     l,
@@ -220,6 +257,10 @@ impl Model {
             _ => None,
         };
         for (li, blk) in layers.iter().enumerate() {
+            let ctx = match &window_ctx {
+                Some(c) if cfg.layer_window(li).is_some() => c,
+                _ => &ctx,
+            };
             if let Some((sink, z, m)) = &layer_node {
                 if let Some(ws) = Self::layer_weights(blk, cd) {
                     x = crate::fused::decoder_layer(&x, &ws, *z, &cos, &sin, m, scale, sink)?;
@@ -251,6 +292,17 @@ impl Model {
         Ok(x.reshape((b, l, cfg.hidden_size))?)
     }
 
+    /// The window of the base mask: every layer's when they share one (Mistral), else none
+    /// (the layers with a window add its band, see `decode`).
+    fn base_window(&self) -> Option<usize> {
+        let cfg = &self.config;
+        if cfg.per_layer_windows() {
+            None
+        } else {
+            cfg.layer_window(0)
+        }
+    }
+
     /// The additive mask of a training-style forward pass, and whether it is causal with right
     /// padding only (so flash attention computes the same for every real token).
     pub(super) fn training_mask(
@@ -260,7 +312,7 @@ impl Model {
         attention_mask: Option<&Tensor>,
     ) -> Result<(Tensor, bool)> {
         let acc = accumulation_dtype(self.compute_dtype);
-        let causal = causal_mask(l, 0, self.config.sliding_window, acc, &self.device)?;
+        let causal = causal_mask(l, 0, self.base_window(), acc, &self.device)?;
         Ok(match attention_mask {
             None => (causal, true),
             Some(am) => {
@@ -286,14 +338,14 @@ impl Model {
     /// The causal mask of `l` new positions over the cache (none for one position without a
     /// window in reach).
     pub(super) fn cache_mask(&self, l: usize, offset: usize) -> Result<Option<Tensor>> {
-        let needs_mask = l > 1 || self.config.sliding_window.is_some_and(|w| offset + 1 > w);
+        let needs_mask = l > 1 || self.base_window().is_some_and(|w| offset + 1 > w);
         if !needs_mask {
             return Ok(None);
         }
         Ok(Some(causal_mask(
             l,
             offset,
-            self.config.sliding_window,
+            self.base_window(),
             accumulation_dtype(self.compute_dtype),
             &self.device,
         )?))

@@ -1,4 +1,4 @@
-//! The decoder (Llama / Mistral / Qwen2) as a differentiable training model.
+//! The decoder (Llama / Mistral / Qwen2 / Qwen3 / Gemma2) as a differentiable training model.
 //!
 //! Every parameter is a [`candle_core::Var`] held in a [`candle_nn::VarMap`] under its Hugging
 //! Face name. The forward pass is built only from ops that record a backward pass: matmul,
@@ -40,7 +40,9 @@ use crate::error::{Error, Result};
 
 use adapted_linear::{Lin, LoraLin};
 use block::Block;
-pub use block::{apply_rope, causal_mask, rms_norm, MASK_VALUE};
+pub use block::{
+    apply_rope, causal_mask, gelu_tanh, gemma_rms_norm, rms_norm, softcap, window_band, MASK_VALUE,
+};
 pub use kv_cache::KvCache;
 
 /// A decoder-only transformer with trainable parameters.
@@ -101,9 +103,27 @@ fn bind_weights(
     let layers = (0..config.num_hidden_layers)
         .map(|l| {
             let p = format!("model.layers.{l}");
+            let pair = |a: &str, b: &str| -> Option<(Tensor, Tensor)> {
+                Some((
+                    opt(&format!("{p}.{a}.weight"))?,
+                    opt(&format!("{p}.{b}.weight"))?,
+                ))
+            };
+            let gemma = config.arch == crate::config_json::Architecture::Gemma2;
+            let ln2 = if gemma {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            };
             Block {
                 ln1: get(&format!("{p}.input_layernorm.weight")),
-                ln2: get(&format!("{p}.post_attention_layernorm.weight")),
+                ln2: get(&format!("{p}.{ln2}.weight")),
+                qk_norm: pair("self_attn.q_norm", "self_attn.k_norm"),
+                out_norms: if gemma {
+                    pair("post_attention_layernorm", "post_feedforward_layernorm")
+                } else {
+                    None
+                },
                 q: lin(&format!("{p}.self_attn.q_proj")),
                 k: lin(&format!("{p}.self_attn.k_proj")),
                 v: lin(&format!("{p}.self_attn.v_proj")),

@@ -30,10 +30,13 @@ impl Model {
         let cd = self.compute_dtype;
         let logits = h
             .reshape((b * l, hs))?
-            .matmul(&self.lm_head.to_dtype(cd)?.t()?)?;
-        Ok(logits
-            .to_dtype(accumulation_dtype(cd))?
-            .reshape((b, l, self.config.vocab_size))?)
+            .matmul(&self.lm_head.to_dtype(cd)?.t()?)?
+            .to_dtype(accumulation_dtype(cd))?;
+        let logits = match self.config.final_logit_softcapping {
+            Some(c) => super::block::softcap(&logits, c)?,
+            None => logits,
+        };
+        Ok(logits.reshape((b, l, self.config.vocab_size))?)
     }
 
     /// Per-token log-probabilities of the next token: entry `[b, t]` is
@@ -66,15 +69,17 @@ impl Model {
     }
 
     /// `log softmax(h Wᵀ)[t]` for hidden states `h: [N, H]` (compute dtype) and targets
-    /// `t: [N]`, in the accumulation dtype: the fused CPU kernel where it applies, else the
-    /// plain-candle [`crate::model::chunked_head::token_logps`]; both form at most `head_chunk` logits at
+    /// `t: [N]`, in the accumulation dtype (the logits soft-capped first where the config
+    /// says so): the fused CPU kernel where it applies (no soft-cap), else the plain-candle
+    /// [`crate::model::chunked_head::token_logps_capped`]; both form at most `head_chunk` logits at
     /// a time. With a sink, the head's own variable (no conversion) takes its gradient there.
     pub(super) fn head_logps(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let sink = self
             .grad_sink
             .as_ref()
             .filter(|_| self.lm_head.track_op() && self.lm_head.dtype() == h.dtype());
-        if self.use_fused(h) {
+        let cap = self.config.final_logit_softcapping;
+        if self.use_fused(h) && cap.is_none() {
             let w = match sink {
                 Some(_) => self.lm_head.clone(),
                 None => self.lm_head.to_dtype(h.dtype())?,
@@ -88,7 +93,14 @@ impl Model {
             )?);
         }
         let sink = self.grad_sink.as_ref().filter(|_| self.lm_head.track_op());
-        crate::model::chunked_head::token_logps(h, &self.lm_head, targets, self.head_chunk, sink)
+        crate::model::chunked_head::token_logps_capped(
+            h,
+            &self.lm_head,
+            targets,
+            self.head_chunk,
+            sink,
+            cap,
+        )
     }
 
     pub(super) fn token_logps_at(

@@ -41,8 +41,15 @@ pub fn gguf_config(arch: Architecture) -> ModelConfig {
     c
 }
 
-/// The GGUF name of a Hugging Face tensor name (llama.cpp's `tensor_mapping.py`).
+/// The GGUF name of a Hugging Face tensor name (llama.cpp's `tensor_mapping.py`) in a Llama.
 pub fn gguf_name(hf: &str) -> String {
+    gguf_name_for(hf, Architecture::Llama)
+}
+
+/// The GGUF name of a Hugging Face tensor name in a model of `arch` (Gemma2's four norms:
+/// `attn_norm`, `post_attention_norm`, `ffn_norm`, `post_ffw_norm`).
+pub fn gguf_name_for(hf: &str, arch: Architecture) -> String {
+    let gemma = arch == Architecture::Gemma2;
     match hf {
         "model.embed_tokens.weight" => return "token_embd.weight".into(),
         "model.norm.weight" => return "output_norm.weight".into(),
@@ -54,7 +61,12 @@ pub fn gguf_name(hf: &str) -> String {
     let (part, kind) = rest.rsplit_once('.').unwrap();
     let g = match part {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
@@ -145,6 +157,8 @@ pub fn write_gguf(dir: &Path, out: &Path, storage: Storage, overrides: Overrides
             G::F32(cfg.rms_norm_eps as f32),
         ),
         (k("rope.dimension_count"), G::U32(cfg.head_dim as u32)),
+        (k("attention.key_length"), G::U32(cfg.head_dim as u32)),
+        (k("attention.value_length"), G::U32(cfg.head_dim as u32)),
         (k("vocab_size"), G::U32(cfg.vocab_size as u32)),
         ("tokenizer.ggml.model".into(), G::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), G::String("gpt-2".into())),
@@ -180,6 +194,19 @@ pub fn write_gguf(dir: &Path, out: &Path, storage: Storage, overrides: Overrides
             G::String(tc["chat_template"].as_str().unwrap().into()),
         ),
     ];
+    if cfg.arch == Architecture::Gemma2 {
+        if let Some(w) = cfg.sliding_window {
+            md.push((k("attention.sliding_window"), G::U32(w as u32)));
+        }
+        for (key, v) in [
+            ("attn_logit_softcapping", cfg.attn_logit_softcapping),
+            ("final_logit_softcapping", cfg.final_logit_softcapping),
+        ] {
+            if let Some(v) = v {
+                md.push((k(key), G::F32(v as f32)));
+            }
+        }
+    }
     for (key, v) in overrides {
         md.retain(|(k2, _)| k2 != key);
         if !matches!(v, G::String(s) if s.is_empty()) {
@@ -189,6 +216,12 @@ pub fn write_gguf(dir: &Path, out: &Path, storage: Storage, overrides: Overrides
     let mut qs: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &tensors {
         let t = t.to_dtype(DType::F32).unwrap();
+        // llama.cpp's Gemma converter stores each norm weight as 1 + w.
+        let t = if arch == "gemma2" && name.ends_with("norm.weight") {
+            t.affine(1.0, 1.0).unwrap()
+        } else {
+            t
+        };
         let t = if arch == "llama" && name.ends_with("q_proj.weight") {
             permute_for_gguf(&t, cfg.num_attention_heads).unwrap()
         } else if arch == "llama" && name.ends_with("k_proj.weight") {
@@ -203,7 +236,10 @@ pub fn write_gguf(dir: &Path, out: &Path, storage: Storage, overrides: Overrides
         } else {
             storage.matrices
         };
-        qs.push((gguf_name(name), QTensor::quantize(&t, dt).unwrap()));
+        qs.push((
+            gguf_name_for(name, cfg.arch),
+            QTensor::quantize(&t, dt).unwrap(),
+        ));
     }
     let mut f = std::fs::File::create(out).unwrap();
     let md_refs: Vec<(&str, &G)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();

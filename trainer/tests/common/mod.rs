@@ -32,6 +32,21 @@ pub fn micro_config(arch: Architecture) -> ModelConfig {
             c.tie_word_embeddings = true;
         }
         Architecture::Mistral => c.sliding_window = Some(5),
+        Architecture::Qwen3 => {
+            // head_dim ≠ hidden / heads (8), a sliding window on the second layer.
+            c.head_dim = 16;
+            c.sliding_window = Some(5);
+            c.sliding_layers = Some(vec![false, true]);
+        }
+        Architecture::Gemma2 => {
+            c.head_dim = 16;
+            c.tie_word_embeddings = true;
+            c.query_pre_attn_scalar = Some(12.0);
+            c.attn_logit_softcapping = Some(2.0);
+            c.final_logit_softcapping = Some(3.0);
+            c.sliding_window = Some(5);
+            c.sliding_layers = Some(vec![true, false]);
+        }
         Architecture::Llama => {}
     }
     c
