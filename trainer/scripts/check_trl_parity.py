@@ -233,8 +233,10 @@ def main():
             {"name": "ld_alpha=0.5", "loss_type": ["sigmoid"], "ld_alpha": 0.5},
             {"name": "ld_alpha=0.5 ipo+sft", "loss_type": ["ipo", "sft"], "ld_alpha": 0.5},
             {"name": "use_weighting", "loss_type": ["sigmoid"], "use_weighting": True},
-            {"name": "use_weighting sigmoid+sft", "loss_type": ["sigmoid", "sft"],
-             "use_weighting": True},
+            # Not with `sft`: TRL 1.16 multiplies its expanded per-sequence tensor in place
+            # and fails ("more than one element of the written-to tensor refers to a single
+            # memory location"); difinfo's value there is `sft · mean(w_w w_l)`.
+            {"name": "use_weighting ipo", "loss_type": ["ipo"], "use_weighting": True},
             {"name": "sync_ref_model (α 0.6, every step)", "loss_type": ["sigmoid"],
              "sync_ref_model": True, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 1},
         ]

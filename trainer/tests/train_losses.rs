@@ -64,7 +64,7 @@
 //! TRL 1.x's `bco_pair` has no running reward mean (TRL 0.x's `RunningMoments` δ is gone), so
 //! the loss carries no state across steps and nothing extra is checkpointed.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use difinfo::loss::batch_loss;
 use difinfo::objective::{FDivergence, LossType, Objective, ObjectiveSpec};
 use difinfo::reward::side;
@@ -666,7 +666,9 @@ fn ld_alpha_and_use_weighting_equal_trl_formula() {
     use LossType::*;
     // (loss types, ld_alpha, use_weighting, TRL's loss, rewards/chosen, rewards/rejected,
     // logps/chosen, logps/rejected)
-    let cases: [(&[LossType], Option<f64>, bool, [f64; 5]); 6] = [
+    /// `(loss types, ld_alpha, use_weighting, TRL's values)`.
+    type Case = (&'static [LossType], Option<f64>, bool, [f64; 5]);
+    let cases: [Case; 6] = [
         (
             &[Sigmoid],
             Some(0.5),
@@ -729,5 +731,43 @@ fn ld_alpha_and_use_weighting_equal_trl_formula() {
                 "{types:?} ld_alpha {ld_alpha:?} weighting {use_weighting}: {got:?} vs {want:?}"
             );
         }
+    }
+}
+
+/// WPO's `log Σ_v π(v)²` from the model's chunked head (one forward pass with the log-probs)
+/// equals its definition on the full logits, `log Σ_v softmax(z)_v²`, at every completion
+/// position, whole-vocabulary chunks or not; the log-probs are the plain head's.
+#[test]
+fn log_sum_sq_of_the_head_equals_the_full_logits() {
+    use difinfo_trainer::batch::Batch;
+    use difinfo_trainer::config_json::Architecture;
+    let (_dir, mut m) = common::model(common::micro_config(Architecture::Llama), DType::F64, 11);
+    let b = Batch::for_training(&common::two_sequences(), 0, &common::device()).unwrap();
+    let logits = m.logits(&b.input_ids, Some(&b.attention_mask)).unwrap();
+    let l = logits.dim(1).unwrap();
+    let lsm = candle_nn::ops::log_softmax(&logits.narrow(1, 0, l - 1).unwrap(), D::Minus1).unwrap();
+    let want = lsm
+        .affine(2.0, 0.0)
+        .unwrap()
+        .log_sum_exp(D::Minus1)
+        .unwrap()
+        .mul(&b.loss_mask.to_dtype(DType::F64).unwrap())
+        .unwrap();
+    let plain = m
+        .token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
+        .unwrap();
+    // The default budget (whole rows), then 7 logits per chunk (the vocabulary cut).
+    for elems in [None, Some(7)] {
+        if let Some(e) = elems {
+            m.set_head_chunk_elems(e);
+        }
+        let (lp, sq) = m
+            .token_logps_masked_with_sq(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
+            .unwrap();
+        assert!(common::max_abs(&(sq - &want).unwrap()) < 1e-12, "{elems:?}");
+        assert!(
+            common::max_abs(&(lp - &plain).unwrap()) < 1e-12,
+            "{elems:?}"
+        );
     }
 }
