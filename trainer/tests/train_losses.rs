@@ -430,6 +430,98 @@ mod cli {
         )
     }
 
+    /// `dpo --sync-ref-model` end to end: the reference is the policy's checkpoint loaded
+    /// again, synced after every step, saved in each checkpoint; a run stopped after step 1
+    /// and resumed to step 3 logs what the uninterrupted run logs, and the reference's weights
+    /// at step 3 agree; the refusals name the option to change.
+    #[test]
+    fn sync_ref_model_runs_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let model = super::common::tiny_model(d);
+        let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let args = |run: &Path, steps: &str| -> Vec<String> {
+            [
+                "dpo",
+                "--model",
+                &s(&model),
+                "--data",
+                &s(&data),
+                "--output-dir",
+                &s(run),
+                "--max-steps",
+                steps,
+                "--per-device-train-batch-size",
+                "6",
+                "--learning-rate",
+                "1e-3",
+                "--logging-steps",
+                "1",
+                "--save-steps",
+                "1",
+                "--sync-ref-model",
+                "--precompute-ref-log-probs",
+                "false",
+                "--ref-model-sync-steps",
+                "1",
+                "--ref-model-mixup-alpha",
+                "0.6",
+                "--ld-alpha",
+                "0.5",
+                "--use-weighting",
+            ]
+            .iter()
+            .map(|x| x.to_string())
+            .collect()
+        };
+        fn strs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let (a, b) = (d.join("straight"), d.join("resumed"));
+        run(&strs(&args(&a, "3")));
+        run(&strs(&args(&b, "1")));
+        run(&["dpo", "--resume", &s(&b), "--max-steps", "3"]);
+        assert_eq!(
+            super::common::metrics_without_timing(&a),
+            super::common::metrics_without_timing(&b)
+        );
+        let read = |p: PathBuf| std::fs::read(p).unwrap();
+        assert_eq!(
+            read(a.join("checkpoint-3/ref_model.safetensors")),
+            read(b.join("checkpoint-3/ref_model.safetensors"))
+        );
+        assert_ne!(
+            read(a.join("checkpoint-1/ref_model.safetensors")),
+            read(a.join("checkpoint-3/ref_model.safetensors"))
+        );
+        let refused = |extra: &[&str]| -> String {
+            let owned = args(&d.join("refused"), "1");
+            let mut v = strs(&owned);
+            v.extend_from_slice(extra);
+            let o = bin().args(&v).output().unwrap();
+            assert!(!o.status.success(), "{extra:?} was accepted");
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        };
+        assert!(refused(&["--precompute-ref-log-probs", "true"]).contains("precompute"));
+        assert!(refused(&["--use-peft"]).contains("use_peft"));
+        let e = bin()
+            .args(["dpo", "--model", &s(&model), "--data", &s(&data)])
+            .args([
+                "--output-dir",
+                &s(&d.join("x")),
+                "--ref-model-sync-steps",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&e.stderr);
+        assert!(
+            e.contains("--ref-model-sync-steps 2") && e.contains("sync_ref_model"),
+            "{e}"
+        );
+    }
+
     /// `difinfo-train dpo --loss-type <each type> --ref-model R` on a tiny policy `P` and a
     /// different tiny reference `R`: the loss of step 1 (before any update, the whole dataset
     /// in one batch) equals the loss of TRL's formula — the library's text, pinned to TRL above —
