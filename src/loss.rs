@@ -28,7 +28,14 @@
 //!
 //! ℓ_ε(z) = (1−ε)(−log σ(z)) + ε(−log σ(−z))      (conservative DPO)
 //! L = Σ_k w_k · mean_i ℓ_k(pair i)                 (TRL's loss_type with loss_weights)
+//! L = Σ_k w_k · mean_i ω_i ℓ_k(pair i),  ω_i = w(y_w,i) w(y_l,i)     (WPO, use_weighting)
+//! w(y) = exp((1/|y|) Σ_t (log π(y_t | y_<t) − log Σ_v π(v | y_<t)²))   (no gradient)
+//! log π(y) = Σ_{t ≤ m} log π(y_t) + α Σ_{t > m} log π(y_t),  m = min(|y_w|, |y_l|)  (LD-DPO)
 //! ```
+//!
+//! LD-DPO's α (TRL's `ld_alpha`) applies to the policy's and the reference's log-probs alike
+//! (`log π` and `log π_ref` above, hence every log-ratio, reward and logged `logps/*`); the
+//! `sft` term and WPO's `w(y)` read the plain per-token log-probs, as TRL's do.
 //!
 //! as in TRL's `DPOTrainer._compute_loss` (TRL 1.16; `sigmoid` with ε > 0 is TRL 0.x's
 //! conservative DPO, which TRL 1.x dropped). `ipo` and `sigmoid_norm` normalize by length;
@@ -110,6 +117,57 @@ pub fn sppo_hard<S: Arith>(c: &Side<S>, r: &Side<S>, beta: f64) -> Result<S, S::
         .affine(1.0, -target)?
         .sqr()?
         .add(&r.logratio.affine(1.0, target)?.sqr()?)
+}
+
+/// LD-DPO's log-probability of a completion (Liu et al. 2024, "Length Desensitization in
+/// Direct Preference Optimization"; TRL's `ld_alpha`): the tokens up to the shorter
+/// completion of the pair count once, the rest (the "verbose" part) α times.
+///
+/// # Formula
+/// `log π(y) = shared + α · verbose`, `shared = Σ_{t ≤ m} log π(y_t | y_<t)`,
+/// `verbose = Σ_{t > m} log π(y_t | y_<t)`, `m = min(|y_w|, |y_l|)` the pair's shared length
+/// (t counts completion tokens). α = 1 is the plain sum, α = 0 cuts every completion of the
+/// pair to the shared length.
+///
+/// # Errors
+/// The number type's.
+///
+/// # Examples
+/// ```
+/// use difinfo::loss::length_desensitized;
+/// assert_eq!(length_desensitized(&-3.0, &-2.0, 0.5)?, -4.0);
+/// assert_eq!(length_desensitized(&-3.0, &-2.0, 1.0)?, -5.0);
+/// # Ok::<(), std::convert::Infallible>(())
+/// ```
+pub fn length_desensitized<S: Arith>(shared: &S, verbose: &S, alpha: f64) -> Result<S, S::Error> {
+    shared.add(&verbose.affine(alpha, 0.0)?)
+}
+
+/// WPO's weight of one completion (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted
+/// Preference Optimization", Eq. 2, as TRL's `use_weighting` computes it): the geometric mean
+/// over the completion's tokens of the token's probability relative to the policy's
+/// `Σ_v π(v)²`, the probability that two samples of the step agree.
+///
+/// # Formula
+/// `w(y) = exp(a / max(|y|, 1))`, `a = Σ_t (log π(y_t | y_<t) − log Σ_v π(v | y_<t)²)`,
+/// computed without gradient (the caller passes a detached `a`). Each factor
+/// `π(y_t) / Σ_v π(v)²` has expectation 1 when `y_t ~ π`, so on-policy completions weigh
+/// about 1 and off-policy ones less; `w(y) > 0`, and above 1 where a token is likelier than
+/// the distribution's "self-agreement" `Σ_v π(v)²`.
+///
+/// # Errors
+/// The number type's.
+///
+/// # Examples
+/// ```
+/// use difinfo::loss::wpo_weight;
+/// // Two tokens, each with π(y_t) = Σ_v π(v)²: weight 1.
+/// assert_eq!(wpo_weight(&0.0, &2.0)?, 1.0);
+/// assert!((wpo_weight(&-2.0, &2.0)? - (-1.0f64).exp()).abs() < 1e-15);
+/// # Ok::<(), std::convert::Infallible>(())
+/// ```
+pub fn wpo_weight<S: Real>(aligned: &S, len: &S) -> Result<S, S::Error> {
+    aligned.div(&at_least_one(len)?)?.exp()
 }
 
 /// The mean NLL per token, `−Σ_i logps_i / tokens` (`tokens` may be a batch: it is summed).
@@ -197,7 +255,7 @@ pub fn per_sequence<S: Real>(
             let exponential = m.log_sigmoid()?.sub(&z)?.exp()?;
             logistic.add(&exponential)
         }
-        LossType::Sft => nll(&c.logps, &c.len),
+        LossType::Sft => nll(c.nll_logps.as_ref().unwrap_or(&c.logps), &c.len),
         LossType::SigmoidNorm => mean_delta(c, r)?.affine(beta, 0.0)?.neg()?.softplus(),
     }
 }
@@ -215,7 +273,8 @@ pub struct BatchLoss<S> {
     pub rejected_rewards: S,
 }
 
-/// The objective's loss on a batch of chosen sides `c` and rejected sides `r`.
+/// The objective's loss on a batch of chosen sides `c` and rejected sides `r`; with WPO's
+/// weights on both sides (`Side::weight`), each pair's loss times `w(y_w) w(y_l)`.
 ///
 /// # Errors
 /// The number type's.
@@ -226,8 +285,17 @@ pub fn batch_loss<S: Real>(
 ) -> Result<BatchLoss<S>, S::Error> {
     let mut terms = Vec::with_capacity(o.terms().len());
     let mut loss: Option<S> = None;
+    let pair_weight = match (&c.weight, &r.weight) {
+        (Some(a), Some(b)) => Some(a.mul(b)?),
+        _ => None,
+    };
     for &(t, w) in o.terms() {
-        let m = per_sequence(t, o, c, r)?.mean()?;
+        let l = per_sequence(t, o, c, r)?;
+        let m = match &pair_weight {
+            Some(pw) => l.mul(pw)?,
+            None => l,
+        }
+        .mean()?;
         let wm = m.affine(w, 0.0)?;
         loss = Some(match loss {
             None => wm,

@@ -11,7 +11,8 @@
 //!                 r(y) = β · f(log π(y))                      (reference_free)
 //! modifiers       label smoothing ε, RPO's NLL term (the `sft` loss type, weight α),
 //!                 the f-divergence f (TRL's f_divergence_type, f_alpha_divergence_coef),
-//!                 DiscoPOP's τ
+//!                 DiscoPOP's τ, LD-DPO's α (TRL's ld_alpha), WPO's pair weights
+//!                 (TRL's use_weighting)
 //! ```
 //!
 //! The formulas are in [`crate::loss`] (every loss type, generic over the number type) and
@@ -59,6 +60,8 @@ pub struct Objective {
     f_divergence: FDivergence,
     f_alpha: f64,
     discopop_tau: f64,
+    ld_alpha: Option<f64>,
+    use_weighting: bool,
 }
 
 impl Default for Objective {
@@ -261,6 +264,8 @@ impl Objective {
             f_divergence_type: self.f_divergence,
             f_alpha_divergence_coef: self.f_alpha,
             discopop_tau: self.discopop_tau,
+            ld_alpha: self.ld_alpha,
+            use_weighting: self.use_weighting,
         }
     }
 
@@ -302,6 +307,18 @@ impl Objective {
     /// DiscoPOP's τ.
     pub fn discopop_tau(&self) -> f64 {
         self.discopop_tau
+    }
+
+    /// LD-DPO's α: `log π(y) = shared + α · verbose` (see [`crate::loss::length_desensitized`]);
+    /// `None`: every completion token counts once.
+    pub fn ld_alpha(&self) -> Option<f64> {
+        self.ld_alpha
+    }
+
+    /// Whether each pair's loss is weighted by WPO's `w(y_w) w(y_l)` (see
+    /// [`crate::loss::wpo_weight`]).
+    pub fn use_weighting(&self) -> bool {
+        self.use_weighting
     }
 
     /// Whether the run trains on preference pairs (`dpo`, `dpo-pg`).

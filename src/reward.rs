@@ -36,6 +36,32 @@ pub struct Side<S> {
     pub score: S,
     /// The completion's token count `|y|` (1 for the synthetic outcomes).
     pub len: S,
+    /// `log π(y)` with each completion token counted once, where `logps` weighs some tokens
+    /// otherwise (LD-DPO's `shared + α · verbose`); `None`: `logps` is it. The `sft` loss type
+    /// reads it, as TRL's reads the plain per-token log-probs.
+    pub nll_logps: Option<S>,
+    /// WPO's weight `w(y)` ([`crate::loss::wpo_weight`]) when the objective uses it: the
+    /// pair's loss is multiplied by `w(y_w) w(y_l)`.
+    pub weight: Option<S>,
+}
+
+impl<S> Side<S> {
+    /// The side with the plain log-probability `full = Σ_t log π(y_t)`, when `logps` is
+    /// LD-DPO's weighted one.
+    pub fn with_nll_logps(self, full: S) -> Self {
+        Self {
+            nll_logps: Some(full),
+            ..self
+        }
+    }
+
+    /// The side with WPO's weight `w(y)`.
+    pub fn with_weight(self, w: S) -> Self {
+        Self {
+            weight: Some(w),
+            ..self
+        }
+    }
 }
 
 /// The f-divergence score `f(u)` (see the module docs).
@@ -83,6 +109,8 @@ pub fn side<S: Real>(
         logratio,
         score,
         len,
+        nll_logps: None,
+        weight: None,
     })
 }
 

@@ -32,6 +32,8 @@ fn side(u: &Rational, var: usize) -> Side<D> {
         logratio: x.clone(),
         score: x,
         len: D::constant(Rational::one()),
+        nll_logps: None,
+        weight: None,
     }
 }
 

@@ -69,6 +69,12 @@ pub enum ObjectiveError {
     /// A negative or non-finite `rpo_alpha`.
     #[error("rpo_alpha must be finite and ≥ 0, got {0}")]
     RpoAlpha(f64),
+    /// LD-DPO's `ld_alpha` outside `[0, 1]`.
+    #[error(
+        "ld_alpha must lie in [0, 1] (1: no down-weighting, 0: the tokens beyond the shared \
+         length masked), got {0}"
+    )]
+    LdAlpha(f64),
     /// An option that the rule or the loss types do not read (TRL would silently ignore it).
     #[error("{option} does not apply here: {reason}")]
     Inapplicable {
@@ -98,6 +104,7 @@ impl ObjectiveError {
             ObjectiveError::FAlpha(_) => "f_alpha_divergence_coef",
             ObjectiveError::FDivergenceLossType { .. } => "f_divergence_type",
             ObjectiveError::RpoAlpha(_) => "rpo_alpha",
+            ObjectiveError::LdAlpha(_) => "ld_alpha",
             ObjectiveError::Inapplicable { option, .. } => option,
         })
     }
@@ -135,6 +142,7 @@ mod tests {
                 loss_type: "bco_pair",
             },
             ObjectiveError::RpoAlpha(-1.0),
+            ObjectiveError::LdAlpha(2.0),
             ObjectiveError::Inapplicable {
                 option: "label_smoothing",
                 reason: "x".into(),

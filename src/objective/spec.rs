@@ -70,6 +70,19 @@ pub struct ObjectiveSpec {
     /// DiscoPOP's τ (TRL's discopop_tau, the paper's).
     #[cfg_attr(feature = "clap", arg(long))]
     pub discopop_tau: f64,
+    /// LD-DPO's α (TRL's ld_alpha), in [0, 1]: the log-probs of the completion tokens beyond
+    /// the shorter completion of the pair count α times, log π(y) = shared + α · verbose,
+    /// for the policy and the reference [default: none, every token counts once]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "ALPHA"))]
+    pub ld_alpha: Option<f64>,
+    /// WPO (TRL's use_weighting): each pair's loss times w(y_w) w(y_l), w(y) = exp(mean over
+    /// y's tokens of log π(y_t) − log Σ_v π(v)²), the policy's, without gradient.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)
+    )]
+    pub use_weighting: bool,
 }
 
 impl Default for ObjectiveSpec {
@@ -85,6 +98,8 @@ impl Default for ObjectiveSpec {
             f_divergence_type: FDivergence::ReverseKl,
             f_alpha_divergence_coef: 0.5,
             discopop_tau: 0.05,
+            ld_alpha: None,
+            use_weighting: false,
         }
     }
 }
@@ -95,6 +110,7 @@ impl ObjectiveSpec {
         let all = ObjectiveSpec {
             loss_weights: Some(vec![1.0]),
             rpo_alpha: Some(0.0),
+            ld_alpha: Some(1.0),
             ..ObjectiveSpec::default()
         };
         match serde_json::to_value(all) {

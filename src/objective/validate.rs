@@ -7,8 +7,11 @@ impl Objective {
     /// Validates `spec`: `β > 0`; ε in `[0, 1/2]` (`< 1/2` for `robust`, `> 0` for
     /// `exo_pair`) and read by some loss type; one weight per loss type, each finite and `≥ 0`;
     /// `discopop_tau > 0`; a finite α-divergence coefficient; `rpo_alpha ≥ 0` (it becomes an
-    /// `sft` term of weight α). `dpo-pg` takes no ε, no `sft` term and no `reference_free`
-    /// (its step is the NLL projection; the options would only change the logged loss).
+    /// `sft` term of weight α); `ld_alpha` in `[0, 1]`; `use_weighting` without `aot` or
+    /// `aot_unpaired` (they sort the batch, so a pair's weight would meet another pair's loss;
+    /// TRL refuses it too). `dpo-pg` takes no ε, no `sft` term, no `reference_free`, no
+    /// `ld_alpha` and no `use_weighting` (its step is the NLL projection; the options would
+    /// only change the logged loss).
     ///
     /// # Errors
     /// [`ObjectiveError`] naming the field.
@@ -34,6 +37,7 @@ impl Objective {
         let terms = terms(&s)?;
         check_label_smoothing(&s, &terms)?;
         check_coefficients(&s, &terms)?;
+        check_ld_and_weighting(&s, &terms)?;
         if s.objective == Rule::ProjectedGradient {
             check_projected_gradient(&s, &terms)?;
         }
@@ -46,6 +50,8 @@ impl Objective {
             f_divergence: s.f_divergence_type,
             f_alpha: s.f_alpha_divergence_coef,
             discopop_tau: s.discopop_tau,
+            ld_alpha: s.ld_alpha,
+            use_weighting: s.use_weighting,
         })
     }
 }
@@ -150,8 +156,37 @@ fn check_coefficients(s: &ObjectiveSpec, terms: &[(LossType, f64)]) -> Result<()
     Ok(())
 }
 
+/// `ld_alpha` in `[0, 1]` (TRL's documented range); WPO's weights not with the loss types that
+/// sort the batch (`aot`, `aot_unpaired`), as TRL refuses.
+fn check_ld_and_weighting(
+    s: &ObjectiveSpec,
+    terms: &[(LossType, f64)],
+) -> Result<(), ObjectiveError> {
+    if let Some(a) = s.ld_alpha {
+        if !(0.0..=1.0).contains(&a) {
+            return Err(ObjectiveError::LdAlpha(a));
+        }
+    }
+    if s.use_weighting {
+        if let Some((t, _)) = terms
+            .iter()
+            .find(|(t, _)| matches!(t, LossType::Aot | LossType::AotUnpaired))
+        {
+            return Err(ObjectiveError::Inapplicable {
+                option: "use_weighting",
+                reason: format!(
+                    "WPO's weights are per pair and {} sorts the batch's pairs, which would \
+                     misalign them (TRL refuses it too)",
+                    t.name()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `dpo-pg` steps along the projected NLL gradient: no `sft` term, no ε, no reference-free
-/// reward (they would only change the logged loss).
+/// reward, no LD-DPO α, no WPO weights (they would only change the logged loss).
 fn check_projected_gradient(
     s: &ObjectiveSpec,
     terms: &[(LossType, f64)],
@@ -176,6 +211,12 @@ fn check_projected_gradient(
     }
     if s.reference_free {
         return pg("reference_free");
+    }
+    if s.ld_alpha.is_some() {
+        return pg("ld_alpha");
+    }
+    if s.use_weighting {
+        return pg("use_weighting");
     }
     Ok(())
 }

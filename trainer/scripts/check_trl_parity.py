@@ -14,6 +14,10 @@
    each needs: robust, aot, aot_unpaired 0.1; exo_pair 1e-3), a combination and the three
    other f-divergences, and ends with a summary table (step-1 loss and the largest relative
    difference over all steps and metrics).
+   `--ld-alpha`, `--use-weighting`, `--sync-ref-model` (with `--ref-model-mixup-alpha`,
+   `--ref-model-sync-steps`) add TRL's LD-DPO, WPO and TR-DPO options to the case;
+   `--dpo-options` runs one case per option (LD-DPO α = 0.5, WPO, TR-DPO with a sync after
+   every step, α = 0.6) after the plain sigmoid loss.
 
 Not part of CI. Install: pip install torch transformers trl datasets
 Usage:
@@ -21,6 +25,8 @@ Usage:
   difinfo-train init --size tiny --out /tmp/tiny-ref --seed 2
   python trainer/scripts/check_trl_parity.py --model /tmp/tiny --ref-model /tmp/tiny-ref \
       --data data/example_prefs.jsonl --difinfo target/release/difinfo-train --all-loss-types
+  python trainer/scripts/check_trl_parity.py --model /tmp/tiny --data data/example_prefs.jsonl \
+      --difinfo target/release/difinfo-train --dpo-options
 """
 
 import argparse
@@ -109,6 +115,11 @@ def run_case(args, case, rows, tmp, first):
         f_divergence_type=case.get("f_divergence_type", "reverse_kl"),
         f_alpha_divergence_coef=case.get("f_alpha_divergence_coef", 0.5),
         discopop_tau=args.discopop_tau,
+        ld_alpha=case.get("ld_alpha"),
+        use_weighting=case.get("use_weighting", False),
+        sync_ref_model=case.get("sync_ref_model", False),
+        ref_model_mixup_alpha=case.get("ref_model_mixup_alpha", 0.6),
+        ref_model_sync_steps=case.get("ref_model_sync_steps", 512),
         max_length=args.max_length,
         logging_steps=1,
         save_strategy="no",
@@ -131,17 +142,30 @@ def run_case(args, case, rows, tmp, first):
            "--loss-type", ",".join(case["loss_type"]),
            "--label-smoothing", str(case.get("label_smoothing", 0.0)),
            "--f-divergence-type", case.get("f_divergence_type", "reverse_kl"),
-           "--f-alpha-divergence-coef", str(case.get("f_alpha_divergence_coef", 0.5)),
-           "--discopop-tau", str(args.discopop_tau),
            "--lr-scheduler-type", "linear", "--optim", args.optim,
            "--warmup-steps", "0", "--max-grad-norm", "1.0",
            "--logging-steps", "1", "--save-steps", "0", "--max-prompt-length", "0",
            "--max-length", str(args.max_length), "--overwrite-output-dir"]
+    # Options the objective does not read are refused: give them only where they apply.
+    if case.get("f_divergence_type") == "alpha_divergence":
+        cmd += ["--f-alpha-divergence-coef", str(case.get("f_alpha_divergence_coef", 0.5))]
+    if "discopop" in case["loss_type"]:
+        cmd += ["--discopop-tau", str(args.discopop_tau)]
     if case.get("loss_weights"):
         cmd += ["--loss-weights", ",".join(str(w) for w in case["loss_weights"])]
     if args.ref_model:
         cmd += ["--ref-model", args.ref_model]
-    subprocess.run(cmd, check=True, capture_output=True)
+    if case.get("ld_alpha") is not None:
+        cmd += ["--ld-alpha", str(case["ld_alpha"])]
+    if case.get("use_weighting"):
+        cmd += ["--use-weighting"]
+    if case.get("sync_ref_model"):
+        cmd += ["--sync-ref-model", "--precompute-ref-log-probs", "false",
+                "--ref-model-mixup-alpha", str(case.get("ref_model_mixup_alpha", 0.6)),
+                "--ref-model-sync-steps", str(case.get("ref_model_sync_steps", 512))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"difinfo-train dpo failed ({name}):\n{done.stderr}")
     ours_logs = read_jsonl(os.path.join(run, "metrics.jsonl"))
 
     print(f"\n### {name}\n")
@@ -180,6 +204,13 @@ def main():
     ap.add_argument("--f-alpha-divergence-coef", type=float, default=0.5)
     ap.add_argument("--discopop-tau", type=float, default=0.05)
     ap.add_argument("--all-loss-types", action="store_true")
+    ap.add_argument("--ld-alpha", type=float, default=None, help="TRL's ld_alpha (LD-DPO)")
+    ap.add_argument("--use-weighting", action="store_true", help="TRL's use_weighting (WPO)")
+    ap.add_argument("--sync-ref-model", action="store_true", help="TRL's sync_ref_model (TR-DPO)")
+    ap.add_argument("--ref-model-mixup-alpha", type=float, default=0.6)
+    ap.add_argument("--ref-model-sync-steps", type=int, default=512)
+    ap.add_argument("--dpo-options", action="store_true",
+                    help="one case each: sigmoid, LD-DPO (α 0.5), WPO, TR-DPO (sync every step)")
     ap.add_argument("--max-length", type=int, default=1024)
     args = ap.parse_args()
 
@@ -196,13 +227,30 @@ def main():
         for f in ["forward_kl", "js_divergence", "alpha_divergence"]:
             cases.append({"name": f"sigmoid+{f}", "loss_type": ["sigmoid"],
                           "f_divergence_type": f})
+    elif args.dpo_options:
+        cases = [
+            {"name": "sigmoid", "loss_type": ["sigmoid"]},
+            {"name": "ld_alpha=0.5", "loss_type": ["sigmoid"], "ld_alpha": 0.5},
+            {"name": "ld_alpha=0.5 ipo+sft", "loss_type": ["ipo", "sft"], "ld_alpha": 0.5},
+            {"name": "use_weighting", "loss_type": ["sigmoid"], "use_weighting": True},
+            # Not with `sft`: TRL 1.16 multiplies its expanded per-sequence tensor in place
+            # and fails ("more than one element of the written-to tensor refers to a single
+            # memory location"); difinfo's value there is `sft · mean(w_w w_l)`.
+            {"name": "use_weighting ipo", "loss_type": ["ipo"], "use_weighting": True},
+            {"name": "sync_ref_model (α 0.6, every step)", "loss_type": ["sigmoid"],
+             "sync_ref_model": True, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 1},
+        ]
     else:
         weights = ([float(w) for w in args.loss_weights.split(",")]
                    if args.loss_weights else None)
         cases = [{"name": args.loss_type, "loss_type": args.loss_type.split(","),
                   "loss_weights": weights, "label_smoothing": args.label_smoothing,
                   "f_divergence_type": args.f_divergence_type,
-                  "f_alpha_divergence_coef": args.f_alpha_divergence_coef}]
+                  "f_alpha_divergence_coef": args.f_alpha_divergence_coef,
+                  "ld_alpha": args.ld_alpha, "use_weighting": args.use_weighting,
+                  "sync_ref_model": args.sync_ref_model,
+                  "ref_model_mixup_alpha": args.ref_model_mixup_alpha,
+                  "ref_model_sync_steps": args.ref_model_sync_steps}]
 
     tmp = tempfile.mkdtemp(prefix="difinfo-trl-")
     rows = read_jsonl(args.data)

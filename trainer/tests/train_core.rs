@@ -472,7 +472,7 @@ impl PolicyModel for Poisoned<'_> {
         if n >= self.from {
             Ok(SeqLogps {
                 sum: (s.sum + f64::NAN)?,
-                count: s.count,
+                ..s
             })
         } else {
             Ok(s)
@@ -792,6 +792,7 @@ fn reference_cache_is_reused_and_keyed() {
         &key,
         4,
         0,
+        None,
     )
     .unwrap();
     assert!(hit);
@@ -1050,4 +1051,162 @@ fn inapplicable_options_are_config_errors() {
     };
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("save_total_limit"), "{e}");
+}
+
+/// TR-DPO (`sync_ref_model`): after every `ref_model_sync_steps`-th step the reference's
+/// weights are `α π + (1 − α) π_ref` (TRL's `SyncRefModelCallback`), and before the first
+/// sync the run equals plain DPO against the cached reference.
+#[test]
+fn synced_reference_mixes_toward_the_policy() {
+    let cfg = |dir: &Path, sync: bool| TrainConfig {
+        sync_ref_model: sync,
+        precompute_ref_log_probs: !sync,
+        ref_model_mixup_alpha: 0.6,
+        ref_model_sync_steps: 2,
+        max_steps: 3,
+        ..config(dir, Kind::Dpo)
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (policy, reference, plain) = (model(DType::F64), model(DType::F64), model(DType::F64));
+    let mut t = Trainer::new(&policy, cfg(da.path(), true), dataset(pairs(8, 3)))
+        .unwrap()
+        .with_synced_reference(&reference)
+        .unwrap();
+    let mut p = Trainer::new(&plain, cfg(db.path(), false), dataset(pairs(8, 3))).unwrap();
+    let r0 = weights(&reference);
+    let first = t.train_step().unwrap().unwrap();
+    let first_plain = p.train_step().unwrap().unwrap();
+    // The same values, batched otherwise (the cache's batches against the step's).
+    let near = |a: f64, b: f64| (a - b).abs() < 1e-12 * (1.0 + b.abs());
+    assert!(
+        near(first.loss, first_plain.loss),
+        "the first step reads π_ref = π_0"
+    );
+    assert_eq!(weights(&reference), r0, "no sync after step 1 of τ = 2");
+    t.train_step().unwrap().unwrap();
+    p.train_step().unwrap().unwrap();
+    let (pi, synced) = (weights(&policy), weights(&reference));
+    for ((s, r), w) in synced.iter().zip(&r0).zip(&pi) {
+        for ((s, r), w) in s.iter().zip(r).zip(w) {
+            assert!((s - (0.4 * r + 0.6 * w)).abs() < 1e-15 * (1.0 + s.abs()));
+        }
+    }
+    for (a, b) in weights(&policy).iter().zip(&weights(&plain)) {
+        for (a, b) in a.iter().zip(b) {
+            assert!(near(*a, *b), "step 2 still read π_0");
+        }
+    }
+    let third = t.train_step().unwrap().unwrap();
+    let third_plain = p.train_step().unwrap().unwrap();
+    assert!(
+        !near(third.loss, third_plain.loss),
+        "step 3 reads the synced reference"
+    );
+}
+
+/// A TR-DPO run resumed from a checkpoint equals the uninterrupted run: the checkpoint holds
+/// the synced reference's weights.
+#[test]
+fn synced_reference_resumes_exactly() {
+    let cfg = |dir: &Path| TrainConfig {
+        sync_ref_model: true,
+        precompute_ref_log_probs: false,
+        ref_model_sync_steps: 2,
+        max_steps: 6,
+        save_steps: 3,
+        ..config(dir, Kind::Dpo)
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ma, ra) = (model(DType::F32), model(DType::F32));
+    Trainer::new(&ma, cfg(da.path()), dataset(pairs(8, 5)))
+        .unwrap()
+        .with_synced_reference(&ra)
+        .unwrap()
+        .train()
+        .unwrap();
+    {
+        let (mb, rb) = (model(DType::F32), model(DType::F32));
+        let mut t = Trainer::new(&mb, cfg(db.path()), dataset(pairs(8, 5)))
+            .unwrap()
+            .with_synced_reference(&rb)
+            .unwrap();
+        t.train_until(3).unwrap();
+    }
+    let (mc, rc) = (model(DType::F32), model(DType::F32));
+    let ck = db.path().join("checkpoint-3");
+    assert!(ck.join("ref_model.safetensors").exists());
+    Trainer::resume(&mc, cfg(db.path()), dataset(pairs(8, 5)), &ck)
+        .unwrap()
+        .with_synced_reference(&rc)
+        .unwrap()
+        .train()
+        .unwrap();
+    assert_eq!(
+        weights(&ma),
+        weights(&mc),
+        "policy weights differ after resume"
+    );
+    assert_eq!(
+        weights(&ra),
+        weights(&rc),
+        "reference weights differ after resume"
+    );
+}
+
+/// TR-DPO's combinations that TRL refuses (or that read no reference) are config errors.
+#[test]
+fn sync_ref_model_refuses_what_trl_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = TrainConfig {
+        sync_ref_model: true,
+        precompute_ref_log_probs: false,
+        ..config(dir.path(), Kind::Dpo)
+    };
+    assert!(base.validate().is_ok());
+    let e = |c: TrainConfig| c.validate().unwrap_err().to_string();
+    let cached = e(TrainConfig {
+        precompute_ref_log_probs: true,
+        ..base.clone()
+    });
+    assert!(cached.contains("precompute_ref_log_probs"), "{cached}");
+    let mut peft = base.clone();
+    peft.memory.use_peft = true;
+    assert!(e(peft).contains("use_peft"));
+    for kind in [Kind::RefFree, Kind::DpoPg, Kind::Sft] {
+        let msg = e(TrainConfig {
+            objective: objective(kind, LossType::Sigmoid, 0.1),
+            ..base.clone()
+        });
+        assert!(msg.contains("reads no reference"), "{kind:?}: {msg}");
+    }
+}
+
+/// LD-DPO and WPO train the toy model through the trainer's forward (per-token log-probs and
+/// `log Σ π²` from the bigram's logits) and lower the loss.
+#[test]
+fn ld_alpha_and_use_weighting_train() {
+    for (ld_alpha, use_weighting) in [(Some(0.5), false), (None, true), (Some(0.0), true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = model(DType::F64);
+        let c = TrainConfig {
+            objective: Objective::new(ObjectiveSpec {
+                ld_alpha,
+                use_weighting,
+                ..Default::default()
+            })
+            .unwrap(),
+            max_steps: 15,
+            ..config(dir.path(), Kind::Dpo)
+        };
+        let mut t = Trainer::new(&m, c, dataset(pairs(8, 9))).unwrap();
+        let first = t.train_step().unwrap().unwrap().loss;
+        let mut last = first;
+        while let Some(r) = t.train_step().unwrap() {
+            last = r.loss;
+        }
+        assert!(
+            last < first,
+            "{ld_alpha:?} {use_weighting}: {first} → {last}"
+        );
+    }
 }

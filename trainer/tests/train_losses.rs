@@ -64,7 +64,7 @@
 //! TRL 1.x's `bco_pair` has no running reward mean (TRL 0.x's `RunningMoments` δ is gone), so
 //! the loss carries no state across steps and nothing extra is checkpointed.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use difinfo::loss::batch_loss;
 use difinfo::objective::{FDivergence, LossType, Objective, ObjectiveSpec};
 use difinfo::reward::side;
@@ -112,14 +112,8 @@ fn smoothed(loss_type: &[LossType], eps: f64) -> Objective {
 
 /// The trainer's loss of the pinned batch (policy log-probs `c`, `r`).
 fn trainer_loss(o: &Objective, c: &Tensor, r: &Tensor, dt: DType) -> Tensor {
-    let chosen = SeqLogps {
-        sum: c.clone(),
-        count: t(&NC, dt),
-    };
-    let rejected = SeqLogps {
-        sum: r.clone(),
-        count: t(&NR, dt),
-    };
+    let chosen = SeqLogps::from_sums(c, &t(&NC, dt)).unwrap();
+    let rejected = SeqLogps::from_sums(r, &t(&NR, dt)).unwrap();
     let (rc, rr) = (t(&RC, dt), t(&RR, dt));
     preference_loss(o, &chosen, &rejected, Some((&rc, &rr)))
         .unwrap()
@@ -233,14 +227,8 @@ fn weighted_combinations_add_the_pinned_terms() {
 #[test]
 fn logged_metrics_are_trl_metrics() {
     let o = Objective::new(spec(&[LossType::Ipo])).unwrap();
-    let chosen = SeqLogps {
-        sum: t(&C, DType::F64),
-        count: t(&NC, DType::F64),
-    };
-    let rejected = SeqLogps {
-        sum: t(&R, DType::F64),
-        count: t(&NR, DType::F64),
-    };
+    let chosen = SeqLogps::from_sums(&t(&C, DType::F64), &t(&NC, DType::F64)).unwrap();
+    let rejected = SeqLogps::from_sums(&t(&R, DType::F64), &t(&NR, DType::F64)).unwrap();
     let (rc, rr) = (t(&RC, DType::F64), t(&RR, DType::F64));
     let m = preference_loss(&o, &chosen, &rejected, Some((&rc, &rr)))
         .unwrap()
@@ -261,10 +249,7 @@ fn logged_metrics_are_trl_metrics() {
 #[test]
 fn zero_margin_values() {
     let z = t(&[-3.0, -5.0], DType::F64);
-    let s = SeqLogps {
-        sum: z.clone(),
-        count: t(&[1.0, 1.0], DType::F64),
-    };
+    let s = SeqLogps::from_sums(&z, &t(&[1.0, 1.0], DType::F64)).unwrap();
     for (ty, want) in [
         (LossType::Sigmoid, std::f64::consts::LN_2),
         (LossType::Hinge, 1.0),
@@ -445,6 +430,98 @@ mod cli {
         )
     }
 
+    /// `dpo --sync-ref-model` end to end: the reference is the policy's checkpoint loaded
+    /// again, synced after every step, saved in each checkpoint; a run stopped after step 1
+    /// and resumed to step 3 logs what the uninterrupted run logs, and the reference's weights
+    /// at step 3 agree; the refusals name the option to change.
+    #[test]
+    fn sync_ref_model_runs_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let model = super::common::tiny_model(d);
+        let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl");
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let args = |run: &Path, steps: &str| -> Vec<String> {
+            [
+                "dpo",
+                "--model",
+                &s(&model),
+                "--data",
+                &s(&data),
+                "--output-dir",
+                &s(run),
+                "--max-steps",
+                steps,
+                "--per-device-train-batch-size",
+                "6",
+                "--learning-rate",
+                "1e-3",
+                "--logging-steps",
+                "1",
+                "--save-steps",
+                "1",
+                "--sync-ref-model",
+                "--precompute-ref-log-probs",
+                "false",
+                "--ref-model-sync-steps",
+                "1",
+                "--ref-model-mixup-alpha",
+                "0.6",
+                "--ld-alpha",
+                "0.5",
+                "--use-weighting",
+            ]
+            .iter()
+            .map(|x| x.to_string())
+            .collect()
+        };
+        fn strs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let (a, b) = (d.join("straight"), d.join("resumed"));
+        run(&strs(&args(&a, "3")));
+        run(&strs(&args(&b, "1")));
+        run(&["dpo", "--resume", &s(&b), "--max-steps", "3"]);
+        assert_eq!(
+            super::common::metrics_without_timing(&a),
+            super::common::metrics_without_timing(&b)
+        );
+        let read = |p: PathBuf| std::fs::read(p).unwrap();
+        assert_eq!(
+            read(a.join("checkpoint-3/ref_model.safetensors")),
+            read(b.join("checkpoint-3/ref_model.safetensors"))
+        );
+        assert_ne!(
+            read(a.join("checkpoint-1/ref_model.safetensors")),
+            read(a.join("checkpoint-3/ref_model.safetensors"))
+        );
+        let refused = |extra: &[&str]| -> String {
+            let owned = args(&d.join("refused"), "1");
+            let mut v = strs(&owned);
+            v.extend_from_slice(extra);
+            let o = bin().args(&v).output().unwrap();
+            assert!(!o.status.success(), "{extra:?} was accepted");
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        };
+        assert!(refused(&["--precompute-ref-log-probs", "true"]).contains("precompute"));
+        assert!(refused(&["--use-peft"]).contains("use_peft"));
+        let e = bin()
+            .args(["dpo", "--model", &s(&model), "--data", &s(&data)])
+            .args([
+                "--output-dir",
+                &s(&d.join("x")),
+                "--ref-model-sync-steps",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&e.stderr);
+        assert!(
+            e.contains("--ref-model-sync-steps 2") && e.contains("sync_ref_model"),
+            "{e}"
+        );
+    }
+
     /// `difinfo-train dpo --loss-type <each type> --ref-model R` on a tiny policy `P` and a
     /// different tiny reference `R`: the loss of step 1 (before any update, the whole dataset
     /// in one batch) equals the loss of TRL's formula — the library's text, pinned to TRL above —
@@ -598,5 +675,191 @@ mod cli {
         assert_eq!(files, 2, "one reference cache per reference model");
         let rec = &jsonl(&out.join("metrics.jsonl"))[0];
         assert!((rec["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+}
+
+/// LD-DPO (`ld_alpha`) and WPO (`use_weighting`) on per-token log-probs, pinned to TRL 1.16's
+/// `_compute_loss` lines (the `comp_pos` / `shared_mask` / `tail_mask` split and the
+/// `log_sum_sq_probs` weights) re-typed in float64 PyTorch on a batch of two pairs whose
+/// chosen and rejected completions differ in length both ways:
+///
+/// ```python
+/// import torch, torch.nn.functional as F
+/// t = lambda v: torch.tensor(v, dtype=torch.float64)
+/// # rows: chosen 0, chosen 1, rejected 0, rejected 1 (TRL's concatenated batch)
+/// mask = t(MASK); lp = t(POLICY) * mask; ref = t(REFERENCE) * mask; lsq = t(LOG_SUM_SQ) * mask
+/// def ld(per_token, alpha):
+///     if alpha is None: return per_token.sum(1)
+///     comp_pos = mask.cumsum(dim=1); comp_lens = mask.sum(dim=1).long()
+///     chosen_lens, rejected_lens = comp_lens.chunk(2, dim=0)
+///     shared_lens = torch.minimum(chosen_lens, rejected_lens)
+///     shared_lens = torch.cat([shared_lens, shared_lens], dim=0)
+///     shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))
+///     tail_mask = comp_pos > shared_lens.unsqueeze(1)
+///     return (per_token * shared_mask).sum(1) + alpha * (per_token * tail_mask).sum(1)
+/// def run(kinds, alpha=None, weighting=False, beta=0.5):
+///     c, r = ld(lp, alpha).chunk(2); rc, rr = ld(ref, alpha).chunk(2)
+///     cu, ru = c - rc, r - rr
+///     loss = 0.0
+///     for kind in kinds:
+///         if kind == "sigmoid": l = -F.logsigmoid(beta * (cu - ru))
+///         if kind == "ipo":
+///             cm, rm = mask.chunk(2)
+///             l = (cu / cm.sum(1).clamp(min=1.0) - ru / rm.sum(1).clamp(min=1.0) - 1 / (2 * beta)) ** 2
+///         if kind == "sft":
+///             cm, _ = mask.chunk(2); cl, _ = lp.chunk(2)
+///             l = (-cl[cm.bool()].mean()).expand(2)
+///         if weighting:
+///             w = torch.exp(((lp - lsq) * mask).sum(1) / mask.sum(1).clamp_min(1))
+///             cw, rw = w.chunk(2)
+///             l = l * cw * rw
+///         loss += l.mean()
+///     return loss.item(), (beta * cu).mean().item(), (beta * ru).mean().item(), c.mean().item(), r.mean().item()
+/// ```
+#[test]
+fn ld_alpha_and_use_weighting_equal_trl_formula() {
+    const MASK: [[f64; 6]; 4] = [
+        [0., 1., 1., 1., 1., 0.],
+        [0., 0., 1., 1., 0., 0.],
+        [0., 1., 1., 0., 0., 0.],
+        [0., 0., 1., 1., 1., 1.],
+    ];
+    const POLICY: [[f64; 6]; 4] = [
+        [0., -1.5, -0.25, -2.0, -0.75, 0.],
+        [0., 0., -3.0, -0.5, 0., 0.],
+        [0., -2.5, -1.0, 0., 0., 0.],
+        [0., 0., -0.5, -1.25, -2.25, -0.125],
+    ];
+    const REFERENCE: [[f64; 6]; 4] = [
+        [0., -1.25, -0.5, -1.75, -1.0, 0.],
+        [0., 0., -2.5, -0.75, 0., 0.],
+        [0., -2.0, -1.5, 0., 0., 0.],
+        [0., 0., -0.75, -1.0, -2.0, -0.5],
+    ];
+    const LOG_SUM_SQ: [[f64; 6]; 4] = [
+        [0., -1.0, -0.5, -1.5, -0.625, 0.],
+        [0., 0., -2.0, -0.25, 0., 0.],
+        [0., -1.75, -0.875, 0., 0., 0.],
+        [0., 0., -0.375, -1.125, -1.5, -0.25],
+    ];
+    let m2 = |v: &[[f64; 6]; 4]| {
+        Tensor::from_iter(v.iter().flatten().copied(), &Device::Cpu)
+            .unwrap()
+            .reshape((4, 6))
+            .unwrap()
+    };
+    let seq = |v: &[[f64; 6]; 4]| {
+        let mut s = SeqLogps::from_token_logps(&m2(v), &m2(&MASK)).unwrap();
+        s.log_sum_sq = Some((m2(&LOG_SUM_SQ) * m2(&MASK)).unwrap());
+        (s.rows(0, 2).unwrap(), s.rows(2, 2).unwrap())
+    };
+    let (pc, pr) = seq(&POLICY);
+    let (rc, rr) = seq(&REFERENCE);
+    use LossType::*;
+    // (loss types, ld_alpha, use_weighting, TRL's loss, rewards/chosen, rewards/rejected,
+    // logps/chosen, logps/rejected)
+    /// `(loss types, ld_alpha, use_weighting, TRL's values)`.
+    type Case = (&'static [LossType], Option<f64>, bool, [f64; 5]);
+    let cases: [Case; 6] = [
+        (
+            &[Sigmoid],
+            Some(0.5),
+            false,
+            [0.7337340097836067, -0.0625, 0.015625, -3.3125, -3.21875],
+        ),
+        (
+            &[Ipo, Sft],
+            Some(0.5),
+            false,
+            [2.483846028645833, -0.0625, 0.015625, -3.3125, -3.21875],
+        ),
+        (
+            &[Sigmoid],
+            Some(0.0),
+            false,
+            [0.7253731079385572, -0.0625, 0.0, -2.625, -2.625],
+        ),
+        (
+            &[Sigmoid],
+            None,
+            true,
+            [0.34996379116097165, -0.0625, 0.03125, -4.0, -3.8125],
+        ),
+        (
+            &[Sigmoid, Sft],
+            None,
+            true,
+            [0.982555662023606, -0.0625, 0.03125, -4.0, -3.8125],
+        ),
+        (
+            &[Ipo],
+            Some(0.25),
+            true,
+            [0.5353591017312815, -0.0625, 0.0078125, -2.96875, -2.921875],
+        ),
+    ];
+    for (types, ld_alpha, use_weighting, want) in cases {
+        let o = Objective::new(ObjectiveSpec {
+            ld_alpha,
+            use_weighting,
+            ..spec(types)
+        })
+        .unwrap();
+        let (refc, refr) = difinfo_trainer::train::objective::pair_logps(&o, &rc, &rr).unwrap();
+        let m = preference_loss(&o, &pc, &pr, Some((&refc, &refr)))
+            .unwrap()
+            .metrics()
+            .unwrap();
+        let got = [
+            m.loss,
+            m.rewards_chosen,
+            m.rewards_rejected,
+            m.logps_chosen,
+            m.logps_rejected,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() < TOL_F64 * (1.0 + w.abs()),
+                "{types:?} ld_alpha {ld_alpha:?} weighting {use_weighting}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
+/// WPO's `log Σ_v π(v)²` from the model's chunked head (one forward pass with the log-probs)
+/// equals its definition on the full logits, `log Σ_v softmax(z)_v²`, at every completion
+/// position, whole-vocabulary chunks or not; the log-probs are the plain head's.
+#[test]
+fn log_sum_sq_of_the_head_equals_the_full_logits() {
+    use difinfo_trainer::batch::Batch;
+    use difinfo_trainer::config_json::Architecture;
+    let (_dir, mut m) = common::model(common::micro_config(Architecture::Llama), DType::F64, 11);
+    let b = Batch::for_training(&common::two_sequences(), 0, &common::device()).unwrap();
+    let logits = m.logits(&b.input_ids, Some(&b.attention_mask)).unwrap();
+    let l = logits.dim(1).unwrap();
+    let lsm = candle_nn::ops::log_softmax(&logits.narrow(1, 0, l - 1).unwrap(), D::Minus1).unwrap();
+    let want = lsm
+        .affine(2.0, 0.0)
+        .unwrap()
+        .log_sum_exp(D::Minus1)
+        .unwrap()
+        .mul(&b.loss_mask.to_dtype(DType::F64).unwrap())
+        .unwrap();
+    let plain = m
+        .token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
+        .unwrap();
+    // The default budget (whole rows), then 7 logits per chunk (the vocabulary cut).
+    for elems in [None, Some(7)] {
+        if let Some(e) = elems {
+            m.set_head_chunk_elems(e);
+        }
+        let (lp, sq) = m
+            .token_logps_masked_with_sq(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)
+            .unwrap();
+        assert!(common::max_abs(&(sq - &want).unwrap()) < 1e-12, "{elems:?}");
+        assert!(
+            common::max_abs(&(lp - &plain).unwrap()) < 1e-12,
+            "{elems:?}"
+        );
     }
 }

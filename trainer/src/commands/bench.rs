@@ -73,6 +73,9 @@ impl PolicyModel for NoSave<'_> {
     fn sequence_logps(&self, b: &Batch) -> crate::Result<SeqLogps> {
         self.0.sequence_logps(b)
     }
+    fn sequence_logps_with_sq(&self, b: &Batch) -> crate::Result<SeqLogps> {
+        self.0.sequence_logps_with_sq(b)
+    }
     fn named_vars(&self) -> Vec<(String, Var)> {
         self.0.named_vars()
     }

@@ -49,10 +49,13 @@ pub const DEFAULT_OUTPUT_DIR: &str = "runs/did-entropy";
 
 /// Training options `did-entropy` does not read: the reference pass's (π̂'s reward is
 /// reference-free) and SFT's.
-const NOT_READ: [&str; 4] = [
+const NOT_READ: [&str; 7] = [
     REFERENCE_OPTIONS[0],
     REFERENCE_OPTIONS[1],
     REFERENCE_OPTIONS[2],
+    REFERENCE_OPTIONS[3],
+    REFERENCE_OPTIONS[4],
+    REFERENCE_OPTIONS[5],
     SFT_OPTIONS[0],
 ];
 

@@ -61,10 +61,13 @@ pub struct RunArgs {
 
 /// Training options that only some commands read: the reference pass's (`dpo`, not the
 /// reference-free DID estimator) and SFT's masking (`sft`).
-pub(crate) const REFERENCE_OPTIONS: [&str; 3] = [
+pub(crate) const REFERENCE_OPTIONS: [&str; 6] = [
     "precompute_ref_log_probs",
     "ref_cache_dir",
     "ref_batch_size",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
 ];
 /// See [`REFERENCE_OPTIONS`].
 pub(crate) const SFT_OPTIONS: [&str; 1] = ["completion_only_loss"];
@@ -451,13 +454,26 @@ fn train_locked(
     }
     c.memory.apply_to(&mut m, c.seed)?;
     let model = TrainModel::new(m, r.record.model.clone(), dtype);
-    let mut trainer = match &r.resume {
+    // TR-DPO holds its reference: TRL's ref_model, or the policy's checkpoint loaded again.
+    let bf16 = r.record.settings.bf16;
+    let synced = match (c.sync_ref_model, &r.record.ref_model) {
+        (false, _) => None,
+        (true, dir) => {
+            let dir = dir.as_ref().unwrap_or(&r.record.model);
+            if main {
+                eprintln!("reference model (synced, TR-DPO): {}", dir.display());
+            }
+            Some(load_reference(dir, &model, dtype, &device, bf16)?)
+        }
+    };
+    let trainer = match &r.resume {
         Some(ck) => {
             if main {
                 eprintln!("resuming from {}", ck.display());
             }
             Trainer::resume(&model, c.clone(), data, ck)?
         }
+        None if synced.is_some() => Trainer::new(&model, c.clone(), data)?,
         None => match (&r.record.ref_model, c.objective.needs_reference()) {
             (Some(dir), true) => {
                 let reference =
@@ -478,6 +494,10 @@ fn train_locked(
             }
             (None, _) => Trainer::new(&model, c.clone(), data)?,
         },
+    };
+    let mut trainer = match &synced {
+        Some(reference) => trainer.with_synced_reference(reference)?,
+        None => trainer,
     };
     let out = c.output_dir.clone();
     let saved = SavedRun {

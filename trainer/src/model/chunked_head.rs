@@ -153,6 +153,49 @@ pub fn token_logps_capped(
     Ok(crate::recompute::with_backward(&out, h, w, bwd)?)
 }
 
+/// `log Σ_v softmax(z_n)_v²` for `z = h Wᵀ` (`h: [N, H]`, `w: [V, H]`; soft-capped with `cap`
+/// as the log-probs are), without gradient, in
+/// the accumulation dtype, formed `elems` logits at a time: TRL's `log_sum_sq_probs` (WPO's
+/// weights).
+///
+/// # Formula
+/// `log Σ_v π_v² = log Σ_v e^{2 z_v} − 2 log Σ_v e^{z_v}`, each log-sum-exp over vocabulary
+/// chunks combined by a log-sum-exp of the chunks'.
+///
+/// # Errors
+/// Shapes; tensor errors.
+pub fn log_sum_sq_probs(h: &Tensor, w: &Tensor, elems: usize, cap: Option<f64>) -> Result<Tensor> {
+    let (h, w) = (h.detach(), w.detach());
+    let (n, hs) = h.dims2()?;
+    let (v, w_hs) = w.dims2()?;
+    if w_hs != hs {
+        return Err(Error::InvalidArgument(format!(
+            "LM head: hidden {:?}, weight {:?}",
+            h.dims(),
+            w.dims()
+        )));
+    }
+    let ch = Chunks::of(n, v, elems);
+    let mut out = Vec::new();
+    for (r0, rn) in spans(n, ch.rows) {
+        let hr = h.narrow(0, r0, rn)?;
+        let (mut one, mut two) = (Vec::new(), Vec::new());
+        for (c0, cn) in spans(v, ch.cols) {
+            let z = logits(&hr, &w, c0, cn, cap)?;
+            one.push(z.log_sum_exp(D::Minus1)?.unsqueeze(1)?);
+            two.push(z.affine(2.0, 0.0)?.log_sum_exp(D::Minus1)?.unsqueeze(1)?);
+        }
+        let lse = |parts: &[Tensor]| -> Result<Tensor> {
+            Ok(Tensor::cat(parts, 1)?.log_sum_exp(D::Minus1)?)
+        };
+        out.push((lse(&two)? - lse(&one)?.affine(2.0, 0.0)?)?);
+    }
+    if out.is_empty() {
+        return Ok(Tensor::zeros(0, accumulation_dtype(h.dtype()), h.device())?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
 /// The logits chunk `h_r W_cᵀ` in the accumulation dtype (soft-capped with `cap`).
 fn logits(hr: &Tensor, w: &Tensor, c0: usize, cn: usize, cap: Option<f64>) -> Result<Tensor> {
     let wc = w.narrow(0, c0, cn)?.to_dtype(hr.dtype())?;

@@ -103,12 +103,42 @@ impl Model {
         )
     }
 
+    /// [`Model::token_logps_masked`] and, at the same positions (0 elsewhere), `log Σ_v π(v |
+    /// ids[b, ..=t])²` without gradient (TRL's `log_sum_sq_probs`, WPO's weights): one forward
+    /// pass, the second quantity from the same hidden states.
+    ///
+    /// # Errors
+    /// As [`Model::token_logps_masked`].
+    pub fn token_logps_masked_with_sq(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        loss_mask: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (lp, sq) = self.token_logps_and_sq(ids, attention_mask, Some(loss_mask), true)?;
+        let m = loss_mask.to_dtype(accumulation_dtype(self.compute_dtype))?;
+        let sq = sq.ok_or_else(|| Error::InvalidArgument("log Σ π² not computed".into()))?;
+        Ok(((lp * &m)?, (sq * m)?))
+    }
+
     pub(super) fn token_logps_at(
         &self,
         ids: &Tensor,
         attention_mask: Option<&Tensor>,
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
+        Ok(self.token_logps_and_sq(ids, attention_mask, rows, false)?.0)
+    }
+
+    /// The per-token log-probs `[B, L−1]` at the rows `rows` selects (all without it) and,
+    /// with `sq`, `log Σ_v π_v²` at the same positions.
+    fn token_logps_and_sq(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        rows: Option<&Tensor>,
+        sq: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, l) = ids.dims2()?;
         if l < 2 {
             return Err(Error::InvalidArgument(
@@ -152,13 +182,26 @@ impl Model {
             None => (h, targets),
         };
         let lp = self.head_logps(&h, &targets)?;
-        let lp = match &sel {
-            Some(idx) => {
-                Tensor::zeros(b * (l - 1), lp.dtype(), &self.device)?.index_add(idx, &lp, 0)?
-            }
-            None => lp,
+        let sq = sq
+            .then(|| {
+                crate::model::chunked_head::log_sum_sq_probs(
+                    &h,
+                    &self.lm_head,
+                    self.head_chunk,
+                    self.config.final_logit_softcapping,
+                )
+            })
+            .transpose()?;
+        let scatter = |t: Tensor| -> Result<Tensor> {
+            let t = match &sel {
+                Some(idx) => {
+                    Tensor::zeros(b * (l - 1), t.dtype(), &self.device)?.index_add(idx, &t, 0)?
+                }
+                None => t,
+            };
+            Ok(t.reshape((b, l - 1))?)
         };
-        Ok(lp.reshape((b, l - 1))?)
+        Ok((scatter(lp)?, sq.map(scatter).transpose()?))
     }
 
     /// Summed completion log-probabilities `[B]`: `Σ_t loss_mask[b, t] · token_logps[b, t]`.

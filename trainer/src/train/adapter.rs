@@ -44,6 +44,17 @@ impl PolicyModel for TrainModel {
         seq_logps(&self.model, b)
     }
 
+    fn sequence_logps_with_sq(&self, b: &Batch) -> crate::Result<SeqLogps> {
+        let (lp, sq) = self.model.token_logps_masked_with_sq(
+            &b.input_ids,
+            Some(&b.attention_mask),
+            &b.loss_mask,
+        )?;
+        let mut s = SeqLogps::from_token_logps(&lp, &b.loss_mask)?;
+        s.log_sum_sq = Some(sq.detach());
+        Ok(s)
+    }
+
     /// The adapters' variables (PEFT names) for a LoRA model, else every weight.
     fn named_vars(&self) -> Vec<(String, Var)> {
         match self.model.lora_config() {

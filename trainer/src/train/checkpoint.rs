@@ -81,6 +81,26 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
     state: &TrainerState,
     config: &TrainConfig,
 ) -> Result<PathBuf> {
+    save_checkpoint_with_reference(output_dir, model, None, optimizer, state, config)
+}
+
+/// The file of a checkpoint that holds TR-DPO's reference weights (`sync_ref_model`: the
+/// reference changes during the run, so a resumed run reads it back).
+pub const REF_MODEL_FILE: &str = "ref_model.safetensors";
+
+/// [`save_checkpoint`], with TR-DPO's reference model's weights in [`REF_MODEL_FILE`] when
+/// `reference` is given (covered by the checksums like every file).
+///
+/// # Errors
+/// See [`save_checkpoint`].
+pub fn save_checkpoint_with_reference<M: PolicyModel + ?Sized>(
+    output_dir: &Path,
+    model: &M,
+    reference: Option<&dyn PolicyModel>,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    config: &TrainConfig,
+) -> Result<PathBuf> {
     let step = state.global_step;
     let fin = checkpoint_dir(output_dir, step);
     let tmp = output_dir.join(format!(".checkpoint-{step}.tmp"));
@@ -88,7 +108,11 @@ pub fn save_checkpoint<M: PolicyModel + ?Sized>(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = write_checkpoint_files(&tmp, model, optimizer, state, config);
+    let written = reference
+        .map_or(Ok(()), |r| {
+            crate::train::policy::save_named(&r.named_vars(), &tmp.join(REF_MODEL_FILE), None)
+        })
+        .and_then(|()| write_checkpoint_files(&tmp, model, optimizer, state, config));
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         // Name the checkpoint's file, not the temporary directory's (the outputs' rule).

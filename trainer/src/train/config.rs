@@ -9,7 +9,7 @@
 //!
 //! The objective's fields (`objective`, `loss_type`, `loss_weights`, `beta`,
 //! `reference_free`, `label_smoothing`, `rpo_alpha`, `f_divergence_type`,
-//! `f_alpha_divergence_coef`, `discopop_tau`) sit at the top level, as in TRL's `DPOConfig`, and
+//! `f_alpha_divergence_coef`, `discopop_tau`, `ld_alpha`, `use_weighting`) sit at the top level, as in TRL's `DPOConfig`, and
 //! deserialize into the library's validated [`Objective`] (flattened); an unknown key is an
 //! error naming it.
 
@@ -184,6 +184,21 @@ pub struct TrainConfig {
     /// stale one).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub overwrite_output_dir: bool,
+    /// TR-DPO (TRL's sync_ref_model): every ref_model_sync_steps optimizer steps the
+    /// reference's weights become α · π + (1 − α) · π_ref, α = ref_model_mixup_alpha. The
+    /// reference model is then held in memory and runs on each batch (set
+    /// precompute_ref_log_probs = false); its weights are saved in each checkpoint. Not with
+    /// use_peft, as in TRL.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub sync_ref_model: bool,
+    /// TR-DPO's α (TRL's ref_model_mixup_alpha), in [0, 1]: the policy's share of the synced
+    /// reference, π_ref ← α · π + (1 − α) · π_ref. Read with sync_ref_model only.
+    #[arg(long)]
+    pub ref_model_mixup_alpha: f64,
+    /// TR-DPO's τ (TRL's ref_model_sync_steps): optimizer steps between two syncs of the
+    /// reference. Read with sync_ref_model only.
+    #[arg(long)]
+    pub ref_model_sync_steps: usize,
     /// The memory options: gradient checkpointing and LoRA (PEFT).
     #[serde(flatten)]
     #[command(flatten)]
@@ -337,6 +352,9 @@ impl Default for TrainConfig {
             ref_batch_size: None,
             ddp_bucket_cap_mb: None,
             overwrite_output_dir: false,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             memory: MemoryOptions::default(),
         }
     }
@@ -430,10 +448,18 @@ impl TrainConfig {
             ("ref_batch_size", self.ref_batch_size),
             ("ddp_bucket_cap_mb", self.ddp_bucket_cap_mb),
             ("save_total_limit", self.save_total_limit),
+            ("ref_model_sync_steps", Some(self.ref_model_sync_steps)),
         ] {
             if v == Some(0) {
                 return Err(RangeError::new(field, 0.0, "must be ≥ 1"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+            return Err(RangeError::new(
+                "ref_model_mixup_alpha",
+                self.ref_model_mixup_alpha,
+                "must lie in [0, 1] (the policy's share of the synced reference)",
+            ));
         }
         if self.memory.zero_stage > 1 {
             return Err(RangeError::new(
@@ -458,7 +484,52 @@ impl TrainConfig {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
         }
         self.memory.lora()?;
+        self.check_sync_ref_model()
+    }
+
+    /// TR-DPO's combinations, refused as TRL refuses them (PEFT: no separate reference
+    /// model to sync; precomputed reference log-probs: stale after a sync) or because nothing
+    /// reads the reference (a reference-free reward, SFT, DPO-PG's NLL projection).
+    fn check_sync_ref_model(&self) -> Result<()> {
+        if !self.sync_ref_model {
+            return Ok(());
+        }
+        let refuse = |why: &str| Err(Error::Options(format!("sync_ref_model: {why}")));
+        if self.memory.use_peft {
+            return refuse(
+                "not with use_peft: a LoRA run's reference is the base model (adapters off), \
+                 with no separate reference model to synchronize (TRL refuses it too)",
+            );
+        }
+        if self.precompute_ref_log_probs {
+            return refuse(
+                "set precompute_ref_log_probs = false (--precompute-ref-log-probs false): \
+                 precomputed reference log-probs assume a fixed reference, and the synced \
+                 reference changes during the run (TRL refuses the pair too)",
+            );
+        }
+        if self.objective.rule() != Rule::Preference || !self.objective.needs_reference() {
+            return refuse(&format!(
+                "objective {} reads no reference to synchronize (TR-DPO applies to objective \
+                 dpo with the log-ratio reward)",
+                self.objective.label()
+            ));
+        }
         Ok(())
+    }
+
+    /// The TR-DPO option among `given` that is read only with `sync_ref_model`, when it is
+    /// off (TRL would ignore it).
+    pub fn ignored_sync_option<'a>(
+        &self,
+        given: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        if self.sync_ref_model {
+            return None;
+        }
+        given
+            .into_iter()
+            .find(|k| ["ref_model_mixup_alpha", "ref_model_sync_steps"].contains(k))
     }
 
     /// Non-fatal surprises worth printing (HF semantics that differ from what one may expect).
@@ -472,7 +543,10 @@ impl TrainConfig {
                     .to_string(),
             );
         }
-        if !self.precompute_ref_log_probs && self.objective.needs_reference() {
+        if !self.precompute_ref_log_probs
+            && self.objective.needs_reference()
+            && !self.sync_ref_model
+        {
             w.push("reference log-probs are always precomputed and cached (precompute_ref_log_probs = false has no effect)".to_string());
         }
         if self.objective.rule() == Rule::Sft
@@ -601,7 +675,17 @@ pub fn merge_tables(
             .iter()
             .map(String::as_str)
             .filter(|k| on || defaults.get(*k) != file_table.get(*k));
-        if let Some(k) = cfg.memory.ignored_lora_option(set) {
+        let set: Vec<&str> = set.collect();
+        if let Some(k) = cfg.ignored_sync_option(set.iter().copied()) {
+            let why = "a TR-DPO option is read only with sync_ref_model (--sync-ref-model); \
+                       add it or drop this option";
+            return Err(Error::Options(match (on, path) {
+                (true, _) => format!("--{} {}: {why}", k.replace('_', "-"), as_typed(&cli[k])),
+                (false, Some(p)) => format!("{}: {k} = {}: {why}", p.display(), file_table[k]),
+                (false, None) => format!("{k}: {why}"),
+            }));
+        }
+        if let Some(k) = cfg.memory.ignored_lora_option(set.iter().copied()) {
             let why =
                 "a LoRA option is read only with use_peft (--use-peft); add it or drop this option";
             return Err(Error::Options(match (on, path) {

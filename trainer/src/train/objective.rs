@@ -6,7 +6,10 @@
 //!
 //! ```text
 //! sides      log π(y) summed over completion tokens, log π_ref(y) (cached), |y|
+//!            LD-DPO: shared + α · verbose, split at the pair's shorter completion
+//!                                                              (difinfo::loss::length_desensitized)
 //! loss       L = Σ_k w_k mean_i ℓ_k(pair i)                   (difinfo::loss::batch_loss)
+//!            WPO: each pair's ℓ times w(y_w) w(y_l)          (difinfo::loss::wpo_weight)
 //! metrics    rewards/chosen = mean β (log π(y_w) − log π_ref(y_w)),  rewards/margins,
 //!            rewards/accuracies, logps/chosen, logps/rejected   (TRL's names; summed
 //!            log-probs for every loss type), nll_loss (the `sft` term, TRL 0.x's RPO name)
@@ -15,7 +18,7 @@
 //! ```
 
 use candle_core::Tensor;
-use difinfo::loss::{batch_loss, nll};
+use difinfo::loss::{batch_loss, length_desensitized, nll, wpo_weight};
 use difinfo::objective::{LossType, Objective};
 use difinfo::reward::side;
 use difinfo::scalar::{Arith, Real};
@@ -102,12 +105,58 @@ pub struct PreferenceLoss {
     pub nll: Option<Tensor>,
 }
 
-/// The objective's loss of a batch: `chosen` and `rejected` are the policy's `[B]` summed
-/// log-probs and token counts; `refs` the reference's `[B]` summed log-probs `(chosen,
-/// rejected)` (`None` reference-free).
+/// The `[B]` log-probs `(chosen, rejected)` of a batch of pairs as the objective reads them:
+/// the sums over the completion tokens, or with LD-DPO's α (`o.ld_alpha()`) `shared + α ·
+/// verbose`, the tokens of each completion up to the pair's shared length `min(|y_w|, |y_l|)`
+/// and beyond it ([`length_desensitized`], TRL's `ld_alpha`). Used for the policy and for the
+/// reference alike.
 ///
 /// # Errors
 /// Shape or dtype mismatches.
+pub fn pair_logps(
+    o: &Objective,
+    chosen: &SeqLogps,
+    rejected: &SeqLogps,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let Some(alpha) = o.ld_alpha() else {
+        return Ok((chosen.sum.clone(), rejected.sum.clone()));
+    };
+    let shared_len = chosen.count.minimum(&rejected.count)?.unsqueeze(1)?;
+    let split = |s: &SeqLogps| -> candle_core::Result<Tensor> {
+        // The completion token's position 1, 2, … (a completion is one run of the mask).
+        let pos = s.mask.cumsum(1)?;
+        let shared = pos
+            .broadcast_le(&shared_len)?
+            .to_dtype(s.mask.dtype())?
+            .mul(&s.mask)?;
+        let verbose = (&s.mask - &shared)?;
+        let sh = Batched(s.tokens.mul(&shared)?.sum(1)?);
+        let vb = Batched(s.tokens.mul(&verbose)?.sum(1)?);
+        Ok(length_desensitized(&sh, &vb, alpha)?.0)
+    };
+    Ok((split(chosen)?, split(rejected)?))
+}
+
+/// WPO's `[B]` weights `w(y)` of one side ([`wpo_weight`]): from the per-token log-probs and
+/// `log Σ_v π_v²` (detached), over the side's token counts.
+fn wpo_weights(s: &SeqLogps) -> Result<Tensor> {
+    let sq = s.log_sum_sq.as_ref().ok_or_else(|| {
+        crate::error::Error::Options(
+            "use_weighting needs log Σ_v π(v)² from the model's forward pass".into(),
+        )
+    })?;
+    let aligned = (s.tokens.detach() - sq)?.mul(&s.mask)?.sum(1)?;
+    Ok(wpo_weight(&Batched(aligned), &Batched(s.count.clone()))?.0)
+}
+
+/// The objective's loss of a batch: `chosen` and `rejected` are the policy's log-probs of
+/// the pairs' two sides (per token and summed, with the token counts); `refs` the
+/// reference's `[B]` log-probs `(chosen, rejected)` as [`pair_logps`] makes them (`None`
+/// reference-free). With LD-DPO the logged `logps/*` are the weighted ones (TRL's); with WPO
+/// each pair's loss is weighted (the policy's `log_sum_sq` must be there).
+///
+/// # Errors
+/// Shape or dtype mismatches; WPO without `log_sum_sq`.
 pub fn preference_loss(
     o: &Objective,
     chosen: &SeqLogps,
@@ -115,13 +164,17 @@ pub fn preference_loss(
     refs: Option<(&Tensor, &Tensor)>,
 ) -> Result<PreferenceLoss> {
     let b = |t: &Tensor| Batched(t.clone());
-    let c = side(o, b(&chosen.sum), refs.map(|r| b(r.0)), b(&chosen.count))?;
-    let r = side(
-        o,
-        b(&rejected.sum),
-        refs.map(|r| b(r.1)),
-        b(&rejected.count),
-    )?;
+    let (cl, rl) = pair_logps(o, chosen, rejected)?;
+    let mut c = side(o, b(&cl), refs.map(|r| b(r.0)), b(&chosen.count))?;
+    let mut r = side(o, b(&rl), refs.map(|r| b(r.1)), b(&rejected.count))?;
+    if o.ld_alpha().is_some() {
+        c = c.with_nll_logps(b(&chosen.sum));
+        r = r.with_nll_logps(b(&rejected.sum));
+    }
+    if o.use_weighting() {
+        c = c.with_weight(Batched(wpo_weights(chosen)?));
+        r = r.with_weight(Batched(wpo_weights(rejected)?));
+    }
     let out = batch_loss(o, &c, &r)?;
     let nll = out
         .terms
@@ -132,8 +185,8 @@ pub fn preference_loss(
         loss: out.loss.0,
         chosen_rewards: out.chosen_rewards.0.detach(),
         rejected_rewards: out.rejected_rewards.0.detach(),
-        chosen_logps: chosen.sum.detach(),
-        rejected_logps: rejected.sum.detach(),
+        chosen_logps: cl.detach(),
+        rejected_logps: rl.detach(),
         nll,
     })
 }

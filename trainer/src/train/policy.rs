@@ -14,13 +14,21 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 
-/// Per-sequence completion log-probs of a batch.
+/// Per-sequence completion log-probs of a batch, with the per-token values they sum.
 #[derive(Debug, Clone)]
 pub struct SeqLogps {
     /// `[B]`: `Σ_t loss_mask[b, t] · log π(ids[b, t+1] | ids[b, ≤t])`, differentiable.
     pub sum: Tensor,
     /// `[B]` (same dtype as `sum`): the number of completion tokens of each row.
     pub count: Tensor,
+    /// `[B, L−1]`: `loss_mask[b, t] · log π(ids[b, t+1] | ids[b, ≤t])`, differentiable like
+    /// `sum` (LD-DPO splits it at the pair's shared length).
+    pub tokens: Tensor,
+    /// `[B, L−1]` (same dtype): the loss mask.
+    pub mask: Tensor,
+    /// `[B, L−1]`: `log Σ_v π(v | ids[b, ≤t])²` at the completion positions (0 elsewhere),
+    /// detached, when asked for ([`PolicyModel::sequence_logps_with_sq`]; WPO's weights).
+    pub log_sum_sq: Option<Tensor>,
 }
 
 impl SeqLogps {
@@ -30,9 +38,59 @@ impl SeqLogps {
     /// Shape mismatch.
     pub fn from_token_logps(token_logps: &Tensor, loss_mask: &Tensor) -> candle_core::Result<Self> {
         let m = loss_mask.to_dtype(token_logps.dtype())?;
+        let tokens = (token_logps * &m)?;
         Ok(SeqLogps {
-            sum: (token_logps * &m)?.sum(1)?,
+            sum: tokens.sum(1)?,
             count: m.sum(1)?,
+            tokens,
+            mask: m,
+            log_sum_sq: None,
+        })
+    }
+
+    /// A batch known by its sums alone (`[B]` log-probs and token counts): one position per
+    /// row holds the sum. LD-DPO's split and WPO's weights need the real per-token values of
+    /// [`SeqLogps::from_token_logps`].
+    ///
+    /// # Errors
+    /// Shape mismatch.
+    pub fn from_sums(sum: &Tensor, count: &Tensor) -> candle_core::Result<Self> {
+        let tokens = sum.unsqueeze(1)?;
+        Ok(SeqLogps {
+            sum: sum.clone(),
+            count: count.clone(),
+            mask: tokens.ones_like()?,
+            tokens,
+            log_sum_sq: None,
+        })
+    }
+
+    /// The same values without a gradient.
+    pub fn detach(&self) -> Self {
+        SeqLogps {
+            sum: self.sum.detach(),
+            count: self.count.detach(),
+            tokens: self.tokens.detach(),
+            mask: self.mask.detach(),
+            log_sum_sq: self.log_sum_sq.as_ref().map(Tensor::detach),
+        }
+    }
+
+    /// Rows `start..start + len` (one side of a batch of pairs).
+    ///
+    /// # Errors
+    /// Rows out of range.
+    pub fn rows(&self, start: usize, len: usize) -> candle_core::Result<Self> {
+        Ok(SeqLogps {
+            sum: self.sum.narrow(0, start, len)?,
+            count: self.count.narrow(0, start, len)?,
+            tokens: self.tokens.narrow(0, start, len)?,
+            mask: self.mask.narrow(0, start, len)?,
+            log_sum_sq: self
+                .log_sum_sq
+                .as_ref()
+                .map(|t| t.narrow(0, start, len))
+                .transpose()?,
         })
     }
 
@@ -54,11 +112,15 @@ pub trait PolicyModel {
     /// [`PolicyModel::sequence_logps`] without a gradient (nothing kept for a backward pass);
     /// by default the same values, detached.
     fn sequence_logps_no_grad(&self, batch: &Batch) -> Result<SeqLogps> {
-        let s = self.sequence_logps(batch)?;
-        Ok(SeqLogps {
-            sum: s.sum.detach(),
-            count: s.count.detach(),
-        })
+        Ok(self.sequence_logps(batch)?.detach())
+    }
+
+    /// [`PolicyModel::sequence_logps`] with [`SeqLogps::log_sum_sq`] filled in (WPO's
+    /// weights read it). The default is an error: a model that gives it overrides this.
+    fn sequence_logps_with_sq(&self, _batch: &Batch) -> Result<SeqLogps> {
+        Err(Error::Options(
+            "use_weighting: this model does not give log Σ_v π(v)² per token".into(),
+        ))
     }
 
     /// The reference model's log-probs of a batch, without a gradient: the model as it is

@@ -13,8 +13,10 @@ use crate::batch::{Batch, Sequence};
 use crate::dist::{Collective, Single};
 use crate::error::{Error, Result};
 use crate::train::data::PreferencePair;
+use crate::train::objective::pair_logps;
 use crate::train::parallel::all_reduce_f64;
 use crate::train::policy::{read_metadata, save_tensors, PolicyModel};
+use difinfo::objective::{Objective, ObjectiveSpec};
 
 /// Per-pair reference log-probs: sums over completion tokens and token counts.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,12 +137,14 @@ impl RefLogps {
         batch_size: usize,
         pad_id: u32,
     ) -> Result<Self> {
-        Self::compute_sharded(&Single, model, pairs, batch_size, pad_id)
+        Self::compute_sharded(&Single, model, pairs, batch_size, pad_id, None)
     }
 
     /// [`RefLogps::compute`] spread over the ranks of `world`: batch `c` (the same batches as
     /// one process makes, so the values are bit-identical) is computed by rank `c mod N`, and
     /// the ranks' vectors, zero where another rank computed, are summed into every rank's.
+    /// With LD-DPO's `ld_alpha` the sums are its `shared + α · verbose`
+    /// ([`crate::train::objective::pair_logps`]).
     ///
     /// # Errors
     /// See [`RefLogps::compute`]; the engine's errors.
@@ -150,6 +154,7 @@ impl RefLogps {
         pairs: &[PreferencePair],
         batch_size: usize,
         pad_id: u32,
+        ld_alpha: Option<f64>,
     ) -> Result<Self> {
         let (rank, n) = (world.rank(), world.world_size());
         let device = model.device();
@@ -179,9 +184,21 @@ impl RefLogps {
                 .collect();
             let batch = Batch::for_training(&seqs, pad_id, &device)?;
             let s = model.reference_logps(&batch)?;
-            let sums = s.sum.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let counts = s.count.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             let b = chunk.len();
+            let sum = match ld_alpha {
+                Some(_) => {
+                    let ld = Objective::new(ObjectiveSpec {
+                        ld_alpha,
+                        ..ObjectiveSpec::default()
+                    })
+                    .map_err(|e| Error::Options(e.to_string()))?;
+                    let (c, r) = pair_logps(&ld, &s.rows(0, b)?, &s.rows(b, b)?)?;
+                    Tensor::cat(&[c, r], 0)?
+                }
+                None => s.sum.clone(),
+            };
+            let sums = sum.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let counts = s.count.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             for (i, v) in sums.iter().enumerate() {
                 if !v.is_finite() {
                     let idx = c * batch_size.max(1) + i % b;
@@ -289,11 +306,12 @@ impl RefLogps {
     }
 
     /// The cached log-probs when `dir` holds the file of `key`, else computed over the ranks
-    /// of `world` ([`RefLogps::compute_sharded`]) and (when `dir` is given) written there by
-    /// rank 0. Returns whether the cache was hit (on every rank: a miss on any rank is a miss).
+    /// of `world` ([`RefLogps::compute_sharded`], with LD-DPO's `ld_alpha`) and (when `dir` is
+    /// given) written there by rank 0. Returns whether the cache was hit (on every rank: a miss on any rank is a miss).
     ///
     /// # Errors
     /// See [`RefLogps::compute`], [`RefLogps::load`].
+    #[allow(clippy::too_many_arguments)]
     pub fn load_or_compute<M: PolicyModel + ?Sized>(
         world: &dyn Collective,
         model: &M,
@@ -302,13 +320,14 @@ impl RefLogps {
         key: &str,
         batch_size: usize,
         pad_id: u32,
+        ld_alpha: Option<f64>,
     ) -> Result<(Self, bool)> {
         let here = dir.map(|d| cache_path(d, key)).filter(|p| p.exists());
         let misses = all_reduce_f64(world, &[f64::from(u8::from(here.is_none()))])?[0];
         if let (Some(p), 0.0) = (&here, misses) {
             return Ok((Self::load(p, key, pairs.len())?, true));
         }
-        let r = Self::compute_sharded(world, model, pairs, batch_size, pad_id)?;
+        let r = Self::compute_sharded(world, model, pairs, batch_size, pad_id, ld_alpha)?;
         if let (Some(d), 0) = (dir, world.rank()) {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
             r.save(&cache_path(d, key), key)?;

@@ -69,6 +69,25 @@ impl PolicyModel for Bigram {
         Ok(SeqLogps::from_token_logps(&tok, &batch.loss_mask)?)
     }
 
+    /// With `log Σ_v π_v² = log Σ_v e^{2 z_v} − 2 log Σ_v e^{z_v}` from the same logits.
+    fn sequence_logps_with_sq(&self, batch: &Batch) -> crate::Result<SeqLogps> {
+        let mut s = self.sequence_logps(batch)?;
+        let (b, l) = batch.input_ids.dims2()?;
+        let x = self
+            .embed
+            .as_tensor()
+            .index_select(&batch.input_ids.flatten_all()?, 0)?;
+        let z = x
+            .matmul(&self.head.as_tensor().t()?)?
+            .reshape((b, l, self.vocab()))?
+            .narrow(1, 0, l - 1)?
+            .detach();
+        let sq = (z.affine(2.0, 0.0)?.log_sum_exp(D::Minus1)?
+            - z.log_sum_exp(D::Minus1)?.affine(2.0, 0.0)?)?;
+        s.log_sum_sq = Some(sq.mul(&s.mask)?);
+        Ok(s)
+    }
+
     fn named_vars(&self) -> Vec<(String, Var)> {
         vec![
             ("lm_head.weight".to_string(), self.head.clone()),

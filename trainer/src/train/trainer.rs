@@ -22,8 +22,8 @@ use difinfo::objective::{Objective, Rule};
 use crate::dist::{self, Collective};
 use crate::error::{Error, Result};
 use crate::train::checkpoint::{
-    checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints, save_checkpoint,
-    TrainerState, OPTIMIZER_FILE, STATE_FORMAT,
+    checkpoint_dir, latest_checkpoint, load_state, prune_checkpoints,
+    save_checkpoint_with_reference, TrainerState, OPTIMIZER_FILE, REF_MODEL_FILE, STATE_FORMAT,
 };
 use crate::train::config::TrainConfig;
 use crate::train::data::{Dataset, Examples};
@@ -33,7 +33,7 @@ use crate::train::objective::PreferenceMetrics;
 use crate::train::optim::Optimizer;
 use crate::train::output_dir::{check_fresh_output_dir, clear_earlier_run};
 use crate::train::parallel::BUCKET_BYTES;
-use crate::train::policy::PolicyModel;
+use crate::train::policy::{load_named_into, PolicyModel};
 use crate::train::refcache::{cache_key, cache_path, fingerprint_vars, RefLogps};
 use crate::train::rng::{epoch_permutation, SplitMix64};
 use crate::train::schedule::{warmup_steps, LrSchedule};
@@ -108,6 +108,9 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     owned_vars: Vec<(String, Var)>,
     /// `report_to` TensorBoard on rank 0: this run's event file, opened at its first log.
     tensorboard: Option<EventWriter>,
+    /// TR-DPO (`sync_ref_model`): the reference model, run on each batch and synced toward
+    /// the policy ([`Trainer::with_synced_reference`]).
+    synced_reference: Option<&'m dyn PolicyModel>,
 }
 
 /// The ZeRO-1 partition of `vars` when the run shards its optimizer state over more than one
@@ -214,15 +217,20 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         let vars = model.named_vars();
         let zero = partition(&config, &vars)?;
         let optimizer = Optimizer::new(config.optimizer(), &owned(&zero, &vars))?;
-        let (reference, key) = if objective.needs_reference() {
+        let (reference, key) = if objective.needs_reference() && !config.sync_ref_model {
             let pairs = data.pairs().unwrap_or_default();
             let bs = config
                 .ref_batch_size
                 .unwrap_or(config.per_device_train_batch_size);
+            // LD-DPO's α changes the cached sums (a key without it: the plain sums).
+            let settings = match objective.ld_alpha() {
+                Some(a) => format!("{} ld_alpha={a:?}", data.settings),
+                None => data.settings.clone(),
+            };
             let key = cache_key(
                 fingerprint_vars(&ref_model.reference_vars())?,
                 pairs,
-                &data.settings,
+                &settings,
                 data.pad_id,
                 bs,
             );
@@ -235,6 +243,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
                 &key,
                 bs,
                 data.pad_id,
+                objective.ld_alpha(),
             )?;
             (Some(r), Some(key))
         } else {
@@ -322,7 +331,8 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             Some(z) => optimizer.restrict(&z.owned())?,
             None => optimizer,
         };
-        let reference = match (objective.needs_reference(), &state.ref_cache_key) {
+        let synced = config.sync_ref_model;
+        let reference = match (objective.needs_reference() && !synced, &state.ref_cache_key) {
             (false, _) => None,
             (true, None) => {
                 return Err(Error::Checkpoint {
@@ -410,7 +420,61 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             device,
             world,
             tensorboard: None,
+            synced_reference: None,
         }
+    }
+
+    /// TR-DPO (`sync_ref_model`, TRL's `SyncRefModelCallback`): `reference` (TRL's
+    /// `ref_model`, or a second copy of the policy's starting checkpoint) is the run's
+    /// reference, run on each batch; after every `ref_model_sync_steps`-th optimizer step its
+    /// weights become `α · π + (1 − α) · π_ref` (`α = ref_model_mixup_alpha`), and each
+    /// checkpoint holds them ([`REF_MODEL_FILE`]). A resumed run reads them back from the
+    /// checkpoint it resumes. Its variables must be the policy's, by name and shape.
+    ///
+    /// # Errors
+    /// `sync_ref_model` off; variables that differ from the policy's; a resumed checkpoint
+    /// without the reference's weights.
+    pub fn with_synced_reference(mut self, reference: &'m dyn PolicyModel) -> Result<Self> {
+        if !self.config.sync_ref_model {
+            return Err(Error::Options(
+                "a synced reference model needs sync_ref_model".into(),
+            ));
+        }
+        let rv = reference.named_vars();
+        let same = rv.len() == self.vars.len()
+            && rv
+                .iter()
+                .zip(&self.vars)
+                .all(|((a, x), (b, y))| a == b && x.dims() == y.dims());
+        if !same {
+            return Err(Error::Options(
+                "sync_ref_model: the reference model's weights must have the policy's names \
+                 and shapes (it is mixed into them)"
+                    .into(),
+            ));
+        }
+        if let (Some(dir), true) = (&self.last_checkpoint, self.state.global_step > 0) {
+            load_named_into(&rv, &dir.join(REF_MODEL_FILE))?;
+        }
+        self.synced_reference = Some(reference);
+        Ok(self)
+    }
+
+    /// TR-DPO's sync, after the optimizer step that makes `global_step` a multiple of
+    /// `ref_model_sync_steps`: `π_ref ← (1 − α) · π_ref + α · π` for every weight.
+    fn sync_reference_if_due(&self) -> Result<()> {
+        let Some(reference) = self.synced_reference else {
+            return Ok(());
+        };
+        if self.state.global_step % self.config.ref_model_sync_steps != 0 {
+            return Ok(());
+        }
+        let a = self.config.ref_model_mixup_alpha;
+        for ((_, r), (_, p)) in reference.named_vars().iter().zip(&self.vars) {
+            let mixed = (r.as_tensor().affine(1.0 - a, 0.0)? + p.as_tensor().affine(a, 0.0)?)?;
+            r.set(&mixed)?;
+        }
+        Ok(())
     }
 
     /// The resolved configuration.
@@ -525,6 +589,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         self.model.set_dropout_seed(None);
         let (norm, lr) = self.update(grads, &mbs)?;
         let epoch_end = self.advance(&mbs, norm, &step);
+        self.sync_reference_if_due()?;
         let seconds = t0.elapsed().as_secs_f64();
         let comm_seconds = dist::comm_seconds() - c0;
         self.state.log.seconds += seconds;
@@ -682,9 +747,10 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             None => None,
         };
         if self.world.rank() == 0 {
-            save_checkpoint(
+            save_checkpoint_with_reference(
                 &self.config.output_dir,
                 self.model,
+                self.synced_reference,
                 gathered.as_ref().unwrap_or(&self.optimizer),
                 &self.state,
                 &self.config,

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::train::data::Examples;
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::objective::{
-    nll_mean, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
+    nll_mean, pair_logps, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
 };
 use crate::train::parallel::{all_reduce_f64, all_reduce_grads, global_metrics, local_part};
 use crate::train::policy::{PolicyModel, SeqLogps};
@@ -71,18 +71,32 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
         Batch::for_training(seqs, self.data.pad_id, &self.device)
     }
 
-    /// The objective's loss on the pairs `idx` (the reference log-probs from the cache).
+    /// The objective's loss on the pairs `idx` (the reference log-probs from the cache, or
+    /// TR-DPO's synced reference run on `batch`, the pairs' chosen then rejected sequences).
     fn preference_loss(
         &self,
         idx: &[usize],
+        batch: Option<&Batch>,
         chosen: &SeqLogps,
         rejected: &SeqLogps,
     ) -> Result<PreferenceLoss> {
-        let refs = match &self.reference {
-            Some(r) if self.objective.needs_reference() => {
-                Some(r.select(idx, chosen.sum.dtype(), &self.device)?)
+        let refs = match (&self.reference, self.synced_reference, batch) {
+            _ if !self.objective.needs_reference() => None,
+            (Some(r), _, _) => Some(r.select(idx, chosen.sum.dtype(), &self.device)?),
+            (None, Some(m), Some(batch)) => {
+                let s = m.reference_logps(batch)?;
+                let b = idx.len();
+                let (c, r) = pair_logps(&self.objective, &s.rows(0, b)?, &s.rows(b, b)?)?;
+                Some((
+                    c.to_dtype(chosen.sum.dtype())?,
+                    r.to_dtype(chosen.sum.dtype())?,
+                ))
             }
-            _ => None,
+            _ => {
+                return Err(Error::Options(
+                    "the objective reads a reference, and the run has none".into(),
+                ))
+            }
         };
         preference_loss(
             &self.objective,
@@ -234,15 +248,14 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
                 let batch = self.batch(&seqs)?;
                 out.tokens += batch.num_tokens();
                 self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
-                let all = self.model.sequence_logps(&batch)?;
-                let b = idx.len();
-                let half = |o: usize| -> candle_core::Result<SeqLogps> {
-                    Ok(SeqLogps {
-                        sum: all.sum.narrow(0, o, b)?,
-                        count: all.count.narrow(0, o, b)?,
-                    })
+                let all = if self.objective.use_weighting() {
+                    self.model.sequence_logps_with_sq(&batch)?
+                } else {
+                    self.model.sequence_logps(&batch)?
                 };
-                let pl = self.preference_loss(idx, &half(0)?, &half(b)?)?;
+                let b = idx.len();
+                let pl =
+                    self.preference_loss(idx, Some(&batch), &all.rows(0, b)?, &all.rows(b, b)?)?;
                 let g = self.grads(&pl.loss.affine(w / k, 0.0)?)?;
                 (Some(pl.metrics()?), g)
             };
@@ -285,11 +298,7 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
             self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
             let sc = self.model.sequence_logps(&cb)?;
             let sr = self.model.sequence_logps(&rb)?;
-            let detached = |s: &SeqLogps| SeqLogps {
-                sum: s.sum.detach(),
-                count: s.count.clone(),
-            };
-            let pl = self.preference_loss(idx, &detached(&sc), &detached(&sr))?;
+            let pl = self.preference_loss(idx, None, &sc.detach(), &sr.detach())?;
             let m = global_metrics(self.world, Some(&pl.metrics()?), w)?;
             self.check_pref(&m, *mb, all_idx)?;
             out.loss += m.loss / k;
