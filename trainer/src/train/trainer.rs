@@ -105,6 +105,8 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     zero: Option<Zero1>,
     /// The variables this rank's optimizer updates: all of them, or its shard under ZeRO-1.
     owned_vars: Vec<(String, Var)>,
+    /// A reward model's per-pair margins (TRL's `margin` column), by dataset index.
+    margins: Option<Vec<f64>>,
 }
 
 /// The ZeRO-1 partition of `vars` when the run shards its optimizer state over more than one
@@ -406,7 +408,30 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             last_checkpoint,
             device,
             world,
+            margins: None,
         }
+    }
+
+    /// Sets the per-pair margins a reward model's loss subtracts (TRL's `margin` column), one
+    /// per example of the dataset.
+    ///
+    /// # Errors
+    /// A count other than the dataset's; a non-finite margin.
+    pub fn set_margins(&mut self, margins: Vec<f64>) -> Result<()> {
+        if margins.len() != self.data.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} margins for {} examples",
+                margins.len(),
+                self.data.len()
+            )));
+        }
+        if let Some((i, m)) = margins.iter().enumerate().find(|(_, m)| !m.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "example {i}: margin {m} is not finite"
+            )));
+        }
+        self.margins = Some(margins);
+        Ok(())
     }
 
     /// The resolved configuration.
