@@ -71,14 +71,23 @@ def make_classifier(base, out, eos_pad):
     return tok
 
 
-def trl_scores(model_dir, rows, tmp):
+def torch_dtype(args):
+    import torch
+    return {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+
+
+def ours_dtype(args):
+    return ["--dtype", {"float32": "f32", "float64": "f64"}[args.dtype]]
+
+
+def trl_scores(args, model_dir, rows, tmp):
     """TRL's tokenization and collation of `rows`, scored by transformers in one batch."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(args))
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = RewardConfig(output_dir=os.path.join(tmp, "trl-score"), report_to=[], use_cpu=True,
                        max_length=None)
@@ -110,7 +119,8 @@ def check_scores(args, tmp):
             {"line": i + 1, "sample": k, "prompt": r["prompt"], "completion": r[side]}
             for i, r in enumerate(rows) for k, side in enumerate(("chosen", "rejected"))])
         out = os.path.join(tmp, f"scores-{int(eos_pad)}.jsonl")
-        cmd = [args.difinfo, "score", "--reward-model", d, "--out", out, "--batch-size", "3"]
+        cmd = [args.difinfo, "score", "--reward-model", d, "--out", out, "--batch-size", "3",
+               *ours_dtype(args)]
         for label, f in files:
             cmd += ["--data", f"{label}={f}"]
         cmd += ["--data", f"samples={samples}"]
@@ -120,7 +130,7 @@ def check_scores(args, tmp):
         print("| file | texts | ending in the pad id | max rel. diff |")
         print("|---|---:|---:|---:|")
         for label, f in files:
-            c, r, ends = trl_scores(d, read_jsonl(f), tmp)
+            c, r, ends = trl_scores(args, d, read_jsonl(f), tmp)
             mine = {(o["line"], o["side"]): o["reward"] for o in ours if o["label"] == label}
             lines = sorted({o["line"] for o in ours if o["label"] == label})
             w = 0.0
@@ -128,7 +138,7 @@ def check_scores(args, tmp):
                 w = max(w, rel(mine[(line, "chosen")], c[i]), rel(mine[(line, "rejected")], r[i]))
             worst = max(worst, w)
             print(f"| {label} | {2 * len(lines)} | {ends} chosen | {w:.2e} |")
-        c, r, _ = trl_scores(d, rows, tmp)
+        c, r, _ = trl_scores(args, d, rows, tmp)
         mine = sorted((o["line"], o["sample"], o["reward"]) for o in ours if o["label"] == "samples")
         w = max(rel(x[2], (c if x[1] == 0 else r)[x[0] - 1]) for x in mine)
         worst = max(worst, w)
@@ -147,7 +157,7 @@ def train_case(args, model_dir, rows, tmp, case):
     write_jsonl(data, rows)
     n = len(rows)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(args))
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = RewardConfig(
         output_dir=os.path.join(tmp, f"trl-{name}"), per_device_train_batch_size=n,
@@ -167,7 +177,7 @@ def train_case(args, model_dir, rows, tmp, case):
            "--learning-rate", str(args.learning_rate), "--lr-scheduler-type", "linear",
            "--optim", "adamw", "--warmup-steps", "0", "--max-grad-norm", "1.0",
            "--weight-decay", "0", "--logging-steps", "1", "--save-steps", "0",
-           "--max-length", "1024", "--overwrite-output-dir"]
+           "--max-length", "1024", "--overwrite-output-dir", *ours_dtype(args)]
     if case.get("center") is not None:
         cmd += ["--center-rewards-coefficient", str(case["center"])]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -194,10 +204,10 @@ def check_checkpoint(args, run, data, tmp):
     ck = sorted(glob.glob(os.path.join(run, "checkpoint-*")),
                 key=lambda p: int(p.rsplit("-", 1)[1]))[-1]
     out = os.path.join(tmp, "ck-scores.jsonl")
-    subprocess.run([args.difinfo, "score", "--reward-model", ck, "--data", data, "--out", out],
-                   check=True, capture_output=True)
+    subprocess.run([args.difinfo, "score", "--reward-model", ck, "--data", data, "--out", out,
+                    *ours_dtype(args)], check=True, capture_output=True)
     ours = read_jsonl(out)
-    c, r, _ = trl_scores(ck, read_jsonl(data), tmp)
+    c, r, _ = trl_scores(args, ck, read_jsonl(data), tmp)
     w = max(max(rel(o["reward"], (c if o["side"] == "chosen" else r)[i // 2])
                 for i, o in enumerate(ours)), 0.0)
     print(f"\ncheckpoint {ck} in transformers vs difinfo score: max rel. diff {w:.2e}")
@@ -230,7 +240,23 @@ def pin():
     with torch.no_grad():
         s = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     print("tensor order:", names + ["score.weight"])
-    print("scores:", [repr(float(x)) for x in s])
+    print("scores (transformers as is: RoPE's cos and sin in float32):", [repr(float(x)) for x in s])
+
+    # The same with cos and sin of the float32 angles taken in float64, as difinfo does: the
+    # numbers trainer/tests/reward_scores.rs pins.
+    from transformers.models.llama import modeling_llama as ml
+
+    def rope64(self, x, position_ids):
+        inv = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        freqs = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1).double()
+        return (emb.cos() * self.attention_scaling).to(x.dtype), \
+            (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    ml.LlamaRotaryEmbedding.forward = rope64
+    with torch.no_grad():
+        s = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    print("scores (RoPE trig in float64):", [repr(float(x)) for x in s])
 
 
 def main():
@@ -241,6 +267,10 @@ def main():
     ap.add_argument("--difinfo", default="target/release/difinfo-train")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="both sides compute in this dtype (float64: the semantics without "
+                         "float32 rounding)")
+    ap.add_argument("--tol", type=float, default=1e-5, help="the largest relative difference passed")
     ap.add_argument("--pin", action="store_true")
     args = ap.parse_args()
     if args.pin:
@@ -249,7 +279,8 @@ def main():
     import torch
     import transformers
     import trl
-    print(f"transformers {transformers.__version__}, trl {trl.__version__}, torch {torch.__version__}")
+    print(f"transformers {transformers.__version__}, trl {trl.__version__}, torch {torch.__version__}, "
+          f"{args.dtype}, learning rate {args.learning_rate}")
     tmp = tempfile.mkdtemp(prefix="difinfo-reward-")
     worst_scores, rm = check_scores(args, tmp)
     rows = read_jsonl(args.plain)
@@ -271,7 +302,7 @@ def main():
               f"margin, num_tokens) {w:.2e}")
     print(f"trained checkpoint in transformers: max rel. diff {worst_ck:.2e}")
     shutil.rmtree(tmp, ignore_errors=True)
-    bad = worst_scores > 1e-5 or worst_ck > 1e-5 or any(w > 1e-5 for _, w in results)
+    bad = worst_scores > args.tol or worst_ck > args.tol or any(w > args.tol for _, w in results)
     sys.exit(1 if bad else 0)
 
 

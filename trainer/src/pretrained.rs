@@ -293,23 +293,30 @@ impl ClassifierFields {
         let architectures = v
             .get("architectures")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         let num_labels = match v.get("id2label").and_then(Value::as_object) {
             Some(m) => Some(m.len()),
-            None => v.get("num_labels").and_then(Value::as_u64).map(|n| n as usize),
+            None => v
+                .get("num_labels")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize),
         };
-        let pad_token_id = match v.get("pad_token_id") {
-            None | Some(Value::Null) => None,
-            Some(x) => Some(
-                x.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| Error::Config {
+        let pad_token_id =
+            match v.get("pad_token_id") {
+                None | Some(Value::Null) => None,
+                Some(x) => Some(x.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(
+                    || Error::Config {
                         path: path.to_path_buf(),
                         message: format!("field `pad_token_id`: expected a token id, got {x}"),
-                    })?,
-            ),
-        };
+                    },
+                )?),
+            };
         Ok(Self {
             architectures,
             num_labels,
@@ -352,7 +359,11 @@ pub fn load_reward_model(
     }
     let score = match (score, head) {
         (Some(t), _) => {
-            check_finite(SCORE_WEIGHT, &t, origin.as_deref().unwrap_or(config_path.as_path()))?;
+            check_finite(
+                SCORE_WEIGHT,
+                &t,
+                origin.as_deref().unwrap_or(config_path.as_path()),
+            )?;
             t
         }
         (None, ScoreHead::Required) => {

@@ -15,6 +15,8 @@
 //! mask = [[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
 //! model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 //! ```
+//!
+//! and again with RoPE's cos and sin taken in float64 (transformers takes them in float32).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,11 +38,23 @@ const LLAMA: &str = r#"{"model_type": "llama", "vocab_size": 16, "hidden_size": 
     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
     "max_position_embeddings": 64}"#;
 
-/// transformers' scores of the rows of `ROWS` (the script's output).
-const WANT: [f64; 3] = [0.9017822078365039, -1.638319597394712, -1.264634634204513];
+/// transformers' scores of the rows of `ROWS` with RoPE's cos and sin of the float32 angles
+/// taken in float64, as this crate takes them (the script's second line).
+const WANT: [f64; 3] = [0.9017821949555577, -1.6383197127972462, -1.264634634204513];
+
+/// transformers' scores as it computes them, RoPE's cos and sin in float32 even for a float64
+/// model (the script's first line): within [`TRIG_TOL`].
+const TRANSFORMERS: [f64; 3] = [0.9017822078365039, -1.638319597394712, -1.264634634204513];
+
+/// float32 trigonometry against float64 on positions < 8: ~1e-8 in the scores.
+const TRIG_TOL: f64 = 1e-7;
 
 /// The rows' real tokens (the second and third end in the pad id, 3).
-const ROWS: [&[u32]; 3] = [&[1, 5, 9, 2, 14, 3, 3, 7], &[0, 15, 4, 3], &[6, 3, 8, 11, 3]];
+const ROWS: [&[u32]; 3] = [
+    &[1, 5, 9, 2, 14, 3, 3, 7],
+    &[0, 15, 4, 3],
+    &[6, 3, 8, 11, 3],
+];
 
 /// Tensor `k` of the closed form: `(1 if a norm weight else 0) + 0.5 sin(1.7 i + 0.37 k)`.
 fn closed_form(shape: Vec<usize>, k: usize, norm: bool) -> Tensor {
@@ -61,8 +75,14 @@ fn closed_form_reward_model() -> RewardModel {
         t.insert(name.clone(), closed_form(shape.clone(), k, norm));
     }
     let score = closed_form(vec![1, cfg.hidden_size], shapes.len(), false);
-    let m = Model::from_tensors(cfg, t, Path::new("<closed form>"), DType::F64, &common::device())
-        .unwrap();
+    let m = Model::from_tensors(
+        cfg,
+        t,
+        Path::new("<closed form>"),
+        DType::F64,
+        &common::device(),
+    )
+    .unwrap();
     RewardModel::new(m, &score, Some(3)).unwrap()
 }
 
@@ -97,6 +117,8 @@ fn scores_match_transformers_sequence_classifier() {
         .unwrap();
     for (i, (g, w)) in got.iter().zip(WANT).enumerate() {
         assert!((g - w).abs() < TOL, "row {i}: {g} vs transformers {w}");
+        let t = TRANSFORMERS[i];
+        assert!((g - t).abs() < TRIG_TOL, "row {i}: {g} vs transformers as is {t}");
     }
     // One row at a time: the same numbers (padding changes nothing).
     for (i, r) in ROWS.iter().enumerate() {
@@ -120,8 +142,13 @@ fn reward_checkpoint_round_trips_as_a_sequence_classifier() {
     assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
     assert_eq!(cfg["id2label"], serde_json::json!({"0": "LABEL_0"}));
     assert_eq!(cfg["pad_token_id"], 3);
-    let back = load_reward_model(dir.path(), DType::F64, &common::device(), ScoreHead::Required)
-        .unwrap();
+    let back = load_reward_model(
+        dir.path(),
+        DType::F64,
+        &common::device(),
+        ScoreHead::Required,
+    )
+    .unwrap();
     assert_eq!(back.pad_token_id(), Some(3));
     let b = batch();
     let got: Vec<f64> = back
@@ -151,12 +178,22 @@ fn reward_checkpoint_round_trips_as_a_sequence_classifier() {
     )
     .unwrap();
     difinfo_trainer::pretrained::save_pretrained(&plain, None, lm.path(), DType::F64).unwrap();
-    let err = load_reward_model(lm.path(), DType::F64, &common::device(), ScoreHead::Required)
-        .unwrap_err()
-        .to_string();
+    let err = load_reward_model(
+        lm.path(),
+        DType::F64,
+        &common::device(),
+        ScoreHead::Required,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("score.weight"), "{err}");
-    let fresh =
-        load_reward_model(lm.path(), DType::F64, &common::device(), ScoreHead::OrNew(7)).unwrap();
+    let fresh = load_reward_model(
+        lm.path(),
+        DType::F64,
+        &common::device(),
+        ScoreHead::OrNew(7),
+    )
+    .unwrap();
     let w: Vec<Vec<f64>> = fresh.score_var().as_tensor().to_vec2().unwrap();
     let sd = (w[0].iter().map(|x| x * x).sum::<f64>() / 8.0).sqrt();
     assert!(sd > 0.0 && sd < 0.1, "N(0, 0.02²) head, got sd {sd}");

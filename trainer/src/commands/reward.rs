@@ -10,8 +10,8 @@ use clap::{ArgMatches, Args};
 
 use difinfo::objective::Rule;
 
-use crate::commands::shared::{accept_counts, load_bundle_with, main_process, report_provenance};
 use crate::commands::shared::usage;
+use crate::commands::shared::{accept_counts, load_bundle_with, main_process, report_provenance};
 use crate::commands::training::{
     announce, check_run_paths, command_line_table, drive, lock_run, r_report, refuse_hidden,
     resolve_common, run_fingerprint, training_options, RunArgs, REFERENCE_OPTIONS, SFT_OPTIONS,

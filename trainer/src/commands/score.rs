@@ -104,7 +104,10 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             ));
         }
     }
-    let summary = a.summary.clone().unwrap_or_else(|| default_summary_path(&a.out));
+    let summary = a
+        .summary
+        .clone()
+        .unwrap_or_else(|| default_summary_path(&a.out));
     let files: Vec<(&str, &Path)> = data.iter().map(|(_, f)| ("--data", f.as_path())).collect();
     let mut outs = vec![("--out", a.out.as_path()), ("--summary", summary.as_path())];
     if let Some(r) = a.invalid.named_report() {
@@ -260,7 +263,12 @@ fn side_field(s: Side) -> &'static str {
 
 /// The per-label table on stdout.
 fn print_table(groups: &[GroupSummary]) {
-    let w = groups.iter().map(|g| g.label.len()).max().unwrap_or(5).max(5);
+    let w = groups
+        .iter()
+        .map(|g| g.label.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!(
         "{:<w$}  {:>6}  {:>7}  {:>10}  {:>23}",
         "label", "n", "prompts", "mean", "95% interval"

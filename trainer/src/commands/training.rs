@@ -518,11 +518,7 @@ pub(crate) fn drive<M: crate::train::PolicyModel + ?Sized>(
     if main {
         write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
     }
-    let trainable: usize = model
-        .named_vars()
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
+    let trainable: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     let world = crate::dist::world();
     if world.world_size() > 1 && main {
         eprintln!(

@@ -166,7 +166,10 @@ pub fn load_reward_dataset(
     let dataset = Dataset {
         examples: Examples::Preference(pairs),
         pad_id: bundle.pad_id(),
-        settings: format!("reward {opts:?} max_length={limit:?} bf16={}", r.settings.bf16),
+        settings: format!(
+            "reward {opts:?} max_length={limit:?} bf16={}",
+            r.settings.bf16
+        ),
     };
     Ok(RewardData {
         data: RunData {

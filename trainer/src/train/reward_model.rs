@@ -140,10 +140,12 @@ impl PolicyModel for RewardTrainModel {
         if d.lora_config().is_some() {
             let file = dir.join(crate::lora::WEIGHTS_FILE);
             let mut t = crate::lora::read_weights(dir, d.device()).map_err(err)?;
-            let score = t.remove(PEFT_SCORE_WEIGHT).ok_or_else(|| Error::Checkpoint {
-                path: file.clone(),
-                message: format!("missing tensor `{PEFT_SCORE_WEIGHT}`"),
-            })?;
+            let score = t
+                .remove(PEFT_SCORE_WEIGHT)
+                .ok_or_else(|| Error::Checkpoint {
+                    path: file.clone(),
+                    message: format!("missing tensor `{PEFT_SCORE_WEIGHT}`"),
+                })?;
             let head = [(SCORE_WEIGHT.to_string(), self.model.score_var().clone())];
             crate::train::policy::set_vars(&head, |_| Some(&score), &file)?;
             return d.set_lora_weights(&t, &file).map_err(err);
