@@ -240,10 +240,12 @@ def pin():
     with torch.no_grad():
         s = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     print("tensor order:", names + ["score.weight"])
-    print("scores (transformers as is: RoPE's cos and sin in float32):", [repr(float(x)) for x in s])
+    print("scores (transformers as is: RoPE's cos/sin and RMSNorm in float32):",
+          [repr(float(x)) for x in s])
 
-    # The same with cos and sin of the float32 angles taken in float64, as difinfo does: the
-    # numbers trainer/tests/reward_scores.rs pins.
+    # The same with cos and sin of the float32 angles taken in float64 and RMSNorm in float64
+    # (transformers computes both in float32 whatever the model's dtype), as difinfo does: the
+    # numbers trainer/tests/reward_scores.rs pins to 1e-9.
     from transformers.models.llama import modeling_llama as ml
 
     def rope64(self, x, position_ids):
@@ -253,10 +255,15 @@ def pin():
         return (emb.cos() * self.attention_scaling).to(x.dtype), \
             (emb.sin() * self.attention_scaling).to(x.dtype)
 
+    def rms64(self, x):
+        v = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(v + self.variance_epsilon))
+
     ml.LlamaRotaryEmbedding.forward = rope64
+    ml.LlamaRMSNorm.forward = rms64
     with torch.no_grad():
         s = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-    print("scores (RoPE trig in float64):", [repr(float(x)) for x in s])
+    print("scores (RoPE trig and RMSNorm in float64):", [repr(float(x)) for x in s])
 
 
 def main():

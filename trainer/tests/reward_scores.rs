@@ -16,7 +16,8 @@
 //! model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 //! ```
 //!
-//! and again with RoPE's cos and sin taken in float64 (transformers takes them in float32).
+//! and again with RoPE's cos and sin and RMSNorm in float64 (transformers computes them in
+//! float32 whatever the model's dtype).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,16 +39,16 @@ const LLAMA: &str = r#"{"model_type": "llama", "vocab_size": 16, "hidden_size": 
     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
     "max_position_embeddings": 64}"#;
 
-/// transformers' scores of the rows of `ROWS` with RoPE's cos and sin of the float32 angles
-/// taken in float64, as this crate takes them (the script's second line).
-const WANT: [f64; 3] = [0.9017821949555577, -1.6383197127972462, -1.264634634204513];
+/// transformers' scores of the rows of `ROWS` with RoPE's cos and sin (of the float32 angles)
+/// and RMSNorm in float64, as this crate computes a float64 model (the script's second line).
+const WANT: [f64; 3] = [0.9017832872337802, -1.6383195617711857, -1.2646345660141827];
 
-/// transformers' scores as it computes them, RoPE's cos and sin in float32 even for a float64
-/// model (the script's first line): within [`TRIG_TOL`].
+/// transformers' scores as it computes them: RoPE's cos and sin and RMSNorm in float32 even
+/// for a float64 model (the script's first line), within [`F32_TOL`].
 const TRANSFORMERS: [f64; 3] = [0.9017822078365039, -1.638319597394712, -1.264634634204513];
 
-/// float32 trigonometry against float64 on positions < 8: ~1e-8 in the scores.
-const TRIG_TOL: f64 = 1e-7;
+/// transformers' float32 RMSNorm and trigonometry inside a float64 model: ~1e-6 here.
+const F32_TOL: f64 = 5e-6;
 
 /// The rows' real tokens (the second and third end in the pad id, 3).
 const ROWS: [&[u32]; 3] = [
@@ -118,7 +119,10 @@ fn scores_match_transformers_sequence_classifier() {
     for (i, (g, w)) in got.iter().zip(WANT).enumerate() {
         assert!((g - w).abs() < TOL, "row {i}: {g} vs transformers {w}");
         let t = TRANSFORMERS[i];
-        assert!((g - t).abs() < TRIG_TOL, "row {i}: {g} vs transformers as is {t}");
+        assert!(
+            (g - t).abs() < F32_TOL,
+            "row {i}: {g} vs transformers as is {t}"
+        );
     }
     // One row at a time: the same numbers (padding changes nothing).
     for (i, r) in ROWS.iter().enumerate() {
@@ -203,18 +207,18 @@ fn reward_checkpoint_round_trips_as_a_sequence_classifier() {
 fn reward_loss_is_trls() {
     // TRL: -logsigmoid(rc - rr - m).mean() + c * mean((rc + rr)**2), by hand:
     // rc = [1, -0.5], rr = [0.25, 0.5], m = [0.5, 0]: z = [0.25, -1];
-    // softplus(-0.25) = 0.5759974161, softplus(1) = 1.3132616875; mean = 0.9446295518;
-    // c = 0.1: (1.25² + 0² ) / 2 · 0.1 = 0.078125.
+    // softplus(-0.25) = 0.5759394199, softplus(1) = 1.3132616875; mean = 0.9446005537;
+    // c = 0.1: (1.25² + 0²) / 2 · 0.1 = 0.078125.
     let d = common::device();
     let rc = Tensor::new(&[1.0f64, -0.5], &d).unwrap();
     let rr = Tensor::new(&[0.25f64, 0.5], &d).unwrap();
     let m = Tensor::new(&[0.5f64, 0.0], &d).unwrap();
     let l = reward_loss(&rc, &rr, Some(&m), Some(0.1)).unwrap();
     let v = l.loss.to_scalar::<f64>().unwrap();
-    assert!((v - (0.944_629_551_8 + 0.078_125)).abs() < 1e-9, "{v}");
+    assert!((v - (0.944_600_553_7 + 0.078_125)).abs() < 1e-9, "{v}");
     let met = l.metrics().unwrap();
     assert_eq!(met.accuracy, 0.5);
     assert_eq!(met.min_reward, -0.5);
     assert_eq!(met.max_reward, 1.0);
-    assert!((met.margin - 0.125).abs() < 1e-12);
+    assert!((met.margin + 0.125).abs() < 1e-12); // mean(0.75, -1)
 }
