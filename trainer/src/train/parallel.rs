@@ -133,44 +133,6 @@ pub fn global_metrics(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dist::Single;
-
-    #[test]
-    fn parts_cover_the_micro_batch_in_order() {
-        let parts: Vec<Range<usize>> = (0..3).map(|r| local_part(7, 3, r)).collect();
-        assert_eq!(parts, [0..3, 3..6, 6..7]);
-        assert!(local_part(7, 4, 2).is_empty());
-    }
-
-    #[test]
-    fn one_rank_returns_its_input() {
-        let t = Tensor::new(&[[1f32, 2.], [3., 4.]], &candle_core::Device::Cpu).unwrap();
-        let g = all_reduce_grads(&Single, Grads(vec![t.clone()]), BUCKET_BYTES).unwrap();
-        assert_eq!(
-            g.0[0].to_vec2::<f32>().unwrap(),
-            t.to_vec2::<f32>().unwrap()
-        );
-        assert_eq!(all_reduce_f64(&Single, &[1.5, -2.0]).unwrap(), [1.5, -2.0]);
-    }
-
-    #[test]
-    fn buckets_keep_shapes_and_order() {
-        let dev = candle_core::Device::Cpu;
-        let a = Tensor::arange(0f32, 6., &dev)
-            .unwrap()
-            .reshape((2, 3))
-            .unwrap();
-        let b = Tensor::arange(0f64, 4., &dev).unwrap();
-        let out = reduce_bucket(&Single, vec![a.clone()]).unwrap();
-        assert_eq!(out[0].dims(), [2, 3]);
-        let g = all_reduce_grads(&Single, Grads(vec![a, b]), BUCKET_BYTES).unwrap();
-        assert_eq!(g.0[1].dtype(), DType::F64);
-    }
-}
-
 /// The global [`crate::train::objective::RewardMetrics`] of a micro-batch spread over the
 /// ranks: the loss, mean, accuracy and margin summed with each rank's `weight` (its share of
 /// the micro-batch, as [`global_metrics`]), the minimum and maximum over the ranks that hold
@@ -221,4 +183,42 @@ pub fn global_reward_metrics(
         min_reward: min,
         max_reward: max,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::Single;
+
+    #[test]
+    fn parts_cover_the_micro_batch_in_order() {
+        let parts: Vec<Range<usize>> = (0..3).map(|r| local_part(7, 3, r)).collect();
+        assert_eq!(parts, [0..3, 3..6, 6..7]);
+        assert!(local_part(7, 4, 2).is_empty());
+    }
+
+    #[test]
+    fn one_rank_returns_its_input() {
+        let t = Tensor::new(&[[1f32, 2.], [3., 4.]], &candle_core::Device::Cpu).unwrap();
+        let g = all_reduce_grads(&Single, Grads(vec![t.clone()]), BUCKET_BYTES).unwrap();
+        assert_eq!(
+            g.0[0].to_vec2::<f32>().unwrap(),
+            t.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(all_reduce_f64(&Single, &[1.5, -2.0]).unwrap(), [1.5, -2.0]);
+    }
+
+    #[test]
+    fn buckets_keep_shapes_and_order() {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::arange(0f32, 6., &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::arange(0f64, 4., &dev).unwrap();
+        let out = reduce_bucket(&Single, vec![a.clone()]).unwrap();
+        assert_eq!(out[0].dims(), [2, 3]);
+        let g = all_reduce_grads(&Single, Grads(vec![a, b]), BUCKET_BYTES).unwrap();
+        assert_eq!(g.0[1].dtype(), DType::F64);
+    }
 }
