@@ -531,16 +531,23 @@ pub(crate) fn drive<M: crate::train::PolicyModel + ?Sized>(
     }
     if main {
         eprintln!(
-        "{}: {} examples, {} parameters ({trainable} trainable), {} (β = {}), from step {} to {} → {}",
-        r.record.command,
-        trainer_len(&trainer),
-        num_parameters,
-        trainer.objective().label(),
-        trainer.objective().beta(),
-        trainer.global_step(),
-        trainer.total_steps(),
-        out.display()
-    );
+            "{}: {} examples, {} parameters ({trainable} trainable), {}, from step {} to {} → {}",
+            r.record.command,
+            trainer_len(&trainer),
+            num_parameters,
+            match trainer.objective().rule() {
+                // A reward model's loss has no β.
+                Rule::Reward => "Bradley–Terry loss".to_string(),
+                _ => format!(
+                    "{} (β = {})",
+                    trainer.objective().label(),
+                    trainer.objective().beta()
+                ),
+            },
+            trainer.global_step(),
+            trainer.total_steps(),
+            out.display()
+        );
     }
     let pb = if main {
         progress_bar(
