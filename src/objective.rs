@@ -175,6 +175,25 @@ impl Objective {
         .expect("valid")
     }
 
+    /// A reward model trained on preference pairs (TRL's `RewardTrainer`): the loss is
+    /// [`crate::preference::bradley_terry_loss`] of its scores; it reads no reference and no
+    /// loss type.
+    ///
+    /// # Examples
+    /// ```
+    /// use difinfo::objective::{Objective, Rule};
+    /// let o = Objective::reward();
+    /// assert_eq!(o.rule(), Rule::Reward);
+    /// assert!(o.is_preference() && !o.needs_reference());
+    /// ```
+    pub fn reward() -> Self {
+        Self::new(ObjectiveSpec {
+            objective: Rule::Reward,
+            ..ObjectiveSpec::default()
+        })
+        .expect("valid")
+    }
+
     /// DPO-PG (Appendix H), logging DPO's loss with `β`.
     ///
     /// # Errors
@@ -321,15 +340,15 @@ impl Objective {
         self.use_weighting
     }
 
-    /// Whether the run trains on preference pairs (`dpo`, `dpo-pg`).
+    /// Whether the run trains on preference pairs (`dpo`, `dpo-pg`, `reward`).
     pub fn is_preference(&self) -> bool {
         self.rule != Rule::Sft
     }
 
     /// Whether the loss reads reference log-probabilities (a preference rule with the
-    /// log-ratio reward).
+    /// log-ratio reward; a reward model's loss reads none).
     pub fn needs_reference(&self) -> bool {
-        self.is_preference() && !self.reference_free
+        self.is_preference() && self.rule != Rule::Reward && !self.reference_free
     }
 
     /// The weight of the `sft` term (RPO's α), if any.
@@ -346,13 +365,14 @@ impl Objective {
             .then_some(w)
     }
 
-    /// A short label: `sft`, `dpo-pg`, `dpo` (the sigmoid loss), `ref-free` (its
+    /// A short label: `sft`, `dpo-pg`, `reward`, `dpo` (the sigmoid loss), `ref-free` (its
     /// reference-free reward), with the loss types in parentheses otherwise (`dpo (ipo)`,
     /// `dpo (sigmoid+sft)`).
     pub fn label(&self) -> String {
         match self.rule {
             Rule::Sft => "sft".to_string(),
             Rule::ProjectedGradient => "dpo-pg".to_string(),
+            Rule::Reward => "reward".to_string(),
             Rule::Preference => {
                 let base = if self.reference_free {
                     "ref-free"

@@ -1,4 +1,4 @@
-//! The rule: what a run optimizes (SFT, the preference loss, DPO-PG).
+//! The rule: what a run optimizes (SFT, the preference loss, DPO-PG, a reward model).
 
 use std::fmt;
 
@@ -23,15 +23,21 @@ pub enum Rule {
     #[serde(rename = "dpo-pg")]
     #[cfg_attr(feature = "clap", value(name = "dpo-pg"))]
     ProjectedGradient,
+    /// A reward model's Bradley–Terry loss on its scores of the chosen and rejected
+    /// completions (TRL's `RewardTrainer`; [`crate::preference::bradley_terry_loss`]).
+    #[serde(rename = "reward")]
+    #[cfg_attr(feature = "clap", value(skip))]
+    Reward,
 }
 
 impl Rule {
-    /// `sft`, `dpo`, `dpo-pg`.
+    /// `sft`, `dpo`, `dpo-pg`, `reward`.
     pub fn name(self) -> &'static str {
         match self {
             Rule::Sft => "sft",
             Rule::Preference => "dpo",
             Rule::ProjectedGradient => "dpo-pg",
+            Rule::Reward => "reward",
         }
     }
 }

@@ -59,6 +59,7 @@ pub mod provenance;
 pub mod recompute;
 pub mod records;
 pub mod safetensors;
+pub mod scores;
 pub mod shard;
 pub mod template;
 pub mod tokenize;

@@ -363,6 +363,16 @@ impl LoraConfig {
         })
     }
 
+    /// `adapter_config.json` of a sequence classifier's adapter as PEFT writes it
+    /// (`task_type` `SEQ_CLS`: the classifier head, `score`, trained whole and saved beside
+    /// the adapters as one of `modules_to_save`).
+    pub fn to_peft_seq_cls_json(&self, base: &Path) -> Value {
+        let mut v = self.to_peft_json(base);
+        v["task_type"] = json!("SEQ_CLS");
+        v["modules_to_save"] = json!(["classifier", "score"]);
+        v
+    }
+
     /// Reads `adapter_config.json` from a PEFT adapter directory: the configuration and the
     /// base model path it names (if any).
     ///
@@ -529,8 +539,17 @@ pub fn save_peft_dir(
     base: &Path,
     tensors: &[(String, Tensor)],
 ) -> Result<()> {
+    save_peft_dir_as(dir, &cfg.to_peft_json(base), tensors)
+}
+
+/// [`save_peft_dir`] with `adapter_config.json` given (e.g.
+/// [`LoraConfig::to_peft_seq_cls_json`]).
+///
+/// # Errors
+/// I/O and tensor errors.
+pub fn save_peft_dir_as(dir: &Path, config: &Value, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    crate::io::write_json(&dir.join(CONFIG_FILE), &cfg.to_peft_json(base))?;
+    crate::io::write_json(&dir.join(CONFIG_FILE), config)?;
     let mut owned = Vec::with_capacity(tensors.len());
     for (n, t) in tensors {
         owned.push((

@@ -700,7 +700,7 @@ fn other_commands_refuse_two_ranks() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("only `sft`, `dpo` and `bench` run on more than one process"),
+        err.contains("only `sft`, `dpo`, `reward` and `bench` run on more than one process"),
         "{err}"
     );
     assert!(!tmp.path().join("logps.jsonl").exists());

@@ -18,7 +18,10 @@ fn run_dir(root: &Path, name: &str, objective: &str, beta: f64, reference_free: 
 }
 
 fn summary(root: &Path) -> PathBuf {
-    let label = |l: &str, m: f64| serde_json::json!({"label": l, "n": 8, "mean": m, "ci95": [m - 0.5, m + 0.5]});
+    let label = |l: &str, m: f64| {
+        serde_json::json!({"label": l, "n": 8, "row_mean": m, "per_prompt": [],
+            "prompts": {"n": 2, "mean": m, "std_error": 0.04, "ci_low": m - 0.5, "ci_high": m + 0.5}})
+    };
     let s = serde_json::json!({"labels": [label("reference", 0.0), label("dpo-0.1", 1.5),
         label("dpo-0.3", 1.0), label("rf-0.1", -2.0)]});
     let f = root.join("scores.summary.json");

@@ -9,7 +9,8 @@ use clap::{ArgMatches, Args, ValueEnum};
 use crate::commands::shared::{progress, report_stats, usage};
 use crate::commands::training::train_on;
 use crate::commands::training::{
-    command_line_table, refuse_hidden, training_options, REFERENCE_OPTIONS, SFT_OPTIONS,
+    command_line_table, refuse_hidden, training_options, REFERENCE_OPTIONS, REWARD_OPTIONS,
+    SFT_OPTIONS,
 };
 use crate::diag::did_entropy::{
     check_estimator_objective, estimator_defaults, evaluate, pair_rows, pairs_dataset,
@@ -48,8 +49,8 @@ impl ValueEnum for PairDecoding {
 pub const DEFAULT_OUTPUT_DIR: &str = "runs/did-entropy";
 
 /// Training options `did-entropy` does not read: the reference pass's (π̂'s reward is
-/// reference-free) and SFT's.
-const NOT_READ: [&str; 7] = [
+/// reference-free), SFT's and the reward model's.
+const NOT_READ: [&str; 8] = [
     REFERENCE_OPTIONS[0],
     REFERENCE_OPTIONS[1],
     REFERENCE_OPTIONS[2],
@@ -57,6 +58,7 @@ const NOT_READ: [&str; 7] = [
     REFERENCE_OPTIONS[4],
     REFERENCE_OPTIONS[5],
     SFT_OPTIONS[0],
+    REWARD_OPTIONS[0],
 ];
 
 /// `difinfo-train did-entropy` as parsed: the pipeline's options and the training commands'

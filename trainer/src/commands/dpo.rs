@@ -18,16 +18,19 @@ use difinfo::objective::{ObjectiveSpec, Rule};
 use crate::commands::shared::usage;
 use crate::commands::training::{
     command_line_table, refuse_hidden, resolve_common, train, training_options, RunArgs,
-    SFT_OPTIONS,
+    REWARD_OPTIONS, SFT_OPTIONS,
 };
 use crate::train::run::{dpo_defaults, Resolved};
 use crate::train::TrainConfig;
+
+/// The training options `dpo` does not read: SFT's masking and the reward model's centering.
+const HIDDEN: [&str; 2] = [SFT_OPTIONS[0], REWARD_OPTIONS[0]];
 
 /// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options). The options
 /// are [`ObjectiveSpec`]'s and [`TrainConfig`]'s fields, with `dpo`'s defaults
 /// ([`dpo_defaults`]).
 #[derive(Args, Debug, Clone)]
-#[command(mut_args = training_options(&dpo_defaults(), &SFT_OPTIONS))]
+#[command(mut_args = training_options(&dpo_defaults(), &HIDDEN))]
 pub struct DpoArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -50,7 +53,7 @@ pub struct DpoArgs {
 /// # Errors
 /// Bad options or config file, an `sft` objective.
 pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> crate::Result<Resolved> {
-    refuse_hidden("dpo", &SFT_OPTIONS, m)?;
+    refuse_hidden("dpo", &HIDDEN, m)?;
     let mut table = command_line_table(&args.options, m)?;
     table.extend(command_line_table(&args.objective, m)?);
     let r = resolve_common(
@@ -61,8 +64,12 @@ pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> crate::Result<Resolved> {
         m,
         table,
     )?;
-    if r.config.objective.rule() == Rule::Sft {
-        return usage("objective `sft` in the config file: use `difinfo-train sft`");
+    match r.config.objective.rule() {
+        Rule::Sft => return usage("objective `sft` in the config file: use `difinfo-train sft`"),
+        Rule::Reward => {
+            return usage("objective `reward` in the config file: use `difinfo-train reward`")
+        }
+        _ => {}
     }
     Ok(r)
 }

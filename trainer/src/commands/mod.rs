@@ -19,7 +19,9 @@ pub mod plan;
 pub mod plot;
 pub mod report;
 pub mod resample_rejected;
+pub mod reward;
 pub mod sample;
+pub mod score;
 pub mod sft;
 pub mod shared;
 pub mod training;
@@ -42,6 +44,10 @@ pub enum Command {
     Logps(logps::LogpsArgs),
     /// Sample completions of prompts, with their summed log-probs under the model.
     Sample(sample::SampleArgs),
+    /// One reward per prompt/completion under a reward model (a `…ForSequenceClassification`
+    /// checkpoint with one label): `sample`'s rows or a preference file's both sides, with the
+    /// mean and a 95 % interval per label and per prompt.
+    Score(score::ScoreArgs),
     /// Measure forward (and forward+backward) throughput in tokens/s.
     BenchForward(bench_forward::BenchForwardArgs),
     /// Supervised fine-tuning (TRL SFTTrainer options): NLL of completions or of whole sequences.
@@ -49,6 +55,10 @@ pub enum Command {
     /// Preference optimization (TRL DPOTrainer options): every TRL loss type and combination,
     /// reference-free, a separate reference model, DPO-PG.
     Dpo(dpo::DpoArgs),
+    /// Train a reward model on preference pairs (TRL RewardTrainer options): Bradley–Terry loss
+    /// with an optional margin column and center_rewards_coefficient; the checkpoint loads in
+    /// transformers as a sequence classifier with one label.
+    Reward(reward::RewardArgs),
     /// Draw a run's metrics.jsonl (loss, rewards, log-probs, grad norm, learning rate) into a PNG.
     Plot(plot::PlotArgs),
     /// Tokens/s and peak memory of full training steps (DPO, DPO-PG), as a table.
@@ -95,11 +105,11 @@ pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
     if world.world_size() > 1
         && !matches!(
             command,
-            Command::Sft(_) | Command::Dpo(_) | Command::Bench(_)
+            Command::Sft(_) | Command::Dpo(_) | Command::Reward(_) | Command::Bench(_)
         )
     {
         return Err(crate::Error::Options(format!(
-            "started on {} ranks: only `sft`, `dpo` and `bench` run on more than one process",
+            "started on {} ranks: only `sft`, `dpo`, `reward` and `bench` run on more than one process",
             world.world_size()
         )));
     }
@@ -111,9 +121,11 @@ pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Logps(a) => logps::run(a),
         Command::Sample(a) => sample::run(a),
+        Command::Score(a) => score::run(a),
         Command::BenchForward(a) => bench_forward::run(a),
         Command::Sft(a) => sft::run(&a, sub),
         Command::Dpo(a) => dpo::run(&a, sub),
+        Command::Reward(a) => reward::run(&a, sub),
         Command::Plot(a) => plot::run(&a),
         Command::Bench(a) => bench::run_bench(&a).map(|_| ()),
         Command::Plan(a) => plan::run(&a, sub),

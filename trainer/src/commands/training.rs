@@ -60,7 +60,8 @@ pub struct RunArgs {
 }
 
 /// Training options that only some commands read: the reference pass's (`dpo`, not the
-/// reference-free DID estimator) and SFT's masking (`sft`).
+/// reference-free DID estimator), SFT's masking (`sft`) and the reward model's centering
+/// (`reward`).
 pub(crate) const REFERENCE_OPTIONS: [&str; 6] = [
     "precompute_ref_log_probs",
     "ref_cache_dir",
@@ -71,6 +72,8 @@ pub(crate) const REFERENCE_OPTIONS: [&str; 6] = [
 ];
 /// See [`REFERENCE_OPTIONS`].
 pub(crate) const SFT_OPTIONS: [&str; 1] = ["completion_only_loss"];
+/// See [`REFERENCE_OPTIONS`]: the reward model's centering (`reward`).
+pub(crate) const REWARD_OPTIONS: [&str; 1] = ["center_rewards_coefficient"];
 
 /// The training options of a command (clap's `mut_args` on a command that flattens
 /// [`TrainConfig`] or [`RunSettings`]): each option's default set from `base`, the command's
@@ -408,7 +411,7 @@ pub fn train_on(r: &Resolved, data: Dataset) -> crate::Result<RunSummary> {
 ///
 /// # Errors
 /// [`Error::ResumeChanged`] naming the file that changed; I/O errors.
-fn run_fingerprint(r: &Resolved) -> crate::Result<RunFingerprint> {
+pub(crate) fn run_fingerprint(r: &Resolved) -> crate::Result<RunFingerprint> {
     let now = RunFingerprint::of(&r.record.model, r.config.memory.use_peft)?;
     if let Some(ck) = &r.resume {
         let (dir, _) = locate_resume(ck)?;
@@ -429,7 +432,7 @@ fn run_fingerprint(r: &Resolved) -> crate::Result<RunFingerprint> {
 ///
 /// # Errors
 /// See [`RunLock::acquire`].
-fn lock_run(dir: &Path) -> crate::Result<Option<RunLock>> {
+pub(crate) fn lock_run(dir: &Path) -> crate::Result<Option<RunLock>> {
     main_process().then(|| RunLock::acquire(dir)).transpose()
 }
 
@@ -441,12 +444,7 @@ fn train_locked(
 ) -> crate::Result<RunSummary> {
     let c = &r.config;
     let main = main_process();
-    for w in c.warnings().iter().filter(|_| main) {
-        eprintln!("warning: {w}");
-    }
-    if let Some(f) = r.config_file.as_ref().filter(|_| main) {
-        eprintln!("options from {} (command-line options win)", f.display());
-    }
+    announce(r);
     let (device, dtype) = r.record.settings.placement.parse()?;
     let mut m = load_model(&r.record.model, dtype, &device)?;
     if r.record.settings.bf16 {
@@ -495,10 +493,41 @@ fn train_locked(
             (None, _) => Trainer::new(&model, c.clone(), data)?,
         },
     };
-    let mut trainer = match &synced {
+    let trainer = match &synced {
         Some(reference) => trainer.with_synced_reference(reference)?,
         None => trainer,
     };
+    let params = model.model.num_parameters();
+    drive(r, &model, params, trainer, fingerprint)
+}
+
+/// The configuration's warnings and where the options came from (the main process only).
+pub(crate) fn announce(r: &Resolved) {
+    if !main_process() {
+        return;
+    }
+    for w in r.config.warnings() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(f) = r.config_file.as_ref() {
+        eprintln!("options from {} (command-line options win)", f.display());
+    }
+}
+
+/// Runs `trainer` (over `model`, `num_parameters` weights in all) to the end: the run record,
+/// the progress bar and the logged records, the summary file.
+///
+/// # Errors
+/// The training loop's; I/O errors.
+pub(crate) fn drive<M: crate::train::PolicyModel + ?Sized>(
+    r: &Resolved,
+    model: &M,
+    num_parameters: usize,
+    mut trainer: Trainer<'_, M>,
+    fingerprint: RunFingerprint,
+) -> crate::Result<RunSummary> {
+    let c = &r.config;
+    let main = main_process();
     let out = c.output_dir.clone();
     let saved = SavedRun {
         record: r.record.with_absolute_paths(),
@@ -509,10 +538,7 @@ fn train_locked(
     if main {
         write_file(&out.join(RUN_RECORD), rec_json.as_bytes())?;
     }
-    let trainable: usize = crate::train::PolicyModel::named_vars(&model)
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
+    let trainable: usize = model.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
     let world = crate::dist::world();
     if world.world_size() > 1 && main {
         eprintln!(
@@ -525,16 +551,23 @@ fn train_locked(
     }
     if main {
         eprintln!(
-        "{}: {} examples, {} parameters ({trainable} trainable), {} (β = {}), from step {} to {} → {}",
-        r.record.command,
-        trainer_len(&trainer),
-        model.model.num_parameters(),
-        trainer.objective().label(),
-        trainer.objective().beta(),
-        trainer.global_step(),
-        trainer.total_steps(),
-        out.display()
-    );
+            "{}: {} examples, {} parameters ({trainable} trainable), {}, from step {} to {} → {}",
+            r.record.command,
+            trainer_len(&trainer),
+            num_parameters,
+            match trainer.objective().rule() {
+                // A reward model's loss has no β.
+                Rule::Reward => "Bradley–Terry loss".to_string(),
+                _ => format!(
+                    "{} (β = {})",
+                    trainer.objective().label(),
+                    trainer.objective().beta()
+                ),
+            },
+            trainer.global_step(),
+            trainer.total_steps(),
+            out.display()
+        );
     }
     let pb = if main {
         progress_bar(

@@ -12,10 +12,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
+use serde::Deserialize;
 use serde_json::Value;
 
 use difinfo::font::{register_font, FONT};
 
+use crate::diag::reward_summary::GroupSummary;
 use crate::error::{Error, Result};
 
 /// The mean reward of one label's samples: `E_{y∼π}[r(x, y)]` estimated over the held-out
@@ -95,36 +97,45 @@ fn number(file: &Path, v: &Value, field: &str) -> Result<f64> {
         })
 }
 
-/// The expected reward of every label of a `score` summary file.
+/// The part of a `score` summary the figure reads: one [`GroupSummary`] per label.
+#[derive(Deserialize)]
+struct SummaryFile {
+    labels: Vec<GroupSummary>,
+}
+
+/// The expected reward of every label of a `score` summary file: the mean over the label's
+/// prompts of each prompt's mean reward, with its Student-t interval
+/// ([`crate::diag::reward_summary`]).
 ///
 /// # Errors
-/// An unreadable file; a label without `n`, `mean` or a two-number `ci95`.
+/// An unreadable file or one not in `score`'s summary format; a label of fewer than two
+/// prompts (no interval).
 pub fn read_summary(file: &Path) -> Result<BTreeMap<String, ExpectedReward>> {
     let v = read_json(file)?;
-    let labels = v
-        .get("labels")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad(file, "field `labels`: missing or not a list"))?;
+    let s: SummaryFile =
+        serde_json::from_value(v).map_err(|e| bad(file, format!("not a `score` summary: {e}")))?;
     let mut out = BTreeMap::new();
-    for (i, l) in labels.iter().enumerate() {
-        let at = |f: &str| format!("labels[{i}].{f}");
-        let label = l
-            .get("label")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(file, format!("field `{}`: missing", at("label"))))?;
-        let ci = l
-            .get("ci95")
-            .and_then(Value::as_array)
-            .filter(|c| c.len() == 2)
-            .and_then(|c| Some((c[0].as_f64()?, c[1].as_f64()?)))
-            .ok_or_else(|| bad(file, format!("field `{}`: not [low, high]", at("ci95"))))?;
-        let r = ExpectedReward {
-            label: label.to_string(),
-            n: number(file, l, "n")? as usize,
-            mean: number(file, l, "mean")?,
-            interval: ci,
+    for g in s.labels {
+        let p = g.prompts;
+        let interval = match (p.ci_low, p.ci_high) {
+            (Some(lo), Some(hi)) if lo.is_finite() && hi.is_finite() => (lo, hi),
+            _ => {
+                return Err(bad(
+                    file,
+                    format!(
+                        "label `{}`: no interval (fewer than two prompts scored)",
+                        g.label
+                    ),
+                ))
+            }
         };
-        out.insert(label.to_string(), r);
+        let r = ExpectedReward {
+            label: g.label.clone(),
+            n: g.n,
+            mean: p.mean,
+            interval,
+        };
+        out.insert(g.label, r);
     }
     Ok(out)
 }

@@ -9,6 +9,8 @@
 //!   and the exact mean next-token entropy along the samples.
 //! - [`report`]: the log-likelihood displacement story of a finished run.
 //! - [`resample`]: sampling-importance-resampling of rejected responses from Eq. 1.
+//! - [`reward_summary`]: the expected reward of completions under a reward model, per label
+//!   and per prompt, with Student-t intervals (Figure 6).
 
 pub mod beta_accuracy;
 pub mod did_entropy;
@@ -16,3 +18,4 @@ pub mod entropy;
 pub mod expected_reward;
 pub mod report;
 pub mod resample;
+pub mod reward_summary;

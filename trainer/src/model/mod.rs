@@ -18,7 +18,8 @@
 //! decoder layer on the plain path (RMSNorm, RoPE, the causal mask); `kv_cache`; `forward` the
 //! pass through embedding, layers and final norm; `output_head` logits and token log-probs
 //! ([`chunked_head`] the plain path's chunked head); `adapters` LoRA on the model;
-//! `footprint` the memory a forward needs, checked before it runs.
+//! `footprint` the memory a forward needs, checked before it runs; `score_head` the one-label
+//! sequence classifier (a reward model) over the final hidden states.
 
 mod adapted_linear;
 mod adapters;
@@ -28,6 +29,7 @@ mod footprint;
 mod forward;
 mod kv_cache;
 mod output_head;
+mod score_head;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -44,6 +46,7 @@ pub use block::{
     apply_rope, causal_mask, gelu_tanh, gemma_rms_norm, rms_norm, softcap, window_band, MASK_VALUE,
 };
 pub use kv_cache::KvCache;
+pub use score_head::{scored_position, RewardModel, SCORE_WEIGHT};
 
 /// A decoder-only transformer with trainable parameters.
 #[derive(Clone)]

@@ -174,6 +174,11 @@ pub struct TrainConfig {
     /// size]
     #[arg(long, value_name = "N")]
     pub ref_batch_size: Option<usize>,
+    /// Reward models: TRL's center_rewards_coefficient c, the weight of the term
+    /// c · mean((r_chosen + r_rejected)²) that centers the rewards on 0 [default: none, no
+    /// term]
+    #[arg(long, value_name = "C")]
+    pub center_rewards_coefficient: Option<f64>,
     /// HF's ddp_bucket_cap_mb: MiB of gradients per collective over the ranks (the all-reduce;
     /// under ZeRO-1 the reduce-scatter and the parameters' all-gather) [default: 25, PyTorch
     /// DDP's]
@@ -350,6 +355,7 @@ impl Default for TrainConfig {
             ref_cache_dir: None,
             completion_only_loss: true,
             ref_batch_size: None,
+            center_rewards_coefficient: None,
             ddp_bucket_cap_mb: None,
             overwrite_output_dir: false,
             sync_ref_model: false,
@@ -460,6 +466,15 @@ impl TrainConfig {
                 self.ref_model_mixup_alpha,
                 "must lie in [0, 1] (the policy's share of the synced reference)",
             ));
+        }
+        if let Some(c) = self.center_rewards_coefficient {
+            if !(c.is_finite() && c >= 0.0) {
+                return Err(RangeError::new(
+                    "center_rewards_coefficient",
+                    c,
+                    "must be finite and ≥ 0",
+                ));
+            }
         }
         if self.memory.zero_stage > 1 {
             return Err(RangeError::new(

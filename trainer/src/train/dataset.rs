@@ -76,3 +76,136 @@ pub fn load_dataset(
         errors,
     })
 }
+
+/// A reward model's training data: the pairs as TRL's `RewardTrainer` prepares them, and
+/// their margins when the file has a `margin` column.
+#[derive(Debug)]
+pub struct RewardData {
+    /// The pairs and what the run logs about them.
+    pub data: RunData,
+    /// Each kept pair's margin, when the records have one.
+    pub margins: Option<Vec<f64>>,
+    /// Pairs dropped because a side is longer than `max_length` (TRL's filter).
+    pub over_max_length: usize,
+}
+
+/// Tokenizes the run's data file as TRL's `RewardTrainer` does: each side is the tokenization
+/// of `prompt + completion` ([`crate::tokenize::TokenizerBundle::full_ids`]: EOS appended to
+/// plain text, the chat template for messages), never truncated; a pair with a side longer
+/// than `max_length` is dropped (0: no limit). A `margin` column (a number in every record,
+/// TRL's collator reads it whenever the first record has one) gives the margins.
+///
+/// # Errors
+/// Data errors (file:line:field) unless `skip_invalid`; a `margin` that is missing in some
+/// records or not a number, naming its record.
+pub fn load_reward_dataset(
+    c: &TrainConfig,
+    r: &RunRecord,
+    bundle: &TokenizerBundle,
+) -> crate::Result<RewardData> {
+    let opts = TokenizeOptions {
+        max_length: None,
+        max_prompt_length: None,
+        truncation_mode: Default::default(),
+        boundary: crate::tokenize::CompletionBoundary::CommonPrefix,
+    };
+    let skip = r.settings.invalid.skip_invalid;
+    let ds = load_preferences(bundle, &r.data, &opts, skip)?;
+    let margin_rows = crate::records::read_records(&r.data, skip, parse_margin)?;
+    let by_line: std::collections::BTreeMap<usize, Option<f64>> = margin_rows
+        .examples
+        .iter()
+        .map(|m| (m.line, m.value))
+        .collect();
+    let limit = Limit::from_count(c.max_length).0;
+    let mut stats = ds.stats;
+    let (mut pairs, mut lines, mut margins) = (Vec::new(), Vec::new(), Vec::new());
+    let mut over = 0usize;
+    for e in &ds.examples {
+        // The whole text is the reward model's input: no completion boundary.
+        let whole = |s: crate::batch::Sequence| crate::batch::Sequence {
+            ids: s.ids,
+            completion_start: 0,
+        };
+        let pair = PreferencePair {
+            chosen: whole(e.value.chosen_sequence()),
+            rejected: whole(e.value.rejected_sequence()),
+        };
+        if limit.is_some_and(|m| pair.chosen.ids.len() > m || pair.rejected.ids.len() > m) {
+            over += 1;
+            continue;
+        }
+        pairs.push(pair);
+        lines.push(e.line);
+        margins.push(by_line.get(&e.line).copied().flatten());
+    }
+    stats.kept = pairs.len();
+    let has_margin = margins.iter().any(Option::is_some);
+    let margins = if has_margin {
+        let mut out = Vec::with_capacity(margins.len());
+        for (m, &line) in margins.iter().zip(&lines) {
+            match m {
+                Some(v) => out.push(*v),
+                None => {
+                    let (file, line) = margin_rows.locate(&r.data, line);
+                    return Err(DataError {
+                        file,
+                        line,
+                        field: Some("margin".into()),
+                        message: "missing (other records have a margin: every record needs one)"
+                            .into(),
+                    }
+                    .into());
+                }
+            }
+        }
+        Some(out)
+    } else {
+        None
+    };
+    let dataset = Dataset {
+        examples: Examples::Preference(pairs),
+        pad_id: bundle.pad_id(),
+        settings: format!(
+            "reward {opts:?} max_length={limit:?} bf16={}",
+            r.settings.bf16
+        ),
+    };
+    Ok(RewardData {
+        data: RunData {
+            dataset,
+            lines,
+            stats,
+            errors: ds.errors,
+        },
+        margins,
+        over_max_length: over,
+    })
+}
+
+/// A record's `margin`: a number, or `None` when absent or null.
+///
+/// # Errors
+/// Invalid JSON; a `margin` that is not a finite number.
+fn parse_margin(
+    text: &str,
+    file: &std::path::Path,
+    line: usize,
+) -> std::result::Result<Option<f64>, DataError> {
+    let err = |m: String| DataError {
+        file: file.to_path_buf(),
+        line,
+        field: Some("margin".into()),
+        message: m,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    match v.get("margin") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .filter(|m| m.is_finite())
+            .map(Some)
+            .ok_or_else(|| err(format!("expected a finite number, got {x}"))),
+    }
+}

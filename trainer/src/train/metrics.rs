@@ -3,7 +3,9 @@
 //!
 //! As in TRL / transformers: `loss` is the mean of the per-step losses since the last log,
 //! the `rewards/*` and `logps/*` (and `nll_loss`, the `sft` term of RPO-style objectives) are
-//! means over the micro-batches since the last log, `grad_norm` is the last step's norm before
+//! means over the micro-batches since the last log (so are a reward model's `min_reward`,
+//! `mean_reward`, `max_reward`, `accuracy` and `margin`, TRL's `RewardTrainer` names),
+//! `grad_norm` is the last step's norm before
 //! clipping, `learning_rate` the rate the step used, `num_tokens` TRL 1.x's running count of
 //! non-padding tokens trained on (every forward pass) since the start of the run. TRL's
 //! `entropy`, `logits/*` and `mean_token_accuracy` need the full logits, which the trainer's
@@ -23,7 +25,7 @@ pub const METRICS_JSONL: &str = "metrics.jsonl";
 pub const METRICS_CSV: &str = "metrics.csv";
 
 /// Every column, in CSV order.
-pub const COLUMNS: [&str; 15] = [
+pub const COLUMNS: [&str; 20] = [
     "step",
     "epoch",
     "loss",
@@ -36,6 +38,11 @@ pub const COLUMNS: [&str; 15] = [
     "logps/chosen",
     "logps/rejected",
     "nll_loss",
+    "min_reward",
+    "mean_reward",
+    "max_reward",
+    "accuracy",
+    "margin",
     "projection/active_fraction",
     "num_tokens",
     "tokens_per_second",

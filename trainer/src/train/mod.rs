@@ -24,6 +24,7 @@ pub mod plot;
 pub mod policy;
 pub mod range;
 pub mod refcache;
+pub mod reward_model;
 pub mod rng;
 pub mod run;
 pub mod schedule;

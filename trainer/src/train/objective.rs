@@ -15,6 +15,8 @@
 //!            log-probs for every loss type), nll_loss (the `sft` term, TRL 0.x's RPO name)
 //! SFT        −Σ_b Σ_t log π / N, N the step's token count      (difinfo::loss::nll)
 //! DPO-PG     L_w = −mean_i log π(y_w,i), L_l likewise           (difinfo::dpo_pg::sequence_nll)
+//! reward     L = mean_i −log σ(r_w − r_l − m) + c mean_i (r_w + r_l)²
+//!                                                   (difinfo::preference::bradley_terry_loss)
 //! ```
 
 use candle_core::Tensor;
@@ -275,4 +277,97 @@ pub fn nll_mean(sum_logps: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     difinfo::dpo_pg::sequence_nll(&Batched(sum_logps.clone()))?
         .0
         .affine(scale, 0.0)
+}
+
+/// The output of a reward model's loss on a batch of `B` pairs.
+#[derive(Debug, Clone)]
+pub struct RewardLoss {
+    /// The scalar loss, differentiable.
+    pub loss: Tensor,
+    /// `[B]` the chosen completions' rewards, detached.
+    pub chosen: Tensor,
+    /// `[B]` the rejected completions' rewards, detached.
+    pub rejected: Tensor,
+}
+
+/// A reward model's Bradley–Terry loss of a batch (TRL's `RewardTrainer`): the library's
+/// [`difinfo::preference::bradley_terry_loss`] on `[B]` tensors, with the optional `[B]`
+/// margins and `center_rewards_coefficient`.
+///
+/// # Formula
+/// `L = mean_i −log σ(r_w,i − r_l,i − m_i) + c · mean_i (r_w,i + r_l,i)²`.
+///
+/// # Errors
+/// Shape or dtype mismatches.
+pub fn reward_loss(
+    chosen: &Tensor,
+    rejected: &Tensor,
+    margin: Option<&Tensor>,
+    center_rewards_coefficient: Option<f64>,
+) -> Result<RewardLoss> {
+    let b = |t: &Tensor| Batched(t.clone());
+    let m = margin.map(b);
+    let loss = difinfo::preference::bradley_terry_loss(
+        &b(chosen),
+        &b(rejected),
+        m.as_ref(),
+        center_rewards_coefficient,
+    )?;
+    Ok(RewardLoss {
+        loss: loss.0,
+        chosen: chosen.detach(),
+        rejected: rejected.detach(),
+    })
+}
+
+/// TRL's `RewardTrainer` metrics of one micro-batch (host-side).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RewardMetrics {
+    /// `loss`.
+    pub loss: f64,
+    /// `min_reward`: the smallest reward of the batch (chosen and rejected).
+    pub min_reward: f64,
+    /// `mean_reward`: the mean reward of the batch (chosen and rejected).
+    pub mean_reward: f64,
+    /// `max_reward`.
+    pub max_reward: f64,
+    /// `accuracy`: the fraction of pairs with `r_w > r_l`.
+    pub accuracy: f64,
+    /// `margin`: the mean of `r_w − r_l`.
+    pub margin: f64,
+}
+
+impl RewardLoss {
+    /// The batch's metrics.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn metrics(&self) -> Result<RewardMetrics> {
+        let all: Vec<f64> = candle_core::Tensor::cat(&[&self.chosen, &self.rejected], 0)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
+        let gap = (&self.chosen - &self.rejected)?;
+        let acc = gap.gt(0.0)?.to_dtype(self.chosen.dtype())?;
+        Ok(RewardMetrics {
+            loss: scalar_f64(&self.loss.detach())?,
+            min_reward: all.iter().copied().fold(f64::INFINITY, f64::min),
+            mean_reward: all.iter().sum::<f64>() / all.len().max(1) as f64,
+            max_reward: all.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            accuracy: scalar_f64(&acc.mean_all()?)?,
+            margin: scalar_f64(&gap.mean_all()?)?,
+        })
+    }
+}
+
+impl RewardMetrics {
+    /// The record of one micro-batch, TRL's names (the loss is summed per step separately).
+    pub fn record(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("min_reward", self.min_reward),
+            ("mean_reward", self.mean_reward),
+            ("max_reward", self.max_reward),
+            ("accuracy", self.accuracy),
+            ("margin", self.margin),
+        ]
+    }
 }

@@ -133,6 +133,58 @@ pub fn global_metrics(
     })
 }
 
+/// The global [`crate::train::objective::RewardMetrics`] of a micro-batch spread over the
+/// ranks: the loss, mean, accuracy and margin summed with each rank's `weight` (its share of
+/// the micro-batch, as [`global_metrics`]), the minimum and maximum over the ranks that hold
+/// examples (`local` is `None` on a rank without any).
+///
+/// # Errors
+/// Collective errors.
+pub fn global_reward_metrics(
+    world: &dyn Collective,
+    local: Option<&crate::train::objective::RewardMetrics>,
+    weight: f64,
+) -> Result<crate::train::objective::RewardMetrics> {
+    use crate::train::objective::RewardMetrics;
+    let zero = RewardMetrics::default();
+    let m = local.unwrap_or(&zero);
+    let n = world.world_size();
+    if n == 1 {
+        return Ok(*m);
+    }
+    // Four weighted sums, then each rank's min and max in its own slot (0 where it has none).
+    let mut all = vec![
+        m.loss * weight,
+        m.mean_reward * weight,
+        m.accuracy * weight,
+        m.margin * weight,
+    ];
+    let mut slots = vec![0.0; 3 * n];
+    if local.is_some() {
+        let r = world.rank();
+        (slots[r], slots[n + r], slots[2 * n + r]) = (1.0, m.min_reward, m.max_reward);
+    }
+    all.extend(slots);
+    let s = all_reduce_f64(world, &all)?;
+    let held: Vec<usize> = (0..n).filter(|&r| s[4 + r] > 0.0).collect();
+    let min = held
+        .iter()
+        .map(|&r| s[4 + n + r])
+        .fold(f64::INFINITY, f64::min);
+    let max = held
+        .iter()
+        .map(|&r| s[4 + 2 * n + r])
+        .fold(f64::NEG_INFINITY, f64::max);
+    Ok(RewardMetrics {
+        loss: s[0],
+        mean_reward: s[1],
+        accuracy: s[2],
+        margin: s[3],
+        min_reward: min,
+        max_reward: max,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,6 +109,17 @@ pub trait PolicyModel {
     /// Trainable variables sorted by name.
     fn named_vars(&self) -> Vec<(String, Var)>;
 
+    /// A reward model's rewards `[B]` of a right-padded batch, differentiable: the value its
+    /// objective reads ([`difinfo::objective::Rule::Reward`]). A causal LM has none.
+    ///
+    /// # Errors
+    /// By default: the model has no score head.
+    fn sequence_scores(&self, _batch: &Batch) -> Result<Tensor> {
+        Err(Error::InvalidArgument(
+            "the model has no score head (a reward model is a sequence classifier)".into(),
+        ))
+    }
+
     /// [`PolicyModel::sequence_logps`] without a gradient (nothing kept for a backward pass);
     /// by default the same values, detached.
     fn sequence_logps_no_grad(&self, batch: &Batch) -> Result<SeqLogps> {

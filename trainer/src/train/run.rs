@@ -35,10 +35,23 @@ pub fn sft_defaults() -> TrainConfig {
     }
 }
 
+/// The defaults of `reward` (TRL's `RewardConfig`: learning rate 1e-4, `max_length` 1024 and
+/// no prompt limit; a pair longer than `max_length` is dropped, not truncated).
+pub fn reward_defaults() -> TrainConfig {
+    TrainConfig {
+        objective: Objective::reward(),
+        output_dir: PathBuf::from("runs/reward"),
+        learning_rate: 1e-4,
+        max_length: 1024,
+        max_prompt_length: 0,
+        ..TrainConfig::default()
+    }
+}
+
 /// What a run needs besides its [`TrainConfig`], saved as `run_args.json` for `--resume`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
-    /// `sft` or `dpo`.
+    /// `sft`, `dpo` or `reward`.
     pub command: String,
     /// The model trained (its initial checkpoint; the reference unless `ref_model`).
     pub model: PathBuf,

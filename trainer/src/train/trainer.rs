@@ -111,6 +111,8 @@ pub struct Trainer<'m, M: PolicyModel + ?Sized> {
     /// TR-DPO (`sync_ref_model`): the reference model, run on each batch and synced toward
     /// the policy ([`Trainer::with_synced_reference`]).
     synced_reference: Option<&'m dyn PolicyModel>,
+    /// A reward model's per-pair margins (TRL's `margin` column), by dataset index.
+    margins: Option<Vec<f64>>,
 }
 
 /// The ZeRO-1 partition of `vars` when the run shards its optimizer state over more than one
@@ -421,6 +423,7 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             world,
             tensorboard: None,
             synced_reference: None,
+            margins: None,
         }
     }
 
@@ -474,6 +477,28 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
             let mixed = (r.as_tensor().affine(1.0 - a, 0.0)? + p.as_tensor().affine(a, 0.0)?)?;
             r.set(&mixed)?;
         }
+        Ok(())
+    }
+
+    /// Sets the per-pair margins a reward model's loss subtracts (TRL's `margin` column), one
+    /// per example of the dataset.
+    ///
+    /// # Errors
+    /// A count other than the dataset's; a non-finite margin.
+    pub fn set_margins(&mut self, margins: Vec<f64>) -> Result<()> {
+        if margins.len() != self.data.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} margins for {} examples",
+                margins.len(),
+                self.data.len()
+            )));
+        }
+        if let Some((i, m)) = margins.iter().enumerate().find(|(_, m)| !m.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "example {i}: margin {m} is not finite"
+            )));
+        }
+        self.margins = Some(margins);
         Ok(())
     }
 

@@ -12,9 +12,11 @@ use crate::error::{Error, Result};
 use crate::train::data::Examples;
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::objective::{
-    nll_mean, pair_logps, preference_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
+    nll_mean, pair_logps, preference_loss, reward_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
 };
-use crate::train::parallel::{all_reduce_f64, all_reduce_grads, global_metrics, local_part};
+use crate::train::parallel::{
+    all_reduce_f64, all_reduce_grads, global_metrics, global_reward_metrics, local_part,
+};
 use crate::train::policy::{PolicyModel, SeqLogps};
 use crate::train::rng::SplitMix64;
 use crate::train::zero::ShardGrads;
@@ -156,6 +158,7 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
         let (g, mut step) = match self.objective.rule() {
             Rule::Sft => self.sft_gradients(mbs)?,
             Rule::Preference => self.preference_gradients(mbs)?,
+            Rule::Reward => self.reward_gradients(mbs)?,
             Rule::ProjectedGradient => return self.projected_gradients(mbs),
         };
         step.tokens = all_reduce_f64(self.world, &[step.tokens as f64])?[0] as usize;
@@ -265,6 +268,60 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
             out.add(g)?;
             self.state.log.add_microbatch(&m.record());
             out.preference.push(m);
+        }
+        out.finish()
+    }
+
+    /// A reward model (TRL's `RewardTrainer`): chosen and rejected scored in one forward pass
+    /// (chosen first, as TRL's collator stacks them), the Bradley–Terry loss (with the pairs'
+    /// margins and `center_rewards_coefficient` when given) scaled by
+    /// `1 / (micro-batches in the step)`.
+    fn reward_gradients(&mut self, mbs: &[(usize, Vec<usize>)]) -> Result<(Grads, StepGrads)> {
+        let Examples::Preference(pairs) = &self.data.examples else {
+            return Err(kinds_differ());
+        };
+        let k = mbs.len() as f64;
+        let center = self.config.center_rewards_coefficient;
+        let mut out = StepGrads::default();
+        for (mb, all_idx) in mbs {
+            let (part, w) = self.local(all_idx);
+            let idx = &all_idx[part];
+            let (local, g) = if idx.is_empty() {
+                (None, Grads::zeros(&self.vars)?)
+            } else {
+                let seqs: Vec<&Sequence> = idx
+                    .iter()
+                    .map(|&i| &pairs[i].chosen)
+                    .chain(idx.iter().map(|&i| &pairs[i].rejected))
+                    .collect();
+                let batch = self.batch(&seqs)?;
+                out.tokens += batch.num_tokens();
+                self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+                let s = self.model.sequence_scores(&batch)?;
+                let b = idx.len();
+                let margin = match &self.margins {
+                    Some(m) => {
+                        let v: Vec<f64> = idx.iter().map(|&i| m[i]).collect();
+                        Some(Tensor::from_vec(v, b, &self.device)?.to_dtype(s.dtype())?)
+                    }
+                    None => None,
+                };
+                let rl = reward_loss(
+                    &s.narrow(0, 0, b)?,
+                    &s.narrow(0, b, b)?,
+                    margin.as_ref(),
+                    center,
+                )?;
+                let g = self.grads(&rl.loss.affine(w / k, 0.0)?)?;
+                (Some(rl.metrics()?), g)
+            };
+            let m = global_reward_metrics(self.world, local.as_ref(), w)?;
+            if !m.loss.is_finite() {
+                return Err(self.non_finite(format!("loss ({})", m.loss), *mb, all_idx.clone()));
+            }
+            out.loss += m.loss / k;
+            out.add(g)?;
+            self.state.log.add_microbatch(&m.record());
         }
         out.finish()
     }
