@@ -138,7 +138,7 @@ fn bad_inputs_name_the_file_and_field() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(&want), "{want}: {err}");
     }
-    // A summary entry without its interval.
+    // Not score's summary format.
     std::fs::write(
         &s,
         r#"{"labels": [{"label": "dpo-0.1", "n": 3, "mean": 1.0}]}"#,
@@ -153,7 +153,26 @@ fn bad_inputs_name_the_file_and_field() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("labels[0].ci95") && err.contains("scores.summary.json"),
+        err.contains("not a `score` summary: missing field `prompts`"),
+        "{err}"
+    );
+    // A label of one prompt: no interval.
+    std::fs::write(
+        &s,
+        r#"{"labels": [{"label": "dpo-0.1", "n": 3, "row_mean": 1.0, "per_prompt": [],
+            "prompts": {"n": 1, "mean": 1.0, "std_error": null, "ci_low": null, "ci_high": null}}]}"#,
+    )
+    .unwrap();
+    let o = difinfo_train(&[
+        "plot",
+        "--expected-reward",
+        s.to_str().unwrap(),
+        "--policy",
+        &format!("dpo-0.1={}", dpo.display()),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("label `dpo-0.1`: no interval") && err.contains("scores.summary.json"),
         "{err}"
     );
     assert!(!t.path().join("figure6.png").exists());

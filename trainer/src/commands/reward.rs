@@ -25,10 +25,13 @@ use crate::train::{TrainConfig, Trainer};
 /// The options `reward` does not read: the reference pass's, SFT's masking, the prompt limit
 /// and the tokenizer's truncation rules (TRL's reward data is never truncated: a pair longer
 /// than `max_length` is dropped).
-const HIDDEN: [&str; 7] = [
+const HIDDEN: [&str; 10] = [
     REFERENCE_OPTIONS[0],
     REFERENCE_OPTIONS[1],
     REFERENCE_OPTIONS[2],
+    REFERENCE_OPTIONS[3],
+    REFERENCE_OPTIONS[4],
+    REFERENCE_OPTIONS[5],
     SFT_OPTIONS[0],
     "max_prompt_length",
     "truncation_mode",

@@ -13,10 +13,13 @@ use crate::train::run::{sft_defaults, Resolved};
 use crate::train::TrainConfig;
 
 /// The training options `sft` does not read: the reference pass's and the reward model's.
-const HIDDEN: [&str; 4] = [
+const HIDDEN: [&str; 7] = [
     REFERENCE_OPTIONS[0],
     REFERENCE_OPTIONS[1],
     REFERENCE_OPTIONS[2],
+    REFERENCE_OPTIONS[3],
+    REFERENCE_OPTIONS[4],
+    REFERENCE_OPTIONS[5],
     REWARD_OPTIONS[0],
 ];
 
