@@ -226,6 +226,10 @@ pub fn plot(fig: &Figure, out: &Path) -> Result<()> {
         (lo.min(p.beta), hi.max(p.beta))
     });
     let (x0, x1) = (b0 / 1.6, b1 * 1.6);
+    // The βs drawn are the axis' ticks.
+    let mut betas: Vec<f64> = pts.iter().map(|p| p.beta).collect();
+    betas.sort_by(f64::total_cmp);
+    betas.dedup();
     let ys = pts
         .iter()
         .flat_map(|p| [p.reward.interval.0, p.reward.interval.1])
@@ -249,13 +253,13 @@ pub fn plot(fig: &Figure, out: &Path) -> Result<()> {
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(70)
-            .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
+            .build_cartesian_2d((x0..x1).log_scale().with_key_points(betas.clone()), y0..y1)
             .map_err(|x| e(x.to_string()))?;
         chart
             .configure_mesh()
             .x_desc("β")
             .y_desc("mean reward (reward model)")
-            .x_label_formatter(&|v| format!("{v:.3}"))
+            .x_label_formatter(&|v| format!("{}", (v * 1e6).round() / 1e6))
             .y_label_formatter(&|v| format!("{v:.2}"))
             .light_line_style(WHITE)
             .label_style((FONT, 13))
@@ -281,11 +285,15 @@ pub fn plot(fig: &Figure, out: &Path) -> Result<()> {
                 .label(format!("{} (starting policy)", b.label))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], grey));
         }
+        let forms = fig.series.len() as f64;
         for (k, (form, pts)) in fig.series.iter().enumerate() {
             let c = COLORS[k % COLORS.len()];
+            // The forms side by side around each β (3 % apart), so their bars do not overlap.
+            let dodge = 1.03f64.powf(k as f64 - (forms - 1.0) / 2.0);
+            let x = |p: &PolicyPoint| p.beta * dodge;
             chart
                 .draw_series(LineSeries::new(
-                    pts.iter().map(|p| (p.beta, p.reward.mean)),
+                    pts.iter().map(|p| (x(p), p.reward.mean)),
                     c.stroke_width(2),
                 ))
                 .map_err(|x| e(x.to_string()))?
@@ -296,8 +304,8 @@ pub fn plot(fig: &Figure, out: &Path) -> Result<()> {
             chart
                 .draw_series(pts.iter().flat_map(|p| {
                     // The 95 % interval: a vertical bar with caps a few per cent of β wide.
-                    let (b, (lo, hi)) = (p.beta, p.reward.interval);
-                    let (l, r) = (b / 1.04, b * 1.04);
+                    let (b, (lo, hi)) = (x(p), p.reward.interval);
+                    let (l, r) = (b / 1.015, b * 1.015);
                     [
                         vec![(b, lo), (b, hi)],
                         vec![(l, lo), (r, lo)],
@@ -309,7 +317,7 @@ pub fn plot(fig: &Figure, out: &Path) -> Result<()> {
             chart
                 .draw_series(
                     pts.iter()
-                        .map(|p| Circle::new((p.beta, p.reward.mean), 4, c.filled())),
+                        .map(|p| Circle::new((x(p), p.reward.mean), 4, c.filled())),
                 )
                 .map_err(|x| e(x.to_string()))?;
         }
