@@ -40,7 +40,8 @@ pub struct PairOptions {
     pub skip_invalid: bool,
     /// Keep only the score rows whose `label` (or `data`) is this; other rows are counted in
     /// [`PairCounts::scores_other_label`]. Unset, rows of several labels are an error, unless
-    /// some are labelled with the samples file's path as given (then those are kept).
+    /// some are labelled with the samples file's path as given or its file stem (`score`'s
+    /// default label; then those are kept).
     pub label: Option<String>,
 }
 
@@ -120,14 +121,23 @@ pub fn build_pairs(samples: Option<&Path>, scores: &Path, opts: &PairOptions) ->
     let score_rows = read_records(scores, opts.skip_invalid, parse_score_line)?;
     counts.invalid_scores = score_rows.errors.len();
     errors.extend(score_rows.errors.iter().cloned());
-    // Scores of several files name the samples file by its path (`data`) when --label does
-    // not choose: the rows of `--samples` as given.
-    let given = samples.map(|p| p.display().to_string());
+    // Scores of several files, when --label does not choose: the rows labelled with
+    // `--samples`' path as given, or else with its file stem (`score`'s default label).
+    let names: Vec<String> = samples
+        .map(|p| {
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
+            std::iter::once(p.display().to_string())
+                .chain(stem)
+                .collect()
+        })
+        .unwrap_or_default();
     let label = opts.label.as_deref().or_else(|| {
-        let given = given.as_deref()?;
         let labels = || score_rows.examples.iter().map(|r| r.value.label.as_deref());
         let several = labels().any(|l| l != labels().next().flatten());
-        (several && labels().any(|l| l == Some(given))).then_some(given)
+        let name = names
+            .iter()
+            .find(|n| labels().any(|l| l == Some(n.as_str())))?;
+        several.then_some(name.as_str())
     });
     let score_rows = by_label(scores, score_rows, label, &mut counts)?;
     let mut sink = Sink {

@@ -457,3 +457,43 @@ fn scores_of_several_files_pick_the_samples_file_by_its_path() {
     ]);
     assert!(err.contains("no score for line 3 sample 0"), "{err}");
 }
+
+#[test]
+fn scores_of_several_files_pick_the_samples_file_by_scores_default_label() {
+    // `score`'s rows: `label` the file's stem, `data` the path as `score` was given it.
+    let dir = TempDir::new();
+    let (samples, _) = plain_files(&dir);
+    let stem = samples.file_stem().unwrap().to_str().unwrap().to_string();
+    let row = |label: &str, line: u64, k: u64, r: f64| {
+        json!({"label": label, "data": format!("/elsewhere/{label}.jsonl"), "line": line,
+            "sample": k, "reward": r})
+        .to_string()
+    };
+    let mut lines = Vec::new();
+    for (line, k, r) in [
+        (1, 0, 0.5),
+        (1, 1, 2.0),
+        (1, 2, -1.0),
+        (2, 0, 1.0),
+        (3, 0, 0.0),
+        (3, 1, 1.0),
+    ] {
+        lines.push(row(&stem, line, k, r));
+        lines.push(row("other", line, k, -r));
+    }
+    let lv: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let scores = write_lines(&dir, "scores.jsonl", &lv);
+    let out = dir.join("o.jsonl");
+    let err = ok(&[
+        "build-pairs",
+        "--samples",
+        s(&samples),
+        "--scores",
+        s(&scores),
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("2 paired"), "{err}");
+    // The samples' own rewards chose (the other label's are their negatives).
+    assert_eq!(jsonl(&out)[0]["chosen"], json!("red"));
+}

@@ -35,7 +35,7 @@ pub struct BuildPairsArgs {
     #[arg(long, default_value_t = false)]
     pub keep_ties: bool,
     /// Use the score rows whose `label` (or `data`) is this one (scores of several files)
-    /// [default: the rows whose label is --samples' path as given, if any]
+    /// [default: the rows whose label is --samples' path as given, or its file stem (score's default label), if any]
     #[arg(long)]
     pub label: Option<String>,
     /// The counts as JSON (prompts paired, skipped with one completion or a tie, unmatched
