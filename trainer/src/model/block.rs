@@ -149,12 +149,23 @@ pub fn window_band(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    additive_mask(l, offset, dtype, device, |qi, j| j <= qi && qi - j >= w)
+}
+
+/// An additive mask `[1, 1, l, t]` over `t = offset + l` keys for `l` queries at absolute
+/// positions `offset .. offset + l`: [`MASK_VALUE`] where `masked(query, key)`, 0 elsewhere.
+fn additive_mask(
+    l: usize,
+    offset: usize,
+    dtype: DType,
+    device: &Device,
+    masked: impl Fn(usize, usize) -> bool,
+) -> Result<Tensor> {
     let t = offset + l;
     let mut m = vec![0f32; l * t];
     for i in 0..l {
-        let qi = offset + i;
         for j in 0..t {
-            if j <= qi && qi - j >= w {
+            if masked(offset + i, j) {
                 m[i * t + j] = MASK_VALUE as f32;
             }
         }
@@ -186,18 +197,9 @@ pub fn causal_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let t = offset + l;
-    let mut m = vec![0f32; l * t];
-    for i in 0..l {
-        let qi = offset + i;
-        for j in 0..t {
-            let allowed = j <= qi && window.is_none_or(|w| qi - j < w);
-            if !allowed {
-                m[i * t + j] = MASK_VALUE as f32;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (1, 1, l, t), device)?.to_dtype(dtype)?)
+    additive_mask(l, offset, dtype, device, |qi, j| {
+        !(j <= qi && window.is_none_or(|w| qi - j < w))
+    })
 }
 
 /// Whether an additive mask has the `[B or 1, 1, l, t]` shape the fused softmax takes.

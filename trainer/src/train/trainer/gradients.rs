@@ -9,7 +9,7 @@ use difinfo::objective::Rule;
 use super::{bucket_bytes, Trainer};
 use crate::batch::{Batch, Sequence};
 use crate::error::{Error, Result};
-use crate::train::data::Examples;
+use crate::train::data::{Examples, PreferencePair};
 use crate::train::grads::{project, Grads, ProjectionStats};
 use crate::train::objective::{
     nll_mean, pair_logps, preference_loss, reward_loss, sft_loss, PreferenceLoss, PreferenceMetrics,
@@ -71,6 +71,26 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
 
     fn batch(&self, seqs: &[&Sequence]) -> Result<Batch> {
         Batch::for_training(seqs, self.data.pad_id, &self.device)
+    }
+
+    /// The pairs `idx` as one batch, chosen rows first then rejected (as TRL's collators stack
+    /// them), its tokens added to `tokens`, and the model's dropout seeded for micro-batch `mb`.
+    fn pair_batch(
+        &self,
+        pairs: &[PreferencePair],
+        idx: &[usize],
+        mb: usize,
+        tokens: &mut usize,
+    ) -> Result<Batch> {
+        let seqs: Vec<&Sequence> = idx
+            .iter()
+            .map(|&i| &pairs[i].chosen)
+            .chain(idx.iter().map(|&i| &pairs[i].rejected))
+            .collect();
+        let batch = self.batch(&seqs)?;
+        *tokens += batch.num_tokens();
+        self.model.set_dropout_seed(Some(self.dropout_seed(mb)));
+        Ok(batch)
     }
 
     /// The objective's loss on the pairs `idx` (the reference log-probs from the cache, or
@@ -243,14 +263,7 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
             let (local, g) = if idx.is_empty() {
                 (None, Grads::zeros(&self.vars)?)
             } else {
-                let seqs: Vec<&Sequence> = idx
-                    .iter()
-                    .map(|&i| &pairs[i].chosen)
-                    .chain(idx.iter().map(|&i| &pairs[i].rejected))
-                    .collect();
-                let batch = self.batch(&seqs)?;
-                out.tokens += batch.num_tokens();
-                self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+                let batch = self.pair_batch(pairs, idx, *mb, &mut out.tokens)?;
                 let all = if self.objective.use_weighting() {
                     self.model.sequence_logps_with_sq(&batch)?
                 } else {
@@ -289,14 +302,7 @@ impl<M: PolicyModel + ?Sized> Trainer<'_, M> {
             let (local, g) = if idx.is_empty() {
                 (None, Grads::zeros(&self.vars)?)
             } else {
-                let seqs: Vec<&Sequence> = idx
-                    .iter()
-                    .map(|&i| &pairs[i].chosen)
-                    .chain(idx.iter().map(|&i| &pairs[i].rejected))
-                    .collect();
-                let batch = self.batch(&seqs)?;
-                out.tokens += batch.num_tokens();
-                self.model.set_dropout_seed(Some(self.dropout_seed(*mb)));
+                let batch = self.pair_batch(pairs, idx, *mb, &mut out.tokens)?;
                 let s = self.model.sequence_scores(&batch)?;
                 let b = idx.len();
                 let margin = match &self.margins {
