@@ -10,11 +10,10 @@ use clap::{ArgMatches, Args};
 
 use difinfo::objective::Rule;
 
-use crate::commands::shared::usage;
-use crate::commands::shared::{accept_counts, load_bundle_with, main_process, report_provenance};
+use crate::commands::shared::{accept_counts, main_process, usage};
 use crate::commands::training::{
-    announce, check_run_paths, command_line_table, drive, lock_run, r_report, refuse_hidden,
-    resolve_common, run_fingerprint, training_options, RunArgs, REFERENCE_OPTIONS, SFT_OPTIONS,
+    announce, command_line_table, drive, r_report, refuse_hidden, resolve_common, start_run,
+    training_options, RunArgs, RunStart, REFERENCE_OPTIONS, SFT_OPTIONS,
 };
 use crate::pretrained::{load_reward_model, ScoreHead};
 use crate::train::dataset::load_reward_dataset;
@@ -82,16 +81,11 @@ pub fn resolve_reward(args: &RewardArgs, m: &ArgMatches) -> crate::Result<Resolv
 /// Data, model, configuration errors; a non-finite loss (the message names the step and
 /// batch; the last good checkpoint is kept).
 pub fn train_reward(r: &Resolved) -> crate::Result<RunSummary> {
-    crate::outputs::check_output_dir("--output-dir", &r.config.output_dir)?;
-    // Held to the end: a second run or resume of this directory is refused.
-    let _lock = lock_run(&r.config.output_dir)?;
-    check_run_paths(r)?;
-    let fingerprint = run_fingerprint(r)?;
-    let bundle = load_bundle_with(
-        &r.record.model,
-        r.record.settings.tokenizer.tokenizer_compat,
-    )?;
-    report_provenance(&bundle);
+    let RunStart {
+        _lock,
+        fingerprint,
+        bundle,
+    } = start_run(r)?;
     let c = &r.config;
     let loaded = load_reward_dataset(c, &r.record, &bundle)?;
     let main = main_process();

@@ -286,14 +286,22 @@ pub fn format_record(rec: &[(String, f64)]) -> String {
     s
 }
 
-/// Runs a resolved `sft` / `dpo` command to the end.
+/// What a training command holds from its start to its end: the run directory's lock (a
+/// second run or resume of the directory is refused meanwhile), the model's fingerprint and
+/// its tokenizer.
+pub(crate) struct RunStart {
+    pub(crate) _lock: Option<RunLock>,
+    pub(crate) fingerprint: RunFingerprint,
+    pub(crate) bundle: crate::tokenize::TokenizerBundle,
+}
+
+/// A training command's first steps: the output directory checked and locked, the run's
+/// paths checked, the model fingerprinted, its tokenizer loaded and its provenance reported.
 ///
 /// # Errors
-/// Data, model, configuration errors; a non-finite loss or gradient (the message names the
-/// step and batch; the last good checkpoint is kept).
-pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
+/// An output directory in use or not writable; missing inputs; tokenizer errors.
+pub(crate) fn start_run(r: &Resolved) -> crate::Result<RunStart> {
     crate::outputs::check_output_dir("--output-dir", &r.config.output_dir)?;
-    // Held to the end: a second run or resume of this directory is refused.
     let _lock = lock_run(&r.config.output_dir)?;
     check_run_paths(r)?;
     let fingerprint = run_fingerprint(r)?;
@@ -302,6 +310,24 @@ pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
         r.record.settings.tokenizer.tokenizer_compat,
     )?;
     report_provenance(&bundle);
+    Ok(RunStart {
+        _lock,
+        fingerprint,
+        bundle,
+    })
+}
+
+/// Runs a resolved `sft` / `dpo` command to the end.
+///
+/// # Errors
+/// Data, model, configuration errors; a non-finite loss or gradient (the message names the
+/// step and batch; the last good checkpoint is kept).
+pub fn train(r: &Resolved) -> crate::Result<RunSummary> {
+    let RunStart {
+        _lock,
+        fingerprint,
+        bundle,
+    } = start_run(r)?;
     let loaded = load_dataset(&r.config, &r.record, &bundle)?;
     let skip = r.record.settings.invalid.skip_invalid;
     let report = r_report(&r.record);
