@@ -18,7 +18,7 @@ use std::path::Path;
 mod common;
 
 use candle_core::{DType, IndexOp, Tensor};
-use difinfo_trainer::config_json::{parse_config, Architecture, ModelConfig};
+use difinfo_trainer::config_json::parse_config;
 use difinfo_trainer::model::Model;
 
 /// transformers' float64 model keeps float32 islands (RMSNorm's mean square, the attention
@@ -316,30 +316,6 @@ const GEMMA2_GRADS: &Grads = &[
     ("model.norm.weight", -5.319264106452465, 0.6587302767907776),
 ];
 
-fn closed_form_model(cfg: ModelConfig) -> Model {
-    let mut t = BTreeMap::new();
-    for (k, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let base = if name.ends_with("norm.weight") && cfg.arch != Architecture::Gemma2 {
-            1.0
-        } else {
-            0.0
-        };
-        let v: Vec<f64> = (0..n)
-            .map(|i| base + 0.5 * (1.7 * i as f64 + 0.37 * k as f64).sin())
-            .collect();
-        t.insert(name, Tensor::from_vec(v, shape, &common::device()).unwrap());
-    }
-    Model::from_tensors(
-        cfg,
-        t,
-        Path::new("<closed form>"),
-        DType::F64,
-        &common::device(),
-    )
-    .unwrap()
-}
-
 /// The largest relative differences (log-probs, gradient projections) of `m` against the
 /// pinned values.
 fn compare(m: &Model, logps: &Logps, grads: &Grads) -> (f64, f64) {
@@ -401,7 +377,7 @@ fn compare(m: &Model, logps: &Logps, grads: &Grads) -> (f64, f64) {
 }
 
 fn check(config: &str, logps: &Logps, grads: &Grads) {
-    let mut m = closed_form_model(parse_config(config).unwrap());
+    let mut m = common::closed_form_model(parse_config(config).unwrap());
     for fused in [true, false] {
         m.set_fused_kernels(fused);
         let (lp, g) = compare(&m, logps, grads);

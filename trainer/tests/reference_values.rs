@@ -19,16 +19,12 @@
 //!     print(token_logps(cfg, weights(cfg), np.array(s)))
 //! ```
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 mod common;
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{IndexOp, Tensor};
 use difinfo_trainer::batch::Sequence;
-use difinfo_trainer::config_json::{parse_config, ModelConfig};
+use difinfo_trainer::config_json::parse_config;
 use difinfo_trainer::logps::sequence_logps;
-use difinfo_trainer::model::Model;
 
 /// Both sides compute in float64 (RoPE angles rounded to float32 on both); what remains is
 /// summation order.
@@ -44,32 +40,8 @@ const QWEN2: &str = r#"{"model_type": "qwen2", "vocab_size": 16, "hidden_size": 
     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true}"#;
 
-fn closed_form_model(cfg: ModelConfig) -> Model {
-    let mut t = BTreeMap::new();
-    for (k, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let base = if name.ends_with("norm.weight") {
-            1.0
-        } else {
-            0.0
-        };
-        let v: Vec<f64> = (0..n)
-            .map(|i| base + 0.5 * (1.7 * i as f64 + 0.37 * k as f64).sin())
-            .collect();
-        t.insert(name, Tensor::from_vec(v, shape, &common::device()).unwrap());
-    }
-    Model::from_tensors(
-        cfg,
-        t,
-        Path::new("<closed form>"),
-        DType::F64,
-        &common::device(),
-    )
-    .unwrap()
-}
-
 fn check(config: &str, expected: &[(&[u32], &[f64])]) {
-    let m = closed_form_model(parse_config(config).unwrap());
+    let m = common::closed_form_model(parse_config(config).unwrap());
     for (ids, want) in expected {
         let t = Tensor::new(*ids, &common::device())
             .unwrap()

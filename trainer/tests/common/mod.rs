@@ -4,6 +4,7 @@
 
 pub mod gguf;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -238,4 +239,26 @@ pub fn metrics_without_timing(run: &Path) -> Vec<Record> {
             r
         })
         .collect()
+}
+
+/// A model of closed-form weights (no fixture file): tensor `k` of the config's shapes (in
+/// name order) holds `base + 0.5 sin(1.7 i + 0.37 k)` at flat index `i`, `base` 1 for RMSNorm
+/// weights and 0 elsewhere (Gemma2's norms, which scale by `1 + w`, 0 too); float64 on the
+/// CPU. The scripts that pin reference values build the same weights
+/// (`pin_reference_values.py`, `check_arch_transformers.py pin`).
+pub fn closed_form_model(cfg: ModelConfig) -> Model {
+    let mut t = BTreeMap::new();
+    for (k, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let base = if name.ends_with("norm.weight") && cfg.arch != Architecture::Gemma2 {
+            1.0
+        } else {
+            0.0
+        };
+        let v: Vec<f64> = (0..n)
+            .map(|i| base + 0.5 * (1.7 * i as f64 + 0.37 * k as f64).sin())
+            .collect();
+        t.insert(name, Tensor::from_vec(v, shape, &device()).unwrap());
+    }
+    Model::from_tensors(cfg, t, Path::new("<closed form>"), DType::F64, &device()).unwrap()
 }
