@@ -50,16 +50,7 @@ pub const DEFAULT_OUTPUT_DIR: &str = "runs/did-entropy";
 
 /// Training options `did-entropy` does not read: the reference pass's (π̂'s reward is
 /// reference-free), SFT's and the reward model's.
-const NOT_READ: [&str; 8] = [
-    REFERENCE_OPTIONS[0],
-    REFERENCE_OPTIONS[1],
-    REFERENCE_OPTIONS[2],
-    REFERENCE_OPTIONS[3],
-    REFERENCE_OPTIONS[4],
-    REFERENCE_OPTIONS[5],
-    SFT_OPTIONS[0],
-    REWARD_OPTIONS[0],
-];
+const NOT_READ: &[&[&str]] = &[&REFERENCE_OPTIONS, &SFT_OPTIONS, &REWARD_OPTIONS];
 
 /// `difinfo-train did-entropy` as parsed: the pipeline's options and the training commands'
 /// options ([`TrainConfig`]) with Appendix K's defaults ([`estimator_defaults`]): the
@@ -68,7 +59,7 @@ const NOT_READ: [&str; 8] = [
 /// the pairs, the data order and the evaluation samples), `--overwrite-output-dir` and
 /// `--max-prompt-length` (the prompts keep their end).
 #[derive(Args, Debug, Clone)]
-#[command(mut_args = training_options(&estimator_defaults(Path::new(DEFAULT_OUTPUT_DIR)), &NOT_READ))]
+#[command(mut_args = training_options(&estimator_defaults(Path::new(DEFAULT_OUTPUT_DIR)), NOT_READ))]
 pub struct DidEntropyCommand {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -434,7 +425,7 @@ fn estimator_run(args: &DidEntropyArgs, config: TrainConfig, pairs_path: &Path) 
 /// matches, which tell the options given from the defaults).
 pub fn run(c: &DidEntropyCommand, m: &ArgMatches) -> Result<()> {
     use difinfo::beta_accuracy::BetaFit;
-    refuse_hidden("did-entropy", &NOT_READ, m)?;
+    refuse_hidden("did-entropy", NOT_READ, m)?;
     let a = DidEntropyArgs {
         options: command_line_table(&c.options, m)?,
         ..c.args.clone()

@@ -24,13 +24,13 @@ use crate::train::run::{dpo_defaults, Resolved};
 use crate::train::TrainConfig;
 
 /// The training options `dpo` does not read: SFT's masking and the reward model's centering.
-const HIDDEN: [&str; 2] = [SFT_OPTIONS[0], REWARD_OPTIONS[0]];
+const HIDDEN: &[&[&str]] = &[&SFT_OPTIONS, &REWARD_OPTIONS];
 
 /// `difinfo-train dpo`: preference optimization (TRL's `DPOTrainer` options). The options
 /// are [`ObjectiveSpec`]'s and [`TrainConfig`]'s fields, with `dpo`'s defaults
 /// ([`dpo_defaults`]).
 #[derive(Args, Debug, Clone)]
-#[command(mut_args = training_options(&dpo_defaults(), &HIDDEN))]
+#[command(mut_args = training_options(&dpo_defaults(), HIDDEN))]
 pub struct DpoArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -53,7 +53,7 @@ pub struct DpoArgs {
 /// # Errors
 /// Bad options or config file, an `sft` objective.
 pub fn resolve_dpo(args: &DpoArgs, m: &ArgMatches) -> crate::Result<Resolved> {
-    refuse_hidden("dpo", &HIDDEN, m)?;
+    refuse_hidden("dpo", HIDDEN, m)?;
     let mut table = command_line_table(&args.options, m)?;
     table.extend(command_line_table(&args.objective, m)?);
     let r = resolve_common(

@@ -24,23 +24,20 @@ use crate::train::{TrainConfig, Trainer};
 /// The options `reward` does not read: the reference pass's, SFT's masking, the prompt limit
 /// and the tokenizer's truncation rules (TRL's reward data is never truncated: a pair longer
 /// than `max_length` is dropped).
-const HIDDEN: [&str; 10] = [
-    REFERENCE_OPTIONS[0],
-    REFERENCE_OPTIONS[1],
-    REFERENCE_OPTIONS[2],
-    REFERENCE_OPTIONS[3],
-    REFERENCE_OPTIONS[4],
-    REFERENCE_OPTIONS[5],
-    SFT_OPTIONS[0],
-    "max_prompt_length",
-    "truncation_mode",
-    "completion_boundary",
+const HIDDEN: &[&[&str]] = &[
+    &REFERENCE_OPTIONS,
+    &SFT_OPTIONS,
+    &[
+        "max_prompt_length",
+        "truncation_mode",
+        "completion_boundary",
+    ],
 ];
 
 /// `difinfo-train reward`: a reward model (TRL's `RewardTrainer` options): [`TrainConfig`]'s
 /// fields with `reward`'s defaults ([`reward_defaults`]).
 #[derive(Args, Debug, Clone)]
-#[command(mut_args = training_options(&reward_defaults(), &HIDDEN))]
+#[command(mut_args = training_options(&reward_defaults(), HIDDEN))]
 pub struct RewardArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -55,7 +52,7 @@ pub struct RewardArgs {
 /// # Errors
 /// Bad options or config file, another objective.
 pub fn resolve_reward(args: &RewardArgs, m: &ArgMatches) -> crate::Result<Resolved> {
-    refuse_hidden("reward", &HIDDEN, m)?;
+    refuse_hidden("reward", HIDDEN, m)?;
     let table = command_line_table(&args.options, m)?;
     let r = resolve_common("reward", &reward_defaults(), &args.run, None, m, table)?;
     if r.config.objective.rule() != Rule::Reward {

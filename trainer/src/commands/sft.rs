@@ -13,20 +13,12 @@ use crate::train::run::{sft_defaults, Resolved};
 use crate::train::TrainConfig;
 
 /// The training options `sft` does not read: the reference pass's and the reward model's.
-const HIDDEN: [&str; 7] = [
-    REFERENCE_OPTIONS[0],
-    REFERENCE_OPTIONS[1],
-    REFERENCE_OPTIONS[2],
-    REFERENCE_OPTIONS[3],
-    REFERENCE_OPTIONS[4],
-    REFERENCE_OPTIONS[5],
-    REWARD_OPTIONS[0],
-];
+const HIDDEN: &[&[&str]] = &[&REFERENCE_OPTIONS, &REWARD_OPTIONS];
 
 /// `difinfo-train sft`: supervised fine-tuning (TRL's `SFTTrainer` options): [`TrainConfig`]'s
 /// fields with `sft`'s defaults ([`sft_defaults`]).
 #[derive(Args, Debug, Clone)]
-#[command(mut_args = training_options(&sft_defaults(), &HIDDEN))]
+#[command(mut_args = training_options(&sft_defaults(), HIDDEN))]
 pub struct SftArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -41,7 +33,7 @@ pub struct SftArgs {
 /// # Errors
 /// Bad options or config file, a preference objective.
 pub fn resolve_sft(args: &SftArgs, m: &ArgMatches) -> crate::Result<Resolved> {
-    refuse_hidden("sft", &HIDDEN, m)?;
+    refuse_hidden("sft", HIDDEN, m)?;
     let table = command_line_table(&args.options, m)?;
     let r = resolve_common("sft", &sft_defaults(), &args.run, None, m, table)?;
     if r.config.objective.rule() != Rule::Sft {

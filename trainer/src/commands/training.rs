@@ -78,12 +78,14 @@ pub(crate) const REWARD_OPTIONS: [&str; 1] = ["center_rewards_coefficient"];
 /// The training options of a command (clap's `mut_args` on a command that flattens
 /// [`TrainConfig`] or [`RunSettings`]): each option's default set from `base`, the command's
 /// defaults (the one place they are written: [`TrainConfig`]'s `Default`, or a command's values
-/// of it), or from [`RunSettings`]'s `Default`; and the options in `hidden`, which the command
-/// does not read, kept out of its help ([`refuse_hidden`] refuses them on its command line).
+/// of it), or from [`RunSettings`]'s `Default`; and the options in `hidden` (groups such as
+/// [`REFERENCE_OPTIONS`], whole, so an option added to a group is hidden wherever the group
+/// is), which the command does not read, kept out of its help ([`refuse_hidden`] refuses them
+/// on its command line).
 /// An option left unset (an empty `Option`) keeps its help's `[default: …]` text.
 pub(crate) fn training_options(
     base: &TrainConfig,
-    hidden: &'static [&'static str],
+    hidden: &'static [&'static [&'static str]],
 ) -> impl FnMut(Arg) -> Arg {
     // Both always serialize to tables (`clap_defaults_are_the_commands_defaults` checks).
     let mut table = toml::Table::try_from(RunSettings::default()).unwrap_or_default();
@@ -96,7 +98,7 @@ pub(crate) fn training_options(
             }
             _ => a,
         };
-        if hidden.contains(&id.as_str()) {
+        if hidden.iter().any(|g| g.contains(&id.as_str())) {
             a.hide(true)
         } else {
             a
@@ -109,8 +111,16 @@ pub(crate) fn training_options(
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming the option and the command.
-pub(crate) fn refuse_hidden(command: &str, hidden: &[&str], m: &ArgMatches) -> crate::Result<()> {
-    match hidden.iter().find(|id| from_command_line(m, id)) {
+pub(crate) fn refuse_hidden(
+    command: &str,
+    hidden: &[&[&str]],
+    m: &ArgMatches,
+) -> crate::Result<()> {
+    match hidden
+        .iter()
+        .flat_map(|g| g.iter())
+        .find(|id| from_command_line(m, id))
+    {
         Some(id) => usage(format!(
             "--{} is not an option of `{command}`",
             id.replace('_', "-")
