@@ -55,6 +55,7 @@ pub mod outputs;
 pub mod pairs;
 pub mod plan;
 pub mod pretrained;
+pub mod profile;
 pub mod provenance;
 pub mod recompute;
 pub mod records;

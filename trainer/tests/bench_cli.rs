@@ -87,3 +87,60 @@ fn bench_data_needs_a_model_and_replaces_seq() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("missing.jsonl"), "{err}");
 }
+
+/// `--profile` on random pairs without padding: the layers' matrix products run exactly the
+/// model's FLOPs (forward once, backward twice: input and weight gradients), the regions add
+/// up to no more than the timed steps, and the table is printed.
+#[test]
+fn bench_profile_counts_the_products_flops_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let (batch, seq, steps) = (2usize, 16usize, 2usize);
+    let o = run(&[
+        "bench",
+        "--size",
+        "tiny",
+        "--batch",
+        &batch.to_string(),
+        "--seq",
+        &seq.to_string(),
+        "--steps",
+        &steps.to_string(),
+        "--warmup",
+        "1",
+        "--profile",
+        "--json",
+        s(&json),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("where a dpo step went"), "{out}");
+    assert!(out.contains("| gemm · decoder layer forward |"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let row = &v["rows"][0];
+    let regions = row["profile"]["regions"].as_object().unwrap();
+    let cfg = difinfo_trainer::init::size_config(difinfo_trainer::init::ModelSize::Tiny);
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let dq = (cfg.num_attention_heads * cfg.head_dim) as f64;
+    let dkv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+    let tokens = (2 * batch * seq * steps) as f64;
+    let per_token = 2.0 * (h * dq + 2.0 * h * dkv + dq * h + 3.0 * h * i);
+    let want = cfg.num_hidden_layers as f64 * tokens * per_token;
+    let flops = |k: &str| regions[k]["flops"].as_f64().unwrap();
+    assert_eq!(flops("gemm · decoder layer forward"), want);
+    assert_eq!(flops("gemm · decoder layer backward"), 2.0 * want);
+    let covered: f64 = regions
+        .values()
+        .map(|r| r["seconds"].as_f64().unwrap())
+        .sum();
+    let timed = row["seconds_per_step"].as_f64().unwrap() * steps as f64;
+    assert!(
+        covered > 0.0 && covered <= timed * (1.0 + 1e-9),
+        "{covered} > {timed}"
+    );
+}

@@ -72,6 +72,11 @@ pub struct BenchArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub memory: MemoryOptions,
+    /// Also print where the timed steps' time went, kernel by kernel: exclusive wall time of
+    /// each fused kernel, matrix-product family (with its GFLOP/s), the optimizer, and what no
+    /// kernel covers (candle's own ops and graph)
+    #[arg(long, default_value_t = false)]
+    pub profile: bool,
     /// Also write the table as JSON (the rows, the machine's peak, the load average), e.g. for
     /// `bench/compare.sh`
     #[arg(long, value_name = "FILE")]
@@ -162,6 +167,8 @@ pub struct BenchRow {
     pub mfu: Option<f64>,
     /// Each rank's figures (one entry in a world of one).
     pub ranks: Vec<RankFigures>,
+    /// With `--profile`: this rank's regions over the timed steps.
+    pub profile: Option<crate::profile::Profile>,
 }
 
 /// What one rank of a bench measured.
@@ -239,8 +246,9 @@ pub fn peak_flops(device: &Device) -> Option<(f64, String)> {
 }
 
 /// The CPU's peak f32 FLOP/s from `/proc/cpuinfo`: `threads × 2 × lanes × 2 × GHz`, where
-/// `lanes` is 16 with `avx512f` in the flags, 8 with `avx2` and `fma`, 4 otherwise; two FMA
-/// units per core (every Intel core since Haswell and AMD's since Zen 2; cpuinfo does not
+/// `lanes` is 16 with `avx512f` in the flags, 8 with `avx2` and `fma`, 4 otherwise — except on
+/// AMD before Zen 5 (`cpu family` below 26), whose Zen 4 runs AVX-512 on its two 256-bit FMA
+/// units (8 lanes: an AVX-512 instruction takes two passes); two FMA units per core (every Intel core since Haswell and AMD's since Zen 2; cpuinfo does not
 /// say, and some Xeon Bronze/Silver have one 512-bit unit: set `DIFINFO_PEAK_TFLOPS` there);
 /// the clock is cpufreq's `cpuinfo_max_freq` (kHz) when given, else cpuinfo's `cpu MHz`.
 pub fn cpu_peak(cpuinfo: &str, max_khz: Option<f64>, threads: usize) -> Option<(f64, String)> {
@@ -250,7 +258,20 @@ pub fn cpu_peak(cpuinfo: &str, max_khz: Option<f64>, threads: usize) -> Option<(
         .split_whitespace()
         .collect();
     let has = |f: &str| flags.contains(&f);
-    let (lanes, isa) = if has("avx512f") {
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(str::trim)
+    };
+    let amd_256_bit_fma = field("vendor_id") == Some("AuthenticAMD")
+        && field("cpu family")
+            .and_then(|f| f.parse::<u32>().ok())
+            .is_some_and(|f| f < 26);
+    let (lanes, isa) = if has("avx512f") && amd_256_bit_fma {
+        (8.0, "AVX-512 on 256-bit FMA units, AMD Zen 4")
+    } else if has("avx512f") {
         (16.0, "AVX-512")
     } else if has("avx2") && has("fma") {
         (8.0, "AVX2+FMA")
@@ -456,6 +477,9 @@ pub fn bench_objective(
     let (mut flops, mut positions) = (0.0f64, 0usize);
     let frozen = model.model.lora_config().is_some();
     for i in 0..steps {
+        if a.profile && i == a.warmup {
+            crate::profile::start();
+        }
         let r = t
             .train_step()?
             .ok_or_else(|| crate::Error::InvalidArgument("the bench run ended early".into()))?;
@@ -477,6 +501,7 @@ pub fn bench_objective(
             }
         }
     }
+    let profile = a.profile.then(crate::profile::stop);
     let optimizer_state_mib = t.optimizer().state_bytes() as f64 / (1u64 << 20) as f64;
     let peak = if peak_reset {
         proc_status_kib("VmHWM").map(|k| k as f64 / 1024.0)
@@ -506,7 +531,58 @@ pub fn bench_objective(
         tokens_per_second: tokens as f64 / secs.max(1e-12),
         peak_rss_mib: peak,
         ranks,
+        profile,
     })
+}
+
+/// `--profile`'s table for one row: the regions by exclusive time per step, their share of the
+/// step, the products' GFLOP/s, and the time no region covers.
+fn print_profile(r: &BenchRow, steps: usize) {
+    let Some(p) = &r.profile else { return };
+    let step = r.seconds_per_step;
+    let per = |x: f64| x / steps.max(1) as f64;
+    let mut rows: Vec<(&String, &crate::profile::Stat)> = p.regions.iter().collect();
+    rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    println!(
+        "\nwhere a {} step went ({steps} timed steps, {:.3} s each):\n",
+        r.objective, step
+    );
+    println!("| region | calls/step | ms/step | share | GFLOP/s |");
+    println!("|---|---:|---:|---:|---:|");
+    let gflops = |flops: f64, secs: f64| {
+        if flops > 0.0 {
+            format!("{:.1}", flops / secs.max(1e-12) / 1e9)
+        } else {
+            String::new()
+        }
+    };
+    for (name, st) in rows {
+        println!(
+            "| {name} | {:.0} | {:.1} | {:.1} % | {} |",
+            per(st.calls as f64),
+            1e3 * per(st.seconds),
+            100.0 * per(st.seconds) / step.max(1e-12),
+            gflops(st.flops, st.seconds)
+        );
+    }
+    let total = step * steps as f64;
+    let other = p.other(total);
+    println!(
+        "| other (no region: candle's graph and ops, allocation, data) | | {:.1} | {:.1} % | |",
+        1e3 * per(other),
+        100.0 * other / total.max(1e-12)
+    );
+    let (f, s): (f64, f64) = p
+        .regions
+        .values()
+        .filter(|st| st.flops > 0.0)
+        .fold((0.0, 0.0), |(f, s), st| (f + st.flops, s + st.seconds));
+    println!(
+        "| all matrix products (attention's own products are in its rows) | | {:.1} | {:.1} % | {} |",
+        1e3 * per(s),
+        100.0 * s / total.max(1e-12),
+        gflops(f, s)
+    );
 }
 
 /// The per-rank table of a bench over several ranks: each rank's share of tokens/s, the share
@@ -657,6 +733,9 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
     if !main {
         return Ok(rows);
     }
+    for r in &rows {
+        print_profile(r, a.steps);
+    }
     if world.world_size() > 1 {
         print_ranks(&rows, world.engine(), a.memory.zero_stage);
     }
@@ -711,6 +790,13 @@ mod tests {
         let (p, _) = cpu_peak(&info.replace(" avx512f", ""), Some(3.0e6), 4).unwrap();
         assert!((p - 4.0 * 2.0 * 8.0 * 2.0 * 3.0e9).abs() < 1.0);
         assert!(cpu_peak("flags\t: sse\n", None, 1).is_none());
+        // AMD Zen 4 (family 25) has AVX-512 on 256-bit units; Zen 5 (26) has 512-bit ones.
+        let zen =
+            |family: u32| format!("vendor_id\t: AuthenticAMD\ncpu family\t: {family}\n{info}");
+        let (p, how) = cpu_peak(&zen(25), None, 2).unwrap();
+        assert!((p - 2.0 * 2.0 * 8.0 * 2.0 * 2.6e9).abs() < 1.0, "{how}");
+        let (p, _) = cpu_peak(&zen(26), None, 2).unwrap();
+        assert!((p - 2.0 * 2.0 * 16.0 * 2.0 * 2.6e9).abs() < 1.0);
     }
 
     #[test]

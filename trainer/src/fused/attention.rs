@@ -239,6 +239,7 @@ pub(super) struct Attention {
 
 impl Attention {
     pub(super) fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let _p = crate::profile::region("attention forward");
         let (b, h, l, t) = z.geo.dims();
         let (p, o) = with_slice::<T, _>(&self.mask, |m| {
             Ok(att_forward(q, k, Some(v), m, z, self.scale, self.keep))
@@ -299,6 +300,7 @@ pub(super) struct AttentionBwd {
 
 impl AttentionBwd {
     pub(super) fn bwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
+        let _p = crate::profile::region("attention backward");
         let (b, h, l, t, d) = z.sizes();
         let bh = b * h;
         with_slice::<T, _>(&self.mask, |mask| {

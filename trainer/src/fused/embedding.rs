@@ -20,6 +20,7 @@ struct Embedding {
 
 impl Embedding {
     fn fwd<T: Real>(&self, e: &[T], hs: usize) -> Vec<T> {
+        let _p = crate::profile::region("embedding");
         build_rows(self.ids.len(), hs, |r0, o| {
             for (k, orow) in o.chunks_mut(hs).enumerate() {
                 let id = self.ids[r0 + k] as usize;

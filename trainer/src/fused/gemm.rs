@@ -65,6 +65,7 @@ pub(crate) unsafe fn gemm_raw<T: Real>(
     par: gemm::Parallelism,
     acc: bool,
 ) {
+    let _p = crate::profile::gemm(m, n, k);
     if m == 0 || n == 0 || (acc && k == 0) {
         return;
     }

@@ -48,6 +48,7 @@ impl Heads {
     }
 
     pub(super) fn fwd<T: Real>(&self, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let _p = crate::profile::region("head split + RoPE");
         let (l, h_in, h_out, d, rep, half) = self.sizes();
         let mut out = par_zeros(self.b * h_out * l * d);
         par_rows(&mut out, d, |r0, o| {
@@ -76,6 +77,7 @@ impl Heads {
     }
 
     pub(super) fn bwd<T: Real>(&self, g: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let _p = crate::profile::region("head split + RoPE backward");
         let (l, h_in, h_out, d, rep, half) = self.sizes();
         let w = h_in * d;
         let mut out = par_zeros(self.b * l * w);

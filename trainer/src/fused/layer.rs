@@ -502,10 +502,12 @@ impl Layer {
     fn bwd_with<T: Real>(&self, xs: &[T], g3: &[T], kept: Option<Kept>) -> Result<Vec<T>> {
         let kept = match kept {
             Some(k) => k,
-            None => self
-                .fwd(xs, true)?
-                .1
-                .ok_or_else(|| candle_core::Error::Msg("decoder layer: nothing kept".into()))?,
+            None => {
+                let _p = crate::profile::region("decoder layer recompute");
+                self.fwd(xs, true)?
+                    .1
+                    .ok_or_else(|| candle_core::Error::Msg("decoder layer: nothing kept".into()))?
+            }
         };
         self.bwd(xs, g3, &kept)
     }
@@ -529,6 +531,7 @@ impl Kernel for Layer {
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         self.check(ins.shape(0))?;
+        let _p = crate::profile::region("decoder layer forward");
         let (y, kept) = self.fwd(ins.get(0)?, !self.z.recompute)?;
         if let Ok(mut slot) = self.kept.lock() {
             *slot = kept;
@@ -559,6 +562,7 @@ impl Kernel for LayerBwd<'_> {
 
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         let kept = self.kept.lock().ok().and_then(|mut k| k.take());
+        let _p = crate::profile::region("decoder layer backward");
         let dx = self.layer.bwd_with(ins.get(0)?, ins.get(1)?, kept)?;
         Ok((dx, ins.shape(0).clone()))
     }

@@ -53,6 +53,7 @@ struct TokenLogps {
 
 impl TokenLogps {
     fn fwd<T: Real>(&self, z: &[T], t: &[u32], v: usize) -> Result<Vec<T>> {
+        let _p = crate::profile::region("LM head log-softmax");
         check_targets("token_logps", t, v)?;
         let mut out = vec![T::zero(); t.len()];
         let mut lse = vec![0f64; t.len()];
@@ -95,6 +96,7 @@ struct TokenLogpsBwd {
 
 impl TokenLogpsBwd {
     fn bwd<T: Real>(&self, z: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
+        let _p = crate::profile::region("LM head log-softmax backward");
         build_rows(g.len(), v, |r0, o| {
             for (i, orow) in o.chunks_mut(v).enumerate() {
                 let r = r0 + i;
@@ -241,6 +243,7 @@ impl LmHead {
         rows: usize,
         keep: bool,
     ) -> Result<(Vec<T>, Option<Vec<T>>, Vec<f64>)> {
+        let _p = crate::profile::region("LM head log-softmax");
         check_targets("lm_head_logps", t, v)?;
         let mut out = vec![T::zero(); n];
         let mut lse = vec![0f64; n];
@@ -345,6 +348,7 @@ impl LmHeadBwd {
         rows: usize,
         need_w: bool,
     ) -> Vec<T> {
+        let _p = crate::profile::region("LM head log-softmax backward");
         let (mut whole, lse) = match kept {
             Some((z, l)) => (z, Some(l)),
             None => (None, None),

@@ -19,6 +19,7 @@ pub(super) struct SiluMul;
 
 impl SiluMul {
     pub(super) fn fwd<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
+        let _p = crate::profile::region("SiLU ⊙ up");
         build_rows(a.len(), 1, |r0, o| {
             let n = o.len();
             let (a, b) = (&a[r0..r0 + n], &b[r0..r0 + n]);
@@ -57,6 +58,7 @@ pub(super) struct SiluMulBwd;
 
 impl SiluMulBwd {
     pub(super) fn bwd<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
+        let _p = crate::profile::region("SiLU ⊙ up backward");
         let n = a.len();
         let mut out: Vec<T> = Vec::with_capacity(2 * n);
         let (ga, gb) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);

@@ -25,6 +25,7 @@ impl RmsNorm {
     }
 
     pub(super) fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let _p = crate::profile::region("RMSNorm");
         let h = w.len();
         let eps = T::from_f64(self.eps);
         build_rows(x.len() / h.max(1), h, |r0, o| {
@@ -72,6 +73,7 @@ impl RmsNormBwd {
     /// `resid`, when given (`[N, H]`), is added to `∂/∂x` (the residual stream's gradient
     /// joining the norm's, see `layer.rs`).
     fn bwd<T: Real>(&self, x: &[T], w: &[T], g: &[T], resid: Option<&[T]>) -> Vec<T> {
+        let _p = crate::profile::region("RMSNorm backward");
         let h = w.len();
         let n = x.len() / h.max(1);
         let eps = T::from_f64(self.eps);

@@ -76,6 +76,7 @@ impl Geo {
 
 impl MaskedSoftmax {
     fn fwd<T: Real>(&self, s: &[T], m: &[T], geo: Geo) -> Vec<T> {
+        let _p = crate::profile::region("masked softmax");
         let t = geo.t;
         let scale = T::from_f64(self.scale);
         build_rows(s.len() / t.max(1), t, |r0, o| {
@@ -122,6 +123,7 @@ struct SoftmaxBwd {
 
 impl SoftmaxBwd {
     fn bwd<T: Real>(&self, p: &[T], g: &[T], t: usize) -> Vec<T> {
+        let _p = crate::profile::region("masked softmax backward");
         let scale = T::from_f64(self.scale);
         build_rows(p.len() / t.max(1), t, |r0, o| {
             for (i, orow) in o.chunks_mut(t).enumerate() {

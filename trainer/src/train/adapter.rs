@@ -41,10 +41,12 @@ fn seq_logps(model: &Model, b: &Batch) -> crate::Result<SeqLogps> {
 
 impl PolicyModel for TrainModel {
     fn sequence_logps(&self, b: &Batch) -> crate::Result<SeqLogps> {
+        let _p = crate::profile::region("forward (candle ops, graph)");
         seq_logps(&self.model, b)
     }
 
     fn sequence_logps_with_sq(&self, b: &Batch) -> crate::Result<SeqLogps> {
+        let _p = crate::profile::region("forward (candle ops, graph)");
         let (lp, sq) = self.model.token_logps_masked_with_sq(
             &b.input_ids,
             Some(&b.attention_mask),
@@ -84,6 +86,7 @@ impl PolicyModel for TrainModel {
     }
 
     fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        let _p = crate::profile::region("backward (candle ops, graph)");
         match self.model.grad_sink() {
             Some(sink) => {
                 sink.clear();

@@ -650,7 +650,10 @@ impl<'m, M: PolicyModel + ?Sized> Trainer<'m, M> {
         }
         let grads = grads.clip(self.config.max_grad_norm, norm)?;
         let lr = self.schedule.lr(self.state.global_step);
-        self.optimizer.step(&self.owned_vars, &grads, lr)?;
+        {
+            let _p = crate::profile::region("optimizer (other)");
+            self.optimizer.step(&self.owned_vars, &grads, lr)?;
+        }
         if let Some(z) = &self.zero {
             z.all_gather_params(&self.vars)?;
         }

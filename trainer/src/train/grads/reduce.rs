@@ -70,6 +70,7 @@ fn dot_slices<T: Real>(a: &[T], b: &[T]) -> f64 {
 /// # Errors
 /// Storage access errors.
 pub fn dot(a: &Tensor, b: &Tensor) -> Result<Option<f64>> {
+    let _p = crate::profile::region("gradient norm, clipping, projection");
     let Some((dt, r)) = same_flat(&[a, b]) else {
         return Ok(None);
     };
@@ -94,6 +95,7 @@ fn axpy_slices<T: Real>(x: &[T], y: &[T], c: T) -> Vec<T> {
 /// # Errors
 /// Storage access and tensor construction errors.
 pub fn sub_scaled(x: &Tensor, y: &Tensor, c: f64) -> Result<Option<Tensor>> {
+    let _p = crate::profile::region("gradient norm, clipping, projection");
     if x.shape() != y.shape() {
         return Ok(None);
     }
@@ -129,6 +131,7 @@ fn scale_slice<T: Real>(x: &[T], c: T) -> Vec<T> {
 /// # Errors
 /// Storage access and tensor construction errors.
 pub fn scale(x: &Tensor, c: f64) -> Result<Option<Tensor>> {
+    let _p = crate::profile::region("gradient norm, clipping, projection");
     if same_flat(&[x]).is_none() {
         return Ok(None);
     }
@@ -170,6 +173,7 @@ impl InPlaceKernel for ScaleAssign {
 /// # Errors
 /// Tensor errors.
 pub fn scale_in_place(x: &Tensor, c: f64) -> Result<bool> {
+    let _p = crate::profile::region("gradient norm, clipping, projection");
     if !enabled(x) || x.layout().contiguous_offsets().is_none() {
         return Ok(false);
     }

@@ -132,6 +132,7 @@ pub fn adamw_step(
     v: &Tensor,
     step: &AdamWStep,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let _p = crate::profile::region("AdamW");
     let ts = [p, g, m, v];
     if !applies(&ts) {
         return Ok(None);
@@ -241,6 +242,7 @@ pub fn adamw_step_in_place(
     v: &Tensor,
     step: &AdamWStep,
 ) -> Result<bool> {
+    let _p = crate::profile::region("AdamW");
     if !applies(&[p, g, m, v]) {
         return Ok(false);
     }
