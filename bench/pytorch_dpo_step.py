@@ -7,7 +7,9 @@ forward of the chosen and rejected sequences, summed completion log-probs, the D
 against precomputed reference log-probs (or, for dpo-pg, the two NLL gradients and the
 projection of Appendix H), backward, global gradient-norm clipping to 1, AdamW (lr 1e-6).
 Prints tokens/s over the timed steps and the peak RSS (VmHWM, reset after setup) as a Markdown
-row matching `difinfo-train bench`.
+row matching `difinfo-train bench`; `--json FILE` writes the rows as `bench --json` does.
+`--gradient-checkpointing` is transformers' (`use_reentrant=False`), `--use-peft` a PEFT LoRA
+adapter as TRL builds it from `--lora-r`, `--lora-alpha`, `--lora-target-modules`.
 
 Not part of CI. Install: pip install torch transformers safetensors
 Usage:
@@ -50,7 +52,7 @@ SIZES = {
 
 def build_model(args, torch, transformers):
     if args.model:
-        m = transformers.LlamaForCausalLM.from_pretrained(
+        m = transformers.AutoModelForCausalLM.from_pretrained(
             args.model, torch_dtype=torch.float32, attn_implementation=args.attn
         )
         name = args.model
@@ -66,6 +68,19 @@ def build_model(args, torch, transformers):
         m = transformers.LlamaForCausalLM(cfg)
         name = f"random {args.size}"
     m.config.use_cache = False
+    if args.gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:
+        import peft
+
+        lora = peft.LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=args.lora_target_modules.split(","),
+            task_type="CAUSAL_LM",
+        )
+        m = peft.get_peft_model(m, lora)
     m.train()
     return m, name
 
@@ -87,6 +102,12 @@ def main():
         help="compute logits for the completion positions only (transformers' logits_to_keep, as "
         "TRL's DPOConfig(use_logits_to_keep=True); TRL's default computes all positions)",
     )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="transformers' gradient checkpointing (use_reentrant=False)")
+    p.add_argument("--use-peft", action="store_true", help="train a PEFT LoRA adapter instead of the weights")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16, TRL's)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32, TRL's)")
+    p.add_argument("--lora-target-modules", default="q_proj,v_proj", help="default q_proj,v_proj (PEFT's Llama default)")
+    p.add_argument("--json", help="also write the rows as JSON")
     args = p.parse_args()
 
     import torch
@@ -130,6 +151,7 @@ def main():
 
     print("| model | params | objective | optim | dtype | device | threads | batch × seq | tokens/step | s/step | tokens/s | peak RSS (MiB) |")
     print("|---|---:|---|---|---|---|---:|---|---:|---:|---:|---:|")
+    rows = []
     for objective in args.objective.split(","):
         opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         reset = reset_peak_rss()
@@ -167,6 +189,15 @@ def main():
                 secs += dt
                 tokens += 2 * B * L
         peak = vm_kib("VmHWM") if reset else None
+        rows.append(
+            {
+                "objective": objective,
+                "tokens_per_step": tokens // args.steps,
+                "seconds_per_step": secs / args.steps,
+                "tokens_per_second": tokens / secs,
+                "peak_rss_mib": None if peak is None else peak / 1024,
+            }
+        )
         print(
             f"| {name} (PyTorch {torch.__version__}, transformers {transformers.__version__}, {args.attn}"
             f"{', logits_to_keep' if args.logits_to_keep else ''}) "
@@ -176,9 +207,29 @@ def main():
         )
         del opt
     try:
-        print("\nload average (1, 5, 15 min): " + " ".join(open("/proc/loadavg").read().split()[:3]))
+        load = " ".join(open("/proc/loadavg").read().split()[:3])
+        print("\nload average (1, 5, 15 min): " + load)
     except OSError:
-        pass
+        load = None
+    if args.json:
+        import json
+
+        training = ("LoRA" if args.use_peft else "full") + (" + ckpt" if args.gradient_checkpointing else "")
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(
+                {
+                    "model": name,
+                    "training": training,
+                    "threads": args.threads,
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                    "load_average": load,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

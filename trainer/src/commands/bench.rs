@@ -89,6 +89,8 @@ struct BenchJson<'a> {
     model: String,
     training: String,
     threads: usize,
+    /// Timed steps per row.
+    steps: usize,
     peak_flops: Option<f64>,
     peak_how: Option<String>,
     load_average: Option<String>,
@@ -764,6 +766,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
                 model: name,
                 training: memory,
                 threads,
+                steps: a.steps,
                 peak_flops: peak.as_ref().map(|p| p.0),
                 peak_how: peak.map(|p| p.1),
                 load_average: load,
