@@ -123,6 +123,37 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// Runs `f` compiled for the widest instruction set of [`level`] (AVX-512F, AVX2 or baseline
+/// x86-64; `DIFINFO_SIMD` lowers it): `f` and what it inlines are compiled inside a
+/// `#[target_feature]` function, so their loops vectorize to that width. Rust contracts no
+/// `a * b + c` into an FMA and reorders no float operation, so the result does not depend on
+/// the level. Lets another crate's element-wise kernels (the trainer's) run at the CPU's width
+/// from a baseline x86-64 build.
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    match level() {
+        #[cfg(all(target_arch = "x86_64", difinfo_avx512))]
+        Level::Avx512 => {
+            #[target_feature(enable = "avx512f,avx2")]
+            unsafe fn v<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: `Level::Avx512` is only produced when the CPU has AVX-512F.
+            unsafe { v(f) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            #[target_feature(enable = "avx2")]
+            unsafe fn v<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: `Level::Avx2` is only produced when the CPU has AVX2.
+            unsafe { v(f) }
+        }
+        Level::Baseline => f(),
+    }
+}
+
 /// Block length of the one-pass log-sum-exp: a block of `f64`s stays in the L1 cache between
 /// its max pass and its exp pass.
 pub(crate) const BLOCK: usize = 2048;
@@ -402,6 +433,23 @@ multiversion! {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vectorized_runs_the_closure_with_the_same_bits() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let work = || {
+            let mut lanes = [0f32; 8];
+            for c in xs.chunks_exact(8) {
+                for j in 0..8 {
+                    lanes[j] += c[j] * c[j] + 1.5 * c[j];
+                }
+            }
+            lanes
+        };
+        let plain = work();
+        let fast = vectorized(work);
+        assert_eq!(plain.map(f32::to_bits), fast.map(f32::to_bits));
+    }
+
     use super::*;
 
     /// Distance in units in the last place (0 for equal values, including equal infinities).

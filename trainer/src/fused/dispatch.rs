@@ -243,12 +243,13 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
     MIN_ELEMS_PER_TASK.div_ceil(row_len.max(1)).max(1)
 }
 
-/// Fills `out` (rows of `row_len`) in parallel: `f(first_row_index, rows)`.
+/// Fills `out` (rows of `row_len`) in parallel: `f(first_row_index, rows)`, compiled for the
+/// CPU's vector width ([`difinfo::simd::vectorized`]; as in [`build_rows`]).
 pub(crate) fn par_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = rows_per_task(row_len);
     out.par_chunks_mut(rows * row_len)
         .enumerate()
-        .for_each(|(c, chunk)| f(c * rows, chunk));
+        .for_each(|(c, chunk)| difinfo::simd::vectorized(|| f(c * rows, chunk)));
 }
 
 /// A vector of `n_rows · row_len` elements built in parallel without zero-filling it first:
@@ -265,7 +266,7 @@ pub(crate) fn build_rows<T: Send>(
     v.spare_capacity_mut()[..n]
         .par_chunks_mut((rows * row_len).max(1))
         .enumerate()
-        .for_each(|(c, chunk)| f(c * rows, chunk));
+        .for_each(|(c, chunk)| difinfo::simd::vectorized(|| f(c * rows, chunk)));
     // SAFETY: `f` wrote every element (each write goes through `write_all`, which checks that
     // it covered its whole slice); a panic in `f` propagates before this line.
     unsafe { v.set_len(n) };

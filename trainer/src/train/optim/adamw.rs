@@ -94,14 +94,16 @@ fn adamw_vecs<T: Real>(s: &AdamWStep, p: &[T], g: &[T], m: &[T], v: &[T]) -> [Ve
         .zip(nv.spare_capacity_mut()[..n].par_chunks_mut(chunk))
         .enumerate()
         .for_each(|(k, ((op, om), ov))| {
-            let o = k * chunk;
-            for i in 0..op.len() {
-                let j = o + i;
-                let (a, b, d) = s.update(&c, p[j], g[j], m[j], v[j]);
-                op[i].write(a);
-                om[i].write(b);
-                ov[i].write(d);
-            }
+            difinfo::simd::vectorized(|| {
+                let o = k * chunk;
+                for i in 0..op.len() {
+                    let j = o + i;
+                    let (a, b, d) = s.update(&c, p[j], g[j], m[j], v[j]);
+                    op[i].write(a);
+                    om[i].write(b);
+                    ov[i].write(d);
+                }
+            })
         });
     // SAFETY: the loop wrote all n elements of each vector (equal lengths, chunked alike); a
     // panic propagates before these lines.
@@ -195,10 +197,12 @@ impl InPlaceKernel for AdamWMoment {
         m.par_chunks_mut(MIN_ELEMS_PER_TASK)
             .zip(g.par_chunks(MIN_ELEMS_PER_TASK))
             .for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    let gg = if second { g * g } else { g };
-                    *m = (*m * b + z) + (gg * one_m_b + z);
-                }
+                difinfo::simd::vectorized(|| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        let gg = if second { g * g } else { g };
+                        *m = (*m * b + z) + (gg * one_m_b + z);
+                    }
+                })
             });
         Ok(())
     }
@@ -217,11 +221,13 @@ impl InPlaceKernel for AdamWParam {
             .zip(m.par_chunks(MIN_ELEMS_PER_TASK))
             .zip(v.par_chunks(MIN_ELEMS_PER_TASK))
             .for_each(|((p, m), v)| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    let q = if decay { *p * c.decay + z } else { *p };
-                    let denom = (v.sqrt() * c.inv_sqrt_bc2 + z) * T::one() + c.eps;
-                    *p = q - ((m / denom) * c.step + z);
-                }
+                difinfo::simd::vectorized(|| {
+                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                        let q = if decay { *p * c.decay + z } else { *p };
+                        let denom = (v.sqrt() * c.inv_sqrt_bc2 + z) * T::one() + c.eps;
+                        *p = q - ((m / denom) * c.step + z);
+                    }
+                })
             });
         Ok(())
     }
