@@ -464,7 +464,8 @@ pub fn model_flops(
 
 /// One forward pass of the decoder layers again per sequence, as gradient checkpointing runs
 /// it in the backward pass: `sequences · (2·body·len + 4·n_layers·len²·d_q)` (see
-/// [`model_flops`]).
+/// [`model_flops`]); an upper bound on the CPU's whole-layer kernels, whose recomputation
+/// skips each layer's down projection (its output is not read by the backward pass).
 pub fn recompute_flops(cfg: &ModelConfig, sequences: usize, len: usize) -> f64 {
     let (weights, attention) = forward_flops(cfg, len, 0);
     sequences as f64 * (weights + attention)

@@ -311,8 +311,10 @@ impl Layer {
 
     /// `x3 = x2 + (silu(h2 w_gateᵀ) ⊙ h2 w_upᵀ) w_downᵀ`, `h2 = norm₂(x2)`,
     /// `x2 = x + attention(split(norm₁(x) w_{q,k,v}ᵀ)) w_oᵀ` (each projection plus its adapter,
-    /// if any); returns `x3` and, with `keep`, what backward needs.
-    fn fwd<T: Real>(&self, x: &[T], keep: bool) -> Result<(Vec<T>, Option<Kept>)> {
+    /// if any); returns `x3` and, with `keep`, what backward needs. Without `out` (the
+    /// recomputation of gradient checkpointing, which needs only what backward reads) `x3` is
+    /// not formed: the down projection, a fifth of the layer's products, is skipped.
+    fn fwd<T: Real>(&self, x: &[T], keep: bool, out: bool) -> Result<(Vec<T>, Option<Kept>)> {
         let (z, [n, hs, i, dq, dkv]) = (self.z, self.sizes());
         let r = self.reads();
         let s = |j| r.get::<T>(j);
@@ -357,9 +359,12 @@ impl Layer {
             ad.fwd(&h2, &mut up, n, hs, i);
         }
         let m = SiluMul::fwd(&a, &up);
-        let mut x3 = LinearAdd::fwd(&m, s(8)?, &x2, n, i, hs);
-        if let Some(ad) = &ads[DOWN] {
-            ad.fwd(&m, &mut x3, n, i, hs);
+        let mut x3 = Vec::new();
+        if out {
+            x3 = LinearAdd::fwd(&m, s(8)?, &x2, n, i, hs);
+            if let Some(ad) = &ads[DOWN] {
+                ad.fwd(&m, &mut x3, n, i, hs);
+            }
         }
         if !keep {
             return Ok((x3, None));
@@ -504,7 +509,7 @@ impl Layer {
             Some(k) => k,
             None => {
                 let _p = crate::profile::region("decoder layer recompute");
-                self.fwd(xs, true)?
+                self.fwd(xs, true, false)?
                     .1
                     .ok_or_else(|| candle_core::Error::Msg("decoder layer: nothing kept".into()))?
             }
@@ -532,7 +537,7 @@ impl Kernel for Layer {
     fn cpu<T: Real>(&self, ins: &Ins<'_>) -> Result<(Vec<T>, Shape)> {
         self.check(ins.shape(0))?;
         let _p = crate::profile::region("decoder layer forward");
-        let (y, kept) = self.fwd(ins.get(0)?, !self.z.recompute)?;
+        let (y, kept) = self.fwd(ins.get(0)?, !self.z.recompute, true)?;
         if let Ok(mut slot) = self.kept.lock() {
             *slot = kept;
         }
