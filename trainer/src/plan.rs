@@ -346,7 +346,8 @@ pub struct Activations {
 /// lora  = Σ_adapted (2·in·[dropout] + r + 3·out)·c    (plain path)
 /// ```
 /// times `S·L` tokens (`S` sequences); checkpointing keeps per layer only its input (twice
-/// on the plain path: the checkpoint node's value and output) plus one recomputed layer.
+/// on the plain path: the checkpoint node's value and output; with the whole-layer kernels
+/// also the MLP's two inputs, `2·c·I`, freed in backward) plus one recomputed layer.
 /// The mask is `S·L²·a`; Gemma2 adds its extra norms and `3·c·n_h·L` per token and layer
 /// for soft-capping.
 pub fn activations(m: &PlanModel, s: &Setup, sequences: u128, len: u128) -> Activations {
@@ -391,7 +392,14 @@ pub fn activations(m: &PlanModel, s: &Setup, sequences: u128, len: u128) -> Acti
     let mask = sequences * len * len * a;
     let one_layer = tokens * per_layer;
     let (fixed, freed_in_backward) = match (s.gradient_checkpointing, kernels) {
-        (true, Kernels::Fused) => (tokens * (nl * c * h + 2 * c * h) + mask, 0),
+        (true, Kernels::Fused) => (
+            tokens * (nl * c * h + 2 * c * h) + mask,
+            if whole_layer(cfg, kernels) {
+                tokens * nl * 2 * c * i
+            } else {
+                0
+            },
+        ),
         (true, Kernels::Plain) => (tokens * (nl * 2 * c * h + norm + c * h) + mask, 0),
         (false, Kernels::Fused) => (
             tokens * (nl * c * h + 2 * c * h) + mask,
@@ -462,13 +470,30 @@ pub fn model_flops(
     sequences as f64 * (w_factor * weights + 3.0 * attention)
 }
 
-/// One forward pass of the decoder layers again per sequence, as gradient checkpointing runs
-/// it in the backward pass: `sequences · (2·body·len + 4·n_layers·len²·d_q)` (see
-/// [`model_flops`]); an upper bound on the CPU's whole-layer kernels, whose recomputation
-/// skips each layer's down projection (its output is not read by the backward pass).
-pub fn recompute_flops(cfg: &ModelConfig, sequences: usize, len: usize) -> f64 {
+/// Whether the decoder layers run as the CPU's whole-layer kernels
+/// ([`crate::fused::decoder_layer`]: Llama-family layers without biases under
+/// [`Kernels::Fused`]); other layers run the separate kernels or plain candle ops.
+pub fn whole_layer(cfg: &ModelConfig, kernels: Kernels) -> bool {
+    kernels == Kernels::Fused && cfg.plain_layers() && !cfg.qkv_bias
+}
+
+/// What gradient checkpointing recomputes in the backward pass, per sequence: without the
+/// whole-layer kernels ([`whole_layer`]) one forward pass of the decoder layers, `sequences · (2·body·len + 4·n_layers·len²·d_q)`
+/// (see [`model_flops`]); on the whole-layer kernels, which keep the MLP's inputs,
+/// the attention half only, `sequences · n_layers · (4·H·(d_q + d_kv)·len + 4·len²·d_q)`
+/// (the q, k, v and o projections and the attention products).
+pub fn recompute_flops(cfg: &ModelConfig, sequences: usize, len: usize, kernels: Kernels) -> f64 {
     let (weights, attention) = forward_flops(cfg, len, 0);
-    sequences as f64 * (weights + attention)
+    match kernels {
+        _ if !whole_layer(cfg, kernels) => sequences as f64 * (weights + attention),
+        _ => {
+            let h = cfg.hidden_size as f64;
+            let dq = (cfg.num_attention_heads * cfg.head_dim) as f64;
+            let dkv = (cfg.num_key_value_heads * cfg.head_dim) as f64;
+            let projections = cfg.num_hidden_layers as f64 * 4.0 * h * (dq + dkv) * len as f64;
+            sequences as f64 * (projections + attention)
+        }
+    }
 }
 
 /// `(weights, attention)`: the forward FLOPs of one sequence, as [`model_flops`] defines them.
@@ -647,6 +672,7 @@ pub fn plan(m: &PlanModel, s: &Setup) -> Result<Plan> {
     );
     let memory = items(
         s,
+        whole_layer(cfg, kernels),
         [
             weights,
             casts,
@@ -665,7 +691,7 @@ pub fn plan(m: &PlanModel, s: &Setup) -> Result<Plan> {
     let seqs = 2 * s.batch * s.accumulation;
     let flops = model_flops(cfg, seqs, s.max_length, s.max_length, s.lora.is_some());
     let recompute = if s.gradient_checkpointing {
-        recompute_flops(cfg, seqs, s.max_length)
+        recompute_flops(cfg, seqs, s.max_length, Kernels::of(s.cuda, s.compute_dtype))
     } else {
         0.0
     };
@@ -694,7 +720,7 @@ pub fn plan(m: &PlanModel, s: &Setup) -> Result<Plan> {
 /// The memory lines with their explanations; `bytes` in the order weights, casts,
 /// gradients, optimizer, activations, transient; `counts` = (parameters, trainable, this
 /// rank's optimizer share in elements).
-fn items(s: &Setup, bytes: [u128; 6], counts: (u128, u128, u128)) -> Vec<Item> {
+fn items(s: &Setup, whole_layer: bool, bytes: [u128; 6], counts: (u128, u128, u128)) -> Vec<Item> {
     let (params, t, share) = counts;
     let dt = |d: DType| crate::dtype::torch_dtype_name(d).to_string();
     let grad_dt = dt(grad_dtype(accumulation_dtype(s.param_dtype)));
@@ -719,7 +745,9 @@ fn items(s: &Setup, bytes: [u128; 6], counts: (u128, u128, u128)) -> Vec<Item> {
     } else {
         "every rank holds all of it (stage 0)".to_string()
     };
-    let ckpt = if s.gradient_checkpointing {
+    let ckpt = if s.gradient_checkpointing && whole_layer {
+        "gradient checkpointing: each layer's input and its MLP's two inputs kept, the attention half recomputed one layer at a time"
+    } else if s.gradient_checkpointing {
         "gradient checkpointing: each layer's input kept, one layer recomputed at a time"
     } else {
         "every layer's activations and attention probabilities kept for the backward pass"
