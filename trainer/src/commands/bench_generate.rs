@@ -121,7 +121,9 @@ pub fn run(a: &BenchGenerateArgs) -> Result<GenerateRow> {
         )));
     }
     if a.threads == Some(0) {
-        return Err(Error::InvalidArgument("--threads must be ≥ 1, got 0".into()));
+        return Err(Error::InvalidArgument(
+            "--threads must be ≥ 1, got 0".into(),
+        ));
     }
     let params = SamplingParams {
         temperature: a.temperature,

@@ -61,6 +61,16 @@ impl KvCache {
             .unwrap_or(0)
     }
 
+    /// Layer `li`'s whole key and value buffers, `[B, kv_heads, capacity, d]` (the first
+    /// [`KvCache::len`] positions hold data once a pass has appended to all layers).
+    pub(super) fn buffers(&self, li: usize) -> Result<(Tensor, Tensor)> {
+        self.layers
+            .get(li)
+            .and_then(Option::as_ref)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("KV cache: layer {li} has no buffers")))
+    }
+
     /// Writes layer `li`'s new keys and values (`[B, kv_heads, l, d]`) at positions
     /// `len .. len + l` and returns all cached ones, `[B, kv_heads, len + l, d]` views of the
     /// buffers. `limit`: the bytes the buffers may take in all (the model's memory ceiling).
