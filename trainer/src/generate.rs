@@ -7,6 +7,7 @@
 
 use candle_core::Tensor;
 use rand::Rng;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
@@ -123,6 +124,17 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
     if temperature <= 0.0 {
         return argmax(logits);
     }
+    sample_token_at(logits, temperature, top_p, || rng.gen::<f64>())
+}
+
+/// [`sample_token`] at `T > 0` with the uniform draw `u ∈ [0, 1)` taken from `draw` (called
+/// once, unless the weights are not finite: then [`argmax`] without a draw).
+fn sample_token_at(
+    logits: &[f32],
+    temperature: f64,
+    top_p: f64,
+    draw: impl FnOnce() -> f64,
+) -> u32 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(usize, f64)> = logits
         .iter()
@@ -147,7 +159,7 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
         probs.truncate(keep.max(1));
     }
     let mass: f64 = probs.iter().map(|p| p.1).sum();
-    let mut u = rng.gen::<f64>() * mass;
+    let mut u = draw() * mass;
     for &(i, p) in &probs {
         if u < p {
             return i as u32;
@@ -313,8 +325,13 @@ pub fn generate(
         .max_new_tokens
         .min(model.config().max_position_embeddings.max(1));
     let mut cache = KvCache::with_capacity(p.saturating_add(room));
-    let input = Tensor::from_vec(prompt_ids.repeat(n), (n, p), dev)?;
+    // The prompt's pass once, its keys and values then copied to every sample's row.
+    let input = Tensor::from_vec(prompt_ids.to_vec(), (1, p), dev)?;
     let mut logits = model.forward_last_with_cache(&input, &mut cache)?;
+    if n > 1 {
+        cache.repeat_batch(n)?;
+        logits = logits.repeat((n, 1))?;
+    }
     let mut samples = vec![
         Sample {
             completion_ids: Vec::new(),
@@ -327,10 +344,11 @@ pub fn generate(
     ];
     for step in 0..params.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let mut next = Vec::with_capacity(n);
-        for (k, (s, row)) in samples.iter_mut().zip(&rows).enumerate() {
+        // In sample order: the finiteness checks, then one uniform draw per live sample (what
+        // `sample_token` draws at T > 0 from finite logits); the rows then in parallel.
+        let mut draws = vec![None; n];
+        for (k, (s, row)) in samples.iter().zip(&rows).enumerate() {
             if s.finished {
-                next.push(stop_ids.first().copied().unwrap_or(0));
                 continue;
             }
             if let Some(&bad) = row.iter().find(|x| !x.is_finite()) {
@@ -339,17 +357,31 @@ pub fn generate(
                     value: f64::from(bad),
                 });
             }
-            let tok = sample_token(row, params.temperature, params.top_p, rng);
-            s.logp += log_softmax_at(row, tok as usize);
-            let (lt, h) = tempered_logp_entropy(row, params.temperature, tok as usize);
-            s.logp_sampled += lt;
-            s.token_entropy += h;
-            s.completion_ids.push(tok);
-            if stop_ids.contains(&tok) {
-                s.finished = true;
-            }
-            next.push(tok);
+            draws[k] = Some((params.temperature > 0.0).then(|| rng.gen::<f64>()));
         }
+        let next: Vec<u32> = samples
+            .par_iter_mut()
+            .zip(&rows)
+            .zip(&draws)
+            .map(|((s, row), draw)| {
+                let Some(u) = *draw else {
+                    return stop_ids.first().copied().unwrap_or(0);
+                };
+                let tok = match u {
+                    Some(u) => sample_token_at(row, params.temperature, params.top_p, || u),
+                    None => argmax(row),
+                };
+                s.logp += log_softmax_at(row, tok as usize);
+                let (lt, h) = tempered_logp_entropy(row, params.temperature, tok as usize);
+                s.logp_sampled += lt;
+                s.token_entropy += h;
+                s.completion_ids.push(tok);
+                if stop_ids.contains(&tok) {
+                    s.finished = true;
+                }
+                tok
+            })
+            .collect();
         if samples.iter().all(|s| s.finished) || step + 1 == params.max_new_tokens {
             break;
         }
