@@ -267,3 +267,44 @@ impl Kernel for GateUpRows {
         Ok((super::mlp::SiluMul::fwd(&a, &b), Shape::from((n, m))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Odd sizes (tails of the eight-lane loops, one and two weight rows, one to four input
+    /// rows per block) against the plain triple loop, with and without the initial values.
+    #[test]
+    fn few_row_products_equal_the_definition() {
+        for (n, k, m) in [(1, 13, 7), (3, 8, 5), (5, 19, 66), (16, 24, 33)] {
+            let x: Vec<f64> = (0..n * k).map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0).collect();
+            let w: Vec<f64> = (0..m * k).map(|i| ((i * 5 % 13) as f64 - 6.0) / 4.0).collect();
+            let r: Vec<f64> = (0..n * m).map(|i| i as f64 / 10.0).collect();
+            let want = |init: bool| -> Vec<f64> {
+                (0..n * m)
+                    .map(|e| {
+                        let (i, o) = (e / m, e % m);
+                        let dot: f64 = (0..k).map(|j| x[i * k + j] * w[o * k + j]).sum();
+                        dot + if init { r[e] } else { 0.0 }
+                    })
+                    .collect()
+            };
+            for init in [false, true] {
+                let expect = want(init);
+                let got = rows_matmul(&x, &w, init.then_some(&r[..]), n, k, m);
+                for (a, b) in got.iter().zip(&expect) {
+                    assert!((a - b).abs() < 1e-12, "f64 {n}×{k}·{m}: {a} vs {b}");
+                }
+                let f = |v: &[f64]| v.iter().map(|&z| z as f32).collect::<Vec<f32>>();
+                let rf = f(&r);
+                let got = rows_matmul(&f(&x), &f(&w), init.then_some(&rf[..]), n, k, m);
+                for (a, b) in got.iter().zip(&expect) {
+                    assert!(
+                        (f64::from(*a) - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "f32 {n}×{k}·{m}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
