@@ -218,9 +218,15 @@ fn batched_cache_matches_full(arch: Architecture, dtype: DType, tol: f64) {
     let (f, c) = (as_f64(&full), as_f64(&cached));
     assert_eq!(f.len(), c.len());
     let d = worst(&f, &c);
-    assert!(d < tol, "{arch:?} {dtype:?}: full vs cached logits differ by {d}");
+    assert!(
+        d < tol,
+        "{arch:?} {dtype:?}: full vs cached logits differ by {d}"
+    );
     let d = worst(&c, &as_f64(&Tensor::cat(&plain, 1).unwrap()));
-    assert!(d < tol, "{arch:?} {dtype:?}: fused vs plain cached logits differ by {d}");
+    assert!(
+        d < tol,
+        "{arch:?} {dtype:?}: fused vs plain cached logits differ by {d}"
+    );
 }
 
 #[test]

@@ -173,9 +173,16 @@ fn measure(a: &BenchGenerateArgs, params: &SamplingParams) -> Result<GenerateRow
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let mut call = || -> Result<()> {
         let samples = generate(&model, &prompt, a.batch, params, &[], &mut rng)?;
-        debug_assert!(samples
+        if let Some(s) = samples
             .iter()
-            .all(|s| s.completion_ids.len() == a.new_tokens));
+            .find(|s| s.completion_ids.len() != a.new_tokens)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a sample got {} new tokens instead of --new-tokens {}",
+                s.completion_ids.len(),
+                a.new_tokens
+            )));
+        }
         std::hint::black_box(samples);
         Ok(())
     };

@@ -63,11 +63,7 @@ impl Kernel for CachedAttention {
                 let qr = &q[((bi * nh + h) * l + li) * d..][..d];
                 for (j, sj) in s.iter_mut().enumerate() {
                     let kr = &kh[j * d..(j + 1) * d];
-                    let mut acc = [T::zero(); 8];
-                    for (c, (a, bk)) in qr.iter().zip(kr).enumerate() {
-                        acc[c % 8] += *a * *bk;
-                    }
-                    let mut z = super::real::lane_sum(acc) * scale;
+                    let mut z = dot(qr, kr) * scale;
                     if let Some(c) = self.softcap {
                         z = T::from_f64(c * (z.to_f64() / c).tanh());
                     }
@@ -100,6 +96,23 @@ impl Kernel for CachedAttention {
         });
         Ok((out, Shape::from((b * l, nh * d))))
     }
+}
+
+/// `Σ a_i b_i` with eight partial sums.
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ac.zip(bc) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    super::real::lane_sum(acc) + tail
 }
 
 /// `softmax(scale · q kᵀ + mask) v` for queries `q: [B, heads, l, d]` over the first `t`

@@ -101,8 +101,8 @@ unsafe fn rows_range<T: Real>(
             let (xc, wc) = (xr.chunks_exact(8), wr.chunks_exact(8));
             let (xt, wt) = (xc.remainder(), wc.remainder());
             for (a, b) in xc.zip(wc) {
-                for l in 0..8 {
-                    acc[l] += a[l] * b[l];
+                for ((s, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+                    *s += a * b;
                 }
             }
             let mut s = super::real::lane_sum(acc);
@@ -277,8 +277,12 @@ mod tests {
     #[test]
     fn few_row_products_equal_the_definition() {
         for (n, k, m) in [(1, 13, 7), (3, 8, 5), (5, 19, 66), (16, 24, 33)] {
-            let x: Vec<f64> = (0..n * k).map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0).collect();
-            let w: Vec<f64> = (0..m * k).map(|i| ((i * 5 % 13) as f64 - 6.0) / 4.0).collect();
+            let x: Vec<f64> = (0..n * k)
+                .map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0)
+                .collect();
+            let w: Vec<f64> = (0..m * k)
+                .map(|i| ((i * 5 % 13) as f64 - 6.0) / 4.0)
+                .collect();
             let r: Vec<f64> = (0..n * m).map(|i| i as f64 / 10.0).collect();
             let want = |init: bool| -> Vec<f64> {
                 (0..n * m)
