@@ -156,7 +156,9 @@ mod avx2 {
         }
     }
 
-    /// `dst[i + a, o + b] += x[i + a] · w[o + b]` for `a < R`, `b < C`.
+    /// `dst[i + a, o + b] += x[i + a] · w[o + b]` for `a < R`, `b < C`. Index loops over the
+    /// accumulator registers (no closures: they would not inherit the target features).
+    #[allow(clippy::needless_range_loop)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block<const C: usize, const R: usize>(
