@@ -170,11 +170,11 @@ fn sample_token_at(
 }
 
 /// The least memory [`generate`] takes for `n` samples of a `prompt_len`-token prompt with a
-/// budget of `max_new_tokens`, and what it is made of: the batch's prompt ids and, once the
-/// prompt is encoded, the key/value cache (room for the prompt and the new tokens up to the
-/// context, as [`generate`] reserves it), the next-token logits copied to the host and the
-/// samples, or, while the prompt is encoded, its attention probabilities
-/// ([`Model::forward_memory`] without a graph). The cache and the attention count only on the
+/// budget of `max_new_tokens`, and what it is made of: the prompt's ids and, once the prompt
+/// is encoded, the key/value cache of the `n` samples (room for the prompt and the new tokens
+/// up to the context, as [`generate`] reserves it), the next-token logits copied to the host
+/// and the samples, or, while the prompt is encoded (once, for all samples), its attention
+/// probabilities ([`Model::forward_memory`] of one sequence without a graph). The cache and the attention count only on the
 /// CPU, where they are host memory. A lower bound, so that a refusal is certain to be right.
 pub fn generate_memory(
     model: &Model,
@@ -186,11 +186,11 @@ pub fn generate_memory(
     let (n, p) = (n as u128, prompt_len as u128);
     let room = max_new_tokens.min(c.max_position_embeddings.max(1)) as u128;
     let mul = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
-    let ids = mul(&[n, p, 4]);
+    let ids = mul(&[p, 4]);
     let logits = mul(&[n, c.vocab_size as u128, 4]);
     let samples = mul(&[n, std::mem::size_of::<Sample>() as u128]);
     let mut detail = format!(
-        "prompt ids: {n} sample(s) × {p} tokens × 4 bytes; next-token logits: {n} × {} × 4 bytes",
+        "prompt ids: {p} tokens × 4 bytes; next-token logits: {n} × {} × 4 bytes",
         c.vocab_size
     );
     let (mut kv, mut attention) = (0, 0);
@@ -213,9 +213,7 @@ pub fn generate_memory(
             p.saturating_add(room),
             c.head_dim
         );
-        let (a, d) = model
-            .detached()
-            .forward_memory(n as usize, p as usize, p as usize);
+        let (a, d) = model.detached().forward_memory(1, p as usize, p as usize);
         attention = a;
         detail += &format!("; or, while the prompt is encoded, {d}");
     }
@@ -316,7 +314,7 @@ pub fn generate(
     }
     let model = &model.detached();
     // The prompt's pass first (its own message), then all that generating keeps.
-    model.check_forward_size(n, prompt_ids.len(), 0)?;
+    model.check_forward_size(1, prompt_ids.len(), 0)?;
     check_generate_size(model, n, prompt_ids.len(), params.max_new_tokens)?;
     let dev = model.device();
     let p = prompt_ids.len();
