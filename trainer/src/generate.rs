@@ -7,6 +7,7 @@
 
 use candle_core::Tensor;
 use rand::Rng;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
@@ -123,6 +124,17 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
     if temperature <= 0.0 {
         return argmax(logits);
     }
+    sample_token_at(logits, temperature, top_p, || rng.gen::<f64>())
+}
+
+/// [`sample_token`] at `T > 0` with the uniform draw `u ∈ [0, 1)` taken from `draw` (called
+/// once, unless the weights are not finite: then [`argmax`] without a draw).
+fn sample_token_at(
+    logits: &[f32],
+    temperature: f64,
+    top_p: f64,
+    draw: impl FnOnce() -> f64,
+) -> u32 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(usize, f64)> = logits
         .iter()
@@ -147,7 +159,7 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
         probs.truncate(keep.max(1));
     }
     let mass: f64 = probs.iter().map(|p| p.1).sum();
-    let mut u = rng.gen::<f64>() * mass;
+    let mut u = draw() * mass;
     for &(i, p) in &probs {
         if u < p {
             return i as u32;
@@ -158,11 +170,11 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl
 }
 
 /// The least memory [`generate`] takes for `n` samples of a `prompt_len`-token prompt with a
-/// budget of `max_new_tokens`, and what it is made of: the batch's prompt ids and, once the
-/// prompt is encoded, the key/value cache (room for the prompt and the new tokens up to the
-/// context, as [`generate`] reserves it), the next-token logits copied to the host and the
-/// samples, or, while the prompt is encoded, its attention probabilities
-/// ([`Model::forward_memory`] without a graph). The cache and the attention count only on the
+/// budget of `max_new_tokens`, and what it is made of: the prompt's ids and, once the prompt
+/// is encoded, the key/value cache of the `n` samples (room for the prompt and the new tokens
+/// up to the context, as [`generate`] reserves it), the next-token logits copied to the host
+/// and the samples, or, while the prompt is encoded (once, for all samples), its attention
+/// probabilities ([`Model::forward_memory`] of one sequence without a graph). The cache and the attention count only on the
 /// CPU, where they are host memory. A lower bound, so that a refusal is certain to be right.
 pub fn generate_memory(
     model: &Model,
@@ -174,11 +186,11 @@ pub fn generate_memory(
     let (n, p) = (n as u128, prompt_len as u128);
     let room = max_new_tokens.min(c.max_position_embeddings.max(1)) as u128;
     let mul = |xs: &[u128]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x));
-    let ids = mul(&[n, p, 4]);
+    let ids = mul(&[p, 4]);
     let logits = mul(&[n, c.vocab_size as u128, 4]);
     let samples = mul(&[n, std::mem::size_of::<Sample>() as u128]);
     let mut detail = format!(
-        "prompt ids: {n} sample(s) × {p} tokens × 4 bytes; next-token logits: {n} × {} × 4 bytes",
+        "prompt ids: {p} tokens × 4 bytes; next-token logits: {n} × {} × 4 bytes",
         c.vocab_size
     );
     let (mut kv, mut attention) = (0, 0);
@@ -201,9 +213,7 @@ pub fn generate_memory(
             p.saturating_add(room),
             c.head_dim
         );
-        let (a, d) = model
-            .detached()
-            .forward_memory(n as usize, p as usize, p as usize);
+        let (a, d) = model.detached().forward_memory(1, p as usize, p as usize);
         attention = a;
         detail += &format!("; or, while the prompt is encoded, {d}");
     }
@@ -304,7 +314,7 @@ pub fn generate(
     }
     let model = &model.detached();
     // The prompt's pass first (its own message), then all that generating keeps.
-    model.check_forward_size(n, prompt_ids.len(), 0)?;
+    model.check_forward_size(1, prompt_ids.len(), 0)?;
     check_generate_size(model, n, prompt_ids.len(), params.max_new_tokens)?;
     let dev = model.device();
     let p = prompt_ids.len();
@@ -313,8 +323,13 @@ pub fn generate(
         .max_new_tokens
         .min(model.config().max_position_embeddings.max(1));
     let mut cache = KvCache::with_capacity(p.saturating_add(room));
-    let input = Tensor::from_vec(prompt_ids.repeat(n), (n, p), dev)?;
+    // The prompt's pass once, its keys and values then copied to every sample's row.
+    let input = Tensor::from_vec(prompt_ids.to_vec(), (1, p), dev)?;
     let mut logits = model.forward_last_with_cache(&input, &mut cache)?;
+    if n > 1 {
+        cache.repeat_batch(n)?;
+        logits = logits.repeat((n, 1))?;
+    }
     let mut samples = vec![
         Sample {
             completion_ids: Vec::new(),
@@ -327,10 +342,11 @@ pub fn generate(
     ];
     for step in 0..params.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let mut next = Vec::with_capacity(n);
-        for (k, (s, row)) in samples.iter_mut().zip(&rows).enumerate() {
+        // In sample order: the finiteness checks, then one uniform draw per live sample (what
+        // `sample_token` draws at T > 0 from finite logits); the rows then in parallel.
+        let mut draws = vec![None; n];
+        for (k, (s, row)) in samples.iter().zip(&rows).enumerate() {
             if s.finished {
-                next.push(stop_ids.first().copied().unwrap_or(0));
                 continue;
             }
             if let Some(&bad) = row.iter().find(|x| !x.is_finite()) {
@@ -339,17 +355,31 @@ pub fn generate(
                     value: f64::from(bad),
                 });
             }
-            let tok = sample_token(row, params.temperature, params.top_p, rng);
-            s.logp += log_softmax_at(row, tok as usize);
-            let (lt, h) = tempered_logp_entropy(row, params.temperature, tok as usize);
-            s.logp_sampled += lt;
-            s.token_entropy += h;
-            s.completion_ids.push(tok);
-            if stop_ids.contains(&tok) {
-                s.finished = true;
-            }
-            next.push(tok);
+            draws[k] = Some((params.temperature > 0.0).then(|| rng.gen::<f64>()));
         }
+        let next: Vec<u32> = samples
+            .par_iter_mut()
+            .zip(&rows)
+            .zip(&draws)
+            .map(|((s, row), draw)| {
+                let Some(u) = *draw else {
+                    return stop_ids.first().copied().unwrap_or(0);
+                };
+                let tok = match u {
+                    Some(u) => sample_token_at(row, params.temperature, params.top_p, || u),
+                    None => argmax(row),
+                };
+                s.logp += log_softmax_at(row, tok as usize);
+                let (lt, h) = tempered_logp_entropy(row, params.temperature, tok as usize);
+                s.logp_sampled += lt;
+                s.token_entropy += h;
+                s.completion_ids.push(tok);
+                if stop_ids.contains(&tok) {
+                    s.finished = true;
+                }
+                tok
+            })
+            .collect();
         if samples.iter().all(|s| s.finished) || step + 1 == params.max_new_tokens {
             break;
         }

@@ -347,8 +347,9 @@ fn over_long_inputs_are_refused_before_allocating() {
             "2",
         ],
         &[
+            // The prompt is encoded once for the two samples.
             &format!(
-                "{}:1: field `prompt`: a forward pass over 2 sequence(s) of",
+                "{}:1: field `prompt`: a forward pass over 1 sequence(s) of",
                 s(&prm)
             ),
             "shorten the prompt (--max-prompt-length)",

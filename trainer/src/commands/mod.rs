@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bench_forward;
+pub mod bench_generate;
 pub mod beta_accuracy;
 pub mod build_pairs;
 pub mod convert;
@@ -50,6 +51,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Measure forward (and forward+backward) throughput in tokens/s.
     BenchForward(bench_forward::BenchForwardArgs),
+    /// New tokens/s and peak memory of sampling (`sample`'s generation, a KV cache), as a table.
+    BenchGenerate(bench_generate::BenchGenerateArgs),
     /// Supervised fine-tuning (TRL SFTTrainer options): NLL of completions or of whole sequences.
     Sft(sft::SftArgs),
     /// Preference optimization (TRL DPOTrainer options): every TRL loss type and combination,
@@ -123,6 +126,7 @@ pub fn run(command: Command, sub: &ArgMatches) -> Result<()> {
         Command::Sample(a) => sample::run(a),
         Command::Score(a) => score::run(a),
         Command::BenchForward(a) => bench_forward::run(a),
+        Command::BenchGenerate(a) => bench_generate::run(&a).map(|_| ()),
         Command::Sft(a) => sft::run(&a, sub),
         Command::Dpo(a) => dpo::run(&a, sub),
         Command::Reward(a) => reward::run(&a, sub),

@@ -103,11 +103,15 @@ impl Kernel for LinearBwd {
 /// A linear map `y = x wᵀ` (`x: [N, in]`, `w: [out, in]` → `[N, out]`) through the `gemm`
 /// crate, differentiable in `x` and `w`: the weight's gradient comes out in `w`'s own layout
 /// (candle's `x.matmul(&w.t())` adds a transpose node whose backward is a strided
-/// accumulation), and no output is zero-filled before the product is written.
+/// accumulation), and no output is zero-filled before the product is written. A few rows
+/// without a gradient (a decoding step) run on [`super::rows`]' kernel instead.
 ///
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if super::rows::applies(x, &[w]) {
+        return apply(&[x, w], super::rows::LinearRows);
+    }
     apply(&[x, w], Linear)
 }
 
@@ -158,10 +162,14 @@ impl Kernel for LinearAdd {
 /// `y = r + x wᵀ` for `x: [N, in]`, `w: [out, in]` and a residual `r: [N, out]`: the linear
 /// layer of [`linear`] accumulated by the gemm straight into a copy of the residual, one graph
 /// node instead of two (no separate add, with its zero buffers and accumulations in backward).
+/// A few rows without a gradient (a decoding step) run on [`super::rows`]' kernel.
 ///
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn linear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+    if super::rows::applies(x, &[w, r]) {
+        return apply(&[x, w, r], super::rows::LinearAddRows);
+    }
     apply(&[x, w, r], LinearAdd)
 }
 

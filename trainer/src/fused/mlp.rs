@@ -221,6 +221,9 @@ impl Kernel for GateUpBwd {
 /// # Errors
 /// Shapes, dtypes (f32/f64 CPU only, see [`super::enabled`]).
 pub fn gate_up(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
+    if super::rows::applies(x, &[w_gate, w_up]) {
+        return apply(&[x, w_gate, w_up], super::rows::GateUpRows);
+    }
     let kept = std::sync::Mutex::new(None);
     apply(&[x, w_gate, w_up], GateUp { kept })
 }

@@ -6,6 +6,7 @@
 //! | `norm.rs` | RMSNorm `y = x / sqrt(mean(x²) + ε) ⊙ w` | [`rms_norm`] |
 //! | `heads.rs` | head split `[B·l, h·d] → [B, h', l, d]` with RoPE and grouped-query repetition | [`split_heads`] |
 //! | `softmax.rs` | `softmax(scale · s + mask)` over the last dimension | [`masked_softmax`] |
+//! | `cached_attention.rs` | a decoding step's attention over the KV cache, read in place (no gradient) | [`cached_attention`] |
 //! | `attention.rs` | the attention core `softmax(scale · q kᵀ + mask) v`, heads merged | [`attention()`] |
 //! | `linear.rs` | `y = x wᵀ`, and `y = r + x wᵀ` (residual folded in) | [`linear()`], [`linear_add`] |
 //! | `mlp.rs` | `silu(a) ⊙ b` and the gated MLP input `silu(x w_gateᵀ) ⊙ x w_upᵀ` | [`silu_mul`], [`gate_up`] |
@@ -14,6 +15,7 @@
 //! | `layer.rs` | a whole decoder layer (norms, attention, MLP, residuals, LoRA) as one node | [`decoder_layer`] |
 //! | `sink.rs` | weight gradients left outside candle's store | [`GradSink`] |
 //! | `gemm.rs` | `dst (+)= lhs · rhs` on the `gemm` crate | (internal) |
+//! | `rows.rs` | `y = x wᵀ` for a few rows without a gradient (decoding), the weight read once | (inside [`linear()`], [`linear_add`], [`gate_up`]) |
 //! | `real.rs` | the f32/f64 element trait, `exp`, row max / sum / log-sum-exp | (internal) |
 //! | `dispatch.rs` | the generic custom-op wrapper (`Kernel`, `Op`), parallel row builders, the buffer pool | (internal) |
 //!
@@ -37,6 +39,7 @@
 use candle_core::{DType, Tensor};
 
 mod attention;
+mod cached_attention;
 pub(crate) mod dispatch;
 mod embedding;
 mod gemm;
@@ -47,10 +50,12 @@ mod lm_head;
 mod mlp;
 mod norm;
 pub(crate) mod real;
+mod rows;
 mod sink;
 mod softmax;
 
 pub use attention::attention;
+pub use cached_attention::cached_attention;
 pub use embedding::embedding;
 pub use heads::split_heads;
 pub use layer::{decoder_layer, LayerDims, LayerWeights, LoraWeights};
@@ -61,6 +66,7 @@ pub use lm_head::{
 };
 pub use mlp::{gate_up, silu_mul};
 pub use norm::rms_norm;
+pub(crate) use rows::ROWS_MAX;
 pub use sink::GradSink;
 pub use softmax::masked_softmax;
 

@@ -318,6 +318,22 @@ impl LayerCtx {
             let mut v = v;
             if let Some((c, li)) = cache {
                 (k, v) = c.append(li, &k, &v, self.memory_limit)?;
+                let t = k.dim(2)?;
+                let fits = self.mask.as_ref().is_none_or(|m| fusable_mask(m, b, l, t));
+                if acc == cd && fits && self.use_fused(&q) && !q.track_op() {
+                    // The cache's buffers read in place, the heads unrepeated.
+                    let (kb, vb) = c.buffers(li)?;
+                    let att = crate::fused::cached_attention(
+                        &q,
+                        &kb,
+                        &vb,
+                        t,
+                        scale,
+                        self.attn_softcap,
+                        self.mask.as_ref(),
+                    )?;
+                    return self.finish(blk, x, &att);
+                }
             }
             let t = k.dim(2)?;
             unexpanded = Some((k.clone(), v.clone()));
@@ -365,9 +381,16 @@ impl LayerCtx {
                 }
             },
         };
+        self.finish(blk, x, &att)
+    }
+
+    /// The rest of a decoder layer after the attention core `att: [B·l, heads·d]`: the output
+    /// projection and residual (Gemma2: its norm), then the MLP with its residual.
+    fn finish(&self, blk: &Block, x: &Tensor, att: &Tensor) -> Result<Tensor> {
+        let fz = self.use_fused(x);
         let x = match &blk.out_norms {
-            Some((post_attn, _)) => (x + self.norm(&blk.o.apply(fz, &att)?, post_attn)?)?,
-            None => blk.o.apply_add(fz, &att, x)?,
+            Some((post_attn, _)) => (x + self.norm(&blk.o.apply(fz, att)?, post_attn)?)?,
+            None => blk.o.apply_add(fz, att, x)?,
         };
         let h = self.norm(&x, &blk.ln2)?;
         if self.gemma {

@@ -61,6 +61,38 @@ impl KvCache {
             .unwrap_or(0)
     }
 
+    /// Layer `li`'s whole key and value buffers, `[B, kv_heads, capacity, d]` (the first
+    /// [`KvCache::len`] positions hold data once a pass has appended to all layers).
+    pub(super) fn buffers(&self, li: usize) -> Result<(Tensor, Tensor)> {
+        self.layers
+            .get(li)
+            .and_then(Option::as_ref)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("KV cache: layer {li} has no buffers")))
+    }
+
+    /// Copies the cached positions of a one-sequence cache to `n` sequences (the prompt of
+    /// `n` samples encoded once): every buffer `[1, kv_heads, capacity, d]` becomes
+    /// `[n, kv_heads, capacity, d]`.
+    ///
+    /// # Errors
+    /// A cache of more than one sequence; tensor errors.
+    pub fn repeat_batch(&mut self, n: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let (b, kvh, cap, d) = k.dims4()?;
+            if b != 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "KV cache: repeat_batch needs one sequence, the cache holds {b}"
+                )));
+            }
+            let rep = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.broadcast_as((n, kvh, cap, d))?.contiguous()?)
+            };
+            (*k, *v) = (rep(k)?, rep(v)?);
+        }
+        Ok(())
+    }
+
     /// Writes layer `li`'s new keys and values (`[B, kv_heads, l, d]`) at positions
     /// `len .. len + l` and returns all cached ones, `[B, kv_heads, len + l, d]` views of the
     /// buffers. `limit`: the bytes the buffers may take in all (the model's memory ceiling).

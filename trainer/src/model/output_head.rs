@@ -28,10 +28,19 @@ impl Model {
     pub(super) fn head(&self, h: &Tensor) -> Result<Tensor> {
         let (b, l, hs) = h.dims3()?;
         let cd = self.compute_dtype;
-        let logits = h
-            .reshape((b * l, hs))?
-            .matmul(&self.lm_head.to_dtype(cd)?.t()?)?
-            .to_dtype(accumulation_dtype(cd))?;
+        let h2 = h.reshape((b * l, hs))?;
+        let w = self.lm_head.to_dtype(cd)?;
+        let logits = if self.use_fused(&h2)
+            && !h2.track_op()
+            && !w.track_op()
+            && b * l <= crate::fused::ROWS_MAX
+        {
+            // A decoding step: the few-row kernel reads the head's weight once.
+            crate::fused::linear(&h2, &w)?
+        } else {
+            h2.matmul(&w.t()?)?
+        }
+        .to_dtype(accumulation_dtype(cd))?;
         let logits = match self.config.final_logit_softcapping {
             Some(c) => super::block::softcap(&logits, c)?,
             None => logits,

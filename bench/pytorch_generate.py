@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Sampling throughput of transformers' `generate`, the counterpart of `difinfo-train bench-generate`.
+
+Same model (a checkpoint directory's config.json and safetensors, or a random Llama of the same
+named size), f32 on CPU, the default attention (sdpa) and cache (DynamicCache):
+`model.generate(prompt, do_sample=True, num_return_sequences=--batch,
+max_new_tokens=--new-tokens, min_new_tokens=--new-tokens, temperature, top_p, top_k=0)`, so
+every sample gets exactly --new-tokens tokens (no stop token), the same work as difinfo's.
+Each timed call covers the prompt's pass and every decoding step. Prints new tokens/s over the
+timed calls and the peak RSS (VmHWM, reset after setup) as the same Markdown row as
+`difinfo-train bench-generate`; --json writes the row as JSON.
+
+Not part of CI. Install: pip install torch transformers safetensors
+Usage:
+  python bench/pytorch_generate.py --model /path/to/SmolLM2-135M-Instruct --batch 8 --prompt-len 64 --new-tokens 128
+  difinfo-train bench-generate --model /path/to/SmolLM2-135M-Instruct --batch 8 --prompt-len 64 --new-tokens 128
+"""
+
+import argparse
+import json
+import os
+import time
+
+
+def vm_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+SIZES = {
+    # name: (vocab, hidden, intermediate, layers, heads, kv_heads), as difinfo-trainer's init.rs
+    "tiny": (1024, 128, 352, 4, 4, 2),
+    "small": (8192, 384, 1152, 8, 6, 2),
+    "smollm2-135m": (49152, 576, 1536, 30, 9, 3),
+}
+
+HEADER = (
+    "| model | threads | batch × new tokens | prompt | s | new tokens/s | peak RSS (MiB) | load average |\n"
+    "|---|---:|---|---:|---:|---:|---:|---|"
+)
+
+
+def build_model(args, torch, transformers):
+    if args.model:
+        m = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        name = args.model
+    else:
+        v, h, i, l, a, kv = SIZES[args.size]
+        cfg = transformers.LlamaConfig(
+            vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=l,
+            num_attention_heads=a, num_key_value_heads=kv, rms_norm_eps=1e-5, rope_theta=10000.0,
+            max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        )
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(cfg)
+        name = f"random {args.size}"
+    m.eval()
+    return m, name
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hugging Face checkpoint directory (default: random Llama of --size)")
+    p.add_argument("--size", default="small", choices=sorted(SIZES), help="default: small")
+    p.add_argument("--batch", type=int, default=8, help="samples drawn together (default 8)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens, random ids (default 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per sample (default 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="default 1.0 (off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt and the draws (default 0)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (default 1)")
+    p.add_argument("--steps", type=int, default=3, help="timed calls (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--json", help="also write the row to this file as JSON")
+    args = p.parse_args()
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    model, name = build_model(args, torch, transformers)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=g)
+    greedy = args.temperature == 0.0
+    kw = dict(
+        do_sample=not greedy,
+        num_return_sequences=args.batch,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        attention_mask=torch.ones_like(prompt),
+        pad_token_id=0,
+    )
+    if not greedy:
+        kw.update(temperature=args.temperature, top_p=args.top_p, top_k=0)
+
+    def call():
+        with torch.no_grad():
+            out = model.generate(prompt, **kw)
+        assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+
+    torch.manual_seed(args.seed)
+    for _ in range(args.warmup):
+        call()
+    reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        call()
+    secs = (time.perf_counter() - t0) / args.steps
+    hwm = vm_kib("VmHWM") if reset else None
+    try:
+        with open("/proc/loadavg") as f:
+            load = " ".join(f.read().split()[:3])
+    except OSError:
+        load = None
+    row = {
+        "model": name,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "seconds": secs,
+        "new_tokens_per_second": args.batch * args.new_tokens / secs,
+        "peak_rss_mib": hwm / 1024 if hwm is not None else None,
+        "load_average": load,
+    }
+    print(HEADER)
+    print(
+        f"| {row['model']} | {row['threads']} | {args.batch} × {args.new_tokens} | {args.prompt_len} | "
+        f"{secs:.3f} | {row['new_tokens_per_second']:.1f} | "
+        f"{'n/a' if hwm is None else f'{hwm / 1024:.0f}'} | {load or 'n/a'} |"
+    )
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([row], f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
