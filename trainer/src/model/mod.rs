@@ -43,7 +43,8 @@ use crate::error::{Error, Result};
 use adapted_linear::{Lin, LoraLin};
 use block::Block;
 pub use block::{
-    apply_rope, causal_mask, gelu_tanh, gemma_rms_norm, rms_norm, softcap, window_band, MASK_VALUE,
+    apply_rope, causal_mask, gelu_tanh, gemma_rms_norm, packed_causal_mask, rms_norm, softcap,
+    window_band, MASK_VALUE,
 };
 pub use kv_cache::KvCache;
 pub use score_head::{scored_position, RewardModel, SCORE_WEIGHT};

@@ -145,6 +145,7 @@ impl Model {
                 "token_logps needs sequences of length ≥ 2".into(),
             ));
         }
+        self.check_forward_size(b, l, 0)?;
         let (mask, causal) = self.training_mask(b, l, attention_mask)?;
         self.logps_on(ids, (&mask, causal, None), rows, sq)
     }
@@ -161,6 +162,7 @@ impl Model {
         p: &crate::batch::Packed,
         sq: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.check_packed_size(&p.lengths)?;
         let acc = accumulation_dtype(self.compute_dtype);
         let mask =
             super::block::packed_causal_mask(&p.lengths, self.base_window(), acc, &self.device)?;
@@ -182,7 +184,6 @@ impl Model {
         sq: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, l) = ids.dims2()?;
-        self.check_forward_size(b, l, 0)?;
         if let Some(r) = rows {
             if r.dims() != [b, l - 1] {
                 return Err(Error::InvalidArgument(format!(
