@@ -40,9 +40,17 @@ pub struct BenchArgs {
     /// Preference pairs per step
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Tokens per sequence (half prompt, half completion)
+    /// Tokens per sequence (half prompt, half completion) of the random pairs
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
+    /// Measure on the pairs of a TRL preference file (JSONL, JSON or Parquet, any format
+    /// `dpo --data` reads), tokenized as `dpo` tokenizes them with the tokenizer of
+    /// --model: real lengths, so the padding of real batches; replaces --seq's random pairs
+    #[arg(long, value_name = "FILE", requires = "model", conflicts_with = "seq")]
+    pub data: Option<PathBuf>,
+    /// Longest sequence of --data (prompt + completion; TRL's max_length, 0: none)
+    #[arg(long, default_value_t = TrainConfig::default().max_length, requires = "data")]
+    pub max_length: usize,
     /// Objectives to measure, comma-separated: dpo, dpo-pg, ref-free
     #[arg(long, default_value = "dpo", value_delimiter = ',', value_parser = ["dpo", "dpo-pg", "ref-free"])]
     pub objective: Vec<String>,
@@ -64,6 +72,22 @@ pub struct BenchArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub memory: MemoryOptions,
+    /// Also write the table as JSON (the rows, the machine's peak, the load average), e.g. for
+    /// `bench/compare.sh`
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// What `bench --json` writes.
+#[derive(Debug, serde::Serialize)]
+struct BenchJson<'a> {
+    model: String,
+    training: String,
+    threads: usize,
+    peak_flops: Option<f64>,
+    peak_how: Option<String>,
+    load_average: Option<String>,
+    rows: &'a [BenchRow],
 }
 
 /// The model under a bench: checkpoints are not written (not part of a step).
@@ -123,6 +147,9 @@ pub struct BenchRow {
     pub objective: String,
     /// Tokens (non-padding, all forward passes) per step.
     pub tokens_per_step: usize,
+    /// The share of padding in the padded batches of the timed steps:
+    /// `1 − real tokens / (rows × longest row)`, summed over the forward passes.
+    pub padding_share: f64,
     /// Mean seconds per timed step.
     pub seconds_per_step: f64,
     /// Tokens per second over the timed steps.
@@ -300,7 +327,66 @@ pub(crate) fn check_bench_size(
     model.check_forward_size(batch, seq, 0).map_err(named)
 }
 
-fn pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
+/// The pairs a bench trains on: random ones of `--seq` tokens, or the pairs of a data file,
+/// repeated in order when the steps need more than it has.
+pub struct BenchPairs {
+    /// The distinct pairs.
+    pub pairs: Vec<PreferencePair>,
+    /// Their padding token.
+    pub pad_id: u32,
+}
+
+impl BenchPairs {
+    /// `n` pairs: the first `n`, cycling through the file's pairs when it has fewer.
+    fn take(&self, n: usize) -> Vec<PreferencePair> {
+        self.pairs.iter().cycle().take(n).cloned().collect()
+    }
+}
+
+/// Rows × longest row of the forward passes over `micro`'s pairs: chosen and rejected in one
+/// padded batch, or (`separate`, DPO-PG's two passes) in one batch each.
+pub fn padded_positions(micro: &[&PreferencePair], separate: bool) -> usize {
+    let longest =
+        |it: &mut dyn Iterator<Item = &Sequence>| it.map(|s| s.ids.len().max(2)).max().unwrap_or(0);
+    let n = micro.len();
+    if separate {
+        n * longest(&mut micro.iter().map(|p| &p.chosen))
+            + n * longest(&mut micro.iter().map(|p| &p.rejected))
+    } else {
+        2 * n * longest(&mut micro.iter().flat_map(|p| [&p.chosen, &p.rejected]))
+    }
+}
+
+/// The pairs of a TRL preference file, tokenized as `dpo` tokenizes them (the tokenizer and
+/// chat template of `model_dir`, TRL's defaults, `max_length`).
+///
+/// # Errors
+/// Data errors (file:line:field) and a file that leaves no pair.
+fn file_pairs(model_dir: &Path, file: &Path, max_length: usize) -> crate::Result<BenchPairs> {
+    use crate::train::config::Limit;
+    let bundle = crate::commands::shared::load_bundle(model_dir)?;
+    let opts = crate::tokenize::TokenizeOptions {
+        max_length: Limit::from_count(max_length).0,
+        max_prompt_length: Limit::from_count(TrainConfig::default().max_prompt_length).0,
+        truncation_mode: Default::default(),
+        boundary: Default::default(),
+    };
+    let ds = crate::tokenize::load_preferences(&bundle, file, &opts, false)?;
+    crate::commands::shared::require_examples(file, &ds.stats)?;
+    Ok(BenchPairs {
+        pairs: ds
+            .examples
+            .iter()
+            .map(|e| PreferencePair {
+                chosen: e.value.chosen_sequence(),
+                rejected: e.value.rejected_sequence(),
+            })
+            .collect(),
+        pad_id: bundle.pad_id(),
+    })
+}
+
+fn random_pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
     let mut rng = SplitMix64::new(seed);
     let p = seq / 2;
     let mut tok = move || 3 + rng.below(u64::from(vocab - 3)) as u32;
@@ -332,18 +418,20 @@ fn pairs(n: usize, seq: usize, vocab: u32, seed: u64) -> Vec<PreferencePair> {
 pub fn bench_objective(
     model: &TrainModel,
     a: &BenchArgs,
+    source: &BenchPairs,
     name: &str,
     objective: Objective,
 ) -> crate::Result<BenchRow> {
     let steps = a.warmup + a.steps;
-    let vocab = model.model.config().vocab_size as u32;
     let ranks = crate::dist::world().world_size();
+    // Every rank's pairs of every step (a global micro-batch is --batch × ranks pairs), and
+    // one step more: the run neither ends nor ends an epoch, so no checkpoint is gathered
+    // or written within the measured steps.
+    let pairs = source.take(a.batch * ranks * (steps + 1));
+    let separate = objective.rule() == difinfo::objective::Rule::ProjectedGradient;
     let data = Dataset {
-        // Every rank's pairs of every step (a global micro-batch is --batch × ranks pairs), and
-        // one step more: the run neither ends nor ends an epoch, so no checkpoint is gathered
-        // or written within the measured steps.
-        examples: Examples::Preference(pairs(a.batch * ranks * (steps + 1), a.seq, vocab, 7)),
-        pad_id: 0,
+        examples: Examples::Preference(pairs.clone()),
+        pad_id: source.pad_id,
         settings: "bench".into(),
     };
     let out = std::env::temp_dir().join(format!("difinfo-bench-{}-{}", std::process::id(), a.seq));
@@ -365,6 +453,8 @@ pub fn bench_objective(
     let mut t = Trainer::new(&m, cfg, data)?;
     let peak_reset = reset_peak_rss();
     let (mut tokens, mut secs, mut comm) = (0usize, 0.0f64, 0.0f64);
+    let (mut flops, mut positions) = (0.0f64, 0usize);
+    let frozen = model.model.lora_config().is_some();
     for i in 0..steps {
         let r = t
             .train_step()?
@@ -373,6 +463,18 @@ pub fn bench_objective(
             tokens += r.tokens;
             secs += r.seconds;
             comm += r.comm_seconds;
+            for mb in &r.examples {
+                let micro: Vec<&PreferencePair> = mb.iter().map(|&j| &pairs[j]).collect();
+                positions += padded_positions(&micro, separate);
+                flops += micro
+                    .iter()
+                    .flat_map(|p| [&p.chosen, &p.rejected])
+                    .map(|s| {
+                        let cfg = model.model.config();
+                        model_flops(cfg, 1, s.ids.len(), s.num_completion_tokens(), frozen)
+                    })
+                    .sum::<f64>();
+            }
         }
     }
     let optimizer_state_mib = t.optimizer().state_bytes() as f64 / (1u64 << 20) as f64;
@@ -391,13 +493,6 @@ pub fn bench_objective(
     })?;
     // The slowest rank sets the pace of a synchronous step.
     let secs = ranks.iter().map(|r| r.seconds).fold(secs, f64::max);
-    let flops = model_flops(
-        model.model.config(),
-        2 * a.batch * ranks.len(),
-        a.seq,
-        a.seq - a.seq / 2,
-        model.model.lora_config().is_some(),
-    ) * a.steps as f64;
     let flops_per_second = flops / secs.max(1e-12);
     Ok(BenchRow {
         flops_per_second,
@@ -406,6 +501,7 @@ pub fn bench_objective(
             .map(|(p, _)| flops_per_second / (p * ranks.len() as f64)),
         objective: name.to_string(),
         tokens_per_step: tokens / a.steps.max(1),
+        padding_share: 1.0 - tokens as f64 / positions.max(1) as f64,
         seconds_per_step: secs / a.steps.max(1) as f64,
         tokens_per_second: tokens as f64 / secs.max(1e-12),
         peak_rss_mib: peak,
@@ -447,6 +543,15 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             "need --batch ≥ 1, --seq ≥ 4, --steps ≥ 1".into(),
         ));
     }
+    if let Some(j) = &a.json {
+        let mut files: Vec<crate::outputs::Named<'_>> = Vec::new();
+        if let Some(d) = &a.data {
+            files.push(("--data", d));
+        }
+        let dirs: Vec<crate::outputs::Named<'_>> =
+            a.model.iter().map(|m| ("--model", m.as_path())).collect();
+        crate::outputs::check_outputs(&[("--json", j)], &crate::outputs::inputs(&files, &dirs))?;
+    }
     let (device, dtype) = a.placement.parse()?;
     let (mut model, name) = match &a.model {
         Some(dir) => (load_model(dir, dtype, &device)?, dir.display().to_string()),
@@ -469,6 +574,18 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         (2usize.saturating_mul(a.batch)).saturating_mul(a.warmup.saturating_add(a.steps));
     check_bench_size(&model.detached(), a.batch, a.seq, sequences)?;
     let params = model.num_parameters();
+    let source = match (&a.data, &a.model) {
+        (Some(file), Some(dir)) => file_pairs(dir, file, a.max_length)?,
+        _ => BenchPairs {
+            pairs: random_pairs(
+                sequences / 2 + a.batch * crate::dist::world().world_size(),
+                a.seq,
+                model.config().vocab_size as u32,
+                7,
+            ),
+            pad_id: 0,
+        },
+    };
     let tm = TrainModel::new(model, PathBuf::from("<bench>"), dtype);
     let threads = rayon::current_num_threads();
     let peak = peak_flops(&device);
@@ -486,8 +603,23 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
     // Under a launcher every rank measures; rank 0 prints.
     let main = world.rank() == 0;
     if main {
-        println!("| model | params | objective | training | optim | dtype | device | ranks × threads | batch × seq per rank | tokens/step | s/step | tokens/s | TFLOP/s | MFU | peak RSS (MiB) |");
-        println!("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+        if let Some(file) = &a.data {
+            let lens: Vec<usize> = source
+                .pairs
+                .iter()
+                .flat_map(|p| [p.chosen.ids.len(), p.rejected.ids.len()])
+                .collect();
+            println!(
+                "data: {}: {} pairs, sequence lengths mean {:.0}, max {} (--max-length {})\n",
+                file.display(),
+                source.pairs.len(),
+                lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
+                lens.iter().max().unwrap_or(&0),
+                a.max_length
+            );
+        }
+        println!("| model | params | objective | training | optim | dtype | device | ranks × threads | batch × seq per rank | tokens/step | padding | s/step | tokens/s | TFLOP/s | MFU | peak RSS (MiB) |");
+        println!("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut rows = Vec::new();
     for o in &a.objective {
@@ -497,13 +629,13 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             _ => Ok(Objective::default()),
         }
         .map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
-        let r = bench_objective(&tm, a, o, obj)?;
+        let r = bench_objective(&tm, a, &source, o, obj)?;
         if !main {
             rows.push(r);
             continue;
         }
         println!(
-            "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {} × {threads} | {} × {} | {} | {:.3} | {:.0} | {:.3} | {} | {} |",
+            "| {name} | {:.2}M | {} | {memory} | {} | {} | {} | {} × {threads} | {} × {} | {} | {:.1} % | {:.3} | {:.0} | {:.3} | {} | {} |",
             params as f64 / 1e6,
             r.objective,
             a.optim.name(),
@@ -511,8 +643,9 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
             a.placement.device,
             world.world_size(),
             a.batch,
-            a.seq,
+            if a.data.is_some() { "data".to_string() } else { a.seq.to_string() },
             r.tokens_per_step,
+            100.0 * r.padding_share,
             r.seconds_per_step,
             r.tokens_per_second,
             r.flops_per_second / 1e12,
@@ -539,11 +672,25 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         ),
         None => println!("\npeak: unknown (set DIFINFO_PEAK_TFLOPS for MFU)"),
     }
-    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
-        println!(
-            "load average (1, 5, 15 min): {}",
-            l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-        );
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    if let Some(l) = &load {
+        println!("load average (1, 5, 15 min): {l}");
+    }
+    if let Some(j) = &a.json {
+        crate::io::write_json(
+            j,
+            &BenchJson {
+                model: name,
+                training: memory,
+                threads,
+                peak_flops: peak.as_ref().map(|p| p.0),
+                peak_how: peak.map(|p| p.1),
+                load_average: load,
+                rows: &rows,
+            },
+        )?;
     }
     Ok(rows)
 }
@@ -564,6 +711,24 @@ mod tests {
         let (p, _) = cpu_peak(&info.replace(" avx512f", ""), Some(3.0e6), 4).unwrap();
         assert!((p - 4.0 * 2.0 * 8.0 * 2.0 * 3.0e9).abs() < 1.0);
         assert!(cpu_peak("flags\t: sse\n", None, 1).is_none());
+    }
+
+    #[test]
+    fn padded_positions_count_rows_times_the_longest() {
+        let seq = |n: usize| Sequence {
+            ids: vec![5; n],
+            completion_start: 1,
+        };
+        let pair = |c: usize, r: usize| PreferencePair {
+            chosen: seq(c),
+            rejected: seq(r),
+        };
+        let (a, b) = (pair(3, 10), pair(7, 4));
+        // One batch of four rows of 10; DPO-PG: two rows of 7, two rows of 10.
+        assert_eq!(padded_positions(&[&a, &b], false), 40);
+        assert_eq!(padded_positions(&[&a, &b], true), 14 + 20);
+        // A row of one token is padded to two (Batch::from_sequences).
+        assert_eq!(padded_positions(&[&pair(1, 1)], false), 4);
     }
 
     #[test]
