@@ -169,3 +169,183 @@ fn packed_layout() {
         values(&b.loss_mask)
     );
 }
+
+fn example_prefs() -> std::path::PathBuf {
+    common::data_file("example_prefs.jsonl")
+}
+
+/// SFT data (`prompt`, `completion`) from the preference file's chosen answers.
+fn sft_data(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("sft.jsonl");
+    let text = std::fs::read_to_string(example_prefs()).unwrap();
+    let mut s = String::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        s.push_str(
+            &serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string(),
+        );
+        s.push('\n');
+    }
+    std::fs::write(&out, s).unwrap();
+    out
+}
+
+/// The numbers of a run's metrics records (timing left out), key by key.
+fn metric_values(run: &std::path::Path) -> Vec<(String, f64)> {
+    common::metrics_without_timing(run)
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            r.into_iter()
+                .filter_map(move |(k, v)| v.as_f64().map(|x| (format!("{i}:{k}"), x)))
+        })
+        .collect()
+}
+
+/// The reference cache's tensors of a run directory, by name.
+fn ref_cache(run: &std::path::Path) -> Vec<(String, Vec<f64>)> {
+    let mut files: Vec<_> = std::fs::read_dir(run)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            let n = p.file_name()?.to_str()?.to_string();
+            (n.starts_with("ref_logps-") && n.ends_with(".safetensors")).then_some(p)
+        })
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let mut t: Vec<_> = candle_core::safetensors::load(&f, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(t.into_iter().map(|(n, t)| (n, values(&t))));
+    }
+    out
+}
+
+/// A few steps of `args` with and without `--padding-free`: the same metrics (1e-5
+/// relative) and the same reference cache.
+fn same_run(args: &[&str], steps: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(tmp.path());
+    let sft = sft_data(tmp.path());
+    let mut runs = Vec::new();
+    for pf in ["false", "true"] {
+        let out = tmp.path().join(format!("run-{pf}"));
+        let data = if args[0] == "sft" {
+            sft.clone()
+        } else {
+            example_prefs()
+        };
+        let steps = steps.to_string();
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend([
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--max-steps",
+            &steps,
+            "--logging-steps",
+            "1",
+            "--per-device-train-batch-size",
+            "3",
+            "--learning-rate",
+            "1e-3",
+            "--max-length",
+            "96",
+            "--padding-free",
+            pf,
+        ]);
+        let o = common::difinfo_train(&a);
+        assert!(o.status.success(), "{a:?} failed");
+        runs.push(out);
+    }
+    let (a, b) = (metric_values(&runs[0]), metric_values(&runs[1]));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= steps * 3, "{a:?}");
+    for ((k, x), (k2, y)) in a.iter().zip(&b) {
+        assert_eq!(k, k2);
+        let d = (x - y).abs() / x.abs().max(1.0);
+        assert!(d <= 1e-5, "{args:?}: {k} {x} padded, {y} padding-free");
+    }
+    let (a, b) = (ref_cache(&runs[0]), ref_cache(&runs[1]));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        let d = rel_diff(x, y);
+        assert!(d <= 1e-5, "{args:?}: reference cache {n} differs by {d:e}");
+    }
+}
+
+#[test]
+fn dpo_sigmoid_run_is_unchanged() {
+    same_run(&["dpo"], 3);
+}
+
+#[test]
+fn dpo_ipo_ld_wpo_run_is_unchanged() {
+    // IPO's mean log-probs, LD-DPO's per-token split, WPO's per-token weights.
+    same_run(&["dpo", "--loss-type", "ipo"], 2);
+    same_run(&["dpo", "--ld-alpha", "0.5"], 2);
+    same_run(&["dpo", "--use-weighting"], 2);
+}
+
+#[test]
+fn dpo_pg_run_is_unchanged() {
+    same_run(&["dpo", "--objective", "dpo-pg"], 2);
+}
+
+#[test]
+fn sft_run_is_unchanged() {
+    same_run(&["sft"], 3);
+}
+
+#[test]
+fn lora_run_with_checkpointing_is_unchanged() {
+    // The reference: the base model (adapters off). LoRA dropout draws its masks per row of
+    // the layout (padded or packed), so the runs compare without it.
+    same_run(
+        &[
+            "dpo",
+            "--use-peft",
+            "--gradient-checkpointing",
+            "--lora-dropout",
+            "0",
+        ],
+        2,
+    );
+}
+
+/// `--ref-model`: the reference model packs its batches too.
+#[test]
+fn ref_model_run_is_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::tiny_model(&tmp.path().join("ref"));
+    same_run(&["dpo", "--ref-model", reference.to_str().unwrap()], 2);
+}
+
+/// Reward modelling is refused with a clear error (a reward model scores padded rows).
+#[test]
+fn reward_refuses_padding_free() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(tmp.path());
+    let o = common::difinfo_train(&[
+        "reward",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        example_prefs().to_str().unwrap(),
+        "--output-dir",
+        tmp.path().join("rm").to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--padding-free",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("padding_free"), "{err}");
+}

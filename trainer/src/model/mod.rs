@@ -296,7 +296,8 @@ impl Model {
     /// Padding-free batches (TRL's `padding_free`): the trainer's log-probs of a batch
     /// ([`crate::train::PolicyModel::sequence_logps`]) run on its sequences packed into one
     /// row ([`crate::batch::Packed`], [`Model::packed_token_logps`]), no padding token
-    /// computed; the log-probs are the padded batch's.
+    /// computed; the log-probs are the padded batch's (LoRA dropout, whose masks follow the
+    /// rows of the layout, draws other masks).
     pub fn set_padding_free(&mut self, on: bool) {
         self.padding_free = on;
     }
