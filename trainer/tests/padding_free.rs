@@ -54,8 +54,12 @@ fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
         / scale
 }
 
-/// The per-token log-probs `[B, L−1]` and every variable's gradient of `Σ_b w_b · logp_b`.
-fn run(tm: &TrainModel, batch: &Batch) -> (Vec<f64>, Vec<f64>, Vec<(String, Vec<f64>)>) {
+/// Every variable's gradient, by name.
+type NamedGrads = Vec<(String, Vec<f64>)>;
+
+/// The per-token log-probs `[B, L−1]`, their sums and every variable's gradient of
+/// `Σ_b w_b · logp_b`.
+fn run(tm: &TrainModel, batch: &Batch) -> (Vec<f64>, Vec<f64>, NamedGrads) {
     let s = tm.sequence_logps(batch).unwrap();
     let w = Tensor::new(&[1.0f64, -0.5, 0.25, 2.0], tm.model.device())
         .unwrap()
