@@ -132,4 +132,91 @@ impl Batch {
     pub fn num_tokens(&self) -> usize {
         self.lengths.iter().sum()
     }
+
+    /// The batch's sequences packed into one row (TRL's `padding_free`), see [`Packed`].
+    ///
+    /// # Errors
+    /// A batch of fewer than 2 real tokens in all; tensor errors.
+    pub fn packed(&self) -> Result<Packed> {
+        let ids: Vec<Vec<u32>> = self
+            .input_ids
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec2()?;
+        let mask: Vec<Vec<f32>> = self
+            .loss_mask
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        let total = self.num_tokens();
+        if total < 2 {
+            return Err(Error::InvalidArgument(format!(
+                "a packed batch needs at least 2 tokens, this one has {total}"
+            )));
+        }
+        let lm1 = self.input_ids.dim(1)? - 1;
+        let mut packed_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut loss = vec![0f32; total - 1];
+        // Row r's target t (< len − 1) is packed target start_r + t; the others read the
+        // appended zero at index T − 1.
+        let mut unpack = vec![(total - 1) as u32; self.batch_size() * lm1];
+        let mut start = 0;
+        for (r, &len) in self.lengths.iter().enumerate() {
+            packed_ids.extend_from_slice(&ids[r][..len]);
+            positions.extend(0..len);
+            for t in 0..len.saturating_sub(1) {
+                loss[start + t] = mask[r][t];
+                unpack[r * lm1 + t] = (start + t) as u32;
+            }
+            start += len;
+        }
+        let device = self.input_ids.device();
+        Ok(Packed {
+            input_ids: Tensor::from_vec(packed_ids, (1, total), device)?,
+            positions,
+            lengths: self.lengths.clone(),
+            loss_mask: Tensor::from_vec(loss, (1, total - 1), device)?,
+            unpack: Tensor::from_vec(unpack, self.batch_size() * lm1, device)?,
+            rows: (self.batch_size(), lm1),
+        })
+    }
+}
+
+/// A batch's sequences packed into one row without padding (TRL's `padding_free`): the
+/// sequences follow each other, each with its own positions `0 .. len` (RoPE restarts), and
+/// attention stays within a sequence (a block-diagonal causal mask).
+///
+/// # Formula
+/// For `T = Σ_b len_b` tokens, sequence `b` starting at `s_b = Σ_{c<b} len_c`:
+/// `loss_mask[0, s_b + t] = loss_mask_b[t]` for `t < len_b − 1`, and 0 at the last token of
+/// each sequence (its target is the next sequence's first token).
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// `[1, T]` u32 token ids.
+    pub input_ids: Tensor,
+    /// `T` positions: `0 .. len_b` for each sequence in turn.
+    pub positions: Vec<usize>,
+    /// The sequences' lengths, in order (the block sizes of the attention mask).
+    pub lengths: Vec<usize>,
+    /// `[1, T−1]` f32: 1 where the packed target `t+1` is a completion token of the sequence
+    /// of `t`.
+    pub loss_mask: Tensor,
+    /// `[B·(L−1)]` u32: for each target of the padded batch, its index among the `T − 1`
+    /// packed targets, or `T − 1` (a zero appended) for padding.
+    pub unpack: Tensor,
+    /// The padded batch's `(B, L − 1)`.
+    pub rows: (usize, usize),
+}
+
+impl Packed {
+    /// Per-target values of the packed row `[1, T−1]` laid out as the padded batch's
+    /// `[B, L−1]` (0 at padding), differentiable (`index_select`).
+    ///
+    /// # Errors
+    /// Shape mismatch.
+    pub fn unpack(&self, packed: &Tensor) -> Result<Tensor> {
+        let flat = packed.flatten_all()?;
+        let zero = Tensor::zeros(1, flat.dtype(), flat.device())?;
+        let ext = Tensor::cat(&[&flat, &zero], 0)?;
+        Ok(ext.index_select(&self.unpack, 0)?.reshape(self.rows)?)
+    }
 }

@@ -211,3 +211,19 @@ fn help_shows_every_default() {
     let o = run(&["init", "--help"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("[default: tiny]"));
 }
+
+#[test]
+fn padding_free_is_a_training_option() {
+    for cmd in ["sft", "dpo"] {
+        let o = run(&[cmd, "--help"]);
+        let h = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            h.contains("--padding-free"),
+            "{cmd} --help lacks --padding-free:\n{h}"
+        );
+        assert!(
+            h.contains("padding_free"),
+            "{cmd} --help lacks TRL's name:\n{h}"
+        );
+    }
+}

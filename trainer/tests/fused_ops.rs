@@ -10,7 +10,7 @@ use common::{causal_and_padding_mask, max_abs, rand};
 use difinfo_trainer::batch::Batch;
 use difinfo_trainer::config_json::Architecture;
 use difinfo_trainer::fused;
-use difinfo_trainer::model::MASK_VALUE;
+use difinfo_trainer::model::{packed_causal_mask, MASK_VALUE};
 use difinfo_trainer::train::grads::reduce;
 use difinfo_trainer::train::optim::adamw;
 
@@ -496,7 +496,13 @@ fn attention_matches_unfused() {
                     .to_dtype(dtype)
                     .unwrap()
             };
+            // Sequences packed into one row (block-diagonal causal, a window of 6 within
+            // each): blocks whose keys start past 0.
+            let third = l / 3;
+            let lens = [third, 5, l - third - 5];
+            let packed = packed_causal_mask(&lens, Some(6), dtype, &Device::Cpu).unwrap();
             for mask in [
+                packed,
                 causal_and_padding_mask(b, l, &[0, 4, l], dtype),
                 causal_and_padding_mask(1, l, &[0], dtype),
                 windowed,

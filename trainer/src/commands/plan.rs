@@ -120,7 +120,7 @@ struct Output<'a> {
 ///
 /// # Errors
 /// An unreadable or unsupported config.json, options out of range, a bad `--device-memory`,
-/// a LoRA option without `--use-peft`.
+/// a LoRA option without `--use-peft`, `--padding-free`.
 pub fn run(a: &PlanArgs, m: &clap::ArgMatches) -> Result<()> {
     let given = MemoryOptions::LORA_OPTIONS
         .into_iter()
@@ -130,6 +130,13 @@ pub fn run(a: &PlanArgs, m: &clap::ArgMatches) -> Result<()> {
             "--{}: a LoRA option is read only with --use-peft; add it or drop this option",
             k.replace('_', "-")
         )));
+    }
+    if a.memory.padding_free {
+        return Err(Error::InvalidArgument(
+            "--padding-free: the plan models padded batches of --seq tokens (with padding-free \
+             batches the activations follow the real lengths); drop this option"
+                .into(),
+        ));
     }
     let memory = a
         .device_memory

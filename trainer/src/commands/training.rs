@@ -683,6 +683,7 @@ pub(crate) fn load_reference(
     if bf16 {
         m.set_compute_dtype(candle_core::DType::BF16)?;
     }
+    m.set_padding_free(policy.model.padding_free());
     Ok(TrainModel::new(m, dir.to_path_buf(), dtype))
 }
 

@@ -78,88 +78,127 @@ impl AttDims {
     }
 }
 
-/// Keys each query block attends, per mask batch entry: `1 +` the last key any row of the
-/// block leaves unmasked, or all `t` keys when a row of the block masks every key (softmax
-/// over an all-masked row is uniform over all keys, as in the unblocked computation).
-/// Indexed `mask_batch · blocks + block`.
-fn key_spans<T: Real>(mask: &[T], z: AttDims) -> Vec<usize> {
-    let masked = T::from_f64(MASKED_AT);
-    let (_, _, l, t) = z.geo.dims();
-    let mb = z.geo.mask_batches();
-    let mut spans = Vec::with_capacity(mb * z.blocks());
-    for bi in 0..mb {
-        for blk in 0..z.blocks() {
-            let (r0, r1) = z.block_rows(blk);
-            let span = (r0..r1)
-                .map(|r| {
-                    let row = &mask[(bi * l + r) * t..][..t];
-                    match row.iter().rposition(|&v| v > masked) {
-                        Some(j) => j + 1,
-                        None => t,
-                    }
-                })
-                .max()
-                .unwrap_or(t);
-            spans.push(span.max(1));
-        }
-    }
-    spans
+/// The keys each query block attends and where its probabilities are kept: block `blk` of a
+/// head under mask batch entry `mb` attends keys `[lo, hi)` (the first to `1 +` the last key
+/// any row of the block leaves unmasked; all `t` keys when a row of the block masks every key,
+/// where softmax is uniform over all keys as in the unblocked computation) and keeps its
+/// `rows × (hi − lo)` probabilities, row-major, at `off` within its head's share. A causal
+/// mask keeps about half of `l × t` per head; sequences packed into one row (a block-diagonal
+/// mask) keep about `Σ_s len_s²` instead of `T²`.
+pub(super) struct Spans {
+    /// `(lo, hi)`, indexed `mask_batch · blocks + block`.
+    keys: Vec<(usize, usize)>,
+    /// The block's offset within its head's probabilities, indexed as `keys`.
+    off: Vec<usize>,
+    /// The start of head `i = (batch, head)`'s probabilities; `B·H + 1` entries.
+    head: Vec<usize>,
 }
 
-/// Writes `p = softmax(scale · q kᵀ + mask)` for head `i`, query block `blk`, into `p_head`
-/// (the head's `l × t` probabilities, row-major): keys beyond the block's span get exactly 0.
+impl Spans {
+    fn of<T: Real>(mask: &[T], z: AttDims) -> Self {
+        let masked = T::from_f64(MASKED_AT);
+        let (b, h, l, t) = z.geo.dims();
+        let (mbs, nb) = (z.geo.mask_batches(), z.blocks());
+        let mut keys = Vec::with_capacity(mbs * nb);
+        let mut off = Vec::with_capacity(mbs * nb);
+        let mut per_head = Vec::with_capacity(mbs);
+        for bi in 0..mbs {
+            let mut o = 0;
+            for blk in 0..nb {
+                let (r0, r1) = z.block_rows(blk);
+                let (mut lo, mut hi) = (t, 0);
+                for r in r0..r1 {
+                    let row = &mask[(bi * l + r) * t..][..t];
+                    match (
+                        row.iter().position(|&v| v > masked),
+                        row.iter().rposition(|&v| v > masked),
+                    ) {
+                        (Some(a), Some(e)) => (lo, hi) = (lo.min(a), hi.max(e + 1)),
+                        _ => (lo, hi) = (0, t),
+                    }
+                }
+                let span = if lo < hi { (lo, hi) } else { (0, t.max(1)) };
+                keys.push(span);
+                off.push(o);
+                o += (r1 - r0) * (span.1 - span.0);
+            }
+            per_head.push(o);
+        }
+        let mut head = Vec::with_capacity(b * h + 1);
+        head.push(0);
+        for i in 0..b * h {
+            let last = head[i];
+            head.push(last + per_head[z.geo.mask_batch(i)]);
+        }
+        Spans { keys, off, head }
+    }
+
+    /// The number of kept probabilities.
+    fn len(&self) -> usize {
+        self.head.last().copied().unwrap_or(0)
+    }
+
+    /// Block `blk` of head `i`: its keys `(lo, hi)` and its slab's offset in the kept
+    /// probabilities.
+    fn block(&self, z: AttDims, i: usize, blk: usize) -> ((usize, usize), usize) {
+        let j = z.geo.mask_batch(i) * z.blocks() + blk;
+        (self.keys[j], self.head[i] + self.off[j])
+    }
+}
+
+/// Writes `p = softmax(scale · q kᵀ + mask)` for head `i`, query block `blk` over the keys
+/// `[lo, hi)` into the slab `p_blk` (`rows × (hi − lo)`, row-major).
 ///
 /// # Safety
-/// `q`, `k` must hold head `i`'s `l × d` and `t × d` blocks, `p_head` must be valid for the
-/// head's `l·t` writes.
+/// `q`, `k` must hold head `i`'s `l × d` and `t × d` blocks, `p_blk` must be valid for the
+/// block's `rows · (hi − lo)` writes.
 #[allow(clippy::too_many_arguments)]
 unsafe fn probs_block<T: Real>(
-    p_head: *mut T,
+    p_blk: *mut T,
     q: &[T],
     k: &[T],
     mask: &[T],
     z: AttDims,
     scale: T,
-    (i, blk, span): (usize, usize, usize),
+    (i, blk, (lo, hi)): (usize, usize, (usize, usize)),
 ) {
     let (_, _, l, t, d) = z.sizes();
     let (r0, r1) = z.block_rows(blk);
+    let w = hi - lo;
     gemm_raw(
-        (r1 - r0, span, d),
-        p_head.add(r0 * t),
-        t,
+        (r1 - r0, w, d),
+        p_blk,
+        w,
         q.as_ptr().add((i * l + r0) * d),
         (1, d),
-        k.as_ptr().add(i * t * d),
+        k.as_ptr().add((i * t + lo) * d),
         (d, 1),
         gemm::Parallelism::None,
         false,
     );
     for r in r0..r1 {
-        let row = std::slice::from_raw_parts_mut(p_head.add(r * t), t);
+        let row = std::slice::from_raw_parts_mut(p_blk.add((r - r0) * w), w);
         let m0 = z.geo.mask_row(i * l + r);
-        let mrow = &mask[m0..m0 + span];
-        let (live, dead) = row.split_at_mut(span);
-        for (x, &mk) in live.iter_mut().zip(mrow) {
+        let mrow = &mask[m0 + lo..m0 + hi];
+        for (x, &mk) in row.iter_mut().zip(mrow) {
             *x = *x * scale + mk;
         }
-        let mx = row_max(live);
-        for x in live.iter_mut() {
+        let mx = row_max(row);
+        for x in row.iter_mut() {
             *x = (*x - mx).exp();
         }
-        let sum = row_sum(live);
-        for x in live.iter_mut() {
+        let sum = row_sum(row);
+        for x in row.iter_mut() {
             *x /= sum;
         }
-        dead.fill(T::zero());
     }
 }
 
-/// `p = softmax(scale · q kᵀ + mask)`, `[B, H, l, t]`, block by block (heads over rayon's
-/// pool); also `o = p v` in the merged `[B·l, H·d]` layout when `v` is given. With `keep`
-/// false (a forward pass no backward pass will read, `v` given) the probabilities go to one
-/// head-sized scratch buffer per task instead and the returned `p` is empty: no `[B, H, l, t]`
-/// buffer is allocated.
+/// `p = softmax(scale · q kᵀ + mask)` block by block (heads over rayon's pool), kept in the
+/// compact layout of [`Spans`]; also `o = p v` in the merged `[B·l, H·d]` layout when `v` is
+/// given. With `keep` false (a forward pass no backward pass will read, `v` given) the
+/// probabilities go to one head-sized scratch buffer per task instead and the returned `p` is
+/// empty.
 #[allow(clippy::too_many_arguments)]
 fn att_forward<T: Real>(
     q: &[T],
@@ -172,41 +211,41 @@ fn att_forward<T: Real>(
 ) -> (Vec<T>, Option<Vec<T>>) {
     let (b, h, l, t, d) = z.sizes();
     let keep = keep || v.is_none();
-    let spans = key_spans(mask, z);
+    let spans = Spans::of(mask, z);
     let nb = z.blocks();
-    let mut p: Vec<T> = Vec::with_capacity(if keep { b * h * l * t } else { 0 });
+    let mut p: Vec<T> = Vec::with_capacity(if keep { spans.len() } else { 0 });
     let mut o: Vec<T> = Vec::with_capacity(if v.is_some() { b * l * h * d } else { 0 });
     let (pp, op) = (SyncPtr(p.as_mut_ptr()), SyncPtr(o.as_mut_ptr()));
     let scale = T::from_f64(scale);
     (0..b * h)
         .into_par_iter()
         .for_each_init(Vec::<T>::new, |scratch, i| {
-            let mb = z.geo.mask_batch(i);
-            if !keep && scratch.capacity() < l * t {
-                *scratch = Vec::with_capacity(l * t);
+            let head_len = spans.head[i + 1] - spans.head[i];
+            if !keep && scratch.capacity() < head_len {
+                *scratch = Vec::with_capacity(head_len);
             }
             for blk in 0..nb {
-                let span = spans[mb * nb + blk];
-                // SAFETY: head i writes only its own l×t block of p (every element: the product
-                // and softmax over the span, zeros after it) or, without `keep`, the task's own
-                // scratch of l·t elements; and its own l×d block of the merged o (rows of h·d,
-                // head offset); q, k, v are [B, H, ·, d] blocks.
+                let ((lo, hi), at) = spans.block(z, i, blk);
+                // SAFETY: head i writes only its own share of p (each block's slab whole) or,
+                // without `keep`, the task's own scratch of the head's size; and its own l×d
+                // block of the merged o (rows of h·d, head offset); q, k, v are [B, H, ·, d]
+                // blocks.
                 unsafe {
-                    let ph = if keep {
-                        pp.get().add(i * l * t)
+                    let pb = if keep {
+                        pp.get().add(at)
                     } else {
-                        scratch.as_mut_ptr()
+                        scratch.as_mut_ptr().add(at - spans.head[i])
                     };
-                    probs_block(ph, q, k, mask, z, scale, (i, blk, span));
+                    probs_block(pb, q, k, mask, z, scale, (i, blk, (lo, hi)));
                     if let Some(v) = v {
                         let (r0, r1) = z.block_rows(blk);
                         gemm_raw(
-                            (r1 - r0, d, span),
+                            (r1 - r0, d, hi - lo),
                             op.get().add(z.merged(i) + r0 * h * d),
                             h * d,
-                            ph.add(r0 * t),
-                            (1, t),
-                            v.as_ptr().add(i * t * d),
+                            pb,
+                            (1, hi - lo),
+                            v.as_ptr().add((i * t + lo) * d),
                             (1, d),
                             gemm::Parallelism::None,
                             false,
@@ -218,7 +257,7 @@ fn att_forward<T: Real>(
     // SAFETY: every head wrote its blocks of p (when kept; and of o when v was given) whole.
     unsafe {
         if keep {
-            p.set_len(b * h * l * t);
+            p.set_len(spans.len());
         }
         if v.is_some() {
             o.set_len(b * l * h * d);
@@ -240,12 +279,12 @@ pub(super) struct Attention {
 impl Attention {
     pub(super) fn fwd<T: Real>(&self, q: &[T], k: &[T], v: &[T], z: AttDims) -> Result<Vec<T>> {
         let _p = crate::profile::region("attention forward");
-        let (b, h, l, t) = z.geo.dims();
         let (p, o) = with_slice::<T, _>(&self.mask, |m| {
             Ok(att_forward(q, k, Some(v), m, z, self.scale, self.keep))
         })?;
         if self.keep {
-            let p = Tensor::from_vec(p, (b, h, l, t), &candle_core::Device::Cpu)?;
+            let n = p.len();
+            let p = Tensor::from_vec(p, n, &candle_core::Device::Cpu)?;
             if let Ok(mut slot) = self.probs.lock() {
                 *slot = Some(p);
             }
@@ -316,7 +355,14 @@ impl AttentionBwd {
                     &recomputed
                 }
             };
-            let spans = key_spans(mask, z);
+            let spans = Spans::of(mask, z);
+            if p.len() != spans.len() {
+                bail!(
+                    "attention backward: {} kept probabilities, {} expected",
+                    p.len(),
+                    spans.len()
+                );
+            }
             let nb = z.blocks();
             let (nq, nk) = z.lens();
             // ∂k and ∂v accumulate over query blocks: zeroed first.
@@ -325,35 +371,34 @@ impl AttentionBwd {
             let scale = T::from_f64(self.scale);
             with_slice::<T, _>(&self.grad, |go| {
                 (0..bh).into_par_iter().for_each(|i| {
-                    let mb = z.geo.mask_batch(i);
                     let mut gs: Vec<T> = Vec::with_capacity(ATT_BLOCK * t);
                     for blk in 0..nb {
-                        let span = spans[mb * nb + blk];
+                        let ((lo, hi), at) = spans.block(z, i, blk);
+                        let w = hi - lo;
                         let (r0, r1) = z.block_rows(blk);
                         let rows = r1 - r0;
-                        let pb = &p[(i * l + r0) * t..];
+                        let pb = &p[at..at + rows * w];
                         let gob = z.merged(i) + r0 * h * d;
                         // SAFETY: head i writes only its own blocks of ∂q (rows r0..r1),
-                        // ∂k and ∂v (rows 0..span, accumulated); gs has room for rows×span;
+                        // ∂k and ∂v (rows lo..hi, accumulated); gs has room for rows×w;
                         // the operands are read within their [B, H, ·, ·] or merged layouts.
                         unsafe {
-                            // ∂p = ∂o · vᵀ over the block's span
+                            // ∂p = ∂o · vᵀ over the block's keys
                             gemm_raw(
-                                (rows, span, d),
+                                (rows, w, d),
                                 gs.as_mut_ptr(),
-                                span,
+                                w,
                                 go.as_ptr().add(gob),
                                 (1, h * d),
-                                v.as_ptr().add(i * t * d),
+                                v.as_ptr().add((i * t + lo) * d),
                                 (d, 1),
                                 gemm::Parallelism::None,
                                 false,
                             );
-                            gs.set_len(rows * span);
+                            gs.set_len(rows * w);
                         }
                         // ∂s = scale · p ⊙ (∂p − Σ_k ∂p_k p_k), in place
-                        for (r, grow) in gs.chunks_mut(span).enumerate() {
-                            let prow = &pb[r * t..r * t + span];
+                        for (grow, prow) in gs.chunks_mut(w).zip(pb.chunks(w)) {
                             let mut dot = T::zero();
                             for (&a, &g) in prow.iter().zip(grow.iter()) {
                                 dot += a * g;
@@ -365,13 +410,13 @@ impl AttentionBwd {
                         // SAFETY: as above.
                         unsafe {
                             let o = base.get();
-                            // ∂v[..span] += pᵀ · ∂o
+                            // ∂v[lo..hi] += pᵀ · ∂o
                             gemm_raw(
-                                (span, d, rows),
-                                o.add(nq + nk + i * t * d),
+                                (w, d, rows),
+                                o.add(nq + nk + (i * t + lo) * d),
                                 d,
                                 pb.as_ptr(),
-                                (t, 1),
+                                (w, 1),
                                 go.as_ptr().add(gob),
                                 (1, h * d),
                                 gemm::Parallelism::None,
@@ -379,23 +424,23 @@ impl AttentionBwd {
                             );
                             // ∂q = ∂s · k
                             gemm_raw(
-                                (rows, d, span),
+                                (rows, d, w),
                                 o.add((i * l + r0) * d),
                                 d,
                                 gs.as_ptr(),
-                                (1, span),
-                                k.as_ptr().add(i * t * d),
+                                (1, w),
+                                k.as_ptr().add((i * t + lo) * d),
                                 (1, d),
                                 gemm::Parallelism::None,
                                 false,
                             );
-                            // ∂k[..span] += ∂sᵀ · q
+                            // ∂k[lo..hi] += ∂sᵀ · q
                             gemm_raw(
-                                (span, d, rows),
-                                o.add(nq + i * t * d),
+                                (w, d, rows),
+                                o.add(nq + (i * t + lo) * d),
                                 d,
                                 gs.as_ptr(),
-                                (span, 1),
+                                (w, 1),
                                 q.as_ptr().add((i * l + r0) * d),
                                 (1, d),
                                 gemm::Parallelism::None,

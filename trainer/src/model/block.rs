@@ -202,6 +202,28 @@ pub fn causal_mask(
     })
 }
 
+/// The additive mask `[1, 1, T, T]` of sequences packed into one row
+/// ([`crate::batch::Packed`]): block-diagonal causal, a query at packed index `i` of the
+/// sequence starting at `s` sees key `j` iff `s ≤ j ≤ i` (and `i − j < w` with a window `w`).
+pub fn packed_causal_mask(
+    lengths: &[usize],
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t: usize = lengths.iter().sum();
+    let mut m = vec![MASK_VALUE as f32; t * t];
+    let mut start = 0;
+    for &len in lengths {
+        for i in start..start + len {
+            let lo = window.map_or(start, |w| start.max((i + 1).saturating_sub(w)));
+            m[i * t + lo..=i * t + i].fill(0.0);
+        }
+        start += len;
+    }
+    Ok(Tensor::from_vec(m, (1, 1, t, t), device)?.to_dtype(dtype)?)
+}
+
 /// Whether an additive mask has the `[B or 1, 1, l, t]` shape the fused softmax takes.
 pub(super) fn fusable_mask(m: &Tensor, b: usize, l: usize, t: usize) -> bool {
     matches!(m.dims(), &[mb, 1, ml, mt] if (mb == 1 || mb == b) && ml == l && mt == t)

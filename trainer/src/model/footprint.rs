@@ -47,6 +47,40 @@ impl Model {
         (total, detail)
     }
 
+    /// [`Model::forward_memory`] of sequences packed into one row
+    /// ([`crate::batch::Packed`]): each sequence's `len (len + 1) / 2` attention probabilities per
+    /// head (the block-diagonal mask's blocks; every layer's with a graph) and the `[1, 1, T,
+    /// T]` mask, `T = Σ len`, in the accumulation dtype.
+    pub fn packed_forward_memory(&self, lengths: &[usize]) -> (u128, String) {
+        let bytes = accumulation_dtype(self.compute_dtype).size_in_bytes() as u128;
+        let heads = self.config.num_attention_heads as u128;
+        let layers = if self.tracks_graph() {
+            self.config.num_hidden_layers as u128
+        } else {
+            1
+        };
+        let sq: u128 = lengths
+            .iter()
+            .map(|&n| (n as u128) * (n as u128 + 1) / 2)
+            .sum();
+        let t: u128 = lengths.iter().map(|&n| n as u128).sum();
+        let total = layers
+            .saturating_mul(heads)
+            .saturating_mul(sq)
+            .saturating_add(t.saturating_mul(t))
+            .saturating_mul(bytes);
+        let detail = format!(
+            "attention probabilities: {heads} heads × Σ len (len + 1) / 2 = {sq} × {bytes} bytes{}, and the \
+             {t} × {t} mask",
+            if layers > 1 {
+                format!(" × {layers} layers kept for the backward pass")
+            } else {
+                String::new()
+            }
+        );
+        (total, detail)
+    }
+
     /// Refuses token ids the embedding has no row for.
     ///
     /// # Errors
@@ -70,9 +104,32 @@ impl Model {
             return Ok(());
         };
         let (bytes, detail) = self.forward_memory(b, l, offset.saturating_add(l));
+        Self::within(
+            limit,
+            bytes,
+            detail,
+            format!("{b} sequence(s) of {l} positions"),
+        )
+    }
+
+    /// [`Model::check_forward_size`] of sequences of `lengths` packed into one row
+    /// ([`Model::packed_forward_memory`]).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`].
+    pub fn check_packed_size(&self, lengths: &[usize]) -> Result<()> {
+        let Some(limit) = self.memory_limit() else {
+            return Ok(());
+        };
+        let (bytes, detail) = self.packed_forward_memory(lengths);
+        let what = format!("{} sequence(s) packed into one row", lengths.len());
+        Self::within(limit, bytes, detail, what)
+    }
+
+    fn within(limit: u128, bytes: u128, detail: String, what: String) -> Result<()> {
         if bytes > limit {
             return Err(Error::TooLarge {
-                what: format!("a forward pass over {b} sequence(s) of {l} positions"),
+                what: format!("a forward pass over {what}"),
                 bytes,
                 detail,
                 limit,

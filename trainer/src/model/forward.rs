@@ -68,13 +68,17 @@ impl Model {
         }
     }
 
-    /// RoPE `cos`, `sin` tables `[l, head_dim]` for positions `offset .. offset + l`, in the
-    /// compute dtype.
+    /// RoPE `cos`, `sin` tables `[l, head_dim]` for the `l` positions `positions` (row `i`
+    /// for the `i`-th), in the compute dtype.
     ///
     /// As in transformers, the inverse frequencies and the angles `position · inv_freq` are
     /// float32 numbers (at position 4096 an f32 angle is off by up to ~2e-4 rad from the
     /// exact one; matching transformers' rounding keeps long-context log-probs identical).
-    pub(super) fn rope_tables(&self, offset: usize, l: usize) -> Result<(Tensor, Tensor)> {
+    pub(super) fn rope_tables(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+    ) -> Result<(Tensor, Tensor)> {
+        let l = positions.len();
         let inv: Vec<f32> = self
             .config
             .rope_inv_freq()
@@ -84,7 +88,7 @@ impl Model {
         let d = self.config.head_dim;
         let mut cos = Vec::with_capacity(l * d);
         let mut sin = Vec::with_capacity(l * d);
-        for p in offset..offset + l {
+        for p in positions {
             for _half in 0..2 {
                 for &f in &inv {
                     let a = f64::from(p as f32 * f);
@@ -138,14 +142,16 @@ impl Model {
         Cow::Owned(layers)
     }
 
-    /// Runs the decoder on `ids: [B, l]` (u32) at positions `offset ..`, with an additive mask
-    /// broadcastable to `[B, 1, l, t]` (`causal`: the mask is causal, right padding and the
-    /// window at most, so flash attention may replace it), returning the final-norm hidden
-    /// states `[B, l, H]`.
+    /// Runs the decoder on `ids: [B, l]` (u32) at positions `offset ..` (or, given
+    /// `positions`, the RoPE positions of the `l` tokens of each row: packed sequences), with
+    /// an additive mask broadcastable to `[B, 1, l, t]` (`causal`: the mask is causal, right
+    /// padding and the window at most, so flash attention may replace it), returning the
+    /// final-norm hidden states `[B, l, H]`.
     pub(super) fn decode(
         &self,
         ids: &Tensor,
         offset: usize,
+        positions: Option<&[usize]>,
         mask: Option<&Tensor>,
         causal: bool,
         mut cache: Option<&mut KvCache>,
@@ -160,7 +166,16 @@ impl Model {
         );
         let cd = self.compute_dtype;
         let acc = accumulation_dtype(cd);
-        let (cos, sin) = self.rope_tables(offset, l)?;
+        let (cos, sin) = match positions {
+            Some(p) if p.len() != l => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} positions for {l} tokens per row",
+                    p.len()
+                )))
+            }
+            Some(p) => self.rope_tables(p.iter().copied())?,
+            None => self.rope_tables(offset..offset + l)?,
+        };
         let scale = cfg.attention_scale();
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.is_empty() {
@@ -294,7 +309,7 @@ impl Model {
 
     /// The window of the base mask: every layer's when they share one (Mistral), else none
     /// (the layers with a window add its band, see `decode`).
-    fn base_window(&self) -> Option<usize> {
+    pub(super) fn base_window(&self) -> Option<usize> {
         let cfg = &self.config;
         if cfg.per_layer_windows() {
             None
@@ -367,7 +382,7 @@ impl Model {
         self.check_forward_size(b, l, offset)?;
         let mask = self.cache_mask(l, offset)?;
         let m = self.detached();
-        let h = m.decode(ids, offset, mask.as_ref(), true, Some(cache))?;
+        let h = m.decode(ids, offset, None, mask.as_ref(), true, Some(cache))?;
         m.head(&h)
     }
 
@@ -383,7 +398,7 @@ impl Model {
         let mask = self.cache_mask(l, offset)?;
         let m = self.detached();
         let h = m
-            .decode(ids, offset, mask.as_ref(), true, Some(cache))?
+            .decode(ids, offset, None, mask.as_ref(), true, Some(cache))?
             .narrow(1, l - 1, 1)?
             .contiguous()?;
         Ok(m.head(&h)?.squeeze(1)?)

@@ -43,7 +43,8 @@ use crate::error::{Error, Result};
 use adapted_linear::{Lin, LoraLin};
 use block::Block;
 pub use block::{
-    apply_rope, causal_mask, gelu_tanh, gemma_rms_norm, rms_norm, softcap, window_band, MASK_VALUE,
+    apply_rope, causal_mask, gelu_tanh, gemma_rms_norm, packed_causal_mask, rms_norm, softcap,
+    window_band, MASK_VALUE,
 };
 pub use kv_cache::KvCache;
 pub use score_head::{scored_position, RewardModel, SCORE_WEIGHT};
@@ -71,6 +72,8 @@ pub struct Model {
     adapters_on: bool,
     /// Gradient checkpointing of the decoder layers in training forward passes.
     checkpointing: bool,
+    /// Training batches packed into one row ([`crate::batch::Packed`]).
+    padding_free: bool,
     /// Logits per chunk of the LM head.
     head_chunk: usize,
     /// The LoRA dropout seed and the count of training forward passes since it was set.
@@ -230,6 +233,7 @@ impl Model {
             lora: None,
             adapters_on: true,
             checkpointing: false,
+            padding_free: false,
             head_chunk: crate::fused::HEAD_CHUNK_ELEMS,
             dropout: Arc::default(),
         })
@@ -287,6 +291,20 @@ impl Model {
     /// Whether gradient checkpointing is on.
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpointing
+    }
+
+    /// Padding-free batches (TRL's `padding_free`): the trainer's log-probs of a batch
+    /// ([`crate::train::PolicyModel::sequence_logps`]) run on its sequences packed into one
+    /// row ([`crate::batch::Packed`], [`Model::packed_token_logps`]), no padding token
+    /// computed; the log-probs are the padded batch's (LoRA dropout, whose masks follow the
+    /// rows of the layout, draws other masks).
+    pub fn set_padding_free(&mut self, on: bool) {
+        self.padding_free = on;
+    }
+
+    /// Whether padding-free batches are on.
+    pub fn padding_free(&self) -> bool {
+        self.padding_free
     }
 
     /// The LM head's chunk size in logits (positions × vocabulary entries; default

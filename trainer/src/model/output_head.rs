@@ -21,7 +21,7 @@ impl Model {
     pub fn logits(&self, ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let (mask, causal) = self.training_mask(b, l, attention_mask)?;
-        let h = self.decode(ids, 0, Some(&mask), causal, None)?;
+        let h = self.decode(ids, 0, None, Some(&mask), causal, None)?;
         self.head(&h)
     }
 
@@ -155,6 +155,44 @@ impl Model {
             ));
         }
         self.check_forward_size(b, l, 0)?;
+        let (mask, causal) = self.training_mask(b, l, attention_mask)?;
+        self.logps_on(ids, (&mask, causal, None), rows, sq)
+    }
+
+    /// The log-probs of [`crate::batch::Batch::packed`]'s row laid out as the padded batch's:
+    /// `[B, L−1]`, `loss_mask · log π(target)` ([`Model::token_logps_masked`]'s values) and,
+    /// with `sq`, `log Σ_v π_v²` at the same positions. Each sequence sees only itself
+    /// (block-diagonal causal mask, the window within the sequence) at positions from 0.
+    ///
+    /// # Errors
+    /// As [`Model::token_logps_masked`].
+    pub fn packed_token_logps(
+        &self,
+        p: &crate::batch::Packed,
+        sq: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.check_packed_size(&p.lengths)?;
+        let acc = accumulation_dtype(self.compute_dtype);
+        let mask =
+            super::block::packed_causal_mask(&p.lengths, self.base_window(), acc, &self.device)?;
+        let layout = (&mask, false, Some(p.positions.as_slice()));
+        let (lp, sq) = self.logps_on(&p.input_ids, layout, Some(&p.loss_mask), sq)?;
+        let m = p.loss_mask.to_dtype(acc)?;
+        let lp = p.unpack(&(lp * &m)?)?;
+        let sq = sq.map(|s| p.unpack(&(s * &m)?)).transpose()?;
+        Ok((lp, sq))
+    }
+
+    /// [`Model::token_logps_and_sq`] under an additive mask, whether it is causal, and the
+    /// RoPE positions (`None`: `0 .. l` in each row).
+    fn logps_on(
+        &self,
+        ids: &Tensor,
+        (mask, causal, positions): (&Tensor, bool, Option<&[usize]>),
+        rows: Option<&Tensor>,
+        sq: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, l) = ids.dims2()?;
         if let Some(r) = rows {
             if r.dims() != [b, l - 1] {
                 return Err(Error::InvalidArgument(format!(
@@ -164,9 +202,8 @@ impl Model {
                 )));
             }
         }
-        let (mask, causal) = self.training_mask(b, l, attention_mask)?;
         let h = self
-            .decode(ids, 0, Some(&mask), causal, None)?
+            .decode(ids, 0, positions, Some(mask), causal, None)?
             .narrow(1, 0, l - 1)?
             .contiguous()?;
         let hs = h.dim(2)?;

@@ -52,7 +52,7 @@ impl Model {
         let (b, l) = ids.dims2()?;
         self.check_forward_size(b, l, 0)?;
         let (mask, causal) = self.training_mask(b, l, attention_mask)?;
-        self.decode(ids, 0, Some(&mask), causal, None)
+        self.decode(ids, 0, None, Some(&mask), causal, None)
     }
 }
 

@@ -34,8 +34,14 @@ impl TrainModel {
 }
 
 /// The summed completion log-probs of a batch under `model`.
+/// The summed completion log-probs of a batch under `model` (packed into one row when the
+/// model is [padding-free](Model::set_padding_free)).
 fn seq_logps(model: &Model, b: &Batch) -> crate::Result<SeqLogps> {
-    let lp = model.token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)?;
+    let lp = if model.padding_free() {
+        model.packed_token_logps(&b.packed()?, false)?.0
+    } else {
+        model.token_logps_masked(&b.input_ids, Some(&b.attention_mask), &b.loss_mask)?
+    };
     Ok(SeqLogps::from_token_logps(&lp, &b.loss_mask)?)
 }
 
@@ -47,11 +53,17 @@ impl PolicyModel for TrainModel {
 
     fn sequence_logps_with_sq(&self, b: &Batch) -> crate::Result<SeqLogps> {
         let _p = crate::profile::region("forward (candle ops, graph)");
-        let (lp, sq) = self.model.token_logps_masked_with_sq(
-            &b.input_ids,
-            Some(&b.attention_mask),
-            &b.loss_mask,
-        )?;
+        let (lp, sq) = if self.model.padding_free() {
+            let (lp, sq) = self.model.packed_token_logps(&b.packed()?, true)?;
+            let sq = sq.ok_or_else(|| Error::InvalidArgument("log Σ π² not computed".into()))?;
+            (lp, sq)
+        } else {
+            self.model.token_logps_masked_with_sq(
+                &b.input_ids,
+                Some(&b.attention_mask),
+                &b.loss_mask,
+            )?
+        };
         let mut s = SeqLogps::from_token_logps(&lp, &b.loss_mask)?;
         s.log_sum_sq = Some(sq.detach());
         Ok(s)

@@ -250,6 +250,11 @@ pub struct MemoryOptions {
     /// implemented.
     #[arg(long)]
     pub zero_stage: u8,
+    /// TRL's padding_free: each micro-batch's sequences packed into one row without padding,
+    /// each at positions from 0 and attending only to itself; the same log-probs as padded
+    /// batches, no compute on padding. Not for reward modelling.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub padding_free: bool,
 }
 
 impl Default for MemoryOptions {
@@ -265,6 +270,7 @@ impl Default for MemoryOptions {
             lora_target_modules: crate::lora::DEFAULT_TARGETS.map(String::from).to_vec(),
             use_rslora: false,
             zero_stage: 0,
+            padding_free: false,
         }
     }
 }
@@ -312,7 +318,7 @@ impl MemoryOptions {
     }
 
     /// Applies the options to a model about to train: LoRA adapters (seeded by `seed`, as TRL
-    /// seeds before PEFT's initialization) and gradient checkpointing.
+    /// seeds before PEFT's initialization), gradient checkpointing and padding-free batches.
     ///
     /// # Errors
     /// Invalid LoRA options.
@@ -321,6 +327,7 @@ impl MemoryOptions {
             model.add_lora(lora, seed)?;
         }
         model.set_gradient_checkpointing(self.gradient_checkpointing);
+        model.set_padding_free(self.padding_free);
         Ok(())
     }
 }
@@ -499,6 +506,14 @@ impl TrainConfig {
             return bad("set max_steps > 0 or num_train_epochs > 0".into());
         }
         self.memory.lora()?;
+        if self.memory.padding_free && self.objective.rule() == Rule::Reward {
+            return bad(
+                "padding_free: not for reward modelling (a reward model scores each \
+                 sequence's last token of a padded batch; TRL's RewardTrainer has no \
+                 padding_free)"
+                    .into(),
+            );
+        }
         self.check_sync_ref_model()
     }
 
