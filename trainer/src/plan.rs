@@ -691,7 +691,12 @@ pub fn plan(m: &PlanModel, s: &Setup) -> Result<Plan> {
     let seqs = 2 * s.batch * s.accumulation;
     let flops = model_flops(cfg, seqs, s.max_length, s.max_length, s.lora.is_some());
     let recompute = if s.gradient_checkpointing {
-        recompute_flops(cfg, seqs, s.max_length, Kernels::of(s.cuda, s.compute_dtype))
+        recompute_flops(
+            cfg,
+            seqs,
+            s.max_length,
+            Kernels::of(s.cuda, s.compute_dtype),
+        )
     } else {
         0.0
     };

@@ -201,7 +201,11 @@ fn checkpointing_keeps_far_fewer_activations_and_costs_a_forward() {
             } else {
                 let plain = plain_share.take().expect("the CPU plan comes second");
                 if difinfo_trainer::plan::whole_layer(&m.config, Kernels::Fused) {
-                    assert!(share > 0.03 && share < plain, "{}: {share} vs {plain}", m.model_type);
+                    assert!(
+                        share > 0.03 && share < plain,
+                        "{}: {share} vs {plain}",
+                        m.model_type
+                    );
                 } else {
                     // Gemma2 runs the separate kernels: a whole forward again.
                     assert_eq!(share, plain, "{}", m.model_type);

@@ -220,39 +220,41 @@ fn att_forward<T: Real>(
     (0..b * h)
         .into_par_iter()
         .for_each_init(Vec::<T>::new, |scratch, i| {
-            let head_len = spans.head[i + 1] - spans.head[i];
-            if !keep && scratch.capacity() < head_len {
-                *scratch = Vec::with_capacity(head_len);
-            }
-            for blk in 0..nb {
-                let ((lo, hi), at) = spans.block(z, i, blk);
-                // SAFETY: head i writes only its own share of p (each block's slab whole) or,
-                // without `keep`, the task's own scratch of the head's size; and its own l×d
-                // block of the merged o (rows of h·d, head offset); q, k, v are [B, H, ·, d]
-                // blocks.
-                unsafe {
-                    let pb = if keep {
-                        pp.get().add(at)
-                    } else {
-                        scratch.as_mut_ptr().add(at - spans.head[i])
-                    };
-                    probs_block(pb, q, k, mask, z, scale, (i, blk, (lo, hi)));
-                    if let Some(v) = v {
-                        let (r0, r1) = z.block_rows(blk);
-                        gemm_raw(
-                            (r1 - r0, d, hi - lo),
-                            op.get().add(z.merged(i) + r0 * h * d),
-                            h * d,
-                            pb,
-                            (1, hi - lo),
-                            v.as_ptr().add((i * t + lo) * d),
-                            (1, d),
-                            gemm::Parallelism::None,
-                            false,
-                        );
+            difinfo::simd::vectorized(|| {
+                let head_len = spans.head[i + 1] - spans.head[i];
+                if !keep && scratch.capacity() < head_len {
+                    *scratch = Vec::with_capacity(head_len);
+                }
+                for blk in 0..nb {
+                    let ((lo, hi), at) = spans.block(z, i, blk);
+                    // SAFETY: head i writes only its own share of p (each block's slab whole) or,
+                    // without `keep`, the task's own scratch of the head's size; and its own l×d
+                    // block of the merged o (rows of h·d, head offset); q, k, v are [B, H, ·, d]
+                    // blocks.
+                    unsafe {
+                        let pb = if keep {
+                            pp.get().add(at)
+                        } else {
+                            scratch.as_mut_ptr().add(at - spans.head[i])
+                        };
+                        probs_block(pb, q, k, mask, z, scale, (i, blk, (lo, hi)));
+                        if let Some(v) = v {
+                            let (r0, r1) = z.block_rows(blk);
+                            gemm_raw(
+                                (r1 - r0, d, hi - lo),
+                                op.get().add(z.merged(i) + r0 * h * d),
+                                h * d,
+                                pb,
+                                (1, hi - lo),
+                                v.as_ptr().add((i * t + lo) * d),
+                                (1, d),
+                                gemm::Parallelism::None,
+                                false,
+                            );
+                        }
                     }
                 }
-            }
+            })
         });
     // SAFETY: every head wrote its blocks of p (when kept; and of o when v was given) whole.
     unsafe {
@@ -371,84 +373,86 @@ impl AttentionBwd {
             let scale = T::from_f64(self.scale);
             with_slice::<T, _>(&self.grad, |go| {
                 (0..bh).into_par_iter().for_each(|i| {
-                    let mut gs: Vec<T> = Vec::with_capacity(ATT_BLOCK * t);
-                    for blk in 0..nb {
-                        let ((lo, hi), at) = spans.block(z, i, blk);
-                        let w = hi - lo;
-                        let (r0, r1) = z.block_rows(blk);
-                        let rows = r1 - r0;
-                        let pb = &p[at..at + rows * w];
-                        let gob = z.merged(i) + r0 * h * d;
-                        // SAFETY: head i writes only its own blocks of ∂q (rows r0..r1),
-                        // ∂k and ∂v (rows lo..hi, accumulated); gs has room for rows×w;
-                        // the operands are read within their [B, H, ·, ·] or merged layouts.
-                        unsafe {
-                            // ∂p = ∂o · vᵀ over the block's keys
-                            gemm_raw(
-                                (rows, w, d),
-                                gs.as_mut_ptr(),
-                                w,
-                                go.as_ptr().add(gob),
-                                (1, h * d),
-                                v.as_ptr().add((i * t + lo) * d),
-                                (d, 1),
-                                gemm::Parallelism::None,
-                                false,
-                            );
-                            gs.set_len(rows * w);
-                        }
-                        // ∂s = scale · p ⊙ (∂p − Σ_k ∂p_k p_k), in place
-                        for (grow, prow) in gs.chunks_mut(w).zip(pb.chunks(w)) {
-                            let mut dot = T::zero();
-                            for (&a, &g) in prow.iter().zip(grow.iter()) {
-                                dot += a * g;
+                    difinfo::simd::vectorized(|| {
+                        let mut gs: Vec<T> = Vec::with_capacity(ATT_BLOCK * t);
+                        for blk in 0..nb {
+                            let ((lo, hi), at) = spans.block(z, i, blk);
+                            let w = hi - lo;
+                            let (r0, r1) = z.block_rows(blk);
+                            let rows = r1 - r0;
+                            let pb = &p[at..at + rows * w];
+                            let gob = z.merged(i) + r0 * h * d;
+                            // SAFETY: head i writes only its own blocks of ∂q (rows r0..r1),
+                            // ∂k and ∂v (rows lo..hi, accumulated); gs has room for rows×w;
+                            // the operands are read within their [B, H, ·, ·] or merged layouts.
+                            unsafe {
+                                // ∂p = ∂o · vᵀ over the block's keys
+                                gemm_raw(
+                                    (rows, w, d),
+                                    gs.as_mut_ptr(),
+                                    w,
+                                    go.as_ptr().add(gob),
+                                    (1, h * d),
+                                    v.as_ptr().add((i * t + lo) * d),
+                                    (d, 1),
+                                    gemm::Parallelism::None,
+                                    false,
+                                );
+                                gs.set_len(rows * w);
                             }
-                            for (g, &a) in grow.iter_mut().zip(prow) {
-                                *g = scale * (a * (*g - dot));
+                            // ∂s = scale · p ⊙ (∂p − Σ_k ∂p_k p_k), in place
+                            for (grow, prow) in gs.chunks_mut(w).zip(pb.chunks(w)) {
+                                let mut dot = T::zero();
+                                for (&a, &g) in prow.iter().zip(grow.iter()) {
+                                    dot += a * g;
+                                }
+                                for (g, &a) in grow.iter_mut().zip(prow) {
+                                    *g = scale * (a * (*g - dot));
+                                }
                             }
+                            // SAFETY: as above.
+                            unsafe {
+                                let o = base.get();
+                                // ∂v[lo..hi] += pᵀ · ∂o
+                                gemm_raw(
+                                    (w, d, rows),
+                                    o.add(nq + nk + (i * t + lo) * d),
+                                    d,
+                                    pb.as_ptr(),
+                                    (w, 1),
+                                    go.as_ptr().add(gob),
+                                    (1, h * d),
+                                    gemm::Parallelism::None,
+                                    true,
+                                );
+                                // ∂q = ∂s · k
+                                gemm_raw(
+                                    (rows, d, w),
+                                    o.add((i * l + r0) * d),
+                                    d,
+                                    gs.as_ptr(),
+                                    (1, w),
+                                    k.as_ptr().add((i * t + lo) * d),
+                                    (1, d),
+                                    gemm::Parallelism::None,
+                                    false,
+                                );
+                                // ∂k[lo..hi] += ∂sᵀ · q
+                                gemm_raw(
+                                    (w, d, rows),
+                                    o.add(nq + (i * t + lo) * d),
+                                    d,
+                                    gs.as_ptr(),
+                                    (w, 1),
+                                    q.as_ptr().add((i * l + r0) * d),
+                                    (1, d),
+                                    gemm::Parallelism::None,
+                                    true,
+                                );
+                            }
+                            gs.clear();
                         }
-                        // SAFETY: as above.
-                        unsafe {
-                            let o = base.get();
-                            // ∂v[lo..hi] += pᵀ · ∂o
-                            gemm_raw(
-                                (w, d, rows),
-                                o.add(nq + nk + (i * t + lo) * d),
-                                d,
-                                pb.as_ptr(),
-                                (w, 1),
-                                go.as_ptr().add(gob),
-                                (1, h * d),
-                                gemm::Parallelism::None,
-                                true,
-                            );
-                            // ∂q = ∂s · k
-                            gemm_raw(
-                                (rows, d, w),
-                                o.add((i * l + r0) * d),
-                                d,
-                                gs.as_ptr(),
-                                (1, w),
-                                k.as_ptr().add((i * t + lo) * d),
-                                (1, d),
-                                gemm::Parallelism::None,
-                                false,
-                            );
-                            // ∂k[lo..hi] += ∂sᵀ · q
-                            gemm_raw(
-                                (w, d, rows),
-                                o.add(nq + (i * t + lo) * d),
-                                d,
-                                gs.as_ptr(),
-                                (w, 1),
-                                q.as_ptr().add((i * l + r0) * d),
-                                (1, d),
-                                gemm::Parallelism::None,
-                                true,
-                            );
-                        }
-                        gs.clear();
-                    }
+                    })
                 });
                 Ok(())
             })?;

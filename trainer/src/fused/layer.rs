@@ -547,7 +547,9 @@ impl Layer {
             let _p = crate::profile::region("decoder layer recompute");
             match self.fwd(xs, Keep::All, false, mlp_in)?.1 {
                 Some(Stash::All(k)) => Ok(k),
-                _ => Err(candle_core::Error::Msg("decoder layer: nothing kept".into())),
+                _ => Err(candle_core::Error::Msg(
+                    "decoder layer: nothing kept".into(),
+                )),
             }
         };
         let kept = match stash {
