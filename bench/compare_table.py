@@ -27,6 +27,8 @@ VARIANTS = {
 def row_of(path):
     with open(path) as f:
         j = json.load(f)
+    if isinstance(j, list):  # bench-generate and pytorch_generate.py: a list of rows
+        j = {"rows": j, "load_average": j[0].get("load_average")}
     r = j["rows"][0]
     tps = r.get("tokens_per_second", r.get("new_tokens_per_second"))
     return {
