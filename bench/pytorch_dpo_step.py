@@ -22,51 +22,11 @@ import argparse
 import os
 import time
 
-
-def vm_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-SIZES = {
-    # name: (vocab, hidden, intermediate, layers, heads, kv_heads), as difinfo-trainer's init.rs
-    "tiny": (1024, 128, 352, 4, 4, 2),
-    "small": (8192, 384, 1152, 8, 6, 2),
-}
+from torch_common import SIZES, load_model, reset_peak_rss, vm_kib
 
 
 def build_model(args, torch, transformers):
-    if args.model:
-        m = transformers.AutoModelForCausalLM.from_pretrained(
-            args.model, torch_dtype=torch.float32, attn_implementation=args.attn
-        )
-        name = args.model
-    else:
-        v, h, i, l, a, kv = SIZES[args.size]
-        cfg = transformers.LlamaConfig(
-            vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=l,
-            num_attention_heads=a, num_key_value_heads=kv, rms_norm_eps=1e-5, rope_theta=10000.0,
-            max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-        )
-        cfg._attn_implementation = args.attn
-        torch.manual_seed(0)
-        m = transformers.LlamaForCausalLM(cfg)
-        name = f"random {args.size}"
+    m, name = load_model(args, torch, transformers, args.attn)
     m.config.use_cache = False
     if args.gradient_checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

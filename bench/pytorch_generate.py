@@ -21,33 +21,8 @@ import json
 import os
 import time
 
+from torch_common import SIZES, load_model, reset_peak_rss, vm_kib
 
-def vm_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-SIZES = {
-    # name: (vocab, hidden, intermediate, layers, heads, kv_heads), as difinfo-trainer's init.rs
-    "tiny": (1024, 128, 352, 4, 4, 2),
-    "small": (8192, 384, 1152, 8, 6, 2),
-    "smollm2-135m": (49152, 576, 1536, 30, 9, 3),
-}
 
 HEADER = (
     "| model | threads | batch × new tokens | prompt | s | new tokens/s | peak RSS (MiB) | load average |\n"
@@ -56,19 +31,7 @@ HEADER = (
 
 
 def build_model(args, torch, transformers):
-    if args.model:
-        m = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        name = args.model
-    else:
-        v, h, i, l, a, kv = SIZES[args.size]
-        cfg = transformers.LlamaConfig(
-            vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=l,
-            num_attention_heads=a, num_key_value_heads=kv, rms_norm_eps=1e-5, rope_theta=10000.0,
-            max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-        )
-        torch.manual_seed(0)
-        m = transformers.LlamaForCausalLM(cfg)
-        name = f"random {args.size}"
+    m, name = load_model(args, torch, transformers)
     m.eval()
     return m, name
 

@@ -18,12 +18,24 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Runs `difinfo-train ARGS`, which must succeed; its standard output.
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{args:?}: {out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 #[test]
 fn bench_on_a_data_file_reports_its_padding() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let json = dir.path().join("bench.json");
-    let o = run(&[
+    let out = ok(&[
         "bench",
         "--model",
         s(&model),
@@ -40,12 +52,6 @@ fn bench_on_a_data_file_reports_its_padding() {
         "--json",
         s(&json),
     ]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     assert!(out.contains("36 pairs"), "{out}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -96,7 +102,7 @@ fn bench_profile_counts_the_products_flops_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let (batch, seq, steps) = (2usize, 16usize, 2usize);
-    let o = run(&[
+    let out = ok(&[
         "bench",
         "--size",
         "tiny",
@@ -112,12 +118,6 @@ fn bench_profile_counts_the_products_flops_exactly() {
         "--json",
         s(&json),
     ]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     assert!(out.contains("where a dpo step went"), "{out}");
     assert!(out.contains("| gemm · decoder layer forward |"), "{out}");
     let v: serde_json::Value =

@@ -178,22 +178,6 @@ fn example_prefs() -> std::path::PathBuf {
     common::data_file("example_prefs.jsonl")
 }
 
-/// SFT data (`prompt`, `completion`) from the preference file's chosen answers.
-fn sft_data(dir: &std::path::Path) -> std::path::PathBuf {
-    let out = dir.join("sft.jsonl");
-    let text = std::fs::read_to_string(example_prefs()).unwrap();
-    let mut s = String::new();
-    for l in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        s.push_str(
-            &serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string(),
-        );
-        s.push('\n');
-    }
-    std::fs::write(&out, s).unwrap();
-    out
-}
-
 /// The numbers of a run's metrics records (timing left out), key by key. The first step's
 /// reward accuracy is left out: there the policy is the reference, every reward is 0 up to
 /// rounding, and `chosen > rejected` compares rounding errors (a packed sequence's log-prob
@@ -238,7 +222,7 @@ fn ref_cache(run: &std::path::Path) -> Vec<(String, Vec<f64>)> {
 fn same_run(args: &[&str], steps: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::tiny_model(tmp.path());
-    let sft = sft_data(tmp.path());
+    let sft = common::sft_from_prefs(tmp.path());
     let mut runs = Vec::new();
     for pf in ["false", "true"] {
         let out = tmp.path().join(format!("run-{pf}"));

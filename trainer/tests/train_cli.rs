@@ -13,22 +13,6 @@ fn prefs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/example_prefs.jsonl")
 }
 
-/// SFT data (`prompt`, `completion`) from the preference file's chosen answers.
-fn sft_data(dir: &Path) -> PathBuf {
-    let out = dir.join("sft.jsonl");
-    let text = std::fs::read_to_string(prefs()).unwrap();
-    let mut s = String::new();
-    for l in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        s.push_str(
-            &serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string(),
-        );
-        s.push('\n');
-    }
-    std::fs::write(&out, s).unwrap();
-    out
-}
-
 fn ok(args: &[&str]) -> String {
     let o = run(args);
     assert!(o.status.success(), "failed: {args:?}");
@@ -55,7 +39,7 @@ fn s(p: &Path) -> &str {
 fn sft_then_dpo_then_dpo_pg_then_plot() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    let sft = sft_data(tmp.path());
+    let sft = common::sft_from_prefs(tmp.path());
     let sft_dir = tmp.path().join("sft");
     let out = ok(&[
         "sft",

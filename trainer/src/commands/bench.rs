@@ -320,6 +320,37 @@ pub fn gpu_bf16_peak_tflops(name: &str) -> Option<f64> {
     table.iter().find(|(k, _)| n.contains(k)).map(|&(_, t)| t)
 }
 
+/// The model a bench runs and its name in the table: the checkpoint `--model DIR`, or a
+/// random Llama of `--size` built in memory (seed 0).
+///
+/// # Errors
+/// Loading errors.
+pub(crate) fn bench_model(
+    dir: Option<&Path>,
+    size: ModelSize,
+    dtype: candle_core::DType,
+    device: &Device,
+) -> crate::Result<(Model, String)> {
+    Ok(match dir {
+        Some(dir) => (load_model(dir, dtype, device)?, dir.display().to_string()),
+        None => {
+            let cfg = size_config(size);
+            let t = random_tensors(&cfg, 0)?;
+            (
+                Model::from_tensors(cfg, t, Path::new("<random>"), dtype, device)?,
+                format!("random {size:?}").to_lowercase(),
+            )
+        }
+    })
+}
+
+/// The load average (1, 5, 15 min) from `/proc/loadavg`; `None` off Linux.
+pub(crate) fn load_average() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
 /// Refuses `--batch` × `--seq` beyond the machine's memory before the benchmark builds
 /// anything of that size: the token ids of its `sequences` inputs (host memory,
 /// [`crate::memory::check_memory`]) and a forward pass of `model` over `--batch` sequences of
@@ -631,17 +662,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         crate::outputs::check_outputs(&[("--json", j)], &crate::outputs::inputs(&files, &dirs))?;
     }
     let (device, dtype) = a.placement.parse()?;
-    let (mut model, name) = match &a.model {
-        Some(dir) => (load_model(dir, dtype, &device)?, dir.display().to_string()),
-        None => {
-            let cfg = size_config(a.size);
-            let t = random_tensors(&cfg, 0)?;
-            (
-                Model::from_tensors(cfg, t, Path::new("<random>"), dtype, &device)?,
-                format!("random {:?}", a.size).to_lowercase(),
-            )
-        }
-    };
+    let (mut model, name) = bench_model(a.model.as_deref(), a.size, dtype, &device)?;
     if a.bf16 {
         model.set_compute_dtype(candle_core::DType::BF16)?;
     }
@@ -753,9 +774,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         ),
         None => println!("\npeak: unknown (set DIFINFO_PEAK_TFLOPS for MFU)"),
     }
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    let load = load_average();
     if let Some(l) = &load {
         println!("load average (1, 5, 15 min): {l}");
     }

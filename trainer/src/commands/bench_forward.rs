@@ -1,13 +1,12 @@
 //! `difinfo-train bench-forward`: its options ([`BenchForwardArgs`]) and its run.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
 use crate::batch::{Batch, Sequence};
-use crate::init::{size_config, ModelSize};
-use crate::pretrained::load_model;
+use crate::init::ModelSize;
 use crate::train::run::Placement;
 use crate::{Error, Result};
 
@@ -57,14 +56,7 @@ pub fn run(a: BenchForwardArgs) -> Result<()> {
             "need --batch ≥ 1, --seq ≥ 2, --iters ≥ 1".into(),
         ));
     }
-    let m = match &model {
-        Some(dir) => load_model(dir, dtype, &device)?,
-        None => {
-            let cfg = size_config(size);
-            let t = crate::init::random_tensors(&cfg, 0)?;
-            crate::model::Model::from_tensors(cfg, t, Path::new("<random>"), dtype, &device)?
-        }
-    };
+    let (m, _) = crate::commands::bench::bench_model(model.as_deref(), size, dtype, &device)?;
     // Before the inputs are built; the passes below keep a graph, as the model checks.
     crate::commands::bench::check_bench_size(&m, batch, seq, batch)?;
     let vocab = m.config().vocab_size as u32;

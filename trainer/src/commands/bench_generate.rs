@@ -5,7 +5,7 @@
 //! the prompt's pass and every decoding step. `bench/pytorch_generate.py` measures
 //! transformers' `generate` with the same options and prints the same table.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
@@ -13,9 +13,7 @@ use rand::SeedableRng;
 
 use crate::commands::bench::{proc_status_kib, reset_peak_rss};
 use crate::generate::{generate, SamplingParams};
-use crate::init::{random_tensors, size_config, ModelSize};
-use crate::model::Model;
-use crate::pretrained::load_model;
+use crate::init::ModelSize;
 use crate::train::rng::SplitMix64;
 use crate::train::run::Placement;
 use crate::{Error, Result};
@@ -147,17 +145,8 @@ pub fn run(a: &BenchGenerateArgs) -> Result<GenerateRow> {
 /// Loads the model and times the calls (in the caller's rayon pool).
 fn measure(a: &BenchGenerateArgs, params: &SamplingParams) -> Result<GenerateRow> {
     let (device, dtype) = a.placement.parse()?;
-    let (model, name) = match &a.model {
-        Some(dir) => (load_model(dir, dtype, &device)?, dir.display().to_string()),
-        None => {
-            let cfg = size_config(a.size);
-            let t = random_tensors(&cfg, 0)?;
-            (
-                Model::from_tensors(cfg, t, Path::new("<random>"), dtype, &device)?,
-                format!("random {:?}", a.size).to_lowercase(),
-            )
-        }
-    };
+    let (model, name) =
+        crate::commands::bench::bench_model(a.model.as_deref(), a.size, dtype, &device)?;
     let ctx = model.config().max_position_embeddings;
     if a.prompt_len.saturating_add(a.new_tokens) > ctx {
         return Err(Error::InvalidArgument(format!(
@@ -200,9 +189,7 @@ fn measure(a: &BenchGenerateArgs, params: &SamplingParams) -> Result<GenerateRow
     } else {
         None
     };
-    let load_average = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    let load_average = crate::commands::bench::load_average();
     Ok(GenerateRow {
         model: name,
         threads: rayon::current_num_threads(),

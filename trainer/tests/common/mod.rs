@@ -262,3 +262,20 @@ pub fn closed_form_model(cfg: ModelConfig) -> Model {
     }
     Model::from_tensors(cfg, t, Path::new("<closed form>"), DType::F64, &device()).unwrap()
 }
+
+/// SFT data (`prompt`, `completion`) in `dir/sft.jsonl`, from the shipped preference file's
+/// chosen answers.
+pub fn sft_from_prefs(dir: &Path) -> PathBuf {
+    let out = dir.join("sft.jsonl");
+    let text = std::fs::read_to_string(data_file("example_prefs.jsonl")).unwrap();
+    let mut s = String::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        s.push_str(
+            &serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string(),
+        );
+        s.push('\n');
+    }
+    std::fs::write(&out, s).unwrap();
+    out
+}
