@@ -148,10 +148,8 @@ fn logps_and_grads(m: &Model, b: &Batch) -> (Tensor, Vec<(String, Tensor)>) {
         .to_dtype(lp.dtype())
         .unwrap();
     let loss = (&lp * &w).unwrap().sum_all().unwrap();
-    let sink = m.grad_sink().unwrap();
-    sink.clear();
-    let mut store = loss.backward().unwrap();
-    sink.drain_into(&mut store).unwrap();
+    assert!(m.grad_sink().is_some());
+    let store = m.backward(&loss).unwrap();
     let vars = match m.lora_config() {
         Some(_) => m.lora_vars(),
         None => m.named_vars(),

@@ -417,24 +417,19 @@ pub fn padded_positions(micro: &[&PreferencePair], separate: bool) -> usize {
 /// # Errors
 /// Data errors (file:line:field) and a file that leaves no pair.
 fn file_pairs(model_dir: &Path, file: &Path, max_length: usize) -> crate::Result<BenchPairs> {
-    use crate::train::config::Limit;
     let bundle = crate::commands::shared::load_bundle(model_dir)?;
-    let opts = crate::tokenize::TokenizeOptions {
-        max_length: Limit::from_count(max_length).0,
-        max_prompt_length: Limit::from_count(TrainConfig::default().max_prompt_length).0,
-        truncation_mode: Default::default(),
-        boundary: Default::default(),
+    let config = TrainConfig {
+        max_length,
+        ..TrainConfig::default()
     };
+    let opts = crate::train::dataset::tokenize_options(&config, &Default::default());
     let ds = crate::tokenize::load_preferences(&bundle, file, &opts, false)?;
     crate::commands::shared::require_examples(file, &ds.stats)?;
     Ok(BenchPairs {
         pairs: ds
             .examples
             .iter()
-            .map(|e| PreferencePair {
-                chosen: e.value.chosen_sequence(),
-                rejected: e.value.rejected_sequence(),
-            })
+            .map(|e| PreferencePair::from(&e.value))
             .collect(),
         pad_id: bundle.pad_id(),
     })

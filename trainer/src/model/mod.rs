@@ -396,7 +396,7 @@ impl Model {
     /// kernels on, no biases) as one graph node ([`crate::fused::decoder_layer`]) whose
     /// backward pass leaves the layer weights' gradients in `sink` instead of the
     /// `GradStore` that `backward()` returns: whoever calls `backward()` on such a graph must
-    /// add them with [`crate::fused::GradSink::drain_into`] (the trainer does). `None` (the
+    /// add them with [`crate::fused::GradSink::drain_into`] ([`Model::backward`] does). `None` (the
     /// default) turns this off, so a plain `backward()` holds every gradient.
     pub fn set_grad_sink(&mut self, sink: Option<crate::fused::GradSink>) {
         self.grad_sink = sink;
@@ -405,6 +405,24 @@ impl Model {
     /// The sink set by [`Model::set_grad_sink`].
     pub fn grad_sink(&self) -> Option<&crate::fused::GradSink> {
         self.grad_sink.as_ref()
+    }
+
+    /// The gradients of `loss`: candle's backward pass, with the weight gradients the fused
+    /// nodes left in the sink ([`Model::set_grad_sink`]) moved into its store.
+    ///
+    /// # Errors
+    /// candle's.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<candle_core::backprop::GradStore> {
+        let _p = crate::profile::region("backward (candle ops, graph)");
+        match &self.grad_sink {
+            Some(sink) => {
+                sink.clear();
+                let mut store = loss.backward()?;
+                sink.drain_into(&mut store)?;
+                Ok(store)
+            }
+            None => loss.backward(),
+        }
     }
 
     /// The device holding the parameters.

@@ -98,16 +98,7 @@ impl PolicyModel for TrainModel {
     }
 
     fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
-        let _p = crate::profile::region("backward (candle ops, graph)");
-        match self.model.grad_sink() {
-            Some(sink) => {
-                sink.clear();
-                let mut store = loss.backward()?;
-                sink.drain_into(&mut store)?;
-                Ok(store)
-            }
-            None => loss.backward(),
-        }
+        self.model.backward(loss)
     }
 
     fn device(&self) -> candle_core::Device {

@@ -13,6 +13,16 @@ pub struct PreferencePair {
     pub rejected: Sequence,
 }
 
+impl From<&crate::tokenize::TokenizedPair> for PreferencePair {
+    /// The pair's chosen and rejected sequences, each with its completion boundary.
+    fn from(p: &crate::tokenize::TokenizedPair) -> Self {
+        PreferencePair {
+            chosen: p.chosen_sequence(),
+            rejected: p.rejected_sequence(),
+        }
+    }
+}
+
 /// The examples a run trains on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Examples {

@@ -4,7 +4,7 @@
 
 use crate::error::DataError;
 use crate::tokenize::{
-    load_preferences, load_sft, TokenizeOptions, TokenizeStats, TokenizerBundle,
+    load_preferences, load_sft, TokenizationRules, TokenizeOptions, TokenizeStats, TokenizerBundle,
 };
 use crate::train::config::{Limit, TrainConfig};
 use crate::train::data::{Dataset, Examples, PreferencePair};
@@ -24,13 +24,13 @@ pub struct RunData {
 }
 
 /// The tokenization a run asks for: its length limits ([`Limit::from_count`]: 0 is no limit)
-/// and its tokenizer settings.
-pub fn tokenize_options(c: &TrainConfig, r: &RunRecord) -> TokenizeOptions {
+/// and its tokenizer rules (a run's `r.settings.tokenizer`).
+pub fn tokenize_options(c: &TrainConfig, rules: &TokenizationRules) -> TokenizeOptions {
     TokenizeOptions {
         max_length: Limit::from_count(c.max_length).0,
         max_prompt_length: Limit::from_count(c.max_prompt_length).0,
-        truncation_mode: r.settings.tokenizer.truncation_mode,
-        boundary: r.settings.tokenizer.completion_boundary,
+        truncation_mode: rules.truncation_mode,
+        boundary: rules.completion_boundary,
     }
 }
 
@@ -44,7 +44,7 @@ pub fn load_dataset(
     r: &RunRecord,
     bundle: &TokenizerBundle,
 ) -> crate::Result<RunData> {
-    let opts = tokenize_options(c, r);
+    let opts = tokenize_options(c, &r.settings.tokenizer);
     let skip = r.settings.invalid.skip_invalid;
     let (examples, lines, stats, errors) = if c.objective.is_preference() {
         let ds = load_preferences(bundle, &r.data, &opts, skip)?;
@@ -52,10 +52,7 @@ pub fn load_dataset(
         let pairs = ds
             .examples
             .iter()
-            .map(|e| PreferencePair {
-                chosen: e.value.chosen_sequence(),
-                rejected: e.value.rejected_sequence(),
-            })
+            .map(|e| PreferencePair::from(&e.value))
             .collect();
         (Examples::Preference(pairs), lines, ds.stats, ds.errors)
     } else {

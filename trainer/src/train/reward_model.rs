@@ -76,15 +76,7 @@ impl PolicyModel for RewardTrainModel {
     }
 
     fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
-        match self.model.decoder().grad_sink() {
-            Some(sink) => {
-                sink.clear();
-                let mut store = loss.backward()?;
-                sink.drain_into(&mut store)?;
-                Ok(store)
-            }
-            None => loss.backward(),
-        }
+        self.model.decoder().backward(loss)
     }
 
     fn device(&self) -> candle_core::Device {
