@@ -391,10 +391,19 @@ pub struct BenchPairs {
 }
 
 impl BenchPairs {
-    /// `n` pairs: the first `n`, cycling through the file's pairs when it has fewer.
-    fn take(&self, n: usize) -> Vec<PreferencePair> {
+    /// The pairs of a bench's steps: every rank's pairs of every step (a global micro-batch
+    /// is --batch × ranks pairs), and one step more, so the run neither ends nor ends an epoch
+    /// (no checkpoint is gathered or written within the measured steps). The first ones,
+    /// cycling through a file's pairs when it has fewer.
+    fn for_steps(&self, a: &BenchArgs, ranks: usize) -> Vec<PreferencePair> {
+        let n = pairs_needed(a, ranks);
         self.pairs.iter().cycle().take(n).cloned().collect()
     }
+}
+
+/// How many pairs a bench's steps take ([`BenchPairs::for_steps`]).
+fn pairs_needed(a: &BenchArgs, ranks: usize) -> usize {
+    a.batch * ranks * (a.warmup + a.steps + 1)
 }
 
 /// Rows × longest row of the forward passes over `micro`'s pairs: chosen and rejected in one
@@ -473,10 +482,7 @@ pub fn bench_objective(
 ) -> crate::Result<BenchRow> {
     let steps = a.warmup + a.steps;
     let ranks = crate::dist::world().world_size();
-    // Every rank's pairs of every step (a global micro-batch is --batch × ranks pairs), and
-    // one step more: the run neither ends nor ends an epoch, so no checkpoint is gathered
-    // or written within the measured steps.
-    let pairs = source.take(a.batch * ranks * (steps + 1));
+    let pairs = source.for_steps(a, ranks);
     let separate = objective.rule() == difinfo::objective::Rule::ProjectedGradient;
     let data = Dataset {
         examples: Examples::Preference(pairs.clone()),
@@ -672,7 +678,7 @@ pub fn run_bench(a: &BenchArgs) -> crate::Result<Vec<BenchRow>> {
         (Some(file), Some(dir)) => file_pairs(dir, file, a.max_length)?,
         _ => BenchPairs {
             pairs: random_pairs(
-                sequences / 2 + a.batch * crate::dist::world().world_size(),
+                pairs_needed(a, crate::dist::world().world_size()),
                 a.seq,
                 model.config().vocab_size as u32,
                 7,
